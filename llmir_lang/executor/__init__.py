@@ -1,0 +1,1 @@
+"""The embedded engine: model, KV pool, radix cache, scheduler, sampler."""
