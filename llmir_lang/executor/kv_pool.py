@@ -1,0 +1,251 @@
+"""The KV pool: preallocated K/V storage for every layer, handed out slot by slot (or page by page).
+
+A *slot* is one token's K and V in every layer: ``k_buffers[layer][slot]`` is ``[num_kv_heads,
+head_dim]``. The pool knows nothing about requests or prefixes; it only tracks which slots are free.
+Ownership of allocated slots lies with the caller (a running request) or the radix cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmir_lang.errors import LLMIRError, OutOfKVMemoryError
+
+
+class KVPoolError(LLMIRError, ValueError):
+    """The KV pool was misused: bad sizes, a slot out of range, or freeing memory that is not in use."""
+
+
+class KVDoubleFreeError(KVPoolError):
+    """A slot (or page) was freed while already free; some owner freed memory it did not own."""
+
+
+class KVPool:
+    """Preallocated K/V storage for every layer; token-granular slots handed out from a free list.
+
+    Invariants:
+
+    * ``k_buffers[l]`` / ``v_buffers[l]`` have shape ``[capacity + 1, num_kv_heads, head_dim]``;
+      slot ``pad_slot == capacity`` is scratch for padded tokens (CUDA graphs) and is never allocated
+      or freed.
+    * ``capacity`` is a multiple of ``page_size``; memory is handed out in whole pages
+      (``page_size`` consecutive slots starting at a multiple of ``page_size``), and a page has
+      exactly one owner. With ``page_size == 1`` a page is a slot.
+    * ``num_free + num_used == capacity`` at all times (both counted in slots).
+
+    Cost: ``alloc`` and ``free`` are O(n) in the number of slots (pages) moved, with no work that
+    scales with ``capacity``. A free list of plain ints is used (rather than a tensor) because the hot
+    call is ``alloc(1)`` once per running request per decode step, where a Python list pop beats any
+    tensor op.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        page_size: int = 1,
+    ) -> None:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("page_size", page_size),
+        ):
+            if value < 1:
+                raise KVPoolError(f"KVPool: {name} must be >= 1, got {value}")
+        if capacity < page_size or capacity % page_size:
+            raise KVPoolError(
+                f"KVPool: capacity ({capacity}) must be a positive multiple of page_size ({page_size}); "
+                "round it down to a page multiple (from_memory_budget does this for you)"
+            )
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.capacity = capacity
+        self.page_size = page_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.pad_slot = capacity
+        # One allocation per K and per V; each layer is a view. Zeros, not empty: the pad slot and
+        # never-written slots may be read by padded kernels, and garbage NaNs would leak through
+        # masked-out attention (0 * NaN = NaN).
+        shape = (num_layers, capacity + 1, num_kv_heads, head_dim)
+        self._k_storage = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._v_storage = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k_buffers: list[torch.Tensor] = list(self._k_storage.unbind(0))
+        self.v_buffers: list[torch.Tensor] = list(self._v_storage.unbind(0))
+
+        self._num_pages = capacity // page_size
+        # Stack of free page ids, popped from the end; filled in reverse so a fresh pool hands out
+        # pages 0, 1, 2, ... (contiguous memory for the first requests, easy-to-read tests).
+        self._free_pages: list[int] = list(range(self._num_pages - 1, -1, -1))
+        self._page_is_free = bytearray(b"\x01") * self._num_pages
+
+    # --- sizing -------------------------------------------------------------------------------
+    @staticmethod
+    def token_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of K plus V for one token across all layers."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_kv_heads * head_dim * itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.token_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+
+    @classmethod
+    def from_memory_budget(
+        cls,
+        budget_bytes: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        page_size: int = 1,
+    ) -> KVPool:
+        """A pool whose capacity is ``budget_bytes // bytes_per_token`` rounded down to a page multiple.
+
+        The pad slot adds one token's worth of bytes on top of the budget.
+        """
+        per_token = cls.token_bytes(num_layers, num_kv_heads, head_dim, dtype)
+        capacity = budget_bytes // per_token
+        capacity -= capacity % page_size
+        if capacity < page_size:
+            minimum = page_size * per_token
+            raise OutOfKVMemoryError(
+                f"KV memory budget of {budget_bytes} bytes is too small: one page of {page_size} token(s) "
+                f"needs {minimum} bytes ({per_token} bytes per token); give the KV cache at least "
+                f"{minimum} bytes (in practice much more), or use a smaller model or dtype"
+            )
+        return cls(num_layers, num_kv_heads, head_dim, capacity, dtype, device, page_size)
+
+    # --- allocation ---------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Free slots (always a multiple of page_size)."""
+        return len(self._free_pages) * self.page_size
+
+    @property
+    def num_used(self) -> int:
+        return self.capacity - self.num_free
+
+    def is_free(self, slot: int) -> bool:
+        """Whether ``slot``'s page is currently free (not owned by anybody)."""
+        self._check_range(slot, slot)
+        return bool(self._page_is_free[slot // self.page_size])
+
+    def alloc(self, n: int, last_slot: int | None = None) -> torch.Tensor | None:
+        """``n`` slots as an int64 CPU tensor, or None (and nothing allocated) if not enough are free.
+
+        page_size 1: any ``n`` free slots (``last_slot`` is ignored). page_size p > 1: if
+        ``last_slot`` is given, it must be a slot whose page the caller owns; the first slots
+        returned are ``last_slot + 1, last_slot + 2, ...`` up to that page's end (free by
+        construction, since the page is the caller's), then the slots of whole new pages in order.
+        A new page is owned whole by the caller even if fewer of its slots are returned now.
+        """
+        if n < 0:
+            raise KVPoolError(f"KVPool.alloc: n must be >= 0, got {n}")
+        p = self.page_size
+        if p == 1:
+            free = self._free_pages
+            if n == 1:  # the decode hot path
+                if not free:
+                    return None
+                slot = free.pop()
+                self._page_is_free[slot] = 0
+                return torch.tensor([slot], dtype=torch.int64)
+            if n > len(free):
+                return None
+            taken = free[len(free) - n :]
+            del free[len(free) - n :]
+            taken.reverse()
+            is_free = self._page_is_free
+            for slot in taken:
+                is_free[slot] = 0
+            return torch.tensor(taken, dtype=torch.int64)
+
+        head, start = 0, 0  # `head` slots continue last_slot's page, from `start`
+        if last_slot is not None:
+            self._check_range(last_slot, last_slot)
+            if self._page_is_free[last_slot // p]:
+                raise KVPoolError(
+                    f"KVPool.alloc: last_slot {last_slot} lies in a free page; pass the last slot of a "
+                    "page you own, or None to start on new pages"
+                )
+            head, start = min(p - 1 - last_slot % p, n), last_slot + 1
+        rest = n - head
+        num_new = -(-rest // p)
+        if num_new > len(self._free_pages):
+            return None
+        if num_new == 0:
+            return torch.arange(start, start + head, dtype=torch.int64)
+        free = self._free_pages
+        pages = free[len(free) - num_new :]
+        del free[len(free) - num_new :]
+        pages.reverse()
+        for page in pages:
+            self._page_is_free[page] = 0
+        page_t = torch.tensor(pages, dtype=torch.int64)
+        new_slots = (page_t.unsqueeze(1) * p + torch.arange(p, dtype=torch.int64)).flatten()[:rest]
+        if head == 0:
+            return new_slots
+        return torch.cat([torch.arange(start, start + head, dtype=torch.int64), new_slots])
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Return ``slots`` to the pool.
+
+        page_size 1: frees exactly those slots. page_size p > 1: frees every page that contains any
+        of the slots (callers only free pages they own whole). Freeing a slot or page that is already
+        free, or listing it twice, raises KVDoubleFreeError and frees nothing.
+        """
+        if slots.numel() == 0:
+            return
+        ids: list[int] = slots.reshape(-1).tolist()
+        lo, hi = min(ids), max(ids)
+        self._check_range(lo, hi)
+        p = self.page_size
+        pages = ids if p == 1 else list(dict.fromkeys(s // p for s in ids))
+        is_free = self._page_is_free
+        for i, page in enumerate(pages):
+            if is_free[page]:
+                for done in pages[:i]:  # roll back, so a caught error leaves the pool unchanged
+                    is_free[done] = 0
+                what = f"slot {page}" if p == 1 else f"page {page} (slots {page * p}..{page * p + p - 1})"
+                raise KVDoubleFreeError(
+                    f"KVPool.free: {what} is already free; an owner freed memory twice or freed memory "
+                    "it does not own (a radix-cache slot, or a duplicate prefix slot already freed)"
+                )
+            is_free[page] = 1
+        self._free_pages.extend(pages)
+
+    def _check_range(self, lo: int, hi: int) -> None:
+        if lo < 0 or hi >= self.capacity:
+            bad = lo if lo < 0 else hi
+            raise KVPoolError(
+                f"KVPool: slot {bad} is outside 0..{self.capacity - 1} (slot {self.pad_slot} is the "
+                "pad slot and is never allocated or freed)"
+            )
+
+    # --- reporting ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, float | int]:
+        """capacity, used and free (slots), usage (used / capacity), page_size, bytes (K+V storage)."""
+        used = self.num_used
+        return {
+            "capacity": self.capacity,
+            "used": used,
+            "free": self.num_free,
+            "usage": used / self.capacity,
+            "page_size": self.page_size,
+            "bytes": self.bytes_per_token * (self.capacity + 1),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"KVPool(layers={self.num_layers}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"capacity={self.capacity}, page_size={self.page_size}, dtype={self.dtype}, "
+            f"device={self.device}, used={self.num_used})"
+        )
