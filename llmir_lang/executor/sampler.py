@@ -1,0 +1,376 @@
+"""The sampler: one call per engine step turns last-token logits into next tokens.
+
+Order of operations for each row (the contract the tests check):
+
+1. penalties: repetition (HF convention, over prompt + output tokens), then frequency / presence
+   (OpenAI convention, over output tokens);
+2. masks: ``banned_ids`` and the constraint ``bitmask`` set forbidden logits to ``-inf``;
+3. reported logprobs: ``log_softmax`` of the logits after steps 1-2 (before temperature and the
+   top-k / top-p / min-p filters), so they describe the model under its penalties and constraint;
+4. greedy rows (``temperature == 0``) take the argmax; the other rows are divided by their
+   temperature, filtered by top-k, top-p, min-p, and sampled (seeded rows with their own generator).
+
+A row whose every token is masked gets token id ``-1`` (and logprob ``-inf``); the sampler raises
+nothing, so that the engine can end that one request with a constraint error and keep the batch.
+
+Columns ``>= vocab_size`` (padding of the model's output layer) are dropped before anything else and
+can never be sampled. Work is vectorized across rows; the only per-row Python loops gather the
+parameters, the penalty token lists, and the draws of seeded rows (a seeded row's draw must depend on
+its own logits and generator only, never on its batch mates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llmir_lang.errors import EngineError
+from llmir_lang.executor.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    """What one sampling step returns, on the CPU.
+
+    ``token_ids[b] == -1`` means row b had no allowed token (every logit masked).
+    ``logprobs`` is None unless some row asked for logprobs (``return_logprob`` or
+    ``top_logprobs_num > 0``); when present it has a value for every row.
+    ``top_logprobs[b]`` is None unless row b asked for ``top_logprobs_num > 0``; it lists up to that
+    many ``(token id, logprob)`` pairs, best first, leaving out masked tokens.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor | None
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+class Sampler:
+    """Samples next tokens for a batch of rows with per-row ``SamplingParams``.
+
+    ``vocab_size`` is the tokenizer's vocabulary; logits may have more columns (padded vocab).
+    The sampler keeps one shared generator for rows without a seed; ``seed`` fixes it (tests),
+    None draws a fresh nondeterministic seed.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device | str = "cpu", seed: int | None = None):
+        if vocab_size <= 0:
+            raise EngineError(f"Sampler needs vocab_size > 0, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._seed = seed
+        # Keyed by device so that logits on "cuda:0" work even if the sampler was made with "cuda".
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    @staticmethod
+    def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator for one seeded request; pass the same one to every step of that request."""
+        gen = torch.Generator(device=torch.device(device))
+        gen.manual_seed(seed)
+        return gen
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._shared.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if self._seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self._seed)
+            self._shared[device] = gen
+        return gen
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator | None],
+        bitmask: torch.Tensor | None = None,
+        banned_ids: Sequence[Sequence[int]] | None = None,
+    ) -> SampleOutput:
+        """Sample one token per row of ``logits [B, V']`` (see the module docstring for the order).
+
+        ``logits`` is never modified. ``bitmask`` is int32 ``[B, ceil(vocab_size / 32)]`` (a set bit
+        allows the token). ``banned_ids`` ids outside ``[0, vocab_size)`` are ignored, as are penalty
+        token ids outside that range (they can never be sampled).
+        """
+        batch = self._check_inputs(logits, params, prompt_ids, output_ids, generators, bitmask, banned_ids)
+        if batch == 0:
+            empty = torch.empty(0, dtype=torch.int64)
+            return SampleOutput(empty, None, [])
+        vocab = self.vocab_size
+        temps = [p.temperature for p in params]
+        rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        freq_rows = [
+            i
+            for i, p in enumerate(params)
+            if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and len(output_ids[i]) > 0
+        ]
+        banned_rows = [i for i in range(batch) if banned_ids is not None and len(banned_ids[i]) > 0]
+        mutates = bool(rep_rows or freq_rows or banned_rows or bitmask is not None)
+
+        x = logits[:, :vocab]
+        if mutates:
+            # Copy only when a step below writes in place: the caller's logits stay untouched.
+            # Otherwise keep the model's dtype (argmax in bf16 picks the same token, no copy).
+            x = x.to(torch.float32, copy=True)
+        if rep_rows:
+            token_lists = [_cat_ids(prompt_ids[i], output_ids[i]) for i in rep_rows]
+            penalties = [params[i].repetition_penalty for i in rep_rows]
+            apply_repetition_penalty(x, rep_rows, token_lists, penalties)
+        if freq_rows:
+            apply_frequency_presence_penalty(
+                x,
+                freq_rows,
+                [torch.as_tensor(output_ids[i], dtype=torch.int64) for i in freq_rows],
+                [params[i].frequency_penalty for i in freq_rows],
+                [params[i].presence_penalty for i in freq_rows],
+            )
+        if banned_rows:
+            assert banned_ids is not None
+            _ban(x, banned_rows, [torch.as_tensor(banned_ids[i], dtype=torch.int64) for i in banned_rows])
+        if bitmask is not None:
+            apply_bitmask(x, bitmask)
+
+        # One pass gives both the greedy choice and the all-masked test (max == -inf).
+        max_vals, tokens = x.max(dim=-1)
+        all_masked = max_vals == _NEG_INF
+        sample_rows = [i for i, t in enumerate(temps) if t > 0.0]
+        if sample_rows:
+            tokens = tokens.clone()
+            tokens[torch.tensor(sample_rows, device=x.device)] = self._sample_rows(
+                x, sample_rows, all_masked, params, generators
+            )
+        tokens = tokens.masked_fill(all_masked, -1)
+
+        logprobs, top = _report_logprobs(x, tokens, all_masked, params)
+        return SampleOutput(tokens.to("cpu", torch.int64), logprobs, top)
+
+    def _sample_rows(
+        self,
+        x: torch.Tensor,
+        rows: list[int],
+        all_masked: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        """Draw one token for each of ``rows`` (temperature > 0); returns ``[len(rows)]`` int64."""
+        device = x.device
+        rows_t = torch.tensor(rows, device=device)
+        temp = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=device)
+        xs = x[rows_t].float() / temp.unsqueeze(1)
+        # An all-masked row would make softmax NaN and multinomial fail; its token becomes -1 later.
+        xs = xs.masked_fill(all_masked[rows_t].unsqueeze(1), 0.0)
+
+        top_k = [params[i].top_k for i in rows]
+        top_p = [params[i].top_p for i in rows]
+        if any(0 < k < xs.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
+            xs = apply_top_k_top_p(
+                xs,
+                torch.tensor(top_k, dtype=torch.int64, device=device),
+                torch.tensor(top_p, dtype=torch.float32, device=device),
+            )
+        min_p = [params[i].min_p for i in rows]
+        if any(m > 0.0 for m in min_p):
+            xs = apply_min_p(xs, torch.tensor(min_p, dtype=torch.float32, device=device))
+        probs = torch.softmax(xs, dim=-1)
+
+        out = torch.empty(len(rows), dtype=torch.int64, device=device)
+        shared = [j for j, i in enumerate(rows) if generators[i] is None]
+        if shared:
+            idx = torch.tensor(shared, device=device)
+            draws = torch.multinomial(probs[idx], 1, generator=self._shared_generator(device))
+            out[idx] = draws.squeeze(1)
+        for j, i in enumerate(rows):
+            gen = generators[i]
+            if gen is None:
+                continue
+            if gen.device.type != device.type:
+                raise EngineError(
+                    f"row {i}: its generator is on {gen.device} but the logits are on {device}; "
+                    f"make it with Sampler.make_generator(seed, device={str(device)!r})"
+                )
+            out[j] = torch.multinomial(probs[j : j + 1], 1, generator=gen)[0, 0]
+        return out
+
+    def _check_inputs(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator | None],
+        bitmask: torch.Tensor | None,
+        banned_ids: Sequence[Sequence[int]] | None,
+    ) -> int:
+        if logits.dim() != 2:
+            raise EngineError(f"Sampler.sample needs logits of shape [B, V], got {tuple(logits.shape)}")
+        batch, width = logits.shape
+        if width < self.vocab_size:
+            raise EngineError(
+                f"logits have {width} columns but the vocabulary has {self.vocab_size} tokens; "
+                "build the Sampler with the tokenizer's vocab size, at most the model's output width"
+            )
+        for name, seq in (
+            ("params", params),
+            ("prompt_ids", prompt_ids),
+            ("output_ids", output_ids),
+            ("generators", generators),
+        ):
+            if len(seq) != batch:
+                raise EngineError(f"Sampler.sample: {name} has {len(seq)} rows but logits have {batch}")
+        if banned_ids is not None and len(banned_ids) != batch:
+            raise EngineError(
+                f"Sampler.sample: banned_ids has {len(banned_ids)} rows but logits have {batch}"
+            )
+        if bitmask is not None:
+            words = (self.vocab_size + 31) // 32
+            if bitmask.dim() != 2 or bitmask.shape[0] != batch or bitmask.shape[1] < words:
+                raise EngineError(
+                    f"bitmask must be int32 [{batch}, {words}] (one bit per vocab token), "
+                    f"got {tuple(bitmask.shape)}"
+                )
+        return batch
+
+
+# --- logit processors: in place on float32 [B, V] unless stated ------------------------------
+
+
+def apply_repetition_penalty(
+    x: torch.Tensor, rows: Sequence[int], token_ids: Sequence[torch.Tensor], penalties: Sequence[float]
+) -> None:
+    """HF convention, in place: for each distinct token seen in row ``rows[j]``, a positive logit is
+    divided by ``penalties[j]`` and a negative one multiplied by it (once, however often it occurs)."""
+    r, t = _flat_pairs(rows, token_ids, x.shape[1], x.device)
+    if t.numel() == 0:
+        return
+    # Distinct (row, token) pairs, so each logit is penalized once and writes never collide.
+    key = torch.unique(r * x.shape[1] + t)
+    r, t = key // x.shape[1], key % x.shape[1]
+    pen = _per_row(rows, penalties, x.shape[0], x.device)[r]
+    vals = x[r, t]
+    x[r, t] = torch.where(vals < 0, vals * pen, vals / pen)
+
+
+def apply_frequency_presence_penalty(
+    x: torch.Tensor,
+    rows: Sequence[int],
+    output_ids: Sequence[torch.Tensor],
+    frequency: Sequence[float],
+    presence: Sequence[float],
+) -> None:
+    """OpenAI convention, in place: ``logit[t] -= count[t] * frequency + (count[t] > 0) * presence``
+    where ``count`` counts token t among the row's generated tokens."""
+    r, t = _flat_pairs(rows, output_ids, x.shape[1], x.device)
+    if t.numel() == 0:
+        return
+    key, counts = torch.unique(r * x.shape[1] + t, return_counts=True)
+    r, t = key // x.shape[1], key % x.shape[1]
+    freq = _per_row(rows, frequency, x.shape[0], x.device)[r]
+    pres = _per_row(rows, presence, x.shape[0], x.device)[r]
+    x[r, t] -= counts.to(x.dtype) * freq + pres
+
+
+def apply_bitmask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: ``x[b, v] = -inf`` where bit ``v % 32`` of ``bitmask[b, v // 32]`` is 0 (the
+    semantics of ``kernels.reference.apply_token_bitmask``); extra words past ``V`` are ignored."""
+    batch, vocab = x.shape
+    bits = torch.arange(32, device=x.device, dtype=torch.int32)
+    words = bitmask.to(device=x.device, dtype=torch.int32)
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().reshape(batch, -1)[:, :vocab]
+    x.masked_fill_(~allowed, _NEG_INF)
+
+
+def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k then top-p on ``x [B, V]``; returns a new tensor with removed logits at -inf.
+
+    top-k keeps every logit >= the k-th largest (ties kept; ``k <= 0`` or ``k >= V`` keeps all).
+    top-p keeps the smallest set of most likely tokens whose mass (after top-k) reaches ``top_p``,
+    always at least one token. Both match the HF warpers applied in that order.
+    """
+    vocab = x.shape[1]
+    # Ascending order: the top-k threshold is at column V - k and the top-p test is a cumsum.
+    sorted_x, order = torch.sort(x, dim=-1)
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    kth = sorted_x.gather(1, (vocab - k).unsqueeze(1))
+    sorted_x = sorted_x.masked_fill(sorted_x < kth, _NEG_INF)
+    cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
+    remove = cum <= (1.0 - top_p).unsqueeze(1)
+    remove[:, -1] = False
+    return x.masked_fill(remove.scatter(1, order, remove), _NEG_INF)
+
+
+def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p * (max probability)`` of their row (the most
+    likely token always stays); returns a new tensor."""
+    probs = torch.softmax(x, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return x.masked_fill(probs < threshold, _NEG_INF)
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[..., token_ids]`` in float32: logits ``[..., V]``, token_ids ``[...]``.
+
+    Used for prompt logprobs and scoring; never materializes the full log_softmax.
+    """
+    lf = logits.float()
+    picked = lf.gather(-1, token_ids.to(device=lf.device, dtype=torch.int64).unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(lf, dim=-1)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _report_logprobs(
+    x: torch.Tensor, tokens: torch.Tensor, all_masked: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor | None, list[list[tuple[int, float]] | None]]:
+    top_n = [p.top_logprobs_num for p in params]
+    if not any(p.return_logprob for p in params) and not any(top_n):
+        return None, [None] * len(params)
+    x = x.float()
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, tokens.clamp(min=0).unsqueeze(1)).squeeze(1) - lse
+    logprobs = picked.masked_fill(all_masked, _NEG_INF).to("cpu", torch.float32)
+    top: list[list[tuple[int, float]] | None] = [None] * len(params)
+    k = min(max(top_n), x.shape[1])
+    if k > 0:
+        vals, ids = torch.topk(x, k, dim=-1)
+        lps = (vals - lse.unsqueeze(1)).cpu().tolist()
+        ids_list = ids.cpu().tolist()
+        for b, n in enumerate(top_n):
+            if n > 0:
+                top[b] = [(ids_list[b][j], lps[b][j]) for j in range(min(n, k)) if lps[b][j] != _NEG_INF]
+    return logprobs, top
+
+
+def _cat_ids(a: Sequence[int], b: Sequence[int]) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(a, dtype=torch.int64), torch.as_tensor(b, dtype=torch.int64)])
+
+
+def _flat_pairs(
+    rows: Sequence[int], token_ids: Sequence[torch.Tensor], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten per-row id lists into (row, token) index tensors, dropping ids outside [0, vocab)."""
+    t = torch.cat([ids.reshape(-1).to("cpu", torch.int64) for ids in token_ids])
+    r = torch.repeat_interleave(
+        torch.tensor(list(rows), dtype=torch.int64), torch.tensor([ids.numel() for ids in token_ids])
+    )
+    keep = (t >= 0) & (t < vocab)
+    return r[keep].to(device), t[keep].to(device)
+
+
+def _per_row(rows: Sequence[int], values: Sequence[float], batch: int, device: torch.device) -> torch.Tensor:
+    """A [batch] float32 tensor holding ``values[j]`` at ``rows[j]`` (zero elsewhere)."""
+    out = torch.zeros(batch, dtype=torch.float32)
+    out[torch.tensor(list(rows), dtype=torch.int64)] = torch.tensor(list(values), dtype=torch.float32)
+    return out.to(device)
+
+
+def _ban(x: torch.Tensor, rows: Sequence[int], ids: Sequence[torch.Tensor]) -> None:
+    r, t = _flat_pairs(rows, ids, x.shape[1], x.device)
+    x[r, t] = _NEG_INF
