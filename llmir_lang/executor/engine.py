@@ -1,0 +1,388 @@
+"""The embedded engine: a background loop that schedules, runs the model and samples.
+
+Public API: ``Engine(model=None, device=None, dtype=None, kv_memory=None)``, ``generate``,
+``submit`` (thread-safe, returns a future), ``score``, ``stats``, ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any, Union
+
+import torch
+
+from llmir_lang.errors import (
+    EmptyPromptError,
+    EngineClosedError,
+    EngineError,
+    InvalidRequestError,
+    OutOfKVMemoryError,
+    PromptTooLongError,
+)
+from llmir_lang.executor.attention import TorchAttentionBackend
+from llmir_lang.executor.engine_output import OutputProcessor
+from llmir_lang.executor.kv_pool import KVPool
+from llmir_lang.executor.loader import load_model, resolve_dtype, resolve_model_path
+from llmir_lang.executor.model_runner import ModelRunner
+from llmir_lang.executor.radix_cache import RadixCache
+from llmir_lang.executor.request import FinishReason, GenerateResult, Req, StreamChunk
+from llmir_lang.executor.sampler import Sampler
+from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.executor.scheduler import Scheduler, SchedulerConfig
+from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+ParamsLike = Union[SamplingParams, dict, None]
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?i?b?)\s*$", re.I)
+
+
+def parse_memory(value: int | float | str | None, device: torch.device) -> int:
+    """Bytes for the KV pool: an int (bytes), '512MB'/'2GiB', a fraction (0, 1) of free memory, or None.
+
+    None means 85% of the free GPU memory on CUDA (after the weights are loaded), 512 MiB on the CPU.
+    """
+    if value is None:
+        value = 0.85 if device.type == "cuda" else 512 * 2**20
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if not m:
+            raise InvalidRequestError(f"kv_memory {value!r} is not a size; write e.g. 536870912, '512MB' or '2GiB'")
+        unit = m.group(2).lower()
+        mult = 1 if unit in ("", "b") else (1024 if "i" in unit else 1000) ** ("kmgt".index(unit[0]) + 1)
+        return int(float(m.group(1)) * mult)
+    if isinstance(value, float) and 0 < value < 1:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * value)
+        import psutil
+
+        return int(psutil.virtual_memory().available * value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidRequestError(f"kv_memory must be > 0, got {value!r}")
+    return int(value)
+
+
+class Engine:
+    """Runs generation requests on a local Llama-family model with continuous batching.
+
+    Thread-safe: any thread may call ``submit``/``generate``/``score``; one background thread owns
+    the model, the KV pool and the radix cache.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        kv_memory: int | float | str | None = None,
+        *,
+        page_size: int = 1,
+        max_running_requests: int = 256,
+        max_prefill_tokens: int | None = None,
+        chunked_prefill_size: int | None = None,
+        enable_prefix_cache: bool = True,
+        attention_backend: str = "auto",
+        seed: int = 0,
+    ):
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model_path = resolve_model_path(model)
+        self.model = load_model(self.model_path, self.device, self.dtype)
+        self.config = self.model.config
+        self.tokenizer = Tokenizer(self.model_path, self.config.eos_token_ids)
+        budget = parse_memory(kv_memory, self.device)
+        cfg = self.config
+        try:
+            self.pool = KVPool.from_memory_budget(
+                budget, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device, page_size
+            )
+        except torch.OutOfMemoryError as e:  # type: ignore[attr-defined]
+            raise OutOfKVMemoryError(
+                f"allocating {budget / 2**30:.2f} GiB of KV cache ran out of GPU memory ({e}); "
+                "lower kv_memory (e.g. kv_memory=0.5 or '4GiB')"
+            ) from None
+        self.cache = RadixCache(self.pool, disable=not enable_prefix_cache)
+        on_cpu = self.device.type == "cpu"
+        self.scheduler = Scheduler(
+            self.pool,
+            self.cache,
+            SchedulerConfig(
+                max_running_requests=max_running_requests,
+                max_prefill_tokens=max_prefill_tokens or (4096 if on_cpu else 16384),
+                chunked_prefill_size=chunked_prefill_size or (2048 if on_cpu else 8192),
+            ),
+        )
+        self.backend = _make_backend(attention_backend, self.pool, cfg.head_dim, self.device)
+        self.runner = ModelRunner(self.model, self.backend, self.device)
+        self.sampler = Sampler(cfg.vocab_size, self.device)
+        self.outputs = OutputProcessor(self)
+        self.seed = seed
+        self._rids = itertools.count()
+        # Req to admit, a callable to run between steps on the engine thread, or None to stop
+        self._inbox: queue.Queue[Req | Callable[[], None] | None] = queue.Queue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="llmir-engine", daemon=True)
+        self._thread.start()
+
+    # ---- submission (any thread) --------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        ids = list(prompt)
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+            raise InvalidRequestError("a prompt is a string or a list of int token ids")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})"
+            )
+        return ids
+
+    def submit(
+        self,
+        prompt: Prompt,
+        params: ParamsLike = None,
+        *,
+        stream: Callable[[StreamChunk], None] | None = None,
+        logprob_start_len: int = -1,
+        matcher: Any = None,
+    ) -> Future:
+        """Queue one request; the future resolves to a GenerateResult. Bad input raises here."""
+        if self._closed:
+            raise EngineClosedError("the engine was shut down; create a new Engine")
+        sp = SamplingParams.from_dict(params) if not isinstance(params, SamplingParams) else params
+        sp.validate()
+        ids = self.encode(prompt)
+        if not ids:
+            raise EmptyPromptError("the prompt is empty; give at least one token of text")
+        ctx = self.config.context_len
+        if len(ids) >= ctx:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten the prompt"
+            )
+        need = len(ids) + min(sp.max_new_tokens, ctx - len(ids)) + self.pool.page_size
+        if need > self.pool.capacity:
+            raise OutOfKVMemoryError(
+                f"this request needs {need} KV slots but the pool holds {self.pool.capacity}; "
+                "raise kv_memory or lower max_new_tokens"
+            )
+        if logprob_start_len >= len(ids):
+            raise InvalidRequestError(f"logprob_start_len {logprob_start_len} must be < prompt length {len(ids)}")
+        if sp.return_prompt_logprob and logprob_start_len < 0:
+            logprob_start_len = 0
+        fut: Future = Future()
+        rid = next(self._rids)
+        req = Req(
+            rid=rid,
+            prompt_ids=ids,
+            params=sp,
+            future=fut,
+            decoder=IncrementalDecoder(self.tokenizer, sp.skip_special_tokens),
+            stream=stream,
+            logprob_start_len=logprob_start_len,
+            generator=self.sampler.make_generator(sp.seed, self.device) if sp.seed is not None else None,
+            matcher=matcher,
+        )
+        fut.rid = rid  # type: ignore[attr-defined]
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine was shut down; create a new Engine")
+            self._inbox.put(req)
+        return fut
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: ParamsLike | Sequence[ParamsLike] = None,
+        *,
+        stream: bool = False,
+        callback: Callable[[StreamChunk], None] | None = None,
+    ) -> GenerateResult | list[GenerateResult] | Iterator[StreamChunk]:
+        """Generate for one prompt (returns one result) or a list of prompts (a list of results).
+
+        ``stream=True`` (one prompt) returns an iterator of StreamChunk; ``callback`` is called with
+        every chunk of every request from the engine thread.
+        """
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
+        )
+        plist = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(plist):
+                raise InvalidRequestError(f"{len(sampling_params)} sampling params for {len(plist)} prompts")
+            splist = list(sampling_params)
+        else:
+            splist = [sampling_params] * len(plist)
+        if stream:
+            if not single:
+                raise InvalidRequestError("stream=True takes one prompt; use callback= for many")
+            return self._stream_iter(plist[0], splist[0])
+        futs = [self.submit(p, sp, stream=callback) for p, sp in zip(plist, splist)]
+        results = [f.result() for f in futs]
+        return results[0] if single else results
+
+    def _stream_iter(self, prompt: Prompt, params: ParamsLike) -> Iterator[StreamChunk]:
+        q: queue.Queue[StreamChunk] = queue.Queue()
+        fut = self.submit(prompt, params, stream=q.put)
+        while True:
+            try:
+                chunk = q.get(timeout=0.5)
+            except queue.Empty:
+                if fut.done() and fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]
+                continue
+            yield chunk
+            if chunk.finished:
+                return
+
+    def score(self, prompt: Prompt, continuations: Sequence[Prompt]) -> list[list[float]]:
+        """Per-token logprobs of each continuation after ``prompt``.
+
+        The prompt is prefilled once; then every continuation runs in one batched extend that reuses
+        the prompt's KV from the radix cache (only the prompt's last token is recomputed, to score the
+        first continuation token).
+        """
+        p_ids = self.encode(prompt)
+        if not p_ids:
+            raise EmptyPromptError("score() needs a non-empty prompt")
+        conts = [self.encode(c) if not isinstance(c, str) else self.tokenizer.encode(c, add_special_tokens=False)
+                 for c in continuations]
+        if any(len(c) == 0 for c in conts):
+            raise InvalidRequestError("every continuation must have at least one token")
+        self.submit(p_ids, SamplingParams(max_new_tokens=0)).result()
+        start = len(p_ids) - 1
+        futs = [
+            self.submit(p_ids + c, SamplingParams(max_new_tokens=0), logprob_start_len=start) for c in conts
+        ]
+        return [[lp for _, lp in f.result().prompt_logprobs or []] for f in futs]
+
+    # ---- the loop (engine thread) -------------------------------------------------------
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            block = not sched.has_work()
+            try:
+                item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+                while True:
+                    if item is None:
+                        self._abort_all()
+                        return
+                    if isinstance(item, Req):
+                        sched.add(item)
+                    else:
+                        item()
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if sched.has_work():
+                self._step()
+
+    def _step(self) -> None:
+        sched = self.scheduler
+        batch = sched.schedule()
+        if batch is None:
+            if sched.has_work() and not sched.running and sched.chunked is None:
+                time.sleep(0.001)  # nothing admissible right now (should not persist)
+            return
+        try:
+            step = self.runner.run(batch)
+            self.outputs.process(batch, step)
+        except Exception as e:  # one failing batch must not stop the engine
+            for req in batch.reqs:
+                if not req.finished:
+                    self.outputs.fail(req, EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+                sched.finish(req, cache_kv=False)
+            return
+        sched.after_step(batch)
+        for req in batch.reqs:
+            if req.finished:
+                sched.finish(req)
+
+    def _abort_all(self) -> None:
+        for req in self.scheduler.all_requests():
+            self.outputs.fail(req, EngineClosedError("the engine was shut down before this request finished"))
+
+    # ---- housekeeping -------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "cache": self.cache.stats(),
+            "pool": self.pool.stats(),
+            "forward_calls": self.runner.num_forward_calls,
+            "tokens_computed": self.runner.num_tokens_computed,
+            "retractions": self.scheduler.num_retractions,
+            "steps": self.scheduler.step_count,
+        }
+
+    def call_in_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread between steps and return its result."""
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine was shut down; create a new Engine")
+            self._inbox.put(run)
+        return fut.result()
+
+    def flush_cache(self) -> None:
+        """Drop every unlocked cached prefix."""
+
+        def flush() -> None:
+            self.cache.evict(self.cache.evictable_size)
+
+        self.call_in_engine_thread(flush)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _make_backend(name: str, pool: KVPool, head_dim: int, device: torch.device):
+    scale = head_dim**-0.5
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        from llmir_lang.executor.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(pool.k_buffers, pool.v_buffers, scale)
+    if name == "torch":
+        return TorchAttentionBackend(pool.k_buffers, pool.v_buffers, scale)
+    raise InvalidRequestError(f"unknown attention_backend {name!r}; use 'auto', 'torch' or 'triton'")
+
+
+__all__ = ["Engine", "GenerateResult", "SamplingParams", "StreamChunk", "FinishReason"]

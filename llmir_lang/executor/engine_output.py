@@ -1,0 +1,180 @@
+"""After each model step: prompt logprobs, sampling, stop checks, streaming, results."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmir_lang.errors import EngineClosedError
+from llmir_lang.executor.model_runner import StepLogits
+from llmir_lang.executor.request import FinishReason, GenerateResult, Req, StreamChunk
+from llmir_lang.executor.sampler import logprobs_of
+from llmir_lang.executor.scheduler import ScheduledBatch
+
+if TYPE_CHECKING:
+    from llmir_lang.executor.engine import Engine
+
+
+class OutputProcessor:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.eos_ids = set(engine.tokenizer.eos_token_ids)
+
+    def process(self, batch: ScheduledBatch, step: StepLogits) -> None:
+        logits = step.logits
+        for req, (row, pos, count) in zip(batch.reqs, step.prompt_rows):
+            if count:
+                targets = req.prompt_ids[pos + 1 : pos + 1 + count]
+                lps = logprobs_of(logits[row : row + count], torch.tensor(targets, device=logits.device))
+                req.prompt_logprobs.extend(zip(targets, lps.tolist()))
+        todo: list[tuple[Req, int]] = []
+        for req, row in zip(batch.reqs, step.sample_rows):
+            if row < 0 or req.finished:
+                continue
+            if len(req.output_ids) >= req.params.max_new_tokens:
+                self.finish(req, FinishReason.LENGTH)  # max_new_tokens == 0: prefill only
+            else:
+                todo.append((req, row))
+        if not todo:
+            return
+        reqs = [r for r, _ in todo]
+        rows = torch.tensor([row for _, row in todo], device=logits.device)
+        bitmask = self._bitmask(reqs, logits.shape[-1])
+        out = self.engine.sampler.sample(
+            logits.index_select(0, rows),
+            [r.params for r in reqs],
+            [r.prompt_ids for r in reqs],
+            [r.output_ids for r in reqs],
+            [r.generator for r in reqs],
+            bitmask=bitmask,
+            banned_ids=[self._banned(r) for r in reqs],
+        )
+        tokens = out.token_ids.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else [None] * len(reqs)
+        for i, req in enumerate(reqs):
+            self.append(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
+
+    def _banned(self, req: Req) -> list[int]:
+        if len(req.output_ids) < req.params.min_new_tokens:
+            return sorted(self.eos_ids | set(req.params.stop_token_ids))
+        return []
+
+    def _bitmask(self, reqs: list[Req], vocab: int) -> torch.Tensor | None:
+        if all(r.matcher is None for r in reqs):
+            return None
+        from llmir_lang.executor.constraints import fill_batch_bitmask
+
+        mask = torch.full((len(reqs), (vocab + 31) // 32), -1, dtype=torch.int32)
+        fill_batch_bitmask([r.matcher for r in reqs], mask)
+        return mask.to(self.engine.device)
+
+    # ---- one token ------------------------------------------------------------------------
+    def append(self, req: Req, token: int, logprob: float | None, top: list | None) -> None:
+        if token < 0:
+            req.error = "the constraint admits no token here (dead end); the output so far is kept"
+            self.finish(req, FinishReason.CONSTRAINT_ERROR)
+            return
+        p = req.params
+        req.output_ids.append(token)
+        if p.return_logprob and logprob is not None:
+            req.out_logprobs.append(logprob)
+            if p.top_logprobs_num and top is not None:
+                req.out_top_logprobs.append(top)
+        if req.matcher is not None and not req.matcher.advance(token):
+            req.error = f"token {token} was sampled but the constraint rejects it"
+            self.finish(req, FinishReason.CONSTRAINT_ERROR)
+            return
+        before = len(req.text)
+        req.text += req.decoder.step(req.output_ids)
+        n_out = len(req.output_ids)
+        reason: FinishReason | None = None
+        if token in self.eos_ids and not p.ignore_eos:
+            reason, req.matched_stop = FinishReason.STOP, token
+        elif token in p.stop_token_ids:
+            reason, req.matched_stop = FinishReason.STOP, token
+        elif p.stop and n_out >= p.min_new_tokens and self._stop_string(req, before):
+            reason = FinishReason.STOP
+        elif req.matcher is not None and req.matcher.is_terminated():
+            reason = FinishReason.STOP
+        elif n_out >= p.max_new_tokens or req.seq_len >= self.engine.config.context_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if not isinstance(req.matched_stop, str):
+                req.text += req.decoder.flush(req.output_ids)
+            self.finish(req, reason)
+        else:
+            self._stream(req)
+
+    def _stop_string(self, req: Req, before: int) -> bool:
+        longest = max(len(s) for s in req.params.stop)
+        start = max(0, before - longest + 1)
+        best: tuple[int, str] | None = None
+        for s in req.params.stop:
+            i = req.text.find(s, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return False
+        req.text = req.text[: best[0]]
+        req.matched_stop = best[1]
+        return True
+
+    def _visible_len(self, req: Req) -> int:
+        """Text that cannot turn out to be the start of a stop string."""
+        text, hold = req.text, 0
+        for s in req.params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return len(text) - hold
+
+    def _stream(self, req: Req, final: bool = False) -> None:
+        if req.stream is None:
+            return
+        upto = len(req.text) if final else self._visible_len(req)
+        if upto <= req.sent_len and not final and len(req.output_ids) == req.sent_tokens:
+            return
+        chunk = StreamChunk(
+            rid=req.rid,
+            text=req.text[req.sent_len : upto],
+            token_ids=req.output_ids[req.sent_tokens :],
+            finished=final,
+            finish_reason=req.finish_reason.value if final and req.finish_reason else None,
+        )
+        req.sent_len, req.sent_tokens = max(req.sent_len, upto), len(req.output_ids)
+        try:
+            req.stream(chunk)
+        except Exception:  # a broken consumer must not stop the engine; the result still resolves
+            req.stream = None
+
+    # ---- endings --------------------------------------------------------------------------
+    def finish(self, req: Req, reason: FinishReason) -> None:
+        req.finish_reason = reason
+        self._stream(req, final=True)
+        p = req.params
+        res = GenerateResult(
+            rid=req.rid,
+            text=req.text,
+            token_ids=list(req.output_ids),
+            finish_reason=reason.value,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=max(req.cached_prompt_tokens, 0),
+            matched_stop=req.matched_stop,
+            logprobs=list(req.out_logprobs) if p.return_logprob else None,
+            top_logprobs=list(req.out_top_logprobs) if p.return_logprob and p.top_logprobs_num else None,
+            prompt_logprobs=list(req.prompt_logprobs) if req.logprob_start_len >= 0 else None,
+            error=req.error,
+            meta={"retractions": req.retractions, "constraint_engine": req.constraint_engine},
+        )
+        if not req.future.done():
+            req.future.set_result(res)
+
+    def fail(self, req: Req, exc: Exception) -> None:
+        req.finish_reason = FinishReason.ABORT if isinstance(exc, EngineClosedError) else FinishReason.ERROR
+        req.error = str(exc)
+        self._stream(req, final=True)
+        if not req.future.done():
+            req.future.set_exception(exc)

@@ -1,0 +1,108 @@
+"""Load a Hugging Face checkpoint folder (config.json + safetensors) into a CausalLM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmir_lang.errors import CheckpointError
+from llmir_lang.executor.model import CausalLM
+from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "llmir-tiny"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None picks fp32 on the CPU and bf16 on CUDA."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    path = BUNDLED_MODEL if model is None else Path(model).expanduser()
+    if not path.is_dir():
+        hint = " (the bundled model is missing from this install: reinstall llmir_lang)" if model is None else ""
+        raise CheckpointError(
+            f"model folder {str(path)!r} does not exist{hint}; pass a local Hugging Face checkpoint folder"
+        )
+    return path
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is corrupt ({e!r})") from None
+        files = [folder / n for n in names]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {folder} lacks shard(s) {missing} named in its index")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"no *.safetensors in {folder}; convert .bin/.pth weights to safetensors first "
+            "(transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    return files
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """Build the model from ``folder`` and load its weights; every mismatch is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg = ModelConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    expected = dict(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(folder):
+        try:
+            state.update(load_file(str(f), device="cpu"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {f} ({e}); the file is corrupt or truncated") from None
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {folder} does not match a {cfg.architecture}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"weight {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}"
+            )
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    model.to(dtype)
+    # the rotary table is not a weight: recompute it in fp32 after the dtype cast
+    model.rotary.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()

@@ -1,0 +1,105 @@
+"""Request and result records shared by the scheduler, the model runner and the engine."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.executor.tokenizer import IncrementalDecoder
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop string or a stop token id
+    LENGTH = "length"  # max_new_tokens or the context length
+    ABORT = "abort"  # engine shut down or the request was cancelled
+    ERROR = "error"  # the engine failed on this request
+    CONSTRAINT_ERROR = "constraint_error"  # the constraint admitted no token
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    rid: int
+    text: str  # new text since the previous chunk
+    token_ids: list[int]  # new token ids since the previous chunk
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class GenerateResult:
+    """What one request produced. ``text`` excludes a matched stop string and special tokens."""
+
+    rid: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the radix cache (first admission)
+    matched_stop: str | int | None = None
+    logprobs: list[float] | None = None  # of each generated token
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[tuple[int, float]] | None = None  # (token, logprob) for prompt[start+1:]
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class Req:
+    """One request inside the engine.
+
+    KV bookkeeping: ``kv_slots[i]`` holds the KV of token ``fill_ids[i]``. The first ``cache_len``
+    slots belong to the radix cache and are protected by locking ``last_node``; the rest belong to
+    this request until it is finished or retracted, when they go to the cache or back to the pool.
+    """
+
+    rid: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    future: Future
+    decoder: IncrementalDecoder
+    stream: Callable[[StreamChunk], None] | None = None
+    output_ids: list[int] = field(default_factory=list)
+    kv_slots: list[int] = field(default_factory=list)
+    cache_len: int = 0
+    last_node: Any = None
+    cached_prompt_tokens: int = -1  # -1 until first admitted
+    logprob_start_len: int = -1  # >= 0: compute prompt logprobs from this position on
+    arrival_step: int = 0
+    generator: torch.Generator | None = None
+    matcher: Any = None
+    constraint_engine: str | None = None
+    # outputs
+    out_logprobs: list[float] = field(default_factory=list)
+    out_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    text: str = ""  # decoded output text (before stop-string truncation)
+    sent_len: int = 0  # characters of text already streamed
+    sent_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    matched_stop: str | int | None = None
+    error: str | None = None
+    retractions: int = 0
+    forced_ids: list[int] = field(default_factory=list)  # tokens to append without sampling (jump-forward)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def kv_len(self) -> int:
+        return len(self.kv_slots)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

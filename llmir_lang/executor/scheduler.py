@@ -1,0 +1,251 @@
+"""Continuous batching: admission by longest cached prefix, chunked prefill, decode, retraction.
+
+The scheduler owns the KV bookkeeping of every request (see ``Req``): it matches and locks cached
+prefixes at admission, allocates slots for each step, and returns KV to the radix cache (finished or
+retracted requests) or to the pool (failed requests). It never runs the model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from llmir_lang.executor.attention import ForwardMode
+from llmir_lang.executor.kv_pool import KVPool
+from llmir_lang.executor.radix_cache import RadixCache
+from llmir_lang.executor.request import Req
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    mode: ForwardMode
+    reqs: list[Req]
+    prefix_lens: list[int]  # KV tokens each request had before this step
+    extend_lens: list[int]  # new tokens each request computes in this step
+    sample: list[bool]  # whether the request samples a token after this step
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 8192  # new tokens in one extend step, all requests together
+    chunked_prefill_size: int = 4096  # the longest piece of one prompt in one step
+    max_wait_steps: int = 64  # a request passed over this many prefill rounds jumps the queue
+    lpm_max_waiting: int = 256  # above this many waiting requests, skip prefix matching (FCFS)
+
+
+class Scheduler:
+    def __init__(self, pool: KVPool, cache: RadixCache, cfg: SchedulerConfig):
+        self.pool, self.cache, self.cfg = pool, cache, cfg
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked: Req | None = None  # a request whose prompt is part-way through chunked prefill
+        self.chunked_next: Req | None = None
+        self.step_count = 0
+        self.num_retractions = 0
+
+    # ---- queue management ---------------------------------------------------------------
+    def add(self, req: Req) -> None:
+        req.arrival_step = self.step_count
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    def all_requests(self) -> list[Req]:
+        reqs = list(self.waiting) + list(self.running)
+        return reqs + [self.chunked] if self.chunked is not None else reqs
+
+    # ---- KV helpers ---------------------------------------------------------------------
+    def _alloc(self, n: int, last_slot: int | None) -> list[int] | None:
+        slots = self.pool.alloc(n, last_slot)
+        if slots is None:
+            self.cache.evict(n + self.pool.page_size)
+            slots = self.pool.alloc(n, last_slot)
+        return None if slots is None else slots.tolist()
+
+    def _own_last_slot(self, req: Req) -> int | None:
+        # only a page this request owns may be continued
+        return req.kv_slots[-1] if req.kv_len > req.cache_len else None
+
+    def _undo_alloc(self, req: Req, n: int) -> None:
+        new = req.kv_slots[len(req.kv_slots) - n :]
+        del req.kv_slots[len(req.kv_slots) - n :]
+        p = self.pool.page_size
+        # pages continued from earlier slots stay; only pages this allocation opened go back
+        fresh = [s for s in new if p == 1 or s % p == 0]
+        if fresh:
+            self.pool.free(_t(fresh))
+
+    def release(self, req: Req, cache_kv: bool = True) -> None:
+        """Give up the request's KV: computed KV goes into the radix cache, the rest to the pool."""
+        n = req.kv_len
+        if n and cache_kv and not self.cache.disable:
+            ids = req.fill_ids[:n]
+            prefix_len = self.cache.insert(ids, _t(req.kv_slots))
+            aligned = n - n % self.pool.page_size
+            dup = req.kv_slots[req.cache_len : max(prefix_len, req.cache_len)]
+            tail = req.kv_slots[aligned:]
+            if dup:
+                self.pool.free(_t(dup))
+            if tail:
+                self.pool.free(_t(tail))
+        elif n > req.cache_len:
+            self.pool.free(_t(req.kv_slots[req.cache_len :]))
+        if req.last_node is not None:
+            self.cache.unlock(req.last_node)
+        req.kv_slots, req.cache_len, req.last_node = [], 0, None
+
+    def _cache_partial(self, req: Req) -> None:
+        """After a prefill chunk: move the computed KV into the tree and lock its new end."""
+        if self.cache.disable:
+            return
+        n = req.kv_len
+        ids = req.fill_ids[:n]
+        prefix_len = self.cache.insert(ids, _t(req.kv_slots))
+        dup = req.kv_slots[req.cache_len : max(prefix_len, req.cache_len)]
+        aligned = n - n % self.pool.page_size
+        tail = req.kv_slots[aligned:]
+        if dup:
+            self.pool.free(_t(dup))
+        m = self.cache.match_prefix(ids[:aligned])
+        self.cache.lock(m.node)
+        if req.last_node is not None:
+            self.cache.unlock(req.last_node)
+        req.kv_slots = m.slots.tolist() + tail
+        req.cache_len, req.last_node = m.length, m.node
+
+    def _max_match(self, req: Req) -> int:
+        # at least one token must be computed to get logits; prompt logprobs need their positions
+        limit = req.seq_len - 1
+        if req.logprob_start_len >= 0:
+            limit = min(limit, req.logprob_start_len)
+        return max(limit, 0)
+
+    # ---- scheduling ---------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        self.step_count += 1
+        batch = self._schedule_extend()
+        if batch is None and self.running:
+            batch = self._schedule_decode()
+        return batch
+
+    def _order_waiting(self) -> list[Req]:
+        reqs = list(self.waiting)
+        step = self.step_count
+        if len(reqs) > self.cfg.lpm_max_waiting:
+            return reqs  # FCFS: matching every request each step would cost more than it saves
+        lens = {r.rid: self.cache.match_prefix(r.fill_ids[: self._max_match(r)]).length for r in reqs}
+
+        def key(r: Req):
+            starving = step - r.arrival_step > self.cfg.max_wait_steps
+            return (not starving, -lens[r.rid] if not starving else 0, r.arrival_step)
+
+        return sorted(reqs, key=key)
+
+    def _schedule_extend(self) -> ScheduledBatch | None:
+        if not self.waiting and self.chunked is None:
+            return None
+        budget = self.cfg.max_prefill_tokens
+        slots_left = self.cfg.max_running_requests - len(self.running)
+        reqs, prefix_lens, extend_lens, sample = [], [], [], []
+        candidates = ([self.chunked] if self.chunked is not None else []) + self._order_waiting()
+        self.chunked_next = None
+        for req in candidates:
+            if budget <= 0 or slots_left <= 0:
+                break
+            fresh = req is not self.chunked
+            if fresh:
+                m = self.cache.match_prefix(
+                    req.fill_ids[: self._max_match(req)], record_stats=req.cached_prompt_tokens < 0
+                )
+                self.cache.lock(m.node)
+                req.kv_slots, req.cache_len, req.last_node = m.slots.tolist(), m.length, m.node
+            prefix = req.kv_len
+            want = req.seq_len - prefix
+            n = min(want, budget, self.cfg.chunked_prefill_size)
+            slots = self._alloc(n, self._own_last_slot(req))
+            if slots is not None and self.running:
+                # keep one decode step of room for the running requests, or admission just causes retraction
+                room = self.pool.num_free + self.cache.evictable_size
+                if room < len(self.running) + len(reqs) + 1:
+                    self.pool.free(_t([x for x in slots if self.pool.page_size == 1 or x % self.pool.page_size == 0]))
+                    slots = None
+            if slots is None:
+                if fresh:
+                    self.release(req, cache_kv=False)
+                break
+            if fresh:
+                self.waiting.remove(req)
+                if req.cached_prompt_tokens < 0:
+                    req.cached_prompt_tokens = min(prefix, len(req.prompt_ids))
+            req.kv_slots.extend(slots)
+            done = n == want
+            if not done:
+                self.chunked_next = req
+            reqs.append(req)
+            prefix_lens.append(prefix)
+            extend_lens.append(n)
+            sample.append(done)
+            budget -= n
+            slots_left -= 1
+            if not done:
+                break  # one chunked request per step, and it is the last one of the batch
+        if not reqs:
+            return None
+        if self.chunked is not None and self.chunked not in reqs:
+            self.chunked_next = self.chunked  # could not continue this step: keep it for the next
+        return ScheduledBatch(ForwardMode.EXTEND, reqs, prefix_lens, extend_lens, sample)
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        while self.running:
+            reqs = self.running[: self.cfg.max_running_requests]
+            done: list[Req] = []
+            for req in reqs:
+                slots = self._alloc(1, self._own_last_slot(req))
+                if slots is None:
+                    break
+                req.kv_slots.extend(slots)
+                done.append(req)
+            if len(done) == len(reqs):
+                prefix = [r.kv_len - 1 for r in reqs]
+                return ScheduledBatch(ForwardMode.DECODE, reqs, prefix, [1] * len(reqs), [True] * len(reqs))
+            for req in done:
+                self._undo_alloc(req, 1)
+            self.retract(max(self.running, key=lambda r: (r.arrival_step, r.rid)))
+        return None
+
+    def retract(self, req: Req) -> None:
+        """Out of KV: put a running request back in the queue; its computed KV stays in the cache."""
+        self.running.remove(req)
+        self.release(req, cache_kv=True)
+        req.retractions += 1
+        self.num_retractions += 1
+        self.waiting.appendleft(req)
+
+    def after_step(self, batch: ScheduledBatch) -> None:
+        """Called once the batch ran: move prefilled requests to running, keep the chunked one."""
+        if batch.mode is ForwardMode.EXTEND:
+            nxt = self.chunked_next
+            for req, sampled in zip(batch.reqs, batch.sample):
+                if not sampled and req is nxt:
+                    self._cache_partial(req)
+                elif sampled and not req.finished:
+                    self.running.append(req)
+            self.chunked = nxt
+
+    def finish(self, req: Req, cache_kv: bool = True) -> None:
+        """Drop a finished (or failed) request from the queues and release its KV."""
+        if req in self.running:
+            self.running.remove(req)
+        if req is self.chunked:
+            self.chunked = None
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.release(req, cache_kv=cache_kv)
+
+
+def _t(slots: list[int]) -> torch.Tensor:
+    return torch.tensor(slots, dtype=torch.int64)
