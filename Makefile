@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/python examples/extract_records.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/pytest tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check llmir_lang kernels tests benchmarks scripts examples

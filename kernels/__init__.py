@@ -6,4 +6,12 @@ ragged form ``kv_indptr`` (``[B+1]``, int32/int64) and ``kv_indices`` (``[kv_ind
 in token order. ``reference`` defines what every kernel computes; Triton versions must match it.
 """
 
-from llmir_lang.kernels import reference  # noqa: F401
+if __name__ == "kernels":  # pragma: no cover
+    # NOTE: this folder is the package ``llmir_lang.kernels``. It becomes importable as a top-level
+    # ``kernels`` only when the repository root is on sys.path (``python -m ...`` run from the root).
+    # transformers probes for an unrelated PyPI package of that name; looking like an empty namespace
+    # package (no __file__, no __version__) makes that probe answer "not installed" instead of crashing.
+    del globals()["__file__"]
+    __path__ = []  # type: ignore[var-annotated]
+else:
+    from llmir_lang.kernels import reference  # noqa: F401
