@@ -169,12 +169,15 @@ class Sampler:
 
         top_k = [params[i].top_k for i in rows]
         top_p = [params[i].top_p for i in rows]
-        if any(0 < k < xs.shape[1] for k in top_k) or any(p < 1.0 for p in top_p):
+        if any(p < 1.0 for p in top_p):
             xs = apply_top_k_top_p(
                 xs,
                 torch.tensor(top_k, dtype=torch.int64, device=device),
                 torch.tensor(top_p, dtype=torch.float32, device=device),
             )
+        elif any(0 < k < xs.shape[1] for k in top_k):
+            # No top-p in this batch: a partial top-k is much cheaper than a full sort.
+            xs = apply_top_k(xs, top_k)
         min_p = [params[i].min_p for i in rows]
         if any(m > 0.0 for m in min_p):
             xs = apply_min_p(xs, torch.tensor(min_p, dtype=torch.float32, device=device))
@@ -284,6 +287,24 @@ def apply_bitmask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
     words = bitmask.to(device=x.device, dtype=torch.int32)
     allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().reshape(batch, -1)[:, :vocab]
     x.masked_fill_(~allowed, _NEG_INF)
+
+
+def apply_top_k(x: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
+    """Per-row top-k alone (same result as ``apply_top_k_top_p`` with ``top_p = 1``): keeps every
+    logit >= the row's k-th largest; ``k <= 0`` or ``k >= V`` keeps all. Returns a new tensor."""
+    vocab = x.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    cut = [k for k in ks if k < vocab]
+    if not cut:
+        return x
+    # One partial topk with the batch's largest k serves every row; rows without a cut get -inf.
+    kmax = max(cut)
+    vals = torch.topk(x, kmax, dim=-1).values
+    k = torch.tensor([min(k, kmax) for k in ks], dtype=torch.int64, device=x.device)
+    kth = vals.gather(1, (k - 1).unsqueeze(1))
+    no_cut = torch.tensor([k >= vocab for k in ks], dtype=torch.bool, device=x.device)
+    kth = kth.masked_fill(no_cut.unsqueeze(1), _NEG_INF)
+    return x.masked_fill(x < kth, _NEG_INF)
 
 
 def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

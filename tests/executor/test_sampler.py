@@ -22,6 +22,7 @@ from llmir_lang.executor.sampler import (
     apply_frequency_presence_penalty,
     apply_min_p,
     apply_repetition_penalty,
+    apply_top_k,
     apply_top_k_top_p,
     logprobs_of,
 )
@@ -170,8 +171,19 @@ def test_filters_match_per_row_reference_with_mixed_params() -> None:
 @pytest.mark.parametrize("k", [1, 3, 17, 64])
 def test_top_k_matches_hf(k: int) -> None:
     x = _logits(5, 64, seed=k)
-    ours = apply_top_k_top_p(x, torch.full((5,), k), torch.ones(5))
-    assert torch.equal(ours, TopKLogitsWarper(top_k=k)(None, x.clone()))
+    theirs = TopKLogitsWarper(top_k=k)(None, x.clone())
+    assert torch.equal(apply_top_k_top_p(x, torch.full((5,), k), torch.ones(5)), theirs)
+    assert torch.equal(apply_top_k(x, [k] * 5), theirs)
+
+
+def test_top_k_alone_with_mixed_k_and_ties() -> None:
+    x = _logits(5, 40, seed=8)
+    x[2, :6] = 9.0  # a 6-way tie for first place: k=2 keeps all six (HF keeps ties too)
+    ks = [-1, 3, 2, 40, 7]
+    ours = apply_top_k(x, ks)
+    assert torch.equal(ours, apply_top_k_top_p(x, torch.tensor(ks), torch.ones(5)))
+    assert torch.equal((ours > NEG_INF).sum(-1), torch.tensor([40, 3, 6, 40, 7]))
+    assert apply_top_k(x, [0] * 5) is x
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.999])
@@ -417,3 +429,14 @@ def test_bad_inputs_raise_engine_errors() -> None:
         s.sample(torch.zeros(1, 64), [SP(), SP()], [[]], [[]], [None])
     with pytest.raises(EngineError, match="bitmask"):
         _run(s, torch.zeros(1, 64), [SP()], bitmask=torch.zeros(1, 1, dtype=torch.int32))
+
+
+def test_tiny_top_p_keeps_the_most_likely_token() -> None:
+    # 1 - 1e-9 rounds to 1.0 in float32, so every cumulative mass passes the cut but the last token
+    x = _logits(4, 50, seed=6)
+    ours = apply_top_k_top_p(x, torch.full((4,), -1), torch.full((4,), 1e-9))
+    kept = ours > NEG_INF
+    assert torch.equal(kept.sum(-1), torch.ones(4, dtype=torch.int64))
+    assert torch.equal(kept.float().argmax(-1), x.argmax(-1))
+    out = _run(Sampler(50), x, [SP(temperature=1.0, top_p=1e-9)] * 4)
+    assert torch.equal(out.token_ids, x.argmax(-1))
