@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 tomllib = pytest.importorskip("tomllib")
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
