@@ -4,14 +4,163 @@ Pool layout (shared by every kernel): for each layer, ``k_buffer`` and ``v_buffe
 ``[num_slots, num_kv_heads, head_dim]``. A request's KV is a list of slot indices, given in the
 ragged form ``kv_indptr`` (``[B+1]``, int32/int64) and ``kv_indices`` (``[kv_indptr[-1]]``, int64),
 in token order. ``reference`` defines what every kernel computes; Triton versions must match it.
+
+The functions below dispatch: Triton for CUDA tensors (and for CPU tensors while
+``TRITON_INTERPRET=1``, the tests' mode), the torch reference otherwise. Cases Triton does not
+cover (see ``support``) fall back to the reference with a one-time ``KernelFallbackWarning``.
 """
 
-if __name__ == "kernels":  # pragma: no cover
-    # NOTE: this folder is the package ``llmir_lang.kernels``. It becomes importable as a top-level
-    # ``kernels`` only when the repository root is on sys.path (``python -m ...`` run from the root).
-    # transformers probes for an unrelated PyPI package of that name; looking like an empty namespace
-    # package (no __file__, no __version__) makes that probe answer "not installed" instead of crashing.
-    del globals()["__file__"]
-    __path__ = []  # type: ignore[var-annotated]
-else:
-    from llmir_lang.kernels import reference  # noqa: F401
+from __future__ import annotations
+
+import torch
+from llmir_lang.kernels import (
+    reference,  # noqa: F401
+    support,
+)
+from llmir_lang.kernels.policy import should_use_shared_prefix
+from llmir_lang.kernels.reference import merge_attention_states
+from llmir_lang.kernels.support import KernelFallbackWarning
+
+__all__ = [
+    "KernelFallbackWarning",
+    "apply_token_bitmask",
+    "decode_attention",
+    "decode_attention_with_lse",
+    "extend_attention",
+    "merge_attention_states",
+    "reference",
+    "shared_prefix_decode",
+    "should_use_shared_prefix",
+    "store_kv",
+]
+
+
+def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _pool_ok(kernel: str, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> bool:
+    if k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1:
+        return True
+    support.warn_once(kernel, "the KV pool buffers are not contiguous along head_dim")
+    return False
+
+
+def store_kv(
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Write new keys/values ``k, v [T, Hkv, D]`` into pool slots ``loc [T]`` (see reference)."""
+    if support.device_ok("store_kv", k_buffer) and _pool_ok("store_kv", k_buffer, v_buffer):
+        from llmir_lang.kernels import triton_misc
+
+        triton_misc.store_kv(k_buffer, v_buffer, loc, _lastdim_contiguous(k), _lastdim_contiguous(v))
+        return
+    reference.store_kv(k_buffer, v_buffer, loc, k, v)
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Prefill with a cached prefix (see ``reference.extend_attention``)."""
+    kernel = "extend_attention"
+    if support.attention_ok(kernel, q, k_buffer, v_buffer) and _pool_ok(kernel, k_buffer, v_buffer):
+        from llmir_lang.kernels import triton_extend
+
+        return triton_extend.extend_attention(
+            _lastdim_contiguous(q), k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, sm_scale
+        )
+    return reference.extend_attention(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, sm_scale)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """One query token per request over its paged KV (see ``reference.decode_attention``)."""
+    kernel = "decode_attention"
+    if support.attention_ok(kernel, q, k_buffer, v_buffer) and _pool_ok(kernel, k_buffer, v_buffer):
+        from llmir_lang.kernels import triton_decode
+
+        return triton_decode.decode_attention(
+            _lastdim_contiguous(q), k_buffer, v_buffer, kv_indptr, kv_indices, sm_scale
+        )
+    return reference.decode_attention(q, k_buffer, v_buffer, kv_indptr, kv_indices, sm_scale)
+
+
+def decode_attention_with_lse(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode that also returns the lse ``[B, H]`` for ``merge_attention_states``."""
+    kernel = "decode_attention_with_lse"
+    if support.attention_ok(kernel, q, k_buffer, v_buffer) and _pool_ok(kernel, k_buffer, v_buffer):
+        from llmir_lang.kernels import triton_decode
+
+        out, lse = triton_decode.decode_attention(
+            _lastdim_contiguous(q), k_buffer, v_buffer, kv_indptr, kv_indices, sm_scale, return_lse=True
+        )
+        return out, lse
+    return reference.decode_attention_with_lse(q, k_buffer, v_buffer, kv_indptr, kv_indices, sm_scale)
+
+
+def shared_prefix_decode(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    prefix_indices: torch.Tensor,
+    suffix_kv_indptr: torch.Tensor,
+    suffix_kv_indices: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Decode for requests sharing one prefix (see ``reference.shared_prefix_decode``).
+
+    Always computes the cascade; callers decide with ``should_use_shared_prefix`` whether to call
+    this or ``decode_attention`` over the concatenated slot lists.
+    """
+    kernel = "shared_prefix_decode"
+    if support.attention_ok(kernel, q, k_buffer, v_buffer) and _pool_ok(kernel, k_buffer, v_buffer):
+        from llmir_lang.kernels import triton_shared_prefix
+
+        return triton_shared_prefix.shared_prefix_decode(
+            _lastdim_contiguous(q),
+            k_buffer,
+            v_buffer,
+            prefix_indices,
+            suffix_kv_indptr,
+            suffix_kv_indices,
+            sm_scale,
+        )
+    return reference.shared_prefix_decode(
+        q, k_buffer, v_buffer, prefix_indices, suffix_kv_indptr, suffix_kv_indices, sm_scale
+    )
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: disallowed tokens' logits become -inf (see ``reference.apply_token_bitmask``)."""
+    kernel = "apply_token_bitmask"
+    if support.device_ok(kernel, logits):
+        if bitmask.dtype == torch.int32 and logits.is_floating_point() and logits.stride(-1) == 1:
+            from llmir_lang.kernels import triton_misc
+
+            triton_misc.apply_token_bitmask(logits, _lastdim_contiguous(bitmask))
+            return
+        support.warn_once(
+            kernel,
+            f"logits {logits.dtype} (stride {logits.stride(-1)}) / bitmask {bitmask.dtype}; "
+            "want float logits contiguous along the vocab and an int32 bitmask",
+        )
+    reference.apply_token_bitmask(logits, bitmask)

@@ -34,6 +34,26 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, 
     return torch.matmul(probs, vf).transpose(0, 1)  # [Tq, H, D]
 
 
+def _attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float):
+    """Unmasked attention that also returns the log-sum-exp of the scaled scores.
+
+    q [Tq, H, D], k/v [Tk, Hkv, D] -> (out [Tq, H, D] fp32, lse [Tq, H] fp32, natural log).
+    With no keys (Tk == 0) the output is 0 and the lse is -inf, so merging it changes nothing.
+    """
+    h, hkv = q.shape[1], k.shape[1]
+    if k.shape[0] == 0:
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        return out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    group = h // hkv
+    qf = q.float().transpose(0, 1)
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(qf, kf.transpose(1, 2)) * sm_scale  # [H, Tq, Tk]
+    lse = torch.logsumexp(scores, dim=-1)  # [H, Tq]
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs, vf).transpose(0, 1), lse.transpose(0, 1)
+
+
 def extend_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -78,6 +98,74 @@ def decode_attention(
         idx = kv_indices[kv[b] : kv[b + 1]]
         out[b : b + 1] = _attend(q[b : b + 1], k_buffer[idx], v_buffer[idx], sm_scale, None).to(q.dtype)
     return out
+
+
+def decode_attention_with_lse(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_attention`` that also returns each row's log-sum-exp, for merging partial results.
+
+    Returns ``(out [B, H, D] in q's dtype, lse [B, H] fp32)``; the lse is the natural log of the sum of
+    ``exp(sm_scale * q.k)`` over the request's keys; a request with no keys gets out 0, lse -inf.
+    """
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    kv = kv_indptr.tolist()
+    for b in range(q.shape[0]):
+        idx = kv_indices[kv[b] : kv[b + 1]]
+        o_b, lse_b = _attend_with_lse(q[b : b + 1], k_buffer[idx], v_buffer[idx], sm_scale)
+        out[b : b + 1] = o_b.to(q.dtype)
+        lse[b : b + 1] = lse_b
+    return out, lse
+
+
+def merge_attention_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    ``out_* [..., D]`` and ``lse_* [...]`` (natural log) come from ``*_with_lse`` functions. The result
+    is ``(out in out_a's dtype, lse fp32)``; a side whose lse is -inf contributes nothing.
+    """
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    lse = torch.logaddexp(lse_a, lse_b)
+    # Both sides empty gives lse -inf; a zero weight then avoids nan from (-inf) - (-inf).
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    out = w_a * out_a.float() + w_b * out_b.float()
+    return out.to(out_a.dtype), lse
+
+
+def shared_prefix_decode(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    prefix_indices: torch.Tensor,
+    suffix_kv_indptr: torch.Tensor,
+    suffix_kv_indices: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Decode for B requests that share one KV prefix (the cascade / Hydragen split).
+
+    ``q [B, H, D]``; every request's KV is ``prefix_indices [P]`` followed by its own suffix
+    ``suffix_kv_indices[suffix_kv_indptr[b]:suffix_kv_indptr[b+1]]``. The result equals
+    ``decode_attention`` over the concatenated indices; it is computed as one attention of all B
+    queries over the prefix, one per-request attention over the suffixes, merged by log-sum-exp.
+    """
+    bsz = q.shape[0]
+    # All B queries as one batch of rows against the common prefix: [B, H, D] -> [B, H, D] + [B, H].
+    pre_out, pre_lse = _attend_with_lse(q, k_buffer[prefix_indices], v_buffer[prefix_indices], sm_scale)
+    suf_out, suf_lse = decode_attention_with_lse(
+        q, k_buffer, v_buffer, suffix_kv_indptr[: bsz + 1], suffix_kv_indices, sm_scale
+    )
+    out, _ = merge_attention_states(pre_out, pre_lse, suf_out.float(), suf_lse)
+    return out.to(q.dtype)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:

@@ -1,0 +1,351 @@
+"""Triton decode attention: split-KV (flash-decoding) over a paged, token-granular pool.
+
+Two launches. The *partial* kernel runs one program per (request, KV head, split): the query heads
+of one KV head are packed as the rows of a ``[BLOCK_H, D]`` tile (GQA packing), so even a batch of
+one decode feeds the tensor cores, and each program walks its slice of the request's slot list.
+It writes an fp32 partial output and a base-2 log-sum-exp per (request, head, split). The *reduce*
+kernel merges the splits of each (request, head) by log-sum-exp.
+
+Invariants the kernels rely on:
+- ``num_splits[b]`` (int32, ``1 <= num_splits[b] <= grid splits``) picks request b's split count; a
+  split whose slice is empty writes only lse = -inf, and the reduce neither weights nor reads it. So the grid depends only on (B, KV heads, max splits), never on the KV lengths: the
+  launch is CUDA-graph safe as long as those and the tensors' addresses stay fixed.
+- The last dim of q, the pool buffers and the outputs is contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from llmir_lang.kernels.support import num_sms
+from llmir_lang.kernels.triton_common import LOG2E, mma, upcast_dots
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    """Launch shape of the decode kernels. ``max_splits`` also sizes the partial workspace."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    max_splits: int = 32
+    min_chunk: int = 256  # never split a request into slices shorter than this many tokens
+    programs_per_sm: int = 4  # split until the grid has about this many programs per SM
+
+
+def default_decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
+    if device.type != "cuda":  # interpreter: tiny tiles so that short test lengths still split
+        return DecodeConfig(block_n=16, num_warps=1, num_stages=1, max_splits=4, min_chunk=16)
+    if head_dim >= 128:
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+    return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+
+
+def block_h_for(group: int) -> int:
+    # tl.dot needs at least 16 rows; smaller groups are padded with masked rows.
+    return max(16, triton.next_power_of_2(group))
+
+
+def split_cap(batch_size: int, num_kv_heads: int, config: DecodeConfig, device: torch.device) -> int:
+    """Most splits any request of a batch of ``batch_size`` gets: the z extent of the grid.
+
+    Depends only on the batch size (not on KV lengths), so a captured graph keeps one grid.
+    """
+    target = num_sms(device) * config.programs_per_sm
+    return max(1, min(config.max_splits, math.ceil(target / max(1, batch_size * num_kv_heads))))
+
+
+def plan_decode_splits(
+    kv_indptr: torch.Tensor,
+    batch_size: int,
+    num_kv_heads: int,
+    config: DecodeConfig,
+    device: torch.device,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-request split counts ``[batch_size]`` int32, computed on the device (no host sync).
+
+    A request gets ``ceil(kv_len / min_chunk)`` splits, capped so that the whole grid holds about
+    ``programs_per_sm`` programs per SM (large batches need no splitting) and by ``max_splits``.
+    With ``out`` the counts are written into ``out[:batch_size]`` in place (for CUDA graphs).
+    """
+    cap = split_cap(batch_size, num_kv_heads, config, device)
+    kv_lens = kv_indptr[1 : batch_size + 1] - kv_indptr[:batch_size]
+    splits = torch.clamp((kv_lens + (config.min_chunk - 1)) // config.min_chunk, 1, cap).to(torch.int32)
+    if out is None:
+        return splits
+    out[:batch_size].copy_(splits)
+    return out[:batch_size]
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q,
+    K,
+    V,
+    KvIndptr,
+    KvIndices,
+    NumSplits,
+    PartO,
+    PartLse,
+    sm_scale_log2,
+    stride_qb,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    split_offset,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_start = tl.load(KvIndptr + b).to(tl.int64)
+    kv_len = (tl.load(KvIndptr + b + 1) - kv_start).to(tl.int32)
+    n_splits = tl.load(NumSplits + b)
+    # Slices are whole tiles so that only the request's last tile needs a mask.
+    per_split = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, kv_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    head_mask = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=head_mask[:, None],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        slot = tl.load(KvIndices + kv_start + offs_n, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = mma(q, tl.trans(k), UPCAST) * sm_scale_log2
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    denom = tl.where(has_keys, l_i, 1.0)
+    lse = tl.where(has_keys, m_i + tl.log2(denom), float("-inf"))
+    slot_id = split_offset + split
+    o_ptrs = (
+        PartO
+        + b.to(tl.int64) * stride_ob
+        + heads[:, None] * stride_oh
+        + slot_id * stride_os
+        + offs_d[None, :]
+    )
+    # An empty slice stores only its lse (-inf); the merge never reads its output.
+    tl.store(o_ptrs, acc / denom[:, None], mask=head_mask[:, None] & has_keys[:, None])
+    tl.store(PartLse + b.to(tl.int64) * stride_lb + heads * stride_lh + slot_id, lse, mask=head_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PartO,
+    PartLse,
+    Out,
+    Lse,
+    num_slots,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_outb,
+    stride_outh,
+    MAX_SLOTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, MAX_SLOTS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(
+        PartLse + b * stride_lb + h * stride_lh + offs_s, mask=offs_s < num_slots, other=float("-inf")
+    )
+    m = tl.max(lse, 0)
+    # All slots empty (no keys at all): weights 0, output 0, lse -inf; never nan.
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    total = tl.sum(w, 0)
+    valid = lse > float("-inf")
+    o = tl.load(
+        PartO + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=valid[:, None],
+        other=0.0,
+    )
+    safe_total = tl.where(total > 0.0, total, 1.0)
+    out = tl.sum(o * w[:, None], 0) / safe_total
+    tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty))
+    if WRITE_LSE:
+        lse_out = tl.where(total > 0.0, (m_safe + tl.log2(safe_total)) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + b * tl.num_programs(1) + h, lse_out)
+
+
+def alloc_partials(
+    batch_size: int, num_heads: int, num_slots: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Workspace for split results: ``(part_o [B, H, S, D] fp32, part_lse [B, H, S] fp32)``."""
+    part_o = torch.empty(batch_size, num_heads, num_slots, head_dim, dtype=torch.float32, device=device)
+    part_lse = torch.empty(batch_size, num_heads, num_slots, dtype=torch.float32, device=device)
+    return part_o, part_lse
+
+
+def launch_decode_partial(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    num_splits: torch.Tensor,
+    grid_splits: int,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    split_offset: int,
+    sm_scale: float,
+    config: DecodeConfig,
+) -> None:
+    """Write splits ``split_offset .. split_offset + grid_splits - 1`` of every (request, head)."""
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads = k_buffer.shape[1]
+    group = num_heads // num_kv_heads
+    grid = (bsz, num_kv_heads, grid_splits)
+    _decode_partial_kernel[grid](
+        q,
+        k_buffer,
+        v_buffer,
+        kv_indptr,
+        kv_indices,
+        num_splits,
+        part_o,
+        part_lse,
+        sm_scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        v_buffer.stride(0),
+        v_buffer.stride(1),
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        split_offset,
+        GROUP=group,
+        BLOCK_H=block_h_for(group),
+        BLOCK_N=config.block_n,
+        HEAD_DIM=head_dim,
+        UPCAST=upcast_dots(q.dtype, q.device),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def launch_merge(
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    num_slots: int,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+) -> None:
+    """``out [B, H, D]`` (and ``lse [B, H]`` natural log, if given) from slots ``0 .. num_slots-1``."""
+    bsz, num_heads, head_dim = out.shape
+    _merge_splits_kernel[(bsz, num_heads)](
+        part_o,
+        part_lse,
+        out,
+        lse if lse is not None else part_lse,
+        num_slots,
+        part_o.stride(0),
+        part_o.stride(1),
+        part_o.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        MAX_SLOTS=triton.next_power_of_2(max(num_slots, 2)),
+        HEAD_DIM=head_dim,
+        WRITE_LSE=lse is not None,
+        num_warps=4 if head_dim >= 128 else 2,
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    sm_scale: float,
+    *,
+    return_lse: bool = False,
+    num_splits: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``reference.decode_attention`` (``..._with_lse`` when ``return_lse``).
+
+    ``num_splits`` (from ``plan_decode_splits``), ``workspace`` (from ``alloc_partials`` with at least
+    B rows and ``split_cap(...)`` slots) and ``out`` may be preallocated by a caller that wants no
+    allocation and no host work per call (the attention backend under CUDA graphs).
+    """
+    bsz, num_heads, head_dim = q.shape
+    cfg = config or default_decode_config(head_dim, q.device)
+    if num_splits is None:
+        num_splits = plan_decode_splits(kv_indptr, bsz, k_buffer.shape[1], cfg, q.device)
+    grid_splits = split_cap(bsz, k_buffer.shape[1], cfg, q.device)
+    if workspace is None:
+        workspace = alloc_partials(bsz, num_heads, grid_splits, head_dim, q.device)
+    part_o, part_lse = workspace
+    if out is None:
+        out = torch.empty(bsz, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=q.device) if return_lse else None
+    if bsz == 0:
+        return (out, lse) if lse is not None else out
+    launch_decode_partial(
+        q,
+        k_buffer,
+        v_buffer,
+        kv_indptr,
+        kv_indices,
+        num_splits,
+        grid_splits,
+        part_o,
+        part_lse,
+        0,
+        sm_scale,
+        cfg,
+    )
+    launch_merge(part_o, part_lse, grid_splits, out, lse)
+    return (out, lse) if lse is not None else out

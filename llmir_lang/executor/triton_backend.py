@@ -1,0 +1,210 @@
+"""The Triton attention backend: the GPU counterpart of ``TorchAttentionBackend``.
+
+``prepare(batch)`` does all per-batch host work once; ``forward`` (once per layer) only launches
+kernels: ``store_kv``, then extend attention, decode attention (split-KV partials + merge), or
+shared-prefix decode.
+
+CUDA graphs (DECODE only). ``prepare`` and ``forward`` do no host syncs for a decode batch: the
+split counts are computed on the device into a preallocated buffer, and the partial results live
+in one preallocated workspace. To capture and replay, keep fixed:
+- the batch size B (it sets the grid: ``(B, kv_heads, split_cap(B))``, and the merge grid ``(B, H)``);
+- the tensors of the captured ``ForwardBatch`` (``kv_indptr``, ``kv_indices`` sized for the longest
+  replay, ``out_cache_loc``): refill them in place before each replay; the KV lengths may change;
+- this backend object (its ``_num_splits`` and workspace addresses are baked into the graph).
+Either capture ``prepare`` inside the graph, or call it eagerly on the static batch before each
+replay; both update ``_num_splits`` in place. Run one eager decode forward (or pass
+``num_q_heads``) before capturing so the workspace exists. Padding rows of a bucket may have
+kv length 0: they get output 0, never nan. Shared-prefix decode allocates per call and is meant
+for eager steps only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmir_lang.errors import InvalidRequestError
+from llmir_lang.executor.attention import AttentionBackend, ForwardBatch, ForwardMode, TorchAttentionBackend
+from llmir_lang.kernels import policy, support
+from llmir_lang.kernels import reference as ref
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention through the Triton kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+
+    Falls back to the torch reference, with one warning, when the pool's head dim or dtype is not
+    one the kernels support: slower, never wrong.
+    """
+
+    def __init__(
+        self,
+        k_buffers: list[torch.Tensor],
+        v_buffers: list[torch.Tensor],
+        sm_scale: float,
+        *,
+        max_batch_size: int = 256,
+        num_q_heads: int | None = None,
+    ):
+        super().__init__(k_buffers, v_buffers, sm_scale)
+        from llmir_lang.kernels import triton_decode, triton_extend
+
+        self._td = triton_decode
+        self._te = triton_extend
+        kb = k_buffers[0]
+        self.device = kb.device
+        self.num_kv_heads = int(kb.shape[1])
+        self.head_dim = int(kb.shape[2])
+        self.decode_config = triton_decode.default_decode_config(self.head_dim, self.device)
+        self.extend_config = triton_extend.default_extend_config(self.head_dim, self.device)
+        self.max_batch_size = max_batch_size
+        self._num_splits = torch.ones(max_batch_size, dtype=torch.int32, device=self.device)
+        self._grid_splits = 1
+        self._workspace_flat: torch.Tensor | None = None
+        self._lse_flat: torch.Tensor | None = None
+        self._num_q_heads: int | None = None
+        self._extend_plan: triton_extend.ExtendPlan | None = None
+        self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._use_triton: bool | None = None
+        if num_q_heads is not None:
+            self._alloc_workspace(num_q_heads)
+
+    # --- per batch -----------------------------------------------------------------------
+    def prepare(self, batch: ForwardBatch) -> None:
+        super().prepare(batch)
+        self._shared = None
+        self._extend_plan = None
+        if batch.mode is ForwardMode.DECODE:
+            if batch.batch_size > self.max_batch_size:
+                raise InvalidRequestError(
+                    f"decode batch of {batch.batch_size} requests exceeds the attention backend's "
+                    f"max_batch_size={self.max_batch_size}; create the backend with a larger max_batch_size"
+                )
+            self._grid_splits = self._td.split_cap(
+                batch.batch_size, self.num_kv_heads, self.decode_config, self.device
+            )
+            self._td.plan_decode_splits(
+                batch.kv_indptr,
+                batch.batch_size,
+                self.num_kv_heads,
+                self.decode_config,
+                self.device,
+                out=self._num_splits,
+            )
+        else:
+            self._extend_plan = self._te.plan_extend(
+                batch.qo_indptr, batch.kv_indptr, self.extend_config.block_m
+            )
+
+    def use_shared_prefix(
+        self, prefix_indices: torch.Tensor, suffix_kv_indptr: torch.Tensor, suffix_kv_indices: torch.Tensor
+    ) -> bool:
+        """Offer the current DECODE batch's shared prefix; returns whether it will be used.
+
+        Call after ``prepare`` when every request of the batch has KV ``prefix_indices`` followed by
+        its own ``suffix_kv_indices[suffix_kv_indptr[b]:suffix_kv_indptr[b+1]]`` (this step's slot
+        included). Used only when ``policy.should_use_shared_prefix`` says it pays.
+        """
+        b = self.batch
+        if b is None or b.mode is not ForwardMode.DECODE:
+            raise InvalidRequestError(
+                "use_shared_prefix applies to a prepared DECODE batch; call prepare first"
+            )
+        if not policy.should_use_shared_prefix(int(prefix_indices.shape[0]), b.batch_size):
+            return False
+        self._shared = (prefix_indices, suffix_kv_indptr, suffix_kv_indices)
+        return True
+
+    # --- per layer -----------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        b = self.batch
+        assert b is not None, "prepare(batch) must be called before forward"
+        kb, vb = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        if self._use_triton is None:
+            self._use_triton = support.attention_ok("TritonAttentionBackend", q, kb, vb)
+        if not self._use_triton:
+            ref.store_kv(kb, vb, b.out_cache_loc, k, v)
+            if b.mode is ForwardMode.EXTEND:
+                return ref.extend_attention(q, kb, vb, b.qo_indptr, b.kv_indptr, b.kv_indices, self.sm_scale)
+            if self._shared is not None:
+                return ref.shared_prefix_decode(q, kb, vb, *self._shared, self.sm_scale)
+            return ref.decode_attention(q, kb, vb, b.kv_indptr, b.kv_indices, self.sm_scale)
+        from llmir_lang.kernels import triton_misc
+
+        triton_misc.store_kv(kb, vb, b.out_cache_loc, _lastdim(k), _lastdim(v))
+        q = _lastdim(q)
+        if b.mode is ForwardMode.DECODE:
+            if self._shared is not None:
+                from llmir_lang.kernels import triton_shared_prefix
+
+                prefix, suf_indptr, suf_indices = self._shared
+                return triton_shared_prefix.shared_prefix_decode(
+                    q, kb, vb, prefix, suf_indptr, suf_indices, self.sm_scale
+                )
+            return self._decode(q, kb, vb)
+        assert self._extend_plan is not None
+        return self._te.extend_attention(
+            q,
+            kb,
+            vb,
+            b.qo_indptr,
+            b.kv_indptr,
+            b.kv_indices,
+            self.sm_scale,
+            plan=self._extend_plan,
+            config=self.extend_config,
+        )
+
+    def _decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        assert b is not None
+        bsz, num_heads, _ = q.shape
+        if self._num_q_heads != num_heads:
+            self._alloc_workspace(num_heads)
+        assert self._workspace_flat is not None and self._lse_flat is not None
+        splits = self._grid_splits
+        part_o = self._workspace_flat[: bsz * num_heads * splits * self.head_dim].view(
+            bsz, num_heads, splits, self.head_dim
+        )
+        part_lse = self._lse_flat[: bsz * num_heads * splits].view(bsz, num_heads, splits)
+        return self._td.decode_attention(
+            q,
+            kb,
+            vb,
+            b.kv_indptr,
+            b.kv_indices,
+            self.sm_scale,
+            num_splits=self._num_splits[:bsz],
+            workspace=(part_o, part_lse),
+            config=self.decode_config,
+        )
+
+    def _alloc_workspace(self, num_q_heads: int) -> None:
+        # Largest B * split_cap(B) over allowed batch sizes: one flat buffer, viewed per batch, so
+        # its address never changes between graph replays.
+        rows = max(
+            bs * self._td.split_cap(bs, self.num_kv_heads, self.decode_config, self.device)
+            for bs in range(1, self.max_batch_size + 1)
+        )
+        self._num_q_heads = num_q_heads
+        self._workspace_flat = torch.empty(
+            rows * num_q_heads * self.head_dim, dtype=torch.float32, device=self.device
+        )
+        self._lse_flat = torch.empty(rows * num_q_heads, dtype=torch.float32, device=self.device)
+
+
+def _lastdim(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def select_attention_backend(
+    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], sm_scale: float, **kwargs: int
+) -> AttentionBackend:
+    """The backend for a pool: Triton on CUDA when Triton is installed, the torch reference otherwise.
+
+    ``kwargs`` (``max_batch_size``, ``num_q_heads``) go to ``TritonAttentionBackend``.
+    """
+    if k_buffers and k_buffers[0].is_cuda and support.triton_available():
+        return TritonAttentionBackend(k_buffers, v_buffers, sm_scale, **kwargs)
+    return TorchAttentionBackend(k_buffers, v_buffers, sm_scale)
+
+
+__all__ = ["TritonAttentionBackend", "select_attention_backend"]
