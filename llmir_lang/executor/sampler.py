@@ -24,12 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llmir_lang.errors import EngineError
 from llmir_lang.executor.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+# Token ids of one row: a list of ints, a numpy array or a 1-D int tensor (passed through cheaply).
+TokenIds = Sequence[int] | np.ndarray | torch.Tensor
 
 
 @dataclass(slots=True)
@@ -120,20 +123,26 @@ class Sampler:
             # Otherwise keep the model's dtype (argmax in bf16 picks the same token, no copy).
             x = x.to(torch.float32, copy=True)
         if rep_rows:
-            token_lists = [_cat_ids(prompt_ids[i], output_ids[i]) for i in rep_rows]
+            # A row listed twice (prompt ids, then output ids) has its two lists merged.
             penalties = [params[i].repetition_penalty for i in rep_rows]
-            apply_repetition_penalty(x, rep_rows, token_lists, penalties)
+            apply_repetition_penalty(
+                x,
+                rep_rows + rep_rows,
+                [prompt_ids[i] for i in rep_rows] + [output_ids[i] for i in rep_rows],
+                penalties + penalties,
+            )
         if freq_rows:
             apply_frequency_presence_penalty(
                 x,
                 freq_rows,
-                [torch.as_tensor(output_ids[i], dtype=torch.int64) for i in freq_rows],
+                [output_ids[i] for i in freq_rows],
                 [params[i].frequency_penalty for i in freq_rows],
                 [params[i].presence_penalty for i in freq_rows],
             )
         if banned_rows:
             assert banned_ids is not None
-            _ban(x, banned_rows, [torch.as_tensor(banned_ids[i], dtype=torch.int64) for i in banned_rows])
+            r, t = _flat_pairs(banned_rows, [banned_ids[i] for i in banned_rows], vocab, x.device)
+            x[r, t] = _NEG_INF
         if bitmask is not None:
             apply_bitmask(x, bitmask)
 
@@ -164,7 +173,7 @@ class Sampler:
         rows_t = torch.tensor(rows, device=device)
         temp = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=device)
         xs = x[rows_t].float() / temp.unsqueeze(1)
-        # An all-masked row would make softmax NaN and multinomial fail; its token becomes -1 later.
+        # An all-masked row would make softmax NaN; its token becomes -1 later.
         xs = xs.masked_fill(all_masked[rows_t].unsqueeze(1), 0.0)
 
         top_k = [params[i].top_k for i in rows]
@@ -183,12 +192,21 @@ class Sampler:
             xs = apply_min_p(xs, torch.tensor(min_p, dtype=torch.float32, device=device))
         probs = torch.softmax(xs, dim=-1)
 
-        out = torch.empty(len(rows), dtype=torch.int64, device=device)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws token i with probability
+        # p_i (torch.multinomial's own one-sample path). Seeded rows fill their noise row from
+        # their own generator, so their draw never depends on batch mates; shared rows take one
+        # batched fill. Per seeded row this is one kernel, against several (and checks) for
+        # multinomial.
+        noise = torch.empty_like(probs)
         shared = [j for j, i in enumerate(rows) if generators[i] is None]
-        if shared:
+        shared_gen = self._shared_generator(device) if shared else None
+        if len(shared) == len(rows):
+            noise.exponential_(generator=shared_gen)
+        elif shared:
             idx = torch.tensor(shared, device=device)
-            draws = torch.multinomial(probs[idx], 1, generator=self._shared_generator(device))
-            out[idx] = draws.squeeze(1)
+            noise[idx] = torch.empty(len(shared), probs.shape[1], device=device).exponential_(
+                generator=shared_gen
+            )
         for j, i in enumerate(rows):
             gen = generators[i]
             if gen is None:
@@ -198,8 +216,8 @@ class Sampler:
                     f"row {i}: its generator is on {gen.device} but the logits are on {device}; "
                     f"make it with Sampler.make_generator(seed, device={str(device)!r})"
                 )
-            out[j] = torch.multinomial(probs[j : j + 1], 1, generator=gen)[0, 0]
-        return out
+            noise[j].exponential_(generator=gen)
+        return (probs / noise).argmax(dim=-1)
 
     def _check_inputs(
         self,
@@ -245,10 +263,11 @@ class Sampler:
 
 
 def apply_repetition_penalty(
-    x: torch.Tensor, rows: Sequence[int], token_ids: Sequence[torch.Tensor], penalties: Sequence[float]
+    x: torch.Tensor, rows: Sequence[int], token_ids: Sequence[TokenIds], penalties: Sequence[float]
 ) -> None:
     """HF convention, in place: for each distinct token seen in row ``rows[j]``, a positive logit is
-    divided by ``penalties[j]`` and a negative one multiplied by it (once, however often it occurs)."""
+    divided by ``penalties[j]`` and a negative one multiplied by it (once, however often it occurs).
+    A row may be listed more than once (same penalty each time): its id lists are merged."""
     r, t = _flat_pairs(rows, token_ids, x.shape[1], x.device)
     if t.numel() == 0:
         return
@@ -263,12 +282,12 @@ def apply_repetition_penalty(
 def apply_frequency_presence_penalty(
     x: torch.Tensor,
     rows: Sequence[int],
-    output_ids: Sequence[torch.Tensor],
+    output_ids: Sequence[TokenIds],
     frequency: Sequence[float],
     presence: Sequence[float],
 ) -> None:
     """OpenAI convention, in place: ``logit[t] -= count[t] * frequency + (count[t] > 0) * presence``
-    where ``count`` counts token t among the row's generated tokens."""
+    where ``count`` counts token t among the row's generated tokens. Rows must be distinct."""
     r, t = _flat_pairs(rows, output_ids, x.shape[1], x.device)
     if t.numel() == 0:
         return
@@ -369,17 +388,21 @@ def _report_logprobs(
     return logprobs, top
 
 
-def _cat_ids(a: Sequence[int], b: Sequence[int]) -> torch.Tensor:
-    return torch.cat([torch.as_tensor(a, dtype=torch.int64), torch.as_tensor(b, dtype=torch.int64)])
-
-
 def _flat_pairs(
-    rows: Sequence[int], token_ids: Sequence[torch.Tensor], vocab: int, device: torch.device
+    rows: Sequence[int], token_ids: Sequence[TokenIds], vocab: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flatten per-row id lists into (row, token) index tensors, dropping ids outside [0, vocab)."""
-    t = torch.cat([ids.reshape(-1).to("cpu", torch.int64) for ids in token_ids])
+    # numpy turns Python int lists into an array several times faster than torch.as_tensor does,
+    # which matters for long prompts under a repetition penalty; tensors pass through as they are.
+    parts = [
+        ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
+        if isinstance(ids, torch.Tensor)
+        else np.asarray(ids, dtype=np.int64).reshape(-1)
+        for ids in token_ids
+    ]
+    t = torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, dtype=torch.int64)
     r = torch.repeat_interleave(
-        torch.tensor(list(rows), dtype=torch.int64), torch.tensor([ids.numel() for ids in token_ids])
+        torch.tensor(list(rows), dtype=torch.int64), torch.tensor([p.shape[0] for p in parts])
     )
     keep = (t >= 0) & (t < vocab)
     return r[keep].to(device), t[keep].to(device)
@@ -390,8 +413,3 @@ def _per_row(rows: Sequence[int], values: Sequence[float], batch: int, device: t
     out = torch.zeros(batch, dtype=torch.float32)
     out[torch.tensor(list(rows), dtype=torch.int64)] = torch.tensor(list(values), dtype=torch.float32)
     return out.to(device)
-
-
-def _ban(x: torch.Tensor, rows: Sequence[int], ids: Sequence[torch.Tensor]) -> None:
-    r, t = _flat_pairs(rows, ids, x.shape[1], x.device)
-    x[r, t] = _NEG_INF

@@ -231,9 +231,7 @@ def test_repetition_penalty_via_sample_uses_prompt_and_output() -> None:
 
 def test_frequency_presence_exact_values() -> None:
     x = torch.zeros(2, 6)
-    apply_frequency_presence_penalty(
-        x, [0, 1], [torch.tensor([1, 1, 1, 3]), torch.tensor([5])], [0.5, -1.0], [0.25, 2.0]
-    )
+    apply_frequency_presence_penalty(x, [0, 1], [torch.tensor([1, 1, 1, 3]), [5]], [0.5, -1.0], [0.25, 2.0])
     assert x[0].tolist() == [0.0, -(3 * 0.5 + 0.25), 0.0, -(0.5 + 0.25), 0.0, 0.0]
     assert x[1].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, -(-1.0 + 2.0)]
 
@@ -365,6 +363,17 @@ def test_sampling_frequencies_follow_tempered_softmax() -> None:
     out = _run(Sampler(5, seed=0), row.repeat(n, 1), [SP(temperature=temp)] * n)
     freq = torch.bincount(out.token_ids, minlength=5).float() / n
     assert torch.allclose(freq, (row / temp).softmax(-1), atol=0.015)
+
+
+def test_seeded_rows_follow_the_filtered_distribution() -> None:
+    row = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, -4.0])
+    n = 6000
+    ps = [SP(temperature=1.0, top_k=4, seed=i) for i in range(n)]
+    gens = [Sampler.make_generator(i, "cpu") for i in range(n)]
+    out = _run(Sampler(6), row.repeat(n, 1), ps, generators=gens)
+    freq = torch.bincount(out.token_ids, minlength=6).float() / n
+    expected = torch.cat([row[:4].softmax(-1), torch.zeros(2)])
+    assert torch.allclose(freq, expected, atol=0.025)
 
 
 # --- logprobs --------------------------------------------------------------------------------
