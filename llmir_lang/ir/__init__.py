@@ -1,0 +1,91 @@
+"""The program IR: SSA state values, ops, builder, printer, lark parser, verifier.
+
+The builder API below is the contract the DSL records programs with; it is stable.
+
+Model
+-----
+A ``Module`` holds ``Function``s; each function is one program instance (``run_batch`` puts one
+function per program in one module, so passes can share prefixes across the batch). A function has
+``text`` parameters (bound when it runs) and a body of ``Op``s in definition order, ending with
+``return``. Values are SSA and typed: a ``state`` value is the program's text so far; a ``text``
+value is a run-time string (a parameter or a ``var`` read). Every extending op (text, role.begin,
+role.end, append, gen, select, gen.chain) consumes one state and yields the next; a state with
+several extending users is a fork, and ``fork`` makes that explicit. Program variables (the names
+of gens and selects) are scoped by state chain: visible in every state after their op, defined at
+most once per chain. ``join`` continues its parent's chain and scope once its branches end.
+
+Builder contract (``ModuleBuilder`` / ``FunctionBuilder``)
+----------------------------------------------------------
+``mb = ModuleBuilder()``; ``f = mb.function(name, params=[...])`` (names unique in the module);
+then, each call validating its arguments at once and raising ``IRVerifyError`` with the cause:
+
+- ``f.param(name) -> Value`` (text)
+- ``f.start() -> state``                       a new empty program state
+- ``f.text(s, literal) -> state``               append a constant (may be empty)
+- ``f.role_begin(s, role)``, ``f.role_end(s, role) -> state``
+- ``f.append(s, text_value) -> state``          append a parameter or a ``var`` read
+- ``f.gen(s, name, **params) -> state``         sampling params (``attrs.SAMPLING_ATTRS``: max_tokens,
+  stop, temperature, top_p, ...) and at most one constraint (regex / json_schema / choices /
+  grammar / dtype), all plain strings, numbers, lists
+- ``f.select(s, name, choices, choices_method="token_length_normalized") -> state``
+- ``f.fork(s, n) -> tuple[state, ...]``         n branches starting from ``s``'s text
+- ``f.join(parent, branches, mode="gather"|"concat") -> state``
+- ``f.var(s, name) -> text``                    the value of variable ``name`` visible in ``s``
+- ``f.ret(final_state, *other_states)``         ends the function; first state is the program's
+- ``f.op(kind, operands, label, attrs, n_results)`` generic escape hatch used by the above
+
+``mb.build()`` returns the verified ``Module``. Result names are ``0, 1, 2, ...`` in creation order.
+
+Text form
+---------
+``print_ir(module) -> str`` and ``parse_ir(text) -> Module`` (lark grammar ``grammar.lark``) are
+exact inverses on printer output; ``verify(module)`` raises ``IRVerifyError`` (use before
+definition, join of unrelated states, a variable defined twice in one scope, bad attributes, ...);
+parse errors raise ``IRParseError`` with line and column. ``renumber(module)`` renames results to
+``0, 1, ...`` (the canonical form passes print).
+"""
+
+from __future__ import annotations
+
+from llmir_lang.ir.attrs import (
+    ANNOTATION_ATTRS,
+    CONSTRAINT_ATTRS,
+    SAMPLING_ATTRS,
+    SAMPLING_TO_ENGINE,
+    AttrValue,
+    annotations_of,
+    without_annotations,
+)
+from llmir_lang.ir.builder import FunctionBuilder, ModuleBuilder
+from llmir_lang.ir.module import Function, Module, renumber
+from llmir_lang.ir.ops import DYNAMIC_KINDS, EXTENDING_KINDS, SIGNATURES, Op
+from llmir_lang.ir.parser import parse_ir
+from llmir_lang.ir.printer import format_op, print_ir, quote
+from llmir_lang.ir.values import Value, ValueType
+from llmir_lang.ir.verifier import verify
+
+__all__ = [
+    "ANNOTATION_ATTRS",
+    "CONSTRAINT_ATTRS",
+    "DYNAMIC_KINDS",
+    "EXTENDING_KINDS",
+    "SAMPLING_ATTRS",
+    "SAMPLING_TO_ENGINE",
+    "SIGNATURES",
+    "AttrValue",
+    "Function",
+    "FunctionBuilder",
+    "Module",
+    "ModuleBuilder",
+    "Op",
+    "Value",
+    "ValueType",
+    "annotations_of",
+    "format_op",
+    "parse_ir",
+    "print_ir",
+    "quote",
+    "renumber",
+    "verify",
+    "without_annotations",
+]

@@ -1,0 +1,218 @@
+"""Parse the printed IR back into a ``Module`` with a lark (LALR) grammar (``grammar.lark``).
+
+``parse_ir(print_ir(m)) == m`` and ``print_ir(parse_ir(t)) == t`` for printer output ``t``. The
+parser also accepts hand-written text: blank lines, ``//`` comments, and raw non-ASCII characters
+inside strings. Syntax errors raise ``IRParseError`` with line and column; the module is then
+verified (unless ``verify=False``), which raises ``IRVerifyError`` for semantic errors. Nothing in
+the text is ever evaluated: constraints and schemas stay strings.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from llmir_lang.errors import IRParseError
+from llmir_lang.ir.attrs import AttrValue
+from llmir_lang.ir.module import Function, Module
+from llmir_lang.ir.ops import SIGNATURES, Op
+from llmir_lang.ir.values import Value, ValueType
+from llmir_lang.ir.verifier import verify as verify_module
+
+_ESCAPE_RE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
+_SIMPLE = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+# Lark's terminal names, as a reader of the IR would say them.
+_TERMINAL_NAMES = {
+    "_NL": "a newline",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "COLON": "':'",
+    "MODULE": "'module'",
+    "FUNC": "'func'",
+    "VALUE": "a %value",
+    "STRING": "a string",
+    "SYMBOL": "an @name",
+    "OPNAME": "an op name",
+    "NAME": "a name",
+    "INT": "an integer",
+    "FLOAT": "a float",
+    "TRUE": "'true'",
+    "FALSE": "'false'",
+}
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    grammar = resources.files("llmir_lang.ir").joinpath("grammar.lark").read_text(encoding="utf-8")
+    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True)
+
+
+def parse_ir(text: str, *, verify: bool = True) -> Module:
+    """Parse IR text into a ``Module``; verify it unless ``verify=False``."""
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as e:
+        raise IRParseError(_syntax_message(text, e)) from None
+    module = _build_module(tree.children[0], text)
+    if verify:
+        verify_module(module)
+    return module
+
+
+def unquote(token: Token, source: str) -> str:
+    """The string a STRING token denotes; bad escapes raise ``IRParseError`` at their position."""
+    body = str(token)[1:-1]
+
+    def sub(m: re.Match[str]) -> str:
+        esc = m.group(1)
+        if esc in _SIMPLE:
+            return _SIMPLE[esc]
+        if esc[0] in "uU" and len(esc) > 1:
+            code = int(esc[1:], 16)
+            if code <= 0x10FFFF:
+                return chr(code)
+        col = (token.column or 1) + 1 + m.start()
+        raise IRParseError(
+            _at(
+                source,
+                token.line or 1,
+                col,
+                f"invalid escape '\\{esc}' in string; use \\n \\t \\r \\\" \\\\ \\uXXXX or \\UXXXXXXXX",
+            )
+        )
+
+    return _ESCAPE_RE.sub(sub, body)
+
+
+def _build_module(tree: Tree, source: str) -> Module:
+    return Module(tuple(_build_function(fn, source) for fn in tree.children))
+
+
+def _build_function(tree: Tree, source: str) -> Function:
+    symbol, *rest = tree.children
+    name = _symbol_name(symbol, source)
+    params: list[Value] = []
+    types: dict[str, ValueType] = {}
+    ops: list[Op] = []
+    for child in rest:
+        if child is None:
+            continue
+        if child.data == "param":
+            vtok, ttok = child.children
+            if str(ttok) != "text":
+                raise IRParseError(
+                    _at(source, ttok.line, ttok.column, f"parameter type must be 'text', got {str(ttok)!r}")
+                )
+            v = Value(str(vtok)[1:], ValueType.TEXT)
+            params.append(v)
+            types.setdefault(v.name, v.type)
+        else:
+            op = _build_op(child, source, types)
+            ops.append(op)
+            for r in op.results:
+                types.setdefault(r.name, r.type)
+    return Function(name, tuple(params), tuple(ops), line=tree.meta.line)
+
+
+def _build_op(tree: Tree, source: str, types: dict[str, ValueType]) -> Op:
+    results_t, kind_tok, operands_t, label_tok, attrs_t = tree.children
+    kind = str(kind_tok)
+    sig = SIGNATURES.get(kind)
+    if sig is None:
+        raise IRParseError(
+            _at(
+                source,
+                kind_tok.line,
+                kind_tok.column,
+                f"unknown op '{kind}'; known ops: {', '.join(SIGNATURES)}",
+            )
+        )
+    result_type = sig.results or ValueType.STATE
+    results = tuple(Value(str(t)[1:], result_type) for t in results_t.children) if results_t else ()
+    operands: list[Value] = []
+    for i, t in enumerate(operands_t.children if operands_t else ()):
+        name = str(t)[1:]
+        # A use before definition gets the type the op expects; the verifier reports it.
+        operands.append(Value(name, types.get(name) or sig.operand_type(i) or ValueType.STATE))
+    label = unquote(label_tok, source) if label_tok is not None else None
+    attrs = _attr_dict(attrs_t, source) if attrs_t is not None else {}
+    return Op(kind, results, tuple(operands), label, attrs, line=tree.meta.line)
+
+
+def _attr_dict(tree: Tree, source: str) -> dict[str, AttrValue]:
+    out: dict[str, AttrValue] = {}
+    for attr in tree.children:
+        if attr is None:
+            continue
+        key_tok, value = attr.children
+        key = unquote(key_tok, source) if key_tok.type == "STRING" else str(key_tok)
+        if key in out:
+            raise IRParseError(
+                _at(source, key_tok.line, key_tok.column, f"attribute {key!r} is given twice; keep one")
+            )
+        out[key] = _attr_value(value, source)
+    return out
+
+
+def _attr_value(node: Tree | Token, source: str) -> AttrValue:
+    if isinstance(node, Token):
+        if node.type == "STRING":
+            return unquote(node, source)
+        if node.type == "INT":
+            return int(node)
+        if node.type == "FLOAT":
+            return float(node)
+        if node.type == "TRUE":
+            return True
+        if node.type == "FALSE":
+            return False
+        raise IRParseError(_at(source, node.line, node.column, f"unexpected attribute value {node!r}"))
+    if node.data == "list":
+        return tuple(_attr_value(c, source) for c in node.children if c is not None)
+    return _attr_dict(node, source)
+
+
+def _symbol_name(tok: Token, source: str) -> str:
+    body = str(tok)[1:]
+    if body.startswith('"'):
+        return unquote(Token("STRING", body, line=tok.line, column=(tok.column or 0) + 1), source)
+    return body
+
+
+def _at(source: str, line: int | None, column: int | None, message: str) -> str:
+    line = line or 1
+    column = column or 1
+    lines = source.splitlines()
+    excerpt = lines[line - 1] if 0 < line <= len(lines) else ""
+    return f"line {line}, column {column}: {message}\n  {excerpt}\n  {' ' * (column - 1)}^"
+
+
+def _syntax_message(source: str, e: UnexpectedInput) -> str:
+    line, column = getattr(e, "line", 1), getattr(e, "column", 1)
+    if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
+        return _at(
+            source,
+            line if line > 0 else len(source.splitlines()),
+            column,
+            "unexpected end of input; is a closing '}' missing?",
+        )
+    names = getattr(e, "expected", None) or getattr(e, "allowed", None) or ()
+    expected = sorted({_TERMINAL_NAMES.get(n, n) for n in names})
+    want = f"; expected one of {', '.join(expected)}" if expected else ""
+    if isinstance(e, UnexpectedToken):
+        got = "a newline" if e.token.type == "_NL" else repr(str(e.token))
+        return _at(source, line, column, f"unexpected {got}{want}")
+    if isinstance(e, UnexpectedCharacters):
+        ch = source[e.pos_in_stream] if e.pos_in_stream < len(source) else "end of input"
+        return _at(source, line, column, f"unexpected character {ch!r}{want}")
+    return _at(source, line, column, str(e))

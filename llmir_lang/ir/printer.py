@@ -1,0 +1,111 @@
+"""The one printed form of the IR (MLIR-like). ``parse_ir(print_ir(m)) == m`` for every module.
+
+Layout::
+
+    module {
+      func @name(%q: text) {
+        %0 = start
+        %1 = text %0 "Q: "
+        %2 = append %1, %q
+        %3 = gen %2 "answer" {max_tokens = 16, stop = ["\\n"]}
+        return %3
+      }
+    }
+
+Strings are printed in double quotes with every character outside printable ASCII escaped
+(``\\n \\t \\r \\" \\\\``, ``\\uXXXX``, ``\\UXXXXXXXX``), so a printed module is pure ASCII, one op per
+line. Attribute keys are printed sorted, so the printed form of a module is canonical.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from llmir_lang.ir.attrs import AttrValue
+from llmir_lang.ir.module import Function, Module
+from llmir_lang.ir.ops import Op
+
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_SYMBOL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.$\-]*")
+_SIMPLE_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def quote(s: str) -> str:
+    """``s`` as an IR string literal (pure ASCII; see the module docstring)."""
+    out = ['"']
+    for ch in s:
+        code = ord(ch)
+        if ch in _SIMPLE_ESCAPES:
+            out.append(_SIMPLE_ESCAPES[ch])
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def format_attr(value: AttrValue) -> str:
+    """One attribute value in printed form."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # repr round-trips exactly and always has '.' or 'e'
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(format_attr(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return format_attr_dict(value)
+    raise TypeError(f"not an attribute value: {value!r}")
+
+
+def format_attr_dict(attrs: dict[str, AttrValue]) -> str:
+    items = [f"{_key(k)} = {format_attr(attrs[k])}" for k in sorted(attrs)]
+    return "{" + ", ".join(items) + "}"
+
+
+def _key(k: str) -> str:
+    return k if _IDENT_RE.fullmatch(k) and k not in ("true", "false") else quote(k)
+
+
+def format_symbol(name: str) -> str:
+    return "@" + (name if _SYMBOL_RE.fullmatch(name) else quote(name))
+
+
+def format_op(op: Op) -> str:
+    """One op on one line, without indentation."""
+    parts: list[str] = []
+    if op.results:
+        parts.append(", ".join(str(v) for v in op.results) + " =")
+    parts.append(op.kind)
+    if op.operands:
+        parts.append(", ".join(str(v) for v in op.operands))
+    if op.label is not None:
+        parts.append(quote(op.label))
+    if op.attrs:
+        parts.append(format_attr_dict(op.attrs))
+    return " ".join(parts)
+
+
+def format_function(fn: Function, indent: str = "  ") -> str:
+    params = ", ".join(f"{p}: {p.type}" for p in fn.params)
+    lines = [f"{indent}func {format_symbol(fn.name)}({params}) {{"]
+    lines.extend(f"{indent}  {format_op(op)}" for op in fn.ops)
+    lines.append(f"{indent}}}")
+    return "\n".join(lines)
+
+
+def print_ir(module: Module) -> str:
+    """The printed form of ``module``, ending with a newline."""
+    lines = ["module {"]
+    lines.extend(format_function(fn) for fn in module.functions)
+    lines.append("}")
+    return "\n".join(lines) + "\n"

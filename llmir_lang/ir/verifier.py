@@ -1,0 +1,238 @@
+"""The IR verifier: checks a module is well formed, raising ``IRVerifyError`` on the first problem.
+
+Rules:
+
+- Function names are unique; parameter and result names are unique in a function (SSA).
+- Every operand is defined before it is used (parameters, then op results in body order), with the
+  type its op expects; op shapes (operand / result counts, label) match ``ops.SIGNATURES``.
+- The body ends with exactly one ``return``.
+- Attributes are known for their op kind and well typed (``attrs``); a gen has at most one
+  constraint; a select has distinct non-empty choices; a join's mode is known; a ``gen.chain``'s
+  segments are gen / text dicts beginning and ending with a gen.
+- Scopes: the variables visible in a state are those defined along its chain (operand 0 back to
+  ``start``; a join continues its parent's scope). Defining a name already visible is an error,
+  and ``var`` may only read a visible name.
+- ``join %p, %b...``: every branch must descend from ``%p`` (through operand 0), not be ``%p``, and
+  appear once.
+"""
+
+from __future__ import annotations
+
+from llmir_lang.errors import IRVerifyError
+from llmir_lang.ir import ops as K
+from llmir_lang.ir.attrs import (
+    ANNOTATION_ATTRS,
+    CONSTRAINT_ATTRS,
+    DTYPES,
+    GEN_ATTRS,
+    GEN_CHAIN_ATTRS,
+    JOIN_ATTRS,
+    JOIN_MODES,
+    SELECT_ATTRS,
+    AttrValue,
+    check_type,
+)
+from llmir_lang.ir.module import Function, Module
+from llmir_lang.ir.ops import SIGNATURES, Op
+from llmir_lang.ir.printer import format_op
+from llmir_lang.ir.values import ValueType
+
+_KIND_ATTRS: dict[str, dict[str, str]] = {
+    K.GEN: GEN_ATTRS,
+    K.SELECT: SELECT_ATTRS,
+    K.JOIN: JOIN_ATTRS,
+    K.GEN_CHAIN: GEN_CHAIN_ATTRS,
+}
+
+
+def verify(module: Module) -> None:
+    """Raise ``IRVerifyError`` if ``module`` breaks a rule of the module docstring."""
+    seen: set[str] = set()
+    for fn in module.functions:
+        if fn.name in seen:
+            raise IRVerifyError(f"function @{fn.name} is defined twice in the module; rename one")
+        seen.add(fn.name)
+        _FunctionVerifier(fn).run()
+
+
+class _FunctionVerifier:
+    def __init__(self, fn: Function) -> None:
+        self.fn = fn
+        self.types: dict[str, ValueType] = {}
+        self.defined_at: dict[str, str] = {}
+        self.parent: dict[str, str | None] = {}  # state -> the state it extends
+        # state -> {variable name: where it was defined}; shared between states when unchanged
+        self.scope: dict[str, dict[str, str]] = {}
+
+    def fail(self, op: Op | None, message: str) -> IRVerifyError:
+        where = f"in function @{self.fn.name}"
+        if op is not None:
+            line = f" (line {op.line})" if op.line is not None else ""
+            where += f", op `{format_op(op)}`{line}"
+        return IRVerifyError(f"{where}: {message}")
+
+    def run(self) -> None:
+        for p in self.fn.params:
+            if p.type != ValueType.TEXT:
+                raise self.fail(None, f"parameter {p} must have type text, not {p.type}")
+            self._define(None, p.name, p.type, "a parameter")
+        for op in self.fn.ops[:-1]:
+            if op.kind == K.RETURN:
+                raise self.fail(op, "return must be the last op; nothing may follow it")
+        if not self.fn.ops or self.fn.ops[-1].kind != K.RETURN:
+            raise self.fail(None, "the body must end with `return %state`")
+        for op in self.fn.ops:
+            self._check_op(op)
+
+    def _define(self, op: Op | None, name: str, type_: ValueType, what: str) -> None:
+        if name in self.types:
+            raise self.fail(
+                op,
+                f"%{name} is defined twice (first as {self.defined_at[name]}); SSA values are defined once",
+            )
+        self.types[name] = type_
+        self.defined_at[name] = what
+
+    def _check_op(self, op: Op) -> None:
+        sig = SIGNATURES.get(op.kind)
+        if sig is None:
+            raise self.fail(op, f"unknown op kind {op.kind!r}; known kinds: {', '.join(SIGNATURES)}")
+        self._check_shape(op, sig)
+        for i, v in enumerate(op.operands):
+            if v.name not in self.types:
+                raise self.fail(op, f"{v} is used before it is defined")
+            want = sig.operand_type(i)
+            if self.types[v.name] != want or v.type != want:
+                raise self.fail(op, f"operand {i} ({v}) is {self.types[v.name]} but {op.kind} needs {want}")
+        self._check_attrs(op)
+        self._check_scopes(op)
+        line = f"line {op.line}" if op.line is not None else f"the result of {op.kind}"
+        for v in op.results:
+            self._define(op, v.name, v.type, line)
+
+    def _check_shape(self, op: Op, sig: K.OpSignature) -> None:
+        fixed = len(sig.operands)
+        if sig.variadic is None and len(op.operands) != fixed:
+            raise self.fail(op, f"{op.kind} takes {fixed} operand(s), got {len(op.operands)}")
+        if sig.variadic is not None and len(op.operands) < fixed + sig.min_variadic:
+            raise self.fail(op, f"{op.kind} takes at least {fixed + sig.min_variadic} operand(s)")
+        if sig.n_results is not None and len(op.results) != sig.n_results:
+            raise self.fail(op, f"{op.kind} has {sig.n_results} result(s), got {len(op.results)}")
+        if sig.n_results is None and not op.results:
+            raise self.fail(op, f"{op.kind} needs at least one result")
+        for v in op.results:
+            if v.type != sig.results:
+                raise self.fail(op, f"result {v} must have type {sig.results}")
+        if sig.label == "none" and op.label is not None:
+            raise self.fail(op, f"{op.kind} takes no string argument")
+        if sig.label == "any" and op.label is None:
+            raise self.fail(op, f"{op.kind} needs a string argument")
+        if sig.label == "name" and not op.label:
+            raise self.fail(op, f"{op.kind} needs a non-empty name string")
+
+    def _check_attrs(self, op: Op) -> None:
+        schema = {**_KIND_ATTRS.get(op.kind, {}), **ANNOTATION_ATTRS}
+        for key, value in op.attrs.items():
+            spec = schema.get(key)
+            if spec is None:
+                raise self.fail(op, f"unknown attribute {key!r} for {op.kind}; known: {sorted(schema)}")
+            if not check_type(value, spec):
+                raise self.fail(op, f"attribute {key!r} must be {spec}, got {value!r}")
+        if op.kind == K.GEN:
+            self._check_gen_attrs(op, op.attrs, "gen")
+        elif op.kind == K.SELECT:
+            choices = op.attrs.get("choices")
+            if choices is None:
+                raise self.fail(op, "select needs a 'choices' attribute (a list of strings)")
+            assert isinstance(choices, tuple)
+            if not choices or any(c == "" for c in choices) or len(set(choices)) != len(choices):
+                raise self.fail(op, f"select choices must be distinct non-empty strings, got {choices!r}")
+        elif op.kind == K.JOIN:
+            if op.attrs.get("mode") not in JOIN_MODES:
+                raise self.fail(op, f"join needs mode one of {JOIN_MODES}, got {op.attrs.get('mode')!r}")
+        elif op.kind == K.GEN_CHAIN:
+            self._check_segments(op)
+
+    def _check_gen_attrs(self, op: Op, attrs: dict[str, AttrValue], what: str) -> None:
+        constraints = sorted(k for k in attrs if k in CONSTRAINT_ATTRS)
+        if len(constraints) > 1:
+            raise self.fail(op, f"{what} has several constraints {constraints}; keep at most one")
+        if "dtype" in attrs and attrs["dtype"] not in DTYPES:
+            raise self.fail(op, f"{what} dtype must be one of {DTYPES}, got {attrs['dtype']!r}")
+        if "choices" in attrs and not attrs["choices"]:
+            raise self.fail(op, f"{what} choices constraint must not be empty")
+
+    def _check_segments(self, op: Op) -> None:
+        segments = op.attrs.get("segments")
+        if not isinstance(segments, tuple) or not segments:
+            raise self.fail(op, "gen.chain needs a non-empty 'segments' list")
+        for i, seg in enumerate(segments):
+            assert isinstance(seg, dict)
+            if ("gen" in seg) == ("text" in seg):
+                raise self.fail(op, f"segment {i} must have exactly one of 'gen' or 'text'")
+            if "text" in seg:
+                if set(seg) != {"text"} or not isinstance(seg["text"], str):
+                    raise self.fail(op, f'text segment {i} must be {{text = "..."}} only')
+                continue
+            if not isinstance(seg["gen"], str) or not seg["gen"]:
+                raise self.fail(op, f"gen segment {i} needs a non-empty name")
+            for key, value in seg.items():
+                if key != "gen" and (key not in GEN_ATTRS or not check_type(value, GEN_ATTRS[key])):
+                    raise self.fail(op, f"gen segment {i}: bad parameter {key} = {value!r}")
+            self._check_gen_attrs(op, {k: v for k, v in seg.items() if k != "gen"}, f"gen segment {i}")
+        if "gen" not in segments[0] or "gen" not in segments[-1]:
+            raise self.fail(op, "gen.chain segments must begin and end with a gen")
+
+    def _check_scopes(self, op: Op) -> None:
+        if op.kind == K.START:
+            self.parent[op.result.name] = None
+            self.scope[op.result.name] = {}
+            return
+        if op.kind == K.RETURN:
+            return
+        base = op.operands[0].name
+        visible = self.scope[base]
+        if op.kind == K.VAR:
+            if op.label not in visible:
+                names = ", ".join(sorted(visible)) or "none"
+                raise self.fail(
+                    op,
+                    f"variable {op.label!r} is not defined in the scope of {op.state} "
+                    f"(visible: {names}); read it from a state after its gen/select",
+                )
+            return
+        if op.kind == K.JOIN:
+            self._check_join(op)
+        new_names = op.defined_names()
+        if new_names:
+            visible = dict(visible)
+            for name in new_names:
+                if name in visible:
+                    raise self.fail(
+                        op,
+                        f"variable {name!r} is defined twice in one scope (first by {visible[name]}); "
+                        "give one another name, or fork first so each branch has its own scope",
+                    )
+                visible[name] = f"`{format_op(op)}`"
+        for r in op.results:
+            self.parent[r.name] = base
+            self.scope[r.name] = visible
+
+    def _check_join(self, op: Op) -> None:
+        parent = op.operands[0].name
+        seen: set[str] = set()
+        for b in op.operands[1:]:
+            if b.name == parent:
+                raise self.fail(op, f"branch {b} is the join's parent itself; pass fork branches")
+            if b.name in seen:
+                raise self.fail(op, f"branch {b} is joined twice")
+            seen.add(b.name)
+            cur = self.parent.get(b.name)
+            while cur is not None and cur != parent:
+                cur = self.parent.get(cur)
+            if cur != parent:
+                raise self.fail(
+                    op,
+                    f"join of unrelated states: branch {b} does not descend from the parent %{parent}; "
+                    "join only branches forked from the parent",
+                )

@@ -1,0 +1,149 @@
+"""Random programs (hypothesis): parse(print(p)) == p and print(parse(text)) == text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmir_lang.ir import FunctionBuilder, Module, ModuleBuilder, parse_ir, print_ir, verify
+from llmir_lang.ir.values import Value
+
+# Any code point, surrogates included: the printer escapes everything outside printable ASCII.
+TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
+NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True)
+FLOATS = st.floats(allow_nan=False)
+ATTR_LEAF = st.one_of(TEXT, st.integers(-(2**70), 2**70), FLOATS, st.booleans())
+ATTR = st.recursive(
+    ATTR_LEAF,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.one_of(NAMES, TEXT.filter(bool)), inner, max_size=3),
+    ),
+    max_leaves=6,
+)
+SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_tokens": st.integers(0, 4096),
+        "stop": st.lists(TEXT.filter(bool), max_size=2),
+        "temperature": FLOATS,
+        "top_p": FLOATS,
+        "top_k": st.integers(-1, 50),
+        "seed": st.integers(-(2**63), 2**63),
+        "ignore_eos": st.booleans(),
+        "stop_token_ids": st.lists(st.integers(0, 10**6), max_size=3),
+    },
+)
+CONSTRAINT = st.one_of(
+    st.just({}),
+    TEXT.map(lambda t: {"regex": t}),
+    TEXT.map(lambda t: {"json_schema": t}),
+    st.lists(TEXT.filter(bool), min_size=1, max_size=3).map(lambda c: {"choices": c}),
+    st.sampled_from(["int", "float", "bool", "str"]).map(lambda d: {"dtype": d}),
+)
+ANNOTATIONS = st.fixed_dictionaries(
+    {}, optional={"pin": NAMES, "pin_users": st.integers(1, 9), "branch_of": NAMES}
+)
+KINDS = ["text", "role", "append", "gen", "select", "chain", "fork", "join", "var", "start"]
+
+
+@st.composite
+def modules(draw: st.DrawFn) -> Module:
+    mb = ModuleBuilder()
+    used_vars = iter(range(10**6))  # globally unique variable names keep every scope valid
+    for fi in range(draw(st.integers(1, 3))):
+        name = draw(st.one_of(NAMES, TEXT.filter(bool))) + f".{fi}"
+        params = draw(st.lists(NAMES, max_size=2, unique=True))
+        _draw_function(draw, mb.function(name, params), params, used_vars)
+    return mb.build()
+
+
+def _draw_function(draw: st.DrawFn, f: FunctionBuilder, params: list[str], used_vars: Iterator[int]) -> None:
+    states: list[Value] = [f.start()]
+    parent: dict[str, str | None] = {states[0].name: None}
+    defined: dict[str, list[str]] = {states[0].name: []}
+
+    def add(new: Value, base: Value, names: list[str]) -> None:
+        states.append(new)
+        parent[new.name] = base.name
+        defined[new.name] = defined[base.name] + names
+
+    for _ in range(draw(st.integers(0, 14))):
+        kind = draw(st.sampled_from(KINDS))
+        s = draw(st.sampled_from(states))
+        if kind == "start":
+            s = f.start()
+            states.append(s)
+            parent[s.name], defined[s.name] = None, []
+        elif kind == "text":
+            add(f.text(s, draw(TEXT)), s, [])
+        elif kind == "role":
+            method = draw(st.sampled_from([f.role_begin, f.role_end]))
+            add(method(s, draw(st.sampled_from(["system", "user", "assistant", "tool"]))), s, [])
+        elif kind == "append":
+            sources = [f.param(p) for p in params] + (
+                [f.var(s, defined[s.name][0])] if defined[s.name] else []
+            )
+            if sources:
+                add(f.append(s, draw(st.sampled_from(sources))), s, [])
+        elif kind == "gen":
+            var = f"v{next(used_vars)}"
+            attrs = {**draw(SAMPLING), **draw(CONSTRAINT), **draw(ANNOTATIONS)}
+            add(f.op("gen", [s], var, attrs)[0], s, [var])
+        elif kind == "select":
+            var = f"v{next(used_vars)}"
+            choices = draw(st.lists(TEXT.filter(bool), min_size=1, max_size=4, unique=True))
+            add(f.select(s, var, choices, draw(NAMES)), s, [var])
+        elif kind == "chain":
+            a, b = f"v{next(used_vars)}", f"v{next(used_vars)}"
+            segs = [{"gen": a, **draw(SAMPLING)}, {"text": draw(TEXT)}, {"gen": b, **draw(CONSTRAINT)}]
+            add(f.op("gen.chain", [s], None, {"segments": segs})[0], s, [a, b])
+        elif kind == "fork":
+            for r in f.fork(s, draw(st.integers(1, 3))):
+                add(r, s, [])
+        elif kind == "join":
+            descendants = [v for v in states if _descends(v.name, s.name, parent)]
+            if descendants:
+                branches = draw(st.lists(st.sampled_from(descendants), min_size=1, max_size=3, unique=True))
+                j = f.op("join", [s, *branches], None, {"mode": draw(st.sampled_from(["gather", "concat"]))})[
+                    0
+                ]
+                add(j, s, [])
+        elif kind == "var" and defined[s.name]:
+            f.var(s, draw(st.sampled_from(defined[s.name])))
+    f.ret(*draw(st.lists(st.sampled_from(states), min_size=1, max_size=2)))
+
+
+def _descends(name: str, ancestor: str, parent: dict[str, str | None]) -> bool:
+    cur = parent[name]
+    while cur is not None and cur != ancestor:
+        cur = parent[cur]
+    return cur == ancestor
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(modules())
+def test_random_programs_round_trip(module: Module) -> None:
+    verify(module)
+    text = print_ir(module)
+    assert text.isascii()
+    parsed = parse_ir(text)
+    assert parsed == module
+    assert print_ir(parsed) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.fixed_dictionaries({"parent": st.integers(-5, 5), "text": TEXT, "extra": ATTR}), max_size=3)
+)
+def test_random_nested_attribute_values_round_trip(trie: list[dict[str, object]]) -> None:
+    mb = ModuleBuilder()
+    f = mb.function("f")
+    s = f.op("select", [f.start()], "c", {"choices": ["a"], "trie": trie})[0]
+    f.ret(s)
+    module = mb.build()
+    text = print_ir(module)
+    assert parse_ir(text) == module
+    assert print_ir(parse_ir(text)) == text
