@@ -271,10 +271,9 @@ def apply_repetition_penalty(
     r, t = _flat_pairs(rows, token_ids, x.shape[1], x.device)
     if t.numel() == 0:
         return
-    # Distinct (row, token) pairs, so each logit is penalized once and writes never collide.
-    key = torch.unique(r * x.shape[1] + t)
-    r, t = key // x.shape[1], key % x.shape[1]
     pen = _per_row(rows, penalties, x.shape[0], x.device)[r]
+    # NOTE: a token seen twice appears twice in (r, t); every copy writes the same value, computed
+    # from the logit before any write, so it is penalized once without a (sorting) unique.
     vals = x[r, t]
     x[r, t] = torch.where(vals < 0, vals * pen, vals / pen)
 
@@ -291,11 +290,12 @@ def apply_frequency_presence_penalty(
     r, t = _flat_pairs(rows, output_ids, x.shape[1], x.device)
     if t.numel() == 0:
         return
-    key, counts = torch.unique(r * x.shape[1] + t, return_counts=True)
-    r, t = key // x.shape[1], key % x.shape[1]
     freq = _per_row(rows, frequency, x.shape[0], x.device)[r]
     pres = _per_row(rows, presence, x.shape[0], x.device)[r]
-    x[r, t] -= counts.to(x.dtype) * freq + pres
+    # Presence first: duplicate pairs all write the same value (taken before any write), so it
+    # is subtracted once. Then frequency accumulates once per occurrence. No unique / sort needed.
+    x[r, t] = x[r, t] - pres
+    x.index_put_((r, t), -freq, accumulate=True)
 
 
 def apply_bitmask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
