@@ -314,6 +314,12 @@ class Engine:
 
     # ---- housekeeping -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        """Counters and sizes, read on the engine thread between steps (a consistent snapshot)."""
+        if not self._closed and threading.current_thread() is not self._thread:
+            return self.call_in_engine_thread(self._stats)
+        return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         return {
             "cache": self.cache.stats(),
             "pool": self.pool.stats(),

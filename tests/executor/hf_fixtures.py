@@ -1,0 +1,108 @@
+"""Random-weight tiny checkpoints of every supported architecture, saved in Hugging Face format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 384  # model vocab; the tokenizer has fewer entries (a padded vocab, like real checkpoints)
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "name: Ada, age: 36, city: Paris"] * 20
+    tok.train_from_iterator(text, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    hf.chat_template = CHATML
+    hf.save_pretrained(str(folder))
+
+
+def make_config(arch: str):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        eos_token_id=0,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "llama3":
+        return tf.LlamaConfig(
+            **{**common, "tie_word_embeddings": True},
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        )
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**{**common, "tie_word_embeddings": True})
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=32)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+
+
+def build_checkpoint(arch: str, folder: Path, seed: int = 0):
+    """Save a random model of ``arch`` plus a tokenizer into ``folder``; return the HF model (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = make_config(arch)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # bigger weights than the default init make logits far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            else:
+                p.normal_(1.0, 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    save_tokenizer(folder)
+    return model
+
+
+def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation by full recomputation (no cache): tokens and their logprobs."""
+    out, lps = [], []
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            tok = int(logits.argmax())
+            lps.append(float(torch.log_softmax(logits, -1)[tok]))
+            out.append(tok)
+            seq.append(tok)
+    return out, lps
