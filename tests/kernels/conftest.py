@@ -1,39 +1,35 @@
-"""Test setup for the kernels: make ``llmir_lang.kernels`` importable from a source checkout.
-
-``pyproject.toml`` maps ``kernels/`` to ``llmir_lang.kernels`` with ``package-dir``, but package
-discovery (``include = ["llmir_lang*"]``) never finds it, so an editable install does not expose it.
-Until packaging lists it, register the package from its folder so these tests run.
-"""
+"""Shared setup for the kernel tests."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
+import pytest
 import torch
 
+# This machine has few cores shared by many jobs: keep torch to one thread.
 torch.set_num_threads(1)
 
-
-def _ensure_kernels_package() -> None:
-    try:
-        import llmir_lang.kernels  # noqa: F401
-
-        return
-    except ModuleNotFoundError:
-        pass
-    import llmir_lang
-
-    folder = Path(__file__).resolve().parents[2] / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "llmir_lang.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["llmir_lang.kernels"] = module
-    llmir_lang.kernels = module  # type: ignore[attr-defined]
-    spec.loader.exec_module(module)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-_ensure_kernels_package()
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """``TRITON_INTERPRET=1`` for one test module, so Triton kernels run on CPU tensors.
+
+    Scoped to the module so that other tests keep the torch reference on the CPU. Triton reads the
+    variable when a kernel is defined, and ``llmir_lang.kernels`` imports its Triton modules on first
+    use, so the first use must happen under this fixture.
+    """
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    from llmir_lang.kernels import triton_decode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton_decode._decode_partial_kernel, InterpretedFunction):
+        mp.undo()
+        pytest.skip("the Triton kernel modules were imported without TRITON_INTERPRET=1 in this process")
+    yield
+    mp.undo()

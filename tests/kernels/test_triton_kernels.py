@@ -1,0 +1,144 @@
+"""Every Triton kernel against its torch reference, on the CPU under ``TRITON_INTERPRET=1``.
+
+Tiny shapes (head dims 16/32, lengths <= 40, tiles of 16) so that the interpreter stays fast while
+the inputs still cover ragged batches, length 1, lengths that cross tiles and 16-slot pages, and
+GQA ratios 1, 4 and 8. The same checks at real shapes run on a GPU in test_triton_kernels_gpu.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import llmir_lang.kernels as K
+import pytest
+import torch
+from llmir_lang.kernels import reference as ref
+from llmir_lang.kernels import support
+from llmir_lang.kernels.testing import indptr, random_pool, rel_error, slot_layout
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _batch(lengths, num_kv, group, head_dim, dtype, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    num_slots = 16 * (sum((n + 15) // 16 for n in lengths) + 4)
+    kb, vb = random_pool(num_slots, num_kv, head_dim, dtype, g)
+    idx = slot_layout(lengths, num_slots, layout, g)
+    q = torch.randn(len(lengths), num_kv * group, head_dim, generator=g).to(dtype)
+    return q, kb, vb, indptr(lengths), idx
+
+
+# Every GQA ratio with both dtypes; the two slot layouts alternate so each dtype sees both.
+CASES = [
+    (1, torch.float16, "paged"),
+    (1, torch.bfloat16, "random"),
+    (4, torch.float16, "random"),
+    (4, torch.bfloat16, "paged"),
+    (8, torch.float16, "paged"),
+    (8, torch.bfloat16, "random"),
+]
+
+
+@pytest.mark.parametrize(("group", "dtype", "layout"), CASES)
+def test_decode_attention(group: int, dtype: torch.dtype, layout: str) -> None:
+    lengths = [1, 17, 40, 16, 33]  # 1 token, one past a page, several tiles, exactly one page
+    num_kv = 1 if group == 8 else 2
+    head_dim = 32 if group == 4 else 16
+    q, kb, vb, ip, idx = _batch(lengths, num_kv, group, head_dim, dtype, layout, seed=10 + group)
+    out, lse = K.decode_attention_with_lse(q, kb, vb, ip, idx, head_dim**-0.5)
+    expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, head_dim**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_error(out, expect) < TOL[dtype]
+    assert torch.allclose(lse, expect_lse, atol=1e-3)
+    assert rel_error(K.decode_attention(q, kb, vb, ip, idx, head_dim**-0.5), expect) < TOL[dtype]
+
+
+@pytest.mark.parametrize(("group", "dtype", "layout"), CASES)
+def test_extend_attention(group: int, dtype: torch.dtype, layout: str) -> None:
+    # (new tokens, cached prefix): plain prefill, one token over a prefix, ragged, page crossings.
+    shapes = [(1, 0), (17, 9), (40, 0), (5, 35), (16, 16)]
+    qo_lens = [a for a, _ in shapes]
+    kv_lens = [a + p for a, p in shapes]
+    num_kv = 1 if group != 1 else 2
+    q, kb, vb, kv_ip, idx = _batch(kv_lens, num_kv, group, 16, dtype, layout, seed=20 + group)
+    g = torch.Generator().manual_seed(30 + group)
+    q = torch.randn(sum(qo_lens), num_kv * group, 16, generator=g).to(dtype)
+    qo_ip = indptr(qo_lens)
+    out = K.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, 0.25)
+    expect = ref.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, 0.25)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_error(out, expect) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_shared_prefix_decode(group: int, dtype: torch.dtype) -> None:
+    suffix_lens = [1, 0, 9, 20, 3]
+    num_kv = 1 if group == 8 else 2
+    layout = "paged" if dtype == torch.float16 else "random"
+    q, kb, vb, _, slots = _batch([37] + suffix_lens, num_kv, group, 16, dtype, layout, seed=40 + group)
+    q = q[1:]
+    prefix, suffix = slots[:37], slots[37:]
+    sp = indptr(suffix_lens)
+    out = K.shared_prefix_decode(q, kb, vb, prefix, sp, suffix, 0.25)
+    lists = [torch.cat([prefix, suffix[sp[b] : sp[b + 1]]]) for b in range(len(suffix_lens))]
+    plain = ref.decode_attention(q, kb, vb, indptr([len(x) for x in lists]), torch.cat(lists), 0.25)
+    assert out.dtype == dtype
+    assert rel_error(out, plain) < TOL[dtype]
+    assert rel_error(out, ref.shared_prefix_decode(q, kb, vb, prefix, sp, suffix, 0.25)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("src_dtype", "pool_dtype"),
+    [(torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
+def test_store_kv_from_a_strided_view(src_dtype: torch.dtype, pool_dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(7, 3, 2, 16, generator=g).to(src_dtype)  # k, v: strided views of a fused qkv
+    k, v = qkv[:, 1], qkv[:, 2]
+    kb = torch.zeros(40, 2, 16, dtype=pool_dtype)
+    vb = torch.zeros(40, 2, 16, dtype=pool_dtype)
+    kr, vr = kb.clone(), vb.clone()
+    loc = torch.randperm(40, generator=g)[:7]
+    K.store_kv(kb, vb, loc, k, v)
+    ref.store_kv(kr, vr, loc, k, v)
+    if (src_dtype, pool_dtype) == (torch.float32, torch.bfloat16):
+        # The CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest: allow 1 ulp.
+        assert torch.allclose(kb.float(), kr.float(), rtol=2**-7, atol=0)
+        assert torch.allclose(vb.float(), vr.float(), rtol=2**-7, atol=0)
+        untouched = torch.ones(40, dtype=torch.bool)
+        untouched[loc] = False
+        assert not kb[untouched].any() and not vb[untouched].any()
+    else:
+        assert torch.equal(kb, kr) and torch.equal(vb, vr)
+
+
+def test_apply_token_bitmask() -> None:
+    g = torch.Generator().manual_seed(6)
+    vocab = 100  # not a multiple of 32: the last word is partly unused
+    logits = torch.randn(3, vocab, generator=g)
+    mask = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32, generator=g)
+    mask[1] = -1  # all allowed
+    mask[2] = 0  # none allowed
+    expect = logits.clone()
+    ref.apply_token_bitmask(expect, mask)
+    K.apply_token_bitmask(logits, mask)
+    assert torch.equal(logits, expect)
+    assert torch.isfinite(logits[1]).all() and torch.isneginf(logits[2]).all()
+
+
+def test_unsupported_head_dim_and_dtype_fall_back_once_with_correct_numbers() -> None:
+    support._warned.clear()
+    g = torch.Generator().manual_seed(7)
+    for head_dim, dtype, needle in [(24, torch.float16, "head dim 24"), (16, torch.float32, "float32")]:
+        kb, vb = random_pool(32, 2, head_dim, dtype, g)
+        q = torch.randn(2, 4, head_dim, generator=g).to(dtype)
+        ip, idx = indptr([3, 11]), slot_layout([3, 11], 32, "random", g)
+        with pytest.warns(K.KernelFallbackWarning, match=needle):
+            out = K.decode_attention(q, kb, vb, ip, idx, 0.3)
+        assert torch.equal(out, ref.decode_attention(q, kb, vb, ip, idx, 0.3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call is silent
+            K.decode_attention(q, kb, vb, ip, idx, 0.3)
