@@ -249,6 +249,28 @@ def test_frequency_presence_through_sample_ignore_prompt() -> None:
         assert math.isclose(v, float(lp[t]), abs_tol=1e-6)
 
 
+def test_id_lists_may_be_arrays_or_tensors() -> None:
+    import numpy as np
+
+    x = _logits(3, 30, seed=12)
+    ps = [SP(repetition_penalty=1.7, frequency_penalty=0.4, presence_penalty=0.3, return_logprob=True)] * 3
+    prompts = [[1, 2, 2], [5], []]
+    outputs = [[3, 3], [], [7, 8, 7]]
+    banned = [[0], [], [29]]
+    as_lists = _run(Sampler(30), x, ps, prompt_ids=prompts, output_ids=outputs, banned_ids=banned)
+    as_arrays = _run(
+        Sampler(30),
+        x,
+        ps,
+        prompt_ids=[np.array(p, dtype=np.int32) for p in prompts],
+        output_ids=[torch.tensor(o, dtype=torch.int64) for o in outputs],
+        banned_ids=[np.array(b, dtype=np.int64) for b in banned],
+    )
+    assert torch.equal(as_lists.token_ids, as_arrays.token_ids)
+    assert as_lists.logprobs is not None and as_arrays.logprobs is not None
+    assert torch.equal(as_lists.logprobs, as_arrays.logprobs)
+
+
 # --- masks -----------------------------------------------------------------------------------
 
 
@@ -436,6 +458,8 @@ def test_bad_inputs_raise_engine_errors() -> None:
         _run(s, torch.zeros(1, 32), [SP()])
     with pytest.raises(EngineError, match="params has 2 rows"):
         s.sample(torch.zeros(1, 64), [SP(), SP()], [[]], [[]], [None])
+    with pytest.raises(EngineError, match="banned_ids has 0 rows"):
+        _run(s, torch.zeros(1, 64), [SP()], banned_ids=[])
     with pytest.raises(EngineError, match="bitmask"):
         _run(s, torch.zeros(1, 64), [SP()], bitmask=torch.zeros(1, 1, dtype=torch.int32))
 
