@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -37,8 +37,8 @@ from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.scheduler import Scheduler, SchedulerConfig
 from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
 
-Prompt = Union[str, Sequence[int]]
-ParamsLike = Union[SamplingParams, dict, None]
+Prompt = str | Sequence[int]
+ParamsLike = SamplingParams | dict | None
 
 _SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?i?b?)\s*$", re.I)
 
@@ -53,7 +53,9 @@ def parse_memory(value: int | float | str | None, device: torch.device) -> int:
     if isinstance(value, str):
         m = _SIZE.match(value)
         if not m:
-            raise InvalidRequestError(f"kv_memory {value!r} is not a size; write e.g. 536870912, '512MB' or '2GiB'")
+            raise InvalidRequestError(
+                f"kv_memory {value!r} is not a size; write e.g. 536870912, '512MB' or '2GiB'"
+            )
         unit = m.group(2).lower()
         mult = 1 if unit in ("", "b") else (1024 if "i" in unit else 1000) ** ("kmgt".index(unit[0]) + 1)
         return int(float(m.group(1)) * mult)
@@ -177,7 +179,9 @@ class Engine:
                 "raise kv_memory or lower max_new_tokens"
             )
         if logprob_start_len >= len(ids):
-            raise InvalidRequestError(f"logprob_start_len {logprob_start_len} must be < prompt length {len(ids)}")
+            raise InvalidRequestError(
+                f"logprob_start_len {logprob_start_len} must be < prompt length {len(ids)}"
+            )
         if sp.return_prompt_logprob and logprob_start_len < 0:
             logprob_start_len = 0
         fut: Future = Future()
@@ -213,6 +217,8 @@ class Engine:
         ``stream=True`` (one prompt) returns an iterator of StreamChunk; ``callback`` is called with
         every chunk of every request from the engine thread.
         """
+        if not isinstance(prompts, str) and len(prompts) == 0:
+            raise EmptyPromptError("the prompt is empty (an empty list is neither a prompt nor a batch)")
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
         )
@@ -239,7 +245,7 @@ class Engine:
                 chunk = q.get(timeout=0.5)
             except queue.Empty:
                 if fut.done() and fut.exception() is not None:
-                    raise fut.exception()  # type: ignore[misc]
+                    raise fut.exception() from None  # type: ignore[misc]
                 continue
             yield chunk
             if chunk.finished:
@@ -255,8 +261,10 @@ class Engine:
         p_ids = self.encode(prompt)
         if not p_ids:
             raise EmptyPromptError("score() needs a non-empty prompt")
-        conts = [self.encode(c) if not isinstance(c, str) else self.tokenizer.encode(c, add_special_tokens=False)
-                 for c in continuations]
+        conts = [
+            self.encode(c) if not isinstance(c, str) else self.tokenizer.encode(c, add_special_tokens=False)
+            for c in continuations
+        ]
         if any(len(c) == 0 for c in conts):
             raise InvalidRequestError("every continuation must have at least one token")
         self.submit(p_ids, SamplingParams(max_new_tokens=0)).result()

@@ -42,7 +42,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def resolve_model_path(model: str | Path | None) -> Path:
     path = BUNDLED_MODEL if model is None else Path(model).expanduser()
     if not path.is_dir():
-        hint = " (the bundled model is missing from this install: reinstall llmir_lang)" if model is None else ""
+        hint = (
+            " (the bundled model is missing from this install: reinstall llmir_lang)" if model is None else ""
+        )
         raise CheckpointError(
             f"model folder {str(path)!r} does not exist{hint}; pass a local Hugging Face checkpoint folder"
         )

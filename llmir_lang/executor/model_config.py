@@ -91,7 +91,9 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         if heads % kv_heads:
-            raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+            raise CheckpointError(
+                f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
         sliding = cfg.get("sliding_window") if family == "mistral" else None
         if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
             sliding = cfg.get("sliding_window")

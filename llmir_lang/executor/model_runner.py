@@ -15,7 +15,9 @@ from llmir_lang.executor.scheduler import ScheduledBatch
 class StepLogits:
     logits: torch.Tensor  # [rows, vocab] fp32
     sample_rows: list[int]  # per request in the batch: its sampling row, or -1
-    prompt_rows: list[tuple[int, int, int]]  # per request: (first row, first position, count) of prompt logprobs
+    prompt_rows: list[
+        tuple[int, int, int]
+    ]  # per request: (first row, first position, count) of prompt logprobs
 
 
 class ModelRunner:

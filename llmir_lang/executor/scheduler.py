@@ -171,7 +171,9 @@ class Scheduler:
                 # keep one decode step of room for the running requests, or admission just causes retraction
                 room = self.pool.num_free + self.cache.evictable_size
                 if room < len(self.running) + len(reqs) + 1:
-                    self.pool.free(_t([x for x in slots if self.pool.page_size == 1 or x % self.pool.page_size == 0]))
+                    self.pool.free(
+                        _t([x for x in slots if self.pool.page_size == 1 or x % self.pool.page_size == 0])
+                    )
                     slots = None
             if slots is None:
                 if fresh:

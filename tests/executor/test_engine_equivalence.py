@@ -88,7 +88,9 @@ def test_shared_prefix_hits_cache(checkpoints):
 def test_chunked_prefill_matches(checkpoints):
     folder, hf = checkpoints("qwen3")
     ids = _prompt(random.Random(4), 70)
-    with Engine(str(folder), device="cpu", kv_memory="8MB", chunked_prefill_size=16, max_prefill_tokens=16) as eng:
+    with Engine(
+        str(folder), device="cpu", kv_memory="8MB", chunked_prefill_size=16, max_prefill_tokens=16
+    ) as eng:
         r = eng.generate(ids, GREEDY)
         calls = eng.stats()["forward_calls"]
     assert r.token_ids == hf_greedy(hf, ids, 32)[0]
