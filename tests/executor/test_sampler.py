@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from llmir_lang.kernels.reference import apply_token_bitmask
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -57,20 +56,6 @@ def _bitmask_from_allowed(allowed: torch.Tensor) -> torch.Tensor:
     padded[:, :v] = allowed.long()
     packed = (padded.view(b, words, 32) << torch.arange(32)).sum(-1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-
-
-def _reference_module():
-    try:
-        from llmir_lang.kernels import reference  # type: ignore[attr-defined]
-
-        return reference
-    except ImportError:  # the package mapping of kernels/ may be missing in a dev checkout
-        path = Path(__file__).resolve().parents[2] / "kernels" / "reference.py"
-        spec = importlib.util.spec_from_file_location("_kernels_reference", path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
 
 
 # --- greedy ----------------------------------------------------------------------------------
@@ -282,7 +267,7 @@ def test_bitmask_matches_reference_and_is_never_sampled() -> None:
     x = _logits(4, vocab)
     ours, theirs = x.clone(), x.clone()
     apply_bitmask(ours, bitmask)
-    _reference_module().apply_token_bitmask(theirs, bitmask)
+    apply_token_bitmask(theirs, bitmask)
     assert torch.equal(ours, theirs)
     assert torch.equal(ours > NEG_INF, allowed)
 
