@@ -1,0 +1,366 @@
+"""GPU benchmarks of the attention kernels (Llama-3-8B attention shape: 32 q heads, 8 KV heads, d 128, bf16).
+
+    python benchmarks/gpu/bench_kernels.py --out DIR [--sections ceil,decode,prefill,shared,sweep,flex]
+
+Writes ``DIR/kernels_<device>_<date>.json`` after every section and prints a table at the end.
+- ceil: measured ceilings (device-to-device copy, bf16 matmul), next to the spec 3.35 TB/s.
+- decode: batch 1/16/64/256 x context 1k/4k/16k; achieved GB/s over the bytes a decode must read
+  (K + V + slot indices), vs torch SDPA on already-gathered contiguous K/V (gather not timed).
+- prefill: one causal prompt of 1k-16k tokens (and one extend over a 4k prefix): TFLOP/s vs SDPA.
+- shared: shared-prefix decode on vs off (plain decode over prefix + suffix) at batch 64/128 with
+  4k/16k prefixes, plus points at the cost rule's boundary.
+- sweep: decode / extend launch configurations at a few points (to choose the defaults).
+- flex: FlexAttention (torch.compile) decode at a few points, if it compiles.
+Times are medians of CUDA-graph replays (FlexAttention: triton.testing.do_bench). KV slots are
+16-token pages at random positions of one pool; small cases rotate over several slot sets so that
+repeated runs do not read from L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from llmir_lang.kernels import triton_decode as td
+from llmir_lang.kernels import triton_extend as te
+from llmir_lang.kernels import triton_shared_prefix as tsp
+from llmir_lang.kernels.policy import should_use_shared_prefix
+from llmir_lang.kernels.testing import indptr, slot_layout
+
+H, HKV, D, DT = 32, 8, 128, torch.bfloat16
+SCALE = D**-0.5
+SPEC_BW = 3.35e12  # H100 SXM HBM3 datasheet; the issue's yardstick
+TOKEN_BYTES = HKV * D * 2 * 2 + 8  # K and V rows of one token (bf16) plus its int64 slot index
+DEV = torch.device("cuda")
+GEN = torch.Generator().manual_seed(0)
+
+
+def time_graph(fns: list[Callable[[], object]], iters: int = 20) -> float:
+    """Median seconds per call of ``fns`` (run in sequence), timed over CUDA-graph replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(fns))
+    del graph
+    return statistics.median(times)
+
+
+def rotations(nbytes: float) -> int:
+    """Slot sets to rotate over so that one graph replay reads well past the L2 (50-60 MB)."""
+    return max(1, min(8, math.ceil(400e6 / nbytes)))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def gather_contiguous(buf: torch.Tensor, idx: torch.Tensor, bsz: int, length: int) -> torch.Tensor:
+    return buf[idx].view(bsz, length, HKV, D).transpose(1, 2).contiguous()  # [B, Hkv, L, D]
+
+
+# --- sections --------------------------------------------------------------------------------
+def bench_ceilings() -> dict:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    t = time_graph([lambda: b.copy_(a)])
+    x = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    y = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    tm = time_graph([lambda: x @ y], iters=10)
+    return {"copy_GBps": 2 * n / t / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
+
+
+def bench_decode_point(kb, vb, bsz: int, ctx: int, cfg: td.DecodeConfig, with_sdpa: bool = True) -> dict:
+    lengths = [ctx] * bsz
+    nbytes = bsz * ctx * TOKEN_BYTES
+    reps = rotations(nbytes)
+    ip = indptr(lengths, DEV)
+    q = torch.randn(bsz, H, D, device=DEV, dtype=DT)
+    ns = td.plan_decode_splits(ip, bsz, HKV, cfg, DEV)
+    cap = td.split_cap(bsz, HKV, cfg, DEV)
+    ws = td.alloc_partials(bsz, H, cap, D, DEV)
+    out = torch.empty_like(q)
+    sets = [slot_layout(lengths, kb.shape[0], "paged", GEN, device=DEV) for _ in range(reps)]
+    fns = [
+        (
+            lambda idx=idx: td.decode_attention(
+                q, kb, vb, ip, idx, SCALE, num_splits=ns, workspace=ws, out=out, config=cfg
+            )
+        )
+        for idx in sets
+    ]
+    t = time_graph(fns)
+    row = {"batch": bsz, "ctx": ctx, "splits": cap, "triton_us": t * 1e6, "triton_GBps": nbytes / t / 1e9}
+    row["pct_of_3.35TBps"] = 100 * nbytes / t / SPEC_BW
+    if with_sdpa:
+        qs = q.view(bsz, H, 1, D)
+        kvs = [(gather_contiguous(kb, i, bsz, ctx), gather_contiguous(vb, i, bsz, ctx)) for i in sets]
+        del sets
+        t_s = time_graph([(lambda k=k, v=v: sdpa(qs, k, v, False)) for k, v in kvs])
+        kv_bytes = bsz * ctx * HKV * D * 2 * 2
+        row.update(sdpa_us=t_s * 1e6, sdpa_GBps=kv_bytes / t_s / 1e9)
+        del kvs
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_decode(kb, vb) -> list[dict]:
+    cfg = td.default_decode_config(D, DEV)
+    rows = []
+    for bsz in (1, 16, 64, 256):
+        for ctx in (1024, 4096, 16384):
+            rows.append(bench_decode_point(kb, vb, bsz, ctx, cfg))
+            print("decode", rows[-1], flush=True)
+    return rows
+
+
+def causal_pairs(q_len: int, prefix: int) -> int:
+    return q_len * prefix + q_len * (q_len + 1) // 2
+
+
+def bench_extend_point(
+    kb, vb, q_len: int, prefix: int, cfg: te.ExtendConfig, nreq: int = 1, with_sdpa=True
+) -> dict:
+    qo_lens, kv_lens = [q_len] * nreq, [q_len + prefix] * nreq
+    idx = slot_layout(kv_lens, kb.shape[0], "paged", GEN, device=DEV)
+    qo_ip, kv_ip = indptr(qo_lens, DEV), indptr(kv_lens, DEV)
+    q = torch.randn(q_len * nreq, H, D, device=DEV, dtype=DT)
+    plan = te.plan_extend(qo_ip, kv_ip, cfg.block_m)
+    out = torch.empty_like(q)
+    flops = 4 * D * H * causal_pairs(q_len, prefix) * nreq
+    t = time_graph(
+        [lambda: te.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, SCALE, plan=plan, out=out, config=cfg)],
+        iters=10,
+    )
+    row = {"requests": nreq, "new_tokens": q_len, "prefix": prefix, "triton_ms": t * 1e3}
+    row["triton_TFLOPs"] = flops / t / 1e12
+    if with_sdpa and prefix == 0 and nreq == 1:
+        k = gather_contiguous(kb, idx, 1, q_len)
+        v = gather_contiguous(vb, idx, 1, q_len)
+        qs = q.view(1, q_len, H, D).transpose(1, 2).contiguous()
+        t_s = time_graph([lambda: sdpa(qs, k, v, True)], iters=10)
+        row.update(sdpa_ms=t_s * 1e3, sdpa_TFLOPs=flops / t_s / 1e12)
+    return row
+
+
+def bench_prefill(kb, vb) -> list[dict]:
+    cfg = te.default_extend_config(D, DEV)
+    rows = [bench_extend_point(kb, vb, n, 0, cfg) for n in (1024, 2048, 4096, 8192, 16384)]
+    rows.append(bench_extend_point(kb, vb, 1024, 4096, cfg, nreq=4))
+    for r in rows:
+        print("prefill", r, flush=True)
+    return rows
+
+
+def bench_shared_point(kb, vb, bsz: int, prefix: int, max_suffix: int = 256) -> dict:
+    gen = torch.Generator().manual_seed(bsz * 7 + prefix)
+    suffix_lens = torch.randint(1, max_suffix + 1, (bsz,), generator=gen).tolist()
+    nbytes_off = (bsz * prefix + sum(suffix_lens)) * TOKEN_BYTES
+    nbytes_on = (prefix + sum(suffix_lens)) * TOKEN_BYTES
+    reps = rotations(nbytes_on)
+    q = torch.randn(bsz, H, D, device=DEV, dtype=DT)
+    sp = indptr(suffix_lens, DEV)
+    full_ip = indptr([prefix + s for s in suffix_lens], DEV)
+    cfg = td.default_decode_config(D, DEV)
+    on_fns, off_fns = [], []
+    for _ in range(reps):
+        slots = slot_layout([prefix, *suffix_lens], kb.shape[0], "paged", GEN, device=DEV)
+        pre, suf = slots[:prefix], slots[prefix:]
+        full = torch.cat([torch.cat([pre, suf[sp[b] : sp[b + 1]]]) for b in range(bsz)])
+        on_fns.append(lambda pre=pre, suf=suf: tsp.shared_prefix_decode(q, kb, vb, pre, sp, suf, SCALE))
+        off_fns.append(lambda full=full: td.decode_attention(q, kb, vb, full_ip, full, SCALE, config=cfg))
+    t_on, t_off = time_graph(on_fns), time_graph(off_fns)
+    return {
+        "batch": bsz,
+        "prefix": prefix,
+        "mean_suffix": sum(suffix_lens) / bsz,
+        "rule_says_use": should_use_shared_prefix(prefix, bsz),
+        "on_us": t_on * 1e6,
+        "off_us": t_off * 1e6,
+        "speedup": t_off / t_on,
+        "off_GBps": nbytes_off / t_off / 1e9,
+    }
+
+
+def bench_shared(kb, vb) -> list[dict]:
+    points = [(64, 4096), (64, 16384), (128, 4096), (128, 16384)]
+    boundary = [(8, 256), (8, 1024), (16, 256), (32, 512), (8, 4096), (4, 4096), (64, 128)]
+    rows = []
+    for bsz, prefix in points + boundary:
+        rows.append(bench_shared_point(kb, vb, bsz, prefix) | {"boundary": (bsz, prefix) in boundary})
+        print("shared", rows[-1], flush=True)
+    return rows
+
+
+def bench_sweep(kb, vb) -> dict:
+    dec = []
+    for bn, nw, st in [
+        (32, 4, 2),
+        (64, 4, 2),
+        (64, 4, 3),
+        (64, 8, 3),
+        (128, 4, 2),
+        (128, 8, 2),
+        (64, 4, 4),
+        (32, 2, 3),
+    ]:
+        for ppsm in (2, 4, 8):
+            cfg = td.DecodeConfig(block_n=bn, num_warps=nw, num_stages=st, programs_per_sm=ppsm)
+            for bsz, ctx in ((1, 16384), (16, 4096), (64, 4096)):
+                if ppsm != 4 and bsz != 1:
+                    continue  # programs per SM matters only where splitting does
+                r = bench_decode_point(kb, vb, bsz, ctx, cfg, with_sdpa=False)
+                dec.append({"block_n": bn, "warps": nw, "stages": st, "ppsm": ppsm} | r)
+                print("sweep decode", dec[-1], flush=True)
+    ext = []
+    for bm, bn, nw, st in [
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (128, 64, 8, 4),
+        (128, 32, 4, 4),
+    ]:
+        cfg = te.ExtendConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
+        try:
+            r = bench_extend_point(kb, vb, 8192, 0, cfg, with_sdpa=False)
+        except Exception as exc:  # a config the compiler rejects (shared memory) is a result too
+            r = {"error": repr(exc)[:200]}
+        ext.append({"block_m": bm, "block_n": bn, "warps": nw, "stages": st} | r)
+        print("sweep extend", ext[-1], flush=True)
+    return {"decode": dec, "extend": ext}
+
+
+def bench_flex(kb, vb, budget_s: float = 120.0) -> list[dict]:
+    import triton.testing
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows, t0 = [], time.time()
+    for bsz, ctx in ((16, 4096), (64, 4096), (1, 16384), (256, 1024)):
+        if time.time() - t0 > budget_s:
+            rows.append({"batch": bsz, "ctx": ctx, "skipped": "time budget"})
+            continue
+        idx = slot_layout([ctx] * bsz, kb.shape[0], "paged", GEN, device=DEV)
+        k, v = gather_contiguous(kb, idx, bsz, ctx), gather_contiguous(vb, idx, bsz, ctx)
+        q = torch.randn(bsz, H, 1, D, device=DEV, dtype=DT)
+        try:
+            t = (
+                triton.testing.do_bench(
+                    lambda q=q, k=k, v=v: flex(q, k, v, enable_gqa=True), return_mode="median"
+                )
+                / 1e3
+            )
+            rows.append(
+                {"batch": bsz, "ctx": ctx, "flex_us": t * 1e6, "flex_GBps": bsz * ctx * HKV * D * 4 / t / 1e9}
+            )
+        except Exception as exc:
+            rows.append({"batch": bsz, "ctx": ctx, "error": repr(exc)[:300]})
+        print("flex", rows[-1], flush=True)
+    return rows
+
+
+def print_tables(res: dict) -> None:
+    if "ceilings" in res:
+        print(f"\nceilings: {res['ceilings']}")
+    if "decode" in res:
+        print(
+            "\ndecode (bf16, 32q/8kv heads, d128)  batch  ctx    splits  triton_us  GB/s   %3.35TB/s  sdpa_us  sdpa_GB/s"
+        )
+        for r in res["decode"]:
+            print(
+                f"{'':36}{r['batch']:5d} {r['ctx']:6d} {r['splits']:5d} {r['triton_us']:10.1f} {r['triton_GBps']:6.0f}"
+                f" {r['pct_of_3.35TBps']:7.1f}%  {r.get('sdpa_us', float('nan')):8.1f} {r.get('sdpa_GBps', float('nan')):6.0f}"
+            )
+    if "prefill" in res:
+        print("\nprefill/extend  reqs  new  prefix  triton_ms  TFLOP/s  sdpa_ms  sdpa_TFLOP/s")
+        for r in res["prefill"]:
+            print(
+                f"{'':16}{r['requests']:3d} {r['new_tokens']:6d} {r['prefix']:6d} {r['triton_ms']:9.3f} {r['triton_TFLOPs']:7.0f}"
+                f"  {r.get('sdpa_ms', float('nan')):7.3f} {r.get('sdpa_TFLOPs', float('nan')):7.0f}"
+            )
+    if "shared" in res:
+        print("\nshared prefix  batch  prefix  rule  on_us    off_us   speedup")
+        for r in res["shared"]:
+            print(
+                f"{'':14}{r['batch']:5d} {r['prefix']:7d}  {'yes' if r['rule_says_use'] else 'no ':4} {r['on_us']:8.1f}"
+                f" {r['off_us']:8.1f} {r['speedup']:7.2f}x{'  (boundary)' if r['boundary'] else ''}"
+            )
+    if "flex" in res:
+        print("\nflex:", res["flex"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
+    ap.add_argument("--sections", default="ceil,decode,prefill,shared,sweep,flex")
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    device = props.name.replace(" ", "_")
+    date = datetime.date.today().isoformat()
+    import triton
+
+    res: dict = {
+        "device": props.name,
+        "date": date,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "shape": {"q_heads": H, "kv_heads": HKV, "head_dim": D, "dtype": "bf16"},
+        "spec_bandwidth_Bps": SPEC_BW,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"kernels_{device}_{date}.json"
+    # One pool for everything: 4.2M slots (17 GB of K+V), enough for batch 256 x 16k.
+    slots = 256 * 16384 + 65536
+    kb = torch.randn(slots, HKV, D, device=DEV, dtype=DT)
+    vb = torch.randn(slots, HKV, D, device=DEV, dtype=DT)
+    sections = {
+        "ceil": ("ceilings", lambda: bench_ceilings()),
+        "decode": ("decode", lambda: bench_decode(kb, vb)),
+        "prefill": ("prefill", lambda: bench_prefill(kb, vb)),
+        "shared": ("shared", lambda: bench_shared(kb, vb)),
+        "sweep": ("sweep", lambda: bench_sweep(kb, vb)),
+        "flex": ("flex", lambda: bench_flex(kb, vb)),
+    }
+    for name in args.sections.split(","):
+        key, fn = sections[name]
+        t0 = time.time()
+        try:
+            res[key] = fn()
+        except Exception as exc:  # keep what the other sections measured
+            res[key + "_error"] = repr(exc)[:500]
+            print(f"section {name} failed: {exc!r}", flush=True)
+        print(f"section {name}: {time.time() - t0:.0f} s", flush=True)
+        path.write_text(json.dumps(res, indent=1))
+    print_tables(res)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

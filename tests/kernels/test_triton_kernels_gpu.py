@@ -1,0 +1,209 @@
+"""The kernel checks at real shapes on a CUDA GPU (skipped without one).
+
+Run them in a process where ``TRITON_INTERPRET`` is unset (not together with the interpreter
+tests): ``python -m pytest -m gpu tests/kernels/test_triton_kernels_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import llmir_lang.kernels as K
+import pytest
+import torch
+from llmir_lang.kernels import reference as ref
+from llmir_lang.kernels.testing import indptr, rel_error, slot_layout
+
+from llmir_lang.executor.attention import ForwardBatch, ForwardMode
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs compiled kernels only"),
+]
+
+DEV = "cuda"
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+CASES = [(g, dt, hd) for g in (1, 4, 8) for dt in (torch.float16, torch.bfloat16) for hd in (64, 128)]
+
+
+def _pool(num_slots: int, num_kv: int, head_dim: int, dtype: torch.dtype, seed: int):
+    torch.manual_seed(seed)
+    return (
+        torch.randn(num_slots, num_kv, head_dim, device=DEV, dtype=dtype),
+        torch.randn(num_slots, num_kv, head_dim, device=DEV, dtype=dtype),
+    )
+
+
+def _slots(lengths: list[int], num_slots: int, layout: str, seed: int) -> torch.Tensor:
+    return slot_layout(lengths, num_slots, layout, torch.Generator().manual_seed(seed), device=DEV)
+
+
+@pytest.mark.parametrize(("group", "dtype", "head_dim"), CASES)
+def test_decode_real_shapes(group: int, dtype: torch.dtype, head_dim: int) -> None:
+    num_kv = 32 // group
+    lengths = [1, 17, 4097, 333, 64, 1000, 2, 2500]
+    kb, vb = _pool(20000, num_kv, head_dim, dtype, seed=group)
+    idx = _slots(lengths, 20000, "paged" if head_dim == 128 else "random", seed=group)
+    q = torch.randn(len(lengths), 32, head_dim, device=DEV, dtype=dtype)
+    ip = indptr(lengths, DEV)
+    out, lse = K.decode_attention_with_lse(q, kb, vb, ip, idx, head_dim**-0.5)
+    expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, head_dim**-0.5)
+    assert rel_error(out, expect) < TOL[dtype]
+    assert torch.allclose(lse, expect_lse, atol=2e-3)
+
+
+@pytest.mark.parametrize(("batch", "length"), [(1, 20000), (200, 300)])
+def test_decode_split_extremes_and_every_output_written(batch: int, length: int) -> None:
+    from llmir_lang.kernels import triton_decode
+
+    kb, vb = _pool(70000, 8, 128, torch.bfloat16, seed=3)
+    lengths = [length + (i % 7) for i in range(batch)]
+    idx = _slots(lengths, 70000, "paged", seed=3)
+    q = torch.randn(batch, 32, 128, device=DEV, dtype=torch.bfloat16)
+    ip = indptr(lengths, DEV)
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    triton_decode.decode_attention(q, kb, vb, ip, idx, 0.088, out=out)
+    assert rel_error(out, ref.decode_attention(q, kb, vb, ip, idx, 0.088)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize(("group", "dtype", "head_dim"), CASES)
+def test_extend_real_shapes(group: int, dtype: torch.dtype, head_dim: int) -> None:
+    num_kv = 32 // group
+    shapes = [(1, 0), (300, 0), (129, 1000), (1000, 37), (2048, 0), (1, 5000)]
+    qo_lens, kv_lens = [a for a, _ in shapes], [a + p for a, p in shapes]
+    kb, vb = _pool(20000, num_kv, head_dim, dtype, seed=10 + group)
+    idx = _slots(kv_lens, 20000, "paged" if dtype == torch.float16 else "random", seed=group)
+    q = torch.randn(sum(qo_lens), 32, head_dim, device=DEV, dtype=dtype)
+    qo_ip, kv_ip = indptr(qo_lens, DEV), indptr(kv_lens, DEV)
+    out = K.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, head_dim**-0.5)
+    assert rel_error(out, ref.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, head_dim**-0.5)) < TOL[dtype]
+
+
+@pytest.mark.parametrize(("group", "batch", "prefix_len"), [(4, 64, 4096), (8, 9, 300), (1, 16, 1000)])
+def test_shared_prefix_real_shapes(group: int, batch: int, prefix_len: int) -> None:
+    num_kv = 32 // group
+    torch.manual_seed(group)
+    suffix_lens = torch.randint(1, 300, (batch,)).tolist()
+    kb, vb = _pool(prefix_len + sum(suffix_lens) + 64, num_kv, 128, torch.bfloat16, seed=group)
+    slots = _slots([prefix_len, *suffix_lens], kb.shape[0], "paged", seed=group)
+    prefix, suffix = slots[:prefix_len], slots[prefix_len:]
+    q = torch.randn(batch, 32, 128, device=DEV, dtype=torch.bfloat16)
+    sp = indptr(suffix_lens, DEV)
+    out = K.shared_prefix_decode(q, kb, vb, prefix, sp, suffix, 0.088)
+    lists = [torch.cat([prefix, suffix[sp[b] : sp[b + 1]]]) for b in range(batch)]
+    plain = ref.decode_attention(q, kb, vb, indptr([len(x) for x in lists], DEV), torch.cat(lists), 0.088)
+    assert rel_error(out, plain) < TOL[torch.bfloat16]
+
+
+def test_store_kv_and_bitmask_are_exact() -> None:
+    kb = torch.zeros(5000, 8, 128, device=DEV, dtype=torch.bfloat16)
+    vb = torch.zeros_like(kb)
+    kr, vr = kb.clone(), vb.clone()
+    qkv = torch.randn(300, 48, 128, device=DEV)
+    k, v = qkv[:, 32:40], qkv[:, 40:48]
+    loc = torch.randperm(5000, device=DEV)[:300]
+    K.store_kv(kb, vb, loc, k, v)
+    ref.store_kv(kr, vr, loc, k, v)
+    assert torch.equal(kb, kr) and torch.equal(vb, vr)
+    logits = torch.randn(64, 128256, device=DEV, dtype=torch.bfloat16)
+    mask = torch.randint(-(2**31), 2**31 - 1, (64, 4008), dtype=torch.int32, device=DEV)
+    expect = logits.clone()
+    ref.apply_token_bitmask(expect, mask)
+    K.apply_token_bitmask(logits, mask)
+    assert torch.equal(logits, expect)
+
+
+def test_unsupported_head_dim_falls_back_on_the_gpu() -> None:
+    kb, vb = _pool(100, 2, 96, torch.float16, seed=0)
+    q = torch.randn(2, 8, 96, device=DEV, dtype=torch.float16)
+    ip, idx = indptr([10, 50], DEV), torch.arange(60, device=DEV)
+    with pytest.warns(K.KernelFallbackWarning, match="head dim 96"):
+        out = K.decode_attention(q, kb, vb, ip, idx, 0.1)
+    assert torch.equal(out, ref.decode_attention(q, kb, vb, ip, idx, 0.1))
+
+
+def test_backend_decode_has_no_host_sync_and_replays_in_a_cuda_graph() -> None:
+    from llmir_lang.executor.triton_backend import TritonAttentionBackend
+
+    layers, bsz, max_kv = 2, 8, 3000
+    kbs = [torch.randn(40000, 8, 128, device=DEV, dtype=torch.bfloat16) for _ in range(layers)]
+    vbs = [torch.randn_like(kbs[0]) for _ in range(layers)]
+    be = TritonAttentionBackend(kbs, vbs, 0.088, max_batch_size=16, num_q_heads=32)
+    # Static batch tensors, sized for the longest replay and refilled in place.
+    st = ForwardBatch(
+        mode=ForwardMode.DECODE,
+        input_ids=torch.zeros(bsz, dtype=torch.int64, device=DEV),
+        positions=torch.zeros(bsz, dtype=torch.int64, device=DEV),
+        out_cache_loc=torch.zeros(bsz, dtype=torch.int64, device=DEV),
+        qo_indptr=torch.arange(bsz + 1, dtype=torch.int64, device=DEV),
+        kv_indptr=torch.zeros(bsz + 1, dtype=torch.int64, device=DEV),
+        kv_indices=torch.zeros(bsz * max_kv, dtype=torch.int64, device=DEV),
+        batch_size=bsz,
+    )
+    q = torch.randn(bsz, 32, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(bsz, 8, 128, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+
+    def fill(lengths: list[int], seed: int) -> torch.Tensor:
+        idx = _slots(lengths, 40000, "paged", seed)
+        st.kv_indptr.copy_(indptr(lengths, DEV))
+        st.kv_indices[: idx.shape[0]].copy_(idx)
+        st.out_cache_loc.copy_(idx[st.kv_indptr[1:] - 1])
+        return idx
+
+    def step() -> list[torch.Tensor]:
+        be.prepare(st)
+        return [be.forward(q, k, v, layer) for layer in range(layers)]
+
+    fill([100] * bsz, 0)
+    step()  # warm-up: compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()  # raises if prepare or forward syncs with the host
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for seed, lengths in enumerate([[1, 2999, 17, 500, 64, 3000, 2, 1000], [2000] * bsz]):
+        idx = fill(lengths, seed + 1)
+        graph.replay()
+        ip = indptr(lengths, DEV)
+        for layer in range(layers):
+            expect = ref.decode_attention(q, kbs[layer], vbs[layer], ip, idx, 0.088)
+            assert rel_error(outs[layer], expect) < TOL[torch.bfloat16]
+
+
+def test_backend_extend_then_decode_matches_reference_on_gpu() -> None:
+    from llmir_lang.executor.triton_backend import TritonAttentionBackend
+
+    kb = torch.randn(10000, 8, 64, device=DEV, dtype=torch.float16)
+    vb = torch.randn_like(kb)
+    be = TritonAttentionBackend([kb], [vb], 0.125)
+    lens = [700, 1, 2049]
+    idx = _slots(lens, 10000, "random", 5)
+    ip = indptr(lens, DEV)
+    batch = ForwardBatch(
+        mode=ForwardMode.EXTEND,
+        input_ids=torch.zeros(sum(lens), dtype=torch.int64, device=DEV),
+        positions=torch.zeros(sum(lens), dtype=torch.int64, device=DEV),
+        out_cache_loc=idx,
+        qo_indptr=ip,
+        kv_indptr=ip,
+        kv_indices=idx,
+        batch_size=3,
+    )
+    q = torch.randn(sum(lens), 32, 64, device=DEV, dtype=torch.float16)
+    k = torch.randn(sum(lens), 8, 64, device=DEV, dtype=torch.float16)
+    v = torch.randn_like(k)
+    kr, vr = kb.clone(), vb.clone()
+    be.prepare(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = be.forward(q, k, v, 0)
+    ref.store_kv(kr, vr, idx, k, v)
+    assert torch.equal(kb, kr) and torch.equal(vb, vr)
+    assert rel_error(out, ref.extend_attention(q, kr, vr, ip, ip, idx, 0.125)) < TOL[torch.float16]
