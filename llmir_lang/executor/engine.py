@@ -160,11 +160,50 @@ class Engine:
         matcher: Any = None,
     ) -> Future:
         """Queue one request; the future resolves to a GenerateResult. Bad input raises here."""
-        if self._closed:
-            raise EngineClosedError("the engine was shut down; create a new Engine")
         sp = SamplingParams.from_dict(params) if not isinstance(params, SamplingParams) else params
         sp.validate()
-        ids = self.encode(prompt)
+        return self._submit(self.encode(prompt), sp, stream, logprob_start_len, matcher, None, None)
+
+    def submit_chain(
+        self,
+        prompt: str,
+        steps: Sequence[tuple],
+        *,
+        stream: Callable[[StreamChunk], None] | None = None,
+    ) -> Future:
+        """Queue a chain: ``prompt`` then steps ``("gen", SamplingParams, matcher_or_None)`` and
+        ``("text", str)``, run as ONE request. After each generation the constant text that follows
+        is appended as forced tokens in one extend (tokens re-encoded over the whole text, so they are
+        the ones a call-by-call run would prefill) and the next generation starts at once. The future
+        resolves to the last generation's GenerateResult, with ``meta["steps"]`` (one result per
+        generation) and ``meta["chain_text"]`` (everything appended after the prompt)."""
+        steps = list(steps)
+        while steps and steps[0][0] == "text":
+            prompt += steps.pop(0)[1]
+        if not any(step[0] == "gen" for step in steps):
+            raise InvalidRequestError("a chain needs at least one generation step")
+        for step in steps:
+            if step[0] == "gen":
+                step[1].validate()
+            elif step[0] != "text" or not isinstance(step[1], str):
+                raise InvalidRequestError(
+                    f"a chain step is ('gen', params, matcher) or ('text', str), got {step!r}"
+                )
+        _, sp, matcher = steps.pop(0)
+        return self._submit(self.encode(prompt), sp, stream, -1, matcher, steps, prompt)
+
+    def _submit(
+        self,
+        ids: list[int],
+        sp: SamplingParams,
+        stream: Callable[[StreamChunk], None] | None,
+        logprob_start_len: int,
+        matcher: Any,
+        chain: list[tuple] | None,
+        prompt_text: str | None,
+    ) -> Future:
+        if self._closed:
+            raise EngineClosedError("the engine was shut down; create a new Engine")
         if not ids:
             raise EmptyPromptError("the prompt is empty; give at least one token of text")
         ctx = self.config.context_len
@@ -196,6 +235,8 @@ class Engine:
             logprob_start_len=logprob_start_len,
             generator=self.sampler.make_generator(sp.seed, self.device) if sp.seed is not None else None,
             matcher=matcher,
+            chain=chain,
+            prompt_text=prompt_text,
         )
         fut.rid = rid  # type: ignore[attr-defined]
         with self._lock:

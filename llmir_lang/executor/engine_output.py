@@ -102,7 +102,10 @@ class OutputProcessor:
         if reason is not None:
             if not isinstance(req.matched_stop, str):
                 req.text += req.decoder.flush(req.output_ids)
-            self.finish(req, reason)
+            if req.chain and any(step[0] == "gen" for step in req.chain):
+                self._next_step(req, reason)
+            else:
+                self.finish(req, reason)
         else:
             self._stream(req)
 
@@ -130,7 +133,7 @@ class OutputProcessor:
                     break
         return len(text) - hold
 
-    def _stream(self, req: Req, final: bool = False) -> None:
+    def _stream(self, req: Req, final: bool = False, step_done: bool = False) -> None:
         if req.stream is None:
             return
         upto = len(req.text) if final else self._visible_len(req)
@@ -140,8 +143,9 @@ class OutputProcessor:
             rid=req.rid,
             text=req.text[req.sent_len : upto],
             token_ids=req.output_ids[req.sent_tokens :],
-            finished=final,
+            finished=final and not step_done,
             finish_reason=req.finish_reason.value if final and req.finish_reason else None,
+            index=req.chain_index,
         )
         req.sent_len, req.sent_tokens = max(req.sent_len, upto), len(req.output_ids)
         try:
@@ -149,12 +153,55 @@ class OutputProcessor:
         except Exception:  # a broken consumer must not stop the engine; the result still resolves
             req.stream = None
 
+    # ---- chains ---------------------------------------------------------------------------
+    def _next_step(self, req: Req, reason: FinishReason) -> None:
+        """The current generation of a chain ended: append the constant text that follows, then
+        start the next generation in the same request (the scheduler re-points the KV)."""
+        self._stream(req, final=True, step_done=True)
+        req.step_results.append(self._result(req, reason))
+        req.chain_text += req.text
+        assert req.chain is not None
+        while req.chain and req.chain[0][0] == "text":
+            req.chain_text += req.chain.pop(0)[1]
+        _, params, matcher = req.chain.pop(0)
+        eng = self.engine
+        # canonical tokens of the whole text so far, exactly what a call-by-call run would prefill
+        new_ids = eng.tokenizer.encode((req.prompt_text or "") + req.chain_text)
+        if len(new_ids) >= eng.config.context_len:
+            req.error = "the chain's text outgrew the model's context"
+            self.finish(req, FinishReason.LENGTH)
+            return
+        req.rebase_to = new_ids
+        req.params, req.matcher = params, matcher
+        req.generator = (
+            eng.sampler.make_generator(params.seed, eng.device) if params.seed is not None else None
+        )
+        req.decoder = type(req.decoder)(eng.tokenizer, params.skip_special_tokens)
+        req.chain_index += 1
+        req.text, req.sent_len, req.sent_tokens = "", 0, 0
+        req.out_logprobs, req.out_top_logprobs = [], []
+        req.matched_stop = None
+        # output_ids keeps the finished generation until the scheduler applies the rebase after
+        # this step: it compares the KV'd tokens with new_ids to keep the common prefix
+
     # ---- endings --------------------------------------------------------------------------
     def finish(self, req: Req, reason: FinishReason) -> None:
         req.finish_reason = reason
         self._stream(req, final=True)
+        res = self._result(req, reason)
+        if req.chain is not None:
+            last = self._result(req, reason)
+            req.chain_text += req.text
+            while req.chain and req.chain[0][0] == "text":
+                req.chain_text += req.chain.pop(0)[1]
+            res.meta["steps"] = req.step_results + [last]
+            res.meta["chain_text"] = req.chain_text
+        if not req.future.done():
+            req.future.set_result(res)
+
+    def _result(self, req: Req, reason: FinishReason) -> GenerateResult:
         p = req.params
-        res = GenerateResult(
+        return GenerateResult(
             rid=req.rid,
             text=req.text,
             token_ids=list(req.output_ids),
@@ -169,8 +216,6 @@ class OutputProcessor:
             error=req.error,
             meta={"retractions": req.retractions, "constraint_engine": req.constraint_engine},
         )
-        if not req.future.done():
-            req.future.set_result(res)
 
     def fail(self, req: Req, exc: Exception) -> None:
         req.finish_reason = FinishReason.ABORT if isinstance(exc, EngineClosedError) else FinishReason.ERROR

@@ -29,6 +29,7 @@ class StreamChunk:
     token_ids: list[int]  # new token ids since the previous chunk
     finished: bool = False
     finish_reason: str | None = None
+    index: int = 0  # which generation of a chain request the text belongs to
 
 
 @dataclass(slots=True)
@@ -86,7 +87,17 @@ class Req:
     matched_stop: str | int | None = None
     error: str | None = None
     retractions: int = 0
-    forced_ids: list[int] = field(default_factory=list)  # tokens to append without sampling (jump-forward)
+    # chains: several generations with constant text between them, run as one request
+    chain: list[Any] | None = (
+        None  # remaining steps after the current gen: ("text", str) | ("gen", params, matcher)
+    )
+    chain_index: int = 0  # index of the current generation
+    prompt_text: str | None = None  # the chain's prompt as text (rebase re-encodes prompt_text + chain_text)
+    chain_text: str = ""  # text appended after the prompt by finished steps
+    step_results: list[GenerateResult] = field(default_factory=list)
+    rebase_to: list[int] | None = (
+        None  # set by output processing: the scheduler re-points the KV to these ids
+    )
 
     @property
     def fill_ids(self) -> list[int]:

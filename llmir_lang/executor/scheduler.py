@@ -43,6 +43,9 @@ class Scheduler:
         self.running: list[Req] = []
         self.chunked: Req | None = None  # a request whose prompt is part-way through chunked prefill
         self.chunked_next: Req | None = None
+        # admitted requests that must compute several tokens next (forced text of a chain or of a
+        # constraint): they run in an extend batch, keeping their KV and lock
+        self.extending: list[Req] = []
         self.step_count = 0
         self.num_retractions = 0
 
@@ -52,10 +55,10 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.extending)
 
     def all_requests(self) -> list[Req]:
-        reqs = list(self.waiting) + list(self.running)
+        reqs = list(self.waiting) + list(self.running) + list(self.extending)
         return reqs + [self.chunked] if self.chunked is not None else reqs
 
     # ---- KV helpers ---------------------------------------------------------------------
@@ -146,17 +149,18 @@ class Scheduler:
         return sorted(reqs, key=key)
 
     def _schedule_extend(self) -> ScheduledBatch | None:
-        if not self.waiting and self.chunked is None:
+        if not self.waiting and self.chunked is None and not self.extending:
             return None
         budget = self.cfg.max_prefill_tokens
         slots_left = self.cfg.max_running_requests - len(self.running)
         reqs, prefix_lens, extend_lens, sample = [], [], [], []
-        candidates = ([self.chunked] if self.chunked is not None else []) + self._order_waiting()
+        ongoing = ([self.chunked] if self.chunked is not None else []) + list(self.extending)
+        candidates = ongoing + self._order_waiting()
         self.chunked_next = None
         for req in candidates:
             if budget <= 0 or slots_left <= 0:
                 break
-            fresh = req is not self.chunked
+            fresh = req not in ongoing
             if fresh:
                 m = self.cache.match_prefix(
                     req.fill_ids[: self._max_match(req)], record_stats=req.cached_prompt_tokens < 0
@@ -183,6 +187,8 @@ class Scheduler:
                 self.waiting.remove(req)
                 if req.cached_prompt_tokens < 0:
                     req.cached_prompt_tokens = min(prefix, len(req.prompt_ids))
+            elif req in self.extending:
+                self.extending.remove(req)
             req.kv_slots.extend(slots)
             done = n == want
             if not done:
@@ -228,7 +234,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def after_step(self, batch: ScheduledBatch) -> None:
-        """Called once the batch ran: move prefilled requests to running, keep the chunked one."""
+        """Called once the batch ran: move prefilled requests to running, keep the chunked one,
+        and apply rebases (chains and jump-forward) requested by output processing."""
         if batch.mode is ForwardMode.EXTEND:
             nxt = self.chunked_next
             for req, sampled in zip(batch.reqs, batch.sample):
@@ -237,6 +244,40 @@ class Scheduler:
                 elif sampled and not req.finished:
                     self.running.append(req)
             self.chunked = nxt
+        for req in batch.reqs:
+            if req.rebase_to is not None and not req.finished:
+                self._rebase(req, req.rebase_to)
+                req.rebase_to = None
+
+    def _rebase(self, req: Req, new_ids: list[int]) -> None:
+        """Make ``new_ids`` the request's token sequence, keeping the KV of the common prefix.
+
+        All of ``new_ids`` becomes the prompt of the request's next generation. At least the last
+        token is recomputed (its logits are needed to sample).
+        """
+        old = req.fill_ids[: req.kv_len]
+        c = 0
+        for a, b in zip(old, new_ids):
+            if a != b:
+                break
+            c += 1
+        c = min(c, len(new_ids) - 1)
+        if req in self.running:
+            self.running.remove(req)
+        if c < req.cache_len:
+            # the change reaches into KV the radix cache owns: start over from the cache (rare)
+            self.release(req, cache_kv=True)
+            req.prompt_ids, req.output_ids = list(new_ids), []
+            self.waiting.appendleft(req)
+            return
+        dropped = len(req.kv_slots) - c
+        if dropped:
+            self._undo_alloc(req, dropped)
+        req.prompt_ids, req.output_ids = list(new_ids), []
+        if len(new_ids) - c == 1:
+            self.running.append(req)
+        else:
+            self.extending.append(req)
 
     def finish(self, req: Req, cache_kv: bool = True) -> None:
         """Drop a finished (or failed) request from the queues and release its KV."""
@@ -244,6 +285,8 @@ class Scheduler:
             self.running.remove(req)
         if req is self.chunked:
             self.chunked = None
+        if req in self.extending:
+            self.extending.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
         self.release(req, cache_kv=cache_kv)

@@ -1,0 +1,194 @@
+"""The backend interface between the program interpreter and whatever runs the model.
+
+A backend takes ``ChainRequest``s: a prompt text followed by steps, each a generation or a constant
+text. A chain with several steps runs as ONE engine request: constant text between generations is
+appended as forced tokens (one extend, no return to Python). A chain with one gen step is a plain
+call. ``EngineBackend`` runs chains on the embedded engine; remote backends (SGLang /generate,
+OpenAI) implement the same interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmir_lang.executor.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class GenStep:
+    """One generation inside a chain. ``constraint`` is a constraints.ConstraintSpec or None."""
+
+    name: str | None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    constraint: Any = None
+
+
+@dataclass(slots=True)
+class ChainRequest:
+    """``prompt`` (already rendered: roles are template text) then ``steps`` in order.
+
+    A ``str`` step is constant text forced after the previous generation. ``pin`` asks the backend to
+    keep the prompt's KV cached until ``unpin`` (the optimizer's prefix-share plan).
+    """
+
+    prompt: str
+    steps: list[GenStep | str]
+    pin: bool = False
+
+
+@dataclass(slots=True)
+class StepResult:
+    name: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[float] | None = None
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ChainResult:
+    steps: list[StepResult]  # one per GenStep, in order
+    text: str  # everything appended after the prompt: generations and constant texts
+    error: str | None = None  # set when the chain failed; steps then holds what finished
+
+
+ChunkCallback = Callable[[int, str], None]  # (index of the gen step, new text)
+
+
+class Backend(ABC):
+    """Runs chains and scores continuations. Implementations are thread-safe."""
+
+    @abstractmethod
+    def submit(self, request: ChainRequest, on_chunk: ChunkCallback | None = None) -> Future:
+        """Start one chain; the future resolves to a ChainResult (never raises for model errors:
+        those are reported in ``ChainResult.error``). Bad input raises here, before any model step."""
+
+    def run(self, requests: Sequence[ChainRequest]) -> list[ChainResult]:
+        """Run many chains together (they batch in the engine) and wait for all."""
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
+
+    @abstractmethod
+    def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
+        """Per-token logprobs of each continuation after ``prompt``, in one batched call."""
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The model's own chat template."""
+
+    def unpin(self, prompt: str) -> None:  # noqa: B027 - optional
+        """Release a prefix pinned by ``ChainRequest.pin``."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class EngineBackend(Backend):
+    """Runs chains on the embedded engine (``Engine()`` with no arguments = the bundled model)."""
+
+    def __init__(self, engine: Any = None, **engine_options: Any):
+        if engine is None:
+            from llmir_lang.executor.engine import Engine
+
+            engine = Engine(**engine_options)
+        self.engine = engine
+        self._compiler: Any = None
+
+    # constraints are compiled lazily, once per spec (the compiler caches)
+    def _matcher(self, spec: Any) -> tuple[Any, str | None]:
+        if spec is None:
+            return None, None
+        if self._compiler is None:
+            try:
+                from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
+            except ImportError as e:
+                from llmir_lang.errors import NotYetSupportedError
+
+                raise NotYetSupportedError(
+                    f"constrained generation is not available in this build ({e})"
+                ) from None
+            eng = self.engine
+            info = TokenizerInfo.from_hf(
+                eng.tokenizer.hf, vocab_size=eng.config.vocab_size, eos_token_ids=eng.tokenizer.eos_token_ids
+            )
+            self._compiler = ConstraintCompiler(info)
+        compiled = self._compiler.compile(spec)
+        return compiled.new_matcher(), compiled.engine
+
+    def submit(self, request: ChainRequest, on_chunk: ChunkCallback | None = None) -> Future:
+        steps: list[tuple] = []
+        names: list[str | None] = []
+        engines: list[str | None] = []
+        for step in request.steps:
+            if isinstance(step, str):
+                steps.append(("text", step))
+            else:
+                matcher, engine_name = self._matcher(step.constraint)
+                steps.append(("gen", step.params, matcher))
+                names.append(step.name)
+                engines.append(engine_name)
+        stream = None
+        if on_chunk is not None:
+
+            def stream(chunk: Any) -> None:
+                if chunk.text:
+                    on_chunk(chunk.index, chunk.text)
+
+        lead = ""  # constant text before the first generation joins the prompt inside the engine
+        for step in request.steps:
+            if not isinstance(step, str):
+                break
+            lead += step
+        inner = self.engine.submit_chain(request.prompt, steps, stream=stream)
+        outer: Future = Future()
+
+        def done(f: Future) -> None:
+            try:
+                res = f.result()
+            except Exception as e:  # engine failure: reported on the result, never raised
+                outer.set_result(ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}"))
+                return
+            results = []
+            for i, r in enumerate(res.meta.get("steps", [res])):
+                meta = {k: v for k, v in r.meta.items() if k not in ("steps", "chain_text")}
+                meta["constraint_engine"] = engines[i] if i < len(engines) else None
+                results.append(
+                    StepResult(
+                        name=names[i] if i < len(names) else None,
+                        text=r.text,
+                        token_ids=r.token_ids,
+                        finish_reason=r.finish_reason,
+                        prompt_tokens=r.prompt_tokens,
+                        completion_tokens=r.completion_tokens,
+                        cached_tokens=r.cached_tokens,
+                        logprobs=r.logprobs,
+                        error=r.error,
+                        meta=meta,
+                    )
+                )
+            error = next((r.error for r in results if r.error), None)
+            text = lead + res.meta.get("chain_text", res.text)
+            outer.set_result(ChainResult(steps=results, text=text, error=error))
+
+        inner.add_done_callback(done)
+        return outer
+
+    def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
+        return self.engine.score(prompt, list(continuations))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.engine.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()

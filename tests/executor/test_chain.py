@@ -1,0 +1,84 @@
+"""Chains (gen -> constant text -> gen) run as one engine request and equal call-by-call runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmir_lang import errors
+from llmir_lang.executor.backend import ChainRequest, EngineBackend, GenStep
+from llmir_lang.executor.engine import Engine
+from llmir_lang.executor.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoints):
+    folder, _ = checkpoints("llama")
+    eng = Engine(str(folder), device="cpu", kv_memory="8MB")
+    yield EngineBackend(eng)
+    eng.shutdown()
+
+
+def _call_by_call(be: EngineBackend, prompt: str, steps: list) -> tuple[str, list[list[int]]]:
+    text, tokens = "", []
+    for step in steps:
+        if isinstance(step, str):
+            text += step
+        else:
+            r = be.run([ChainRequest(prompt + text, [step])])[0]
+            text += r.text
+            tokens.append(r.steps[0].token_ids)
+    return text, tokens
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [GenStep("a", SamplingParams(max_new_tokens=5, ignore_eos=True))],
+        [
+            GenStep("a", SamplingParams(max_new_tokens=6, ignore_eos=True)),
+            " name: Ada, age: ",
+            GenStep("b", SamplingParams(max_new_tokens=4, ignore_eos=True)),
+            ", city",
+        ],
+        [
+            "the ",
+            GenStep("a", SamplingParams(max_new_tokens=3, ignore_eos=True)),
+            GenStep("b", SamplingParams(max_new_tokens=3, ignore_eos=True)),
+            " over the lazy",
+            GenStep("c", SamplingParams(max_new_tokens=5, ignore_eos=True, stop=["o"])),
+        ],
+    ],
+)
+def test_chain_equals_call_by_call(backend, steps):
+    prompt = "the quick brown fox"
+    eng = backend.engine
+    before = eng.stats()["forward_calls"]
+    chained = backend.run([ChainRequest(prompt, steps)])[0]
+    chain_calls = eng.stats()["forward_calls"] - before
+    text, tokens = _call_by_call(backend, prompt, steps)
+    assert chained.error is None
+    assert chained.text == text
+    assert [s.token_ids for s in chained.steps] == tokens
+    assert [s.name for s in chained.steps] == [s.name for s in steps if not isinstance(s, str)]
+    gens = [s for s in steps if not isinstance(s, str)]
+    # one forward per generated token at most: the constant text costs no extra model calls
+    assert chain_calls <= sum(s.params.max_new_tokens for s in gens)
+
+
+def test_chain_streams_each_generation(backend):
+    seen: list[tuple[int, str]] = []
+    steps = [
+        GenStep("a", SamplingParams(max_new_tokens=4, ignore_eos=True)),
+        " and ",
+        GenStep("b", SamplingParams(max_new_tokens=4, ignore_eos=True)),
+    ]
+    r = backend.submit(ChainRequest("the quick", steps), on_chunk=lambda i, t: seen.append((i, t))).result()
+    assert "".join(t for i, t in seen if i == 0) == r.steps[0].text
+    assert "".join(t for i, t in seen if i == 1) == r.steps[1].text
+
+
+def test_chain_bad_input(backend):
+    with pytest.raises(errors.InvalidRequestError):
+        backend.engine.submit_chain("x", [("text", "only text")])
+    with pytest.raises(errors.InvalidRequestError):
+        backend.engine.submit_chain("x", [("gen", SamplingParams(max_new_tokens=1), None), ("bogus",)])
