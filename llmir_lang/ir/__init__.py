@@ -43,6 +43,11 @@ exact inverses on printer output; ``verify(module)`` raises ``IRVerifyError`` (u
 definition, join of unrelated states, a variable defined twice in one scope, bad attributes, ...);
 parse errors raise ``IRParseError`` with line and column. ``renumber(module)`` renames results to
 ``0, 1, ...`` (the canonical form passes print).
+
+Notes: ``Module``, ``Function`` and ``Op`` are immutable and compare by value (``Op.line`` is not
+compared); ``Value`` is hashable, ``Op`` is not (its attribute dict). ``ir.semantics.evaluate``
+is a reference evaluator (the model abstracted as a callback) that defines what a program means;
+tests use it to check that passes preserve meaning.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from llmir_lang.optimizer.chat_template import (
     ChatTemplateError,
     RoleRenderer,
     chat_template_from_tokenizer,
+    derive_chat_template,
 )
 from llmir_lang.optimizer.pass_manager import (
     DEFAULT_PIPELINE,
@@ -46,6 +47,7 @@ __all__ = [
     "PassPipelineError",
     "RoleRenderer",
     "chat_template_from_tokenizer",
+    "derive_chat_template",
     "parse_pipeline",
     "register_pass",
     "run_pipeline",

@@ -3,7 +3,8 @@
 ``canonicalize`` takes any object with ``begin(role) -> str`` and ``end(role) -> str`` (the
 ``RoleRenderer`` protocol), or a plain callable ``render_role(role, is_begin) -> str``.
 ``chat_template_from_tokenizer`` derives a ``ChatTemplate`` from a Hugging Face tokenizer by
-rendering probe conversations through its own ``apply_chat_template``, so that the text the
+rendering probe conversations through its own ``apply_chat_template`` (``derive_chat_template``
+does the same from any ``render(messages) -> str``, e.g. a backend's), so that the text the
 frontend produces for a role is exactly the text the model was trained on.
 """
 
@@ -88,26 +89,45 @@ _PROBES = ("LLMIRPROBEA", "LLMIRPROBEB", "LLMIRPROBEC", "LLMIRPROBES")
 def chat_template_from_tokenizer(
     tokenizer: Any, roles: Sequence[str] = ("system", "user", "assistant")
 ) -> ChatTemplate:
-    """Derive role begin / end text from ``tokenizer.apply_chat_template``.
-
-    Renders ``[user A]``, ``[user A, assistant B]``, ``[user A, assistant B, user C]`` and
-    ``[system S, user A]`` (text, no generation prompt) and reads each marker off the text between
-    the probe contents. ``system`` is skipped (absent from the result) if the template rejects a
-    system message. Raises ``ChatTemplateError`` if the template renders a role differently
-    depending on what follows it, which a begin/end pair cannot express.
-    """
-    a, b, c, s = _PROBES
+    """Derive role begin / end text from a Hugging Face tokenizer's ``apply_chat_template``
+    (called with ``tokenize=False, add_generation_prompt=False``); see ``derive_chat_template``."""
     source = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
     def render(messages: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    return derive_chat_template(
+        render, roles, bos_token=getattr(tokenizer, "bos_token", None) or "", source=source
+    )
+
+
+def derive_chat_template(
+    render_conversation: Callable[[list[dict[str, str]]], str],
+    roles: Sequence[str] = ("system", "user", "assistant"),
+    *,
+    bos_token: str = "",
+    source: str = "",
+) -> ChatTemplate:
+    """Derive role begin / end text from ``render_conversation(messages) -> str`` (a chat template
+    applied without a generation prompt, e.g. a backend's ``apply_chat_template``).
+
+    Renders ``[user A]``, ``[user A, assistant B]``, ``[user A, assistant B, user C]`` and
+    ``[system S, user A]`` and reads each marker off the text between the probe contents.
+    ``system`` is skipped (absent from the result) if the template rejects a system message; a
+    ``bos_token`` the template writes before the system message goes to ``prefix``. Raises
+    ``ChatTemplateError`` if the template renders a role differently depending on what follows
+    it, which a begin/end pair cannot express.
+    """
+    source = source or "the given renderer"
+    a, b, c, s = _PROBES
+
+    def render(messages: list[dict[str, str]]) -> str:
         try:
-            out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            out = render_conversation(messages)
         except Exception as e:  # templates raise arbitrary errors (jinja raise_exception)
             raise ChatTemplateError(f"chat template of {source} failed on a probe conversation: {e}") from e
         if not isinstance(out, str):
-            raise ChatTemplateError(
-                f"apply_chat_template(tokenize=False) of {source} returned {type(out).__name__}"
-            )
+            raise ChatTemplateError(f"the chat template of {source} rendered {type(out).__name__}, not text")
         return out
 
     def split(text: str, *probes: str) -> list[str]:
@@ -158,11 +178,10 @@ def chat_template_from_tokenizer(
         except ChatTemplateError:
             head_s = None
         if head_s is not None and between_sa.endswith(begin_user):
-            bos = getattr(tokenizer, "bos_token", None) or ""
             if prefix and head_s.startswith(prefix):
                 head_s = head_s[len(prefix) :]
-            elif bos and head_s.startswith(bos):
-                head_s = head_s[len(bos) :]
+            elif bos_token and head_s.startswith(bos_token):
+                head_s = head_s[len(bos_token) :]
             table["system"] = (head_s, between_sa[: len(between_sa) - len(begin_user)])
     unknown = [r for r in roles if r not in ("system", "user", "assistant")]
     if unknown:

@@ -12,7 +12,13 @@ from transformers import PreTrainedTokenizerFast
 
 from llmir_lang.ir import ModuleBuilder
 from llmir_lang.ir.semantics import evaluate
-from llmir_lang.optimizer import ChatTemplate, ChatTemplateError, PassManager, chat_template_from_tokenizer
+from llmir_lang.optimizer import (
+    ChatTemplate,
+    ChatTemplateError,
+    PassManager,
+    chat_template_from_tokenizer,
+    derive_chat_template,
+)
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -109,3 +115,15 @@ def test_unknown_role_is_a_clear_error() -> None:
     t = ChatTemplate({"user": ("<u>", "</u>")}, source="fake")
     with pytest.raises(ChatTemplateError, match="of fake has no role 'tool'; roles: user"):
         t.begin("tool")
+
+
+def test_derive_from_a_plain_render_function() -> None:
+    tok = _tokenizer(LLAMA3, bos="<s>")
+    t = derive_chat_template(
+        lambda messages: tok.apply_chat_template(messages, tokenize=False), bos_token="<s>"
+    )
+    assert t == chat_template_from_tokenizer(tok)
+    with pytest.raises(ChatTemplateError, match="failed on a probe conversation"):
+        derive_chat_template(lambda messages: 1 / 0)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ChatTemplateError, match="verbatim"):
+        derive_chat_template(lambda messages: "no contents here")
