@@ -7,8 +7,9 @@ It writes an fp32 partial output and a base-2 log-sum-exp per (request, head, sp
 kernel merges the splits of each (request, head) by log-sum-exp.
 
 Invariants the kernels rely on:
-- ``num_splits[b]`` (int32, ``1 <= num_splits[b] <= grid splits``) picks request b's split count; a
-  split whose slice is empty writes only lse = -inf, and the reduce neither weights nor reads it. So the grid depends only on (B, KV heads, max splits), never on the KV lengths: the
+- Request b takes ``clamp(ceil(kv_len_b / min_chunk), 1, grid splits)`` splits, computed in the
+  kernel; a split whose slice is empty writes only lse = -inf, and the merge neither weights nor
+  reads it. So the grid depends only on (B, KV heads, max splits), never on the KV lengths: the
   launch is CUDA-graph safe as long as those and the tensors' addresses stay fixed.
 - The last dim of q, the pool buffers and the outputs is contiguous.
 """
@@ -27,9 +28,9 @@ from llmir_lang.kernels.triton_common import LOG2E, mma, upcast_dots
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
-    """Launch shape of the decode kernels. ``max_splits`` also sizes the partial workspace."""
+    """Launch shape of the decode kernels."""
 
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 4
     num_stages: int = 2
     max_splits: int = 32
@@ -40,9 +41,8 @@ class DecodeConfig:
 def default_decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
     if device.type != "cuda":  # interpreter: tiny tiles so that short test lengths still split
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1, max_splits=4, min_chunk=16)
-    if head_dim >= 128:
-        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
-    return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+    # H100 sweep (benchmarks/results): 128-token tiles, 4 warps, 2 stages led at d128.
+    return DecodeConfig(block_n=128, num_warps=4, num_stages=2 if head_dim >= 128 else 3)
 
 
 def block_h_for(group: int) -> int:
@@ -53,33 +53,12 @@ def block_h_for(group: int) -> int:
 def split_cap(batch_size: int, num_kv_heads: int, config: DecodeConfig, device: torch.device) -> int:
     """Most splits any request of a batch of ``batch_size`` gets: the z extent of the grid.
 
-    Depends only on the batch size (not on KV lengths), so a captured graph keeps one grid.
+    Depends only on the batch size (not on KV lengths), so a captured graph keeps one grid. Each
+    request then takes ``clamp(ceil(kv_len / min_chunk), 1, split_cap)`` splits, decided inside the
+    kernel from its own length.
     """
     target = num_sms(device) * config.programs_per_sm
     return max(1, min(config.max_splits, math.ceil(target / max(1, batch_size * num_kv_heads))))
-
-
-def plan_decode_splits(
-    kv_indptr: torch.Tensor,
-    batch_size: int,
-    num_kv_heads: int,
-    config: DecodeConfig,
-    device: torch.device,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-request split counts ``[batch_size]`` int32, computed on the device (no host sync).
-
-    A request gets ``ceil(kv_len / min_chunk)`` splits, capped so that the whole grid holds about
-    ``programs_per_sm`` programs per SM (large batches need no splitting) and by ``max_splits``.
-    With ``out`` the counts are written into ``out[:batch_size]`` in place (for CUDA graphs).
-    """
-    cap = split_cap(batch_size, num_kv_heads, config, device)
-    kv_lens = kv_indptr[1 : batch_size + 1] - kv_indptr[:batch_size]
-    splits = torch.clamp((kv_lens + (config.min_chunk - 1)) // config.min_chunk, 1, cap).to(torch.int32)
-    if out is None:
-        return splits
-    out[:batch_size].copy_(splits)
-    return out[:batch_size]
 
 
 @triton.jit
@@ -89,10 +68,10 @@ def _decode_partial_kernel(
     V,
     KvIndptr,
     KvIndices,
-    NumSplits,
     PartO,
     PartLse,
     sm_scale_log2,
+    min_chunk,
     stride_qb,
     stride_qh,
     stride_kn,
@@ -110,13 +89,15 @@ def _decode_partial_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     kv_start = tl.load(KvIndptr + b).to(tl.int64)
     kv_len = (tl.load(KvIndptr + b + 1) - kv_start).to(tl.int32)
-    n_splits = tl.load(NumSplits + b)
+    n_splits = tl.minimum(tl.maximum(tl.cdiv(kv_len, min_chunk), 1), tl.num_programs(2))
     # Slices are whole tiles so that only the request's last tile needs a mask.
     per_split = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
@@ -141,11 +122,11 @@ def _decode_partial_kernel(
         n_mask = offs_n < hi
         slot = tl.load(KvIndices + kv_start + offs_n, mask=n_mask, other=0).to(tl.int64)
         k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = mma(q, tl.trans(k), UPCAST) * sm_scale_log2
+        qk = mma(q, tl.trans(k), UPCAST)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
@@ -162,9 +143,16 @@ def _decode_partial_kernel(
         + slot_id * stride_os
         + offs_d[None, :]
     )
-    # An empty slice stores only its lse (-inf); the merge never reads its output.
-    tl.store(o_ptrs, acc / denom[:, None], mask=head_mask[:, None] & has_keys[:, None])
-    tl.store(PartLse + b.to(tl.int64) * stride_lb + heads * stride_lh + slot_id, lse, mask=head_mask)
+    lse_ptrs = PartLse + b.to(tl.int64) * stride_lb + heads * stride_lh + slot_id
+    if DIRECT:
+        # One split per request: this is the final output (q's dtype) and natural-log lse.
+        tl.store(o_ptrs, (acc / denom[:, None]).to(PartO.dtype.element_ty), mask=head_mask[:, None])
+        if STORE_LSE:
+            tl.store(lse_ptrs, lse * 0.6931471805599453, mask=head_mask)
+    else:
+        # An empty slice stores only its lse (-inf); the merge never reads its output.
+        tl.store(o_ptrs, acc / denom[:, None], mask=head_mask[:, None] & has_keys[:, None])
+        tl.store(lse_ptrs, lse, mask=head_mask)
 
 
 @triton.jit
@@ -226,29 +214,34 @@ def launch_decode_partial(
     v_buffer: torch.Tensor,
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
-    num_splits: torch.Tensor,
     grid_splits: int,
     part_o: torch.Tensor,
     part_lse: torch.Tensor,
     split_offset: int,
     sm_scale: float,
     config: DecodeConfig,
+    direct: bool = False,
+    store_lse: bool = True,
 ) -> None:
-    """Write splits ``split_offset .. split_offset + grid_splits - 1`` of every (request, head)."""
+    """Write splits ``split_offset .. split_offset + grid_splits - 1`` of every (request, head).
+
+    ``direct`` (only with ``grid_splits == 1``): ``part_o`` is the final ``[B, H, 1, D]`` output in
+    q's dtype and ``part_lse`` the final ``[B, H, 1]`` natural-log lse (skipped if not ``store_lse``).
+    """
     bsz, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     group = num_heads // num_kv_heads
-    grid = (bsz, num_kv_heads, grid_splits)
-    _decode_partial_kernel[grid](
+    assert not direct or grid_splits == 1
+    _decode_partial_kernel[(bsz, num_kv_heads, grid_splits)](
         q,
         k_buffer,
         v_buffer,
         kv_indptr,
         kv_indices,
-        num_splits,
         part_o,
         part_lse,
         sm_scale * LOG2E,
+        config.min_chunk,
         q.stride(0),
         q.stride(1),
         k_buffer.stride(0),
@@ -266,6 +259,8 @@ def launch_decode_partial(
         BLOCK_N=config.block_n,
         HEAD_DIM=head_dim,
         UPCAST=upcast_dots(q.dtype, q.device),
+        DIRECT=direct,
+        STORE_LSE=store_lse,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -309,43 +304,46 @@ def decode_attention(
     sm_scale: float,
     *,
     return_lse: bool = False,
-    num_splits: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.decode_attention`` (``..._with_lse`` when ``return_lse``).
 
-    ``num_splits`` (from ``plan_decode_splits``), ``workspace`` (from ``alloc_partials`` with at least
-    B rows and ``split_cap(...)`` slots) and ``out`` may be preallocated by a caller that wants no
-    allocation and no host work per call (the attention backend under CUDA graphs).
+    No host sync and no device work besides the kernels: the grid depends only on q's shape, so a
+    call can be captured in a CUDA graph. ``workspace`` (from ``alloc_partials`` with at least B
+    rows and ``split_cap(...)`` slots) and ``out`` may be preallocated to avoid allocations.
     """
     bsz, num_heads, head_dim = q.shape
     cfg = config or default_decode_config(head_dim, q.device)
-    if num_splits is None:
-        num_splits = plan_decode_splits(kv_indptr, bsz, k_buffer.shape[1], cfg, q.device)
     grid_splits = split_cap(bsz, k_buffer.shape[1], cfg, q.device)
-    if workspace is None:
-        workspace = alloc_partials(bsz, num_heads, grid_splits, head_dim, q.device)
-    part_o, part_lse = workspace
     if out is None:
         out = torch.empty(bsz, num_heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=q.device) if return_lse else None
     if bsz == 0:
         return (out, lse) if lse is not None else out
+    if grid_splits == 1:  # nothing to merge: the kernel writes the result itself
+        launch_decode_partial(
+            q,
+            k_buffer,
+            v_buffer,
+            kv_indptr,
+            kv_indices,
+            1,
+            out.unsqueeze(2),
+            (lse if lse is not None else out).unsqueeze(2),
+            0,
+            sm_scale,
+            cfg,
+            direct=True,
+            store_lse=lse is not None,
+        )
+        return (out, lse) if lse is not None else out
+    if workspace is None:
+        workspace = alloc_partials(bsz, num_heads, grid_splits, head_dim, q.device)
+    part_o, part_lse = workspace
     launch_decode_partial(
-        q,
-        k_buffer,
-        v_buffer,
-        kv_indptr,
-        kv_indices,
-        num_splits,
-        grid_splits,
-        part_o,
-        part_lse,
-        0,
-        sm_scale,
-        cfg,
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, grid_splits, part_o, part_lse, 0, sm_scale, cfg
     )
     launch_merge(part_o, part_lse, grid_splits, out, lse)
     return (out, lse) if lse is not None else out

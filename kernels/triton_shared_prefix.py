@@ -112,11 +112,11 @@ def _prefix_partial_kernel(
         n_mask = offs_n < hi
         slot = tl.load(PrefixIndices + offs_n, mask=n_mask, other=0).to(tl.int64)
         k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = mma(q, tl.trans(k), UPCAST) * sm_scale_log2
+        qk = mma(q, tl.trans(k), UPCAST)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
@@ -146,8 +146,8 @@ def shared_prefix_decode(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.shared_prefix_decode`` (plus the merged lse if ``return_lse``).
 
-    The prefix split count is chosen on the host from P and B (both known without a sync); the
-    suffix split counts are computed on the device.
+    The prefix split count is chosen on the host from P and B (both known without a sync); each
+    suffix's split count is chosen in the decode kernel from its length.
     """
     bsz, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -198,15 +198,12 @@ def shared_prefix_decode(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-    suffix_indptr = suffix_kv_indptr[: bsz + 1]
-    num_splits = td.plan_decode_splits(suffix_indptr, bsz, num_kv_heads, cfg.suffix, q.device)
     td.launch_decode_partial(
         q,
         k_buffer,
         v_buffer,
-        suffix_indptr,
+        suffix_kv_indptr[: bsz + 1],
         suffix_kv_indices,
-        num_splits,
         n_suf,
         part_o,
         part_lse,

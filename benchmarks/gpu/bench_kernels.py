@@ -85,14 +85,14 @@ def gather_contiguous(buf: torch.Tensor, idx: torch.Tensor, bsz: int, length: in
 
 # --- sections --------------------------------------------------------------------------------
 def bench_ceilings() -> dict:
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device=DEV)
+    n = 1 << 28  # 1 GiB of float32
+    a = torch.randn(n, device=DEV)
     b = torch.empty_like(a)
     t = time_graph([lambda: b.copy_(a)])
     x = torch.randn(8192, 8192, device=DEV, dtype=DT)
     y = torch.randn(8192, 8192, device=DEV, dtype=DT)
     tm = time_graph([lambda: x @ y], iters=10)
-    return {"copy_GBps": 2 * n / t / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
+    return {"copy_GBps": 2 * 4 * n / t / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
 
 
 def bench_decode_point(kb, vb, bsz: int, ctx: int, cfg: td.DecodeConfig, with_sdpa: bool = True) -> dict:
@@ -101,17 +101,12 @@ def bench_decode_point(kb, vb, bsz: int, ctx: int, cfg: td.DecodeConfig, with_sd
     reps = rotations(nbytes)
     ip = indptr(lengths, DEV)
     q = torch.randn(bsz, H, D, device=DEV, dtype=DT)
-    ns = td.plan_decode_splits(ip, bsz, HKV, cfg, DEV)
     cap = td.split_cap(bsz, HKV, cfg, DEV)
     ws = td.alloc_partials(bsz, H, cap, D, DEV)
     out = torch.empty_like(q)
     sets = [slot_layout(lengths, kb.shape[0], "paged", GEN, device=DEV) for _ in range(reps)]
     fns = [
-        (
-            lambda idx=idx: td.decode_attention(
-                q, kb, vb, ip, idx, SCALE, num_splits=ns, workspace=ws, out=out, config=cfg
-            )
-        )
+        (lambda idx=idx: td.decode_attention(q, kb, vb, ip, idx, SCALE, workspace=ws, out=out, config=cfg))
         for idx in sets
     ]
     t = time_graph(fns)
@@ -177,7 +172,7 @@ def bench_prefill(kb, vb) -> list[dict]:
     return rows
 
 
-def bench_shared_point(kb, vb, bsz: int, prefix: int, max_suffix: int = 256) -> dict:
+def bench_shared_point(kb, vb, bsz: int, prefix: int, max_suffix: int = 256, config=None) -> dict:
     gen = torch.Generator().manual_seed(bsz * 7 + prefix)
     suffix_lens = torch.randint(1, max_suffix + 1, (bsz,), generator=gen).tolist()
     nbytes_off = (bsz * prefix + sum(suffix_lens)) * TOKEN_BYTES
@@ -192,7 +187,9 @@ def bench_shared_point(kb, vb, bsz: int, prefix: int, max_suffix: int = 256) -> 
         slots = slot_layout([prefix, *suffix_lens], kb.shape[0], "paged", GEN, device=DEV)
         pre, suf = slots[:prefix], slots[prefix:]
         full = torch.cat([torch.cat([pre, suf[sp[b] : sp[b + 1]]]) for b in range(bsz)])
-        on_fns.append(lambda pre=pre, suf=suf: tsp.shared_prefix_decode(q, kb, vb, pre, sp, suf, SCALE))
+        on_fns.append(
+            lambda pre=pre, suf=suf: tsp.shared_prefix_decode(q, kb, vb, pre, sp, suf, SCALE, config=config)
+        )
         off_fns.append(lambda full=full: td.decode_attention(q, kb, vb, full_ip, full, SCALE, config=cfg))
     t_on, t_off = time_graph(on_fns), time_graph(off_fns)
     return {
@@ -209,7 +206,7 @@ def bench_shared_point(kb, vb, bsz: int, prefix: int, max_suffix: int = 256) -> 
 
 def bench_shared(kb, vb) -> list[dict]:
     points = [(64, 4096), (64, 16384), (128, 4096), (128, 16384)]
-    boundary = [(8, 256), (8, 1024), (16, 256), (32, 512), (8, 4096), (4, 4096), (64, 128)]
+    boundary = [(b, p) for b in (4, 8, 16, 32, 64) for p in (128, 256, 512, 1024, 2048, 4096)]
     rows = []
     for bsz, prefix in points + boundary:
         rows.append(bench_shared_point(kb, vb, bsz, prefix) | {"boundary": (bsz, prefix) in boundary})
@@ -219,32 +216,25 @@ def bench_shared(kb, vb) -> list[dict]:
 
 def bench_sweep(kb, vb) -> dict:
     dec = []
-    for bn, nw, st in [
-        (32, 4, 2),
-        (64, 4, 2),
-        (64, 4, 3),
-        (64, 8, 3),
-        (128, 4, 2),
-        (128, 8, 2),
-        (64, 4, 4),
-        (32, 2, 3),
-    ]:
-        for ppsm in (2, 4, 8):
-            cfg = td.DecodeConfig(block_n=bn, num_warps=nw, num_stages=st, programs_per_sm=ppsm)
-            for bsz, ctx in ((1, 16384), (16, 4096), (64, 4096)):
-                if ppsm != 4 and bsz != 1:
-                    continue  # programs per SM matters only where splitting does
+    for bn, nw, st in [(128, 4, 2), (128, 4, 3), (64, 4, 3), (256, 4, 2), (256, 8, 2), (128, 8, 3)]:
+        cfg = td.DecodeConfig(block_n=bn, num_warps=nw, num_stages=st)
+        for bsz, ctx in ((1, 16384), (16, 1024), (16, 4096), (64, 4096), (256, 4096)):
+            try:
                 r = bench_decode_point(kb, vb, bsz, ctx, cfg, with_sdpa=False)
-                dec.append({"block_n": bn, "warps": nw, "stages": st, "ppsm": ppsm} | r)
-                print("sweep decode", dec[-1], flush=True)
+            except Exception as exc:
+                r = {"batch": bsz, "ctx": ctx, "error": repr(exc)[:200]}
+            dec.append({"block_n": bn, "warps": nw, "stages": st} | r)
+            print("sweep decode", dec[-1], flush=True)
     ext = []
     for bm, bn, nw, st in [
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
         (128, 64, 4, 3),
-        (64, 64, 4, 3),
-        (128, 64, 8, 4),
-        (128, 32, 4, 4),
+        (128, 64, 4, 2),
+        (128, 64, 4, 4),
+        (128, 128, 4, 2),
+        (128, 128, 8, 2),
+        (256, 64, 8, 3),
+        (128, 32, 4, 3),
+        (64, 128, 4, 3),
     ]:
         cfg = te.ExtendConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
         try:
@@ -253,7 +243,24 @@ def bench_sweep(kb, vb) -> dict:
             r = {"error": repr(exc)[:200]}
         ext.append({"block_m": bm, "block_n": bn, "warps": nw, "stages": st} | r)
         print("sweep extend", ext[-1], flush=True)
-    return {"decode": dec, "extend": ext}
+    shared = []
+    for bm, bn, nw, st, chunk in [
+        (128, 64, 8, 3, 256),
+        (128, 64, 8, 3, 512),
+        (128, 64, 8, 3, 1024),
+        (128, 64, 4, 3, 512),
+        (64, 64, 4, 3, 512),
+        (128, 128, 8, 2, 512),
+    ]:
+        cfg = tsp.SharedPrefixConfig(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, min_chunk=chunk)
+        for bsz, prefix in ((64, 4096), (128, 16384), (16, 1024)):
+            try:
+                r = bench_shared_point(kb, vb, bsz, prefix, config=cfg)
+            except Exception as exc:
+                r = {"batch": bsz, "prefix": prefix, "error": repr(exc)[:200]}
+            shared.append({"block_m": bm, "block_n": bn, "warps": nw, "stages": st, "min_chunk": chunk} | r)
+            print("sweep shared", shared[-1], flush=True)
+    return {"decode": dec, "extend": ext, "shared": shared}
 
 
 def bench_flex(kb, vb, budget_s: float = 120.0) -> list[dict]:

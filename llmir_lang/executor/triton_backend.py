@@ -1,21 +1,21 @@
 """The Triton attention backend: the GPU counterpart of ``TorchAttentionBackend``.
 
 ``prepare(batch)`` does all per-batch host work once; ``forward`` (once per layer) only launches
-kernels: ``store_kv``, then extend attention, decode attention (split-KV partials + merge), or
-shared-prefix decode.
+kernels: ``store_kv``, then extend attention, decode attention (split-KV partials + merge, or one
+direct kernel when the batch is large enough not to split), or shared-prefix decode.
 
-CUDA graphs (DECODE only). ``prepare`` and ``forward`` do no host syncs for a decode batch: the
-split counts are computed on the device into a preallocated buffer, and the partial results live
-in one preallocated workspace. To capture and replay, keep fixed:
-- the batch size B (it sets the grid: ``(B, kv_heads, split_cap(B))``, and the merge grid ``(B, H)``);
+CUDA graphs (DECODE only). ``prepare`` and ``forward`` do no host syncs and no device work besides
+the kernels for a decode batch: each request's split count is computed inside the decode kernel
+from its KV length, and the partial results live in one preallocated workspace. To capture and
+replay, keep fixed:
+- the batch size B (it sets the grids: ``(B, kv_heads, split_cap(B))`` and the merge's ``(B, H)``);
 - the tensors of the captured ``ForwardBatch`` (``kv_indptr``, ``kv_indices`` sized for the longest
-  replay, ``out_cache_loc``): refill them in place before each replay; the KV lengths may change;
-- this backend object (its ``_num_splits`` and workspace addresses are baked into the graph).
-Either capture ``prepare`` inside the graph, or call it eagerly on the static batch before each
-replay; both update ``_num_splits`` in place. Run one eager decode forward (or pass
-``num_q_heads``) before capturing so the workspace exists. Padding rows of a bucket may have
-kv length 0: they get output 0, never nan. Shared-prefix decode allocates per call and is meant
-for eager steps only.
+  replay, ``out_cache_loc``): refill them in place before each replay; KV lengths may change freely;
+- this backend object (its workspace address is baked into the graph).
+``prepare`` may run inside or outside the captured region. Run one eager decode forward (or pass
+``num_q_heads``) before capturing so the workspace exists. Padding rows of a bucket may have KV
+length 0: they get output 0, never nan. Shared-prefix decode allocates per call and is meant for
+eager steps only.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ class TritonAttentionBackend(AttentionBackend):
         self.decode_config = triton_decode.default_decode_config(self.head_dim, self.device)
         self.extend_config = triton_extend.default_extend_config(self.head_dim, self.device)
         self.max_batch_size = max_batch_size
-        self._num_splits = torch.ones(max_batch_size, dtype=torch.int32, device=self.device)
         self._grid_splits = 1
         self._workspace_flat: torch.Tensor | None = None
         self._lse_flat: torch.Tensor | None = None
@@ -80,14 +79,6 @@ class TritonAttentionBackend(AttentionBackend):
                 )
             self._grid_splits = self._td.split_cap(
                 batch.batch_size, self.num_kv_heads, self.decode_config, self.device
-            )
-            self._td.plan_decode_splits(
-                batch.kv_indptr,
-                batch.batch_size,
-                self.num_kv_heads,
-                self.decode_config,
-                self.device,
-                out=self._num_splits,
             )
         else:
             self._extend_plan = self._te.plan_extend(
@@ -172,7 +163,6 @@ class TritonAttentionBackend(AttentionBackend):
             b.kv_indptr,
             b.kv_indices,
             self.sm_scale,
-            num_splits=self._num_splits[:bsz],
             workspace=(part_o, part_lse),
             config=self.decode_config,
         )

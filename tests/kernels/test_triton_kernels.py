@@ -55,6 +55,19 @@ def test_decode_attention(group: int, dtype: torch.dtype, layout: str) -> None:
     assert rel_error(K.decode_attention(q, kb, vb, ip, idx, head_dim**-0.5), expect) < TOL[dtype]
 
 
+def test_decode_large_batch_takes_the_direct_path() -> None:
+    # 17 requests x 2 KV heads fill the (CPU stand-in) grid: one split each, no merge launch.
+    from llmir_lang.kernels import triton_decode
+
+    lengths = [1 + (7 * i) % 20 for i in range(17)]
+    q, kb, vb, ip, idx = _batch(lengths, 2, 2, 16, torch.float16, "paged", seed=50)
+    assert triton_decode.split_cap(17, 2, triton_decode.default_decode_config(16, q.device), q.device) == 1
+    out, lse = K.decode_attention_with_lse(q, kb, vb, ip, idx, 0.25)
+    expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, 0.25)
+    assert rel_error(out, expect) < TOL[torch.float16]
+    assert torch.allclose(lse, expect_lse, atol=1e-3)
+
+
 @pytest.mark.parametrize(("group", "dtype", "layout"), CASES)
 def test_extend_attention(group: int, dtype: torch.dtype, layout: str) -> None:
     # (new tokens, cached prefix): plain prefill, one token over a prefix, ragged, page crossings.

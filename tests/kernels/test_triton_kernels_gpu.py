@@ -64,8 +64,10 @@ def test_decode_split_extremes_and_every_output_written(batch: int, length: int)
     q = torch.randn(batch, 32, 128, device=DEV, dtype=torch.bfloat16)
     ip = indptr(lengths, DEV)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    triton_decode.decode_attention(q, kb, vb, ip, idx, 0.088, out=out)
-    assert rel_error(out, ref.decode_attention(q, kb, vb, ip, idx, 0.088)) < TOL[torch.bfloat16]
+    _, lse = triton_decode.decode_attention(q, kb, vb, ip, idx, 0.088, out=out, return_lse=True)
+    expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, 0.088)
+    assert rel_error(out, expect) < TOL[torch.bfloat16]
+    assert torch.allclose(lse, expect_lse, atol=2e-3)
 
 
 @pytest.mark.parametrize(("group", "dtype", "head_dim"), CASES)
@@ -86,7 +88,8 @@ def test_shared_prefix_real_shapes(group: int, batch: int, prefix_len: int) -> N
     num_kv = 32 // group
     torch.manual_seed(group)
     suffix_lens = torch.randint(1, 300, (batch,)).tolist()
-    kb, vb = _pool(prefix_len + sum(suffix_lens) + 64, num_kv, 128, torch.bfloat16, seed=group)
+    num_slots = prefix_len + sum(suffix_lens) + 16 * (batch + 2)  # room for page rounding
+    kb, vb = _pool(num_slots, num_kv, 128, torch.bfloat16, seed=group)
     slots = _slots([prefix_len, *suffix_lens], kb.shape[0], "paged", seed=group)
     prefix, suffix = slots[:prefix_len], slots[prefix_len:]
     q = torch.randn(batch, 32, 128, device=DEV, dtype=torch.bfloat16)
