@@ -1,5 +1,64 @@
-"""llmir_lang: language-model programs, traced to an IR, optimized whole, run fast."""
+"""llmir_lang: language-model programs, traced to an IR, optimized whole, run fast.
+
+``import llmir_lang as llmir``::
+
+    @llmir.function
+    def qa(s, question):
+        s += llmir.user(question)
+        s += llmir.assistant(llmir.gen("answer", max_tokens=32))
+
+    llmir.set_default_backend(llmir.Runtime())   # the bundled model
+    print(qa.run(question="What is 2 + 3?")["answer"])
+
+The public names come from ``llmir_lang.dsl`` and load on first use, so that importing a lower
+layer (``llmir_lang.executor.engine``, ``llmir_lang.ir``) does not load the frontend.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+_PUBLIC = (
+    "DSLError",
+    "ForkGroup",
+    "GenerationError",
+    "LMFunction",
+    "ProgramState",
+    "Runtime",
+    "assistant",
+    "assistant_begin",
+    "assistant_end",
+    "function",
+    "gen",
+    "gen_int",
+    "gen_string",
+    "get_default_backend",
+    "select",
+    "set_default_backend",
+    "system",
+    "system_begin",
+    "system_end",
+    "user",
+    "user_begin",
+    "user_end",
+)
+
+__all__ = ["ProgramError", "__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        from llmir_lang import dsl
+
+        return getattr(dsl, name)
+    if name == "ProgramError":
+        from llmir_lang.errors import ProgramError
+
+        return ProgramError
+    raise AttributeError(f"module 'llmir_lang' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC, "ProgramError"])

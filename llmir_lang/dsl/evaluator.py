@@ -1,0 +1,407 @@
+"""The segment evaluator: runs an (optimized) module on a ``Backend``, every ready chain at once.
+
+Dataflow: an op runs as soon as its operands are known. Pure ops (text, roles, append, fork,
+join, var) are computed in Python at once; ``gen`` and ``gen.chain`` become one ``ChainRequest``
+each (a chain: several gens and forced text in ONE engine request), ``select`` one ``score`` call
+(all choices in one call when the select-trie pass marked it ``score = "batched"``, else one call
+per choice). All requests that are ready are submitted together, so the engine batches them.
+
+Optimizer hints (each may be ignored without changing any output; they only save work):
+
+- ``pin = "pN"`` (prefix-share): the first time a state with this pin is known, its text is
+  prefilled once (an extend, no generation) and the ops that extend it, in every function, wait
+  for that prefill, so they all find it in the radix cache instead of computing it side by side.
+  After the last user finishes, the backend is told to ``unpin`` it.
+- ``group = "gN"`` on a fork (fork-join): the same for the forked state when it carries no pin:
+  prefill once, then start the heads of all branches together.
+
+Failures never raise out of ``run``: a failed request marks its op's state failed, every state
+after it inherits the failure, and the function's result reports it per returned state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmir_lang.dsl.lowering import (
+    chain_steps,
+    gen_step,
+    pick_choice,
+    prefill_request,
+    select_meta,
+    step_meta,
+)
+from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult
+from llmir_lang.ir import Function, Module, Op
+from llmir_lang.ir import ops as K
+
+
+@dataclass(slots=True)
+class VarResult:
+    """A variable's value and the meta info of the call that produced it."""
+
+    value: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Failure:
+    """Why a state could not be computed: the failed gen / select ``name`` and the cause."""
+
+    name: str | None
+    message: str
+    cause: BaseException | None = None
+
+
+@dataclass(slots=True)
+class StateResult:
+    """A returned state: its text and the variables visible in it (or its failure)."""
+
+    text: str
+    vars: dict[str, VarResult]
+    failure: Failure | None = None
+
+
+@dataclass(slots=True)
+class FunctionResult:
+    """One function's returned states, in the order of its ``return`` operands."""
+
+    states: list[StateResult]
+
+    @property
+    def failure(self) -> Failure | None:
+        return next((s.failure for s in self.states if s.failure is not None), None)
+
+
+@dataclass(slots=True)
+class _Val:
+    text: str
+    vars: dict[str, VarResult]
+    failure: Failure | None = None
+    gates: frozenset[str] = frozenset()  # prefills this state's users must wait for
+
+
+# (function index, indices of the returned states whose chain holds the gen, gen name, new text)
+ChunkSink = Callable[[int, frozenset[int], str, str], None]
+DoneSink = Callable[[int, FunctionResult], None]
+
+_SCORE_POOL: ThreadPoolExecutor | None = None
+_SCORE_POOL_LOCK = threading.Lock()
+
+
+def _score_pool() -> ThreadPoolExecutor:
+    # score() blocks until the engine answers; a shared pool lets many selects wait at once.
+    global _SCORE_POOL
+    with _SCORE_POOL_LOCK:
+        if _SCORE_POOL is None:
+            _SCORE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmir-select")
+        return _SCORE_POOL
+
+
+class SegmentEvaluator:
+    """Evaluates one module on ``backend``. ``roles`` renders role markers the passes left as
+    ops (the call-by-call pipeline keeps them); ``on_chunk`` receives streamed gen text;
+    ``on_function_done`` is called as soon as each function is complete (before ``run`` returns)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        roles: Any = None,
+        *,
+        on_chunk: ChunkSink | None = None,
+        on_function_done: DoneSink | None = None,
+    ) -> None:
+        self.backend = backend
+        self.roles = roles
+        self.on_chunk = on_chunk
+        self.on_function_done = on_function_done
+        self.prefills = 0  # prefill-only requests sent (for tests and stats)
+        self.requests = 0  # gen / chain requests sent
+        self.score_calls = 0
+
+    # --- driver --------------------------------------------------------------------------
+    def run(self, module: Module, args: Sequence[Mapping[str, str]] | None = None) -> list[FunctionResult]:
+        fns = module.functions
+        self._fns = fns
+        self._vals: list[dict[str, _Val]] = [{} for _ in fns]
+        for fi, fn in enumerate(fns):
+            bound = args[fi] if args is not None else {}
+            for p in fn.params:
+                self._vals[fi][p.name] = _Val(bound.get(p.name, ""), {})
+        self._todo: list[list[int]] = [list(range(len(fn.ops))) for fn in fns]
+        self._started: set[tuple[int, int]] = set()
+        self._inflight: dict[Future, tuple[int, int]] = {}
+        self._gate_future: dict[str, Future | None] = {}  # None: ready
+        self._gate_text: dict[str, str] = {}
+        self._gate_users: dict[str, int] = {}
+        self._prefill_waiting: list[tuple[str, _Val, frozenset[str]]] = []
+        self._direct_gates = [self._plan_gates(fi, fn) for fi, fn in enumerate(fns)]
+        self._chains = [self._chains_of(fn) if self.on_chunk else {} for fn in fns]
+        self._results: list[FunctionResult | None] = [None] * len(fns)
+        while True:
+            progressed = self._scan()
+            if all(r is not None for r in self._results):
+                break
+            if progressed:
+                continue
+            if not self._inflight:
+                raise RuntimeError("segment evaluator stalled with no request in flight (a bug)")
+            done, _ = wait(list(self._inflight), return_when=FIRST_COMPLETED)
+            for fut in done:
+                self._complete(fut)
+        for gate, users in self._gate_users.items():
+            if users > 0 and gate in self._gate_text:
+                self._unpin(gate)
+        return [r for r in self._results if r is not None]
+
+    def _scan(self) -> bool:
+        progressed = False
+        for gate, val, ancestors in list(self._prefill_waiting):
+            if self._gates_ready(ancestors):
+                self._prefill_waiting.remove((gate, val, ancestors))
+                self._start_prefill(gate, val.text)
+                progressed = True
+        for fi, fn in enumerate(self._fns):
+            if self._results[fi] is not None:
+                continue
+            vals = self._vals[fi]
+            for i in list(self._todo[fi]):
+                op = fn.ops[i]
+                if (fi, i) in self._started or any(v.name not in vals for v in op.operands):
+                    continue
+                if op.kind in (K.GEN, K.GEN_CHAIN, K.SELECT):
+                    base = vals[op.state.name]
+                    if base.failure is not None:
+                        self._resolve(fi, i, _Val(base.text, base.vars, base.failure, base.gates))
+                    elif self._gates_ready(base.gates):
+                        self._start(fi, i, op, base)
+                    else:
+                        continue
+                else:
+                    self._resolve(fi, i, self._pure(fi, op))
+                progressed = True
+            if not self._todo[fi]:
+                self._finish_function(fi)
+                progressed = True
+        return progressed
+
+    # --- pure ops ------------------------------------------------------------------------
+    def _pure(self, fi: int, op: Op) -> _Val | None:
+        vals = self._vals[fi]
+        if op.kind == K.START:
+            return _Val("", {})
+        if op.kind == K.RETURN:
+            return None
+        base = vals[op.state.name]
+        if op.kind == K.VAR:
+            var = base.vars.get(op.label or "")
+            return _Val(var.value if var is not None else "", {}, base.failure)
+        if op.kind == K.FORK:
+            return base
+        if op.kind == K.JOIN:
+            branches = [vals[b.name] for b in op.operands[1:]]
+            failure = base.failure or next((b.failure for b in branches if b.failure), None)
+            text = base.text
+            if op.attrs.get("mode") == "concat":
+                text += "".join(b.text[len(base.text) :] for b in branches)
+            return _Val(text, base.vars, failure, base.gates)
+        if op.kind == K.TEXT:
+            return _Val(base.text + (op.label or ""), base.vars, base.failure, base.gates)
+        if op.kind == K.APPEND:
+            return _Val(base.text + vals[op.operands[1].name].text, base.vars, base.failure, base.gates)
+        if op.kind in (K.ROLE_BEGIN, K.ROLE_END):
+            if self.roles is None:
+                fail = Failure(None, f"role {op.label!r} needs the model's chat template, and none is set")
+                return _Val(base.text, base.vars, base.failure or fail, base.gates)
+            marker = self.roles.begin(op.label) if op.kind == K.ROLE_BEGIN else self.roles.end(op.label)
+            return _Val(base.text + marker, base.vars, base.failure, base.gates)
+        raise RuntimeError(f"the segment evaluator has no rule for op kind {op.kind!r}")
+
+    def _resolve(self, fi: int, i: int, val: _Val | None) -> None:
+        op = self._fns[fi].ops[i]
+        self._todo[fi].remove(i)
+        if op.extends or op.kind == K.JOIN:
+            for gate in self._direct_gates[fi].get(op.state.name, ()):
+                self._gate_users[gate] = self._gate_users.get(gate, 0) - 1
+                if self._gate_users[gate] == 0 and gate in self._gate_text:
+                    self._unpin(gate)
+        if val is None:
+            return
+        for r in op.results:
+            own = self._direct_gates[fi].get(r.name, ())
+            gates = val.gates | frozenset(own) if own else val.gates
+            self._vals[fi][r.name] = _Val(val.text, val.vars, val.failure, gates)
+            for gate in own:
+                if gate not in self._gate_future:
+                    self._open_gate(gate, val)
+
+    # --- prefill gates -------------------------------------------------------------------
+    def _plan_gates(self, fi: int, fn: Function) -> dict[str, tuple[str, ...]]:
+        """State name -> gate ids attached to it; counts each gate's users (extending ops)."""
+        direct: dict[str, list[str]] = {}
+        for op in fn.ops:
+            pin = op.attrs.get("pin")
+            if isinstance(pin, str) and op.results:
+                direct.setdefault(op.result.name, []).append(pin)
+            if op.kind == K.FORK:
+                inherited = direct.get(op.state.name, [])
+                group = op.attrs.get("group")
+                extra = [f"fork:{fi}:{group}"] if isinstance(group, str) and not inherited else []
+                for r in op.results:
+                    direct[r.name] = [*inherited, *extra]
+        for op in fn.ops:
+            if op.extends or op.kind == K.JOIN:
+                for gate in direct.get(op.state.name, ()):
+                    self._gate_users[gate] = self._gate_users.get(gate, 0) + 1
+        return {k: tuple(v) for k, v in direct.items()}
+
+    def _open_gate(self, gate: str, val: _Val) -> None:
+        if val.failure is not None or not val.text or self._gate_users.get(gate, 0) <= 0:
+            self._gate_future[gate] = None
+            return
+        self._gate_future[gate] = Future()  # placeholder until the prefill is submitted
+        self._gate_text[gate] = val.text
+        self._prefill_waiting.append((gate, val, val.gates - {gate}))
+
+    def _start_prefill(self, gate: str, text: str) -> None:
+        try:
+            fut = self.backend.submit(prefill_request(text))
+        except Exception:  # a prefill is only a hint; its users report any real problem
+            self._gate_future[gate] = None
+            return
+        self.prefills += 1
+        self._gate_future[gate] = fut
+        self._inflight[fut] = (-1, -1)
+
+    def _gates_ready(self, gates: frozenset[str]) -> bool:
+        for gate in gates:
+            fut = self._gate_future.get(gate)
+            if fut is not None and not (fut.done() and fut not in self._inflight):
+                return False
+        return True
+
+    def _unpin(self, gate: str) -> None:
+        text = self._gate_text.pop(gate)
+        try:
+            self.backend.unpin(text)
+        except Exception:  # unpinning is a hint too
+            pass
+
+    # --- requests ------------------------------------------------------------------------
+    def _start(self, fi: int, i: int, op: Op, base: _Val) -> None:
+        try:
+            if op.kind == K.SELECT:
+                choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
+                batched = op.attrs.get("score") == "batched"
+                method = str(op.attrs.get("choices_method", "token_length_normalized"))
+                fut = _score_pool().submit(self._score, base.text, choices, batched, method)
+                self.score_calls += 1 if batched else len(choices)
+            else:
+                if op.kind == K.GEN:
+                    steps = [gen_step(op.label, op.attrs)]
+                else:
+                    steps = chain_steps(op.attrs["segments"])  # type: ignore[arg-type]
+                names = [s.name or "" for s in steps if not isinstance(s, str)]
+                fut = self.backend.submit(
+                    ChainRequest(base.text, steps), on_chunk=self._chunk_sink(fi, i, names)
+                )
+                self.requests += 1
+        except Exception as e:  # bad input: fails this op before any model step
+            self._resolve(fi, i, _Val(base.text, base.vars, _failure(op, e), base.gates))
+            return
+        self._started.add((fi, i))
+        self._inflight[fut] = (fi, i)
+
+    def _score(
+        self, prompt: str, choices: list[str], batched: bool, method: str
+    ) -> tuple[int, list[list[float]]]:
+        if batched:
+            lps = self.backend.score(prompt, choices)
+        else:
+            lps = [self.backend.score(prompt, [c])[0] for c in choices]
+        return pick_choice(method, lps), lps
+
+    def _chunk_sink(self, fi: int, i: int, names: list[str]) -> Callable[[int, str], None] | None:
+        if self.on_chunk is None:
+            return None
+        sink, owners = self.on_chunk, self._chains[fi].get(i, frozenset())
+
+        def on_chunk(index: int, text: str) -> None:
+            if 0 <= index < len(names):
+                sink(fi, owners, names[index], text)
+
+        return on_chunk
+
+    def _complete(self, fut: Future) -> None:
+        fi, i = self._inflight.pop(fut)
+        if fi < 0:
+            return  # a prefill finished; its gate opens on the next scan
+        op = self._fns[fi].ops[i]
+        base = self._vals[fi][op.state.name]
+        self._started.discard((fi, i))
+        try:
+            result = fut.result()
+        except Exception as e:
+            self._resolve(fi, i, _Val(base.text, base.vars, _failure(op, e), base.gates))
+            return
+        vars_ = dict(base.vars)
+        text = base.text
+        if op.kind == K.SELECT:
+            picked, lps = result
+            choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
+            vars_[op.label or ""] = VarResult(choices[picked], select_meta(choices, lps, picked))
+            self._resolve(fi, i, _Val(text + choices[picked], vars_, None, base.gates))
+            return
+        assert isinstance(result, ChainResult)
+        segments = [{"gen": op.label, **op.attrs}] if op.kind == K.GEN else list(op.attrs["segments"])  # type: ignore[arg-type]
+        gen_index = 0
+        for seg in segments:
+            if "text" in seg:
+                text += str(seg["text"])
+                continue
+            name = str(seg["gen"])
+            step = result.steps[gen_index] if gen_index < len(result.steps) else None
+            gen_index += 1
+            if step is None or step.error:
+                message = (step.error if step else None) or result.error or "the backend returned no result"
+                self._resolve(fi, i, _Val(text, vars_, Failure(name, message), base.gates))
+                return
+            vars_[name] = VarResult(step.text, step_meta(step))
+            text += step.text
+        self._resolve(fi, i, _Val(text, vars_, None, base.gates))
+
+    # --- results -------------------------------------------------------------------------
+    def _finish_function(self, fi: int) -> None:
+        fn = self._fns[fi]
+        ret = fn.ops[-1]
+        states = []
+        for v in ret.operands:
+            val = self._vals[fi][v.name]
+            states.append(StateResult(val.text, dict(val.vars), val.failure))
+        result = FunctionResult(states)
+        self._results[fi] = result
+        if self.on_function_done is not None:
+            self.on_function_done(fi, result)
+
+    @staticmethod
+    def _chains_of(fn: Function) -> dict[int, frozenset[int]]:
+        """Op index -> indices of the returned states whose chain (back through operand 0 and
+        forks) holds the op: whose streamed text a gen's chunks belong to."""
+        defining = {v.name: (i, op) for i, op in enumerate(fn.ops) for v in op.results}
+        owners: dict[int, set[int]] = {}
+        for r, v in enumerate(fn.ops[-1].operands):
+            name: str | None = v.name
+            while name is not None and name in defining:
+                i, op = defining[name]
+                owners.setdefault(i, set()).add(r)
+                name = op.operands[0].name if op.operands else None
+        return {i: frozenset(rs) for i, rs in owners.items()}
+
+
+def _failure(op: Op, error: BaseException) -> Failure:
+    names = op.defined_names()
+    return Failure(names[0] if names else op.label, f"{type(error).__name__}: {error}", error)

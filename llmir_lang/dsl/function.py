@@ -1,0 +1,341 @@
+"""``@function``: a Python function ``f(s, ...)`` made into a program with ``run``, ``run_batch``,
+``arun``, ``bind`` and ``trace``.
+
+Keyword arguments of ``run`` / ``run_batch`` that are not program parameters are sampling
+defaults for every gen that does not set them (``temperature=0.7``, ``max_tokens=64``, and the
+engine's names ``max_new_tokens`` / ``min_new_tokens``). ``passes`` picks the optimizer pipeline
+(default: ``optimizer.DEFAULT_PIPELINE``; ``""`` runs call by call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from llmir_lang.dsl.errors import (
+    DSLError,
+    ProgramArgumentError,
+    ProgramDefinitionError,
+    ProgramExecutionError,
+    SourceLocation,
+)
+from llmir_lang.dsl.primitives import TracedText, check_sampling
+from llmir_lang.dsl.recorder import ProgramRun
+from llmir_lang.dsl.runner import BatchRunner, PipelineRunner
+from llmir_lang.dsl.runtime import get_default_backend, resolve_backend
+from llmir_lang.dsl.state import ProgramState
+from llmir_lang.executor.backend import Backend
+from llmir_lang.ir import Module, verify
+from llmir_lang.ir.attrs import SAMPLING_ATTRS
+from llmir_lang.optimizer import DEFAULT_PIPELINE
+
+_ALIASES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+_AUTO_THREADS = 256
+
+
+class LMFunction:
+    """A program. Call ``run(...)`` (or the object itself) to run it on a backend."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        passes: str | None = None,
+        name: str | None = None,
+        bound: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not callable(func):
+            raise ProgramDefinitionError(f"@function decorates a function, got {type(func).__name__}")
+        code = getattr(func, "__code__", None)
+        where = SourceLocation(code.co_filename, code.co_firstlineno) if code is not None else None
+        self.name = name or getattr(func, "__name__", "program")
+        self.signature = inspect.signature(func)
+        params = list(self.signature.parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if not params or params[0].name != "s" or params[0].kind not in positional:
+            got = f"{params[0].name!r}" if params else "no parameter"
+            raise ProgramDefinitionError(
+                f"the first parameter of a program is its state and must be named 's' (got {got}); "
+                f"write `def {self.name}(s, ...)`",
+                self.name,
+                where,
+            )
+        self.func = func
+        self.passes = passes
+        self.where = where
+        self.arg_names = [p.name for p in params[1:]]
+        self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        self.bound = dict(bound or {})
+        functools.update_wrapper(self, func)
+
+    def __repr__(self) -> str:
+        return f"<llmir program {self.name}({', '.join(['s', *self.arg_names])})>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Inside a program, ``f(s, ...)`` runs ``f``'s body on the state ``s`` (composition);
+        anywhere else it is ``run(...)``."""
+        if args and isinstance(args[0], ProgramState):
+            return self.func(*args, **{**self.bound, **kwargs})
+        return self.run(*args, **kwargs)
+
+    def bind(self, **kwargs: Any) -> LMFunction:
+        """A copy of this program with some arguments fixed."""
+        unknown = [k for k in kwargs if k not in self.arg_names and not self._var_kw]
+        if unknown:
+            raise ProgramArgumentError(
+                f"bind(): {unknown} are not parameters of the program (parameters: {self.arg_names})",
+                self.name,
+            )
+        return LMFunction(self.func, passes=self.passes, name=self.name, bound={**self.bound, **kwargs})
+
+    # --- arguments -----------------------------------------------------------------------
+    def _split(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], partial: bool = False
+    ) -> tuple[dict, dict]:
+        """(program arguments by name, sampling defaults as IR attributes)."""
+        program: dict[str, Any] = {}
+        sampling: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in self.arg_names or (self._var_kw and key not in SAMPLING_ATTRS and key not in _ALIASES):
+                program[key] = value
+            elif _ALIASES.get(key, key) in SAMPLING_ATTRS:
+                if value is not None:
+                    sampling[_ALIASES.get(key, key)] = (
+                        [value] if key == "stop" and isinstance(value, str) else value
+                    )
+            else:
+                raise ProgramArgumentError(
+                    f"unknown argument {key!r}: the program's parameters are {self.arg_names} and the "
+                    f"sampling defaults are {sorted(SAMPLING_ATTRS)}",
+                    self.name,
+                )
+        try:
+            binder = self.signature.bind_partial if partial else self.signature.bind
+            bound = binder(None, *args, **{**self.bound, **program})
+        except TypeError as e:
+            raise ProgramArgumentError(
+                f"bad arguments: {e} (parameters: {self.arg_names})", self.name
+            ) from None
+        if not partial:
+            bound.apply_defaults()
+        out = dict(bound.arguments)
+        out.pop("s", None)
+        try:
+            check_sampling(sampling, None, "sampling defaults")
+        except DSLError as e:
+            raise ProgramArgumentError(e.cause_message, self.name) from None
+        return out, sampling
+
+    def _pipeline(self, passes: str | None) -> str:
+        if passes is not None:
+            return passes
+        return self.passes if self.passes is not None else DEFAULT_PIPELINE
+
+    # --- running -------------------------------------------------------------------------
+    def _body(self, run: ProgramRun, state: ProgramState, arguments: dict[str, Any]) -> None:
+        """Run the program body on ``state``; record any error on ``run``, never raise."""
+        run.thread = threading.get_ident()
+        try:
+            self.func(state, **arguments)
+            run.flush()
+        except Exception as e:
+            run.error = self._wrap(e)
+        finally:
+            run.finished.set()
+            for st in run.states:
+                st._close_stream()
+
+    def _wrap(self, e: Exception) -> Exception:
+        if isinstance(e, DSLError):
+            if e.program is not None:
+                return e
+            out = type(e)(e.cause_message, self.name, e.where)
+            out.__cause__ = e.__cause__ or e
+            return out
+        err = ProgramExecutionError(f"{type(e).__name__}: {e}", self.name, _user_frame(e))
+        err.__cause__ = e
+        return err
+
+    def run(
+        self,
+        *args: Any,
+        stream: bool = False,
+        backend: Backend | None = None,
+        passes: str | None = None,
+        **kwargs: Any,
+    ) -> ProgramState:
+        """Run the program and return its final state. With ``stream=True`` the program runs in
+        the background and the state streams (``text_iter``); errors are then on ``state.error()``;
+        otherwise they are raised."""
+        arguments, defaults = self._split(args, kwargs)
+        chosen = resolve_backend(backend, self.name)
+        runner = PipelineRunner(chosen, self._pipeline(passes))
+        run = ProgramRun(self.name, self.name, chosen, runner, defaults, stream=stream)
+        state = ProgramState(run)
+        if stream:
+            threading.Thread(
+                target=self._body, args=(run, state, arguments), daemon=True, name="llmir-program"
+            ).start()
+            return state
+        self._body(run, state, arguments)
+        if run.error is not None:
+            raise run.error
+        return state
+
+    async def arun(self, *args: Any, **kwargs: Any) -> ProgramState:
+        """``run`` without blocking the event loop (with ``stream=True``, returns at once and
+        ``async for chunk in state.text_async_iter(var)`` streams)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(self.run, *args, **kwargs))
+
+    def run_batch(
+        self,
+        batch_kwargs: Iterable[Mapping[str, Any]],
+        *,
+        num_threads: int | str = "auto",
+        progress_bar: bool = False,
+        generator_style: bool = False,
+        backend: Backend | None = None,
+        passes: str | None = None,
+        **sampling_defaults: Any,
+    ) -> list[ProgramState] | Iterator[ProgramState]:
+        """Run the program once per argument dict, optimized and batched together.
+
+        Errors never stop the batch: a failed program's state has ``error()`` set. With
+        ``generator_style=True`` the states are yielded in order as each program finishes.
+        """
+        items = list(batch_kwargs)
+        prepared = []
+        for i, kw in enumerate(items):
+            if not isinstance(kw, Mapping):
+                raise ProgramArgumentError(
+                    f"run_batch item {i} must be a dict of arguments, got {type(kw).__name__}", self.name
+                )
+            try:
+                arguments, defaults = self._split((), {**sampling_defaults, **kw})
+            except ProgramArgumentError as e:
+                raise ProgramArgumentError(f"run_batch item {i}: {e.cause_message}", self.name) from None
+            prepared.append((arguments, defaults))
+        chosen = resolve_backend(backend, self.name)
+        if not prepared:
+            return iter(()) if generator_style else []
+        if num_threads == "auto":
+            workers = min(len(prepared), _AUTO_THREADS)
+        elif isinstance(num_threads, int) and num_threads >= 1:
+            workers = min(num_threads, len(prepared))
+        else:
+            raise ProgramArgumentError(
+                f"num_threads must be 'auto' or an integer >= 1, got {num_threads!r}", self.name
+            )
+        runner = BatchRunner(chosen, self._pipeline(passes), workers)
+        runs = [
+            ProgramRun(self.name, f"{self.name}.{i}", chosen, runner, d) for i, (_, d) in enumerate(prepared)
+        ]
+        states = [ProgramState(r) for r in runs]
+        bar = _progress(len(runs)) if progress_bar else None
+        next_index = iter(range(len(runs)))
+        index_lock = threading.Lock()
+
+        def worker() -> None:
+            try:
+                while True:
+                    with index_lock:
+                        i = next(next_index, None)
+                    if i is None:
+                        return
+                    self._body(runs[i], states[i], prepared[i][0])
+                    if bar is not None:
+                        bar.update(1)
+            finally:
+                runner.worker_exit()
+
+        for _ in range(workers):
+            threading.Thread(target=worker, daemon=True, name="llmir-batch").start()
+        coordinator = threading.Thread(target=runner.serve, daemon=True, name="llmir-batch-coordinator")
+        coordinator.start()
+
+        def finish() -> None:
+            coordinator.join()
+            if bar is not None:
+                bar.close()
+
+        if generator_style:
+            return _in_order(states, finish)
+        for st in states:
+            st._run.finished.wait()
+        finish()
+        return states
+
+    # --- tracing -------------------------------------------------------------------------
+    def trace(self, *args: Any, backend: Backend | None = None, **kwargs: Any) -> Module:
+        """The program's IR without running it. Parameters not given become IR parameters, and
+        reading a variable records a ``var`` op (its value in Python is the placeholder
+        ``{name}``, so control flow on it follows one path)."""
+        arguments, defaults = self._split(args, kwargs, partial=True)
+        missing = [
+            p for p in self.arg_names
+            if p not in arguments and self.signature.parameters[p].default is inspect.Parameter.empty
+        ]  # fmt: skip
+        chosen = backend if backend is not None else get_default_backend()
+        run = ProgramRun(self.name, self.name, chosen, None, defaults, params=missing)
+        for p in missing:
+            arguments[p] = TracedText(p, run.builder.param(p), id(run))
+        for p in self.arg_names:
+            default = self.signature.parameters[p].default
+            if p not in arguments and default is not inspect.Parameter.empty:
+                arguments[p] = default
+        state = ProgramState(run)
+        run.thread = threading.get_ident()
+        try:
+            self.func(state, **arguments)
+        except Exception as e:
+            raise self._wrap(e) from e.__cause__
+        finally:
+            run.finished.set()
+        run.value(state)
+        live = [st._value for st in run.states if st._value is not None]
+        run.builder.ret(*live)
+        module = Module((run.builder.build(),))
+        verify(module)
+        return module
+
+
+def function(
+    func: Callable[..., Any] | None = None, *, passes: str | None = None, name: str | None = None
+) -> Any:
+    """Make ``def f(s, ...)`` a program: ``@function`` or ``@function(passes="...", name=...)``."""
+    if func is not None:
+        return LMFunction(func, passes=passes, name=name)
+    return lambda f: LMFunction(f, passes=passes, name=name)
+
+
+def _user_frame(e: BaseException) -> SourceLocation | None:
+    """The innermost traceback frame outside llmir_lang: the user's line that raised."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if not path.startswith(package):
+            found = SourceLocation(path, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
+
+
+def _in_order(states: list[ProgramState], finish: Callable[[], None]) -> Iterator[ProgramState]:
+    for st in states:
+        st._run.finished.wait()
+        yield st
+    finish()
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency, but a missing bar must not stop a batch
+        return None
+    return tqdm(total=total)

@@ -1,0 +1,239 @@
+"""Recording: one run of a program, the IR segment it is recording, and the sync that runs it.
+
+A ``ProgramRun`` owns every ``ProgramState`` of one program execution (the root, forks, copies)
+and one ``FunctionBuilder``: the current *segment*. Appending to a state records IR ops; nothing
+runs. At a sync point (the program reads a pending variable, calls ``text()``, or ends) ``flush``
+returns every live state from the function, hands it to the ``SegmentRunner`` (which optimizes and
+runs it, alone or batched with other programs' segments) and writes the values back.
+
+Invariants:
+
+- A state's text is the concatenation of its ``Piece``s. A piece is known (``text`` set) once
+  its segment ran; pieces are shared by reference between a parent and the forks taken from it.
+- In a new segment a state is materialized lazily as ``start`` + ``text(<its known text>)``, so
+  the already-run part of a program is a constant the optimizer can share across a batch.
+- Variable names are checked by the DSL over the whole run (the IR only sees one segment).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llmir_lang.dsl.errors import GenerationError, RoleError, SourceLocation
+from llmir_lang.dsl.evaluator import FunctionResult
+from llmir_lang.errors import LLMIRError, NotYetSupportedError
+from llmir_lang.executor.backend import Backend
+from llmir_lang.ir import Function, FunctionBuilder, Value
+from llmir_lang.ir.attrs import AttrValue
+from llmir_lang.optimizer import ChatTemplate
+from llmir_lang.optimizer.chat_template import derive_chat_template
+
+if TYPE_CHECKING:
+    from llmir_lang.dsl.state import ProgramState
+
+
+@dataclass(slots=True, eq=False)
+class Piece:
+    """One appended part of a state's text. ``text`` is None until its segment has run."""
+
+    kind: str  # "text" | "role" | "gen" | "select"
+    text: str | None
+    name: str | None = None  # gen / select variable
+    role: str | None = None
+    begin: bool = False
+    meta: dict[str, Any] | None = None
+    failure: BaseException | None = None
+    where: SourceLocation | None = None
+
+
+class SegmentRunner(Protocol):
+    """Optimizes and runs one recorded segment; ``live`` are the states in ``fn``'s return order."""
+
+    def execute(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> FunctionResult: ...
+
+
+class GenerationNotSupportedError(GenerationError, NotYetSupportedError):
+    """A gen used a feature (a constraint) the backend does not support yet."""
+
+
+_TEMPLATES: weakref.WeakKeyDictionary[Any, ChatTemplate] = weakref.WeakKeyDictionary()
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def chat_roles(backend: Backend) -> ChatTemplate:
+    """The role markers of ``backend``'s chat template (derived once per backend, then cached)."""
+    with _TEMPLATES_LOCK:
+        cached = _TEMPLATES.get(backend)
+    if cached is not None:
+        return cached
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return backend.apply_chat_template(messages, add_generation_prompt=False)
+
+    template = derive_chat_template(render, source=type(backend).__name__)
+    with _TEMPLATES_LOCK:
+        _TEMPLATES[backend] = template
+    return template
+
+
+class LazyRoles:
+    """A ``RoleRenderer`` that derives the backend's template only when a role is rendered."""
+
+    def __init__(self, backend: Backend | None) -> None:
+        self.backend = backend
+
+    def begin(self, role: str) -> str:
+        return self._template().begin(role)
+
+    def end(self, role: str) -> str:
+        return self._template().end(role)
+
+    def _template(self) -> ChatTemplate:
+        if self.backend is None:
+            raise RoleError("roles render through the backend's chat template, and no backend is set")
+        return chat_roles(self.backend)
+
+
+class ProgramRun:
+    """One execution of a program (see the module docstring).
+
+    ``runner`` is None in trace mode: nothing is run, reads of variables become ``var`` ops.
+    ``defaults`` are sampling attributes that every gen without its own value takes.
+    """
+
+    def __init__(
+        self,
+        program: str,
+        ir_name: str,
+        backend: Backend | None,
+        runner: SegmentRunner | None,
+        defaults: dict[str, AttrValue] | None = None,
+        stream: bool = False,
+        params: Sequence[str] = (),
+    ) -> None:
+        self.program = program
+        self.ir_name = ir_name
+        self.backend = backend
+        self.runner = runner
+        self.defaults = dict(defaults or {})
+        self.stream = stream
+        self.roles = LazyRoles(backend)
+        self.states: list[ProgramState] = []
+        self.builder = FunctionBuilder(ir_name, params)
+        self.segment = 0
+        self.segments_run = 0
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self.thread: int | None = None  # the thread running the program body
+        self._anon = itertools.count()
+        self._pending = 0  # pieces recorded in this segment and not run yet
+
+    @property
+    def tracing(self) -> bool:
+        return self.runner is None
+
+    def in_body(self) -> bool:
+        """True when called from the thread running the program body (before it ended)."""
+        return self.thread == threading.get_ident() and not self.finished.is_set()
+
+    # --- recording -----------------------------------------------------------------------
+    def value(self, state: ProgramState) -> Value:
+        """``state``'s IR value in the current segment, materialized on first use."""
+        if state._segment != self.segment or state._value is None:
+            v = self.builder.start()
+            known = state._known_text()
+            if known:
+                v = self.builder.text(v, known)
+            state._value, state._segment = v, self.segment
+        return state._value
+
+    def extend(self, state: ProgramState, record: Callable[[Value], Value], piece: Piece) -> None:
+        """Record one extending op on ``state`` (``record`` builds it) and append its piece."""
+        state._value = record(self.value(state))
+        state._pieces.append(piece)
+        if piece.text is None:
+            self._pending += 1
+        state._on_piece(piece)
+
+    def anonymous_name(self) -> str:
+        return f"_gen{next(self._anon)}"
+
+    def gen_attrs(self, attrs: dict[str, AttrValue]) -> dict[str, AttrValue]:
+        """A gen's attributes with the run's defaults for every key it does not set."""
+        out = {k: v for k, v in self.defaults.items() if k not in attrs}
+        out.update(attrs)
+        return out
+
+    def render_role(self, role: str, begin: bool, where: SourceLocation | None) -> str:
+        if self.tracing and self.backend is None:
+            return ""
+        try:
+            return self.roles.begin(role) if begin else self.roles.end(role)
+        except LLMIRError as e:
+            raise RoleError(f"cannot render role {role!r}: {e}", self.program, where) from e
+
+    # --- sync ----------------------------------------------------------------------------
+    def has_pending(self) -> bool:
+        return self._pending > 0
+
+    def flush(self) -> None:
+        """Run the recorded segment (a sync point) and write the values into the pieces."""
+        if self.tracing:
+            return
+        live = [st for st in self.states if st._segment == self.segment and st._value is not None]
+        pending = self._pending
+        builder = self.builder
+        self.builder = FunctionBuilder(self.ir_name)
+        self.segment += 1
+        self._pending = 0
+        if not pending:
+            return
+        builder.ret(*[st._value for st in live if st._value is not None])
+        fn = builder.build()
+        assert self.runner is not None
+        result = self.runner.execute(self, fn, live)
+        self.segments_run += 1
+        self._write_back(live, result)
+
+    def _write_back(self, live: list[ProgramState], result: FunctionResult) -> None:
+        failure = None
+        for state, res in zip(live, result.states):
+            for piece in state._pieces:
+                if piece.text is None and piece.name is not None and piece.name in res.vars:
+                    var = res.vars[piece.name]
+                    piece.text, piece.meta = var.value, var.meta
+            if res.failure is not None and failure is None:
+                failure = res.failure
+        error: BaseException | None = None
+        if failure is not None:
+            where = self._where_of(live, failure.name)
+            cls = (
+                GenerationNotSupportedError
+                if isinstance(failure.cause, NotYetSupportedError)
+                else GenerationError
+            )
+            what = f"gen/select {failure.name!r}" if failure.name else "the program"
+            error = cls(f"{what} failed: {failure.message}", self.program, where)
+            error.__cause__ = failure.cause
+        for state in live:
+            for piece in state._pieces:
+                if piece.text is None and piece.failure is None:
+                    piece.failure = error or GenerationError(
+                        f"{piece.name!r} got no value from the backend", self.program, piece.where
+                    )
+            state._on_segment_done()
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def _where_of(live: list[ProgramState], name: str | None) -> SourceLocation | None:
+        for state in live:
+            for piece in state._pieces:
+                if piece.name == name and piece.text is None:
+                    return piece.where
+        return None

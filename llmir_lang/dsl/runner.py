@@ -1,0 +1,161 @@
+"""Segment runners: optimize recorded segments with the pass pipeline and run them.
+
+- ``PipelineRunner`` runs one program's segment at a time, in the program's own thread (``run``).
+- ``BatchRunner`` serves the programs of a ``run_batch``, each in a worker thread: a program that
+  reaches a sync point hands its segment over and waits. As soon as no program is executing
+  Python (every one is waiting for a segment, in flight, or done), the waiting segments are put in
+  ONE module (one function per program), optimized together, so that prefix-share sees every
+  program at once, and run with all their requests submitted together. Each program resumes as
+  soon as its own function is complete, and its next segment can join the next round while the
+  previous one is still running, which keeps the engine's batch full.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmir_lang.dsl.evaluator import FunctionResult, SegmentEvaluator
+from llmir_lang.executor.backend import Backend
+from llmir_lang.ir import Function, Module
+from llmir_lang.optimizer import PassManager
+
+if TYPE_CHECKING:
+    from llmir_lang.dsl.recorder import ProgramRun
+    from llmir_lang.dsl.state import ProgramState
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    """What the runner sent: segments run, rounds, gen/chain requests, prefills, score calls."""
+
+    segments: int = 0
+    rounds: int = 0
+    requests: int = 0
+    prefills: int = 0
+    score_calls: int = 0
+    modules: list[Module] = field(default_factory=list)  # optimized modules, if keep_ir
+
+    def add(self, ev: SegmentEvaluator) -> None:
+        self.requests += ev.requests
+        self.prefills += ev.prefills
+        self.score_calls += ev.score_calls
+
+
+class PipelineRunner:
+    """Optimizes a module with ``passes`` and runs it on ``backend``."""
+
+    def __init__(self, backend: Backend, passes: str, *, keep_ir: bool = False) -> None:
+        self.backend = backend
+        self.passes = passes
+        self.manager = PassManager(passes)  # raises PassPipelineError now on a bad pipeline
+        self.keep_ir = keep_ir
+        self.stats = RunnerStats()
+        self._lock = threading.Lock()
+
+    def optimize(self, module: Module, roles: Any) -> Module:
+        if not self.passes.strip():
+            return module
+        return PassManager(self.passes, {"canonicalize": {"template": roles}}).run(module)
+
+    def evaluate(
+        self,
+        module: Module,
+        roles: Any,
+        live: list[list[ProgramState]],
+        on_function_done: Callable[[int, FunctionResult], None] | None = None,
+    ) -> list[FunctionResult]:
+        """Optimize and run ``module``; ``live[i]`` are function i's states (for streaming)."""
+        optimized = self.optimize(module, roles)
+        streaming = any(st._log is not None for states in live for st in states)
+
+        def on_chunk(fi: int, owners: frozenset[int], name: str, text: str) -> None:
+            for r in owners:
+                live[fi][r]._on_chunk(name, text)
+
+        ev = SegmentEvaluator(
+            self.backend, roles, on_chunk=on_chunk if streaming else None, on_function_done=on_function_done
+        )
+        results = ev.run(optimized)
+        with self._lock:
+            self.stats.add(ev)
+            self.stats.segments += len(module.functions)
+            self.stats.rounds += 1
+            if self.keep_ir:
+                self.stats.modules.append(optimized)
+        return results
+
+    def execute(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> FunctionResult:
+        return self.evaluate(Module((fn,)), run.roles, [live])[0]
+
+
+@dataclass(slots=True)
+class _Waiting:
+    run: ProgramRun
+    fn: Function
+    live: list[ProgramState]
+    future: Future = field(default_factory=Future)
+
+
+class BatchRunner(PipelineRunner):
+    """Runs the segments of many programs in rounds (see the module docstring).
+
+    Protocol: ``n_workers`` threads call ``execute`` from program bodies and ``worker_exit`` once
+    each when they have no program left; ``serve`` (one coordinator thread) forms the rounds.
+    """
+
+    def __init__(self, backend: Backend, passes: str, n_workers: int, *, keep_ir: bool = False) -> None:
+        super().__init__(backend, passes, keep_ir=keep_ir)
+        self._cv = threading.Condition()
+        self._running = n_workers  # worker threads executing Python right now
+        self._workers = n_workers
+        self._waiting: list[_Waiting] = []
+        self._rounds: list[threading.Thread] = []
+
+    def execute(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> FunctionResult:
+        item = _Waiting(run, fn, live)
+        with self._cv:
+            self._waiting.append(item)
+            self._running -= 1
+            self._cv.notify_all()
+        try:
+            return item.future.result()
+        finally:
+            with self._cv:
+                self._running += 1
+
+    def worker_exit(self) -> None:
+        with self._cv:
+            self._running -= 1
+            self._workers -= 1
+            self._cv.notify_all()
+
+    def serve(self) -> None:
+        """Form and start rounds until every worker has exited."""
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: (self._waiting and self._running == 0) or self._workers == 0)
+                if not self._waiting and self._workers == 0:
+                    break
+                batch, self._waiting = self._waiting, []
+            t = threading.Thread(target=self._round, args=(batch,), name="llmir-round", daemon=True)
+            self._rounds.append(t)
+            t.start()
+        for t in self._rounds:
+            t.join()
+
+    def _round(self, batch: list[_Waiting]) -> None:
+        module = Module(tuple(item.fn for item in batch))
+
+        def done(fi: int, result: FunctionResult) -> None:
+            batch[fi].future.set_result(result)
+
+        try:
+            self.evaluate(module, batch[0].run.roles, [item.live for item in batch], done)
+        except BaseException as e:  # an optimizer or evaluator bug: fail the round's programs
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
