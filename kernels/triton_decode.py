@@ -41,8 +41,8 @@ class DecodeConfig:
 def default_decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
     if device.type != "cuda":  # interpreter: tiny tiles so that short test lengths still split
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1, max_splits=4, min_chunk=16)
-    # H100 sweep (benchmarks/results): 128-token tiles, 4 warps, 2 stages led at d128.
-    return DecodeConfig(block_n=128, num_warps=4, num_stages=2 if head_dim >= 128 else 3)
+    # H100 sweep (benchmarks/results): 128-token tiles, 4 warps, 3 stages led at d128.
+    return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
 
 
 def block_h_for(group: int) -> int:
@@ -84,6 +84,14 @@ def _decode_partial_kernel(
     stride_lb,
     stride_lh,
     split_offset,
+    PreO,
+    PreLse,
+    num_pre,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_plb,
+    stride_plh,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -91,6 +99,7 @@ def _decode_partial_kernel(
     UPCAST: tl.constexpr,
     DIRECT: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    MERGE_PRE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -146,7 +155,32 @@ def _decode_partial_kernel(
     lse_ptrs = PartLse + b.to(tl.int64) * stride_lb + heads * stride_lh + slot_id
     if DIRECT:
         # One split per request: this is the final output (q's dtype) and natural-log lse.
-        tl.store(o_ptrs, (acc / denom[:, None]).to(PartO.dtype.element_ty), mask=head_mask[:, None])
+        o = acc / denom[:, None]
+        if MERGE_PRE:
+            # Fold in partials computed elsewhere over other keys of the same rows (the shared
+            # prefix): saves a separate merge launch and a round trip of this split's result.
+            m_run = lse
+            l_run = tl.where(has_keys, 1.0, 0.0)
+            pre_o = PreO + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + offs_d[None, :]
+            pre_lse = PreLse + b.to(tl.int64) * stride_plb + heads * stride_plh
+            for i in range(num_pre):
+                lse_i = tl.load(pre_lse + i, mask=head_mask, other=float("-inf"))
+                o_i = tl.load(
+                    pre_o + i * stride_pos,
+                    mask=head_mask[:, None] & (lse_i > float("-inf"))[:, None],
+                    other=0.0,
+                )
+                m_new = tl.maximum(m_run, lse_i)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                a = tl.exp2(m_run - m_safe)
+                w = tl.exp2(lse_i - m_safe)
+                o = o * a[:, None] + o_i * w[:, None]
+                l_run = l_run * a + w
+                m_run = m_new
+            safe_l = tl.where(l_run > 0.0, l_run, 1.0)
+            o = o / safe_l[:, None]
+            lse = tl.where(l_run > 0.0, m_run + tl.log2(safe_l), float("-inf"))
+        tl.store(o_ptrs, o.to(PartO.dtype.element_ty), mask=head_mask[:, None])
         if STORE_LSE:
             tl.store(lse_ptrs, lse * 0.6931471805599453, mask=head_mask)
     else:
@@ -222,16 +256,21 @@ def launch_decode_partial(
     config: DecodeConfig,
     direct: bool = False,
     store_lse: bool = True,
+    merge: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> None:
     """Write splits ``split_offset .. split_offset + grid_splits - 1`` of every (request, head).
 
     ``direct`` (only with ``grid_splits == 1``): ``part_o`` is the final ``[B, H, 1, D]`` output in
     q's dtype and ``part_lse`` the final ``[B, H, 1]`` natural-log lse (skipped if not ``store_lse``).
+    ``merge`` (direct only): ``(pre_o [B, H, S, D], pre_lse [B, H, S], n)`` partials over other keys
+    (base-2 lse, as the partial kernels write them) whose first ``n`` slots are merged in.
     """
     bsz, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     group = num_heads // num_kv_heads
     assert not direct or grid_splits == 1
+    assert merge is None or direct
+    pre_o, pre_lse, num_pre = merge if merge is not None else (part_o, part_lse, 0)
     _decode_partial_kernel[(bsz, num_kv_heads, grid_splits)](
         q,
         k_buffer,
@@ -254,6 +293,14 @@ def launch_decode_partial(
         part_lse.stride(0),
         part_lse.stride(1),
         split_offset,
+        pre_o,
+        pre_lse,
+        num_pre,
+        pre_o.stride(0),
+        pre_o.stride(1),
+        pre_o.stride(2),
+        pre_lse.stride(0),
+        pre_lse.stride(1),
         GROUP=group,
         BLOCK_H=block_h_for(group),
         BLOCK_N=config.block_n,
@@ -261,6 +308,7 @@ def launch_decode_partial(
         UPCAST=upcast_dots(q.dtype, q.device),
         DIRECT=direct,
         STORE_LSE=store_lse,
+        MERGE_PRE=merge is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -3,11 +3,11 @@
 B decoding requests share the KV slots ``prefix_indices [P]`` and each has its own suffix. Plain
 decode reads the prefix B times. Here the query rows of all B requests that map to one KV head
 (``B * group`` rows) form the M dimension of one tiled attention over the prefix, so the prefix is
-read once per ``BLOCK_M`` rows and the work runs on the tensor cores; each request's suffix goes
-through the decode partial kernel; one merge combines all partials by log-sum-exp.
-
-Partial slots per (request, head): ``0 .. Sp-1`` hold the prefix splits, ``Sp ..`` the suffix
-splits; slots without keys hold lse = -inf and are skipped by the merge.
+read once per ``BLOCK_M`` rows and the work runs on the tensor cores. Two launches:
+1. the prefix kernel writes fp32 partials (output + base-2 lse) for ``Sp`` prefix splits;
+2. the decode kernel attends each request to its own suffix in one split and, in its epilogue,
+   merges the ``Sp`` prefix partials of its rows by log-sum-exp and writes the final output.
+Slots without keys hold lse = -inf and get weight 0, so an empty suffix or prefix is fine.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ class SharedPrefixConfig:
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    min_chunk: int = 256  # prefix tokens per split, at least
+    min_chunk: int = 512  # prefix tokens per split, at least
     max_prefix_splits: int = 64
     programs_per_sm: int = 2
-    suffix: td.DecodeConfig = td.DecodeConfig(max_splits=4)
+    suffix: td.DecodeConfig = td.DecodeConfig()  # launched with one split per suffix
 
 
 def default_shared_prefix_config(head_dim: int, device: torch.device) -> SharedPrefixConfig:
@@ -46,6 +46,7 @@ def default_shared_prefix_config(head_dim: int, device: torch.device) -> SharedP
             max_prefix_splits=4,
             suffix=td.default_decode_config(head_dim, device),
         )
+    # H100 sweep (benchmarks/results): 128 rows x 64 keys, 8 warps, >= 512 prefix tokens per split.
     return SharedPrefixConfig(num_warps=8 if head_dim >= 128 else 4)
 
 
@@ -159,13 +160,11 @@ def shared_prefix_decode(
     per_split = triton.cdiv(triton.cdiv(max(prefix_len, 1), max(n_pre, 1)), cfg.block_n) * cfg.block_n
     if n_pre:
         n_pre = triton.cdiv(prefix_len, per_split)  # rounding up per_split can leave splits unused
-    n_suf = td.split_cap(bsz, num_kv_heads, cfg.suffix, q.device)
-    part_o, part_lse = td.alloc_partials(bsz, num_heads, n_pre + n_suf, head_dim, q.device)
+    part_o, part_lse = td.alloc_partials(bsz, num_heads, max(n_pre, 1), head_dim, q.device)
     out = torch.empty(bsz, num_heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=q.device) if return_lse else None
     if bsz == 0:
         return (out, lse) if lse is not None else out
-    upcast = upcast_dots(q.dtype, q.device)
     if n_pre:
         grid = (triton.cdiv(num_rows, cfg.block_m), num_kv_heads, n_pre)
         _prefix_partial_kernel[grid](
@@ -194,22 +193,25 @@ def shared_prefix_decode(
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             HEAD_DIM=head_dim,
-            UPCAST=upcast,
+            UPCAST=upcast_dots(q.dtype, q.device),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
+    # Each suffix in one split; its epilogue merges the prefix partials and writes the result.
     td.launch_decode_partial(
         q,
         k_buffer,
         v_buffer,
         suffix_kv_indptr[: bsz + 1],
         suffix_kv_indices,
-        n_suf,
-        part_o,
-        part_lse,
-        n_pre,
+        1,
+        out.unsqueeze(2),
+        (lse if lse is not None else out).unsqueeze(2),
+        0,
         sm_scale,
         cfg.suffix,
+        direct=True,
+        store_lse=lse is not None,
+        merge=(part_o, part_lse, n_pre),
     )
-    td.launch_merge(part_o, part_lse, n_pre + n_suf, out, lse)
     return (out, lse) if lse is not None else out

@@ -206,10 +206,11 @@ def bench_shared_point(kb, vb, bsz: int, prefix: int, max_suffix: int = 256, con
 
 def bench_shared(kb, vb) -> list[dict]:
     points = [(64, 4096), (64, 16384), (128, 4096), (128, 16384)]
-    boundary = [(b, p) for b in (4, 8, 16, 32, 64) for p in (128, 256, 512, 1024, 2048, 4096)]
+    boundary = [(b, p) for b in (4, 8, 16, 32, 64) for p in (256, 512, 1024, 2048, 4096)]
+    boundary += [(2, 16384), (4, 16384), (8, 8192)]
     rows = []
-    for bsz, prefix in points + boundary:
-        rows.append(bench_shared_point(kb, vb, bsz, prefix) | {"boundary": (bsz, prefix) in boundary})
+    for bsz, prefix in points + [x for x in boundary if x not in points]:
+        rows.append(bench_shared_point(kb, vb, bsz, prefix) | {"boundary": (bsz, prefix) not in points})
         print("shared", rows[-1], flush=True)
     return rows
 
@@ -312,7 +313,9 @@ def print_tables(res: dict) -> None:
                 f"  {r.get('sdpa_ms', float('nan')):7.3f} {r.get('sdpa_TFLOPs', float('nan')):7.0f}"
             )
     if "shared" in res:
-        print("\nshared prefix  batch  prefix  rule  on_us    off_us   speedup")
+        bad = [(r["batch"], r["prefix"]) for r in res["shared"] if r["rule_says_use"] and r["speedup"] < 1.0]
+        print(f"\nshared prefix: points where the cost rule picks the slower path: {bad or 'none'}")
+        print("shared prefix  batch  prefix  rule  on_us    off_us   speedup")
         for r in res["shared"]:
             print(
                 f"{'':14}{r['batch']:5d} {r['prefix']:7d}  {'yes' if r['rule_says_use'] else 'no ':4} {r['on_us']:8.1f}"

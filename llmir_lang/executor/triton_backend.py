@@ -86,20 +86,27 @@ class TritonAttentionBackend(AttentionBackend):
             )
 
     def use_shared_prefix(
-        self, prefix_indices: torch.Tensor, suffix_kv_indptr: torch.Tensor, suffix_kv_indices: torch.Tensor
+        self,
+        prefix_indices: torch.Tensor,
+        suffix_kv_indptr: torch.Tensor,
+        suffix_kv_indices: torch.Tensor,
+        *,
+        force: bool = False,
     ) -> bool:
         """Offer the current DECODE batch's shared prefix; returns whether it will be used.
 
         Call after ``prepare`` when every request of the batch has KV ``prefix_indices`` followed by
         its own ``suffix_kv_indices[suffix_kv_indptr[b]:suffix_kv_indptr[b+1]]`` (this step's slot
-        included). Used only when ``policy.should_use_shared_prefix`` says it pays.
+        included). Used only when ``policy.should_use_shared_prefix`` says it pays, or ``force``.
         """
         b = self.batch
         if b is None or b.mode is not ForwardMode.DECODE:
             raise InvalidRequestError(
                 "use_shared_prefix applies to a prepared DECODE batch; call prepare first"
             )
-        if not policy.should_use_shared_prefix(int(prefix_indices.shape[0]), b.batch_size):
+        token_bytes = 2 * self.num_kv_heads * self.head_dim * self.k_buffers[0].element_size()
+        prefix_len = int(prefix_indices.shape[0])
+        if not force and not policy.should_use_shared_prefix(prefix_len, b.batch_size, token_bytes):
             return False
         self._shared = (prefix_indices, suffix_kv_indptr, suffix_kv_indices)
         return True
