@@ -15,6 +15,9 @@ Optimizer hints (each may be ignored without changing any output; they only save
 - ``group = "gN"`` on a fork (fork-join): the same for the forked state when it carries no pin:
   prefill once, then start the heads of all branches together.
 
+A prefix less than ``MIN_PREFILL_CHARS`` longer than the enclosing prefill is not prefilled on its
+own (its users still wait for the enclosing one): a request costs more than a few tokens.
+
 Failures never raise out of ``run``: a failed request marks its op's state failed, every state
 after it inherits the failure, and the function's result reports it per returned state.
 """
@@ -89,6 +92,10 @@ class _Val:
 ChunkSink = Callable[[int, frozenset[int], str, str], None]
 DoneSink = Callable[[int, FunctionResult], None]
 
+# A prefill is a request of its own; for a prefix this much longer than what an enclosing prefill
+# already covers, computing it once beats computing it in every user side by side.
+MIN_PREFILL_CHARS = 32
+
 _SCORE_POOL: ThreadPoolExecutor | None = None
 _SCORE_POOL_LOCK = threading.Lock()
 
@@ -100,6 +107,26 @@ def _score_pool() -> ThreadPoolExecutor:
         if _SCORE_POOL is None:
             _SCORE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmir-select")
         return _SCORE_POOL
+
+
+class PrefillMemory:
+    """The texts recently prefilled (shared by the rounds of one run), so that a later round does
+    not prefill again a prefix an earlier one already put in the cache. Bounded; a hint only."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._texts: list[str] = []
+        self._size = size
+        self._lock = threading.Lock()
+
+    def add(self, text: str) -> None:
+        with self._lock:
+            self._texts.append(text)
+            del self._texts[: -self._size]
+
+    def covered(self, text: str) -> int:
+        """The length of the longest remembered prefix of ``text`` (0 if none)."""
+        with self._lock:
+            return max((len(t) for t in self._texts if text.startswith(t)), default=0)
 
 
 class SegmentEvaluator:
@@ -114,8 +141,10 @@ class SegmentEvaluator:
         *,
         on_chunk: ChunkSink | None = None,
         on_function_done: DoneSink | None = None,
+        prefilled: PrefillMemory | None = None,
     ) -> None:
         self.backend = backend
+        self.prefilled = prefilled if prefilled is not None else PrefillMemory()
         self.roles = roles
         self.on_chunk = on_chunk
         self.on_function_done = on_function_done
@@ -136,7 +165,8 @@ class SegmentEvaluator:
         self._started: set[tuple[int, int]] = set()
         self._inflight: dict[Future, tuple[int, int]] = {}
         self._gate_future: dict[str, Future | None] = {}  # None: ready
-        self._gate_text: dict[str, str] = {}
+        self._gate_text: dict[str, str] = {}  # pinned and not yet unpinned
+        self._gate_len: dict[str, int] = {}
         self._gate_users: dict[str, int] = {}
         self._prefill_waiting: list[tuple[str, _Val, frozenset[str]]] = []
         self._direct_gates = [self._plan_gates(fi, fn) for fi, fn in enumerate(fns)]
@@ -260,7 +290,14 @@ class SegmentEvaluator:
         return {k: tuple(v) for k, v in direct.items()}
 
     def _open_gate(self, gate: str, val: _Val) -> None:
-        if val.failure is not None or not val.text or self._gate_users.get(gate, 0) <= 0:
+        covered = max((self._gate_len.get(g, 0) for g in val.gates if g != gate), default=0)
+        covered = max(covered, self.prefilled.covered(val.text))
+        self._gate_len[gate] = len(val.text)
+        if (
+            val.failure is not None
+            or len(val.text) - covered < MIN_PREFILL_CHARS
+            or self._gate_users.get(gate, 0) <= 0
+        ):
             self._gate_future[gate] = None
             return
         self._gate_future[gate] = Future()  # placeholder until the prefill is submitted
@@ -274,6 +311,7 @@ class SegmentEvaluator:
             self._gate_future[gate] = None
             return
         self.prefills += 1
+        self.prefilled.add(text)
         self._gate_future[gate] = fut
         self._inflight[fut] = (-1, -1)
 

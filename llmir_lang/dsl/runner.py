@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmir_lang.dsl.evaluator import FunctionResult, SegmentEvaluator
+from llmir_lang.dsl.evaluator import FunctionResult, PrefillMemory, SegmentEvaluator
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Function, Module
 from llmir_lang.optimizer import PassManager
@@ -54,6 +54,7 @@ class PipelineRunner:
         self.manager = PassManager(passes)  # raises PassPipelineError now on a bad pipeline
         self.keep_ir = keep_ir
         self.stats = RunnerStats()
+        self.prefilled = PrefillMemory()
         self._lock = threading.Lock()
 
     def optimize(self, module: Module, roles: Any) -> Module:
@@ -77,7 +78,11 @@ class PipelineRunner:
                 live[fi][r]._on_chunk(name, text)
 
         ev = SegmentEvaluator(
-            self.backend, roles, on_chunk=on_chunk if streaming else None, on_function_done=on_function_done
+            self.backend,
+            roles,
+            on_chunk=on_chunk if streaming else None,
+            on_function_done=on_function_done,
+            prefilled=self.prefilled,
         )
         results = ev.run(optimized)
         with self._lock:

@@ -1,0 +1,153 @@
+"""ProgramState semantics on a fake backend: text, roles, messages, variables, forks, trace."""
+
+from __future__ import annotations
+
+from fake_backend import fake_generate
+
+import llmir_lang as llmir
+from llmir_lang.executor.backend import GenStep
+from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.ir import print_ir
+
+
+def _gen_text(prompt: str, **params) -> str:
+    return fake_generate(prompt, GenStep(None, SamplingParams(**params)))[0]
+
+
+def test_text_gen_and_meta(fake):
+    @llmir.function
+    def f(s, topic):
+        s += "About " + topic + ":"
+        s += llmir.gen("a", max_tokens=4, ignore_eos=True, return_logprob=True)
+
+    st = f.run(topic="cats", backend=fake)
+    expected = _gen_text("About cats:", max_new_tokens=4, ignore_eos=True)
+    assert st["a"] == expected
+    assert st.text() == "About cats:" + expected
+    meta = st.get_meta_info("a")
+    assert meta["completion_tokens"] == 4 and meta["finish_reason"] == "length"
+    assert meta["logprobs"] == [-0.5] * 4
+    assert "a" in st and "b" not in st
+
+
+def test_roles_render_through_chat_template_and_messages(fake):
+    @llmir.function
+    def chat(s):
+        s += llmir.system("Be brief.")
+        with s.user():
+            s += "Hi"
+        s += llmir.assistant(llmir.gen("r1", max_tokens=3))
+        s += llmir.user_begin() + "More" + llmir.user_end()
+        s += llmir.assistant_begin()
+        s += llmir.gen("r2", max_tokens=3)
+        s += llmir.assistant_end()
+
+    st = chat.run(backend=fake)
+    msgs = st.messages()
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+    assert msgs[0]["content"] == "Be brief." and msgs[2]["content"] == st["r1"]
+    # the text is exactly what the backend's own template renders for those messages
+    assert st.text() == fake.apply_chat_template(msgs)
+
+
+def test_var_scope_and_setitem(fake):
+    @llmir.function
+    def f(s):
+        s += "{"
+        with s.var_scope("body"):
+            s += '"name": "' + llmir.gen("name", max_tokens=2, stop='"') + '"'
+        s += "}"
+        s["extra"] = 42
+
+    st = f.run(backend=fake)
+    assert st["body"] == '"name": "' + st["name"] + '"'
+    assert st.text() == "{" + st["body"] + "}"
+    assert st["extra"] == 42
+    assert st.variables()["extra"] == 42
+
+
+def test_fork_gather_join_in_one_segment(fake):
+    @llmir.function
+    def sot(s):
+        s += "Outline of a long essay about many things, in parts:\n"
+        forks = s.fork(3)
+        forks += lambda i: f"Part {i}:" + llmir.gen("para", max_tokens=3, stop="\n")
+        forks.join()
+        s += "Summary:" + llmir.gen("summary", max_tokens=3)
+
+    st = sot.run(backend=fake)
+    base = "Outline of a long essay about many things, in parts:\n"
+    assert st["para"] == [_gen_text(base + f"Part {i}:", max_new_tokens=3, stop=["\n"]) for i in range(3)]
+    assert st.text() == base + "Summary:" + st["summary"]  # gather leaves the parent's text
+    stats = st.run_stats()
+    assert stats["segments"] == 1  # fork, join and summary: no sync point
+    assert stats["prefills"] == 1  # the forked prefix, once, before the branches
+    # the prefill, then the three branch heads together, then the summary after the join
+    assert fake.requests[0].pin and fake.requests[0].prompt == base
+    assert sorted(r.prompt for r in fake.requests[1:4]) == [base + f"Part {i}:" for i in range(3)]
+    assert fake.requests[4].prompt.endswith("Summary:")
+
+
+def test_fork_list_values_branch_access_concat_and_copy(fake):
+    @llmir.function
+    def f(s):
+        s += "Start here with some shared text.\n"
+        forks = s.fork(2)
+        forks += ["A:", "B:"]
+        forks += llmir.gen("x", max_tokens=2, stop="\n")
+        first = forks[0]["x"]  # a sync point inside the program
+        forks.join(mode="concate_and_append")
+        s += "|" + first
+        c = s.copy()
+        c += " copy"
+        s["copy_text"] = c.text()
+
+    st = f.run(backend=fake)
+    x0 = _gen_text("Start here with some shared text.\nA:", max_new_tokens=2, stop=["\n"])
+    x1 = _gen_text("Start here with some shared text.\nB:", max_new_tokens=2, stop=["\n"])
+    assert st["x"] == [x0, x1]
+    assert st.text() == f"Start here with some shared text.\nA:{x0}B:{x1}|{x0}"
+    assert st["copy_text"] == st.text() + " copy"
+
+
+def test_anonymous_gens_and_concat_expressions(fake):
+    @llmir.function
+    def f(s):
+        s += "Q: one\nA:" + llmir.gen(max_tokens=2) + "\nQ: two\nA:" + llmir.gen("b", max_tokens=2)
+
+    st = f.run(backend=fake)
+    assert "b" in st and all(not k.startswith("_gen") for k in st.variables())
+    assert st.text().endswith(st["b"])
+
+
+def test_trace_records_params_vars_and_roles():
+    @llmir.function
+    def f(s, question, style="short"):
+        s += llmir.user("Q: " + question)
+        s += llmir.assistant(llmir.gen("answer", max_tokens=8))
+        s += "Again: " + s["answer"]
+        forks = s.fork(2)
+        forks += llmir.select("pick", ["yes", "no"])
+        forks.join()
+
+    text = print_ir(f.trace())
+    assert "func @f(%question: text)" in text
+    assert "append" in text and "var %" in text and "fork" in text and "join" in text
+    assert "role.begin" in text and "select" in text
+    assert 'choices = ["yes", "no"]' in text
+    # an argument that is given becomes constant text
+    assert '"Q: why"' in print_ir(f.trace(question="why"))
+
+
+def test_composition_calls_a_program_inside_another(fake):
+    @llmir.function
+    def inner(s, word):
+        s += "[" + word + "]"
+
+    @llmir.function
+    def outer(s):
+        s += "x"
+        inner(s, "y")
+        s += "z"
+
+    assert outer.run(backend=fake).text() == "x[y]z"
