@@ -1,0 +1,198 @@
+"""Constraint compiler benchmark: JSONSchemaBench sample and JSON-Schema-Test-Suite sweep.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_constraints.py                 # both suites
+    .venv/bin/python benchmarks/bench_constraints.py --suite bench --limit 200
+
+Tokenizer: a 32k byte-level BPE trained locally (``constraints.testing``), cached in a temp dir.
+Every instance is checked compact and with json.dumps' default separators, token by token
+through the canonical tokenization; at every step the mask bit must agree with ``advance``.
+
+Reported (printed, and written to ``benchmarks/results/constraints_cpu_<date>.json``):
+compile coverage, valid-instance acceptance, invalid-instance rejection, share of schemas fully
+correct, compile time p50/p90, mask time per token p50/p99 (batch 1, while walking valid
+instances), all per engine too; for the test suite, the pass rate by keyword (file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
+from llmir_lang.executor.constraints.testing import (
+    SchemaResult,
+    check_schema,
+    shared_data_dir,
+    train_test_tokenizer,
+)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def summarize(results: list[SchemaResult]) -> dict[str, Any]:
+    compiled = [r for r in results if r.compiled]
+    masks = [t for r in compiled for t in (r.mask_seconds or [])]
+    masks_cpu = [t for r in compiled for t in (r.mask_cpu_seconds or [])]
+    valid_total = sum(r.valid_total for r in compiled)
+    invalid_total = sum(r.invalid_total for r in compiled)
+    return {
+        "schemas": len(results),
+        "compiled": len(compiled),
+        "compile_coverage": len(compiled) / max(1, len(results)),
+        "fully_correct": sum(r.fully_correct for r in results),
+        "fully_correct_share": sum(r.fully_correct for r in results) / max(1, len(results)),
+        "valid_instances": valid_total,
+        "valid_accepted": sum(r.valid_accepted for r in compiled),
+        "valid_acceptance": sum(r.valid_accepted for r in compiled) / max(1, valid_total),
+        "invalid_instances": invalid_total,
+        "invalid_rejected": sum(r.invalid_rejected for r in compiled),
+        "invalid_rejection": sum(r.invalid_rejected for r in compiled) / max(1, invalid_total),
+        "compile_ms_p50": 1000 * pct([r.compile_seconds for r in compiled], 0.5),
+        "compile_ms_p90": 1000 * pct([r.compile_seconds for r in compiled], 0.9),
+        "mask_tokens": len(masks),
+        "mask_us_p50": 1e6 * pct(masks, 0.5),
+        "mask_us_p99": 1e6 * pct(masks, 0.99),
+        "mask_us_mean": 1e6 * sum(masks) / max(1, len(masks)),
+        "mask_cpu_us_p50": 1e6 * pct(masks_cpu, 0.5),
+        "mask_cpu_us_p99": 1e6 * pct(masks_cpu, 0.99),
+    }
+
+
+def split_of(name: str) -> str:
+    """``Github_easy---o1.json`` -> ``Github_easy``; ``BFCL_java_3.json`` -> ``BFCL_java``."""
+    return name.split("---")[0] if "---" in name else name.rsplit("_", 1)[0]
+
+
+def run_bench(compiler: ConstraintCompiler, hf: Any, data: Path, limit: int | None) -> dict[str, Any]:
+    files = sorted(data.glob("*.json"))[:limit]
+    results: list[SchemaResult] = []
+    by_split: dict[str, list[SchemaResult]] = collections.defaultdict(list)
+    by_engine: dict[str, list[SchemaResult]] = collections.defaultdict(list)
+    errors: collections.Counter[str] = collections.Counter()
+    failures: list[dict[str, Any]] = []
+    for n, path in enumerate(files):
+        doc = json.loads(path.read_text())
+        res = check_schema(compiler, hf, doc["schema"], doc.get("tests", []))
+        results.append(res)
+        by_split[split_of(path.name)].append(res)
+        if res.compiled:
+            by_engine[res.engine].append(res)
+            if not res.fully_correct:
+                failures.append({"file": path.name, "engine": res.engine, "why": (res.failures or [])[:3]})
+        else:
+            errors[f"{res.error_type}: {res.error[:90]}"] += 1
+        if (n + 1) % 200 == 0:
+            s = summarize(results)
+            print(f"  {n + 1}/{len(files)} fully correct {s['fully_correct_share']:.3f}", flush=True)
+    return {
+        "overall": summarize(results),
+        "by_engine": {k: summarize(v) for k, v in sorted(by_engine.items())},
+        "by_split": {k: summarize(v) for k, v in sorted(by_split.items())},
+        "compile_errors": errors.most_common(40),
+        "not_fully_correct": failures[:80],
+    }
+
+
+def run_test_suite(compiler: ConstraintCompiler, hf: Any, root: Path) -> dict[str, Any]:
+    by_keyword: dict[str, dict[str, Any]] = {}
+    all_results: list[SchemaResult] = []
+    for path in sorted((root / "tests" / "draft2020-12").glob("*.json")):
+        cases = json.loads(path.read_text())
+        kw = path.stem
+        stats: dict[str, int] = dict.fromkeys(
+            ["cases", "tests", "cases_compiled", "cases_not_compiled", "tests_not_compiled", "valid",
+             "valid_ok", "invalid", "invalid_ok", "cases_fully_correct"], 0,
+        )  # fmt: skip
+        for case in cases:
+            res = check_schema(compiler, hf, case["schema"], case["tests"])
+            all_results.append(res)
+            stats["cases"] += 1
+            stats["tests"] += len(case["tests"])
+            if not res.compiled:
+                stats["cases_not_compiled"] += 1
+                stats["tests_not_compiled"] += len(case["tests"])
+                continue
+            stats["cases_compiled"] += 1
+            stats["valid"] += res.valid_total
+            stats["valid_ok"] += res.valid_accepted
+            stats["invalid"] += res.invalid_total
+            stats["invalid_ok"] += res.invalid_rejected
+            stats["cases_fully_correct"] += res.fully_correct
+        passed = stats["valid_ok"] + stats["invalid_ok"]
+        by_keyword[kw] = {
+            **stats,
+            "pass_rate_compiled": passed / max(1, stats["valid"] + stats["invalid"]),
+            "pass_rate_all": passed / max(1, stats["tests"]),
+        }
+    return {"overall": summarize(all_results), "by_keyword": by_keyword}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["bench", "test-suite", "both"], default="both")
+    ap.add_argument("--limit", type=int, default=None, help="first N JSONSchemaBench files")
+    ap.add_argument("--outlines-timeout", type=float, default=5.0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+    t0 = time.perf_counter()
+    hf = train_test_tokenizer("byte_level_bpe", 32000)
+    info = TokenizerInfo.from_hf(hf)
+    compiler = ConstraintCompiler(info, cache_size=4096, outlines_timeout_s=args.outlines_timeout)
+    data = shared_data_dir()
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+        "tokenizer": {"kind": "byte_level_bpe (trained locally)", "vocab_size": info.vocab_size},
+        "outlines_timeout_s": args.outlines_timeout,
+        "targets": {"fully_correct_share": 0.80, "mask_us_p50": 50, "mask_us_p99": 1000},
+    }
+    if args.suite in ("bench", "both"):
+        print("JSONSchemaBench sample ...", flush=True)
+        report["jsonschemabench"] = run_bench(compiler, hf, data / "jsonschemabench", args.limit)
+        o = report["jsonschemabench"]["overall"]
+        print(json.dumps(o, indent=1))
+        for eng, s in report["jsonschemabench"]["by_engine"].items():
+            print(f"  {eng}: {s['compiled']} schemas, fully correct {s['fully_correct']}, "
+                  f"mask p50 {s['mask_us_p50']:.1f} us p99 {s['mask_us_p99']:.1f} us, "
+                  f"compile p50 {s['compile_ms_p50']:.1f} ms")  # fmt: skip
+    if args.suite in ("test-suite", "both"):
+        print("JSON-Schema-Test-Suite draft2020-12 ...", flush=True)
+        report["test_suite"] = run_test_suite(compiler, hf, data / "json-schema-test-suite")
+        for kw, s in report["test_suite"]["by_keyword"].items():
+            print(f"  {kw:28s} compiled {s['cases_compiled']:3d}/{s['cases']:3d} cases, "
+                  f"pass {s['pass_rate_compiled']:.3f} of compiled tests, {s['pass_rate_all']:.3f} of all")  # fmt: skip
+    report["wall_seconds"] = time.perf_counter() - t0
+    out = (
+        args.out or Path(__file__).parent / "results" / f"constraints_cpu_{datetime.date.today():%Y%m%d}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out} ({report['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

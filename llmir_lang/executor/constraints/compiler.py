@@ -1,0 +1,263 @@
+"""One compiler over two engines, with an LRU cache per tokenizer.
+
+Routing (the chosen engine and the reason are in ``CompiledConstraint.meta``):
+
+- regex / choices / dtype: outlines-core first (precomputed DFA, cheapest masks); llguidance if
+  outlines-core refuses the regex or its index build passes the deadline.
+- json_schema: outlines-core only for schemas in the subset its regex translation enforces
+  exactly (``schema_support.outlines_exact``); everything else, and any outlines-core failure,
+  goes to llguidance after exact rewrites (``schema_rewrite``) of keywords it lacks.
+- grammar: llguidance.
+
+Every compile ends with a satisfiability check (the start state must allow some token or accept
+the empty string), so unsatisfiable constraints fail here, before any model step. Failures are
+cached like successes: a program retrying a bad constraint gets the same error at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmir_lang.errors import ConstraintError
+from llmir_lang.executor.constraints import llguidance_backend as llg_backend
+from llmir_lang.executor.constraints import outlines_backend as oc_backend
+from llmir_lang.executor.constraints.errors import (
+    GrammarSyntaxError,
+    InvalidRegexError,
+    InvalidSchemaError,
+    UnsatisfiableConstraintError,
+)
+from llmir_lang.executor.constraints.matcher import Matcher, allocate_bitmask
+from llmir_lang.executor.constraints.outlines_worker import (
+    OutlinesBuildError,
+    OutlinesTimeout,
+    shared_worker,
+)
+from llmir_lang.executor.constraints.schema_rewrite import llguidance_error, rewrite_for_llguidance
+from llmir_lang.executor.constraints.schema_support import outlines_exact
+from llmir_lang.executor.constraints.spec import (
+    DEFAULT_JSON_WHITESPACE,
+    ConstraintSpec,
+    choices_of,
+    escape_regex,
+    grammar_error_location,
+)
+from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
+
+
+@dataclass(slots=True)
+class CompileMeta:
+    """How a constraint was compiled: shown to users as meta info."""
+
+    engine: str
+    compile_seconds: float
+    fallback_reason: str | None = None  # why outlines-core was not used (None: it was, or n/a)
+    rewrites: list[str] = field(default_factory=list)  # exact schema rewrites applied
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "compile_ms": round(self.compile_seconds * 1000, 3),
+            "fallback_reason": self.fallback_reason,
+            "rewrites": list(self.rewrites),
+            "warnings": list(self.warnings),
+        }
+
+
+class CompiledConstraint:
+    """A spec compiled for one tokenizer; immutable, shared by every request that uses it."""
+
+    __slots__ = ("spec", "engine", "meta", "vocab_size", "eos_token_ids", "_impl")
+
+    def __init__(self, spec: ConstraintSpec, impl: Any, meta: CompileMeta, info: TokenizerInfo) -> None:
+        self.spec = spec
+        self.engine: str = impl.engine
+        self.meta = meta
+        self.vocab_size = info.vocab_size
+        self.eos_token_ids = info.eos_token_ids
+        self._impl = impl
+
+    def new_matcher(self) -> Matcher:
+        return self._impl.new_matcher()
+
+    def __repr__(self) -> str:
+        return f"CompiledConstraint({self.spec.describe()}, engine={self.engine!r})"
+
+
+class ConstraintCompiler:
+    """Compiles ``ConstraintSpec``s for one tokenizer; thread-safe, LRU-cached by spec.
+
+    ``outlines_timeout_s`` bounds an outlines-core index build (it runs in a child process that
+    is killed at the deadline, then llguidance takes over). ``outlines_isolation="inline"``
+    builds in-process with no deadline (tests, or platforms without subprocesses).
+    """
+
+    def __init__(
+        self,
+        tok: TokenizerInfo,
+        cache_size: int = 256,
+        outlines_timeout_s: float = 5.0,
+        outlines_isolation: str = "process",
+    ) -> None:
+        if cache_size < 1:
+            raise ValueError("cache_size must be >= 1")
+        if outlines_isolation not in ("process", "inline"):
+            raise ValueError("outlines_isolation must be 'process' or 'inline'")
+        self.tok = tok
+        self.cache_size = cache_size
+        self.outlines_timeout_s = outlines_timeout_s
+        self.outlines_isolation = outlines_isolation
+        self._cache: OrderedDict[tuple[str, ConstraintSpec], CompiledConstraint | ConstraintError] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    # --- cache --------------------------------------------------------------------------
+    def compile(self, spec: ConstraintSpec) -> CompiledConstraint:
+        """The compiled constraint for ``spec`` (cached); raises ``ConstraintError`` subclasses."""
+        if not isinstance(spec, ConstraintSpec):
+            raise TypeError(f"compile() takes a ConstraintSpec, got {type(spec).__name__}")
+        key = (self.tok.fingerprint, spec)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+        if hit is None:
+            try:
+                hit = self._compile_uncached(spec)
+            except ConstraintError as e:
+                hit = e
+            with self._lock:
+                self.misses += 1
+                self._cache[key] = hit
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        if isinstance(hit, ConstraintError):
+            raise hit
+        return hit
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "size": len(self._cache)}
+
+    # --- routing ------------------------------------------------------------------------
+    def _compile_uncached(self, spec: ConstraintSpec) -> CompiledConstraint:
+        start = time.perf_counter()
+        if spec.kind == "regex":
+            impl, meta = self._regex(spec.value)
+        elif spec.kind == "choices":
+            impl, meta = self._regex("(" + "|".join(escape_regex(c) for c in choices_of(spec)) + ")")
+        elif spec.kind == "grammar":
+            impl, meta = self._grammar(spec.value)
+        else:
+            impl, meta = self._json_schema(spec)
+        meta.compile_seconds = time.perf_counter() - start
+        compiled = CompiledConstraint(spec, impl, meta, self.tok)
+        _check_satisfiable(compiled)
+        return compiled
+
+    def _outlines(self, regex: str) -> oc_backend.OutlinesCompiled:
+        vocab = oc_backend.outlines_vocabulary(self.tok)
+        wrapped = oc_backend.wrap_regex(regex)
+        if self.outlines_isolation == "inline":
+            import outlines_core
+
+            try:
+                index = outlines_core.Index(wrapped, vocab)
+            except Exception as e:  # outlines-core raises ValueError and friends with a message
+                raise OutlinesBuildError(f"{type(e).__name__}: {e}") from None
+        else:
+            index = shared_worker().build_index(wrapped, self.tok.fingerprint, vocab, self.outlines_timeout_s)
+        return oc_backend.OutlinesCompiled(self.tok, regex, index)
+
+    def _llguidance(self, grammar: str) -> llg_backend.LLGuidanceCompiled:
+        return llg_backend.LLGuidanceCompiled(self.tok, grammar)
+
+    def _regex(self, regex: str) -> tuple[Any, CompileMeta]:
+        import llguidance
+
+        try:
+            return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
+        except (OutlinesBuildError, OutlinesTimeout) as e:
+            reason = f"outlines-core: {e}"
+        compiled = self._llguidance(llguidance.LLMatcher.grammar_from_regex(regex))
+        err = compiled.compile_error()
+        if err is not None:
+            if "regex parse error" in err or "invalid regex" in err:
+                raise InvalidRegexError(f"regex {regex!r} does not parse: {_first_lines(err)}")
+            if "empty" in err.lower() or "unsatisf" in err.lower():
+                raise UnsatisfiableConstraintError(f"regex {regex!r} matches nothing: {_first_lines(err)}")
+            raise ConstraintError(f"regex {regex!r} cannot be compiled: {reason}; llguidance: {err}")
+        return compiled, CompileMeta(llg_backend.ENGINE, 0.0, fallback_reason=reason)
+
+    def _grammar(self, text: str) -> tuple[Any, CompileMeta]:
+        import llguidance
+
+        compiled = self._llguidance(llguidance.LLMatcher.grammar_from_lark(text))
+        err = compiled.compile_error()
+        if err is not None:
+            line, col = grammar_error_location(err)
+            where = f" at line {line}, column {col}" if line else ""
+            raise GrammarSyntaxError(f"grammar error{where}: {_first_lines(err, 6)}", line, col)
+        meta = CompileMeta(llg_backend.ENGINE, 0.0, fallback_reason="grammars need llguidance")
+        meta.warnings = compiled.warnings()
+        return compiled, meta
+
+    def _json_schema(self, spec: ConstraintSpec) -> tuple[Any, CompileMeta]:
+        import llguidance
+
+        schema = json.loads(spec.value)
+        if schema is False:
+            raise UnsatisfiableConstraintError("the JSON schema is `false`: no document satisfies it")
+        if schema is True:
+            schema = {}
+        ws = spec.whitespace if spec.whitespace is not None else DEFAULT_JSON_WHITESPACE
+        reason = outlines_exact(schema)
+        if reason is None:
+            import outlines_core
+
+            try:
+                regex = outlines_core.json_schema.build_regex_from_schema(spec.value, ws)
+                return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
+            except (OutlinesBuildError, OutlinesTimeout, ValueError) as e:
+                reason = f"outlines-core: {e}"
+        rewritten, notes = rewrite_for_llguidance(schema)
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                rewritten, overrides={"whitespace_pattern": ws, "whitespace_flexible": False}
+            )
+        except ValueError as e:
+            raise InvalidSchemaError(f"the JSON schema is not usable: {e}") from None
+        compiled = self._llguidance(grammar)
+        err = compiled.compile_error()
+        if err is not None:
+            raise llguidance_error(err, schema)
+        meta = CompileMeta(llg_backend.ENGINE, 0.0, fallback_reason=reason, rewrites=notes)
+        meta.warnings = compiled.warnings()
+        return compiled, meta
+
+
+def _first_lines(text: str, n: int = 3) -> str:
+    return "\n".join(text.strip().splitlines()[:n])
+
+
+def _check_satisfiable(compiled: CompiledConstraint) -> None:
+    m = compiled.new_matcher()
+    mask = allocate_bitmask(1, compiled.vocab_size)
+    m.fill_bitmask(mask, 0)
+    if not bool(mask.ne(0).any()) and not m.is_accepting():
+        detail = m.error() or "no token can start the output"
+        raise UnsatisfiableConstraintError(
+            f"{compiled.spec.describe()} admits no output with this tokenizer ({detail}); check the "
+            "constraint, or that the vocabulary can spell the characters it needs"
+        )

@@ -1,0 +1,130 @@
+"""llguidance engine: lark grammars, JSON schemas outlines-core cannot take, regex fallback.
+
+One ``LLTokenizer`` per ``TokenizerInfo`` is built from the same bytes-per-token table the
+outlines-core engine uses (special tokens marked, EOS ids passed), so both engines agree on every
+token. A compiled grammar is kept as a template matcher; each request gets a ``deep_copy``, which
+skips re-parsing the grammar.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmir_lang.executor.constraints.matcher import Matcher, bitmask_words, complete_utf8_prefix
+from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
+
+ENGINE = "llguidance"
+
+
+class _TokenizerAdapter:
+    """What ``llguidance.TokenizerWrapper`` reads: tokens as bytes, EOS/BOS, special ids, encode."""
+
+    def __init__(self, info: TokenizerInfo) -> None:
+        self.eos_token_id = info.eos_token_ids[0]
+        self.bos_token_id = None
+        specials = sorted(info.special_ids)
+        tokens = [b if b is not None else b"" for b in info.token_bytes]
+        for i in specials:
+            tokens[i] = b"<|special_%d|>" % i  # a name only; marked special below, never spelled
+        self.tokens = tokens
+        self.special_token_ids = specials
+        self._encode = info.encode
+
+    def __call__(self, data: bytes) -> list[int]:
+        return self._encode(data.decode("utf-8", errors="replace"))
+
+
+def ll_tokenizer(info: TokenizerInfo) -> Any:
+    import llguidance
+
+    def build() -> Any:
+        wrapper = llguidance.TokenizerWrapper(_TokenizerAdapter(info))
+        return llguidance.LLTokenizer(wrapper, n_vocab=info.vocab_size, eos_token=list(info.eos_token_ids))
+
+    return info.cached("llguidance_tokenizer", build)
+
+
+class LLGuidanceCompiled:
+    """A grammar accepted by llguidance for one tokenizer; ``new_matcher`` copies a template."""
+
+    engine = ENGINE
+
+    def __init__(self, info: TokenizerInfo, grammar: str) -> None:
+        import llguidance
+
+        self.info = info
+        self.grammar = grammar
+        self.template = llguidance.LLMatcher(ll_tokenizer(info), grammar, log_level=0)
+
+    def compile_error(self) -> str | None:
+        return self.template.get_error() if self.template.is_error() else None
+
+    def warnings(self) -> list[str]:
+        return list(self.template.get_grammar_warnings())
+
+    def new_matcher(self) -> LLGuidanceMatcher:
+        return LLGuidanceMatcher(self.template.deep_copy(), self.info)
+
+
+class LLGuidanceMatcher(Matcher):
+    """``Matcher`` over an ``llguidance.LLMatcher`` (see ``matcher.py`` for the contract)."""
+
+    engine = ENGINE
+    __slots__ = ("native", "eos_token_ids", "vocab_size", "_words", "_dead")
+
+    def __init__(self, native: Any, info: TokenizerInfo) -> None:
+        self.native = native
+        self.eos_token_ids = info.eos_token_ids
+        self.vocab_size = info.vocab_size
+        self._words = bitmask_words(info.vocab_size)
+        self._dead: str | None = None
+
+    def can_fill_in_batch(self, bitmask: torch.Tensor) -> bool:
+        return bitmask.shape[1] == self._words
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        target = bitmask[row]
+        if target.numel() < self._words or not target.is_contiguous() or target.dtype != torch.int32:
+            raise ValueError(
+                f"bitmask row must be contiguous int32 with >= {self._words} words, got {tuple(target.shape)}"
+            )
+        self.native.unsafe_compute_mask_ptr(target.data_ptr(), self._words * 4)
+        if target.numel() > self._words:
+            target[self._words :].zero_()
+
+    def advance(self, token_id: int) -> bool:
+        # try_consume_tokens leaves the matcher usable on refusal (consume_token would poison it).
+        return self.native.try_consume_tokens([int(token_id)]) == 1
+
+    def is_accepting(self) -> bool:
+        return bool(self.native.is_accepting())
+
+    def is_terminated(self) -> bool:
+        return bool(self.native.is_stopped())
+
+    def forced_tokens(self) -> list[int]:
+        if self.native.is_stopped():
+            return []
+        return list(self.native.compute_ff_tokens())
+
+    def forced_text(self) -> str:
+        if self.native.is_stopped():
+            return ""
+        return complete_utf8_prefix(self.native.compute_ff_bytes())
+
+    def rollback(self, n: int) -> None:
+        if n == 0:
+            return
+        if not self.native.rollback(int(n)):
+            self._check_rollback(n, 0)
+        self._dead = None
+
+    def note_dead_end(self) -> None:
+        self._dead = "the constraint allows no further token here (and the output is not complete)"
+
+    def error(self) -> str | None:
+        if self.native.is_error():
+            return f"llguidance: {self.native.get_error()}"
+        return self._dead

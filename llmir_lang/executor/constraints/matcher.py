@@ -1,0 +1,187 @@
+"""The per-request matcher protocol, and batch-wide mask filling and application.
+
+Bitmask layout (same as ``kernels/reference.py apply_token_bitmask``): int32 ``[B, ceil(V/32)]``,
+token ``v`` of row ``b`` is allowed iff bit ``v % 32`` of ``bitmask[b, v // 32]`` is set.
+
+Matcher invariants:
+
+- ``fill_bitmask`` writes the full row (every word), so rows never need clearing between steps.
+- a token whose bit is set is accepted by ``advance``; EOS bits are set exactly in accepting
+  states, and ``advance(eos)`` there terminates the matcher. ``advance`` may also accept a token
+  whose bit is clear: inside forced text llguidance masks all but the canonical spelling, yet
+  ``advance`` takes any spelling of the same bytes (needed when the engine retokenizes).
+- ``advance`` returning False leaves the state unchanged.
+- ``rollback(n)`` undoes the last ``n`` successful ``advance`` calls, EOS included.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from llmir_lang.errors import ConstraintError
+
+
+class Matcher(ABC):
+    """State of one request under one compiled constraint (see module invariants)."""
+
+    engine: str
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+
+    @abstractmethod
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed-token bits of the current state into ``bitmask[row]``."""
+
+    @abstractmethod
+    def advance(self, token_id: int) -> bool:
+        """Consume one token; False (state unchanged) if the constraint does not allow it."""
+
+    @abstractmethod
+    def is_accepting(self) -> bool:
+        """True if the text so far is a complete match (EOS would be allowed)."""
+
+    @abstractmethod
+    def is_terminated(self) -> bool:
+        """True once EOS was consumed, or when no token other than EOS is possible."""
+
+    @abstractmethod
+    def forced_tokens(self) -> list[int]:
+        """Tokens the constraint forces from here (jump-forward); [] if none.
+
+        They spell a prefix of ``forced_text()``: a trailing token that could merge with the text
+        after it is held back, so the list may be shorter than the forced text.
+        """
+
+    @abstractmethod
+    def forced_text(self) -> str:
+        """The text every continuation from here starts with (complete UTF-8 characters only)."""
+
+    @abstractmethod
+    def rollback(self, n: int) -> None:
+        """Undo the last ``n`` successful advances."""
+
+    @abstractmethod
+    def error(self) -> str | None:
+        """Why the matcher dead-ended (no token possible, not accepting), else None.
+
+        The engine ends only that request, with ``finish_reason="constraint_error"``.
+        """
+
+    def _check_rollback(self, n: int, available: int) -> None:
+        if n < 0 or n > available:
+            raise ConstraintError(
+                f"cannot roll back {n} tokens: only {available} were consumed by this matcher"
+            )
+
+
+def complete_utf8_prefix(data: bytes) -> str:
+    """Decode, dropping an incomplete trailing UTF-8 sequence (forced text is whole characters)."""
+    for cut in range(len(data), max(len(data) - 4, -1), -1):
+        try:
+            return data[:cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return data.decode("utf-8", errors="ignore")
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allocate_bitmask(batch_size: int, vocab_size: int) -> torch.Tensor:
+    """An int32 CPU bitmask ``[batch_size, ceil(vocab_size/32)]`` with every token allowed."""
+    return torch.full((batch_size, bitmask_words(vocab_size)), -1, dtype=torch.int32)
+
+
+_executor_lock = threading.Lock()
+_executor = None
+
+
+def _llg_executor():
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            import llguidance
+
+            _executor = llguidance.LLExecutor()
+        return _executor
+
+
+def fill_batch_bitmask(matchers: Sequence[Matcher | None], bitmask: torch.Tensor) -> list[int]:
+    """Fill row ``i`` of ``bitmask`` from ``matchers[i]``; rows of ``None`` get all ones.
+
+    llguidance rows are computed in one call (parallel across its worker threads); the others
+    row by row. Returns the rows whose matcher dead-ended (no token allowed and not accepting);
+    those matchers now report ``error()``.
+    """
+    if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not bitmask.is_contiguous():
+        raise ConstraintError("the bitmask must be a contiguous int32 CPU tensor (see allocate_bitmask)")
+    if bitmask.dim() != 2 or bitmask.shape[0] < len(matchers):
+        raise ConstraintError(
+            f"bitmask of shape {tuple(bitmask.shape)} has fewer rows than the {len(matchers)} matchers"
+        )
+    from llmir_lang.executor.constraints.llguidance_backend import LLGuidanceMatcher
+
+    llg_rows: list[tuple[object, int]] = []
+    checked: list[tuple[int, Matcher]] = []
+    for row, m in enumerate(matchers):
+        if m is None:
+            bitmask[row].fill_(-1)
+            continue
+        if isinstance(m, LLGuidanceMatcher) and m.can_fill_in_batch(bitmask):
+            llg_rows.append((m.native, row))
+        else:
+            m.fill_bitmask(bitmask, row)
+        checked.append((row, m))
+    if llg_rows:
+        words = bitmask.shape[1]
+        _llg_executor().unsafe_compute_mask_ptr(llg_rows, bitmask.data_ptr(), words * 4, bitmask.shape[0])
+    if not checked:
+        return []
+    rows = torch.tensor([r for r, _ in checked], dtype=torch.long)
+    empty = ~bitmask.index_select(0, rows).ne(0).any(dim=1)
+    dead: list[int] = []
+    for k in empty.nonzero().flatten().tolist():
+        row, m = checked[k]
+        if not m.is_accepting():
+            _mark_dead(m)
+            dead.append(row)
+    return dead
+
+
+def _mark_dead(m: Matcher) -> None:
+    note = getattr(m, "note_dead_end", None)
+    if note is not None:
+        note()
+
+
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: ``logits[b, v] = -inf`` where the bit of token ``v`` in row ``b`` is clear.
+
+    One masked_fill over the batch. On the CPU the int32 words are read as bytes through a
+    256-entry bit table (little-endian hosts); on other devices the words are shifted.
+    Columns beyond ``32 * bitmask.shape[1]`` are masked too.
+    """
+    b, vocab = logits.shape
+    words = bitmask.shape[1]
+    if bitmask.shape[0] != b:
+        raise ConstraintError(f"bitmask has {bitmask.shape[0]} rows but logits have {b}")
+    if logits.device.type == "cpu" and sys.byteorder == "little":
+        allowed = _BYTE_BITS[bitmask.contiguous().view(torch.uint8).long()].view(b, words * 32)
+    else:
+        mask = bitmask.to(logits.device, non_blocking=True)
+        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        allowed = ((mask.unsqueeze(-1) >> shifts) & 1).bool().view(b, words * 32)
+    if words * 32 >= vocab:
+        logits.masked_fill_(~allowed[:, :vocab], float("-inf"))
+    else:
+        logits[:, words * 32 :] = float("-inf")
+        logits[:, : words * 32].masked_fill_(~allowed, float("-inf"))

@@ -1,0 +1,243 @@
+r"""outlines-core engine: a regex compiled to a token-level DFA (``Index``) up front.
+
+Masks are then a lookup (outlines-core writes the state's bitmask directly), and forced text is a
+walk along states with a single byte continuation, cached per state.
+
+NOTE: outlines-core 0.2.14 drops every transition that leaves a final state towards a non-final
+one: for ``2(\.[0-9]+)?`` it forbids ``.`` after ``2``, for choices ``ab|abcd`` it forbids ``c``
+after ``ab`` (see the regression test). So the regex handed to it is ``(?:R)`` followed by an
+end marker character, U+10FFFD, spelled by one synthetic token id beyond the vocabulary. No state
+reachable by real tokens is then final, nothing is dropped, and "R accepts here" becomes "the
+marker token is allowed here", which the matcher turns into the EOS bits. Real tokens containing
+byte 0xF4 (the marker's lead byte, used only by plane-16 private-use characters) are left out of
+the outlines-core vocabulary so no real text can spell the marker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmir_lang.executor.constraints.matcher import Matcher, bitmask_words, complete_utf8_prefix
+from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
+
+ENGINE = "outlines-core"
+_MAX_FORCED_STEPS = 512
+_MAX_ROLLBACK = 1 << 20
+END_MARKER = "\U0010fffd"
+
+
+def marker_id(info: TokenizerInfo) -> int:
+    """The synthetic token spelling ``END_MARKER`` (outlines-core's own EOS id is this + 1)."""
+    return info.vocab_size
+
+
+def wrap_regex(regex: str) -> str:
+    """The regex outlines-core compiles: ``R`` then the end marker (see module NOTE)."""
+    return f"(?:{regex})\\x{{10FFFD}}"
+
+
+def outlines_vocabulary(info: TokenizerInfo) -> Any:
+    import outlines_core
+
+    def build() -> Any:
+        table: dict[bytes, list[int]] = {}
+        for i, b in enumerate(info.token_bytes):
+            if b is not None and 0xF4 not in b:
+                table.setdefault(b, []).append(i)
+        table[END_MARKER.encode("utf-8")] = [marker_id(info)]
+        return outlines_core.Vocabulary(marker_id(info) + 1, table)
+
+    return info.cached("outlines_vocabulary", build)
+
+
+class OutlinesCompiled:
+    """An outlines-core ``Index`` of ``wrap_regex(regex)`` plus per-state caches shared by matchers."""
+
+    engine = ENGINE
+
+    def __init__(self, info: TokenizerInfo, regex: str, index: Any) -> None:
+        self.info = info
+        self.regex = regex
+        self.index = index
+        self.marker = marker_id(info)
+        self.scratch_words = bitmask_words(self.marker + 2)
+        self._forced: dict[int, tuple[bytes, list[int]]] = {}
+        self._only_end: dict[int, bool] = {}
+
+    def new_matcher(self) -> OutlinesMatcher:
+        return OutlinesMatcher(self)
+
+    def accepts(self, state: int) -> bool:
+        return self.index.get_next_state(state, self.marker) is not None
+
+    def only_end(self, state: int) -> bool:
+        """True if the regex is complete here and no real token can follow."""
+        hit = self._only_end.get(state)
+        if hit is None:
+            allowed = self.index.get_allowed_tokens(state) or []
+            hit = bool(allowed) and all(t == self.marker for t in allowed)
+            self._only_end[state] = hit
+        return hit
+
+    def forced(self, state: int) -> tuple[bytes, list[int]]:
+        """(forced bytes, one token path spelling them) from ``state``; cached."""
+        hit = self._forced.get(state)
+        if hit is not None:
+            return hit
+        tb = self.info.token_bytes
+        out = bytearray()
+        path: list[int] = []
+        s = state
+        for _ in range(_MAX_FORCED_STEPS):
+            allowed = self.index.get_allowed_tokens(s) or []
+            if self.marker in allowed:
+                break  # the regex may end here: nothing is forced
+            lcp: bytes | None = None
+            shortest = -1
+            for t in allowed:
+                b = tb[t]
+                if lcp is None:
+                    lcp = b
+                else:
+                    n = 0
+                    limit = min(len(lcp), len(b))
+                    while n < limit and lcp[n] == b[n]:
+                        n += 1
+                    lcp = lcp[:n]
+                    if not lcp:
+                        break
+                if shortest < 0 or len(b) < len(tb[shortest]):
+                    shortest = t
+            if not lcp or tb[shortest] != lcp:
+                break
+            out += lcp
+            path.append(shortest)
+            s = self.index.get_next_state(s, shortest)
+        hit = (bytes(out), path)
+        self._forced[state] = hit
+        return hit
+
+
+class OutlinesMatcher(Matcher):
+    """``Matcher`` over an outlines-core ``Guide`` (see ``matcher.py`` for the contract)."""
+
+    engine = ENGINE
+
+    def __init__(self, compiled: OutlinesCompiled) -> None:
+        import outlines_core
+
+        self._c = compiled
+        self._index = compiled.index
+        self._guide = outlines_core.Guide(compiled.index, max_rollback=_MAX_ROLLBACK)
+        self._scratch = torch.zeros(compiled.scratch_words, dtype=torch.int32)
+        self._history: list[bool] = []  # True marks the EOS step
+        self._eos_done = False
+        self._dead: str | None = None
+        self.eos_token_ids = compiled.info.eos_token_ids
+        self.vocab_size = compiled.info.vocab_size
+        self._words = bitmask_words(self.vocab_size)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        target = bitmask[row]
+        if target.numel() < self._words or not target.is_contiguous() or target.dtype != torch.int32:
+            raise ValueError(
+                f"bitmask row must be contiguous int32 with >= {self._words} words, got {tuple(target.shape)}"
+            )
+        if self._eos_done:
+            target.zero_()
+            return
+        scratch = self._scratch
+        scratch.zero_()
+        self._guide.write_mask_into(scratch.data_ptr(), scratch.numel(), 4)
+        words = self._words
+        target[:words].copy_(scratch[:words])
+        if target.numel() > words:
+            target[words:].zero_()
+        marker = self._c.marker
+        if marker < 32 * words:  # the synthetic marker bit shares the last word: clear it
+            target[marker // 32] &= ~_bit(marker % 32)
+        if (int(scratch[marker // 32]) >> (marker % 32)) & 1:
+            for e in self.eos_token_ids:
+                target[e // 32] |= _bit(e % 32)
+
+    def advance(self, token_id: int) -> bool:
+        if self._eos_done:
+            return False
+        token_id = int(token_id)
+        state = self._guide.get_state()
+        if token_id in self.eos_token_ids:
+            if not self._c.accepts(state):
+                return False
+            self._eos_done = True
+            self._history.append(True)
+            return True
+        if token_id >= self.vocab_size or self._index.get_next_state(state, token_id) is None:
+            return False
+        self._guide.advance(token_id, return_tokens=False)
+        self._history.append(False)
+        return True
+
+    def is_accepting(self) -> bool:
+        return self._eos_done or self._c.accepts(self._guide.get_state())
+
+    def is_terminated(self) -> bool:
+        return self._eos_done or self._c.only_end(self._guide.get_state())
+
+    def forced_text(self) -> str:
+        if self._eos_done:
+            return ""
+        data, _ = self._c.forced(self._guide.get_state())
+        return complete_utf8_prefix(data)
+
+    def forced_tokens(self) -> list[int]:
+        if self._eos_done:
+            return []
+        data, path = self._c.forced(self._guide.get_state())
+        if not data:
+            return []
+        info = self._c.info
+        tokens = info.encode(data.decode("utf-8", errors="replace"))
+        if info.decode_bytes(tokens) != data or not self._walkable(tokens):
+            tokens = list(path)
+        # Hold back the last token unless the forced text ends the output: it may merge with
+        # whatever the model writes next.
+        state = self._guide.get_state()
+        for t in path:
+            state = self._index.get_next_state(state, t)
+        if not self._c.only_end(state):
+            tokens = tokens[:-1]
+        return tokens
+
+    def _walkable(self, tokens: list[int]) -> bool:
+        state = self._guide.get_state()
+        for t in tokens:
+            state = self._index.get_next_state(state, t)
+            if state is None:
+                return False
+        return True
+
+    def rollback(self, n: int) -> None:
+        self._check_rollback(n, len(self._history))
+        if n == 0:
+            return
+        undone = self._history[-n:]
+        del self._history[-n:]
+        if undone[-1]:
+            self._eos_done = False
+        guide_steps = sum(1 for eos in undone if not eos)
+        if guide_steps:
+            self._guide.rollback_state(guide_steps)
+        self._dead = None
+
+    def note_dead_end(self) -> None:
+        self._dead = "the regex allows no further token here (and the output is not complete)"
+
+    def error(self) -> str | None:
+        return self._dead
+
+
+def _bit(i: int) -> int:
+    """Bit ``i`` of an int32 word as a signed Python int (bit 31 is the sign)."""
+    return (1 << i) - (1 << 32 if i == 31 else 0)

@@ -1,0 +1,289 @@
+"""What the DSL / IR hands to the engine: a hashable description of one output constraint.
+
+A ``ConstraintSpec`` is plain data (kind + text), so it can live in the IR, be printed, compared
+and used as a cache key. The builders below validate their input and raise typed errors before
+anything reaches a model:
+
+=====================  ====================================================================
+builder                 what the generated text must be
+=====================  ====================================================================
+spec_from_regex         a full match of the regex (Rust ``regex`` syntax, Unicode classes)
+spec_from_json_schema   a JSON document valid under the schema (dict, JSON text, bool, or a
+                        pydantic model class); keys in the schema's ``properties`` order
+spec_from_choices       exactly one of the strings
+spec_from_dtype         an int / float / bool literal, or a JSON string literal for ``str``
+spec_from_grammar       a sentence of the lark grammar (llguidance's lark dialect)
+spec_from_stop_regex    not a constraint: free text cut at the first regex match
+=====================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llmir_lang.executor.constraints.errors import (
+    GrammarSyntaxError,
+    InvalidChoicesError,
+    InvalidRegexError,
+    InvalidSchemaError,
+    UnknownDtypeError,
+)
+
+ConstraintKind = Literal["regex", "json_schema", "grammar", "choices"]
+_KINDS = ("regex", "json_schema", "grammar", "choices")
+
+# Whitespace between JSON tokens. One optional space accepts both compact output and Python's
+# json.dumps default (", " / ": ") while keeping a model from padding with endless blanks.
+DEFAULT_JSON_WHITESPACE = "[ ]?"
+
+
+@dataclass(frozen=True, slots=True)
+class ConstraintSpec:
+    """A constraint on generated text; hashable and printable.
+
+    ``value`` holds regex text, a canonical JSON schema (see ``canonical_schema_text``), lark
+    grammar text, or a JSON list of choices. ``whitespace`` is a regex for the whitespace allowed
+    between JSON tokens (json_schema only; ``None`` means ``DEFAULT_JSON_WHITESPACE``).
+    """
+
+    kind: ConstraintKind
+    value: str
+    whitespace: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown constraint kind {self.kind!r}; expected one of {_KINDS}")
+        if not isinstance(self.value, str):
+            raise TypeError(f"ConstraintSpec.value must be str, got {type(self.value).__name__}")
+        if self.whitespace is not None and self.kind != "json_schema":
+            raise ValueError("whitespace applies only to json_schema constraints")
+
+    def describe(self, limit: int = 80) -> str:
+        text = self.value if len(self.value) <= limit else self.value[: limit - 3] + "..."
+        return f"{self.kind}({text!r})"
+
+
+# --- regex --------------------------------------------------------------------------------
+def spec_from_regex(pattern: str) -> ConstraintSpec:
+    """Generated text must fully match ``pattern``. Syntax errors surface at compile time."""
+    if not isinstance(pattern, str):
+        raise InvalidRegexError(f"regex must be a string, got {type(pattern).__name__}")
+    return ConstraintSpec("regex", pattern)
+
+
+_RUST_META = set("\\.+*?()|[]{}^$#&-~")
+
+
+def escape_regex(text: str) -> str:
+    """Escape ``text`` so Rust's ``regex`` (outlines-core) and llguidance match it literally."""
+    out = []
+    for ch in text:
+        if ch in _RUST_META:
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{{{ord(ch):X}}}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+# --- JSON schema --------------------------------------------------------------------------
+# Maps whose key order is the order a generator emits object members: kept as written.
+_ORDERED_MAPS = ("properties", "patternProperties")
+_SCHEMA_MAPS = ("$defs", "definitions", "dependentSchemas")
+_SCHEMA_VALUES = (
+    "items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+    "additionalItems", "unevaluatedItems", "unevaluatedProperties",
+)  # fmt: skip
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def _canonical(node: Any) -> Any:
+    """Sort keywords, keep member order of ``properties``; data keywords stay untouched."""
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key in sorted(node):
+        val = node[key]
+        if key in _ORDERED_MAPS and isinstance(val, dict):
+            out[key] = {k: _canonical(v) for k, v in val.items()}
+        elif key in _SCHEMA_MAPS and isinstance(val, dict):
+            out[key] = {k: _canonical(val[k]) for k in sorted(val)}
+        elif key in _SCHEMA_VALUES:
+            out[key] = [_canonical(v) for v in val] if isinstance(val, list) else _canonical(val)
+        elif key in _SCHEMA_LISTS and isinstance(val, list):
+            out[key] = [_canonical(v) for v in val]
+        elif key == "dependencies" and isinstance(val, dict):
+            out[key] = {k: _canonical(val[k]) for k in sorted(val)}
+        else:
+            out[key] = val
+    return out
+
+
+def canonical_schema_text(schema: Any) -> str:
+    """Canonical JSON text of a schema: keywords sorted, ``properties`` order kept.
+
+    Sorting every key (``sort_keys=True``) would also reorder ``properties``, which is the order
+    the constrained output lists object members, so member maps keep their written order.
+    """
+    return json.dumps(_canonical(schema), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def spec_from_json_schema(schema: Any, whitespace: str | None = None) -> ConstraintSpec:
+    """Schema as a dict, JSON text, ``True``/``False``, or a pydantic ``BaseModel`` subclass."""
+    if isinstance(schema, type):
+        try:
+            from pydantic import BaseModel
+        except ImportError:  # pragma: no cover - pydantic is a dependency
+            BaseModel = None  # type: ignore[assignment]  # noqa: N806
+        if BaseModel is None or not issubclass(schema, BaseModel):
+            raise InvalidSchemaError(
+                f"json_schema= got the class {schema.__name__}; pass a pydantic BaseModel subclass, "
+                "a dict, or JSON text"
+            )
+        schema = schema.model_json_schema()
+    elif isinstance(schema, (str, bytes)):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise InvalidSchemaError(
+                f"json_schema= text is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            ) from None
+    if not isinstance(schema, (dict, bool)):
+        raise InvalidSchemaError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+    try:
+        text = canonical_schema_text(schema)
+    except (TypeError, ValueError) as e:
+        raise InvalidSchemaError(f"the JSON schema cannot be serialized to JSON: {e}") from None
+    return ConstraintSpec("json_schema", text, whitespace)
+
+
+# --- choices ------------------------------------------------------------------------------
+def spec_from_choices(choices: Sequence[str]) -> ConstraintSpec:
+    """Generated text must be exactly one of ``choices`` (non-empty, distinct, non-empty strings)."""
+    if isinstance(choices, str) or not isinstance(choices, Sequence):
+        raise InvalidChoicesError(
+            f"choices must be a list of strings, got {type(choices).__name__}; wrap a single option in a list"
+        )
+    items = list(choices)
+    if not items:
+        raise InvalidChoicesError("choices is empty; give at least one option")
+    bad = [c for c in items if not isinstance(c, str)]
+    if bad:
+        raise InvalidChoicesError(f"choices must all be strings, got {bad[0]!r}")
+    if any(c == "" for c in items):
+        raise InvalidChoicesError("choices contains an empty string; every option must spell something")
+    seen: set[str] = set()
+    dups = [c for c in items if c in seen or seen.add(c)]  # type: ignore[func-returns-value]
+    if dups:
+        raise InvalidChoicesError(f"choices has duplicates {sorted(set(dups))!r}; list each option once")
+    return ConstraintSpec("choices", json.dumps(items, ensure_ascii=False))
+
+
+def choices_of(spec: ConstraintSpec) -> list[str]:
+    return list(json.loads(spec.value))
+
+
+# --- dtype --------------------------------------------------------------------------------
+_DTYPE_REGEX = {
+    "int": r"-?(0|[1-9][0-9]*)",
+    "float": r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?",
+    "bool": r"(true|false|True|False)",
+    "str": r'"([^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"',
+}
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = dtype if isinstance(dtype, str) else getattr(dtype, "__name__", None)
+    if name not in _DTYPE_REGEX:
+        raise UnknownDtypeError(
+            f"unknown dtype {dtype!r}; use int, float, bool or str (or their names as strings)"
+        )
+    return name
+
+
+def spec_from_dtype(dtype: Any) -> ConstraintSpec:
+    """``int`` / ``float`` / ``bool`` / ``str`` (or their names) -> regex spec; see ``parse_dtype_value``."""
+    return ConstraintSpec("regex", _DTYPE_REGEX[_dtype_name(dtype)])
+
+
+def parse_dtype_value(dtype: Any, text: str) -> Any:
+    """Turn text generated under ``spec_from_dtype(dtype)`` into the Python value."""
+    name = _dtype_name(dtype)
+    if name == "int":
+        return int(text)
+    if name == "float":
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text!r} overflows a float")
+        return value
+    if name == "bool":
+        return text in ("true", "True")
+    return json.loads(text)
+
+
+# --- grammar ------------------------------------------------------------------------------
+_LOCATION_PATTERNS = (
+    re.compile(r"\bat (\d+)\((\d+)\)"),  # "at 1(8): unknown name"
+    re.compile(r"^(\d+)\((\d+)\):", re.MULTILINE),  # "2(9): Expected token"
+)
+
+
+def grammar_error_location(message: str) -> tuple[int, int]:
+    """(line, column), 1-based, from an llguidance lark error message; (0, 0) if absent."""
+    for pat in _LOCATION_PATTERNS:
+        m = pat.search(message)
+        if m:
+            return int(m.group(1)), int(m.group(2)) + 1
+    return 0, 0
+
+
+def spec_from_grammar(text: str) -> ConstraintSpec:
+    """A lark grammar (llguidance dialect, rule ``start``); syntax is checked now."""
+    if not isinstance(text, str) or not text.strip():
+        raise GrammarSyntaxError("grammar= must be non-empty lark grammar text with a 'start' rule")
+    import llguidance
+
+    message = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(text))
+    if message and not message.startswith("WARNING"):
+        line, col = grammar_error_location(message)
+        where = f" at line {line}, column {col}" if line else ""
+        raise GrammarSyntaxError(f"grammar error{where}: {message.strip()}", line, col)
+    return ConstraintSpec("grammar", text)
+
+
+# --- stop_regex ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StopRegex:
+    """``stop_regex=``: generation is free text, cut right after the first match of ``pattern``.
+
+    This does not restrict tokens, so it is not a ``ConstraintSpec``; the engine calls ``find``
+    on the decoded text after each step (Python ``re`` syntax).
+    """
+
+    pattern: str
+
+    def find(self, text: str, start: int = 0) -> int | None:
+        """End offset of the first match starting at or after ``start``, or None."""
+        m = re.compile(self.pattern, re.DOTALL).search(text, start)
+        return None if m is None else m.end()
+
+
+def spec_from_stop_regex(pattern: str) -> StopRegex:
+    if not isinstance(pattern, str) or pattern == "":
+        raise InvalidRegexError("stop_regex must be a non-empty regex string")
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise InvalidRegexError(f"stop_regex {pattern!r} does not parse: {e}") from None
+    if compiled.match(""):
+        raise InvalidRegexError(
+            f"stop_regex {pattern!r} matches the empty string, so it would stop at once; make it "
+            "require at least one character"
+        )
+    return StopRegex(pattern)
