@@ -67,7 +67,37 @@ class AttentionBackend(ABC):
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Reference backend: gather from the pool and run masked attention in fp32. CPU default."""
+    """Reference backend: gather from the pool and run masked attention in fp32. CPU default.
+
+    Extend runs ``reference.extend_attention``. Decode runs a batched form of
+    ``reference.decode_attention`` (same math, one padded gather for the whole batch instead of a
+    Python loop over requests). When every request of a decode batch starts with the same KV slots
+    (a shared radix-cache prefix of at least ``min_shared_prefix`` tokens), the prefix is gathered and
+    attended once for all queries, the per-request suffixes separately, and the two merged by
+    log-sum-exp (the cascade idea); the result is the same attention.
+    """
+
+    min_shared_prefix = 32
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        super().prepare(batch)
+        self._idx = self._valid = self._prefix_idx = None
+        if batch.mode is not ForwardMode.DECODE:
+            return
+        lens = batch.kv_indptr[1:] - batch.kv_indptr[:-1]
+        width = int(lens.max())
+        cols = torch.arange(width, device=lens.device)
+        valid = cols.unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        pos = (batch.kv_indptr[:-1].unsqueeze(1) + cols.unsqueeze(0)).clamp_max(batch.kv_indices.numel() - 1)
+        idx = batch.kv_indices[pos].masked_fill(~valid, 0)
+        shared = 0
+        if batch.batch_size > 1:
+            same = ((idx == idx[:1]) & valid).all(0)
+            shared = min(int(same.int().cumprod(0).sum()), int(lens.min()) - 1)
+        if shared >= self.min_shared_prefix:
+            self._prefix_idx = idx[0, :shared]
+            idx, valid = idx[:, shared:], valid[:, shared:]
+        self._idx, self._valid = idx, valid
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         b = self.batch
@@ -75,5 +105,34 @@ class TorchAttentionBackend(AttentionBackend):
         kb, vb = self.k_buffers[layer_id], self.v_buffers[layer_id]
         ref.store_kv(kb, vb, b.out_cache_loc, k, v)
         if b.mode is ForwardMode.DECODE:
-            return ref.decode_attention(q, kb, vb, b.kv_indptr, b.kv_indices, self.sm_scale)
+            return self._decode(q, kb, vb)
         return ref.extend_attention(q, kb, vb, b.qo_indptr, b.kv_indptr, b.kv_indices, self.sm_scale)
+
+    def _decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        bsz, h, d = q.shape
+        hkv = kb.shape[1]
+        g = h // hkv
+        qg = q.float().view(bsz, hkv, g, d)  # query heads grouped by their KV head
+        # per-request part: [B, Hkv, G, L]
+        keys = kb[self._idx].float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+        vals = vb[self._idx].float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+        s = torch.matmul(qg, keys) * self.sm_scale
+        s = s.masked_fill(~self._valid[:, None, None, :], float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        e = torch.exp(s - m)
+        num, den = torch.matmul(e, vals), e.sum(-1, keepdim=True)
+        if self._prefix_idx is not None:
+            # shared prefix: all B*G query rows of a KV head against one gathered prefix
+            kp = kb[self._prefix_idx].float().permute(1, 2, 0)  # [Hkv, D, P]
+            vp = vb[self._prefix_idx].float().permute(1, 0, 2)  # [Hkv, P, D]
+            qp = qg.permute(1, 0, 2, 3).reshape(hkv, bsz * g, d)
+            sp = torch.matmul(qp, kp) * self.sm_scale  # [Hkv, B*G, P]
+            mp = sp.amax(-1, keepdim=True)
+            ep = torch.exp(sp - mp)
+            nump = torch.matmul(ep, vp).view(hkv, bsz, g, d).permute(1, 0, 2, 3)
+            denp = ep.sum(-1, keepdim=True).view(hkv, bsz, g, 1).permute(1, 0, 2, 3)
+            mp = mp.view(hkv, bsz, g, 1).permute(1, 0, 2, 3)
+            top = torch.maximum(m, mp)
+            a, c = torch.exp(m - top), torch.exp(mp - top)
+            num, den = num * a + nump * c, den * a + denp * c
+        return (num / den).reshape(bsz, h, d).to(q.dtype)

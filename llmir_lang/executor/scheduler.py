@@ -34,6 +34,9 @@ class SchedulerConfig:
     chunked_prefill_size: int = 4096  # the longest piece of one prompt in one step
     max_wait_steps: int = 64  # a request passed over this many prefill rounds jumps the queue
     lpm_max_waiting: int = 256  # above this many waiting requests, skip prefix matching (FCFS)
+    # a waiting request that shares this many uncached tokens with one admitted in the same step
+    # waits one step, so the shared part is computed once and then read from the radix cache
+    min_shared_prefix: int = 32
 
 
 class Scheduler:
@@ -162,9 +165,12 @@ class Scheduler:
                 break
             fresh = req not in ongoing
             if fresh:
-                m = self.cache.match_prefix(
-                    req.fill_ids[: self._max_match(req)], record_stats=req.cached_prompt_tokens < 0
-                )
+                ids = req.fill_ids[: self._max_match(req)]
+                m = self.cache.match_prefix(ids)
+                if reqs and self._shares_uncached(ids, m.length, reqs):
+                    continue  # its prefix is being computed in this batch: next step it is a cache hit
+                if req.cached_prompt_tokens < 0:
+                    m = self.cache.match_prefix(ids, record_stats=True)
                 self.cache.lock(m.node)
                 req.kv_slots, req.cache_len, req.last_node = m.slots.tolist(), m.length, m.node
             prefix = req.kv_len
@@ -207,6 +213,17 @@ class Scheduler:
             self.chunked_next = self.chunked  # could not continue this step: keep it for the next
         return ScheduledBatch(ForwardMode.EXTEND, reqs, prefix_lens, extend_lens, sample)
 
+    def _shares_uncached(self, ids: list[int], cached: int, batch: list[Req]) -> bool:
+        """Would ``ids`` reuse at least ``min_shared`` tokens that a request of this batch computes now?"""
+        need = cached + self.cfg.min_shared_prefix
+        if len(ids) < need:
+            return False
+        for other in batch:
+            o = other.fill_ids
+            if len(o) >= need and o[cached:need] == ids[cached:need]:
+                return True
+        return False
+
     def _schedule_decode(self) -> ScheduledBatch | None:
         while self.running:
             reqs = self.running[: self.cfg.max_running_requests]
@@ -239,9 +256,12 @@ class Scheduler:
         if batch.mode is ForwardMode.EXTEND:
             nxt = self.chunked_next
             for req, sampled in zip(batch.reqs, batch.sample):
-                if not sampled and req is nxt:
-                    self._cache_partial(req)
-                elif sampled and not req.finished:
+                if req.finished:
+                    continue
+                # publish the computed prompt KV in the tree now, so requests sharing the prefix can
+                # reuse it while this one is still running
+                self._cache_partial(req)
+                if sampled:
                     self.running.append(req)
             self.chunked = nxt
         for req in batch.reqs:
