@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmir_lang.dsl.errors import DSLError, SourceLocation
-from llmir_lang.errors import InvalidRequestError
+from llmir_lang.errors import ConstraintError, InvalidRequestError, NotYetSupportedError
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.ir.attrs import SAMPLING_ATTRS, SAMPLING_TO_ENGINE, AttrValue
 
@@ -150,6 +150,8 @@ def gen(
     for key in ("regex", "grammar"):
         if key in given and (not isinstance(given[key], str) or not given[key]):
             raise DSLError(f"gen({name!r}): {key} must be a non-empty string", where=where)
+    if given:
+        _check_constraint(given, where, name)
     attrs.update(given)
     if name is not None and (not isinstance(name, str) or not name):
         raise DSLError(f"a gen name must be a non-empty string, got {name!r}", where=where)
@@ -266,6 +268,19 @@ def _choice_list(choices: object, where: SourceLocation | None, what: str) -> li
     if len(set(out)) != len(out):
         raise DSLError(f"{what} has duplicates: {out!r}; make them distinct", where=where)
     return out
+
+
+def _check_constraint(given: dict[str, Any], where: SourceLocation | None, name: str | None) -> None:
+    """Build the constraint spec now, so a malformed schema or choice list is reported at the
+    gen's line (a regex or grammar is only compiled when the gen runs)."""
+    from llmir_lang.dsl.lowering import constraint_spec
+
+    try:
+        constraint_spec(given)
+    except NotYetSupportedError:
+        pass  # reported when the gen runs, where the backend decides
+    except ConstraintError as e:
+        raise DSLError(f"gen({name!r}): {e}", where=where) from e
 
 
 def _dtype_name(dtype: type | str, where: SourceLocation | None) -> str:

@@ -200,3 +200,12 @@ def test_state_is_read_only_after_the_run(fake):
     st = prog.run(backend=fake)
     with pytest.raises(DSLError, match="read-only"):
         st += "more"
+
+
+def test_malformed_constraint_is_reported_at_the_gen_line():
+    def prog():
+        return llmir.gen("x", json_schema='{"type": "object", ')
+
+    with pytest.raises(DSLError) as e:
+        prog()
+    assert f"{HERE}:{_line_of(prog, 'json_schema')}" in str(e.value) and "JSON" in str(e.value)

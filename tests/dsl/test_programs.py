@@ -17,7 +17,7 @@ import torch
 
 import llmir_lang as llmir
 from llmir_lang.dsl import GenerationNotSupportedError
-from llmir_lang.dsl.testing import bundled_model_available, random_checkpoint
+from llmir_lang.dsl.testing import bundled_model_available
 from llmir_lang.models import tiny_tasks
 
 torch.set_num_threads(1)
@@ -26,8 +26,8 @@ IP_REGEX = r"((25[0-5]|2[0-4]\d|[01]?\d\d?)\.){3}(25[0-5]|2[0-4]\d|[01]?\d\d?)"
 
 
 @pytest.fixture(scope="module")
-def rt(tmp_path_factory):
-    model = None if TRAINED else str(random_checkpoint(tmp_path_factory.mktemp("dsl_model")))
+def rt(request):
+    model = None if TRAINED else str(request.getfixturevalue("random_model_dir"))
     runtime = llmir.Runtime(model, device="cpu", kv_memory="64MB")
     yield runtime
     runtime.shutdown()

@@ -1,0 +1,136 @@
+"""Command line: print a program's IR before and after the pass pipeline, or run it.
+
+    python -m llmir_lang ir  path/to/file.py:program [--passes P] [--arg name=value ...]
+                             [--model DIR] [--print-after-all]
+    python -m llmir_lang run path/to/file.py:program [--passes P] [--arg name=value ...]
+                             [--model DIR] [--stream] [--max-tokens N]
+
+``ir`` traces the program (arguments not given stay IR parameters) and needs no model; roles
+render through the chat template of ``--model`` (default: the bundled model's, when installed).
+``run`` runs it on the embedded engine (``--model``, default the bundled model) and prints the
+text, then the variables as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmir_lang.errors import LLMIRError
+
+
+def _load_program(target: str) -> Any:
+    from llmir_lang.dsl import LMFunction
+
+    path, sep, name = target.rpartition(":")
+    if not sep or not path or not name:
+        raise SystemExit(f"error: {target!r} must be written path/to/file.py:program_name")
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: no such file {path!r}")
+    spec = importlib.util.spec_from_file_location(f"_llmir_cli_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"error: cannot import {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(file.resolve().parent))
+    spec.loader.exec_module(module)
+    program = getattr(module, name, None)
+    if program is None:
+        raise SystemExit(f"error: {path} has no {name!r}")
+    return program if isinstance(program, LMFunction) else LMFunction(program)
+
+
+def _arguments(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --arg {item!r} must be written name=value")
+        out[key] = value
+    return out
+
+
+def _template(model: str | None) -> Any:
+    """Role markers of ``model``'s tokenizer (the bundled one by default), or None without one."""
+    from llmir_lang.models import TINY_MODEL_DIR
+    from llmir_lang.optimizer import chat_template_from_tokenizer
+
+    folder = Path(model) if model else TINY_MODEL_DIR
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return chat_template_from_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+
+
+def cmd_ir(ns: argparse.Namespace) -> int:
+    from llmir_lang.ir import print_ir
+    from llmir_lang.optimizer import DEFAULT_PIPELINE, PassManager
+
+    program = _load_program(ns.target)
+    module = program.trace(**_arguments(ns.arg))
+    passes = ns.passes if ns.passes is not None else program.passes or DEFAULT_PIPELINE
+    template = _template(ns.model)
+    manager = PassManager(passes, {"canonicalize": {"template": template}} if template else None)
+    print("// IR before the pipeline")
+    print(print_ir(module), end="")
+    steps = manager.trace(module)
+    shown = steps if ns.print_after_all else steps[-1:]
+    for name, after in shown:
+        print(f"\n// IR after {name}" if ns.print_after_all else f"\n// IR after {passes!r}")
+        print(print_ir(after), end="")
+    if not steps:
+        print("\n// the pipeline is empty: the IR is unchanged")
+    return 0
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from llmir_lang.dsl import Runtime
+
+    program = _load_program(ns.target)
+    kwargs: dict[str, Any] = dict(_arguments(ns.arg))
+    if ns.max_tokens is not None:
+        kwargs["max_tokens"] = ns.max_tokens
+    with Runtime(ns.model) as rt:
+        state = program.run(backend=rt, passes=ns.passes, stream=ns.stream, **kwargs)
+        if ns.stream:
+            for chunk in state.text_iter():
+                print(chunk, end="", flush=True)
+            print()
+            if state.error() is not None:
+                raise state.error()
+        else:
+            print(state.text())
+        print(json.dumps(state.variables(), indent=2, default=str))
+        print(json.dumps(state.run_stats()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmir_lang", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("ir", "print the IR before and after the pipeline"), ("run", "run the program")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("target", help="path/to/file.py:program")
+        p.add_argument("--passes", default=None, help="pass pipeline ('' = none); default: the program's")
+        p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", help="a program argument")
+        p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    sub.choices["ir"].add_argument(
+        "--print-after-all", action="store_true", help="print the IR after each pass"
+    )
+    sub.choices["run"].add_argument("--stream", action="store_true", help="print the text as it is generated")
+    sub.choices["run"].add_argument("--max-tokens", type=int, default=None, help="default max_tokens of gens")
+    ns = parser.parse_args(argv)
+    try:
+        return cmd_ir(ns) if ns.command == "ir" else cmd_run(ns)
+    except LLMIRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
