@@ -7,6 +7,8 @@ Ownership of allocated slots lies with the caller (a running request) or the rad
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from llmir_lang.errors import LLMIRError, OutOfKVMemoryError
@@ -33,10 +35,12 @@ class KVPool:
       exactly one owner. With ``page_size == 1`` a page is a slot.
     * ``num_free + num_used == capacity`` at all times (both counted in slots).
 
-    Cost: ``alloc`` and ``free`` are O(n) in the number of slots (pages) moved, with no work that
-    scales with ``capacity``. A free list of plain ints is used (rather than a tensor) because the hot
-    call is ``alloc(1)`` once per running request per decode step, where a Python list pop beats any
-    tensor op.
+    Cost: ``alloc`` and ``free`` are O(n) in the slots (pages) moved, and nothing scales with
+    ``capacity``. The free list is a stack of page ids and the free/used state is one int per page;
+    each lives in a stdlib ``array`` with a torch tensor view over the same memory. Single pages go
+    through the array (plain Python indexing, for the hot ``alloc(1)`` once per running request per
+    decode step); many pages at once go through the tensor view (a few vector ops, for prefill and
+    eviction), so neither path loops in Python over slots.
     """
 
     def __init__(
@@ -79,11 +83,19 @@ class KVPool:
         self.k_buffers: list[torch.Tensor] = list(self._k_storage.unbind(0))
         self.v_buffers: list[torch.Tensor] = list(self._v_storage.unbind(0))
 
-        self._num_pages = capacity // page_size
-        # Stack of free page ids, popped from the end; filled in reverse so a fresh pool hands out
-        # pages 0, 1, 2, ... (contiguous memory for the first requests, easy-to-read tests).
-        self._free_pages: list[int] = list(range(self._num_pages - 1, -1, -1))
-        self._page_is_free = bytearray(b"\x01") * self._num_pages
+        num_pages = capacity // page_size
+        # Stack of free page ids: entries [0, _top) are free, popped from the top. Filled in reverse
+        # so a fresh pool hands out pages 0, 1, 2, ... (contiguous memory, easy-to-read tests).
+        # The arrays are never resized, so their tensor views stay valid.
+        self._stack = array("q", bytes(8 * num_pages))
+        self._stack_t = torch.frombuffer(self._stack, dtype=torch.int64)
+        self._stack_t.copy_(torch.arange(num_pages - 1, -1, -1, dtype=torch.int64))
+        self._top = num_pages
+        # 1 = free, 0 = in use. int32 rather than bytes: free() adds 1 per listed page and reads the
+        # sums to catch double frees and duplicates in one pass, which must not wrap around.
+        self._state = array("i", bytes(4 * num_pages))
+        self._state_t = torch.frombuffer(self._state, dtype=torch.int32)
+        self._state_t.fill_(1)
 
     # --- sizing -------------------------------------------------------------------------------
     @staticmethod
@@ -127,7 +139,7 @@ class KVPool:
     @property
     def num_free(self) -> int:
         """Free slots (always a multiple of page_size)."""
-        return len(self._free_pages) * self.page_size
+        return self._top * self.page_size
 
     @property
     def num_used(self) -> int:
@@ -136,7 +148,7 @@ class KVPool:
     def is_free(self, slot: int) -> bool:
         """Whether ``slot``'s page is currently free (not owned by anybody)."""
         self._check_range(slot, slot)
-        return bool(self._page_is_free[slot // self.page_size])
+        return bool(self._state[slot // self.page_size])
 
     def alloc(self, n: int, last_slot: int | None = None) -> torch.Tensor | None:
         """``n`` slots as an int64 CPU tensor, or None (and nothing allocated) if not enough are free.
@@ -150,28 +162,10 @@ class KVPool:
         if n < 0:
             raise KVPoolError(f"KVPool.alloc: n must be >= 0, got {n}")
         p = self.page_size
-        if p == 1:
-            free = self._free_pages
-            if n == 1:  # the decode hot path
-                if not free:
-                    return None
-                slot = free.pop()
-                self._page_is_free[slot] = 0
-                return torch.tensor([slot], dtype=torch.int64)
-            if n > len(free):
-                return None
-            taken = free[len(free) - n :]
-            del free[len(free) - n :]
-            taken.reverse()
-            is_free = self._page_is_free
-            for slot in taken:
-                is_free[slot] = 0
-            return torch.tensor(taken, dtype=torch.int64)
-
         head, start = 0, 0  # `head` slots continue last_slot's page, from `start`
-        if last_slot is not None:
+        if p > 1 and last_slot is not None:
             self._check_range(last_slot, last_slot)
-            if self._page_is_free[last_slot // p]:
+            if self._state[last_slot // p]:
                 raise KVPoolError(
                     f"KVPool.alloc: last_slot {last_slot} lies in a free page; pass the last slot of a "
                     "page you own, or None to start on new pages"
@@ -179,18 +173,25 @@ class KVPool:
             head, start = min(p - 1 - last_slot % p, n), last_slot + 1
         rest = n - head
         num_new = -(-rest // p)
-        if num_new > len(self._free_pages):
+        if num_new > self._top:
             return None
         if num_new == 0:
             return torch.arange(start, start + head, dtype=torch.int64)
-        free = self._free_pages
-        pages = free[len(free) - num_new :]
-        del free[len(free) - num_new :]
-        pages.reverse()
-        for page in pages:
-            self._page_is_free[page] = 0
-        page_t = torch.tensor(pages, dtype=torch.int64)
-        new_slots = (page_t.unsqueeze(1) * p + torch.arange(p, dtype=torch.int64)).flatten()[:rest]
+        if num_new == 1:  # the decode hot path: no vector ops
+            self._top -= 1
+            page = self._stack[self._top]
+            self._state[page] = 0
+            if p == 1:
+                return torch.tensor([page], dtype=torch.int64)
+            new_slots = torch.arange(page * p, page * p + rest, dtype=torch.int64)
+        else:
+            top = self._top - num_new
+            pages = self._stack_t[top : self._top].flip(0)  # a copy, in ascending stack order
+            self._top = top
+            self._state_t[pages] = 0
+            if p == 1:
+                return pages
+            new_slots = (pages.unsqueeze(1) * p + torch.arange(p, dtype=torch.int64)).flatten()[:rest]
         if head == 0:
             return new_slots
         return torch.cat([torch.arange(start, start + head, dtype=torch.int64), new_slots])
@@ -200,27 +201,54 @@ class KVPool:
 
         page_size 1: frees exactly those slots. page_size p > 1: frees every page that contains any
         of the slots (callers only free pages they own whole). Freeing a slot or page that is already
-        free, or listing it twice, raises KVDoubleFreeError and frees nothing.
+        free, or listing a slot twice, raises KVDoubleFreeError and frees nothing.
         """
-        if slots.numel() == 0:
+        n = slots.numel()
+        if n == 0:
             return
-        ids: list[int] = slots.reshape(-1).tolist()
-        lo, hi = min(ids), max(ids)
-        self._check_range(lo, hi)
         p = self.page_size
-        pages = ids if p == 1 else list(dict.fromkeys(s // p for s in ids))
-        is_free = self._page_is_free
-        for i, page in enumerate(pages):
-            if is_free[page]:
-                for done in pages[:i]:  # roll back, so a caught error leaves the pool unchanged
-                    is_free[done] = 0
-                what = f"slot {page}" if p == 1 else f"page {page} (slots {page * p}..{page * p + p - 1})"
-                raise KVDoubleFreeError(
-                    f"KVPool.free: {what} is already free; an owner freed memory twice or freed memory "
-                    "it does not own (a radix-cache slot, or a duplicate prefix slot already freed)"
-                )
-            is_free[page] = 1
-        self._free_pages.extend(pages)
+        if n == 1:
+            slot = int(slots.reshape(()))
+            self._check_range(slot, slot)
+            page = slot // p
+            if self._state[page]:
+                raise self._double_free(page)
+            self._state[page] = 1
+            self._stack[self._top] = page
+            self._top += 1
+            return
+        flat = slots.reshape(-1).to(device="cpu", dtype=torch.int64)
+        lo, hi = torch.aminmax(flat)
+        self._check_range(int(lo), int(hi))
+        if p == 1:
+            pages = flat
+            # Add 1 per listing: a page that ends above 1 was free already or is listed twice.
+            self._state_t.index_put_((pages,), self._fill(n, 1), accumulate=True)
+            bad = self._state_t[pages] > 1
+            if bool(bad.any()):  # undo, so a caught error leaves the pool unchanged
+                self._state_t.index_put_((pages,), self._fill(n, -1), accumulate=True)
+                raise self._double_free(int(pages[bad.nonzero()[0, 0]]))
+        else:
+            pages = torch.unique(flat // p)  # many slots of one page are fine: it is freed once
+            state = self._state_t[pages]
+            if bool(state.any()):
+                raise self._double_free(int(pages[state.nonzero()[0, 0]]))
+            self._state_t[pages] = 1
+        num = pages.numel()
+        self._stack_t[self._top : self._top + num] = pages
+        self._top += num
+
+    @staticmethod
+    def _fill(n: int, value: int) -> torch.Tensor:
+        return torch.full((1,), value, dtype=torch.int32).expand(n)
+
+    def _double_free(self, page: int) -> KVDoubleFreeError:
+        p = self.page_size
+        what = f"slot {page}" if p == 1 else f"page {page} (slots {page * p}..{page * p + p - 1})"
+        return KVDoubleFreeError(
+            f"KVPool.free: {what} is already free or listed twice; an owner freed memory twice or "
+            "freed memory it does not own (a radix-cache slot, or a duplicate prefix slot already freed)"
+        )
 
     def _check_range(self, lo: int, hi: int) -> None:
         if lo < 0 or hi >= self.capacity:

@@ -82,6 +82,33 @@ def test_double_free_raises_and_changes_nothing() -> None:
     assert pool.num_free == 8
 
 
+def test_single_slot_double_free_raises() -> None:
+    for page_size in (1, 4):
+        pool = make_pool(capacity=8, page_size=page_size)
+        slot = pool.alloc(1)
+        assert slot is not None
+        pool.free(slot)
+        with pytest.raises(KVDoubleFreeError):
+            pool.free(slot)
+        assert pool.num_free == 8
+
+
+def test_large_alloc_and_free_round_trip() -> None:
+    for page_size in (1, 16):
+        pool = make_pool(capacity=4096, page_size=page_size)
+        a = as_list(pool.alloc(1000))
+        b = as_list(pool.alloc(2000, last_slot=a[-1]))
+        assert len(set(a + b)) == 3000 and pool.num_used == -(-3000 // page_size) * page_size
+        # p == 1: any subset; p == 16: whole pages only (b continues a's last page, 992..1007).
+        first, second = (a[::2], a[1::2] + b) if page_size == 1 else (a[:992], a[992:] + b)
+        pool.free(torch.tensor(first))
+        with pytest.raises(KVDoubleFreeError):
+            pool.free(torch.tensor(first[:10]))
+        pool.free(torch.tensor(second))
+        assert pool.num_free == 4096
+        assert sorted(as_list(pool.alloc(4096))) == list(range(4096))
+
+
 def test_free_out_of_range_and_pad_slot_raise() -> None:
     pool = make_pool(capacity=8)
     pool.alloc(8)
