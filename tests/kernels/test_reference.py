@@ -81,11 +81,12 @@ def test_shared_prefix_reference_equals_decode_over_concatenation(group: int) ->
 
 
 def test_cost_rule() -> None:
-    # Break-even at batch x prefix = 32k tokens of 4 KiB (Llama-3-8B KV), floors of 256 and 2.
+    # Break-even at batch x prefix = 32k tokens of 4 KiB (Llama-3-8B KV), floors of 256 and 8.
     assert K.should_use_shared_prefix(4096, 8) and K.should_use_shared_prefix(512, 64)
     assert K.should_use_shared_prefix(16384, 128)
     assert not K.should_use_shared_prefix(2048, 15) and not K.should_use_shared_prefix(256, 64)
     assert not K.should_use_shared_prefix(255, 100_000) and not K.should_use_shared_prefix(65536, 1)
+    assert not K.should_use_shared_prefix(16384, 4)  # measured 0.84x: too few requests
     assert not K.should_use_shared_prefix(4096, 8, kv_bytes_per_token=2048)
     assert K.should_use_shared_prefix(4096, 16, kv_bytes_per_token=2048)
 
