@@ -23,9 +23,27 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmir_lang.models import tiny_tasks  # noqa: E402
+def _import_tiny_tasks():
+    """``llmir_lang.models.tiny_tasks``, loaded from its file when llmir_lang is not installed.
+
+    NOTE: the repository root is deliberately kept off ``sys.path``: its top-level ``kernels/``
+    folder would shadow the optional Hugging Face ``kernels`` package that transformers probes for.
+    """
+    try:
+        from llmir_lang.models import tiny_tasks
+    except ImportError:
+        import importlib.util
+
+        path = Path(__file__).resolve().parent.parent / "llmir_lang" / "models" / "tiny_tasks.py"
+        spec = importlib.util.spec_from_file_location("tiny_tasks", path)
+        tiny_tasks = importlib.util.module_from_spec(spec)
+        sys.modules["tiny_tasks"] = tiny_tasks
+        spec.loader.exec_module(tiny_tasks)
+    return tiny_tasks
+
+
+tiny_tasks = _import_tiny_tasks()
 
 
 def _same(a: Any, b: Any) -> bool:
