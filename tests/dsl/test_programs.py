@@ -79,10 +79,12 @@ def decode_int(s, question):
 @llmir.function
 def decode_json(s, text):
     s += tiny_tasks.extraction_prompt(text, "person")
+    # Constant text ends where a training token ends ('":"' is one token), so the model continues
+    # from a tokenization it has seen.
     with s.var_scope("json_output"):
-        s += '{"name":' + llmir.gen_string("name", max_tokens=12)
-        s += ',"age":' + llmir.gen_int("age", max_tokens=3)
-        s += ',"city":' + llmir.gen_string("city", max_tokens=12) + "}"
+        s += '{"name":"' + llmir.gen("name", max_tokens=12, stop='"')
+        s += '","age":' + llmir.gen("age", max_tokens=4, stop=",")
+        s += ',"city":"' + llmir.gen("city", max_tokens=12, stop='"') + '"}'
 
 
 @llmir.function
@@ -138,14 +140,19 @@ def min_tokens(s):
 
 # --- tests ----------------------------------------------------------------------------------
 def test_few_shot_qa(rt):
-    questions = [("What is 2 + 5?", "7"), ("What is 9 - 4?", "5"), ("What is 3 times 3?", "9")]
+    questions = [
+        ("What is 2 + 5?", "7"),
+        ("What is 9 - 4?", "5"),
+        ("What is 3 times 3?", "9"),
+        ("What is 12 + 30?", "42"),
+    ]
     states = few_shot_qa.run_batch([{"question": q} for q, _ in questions], backend=rt)
     assert all(st.error() is None for st in states)
     assert all("\n" not in st["answer"] for st in states)
     assert run_both(few_shot_qa, rt, question=questions[0][0]).text().startswith("Q: What is 3 + 4?")
     if TRAINED:
         right = sum(st["answer"].strip() == a for st, (_, a) in zip(states, questions))
-        assert right >= 2, [st["answer"] for st in states]
+        assert right >= 3, [st["answer"] for st in states]
 
 
 def test_multi_turn_chat(rt):
@@ -156,22 +163,34 @@ def test_multi_turn_chat(rt):
     assert msgs[2]["content"] == st["a1"] and msgs[4]["content"] == st["a2"]
     assert st.text() == rt.apply_chat_template(msgs)  # the model's own template, exactly
     if TRAINED:
-        assert st["a1"].strip() == "4"
+        assert st["a1"].strip() == "4" and st["a2"] == "You are welcome."
+
+
+def _fact_questions() -> list[tuple[str, str, str]]:
+    """(facts, question, answer) with two questions of each answer, from seeded fact sets."""
+    items, want, seed = [], {"True": 2, "False": 2, "Unknown": 2}, 0
+    while any(want.values()):
+        facts, pairs = tiny_tasks.make_qa_set(random.Random(seed), "facts", 4)
+        seed += 1
+        for q, a in pairs:
+            if want.get(a, 0) > 0:
+                want[a] -= 1
+                items.append((facts, q, a))
+                break
+    return items
 
 
 def test_select_true_false_unknown(rt):
-    rng = random.Random(7)
-    facts, pairs = tiny_tasks.make_qa_set(rng, "facts", 6)
-    pairs = [(q, a) for q, a in pairs if a in tiny_tasks.QA_ANSWER_CHOICES][:4]
-    states = fact_check.run_batch([{"facts": facts, "question": q} for q, _ in pairs], backend=rt)
+    items = _fact_questions()
+    states = fact_check.run_batch([{"facts": f, "question": q} for f, q, _ in items], backend=rt)
     assert all(st["answer"] in tiny_tasks.QA_ANSWER_CHOICES for st in states)
     meta = states[0].get_meta_info("answer")
     assert len(meta["logprobs"]) == 3 and meta["picked"] == tiny_tasks.QA_ANSWER_CHOICES.index(
         states[0]["answer"]
     )
-    run_both(fact_check, rt, facts=facts, question=pairs[0][0])
+    run_both(fact_check, rt, facts=items[0][0], question=items[0][1])
     if TRAINED:
-        assert sum(st["answer"] == a for st, (_, a) in zip(states, pairs)) >= len(pairs) // 2
+        assert sum(st["answer"] == a for st, (_, _, a) in zip(states, items)) >= 5
 
 
 def test_decode_int(rt):
@@ -186,7 +205,8 @@ def test_decode_json_in_var_scope(rt):
     st = run_both(decode_json, rt, text=text)
     assert st.text().endswith(st["json_output"])
     assert (
-        st["json_output"] == '{"name":' + st["name"] + ',"age":' + st["age"] + ',"city":' + st["city"] + "}"
+        st["json_output"]
+        == '{"name":"' + st["name"] + '","age":' + st["age"] + ',"city":"' + st["city"] + '"}'
     )
     finished = all(st.get_meta_info(k)["finish_reason"] == "stop" for k in ("name", "age", "city"))
     if not finished and not TRAINED:
