@@ -31,8 +31,9 @@ from llmir_lang.executor.constraints.errors import (
     InvalidRegexError,
     InvalidSchemaError,
     UnsatisfiableConstraintError,
+    UnsupportedSchemaError,
 )
-from llmir_lang.executor.constraints.matcher import Matcher, allocate_bitmask
+from llmir_lang.executor.constraints.matcher import Matcher, allocate_bitmask, word_bit
 from llmir_lang.executor.constraints.outlines_worker import (
     OutlinesBuildError,
     OutlinesTimeout,
@@ -96,6 +97,8 @@ class ConstraintCompiler:
     ``outlines_timeout_s`` bounds an outlines-core index build (it runs in a child process that
     is killed at the deadline, then llguidance takes over). ``outlines_isolation="inline"``
     builds in-process with no deadline (tests, or platforms without subprocesses).
+    ``engine`` pins one engine: ``"auto"`` (routing above), ``"llguidance"`` (never
+    outlines-core), or ``"outlines-core"`` (no fallback: what it cannot take is an error).
     """
 
     def __init__(
@@ -104,11 +107,15 @@ class ConstraintCompiler:
         cache_size: int = 256,
         outlines_timeout_s: float = 5.0,
         outlines_isolation: str = "process",
+        engine: str = "auto",
     ) -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be >= 1")
         if outlines_isolation not in ("process", "inline"):
             raise ValueError("outlines_isolation must be 'process' or 'inline'")
+        if engine not in ("auto", llg_backend.ENGINE, oc_backend.ENGINE):
+            raise ValueError(f"engine must be 'auto', 'llguidance' or 'outlines-core', got {engine!r}")
+        self.engine = engine
         self.tok = tok
         self.cache_size = cache_size
         self.outlines_timeout_s = outlines_timeout_s
@@ -183,13 +190,27 @@ class ConstraintCompiler:
     def _llguidance(self, grammar: str) -> llg_backend.LLGuidanceCompiled:
         return llg_backend.LLGuidanceCompiled(self.tok, grammar)
 
+    def _outlines_only(self, regex: str) -> tuple[Any, CompileMeta]:
+        try:
+            return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
+        except OutlinesBuildError as e:
+            if "incompatible" in str(e):
+                raise UnsatisfiableConstraintError(f"outlines-core: {e}") from None
+            raise InvalidRegexError(f"outlines-core cannot compile regex {regex!r}: {e}") from None
+        except OutlinesTimeout as e:
+            raise ConstraintError(f"outlines-core: {e}; use engine='auto' to fall back") from None
+
     def _regex(self, regex: str) -> tuple[Any, CompileMeta]:
         import llguidance
 
-        try:
-            return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
-        except (OutlinesBuildError, OutlinesTimeout) as e:
-            reason = f"outlines-core: {e}"
+        if self.engine == oc_backend.ENGINE:
+            return self._outlines_only(regex)
+        reason = "engine='llguidance' requested"
+        if self.engine == "auto":
+            try:
+                return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
+            except (OutlinesBuildError, OutlinesTimeout) as e:
+                reason = f"outlines-core: {e}"
         compiled = self._llguidance(llguidance.LLMatcher.grammar_from_regex(regex))
         err = compiled.compile_error()
         if err is not None:
@@ -203,6 +224,8 @@ class ConstraintCompiler:
     def _grammar(self, text: str) -> tuple[Any, CompileMeta]:
         import llguidance
 
+        if self.engine == oc_backend.ENGINE:
+            raise ConstraintError("lark grammars need llguidance; this compiler is pinned to outlines-core")
         compiled = self._llguidance(llguidance.LLMatcher.grammar_from_lark(text))
         err = compiled.compile_error()
         if err is not None:
@@ -222,7 +245,15 @@ class ConstraintCompiler:
         if schema is True:
             schema = {}
         ws = spec.whitespace if spec.whitespace is not None else DEFAULT_JSON_WHITESPACE
-        reason = outlines_exact(schema)
+        reason = (
+            outlines_exact(schema) if self.engine != llg_backend.ENGINE else "engine='llguidance' requested"
+        )
+        if self.engine == oc_backend.ENGINE:
+            if reason is not None:
+                raise UnsupportedSchemaError(f"outlines-core would not enforce this schema exactly: {reason}")
+            import outlines_core
+
+            return self._outlines_only(outlines_core.json_schema.build_regex_from_schema(spec.value, ws))
         if reason is None:
             import outlines_core
 
@@ -252,12 +283,18 @@ def _first_lines(text: str, n: int = 3) -> str:
 
 
 def _check_satisfiable(compiled: CompiledConstraint) -> None:
+    """Raise if no output at all is possible: not accepting at the start and no token can start."""
     m = compiled.new_matcher()
     mask = allocate_bitmask(1, compiled.vocab_size)
     m.fill_bitmask(mask, 0)
-    if not bool(mask.ne(0).any()) and not m.is_accepting():
-        detail = m.error() or "no token can start the output"
-        raise UnsatisfiableConstraintError(
-            f"{compiled.spec.describe()} admits no output with this tokenizer ({detail}); check the "
-            "constraint, or that the vocabulary can spell the characters it needs"
-        )
+    if m.is_accepting():
+        return  # the empty output is complete
+    for e in compiled.eos_token_ids:  # llguidance sets the EOS bit when it is stuck
+        mask[0, e // 32] &= ~word_bit(e % 32)
+    if m.error() is None and bool(mask.ne(0).any()):
+        return
+    detail = m.error() or "no token can start the output"
+    raise UnsatisfiableConstraintError(
+        f"{compiled.spec.describe()} admits no output with this tokenizer ({detail}); check the "
+        "constraint, or that the vocabulary can spell the characters it needs"
+    )

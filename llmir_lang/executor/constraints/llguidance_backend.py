@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from llmir_lang.errors import ConstraintError
 from llmir_lang.executor.constraints.matcher import Matcher, bitmask_words, complete_utf8_prefix
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
@@ -72,7 +73,7 @@ class LLGuidanceMatcher(Matcher):
     """``Matcher`` over an ``llguidance.LLMatcher`` (see ``matcher.py`` for the contract)."""
 
     engine = ENGINE
-    __slots__ = ("native", "eos_token_ids", "vocab_size", "_words", "_dead")
+    __slots__ = ("native", "eos_token_ids", "vocab_size", "_words", "_dead", "_tokens", "_eos_done")
 
     def __init__(self, native: Any, info: TokenizerInfo) -> None:
         self.native = native
@@ -80,9 +81,11 @@ class LLGuidanceMatcher(Matcher):
         self.vocab_size = info.vocab_size
         self._words = bitmask_words(info.vocab_size)
         self._dead: str | None = None
+        self._tokens: list[int] = []  # consumed tokens, EOS excluded (llguidance does not stack it)
+        self._eos_done = False
 
     def can_fill_in_batch(self, bitmask: torch.Tensor) -> bool:
-        return bitmask.shape[1] == self._words
+        return bitmask.shape[1] == self._words and not self._eos_done
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         target = bitmask[row]
@@ -90,19 +93,34 @@ class LLGuidanceMatcher(Matcher):
             raise ValueError(
                 f"bitmask row must be contiguous int32 with >= {self._words} words, got {tuple(target.shape)}"
             )
+        if self._eos_done:  # llguidance keeps allowing EOS after it; the contract is: nothing
+            target.zero_()
+            return
         self.native.unsafe_compute_mask_ptr(target.data_ptr(), self._words * 4)
         if target.numel() > self._words:
             target[self._words :].zero_()
 
     def advance(self, token_id: int) -> bool:
         # try_consume_tokens leaves the matcher usable on refusal (consume_token would poison it).
-        return self.native.try_consume_tokens([int(token_id)]) == 1
+        token_id = int(token_id)
+        if self._eos_done:
+            return False
+        if token_id in self.eos_token_ids:
+            # once stopped, llguidance's try/validate refuse EOS even when accepting
+            if not self.native.is_accepting() or not self.native.consume_token(token_id):
+                return False
+            self._eos_done = True
+            return True
+        if self.native.try_consume_tokens([token_id]) != 1:
+            return False
+        self._tokens.append(token_id)
+        return True
 
     def is_accepting(self) -> bool:
         return bool(self.native.is_accepting())
 
     def is_terminated(self) -> bool:
-        return bool(self.native.is_stopped())
+        return self._eos_done or bool(self.native.is_stopped())
 
     def forced_tokens(self) -> list[int]:
         if self.native.is_stopped():
@@ -115,10 +133,20 @@ class LLGuidanceMatcher(Matcher):
         return complete_utf8_prefix(self.native.compute_ff_bytes())
 
     def rollback(self, n: int) -> None:
+        self._check_rollback(n, len(self._tokens) + self._eos_done)
         if n == 0:
             return
-        if not self.native.rollback(int(n)):
-            self._check_rollback(n, 0)
+        real = n - self._eos_done
+        ok = True
+        if real > 0:
+            # after EOS, llguidance's rollback(k) undoes k real tokens and the stop together
+            ok = bool(self.native.rollback(real))
+            del self._tokens[-real:]
+        elif self._eos_done:  # undo EOS alone: step back one token and take it again
+            ok = bool(self.native.rollback(1)) and bool(self.native.consume_token(self._tokens[-1]))
+        if not ok:
+            raise ConstraintError(f"llguidance could not roll back {n} tokens: {self.error()}")
+        self._eos_done = False
         self._dead = None
 
     def note_dead_end(self) -> None:
@@ -126,5 +154,6 @@ class LLGuidanceMatcher(Matcher):
 
     def error(self) -> str | None:
         if self.native.is_error():
-            return f"llguidance: {self.native.get_error()}"
+            lines = self.native.get_error().strip().splitlines()
+            return f"llguidance: {lines[0] if lines else 'error'}"
         return self._dead

@@ -89,6 +89,11 @@ def complete_utf8_prefix(data: bytes) -> str:
     return data.decode("utf-8", errors="ignore")
 
 
+def word_bit(i: int) -> int:
+    """Bit ``i`` (0..31) of an int32 bitmask word as a Python int (bit 31 is the sign bit)."""
+    return (1 << i) - (1 << 32 if i == 31 else 0)
+
+
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
@@ -144,12 +149,12 @@ def fill_batch_bitmask(matchers: Sequence[Matcher | None], bitmask: torch.Tensor
     if not checked:
         return []
     rows = torch.tensor([r for r, _ in checked], dtype=torch.long)
-    empty = ~bitmask.index_select(0, rows).ne(0).any(dim=1)
+    empty = (~bitmask.index_select(0, rows).ne(0).any(dim=1)).tolist()
     dead: list[int] = []
-    for k in empty.nonzero().flatten().tolist():
-        row, m = checked[k]
-        if not m.is_accepting():
+    for (row, m), is_empty in zip(checked, empty):
+        if is_empty and not m.is_accepting():
             _mark_dead(m)
+        if m.error() is not None:
             dead.append(row)
     return dead
 

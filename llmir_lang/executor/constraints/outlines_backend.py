@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llmir_lang.executor.constraints.matcher import Matcher, bitmask_words, complete_utf8_prefix
+from llmir_lang.executor.constraints.matcher import Matcher, bitmask_words, complete_utf8_prefix, word_bit
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
 ENGINE = "outlines-core"
@@ -70,14 +70,18 @@ class OutlinesCompiled:
         return OutlinesMatcher(self)
 
     def accepts(self, state: int) -> bool:
-        return self.index.get_next_state(state, self.marker) is not None
+        """R matches the text so far: the marker can end it. (R itself may also take the
+        marker as an ordinary character, e.g. inside a JSON string; that leads to a
+        non-final state.)"""
+        after = self.index.get_next_state(state, self.marker)
+        return after is not None and self.index.is_final_state(after)
 
     def only_end(self, state: int) -> bool:
         """True if the regex is complete here and no real token can follow."""
         hit = self._only_end.get(state)
         if hit is None:
             allowed = self.index.get_allowed_tokens(state) or []
-            hit = bool(allowed) and all(t == self.marker for t in allowed)
+            hit = all(t == self.marker for t in allowed) and self.accepts(state)
             self._only_end[state] = hit
         return hit
 
@@ -91,9 +95,9 @@ class OutlinesCompiled:
         path: list[int] = []
         s = state
         for _ in range(_MAX_FORCED_STEPS):
-            allowed = self.index.get_allowed_tokens(s) or []
-            if self.marker in allowed:
+            if self.accepts(s):
                 break  # the regex may end here: nothing is forced
+            allowed = [t for t in self.index.get_allowed_tokens(s) or [] if t != self.marker]
             lcp: bytes | None = None
             shortest = -1
             for t in allowed:
@@ -157,10 +161,10 @@ class OutlinesMatcher(Matcher):
             target[words:].zero_()
         marker = self._c.marker
         if marker < 32 * words:  # the synthetic marker bit shares the last word: clear it
-            target[marker // 32] &= ~_bit(marker % 32)
-        if (int(scratch[marker // 32]) >> (marker % 32)) & 1:
+            target[marker // 32] &= ~word_bit(marker % 32)
+        if (int(scratch[marker // 32]) >> (marker % 32)) & 1 and self._c.accepts(self._guide.get_state()):
             for e in self.eos_token_ids:
-                target[e // 32] |= _bit(e % 32)
+                target[e // 32] |= word_bit(e % 32)
 
     def advance(self, token_id: int) -> bool:
         if self._eos_done:
@@ -236,8 +240,3 @@ class OutlinesMatcher(Matcher):
 
     def error(self) -> str | None:
         return self._dead
-
-
-def _bit(i: int) -> int:
-    """Bit ``i`` of an int32 word as a signed Python int (bit 31 is the sign)."""
-    return (1 << i) - (1 << 32 if i == 31 else 0)

@@ -115,6 +115,7 @@ class TokenizerInfo:
         "vocab_size",
         "scheme",
         "encode",
+        "_raw_encode",
         "fingerprint",
         "_lock",
         "_engine_cache",
@@ -145,13 +146,16 @@ class TokenizerInfo:
         self.special_ids = specials
         self.vocab_size = len(self.token_bytes)
         self.scheme = scheme
-        self.encode = encode or self._greedy_encode
+        self._raw_encode = encode
+        self.encode = self._exact_encode
         h = hashlib.sha256()
         for b in self.token_bytes:
             h.update(b"\x00" if b is None else len(b).to_bytes(2, "little") + b)
         h.update(repr(eos).encode())
         self.fingerprint = h.hexdigest()[:24]
-        self._lock = threading.Lock()
+        # Re-entrant: building the llguidance tokenizer calls encode, which may build the
+        # greedy index through the same cache.
+        self._lock = threading.RLock()
         self._engine_cache: dict[str, Any] = {}
 
     @classmethod
@@ -193,8 +197,15 @@ class TokenizerInfo:
 
         return cls(token_bytes, eos, encode=encode, special_ids=sorted(special), scheme=scheme)
 
-    def _greedy_encode(self, text: str) -> list[int]:
-        return greedy_tokenize(self, text.encode("utf-8"))
+    def _exact_encode(self, text: str) -> list[int]:
+        """Token ids spelling exactly ``text``: the tokenizer's own segmentation when it does
+        (SentencePiece prepends a space to a text's start), else a longest-match segmentation."""
+        data = text.encode("utf-8")
+        if self._raw_encode is not None:
+            ids = self._raw_encode(text)
+            if self.decode_bytes(ids) == data:
+                return ids
+        return greedy_tokenize(self, data)
 
     def cached(self, key: str, build: Callable[[], Any]) -> Any:
         """Per-tokenizer cache of engine vocabularies (built once, under a lock)."""

@@ -1,0 +1,111 @@
+"""Property tests (both engines agree with a reference) and end-to-end use with pydantic models."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pydantic
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmir_lang.executor.constraints import (
+    ConstraintCompiler,
+    spec_from_choices,
+    spec_from_json_schema,
+    spec_from_regex,
+)
+from llmir_lang.executor.constraints.outlines_worker import OutlinesBuildError, OutlinesWorker
+from llmir_lang.executor.constraints.testing import accepts_text
+
+ALPHABET = st.sampled_from(list("ab c.é-"))
+WORDS = st.text(ALPHABET, min_size=1, max_size=6)
+
+
+@pytest.fixture(scope="module")
+def both(bpe_info):
+    return [ConstraintCompiler(bpe_info, engine=e) for e in ("outlines-core", "llguidance")]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(choices=st.lists(WORDS, min_size=1, max_size=5, unique=True), probe=WORDS)
+def test_choices_accept_exactly_the_choices(both, bpe_hf, choices, probe):
+    for compiler in both:
+        compiled = compiler.compile(spec_from_choices(choices))
+        for c in choices:
+            assert accepts_text(compiled, bpe_hf, c).accepted, (compiled.engine, choices, c)
+        assert accepts_text(compiled, bpe_hf, probe).accepted == (probe in choices), (compiled.engine, probe)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pattern=st.sampled_from([r"[a-c]+(\.[0-9]{1,2})?", r"(ab|abc)*c?", r"-?[0-9]+(e[0-9]+)?", r"(x|y z)+"]),
+    text=st.text(st.sampled_from(list("abc.0129-exyz ")), max_size=7),
+)
+def test_regex_agrees_with_python_fullmatch(both, bpe_hf, pattern, text):
+    expected = re.fullmatch(pattern, text) is not None
+    for compiler in both:
+        compiled = compiler.compile(spec_from_regex(pattern))
+        assert accepts_text(compiled, bpe_hf, text).accepted == expected, (compiled.engine, pattern, text)
+
+
+class Pet(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str
+    kind: str
+    age: int
+
+
+class Owner(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=12)
+    pets: list[Pet]
+    score: float | None = None
+
+
+def test_pydantic_models_round_trip(compiler, bpe_hf):
+    owner = Owner(name="Ada", pets=[Pet(name="Rex", kind="dog", age=3)], score=0.5)
+    for model, value in [(Pet, owner.pets[0]), (Owner, owner)]:
+        compiled = compiler.compile(spec_from_json_schema(model))
+        compact = value.model_dump_json()
+        spaced = json.dumps(json.loads(compact))
+        assert accepts_text(compiled, bpe_hf, compact).accepted, (model, compiled.engine)
+        assert accepts_text(compiled, bpe_hf, spaced).accepted
+        model.model_validate_json(compact)
+    assert compiler.compile(spec_from_json_schema(Pet)).engine == "outlines-core"  # extra=forbid
+    owner_c = compiler.compile(spec_from_json_schema(Owner))
+    assert owner_c.engine == "llguidance"
+    assert not accepts_text(owner_c, bpe_hf, '{"name":"A name too long","pets":[]}').accepted
+    assert not accepts_text(owner_c, bpe_hf, '{"name":"Ada","pets":[{"name":"x","kind":"y"}]}').accepted
+
+
+def test_worker_reports_errors_and_restarts_after_kill(bpe_info):
+    from llmir_lang.executor.constraints.outlines_backend import outlines_vocabulary, wrap_regex
+
+    worker = OutlinesWorker()
+    vocab = outlines_vocabulary(bpe_info)
+    try:
+        index = worker.build_index(wrap_regex("ab+"), "k", vocab, timeout_s=30)
+        assert index.get_initial_state() is not None
+        with pytest.raises(OutlinesBuildError, match="ValueError"):
+            worker.build_index(wrap_regex("a(b"), "k", vocab, timeout_s=30)
+        worker.kill()  # as after a timeout: the vocabulary must be sent again to the new child
+        assert worker.build_index(wrap_regex("c+"), "k", vocab, timeout_s=30) is not None
+    finally:
+        worker.kill()
+
+
+def test_bundled_tiny_model_tokenizer_if_present():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[3] / "llmir_lang" / "models" / "llmir-tiny"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("llmir-tiny is not bundled yet")
+    from transformers import AutoTokenizer
+
+    from llmir_lang.executor.constraints import TokenizerInfo
+
+    hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    info = TokenizerInfo.from_hf(hf)
+    compiled = ConstraintCompiler(info).compile(spec_from_json_schema(Pet))
+    assert accepts_text(compiled, hf, '{"name":"Rex","kind":"dog","age":3}').accepted
