@@ -91,6 +91,7 @@ class Engine:
         chunked_prefill_size: int | None = None,
         enable_prefix_cache: bool = True,
         attention_backend: str = "auto",
+        jump_forward: bool = True,
         seed: int = 0,
     ):
         self.device = torch.device(device) if device is not None else _default_device()
@@ -121,11 +122,12 @@ class Engine:
                 chunked_prefill_size=chunked_prefill_size or (2048 if on_cpu else 8192),
             ),
         )
-        self.backend = _make_backend(attention_backend, self.pool, cfg.head_dim, self.device)
+        self.backend = _make_backend(attention_backend, self.pool, cfg, self.device, max_running_requests)
         self.runner = ModelRunner(self.model, self.backend, self.device)
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.outputs = OutputProcessor(self)
         self.seed = seed
+        self.jump_forward = jump_forward
         self._rids = itertools.count()
         # Req to admit, a callable to run between steps on the engine thread, or None to stop
         self._inbox: queue.Queue[Req | Callable[[], None] | None] = queue.Queue()
@@ -427,16 +429,23 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _make_backend(name: str, pool: KVPool, head_dim: int, device: torch.device):
-    scale = head_dim**-0.5
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "triton":
-        from llmir_lang.executor.triton_backend import TritonAttentionBackend
+def _make_backend(name: str, pool: KVPool, cfg: Any, device: torch.device, max_batch: int):
+    """'auto': Triton on CUDA (torch reference where Triton cannot run), torch on the CPU."""
+    scale = cfg.head_dim**-0.5
+    if name in ("auto", "triton") and device.type == "cuda":
+        from llmir_lang.executor.triton_backend import TritonAttentionBackend, select_attention_backend
 
-        return TritonAttentionBackend(pool.k_buffers, pool.v_buffers, scale)
-    if name == "torch":
+        if name == "triton":
+            return TritonAttentionBackend(
+                pool.k_buffers, pool.v_buffers, scale, max_batch_size=max_batch, num_q_heads=cfg.num_heads
+            )
+        return select_attention_backend(
+            pool.k_buffers, pool.v_buffers, scale, max_batch_size=max_batch, num_q_heads=cfg.num_heads
+        )
+    if name in ("auto", "torch"):
         return TorchAttentionBackend(pool.k_buffers, pool.v_buffers, scale)
+    if name == "triton":
+        raise InvalidRequestError("attention_backend='triton' needs a CUDA device; use 'auto' or 'torch'")
     raise InvalidRequestError(f"unknown attention_backend {name!r}; use 'auto', 'torch' or 'triton'")
 
 

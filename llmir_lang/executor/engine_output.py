@@ -61,18 +61,20 @@ class OutputProcessor:
         return []
 
     def _bitmask(self, reqs: list[Req], vocab: int) -> torch.Tensor | None:
+        """One allowed-token bitmask for the whole batch (rows without a constraint: all ones)."""
         if all(r.matcher is None for r in reqs):
             return None
-        from llmir_lang.executor.constraints import fill_batch_bitmask
+        from llmir_lang.executor.constraints import allocate_bitmask, fill_batch_bitmask
 
-        mask = torch.full((len(reqs), (vocab + 31) // 32), -1, dtype=torch.int32)
+        mask = allocate_bitmask(len(reqs), vocab)
         fill_batch_bitmask([r.matcher for r in reqs], mask)
-        return mask.to(self.engine.device)
+        return mask.to(self.engine.device, non_blocking=True)
 
     # ---- one token ------------------------------------------------------------------------
     def append(self, req: Req, token: int, logprob: float | None, top: list | None) -> None:
         if token < 0:
-            req.error = "the constraint admits no token here (dead end); the output so far is kept"
+            why = req.matcher.error() if req.matcher is not None else None
+            req.error = f"the constraint admits no token here ({why or 'dead end'}); the output so far is kept"
             self.finish(req, FinishReason.CONSTRAINT_ERROR)
             return
         p = req.params
@@ -99,6 +101,8 @@ class OutputProcessor:
             reason = FinishReason.STOP
         elif n_out >= p.max_new_tokens or req.seq_len >= self.engine.config.context_len:
             reason = FinishReason.LENGTH
+        if reason is None and req.matcher is not None and self.engine.jump_forward:
+            self._jump_forward(req)
         if reason is not None:
             if not isinstance(req.matched_stop, str):
                 req.text += req.decoder.flush(req.output_ids)
@@ -153,6 +157,44 @@ class OutputProcessor:
         except Exception:  # a broken consumer must not stop the engine; the result still resolves
             req.stream = None
 
+    def _jump_forward(self, req: Req) -> None:
+        """Where the constraint allows exactly one continuation, append it as forced tokens.
+
+        The forced text is tokenized together with the last few generated tokens, so the tokens are
+        the ones the tokenizer (and so the model) would produce for that text, not the matcher's
+        piecewise spelling; the scheduler then computes them in one extend instead of one decode step
+        each.
+        """
+        m = req.matcher
+        forced = m.forced_tokens()
+        if len(forced) < 2:
+            return  # one token costs one decode step either way
+        for i, tok in enumerate(forced):
+            if not m.advance(tok):
+                m.rollback(i)
+                return
+        text = self.engine.tokenizer.decode(forced, skip_special_tokens=False)
+        tok = self.engine.tokenizer
+        k = min(len(req.output_ids), 3)
+        tail = req.output_ids[len(req.output_ids) - k :]
+        tail_text = tok.decode(tail, skip_special_tokens=False)
+        if k and tok.encode(tail_text, add_special_tokens=False) == tail:
+            new_out = req.output_ids[: len(req.output_ids) - k] + tok.encode(tail_text + text, add_special_tokens=False)
+        else:  # the tail is not canonical text (e.g. half a character): keep it as it is
+            new_out = req.output_ids + tok.encode(text, add_special_tokens=False)
+        if len(new_out) - len(req.output_ids) < 1:
+            return
+        req.rebase_to = (list(req.prompt_ids), new_out)
+        req.text += text
+        if req.params.return_logprob:
+            req.out_logprobs.extend([0.0] * (len(new_out) - len(req.output_ids)))
+        # everything up to here is decoded: restart the incremental decoder after the new tokens
+        dec = req.decoder
+        dec.prefix_offset = dec.read_offset = len(new_out)
+        dec.text = req.text
+        req.num_forced += len(forced)
+        self._stream(req)
+
     # ---- chains ---------------------------------------------------------------------------
     def _next_step(self, req: Req, reason: FinishReason) -> None:
         """The current generation of a chain ended: append the constant text that follows, then
@@ -171,7 +213,7 @@ class OutputProcessor:
             req.error = "the chain's text outgrew the model's context"
             self.finish(req, FinishReason.LENGTH)
             return
-        req.rebase_to = new_ids
+        req.rebase_to = (new_ids, [])
         req.params, req.matcher = params, matcher
         req.generator = (
             eng.sampler.make_generator(params.seed, eng.device) if params.seed is not None else None
@@ -214,7 +256,11 @@ class OutputProcessor:
             top_logprobs=list(req.out_top_logprobs) if p.return_logprob and p.top_logprobs_num else None,
             prompt_logprobs=list(req.prompt_logprobs) if req.logprob_start_len >= 0 else None,
             error=req.error,
-            meta={"retractions": req.retractions, "constraint_engine": req.constraint_engine},
+            meta={
+                "retractions": req.retractions,
+                "constraint_engine": req.constraint_engine,
+                "jump_forward_tokens": req.num_forced,
+            },
         )
 
     def fail(self, req: Req, exc: Exception) -> None:

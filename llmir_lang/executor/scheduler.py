@@ -266,15 +266,17 @@ class Scheduler:
             self.chunked = nxt
         for req in batch.reqs:
             if req.rebase_to is not None and not req.finished:
-                self._rebase(req, req.rebase_to)
+                self._rebase(req, *req.rebase_to)
                 req.rebase_to = None
 
-    def _rebase(self, req: Req, new_ids: list[int]) -> None:
-        """Make ``new_ids`` the request's token sequence, keeping the KV of the common prefix.
+    def _rebase(self, req: Req, prompt_ids: list[int], output_ids: list[int]) -> None:
+        """Make ``prompt_ids + output_ids`` the request's tokens, keeping the KV of the common prefix.
 
-        All of ``new_ids`` becomes the prompt of the request's next generation. At least the last
-        token is recomputed (its logits are needed to sample).
+        Used between the generations of a chain (everything so far becomes the next prompt) and for
+        jump-forward (forced tokens join the output). At least the last token is recomputed: its
+        logits are needed to sample.
         """
+        new_ids = prompt_ids + output_ids
         old = req.fill_ids[: req.kv_len]
         c = 0
         for a, b in zip(old, new_ids):
@@ -287,13 +289,13 @@ class Scheduler:
         if c < req.cache_len:
             # the change reaches into KV the radix cache owns: start over from the cache (rare)
             self.release(req, cache_kv=True)
-            req.prompt_ids, req.output_ids = list(new_ids), []
+            req.prompt_ids, req.output_ids = list(prompt_ids), list(output_ids)
             self.waiting.appendleft(req)
             return
         dropped = len(req.kv_slots) - c
         if dropped:
             self._undo_alloc(req, dropped)
-        req.prompt_ids, req.output_ids = list(new_ids), []
+        req.prompt_ids, req.output_ids = list(prompt_ids), list(output_ids)
         if len(new_ids) - c == 1:
             self.running.append(req)
         else:
