@@ -396,6 +396,24 @@ class Engine:
             self._inbox.put(run)
         return fut.result()
 
+    def abort(self, rid: int) -> bool:
+        """Cancel a request (e.g. its client went away): it ends with finish_reason "abort", its
+        future resolves to what it produced so far, and its KV goes back to the cache. Returns
+        False if the request was unknown or already finished."""
+
+        def run() -> bool:
+            sched = self.scheduler
+            for req in sched.all_requests():
+                if req.rid == rid and not req.finished:
+                    self.outputs.finish(req, FinishReason.ABORT)
+                    sched.finish(req, cache_kv=True)
+                    return True
+            return False
+
+        if self._closed:
+            return False
+        return self.call_in_engine_thread(run)
+
     def flush_cache(self) -> None:
         """Drop every unlocked cached prefix."""
 

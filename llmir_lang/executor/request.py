@@ -88,16 +88,15 @@ class Req:
     error: str | None = None
     retractions: int = 0
     # chains: several generations with constant text between them, run as one request
-    chain: list[Any] | None = (
-        None  # remaining steps after the current gen: ("text", str) | ("gen", params, matcher)
-    )
+    # remaining steps after the current gen: ("text", str) | ("gen", params, matcher)
+    chain: list[Any] | None = None
     chain_index: int = 0  # index of the current generation
     prompt_text: str | None = None  # the chain's prompt as text (rebase re-encodes prompt_text + chain_text)
     chain_text: str = ""  # text appended after the prompt by finished steps
     step_results: list[GenerateResult] = field(default_factory=list)
-    rebase_to: list[int] | None = (
-        None  # set by output processing: the scheduler re-points the KV to these ids
-    )
+    # set by output processing: the scheduler re-points the KV to (prompt_ids, output_ids) after the step
+    rebase_to: tuple[list[int], list[int]] | None = None
+    num_forced: int = 0  # tokens appended by jump-forward
 
     @property
     def fill_ids(self) -> list[int]:

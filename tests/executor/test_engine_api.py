@@ -225,3 +225,21 @@ def test_sampling_params_object_and_shutdown(checkpoints):
     eng.shutdown()
     with pytest.raises(errors.EngineClosedError):
         eng.generate(IDS, {"max_new_tokens": 2})
+
+
+def test_abort_frees_the_request(setup):
+    eng, _, _ = setup
+    seen = []
+    fut = eng.submit(IDS, {"max_new_tokens": 400, "ignore_eos": True}, stream=seen.append)
+    import time
+
+    deadline = time.time() + 30
+    while not seen and time.time() < deadline:
+        time.sleep(0.01)
+    assert eng.abort(fut.rid)
+    res = fut.result(timeout=30)
+    assert res.finish_reason == "abort" and res.completion_tokens < 400
+    assert not eng.abort(fut.rid)
+    stats = eng.stats()
+    assert stats["cache"]["protected_tokens"] == 0
+    assert stats["pool"]["used"] == stats["cache"]["cached_tokens"]
