@@ -142,8 +142,10 @@ class LLGuidanceMatcher(Matcher):
             # after EOS, llguidance's rollback(k) undoes k real tokens and the stop together
             ok = bool(self.native.rollback(real))
             del self._tokens[-real:]
-        elif self._eos_done:  # undo EOS alone: step back one token and take it again
+        elif self._tokens:  # undo EOS alone: step back one token and take it again
             ok = bool(self.native.rollback(1)) and bool(self.native.consume_token(self._tokens[-1]))
+        else:  # EOS was the only token
+            ok = bool(self.native.reset())
         if not ok:
             raise ConstraintError(f"llguidance could not roll back {n} tokens: {self.error()}")
         self._eos_done = False

@@ -12,6 +12,8 @@ Matcher invariants:
   ``advance`` takes any spelling of the same bytes (needed when the engine retokenizes).
 - ``advance`` returning False leaves the state unchanged.
 - ``rollback(n)`` undoes the last ``n`` successful ``advance`` calls, EOS included.
+- once ``error()`` is set the row's bits mean nothing (llguidance sets the EOS bit when stuck);
+  the engine ends that request with ``CONSTRAINT_ERROR_FINISH_REASON``.
 """
 
 from __future__ import annotations

@@ -241,3 +241,11 @@ def test_apply_bitmask_matches_reference(vocab, words):
     else:
         apply_token_bitmask(ref, mask)
     assert torch.equal(ours, ref)
+
+
+def test_rollback_of_eos_as_the_only_token(pinned, bpe_info):
+    m = pinned.compile(spec_from_regex("(ab)?")).new_matcher()
+    eos = bpe_info.eos_token_ids[0]
+    assert m.is_accepting() and m.advance(eos) and m.is_terminated()
+    m.rollback(1)
+    assert not m.is_terminated() and m.is_accepting() and m.advance(bpe_info.token_bytes.index(b"ab"))
