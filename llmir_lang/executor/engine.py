@@ -277,7 +277,7 @@ class Engine:
                 raise InvalidRequestError("stream=True takes one prompt; use callback= for many")
             return self._stream_iter(plist[0], splist[0])
         futs = [self.submit(p, sp, stream=callback) for p, sp in zip(plist, splist)]
-        results = [f.result() for f in futs]
+        results = [self._wait(f) for f in futs]
         return results[0] if single else results
 
     def _stream_iter(self, prompt: Prompt, params: ParamsLike) -> Iterator[StreamChunk]:
@@ -319,24 +319,66 @@ class Engine:
 
     # ---- the loop (engine thread) -------------------------------------------------------
     def _loop(self) -> None:
-        sched = self.scheduler
         while True:
-            block = not sched.has_work()
             try:
-                item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-                while True:
-                    if item is None:
-                        self._abort_all()
-                        return
-                    if isinstance(item, Req):
-                        sched.add(item)
-                    else:
-                        item()
-                    item = self._inbox.get_nowait()
-            except queue.Empty:
+                if not self._loop_once():
+                    return
+            except Exception as e:  # a bug must fail the requests in flight, not kill the engine
+                self._recover(e)
+
+    def _loop_once(self) -> bool:
+        sched = self.scheduler
+        block = not sched.has_work()
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            while True:
+                if item is None:
+                    self._abort_all()
+                    return False
+                if isinstance(item, Req):
+                    sched.add(item)
+                else:
+                    item()
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        if sched.has_work():
+            self._step()
+        return True
+
+    def _recover(self, exc: Exception) -> None:
+        """After an unexpected internal error: fail every request in flight and reset the queues and
+        the cache, so the engine keeps serving new requests."""
+        err = EngineError(
+            f"internal engine error; the requests in flight were failed ({type(exc).__name__}: {exc})"
+        )
+        sched = self.scheduler
+        for req in sched.all_requests():
+            if not req.finished:
+                self.outputs.fail(req, err)
+            try:
+                sched.release(req, cache_kv=False)
+            except Exception:
                 pass
-            if sched.has_work():
-                self._step()
+        sched.waiting.clear()
+        sched.running.clear()
+        sched.extending.clear()
+        sched.chunked = sched.chunked_next = None
+        try:
+            self.cache.reset()
+        except Exception:
+            pass
+
+    def _wait(self, fut: Future) -> Any:
+        """fut.result(), but never forever: a dead engine thread raises instead of hanging."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        while True:
+            try:
+                return fut.result(timeout=1.0)
+            except FutureTimeout:
+                if not self._thread.is_alive():
+                    raise EngineError("the engine thread has stopped; create a new Engine") from None
 
     def _step(self) -> None:
         sched = self.scheduler

@@ -243,3 +243,22 @@ def test_abort_frees_the_request(setup):
     stats = eng.stats()
     assert stats["cache"]["protected_tokens"] == 0
     assert stats["pool"]["used"] == stats["cache"]["cached_tokens"]
+
+
+def test_internal_error_fails_requests_and_engine_recovers(checkpoints, monkeypatch):
+    folder, hf = checkpoints("llama")
+    with Engine(str(folder), device="cpu", kv_memory="4MB") as eng:
+        calls = {"n": 0}
+        orig = eng.scheduler.schedule
+
+        def broken():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected scheduler bug")
+            return orig()
+
+        monkeypatch.setattr(eng.scheduler, "schedule", broken)
+        with pytest.raises(errors.EngineError, match="injected scheduler bug"):
+            eng.generate(IDS, {"max_new_tokens": 8, "ignore_eos": True})
+        r = eng.generate(IDS, {"max_new_tokens": 5, "ignore_eos": True})
+        assert r.token_ids == hf_greedy(hf, IDS, 5)[0]
