@@ -384,8 +384,21 @@ class Engine:
         sched = self.scheduler
         batch = sched.schedule()
         if batch is None:
-            if sched.has_work() and not sched.running and sched.chunked is None:
-                time.sleep(0.001)  # nothing admissible right now (should not persist)
+            if sched.waiting and not (sched.running or sched.extending or sched.chunked):
+                # nothing runs, so the whole pool is free or evictable: a request that still cannot
+                # be admitted (a chain whose text outgrew the pool) never will be
+                req = sched.waiting[0]
+                if req.seq_len + self.pool.page_size > self.pool.capacity:
+                    self.outputs.fail(
+                        req,
+                        OutOfKVMemoryError(
+                            f"the request grew to {req.seq_len} tokens but the KV pool holds "
+                            f"{self.pool.capacity}; raise kv_memory"
+                        ),
+                    )
+                    sched.finish(req, cache_kv=False)
+                    return
+            time.sleep(0.001)
             return
         try:
             step = self.runner.run(batch)
