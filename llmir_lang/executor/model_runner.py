@@ -1,14 +1,33 @@
-"""Turns a ScheduledBatch into a ForwardBatch, runs the model, and says which logits row is whose."""
+"""Turns a ScheduledBatch into a ForwardBatch, runs the model, and says which logits row is whose.
+
+Extend steps build their inputs from the requests' slot lists. Decode steps, the hot path, go
+through ``cuda_graph``: a device slot table (one new slot uploaded per request and step), static
+input buffers, and on CUDA with the Triton backend a captured graph per batch bucket. When every
+request of a decode batch shares a long cached prefix (one radix-tree node) and the kernels' cost
+rule says it pays, the step uses the backend's shared-prefix decode, graphed per prefix length.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from llmir_lang.executor.attention import AttentionBackend, ForwardBatch, ForwardMode
+from llmir_lang.executor.cuda_graph import (
+    DecodeBuffers,
+    GraphCache,
+    SlotTable,
+    batch_buckets,
+    bucket_for,
+    gather_rows,
+)
 from llmir_lang.executor.model import CausalLM
 from llmir_lang.executor.scheduler import ScheduledBatch
+from llmir_lang.kernels import policy
 
 
 @dataclass(slots=True)
@@ -20,12 +39,87 @@ class StepLogits:
     ]  # per request: (first row, first position, count) of prompt logprobs
 
 
+class _PrefixOffer(AttentionBackend):
+    """The backend the model sees: prepares the real one, then offers this step's shared prefix.
+
+    ``CausalLM.forward`` calls ``prepare`` itself, so this is where ``use_shared_prefix`` can be
+    called between the two without touching the model.
+    """
+
+    def __init__(self, inner: AttentionBackend):
+        super().__init__(inner.k_buffers, inner.v_buffers, inner.sm_scale)
+        self.inner = inner
+        self.shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        self.batch = batch
+        self.inner.prepare(batch)
+        if self.shared is not None:
+            self.inner.use_shared_prefix(*self.shared, force=True)  # type: ignore[attr-defined]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        return self.inner.forward(q, k, v, layer_id)
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, backend: AttentionBackend, device: torch.device):
+    """Runs scheduled batches through the model.
+
+    ``cuda_graphs``: replay decode steps as CUDA graphs (only on CUDA with the Triton backend over a
+    fp16/bf16 pool; elsewhere it is ignored). ``shared_prefix``: let decode steps use the backend's
+    shared-prefix path when the cost rule says so. Both may be flipped between steps.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        backend: AttentionBackend,
+        device: torch.device,
+        *,
+        cuda_graphs: bool = True,
+        shared_prefix: bool = True,
+        max_batch_size: int | None = None,
+    ):
         self.model, self.backend, self.device = model, backend, device
+        kb = backend.k_buffers[0]
+        self.pad_slot = int(kb.shape[0]) - 1  # KVPool: capacity + 1 rows, the last is the pad slot
+        self.kv_bytes_per_token = 2 * int(kb.shape[1]) * int(kb.shape[2]) * kb.element_size()
+        self.buckets = batch_buckets(max_batch_size or getattr(backend, "max_batch_size", 256))
+        max_width = min(model.config.context_len, self.pad_slot) + 1
+        self.table = SlotTable(device, max_width)
+        self.buffers = DecodeBuffers(device, self.buckets[-1])
+        self.graphs = GraphCache(device) if device.type == "cuda" else None
+        self._graphs_ok = self._graphs_supported()
+        self.cuda_graphs = cuda_graphs
+        self.shared_prefix = shared_prefix
+        self._offer = _PrefixOffer(backend)
+        self._can_share = hasattr(backend, "use_shared_prefix")
+        self._prefix_key: tuple[int, ...] = ()
+        self._prefix_lists: list[list[int]] = []
+        self._prefix_len = 0
         self.num_forward_calls = 0
         self.num_tokens_computed = 0
+        self.num_graph_replays = 0
+        self.num_shared_prefix_steps = 0
 
+    # ---- entry point ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, sb: ScheduledBatch) -> StepLogits:
+        if sb.mode is ForwardMode.DECODE:
+            logits = self._decode(sb.reqs, [p + 1 for p in sb.prefix_lens])
+            n = len(sb.reqs)
+            self.num_forward_calls += 1
+            self.num_tokens_computed += n
+            return StepLogits(logits, list(range(n)), [(0, -1, 0)] * n)
+        for req in sb.reqs:
+            self.table.forget(req)  # extend steps change slot lists in place
+        fb, sample_rows, prompt_rows = self.build(sb)
+        self._offer.shared = None
+        logits = self.model(fb, self.backend)
+        self.num_forward_calls += 1
+        self.num_tokens_computed += int(fb.input_ids.shape[0])
+        return StepLogits(logits, sample_rows, prompt_rows)
+
+    # ---- extend ---------------------------------------------------------------------------
     def build(self, sb: ScheduledBatch) -> tuple[ForwardBatch, list[int], list[tuple[int, int, int]]]:
         ids: list[int] = []
         pos: list[int] = []
@@ -76,9 +170,147 @@ class ModelRunner:
         )
         return fb, sample_rows, prompt_rows
 
-    def run(self, sb: ScheduledBatch) -> StepLogits:
-        fb, sample_rows, prompt_rows = self.build(sb)
-        logits = self.model(fb, self.backend)
-        self.num_forward_calls += 1
-        self.num_tokens_computed += int(fb.input_ids.shape[0])
-        return StepLogits(logits, sample_rows, prompt_rows)
+    # ---- decode ---------------------------------------------------------------------------
+    def _decode(self, reqs: Sequence[Any], kv_lens: list[int]) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of one decode step; request b's KV is ``kv_slots[:kv_lens[b]]``."""
+        n = len(reqs)
+        graphed = self.cuda_graphs and self._graphs_ok and n <= self.buckets[-1]
+        bsz = bucket_for(n, self.buckets) if graphed else n
+        plen = self._shared_prefix_len(reqs, kv_lens) if self.shared_prefix and self._can_share else 0
+        total = sum(kv_lens)
+        suffix_total = total - plen * n if plen else 0
+        buf = self.buffers
+        if buf.ensure(bsz, total, suffix_total, plen) and self.graphs is not None:
+            self.graphs.clear()  # the graphs read the old buffers
+        rows = self.table.rows_for(reqs, kv_lens)
+        pad = bsz - n
+        ids, pos, loc = [], [], []
+        for req, kv_len in zip(reqs, kv_lens):
+            p = kv_len - 1
+            np_ = len(req.prompt_ids)
+            ids.append(req.prompt_ids[p] if p < np_ else req.output_ids[p - np_])
+            pos.append(p)
+            loc.append(req.kv_slots[p])
+        host = [
+            ids + [0] * pad,
+            pos + [0] * pad,
+            loc + [self.pad_slot] * pad,
+            rows + [0] * pad,
+            kv_lens + [0] * pad,
+            [k - plen for k in kv_lens] + [0] * pad,
+        ]
+        dev = torch.tensor(host, dtype=torch.int64).to(self.device, non_blocking=True)
+        buf.tokens[:, :bsz].copy_(dev[:3])
+        table = self.table.table
+        table[dev[3, :n], dev[1, :n]] = dev[2, :n]  # this step's slot, at column position
+        self.table.mark_synced(reqs, kv_lens)
+        single = rows[0] if n == 1 else None
+        gather_rows(table, dev[3], dev[4], buf.kv_indptr, buf.kv_indices, total, single_row=single)
+        if plen:
+            gather_rows(
+                table, dev[3], dev[5], buf.suffix_indptr, buf.suffix_indices, suffix_total, plen, single
+            )
+            buf.prefix_indices[:plen].copy_(table[rows[0], :plen])
+            self._offer.shared = (
+                buf.prefix_indices[:plen],
+                buf.suffix_indptr[: bsz + 1],
+                buf.suffix_indices[:suffix_total],
+            )
+            self.num_shared_prefix_steps += 1
+        else:
+            self._offer.shared = None
+        fb = ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=buf.tokens[0, :bsz],
+            positions=buf.tokens[1, :bsz],
+            out_cache_loc=buf.tokens[2, :bsz],
+            qo_indptr=buf.qo_indptr[: bsz + 1],
+            kv_indptr=buf.kv_indptr[: bsz + 1],
+            kv_indices=buf.kv_indices[:total],
+            batch_size=bsz,
+        )
+
+        def forward() -> torch.Tensor:
+            return self.model(fb, self._offer)
+
+        if not graphed:
+            return forward()
+        assert self.graphs is not None
+        try:
+            out = self.graphs.run((bsz, plen), forward)
+        except Exception as e:  # a capture that fails must not take decoding down with it
+            warnings.warn(
+                f"CUDA graph capture of a decode step failed ({type(e).__name__}: {e}); decoding "
+                "eagerly from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._graphs_ok = False
+            self.graphs.clear()
+            return forward()
+        self.num_graph_replays += 1
+        return out[:n]
+
+    def _shared_prefix_len(self, reqs: Sequence[Any], kv_lens: list[int]) -> int:
+        """Length of the cached KV prefix all ``reqs`` share, if the cost rule says to use it, else 0.
+
+        Recomputed only when the batch's requests or their slot lists changed (decode steps only
+        append to the lists, which leaves a shared prefix as it was).
+        """
+        n = len(reqs)
+        if n < policy.MIN_SHARING_REQUESTS:
+            return 0
+        key = tuple(r.rid for r in reqs)
+        lists = self._prefix_lists
+        if key != self._prefix_key or any(a is not r.kv_slots for a, r in zip(lists, reqs)):
+            self._prefix_key = key
+            self._prefix_lists = [r.kv_slots for r in reqs]
+            self._prefix_len = common_cached_prefix(reqs)
+        plen = min(self._prefix_len, min(kv_lens) - 1)
+        if plen <= 0 or not policy.should_use_shared_prefix(plen, n, self.kv_bytes_per_token):
+            return 0
+        return plen
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _graphs_supported(self) -> bool:
+        if self.device.type != "cuda":
+            return False
+        from llmir_lang.executor.triton_backend import TritonAttentionBackend
+        from llmir_lang.kernels import support
+
+        be = self.backend
+        if not isinstance(be, TritonAttentionBackend) or self.buckets[-1] > be.max_batch_size:
+            return False
+        kb, vb = be.k_buffers[0], be.v_buffers[0]
+        q = torch.empty(1, self.model.config.num_heads, kb.shape[-1], dtype=kb.dtype, device=kb.device)
+        return support.attention_ok("ModelRunner (CUDA graphs)", q, kb, vb)
+
+
+def common_cached_prefix(reqs: Sequence[Any]) -> int:
+    """Tokens of KV prefix that every request holds in the same slots, from the radix tree.
+
+    Each request's first ``cache_len`` slots are the values along the tree path to its locked
+    ``last_node``, so the shared prefix is the path to the deepest common ancestor of those nodes.
+    Cost: O(requests x tree depth). Requests without a node share nothing.
+    """
+    first = reqs[0].last_node
+    if first is None:
+        return 0
+    chain = []
+    node = first
+    while node is not None:
+        chain.append(node)
+        node = node.parent
+    chain.reverse()  # root first
+    index = {id(nd): i for i, nd in enumerate(chain)}
+    deepest = len(chain) - 1
+    for req in reqs[1:]:
+        node = req.last_node
+        while node is not None and (id(node) not in index or index[id(node)] > deepest):
+            node = node.parent
+        if node is None:
+            return 0
+        deepest = index[id(node)]
+        if deepest == 0:
+            return 0
+    return sum(len(nd.key) for nd in chain[1 : deepest + 1])

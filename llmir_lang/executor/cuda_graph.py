@@ -1,0 +1,295 @@
+"""Decode steps without per-step Python cost: batch buckets, a device slot table, static inputs, graphs.
+
+A decode step feeds the model one token per request. To make it cheap at batch 64-256 with long
+contexts, and replayable as a CUDA graph, four pieces work together:
+
+* ``batch_buckets`` / ``bucket_for``: a decode batch of B requests runs padded to the smallest
+  bucket >= B, so one captured graph serves every B of its bucket. Padded rows read no KV (length
+  0), write their K/V to the pool's ``pad_slot`` and their logits are ignored.
+* ``SlotTable``: each running request's KV slots as a row of a device table (req_to_token). A
+  decode step uploads only the one new slot per request; the whole row is re-uploaded only when
+  the request's slot list changed in another way (prefill, retraction, rebase).
+* ``DecodeBuffers``: the step's inputs at fixed addresses (ids, positions, out slots, kv_indptr,
+  kv_indices in a max-size buffer that grows only when a batch needs more, shared-prefix lists),
+  refilled in place before every step.
+* ``GraphCache``: one CUDA graph per (bucket, shared prefix length), captured lazily on first use
+  from a warm-up run, replayed after the inputs were refilled.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmir_lang.errors import InvalidRequestError
+
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Bucket sizes up to ``max_batch`` (always included): the defaults, then steps of 128 above 256."""
+    if max_batch < 1:
+        raise InvalidRequestError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = [b for b in DEFAULT_BUCKETS if b < max_batch]
+    nxt = DEFAULT_BUCKETS[-1] + 128
+    while nxt < max_batch:
+        sizes.append(nxt)
+        nxt += 128
+    sizes.append(max_batch)
+    return tuple(sizes)
+
+
+def bucket_for(batch_size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= ``batch_size``; raises when the batch is larger than every bucket."""
+    i = bisect.bisect_left(buckets, batch_size)
+    if batch_size < 1 or i == len(buckets):
+        raise InvalidRequestError(
+            f"decode batch of {batch_size} requests has no bucket (largest {buckets[-1]}); "
+            "raise max_running_requests"
+        )
+    return buckets[i]
+
+
+def _grown(need: int, have: int, floor: int = 1024) -> int:
+    """A capacity >= need: at least double the old one, so growth (and re-capture) stays rare."""
+    return max(need, 2 * have, floor)
+
+
+@dataclass(slots=True, eq=False)
+class _Row:
+    req: Any  # the Req this row belongs to (identity, not equality)
+    row: int
+    slots: list[int]  # the Req's kv_slots list object when the row was last written
+    synced: int  # table[row, :synced] == slots[:synced]
+
+
+class SlotTable:
+    """Device table ``[rows, width]`` of request KV slots, updated incrementally.
+
+    Invariant: for a record of request r, ``table[row, :synced] == r.kv_slots[:synced]`` as long
+    as ``r.kv_slots`` is still the same list object and was only appended to. ``rows_for`` checks
+    that and re-uploads the whole row otherwise, so callers may replace or shrink slot lists freely
+    between steps (the scheduler does, on prefill, retraction and rebase). ``forget`` drops a
+    record explicitly (extend steps, where a list changes in place). Records of requests that left
+    the batch are reclaimed when rows run out; width and row count grow by doubling.
+    """
+
+    def __init__(self, device: torch.device, max_width: int, rows: int = 64, width: int = 1024):
+        self.device = device
+        self.max_width = max_width
+        self.table = torch.zeros(rows, min(width, max_width), dtype=torch.int64, device=device)
+        self._records: dict[int, _Row] = {}  # by rid
+        self._free = list(range(rows - 1, -1, -1))
+        self.num_row_uploads = 0  # whole-row uploads (tests and stats)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.table.shape[0])
+
+    def forget(self, req: Any) -> None:
+        rec = self._records.get(req.rid)
+        if rec is not None and rec.req is req:
+            rec.synced = -1
+
+    def rows_for(self, reqs: Sequence[Any], kv_lens: Sequence[int]) -> list[int]:
+        """Rows of ``reqs`` whose first ``kv_len - 1`` slots are in the table.
+
+        The caller then writes each request's last slot (``kv_slots[kv_len - 1]``, this step's) at
+        column ``kv_len - 1`` and calls ``mark_synced``.
+        """
+        need = max(kv_lens, default=0)
+        if need > self.table.shape[1]:
+            self._grow(self.num_rows, need)
+        rows: list[int] = []
+        current = {r.rid for r in reqs}
+        for req, n in zip(reqs, kv_lens):
+            rec = self._records.get(req.rid)
+            if rec is None or rec.req is not req:
+                rec = _Row(req, self._take_row(current), req.kv_slots, -1)
+                self._records[req.rid] = rec
+            if rec.slots is not req.kv_slots or rec.synced != n - 1:
+                self._upload(rec.row, req.kv_slots[: n - 1])
+                rec.slots, rec.synced = req.kv_slots, n - 1
+            rows.append(rec.row)
+        return rows
+
+    def mark_synced(self, reqs: Sequence[Any], kv_lens: Sequence[int]) -> None:
+        for req, n in zip(reqs, kv_lens):
+            self._records[req.rid].synced = n
+
+    def _upload(self, row: int, slots: list[int]) -> None:
+        if slots:
+            self.table[row, : len(slots)].copy_(torch.tensor(slots, dtype=torch.int64))
+        self.num_row_uploads += 1
+
+    def _take_row(self, current: set[int]) -> int:
+        if not self._free:
+            # Reclaim rows of requests outside this batch; they re-upload if they come back.
+            for rid in [rid for rid in self._records if rid not in current]:
+                self._free.append(self._records.pop(rid).row)
+        if not self._free:
+            old = self.num_rows
+            self._grow(2 * old, self.table.shape[1])
+            self._free.extend(range(2 * old - 1, old - 1, -1))
+        return self._free.pop()
+
+    def _grow(self, rows: int, width: int) -> None:
+        if width > self.max_width:
+            raise InvalidRequestError(
+                f"a request holds {width} KV slots but the slot table allows {self.max_width}; "
+                "it cannot be longer than the model's context"
+            )
+        old = self.table
+        new_width = (
+            old.shape[1] if width <= old.shape[1] else min(self.max_width, _grown(width, old.shape[1]))
+        )
+        self.table = torch.zeros(rows, new_width, dtype=torch.int64, device=self.device)
+        self.table[: old.shape[0], : old.shape[1]].copy_(old)
+
+
+def gather_rows(
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    lens: torch.Tensor,
+    indptr: torch.Tensor,
+    out: torch.Tensor,
+    total: int,
+    start: int = 0,
+    single_row: int | None = None,
+) -> None:
+    """CSR lists from table rows: ``indptr[:n+1] = [0, cumsum(lens)]`` and, for each b,
+    ``out[indptr[b]:indptr[b+1]] = table[rows[b], start:start + lens[b]]``.
+
+    ``total`` (= sum(lens), known on the host) keeps this free of host syncs. ``single_row``: the
+    host's copy of ``rows[0]`` when only the first row has a non-zero length (one slice copy).
+    """
+    n = rows.shape[0]
+    indptr[0] = 0
+    torch.cumsum(lens, 0, out=indptr[1 : n + 1])
+    if total == 0:
+        return
+    if single_row is not None:
+        out[:total].copy_(table[single_row, start : start + total])
+        return
+    which = torch.repeat_interleave(torch.arange(n, device=rows.device), lens, output_size=total)
+    col = torch.arange(start, start + total, device=rows.device) - indptr[which]
+    out[:total] = table[rows[which], col]
+
+
+class DecodeBuffers:
+    """The inputs of a decode step at fixed addresses (see the module docstring).
+
+    ``tokens`` rows 0/1/2 are input ids, positions and out slots of each row of the bucket.
+    ``kv_indices`` / ``suffix_indices`` / ``prefix_indices`` grow by doubling when a batch needs
+    more; ``ensure`` reports that, since graphs captured on the old buffers are then stale.
+    """
+
+    def __init__(self, device: torch.device, max_batch: int, kv_capacity: int = 1 << 16):
+        self.device = device
+        self.max_batch = max_batch
+        z = dict(dtype=torch.int64, device=device)
+        self.tokens = torch.zeros(3, max_batch, **z)
+        self.qo_indptr = torch.arange(max_batch + 1, **z)
+        self.kv_indptr = torch.zeros(max_batch + 1, **z)
+        self.suffix_indptr = torch.zeros(max_batch + 1, **z)
+        self.kv_indices = torch.zeros(kv_capacity, **z)
+        self.suffix_indices = torch.zeros(1024, **z)
+        self.prefix_indices = torch.zeros(1024, **z)
+
+    def ensure(self, batch: int, kv_total: int, suffix_total: int, prefix_len: int) -> bool:
+        """Grow whatever is too small for this step; True if any buffer moved."""
+        moved = False
+        if batch > self.max_batch:
+            self.__init__(self.device, _grown(batch, self.max_batch, 1), self.kv_indices.shape[0])
+            moved = True
+        z = dict(dtype=torch.int64, device=self.device)
+        if kv_total > self.kv_indices.shape[0]:
+            self.kv_indices = torch.zeros(_grown(kv_total, self.kv_indices.shape[0]), **z)
+            moved = True
+        if suffix_total > self.suffix_indices.shape[0]:
+            self.suffix_indices = torch.zeros(_grown(suffix_total, self.suffix_indices.shape[0]), **z)
+            moved = True
+        if prefix_len > self.prefix_indices.shape[0]:
+            self.prefix_indices = torch.zeros(_grown(prefix_len, self.prefix_indices.shape[0]), **z)
+            moved = True
+        return moved
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    output: torch.Tensor
+
+
+class GraphCache:
+    """Captured decode graphs by key, sharing one memory pool (never replayed concurrently).
+
+    ``run`` replays the graph of ``key``, capturing it first (after one warm-up call of ``fn`` on a
+    side stream, which also compiles Triton kernels and sets up cuBLAS) when there is none. The
+    returned tensor is the graph's static output: valid until the next replay of any graph here.
+    Keys whose ``prefix_len`` (second item) is non-zero are kept in LRU order, at most
+    ``max_prefix_graphs`` of them, so a stream of distinct shared prefixes cannot pile up graphs.
+    """
+
+    def __init__(self, device: torch.device, max_prefix_graphs: int = 8):
+        self.device = device
+        self.max_prefix_graphs = max_prefix_graphs
+        self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self._pool: Any = None
+        self.num_captures = 0
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._graphs
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def run(self, key: tuple[int, int], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._capture(fn)
+            self._graphs[key] = g
+            self._evict()
+        else:
+            self._graphs.move_to_end(key)
+        g.graph.replay()
+        return g.output
+
+    def _capture(self, fn: Callable[[], torch.Tensor]) -> _Graph:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            fn()  # warm-up: lazy init and kernel compilation must not happen while capturing
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine captures on its own thread while others may use CUDA
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+            out = fn()
+        self.num_captures += 1
+        return _Graph(graph, out)
+
+    def _evict(self) -> None:
+        prefixed = [k for k in self._graphs if k[1]]
+        for k in prefixed[: max(0, len(prefixed) - self.max_prefix_graphs)]:
+            del self._graphs[k]
+
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "DecodeBuffers",
+    "GraphCache",
+    "SlotTable",
+    "batch_buckets",
+    "bucket_for",
+    "gather_rows",
+]
