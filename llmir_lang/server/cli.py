@@ -1,0 +1,119 @@
+"""``llmir serve``: parse the command line, load the model, run uvicorn until SIGTERM / SIGINT.
+
+``serve_main(argv) -> int`` is the entry point (``llmir_lang.__main__`` wires it as ``serve``).
+Exit codes: 0 after a clean (graceful) shutdown, 2 for bad arguments or a model that cannot load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llmir_lang.errors import LLMIRError
+from llmir_lang.server.config import ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmir serve",
+        description="Serve a model over HTTP: SGLang /generate, OpenAI /v1/*, and /program (whole programs).",
+    )
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled llmir-tiny model)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health"
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=None, help="most tokens one generation may ask for"
+    )
+    p.add_argument(
+        "--max-request-bytes", type=int, default=8 * 2**20, help="largest request body (default 8 MiB)"
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the 'model' name clients use (default: folder name)"
+    )
+    p.add_argument(
+        "--kv-memory", default=None, help="KV cache size: bytes, '512MB', '2GiB' or a fraction of free memory"
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown"
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def config_from_args(argv: list[str] | None) -> ServerConfig:
+    a = build_parser().parse_args(argv)
+    kv: str | float | None = a.kv_memory
+    try:  # a bare fraction ("0.5") means that share of free memory, as Engine(kv_memory=0.5)
+        if kv is not None and 0 < float(kv) < 1:
+            kv = float(kv)
+    except ValueError:
+        pass
+    return ServerConfig(
+        model=a.model,
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key,
+        max_tokens_limit=a.max_tokens_limit,
+        max_request_bytes=a.max_request_bytes,
+        served_model_name=a.served_model_name,
+        kv_memory=kv,
+        device=a.device,
+        max_running_requests=a.max_running_requests,
+        shutdown_timeout_s=a.shutdown_timeout,
+        log_level=a.log_level,
+    )
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """Run the server; returns the process exit code."""
+    try:
+        config = config_from_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    except LLMIRError as e:
+        print(f"llmir serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from llmir_lang.server.app import create_app, load_engine
+
+    try:
+        engine = load_engine(config)
+    except LLMIRError as e:
+        print(f"llmir serve: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    app = create_app(config, engine, owns_engine=True)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=int(max(1, round(config.shutdown_timeout_s))),
+            access_log=config.log_level == "debug",
+        )
+    )
+    try:
+        server.run()
+    finally:
+        engine.shutdown()  # idempotent; covers a failed startup (e.g. the port is taken)
+    return 0 if server.started else 1
+
+
+def main() -> None:  # ``python -m llmir_lang.server.cli ...``
+    sys.exit(serve_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

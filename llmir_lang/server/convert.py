@@ -1,0 +1,176 @@
+"""Wire formats <-> engine records: constraint fields to specs, finish reasons, logprobs, SSE.
+
+Shared by the SGLang and OpenAI routes so that the same request means the same thing on both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from llmir_lang.executor.request import GenerateResult
+from llmir_lang.server.errors import ServerHTTPError, error_body, status_of
+
+
+def constraint_spec(
+    *,
+    regex: str | None = None,
+    json_schema: str | dict[str, Any] | None = None,
+    grammar: str | None = None,
+    choices: list[str] | None = None,
+    source: str = "request",
+) -> Any:
+    """The ``ConstraintSpec`` for at most one given constraint field (None if none is given).
+
+    ``grammar`` is llguidance lark text or GBNF/EBNF (``root ::= ...``), converted to lark.
+    Invalid regexes, schemas and grammars raise typed ``ConstraintError``s (400).
+    """
+    given = {
+        k: v
+        for k, v in (
+            ("regex", regex),
+            ("json_schema", json_schema),
+            ("grammar", grammar),
+            ("choices", choices),
+        )
+        if v is not None
+    }
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ServerHTTPError(
+            400, f"{source}: give at most one constraint, got {sorted(given)}; drop all but one"
+        )
+    from llmir_lang.executor import constraints as C
+
+    ((kind, value),) = given.items()
+    if kind == "regex":
+        return C.spec_from_regex(value)
+    if kind == "json_schema":
+        return C.spec_from_json_schema(value)
+    if kind == "choices":
+        return C.spec_from_choices(value)
+    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+    try:
+        lark = any_to_lark(value)
+    except GbnfToLarkError as e:
+        raise C.GrammarSyntaxError(
+            f"the grammar is neither lark nor GBNF/EBNF that converts to lark: {e}"
+        ) from None
+    return C.spec_from_grammar(lark)
+
+
+def sglang_finish_reason(res: GenerateResult) -> dict[str, Any]:
+    """SGLang's ``meta_info.finish_reason`` object."""
+    if res.finish_reason == "stop":
+        return {"type": "stop", "matched": res.matched_stop}
+    if res.finish_reason == "length":
+        return {"type": "length", "length": res.completion_tokens}
+    out: dict[str, Any] = {"type": res.finish_reason}
+    if res.error:
+        out["message"] = res.error
+    return out
+
+
+def openai_finish_reason(res: GenerateResult) -> str:
+    """OpenAI's finish_reason string: stop / length, or ours (abort, error, constraint_error)."""
+    return res.finish_reason
+
+
+def token_text(tokenizer: Any, ids: list[int]) -> list[str]:
+    return [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+
+
+def sglang_logprobs(
+    res: GenerateResult, tokenizer: Any, prompt_ids: list[int] | None, start: int, with_text: bool
+) -> dict[str, Any]:
+    """``input_token_logprobs`` / ``output_token_logprobs`` / ``output_top_logprobs`` entries are
+    ``[logprob, token_id, text_or_None]``; the input list starts at ``logprob_start_len`` and its
+    first entry has no logprob (nothing precedes it in the scored range)."""
+
+    def entry(lp: float | None, tid: int) -> list[Any]:
+        return [lp, tid, tokenizer.decode([tid], skip_special_tokens=False) if with_text else None]
+
+    out: dict[str, Any] = {
+        "output_token_logprobs": [entry(lp, t) for lp, t in zip(res.logprobs or [], res.token_ids)]
+    }
+    if res.top_logprobs is not None:
+        out["output_top_logprobs"] = [[entry(lp, t) for t, lp in top] for top in res.top_logprobs]
+    if res.prompt_logprobs is not None and prompt_ids is not None and 0 <= start < len(prompt_ids):
+        out["input_token_logprobs"] = [entry(None, prompt_ids[start])] + [
+            entry(lp, t) for t, lp in res.prompt_logprobs
+        ]
+    return out
+
+
+def text_offsets(tokenizer: Any, ids: list[int], base: int = 0) -> list[int]:
+    """Character offset of each token in the decoded text (prefix decoding, so a character split
+    over several byte tokens gets the offset where its text starts)."""
+    offsets, prev = [], 0
+    for i in range(len(ids)):
+        offsets.append(base + prev)
+        prev = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False))
+    return offsets
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A server-sent-events response over ``events`` (dicts), ended by ``data: [DONE]``.
+
+    An error after the stream started goes out as one ``{"error": ...}`` event (the status line
+    is already sent). Whatever ends the response (done, client gone, server stopping), the event
+    generator is closed, and ``on_close`` runs, so an unfinished request is always aborted.
+    """
+
+    def __init__(self, events: AsyncIterator[dict[str, Any]], on_close: Callable[[], None] | None = None):
+        self._events = events
+        self._on_close = on_close
+        super().__init__(
+            self._frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    async def _frames(self) -> AsyncIterator[str]:
+        try:
+            async for event in self._events:
+                yield sse(event)
+        except Exception as e:
+            status, kind = status_of(e)
+            yield sse(error_body(status, str(e), kind))
+        yield "data: [DONE]\n\n"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:  # closing after a failure: the failure was already reported
+                    pass
+            if self._on_close is not None:
+                self._on_close()
+
+
+async def prime(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Run ``events`` up to its first item now, so that bad input (raised when the request is
+    submitted) becomes an HTTP error status instead of an error event inside a 200 stream."""
+    first = await events.__anext__()
+
+    async def chained() -> AsyncIterator[Any]:
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return chained()

@@ -1,0 +1,135 @@
+"""HTTP errors of the server: one JSON shape for every failure, and the handlers that produce it.
+
+Every error response is ``{"error": {"message": str, "type": str, "code": int}}`` (the OpenAI
+shape, which SGLang clients read too). The message says what was wrong and what to send instead.
+Typed library errors map to status codes here, so routes just raise them:
+
+- bad input (``InvalidRequestError``, ``ConstraintError``, IR parse / verify errors, unknown or
+  mistyped fields, malformed JSON): 400
+- a feature this server does not implement (``NotYetSupportedError``): 501
+- the engine was shut down (``EngineClosedError``): 503
+- the client went away before its answer (``ClientDisconnectedError``): 499, never read
+- anything else: 500 (logged; the server keeps serving)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from llmir_lang.errors import (
+    ConstraintError,
+    EngineClosedError,
+    InvalidRequestError,
+    IRError,
+    LLMIRError,
+    NotYetSupportedError,
+    OutOfKVMemoryError,
+)
+
+log = logging.getLogger("llmir.server")
+
+
+class ServerHTTPError(LLMIRError):
+    """An error with its HTTP status; raised by routes and middleware."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+class ClientDisconnectedError(LLMIRError):
+    """The client went away before its response was ready; its request was aborted."""
+
+
+def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(error_body(status, message, kind), status_code=status)
+
+
+def status_of(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, error type) for a library exception."""
+    if isinstance(exc, ServerHTTPError):
+        return exc.status, exc.kind
+    if isinstance(exc, ClientDisconnectedError):
+        return 499, "client_closed_request"  # nobody reads it; keeps the logs honest
+    if isinstance(exc, NotYetSupportedError):
+        return 501, "not_supported_error"
+    if isinstance(exc, EngineClosedError):
+        return 503, "server_shutting_down"
+    # OutOfKVMemoryError here means the request alone is larger than the pool: retrying cannot help
+    if isinstance(exc, (InvalidRequestError, ConstraintError, IRError, OutOfKVMemoryError)):
+        return 400, "invalid_request_error"
+    return 500, "internal_error"
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    """One readable line per problem: where in the body, what is wrong, what was sent."""
+    # A union field (``str | list[str]``) reports one error per alternative, with the alternative's
+    # name in ``loc``: keep field names only, one error per field, and drop an error on a field
+    # when a more precise one exists inside it.
+    errors: dict[str, dict[str, Any]] = {}
+    for err in exc.errors():
+        names = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_branch_name(x)]
+        errors.setdefault(".".join(names) or "body", err)
+    locs = list(errors)
+    parts = []
+    for loc, err in errors.items():
+        if any(other.startswith(loc + ".") for other in locs) and err.get("type") != "extra_forbidden":
+            continue
+        kind = err.get("type", "")
+        if kind == "json_invalid":
+            ctx = err.get("ctx") or {}
+            parts.append(
+                f"the body is not valid JSON ({ctx.get('error', 'parse error')}); send a JSON object"
+            )
+        elif kind == "extra_forbidden":
+            parts.append(f"unknown field {loc!r}; remove it (see the API reference for the known fields)")
+        elif kind == "missing":
+            parts.append(f"missing required field {loc!r}")
+        else:
+            got = err.get("input")
+            shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
+            parts.append(f"field {loc!r}: {err.get('msg', 'invalid value')} (got {shown})")
+    return "invalid request: " + "; ".join(parts[:8]) + ("; ..." if len(parts) > 8 else "")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, describe_validation(exc))
+
+    @app.exception_handler(LLMIRError)
+    async def _library(_: Request, exc: LLMIRError) -> JSONResponse:
+        status, kind = status_of(exc)
+        if status >= 500:
+            log.warning("request failed: %s: %s", type(exc).__name__, exc)
+        return error_response(status, str(exc), kind)
+
+    @app.exception_handler(ValueError)
+    async def _value(_: Request, exc: ValueError) -> JSONResponse:
+        # library code raises typed errors; a bare ValueError still means the input was bad
+        return error_response(400, f"invalid request: {exc}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error while serving a request")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+
+def _is_branch_name(part: object) -> bool:
+    """A ``loc`` part naming a union alternative (``SGLangSamplingParams``, ``list[str]``, ``str``)."""
+    if not isinstance(part, str):
+        return False  # list indices are real positions
+    return (
+        "[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool", "dict", "list", "none")
+    )

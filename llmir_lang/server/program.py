@@ -1,0 +1,149 @@
+"""``POST /program``: a whole program as IR text plus its arguments, run in one round trip.
+
+The server parses and verifies the IR, optimizes the whole module with the pass pipeline (so
+prefix sharing, fork/join scheduling, select tries and chain fusion see every function at once),
+renders roles with the served model's own chat template, and runs it on the embedded engine with
+the DSL's segment evaluator. The answer holds, per function, each returned state: its text, its
+variables, their meta info, and its failure if a generation failed.
+
+Body: ``{"ir": "<IR text>", "args": {...} | [{...}, ...], "passes": "<pipeline>"}``. Every
+function parameter needs a string argument; unknown arguments are an error. Limits: the request
+size limit bounds the IR; every gen's ``max_tokens`` is checked against ``--max-tokens-limit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from llmir_lang.ir import Module, parse_ir, verify
+from llmir_lang.ir import ops as K
+from llmir_lang.server.errors import ServerHTTPError
+from llmir_lang.server.protocol import ProgramRequest
+from llmir_lang.server.routes_native import service_of
+from llmir_lang.server.service import EngineService
+
+router = APIRouter()
+
+# what a gen without max_tokens generates (SamplingParams' default)
+_DEFAULT_GEN_TOKENS = 128
+
+
+def bind_args(module: Module, args: dict[str, str] | list[dict[str, str]] | None) -> list[dict[str, str]]:
+    """One argument dict per function, each naming exactly that function's parameters."""
+    fns = module.functions
+    if args is None:
+        args = [{} for _ in fns]
+    elif isinstance(args, dict):
+        if len(fns) != 1:
+            raise ServerHTTPError(
+                400, f"the module has {len(fns)} functions; give 'args' as a list of {len(fns)} dicts"
+            )
+        args = [args]
+    if len(args) != len(fns):
+        raise ServerHTTPError(
+            400, f"'args' has {len(args)} entries for {len(fns)} functions; give one per function"
+        )
+    for fn, given in zip(fns, args):
+        params = [p.name for p in fn.params]
+        missing = [p for p in params if p not in given]
+        unknown = [k for k in given if k not in params]
+        if missing or unknown:
+            raise ServerHTTPError(
+                400,
+                f"function @{fn.name} takes parameters {params}; "
+                + (f"missing {missing}" if missing else "")
+                + ("; " if missing and unknown else "")
+                + (f"unknown {unknown}" if unknown else ""),
+            )
+    return list(args)
+
+
+def check_limits(module: Module, limit: int | None) -> None:
+    """Every gen (also inside ``gen.chain``) must ask for at most ``limit`` tokens."""
+    if limit is None:
+        return
+    for fn in module.functions:
+        for op in fn.ops:
+            if op.kind == K.GEN:
+                gens = [(op.label, op.attrs)]
+            elif op.kind == K.GEN_CHAIN:
+                gens = [(seg.get("gen"), seg) for seg in op.attrs.get("segments", ()) if "gen" in seg]  # type: ignore[union-attr]
+            else:
+                continue
+            for name, attrs in gens:
+                n = attrs.get("max_tokens", _DEFAULT_GEN_TOKENS)
+                if isinstance(n, int) and n > limit:
+                    raise ServerHTTPError(
+                        400,
+                        f"@{fn.name}: gen {name!r} asks for {n} tokens (max_tokens"
+                        f"{'' if 'max_tokens' in attrs else ' default'}), above this server's limit of "
+                        f"{limit}; set max_tokens <= {limit}",
+                    )
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_program(svc: EngineService, module: Module, args: list[dict[str, str]], passes: str | None) -> dict:
+    """Optimize and run ``module`` on the engine (blocking; call it off the event loop)."""
+    from llmir_lang.dsl.evaluator import SegmentEvaluator
+    from llmir_lang.dsl.recorder import chat_roles
+    from llmir_lang.optimizer import DEFAULT_PIPELINE, PassManager
+
+    started = time.perf_counter()
+    roles = chat_roles(svc.backend) if svc.engine.tokenizer.has_chat_template else None
+    pipeline = DEFAULT_PIPELINE if passes is None else passes
+    options = (
+        {"canonicalize": {"template": roles}} if roles is not None and "canonicalize" in pipeline else {}
+    )
+    optimized = PassManager(pipeline, options).run(module) if pipeline.strip() else module
+    ev = SegmentEvaluator(svc.backend, roles)
+    results = ev.run(optimized, args)
+    functions = []
+    for fn, res in zip(module.functions, results):
+        states = []
+        for st in res.states:
+            states.append(
+                {
+                    "text": st.text,
+                    "vars": {k: v.value for k, v in st.vars.items()},
+                    "meta": {k: _json_safe(v.meta) for k, v in st.vars.items()},
+                    "error": None
+                    if st.failure is None
+                    else {"var": st.failure.name, "message": st.failure.message},
+                }
+            )
+        functions.append({"name": fn.name, "states": states})
+    return {
+        "functions": functions,
+        "stats": {
+            "requests": ev.requests,
+            "prefills": ev.prefills,
+            "score_calls": ev.score_calls,
+            "seconds": round(time.perf_counter() - started, 4),
+        },
+    }
+
+
+@router.post("/program")
+async def program(body: ProgramRequest, request: Request) -> dict[str, Any]:
+    svc = service_of(request)
+    svc.check_open()
+    module = parse_ir(body.ir)  # IRParseError (400) with line and column
+    verify(module)  # IRVerifyError (400)
+    if not module.functions:
+        raise ServerHTTPError(400, "the module has no function; send at least one 'func @name(...) {...}'")
+    args = bind_args(module, body.args)
+    check_limits(module, svc.config.max_tokens_limit)
+    if body.passes is not None:
+        from llmir_lang.optimizer import parse_pipeline
+
+        parse_pipeline(body.passes)  # PassPipelineError (400) before anything runs
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(svc.programs, run_program, svc, module, args, body.passes)
