@@ -91,6 +91,7 @@ class ModelRunner:
         self._graphs_ok = self._graphs_supported()
         self.cuda_graphs = cuda_graphs
         self.shared_prefix = shared_prefix
+        self.pad_to_bucket = False  # pad eager decode steps too (tests of the padding on the CPU)
         self._offer = _PrefixOffer(backend)
         self._can_share = hasattr(backend, "use_shared_prefix")
         self._prefix_key: tuple[int, ...] = ()
@@ -174,8 +175,9 @@ class ModelRunner:
     def _decode(self, reqs: Sequence[Any], kv_lens: list[int]) -> torch.Tensor:
         """Logits ``[B, vocab]`` of one decode step; request b's KV is ``kv_slots[:kv_lens[b]]``."""
         n = len(reqs)
-        graphed = self.cuda_graphs and self._graphs_ok and n <= self.buckets[-1]
-        bsz = bucket_for(n, self.buckets) if graphed else n
+        fits = n <= self.buckets[-1]
+        graphed = self.cuda_graphs and self._graphs_ok and fits
+        bsz = bucket_for(n, self.buckets) if fits and (graphed or self.pad_to_bucket) else n
         plen = self._shared_prefix_len(reqs, kv_lens) if self.shared_prefix and self._can_share else 0
         total = sum(kv_lens)
         suffix_total = total - plen * n if plen else 0
@@ -234,7 +236,7 @@ class ModelRunner:
             return self.model(fb, self._offer)
 
         if not graphed:
-            return forward()
+            return forward()[:n]
         assert self.graphs is not None
         try:
             out = self.graphs.run((bsz, plen), forward)
@@ -247,7 +249,7 @@ class ModelRunner:
             )
             self._graphs_ok = False
             self.graphs.clear()
-            return forward()
+            return forward()[:n]
         self.num_graph_replays += 1
         return out[:n]
 
