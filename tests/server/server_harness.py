@@ -1,0 +1,85 @@
+"""Start and stop a real ``llmir serve`` process on 127.0.0.1 for the server tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+_LAUNCH = "import sys; from llmir_lang.server.cli import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """One server subprocess on a free loopback port, the bundled model, a small KV pool.
+
+    ``start`` waits until ``/health`` answers (bounded); ``stop`` sends SIGTERM (graceful) and
+    returns the exit code, killing the process if it does not exit in time.
+    """
+
+    def __init__(self, *args: str, ready_timeout: float = 90.0) -> None:
+        self.args = list(args)
+        self.ready_timeout = ready_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="llmir-serve-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        cmd = [sys.executable, "-c", _LAUNCH, "--port", str(self.port), "--kv-memory", "64MB"]
+        cmd += ["--log-level", "warning", *self.args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"the server did not become ready in {self.ready_timeout}s:\n{self.output()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def arithmetic_prompt(i: int) -> str:
+    """Prompts the bundled model answers with distinct numbers (few-shot Q&A format)."""
+    return f"Q: What is {i} + 7?\nA: "
