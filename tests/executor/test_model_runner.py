@@ -136,11 +136,11 @@ def test_slot_table_reclaims_rows_of_requests_that_left() -> None:
 
 
 # ---- a tiny model through the runner -----------------------------------------------------------
-def _model(dtype: torch.dtype = torch.float32) -> CausalLM:
+def _model(dtype: torch.dtype = torch.float32, device: str = "cpu", hidden: int = 64) -> CausalLM:
     cfg = ModelConfig.from_dict(
         {
             "architectures": ["LlamaForCausalLM"],
-            "hidden_size": 64,
+            "hidden_size": hidden,
             "intermediate_size": 96,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
@@ -151,16 +151,17 @@ def _model(dtype: torch.dtype = torch.float32) -> CausalLM:
         }
     )
     torch.manual_seed(0)
-    model = CausalLM(cfg).to(dtype).eval()
+    model = CausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    return model
+    return model.to(device=device, dtype=dtype)
 
 
 def _pool(model: CausalLM, capacity: int = 1024) -> KVPool:
     c = model.config
-    return KVPool(c.num_layers, c.num_kv_heads, c.head_dim, capacity, torch.float32, "cpu")
+    w = model.output_weight()
+    return KVPool(c.num_layers, c.num_kv_heads, c.head_dim, capacity, w.dtype, w.device)
 
 
 def _req(rid: int, prompt: list[int]) -> Req:
@@ -172,17 +173,18 @@ def _reference_logits(model: CausalLM, ids: list[int]) -> torch.Tensor:
     pool = _pool(model, 256)
     be = TorchAttentionBackend(pool.k_buffers, pool.v_buffers, model.config.head_dim**-0.5)
     n = len(ids)
-    slots = torch.arange(n)
+    dev = pool.device
+    slots = torch.arange(n, device=dev)
     fb = ForwardBatch(
         ForwardMode.EXTEND,
-        torch.tensor(ids),
-        torch.arange(n),
+        torch.tensor(ids, device=dev),
+        torch.arange(n, device=dev),
         slots,
-        torch.tensor([0, n]),
-        torch.tensor([0, n]),
+        torch.tensor([0, n], device=dev),
+        torch.tensor([0, n], device=dev),
         slots,
         1,
-        torch.tensor([n - 1]),
+        torch.tensor([n - 1], device=dev),
     )
     return model(fb, be)[0]
 
@@ -255,8 +257,11 @@ def interpreter_env(monkeypatch):
     yield
 
 
-def _generate(model: CausalLM, prompts: list[list[int]], new: int, shared: bool) -> tuple[list, ModelRunner]:
-    """A minimal engine loop (scheduler + runner + greedy) over a Triton backend on the CPU."""
+def _generate(
+    model: CausalLM, prompts: list[list[int]], new: int, shared: bool, graphs: bool = True
+) -> tuple[list, list, ModelRunner]:
+    """A minimal engine loop (scheduler + runner + greedy) over a Triton backend: output ids,
+    decode-step logits per request, the runner."""
     from llmir_lang.executor.triton_backend import TritonAttentionBackend
 
     pool = _pool(model, 2048)
@@ -265,11 +270,11 @@ def _generate(model: CausalLM, prompts: list[list[int]], new: int, shared: bool)
     be = TritonAttentionBackend(
         pool.k_buffers, pool.v_buffers, model.config.head_dim**-0.5, max_batch_size=16
     )
-    runner = ModelRunner(model, be, torch.device("cpu"), shared_prefix=shared)
+    runner = ModelRunner(model, be, pool.device, shared_prefix=shared, cuda_graphs=graphs)
     reqs = [_req(i, p) for i, p in enumerate(prompts)]
     for r in reqs:
         sched.add(r)
-    logits_seen = []
+    logits_seen: list[list[torch.Tensor]] = [[] for _ in reqs]
     while sched.has_work():
         batch = sched.schedule()
         assert batch is not None
@@ -277,7 +282,7 @@ def _generate(model: CausalLM, prompts: list[list[int]], new: int, shared: bool)
         for r, row in zip(batch.reqs, step.sample_rows):
             if row >= 0:
                 if batch.mode is ForwardMode.DECODE:
-                    logits_seen.append(step.logits[row].clone())
+                    logits_seen[r.rid].append(step.logits[row].float().cpu())
                 r.output_ids.append(int(step.logits[row].argmax()))
                 if len(r.output_ids) >= new:
                     r.finish_reason = "length"  # type: ignore[assignment]
@@ -285,7 +290,7 @@ def _generate(model: CausalLM, prompts: list[list[int]], new: int, shared: bool)
         for r in batch.reqs:
             if r.finished:
                 sched.finish(r)
-    return [r.output_ids for r in reqs], runner
+    return [r.output_ids for r in reqs], logits_seen, runner
 
 
 def test_shared_prefix_decode_matches_plain_decode(monkeypatch, interpreter_env) -> None:
@@ -297,7 +302,7 @@ def test_shared_prefix_decode_matches_plain_decode(monkeypatch, interpreter_env)
     prompts = [system + [rng.randrange(128) for _ in range(rng.randrange(1, 6))] for _ in range(9)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fp32 pool: the Triton backend says it uses the reference
-        on, r_on = _generate(model, prompts, 6, shared=True)
-        off, r_off = _generate(model, prompts, 6, shared=False)
+        on, _, r_on = _generate(model, prompts, 6, shared=True)
+        off, _, r_off = _generate(model, prompts, 6, shared=False)
     assert on == off
     assert r_on.num_shared_prefix_steps >= 4 and r_off.num_shared_prefix_steps == 0

@@ -1,0 +1,140 @@
+"""ModelRunner on a GPU: CUDA-graph decode against eager decode and transformers, shared-prefix graphs.
+
+Skipped without CUDA. Run in a process where ``TRITON_INTERPRET`` is unset:
+``python -m pytest -q -m gpu tests/executor/test_model_runner_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+
+import pytest
+import torch
+from llmir_lang.kernels import policy
+from test_model_runner import _generate, _model, _pool, _reference_logits, _req
+
+from llmir_lang.executor.attention import ForwardMode
+from llmir_lang.executor.model_runner import ModelRunner
+from llmir_lang.executor.scheduler import ScheduledBatch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs compiled kernels only"),
+]
+
+BF16 = torch.bfloat16
+
+
+def _triton_runner(model, pool, **kw) -> ModelRunner:
+    from llmir_lang.executor.triton_backend import TritonAttentionBackend
+
+    be = TritonAttentionBackend(
+        pool.k_buffers,
+        pool.v_buffers,
+        model.config.head_dim**-0.5,
+        max_batch_size=32,
+        num_q_heads=model.config.num_heads,
+    )
+    return ModelRunner(model, be, pool.device, **kw)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return float((a.float() - b.float()).abs().max()) <= tol * max(1.0, float(b.float().abs().max()))
+
+
+def test_graph_decode_matches_eager_decode_at_every_bucket() -> None:
+    model = _model(BF16, "cuda", hidden=256)  # head dim 64, as Llama-3.2-1B
+    pool = _pool(model, 4096)
+    runner = _triton_runner(model, pool)
+    assert runner._graphs_ok, "bf16 pool + Triton backend on CUDA must use graphs"
+    rng = random.Random(0)
+    reqs = [_req(i, [rng.randrange(128) for _ in range(rng.randrange(5, 200))]) for i in range(13)]
+    for r in reqs:
+        r.kv_slots = pool.alloc(len(r.prompt_ids)).tolist()
+    n = len(reqs)
+    step = runner.run(
+        ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * n, [len(r.prompt_ids) for r in reqs], [True] * n)
+    )
+    for r, row in zip(reqs, step.sample_rows):
+        r.output_ids.append(int(step.logits[row].argmax()))
+    for size in (1, 3, 8, 13, 5, 1):  # buckets 1, 4, 8, 16, 8, 1
+        live = reqs[:size]
+        for r in live:
+            r.kv_slots.extend(pool.alloc(1).tolist())
+        sb = ScheduledBatch(ForwardMode.DECODE, live, [r.kv_len - 1 for r in live], [1] * size, [True] * size)
+        runner.cuda_graphs = True
+        graphed = runner.run(sb).logits.clone()
+        runner.cuda_graphs = False
+        eager = runner.run(sb).logits.clone()
+        assert graphed.shape == eager.shape == (size, model.config.vocab_size)
+        assert torch.isfinite(graphed).all()
+        assert _close(graphed, eager, 2e-2), size
+        for r, row in zip(live, range(size)):
+            ref = _reference_logits(model, r.fill_ids)
+            assert _close(graphed[row], ref, 5e-2)
+            r.output_ids.append(int(eager[row].argmax()))
+    assert runner.graphs is not None and runner.graphs.num_captures == 4
+    assert runner.num_graph_replays == 6
+
+
+def test_shared_prefix_graphs_match_plain_graph_decode(monkeypatch) -> None:
+    monkeypatch.setattr(policy, "should_use_shared_prefix", lambda p, n, b=0: p >= 64 and n >= 8)
+    model = _model(BF16, "cuda", hidden=256)
+    rng = random.Random(3)
+    system = [rng.randrange(128) for _ in range(300)]
+    prompts = [system + [rng.randrange(128) for _ in range(rng.randrange(1, 20))] for _ in range(10)]
+    on, lon, r_on = _generate(model, prompts, 8, shared=True)
+    off, loff, r_off = _generate(model, prompts, 8, shared=False)
+    assert r_on.num_shared_prefix_steps >= 5 and r_off.num_shared_prefix_steps == 0
+    assert r_on.graphs is not None and any(k[1] >= 300 for k in r_on.graphs._graphs)
+    # compare step by step while the two greedy runs agree (bf16 near-ties may split them later)
+    compared = 0
+    for a, b, la, lb in zip(on, off, lon, loff):
+        for i in range(len(la)):
+            assert _close(la[i], lb[i], 2e-2)
+            compared += 1
+            if a[i + 1] != b[i + 1]:
+                break
+    assert compared >= 30
+
+
+def test_engine_fp32_on_cuda_matches_transformers_greedy(checkpoints) -> None:
+    from hf_fixtures import hf_greedy
+
+    from llmir_lang.executor.engine import Engine
+
+    folder, hf = checkpoints("llama")
+    ids = [random.Random(5).randrange(1, 300) for _ in range(21)]
+    with Engine(str(folder), device="cuda", dtype="float32", kv_memory="64MB") as eng:
+        r = eng.generate(ids, {"max_new_tokens": 16, "ignore_eos": True})
+        assert not eng.runner._graphs_ok  # fp32 runs the torch reference kernels, eagerly
+    assert r.token_ids == hf_greedy(hf, ids, 16)[0]
+
+
+def test_engine_bf16_graphs_on_equals_off_and_tracks_transformers(checkpoints) -> None:
+    """Graphs on == off for the first steps; every chosen token is (near) transformers' argmax."""
+    from llmir_lang.executor.engine import Engine
+
+    folder, hf = checkpoints("llama")
+    rng = random.Random(6)
+    prompts = [[rng.randrange(1, 300) for _ in range(rng.randrange(8, 40))] for _ in range(5)]
+    params = {"max_new_tokens": 12, "ignore_eos": True}
+    with Engine(str(folder), device="cuda", dtype="bfloat16", kv_memory="64MB") as eng:
+        on = eng.generate(prompts, params)
+        stats = eng.call_in_engine_thread(lambda: (eng.runner.num_graph_replays, eng.runner._graphs_ok))
+        eng.flush_cache()
+        eng.call_in_engine_thread(lambda: setattr(eng.runner, "cuda_graphs", False))
+        off = eng.generate(prompts, params)
+    assert stats[1] and stats[0] >= 11
+    for a, b in zip(on, off):
+        assert a.token_ids[:4] == b.token_ids[:4]
+    hf_bf16 = copy.deepcopy(hf).to("cuda", BF16)
+    for p, r in zip(prompts, on):
+        with torch.no_grad():
+            logits = hf_bf16(torch.tensor([p + r.token_ids], device="cuda")).logits[0].float()
+        lp = torch.log_softmax(logits[len(p) - 1 : -1], -1)
+        chosen = lp.gather(1, torch.tensor(r.token_ids, device="cuda")[:, None])[:, 0]
+        assert (lp.max(-1).values - chosen).max() <= 0.1
