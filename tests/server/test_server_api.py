@@ -47,7 +47,9 @@ def test_generate_answers_arithmetic(client, i):
 
 def test_generate_batch_and_input_ids_match_single_text(client):
     prompts = [arithmetic_prompt(i) for i in (3, 30, 60)]
-    batch = client.post("/generate", json={"text": prompts, "sampling_params": GREEDY, "rid": ["a", "b", "c"]}).json()
+    batch = client.post(
+        "/generate", json={"text": prompts, "sampling_params": GREEDY, "rid": ["a", "b", "c"]}
+    ).json()
     assert [o["text"] for o in batch] == ["10", "37", "67"]
     assert [o["meta_info"]["id"] for o in batch] == ["a", "b", "c"]
     from llmir_lang.executor.tokenizer import Tokenizer
@@ -75,7 +77,10 @@ def test_generate_stream_is_cumulative_and_equals_plain(client):
 
 
 def test_generate_constraints_regex_json_schema_ebnf(client):
-    regex = {"text": arithmetic_prompt(9), "sampling_params": {"temperature": 0.0, "max_new_tokens": 6, "regex": "[0-9]{3}"}}
+    regex = {
+        "text": arithmetic_prompt(9),
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": 6, "regex": "[0-9]{3}"},
+    }
     assert re.fullmatch("[0-9]{3}", client.post("/generate", json=regex).json()["text"])
     text, _ = make_extraction_example(random.Random(3), "person")
     schema = SCHEMAS["person"]
@@ -86,7 +91,10 @@ def test_generate_constraints_regex_json_schema_ebnf(client):
     out = client.post("/generate", json=body).json()
     jsonschema.validate(json.loads(out["text"]), schema)
     gbnf = 'root ::= "yes" | "no"'
-    ebnf = {"text": "Q: Is 3 > 2?\nA: ", "sampling_params": {"temperature": 0.0, "max_new_tokens": 4, "ebnf": gbnf}}
+    ebnf = {
+        "text": "Q: Is 3 > 2?\nA: ",
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": 4, "ebnf": gbnf},
+    }
     assert client.post("/generate", json=ebnf).json()["text"] in ("yes", "no")
     lark = {**ebnf, "sampling_params": {**ebnf["sampling_params"], "ebnf": 'start: "True" | "False"'}}
     assert client.post("/generate", json=lark).json()["text"] in ("True", "False")
@@ -103,7 +111,9 @@ def test_generate_logprobs(client):
     }
     meta = client.post("/generate", json=body).json()["meta_info"]
     assert len(meta["output_token_logprobs"]) == meta["completion_tokens"]
-    assert all(e[0] <= 0 and isinstance(e[1], int) and isinstance(e[2], str) for e in meta["output_token_logprobs"])
+    assert all(
+        e[0] <= 0 and isinstance(e[1], int) and isinstance(e[2], str) for e in meta["output_token_logprobs"]
+    )
     assert len(meta["output_top_logprobs"]) == meta["completion_tokens"]
     assert all(len(top) == 3 for top in meta["output_top_logprobs"])
     inputs = meta["input_token_logprobs"]
@@ -120,7 +130,9 @@ def test_score_prefers_the_right_answer(client):
 
 def test_apply_chat_template_is_the_models_own(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    got = client.post("/apply_chat_template", json={"messages": messages, "add_generation_prompt": True}).json()
+    got = client.post(
+        "/apply_chat_template", json={"messages": messages, "add_generation_prompt": True}
+    ).json()
     assert got["text"] == render_chat(messages, add_generation_prompt=True)
 
 
@@ -133,12 +145,23 @@ def test_completions_match_generate_and_stream(client):
     assert out["choices"][0]["finish_reason"] == "stop"
     assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
     many = client.post("/v1/completions", json={**body, "prompt": [arithmetic_prompt(1), prompt]}).json()
-    assert [c["text"] for c in many["choices"]] == ["8", "40"] and [c["index"] for c in many["choices"]] == [0, 1]
-    stream_body = {**body, "stop": None, "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True}}
+    assert [c["text"] for c in many["choices"]] == ["8", "40"] and [c["index"] for c in many["choices"]] == [
+        0,
+        1,
+    ]
+    stream_body = {
+        **body,
+        "stop": None,
+        "max_tokens": 10,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with client.stream("POST", "/v1/completions", json=stream_body) as r:
         events = sse_events(r)
     text = "".join(c["text"] for e in events for c in e["choices"])
-    plain = client.post("/v1/completions", json={**stream_body, "stream": False, "stream_options": None}).json()
+    plain = client.post(
+        "/v1/completions", json={**stream_body, "stream": False, "stream_options": None}
+    ).json()
     assert text == plain["choices"][0]["text"] and text.startswith("40")
     assert events[-1]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
     assert [c["finish_reason"] for c in events[-2]["choices"]] == [plain["choices"][0]["finish_reason"]]
@@ -178,7 +201,10 @@ def test_chat_completions_plain_stream_and_response_format(client):
     out = client.post("/v1/chat/completions", json={**body, "max_tokens": 30, "response_format": fmt}).json()
     jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), schema)
     guided = {**body, "guided_choice": ["nine", "ten"]}
-    assert client.post("/v1/chat/completions", json=guided).json()["choices"][0]["message"]["content"] in ("nine", "ten")
+    assert client.post("/v1/chat/completions", json=guided).json()["choices"][0]["message"]["content"] in (
+        "nine",
+        "ten",
+    )
     logp = client.post("/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 2}).json()
     content = logp["choices"][0]["logprobs"]["content"]
     assert "".join(c["token"] for c in content).startswith(answer)
