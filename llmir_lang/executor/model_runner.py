@@ -9,6 +9,7 @@ rule says it pays, the step uses the backend's shared-prefix decode, graphed per
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class ModelRunner:
         self.num_tokens_computed = 0
         self.num_graph_replays = 0
         self.num_shared_prefix_steps = 0
+        self.last_host_s = 0.0  # host time the last decode step spent before launching the model
         self.compiled = False
         if compile_model:
             self.set_compile(True)
@@ -179,6 +181,7 @@ class ModelRunner:
     # ---- decode ---------------------------------------------------------------------------
     def _decode(self, reqs: Sequence[Any], kv_lens: list[int]) -> torch.Tensor:
         """Logits ``[B, vocab]`` of one decode step; request b's KV is ``kv_slots[:kv_lens[b]]``."""
+        t0 = time.perf_counter()
         n = len(reqs)
         fits = n <= self.buckets[-1]
         graphed = self.cuda_graphs and self._graphs_ok and fits
@@ -240,6 +243,7 @@ class ModelRunner:
         def forward() -> torch.Tensor:
             return self.model(fb, self._offer)
 
+        self.last_host_s = time.perf_counter() - t0
         if not graphed:
             return forward()[:n]
         assert self.graphs is not None
