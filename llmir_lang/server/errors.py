@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from llmir_lang.errors import (
     ConstraintError,
@@ -94,6 +95,10 @@ def describe_validation(exc: RequestValidationError) -> str:
             )
         elif kind == "extra_forbidden":
             parts.append(f"unknown field {loc!r}; remove it (see the API reference for the known fields)")
+        elif loc == "body" and kind == "missing":
+            parts.append("the request has no body; send a JSON object")
+        elif loc == "body" and kind in ("model_attributes_type", "dict_type", "model_type"):
+            parts.append(f"the body must be a JSON object, got {type(err.get('input')).__name__}")
         elif kind == "missing":
             parts.append(f"missing required field {loc!r}")
         else:
@@ -107,6 +112,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, describe_validation(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path!r}; see the server README for the routes"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path!r}"
+        elif exc.status_code == 400 and "parsing the body" in message:
+            message = "the body could not be read as JSON (is it UTF-8?); send a JSON object"
+        return JSONResponse(
+            error_body(exc.status_code, message, "invalid_request_error"), exc.status_code, exc.headers
+        )
 
     @app.exception_handler(LLMIRError)
     async def _library(_: Request, exc: LLMIRError) -> JSONResponse:

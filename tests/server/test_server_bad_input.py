@@ -1,0 +1,144 @@
+"""Bad requests get a 4xx with a JSON message that says what is wrong, and the server keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+from server_harness import arithmetic_prompt
+
+ROUTES = [
+    "/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/program",
+    "/score",
+    "/apply_chat_template",
+]
+GOOD = {
+    "text": arithmetic_prompt(5),
+    "sampling_params": {"temperature": 0.0, "max_new_tokens": 4, "stop": ["\n"]},
+}
+
+
+def _error(r, status: int) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == status
+    return body["error"]["message"]
+
+
+def _still_serving(client) -> None:
+    assert client.post("/generate", json=GOOD).json()["text"] == "12"
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_malformed_json_is_400(client, route):
+    for raw in (b'{"text": "Q",', b"\xff\xfe not json", b""):
+        r = client.post(route, content=raw, headers={"content-type": "application/json"})
+        assert "JSON" in _error(r, 400) or "missing" in _error(r, 400)
+    r = client.post(route, content=b"[1, 2, 3]", headers={"content-type": "application/json"})
+    _error(r, 400)
+
+
+@pytest.mark.parametrize(
+    "route,body,needle",
+    [
+        ("/generate", {**GOOD, "temprature": 0.5}, "unknown field 'temprature'"),
+        (
+            "/generate",
+            {"text": "Q", "sampling_params": {"max_new_tokens": 4, "top_q": 1}},
+            "unknown field 'sampling_params.top_q'",
+        ),
+        (
+            "/generate",
+            {"text": "Q", "sampling_params": {"temperature": "hot"}},
+            "'sampling_params.temperature'",
+        ),
+        ("/generate", {"text": "Q", "sampling_params": {"max_new_tokens": "8"}}, "valid integer"),
+        ("/generate", {"text": 5}, "field 'text'"),
+        ("/generate", {"text": "Q", "stream": "yes"}, "field 'stream'"),
+        ("/generate", {"text": "Q", "input_ids": [1, 2]}, "exactly one of 'text' and 'input_ids'"),
+        ("/generate", {"input_ids": [1, 999999]}, "outside the vocabulary"),
+        ("/generate", {"text": ""}, "empty"),
+        ("/generate", {"text": "Q", "sampling_params": {"temperature": -1.0}}, "temperature must be >= 0"),
+        ("/generate", {"text": "Q", "sampling_params": {"regex": "([0-9"}}, "regex"),
+        ("/generate", {"text": "Q", "sampling_params": {"json_schema": "{not json"}}, "JSON"),
+        (
+            "/generate",
+            {"text": "Q", "sampling_params": {"regex": "a", "ebnf": 'root ::= "a"'}},
+            "at most one constraint",
+        ),
+        ("/generate", {"text": "Q", "sampling_params": {"ebnf": "root ::= ("}}, "grammar"),
+        ("/generate", {"text": ["a", "b"], "stream": True}, "stream=true takes one prompt"),
+        ("/generate", {"text": "Q " * 3000}, "context"),
+        ("/generate", {"text": "Q", "sampling_params": {"n": 2}}, "field 'sampling_params.n'"),
+        ("/v1/completions", {"model": "llmir-tiny"}, "missing required field 'prompt'"),
+        (
+            "/v1/completions",
+            {"model": "llmir-tiny", "prompt": "x", "max_tokens": -3},
+            "max_tokens must be >= 0",
+        ),
+        (
+            "/v1/completions",
+            {"model": "llmir-tiny", "prompt": "x", "temperature": [1]},
+            "field 'temperature'",
+        ),
+        ("/v1/completions", {"model": "llmir-tiny", "prompt": "x", "guided_json": "{]"}, "JSON"),
+        ("/v1/chat/completions", {"model": "llmir-tiny", "messages": []}, "field 'messages'"),
+        (
+            "/v1/chat/completions",
+            {"model": "llmir-tiny", "messages": [{"role": "user"}], "functions": []},
+            "unknown field 'functions'",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "llmir-tiny",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema"},
+            },
+            "json_schema.schema",
+        ),
+        ("/score", {"prompt": "x", "continuations": []}, "continuations"),
+        ("/program", {"ir": "module {\n  func @f( {\n}"}, "line"),
+        ("/program", {"ir": 'module {\n  func @f() {\n    %0 = gen %9 "x"\n    return %0\n  }\n}'}, "%9"),
+        ("/program", {"ir": "module {\n}"}, "no function"),
+        ("/program", {"ir": 42}, "field 'ir'"),
+        ("/program", {"ir": "module {\n}", "argz": {}}, "unknown field 'argz'"),
+    ],
+)
+def test_bad_fields_are_400_with_a_clear_message(client, route, body, needle):
+    message = _error(client.post(route, json=body), 400)
+    assert needle in message, message
+
+
+def test_logit_bias_is_501(client):
+    body = {"model": "llmir-tiny", "prompt": "x", "logit_bias": {"5": 1.0}}
+    assert "logit_bias" in _error(client.post("/v1/completions", json=body), 501)
+
+
+def test_huge_bodies_are_413_declared_or_chunked(client):
+    big = {"text": "x" * 300_000}
+    assert "limit of 262144 bytes" in _error(client.post("/generate", json=big), 413)
+
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    r = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+    _error(r, 413)
+    _still_serving(client)
+
+
+def test_wrong_method_and_unknown_route(client):
+    assert client.get("/generate").status_code == 405
+    assert client.post("/no/such/route", json={}).status_code == 404
+
+
+def test_server_keeps_serving_after_bad_requests(client):
+    for _ in range(3):
+        client.post("/generate", content=b"{", headers={"content-type": "application/json"})
+        client.post("/program", json={"ir": "garbage"})
+        client.post("/generate", json={"text": "Q", "sampling_params": {"regex": "("}})
+    _still_serving(client)
+    stats = client.get("/stats").json()
+    assert stats["server"]["active_requests"] == 0 and stats["engine_requests"] == 0
