@@ -4,7 +4,9 @@ Dataflow: an op runs as soon as its operands are known. Pure ops (text, roles, a
 join, var) are computed in Python at once; ``gen`` and ``gen.chain`` become one ``ChainRequest``
 each (a chain: several gens and forced text in ONE engine request), ``select`` one ``score`` call
 (all choices in one call when the select-trie pass marked it ``score = "batched"``, else one call
-per choice). All requests that are ready are submitted together, so the engine batches them.
+per choice). Inside one function calls go one at a time in body order, except on the branches of
+the forks the fork-join pass grouped (``ordering``); the calls of all functions that are ready
+are submitted together, so the engine batches them.
 
 Optimizer hints (each may be ignored without changing any output; they only save work):
 
@@ -38,6 +40,7 @@ from llmir_lang.dsl.lowering import (
     select_meta,
     step_meta,
 )
+from llmir_lang.dsl.ordering import CallOrder
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult
 from llmir_lang.ir import Function, Module, Op
 from llmir_lang.ir import ops as K
@@ -163,6 +166,7 @@ class SegmentEvaluator:
                 self._vals[fi][p.name] = _Val(bound.get(p.name, ""), {})
         self._todo: list[list[int]] = [list(range(len(fn.ops))) for fn in fns]
         self._started: set[tuple[int, int]] = set()
+        self._order = [CallOrder(fn) for fn in fns]
         self._inflight: dict[Future, tuple[int, int]] = {}
         self._gate_future: dict[str, Future | None] = {}  # None: ready
         self._gate_text: dict[str, str] = {}  # pinned and not yet unpinned
@@ -207,7 +211,7 @@ class SegmentEvaluator:
                     base = vals[op.state.name]
                     if base.failure is not None:
                         self._resolve(fi, i, _Val(base.text, base.vars, base.failure, base.gates))
-                    elif self._gates_ready(base.gates):
+                    elif self._order[fi].may_start(i) and self._gates_ready(base.gates):
                         self._start(fi, i, op, base)
                     else:
                         continue
@@ -254,6 +258,7 @@ class SegmentEvaluator:
     def _resolve(self, fi: int, i: int, val: _Val | None) -> None:
         op = self._fns[fi].ops[i]
         self._todo[fi].remove(i)
+        self._order[fi].finish(i)
         if op.extends or op.kind == K.JOIN:
             for gate in self._direct_gates[fi].get(op.state.name, ()):
                 self._gate_users[gate] = self._gate_users.get(gate, 0) - 1

@@ -197,3 +197,12 @@ def test_default_backend(fake):
         assert llmir.get_default_backend() is fake
     finally:
         llmir.set_default_backend(None)
+
+
+def test_call_by_call_is_one_call_at_a_time_and_fork_groups_overlap(fake):
+    fake.delay = 0.02
+    skeleton.run(topic="rivers", backend=fake, passes="")
+    assert fake.max_in_flight == 1
+    fake.reset()
+    skeleton.run(topic="rivers", backend=fake)
+    assert fake.max_in_flight == 3  # the three branch heads of the grouped fork
