@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from llmir_lang.errors import LLMIRError
@@ -104,11 +105,20 @@ def serve_main(argv: list[str] | None = None) -> int:
             access_log=config.log_level == "debug",
         )
     )
+    # uvicorn handles SIGTERM/SIGINT (graceful shutdown), then re-raises them to the handlers
+    # that were installed before it ran: these no-ops make a graceful shutdown exit with 0
+    previous = {sig: signal.signal(sig, _after_shutdown) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         engine.shutdown()  # idempotent; covers a failed startup (e.g. the port is taken)
     return 0 if server.started else 1
+
+
+def _after_shutdown(signum: int, frame: object) -> None:
+    """The signal was handled already (uvicorn shut down gracefully); nothing is left to do."""
 
 
 def main() -> None:  # ``python -m llmir_lang.server.cli ...``

@@ -127,11 +127,12 @@ class EngineService:
         self.active[fut.rid] = time.monotonic()
         return fut
 
-    def _done(self, rid: int, result: GenerateResult | None) -> None:
+    def _done(self, rid: int, result: GenerateResult | None, aborted: bool = False) -> None:
         self.active.pop(rid, None)
-        if result is None:
+        if aborted or (result is not None and result.finish_reason == "abort"):
+            self.counters.aborted += 1
+        elif result is None:
             self.counters.failed += 1
-        elif result.finish_reason == "abort":
             self.counters.aborted += 1
         else:
             self.counters.finished += 1
@@ -148,6 +149,7 @@ class EngineService:
         rid = fut.rid
         waiter = asyncio.wrap_future(fut)
         result: GenerateResult | None = None
+        aborted = False
         try:
             while True:
                 done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
@@ -155,15 +157,17 @@ class EngineService:
                     result = waiter.result()
                     return result
                 if request is not None and await request.is_disconnected():
-                    self.abort(rid)
+                    aborted = True
                     raise ClientDisconnectedError(f"request {rid}: the client disconnected; aborted")
         except asyncio.CancelledError:
-            self.abort(rid)
+            aborted = True
             raise
         finally:
+            if aborted:
+                self.abort(rid)
             if result is None and not waiter.done():
                 waiter.cancel()
-            self._done(rid, result)
+            self._done(rid, result, aborted)
 
     async def run_many(self, subs: list[Submission], request: Request | None = None) -> list[GenerateResult]:
         """A batch: all requests are submitted before any is awaited, so the engine batches them."""
@@ -206,11 +210,12 @@ class EngineService:
             result = await waiter
             yield result
         finally:
-            if result is None:
+            # result None: the consumer stopped early (abort), or the engine failed (waiter done)
+            stopped_early = result is None and not waiter.done()
+            if stopped_early:
                 self.abort(rid)
-                if not waiter.done():
-                    waiter.cancel()
-            self._done(rid, result)
+                waiter.cancel()
+            self._done(rid, result, stopped_early)
 
     # --- housekeeping ------------------------------------------------------------------------
     async def engine_stats(self) -> dict[str, Any]:

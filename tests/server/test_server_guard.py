@@ -1,0 +1,84 @@
+"""API key, max_tokens limit and body-size limit of ``llmir serve``, set on the command line."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from server_harness import ServerProcess, arithmetic_prompt
+
+from llmir_lang.executor.backend import ChainRequest, GenStep
+from llmir_lang.executor.remote import Endpoint, OpenAI
+from llmir_lang.executor.sampling_params import SamplingParams
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    proc = ServerProcess(
+        "--api-key",
+        KEY,
+        "--max-tokens-limit",
+        "16",
+        "--max-request-bytes",
+        "4096",
+        "--served-model-name",
+        "tiny",
+    ).start()
+    yield proc
+    proc.stop()
+
+
+def _gen(url: str, headers: dict[str, str] | None = None, **sampling) -> httpx.Response:
+    body = {"text": arithmetic_prompt(5), "sampling_params": {"temperature": 0.0, **sampling}}
+    return httpx.post(url + "/generate", json=body, headers=headers or {}, timeout=30)
+
+
+def test_api_key_is_required_except_on_health(guarded):
+    assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"X-API-Key": "nope"}):
+        r = _gen(guarded.url, headers, max_new_tokens=2)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert httpx.get(guarded.url + "/v1/models", timeout=10).status_code == 401
+    ok = {"Authorization": f"Bearer {KEY}"}
+    assert _gen(guarded.url, ok, max_new_tokens=4, stop=["\n"]).json()["text"] == "12"
+    assert _gen(guarded.url, {"X-API-Key": KEY}, max_new_tokens=4, stop=["\n"]).json()["text"] == "12"
+
+
+def test_max_tokens_limit(guarded):
+    ok = {"Authorization": f"Bearer {KEY}"}
+    r = _gen(guarded.url, ok, max_new_tokens=17)
+    assert r.status_code == 400 and "limit of 16" in r.json()["error"]["message"]
+    capped = _gen(guarded.url, ok, ignore_eos=True).json()  # no max_new_tokens: the default, capped
+    assert capped["meta_info"]["completion_tokens"] == 16
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
+    out = httpx.post(guarded.url + "/v1/chat/completions", json=chat, headers=ok, timeout=30).json()
+    assert out["usage"]["completion_tokens"] == 16
+    r = httpx.post(
+        guarded.url + "/v1/chat/completions", json={**chat, "max_tokens": 99}, headers=ok, timeout=30
+    )
+    assert r.status_code == 400
+
+
+def test_body_size_limit_before_and_after_auth(guarded):
+    ok = {"Authorization": f"Bearer {KEY}"}
+    big = {"text": "x" * 5000}
+    r = httpx.post(guarded.url + "/generate", json=big, headers=ok, timeout=30)
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+    r = httpx.post(guarded.url + "/generate", json=big, timeout=30)
+    assert r.status_code == 401  # no key: refused before the body is read
+    assert _gen(guarded.url, ok, max_new_tokens=4, stop=["\n"]).json()["text"] == "12"
+
+
+def test_backends_send_the_api_key(guarded):
+    request = ChainRequest(
+        arithmetic_prompt(5), [GenStep("a", SamplingParams(max_new_tokens=4, stop=["\n"]))]
+    )
+    with Endpoint(guarded.url, api_key=KEY) as ep:
+        assert ep.protocol == "llmir"
+        assert ep.submit(request).result(timeout=30).steps[0].text == "12"
+    with OpenAI(guarded.url + "/v1", "tiny", api_key=KEY) as oa:
+        assert oa.submit(request).result(timeout=30).steps[0].text == "12"
+    with Endpoint(guarded.url, api_key="wrong", protocol="llmir") as bad:
+        result = bad.submit(request).result(timeout=30)
+        assert result.error is not None and "401" in result.error
