@@ -147,7 +147,9 @@ def run_transformers(hf, prompts: list[list[int]], new: int) -> tuple[float, lis
     return time.perf_counter() - t0, out[:, batch.shape[1] :].tolist()
 
 
-def section_shared(eng: Engine, a: argparse.Namespace, hf_s: float, hf_tokens: list[list[int]]) -> dict:
+def section_shared(
+    eng: Engine, timer: StepTimer, a: argparse.Namespace, hf_s: float, hf_tokens: list[list[int]]
+) -> dict:
     vocab = eng.config.vocab_size
     params = {"max_new_tokens": a.new, "ignore_eos": True}
     eng.generate(shared_prompts(1, vocab, a), params)  # warm-up: graphs captured, kernels compiled
@@ -157,8 +159,16 @@ def section_shared(eng: Engine, a: argparse.Namespace, hf_s: float, hf_tokens: l
     shared_steps = eng.runner.num_shared_prefix_steps
     sync()
     t0 = time.perf_counter()
-    res = eng.generate(prompts, params)
+    timer.on = True
+    timer.records = []
+    try:
+        res = eng.generate(prompts, params)
+    finally:
+        timer.on = False
     ours_s = time.perf_counter() - t0
+    recs = [r for r in timer.records if r[0] == a.requests]
+    starts = [r[3] for r in recs]
+    decode_s = sum(r[2] for r in timer.records)
     after = eng.stats()
     total = a.requests * a.new
     same = sum(r.token_ids == h for r, h in zip(res, hf_tokens))
@@ -183,6 +193,13 @@ def section_shared(eng: Engine, a: argparse.Namespace, hf_s: float, hf_tokens: l
         "mean_agreeing_prefix_tokens": sum(agree) / len(agree),
         "cache_share": hit / max(req, 1),
         "shared_prefix_decode_steps": eng.runner.num_shared_prefix_steps - shared_steps,
+        "decode_steps": len(timer.records),
+        "decode_step_ms": statistics.median(r[2] for r in recs) * 1e3 if recs else None,
+        "decode_host_ms": statistics.median(r[4] for r in recs) * 1e3 if recs else None,
+        "engine_step_ms": statistics.median(b - a for a, b in zip(starts, starts[1:])) * 1e3
+        if len(starts) > 1
+        else None,
+        "time_in_model_decode_s": decode_s,
     }
 
 
@@ -235,8 +252,9 @@ def section_roofline(eng: Engine, timer: StepTimer, a: argparse.Namespace) -> li
 
 
 # ---- section 3: shared-prefix decode on vs off -------------------------------------------------
-def graph_time(fn, iters: int = 20) -> float:
-    """Median seconds of one call of ``fn`` replayed as a CUDA graph."""
+def graph_time(fn, iters: int = 20, reps: int = 10) -> float:
+    """Median seconds of one call of ``fn`` replayed as a CUDA graph (``reps`` replays back to back
+    per timed window, so host delays between launches do not count)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -249,10 +267,11 @@ def graph_time(fn, iters: int = 20) -> float:
     for _ in range(iters + 3):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
-        g.replay()
+        for _ in range(reps):
+            g.replay()
         e1.record()
         e1.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3)
+        times.append(e0.elapsed_time(e1) / 1e3 / reps)
     return statistics.median(times[3:])
 
 
@@ -309,6 +328,7 @@ def section_prefix(eng: Engine, timer: StepTimer, a: argparse.Namespace) -> list
             res["step_speedup"] = res["step_ms_off"] / res["step_ms_on"]
             res["rule_says_use"] = policy.should_use_shared_prefix(plen, batch, per_layer)
             if DEV == "cuda":
+                eng.call_in_engine_thread(lambda: None)  # the engine is idle: no GIL contention
                 on, off = attention_on_off(eng, batch, plen, a.prefix_own + a.prefix_new // 2)
                 layers = eng.config.num_layers
                 res.update(
@@ -351,7 +371,7 @@ def run_shape(shape: str, a: argparse.Namespace, out: dict) -> None:
             res["weight_GB"] = weight_bytes(eng.model) / 1e9
             res["kv_pool_tokens"] = eng.pool.capacity
             if "shared" in a.sections:
-                res["shared"] = section_shared(eng, a, hf_s, hf_tokens)
+                res["shared"] = section_shared(eng, timer, a, hf_s, hf_tokens)
                 s = res["shared"]
                 log(f"{shape}: engine {s['llmir_tok_s']:.0f} tok/s, {s['speedup']:.1f}x transformers")
                 save(out, a)

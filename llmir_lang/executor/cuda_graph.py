@@ -55,6 +55,9 @@ def bucket_for(batch_size: int, buckets: Sequence[int]) -> int:
     return buckets[i]
 
 
+META_IDS, META_POS, META_LOC, META_ROW, META_LEN, META_SUFFIX_LEN = range(6)
+
+
 def _grown(need: int, have: int, floor: int = 1024) -> int:
     """A capacity >= need: at least double the old one, so growth (and re-capture) stays rare."""
     return max(need, 2 * have, floor)
@@ -86,6 +89,7 @@ class SlotTable:
         self._records: dict[int, _Row] = {}  # by rid
         self._free = list(range(rows - 1, -1, -1))
         self.num_row_uploads = 0  # whole-row uploads (tests and stats)
+        self.generation = 0  # bumped when the table moves (graphs that read it are then stale)
 
     @property
     def num_rows(self) -> int:
@@ -150,6 +154,7 @@ class SlotTable:
         )
         self.table = torch.zeros(rows, new_width, dtype=torch.int64, device=self.device)
         self.table[: old.shape[0], : old.shape[1]].copy_(old)
+        self.generation += 1
 
 
 def gather_rows(
@@ -181,10 +186,123 @@ def gather_rows(
     out[:total] = table[rows[which], col]
 
 
+def build_decode_lists_torch(
+    buf: DecodeBuffers,
+    table: torch.Tensor,
+    n: int,
+    bsz: int,
+    rows0: int,
+    total: int,
+    plen: int,
+    suffix_total: int,
+) -> None:
+    """The decode lists with torch ops (CPU, and the fallback on CUDA): this step's slot into the
+    table, then ``kv_indptr``/``kv_indices`` and, with a shared prefix of ``plen``, the suffix lists."""
+    meta = buf.meta
+    table[meta[META_ROW, :n], meta[META_POS, :n]] = meta[META_LOC, :n]
+    single = rows0 if n == 1 else None
+    rows = meta[META_ROW, :bsz]
+    gather_rows(table, rows, meta[META_LEN, :bsz], buf.kv_indptr, buf.kv_indices, total, single_row=single)
+    if plen:
+        lens = meta[META_SUFFIX_LEN, :bsz]
+        gather_rows(table, rows, lens, buf.suffix_indptr, buf.suffix_indices, suffix_total, plen, single)
+
+
+# Set on first use of the Triton kernel below: Triton reads TRITON_INTERPRET when a kernel is
+# defined, so it is defined lazily (as the kernels package does), and the body resolves ``tl`` here.
+tl: Any = None
+_decode_lists_jit: Any = None
+
+
+def _decode_lists_kernel(
+    Meta,
+    stride_meta,
+    Table,
+    stride_table,
+    KvIndptr,
+    KvIndices,
+    SufIndptr,
+    SufIndices,
+    prefix_len,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SUFFIX: tl.constexpr,
+):
+    # One program per (bucket row, column chunk). Row b's list starts after the lengths of rows
+    # < b (a masked sum over at most BLOCK_B lengths), so no separate scan is needed. The step's
+    # new slot is written into the table by chunk 0 and taken from Meta by every reader of that
+    # column, so no program depends on another's store.
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    step = tl.num_programs(1) * BLOCK_N
+    offs_b = tl.arange(0, BLOCK_B)
+    before = offs_b < b
+    start = tl.sum(tl.load(Meta + 4 * stride_meta + offs_b, mask=before, other=0), 0)
+    n = tl.load(Meta + 4 * stride_meta + b).to(tl.int32)
+    row = tl.load(Meta + 3 * stride_meta + b)
+    loc = tl.load(Meta + 2 * stride_meta + b)
+    base = Table + row * stride_table
+    if chunk == 0:
+        tl.store(KvIndptr + b + 1, start + n)
+        if b == 0:
+            tl.store(KvIndptr, start)
+        if n > 0:
+            tl.store(base + n - 1, loc)
+    for j in range(chunk * BLOCK_N, n, step):
+        offs = j + tl.arange(0, BLOCK_N)
+        keep = offs < n
+        last = offs == n - 1
+        v = tl.load(base + offs, mask=keep & (offs != n - 1), other=0)
+        tl.store(KvIndices + start + offs, tl.where(last, loc, v), mask=keep)
+    if HAS_SUFFIX:
+        sstart = tl.sum(tl.load(Meta + 5 * stride_meta + offs_b, mask=before, other=0), 0)
+        ns = tl.load(Meta + 5 * stride_meta + b).to(tl.int32)
+        if chunk == 0:
+            tl.store(SufIndptr + b + 1, sstart + ns)
+            if b == 0:
+                tl.store(SufIndptr, sstart)
+        for j in range(chunk * BLOCK_N, ns, step):
+            offs = j + tl.arange(0, BLOCK_N)
+            keep = offs < ns
+            col = prefix_len + offs
+            v = tl.load(base + col, mask=keep & (col != n - 1), other=0)
+            tl.store(SufIndices + sstart + offs, tl.where(col == n - 1, loc, v), mask=keep)
+
+
+def build_decode_lists_triton(buf: DecodeBuffers, table: torch.Tensor, bsz: int, plen: int) -> None:
+    """Same result as ``build_decode_lists_torch`` in one launch that reads only device memory, so
+    it can sit inside a captured graph (the host refills ``buf.meta`` before each replay)."""
+    global tl, _decode_lists_jit
+    if _decode_lists_jit is None:
+        import triton
+        import triton.language
+
+        tl = triton.language
+        _decode_lists_jit = triton.jit(_decode_lists_kernel)
+    import triton
+
+    _decode_lists_jit[(bsz, 8)](
+        buf.meta,
+        buf.meta.stride(0),
+        table,
+        table.stride(0),
+        buf.kv_indptr,
+        buf.kv_indices,
+        buf.suffix_indptr,
+        buf.suffix_indices,
+        plen,
+        BLOCK_B=triton.next_power_of_2(buf.max_batch),
+        BLOCK_N=512,
+        HAS_SUFFIX=plen > 0,
+    )
+
+
 class DecodeBuffers:
     """The inputs of a decode step at fixed addresses (see the module docstring).
 
-    ``tokens`` rows 0/1/2 are input ids, positions and out slots of each row of the bucket.
+    ``meta`` holds, per row of the bucket, what the host uploads each step (one copy): input id,
+    position, out slot, slot-table row, KV length, suffix length (rows ``META_*``); padded rows have
+    length 0.
     ``kv_indices`` / ``suffix_indices`` / ``prefix_indices`` grow by doubling when a batch needs
     more; ``ensure`` reports that, since graphs captured on the old buffers are then stale.
     """
@@ -193,7 +311,7 @@ class DecodeBuffers:
         self.device = device
         self.max_batch = max_batch
         z = dict(dtype=torch.int64, device=device)
-        self.tokens = torch.zeros(3, max_batch, **z)
+        self.meta = torch.zeros(6, max_batch, **z)
         self.qo_indptr = torch.arange(max_batch + 1, **z)
         self.kv_indptr = torch.zeros(max_batch + 1, **z)
         self.suffix_indptr = torch.zeros(max_batch + 1, **z)
@@ -252,7 +370,7 @@ class GraphCache:
     def clear(self) -> None:
         self._graphs.clear()
 
-    def run(self, key: tuple[int, int], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def run(self, key: tuple[int, ...], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         g = self._graphs.get(key)
         if g is None:
             g = self._capture(fn)
@@ -286,6 +404,8 @@ class GraphCache:
 
 __all__ = [
     "DEFAULT_BUCKETS",
+    "build_decode_lists_torch",
+    "build_decode_lists_triton",
     "DecodeBuffers",
     "GraphCache",
     "SlotTable",

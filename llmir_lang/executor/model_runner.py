@@ -19,12 +19,16 @@ import torch
 
 from llmir_lang.executor.attention import AttentionBackend, ForwardBatch, ForwardMode
 from llmir_lang.executor.cuda_graph import (
+    META_IDS,
+    META_LOC,
+    META_POS,
     DecodeBuffers,
     GraphCache,
     SlotTable,
     batch_buckets,
     bucket_for,
-    gather_rows,
+    build_decode_lists_torch,
+    build_decode_lists_triton,
 )
 from llmir_lang.executor.model import CausalLM
 from llmir_lang.executor.scheduler import ScheduledBatch
@@ -95,6 +99,11 @@ class ModelRunner:
         self.cuda_graphs = cuda_graphs
         self.shared_prefix = shared_prefix
         self.pad_to_bucket = False  # pad eager decode steps too (tests of the padding on the CPU)
+        # build the decode lists on the device in one kernel (inside the graph) rather than with
+        # ~15 torch ops before each replay; checked against the torch ops on first use
+        self.use_triton_lists = self._graphs_ok
+        self._lists_checked = False
+        self._table_generation = self.table.generation
         self._offer = _PrefixOffer(backend)
         self._can_share = hasattr(backend, "use_shared_prefix")
         self._prefix_key: tuple[int, ...] = ()
@@ -209,18 +218,19 @@ class ModelRunner:
             kv_lens + [0] * pad,
             [k - plen for k in kv_lens] + [0] * pad,
         ]
-        dev = torch.tensor(host, dtype=torch.int64).to(self.device, non_blocking=True)
-        buf.tokens[:, :bsz].copy_(dev[:3])
+        buf.meta[:, :bsz].copy_(torch.tensor(host, dtype=torch.int64), non_blocking=True)
+        if self.table.generation != self._table_generation and self.graphs is not None:
+            self.graphs.clear()  # the graphs read the old table
+        self._table_generation = self.table.generation
         table = self.table.table
-        table[dev[3, :n], dev[1, :n]] = dev[2, :n]  # this step's slot, at column position
+        in_kernel = self.use_triton_lists and self._lists_kernel_ok(
+            bsz, n, rows[0], total, plen, suffix_total
+        )
+        if not in_kernel:
+            build_decode_lists_torch(buf, table, n, bsz, rows[0], total, plen, suffix_total)
         self.table.mark_synced(reqs, kv_lens)
-        single = rows[0] if n == 1 else None
-        gather_rows(table, dev[3], dev[4], buf.kv_indptr, buf.kv_indices, total, single_row=single)
         if plen:
-            gather_rows(
-                table, dev[3], dev[5], buf.suffix_indptr, buf.suffix_indices, suffix_total, plen, single
-            )
-            buf.prefix_indices[:plen].copy_(table[rows[0], :plen])
+            buf.prefix_indices[:plen].copy_(table[rows[0], :plen])  # columns < kv_len - 1: synced
             self._offer.shared = (
                 buf.prefix_indices[:plen],
                 buf.suffix_indptr[: bsz + 1],
@@ -231,9 +241,9 @@ class ModelRunner:
             self._offer.shared = None
         fb = ForwardBatch(
             mode=ForwardMode.DECODE,
-            input_ids=buf.tokens[0, :bsz],
-            positions=buf.tokens[1, :bsz],
-            out_cache_loc=buf.tokens[2, :bsz],
+            input_ids=buf.meta[META_IDS, :bsz],
+            positions=buf.meta[META_POS, :bsz],
+            out_cache_loc=buf.meta[META_LOC, :bsz],
             qo_indptr=buf.qo_indptr[: bsz + 1],
             kv_indptr=buf.kv_indptr[: bsz + 1],
             kv_indices=buf.kv_indices[:total],
@@ -241,6 +251,8 @@ class ModelRunner:
         )
 
         def forward() -> torch.Tensor:
+            if in_kernel:  # inside the graph: the lists are rebuilt on the device at each replay
+                build_decode_lists_triton(buf, table, bsz, plen)
             return self.model(fb, self._offer)
 
         self.last_host_s = time.perf_counter() - t0
@@ -248,7 +260,7 @@ class ModelRunner:
             return forward()[:n]
         assert self.graphs is not None
         try:
-            out = self.graphs.run((bsz, plen), forward)
+            out = self.graphs.run((bsz, plen, in_kernel), forward)
         except Exception as e:  # a capture that fails must not take decoding down with it
             warnings.warn(
                 f"CUDA graph capture of a decode step failed ({type(e).__name__}: {e}); decoding "
@@ -281,6 +293,40 @@ class ModelRunner:
         if plen <= 0 or not policy.should_use_shared_prefix(plen, n, self.kv_bytes_per_token):
             return 0
         return plen
+
+    def _lists_kernel_ok(self, bsz: int, n: int, row0: int, total: int, plen: int, suffix_total: int) -> bool:
+        """Whether to build the decode lists with the Triton kernel. The first time, build them both
+        ways and compare (the table gets the same slot written twice); any difference or error
+        turns the kernel off for good, with a warning, and the torch ops are used."""
+        if self._lists_checked:
+            return True
+        buf, table = self.buffers, self.table.table
+        build_decode_lists_torch(buf, table, n, bsz, row0, total, plen, suffix_total)
+        want = [buf.kv_indptr[: bsz + 1].clone(), buf.kv_indices[:total].clone()]
+        if plen:
+            want += [buf.suffix_indptr[: bsz + 1].clone(), buf.suffix_indices[:suffix_total].clone()]
+        for t in (buf.kv_indptr, buf.kv_indices, buf.suffix_indptr, buf.suffix_indices):
+            t.fill_(-1)
+        try:
+            build_decode_lists_triton(buf, table, bsz, plen)
+            got = [buf.kv_indptr[: bsz + 1], buf.kv_indices[:total]]
+            if plen:
+                got += [buf.suffix_indptr[: bsz + 1], buf.suffix_indices[:suffix_total]]
+            same = all(torch.equal(a, b) for a, b in zip(got, want))
+            why = "its lists differ from the torch ops'"
+        except Exception as e:
+            same, why = False, f"{type(e).__name__}: {e}"
+        if not same:
+            warnings.warn(
+                f"the Triton decode-list kernel is off ({why}); building decode lists with torch ops",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.use_triton_lists = False
+            build_decode_lists_torch(buf, table, n, bsz, row0, total, plen, suffix_total)
+            return False
+        self._lists_checked = True
+        return True
 
     # ---- setup ----------------------------------------------------------------------------
     def set_compile(self, on: bool) -> None:

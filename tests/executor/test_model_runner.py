@@ -136,7 +136,9 @@ def test_slot_table_reclaims_rows_of_requests_that_left() -> None:
 
 
 # ---- a tiny model through the runner -----------------------------------------------------------
-def _model(dtype: torch.dtype = torch.float32, device: str = "cpu", hidden: int = 64) -> CausalLM:
+def _model(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", hidden: int = 64, ctx: int = 256
+) -> CausalLM:
     cfg = ModelConfig.from_dict(
         {
             "architectures": ["LlamaForCausalLM"],
@@ -146,7 +148,7 @@ def _model(dtype: torch.dtype = torch.float32, device: str = "cpu", hidden: int 
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "vocab_size": 128,
-            "max_position_embeddings": 256,
+            "max_position_embeddings": ctx,
             "rms_norm_eps": 1e-5,
         }
     )
@@ -189,13 +191,20 @@ def _reference_logits(model: CausalLM, ids: list[int]) -> torch.Tensor:
     return model(fb, be)[0]
 
 
-@pytest.mark.parametrize("pad", [False, True])
-def test_decode_steps_match_a_plain_prefill(pad: bool) -> None:
+@pytest.mark.parametrize("pad,lists", [(False, "torch"), (True, "torch"), (True, "triton")])
+def test_decode_steps_match_a_plain_prefill(monkeypatch, pad: bool, lists: str) -> None:
     model = _model()
     pool = _pool(model)
     be = TorchAttentionBackend(pool.k_buffers, pool.v_buffers, model.config.head_dim**-0.5)
     runner = ModelRunner(model, be, torch.device("cpu"))
     runner.pad_to_bucket = pad
+    if lists == "triton":  # the graph-safe list kernel, in the Triton interpreter
+        pytest.importorskip("triton")
+        from llmir_lang.executor import cuda_graph
+
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setattr(cuda_graph, "_decode_lists_jit", None)
+        runner.use_triton_lists = True
     rng = random.Random(1)
     reqs = [_req(i, [rng.randrange(128) for _ in range(rng.randrange(3, 30))]) for i in range(5)]
     for r in reqs:
@@ -222,6 +231,7 @@ def test_decode_steps_match_a_plain_prefill(pad: bool) -> None:
             torch.testing.assert_close(step.logits[row], want, rtol=1e-4, atol=1e-4)
             r.output_ids.append(int(step.logits[row].argmax()))
     assert runner.table.num_row_uploads == 5, "one upload per request, then one slot per step"
+    assert runner.use_triton_lists == (lists == "triton"), "the kernel passed its first-use check"
     moved = not torch.equal(pool.k_buffers[0][pool.pad_slot], pad_before)
     assert moved == pad, "padded rows write K/V to the pad slot, and only they do"
 
@@ -306,3 +316,49 @@ def test_shared_prefix_decode_matches_plain_decode(monkeypatch, interpreter_env)
         off, _, r_off = _generate(model, prompts, 6, shared=False)
     assert on == off
     assert r_on.num_shared_prefix_steps >= 4 and r_off.num_shared_prefix_steps == 0
+
+
+@pytest.mark.parametrize("plen", [0, 6])
+def test_triton_decode_lists_kernel_matches_the_torch_ops(monkeypatch, plen: int) -> None:
+    """The one-launch list builder (graph-safe) against the torch ops, in the Triton interpreter."""
+    pytest.importorskip("triton")
+    from llmir_lang.executor import cuda_graph
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(cuda_graph, "_decode_lists_jit", None)  # define it under the interpreter
+    g = torch.Generator().manual_seed(3)
+    lens = [9, 1300, 7, 20, 0, 0, 0, 0]  # 4 requests padded to a bucket of 8
+    n, bsz = 4, 8
+    rows = [5, 0, 2, 7] + [0] * 4
+    results = []
+    for build in ("torch", "triton"):
+        table = torch.randint(0, 1 << 40, (8, 1400), generator=torch.Generator().manual_seed(4))
+        buf = DecodeBuffers(torch.device("cpu"), bsz, kv_capacity=4096)
+        buf.ensure(bsz, sum(lens), sum(lens), plen)
+        for t in (buf.kv_indptr, buf.kv_indices, buf.suffix_indptr, buf.suffix_indices):
+            t.fill_(-1)
+        loc = torch.randint(0, 1 << 40, (bsz,), generator=g).tolist()
+        g = torch.Generator().manual_seed(3)  # same new slots for both builds
+        host = [
+            [1] * bsz,
+            [k - 1 if k else 0 for k in lens],
+            loc,
+            rows,
+            lens,
+            [k - plen if k else 0 for k in lens],
+        ]
+        buf.meta.copy_(torch.tensor(host))
+        total = sum(lens)
+        suffix_total = total - plen * n if plen else 0
+        if build == "torch":
+            cuda_graph.build_decode_lists_torch(buf, table, n, bsz, rows[0], total, plen, suffix_total)
+        else:
+            cuda_graph.build_decode_lists_triton(buf, table, bsz, plen)
+        results.append((table, buf))
+    (ta, a), (tb, b) = results
+    assert torch.equal(ta, tb), "the new slots land in the same table cells"
+    assert torch.equal(a.kv_indptr, b.kv_indptr) and a.kv_indptr[-1] == sum(lens)
+    assert torch.equal(a.kv_indices, b.kv_indices)
+    if plen:
+        assert torch.equal(a.suffix_indptr, b.suffix_indptr)
+        assert torch.equal(a.suffix_indices, b.suffix_indices)

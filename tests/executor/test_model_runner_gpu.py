@@ -82,7 +82,7 @@ def test_graph_decode_matches_eager_decode_at_every_bucket() -> None:
 
 def test_shared_prefix_graphs_match_plain_graph_decode(monkeypatch) -> None:
     monkeypatch.setattr(policy, "should_use_shared_prefix", lambda p, n, b=0: p >= 64 and n >= 8)
-    model = _model(BF16, "cuda", hidden=256)
+    model = _model(BF16, "cuda", hidden=256, ctx=1024)
     rng = random.Random(3)
     system = [rng.randrange(128) for _ in range(300)]
     prompts = [system + [rng.randrange(128) for _ in range(rng.randrange(1, 20))] for _ in range(10)]
