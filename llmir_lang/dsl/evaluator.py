@@ -113,10 +113,11 @@ def _score_pool() -> ThreadPoolExecutor:
 
 
 class PrefillMemory:
-    """The texts recently prefilled (shared by the rounds of one run), so that a later round does
-    not prefill again a prefix an earlier one already put in the cache. Bounded; a hint only."""
+    """Texts recently put in the backend's cache (prefills, and the full text of every finished
+    request), shared by the rounds of one run, so that a prefix already cached is not prefilled
+    again. Bounded; a hint only."""
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 256) -> None:
         self._texts: list[str] = []
         self._size = size
         self._lock = threading.Lock()
@@ -397,6 +398,7 @@ class SegmentEvaluator:
             picked, lps = result
             choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
             vars_[op.label or ""] = VarResult(choices[picked], select_meta(choices, lps, picked))
+            self.prefilled.add(text + choices[picked])  # scoring left it in the cache
             self._resolve(fi, i, _Val(text + choices[picked], vars_, None, base.gates))
             return
         assert isinstance(result, ChainResult)
@@ -415,6 +417,7 @@ class SegmentEvaluator:
                 return
             vars_[name] = VarResult(step.text, step_meta(step))
             text += step.text
+        self.prefilled.add(text)  # a finished request leaves its prompt and output in the cache
         self._resolve(fi, i, _Val(text, vars_, None, base.gates))
 
     # --- results -------------------------------------------------------------------------
