@@ -25,10 +25,15 @@ from typing import Any
 
 import httpx
 
-from llmir_lang.errors import LLMIRError, NotYetSupportedError
+from llmir_lang.errors import InvalidRequestError, LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, ChunkCallback, GenStep, StepResult
 
-_SGLANG_FINISH_OK = ("stop", "length")
+_FINISH_OK = ("stop", "length")
+
+
+def _non_default(fields: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """``{name: (value, default)}`` -> the fields whose value differs from the default."""
+    return {k: v for k, (v, default) in fields.items() if v != default}
 
 
 class RemoteBackendError(LLMIRError):
@@ -55,10 +60,21 @@ class ProgramReply:
 
 class _HTTPBackend(Backend):
     """HTTP plumbing shared by both backends: a pooled client, JSON and SSE calls, a thread pool
-    that runs chains (so ``submit`` returns at once and many chains run side by side)."""
+    that runs chains (so ``submit`` returns at once and many chains run side by side).
+
+    Options of both backends: ``tokenizer`` (a Hugging Face tokenizer or its path, for the chat
+    template when the server cannot render it), ``timeout`` (seconds per request), ``max_workers``
+    (chains in flight). Subclasses define ``_lower(GenStep) -> request body`` and
+    ``_generate(text, body, on_text) -> StepResult``."""
 
     def __init__(
-        self, base_url: str, api_key: str | None, timeout: float, max_workers: int, tokenizer: Any
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        tokenizer: Any = None,
+        timeout: float = 600.0,
+        max_workers: int = 64,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -157,12 +173,8 @@ class _HTTPBackend(Backend):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # --- per protocol ----------------------------------------------------------------------
-    def _lower(self, step: GenStep) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _generate(self, text: str, body: dict[str, Any], on_text: Callable[[str], None] | None) -> StepResult:
-        raise NotImplementedError
+    _lower: Callable[[GenStep], dict[str, Any]]
+    _generate: Callable[[str, dict[str, Any], Callable[[str], None] | None], StepResult]
 
 
 def _choices_regex(choices_json: str) -> str:
@@ -174,25 +186,15 @@ def _choices_regex(choices_json: str) -> str:
 class Endpoint(_HTTPBackend):
     """An SGLang server or router, or an llmir server (``llmir serve``), at ``url``.
 
-    ``protocol``: ``"auto"`` (ask ``/health``), ``"llmir"`` or ``"sglang"``. ``tokenizer``: a
-    Hugging Face tokenizer (or its path) for the chat template when the server cannot render it
-    (SGLang); an llmir server renders its own. Grammar constraints go as ``ebnf`` in llguidance's
+    ``protocol``: ``"auto"`` (ask ``/health``), ``"llmir"`` or ``"sglang"``. An SGLang server
+    cannot render the chat template: give ``tokenizer=`` for programs with roles. Grammar constraints go as ``ebnf`` in llguidance's
     lark syntax (an llmir server also takes GBNF; SGLang needs its llguidance grammar backend).
     """
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None = None,
-        *,
-        protocol: str = "auto",
-        tokenizer: Any = None,
-        timeout: float = 600.0,
-        max_workers: int = 64,
-    ) -> None:
+    def __init__(self, url: str, api_key: str | None = None, *, protocol: str = "auto", **http: Any) -> None:
         if protocol not in ("auto", "llmir", "sglang"):
-            raise ValueError(f"protocol must be 'auto', 'llmir' or 'sglang', got {protocol!r}")
-        super().__init__(url, api_key, timeout, max_workers, tokenizer)
+            raise InvalidRequestError(f"protocol must be 'auto', 'llmir' or 'sglang', got {protocol!r}")
+        super().__init__(url, api_key, **http)
         self._protocol: str | None = None if protocol == "auto" else protocol
 
     @property
@@ -211,20 +213,17 @@ class Endpoint(_HTTPBackend):
         p = step.params
         p.validate()
         sp: dict[str, Any] = {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature}
-        optional = {
+        sp |= _non_default({
             "min_new_tokens": (p.min_new_tokens, 0), "top_p": (p.top_p, 1.0), "top_k": (p.top_k, -1),
             "min_p": (p.min_p, 0.0), "frequency_penalty": (p.frequency_penalty, 0.0),
             "presence_penalty": (p.presence_penalty, 0.0), "repetition_penalty": (p.repetition_penalty, 1.0),
             "stop": (list(p.stop), []), "stop_token_ids": (list(p.stop_token_ids), []),
             "ignore_eos": (p.ignore_eos, False), "skip_special_tokens": (p.skip_special_tokens, True),
             "sampling_seed": (p.seed, None),
-        }  # fmt: skip
-        sp.update({k: v for k, (v, default) in optional.items() if v != default})
+        })  # fmt: skip
         spec = step.constraint
         if spec is not None:
-            key = {"regex": "regex", "json_schema": "json_schema", "grammar": "ebnf", "choices": "regex"}[
-                spec.kind
-            ]
+            key = {"json_schema": "json_schema", "grammar": "ebnf"}.get(spec.kind, "regex")
             sp[key] = _choices_regex(spec.value) if spec.kind == "choices" else spec.value
         body: dict[str, Any] = {"sampling_params": sp}
         if p.return_logprob:
@@ -249,7 +248,8 @@ class Endpoint(_HTTPBackend):
     def _step_result(out: dict[str, Any]) -> StepResult:
         meta = out.get("meta_info", {})
         finish = meta.get("finish_reason") or {}
-        kind = finish.get("type", "unknown") if isinstance(finish, dict) else str(finish)
+        finish = finish if isinstance(finish, dict) else {"type": str(finish)}
+        kind = finish.get("type", "unknown")
         lps = meta.get("output_token_logprobs")
         return StepResult(
             name=None,
@@ -261,8 +261,8 @@ class Endpoint(_HTTPBackend):
             cached_tokens=int(meta.get("cached_tokens", 0)),
             logprobs=[e[0] for e in lps] if lps is not None else None,
             error=None
-            if kind in _SGLANG_FINISH_OK
-            else f"generation ended with {kind}: {finish.get('message', '') if isinstance(finish, dict) else ''}",
+            if kind in _FINISH_OK
+            else f"generation ended with {kind}: {finish.get('message', '')}",
             meta={"remote_id": meta.get("id")},
         )
 
@@ -272,20 +272,12 @@ class Endpoint(_HTTPBackend):
         # SGLang: prefill the prompt (learning its token count), then score every prompt+choice from
         # the prompt's last token on; entries past the prompt belong to the continuation
         greedy0 = {"max_new_tokens": 0, "temperature": 0.0}
-        n = int(
-            self._post("/generate", {"text": prompt, "sampling_params": greedy0})["meta_info"][
-                "prompt_tokens"
-            ]
-        )
-        outs = self._post(
-            "/generate",
-            {
-                "text": [prompt + c for c in continuations],
-                "sampling_params": greedy0,
-                "return_logprob": True,
-                "logprob_start_len": n - 1,
-            },
-        )
+        n = self._post("/generate", {"text": prompt, "sampling_params": greedy0})["meta_info"][
+            "prompt_tokens"
+        ]
+        texts = [prompt + c for c in continuations]
+        body = {"text": texts, "sampling_params": greedy0, "return_logprob": True, "logprob_start_len": n - 1}
+        outs = self._post("/generate", body)
         return [[e[0] for e in o["meta_info"]["input_token_logprobs"][1:] if e[0] is not None] for o in outs]
 
     def _server_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -295,33 +287,30 @@ class Endpoint(_HTTPBackend):
         return self._post("/apply_chat_template", body)["text"]
 
     def run_program(
-        self, ir: Any, args: dict[str, str] | list[dict[str, str]] | None = None, passes: str | None = None
+        self, ir: str, args: dict[str, str] | list[dict[str, str]] | None = None, passes: str | None = None
     ) -> ProgramReply:
-        """Run a whole program on an llmir server in one round trip: ``ir`` is a ``Module`` (e.g.
-        ``f.trace()``) or IR text; ``args`` one dict (one function) or one per function."""
+        """Run a whole program on an llmir server in one round trip. ``ir``: IR text (e.g.
+        ``print_ir(f.trace())``); ``args``: one dict (one function) or one per function;
+        ``passes``: the server's pipeline (None: its default)."""
         if self.protocol != "llmir":
             raise NotYetSupportedError(
                 f"{self.base_url} is not an llmir server, so it cannot run whole programs; "
                 "run the program with backend=Endpoint(url) instead (one request per call)"
             )
         if not isinstance(ir, str):
-            from llmir_lang.ir import print_ir
-
-            ir = print_ir(ir)
+            raise InvalidRequestError(
+                f"run_program takes IR text (print_ir(module)), got {type(ir).__name__}"
+            )
         out = self._post("/program", {"ir": ir, "args": args, "passes": passes})
         functions = []
         for fn in out["functions"]:
-            states = []
-            for st in fn["states"]:
-                err = st.get("error")
-                states.append(
-                    RemoteState(
-                        st["text"],
-                        st["vars"],
-                        st.get("meta", {}),
-                        f"{err['var']}: {err['message']}" if err else None,
-                    )
+            errors = [st.get("error") for st in fn["states"]]
+            states = [
+                RemoteState(
+                    st["text"], st["vars"], st.get("meta", {}), f"{e['var']}: {e['message']}" if e else None
                 )
+                for st, e in zip(fn["states"], errors)
+            ]
             functions.append((fn["name"], states))
         return ProgramReply(functions, out.get("stats", {}))
 
@@ -335,39 +324,29 @@ class OpenAI(_HTTPBackend):
     """
 
     def __init__(
-        self,
-        base_url: str,
-        model: str,
-        api_key: str | None = None,
-        *,
-        constraints: str = "vllm",
-        tokenizer: Any = None,
-        timeout: float = 600.0,
-        max_workers: int = 64,
+        self, base_url: str, model: str, api_key: str | None = None, *, constraints: str = "vllm", **http: Any
     ) -> None:
         if constraints not in ("vllm", "response_format", "none"):
-            raise ValueError(f"constraints must be 'vllm', 'response_format' or 'none', got {constraints!r}")
-        super().__init__(base_url, api_key, timeout, max_workers, tokenizer)
+            raise InvalidRequestError(
+                f"constraints: 'vllm', 'response_format' or 'none', not {constraints!r}"
+            )
+        super().__init__(base_url, api_key, **http)
         self.model = model
         self.constraints = constraints
 
     def _lower(self, step: GenStep) -> dict[str, Any]:
         p = step.params
         p.validate()
-        body: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": p.max_new_tokens,
-            "temperature": p.temperature,
-        }
-        optional = {
+        body: dict[str, Any] = {"model": self.model, "max_tokens": p.max_new_tokens}
+        body |= _non_default({
+            "temperature": (p.temperature, None),
             "top_p": (p.top_p, 1.0), "frequency_penalty": (p.frequency_penalty, 0.0),
             "presence_penalty": (p.presence_penalty, 0.0), "stop": (list(p.stop), []), "seed": (p.seed, None),
             # vLLM's extra sampling fields, sent only when set
             "top_k": (p.top_k, -1), "min_p": (p.min_p, 0.0), "repetition_penalty": (p.repetition_penalty, 1.0),
             "min_tokens": (p.min_new_tokens, 0), "ignore_eos": (p.ignore_eos, False),
             "stop_token_ids": (list(p.stop_token_ids), []), "skip_special_tokens": (p.skip_special_tokens, True),
-        }  # fmt: skip
-        body.update({k: v for k, (v, default) in optional.items() if v != default})
+        })  # fmt: skip
         if p.return_logprob:
             body["logprobs"] = p.top_logprobs_num
         spec = step.constraint
@@ -378,11 +357,8 @@ class OpenAI(_HTTPBackend):
             value: Any = json.loads(spec.value) if spec.kind in ("json_schema", "choices") else spec.value
             body[key.get(spec.kind, "guided_choice")] = value
         elif self.constraints == "response_format" and spec.kind == "json_schema":
-            schema = json.loads(spec.value)
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": schema},
-            }
+            schema = {"name": "output", "schema": json.loads(spec.value)}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
         else:
             raise NotYetSupportedError(
                 f"gen({step.name!r}) has a {spec.kind} constraint, which OpenAI(constraints="
@@ -416,17 +392,12 @@ class OpenAI(_HTTPBackend):
             completion_tokens=int(usage.get("completion_tokens", 0)),
             cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
             logprobs=lp.get("token_logprobs"),
-            error=None if finish in _SGLANG_FINISH_OK else f"generation ended with {finish}",
+            error=None if finish in _FINISH_OK else f"generation ended with {finish}",
         )
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
-        body = {
-            "model": self.model,
-            "prompt": [prompt + c for c in continuations],
-            "max_tokens": 0,
-            "echo": True,
-            "logprobs": 0,
-        }
+        texts = [prompt + c for c in continuations]
+        body = {"model": self.model, "prompt": texts, "max_tokens": 0, "echo": True, "logprobs": 0}
         try:
             choices = sorted(self._post("/completions", body)["choices"], key=lambda c: c["index"])
         except RemoteBackendError as e:
@@ -439,17 +410,13 @@ class OpenAI(_HTTPBackend):
             lp = choice["logprobs"]
             # a token belongs to the continuation if it ends past the prompt
             ends = [o + len(t) for o, t in zip(lp["text_offset"], lp["tokens"])]
-            out.append(
-                [v for v, end in zip(lp["token_logprobs"], ends) if end > len(prompt) and v is not None]
-            )
+            out.append([v for v, e in zip(lp["token_logprobs"], ends) if e > len(prompt) and v is not None])
         return out
 
     def _server_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
-        r = self._client.post(
-            f"{root}/apply_chat_template",
-            json={"messages": messages, "add_generation_prompt": add_generation_prompt},
-        )
+        body = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+        r = self._client.post(f"{root}/apply_chat_template", json=body)
         if r.status_code != 200:
             return super()._server_chat_template(messages, add_generation_prompt)
         return r.json()["text"]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -56,6 +57,7 @@ async def health(request: Request) -> dict[str, Any]:
         "version": __version__,
         "model": svc.model_name,
         "features": list(FEATURES),
+        "pid": os.getpid(),
     }
 
 

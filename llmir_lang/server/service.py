@@ -170,10 +170,18 @@ class EngineService:
             self._done(rid, result, aborted)
 
     async def run_many(self, subs: list[Submission], request: Request | None = None) -> list[GenerateResult]:
-        """A batch: all requests are submitted before any is awaited, so the engine batches them."""
-        tasks = [asyncio.ensure_future(self.run(s, request)) for s in subs]
+        """A batch: all requests are submitted before any is awaited, so the engine batches them.
+        One watcher checks the client (concurrent ``receive`` calls would race); if it leaves,
+        or one request fails, the others are cancelled, which aborts them."""
+        tasks = [asyncio.ensure_future(self.run(s)) for s in subs]
+        gathered = asyncio.gather(*tasks)
         try:
-            return list(await asyncio.gather(*tasks))
+            while True:
+                done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return list(gathered.result())
+                if request is not None and await request.is_disconnected():
+                    raise ClientDisconnectedError(f"the client disconnected; {len(subs)} requests aborted")
         except BaseException:
             for t in tasks:
                 t.cancel()

@@ -48,7 +48,11 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                r = httpx.get(self.url + "/health", timeout=1.0)
+                if r.status_code == 200:
+                    # the port was free when we picked it; make sure our process is the one answering
+                    if r.json().get("pid") != self.proc.pid:
+                        raise RuntimeError(f"another process answers on port {self.port}: {r.text}")
                     return self
             except httpx.HTTPError:
                 pass

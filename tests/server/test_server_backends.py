@@ -13,6 +13,7 @@ from llmir_lang.errors import NotYetSupportedError
 from llmir_lang.executor.backend import ChainRequest, GenStep
 from llmir_lang.executor.remote import Endpoint, OpenAI, RemoteBackendError
 from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.ir import print_ir
 from llmir_lang.models import __path__ as _models_path
 
 MODEL_DIR = f"{_models_path[0]}/llmir-tiny"
@@ -132,15 +133,14 @@ def test_endpoint_streams_chains(endpoint, runtime):
 
 
 def test_endpoint_run_program_sends_the_whole_program(endpoint, runtime):
-    module = qa.trace()
-    reply = endpoint.run_program(module, {"question": QUESTIONS[0]})
+    reply = endpoint.run_program(print_ir(qa.trace()), {"question": QUESTIONS[0]})
     ((name, states),) = reply.functions
     want = qa.run(question=QUESTIONS[0], backend=runtime)
     assert name == "qa" and states[0].error is None
     assert states[0].text == want.text()
     assert states[0].vars == {"answer": want["answer"], "check": want["check"]}
     assert reply.stats["requests"] >= 1 and reply.stats["score_calls"] >= 1
-    chat_reply = endpoint.run_program(chat.trace(), {"question": QUESTIONS[1]})
+    chat_reply = endpoint.run_program(print_ir(chat.trace()), {"question": QUESTIONS[1]})
     assert chat_reply.functions[0][1][0].text == chat.run(question=QUESTIONS[1], backend=runtime).text()
 
 
