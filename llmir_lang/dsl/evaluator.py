@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llmir_lang.dsl.lowering import (
@@ -41,46 +41,11 @@ from llmir_lang.dsl.lowering import (
     step_meta,
 )
 from llmir_lang.dsl.ordering import CallOrder
+from llmir_lang.dsl.prefill import MIN_PREFILL_CHARS, PrefillMemory
+from llmir_lang.dsl.results import Failure, FunctionResult, StateResult, VarResult
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult
 from llmir_lang.ir import Function, Module, Op
 from llmir_lang.ir import ops as K
-
-
-@dataclass(slots=True)
-class VarResult:
-    """A variable's value and the meta info of the call that produced it."""
-
-    value: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Failure:
-    """Why a state could not be computed: the failed gen / select ``name`` and the cause."""
-
-    name: str | None
-    message: str
-    cause: BaseException | None = None
-
-
-@dataclass(slots=True)
-class StateResult:
-    """A returned state: its text and the variables visible in it (or its failure)."""
-
-    text: str
-    vars: dict[str, VarResult]
-    failure: Failure | None = None
-
-
-@dataclass(slots=True)
-class FunctionResult:
-    """One function's returned states, in the order of its ``return`` operands."""
-
-    states: list[StateResult]
-
-    @property
-    def failure(self) -> Failure | None:
-        return next((s.failure for s in self.states if s.failure is not None), None)
 
 
 @dataclass(slots=True)
@@ -95,10 +60,6 @@ class _Val:
 ChunkSink = Callable[[int, frozenset[int], str, str], None]
 DoneSink = Callable[[int, FunctionResult], None]
 
-# A prefill is a request of its own; for a prefix this much longer than what an enclosing prefill
-# already covers, computing it once beats computing it in every user side by side.
-MIN_PREFILL_CHARS = 32
-
 _SCORE_POOL: ThreadPoolExecutor | None = None
 _SCORE_POOL_LOCK = threading.Lock()
 
@@ -110,27 +71,6 @@ def _score_pool() -> ThreadPoolExecutor:
         if _SCORE_POOL is None:
             _SCORE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmir-select")
         return _SCORE_POOL
-
-
-class PrefillMemory:
-    """Texts recently put in the backend's cache (prefills, and the full text of every finished
-    request), shared by the rounds of one run, so that a prefix already cached is not prefilled
-    again. Bounded; a hint only."""
-
-    def __init__(self, size: int = 256) -> None:
-        self._texts: list[str] = []
-        self._size = size
-        self._lock = threading.Lock()
-
-    def add(self, text: str) -> None:
-        with self._lock:
-            self._texts.append(text)
-            del self._texts[: -self._size]
-
-    def covered(self, text: str) -> int:
-        """The length of the longest remembered prefix of ``text`` (0 if none)."""
-        with self._lock:
-            return max((len(t) for t in self._texts if text.startswith(t)), default=0)
 
 
 class SegmentEvaluator:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmir_lang.dsl.errors import GenerationError, RoleError, SourceLocation
-from llmir_lang.dsl.evaluator import FunctionResult
+from llmir_lang.dsl.results import FunctionResult
 from llmir_lang.errors import LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Function, FunctionBuilder, Value

@@ -18,7 +18,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmir_lang.dsl.evaluator import FunctionResult, PrefillMemory, SegmentEvaluator
+from llmir_lang.dsl.evaluator import SegmentEvaluator
+from llmir_lang.dsl.prefill import PrefillMemory
+from llmir_lang.dsl.results import FunctionResult
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Function, Module
 from llmir_lang.optimizer import PassManager
