@@ -201,6 +201,7 @@ class EngineService:
         rid = fut.rid
         waiter = asyncio.wrap_future(fut)
         result: GenerateResult | None = None
+        getter: asyncio.Future | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -218,11 +219,15 @@ class EngineService:
             result = await waiter
             yield result
         finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
             # result None: the consumer stopped early (abort), or the engine failed (waiter done)
             stopped_early = result is None and not waiter.done()
             if stopped_early:
                 self.abort(rid)
                 waiter.cancel()
+            elif result is None and not waiter.cancelled() and waiter.exception() is None:
+                result = waiter.result()  # finished; the consumer left before reading the result
             self._done(rid, result, stopped_early)
 
     # --- housekeeping ------------------------------------------------------------------------
