@@ -9,6 +9,7 @@ segment model and ``fork`` for fork groups.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -46,6 +47,7 @@ class ProgramState:
         self._value: Value | None = None
         self._segment = -1
         self._log: StreamLog | None = StreamLog() if run.stream else None
+        self._stream_lock = threading.Lock()  # chunks arrive on the engine's thread
         self._cursor = len(self._pieces)  # pieces before it are already in the stream log
         self._received: dict[int, str] = {}  # id(piece) -> streamed gen text received
         self._sent: dict[int, str] = {}  # id(piece) -> text written to the log
@@ -333,21 +335,24 @@ class ProgramState:
     # --- streaming (called by the recorder and the runner) -------------------------------
     def _on_piece(self, piece: Piece) -> None:
         if self._log is not None and piece.text is not None:
-            self._advance()
+            with self._stream_lock:
+                self._advance()
 
     def _on_chunk(self, name: str, text: str) -> None:
         if self._log is None:
             return
-        for k in range(self._cursor, len(self._pieces)):
-            piece = self._pieces[k]
-            if piece.name == name and piece.text is None:
-                self._received[id(piece)] = self._received.get(id(piece), "") + text
-                self._advance(upto=k)
-                return
+        with self._stream_lock:
+            for k in range(self._cursor, len(self._pieces)):
+                piece = self._pieces[k]
+                if piece.name == name and piece.text is None:
+                    self._received[id(piece)] = self._received.get(id(piece), "") + text
+                    self._advance(upto=k)
+                    return
 
     def _on_segment_done(self) -> None:
         if self._log is not None:
-            self._advance()
+            with self._stream_lock:
+                self._advance()
 
     def _advance(self, upto: int | None = None) -> None:
         """Write pieces from the cursor on to the log, as far as their text is known. With
@@ -367,7 +372,8 @@ class ProgramState:
 
     def _close_stream(self) -> None:
         if self._log is not None:
-            self._advance()
+            with self._stream_lock:
+                self._advance()
             self._log.close()
 
 
