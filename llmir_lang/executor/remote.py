@@ -47,7 +47,8 @@ class RemoteState:
     text: str
     vars: dict[str, str]
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)
-    error: str | None = None  # "<var>: <message>" when a generation failed
+    error: str | None = None  # why the state failed, if it did
+    error_var: str | None = None  # the gen / select that failed
 
 
 @dataclass(slots=True)
@@ -304,13 +305,14 @@ class Endpoint(_HTTPBackend):
         out = self._post("/program", {"ir": ir, "args": args, "passes": passes})
         functions = []
         for fn in out["functions"]:
-            errors = [st.get("error") for st in fn["states"]]
-            states = [
-                RemoteState(
-                    st["text"], st["vars"], st.get("meta", {}), f"{e['var']}: {e['message']}" if e else None
+            states = []
+            for st in fn["states"]:
+                err = st.get("error") or {}
+                states.append(
+                    RemoteState(
+                        st["text"], st["vars"], st.get("meta", {}), err.get("message"), err.get("var")
+                    )
                 )
-                for st, e in zip(fn["states"], errors)
-            ]
             functions.append((fn["name"], states))
         return ProgramReply(functions, out.get("stats", {}))
 

@@ -95,3 +95,30 @@ def test_program_max_tokens_limit_applies_to_every_gen(client):
     r = client.post("/program", json={"ir": ir, "args": {"question": "q"}})
     assert r.status_code == 400
     assert "5000" in r.json()["error"]["message"] and "limit of 960" in r.json()["error"]["message"]
+
+
+BAD_REGEX_IR = """module {
+  func @f() {
+    %0 = start
+    %1 = text %0 "Q: What is 5 + 7?\\nA: "
+    %2 = gen %1 "x" {max_tokens = 4, regex = "("}
+    return %2
+  }
+}
+"""
+
+
+def test_program_failure_is_reported_per_state(client, server):
+    body = client.post("/program", json={"ir": BAD_REGEX_IR}).json()
+    (state,) = body["functions"][0]["states"]
+    assert state["error"]["var"] == "x" and "regex" in state["error"]["message"].lower()
+    assert state["text"] == "Q: What is 5 + 7?\nA: " and state["vars"] == {}
+    from llmir_lang.executor.remote import Endpoint
+
+    with Endpoint(server.url) as ep:
+        (remote,) = ep.run_program(BAD_REGEX_IR).functions[0][1]
+    assert remote.error_var == "x" and remote.error == state["error"]["message"]
+    _still_ok = client.post(
+        "/program", json={"ir": print_ir(answer_then_check.trace()), "args": {"question": "q"}}
+    )
+    assert _still_ok.status_code == 200
