@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import itertools
 import queue
-import re
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -20,13 +18,13 @@ import torch
 from llmir_lang.errors import (
     EmptyPromptError,
     EngineClosedError,
-    EngineError,
     InvalidRequestError,
     OutOfKVMemoryError,
     PromptTooLongError,
 )
-from llmir_lang.executor.attention import TorchAttentionBackend
+from llmir_lang.executor.engine_loop import EngineLoop
 from llmir_lang.executor.engine_output import OutputProcessor
+from llmir_lang.executor.engine_setup import default_device, make_backend, parse_memory
 from llmir_lang.executor.kv_pool import KVPool
 from llmir_lang.executor.loader import load_model, resolve_dtype, resolve_model_path
 from llmir_lang.executor.model_runner import ModelRunner
@@ -40,38 +38,8 @@ from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
 Prompt = str | Sequence[int]
 ParamsLike = SamplingParams | dict | None
 
-_SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?i?b?)\s*$", re.I)
 
-
-def parse_memory(value: int | float | str | None, device: torch.device) -> int:
-    """Bytes for the KV pool: an int (bytes), '512MB'/'2GiB', a fraction (0, 1) of free memory, or None.
-
-    None means 85% of the free GPU memory on CUDA (after the weights are loaded), 512 MiB on the CPU.
-    """
-    if value is None:
-        value = 0.85 if device.type == "cuda" else 512 * 2**20
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if not m:
-            raise InvalidRequestError(
-                f"kv_memory {value!r} is not a size; write e.g. 536870912, '512MB' or '2GiB'"
-            )
-        unit = m.group(2).lower()
-        mult = 1 if unit in ("", "b") else (1024 if "i" in unit else 1000) ** ("kmgt".index(unit[0]) + 1)
-        return int(float(m.group(1)) * mult)
-    if isinstance(value, float) and 0 < value < 1:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free * value)
-        import psutil
-
-        return int(psutil.virtual_memory().available * value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise InvalidRequestError(f"kv_memory must be > 0, got {value!r}")
-    return int(value)
-
-
-class Engine:
+class Engine(EngineLoop):
     """Runs generation requests on a local Llama-family model with continuous batching.
 
     Thread-safe: any thread may call ``submit``/``generate``/``score``; one background thread owns
@@ -94,7 +62,7 @@ class Engine:
         jump_forward: bool = True,
         seed: int = 0,
     ):
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_path = resolve_model_path(model)
         self.model = load_model(self.model_path, self.device, self.dtype)
@@ -122,7 +90,7 @@ class Engine:
                 chunked_prefill_size=chunked_prefill_size or (2048 if on_cpu else 8192),
             ),
         )
-        self.backend = _make_backend(attention_backend, self.pool, cfg, self.device, max_running_requests)
+        self.backend = make_backend(attention_backend, self.pool, cfg, self.device, max_running_requests)
         self.runner = ModelRunner(self.model, self.backend, self.device)
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.outputs = OutputProcessor(self)
@@ -317,107 +285,6 @@ class Engine:
         ]
         return [[lp for _, lp in f.result().prompt_logprobs or []] for f in futs]
 
-    # ---- the loop (engine thread) -------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            try:
-                if not self._loop_once():
-                    return
-            except Exception as e:  # a bug must fail the requests in flight, not kill the engine
-                self._recover(e)
-
-    def _loop_once(self) -> bool:
-        sched = self.scheduler
-        block = not sched.has_work()
-        try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-            while True:
-                if item is None:
-                    self._abort_all()
-                    return False
-                if isinstance(item, Req):
-                    sched.add(item)
-                else:
-                    item()
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
-        if sched.has_work():
-            self._step()
-        return True
-
-    def _recover(self, exc: Exception) -> None:
-        """After an unexpected internal error: fail every request in flight and reset the queues and
-        the cache, so the engine keeps serving new requests."""
-        err = EngineError(
-            f"internal engine error; the requests in flight were failed ({type(exc).__name__}: {exc})"
-        )
-        sched = self.scheduler
-        for req in sched.all_requests():
-            if not req.finished:
-                self.outputs.fail(req, err)
-            try:
-                sched.release(req, cache_kv=False)
-            except Exception:
-                pass
-        sched.waiting.clear()
-        sched.running.clear()
-        sched.extending.clear()
-        sched.chunked = sched.chunked_next = None
-        try:
-            self.cache.reset()
-        except Exception:
-            pass
-
-    def _wait(self, fut: Future) -> Any:
-        """fut.result(), but never forever: a dead engine thread raises instead of hanging."""
-        from concurrent.futures import TimeoutError as FutureTimeout
-
-        while True:
-            try:
-                return fut.result(timeout=1.0)
-            except FutureTimeout:
-                if not self._thread.is_alive():
-                    raise EngineError("the engine thread has stopped; create a new Engine") from None
-
-    def _step(self) -> None:
-        sched = self.scheduler
-        batch = sched.schedule()
-        if batch is None:
-            if sched.waiting and not (sched.running or sched.extending or sched.chunked):
-                # nothing runs, so the whole pool is free or evictable: a request that still cannot
-                # be admitted (a chain whose text outgrew the pool) never will be
-                req = sched.waiting[0]
-                if req.seq_len + self.pool.page_size > self.pool.capacity:
-                    self.outputs.fail(
-                        req,
-                        OutOfKVMemoryError(
-                            f"the request grew to {req.seq_len} tokens but the KV pool holds "
-                            f"{self.pool.capacity}; raise kv_memory"
-                        ),
-                    )
-                    sched.finish(req, cache_kv=False)
-                    return
-            time.sleep(0.001)
-            return
-        try:
-            step = self.runner.run(batch)
-            self.outputs.process(batch, step)
-        except Exception as e:  # one failing batch must not stop the engine
-            for req in batch.reqs:
-                if not req.finished:
-                    self.outputs.fail(req, EngineError(f"engine step failed: {type(e).__name__}: {e}"))
-                sched.finish(req, cache_kv=False)
-            return
-        sched.after_step(batch)
-        for req in batch.reqs:
-            if req.finished:
-                sched.finish(req)
-
-    def _abort_all(self) -> None:
-        for req in self.scheduler.all_requests():
-            self.outputs.fail(req, EngineClosedError("the engine was shut down before this request finished"))
-
     # ---- housekeeping -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counters and sizes, read on the engine thread between steps (a consistent snapshot)."""
@@ -496,30 +363,6 @@ class Engine:
             self.shutdown()
         except Exception:
             pass
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _make_backend(name: str, pool: KVPool, cfg: Any, device: torch.device, max_batch: int):
-    """'auto': Triton on CUDA (torch reference where Triton cannot run), torch on the CPU."""
-    scale = cfg.head_dim**-0.5
-    if name in ("auto", "triton") and device.type == "cuda":
-        from llmir_lang.executor.triton_backend import TritonAttentionBackend, select_attention_backend
-
-        if name == "triton":
-            return TritonAttentionBackend(
-                pool.k_buffers, pool.v_buffers, scale, max_batch_size=max_batch, num_q_heads=cfg.num_heads
-            )
-        return select_attention_backend(
-            pool.k_buffers, pool.v_buffers, scale, max_batch_size=max_batch, num_q_heads=cfg.num_heads
-        )
-    if name in ("auto", "torch"):
-        return TorchAttentionBackend(pool.k_buffers, pool.v_buffers, scale)
-    if name == "triton":
-        raise InvalidRequestError("attention_backend='triton' needs a CUDA device; use 'auto' or 'torch'")
-    raise InvalidRequestError(f"unknown attention_backend {name!r}; use 'auto', 'torch' or 'triton'")
 
 
 __all__ = ["Engine", "GenerateResult", "SamplingParams", "StreamChunk", "FinishReason"]
