@@ -1,6 +1,6 @@
 """Streaming and async with llmir_lang: ``text_iter``, ``arun`` and ``text_async_iter``.
 
-    python examples/dsl_stream_async.py
+python examples/dsl_stream_async.py
 """
 
 from __future__ import annotations
