@@ -206,3 +206,11 @@ def test_call_by_call_is_one_call_at_a_time_and_fork_groups_overlap(fake):
     fake.reset()
     skeleton.run(topic="rivers", backend=fake)
     assert fake.max_in_flight == 3  # the three branch heads of the grouped fork
+
+
+def test_bind_and_progress_bar(fake, capsys):
+    bound = chat.bind(topic="owls")
+    assert bound.run(backend=fake).text() == chat.run(topic="owls", backend=fake).text()
+    states = few_shot.bind(question="Is it?").run_batch([{}, {}], backend=fake, progress_bar=True)
+    assert states[0].text() == states[1].text()
+    assert "2/2" in capsys.readouterr().err
