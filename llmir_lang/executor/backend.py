@@ -152,32 +152,12 @@ class EngineBackend(Backend):
         outer: Future = Future()
 
         def done(f: Future) -> None:
+            # runs on the engine thread: whatever happens, ``outer`` must resolve
             try:
-                res = f.result()
-            except Exception as e:  # engine failure: reported on the result, never raised
-                outer.set_result(ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}"))
-                return
-            results = []
-            for i, r in enumerate(res.meta.get("steps", [res])):
-                meta = {k: v for k, v in r.meta.items() if k not in ("steps", "chain_text")}
-                meta["constraint_engine"] = engines[i] if i < len(engines) else None
-                results.append(
-                    StepResult(
-                        name=names[i] if i < len(names) else None,
-                        text=r.text,
-                        token_ids=r.token_ids,
-                        finish_reason=r.finish_reason,
-                        prompt_tokens=r.prompt_tokens,
-                        completion_tokens=r.completion_tokens,
-                        cached_tokens=r.cached_tokens,
-                        logprobs=r.logprobs,
-                        error=r.error,
-                        meta=meta,
-                    )
-                )
-            error = next((r.error for r in results if r.error), None)
-            text = lead + res.meta.get("chain_text", res.text)
-            outer.set_result(ChainResult(steps=results, text=text, error=error))
+                outer.set_result(_chain_result(f, names, engines, lead))
+            except Exception as e:
+                if not outer.done():
+                    outer.set_result(ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}"))
 
         inner.add_done_callback(done)
         return outer
@@ -192,3 +172,30 @@ class EngineBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
+
+
+def _chain_result(f: Future, names: list, engines: list, lead: str) -> ChainResult:
+    try:
+        res = f.result()
+    except Exception as e:  # engine failure: reported on the result, never raised
+        return ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}")
+    results = []
+    for i, r in enumerate(res.meta.get("steps", [res])):
+        meta = {k: v for k, v in r.meta.items() if k not in ("steps", "chain_text")}
+        meta["constraint_engine"] = engines[i] if i < len(engines) else None
+        results.append(
+            StepResult(
+                name=names[i] if i < len(names) else None,
+                text=r.text,
+                token_ids=r.token_ids,
+                finish_reason=r.finish_reason,
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens,
+                cached_tokens=r.cached_tokens,
+                logprobs=r.logprobs,
+                error=r.error,
+                meta=meta,
+            )
+        )
+    error = next((r.error for r in results if r.error), None)
+    return ChainResult(steps=results, text=lead + res.meta.get("chain_text", res.text), error=error)

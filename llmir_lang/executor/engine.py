@@ -60,6 +60,8 @@ class Engine(EngineLoop):
         enable_prefix_cache: bool = True,
         attention_backend: str = "auto",
         jump_forward: bool = True,
+        cuda_graphs: bool = True,
+        compile_model: bool = False,
         seed: int = 0,
     ):
         self.device = torch.device(device) if device is not None else default_device()
@@ -91,7 +93,9 @@ class Engine(EngineLoop):
             ),
         )
         self.backend = make_backend(attention_backend, self.pool, cfg, self.device, max_running_requests)
-        self.runner = ModelRunner(self.model, self.backend, self.device)
+        self.runner = ModelRunner(
+            self.model, self.backend, self.device, cuda_graphs=cuda_graphs, compile_model=compile_model
+        )
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.outputs = OutputProcessor(self)
         self.seed = seed
@@ -278,12 +282,12 @@ class Engine(EngineLoop):
         ]
         if any(len(c) == 0 for c in conts):
             raise InvalidRequestError("every continuation must have at least one token")
-        self.submit(p_ids, SamplingParams(max_new_tokens=0)).result()
+        self._wait(self.submit(p_ids, SamplingParams(max_new_tokens=0)))
         start = len(p_ids) - 1
         futs = [
             self.submit(p_ids + c, SamplingParams(max_new_tokens=0), logprob_start_len=start) for c in conts
         ]
-        return [[lp for _, lp in f.result().prompt_logprobs or []] for f in futs]
+        return [[lp for _, lp in self._wait(f).prompt_logprobs or []] for f in futs]
 
     # ---- housekeeping -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -297,6 +301,8 @@ class Engine(EngineLoop):
             "cache": self.cache.stats(),
             "pool": self.pool.stats(),
             "forward_calls": self.runner.num_forward_calls,
+            "graph_replays": getattr(self.runner, "num_graph_replays", 0),
+            "shared_prefix_steps": getattr(self.runner, "num_shared_prefix_steps", 0),
             "tokens_computed": self.runner.num_tokens_computed,
             "retractions": self.scheduler.num_retractions,
             "steps": self.scheduler.step_count,
@@ -304,6 +310,8 @@ class Engine(EngineLoop):
 
     def call_in_engine_thread(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn()  # already there (e.g. from a stream callback): queuing would deadlock
         fut: Future = Future()
 
         def run() -> None:
@@ -316,7 +324,7 @@ class Engine(EngineLoop):
             if self._closed:
                 raise EngineClosedError("the engine was shut down; create a new Engine")
             self._inbox.put(run)
-        return fut.result()
+        return self._wait(fut)
 
     def abort(self, rid: int) -> bool:
         """Cancel a request (e.g. its client went away): it ends with finish_reason "abort", its

@@ -6,6 +6,7 @@ pool and the radix cache (other threads reach them through ``call_in_engine_thre
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from concurrent.futures import Future
@@ -13,6 +14,8 @@ from typing import Any
 
 from llmir_lang.errors import EngineClosedError, EngineError, OutOfKVMemoryError
 from llmir_lang.executor.request import Req
+
+log = logging.getLogger("llmir_lang.engine")
 
 
 class EngineLoop:
@@ -51,10 +54,18 @@ class EngineLoop:
         err = EngineError(
             f"internal engine error; the requests in flight were failed ({type(exc).__name__}: {exc})"
         )
+        log.error("internal engine error; failing the requests in flight", exc_info=exc)
         sched = self.scheduler
-        for req in sched.all_requests():
+        in_flight = sched.all_requests()
+        # the current batch's requests may sit in no queue (between admission and after_step)
+        batch = getattr(self, "_batch", None)
+        if batch is not None:
+            in_flight += [r for r in batch.reqs if r not in in_flight]
+        self._batch = None
+        for req in in_flight:
             if not req.finished:
                 self.outputs.fail(req, err)
+        for req in in_flight:
             try:
                 sched.release(req, cache_kv=False)
             except Exception:
@@ -99,19 +110,25 @@ class EngineLoop:
                     return
             time.sleep(0.001)
             return
+        self._batch = batch
         try:
             step = self.runner.run(batch)
             self.outputs.process(batch, step)
         except Exception as e:  # one failing batch must not stop the engine
+            log.warning("engine step failed; failing its %d requests", len(batch.reqs), exc_info=e)
+            err = EngineError(f"engine step failed: {type(e).__name__}: {e}")
             for req in batch.reqs:
                 if not req.finished:
-                    self.outputs.fail(req, EngineError(f"engine step failed: {type(e).__name__}: {e}"))
+                    self.outputs.fail(req, err)
+            for req in batch.reqs:
                 sched.finish(req, cache_kv=False)
+            self._batch = None
             return
         sched.after_step(batch)
         for req in batch.reqs:
             if req.finished:
                 sched.finish(req)
+        self._batch = None
 
     def _abort_all(self) -> None:
         for req in self.scheduler.all_requests():

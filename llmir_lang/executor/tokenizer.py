@@ -38,6 +38,11 @@ class Tokenizer:
             except (OSError, json.JSONDecodeError):
                 pass
         self.eos_token_ids: list[int] = sorted(eos)
+        # NOTE: transformers' Python decode wrapper costs more than the Rust decode it calls; the
+        # engine decodes every step, so call the Rust tokenizer directly when nothing else applies.
+        rust = getattr(self.hf, "_tokenizer", None)
+        cleanup = bool(getattr(self.hf, "clean_up_tokenization_spaces", False))
+        self._rust = rust if rust is not None and not cleanup else None
         self.bos_token_id: int | None = self.hf.bos_token_id
         self.all_special_ids: set[int] = set(self.hf.all_special_ids)
 
@@ -53,6 +58,8 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._rust is not None:
+            return self._rust.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
