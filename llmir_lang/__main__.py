@@ -1,4 +1,8 @@
-"""Command line: print a program's IR before and after the pass pipeline, or run it.
+"""Command line: the IR of a program, running it, batch extraction, the server, benchmarks.
+
+    llmir extract --schema S --input in.jsonl|in.csv --output out.jsonl [...]   (llmir_lang.cli.extract)
+    llmir serve --model PATH --host 127.0.0.1 --port 30000                     (llmir_lang.server.cli)
+    llmir bench engine|programs|constraints|json [args...]                     (llmir_lang.cli.bench)
 
     python -m llmir_lang ir  path/to/file.py:program [--passes P] [--arg name=value ...]
                              [--model DIR] [--print-after-all]
@@ -110,9 +114,17 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmir_lang", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+_PASS_THROUGH = {
+    "serve": "run the HTTP server (llmir serve --help for its options)",
+    "bench": "run a benchmark of benchmarks/ (llmir bench NAME [args...])",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from llmir_lang.cli.extract import add_arguments as add_extract_arguments
+
+    parser = argparse.ArgumentParser(prog="llmir", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{ir,run,extract,serve,bench}")
     for name, help_text in (("ir", "print the IR before and after the pipeline"), ("run", "run the program")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("target", help="path/to/file.py:program")
@@ -124,8 +136,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.choices["run"].add_argument("--stream", action="store_true", help="print the text as it is generated")
     sub.choices["run"].add_argument("--max-tokens", type=int, default=None, help="default max_tokens of gens")
-    ns = parser.parse_args(argv)
+    add_extract_arguments(sub.add_parser("extract", help="batch structured extraction to JSON lines"))
+    for name, help_text in _PASS_THROUGH.items():  # listed here; their own parsers read the arguments
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args and args[0] == "serve":
+            from llmir_lang.server.cli import serve_main
+
+            return serve_main(args[1:])
+        if args and args[0] == "bench":
+            from llmir_lang.cli.bench import bench_main
+
+            return bench_main(args[1:])
+        ns = _parser().parse_args(args)
+        if ns.command == "extract":
+            from llmir_lang.cli.extract import run_main
+
+            return run_main(ns)
         return cmd_ir(ns) if ns.command == "ir" else cmd_run(ns)
     except LLMIRError as e:
         print(f"error: {e}", file=sys.stderr)
