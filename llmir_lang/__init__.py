@@ -10,8 +10,9 @@
     llmir.set_default_backend(llmir.Runtime())   # the bundled model
     print(qa.run(question="What is 2 + 3?")["answer"])
 
-The public names come from ``llmir_lang.dsl`` and load on first use, so that importing a lower
-layer (``llmir_lang.executor.engine``, ``llmir_lang.ir``) does not load the frontend.
+The public names come from ``llmir_lang.dsl`` (and the remote backends ``Endpoint`` / ``OpenAI``
+from ``llmir_lang.executor.remote``) and load on first use, so that importing a lower layer
+(``llmir_lang.executor.engine``, ``llmir_lang.ir``) does not load the frontend.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ _PUBLIC = (
     "user_end",
 )
 
-__all__ = ["ProgramError", "__version__", *_PUBLIC]
+_REMOTE = ("Endpoint", "OpenAI")
+
+__all__ = ["ProgramError", "__version__", *_PUBLIC, *_REMOTE]
 
 
 def __getattr__(name: str) -> Any:
@@ -53,6 +56,10 @@ def __getattr__(name: str) -> Any:
         from llmir_lang import dsl
 
         return getattr(dsl, name)
+    if name in _REMOTE:
+        from llmir_lang.executor import remote
+
+        return getattr(remote, name)
     if name == "ProgramError":
         from llmir_lang.errors import ProgramError
 
@@ -61,4 +68,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC, "ProgramError"])
+    return sorted([*globals(), *_PUBLIC, *_REMOTE, "ProgramError"])
