@@ -291,6 +291,13 @@ class ProgramState:
         known = "".join(p.text or "" for p in self._pieces)
         return f"ProgramState({known[-60:]!r}{', running' if not self._run.finished.is_set() else ''})"
 
+    def _repr_html_(self) -> str:
+        """Jupyter's rich view: role blocks, generated variables highlighted with their token
+        counts and cache hits (``notebook.render_state_html``); never waits for a running program."""
+        from llmir_lang.dsl.notebook import render_state_html
+
+        return render_state_html(self)
+
     # --- internals -----------------------------------------------------------------------
     def _known_text(self) -> str:
         """The text of the pieces run so far (all of them, between segments)."""
