@@ -78,11 +78,14 @@ class TorchAttentionBackend(AttentionBackend):
     """
 
     min_shared_prefix = 32
+    max_padded_extend = 64  # extends longer than this (prompt prefills) keep the per-request loop
 
     def prepare(self, batch: ForwardBatch) -> None:
         super().prepare(batch)
         self._idx = self._valid = self._prefix_idx = None
+        self._ext = None
         if batch.mode is not ForwardMode.DECODE:
+            self._ext = self._plan_extend(batch)
             return
         lens = batch.kv_indptr[1:] - batch.kv_indptr[:-1]
         width = int(lens.max())
@@ -106,7 +109,95 @@ class TorchAttentionBackend(AttentionBackend):
         ref.store_kv(kb, vb, b.out_cache_loc, k, v)
         if b.mode is ForwardMode.DECODE:
             return self._decode(q, kb, vb)
+        if self._ext is not None:
+            return self._extend(q, kb, vb)
         return ref.extend_attention(q, kb, vb, b.qo_indptr, b.kv_indptr, b.kv_indices, self.sm_scale)
+
+    def _plan_extend(self, batch: ForwardBatch) -> dict | None:
+        """Padded, batched extend for the requests with few new tokens (one gather and two matmuls
+        per layer instead of a loop over requests), with a prefix shared by all of them attended
+        once; requests with long extends keep the reference loop. None = reference for all."""
+        qo, kv = batch.qo_indptr, batch.kv_indptr
+        q_lens, kv_lens = qo[1:] - qo[:-1], kv[1:] - kv[:-1]
+        short = (q_lens <= self.max_padded_extend).nonzero().flatten()
+        if short.numel() < 2:
+            return None
+        long_reqs = (q_lens > self.max_padded_extend).nonzero().flatten().tolist()
+        qo_s, kv_s = qo[:-1][short], kv[:-1][short]
+        q_lens, kv_lens = q_lens[short], kv_lens[short]
+        t_max = int(q_lens.max())
+        shared = 0
+        first = batch.kv_indices[int(kv_s[0]) : int(kv_s[0]) + int(kv_lens[0])]
+        limit = int((kv_lens - q_lens).min())  # only cached prefix tokens: no causal mask needed there
+        if limit >= self.min_shared_prefix:
+            shared = limit
+            for b in range(1, short.numel()):
+                row = batch.kv_indices[int(kv_s[b]) : int(kv_s[b]) + shared]
+                diff = (row != first[:shared]).nonzero()
+                if diff.numel():
+                    shared = int(diff[0])
+                if shared < self.min_shared_prefix:
+                    shared = 0
+                    break
+        s_lens = kv_lens - shared
+        s_max = int(s_lens.max())
+        cols_q = torch.arange(t_max)
+        cols_k = torch.arange(s_max)
+        q_valid = cols_q.unsqueeze(0) < q_lens.unsqueeze(1)  # [B, Tq]
+        k_valid = cols_k.unsqueeze(0) < s_lens.unsqueeze(1)  # [B, S]
+        q_rows = (qo_s.unsqueeze(1) + cols_q.unsqueeze(0)).masked_fill(~q_valid, 0)
+        k_pos = (kv_s.unsqueeze(1) + shared + cols_k.unsqueeze(0)).clamp_max(batch.kv_indices.numel() - 1)
+        k_idx = batch.kv_indices[k_pos].masked_fill(~k_valid, 0)
+        q_pos = (s_lens - q_lens).unsqueeze(1) + cols_q.unsqueeze(0)  # each query's position in its suffix
+        mask = k_valid.unsqueeze(1) & (cols_k.view(1, 1, -1) <= q_pos.unsqueeze(2))  # [B, Tq, S]
+        return {
+            "q_rows": q_rows,
+            "q_valid": q_valid,
+            "k_idx": k_idx,
+            "mask": mask,
+            "prefix_idx": first[:shared] if shared else None,
+            "long": long_reqs,
+        }
+
+    def _extend(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        plan = self._ext
+        t_total, h, d = q.shape
+        hkv = kb.shape[1]
+        g = h // hkv
+        rows, qv = plan["q_rows"], plan["q_valid"]
+        bsz, t_max = rows.shape
+        qp = q.float()[rows].view(bsz, t_max, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
+        keys = kb[plan["k_idx"]].float().permute(0, 2, 3, 1).unsqueeze(2)  # [B, Hkv, 1, D, S]
+        vals = vb[plan["k_idx"]].float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
+        s = torch.matmul(qp, keys) * self.sm_scale  # [B, Hkv, G, Tq, S]
+        s = s.masked_fill(~plan["mask"][:, None, None], float("-inf"))
+        m = s.amax(-1, keepdim=True).clamp_min(-1e30)  # padded query rows see no key
+        e = torch.exp(s - m)
+        num, den = torch.matmul(e, vals), e.sum(-1, keepdim=True)
+        if plan["prefix_idx"] is not None:
+            kp = kb[plan["prefix_idx"]].float().permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, P]
+            vp = vb[plan["prefix_idx"]].float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, P, D]
+            qq = qp.permute(1, 2, 0, 3, 4).reshape(hkv, g, bsz * t_max, d)
+            sp = torch.matmul(qq, kp) * self.sm_scale  # [Hkv, G, B*Tq, P]
+            mp = sp.amax(-1, keepdim=True)
+            ep = torch.exp(sp - mp)
+            nump = torch.matmul(ep, vp).view(hkv, g, bsz, t_max, d).permute(2, 0, 1, 3, 4)
+            denp = ep.sum(-1, keepdim=True).view(hkv, g, bsz, t_max, 1).permute(2, 0, 1, 3, 4)
+            mp = mp.view(hkv, g, bsz, t_max, 1).permute(2, 0, 1, 3, 4)
+            top = torch.maximum(m, mp)
+            a, c = torch.exp(m - top), torch.exp(mp - top)
+            num, den = num * a + nump * c, den * a + denp * c
+        out = (num / den).permute(0, 3, 1, 2, 4).reshape(bsz, t_max, h, d)  # [B, Tq, H, D]
+        result = torch.empty(t_total, h, d, dtype=q.dtype, device=q.device)
+        result[rows[qv]] = out[qv].to(q.dtype)
+        b = self.batch
+        for r in plan["long"]:
+            lo, hi = int(b.qo_indptr[r]), int(b.qo_indptr[r + 1])
+            idx = b.kv_indices[int(b.kv_indptr[r]) : int(b.kv_indptr[r + 1])]
+            result[lo:hi] = ref._attend(
+                q[lo:hi], kb[idx], vb[idx], self.sm_scale, idx.numel() - (hi - lo)
+            ).to(q.dtype)
+        return result
 
     def _decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
         bsz, h, d = q.shape
