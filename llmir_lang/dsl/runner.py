@@ -8,6 +8,10 @@
   program at once, and run with all their requests submitted together. Each program resumes as
   soon as its own function is complete, and its next segment can join the next round while the
   previous one is still running, which keeps the engine's batch full.
+
+On an llmir server (a backend with ``run_program`` whose ``protocol`` is ``"llmir"``), a module
+that nothing streams goes to the server whole, as IR text (``/program``): the server optimizes and
+runs it next to its engine, one round trip per segment module instead of one per call.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from llmir_lang.dsl.evaluator import SegmentEvaluator
 from llmir_lang.dsl.prefill import PrefillMemory
-from llmir_lang.dsl.results import FunctionResult
+from llmir_lang.dsl.results import Failure, FunctionResult, StateResult, VarResult
 from llmir_lang.executor.backend import Backend
-from llmir_lang.ir import Function, Module
+from llmir_lang.ir import Function, Module, print_ir
 from llmir_lang.optimizer import PassManager
 
 if TYPE_CHECKING:
@@ -72,8 +76,10 @@ class PipelineRunner:
         on_function_done: Callable[[int, FunctionResult], None] | None = None,
     ) -> list[FunctionResult]:
         """Optimize and run ``module``; ``live[i]`` are function i's states (for streaming)."""
-        optimized = self.optimize(module, roles)
         streaming = any(st._log is not None for states in live for st in states)
+        if not streaming and self._runs_programs():
+            return self._evaluate_remote(module, on_function_done)
+        optimized = self.optimize(module, roles)
 
         def on_chunk(fi: int, owners: frozenset[int], name: str, text: str) -> None:
             for r in owners:
@@ -97,6 +103,49 @@ class PipelineRunner:
 
     def execute(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> FunctionResult:
         return self.evaluate(Module((fn,)), run.roles, [live])[0]
+
+    def _runs_programs(self) -> bool:
+        """Whether the backend runs whole modules itself (an llmir server: ``/program``)."""
+        if not callable(getattr(self.backend, "run_program", None)):
+            return False
+        # NOTE: an Endpoint learns its protocol from /health once and then remembers it
+        return getattr(self.backend, "protocol", None) == "llmir"
+
+    def _evaluate_remote(
+        self, module: Module, on_function_done: Callable[[int, FunctionResult], None] | None
+    ) -> list[FunctionResult]:
+        """Send ``module`` (unoptimized: the server runs ``self.passes`` with its model's chat
+        template) and turn the reply's states into the runner's results."""
+        reply = self.backend.run_program(print_ir(module), None, self.passes)  # type: ignore[attr-defined]
+        if len(reply.functions) != len(module.functions):
+            raise RuntimeError(
+                f"the server returned {len(reply.functions)} functions for a module of "
+                f"{len(module.functions)}; is it the same llmir version as this client?"
+            )
+        results = []
+        for fi, (_, states) in enumerate(reply.functions):
+            result = FunctionResult(
+                [
+                    StateResult(
+                        st.text,
+                        {k: VarResult(v, dict(st.meta.get(k) or {})) for k, v in st.vars.items()},
+                        None if st.error is None else Failure(st.error_var, st.error),
+                    )
+                    for st in states
+                ]
+            )
+            results.append(result)
+            if on_function_done is not None:
+                on_function_done(fi, result)
+        with self._lock:
+            self.stats.requests += int(reply.stats.get("requests", 0))
+            self.stats.prefills += int(reply.stats.get("prefills", 0))
+            self.stats.score_calls += int(reply.stats.get("score_calls", 0))
+            self.stats.segments += len(module.functions)
+            self.stats.rounds += 1
+            if self.keep_ir:
+                self.stats.modules.append(module)
+        return results
 
 
 @dataclass(slots=True)
