@@ -149,8 +149,8 @@ def run_extract(ns: argparse.Namespace, backend: Any = None) -> ExtractSummary:
             summary.seconds = time.perf_counter() - start
             if bar is not None:
                 bar.close()
-            if own_backend and hasattr(backend, "shutdown"):
-                backend.shutdown()
+            if own_backend:  # Runtime has shutdown(), the HTTP backends close()
+                getattr(backend, "shutdown", getattr(backend, "close", lambda: None))()
     return summary
 
 

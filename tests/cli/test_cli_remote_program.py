@@ -54,6 +54,7 @@ class CountingEndpoint:
 
     def __init__(self, ep: Any) -> None:
         self.ep, self.programs, self.submits = ep, 0, 0
+        self.url = str(ep.base_url)
         real_run, real_submit = ep.run_program, ep.submit
 
         def run_program(*a: Any, **k: Any) -> Any:
@@ -131,3 +132,31 @@ def test_streaming_stays_call_by_call(backends: Any) -> None:
     text = "".join(state.text_iter())
     assert state.error() is None and "12" in text
     assert counting.programs == before[0] and counting.submits > before[1]
+
+
+def test_extract_over_url_runs_on_the_server(backends: Any, tmp_path: Path) -> None:
+    import argparse
+    import json
+    import random
+
+    from llmir_lang.cli.extract import add_arguments, run_extract
+    from llmir_lang.models.tiny_tasks import make_extraction_example
+
+    counting, _ = backends
+    rng = random.Random(5)
+    expected = {}
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i in range(4):
+            text, record = make_extraction_example(rng, "person")
+            expected[i] = record
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ns = p.parse_args(
+        ["--schema", "person", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+         "--url", counting.url, "--no-progress", "--max-tokens", "96"]
+    )  # fmt: skip
+    summary = run_extract(ns)  # its own Endpoint, closed at the end
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert summary.ok == 4 and [r["id"] for r in rows] == [0, 1, 2, 3]
+    assert sum(r["record"] == expected[r["id"]] for r in rows) >= 3
