@@ -106,7 +106,6 @@ def run_extract(ns: argparse.Namespace, backend: Any = None) -> ExtractSummary:
     """Run the job described by ``ns`` (see ``add_arguments``); ``backend`` overrides the model."""
     schema = load_schema(ns.schema)
     make_prompt = _prompt_maker(ns.prompt_file, schema)
-    schema_text = json.dumps(schema.json_schema)
     summary = ExtractSummary()
     with ResumableOutput(ns.output, fsync=not ns.no_fsync) as out:
         pending: list[tuple[Any, Any]] = []  # (id, text or None when missing)
@@ -130,23 +129,19 @@ def run_extract(ns: argparse.Namespace, backend: Any = None) -> ExtractSummary:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(pending), unit="rec", desc="extract", file=sys.stderr)
-        start = time.perf_counter()
+        job = _Job(ns, backend, schema, make_prompt, out, summary, bar)
         try:
-            for i in range(0, len(pending), ns.batch_size):
-                _run_chunk(
-                    pending[i : i + ns.batch_size],
-                    ns,
-                    backend,
-                    schema,
-                    schema_text,
-                    make_prompt,
-                    out,
-                    summary,
-                    bar,
-                    start,
-                )
+            # NOTE: the next chunk starts before this one is consumed, so the engine's batch does
+            # not drain at every chunk boundary; lines still come out in input order
+            chunks = [pending[i : i + ns.batch_size] for i in range(0, len(pending), ns.batch_size)]
+            running = job.start(chunks[0])
+            for nxt in chunks[1:]:
+                following = job.start(nxt)
+                job.finish(*running)
+                running = following
+            job.finish(*running)
         finally:
-            summary.seconds = time.perf_counter() - start
+            summary.seconds = time.perf_counter() - job.started
             if bar is not None:
                 bar.close()
             if own_backend:  # Runtime has shutdown(), the HTTP backends close()
@@ -154,49 +149,72 @@ def run_extract(ns: argparse.Namespace, backend: Any = None) -> ExtractSummary:
     return summary
 
 
-def _run_chunk(
-    chunk: list[tuple[Any, Any]],
-    ns: argparse.Namespace,
-    backend: Any,
-    schema: Schema,
-    schema_text: str,
-    make_prompt: Any,
-    out: ResumableOutput,
-    summary: ExtractSummary,
-    bar: Any,
-    start: float,
-) -> None:
-    def finish(record_id: Any, row: dict[str, Any]) -> None:
-        out.write({"id": record_id, **row})
-        if "error" in row:
-            summary.failed += 1
-        else:
-            summary.ok += 1
-        if bar is not None:
-            summary.seconds = time.perf_counter() - start
-            bar.set_postfix_str(summary.line(), refresh=False)
-            bar.update(1)
+class _Job:
+    """One run's context: starts chunks (``run_batch`` in the background), writes their lines."""
 
-    runnable = []
-    for record_id, text in chunk:
-        if not isinstance(text, str) or not text.strip():
-            what = "is missing" if text is None else "is empty" if isinstance(text, str) else "is not text"
-            finish(record_id, {"error": f"the text field {ns.text_field!r} {what}"})
+    def __init__(
+        self,
+        ns: argparse.Namespace,
+        backend: Any,
+        schema: Schema,
+        make_prompt: Any,
+        out: ResumableOutput,
+        summary: ExtractSummary,
+        bar: Any,
+    ) -> None:
+        self.ns, self.backend, self.schema, self.make_prompt = ns, backend, schema, make_prompt
+        self.out, self.summary, self.bar = out, summary, bar
+        self.schema_text = json.dumps(schema.json_schema)
+        self.started = time.perf_counter()
+
+    def write(self, record_id: Any, row: dict[str, Any]) -> None:
+        self.out.write({"id": record_id, **row})
+        if "error" in row:
+            self.summary.failed += 1
         else:
-            runnable.append((record_id, text))
-    if not runnable:
-        return
-    kwargs = [
-        {"prompt": make_prompt(t), "schema": schema_text, "max_tokens": ns.max_tokens} for _, t in runnable
-    ]
-    try:
-        states = extract_program.run_batch(kwargs, backend=backend, passes=ns.passes, generator_style=True)
-        for (record_id, _), st in zip(runnable, states):
-            finish(record_id, _outcome(st, schema, summary))
-    except Exception as e:  # the batch itself failed (backend down, bad pipeline): record it, go on
-        for record_id, _ in runnable:
-            if id_key(record_id) not in out.done_ids:
-                finish(record_id, {"error": f"{type(e).__name__}: {e}"})
+            self.summary.ok += 1
+        if self.bar is not None:
+            self.summary.seconds = time.perf_counter() - self.started
+            self.bar.set_postfix_str(self.summary.line(), refresh=False)
+            self.bar.update(1)
+
+    def start(self, chunk: list[tuple[Any, Any]]) -> tuple[list[tuple[Any, Any]], Any]:
+        """Write the chunk's records that cannot run; start the others. Returns ``(runnable,
+        states iterator or the exception that prevented the batch)``."""
+        runnable = []
+        for record_id, text in chunk:
+            if not isinstance(text, str) or not text.strip():
+                what = (
+                    "is missing" if text is None else "is empty" if isinstance(text, str) else "is not text"
+                )
+                self.write(record_id, {"error": f"the text field {self.ns.text_field!r} {what}"})
+            else:
+                runnable.append((record_id, text))
+        if not runnable:
+            return runnable, iter(())
+        kwargs = [
+            {"prompt": self.make_prompt(t), "schema": self.schema_text, "max_tokens": self.ns.max_tokens}
+            for _, t in runnable
+        ]
+        try:
+            states = extract_program.run_batch(
+                kwargs, backend=self.backend, passes=self.ns.passes, generator_style=True
+            )
+        except Exception as e:  # a bad pipeline or argument: every record of the chunk fails with it
+            return runnable, e
+        return runnable, states
+
+    def finish(self, runnable: list[tuple[Any, Any]], states: Any) -> None:
+        """Write each started record's line as its program completes (in input order)."""
+        try:
+            if isinstance(states, Exception):
+                raise states
+            for (record_id, _), st in zip(runnable, states):
+                self.write(record_id, _outcome(st, self.schema, self.summary))
+        except Exception as e:  # the batch itself failed (backend down, ...): record it, go on
+            for record_id, _ in runnable:
+                if id_key(record_id) not in self.out.done_ids:
+                    self.write(record_id, {"error": f"{type(e).__name__}: {e}"})
 
 
 def _outcome(state: Any, schema: Schema, summary: ExtractSummary) -> dict[str, Any]:
