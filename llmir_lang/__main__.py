@@ -28,11 +28,14 @@ from llmir_lang.errors import LLMIRError
 
 
 def _load_program(target: str) -> Any:
+    """``file.py:program``, or ``file.py`` holding exactly one ``@llmir.function``."""
     from llmir_lang.dsl import LMFunction
 
     path, sep, name = target.rpartition(":")
-    if not sep or not path or not name:
-        raise SystemExit(f"error: {target!r} must be written path/to/file.py:program_name")
+    if not sep and target.endswith(".py"):
+        path, name = target, ""
+    elif not sep or not path or not name:
+        raise SystemExit(f"error: {target!r} must be written path/to/file.py[:program_name]")
     file = Path(path)
     if not file.is_file():
         raise SystemExit(f"error: no such file {path!r}")
@@ -41,7 +44,14 @@ def _load_program(target: str) -> Any:
         raise SystemExit(f"error: cannot import {path!r}")
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(file.resolve().parent))
+    sys.modules[spec.name] = module  # so that pydantic models and dataclasses in it resolve names
     spec.loader.exec_module(module)
+    if not name:
+        found = [k for k, v in vars(module).items() if isinstance(v, LMFunction) and not k.startswith("_")]
+        if len(found) != 1:
+            what = f"{len(found)} programs ({', '.join(found)})" if found else "no @llmir.function"
+            raise SystemExit(f"error: {path} has {what}; name one: {path}:program_name")
+        name = found[0]
     program = getattr(module, name, None)
     if program is None:
         raise SystemExit(f"error: {path} has no {name!r}")
@@ -127,7 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{ir,run,extract,serve,bench}")
     for name, help_text in (("ir", "print the IR before and after the pipeline"), ("run", "run the program")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("target", help="path/to/file.py:program")
+        p.add_argument(
+            "target", help="path/to/file.py[:program] (the name may be left out when there is one)"
+        )
         p.add_argument("--passes", default=None, help="pass pipeline ('' = none); default: the program's")
         p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", help="a program argument")
         p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import llmir_lang as llmir
-from llmir_lang.cli.inputs import Schema, load_schema, read_records
+from llmir_lang.cli.inputs import ExtractInputError, Schema, load_schema, read_records
 from llmir_lang.cli.output import ResumableOutput, id_key
 
 
@@ -86,10 +86,12 @@ def _prompt_maker(prompt_file: str | None, schema: Schema) -> Any:
         from llmir_lang.models.tiny_tasks import extraction_prompt
 
         return lambda text: extraction_prompt(text, schema.name)
+    if not Path(prompt_file).is_file():
+        raise ExtractInputError(f"--prompt-file {prompt_file!r}: no such file")
     template = Path(prompt_file).read_text(encoding="utf-8")
     if "{text}" not in template:
-        raise SystemExit(
-            f"error: --prompt-file {prompt_file!r} has no {{text}} placeholder for the record text"
+        raise ExtractInputError(
+            f"--prompt-file {prompt_file!r} has no {{text}} placeholder for the record text"
         )
     return lambda text: template.replace("{text}", text)
 

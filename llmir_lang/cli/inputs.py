@@ -111,7 +111,8 @@ def _pydantic_schema(spec: str) -> Schema:
 def read_records(path: str | Path, *, id_field: str = "id") -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line_number, row)`` for each record of a ``.jsonl`` / ``.json`` lines or ``.csv`` file.
 
-    A row without ``id_field`` gets its line number as id (so reruns still match records).
+    A row without ``id_field`` gets its line number (CSV: its row number, the header being 1) as
+    id, so reruns still match records.
     """
     file = Path(path)
     if not file.is_file():

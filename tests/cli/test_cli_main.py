@@ -76,3 +76,30 @@ def test_remote_backends_are_lazy_exports() -> None:
 
     assert llmir_lang.Endpoint is Endpoint and llmir_lang.OpenAI is OpenAI
     assert {"Endpoint", "OpenAI"} <= set(llmir_lang.__all__) and "OpenAI" in dir(llmir_lang)
+
+
+def test_program_name_may_be_left_out_when_the_file_has_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main.main(["ir", str(ROOT / "examples" / "dsl_stream_async.py")]) == 0
+    assert "func @chat(" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="3 programs"):
+        cli_main.main(["ir", str(ROOT / "examples" / "dsl_qa.py")])
+
+
+def test_extract_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "x"}\n')
+    base = [
+        "extract",
+        "--schema",
+        "person",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert cli_main.main([*base, "--prompt-file", str(tmp_path / "missing.txt")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("no placeholder")
+    assert cli_main.main([*base, "--prompt-file", str(tmp_path / "p.txt")]) == 1
+    assert "{text}" in capsys.readouterr().err
+    assert cli_main.main([*base[:4], str(tmp_path / "nope.jsonl"), *base[5:]]) == 1
+    assert "no such file" in capsys.readouterr().err
