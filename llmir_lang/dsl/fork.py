@@ -57,6 +57,15 @@ class ForkGroup:
     def __getitem__(self, i: int) -> ProgramState:
         return self.branches[i]
 
+    def __setitem__(self, i: int, value: ProgramState) -> None:
+        # ``forks[i] += x`` appends to branch i in place and then stores the same branch back
+        if value is not self.branches[i]:
+            raise ForkError(
+                "a fork branch cannot be replaced; append to it instead (forks[i] += ...)",
+                self.parent._run.program,
+                SourceLocation.here(),
+            )
+
     def __iter__(self) -> Iterator[ProgramState]:
         return iter(self.branches)
 

@@ -335,7 +335,7 @@ def _in_order(states: list[ProgramState], finish: Callable[[], None]) -> Iterato
 
 def _progress(total: int) -> Any:
     try:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency, but a missing bar must not stop a batch
         return None
     return tqdm(total=total)
