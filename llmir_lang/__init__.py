@@ -47,11 +47,17 @@ _PUBLIC = (
 )
 
 _REMOTE = ("Endpoint", "OpenAI")
+# module that defines each of these (loaded on first use)
+_EXTRAS = {"from_sglang": "llmir_lang.dsl.sglang_interop", "display_stream": "llmir_lang.dsl.notebook"}
 
-__all__ = ["ProgramError", "__version__", *_PUBLIC, *_REMOTE]
+__all__ = ["ProgramError", "__version__", *_PUBLIC, *_REMOTE, *_EXTRAS]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _EXTRAS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXTRAS[name]), name)
     if name in _PUBLIC:
         from llmir_lang import dsl
 
@@ -68,4 +74,11 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_PUBLIC, *_REMOTE, "ProgramError"])
+    return sorted([*globals(), *_PUBLIC, *_REMOTE, *_EXTRAS, "ProgramError"])
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext llmir_lang``: registers the ``%%llmir`` cell magic."""
+    from llmir_lang.dsl import notebook
+
+    notebook.load_ipython_extension(ipython)
