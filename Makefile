@@ -18,6 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	rm -f out/sample_extracted.jsonl
 	$(BIN)/llmir extract --schema examples/extract_person.py:Person --input examples/sample_records.jsonl --output out/sample_extracted.jsonl && $(BIN)/python examples/check_extraction.py examples/sample_records.jsonl out/sample_extracted.jsonl
 
 test: $(STAMP)
