@@ -72,6 +72,9 @@ def _score_pool() -> ThreadPoolExecutor:
             _SCORE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmir-select")
         return _SCORE_POOL
 
+# what ``unconditional_likelihood_normalized`` scores the choices after instead of the prompt
+UNCONDITIONAL_PROMPT = "\n"
+
 
 class SegmentEvaluator:
     """Evaluates one module on ``backend``. ``roles`` renders role markers the passes left as
@@ -307,7 +310,11 @@ class SegmentEvaluator:
             lps = self.backend.score(prompt, choices)
         else:
             lps = [self.backend.score(prompt, [c])[0] for c in choices]
-        return pick_choice(method, lps), lps
+        unconditional = None
+        if method == "unconditional_likelihood_normalized":
+            # the same choice tokens scored after a context-free start (a newline)
+            unconditional = self.backend.score(UNCONDITIONAL_PROMPT, choices)
+        return pick_choice(method, lps, unconditional), lps
 
     def _chunk_sink(self, fi: int, i: int, names: list[str]) -> Callable[[int, str], None] | None:
         if self.on_chunk is None:

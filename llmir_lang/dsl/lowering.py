@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,24 +69,24 @@ def constraint_spec(attrs: Mapping[str, AttrValue]) -> Any:
     return helper(list(value) if isinstance(value, tuple) else value)
 
 
-def pick_choice(method: str, logprobs: Sequence[Sequence[float]]) -> int:
+def pick_choice(
+    method: str,
+    logprobs: Sequence[Sequence[float]],
+    unconditional: Sequence[Sequence[float | None]] | None = None,
+) -> int:
     """Index of the choice ``method`` picks (the first one on ties).
 
-    ``token_length_normalized``: highest mean token logprob; ``sum_logprob``: highest total;
-    ``greedy_token_selection``: compare the choices' token logprobs position by position.
+    ``token_length_normalized``, ``greedy_token_selection`` and ``unconditional_likelihood_normalized``
+    are SGLang's three methods (``llmir_lang.executor.choices``; the third needs the choices' logprobs
+    scored without the prompt); ``sum_logprob`` takes the highest total.
     """
     if method == "sum_logprob":
-        keys: list[Any] = [sum(lps) for lps in logprobs]
-    elif method == "greedy_token_selection":
-        width = max(len(lps) for lps in logprobs)
-        keys = [tuple(lps) + (-math.inf,) * (width - len(lps)) for lps in logprobs]
-    else:
-        keys = [sum(lps) / max(len(lps), 1) for lps in logprobs]
-    best = 0
-    for i, k in enumerate(keys):
-        if k > keys[best]:
-            best = i
-    return best
+        keys = [sum(lps) for lps in logprobs]
+        return max(range(len(keys)), key=lambda i: (keys[i], -i))
+    from llmir_lang.executor import choices
+
+    names = [str(i) for i in range(len(logprobs))]
+    return choices.select_choice(method, names, logprobs, unconditional).index
 
 
 def step_meta(step: StepResult) -> dict[str, Any]:

@@ -20,7 +20,12 @@ from llmir_lang.errors import ConstraintError, InvalidRequestError, NotYetSuppor
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.ir.attrs import SAMPLING_ATTRS, SAMPLING_TO_ENGINE, AttrValue
 
-CHOICES_METHODS = ("token_length_normalized", "greedy_token_selection", "sum_logprob")
+CHOICES_METHODS = (
+    "token_length_normalized",
+    "greedy_token_selection",
+    "unconditional_likelihood_normalized",
+    "sum_logprob",
+)
 ROLES = ("system", "user", "assistant")
 
 
@@ -59,6 +64,7 @@ class Gen(Expr):
     name: str | None
     attrs: dict[str, AttrValue]
     where: SourceLocation | None = field(default=None, repr=False)
+    schema: Any = field(default=None, repr=False)  # json_schema as given, for ProgramState.get_obj
 
 
 @dataclass(eq=False)
@@ -155,7 +161,7 @@ def gen(
     attrs.update(given)
     if name is not None and (not isinstance(name, str) or not name):
         raise DSLError(f"a gen name must be a non-empty string, got {name!r}", where=where)
-    return Gen(name, attrs, where)
+    return Gen(name, attrs, where, schema=json_schema)
 
 
 def gen_int(name: str | None = None, **kwargs: Any) -> Gen:

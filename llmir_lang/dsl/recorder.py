@@ -123,6 +123,8 @@ class ProgramRun:
         self.defaults = dict(defaults or {})
         self.stream = stream
         self.roles = LazyRoles(backend)
+        # gen name -> the json_schema it was given (a dict, JSON text or a pydantic class), for get_obj
+        self.schemas: dict[str, Any] = {}
         self.states: list[ProgramState] = []
         self.builder = FunctionBuilder(ir_name, params)
         self.segment = 0

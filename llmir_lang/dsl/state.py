@@ -111,6 +111,8 @@ class ProgramState:
         piece = Piece("gen", None, name=name, where=where)
         self._record(lambda v: run.builder.gen(v, name, **attrs), piece, where)
         self._vars[name] = PieceSlot(piece)
+        if g.schema is not None:
+            run.schemas[name] = g.schema
 
     def _record(self, build: Any, piece: Piece, where: SourceLocation | None) -> None:
         try:
@@ -228,6 +230,49 @@ class ProgramState:
         slot = self._slot(name, SourceLocation.here())
         self._sync(slot)
         return slot.meta()
+
+    def get_obj(self, name: str) -> Any:
+        """The value of ``gen(name, json_schema=...)`` as an object (a sync point): an instance of
+        the pydantic model it was given, else the parsed JSON, validated against the schema.
+
+        Raises ``ConstraintViolationError`` when the text does not validate, saying so when
+        ``max_tokens`` cut the object short: never a silently truncated object.
+        """
+        import json
+
+        from llmir_lang.errors import ConstraintViolationError
+
+        text = self[name]
+        schema = self._run.schemas.get(name)
+        if schema is None:
+            raise DSLError(
+                f"get_obj({name!r}): {name!r} was not generated with json_schema=...; read it with s[{name!r}]",
+                self._run.program,
+                SourceLocation.here(),
+            )
+        meta = self.get_meta_info(name)
+        cut = (
+            " (generation stopped at max_tokens: raise max_tokens)"
+            if meta.get("finish_reason") == "length"
+            else ""
+        )
+        if isinstance(schema, type) and hasattr(schema, "model_validate_json"):
+            try:
+                return schema.model_validate_json(text)
+            except Exception as e:
+                raise ConstraintViolationError(
+                    f"gen({name!r}) does not validate as {schema.__name__}{cut}: {e}"
+                ) from None
+        try:
+            obj = json.loads(text)
+            import jsonschema
+
+            jsonschema.validate(obj, json.loads(schema) if isinstance(schema, str) else schema)
+        except (ValueError, jsonschema.ValidationError) as e:
+            raise ConstraintViolationError(
+                f"gen({name!r}) does not validate against its schema{cut}: {e}"
+            ) from None
+        return obj
 
     def text(self) -> str:
         """The whole text so far (a sync point)."""
