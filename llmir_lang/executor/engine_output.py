@@ -67,7 +67,8 @@ class OutputProcessor:
         from llmir_lang.executor.constraints import allocate_bitmask, fill_batch_bitmask
 
         mask = allocate_bitmask(len(reqs), vocab)
-        fill_batch_bitmask([r.matcher for r in reqs], mask)
+        for row in fill_batch_bitmask([r.matcher for r in reqs], mask):
+            mask[row] = 0  # a dead end allows nothing (not even EOS): the request ends with its reason
         return mask.to(self.engine.device, non_blocking=True)
 
     # ---- one token ------------------------------------------------------------------------
@@ -167,12 +168,15 @@ class OutputProcessor:
         """
         m = req.matcher
         forced = m.forced_tokens()
-        if len(forced) < 2:
-            return  # one token costs one decode step either way
+        if not forced:
+            return
         for i, tok in enumerate(forced):
             if not m.advance(tok):
                 m.rollback(i)
                 return
+        if len(forced) == 1 and m.is_terminated():
+            m.rollback(1)  # forcing the last token alone would only add an EOS step
+            return
         text = self.engine.tokenizer.decode(forced, skip_special_tokens=False)
         tok = self.engine.tokenizer
         k = min(len(req.output_ids), 3)
@@ -182,7 +186,8 @@ class OutputProcessor:
             new_out = req.output_ids[: len(req.output_ids) - k] + tok.encode(tail_text + text, add_special_tokens=False)
         else:  # the tail is not canonical text (e.g. half a character): keep it as it is
             new_out = req.output_ids + tok.encode(text, add_special_tokens=False)
-        if len(new_out) - len(req.output_ids) < 1:
+        if new_out == req.output_ids:
+            m.rollback(len(forced))
             return
         req.rebase_to = (list(req.prompt_ids), new_out)
         req.text += text

@@ -271,12 +271,6 @@ BFCL_PRIME = {
 }  # JSONSchemaBench BFCL_simple_17
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine_output._jump_forward: when the forced text merges into the re-tokenized tail "
-    "(sampled 'nu' + forced 'mber' -> 'number') the token count does not grow, the step returns "
-    "without a rebase but after advancing the matcher, so the forced text is lost ('{\"nu\":49}')",
-)
 def test_jump_forward_keeps_forced_text_that_merges_into_the_tail(backend):
     spec = spec_from_json_schema(BFCL_PRIME)  # default whitespace: the model writes ' ' then '{"'
     reqs = [ChainRequest(prompt, [gen(spec, 48)]) for _, prompt, _ in extraction_items(20, seed=0)]
