@@ -113,6 +113,33 @@ class TorchAttentionBackend(AttentionBackend):
             return self._extend(q, kb, vb)
         return ref.extend_attention(q, kb, vb, b.qo_indptr, b.kv_indptr, b.kv_indices, self.sm_scale)
 
+    def _merge_prefix(
+        self,
+        q: torch.Tensor,
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        prefix_idx: torch.Tensor,
+        num: torch.Tensor,
+        den: torch.Tensor,
+        m: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend every query of ``q [B, Hkv, G, T, D]`` to one shared prefix (gathered once, one
+        matmul per KV head) and merge with the per-request partials (``num``, ``den``, running max
+        ``m``, all ``[B, Hkv, G, T, .]``) by log-sum-exp."""
+        bsz, hkv, g, t, d = q.shape
+        kp = kb[prefix_idx].float().permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, P]
+        vp = vb[prefix_idx].float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, P, D]
+        qq = q.permute(1, 2, 0, 3, 4).reshape(hkv, g, bsz * t, d)
+        sp = torch.matmul(qq, kp) * self.sm_scale  # [Hkv, G, B*T, P]
+        mp = sp.amax(-1, keepdim=True)
+        ep = torch.exp(sp - mp)
+        nump = torch.matmul(ep, vp).view(hkv, g, bsz, t, d).permute(2, 0, 1, 3, 4)
+        denp = ep.sum(-1, keepdim=True).view(hkv, g, bsz, t, 1).permute(2, 0, 1, 3, 4)
+        mp = mp.view(hkv, g, bsz, t, 1).permute(2, 0, 1, 3, 4)
+        top = torch.maximum(m, mp)
+        a, c = torch.exp(m - top), torch.exp(mp - top)
+        return num * a + nump * c, den * a + denp * c
+
     def _plan_extend(self, batch: ForwardBatch) -> dict | None:
         """Padded, batched extend for the requests with few new tokens (one gather and two matmuls
         per layer instead of a loop over requests), with a prefix shared by all of them attended
@@ -175,18 +202,7 @@ class TorchAttentionBackend(AttentionBackend):
         e = torch.exp(s - m)
         num, den = torch.matmul(e, vals), e.sum(-1, keepdim=True)
         if plan["prefix_idx"] is not None:
-            kp = kb[plan["prefix_idx"]].float().permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, P]
-            vp = vb[plan["prefix_idx"]].float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, P, D]
-            qq = qp.permute(1, 2, 0, 3, 4).reshape(hkv, g, bsz * t_max, d)
-            sp = torch.matmul(qq, kp) * self.sm_scale  # [Hkv, G, B*Tq, P]
-            mp = sp.amax(-1, keepdim=True)
-            ep = torch.exp(sp - mp)
-            nump = torch.matmul(ep, vp).view(hkv, g, bsz, t_max, d).permute(2, 0, 1, 3, 4)
-            denp = ep.sum(-1, keepdim=True).view(hkv, g, bsz, t_max, 1).permute(2, 0, 1, 3, 4)
-            mp = mp.view(hkv, g, bsz, t_max, 1).permute(2, 0, 1, 3, 4)
-            top = torch.maximum(m, mp)
-            a, c = torch.exp(m - top), torch.exp(mp - top)
-            num, den = num * a + nump * c, den * a + denp * c
+            num, den = self._merge_prefix(qp, kb, vb, plan["prefix_idx"], num, den, m)
         out = (num / den).permute(0, 3, 1, 2, 4).reshape(bsz, t_max, h, d)  # [B, Tq, H, D]
         result = torch.empty(t_total, h, d, dtype=q.dtype, device=q.device)
         result[rows[qv]] = out[qv].to(q.dtype)
@@ -214,16 +230,8 @@ class TorchAttentionBackend(AttentionBackend):
         num, den = torch.matmul(e, vals), e.sum(-1, keepdim=True)
         if self._prefix_idx is not None:
             # shared prefix: all B*G query rows of a KV head against one gathered prefix
-            kp = kb[self._prefix_idx].float().permute(1, 2, 0)  # [Hkv, D, P]
-            vp = vb[self._prefix_idx].float().permute(1, 0, 2)  # [Hkv, P, D]
-            qp = qg.permute(1, 0, 2, 3).reshape(hkv, bsz * g, d)
-            sp = torch.matmul(qp, kp) * self.sm_scale  # [Hkv, B*G, P]
-            mp = sp.amax(-1, keepdim=True)
-            ep = torch.exp(sp - mp)
-            nump = torch.matmul(ep, vp).view(hkv, bsz, g, d).permute(1, 0, 2, 3)
-            denp = ep.sum(-1, keepdim=True).view(hkv, bsz, g, 1).permute(1, 0, 2, 3)
-            mp = mp.view(hkv, bsz, g, 1).permute(1, 0, 2, 3)
-            top = torch.maximum(m, mp)
-            a, c = torch.exp(m - top), torch.exp(mp - top)
-            num, den = num * a + nump * c, den * a + denp * c
+            num, den = self._merge_prefix(
+                qg.unsqueeze(3), kb, vb, self._prefix_idx, num.unsqueeze(3), den.unsqueeze(3), m.unsqueeze(3)
+            )
+            num, den = num.squeeze(3), den.squeeze(3)
         return (num / den).reshape(bsz, h, d).to(q.dtype)

@@ -85,37 +85,37 @@ class Scheduler:
         if fresh:
             self.pool.free(_t(fresh))
 
+    def _insert_computed(self, req: Req) -> tuple[list[int], int]:
+        """Insert the request's computed KV into the tree and free the slots that duplicate KV the
+        tree already had. Returns the inserted ids and their page-aligned length: slots past it
+        (a partly filled last page) still belong to the request."""
+        n = req.kv_len
+        ids = req.fill_ids[:n]
+        prefix_len = self.cache.insert(ids, _t(req.kv_slots))
+        dup = req.kv_slots[req.cache_len : max(prefix_len, req.cache_len)]
+        if dup:
+            self.pool.free(_t(dup))
+        return ids, n - n % self.pool.page_size
+
     def release(self, req: Req, cache_kv: bool = True) -> None:
         """Give up the request's KV: computed KV goes into the radix cache, the rest to the pool."""
-        n = req.kv_len
-        if n and cache_kv and not self.cache.disable:
-            ids = req.fill_ids[:n]
-            prefix_len = self.cache.insert(ids, _t(req.kv_slots))
-            aligned = n - n % self.pool.page_size
-            dup = req.kv_slots[req.cache_len : max(prefix_len, req.cache_len)]
+        if req.kv_len and cache_kv and not self.cache.disable:
+            _, aligned = self._insert_computed(req)
             tail = req.kv_slots[aligned:]
-            if dup:
-                self.pool.free(_t(dup))
             if tail:
                 self.pool.free(_t(tail))
-        elif n > req.cache_len:
+        elif req.kv_len > req.cache_len:
             self.pool.free(_t(req.kv_slots[req.cache_len :]))
         if req.last_node is not None:
             self.cache.unlock(req.last_node)
         req.kv_slots, req.cache_len, req.last_node = [], 0, None
 
     def _cache_partial(self, req: Req) -> None:
-        """After a prefill chunk: move the computed KV into the tree and lock its new end."""
+        """After a prefill step: move the computed KV into the tree and lock its new end."""
         if self.cache.disable:
             return
-        n = req.kv_len
-        ids = req.fill_ids[:n]
-        prefix_len = self.cache.insert(ids, _t(req.kv_slots))
-        dup = req.kv_slots[req.cache_len : max(prefix_len, req.cache_len)]
-        aligned = n - n % self.pool.page_size
+        ids, aligned = self._insert_computed(req)
         tail = req.kv_slots[aligned:]
-        if dup:
-            self.pool.free(_t(dup))
         m = self.cache.match_prefix(ids[:aligned])
         self.cache.lock(m.node)
         if req.last_node is not None:
