@@ -269,9 +269,10 @@ class Engine(EngineLoop):
     def score(self, prompt: Prompt, continuations: Sequence[Prompt]) -> list[list[float]]:
         """Per-token logprobs of each continuation after ``prompt``.
 
-        The prompt is prefilled once; then every continuation runs in one batched extend that reuses
-        the prompt's KV from the radix cache (only the prompt's last token is recomputed, to score the
-        first continuation token).
+        All continuations are submitted at once. The prompt's KV is computed once: when it is not
+        cached yet, the scheduler admits one continuation first and the others one step later, from
+        the radix cache (only the prompt's last token is recomputed, to score the first continuation
+        token).
         """
         p_ids = self.encode(prompt)
         if not p_ids:
@@ -282,7 +283,6 @@ class Engine(EngineLoop):
         ]
         if any(len(c) == 0 for c in conts):
             raise InvalidRequestError("every continuation must have at least one token")
-        self._wait(self.submit(p_ids, SamplingParams(max_new_tokens=0)))
         start = len(p_ids) - 1
         futs = [
             self.submit(p_ids + c, SamplingParams(max_new_tokens=0), logprob_start_len=start) for c in conts

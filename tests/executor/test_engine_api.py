@@ -107,8 +107,9 @@ def test_score_shares_prompt_kv(setup):
     before = eng.stats()["tokens_computed"]
     scores = eng.score(prompt, conts)
     computed = eng.stats()["tokens_computed"] - before
-    # prompt once (40) + per continuation: the prompt's last token and the continuation
-    assert computed == 40 + sum(1 + len(c) for c in conts)
+    # the prompt once (40, with the first continuation), then for each other continuation the
+    # prompt's last token and the continuation, from the cached prompt
+    assert computed == 40 + len(conts[0]) + sum(1 + len(c) for c in conts[1:])
     with torch.no_grad():
         for c, s in zip(conts, scores):
             logits = hf(torch.tensor([prompt + c])).logits[0].float()
