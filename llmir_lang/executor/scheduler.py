@@ -36,7 +36,7 @@ class SchedulerConfig:
     lpm_max_waiting: int = 256  # above this many waiting requests, skip prefix matching (FCFS)
     # a waiting request that shares this many uncached tokens with one admitted in the same step
     # waits one step, so the shared part is computed once and then read from the radix cache
-    min_shared_prefix: int = 32
+    min_shared_prefix: int = 8
 
 
 class Scheduler:
