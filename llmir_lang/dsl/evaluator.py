@@ -72,6 +72,7 @@ def _score_pool() -> ThreadPoolExecutor:
             _SCORE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmir-select")
         return _SCORE_POOL
 
+
 # what ``unconditional_likelihood_normalized`` scores the choices after instead of the prompt
 UNCONDITIONAL_PROMPT = "\n"
 
@@ -98,6 +99,9 @@ class SegmentEvaluator:
         self.prefills = 0  # prefill-only requests sent (for tests and stats)
         self.requests = 0  # gen / chain requests sent
         self.score_calls = 0
+        # the backend computes a prefix shared by requests submitted together once by itself:
+        # a separate prefill would only add a round trip before the users may start
+        self._shares_in_batch = bool(getattr(backend, "shares_prefix_in_batch", False))
 
     # --- driver --------------------------------------------------------------------------
     def run(self, module: Module, args: Sequence[Mapping[str, str]] | None = None) -> list[FunctionResult]:
@@ -244,6 +248,7 @@ class SegmentEvaluator:
         self._gate_len[gate] = len(val.text)
         if (
             val.failure is not None
+            or self._shares_in_batch
             or len(val.text) - covered < MIN_PREFILL_CHARS
             or self._gate_users.get(gate, 0) <= 0
         ):

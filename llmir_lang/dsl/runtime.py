@@ -62,6 +62,10 @@ class Runtime(Backend):
         self.engine = Engine(model if model is not None else model_path, **engine_options)
         self.backend = EngineBackend(self.engine)
 
+    @property
+    def shares_prefix_in_batch(self) -> bool:  # type: ignore[override]
+        return self.backend.shares_prefix_in_batch
+
     def submit(self, request: ChainRequest, on_chunk: ChunkCallback | None = None) -> Future:
         return self.backend.submit(request, on_chunk)
 

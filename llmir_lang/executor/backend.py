@@ -65,7 +65,15 @@ ChunkCallback = Callable[[int, str], None]  # (index of the gen step, new text)
 
 
 class Backend(ABC):
-    """Runs chains and scores continuations. Implementations are thread-safe."""
+    """Runs chains and scores continuations. Implementations are thread-safe.
+
+    ``shares_prefix_in_batch``: True when requests submitted together that share a prompt prefix
+    have that prefix computed once by the backend itself (the embedded engine's scheduler defers
+    the others a step and serves them from its radix cache). The evaluator then submits them at
+    once instead of prefilling the prefix first and waiting for it (one round trip saved).
+    """
+
+    shares_prefix_in_batch: bool = False
 
     @abstractmethod
     def submit(self, request: ChainRequest, on_chunk: ChunkCallback | None = None) -> Future:
@@ -94,6 +102,8 @@ class Backend(ABC):
 
 class EngineBackend(Backend):
     """Runs chains on the embedded engine (``Engine()`` with no arguments = the bundled model)."""
+
+    shares_prefix_in_batch = True
 
     def __init__(self, engine: Any = None, **engine_options: Any):
         if engine is None:
