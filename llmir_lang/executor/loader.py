@@ -72,6 +72,46 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+# fused parameter -> the checkpoint's parameters it concatenates (dim 0, in this order)
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path
+) -> dict[str, torch.Tensor]:
+    """Replace each layer's q/k/v and gate/up weights (and biases) by their concatenation along dim 0,
+    the model's ``qkv_proj`` / ``gate_up_proj``. Each part's shape is checked against the config
+    first, so a mismatch names the checkpoint's own weight; parts that are absent are left for the
+    caller's missing-weight check."""
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    rows = {
+        "q_proj": cfg.num_heads * d,
+        "k_proj": cfg.num_kv_heads * d,
+        "v_proj": cfg.num_kv_heads * d,
+        "gate_proj": i,
+        "up_proj": i,
+    }
+    out = dict(state)
+    for layer in range(cfg.num_layers):
+        pre = f"model.layers.{layer}."
+        for fused, parts in _FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"{pre}{p}.{kind}" for p in parts]
+                if not all(n in out for n in names):
+                    continue
+                for n in names:
+                    want = (rows[n.split(".")[-2]],) + ((h,) if kind == "weight" else ())
+                    if tuple(out[n].shape) != want:
+                        raise CheckpointError(
+                            f"weight {n} in {folder} has shape {tuple(out[n].shape)}, config.json implies {want}"
+                        )
+                out[f"{pre}{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], 0)
+    return out
+
+
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
     """Build the model from ``folder`` and load its weights; every mismatch is a CheckpointError."""
     from safetensors import SafetensorError
@@ -90,6 +130,7 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Causal
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    state = fuse_projections(state, cfg, folder)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -2,10 +2,27 @@
 
 Read it top to bottom: embedding, N x (RMSNorm -> attention -> RMSNorm -> SwiGLU MLP), RMSNorm,
 LM head. Attention goes through an AttentionBackend over the paged KV pool, so the model never
-sees how KV is stored. Parameter names equal Hugging Face's, so checkpoints load as they are.
+sees how KV is stored.
+
+Work per step is kept small, since a decode step is mostly kernel launches on a GPU and op
+dispatches on a CPU:
+
+* q/k/v is one projection (``qkv_proj``) and gate/up is one (``gate_up_proj``): their weights are
+  the checkpoint's separate matrices concatenated along dim 0 (the loader does this);
+* the rotary tables are computed once per forward for all layers, and q and k are rotated together
+  (``torch.roll`` and a sign-folded sine instead of rotate-half's slice, negate and concat);
+* each residual add happens inside the next RMSNorm (``add_rms_norm``).
+
+The elementwise pieces are free functions bundled in ``FusedOps``, so ``compiled_ops()`` can swap in
+``torch.compile``d versions (one kernel each on CUDA) without touching the modules. Every variant
+computes what Hugging Face's reference computes, rounding step for rounding step in fp32.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +30,79 @@ from torch import nn
 
 from llmir_lang.executor.attention import AttentionBackend, ForwardBatch
 from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
+
+# ---- the elementwise pieces ------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalize in fp32, cast back, then scale by the weight in the input dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``: the residual add of a block fused into the next norm."""
+    r = x + residual
+    return rms_norm(r, weight, eps), r
+
+
+def rope_qkv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split ``qkv [T, (H + 2 Hkv) * D]`` into q, k, v, normalize q and k per head if given (Qwen3),
+    and rotate q and k together. ``cos``/``sin`` come from ``Rotary.tables`` (``sin`` sign-folded).
+
+    Returns q ``[T, H, D]`` and k ``[T, Hkv, D]`` (views of one new tensor) and v ``[T, Hkv, D]`` (a
+    view of ``qkv``); every last dim is contiguous.
+    """
+    t = qkv.shape[0]
+    d = cos.shape[-1]
+    qk = qkv[:, : (num_heads + num_kv_heads) * d].view(t, num_heads + num_kv_heads, d)
+    v = qkv[:, (num_heads + num_kv_heads) * d :].view(t, num_kv_heads, d)
+    if q_norm is not None and k_norm is not None:
+        qk = torch.cat(
+            (rms_norm(qk[:, :num_heads], q_norm, eps), rms_norm(qk[:, num_heads:], k_norm, eps)), 1
+        )
+    # rotate_half(x) * sin == roll(x, D/2) * [-sin, sin] exactly (negation is exact)
+    qk = qk * cos + torch.roll(qk, d // 2, -1) * sin
+    return qk[:, :num_heads], qk[:, num_heads:], v
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's middle: ``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dim."""
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+@dataclass(slots=True, frozen=True)
+class FusedOps:
+    norm: Callable[..., torch.Tensor]
+    add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rope: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    act: Callable[..., torch.Tensor]
+
+
+PLAIN_OPS = FusedOps(rms_norm, add_rms_norm, rope_qkv, silu_mul)
+
+
+@functools.cache
+def compiled_ops() -> FusedOps:
+    """The same functions through ``torch.compile`` (compiled lazily on first call, dynamic in the
+    token count); made once per process and shared by every model."""
+    return FusedOps(*(torch.compile(f, dynamic=True) for f in (rms_norm, add_rms_norm, rope_qkv, silu_mul)))
+
+
+# ---- modules ---------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -22,30 +112,33 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half layout), cos/sin tables computed in fp32."""
+    """Rotary position embedding (rotate-half layout); tables computed in fp32, once per forward."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos`` and sign-folded ``sin`` (``[-sin, sin]`` halves), both ``[T, 1, D]`` in ``dtype``."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(q.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = emb.sin().to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        c, s = freqs.cos(), freqs.sin()
+        cos = torch.cat((c, c), dim=-1).to(dtype).unsqueeze(1)
+        sin = torch.cat((-s, s), dim=-1).to(dtype).unsqueeze(1)
+        return cos, sin
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass(slots=True)
+class _Step:
+    """What every layer needs in one forward: rotary tables, the attention backend, the ops."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    backend: AttentionBackend
+    ops: FusedOps
 
 
 class Attention(nn.Module):
@@ -54,37 +147,31 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.qkv_proj = nn.Linear(h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.eps = cfg.rms_norm_eps
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, backend: AttentionBackend):
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, positions)
-        o = backend.forward(q, k, v, self.layer_id)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+        q, k, v = step.ops.rope(qkv, step.cos, step.sin, self.num_heads, self.num_kv_heads, qn, kn, self.eps)
+        o = step.backend.forward(q, k, v, self.layer_id)
+        return self.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        return self.down_proj(step.ops.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -95,9 +182,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rotary, backend):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, step: _Step
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` is the previous layer's last output and ``residual`` the stream before it was added
+        (None for the first layer); returns the same pair for the next layer."""
+        n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            h, residual = step.ops.norm(x, n1.weight, n1.eps), x
+        else:
+            h, residual = step.ops.add_norm(x, residual, n1.weight, n1.eps)
+        h, residual = step.ops.add_norm(self.self_attn(h, step), residual, n2.weight, n2.eps)
+        return self.mlp(h, step), residual
 
 
 class Backbone(nn.Module):
@@ -109,7 +205,11 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """The whole model. ``forward`` runs one ForwardBatch and returns logits of the selected tokens."""
+    """The whole model. ``forward`` runs one ForwardBatch and returns logits of the selected tokens.
+
+    ``ops`` picks the elementwise implementations (``PLAIN_OPS`` or ``compiled_ops()``); it may be
+    swapped between forwards.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -118,6 +218,7 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ops = PLAIN_OPS
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -127,9 +228,13 @@ class CausalLM(nn.Module):
         """Returns fp32 logits ``[len(batch.logits_indices) or T, vocab]``."""
         backend.prepare(batch)
         x = self.model.embed_tokens(batch.input_ids)
+        step = _Step(*self.rotary.tables(batch.positions, x.dtype), backend, self.ops)
+        residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            x = layer(x, batch.positions, self.rotary, backend)
+            x, residual = layer(x, residual, step)
+        assert residual is not None, "a model has at least one layer"
         if batch.logits_indices is not None:
-            x = x[batch.logits_indices]
-        x = self.model.norm(x)
+            x, residual = x[batch.logits_indices], residual[batch.logits_indices]
+        norm = self.model.norm
+        x, _ = self.ops.add_norm(x, residual, norm.weight, norm.eps)
         return F.linear(x, self.output_weight()).float()

@@ -332,23 +332,16 @@ class ModelRunner:
     def set_compile(self, on: bool) -> None:
         """Fuse the model's elementwise work with ``torch.compile`` (on) or run it plainly (off).
 
-        Compiles the forward of every RMSNorm, the rotary embedding and the SwiGLU MLP, the pieces
-        that are chains of small elementwise kernels (about 35 of a layer's ~47 launches in a decode
-        step); the projections and attention stay as they are. The model's code is unchanged: the
-        compiled forwards are set on the module instances and removed again by ``set_compile(False)``.
-        Instances share compiled code (one dynamic-shape graph per module type). Captured graphs are
-        dropped, since they hold the other variant's kernels.
+        Swaps the model's ``FusedOps``: RMSNorm (with the residual add before it), the q/k split with
+        rotary (and Qwen3's q/k norms), and SwiGLU's ``silu(gate) * up`` each become one generated
+        kernel; projections and attention stay as they are. Captured graphs are dropped, since they
+        hold the other variant's kernels.
         """
-        from llmir_lang.executor.model import MLP, RMSNorm, Rotary
+        from llmir_lang.executor.model import PLAIN_OPS, compiled_ops
 
         if on == self.compiled:
             return
-        for m in self.model.modules():
-            if isinstance(m, (RMSNorm, Rotary, MLP)):
-                if on:
-                    m.forward = torch.compile(m.forward, dynamic=True)
-                else:
-                    del m.forward
+        self.model.ops = compiled_ops() if on else PLAIN_OPS
         self.compiled = on
         if self.graphs is not None:
             self.graphs.clear()
