@@ -23,8 +23,18 @@ __version__ = "0.1.0"
 
 _PUBLIC = (
     "DSLError",
+    "ForkError",
     "ForkGroup",
     "GenerationError",
+    "GenerationNotSupportedError",
+    "InvalidAppendError",
+    "NoBackendError",
+    "ProgramArgumentError",
+    "ProgramDefinitionError",
+    "ProgramExecutionError",
+    "RoleError",
+    "UnknownVariableError",
+    "VariableRedefinedError",
     "LMFunction",
     "ProgramState",
     "Runtime",

@@ -27,3 +27,14 @@ def test_kernels_import_as_subpackage():
     import llmir_lang.kernels as k
 
     assert Path(k.__file__).parent == ROOT / "kernels"
+
+
+def test_lazy_public_names_match_the_frontend():
+    """``llmir_lang._PUBLIC`` repeats ``llmir_lang.dsl.__all__`` (the frontend is imported lazily):
+    the two lists must not drift apart, and every name must resolve."""
+    import llmir_lang
+    from llmir_lang import dsl
+
+    assert sorted(llmir_lang._PUBLIC) == sorted(dsl.__all__)
+    for name in llmir_lang.__all__:
+        assert getattr(llmir_lang, name) is not None, name
