@@ -56,7 +56,7 @@ def _random_folder(folder: Path) -> None:
 def measure(eng: Engine, prompts: list[list[int]], new: int, prof: cProfile.Profile | None) -> dict:
     runner = eng.runner
     orig = runner.run
-    recs: list[tuple[float, float]] = []  # (start, seconds) of each decode step
+    recs: list[tuple[float, float, float]] = []  # (start, seconds, host seconds) of each decode step
 
     def timed(sb):
         if sb.mode is not ForwardMode.DECODE:
@@ -67,7 +67,7 @@ def measure(eng: Engine, prompts: list[list[int]], new: int, prof: cProfile.Prof
         out = orig(sb)
         if eng.device.type == "cuda":
             torch.cuda.synchronize()
-        recs.append((t0, time.perf_counter() - t0))
+        recs.append((t0, time.perf_counter() - t0, runner.last_host_s))
         return out
 
     params = {"max_new_tokens": new, "ignore_eos": True}
@@ -87,6 +87,7 @@ def measure(eng: Engine, prompts: list[list[int]], new: int, prof: cProfile.Prof
         "steps": len(recs),
         "runner_ms": statistics.median(r[1] for r in recs) * 1e3,
         "engine_step_ms": statistics.median(gaps) * 1e3,
+        "host_ms": statistics.median(r[2] for r in recs) * 1e3,
     }
 
 
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per case (best median kept)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -119,12 +121,12 @@ def main() -> None:
                         best = m
                     if prof is not None:
                         s = io.StringIO()
-                        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(35)
+                        pstats.Stats(prof, stream=s).sort_stats(a.sort).print_stats(35)
                         print(s.getvalue())
             assert best is not None
             print(
                 f"{case} on {dev}: decode steps {best['steps']}, runner {best['runner_ms']:.3f} ms, "
-                f"engine step {best['engine_step_ms']:.3f} ms, "
+                f"(host {best['host_ms']:.3f} ms), engine step {best['engine_step_ms']:.3f} ms, "
                 f"outside the runner {best['engine_step_ms'] - best['runner_ms']:.3f} ms",
                 flush=True,
             )

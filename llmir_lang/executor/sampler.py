@@ -118,6 +118,13 @@ class Sampler:
             empty = torch.empty(0, dtype=torch.int64)
             return SampleOutput(empty, None, [])
         vocab = self.vocab_size
+        if bitmask is None and all(_plain_greedy(p) for p in params):
+            if banned_ids is None or not any(len(b) for b in banned_ids):
+                # The common decode step: no logit is masked or changed and nothing is reported, so
+                # the token is the argmax (in the model's dtype, no copy) and one copy to the host.
+                max_vals, tokens = logits[:, :vocab].max(dim=-1)
+                tokens = tokens.masked_fill(max_vals == _NEG_INF, -1)
+                return SampleOutput(tokens.to("cpu", torch.int64), None, [None] * batch)
         temps = [p.temperature for p in params]
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         freq_rows = [
@@ -382,6 +389,18 @@ def _report_logprobs(
             if n > 0:
                 top[b] = [(ids_list[b][j], lps[b][j]) for j in range(min(n, k)) if lps[b][j] != _NEG_INF]
     return logprobs, top
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with no penalty and no logprobs: the row's token is its plain argmax."""
+    return (
+        p.temperature == 0.0
+        and p.repetition_penalty == 1.0
+        and p.frequency_penalty == 0.0
+        and p.presence_penalty == 0.0
+        and not p.return_logprob
+        and not p.top_logprobs_num
+    )
 
 
 def _flat_pairs(

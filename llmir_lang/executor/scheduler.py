@@ -227,20 +227,44 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         while self.running:
             reqs = self.running[: self.cfg.max_running_requests]
-            done: list[Req] = []
-            for req in reqs:
-                slots = self._alloc(1, self._own_last_slot(req))
-                if slots is None:
-                    break
-                req.kv_slots.extend(slots)
-                done.append(req)
-            if len(done) == len(reqs):
-                prefix = [r.kv_len - 1 for r in reqs]
-                return ScheduledBatch(ForwardMode.DECODE, reqs, prefix, [1] * len(reqs), [True] * len(reqs))
-            for req in done:
-                self._undo_alloc(req, 1)
+            if self._alloc_decode(reqs):
+                n = len(reqs)
+                prefix = [len(r.kv_slots) - 1 for r in reqs]
+                return ScheduledBatch(ForwardMode.DECODE, reqs, prefix, [1] * n, [True] * n)
             self.retract(max(self.running, key=lambda r: (r.arrival_step, r.rid)))
         return None
+
+    def _alloc_decode(self, reqs: list[Req]) -> bool:
+        """One more slot for every request, all or none (False: the pool is full even after eviction).
+
+        The same slots as one ``_alloc(1, ...)`` per request in order, in one pool call: a request
+        continues its own page while the page has room, and the others take a fresh page each, in
+        the order the pool hands them out.
+        """
+        p = self.pool.page_size
+        if p == 1:
+            fresh = reqs
+        else:
+            fresh = [r for r in reqs if r.kv_len == r.cache_len or r.kv_slots[-1] % p == p - 1]
+        pages: list[int] = []
+        if fresh:
+            got = self.pool.alloc(len(fresh) * p)
+            if got is None:
+                self.cache.evict(len(fresh) * p + p)
+                got = self.pool.alloc(len(fresh) * p)
+            if got is None:
+                return False
+            pages = got.tolist()[::p]
+        if len(fresh) == len(reqs):
+            for req, slot in zip(reqs, pages):
+                req.kv_slots.append(slot)
+            return True
+        it = iter(pages)
+        take = {id(r) for r in fresh}
+        for req in reqs:
+            slots = req.kv_slots
+            slots.append(next(it) if id(req) in take else slots[-1] + 1)
+        return True
 
     def retract(self, req: Req) -> None:
         """Out of KV: put a running request back in the queue; its computed KV stays in the cache."""

@@ -79,6 +79,21 @@ def test_greedy_bf16_does_not_modify_logits() -> None:
     assert out.token_ids.shape == (4,)
 
 
+def test_plain_greedy_fast_path_agrees_with_the_general_path() -> None:
+    vocab, padded = 50, 64
+    logits = _logits(5, padded, seed=3)
+    logits[:, vocab:] = 100.0
+    logits[2, :vocab] = NEG_INF  # no allowed token: -1 on both paths
+    plain = _run(Sampler(vocab), logits, [SP() for _ in range(5)])
+    # an empty banned list and a logprob request send the same rows through the general path
+    general = _run(Sampler(vocab), logits, [SP(return_logprob=True) for _ in range(5)])
+    assert plain.logprobs is None and general.logprobs is not None
+    assert torch.equal(plain.token_ids, general.token_ids)
+    assert plain.token_ids[2] == -1
+    banned = _run(Sampler(vocab), logits, [SP() for _ in range(5)], banned_ids=[[], [], [], [], []])
+    assert torch.equal(banned.token_ids, plain.token_ids)
+
+
 def test_empty_batch() -> None:
     out = _run(Sampler(10), torch.zeros(0, 10), [])
     assert out.token_ids.shape == (0,) and out.top_logprobs == []
