@@ -75,7 +75,9 @@ class OutputProcessor:
     def append(self, req: Req, token: int, logprob: float | None, top: list | None) -> None:
         if token < 0:
             why = req.matcher.error() if req.matcher is not None else None
-            req.error = f"the constraint admits no token here ({why or 'dead end'}); the output so far is kept"
+            req.error = (
+                f"the constraint admits no token here ({why or 'dead end'}); the output so far is kept"
+            )
             self.finish(req, FinishReason.CONSTRAINT_ERROR)
             return
         p = req.params
@@ -104,6 +106,8 @@ class OutputProcessor:
             reason = FinishReason.LENGTH
         if reason is None and req.matcher is not None and self.engine.jump_forward:
             self._jump_forward(req)
+            if req.matcher.is_terminated() and self._commit_forced(req):
+                reason = FinishReason.STOP  # the forced text ended the output: no step to run
         if reason is not None:
             if not isinstance(req.matched_stop, str):
                 req.text += req.decoder.flush(req.output_ids)
@@ -174,16 +178,15 @@ class OutputProcessor:
             if not m.advance(tok):
                 m.rollback(i)
                 return
-        if len(forced) == 1 and m.is_terminated():
-            m.rollback(1)  # forcing the last token alone would only add an EOS step
-            return
         text = self.engine.tokenizer.decode(forced, skip_special_tokens=False)
         tok = self.engine.tokenizer
         k = min(len(req.output_ids), 3)
         tail = req.output_ids[len(req.output_ids) - k :]
         tail_text = tok.decode(tail, skip_special_tokens=False)
         if k and tok.encode(tail_text, add_special_tokens=False) == tail:
-            new_out = req.output_ids[: len(req.output_ids) - k] + tok.encode(tail_text + text, add_special_tokens=False)
+            new_out = req.output_ids[: len(req.output_ids) - k] + tok.encode(
+                tail_text + text, add_special_tokens=False
+            )
         else:  # the tail is not canonical text (e.g. half a character): keep it as it is
             new_out = req.output_ids + tok.encode(text, add_special_tokens=False)
         if new_out == req.output_ids:
@@ -199,6 +202,20 @@ class OutputProcessor:
         dec.text = req.text
         req.num_forced += len(forced)
         self._stream(req)
+
+    def _commit_forced(self, req: Req) -> bool:
+        """Make a pending jump-forward rebase the request's output now (the request is about to
+        finish, so no step will apply it). Only when the tokens whose KV is computed stay as they
+        are: finishing caches ``fill_ids[:kv_len]`` with that KV."""
+        if req.rebase_to is None:
+            return False
+        prompt_ids, new_out = req.rebase_to
+        in_kv = req.kv_len - len(req.prompt_ids)
+        if prompt_ids != req.prompt_ids or in_kv < 0 or new_out[:in_kv] != req.output_ids[:in_kv]:
+            return False
+        req.output_ids = list(new_out)
+        req.rebase_to = None
+        return True
 
     # ---- chains ---------------------------------------------------------------------------
     def _next_step(self, req: Req, reason: FinishReason) -> None:

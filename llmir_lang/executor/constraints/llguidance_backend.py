@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from llmir_lang.errors import ConstraintError
+from llmir_lang.executor.constraints.forced import forced_boundary
 from llmir_lang.executor.constraints.matcher import Matcher, bitmask_words, complete_utf8_prefix
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
@@ -73,7 +74,17 @@ class LLGuidanceMatcher(Matcher):
     """``Matcher`` over an ``llguidance.LLMatcher`` (see ``matcher.py`` for the contract)."""
 
     engine = ENGINE
-    __slots__ = ("native", "eos_token_ids", "vocab_size", "_words", "_dead", "_tokens", "_eos_done")
+    __slots__ = (
+        "native",
+        "eos_token_ids",
+        "vocab_size",
+        "_words",
+        "_dead",
+        "_tokens",
+        "_eos_done",
+        "_info",
+        "_boundary",
+    )
 
     def __init__(self, native: Any, info: TokenizerInfo) -> None:
         self.native = native
@@ -83,6 +94,8 @@ class LLGuidanceMatcher(Matcher):
         self._dead: str | None = None
         self._tokens: list[int] = []  # consumed tokens, EOS excluded (llguidance does not stack it)
         self._eos_done = False
+        self._info = info
+        self._boundary = forced_boundary(info)
 
     def can_fill_in_batch(self, bitmask: torch.Tensor) -> bool:
         return bitmask.shape[1] == self._words and not self._eos_done
@@ -123,9 +136,34 @@ class LLGuidanceMatcher(Matcher):
         return self._eos_done or bool(self.native.is_stopped())
 
     def forced_tokens(self) -> list[int]:
-        if self.native.is_stopped():
+        """The canonical tokens of llguidance's forced bytes, less a tail that could merge with
+        what follows (``forced.ForcedBoundary``). llguidance's own ``compute_ff_tokens`` holds
+        back a token whenever a longer token starting with its last bytes is allowed, whether or
+        not the tokenizer would ever use it (``":"`` before a string, for ``","``); it is the
+        fallback when the canonical spelling is not one the matcher takes."""
+        native = self.native
+        if self._eos_done or native.is_stopped():
             return []
-        return list(self.native.compute_ff_tokens())
+        data = bytes(native.compute_ff_bytes())
+        if not data:
+            return []
+        info = self._info
+        tokens = info.encode(data.decode("utf-8", errors="replace"))
+        n = len(tokens)
+        if info.decode_bytes(tokens) != data or native.validate_tokens(tokens) != n:
+            return list(native.compute_ff_tokens())
+        boundary = self._boundary
+
+        def continues(rest: bytes) -> bool:
+            spelled: list[int] = []
+            for byte in rest:
+                t = boundary.byte_token(byte)
+                if t is None:
+                    return True  # cannot ask the matcher: assume the constraint allows it
+                spelled.append(t)
+            return native.validate_tokens(tokens + spelled) == n + len(spelled)
+
+        return tokens[: boundary.committable(data, tokens, continues)]
 
     def forced_text(self) -> str:
         if self.native.is_stopped():

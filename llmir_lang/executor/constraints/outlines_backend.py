@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmir_lang.executor.constraints.forced import forced_boundary
 from llmir_lang.executor.constraints.matcher import Matcher, bitmask_words, complete_utf8_prefix, word_bit
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
@@ -65,7 +66,9 @@ class OutlinesCompiled:
         self.marker = marker_id(info)
         self.scratch_words = bitmask_words(self.marker + 2)
         self._forced: dict[int, tuple[bytes, list[int]]] = {}
+        self._forced_tokens: dict[int, tuple[int, ...]] = {}
         self._only_end: dict[int, bool] = {}
+        self._boundary = forced_boundary(info)
 
     def new_matcher(self) -> OutlinesMatcher:
         return OutlinesMatcher(self)
@@ -123,6 +126,50 @@ class OutlinesCompiled:
         hit = (bytes(out), path)
         self._forced[state] = hit
         return hit
+
+    def forced_tokens(self, state: int) -> tuple[int, ...]:
+        """The tokens jump-forward commits from ``state``: the canonical spelling of the forced
+        text (else the walk's own path), less a tail that could merge with what follows
+        (``forced.ForcedBoundary``). Cached per state, so a schema's keys cost one computation."""
+        hit = self._forced_tokens.get(state)
+        if hit is not None:
+            return hit
+        data, path = self.forced(state)
+        tokens: list[int] = []
+        if data:
+            info = self.info
+            tokens = info.encode(data.decode("utf-8", errors="replace"))
+            end = self._walk(state, tokens) if info.decode_bytes(tokens) == data else None
+            if end is None:
+                tokens = list(path)
+                end = self._walk(state, tokens)
+            assert end is not None  # the walk's own path is walkable by construction
+            keep = self._boundary.committable(data, tokens, lambda rest: self._continues(end, rest))
+            tokens = tokens[:keep]
+        hit = tuple(tokens)
+        self._forced_tokens[state] = hit
+        return hit
+
+    def _walk(self, state: int, tokens: list[int]) -> int | None:
+        for t in tokens:
+            state = self.index.get_next_state(state, t)
+            if state is None:
+                return None
+        return state
+
+    def _continues(self, state: int, rest: bytes) -> bool:
+        """Does the regex allow the bytes ``rest`` from ``state``? Walked byte by byte through
+        single-byte tokens (the DFA is byte-level, so that is exact); a byte without such a token
+        (or the marker's lead byte, kept out of the vocabulary) counts as allowed."""
+        for byte in rest:
+            t = self._boundary.byte_token(byte)
+            if t is None or byte == 0xF4:
+                return True
+            nxt = self.index.get_next_state(state, t)
+            if nxt is None:
+                return False
+            state = nxt
+        return True
 
 
 class OutlinesMatcher(Matcher):
@@ -206,29 +253,7 @@ class OutlinesMatcher(Matcher):
     def forced_tokens(self) -> list[int]:
         if self._eos_done:
             return []
-        data, path = self._c.forced(self._guide.get_state())
-        if not data:
-            return []
-        info = self._c.info
-        tokens = info.encode(data.decode("utf-8", errors="replace"))
-        if info.decode_bytes(tokens) != data or not self._walkable(tokens):
-            tokens = list(path)
-        # Hold back the last token unless the forced text ends the output: it may merge with
-        # whatever the model writes next.
-        state = self._guide.get_state()
-        for t in path:
-            state = self._index.get_next_state(state, t)
-        if not self._c.only_end(state):
-            tokens = tokens[:-1]
-        return tokens
-
-    def _walkable(self, tokens: list[int]) -> bool:
-        state = self._guide.get_state()
-        for t in tokens:
-            state = self._index.get_next_state(state, t)
-            if state is None:
-                return False
-        return True
+        return list(self._c.forced_tokens(self._guide.get_state()))
 
     def rollback(self, n: int) -> None:
         self._check_rollback(n, len(self._history))
