@@ -72,7 +72,8 @@ class ModelRunner:
     ``cuda_graphs``: replay decode steps as CUDA graphs (only on CUDA with the Triton backend over a
     fp16/bf16 pool; elsewhere it is ignored). ``shared_prefix``: let decode steps use the backend's
     shared-prefix path when the cost rule says so. Both may be flipped between steps.
-    ``compile_model``: see ``set_compile``.
+    ``compile_model``: see ``set_compile``; None turns it on exactly when decode steps are graphed
+    (CUDA, Triton backend, fp16/bf16 pool), where it pays.
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class ModelRunner:
         *,
         cuda_graphs: bool = True,
         shared_prefix: bool = True,
-        compile_model: bool = False,
+        compile_model: bool | None = None,
         max_batch_size: int | None = None,
     ):
         self.model, self.backend, self.device = model, backend, device
@@ -115,7 +116,7 @@ class ModelRunner:
         self.num_shared_prefix_steps = 0
         self.last_host_s = 0.0  # host time the last decode step spent before launching the model
         self.compiled = False
-        if compile_model:
+        if compile_model or (compile_model is None and self._graphs_ok):
             self.set_compile(True)
 
     # ---- entry point ----------------------------------------------------------------------
@@ -329,22 +330,57 @@ class ModelRunner:
         return True
 
     # ---- setup ----------------------------------------------------------------------------
-    def set_compile(self, on: bool) -> None:
+    def set_compile(self, on: bool) -> bool:
         """Fuse the model's elementwise work with ``torch.compile`` (on) or run it plainly (off).
 
         Swaps the model's ``FusedOps``: RMSNorm (with the residual add before it), the q/k split with
         rotary (and Qwen3's q/k norms), and SwiGLU's ``silu(gate) * up`` each become one generated
-        kernel; projections and attention stay as they are. Captured graphs are dropped, since they
+        kernel; projections and attention stay as they are. Turning it on compiles right away, for
+        one token and for several (the two shapes a dynamic compile distinguishes), so no request
+        waits on the compiler later; if compiling fails the model keeps its plain ops, with a
+        warning. Returns whether compiled ops are in use. Captured graphs are dropped, since they
         hold the other variant's kernels.
         """
         from llmir_lang.executor.model import PLAIN_OPS, compiled_ops
 
         if on == self.compiled:
-            return
-        self.model.ops = compiled_ops() if on else PLAIN_OPS
+            return on
+        if on:
+            ops = compiled_ops()
+            try:
+                self._warm_up(ops)
+            except Exception as e:  # no compiler, an unsupported device or dtype: run uncompiled
+                warnings.warn(
+                    f"torch.compile of the model's elementwise ops failed ({type(e).__name__}: {e}); "
+                    "running them uncompiled",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return False
+            self.model.ops = ops
+        else:
+            self.model.ops = PLAIN_OPS
         self.compiled = on
         if self.graphs is not None:
             self.graphs.clear()
+        return on
+
+    @torch.inference_mode()
+    def _warm_up(self, ops: Any) -> None:
+        """Call every op of ``ops`` on inputs of this model's shapes, for 1 and for 3 tokens."""
+        cfg, model = self.model.config, self.model
+        w = model.model.norm.weight
+        attn = model.model.layers[0].self_attn
+        qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if cfg.qk_norm else (None, None)
+        width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        for t in (1, 3):
+            x = torch.randn(t, cfg.hidden_size, dtype=w.dtype, device=w.device)
+            ops.norm(x, w, cfg.rms_norm_eps)
+            ops.add_norm(x, x, w, cfg.rms_norm_eps)
+            cos, sin = model.rotary.tables(torch.arange(t, device=w.device), w.dtype)
+            qkv = torch.randn(t, width, dtype=w.dtype, device=w.device)
+            ops.rope(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, qn, kn, cfg.rms_norm_eps)
+            ops.act(torch.randn(t, 2 * cfg.intermediate_size, dtype=w.dtype, device=w.device))
 
     def _graphs_supported(self) -> bool:
         if self.device.type != "cuda":

@@ -138,3 +138,65 @@ def test_engine_bf16_graphs_on_equals_off_and_tracks_transformers(checkpoints) -
         lp = torch.log_softmax(logits[len(p) - 1 : -1], -1)
         chosen = lp.gather(1, torch.tensor(r.token_ids, device="cuda")[:, None])[:, 0]
         assert (lp.max(-1).values - chosen).max() <= 0.1
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_compiled_ops_match_plain_ops_in_graphed_decode(arch: str) -> None:
+    """compile_model=None turns compile on with graphs; compiled prefill and graphed decode logits
+    stay within bf16 rounding of the plain ops (q/k/v bias of Qwen2, q/k norms of Qwen3)."""
+    from llmir_lang.executor.model import PLAIN_OPS, CausalLM, compiled_ops
+    from llmir_lang.executor.model_config import ModelConfig
+
+    cfg = ModelConfig.from_dict(
+        {
+            "architectures": [arch],
+            "hidden_size": 256,
+            "intermediate_size": 384,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+            "vocab_size": 128,
+            "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-6,
+        }
+    )
+    torch.manual_seed(0)
+    model = CausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() == 2 else p.normal_(1.0, 0.1)
+    model = model.to("cuda", BF16)
+    pool = _pool(model, 2048)
+    runner = _triton_runner(model, pool)
+    assert runner.compiled and model.ops is compiled_ops()
+
+    def plain_logits(ids: list[int]) -> torch.Tensor:
+        model.ops = PLAIN_OPS
+        try:
+            return _reference_logits(model, ids)
+        finally:
+            model.ops = compiled_ops()
+
+    rng = random.Random(7)
+    prompts = [[rng.randrange(128) for _ in range(rng.randrange(3, 60))] for _ in range(6)]
+    for ids in prompts[:2]:
+        assert _close(_reference_logits(model, ids), plain_logits(ids), 2e-2)
+    reqs = [_req(i, p) for i, p in enumerate(prompts)]
+    for r in reqs:
+        r.kv_slots = pool.alloc(len(r.prompt_ids)).tolist()
+    n = len(reqs)
+    step = runner.run(
+        ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * n, [len(r.prompt_ids) for r in reqs], [True] * n)
+    )
+    for r, row in zip(reqs, step.sample_rows):
+        r.output_ids.append(int(step.logits[row].argmax()))
+    for _ in range(3):
+        for r in reqs:
+            r.kv_slots.extend(pool.alloc(1).tolist())
+        sb = ScheduledBatch(ForwardMode.DECODE, reqs, [r.kv_len - 1 for r in reqs], [1] * n, [True] * n)
+        graphed = runner.run(sb).logits.clone()
+        for row, r in enumerate(reqs):
+            assert _close(graphed[row], plain_logits(r.fill_ids), 5e-2)
+            r.output_ids.append(int(graphed[row].argmax()))
+    assert runner.num_graph_replays == 3
