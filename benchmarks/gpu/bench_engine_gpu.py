@@ -432,7 +432,7 @@ def run_shape(shape: str, a: argparse.Namespace, out: dict) -> None:
 
 def save(out: dict, a: argparse.Namespace) -> None:
     dev = device_name().replace(" ", "_")
-    name = f"engine_gpu_{dev}_{date.today().isoformat()}.json"
+    name = f"engine_gpu_{dev}_{date.today().isoformat()}{a.suffix}.json"
     text = json.dumps(out, indent=2, default=str)
     for folder in [Path(a.out)] + ([RESULTS] if a.results else []):
         folder.mkdir(parents=True, exist_ok=True)
@@ -487,6 +487,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--results", action="store_true", help="also write into benchmarks/results/")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name (e.g. _s2)")
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--sections", default="shared,roofline,prefix")
     ap.add_argument("--variant", dest="main_variant", default="graphs+compile", choices=list(VARIANTS))
