@@ -203,7 +203,11 @@ class OutlinesMatcher(Matcher):
             raise ValueError(
                 f"bitmask row must be contiguous int32 with >= {self._words} words, got {tuple(target.shape)}"
             )
-        out = target.numpy()  # a view: writes go to the bitmask
+        self.fill_numpy_row(target.numpy())  # a view: writes go to the bitmask
+
+    def fill_numpy_row(self, out: np.ndarray) -> None:
+        """``fill_bitmask`` into one int32 row given as a numpy view (``fill_batch_bitmask``'s
+        fast path; the row must hold at least ``ceil(vocab_size / 32)`` words)."""
         if self._eos_done:
             out[:] = 0
             return
