@@ -141,9 +141,10 @@ def test_engine_bf16_graphs_on_equals_off_and_tracks_transformers(checkpoints) -
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
-def test_compiled_ops_match_plain_ops_in_graphed_decode(arch: str) -> None:
-    """compile_model=None turns compile on with graphs; compiled prefill and graphed decode logits
-    stay within bf16 rounding of the plain ops (q/k/v bias of Qwen2, q/k norms of Qwen3)."""
+def test_compiled_ops_are_as_accurate_as_plain_ops_in_graphed_decode(arch: str) -> None:
+    """compile_model=None turns compile on with graphs. Compiled bf16 logits (prefill, and graphed
+    decode) are no further from an fp32 run than plain bf16 ops are (the compiled kernels round
+    fewer intermediates, so they are usually closer): q/k/v bias of Qwen2, q/k norms of Qwen3."""
     from llmir_lang.executor.model import PLAIN_OPS, CausalLM, compiled_ops
     from llmir_lang.executor.model_config import ModelConfig
 
@@ -162,26 +163,32 @@ def test_compiled_ops_match_plain_ops_in_graphed_decode(arch: str) -> None:
         }
     )
     torch.manual_seed(0)
-    model = CausalLM(cfg).eval()
+    ref32 = CausalLM(cfg).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() == 2 else p.normal_(1.0, 0.1)
-    model = model.to("cuda", BF16)
+        for p in ref32.parameters():
+            p.normal_(0, 0.08) if p.dim() == 2 else p.normal_(1.0, 0.1)
+    ref32 = ref32.to("cuda")
+    model = copy.deepcopy(ref32).to(BF16)
     pool = _pool(model, 2048)
     runner = _triton_runner(model, pool)
     assert runner.compiled and model.ops is compiled_ops()
 
-    def plain_logits(ids: list[int]) -> torch.Tensor:
+    def errors(ids: list[int], got: torch.Tensor) -> tuple[float, float, float]:
+        """(|got - fp32|, |plain bf16 - fp32|, |fp32|), max over the vocab."""
+        want = _reference_logits(ref32, ids).float()
         model.ops = PLAIN_OPS
         try:
-            return _reference_logits(model, ids)
+            plain = _reference_logits(model, ids).float()
         finally:
             model.ops = compiled_ops()
+        err = float((got.float() - want).abs().max())
+        return err, float((plain - want).abs().max()), float(want.abs().max())
 
     rng = random.Random(7)
     prompts = [[rng.randrange(128) for _ in range(rng.randrange(3, 60))] for _ in range(6)]
     for ids in prompts[:2]:
-        assert _close(_reference_logits(model, ids), plain_logits(ids), 2e-2)
+        err, plain_err, scale = errors(ids, _reference_logits(model, ids))
+        assert err <= max(1.5 * plain_err, 0.01 * scale), (err, plain_err)
     reqs = [_req(i, p) for i, p in enumerate(prompts)]
     for r in reqs:
         r.kv_slots = pool.alloc(len(r.prompt_ids)).tolist()
@@ -197,6 +204,7 @@ def test_compiled_ops_match_plain_ops_in_graphed_decode(arch: str) -> None:
         sb = ScheduledBatch(ForwardMode.DECODE, reqs, [r.kv_len - 1 for r in reqs], [1] * n, [True] * n)
         graphed = runner.run(sb).logits.clone()
         for row, r in enumerate(reqs):
-            assert _close(graphed[row], plain_logits(r.fill_ids), 5e-2)
+            err, plain_err, scale = errors(r.fill_ids, graphed[row])
+            assert err <= max(1.5 * plain_err, 0.01 * scale), (err, plain_err)
             r.output_ids.append(int(graphed[row].argmax()))
     assert runner.num_graph_replays == 3
