@@ -110,11 +110,10 @@ class SlotTable:
         if need > self.table.shape[1]:
             self._grow(self.num_rows, need)
         rows: list[int] = []
-        current = {r.rid for r in reqs}
         for req, n in zip(reqs, kv_lens):
             rec = self._records.get(req.rid)
             if rec is None or rec.req is not req:
-                rec = _Row(req, self._take_row(current), req.kv_slots, -1)
+                rec = _Row(req, self._take_row({r.rid for r in reqs}), req.kv_slots, -1)
                 self._records[req.rid] = rec
             if rec.slots is not req.kv_slots or rec.synced != n - 1:
                 self._upload(rec.row, req.kv_slots[: n - 1])

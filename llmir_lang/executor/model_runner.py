@@ -110,6 +110,8 @@ class ModelRunner:
         self._prefix_key: tuple[int, ...] = ()
         self._prefix_lists: list[list[int]] = []
         self._prefix_len = 0
+        self._prefix_version = 0  # bumped whenever the batch's shared prefix is recomputed
+        self._prefix_copied: tuple[int, int, int] = (-1, 0, 0)  # what prefix_indices holds
         self.num_forward_calls = 0
         self.num_tokens_computed = 0
         self.num_graph_replays = 0
@@ -231,7 +233,11 @@ class ModelRunner:
             build_decode_lists_torch(buf, table, n, bsz, rows[0], total, plen, suffix_total)
         self.table.mark_synced(reqs, kv_lens)
         if plen:
-            buf.prefix_indices[:plen].copy_(table[rows[0], :plen])  # columns < kv_len - 1: synced
+            # the prefix's slots change only with the batch's prefix (version) or its length
+            sig = (self._prefix_version, plen, buf.prefix_indices.data_ptr())
+            if sig != self._prefix_copied:
+                buf.prefix_indices[:plen].copy_(table[rows[0], :plen])  # columns < kv_len - 1: synced
+                self._prefix_copied = sig
             self._offer.shared = (
                 buf.prefix_indices[:plen],
                 buf.suffix_indptr[: bsz + 1],
@@ -240,20 +246,20 @@ class ModelRunner:
             self.num_shared_prefix_steps += 1
         else:
             self._offer.shared = None
-        fb = ForwardBatch(
-            mode=ForwardMode.DECODE,
-            input_ids=buf.meta[META_IDS, :bsz],
-            positions=buf.meta[META_POS, :bsz],
-            out_cache_loc=buf.meta[META_LOC, :bsz],
-            qo_indptr=buf.qo_indptr[: bsz + 1],
-            kv_indptr=buf.kv_indptr[: bsz + 1],
-            kv_indices=buf.kv_indices[:total],
-            batch_size=bsz,
-        )
 
-        def forward() -> torch.Tensor:
+        def forward() -> torch.Tensor:  # not called when a captured graph is replayed
             if in_kernel:  # inside the graph: the lists are rebuilt on the device at each replay
                 build_decode_lists_triton(buf, table, bsz, plen)
+            fb = ForwardBatch(
+                mode=ForwardMode.DECODE,
+                input_ids=buf.meta[META_IDS, :bsz],
+                positions=buf.meta[META_POS, :bsz],
+                out_cache_loc=buf.meta[META_LOC, :bsz],
+                qo_indptr=buf.qo_indptr[: bsz + 1],
+                kv_indptr=buf.kv_indptr[: bsz + 1],
+                kv_indices=buf.kv_indices[:total],
+                batch_size=bsz,
+            )
             return self.model(fb, self._offer)
 
         self.last_host_s = time.perf_counter() - t0
@@ -290,6 +296,7 @@ class ModelRunner:
             self._prefix_key = key
             self._prefix_lists = [r.kv_slots for r in reqs]
             self._prefix_len = common_cached_prefix(reqs)
+            self._prefix_version += 1
         plen = min(self._prefix_len, min(kv_lens) - 1)
         if plen <= 0 or not policy.should_use_shared_prefix(plen, n, self.kv_bytes_per_token):
             return 0
