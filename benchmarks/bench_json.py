@@ -28,6 +28,14 @@ model's tokenizer (so an EOS step, a held-back token or a different spelling doe
 count). Also reported: records/s, JSON parse rate, schema-valid rate, field accuracy (fields equal
 to the record the text was generated from), and the engine's forward passes.
 
+A ``prefill_only`` run per mode (the same prompts, ``max_new_tokens=1``) measures what every
+system spends before decoding; jump-forward can only shorten the rest. From it,
+``sequential_jf_vs_free_cpu_if_every_step_cost_a_decode`` is the speed-up jump-forward would
+reach with its forward-pass count if none of its passes cost more than a free decode step (the
+extend of forced tokens and the mask work do cost more): an upper bound that says whether the
+target is reachable by saving steps at all. Batched, ``prefill_only`` gives the part of the time
+that no saved decode step can touch.
+
     .venv/bin/python benchmarks/bench_json.py [--records 60] [--batched-records 120] [--repeats 2]
                                               [--no-outlines]
 
@@ -139,19 +147,40 @@ def score(
 
 
 # --- llmir ----------------------------------------------------------------------------------
-def llmir_requests(items: list[Item], constrained: bool) -> list[ChainRequest]:
+def llmir_requests(items: list[Item], constrained: bool, max_new: int = MAX_NEW_TOKENS) -> list[ChainRequest]:
     reqs = []
     for kind, prompt, _ in items:
         if constrained:
             step = GenStep(
                 "record",
-                SamplingParams(max_new_tokens=MAX_NEW_TOKENS),
+                SamplingParams(max_new_tokens=max_new),
                 spec_from_json_schema(SCHEMAS[kind], whitespace=""),
             )
         else:
-            step = GenStep("record", SamplingParams(max_new_tokens=MAX_NEW_TOKENS, stop=["\n"]))
+            step = GenStep("record", SamplingParams(max_new_tokens=max_new, stop=["\n"]))
         reqs.append(ChainRequest(prompt, [step]))
     return reqs
+
+
+def run_prefill(backend: EngineBackend, mode: str, items: list[Item]) -> dict[str, float]:
+    """The same prompts with ``max_new_tokens=1``: what every system spends before decoding
+    (prefill and the first token). Jump-forward can only shorten the rest."""
+    eng = backend.engine
+    eng.jump_forward = False
+    reqs = llmir_requests(items, constrained=False, max_new=1)
+    eng.flush_cache()
+    before = eng.stats()["forward_calls"]
+    t0, c0 = time.perf_counter(), time.process_time()
+    if mode == "batched":
+        backend.run(reqs)
+    else:
+        for r in reqs:
+            backend.run([r])
+    return {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "forward_calls": eng.stats()["forward_calls"] - before,
+    }
 
 
 def run_llmir(
@@ -288,10 +317,14 @@ def main() -> None:
     # Every system runs --repeats times, round-robin, and the fastest run of each is kept: the
     # machine is shared, and interleaving spreads the other load over all systems alike.
     runs: list[RunResult] = []
+    prefill: dict[str, dict[str, float]] = {}
     print(table([]))
     for mode, n in (("sequential", args.records), ("batched", args.batched_records)):
         items = make_items(n, args.seed)
         for _ in range(args.repeats):
+            pre = run_prefill(backend, mode, items)
+            if mode not in prefill or pre["seconds"] < prefill[mode]["seconds"]:
+                prefill[mode] = pre
             for system in ("llmir-json-jf", "llmir-json", "llmir-free"):
                 runs.append(run_llmir(backend, system, mode, items, count))
                 print(table(runs[-1:]).splitlines()[-1], flush=True)
@@ -320,6 +353,16 @@ def main() -> None:
         if ol is not None:
             ratios[f"{mode}_jf_vs_outlines"] = round(jf.tokens_per_s / ol.tokens_per_s, 3)
             ratios[f"{mode}_jf_vs_outlines_cpu"] = round(jf.tokens_per_cpu_s / ol.tokens_per_cpu_s, 3)
+        # What jump-forward could give if each of its remaining forward passes cost what a free
+        # decode step costs (no extend surcharge, no mask work): free's time with its decode part
+        # scaled by the ratio of forward passes after the prefill. Only at batch 1, where a step
+        # costs about the same whatever it computes; a batched step's cost grows with its rows.
+        pre = prefill[mode]
+        free_decode = free.cpu_seconds - pre["cpu_seconds"]
+        jf_fwd, free_fwd = ((r.forward_calls or 0) - pre["forward_calls"] for r in (jf, free))
+        if mode == "sequential" and free_decode > 0 and free_fwd > 0:
+            bound = free.cpu_seconds / (pre["cpu_seconds"] + free_decode * jf_fwd / free_fwd)
+            ratios[f"{mode}_jf_vs_free_cpu_if_every_step_cost_a_decode"] = round(bound, 3)
     best_ol = max((r.tokens_per_s for r in rows if r.system == "outlines"), default=None)
     best_jf = max(r.tokens_per_s for r in rows if r.system == "llmir-json-jf")
     if best_ol:
@@ -351,6 +394,7 @@ def main() -> None:
         "best": [r.row() for r in rows],
         "all_runs": [r.row() for r in runs],
         "ratios": ratios,
+        "prefill_only": {m: {k: round(v, 3) for k, v in p.items()} for m, p in prefill.items()},
         "load_average_start": list(load0),
         "load_average_end": list(os.getloadavg()),
         "wall_seconds": round(time.perf_counter() - wall0, 1),
