@@ -203,6 +203,41 @@ class OutputProcessor:
         req.num_forced += len(forced)
         self._stream(req)
 
+    def force_start(self, req: Req) -> list[int]:
+        """Jump-forward before a generation's first step: the text its constraint forces from the
+        start (``{"name`` of a JSON object) becomes output tokens now, so the first step computes
+        them with the prompt instead of sampling one and extending the rest.
+
+        Returns the forced tokens (the request's output so far). Call it on a request with no
+        output yet (a new request before it is queued; ``_next_step`` does it for a chain's next
+        generation). They are the canonical tokens of the forced text alone, as with
+        jump-forward off: the model's first token never merges into the prompt's tokens either.
+        At least one token is left for the model to sample (a step must run to finish the
+        request), and ``max_new_tokens`` is respected.
+        """
+        m = req.matcher
+        if m is None or not self.engine.jump_forward or req.output_ids:
+            return []
+        forced = m.forced_tokens()[: max(req.params.max_new_tokens - 1, 0)]
+        for i, tok in enumerate(forced):
+            if not m.advance(tok):
+                m.rollback(i)
+                return []
+        if forced and m.is_terminated():  # the model must write the last token: one step runs
+            m.rollback(1)
+            forced = forced[:-1]
+        if not forced:
+            return []
+        req.output_ids = list(forced)
+        req.text = self.engine.tokenizer.decode(forced, skip_special_tokens=False)
+        dec = req.decoder
+        dec.prefix_offset = dec.read_offset = len(forced)
+        dec.text = req.text
+        if req.params.return_logprob:
+            req.out_logprobs.extend([0.0] * len(forced))
+        req.num_forced += len(forced)
+        return forced
+
     def _commit_forced(self, req: Req) -> bool:
         """Make a pending jump-forward rebase the request's output now (the request is about to
         finish, so no step will apply it). Only when the tokens whose KV is computed stay as they
@@ -235,7 +270,6 @@ class OutputProcessor:
             req.error = "the chain's text outgrew the model's context"
             self.finish(req, FinishReason.LENGTH)
             return
-        req.rebase_to = (new_ids, [])
         req.params, req.matcher = params, matcher
         req.generator = (
             eng.sampler.make_generator(params.seed, eng.device) if params.seed is not None else None
@@ -247,6 +281,10 @@ class OutputProcessor:
         req.matched_stop = None
         # output_ids keeps the finished generation until the scheduler applies the rebase after
         # this step: it compares the KV'd tokens with new_ids to keep the common prefix
+        finished, req.output_ids = req.output_ids, []
+        forced = self.force_start(req)
+        req.output_ids = finished
+        req.rebase_to = (new_ids, forced)
 
     # ---- endings --------------------------------------------------------------------------
     def finish(self, req: Req, reason: FinishReason) -> None:

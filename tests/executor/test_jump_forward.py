@@ -5,21 +5,26 @@ the value tokens, the ``","`` / ``,"`` that ends a value, and the enum / boolean
 forces everything else: ``name``; ``age":``; ``city``; ``occupation":"``; ``","married":``; ``}``
 (10 tokens). ``":"`` before a free string stays with the model (a value starting with ``:`` would
 be spelled differently, see ``tests/executor/constraints/test_constraint_forced.py``).
+``OutputProcessor.force_start`` moves the forced opening (``{"name``) before the first step; a
+chain's next constrained generation gets it with its rebase.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
 import torch
 
 from llmir_lang.executor.backend import ChainRequest, EngineBackend, GenStep
-from llmir_lang.executor.constraints import spec_from_json_schema
+from llmir_lang.executor.constraints import spec_from_choices, spec_from_json_schema
 from llmir_lang.executor.engine import Engine
+from llmir_lang.executor.request import Req
 from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.executor.tokenizer import IncrementalDecoder
 from llmir_lang.models.tiny_tasks import EXTRACTION_KINDS, SCHEMAS, extraction_prompt, make_extraction_example
 
 torch.set_num_threads(1)
@@ -87,3 +92,58 @@ def test_greedy_output_is_the_same_with_jump_forward_on_and_off(backend, batched
     assert all(s.finish_reason == "stop" for s in on + off)
     assert sum(s.meta["jump_forward_tokens"] for s in on) >= 9 * len(its)
     assert all(s.meta["jump_forward_tokens"] == 0 for s in off)
+
+
+def fresh_req(backend: EngineBackend, spec: Any, max_new_tokens: int = 32) -> Req:
+    eng = backend.engine
+    matcher = backend._matcher(spec)[0]
+    return Req(
+        rid=0,
+        prompt_ids=eng.tokenizer.encode("Person JSON:\n"),
+        params=SamplingParams(max_new_tokens=max_new_tokens),
+        future=Future(),
+        decoder=IncrementalDecoder(eng.tokenizer, True),
+        matcher=matcher,
+    )
+
+
+def test_force_start_puts_the_forced_opening_before_the_first_step(backend):
+    eng = backend.engine
+    req = fresh_req(backend, spec_from_json_schema(SCHEMAS["person"], whitespace=""))
+    forced = eng.outputs.force_start(req)
+    assert req.output_ids == forced == eng.tokenizer.encode('{"name', add_special_tokens=False)
+    assert req.text == '{"name' and req.num_forced == 2
+    assert req.matcher.forced_text() == '":"'  # the matcher stands after the forced tokens
+    assert eng.outputs.force_start(req) == []  # only before the first token
+
+    # a constraint forced to its end still leaves the model one token to write
+    whole = fresh_req(backend, spec_from_choices(["alphabet soup"]))
+    forced = eng.outputs.force_start(whole)
+    assert forced and not whole.matcher.is_terminated()
+    assert eng.tokenizer.decode(forced) + whole.matcher.forced_text() == "alphabet soup"
+    capped = fresh_req(backend, spec_from_json_schema(SCHEMAS["person"], whitespace=""), max_new_tokens=2)
+    assert len(eng.outputs.force_start(capped)) == 1
+
+
+def test_chained_constrained_generation_starts_forced(backend):
+    """A chain's next constrained generation gets its forced opening with the rebase (no extra
+    step), and the tokens equal those with jump-forward off."""
+    spec = spec_from_json_schema(SCHEMAS["person"], whitespace="")
+    steps = [
+        GenStep("a", SamplingParams(max_new_tokens=64), spec),
+        "\nPerson JSON:\n",
+        GenStep("b", SamplingParams(max_new_tokens=64), spec),
+    ]
+    its = items(2, seed=4, kinds=("person",))
+    eng = backend.engine
+    out: dict[bool, list] = {}
+    for jf in (True, False):
+        eng.jump_forward = jf
+        eng.flush_cache()
+        out[jf] = backend.run([ChainRequest(prompt, steps) for _, prompt, _ in its])
+    eng.jump_forward = True
+    for on, off in zip(out[True], out[False]):
+        assert [s.token_ids for s in on.steps] == [s.token_ids for s in off.steps]
+        assert on.text == off.text
+        a, b = (s.meta["jump_forward_tokens"] for s in on.steps)  # counted over the chain
+        assert a == PERSON_FORCED and b - a == PERSON_FORCED + 1  # '{"' too, 'name' as before
