@@ -18,6 +18,7 @@ contexts, and replayable as a CUDA graph, four pieces work together:
 
 from __future__ import annotations
 
+import array
 import bisect
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -42,6 +43,15 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
         nxt += 128
     sizes.append(max_batch)
     return tuple(sizes)
+
+
+def int64_tensor(values: Sequence[int]) -> torch.Tensor:
+    """A CPU int64 tensor of ``values``: about 3x faster than ``torch.tensor`` on a list of ints
+    (through ``array.array``, whose buffer the tensor keeps alive), which counts for the long slot
+    lists of an extend step."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64)
 
 
 def bucket_for(batch_size: int, buckets: Sequence[int]) -> int:
@@ -127,7 +137,7 @@ class SlotTable:
 
     def _upload(self, row: int, slots: list[int]) -> None:
         if slots:
-            self.table[row, : len(slots)].copy_(torch.tensor(slots, dtype=torch.int64))
+            self.table[row, : len(slots)].copy_(int64_tensor(slots))
         self.num_row_uploads += 1
 
     def _take_row(self, current: set[int]) -> int:
@@ -411,4 +421,5 @@ __all__ = [
     "batch_buckets",
     "bucket_for",
     "gather_rows",
+    "int64_tensor",
 ]

@@ -29,6 +29,7 @@ from llmir_lang.executor.cuda_graph import (
     bucket_for,
     build_decode_lists_torch,
     build_decode_lists_triton,
+    int64_tensor,
 )
 from llmir_lang.executor.model import CausalLM
 from llmir_lang.executor.scheduler import ScheduledBatch
@@ -175,7 +176,7 @@ class ModelRunner:
         dev = self.device
 
         def t(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=dev)
+            return int64_tensor(x).to(dev)
 
         fb = ForwardBatch(
             mode=sb.mode,
@@ -213,15 +214,11 @@ class ModelRunner:
             ids.append(req.prompt_ids[p] if p < np_ else req.output_ids[p - np_])
             pos.append(p)
             loc.append(req.kv_slots[p])
-        host = [
-            ids + [0] * pad,
-            pos + [0] * pad,
-            loc + [self.pad_slot] * pad,
-            rows + [0] * pad,
-            kv_lens + [0] * pad,
-            [k - plen for k in kv_lens] + [0] * pad,
-        ]
-        buf.meta[:, :bsz].copy_(torch.tensor(host, dtype=torch.int64), non_blocking=True)
+        zeros = [0] * pad
+        host = ids + zeros + pos + zeros + loc + [self.pad_slot] * pad + rows + zeros + kv_lens + zeros
+        host += [k - plen for k in kv_lens] if plen else kv_lens
+        host += zeros
+        buf.meta[:, :bsz].copy_(int64_tensor(host).view(6, bsz), non_blocking=True)
         if self.table.generation != self._table_generation and self.graphs is not None:
             self.graphs.clear()  # the graphs read the old table
         self._table_generation = self.table.generation

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from llmir_lang.executor.attention import ForwardMode
+from llmir_lang.executor.cuda_graph import int64_tensor
 from llmir_lang.executor.kv_pool import KVPool
 from llmir_lang.executor.radix_cache import RadixCache
 from llmir_lang.executor.request import Req
@@ -339,4 +340,4 @@ class Scheduler:
 
 
 def _t(slots: list[int]) -> torch.Tensor:
-    return torch.tensor(slots, dtype=torch.int64)
+    return int64_tensor(slots)
