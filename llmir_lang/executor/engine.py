@@ -213,6 +213,9 @@ class Engine(EngineLoop):
             prompt_text=prompt_text,
         )
         fut.rid = rid  # type: ignore[attr-defined]
+        # a constraint's forced opening ({"name) is computed with the prompt, not one step each
+        # (touches only this new request and its fresh matcher: safe off the engine thread)
+        self.outputs.force_start(req)
         with self._lock:
             if self._closed:
                 raise EngineClosedError("the engine was shut down; create a new Engine")
