@@ -63,16 +63,19 @@ def measure(eng: Engine, prompts: list[list[int]], new: int, prof: cProfile.Prof
     orig = runner.run
     recs: list[tuple[float, float, float]] = []  # (start, seconds, host seconds) of each decode step
 
+    extends: list[tuple[float, float, int, int]] = []  # (start, seconds, requests, new tokens)
+
     def timed(sb):
-        if sb.mode is not ForwardMode.DECODE:
-            return orig(sb)
         if eng.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = orig(sb)
         if eng.device.type == "cuda":
             torch.cuda.synchronize()
-        recs.append((t0, time.perf_counter() - t0, runner.last_host_s))
+        if sb.mode is ForwardMode.DECODE:
+            recs.append((t0, time.perf_counter() - t0, runner.last_host_s))
+        else:
+            extends.append((t0, time.perf_counter() - t0, len(sb.reqs), sum(sb.extend_lens)))
         return out
 
     params = {"max_new_tokens": new, "ignore_eos": True}
@@ -90,7 +93,13 @@ def measure(eng: Engine, prompts: list[list[int]], new: int, prof: cProfile.Prof
     finally:
         del runner.run
     gaps = [b[0] - a[0] for a, b in zip(recs, recs[1:])]
+    first = recs[0][0]
     return {
+        "extends_before_decode": [
+            f"at {(e[0] - t0) * 1e3:.1f} ms: {e[2]} req, {e[3]} tok, {e[1] * 1e3:.1f} ms"
+            for e in extends
+            if e[0] < first
+        ],
         "steps": len(recs),
         "runner_ms": statistics.median(r[1] for r in recs) * 1e3,
         "engine_step_ms": statistics.median(gaps) * 1e3,
@@ -145,6 +154,7 @@ def main() -> None:
                         pstats.Stats(prof, stream=s).sort_stats(a.sort).print_stats(35)
                         print(s.getvalue())
             assert best is not None
+            print(f"{case}: extend steps before the first decode step: {best['extends_before_decode']}")
             print(
                 f"{case} on {dev}: decode steps {best['steps']}, runner {best['runner_ms']:.3f} ms, "
                 f"(host {best['host_ms']:.3f} ms), engine step {best['engine_step_ms']:.3f} ms, "
