@@ -380,7 +380,8 @@ class ModelRunner:
         for t in (1, 3):
             x = torch.randn(t, cfg.hidden_size, dtype=w.dtype, device=w.device)
             ops.norm(x, w, cfg.rms_norm_eps)
-            ops.add_norm(x, x, w, cfg.rms_norm_eps)
+            # two distinct tensors: dynamo compiles aliased arguments separately
+            ops.add_norm(x, torch.randn_like(x), w, cfg.rms_norm_eps)
             cos, sin = model.rotary.tables(torch.arange(t, device=w.device), w.dtype)
             qkv = torch.randn(t, width, dtype=w.dtype, device=w.device)
             ops.rope(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, qn, kn, cfg.rms_norm_eps)
