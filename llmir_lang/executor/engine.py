@@ -61,7 +61,7 @@ class Engine(EngineLoop):
         attention_backend: str = "auto",
         jump_forward: bool = True,
         cuda_graphs: bool = True,
-        compile_model: bool = False,
+        compile_model: bool | None = None,
         seed: int = 0,
     ):
         self.device = torch.device(device) if device is not None else default_device()

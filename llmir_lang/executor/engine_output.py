@@ -39,10 +39,14 @@ class OutputProcessor:
         if not todo:
             return
         reqs = [r for r, _ in todo]
-        rows = torch.tensor([row for _, row in todo], device=logits.device)
+        rows = [row for _, row in todo]
+        if rows == list(range(logits.shape[0])):
+            picked = logits  # a decode step: every row, in order (no gather)
+        else:
+            picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
         bitmask = self._bitmask(reqs, logits.shape[-1])
         out = self.engine.sampler.sample(
-            logits.index_select(0, rows),
+            picked,
             [r.params for r in reqs],
             [r.prompt_ids for r in reqs],
             [r.output_ids for r in reqs],

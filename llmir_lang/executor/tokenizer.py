@@ -79,10 +79,15 @@ class IncrementalDecoder:
     """Turns a growing list of token ids into text chunks, holding back incomplete UTF-8.
 
     Decodes only a short window before the new tokens, so each step costs O(window), not O(length):
-    byte-level BPE needs the neighbours to decide spaces and multi-byte characters.
+    byte-level BPE needs the neighbours to decide spaces and multi-byte characters. The window
+    grows by the new tokens each step and slides forward (keeping 4 tokens of left context) once it
+    is longer than ``WINDOW``; while it grows, the text of the window before the new tokens is the
+    previous step's decode, so a step costs one decode call, not two.
     """
 
-    __slots__ = ("tok", "skip_special", "prefix_offset", "read_offset", "text")
+    WINDOW = 16
+
+    __slots__ = ("tok", "skip_special", "prefix_offset", "read_offset", "text", "_prev_ids", "_prev_text")
 
     def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
         self.tok = tok
@@ -90,15 +95,28 @@ class IncrementalDecoder:
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
+        self._prev_ids: list[int] | None = None  # the last decoded window and its text
+        self._prev_text = ""
 
     def step(self, ids: list[int]) -> str:
         """Given all output ids so far, return the newly completed text (maybe empty)."""
-        prefix_text = self.tok.decode(ids[self.prefix_offset : self.read_offset], self.skip_special)
-        full_text = self.tok.decode(ids[self.prefix_offset :], self.skip_special)
+        start = self.prefix_offset
+        before = ids[start : self.read_offset]
+        # NOTE: compared by value, so a caller that moves the offsets or rewrites tokens (jump-forward)
+        # never gets a stale prefix text
+        if before == self._prev_ids:
+            prefix_text = self._prev_text
+        else:
+            prefix_text = self.tok.decode(before, self.skip_special)
+        window = ids[start:]
+        full_text = self.tok.decode(window, self.skip_special)
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
             new = full_text[len(prefix_text) :]
-            # keep a few tokens of left context for the next window
-            self.prefix_offset = max(len(ids) - 4, 0)
+            if len(window) > self.WINDOW:  # slide, keeping a few tokens of left context
+                self.prefix_offset = max(len(ids) - 4, 0)
+                self._prev_ids = None
+            else:
+                self._prev_ids, self._prev_text = window, full_text
             self.read_offset = len(ids)
             self.text += new
             return new

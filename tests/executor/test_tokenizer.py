@@ -1,0 +1,79 @@
+"""IncrementalDecoder: the chunks it emits, step by step, add up to the full decode."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
+
+BUNDLED = Path(__file__).resolve().parents[2] / "llmir_lang" / "models" / "llmir-tiny"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(BUNDLED)
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts decode calls."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.calls = tok, 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.calls += 1
+        return self.tok.decode(ids, skip_special_tokens)
+
+
+def stream(dec: IncrementalDecoder, ids: list[int]) -> str:
+    out = "".join(dec.step(ids[: i + 1]) for i in range(len(ids)))
+    return out + dec.flush(ids)
+
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog, again and again and again.",
+    'JSON: {"name": "Zoë Ångström", "city": "Kraków", "note": "naïve café"} done',
+    "emoji 🙂🚀 and CJK 漢字かな交じり文 mixed with ascii " * 3,
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_equals_full_decode(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    assert stream(IncrementalDecoder(tok), ids) == tok.decode(ids)
+
+
+def test_random_token_ids_stream_to_the_full_decode(tok):
+    rng = random.Random(0)
+    for _ in range(30):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 60))]
+        assert stream(IncrementalDecoder(tok), ids) == tok.decode(ids)
+
+
+def test_one_decode_call_per_step_while_the_window_grows(tok):
+    ids = tok.encode(TEXTS[0] * 4, add_special_tokens=False)
+    counting = CountingTokenizer(tok)
+    dec = IncrementalDecoder(counting)
+    text = "".join(dec.step(ids[: i + 1]) for i in range(len(ids)))
+    assert text == tok.decode(ids)
+    # one call per step, plus one extra each time the window slides
+    slides = len(ids) // (IncrementalDecoder.WINDOW - 3) + 1
+    assert counting.calls <= len(ids) + slides
+
+
+def test_rewritten_tail_is_never_decoded_from_a_stale_cache(tok):
+    """Jump-forward may replace tokens and move the offsets; the decoder must follow."""
+    a = tok.encode("The answer is forty", add_special_tokens=False)
+    dec = IncrementalDecoder(tok)
+    got = "".join(dec.step(a[: i + 1]) for i in range(len(a)))
+    # the caller re-tokenizes the tail and restarts the decoder after it (as engine_output does)
+    b = tok.encode("The answer is forty-two", add_special_tokens=False)
+    dec.prefix_offset = dec.read_offset = len(b)
+    dec.text = tok.decode(b)
+    c = b + tok.encode(" exactly", add_special_tokens=False)
+    more = "".join(dec.step(c[: i + 1]) for i in range(len(b), len(c)))
+    assert got == tok.decode(a) and dec.text == tok.decode(b) + more
+    assert dec.text == tok.decode(c)
