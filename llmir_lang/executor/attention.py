@@ -66,15 +66,48 @@ class AttentionBackend(ABC):
         """q ``[T, H, D]``, k/v ``[T, Hkv, D]`` for this step's tokens -> ``[T, H, D]``."""
 
 
+@dataclass(slots=True)
+class _DecodePlan:
+    """One query row per request: keys ``idx [B, L]`` (``valid`` marks real ones) after an optional
+    prefix ``prefix_idx`` shared by all; ``q_rows`` are the queries' rows in the step (None: all)."""
+
+    q_rows: torch.Tensor | None
+    idx: torch.Tensor
+    valid: torch.Tensor
+    prefix_idx: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class _ExtendPlan:
+    """Padded extend: query rows ``q_rows [B, Tq]`` (``q_valid``), keys ``k_idx [B, S]`` after an
+    optional shared prefix, ``masked [B, 1, 1, Tq, S]`` True where a query must not see a key.
+    ``whole``: the plan covers every row of the step, unpadded and in order."""
+
+    q_rows: torch.Tensor
+    q_valid: torch.Tensor
+    k_idx: torch.Tensor
+    masked: torch.Tensor
+    prefix_idx: torch.Tensor | None
+    whole: bool
+
+
 class TorchAttentionBackend(AttentionBackend):
     """Reference backend: gather from the pool and run masked attention in fp32. CPU default.
 
-    Extend runs ``reference.extend_attention``. Decode runs a batched form of
-    ``reference.decode_attention`` (same math, one padded gather for the whole batch instead of a
-    Python loop over requests). When every request of a decode batch starts with the same KV slots
-    (a shared radix-cache prefix of at least ``min_shared_prefix`` tokens), the prefix is gathered and
+    Requests are grouped by how many new tokens they have, each group batched (one padded gather
+    and two matmuls per layer, no Python loop over requests):
+
+    * one new token (decode steps, and decode rows that share an extend step with short extends):
+      a batched form of ``reference.decode_attention``;
+    * 2..``max_padded_extend`` new tokens (forced tokens of jump-forward, short chain text): padded
+      to the longest of them, with a bottom-right causal mask; one request alone is not padded;
+    * longer extends (prompt prefills): ``reference._attend`` per request, where the matmuls are big
+      enough that a loop costs nothing.
+
+    Within the first two groups, when every request starts with the same KV slots (a shared
+    radix-cache prefix of at least ``min_shared_prefix`` cached tokens) the prefix is gathered and
     attended once for all queries, the per-request suffixes separately, and the two merged by
-    log-sum-exp (the cascade idea); the result is the same attention.
+    log-sum-exp (the cascade idea). Every path computes the attention ``reference`` defines.
     """
 
     min_shared_prefix = 32
@@ -82,36 +115,52 @@ class TorchAttentionBackend(AttentionBackend):
 
     def prepare(self, batch: ForwardBatch) -> None:
         super().prepare(batch)
-        self._idx = self._valid = self._prefix_idx = None
-        self._ext = None
-        if batch.mode is not ForwardMode.DECODE:
-            self._ext = self._plan_extend(batch)
+        self._dec: _DecodePlan | None = None
+        self._ext: _ExtendPlan | None = None
+        self._long: list[int] = []
+        qo, kv = batch.qo_indptr, batch.kv_indptr
+        kv_lens = kv[1:] - kv[:-1]
+        if batch.mode is ForwardMode.DECODE:
+            self._dec = self._plan_decode(kv[:-1], kv_lens, batch.kv_indices, None)
             return
-        lens = batch.kv_indptr[1:] - batch.kv_indptr[:-1]
-        width = int(lens.max())
-        cols = torch.arange(width, device=lens.device)
-        valid = cols.unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
-        pos = (batch.kv_indptr[:-1].unsqueeze(1) + cols.unsqueeze(0)).clamp_max(batch.kv_indices.numel() - 1)
-        idx = batch.kv_indices[pos].masked_fill(~valid, 0)
-        shared = 0
-        if batch.batch_size > 1:
-            same = ((idx == idx[:1]) & valid).all(0)
-            shared = min(int(same.int().cumprod(0).sum()), int(lens.min()) - 1)
-        if shared >= self.min_shared_prefix:
-            self._prefix_idx = idx[0, :shared]
-            idx, valid = idx[:, shared:], valid[:, shared:]
-        self._idx, self._valid = idx, valid
+        qo_h = qo.tolist()
+        q_lens = [qo_h[i + 1] - qo_h[i] for i in range(len(qo_h) - 1)]
+        one = [b for b, n in enumerate(q_lens) if n == 1]
+        short = [b for b, n in enumerate(q_lens) if 1 < n <= self.max_padded_extend]
+        self._long = [b for b, n in enumerate(q_lens) if n > self.max_padded_extend]
+        everyone = len(q_lens)
+        if one:
+            if len(one) == everyone:
+                self._dec = self._plan_decode(kv[:-1], kv_lens, batch.kv_indices, None)
+            else:
+                sel = torch.tensor(one, device=qo.device)
+                self._dec = self._plan_decode(kv[:-1][sel], kv_lens[sel], batch.kv_indices, qo[:-1][sel])
+        if short:
+            self._ext = self._plan_extend(batch, short, [q_lens[b] for b in short], len(short) == everyone)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         b = self.batch
         assert b is not None, "prepare(batch) must be called before forward"
         kb, vb = self.k_buffers[layer_id], self.v_buffers[layer_id]
         ref.store_kv(kb, vb, b.out_cache_loc, k, v)
-        if b.mode is ForwardMode.DECODE:
-            return self._decode(q, kb, vb)
-        if self._ext is not None:
-            return self._extend(q, kb, vb)
-        return ref.extend_attention(q, kb, vb, b.qo_indptr, b.kv_indptr, b.kv_indices, self.sm_scale)
+        dec, ext = self._dec, self._ext
+        if dec is not None and dec.q_rows is None:
+            return self._decode(q, kb, vb, dec)  # one new token for every request, in order
+        if ext is not None and ext.whole:
+            return self._extend(q, kb, vb, ext).reshape(q.shape).to(q.dtype)
+        result = torch.empty_like(q)
+        if dec is not None:
+            result[dec.q_rows] = self._decode(q[dec.q_rows], kb, vb, dec)
+        if ext is not None:
+            out = self._extend(q, kb, vb, ext)
+            result[ext.q_rows[ext.q_valid]] = out[ext.q_valid].to(q.dtype)
+        for r in self._long:
+            lo, hi = int(b.qo_indptr[r]), int(b.qo_indptr[r + 1])
+            idx = b.kv_indices[int(b.kv_indptr[r]) : int(b.kv_indptr[r + 1])]
+            result[lo:hi] = ref._attend(
+                q[lo:hi], kb[idx], vb[idx], self.sm_scale, idx.numel() - (hi - lo)
+            ).to(q.dtype)
+        return result
 
     def _merge_prefix(
         self,
@@ -140,36 +189,49 @@ class TorchAttentionBackend(AttentionBackend):
         a, c = torch.exp(m - top), torch.exp(mp - top)
         return num * a + nump * c, den * a + denp * c
 
-    def _plan_extend(self, batch: ForwardBatch) -> dict | None:
-        """Padded, batched extend for the requests with few new tokens (one gather and two matmuls
-        per layer instead of a loop over requests), with a prefix shared by all of them attended
-        once; requests with long extends keep the reference loop. None = reference for all."""
-        qo, kv = batch.qo_indptr, batch.kv_indptr
-        q_lens, kv_lens = qo[1:] - qo[:-1], kv[1:] - kv[:-1]
-        short = (q_lens <= self.max_padded_extend).nonzero().flatten()
-        if short.numel() < 2:
-            return None
-        long_reqs = (q_lens > self.max_padded_extend).nonzero().flatten().tolist()
-        qo_s, kv_s = qo[:-1][short], kv[:-1][short]
-        q_lens, kv_lens = q_lens[short], kv_lens[short]
-        t_max = int(q_lens.max())
+    # ---- planning (once per step) ----------------------------------------------------------
+    def _plan_decode(
+        self, starts: torch.Tensor, lens: torch.Tensor, kv_indices: torch.Tensor, q_rows: torch.Tensor | None
+    ) -> _DecodePlan:
+        """One query per request; request b's keys are ``kv_indices[starts[b]:starts[b] + lens[b]]``."""
+        width = int(lens.max())
+        cols = torch.arange(width, device=lens.device)
+        valid = cols.unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        pos = (starts.unsqueeze(1) + cols.unsqueeze(0)).clamp_max(kv_indices.numel() - 1)
+        idx = kv_indices[pos].masked_fill(~valid, 0)
+        shared, prefix_idx = 0, None
+        if idx.shape[0] > 1:
+            same = ((idx == idx[:1]) & valid).all(0)
+            shared = min(int(same.int().cumprod(0).sum()), int(lens.min()) - 1)
+        if shared >= self.min_shared_prefix:
+            prefix_idx = idx[0, :shared]
+            idx, valid = idx[:, shared:], valid[:, shared:]
+        return _DecodePlan(q_rows, idx, valid, prefix_idx)
+
+    def _plan_extend(
+        self, batch: ForwardBatch, reqs: list[int], q_len_list: list[int], whole: bool
+    ) -> _ExtendPlan:
+        """Padded extend for ``reqs`` (each with 2..max_padded_extend new tokens)."""
+        dev = batch.qo_indptr.device
+        sel = torch.tensor(reqs, device=dev)
+        qo_s, kv_s = batch.qo_indptr[:-1][sel], batch.kv_indptr[:-1][sel]
+        q_lens = torch.tensor(q_len_list, device=dev)
+        kv_lens = batch.kv_indptr[1:][sel] - kv_s
+        t_max = max(q_len_list)
         shared = 0
-        first = batch.kv_indices[int(kv_s[0]) : int(kv_s[0]) + int(kv_lens[0])]
         limit = int((kv_lens - q_lens).min())  # only cached prefix tokens: no causal mask needed there
-        if limit >= self.min_shared_prefix:
-            shared = limit
-            for b in range(1, short.numel()):
-                row = batch.kv_indices[int(kv_s[b]) : int(kv_s[b]) + shared]
-                diff = (row != first[:shared]).nonzero()
-                if diff.numel():
-                    shared = int(diff[0])
-                if shared < self.min_shared_prefix:
-                    shared = 0
-                    break
+        if len(reqs) > 1 and limit >= self.min_shared_prefix:
+            cols = torch.arange(limit, device=dev)
+            rows = batch.kv_indices[kv_s.unsqueeze(1) + cols.unsqueeze(0)]  # [B, limit]
+            same = (rows == rows[:1]).all(0)
+            shared = int(same.int().cumprod(0).sum())
+            if shared < self.min_shared_prefix:
+                shared = 0
+        prefix_idx = batch.kv_indices[int(kv_s[0]) : int(kv_s[0]) + shared] if shared else None
         s_lens = kv_lens - shared
         s_max = int(s_lens.max())
-        cols_q = torch.arange(t_max)
-        cols_k = torch.arange(s_max)
+        cols_q = torch.arange(t_max, device=dev)
+        cols_k = torch.arange(s_max, device=dev)
         q_valid = cols_q.unsqueeze(0) < q_lens.unsqueeze(1)  # [B, Tq]
         k_valid = cols_k.unsqueeze(0) < s_lens.unsqueeze(1)  # [B, S]
         q_rows = (qo_s.unsqueeze(1) + cols_q.unsqueeze(0)).masked_fill(~q_valid, 0)
@@ -177,61 +239,48 @@ class TorchAttentionBackend(AttentionBackend):
         k_idx = batch.kv_indices[k_pos].masked_fill(~k_valid, 0)
         q_pos = (s_lens - q_lens).unsqueeze(1) + cols_q.unsqueeze(0)  # each query's position in its suffix
         mask = k_valid.unsqueeze(1) & (cols_k.view(1, 1, -1) <= q_pos.unsqueeze(2))  # [B, Tq, S]
-        return {
-            "q_rows": q_rows,
-            "q_valid": q_valid,
-            "k_idx": k_idx,
-            "mask": mask,
-            "prefix_idx": first[:shared] if shared else None,
-            "long": long_reqs,
-        }
+        # the whole step, unpadded and in order: the output is the step's output as it is
+        whole = whole and min(q_len_list) == t_max
+        return _ExtendPlan(q_rows, q_valid, k_idx, ~mask[:, None, None], prefix_idx, whole)
 
-    def _extend(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
-        plan = self._ext
-        t_total, h, d = q.shape
+    # ---- attention (per layer) -------------------------------------------------------------
+    def _extend(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, plan: _ExtendPlan) -> torch.Tensor:
+        """Padded output ``[B, Tq, H, D]`` in fp32 (padded query rows hold garbage)."""
+        h, d = q.shape[1], q.shape[2]
         hkv = kb.shape[1]
         g = h // hkv
-        rows, qv = plan["q_rows"], plan["q_valid"]
-        bsz, t_max = rows.shape
-        qp = q.float()[rows].view(bsz, t_max, hkv, g, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
-        keys = kb[plan["k_idx"]].float().permute(0, 2, 3, 1).unsqueeze(2)  # [B, Hkv, 1, D, S]
-        vals = vb[plan["k_idx"]].float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
+        bsz, t_max = plan.q_rows.shape
+        qf = q.float()
+        qp = qf.view(bsz, t_max, hkv, g, d) if plan.whole else qf[plan.q_rows].view(bsz, t_max, hkv, g, d)
+        qp = qp.permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
+        keys = kb[plan.k_idx].float().permute(0, 2, 3, 1).unsqueeze(2)  # [B, Hkv, 1, D, S]
+        vals = vb[plan.k_idx].float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
         s = torch.matmul(qp, keys) * self.sm_scale  # [B, Hkv, G, Tq, S]
-        s = s.masked_fill(~plan["mask"][:, None, None], float("-inf"))
+        s = s.masked_fill(plan.masked, float("-inf"))
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)  # padded query rows see no key
         e = torch.exp(s - m)
         num, den = torch.matmul(e, vals), e.sum(-1, keepdim=True)
-        if plan["prefix_idx"] is not None:
-            num, den = self._merge_prefix(qp, kb, vb, plan["prefix_idx"], num, den, m)
-        out = (num / den).permute(0, 3, 1, 2, 4).reshape(bsz, t_max, h, d)  # [B, Tq, H, D]
-        result = torch.empty(t_total, h, d, dtype=q.dtype, device=q.device)
-        result[rows[qv]] = out[qv].to(q.dtype)
-        b = self.batch
-        for r in plan["long"]:
-            lo, hi = int(b.qo_indptr[r]), int(b.qo_indptr[r + 1])
-            idx = b.kv_indices[int(b.kv_indptr[r]) : int(b.kv_indptr[r + 1])]
-            result[lo:hi] = ref._attend(
-                q[lo:hi], kb[idx], vb[idx], self.sm_scale, idx.numel() - (hi - lo)
-            ).to(q.dtype)
-        return result
+        if plan.prefix_idx is not None:
+            num, den = self._merge_prefix(qp, kb, vb, plan.prefix_idx, num, den, m)
+        return (num / den).permute(0, 3, 1, 2, 4).reshape(bsz, t_max, h, d)
 
-    def _decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
         bsz, h, d = q.shape
         hkv = kb.shape[1]
         g = h // hkv
         qg = q.float().view(bsz, hkv, g, d)  # query heads grouped by their KV head
         # per-request part: [B, Hkv, G, L]
-        keys = kb[self._idx].float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-        vals = vb[self._idx].float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+        keys = kb[plan.idx].float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+        vals = vb[plan.idx].float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
         s = torch.matmul(qg, keys) * self.sm_scale
-        s = s.masked_fill(~self._valid[:, None, None, :], float("-inf"))
+        s = s.masked_fill(~plan.valid[:, None, None, :], float("-inf"))
         m = s.amax(-1, keepdim=True)
         e = torch.exp(s - m)
         num, den = torch.matmul(e, vals), e.sum(-1, keepdim=True)
-        if self._prefix_idx is not None:
+        if plan.prefix_idx is not None:
             # shared prefix: all B*G query rows of a KV head against one gathered prefix
             num, den = self._merge_prefix(
-                qg.unsqueeze(3), kb, vb, self._prefix_idx, num.unsqueeze(3), den.unsqueeze(3), m.unsqueeze(3)
+                qg.unsqueeze(3), kb, vb, plan.prefix_idx, num.unsqueeze(3), den.unsqueeze(3), m.unsqueeze(3)
             )
             num, den = num.squeeze(3), den.squeeze(3)
         return (num / den).reshape(bsz, h, d).to(q.dtype)

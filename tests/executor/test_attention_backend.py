@@ -42,7 +42,7 @@ def test_batched_decode_matches_reference(shared):
     )
     be = TorchAttentionBackend([kb.clone()], [vb.clone()], d**-0.5)
     be.prepare(batch)
-    assert (be._prefix_idx is not None) == bool(shared)
+    assert be._dec is not None and (be._dec.prefix_idx is not None) == bool(shared)
     out = be.forward(q, k_new, v_new, 0)
     kb2, vb2 = kb.clone(), vb.clone()
     ref.store_kv(kb2, vb2, batch.out_cache_loc, k_new, v_new)
@@ -50,14 +50,13 @@ def test_batched_decode_matches_reference(shared):
     assert torch.allclose(out, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("shared", [0, 40])
-def test_batched_extend_matches_reference(shared):
-    g = torch.Generator().manual_seed(1)
+def _extend_case(shapes, shared, seed=1):
+    """A pool, an extend batch of ``shapes`` ((cached tokens beyond the shared prefix, new tokens)
+    per request) over a prefix of ``shared`` slots, and this step's q/k/v."""
+    g = torch.Generator().manual_seed(seed)
     slots, hkv, h, d = 400, 2, 8, 16
     kb = torch.randn(slots, hkv, d, generator=g)
     vb = torch.randn(slots, hkv, d, generator=g)
-    # (cached tokens beyond the shared prefix, new tokens) per request
-    shapes = [(0, 3), (5, 1), (2, 7), (11, 4), (1, 70)]  # the last one takes the per-request loop
     perm = torch.randperm(slots - 10, generator=g).tolist()
     prefix, off = perm[:shared], shared
     indices, kv_indptr, qo_indptr, loc = [], [0], [0], []
@@ -82,12 +81,47 @@ def test_batched_extend_matches_reference(shared):
         kv_indices=torch.tensor(indices),
         batch_size=len(shapes),
     )
-    be = TorchAttentionBackend([kb.clone()], [vb.clone()], d**-0.5)
-    be.prepare(batch)
-    assert be._ext is not None and be._ext["long"] == [4]
-    assert (be._ext["prefix_idx"] is not None) == bool(shared)
-    out = be.forward(q, k_new, v_new, 0)
+    return kb, vb, batch, q, k_new, v_new
+
+
+def _reference(kb, vb, batch, q, k_new, v_new):
     kb2, vb2 = kb.clone(), vb.clone()
     ref.store_kv(kb2, vb2, batch.out_cache_loc, k_new, v_new)
-    want = ref.extend_attention(q, kb2, vb2, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, d**-0.5)
-    assert torch.allclose(out, want, atol=1e-5)
+    d = q.shape[-1]
+    return ref.extend_attention(q, kb2, vb2, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, d**-0.5)
+
+
+@pytest.mark.parametrize("shared", [0, 40])
+def test_batched_extend_matches_reference(shared):
+    # short extends, decode rows (one new token) and a long one (the per-request loop), mixed
+    shapes = [(0, 3), (5, 1), (2, 7), (11, 4), (1, 70), (6, 1)]
+    kb, vb, batch, q, k_new, v_new = _extend_case(shapes, shared)
+    be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
+    be.prepare(batch)
+    assert be._long == [4]
+    assert be._ext is not None and be._ext.q_rows.shape[0] == 3
+    assert be._dec is not None and be._dec.q_rows is not None and be._dec.q_rows.tolist() == [3, 85]
+    assert (be._ext.prefix_idx is not None) == bool(shared)
+    assert (be._dec.prefix_idx is not None) == bool(shared)
+    out = be.forward(q, k_new, v_new, 0)
+    assert torch.allclose(out, _reference(kb, vb, batch, q, k_new, v_new), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(30, 3)],  # one request, a short extend on a cached prefix (jump-forward at batch 1)
+        [(30, 1)],  # one request, one new token in an extend step
+        [(10, 4), (20, 4)],  # equal lengths: no padding, the output used as it is
+        [(9, 1), (3, 1), (14, 1)],  # only decode rows in an extend step
+        [(0, 5)],  # a short prefill with nothing cached
+    ],
+)
+@pytest.mark.parametrize("shared", [0, 40])
+def test_extend_groups_match_reference(shapes, shared):
+    kb, vb, batch, q, k_new, v_new = _extend_case(shapes, shared, seed=7)
+    be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
+    be.prepare(batch)
+    assert be._long == []
+    out = be.forward(q, k_new, v_new, 0)
+    assert torch.allclose(out, _reference(kb, vb, batch, q, k_new, v_new), atol=1e-5)
