@@ -16,7 +16,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
-
 from llmir_lang.kernels import triton_decode as td  # noqa: E402
 
 POINTS = [(16, 1024), (16, 4096), (16, 16384), (64, 1024), (1, 16384), (64, 4096)]
@@ -37,7 +36,10 @@ def main() -> None:
                     r = bk.bench_decode_point(kb, vb, bsz, ctx, cfg, with_sdpa=sdpa)
                     r.update(pps=pps, min_chunk=mc, block_n=bn)
                     rows.append(r)
-                    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+                    print(
+                        json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}),
+                        flush=True,
+                    )
     with open(os.path.join(os.environ.get("OUT", "."), "decode_sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
