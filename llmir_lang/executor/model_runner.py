@@ -1,6 +1,6 @@
 """Turns a ScheduledBatch into a ForwardBatch, runs the model, and says which logits row is whose.
 
-Extend steps build their inputs from the requests' slot lists. Decode steps, the hot path, go
+Extend steps build their inputs from the requests' slot lists (``batch_builder``). Decode steps, the hot path, go
 through ``cuda_graph``: a device slot table (one new slot uploaded per request and step), static
 input buffers, and on CUDA with the Triton backend a captured graph per batch bucket. When every
 request of a decode batch shares a long cached prefix (one radix-tree node) and the kernels' cost
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from llmir_lang.executor.attention import AttentionBackend, ForwardBatch, ForwardMode
+from llmir_lang.executor.batch_builder import build_extend_batch
 from llmir_lang.executor.cuda_graph import (
     META_IDS,
     META_LOC,
@@ -131,65 +132,16 @@ class ModelRunner:
             self.num_forward_calls += 1
             self.num_tokens_computed += n
             return StepLogits(logits, list(range(n)), [(0, -1, 0)] * n)
-        for req in sb.reqs:
-            self.table.forget(req)  # extend steps change slot lists in place
-        fb, sample_rows, prompt_rows = self.build(sb)
+        # extend steps change slot lists in place; a mixed step's decode rows only append, which
+        # the table notices by itself
+        for req in sb.reqs[: len(sb.reqs) - sb.num_decode]:
+            self.table.forget(req)
+        fb, sample_rows, prompt_rows = build_extend_batch(sb, self.device)
         self._offer.shared = None
         logits = self.model(fb, self.backend)
         self.num_forward_calls += 1
         self.num_tokens_computed += int(fb.input_ids.shape[0])
         return StepLogits(logits, sample_rows, prompt_rows)
-
-    # ---- extend ---------------------------------------------------------------------------
-    def build(self, sb: ScheduledBatch) -> tuple[ForwardBatch, list[int], list[tuple[int, int, int]]]:
-        ids: list[int] = []
-        pos: list[int] = []
-        loc: list[int] = []
-        kv_indices: list[int] = []
-        qo, kv = [0], [0]
-        rows: list[int] = []
-        sample_rows: list[int] = []
-        prompt_rows: list[tuple[int, int, int]] = []
-        for req, prefix, n, sample in zip(sb.reqs, sb.prefix_lens, sb.extend_lens, sb.sample):
-            fill = req.fill_ids
-            base = len(ids)
-            ids.extend(fill[prefix : prefix + n])
-            pos.extend(range(prefix, prefix + n))
-            loc.extend(req.kv_slots[prefix : prefix + n])
-            kv_indices.extend(req.kv_slots[: prefix + n])
-            qo.append(len(ids))
-            kv.append(len(kv_indices))
-            # prompt logprobs: position p scores prompt[p + 1]; collect the ones not yet collected
-            first_row, first_pos, count = len(rows), -1, 0
-            if req.logprob_start_len >= 0 and sb.mode is ForwardMode.EXTEND:
-                want_from = req.logprob_start_len + len(req.prompt_logprobs)
-                lo, hi = max(prefix, want_from), min(prefix + n, len(req.prompt_ids) - 1)
-                if hi > lo:
-                    rows.extend(base + (p - prefix) for p in range(lo, hi))
-                    first_pos, count = lo, hi - lo
-            prompt_rows.append((first_row, first_pos, count))
-            if sample:
-                sample_rows.append(len(rows))
-                rows.append(base + n - 1)
-            else:
-                sample_rows.append(-1)
-        dev = self.device
-
-        def t(x: list[int]) -> torch.Tensor:
-            return int64_tensor(x).to(dev)
-
-        fb = ForwardBatch(
-            mode=sb.mode,
-            input_ids=t(ids),
-            positions=t(pos),
-            out_cache_loc=t(loc),
-            qo_indptr=t(qo),
-            kv_indptr=t(kv),
-            kv_indices=t(kv_indices),
-            batch_size=len(sb.reqs),
-            logits_indices=None if sb.mode is ForwardMode.DECODE else t(rows),
-        )
-        return fb, sample_rows, prompt_rows
 
     # ---- decode ---------------------------------------------------------------------------
     def _decode(self, reqs: Sequence[Any], kv_lens: list[int]) -> torch.Tensor:

@@ -26,6 +26,9 @@ class ScheduledBatch:
     prefix_lens: list[int]  # KV tokens each request had before this step
     extend_lens: list[int]  # new tokens each request computes in this step
     sample: list[bool]  # whether the request samples a token after this step
+    # mixed step (mode EXTEND): the last ``num_decode`` requests are running requests that decode
+    # one token in the same forward as the extends before them; they stay in ``running``
+    num_decode: int = 0
 
 
 @dataclass(slots=True)
@@ -38,6 +41,10 @@ class SchedulerConfig:
     # a waiting request that shares this many uncached tokens with one admitted in the same step
     # waits one step, so the shared part is computed once and then read from the radix cache
     min_shared_prefix: int = 8
+    # forced tokens of running requests (jump-forward, chain text) up to this many per request run
+    # in the same forward as the decode rows of the other running requests (one mixed step instead
+    # of an extend step that every decoding request waits for); 0 turns mixing off
+    max_mixed_extend: int = 8
 
 
 class Scheduler:
@@ -134,7 +141,9 @@ class Scheduler:
     # ---- scheduling ---------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         self.step_count += 1
-        batch = self._schedule_extend()
+        batch = self._schedule_mixed()
+        if batch is None:
+            batch = self._schedule_extend()
         if batch is None and self.running:
             batch = self._schedule_decode()
         return batch
@@ -214,6 +223,35 @@ class Scheduler:
             self.chunked_next = self.chunked  # could not continue this step: keep it for the next
         return ScheduledBatch(ForwardMode.EXTEND, reqs, prefix_lens, extend_lens, sample)
 
+    def _schedule_mixed(self) -> ScheduledBatch | None:
+        """Short extends of admitted requests plus one decode row for every running request, in one
+        forward; None when mixing does not apply (nothing to decode, prompts waiting or in chunked
+        prefill, a long extend, or too many requests for one batch).
+
+        A short extend adds a few rows to a decode step's forward, far less than a forward of its
+        own costs, so it never pays to make the decoding requests wait for it.
+        """
+        cfg = self.cfg
+        if not (self.extending and self.running) or self.waiting or self.chunked is not None:
+            return None
+        if len(self.extending) + len(self.running) > cfg.max_running_requests:
+            return None
+        if any(r.seq_len - r.kv_len > cfg.max_mixed_extend for r in self.extending):
+            return None
+        batch = self._schedule_extend()
+        if batch is None:
+            return None
+        decoding = list(self.running)
+        if not self._alloc_decode(decoding):
+            return batch  # no room to decode now: the next decode step retracts as usual
+        n = len(decoding)
+        batch.reqs += decoding
+        batch.prefix_lens += [len(r.kv_slots) - 1 for r in decoding]
+        batch.extend_lens += [1] * n
+        batch.sample += [True] * n
+        batch.num_decode = n
+        return batch
+
     def _shares_uncached(self, ids: list[int], cached: int, batch: list[Req]) -> bool:
         """Would ``ids`` reuse at least ``min_shared`` tokens that a request of this batch computes now?"""
         need = cached + self.cfg.min_shared_prefix
@@ -280,7 +318,8 @@ class Scheduler:
         and apply rebases (chains and jump-forward) requested by output processing."""
         if batch.mode is ForwardMode.EXTEND:
             nxt = self.chunked_next
-            for req, sampled in zip(batch.reqs, batch.sample):
+            extended = len(batch.reqs) - batch.num_decode
+            for req, sampled in zip(batch.reqs[:extended], batch.sample[:extended]):
                 if req.finished:
                     continue
                 # publish the computed prompt KV in the tree now, so requests sharing the prefix can
