@@ -176,8 +176,8 @@ class TorchAttentionBackend(AttentionBackend):
         matmul per KV head) and merge with the per-request partials (``num``, ``den``, running max
         ``m``, all ``[B, Hkv, G, T, .]``) by log-sum-exp."""
         bsz, hkv, g, t, d = q.shape
-        kp = kb[prefix_idx].float().permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, P]
-        vp = vb[prefix_idx].float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, P, D]
+        kp = _gather(kb, prefix_idx).float().permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, P]
+        vp = _gather(vb, prefix_idx).float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, P, D]
         qq = q.permute(1, 2, 0, 3, 4).reshape(hkv, g, bsz * t, d)
         sp = torch.matmul(qq, kp) * self.sm_scale  # [Hkv, G, B*T, P]
         mp = sp.amax(-1, keepdim=True)
@@ -253,13 +253,15 @@ class TorchAttentionBackend(AttentionBackend):
         qf = q.float()
         qp = qf.view(bsz, t_max, hkv, g, d) if plan.whole else qf[plan.q_rows].view(bsz, t_max, hkv, g, d)
         qp = qp.permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
-        keys = kb[plan.k_idx].float().permute(0, 2, 3, 1).unsqueeze(2)  # [B, Hkv, 1, D, S]
-        vals = vb[plan.k_idx].float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
-        s = torch.matmul(qp, keys) * self.sm_scale  # [B, Hkv, G, Tq, S]
-        s = s.masked_fill(plan.masked, float("-inf"))
+        # the G query heads of a KV head as more query rows: keys are not broadcast (copied) G times
+        keys = _gather(kb, plan.k_idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, S]
+        vals = _gather(vb, plan.k_idx).float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
+        s = torch.matmul(qp.reshape(bsz, hkv, g * t_max, d), keys) * self.sm_scale
+        s = s.view(bsz, hkv, g, t_max, -1).masked_fill(plan.masked, float("-inf"))  # [B, Hkv, G, Tq, S]
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)  # padded query rows see no key
         e = torch.exp(s - m)
-        num, den = torch.matmul(e, vals), e.sum(-1, keepdim=True)
+        num = torch.matmul(e.view(bsz, hkv, g * t_max, -1), vals).view(bsz, hkv, g, t_max, d)
+        den = e.sum(-1, keepdim=True)
         if plan.prefix_idx is not None:
             num, den = self._merge_prefix(qp, kb, vb, plan.prefix_idx, num, den, m)
         return (num / den).permute(0, 3, 1, 2, 4).reshape(bsz, t_max, h, d)
@@ -270,8 +272,8 @@ class TorchAttentionBackend(AttentionBackend):
         g = h // hkv
         qg = q.float().view(bsz, hkv, g, d)  # query heads grouped by their KV head
         # per-request part: [B, Hkv, G, L]
-        keys = kb[plan.idx].float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-        vals = vb[plan.idx].float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+        keys = _gather(kb, plan.idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+        vals = _gather(vb, plan.idx).float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
         s = torch.matmul(qg, keys) * self.sm_scale
         s = s.masked_fill(~plan.valid[:, None, None, :], float("-inf"))
         m = s.amax(-1, keepdim=True)
@@ -284,3 +286,10 @@ class TorchAttentionBackend(AttentionBackend):
             )
             num, den = num.squeeze(3), den.squeeze(3)
         return (num / den).reshape(bsz, h, d).to(q.dtype)
+
+
+def _gather(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``buf[idx]`` for a pool buffer ``[slots, Hkv, D]``: ``index_select`` over rows of one slot
+    each, about 3x faster on the CPU than advanced indexing for the same copy."""
+    rows = torch.index_select(buf.flatten(1), 0, idx.reshape(-1))
+    return rows.view(*idx.shape, *buf.shape[1:])
