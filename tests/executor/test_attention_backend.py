@@ -94,11 +94,11 @@ def _reference(kb, vb, batch, q, k_new, v_new):
 @pytest.mark.parametrize("shared", [0, 40])
 def test_batched_extend_matches_reference(shared):
     # short extends, decode rows (one new token) and a long one (the per-request loop), mixed
-    shapes = [(0, 3), (5, 1), (2, 7), (11, 4), (1, 70), (6, 1)]
+    shapes = [(0, 3), (5, 1), (2, 7), (11, 4), (1, 70), (6, 1), (0, 66)]  # the last: a plain prefill
     kb, vb, batch, q, k_new, v_new = _extend_case(shapes, shared)
     be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
     be.prepare(batch)
-    assert be._long == [4]
+    assert be._long == [4, 6]
     assert be._ext is not None and be._ext.q_rows.shape[0] == 3
     assert be._dec is not None and be._dec.q_rows is not None and be._dec.q_rows.tolist() == [3, 85]
     assert (be._ext.prefix_idx is not None) == bool(shared)
