@@ -1,6 +1,9 @@
-"""The engine's CPU-tested paths on CUDA (Triton backend, CUDA graphs, compiled ops): mixed steps
-give the tokens of separate steps, and jump-forward gives the tokens of plain decoding, with the
-bundled model in fp32. Skipped without a GPU (run through the ``device`` tool)."""
+"""The engine's CPU-tested paths on CUDA: mixed steps give the tokens of separate steps, and
+jump-forward gives the tokens of plain decoding, with the bundled model in fp32 (exact tokens need
+fp32). The engine runs its CUDA path (Triton backend object, CUDA graphs, compiled ops, device
+slot table); in fp32 the attention itself falls back to the torch reference, and the Triton
+kernels are checked against that reference in bf16 by tests/kernels/test_triton_kernels_gpu.py.
+Skipped without a GPU (run through the ``device`` tool)."""
 
 from __future__ import annotations
 
