@@ -112,8 +112,9 @@ class EngineLoop:
             return
         self._batch = batch
         try:
+            masks = self.outputs.start_masks(batch)  # computed while the model runs
             step = self.runner.run(batch)
-            self.outputs.process(batch, step)
+            self.outputs.process(batch, step, masks)
         except Exception as e:  # one failing batch must not stop the engine
             log.warning("engine step failed; failing its %d requests", len(batch.reqs), exc_info=e)
             err = EngineError(f"engine step failed: {type(e).__name__}: {e}")

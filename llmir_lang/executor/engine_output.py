@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,12 +17,33 @@ if TYPE_CHECKING:
     from llmir_lang.executor.engine import Engine
 
 
+# (request ids of the rows, the device bitmask) computed while the model ran
+PendingMask = tuple[list[int], torch.Tensor]
+
+
 class OutputProcessor:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.eos_ids = set(engine.tokenizer.eos_token_ids)
+        self._mask_pool: ThreadPoolExecutor | None = None
+        self.masks_overlapped = 0  # steps whose constraint masks were computed during the forward
 
-    def process(self, batch: ScheduledBatch, step: StepLogits) -> None:
+    def start_masks(self, batch: ScheduledBatch) -> Future | None:
+        """Start the constraint masks of the requests that sample after ``batch``, on a worker
+        thread, so that they are computed while the model runs (the matchers are not touched
+        between scheduling and output processing: they already hold every token and forced
+        text up to this step). None when no sampling request is constrained."""
+        reqs = [r for r, s in zip(batch.reqs, batch.sample) if s and not r.finished]
+        if not any(r.matcher is not None for r in reqs):
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmir-masks")
+        vocab = self.engine.config.vocab_size
+        return self._mask_pool.submit(lambda: ([r.rid for r in reqs], self._bitmask(reqs, vocab)))
+
+    def process(self, batch: ScheduledBatch, step: StepLogits, pending: Future | None = None) -> None:
+        """Sample every request of ``batch`` that samples after this step and append its token.
+        ``pending`` is ``start_masks(batch)``, started before the forward."""
         logits = step.logits
         for req, (row, pos, count) in zip(batch.reqs, step.prompt_rows):
             if count:
@@ -44,7 +66,9 @@ class OutputProcessor:
             picked = logits  # a decode step: every row, in order (no gather)
         else:
             picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        bitmask = self._bitmask(reqs, logits.shape[-1])
+        bitmask = self._pending_rows(pending, reqs, logits.shape[-1])
+        if bitmask is None:
+            bitmask = self._bitmask(reqs, logits.shape[-1])
         out = self.engine.sampler.sample(
             picked,
             [r.params for r in reqs],
@@ -63,6 +87,22 @@ class OutputProcessor:
         if len(req.output_ids) < req.params.min_new_tokens:
             return sorted(self.eos_ids | set(req.params.stop_token_ids))
         return []
+
+    def _pending_rows(self, pending: Future | None, reqs: list[Req], vocab: int) -> torch.Tensor | None:
+        """The rows of the overlapped masks for ``reqs`` (a subset, in order, of the rows they were
+        computed for: requests that finished at max_new_tokens drop out); None to compute now."""
+        if pending is None:
+            return None
+        rids, mask = pending.result()  # a failure here propagates like one in _bitmask
+        if mask is None or mask.shape[-1] * 32 < vocab:
+            return None
+        self.masks_overlapped += 1
+        wanted = [r.rid for r in reqs]
+        if wanted == rids:
+            return mask
+        index = {rid: i for i, rid in enumerate(rids)}
+        rows = torch.tensor([index[rid] for rid in wanted], device=mask.device)
+        return mask.index_select(0, rows)
 
     def _bitmask(self, reqs: list[Req], vocab: int) -> torch.Tensor | None:
         """One allowed-token bitmask for the whole batch (rows without a constraint: all ones)."""

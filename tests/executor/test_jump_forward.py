@@ -149,3 +149,29 @@ def test_chained_constrained_generation_starts_forced(backend):
         assert on.text == off.text
         a, b = (s.meta["jump_forward_tokens"] for s in on.steps)  # counted over the chain
         assert a == PERSON_FORCED and b - a == PERSON_FORCED  # both start with '{"name' forced
+
+
+def test_constraint_masks_are_computed_while_the_model_runs(backend):
+    eng = backend.engine
+    before = eng.outputs.masks_overlapped
+    out = run(backend, items(3, seed=31), True, True)
+    assert all(s.finish_reason == "stop" for s in out)
+    assert eng.outputs.masks_overlapped > before  # the masks of those steps came from start_masks
+
+
+def test_overlapped_mask_rows_follow_the_requests_that_still_sample(backend):
+    """A request that drops out between the forward and sampling (it reached max_new_tokens)
+    takes its row out of the overlapped mask; the others keep theirs, in order."""
+    eng = backend.engine
+    words = (eng.config.vocab_size + 31) // 32
+    mask = torch.arange(3 * words, dtype=torch.int32).view(3, words)
+    fut: Future = Future()
+    fut.set_result(([7, 8, 9], mask))
+    reqs = [fresh_req(backend, None) for _ in range(2)]
+    reqs[0].rid, reqs[1].rid = 7, 9
+    rows = eng.outputs._pending_rows(fut, reqs, eng.config.vocab_size)
+    assert rows is not None and torch.equal(rows, mask[[0, 2]])
+    done: Future = Future()
+    done.set_result(([7, 9], mask[:2]))
+    same = eng.outputs._pending_rows(done, reqs, eng.config.vocab_size)
+    assert same is not None and torch.equal(same, mask[:2])
