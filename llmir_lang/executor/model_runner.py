@@ -9,6 +9,7 @@ rule says it pays, the step uses the backend's shared-prefix decode, graphed per
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from llmir_lang.executor.cuda_graph import (
 from llmir_lang.executor.model import CausalLM
 from llmir_lang.executor.scheduler import ScheduledBatch
 from llmir_lang.kernels import policy
+
+log = logging.getLogger("llmir_lang.engine")
 
 
 @dataclass(slots=True)
@@ -303,6 +306,8 @@ class ModelRunner:
             return on
         if on:
             ops = compiled_ops()
+            t0 = time.perf_counter()
+            log.info("compiling the model's elementwise ops with torch.compile (once per process)")
             try:
                 self._warm_up(ops)
             except Exception as e:  # no compiler, an unsupported device or dtype: run uncompiled
@@ -314,6 +319,7 @@ class ModelRunner:
                 )
                 return False
             self.model.ops = ops
+            log.info("compiled in %.1f s", time.perf_counter() - t0)
         else:
             self.model.ops = PLAIN_OPS
         self.compiled = on
