@@ -44,25 +44,11 @@ SHAPES = {
 
 
 def save_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer for random-weight checkpoints (the bundled model's if present)."""
-    import shutil
+    """The tokenizer of random-weight checkpoints: the bundled model's (one builder for tests and
+    benchmarks: ``llmir_lang.dsl.testing.write_tokenizer``)."""
+    from llmir_lang.dsl.testing import write_tokenizer
 
-    if (BUNDLED / "tokenizer.json").is_file():
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (BUNDLED / name).is_file():
-                shutil.copy(BUNDLED / name, folder / name)
-        return
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(["benchmark text for a tokenizer"] * 10, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(folder))
+    write_tokenizer(folder)
 
 
 def random_checkpoint(shape: str, folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0):
