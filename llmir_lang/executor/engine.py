@@ -60,10 +60,19 @@ class Engine(EngineLoop):
         enable_prefix_cache: bool = True,
         attention_backend: str = "auto",
         jump_forward: bool = True,
+        max_mixed_extend: int = 8,
         cuda_graphs: bool = True,
         compile_model: bool | None = None,
         seed: int = 0,
     ):
+        if (
+            isinstance(max_mixed_extend, bool)
+            or not isinstance(max_mixed_extend, int)
+            or max_mixed_extend < 0
+        ):
+            raise InvalidRequestError(
+                f"max_mixed_extend must be an int >= 0 (0 turns mixed steps off), got {max_mixed_extend!r}"
+            )
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_path = resolve_model_path(model)
@@ -90,6 +99,7 @@ class Engine(EngineLoop):
                 max_running_requests=max_running_requests,
                 max_prefill_tokens=max_prefill_tokens or (4096 if on_cpu else 16384),
                 chunked_prefill_size=chunked_prefill_size or (2048 if on_cpu else 8192),
+                max_mixed_extend=max_mixed_extend,
             ),
         )
         self.backend = make_backend(attention_backend, self.pool, cfg, self.device, max_running_requests)

@@ -145,3 +145,11 @@ def check_mixed_equals_separate(backend: EngineBackend, atol: float) -> None:
     assert sum(n > 0 for n in steps[8]) >= 5, steps[8]  # forced tokens rode along with decode rows
     assert all(n <= 0 for n in steps[0])
     assert len(steps[8]) < len(steps[0])  # fewer forwards: no step where the decoding requests wait
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])
+def test_engine_rejects_a_bad_max_mixed_extend(bad):
+    from llmir_lang.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="max_mixed_extend"):
+        Engine(device="cpu", max_mixed_extend=bad)
