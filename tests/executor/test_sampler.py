@@ -15,16 +15,15 @@ from transformers.generation.logits_process import (
 )
 
 from llmir_lang.errors import EngineError
-from llmir_lang.executor.sampler import (
-    Sampler,
+from llmir_lang.executor.logit_processors import (
     apply_bitmask,
     apply_frequency_presence_penalty,
     apply_min_p,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_k_top_p,
-    logprobs_of,
 )
+from llmir_lang.executor.sampler import Sampler, logprobs_of
 from llmir_lang.executor.sampling_params import SamplingParams as SP
 
 torch.set_num_threads(1)
