@@ -14,6 +14,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUNDLED = Path(__file__).resolve().parent.parent / "llmir_lang" / "models" / "llmir-tiny"
 
 SHAPES = {
+    # a few-layer Llama for host-overhead profiles (benchmarks/gpu/profile_step.py)
+    "cpu-tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),
     # CPU-sized Llama for the CPU benchmarks
     "cpu-small": dict(
         hidden_size=512,

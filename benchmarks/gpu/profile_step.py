@@ -34,28 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import BUNDLED, save_tokenizer  # noqa: E402
+from common import BUNDLED, random_checkpoint  # noqa: E402
 
 from llmir_lang.executor.attention import ForwardMode  # noqa: E402
 from llmir_lang.executor.engine import Engine  # noqa: E402
-
-
-def _random_folder(folder: Path) -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=4096,
-        max_position_embeddings=1024,
-        eos_token_id=0,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder), safe_serialization=True)
-    save_tokenizer(folder)
 
 
 def measure(eng: Engine, prompts: list[list[int]], new: int, prof: cProfile.Profile | None) -> dict:
@@ -125,12 +107,10 @@ def main() -> None:
             if case == "tiny-b1":
                 folder, prompts, new = BUNDLED, [list(range(5, 37))], 64
             elif case == "rand-b64":
-                _random_folder(Path(tmp))
+                random_checkpoint("cpu-tiny", Path(tmp))
                 folder, new = Path(tmp), 48
                 prompts = [[(7 * i + j) % 4000 + 5 for j in range(32)] for i in range(64)]
             elif case == "shared-1b":
-                from common import random_checkpoint
-
                 with torch.device(dev):
                     random_checkpoint("llama-3.2-1b", Path(tmp), dtype=torch.bfloat16)
                 folder, new = Path(tmp), 128
