@@ -170,6 +170,19 @@ def _req(rid: int, prompt: list[int]) -> Req:
     return Req(rid=rid, prompt_ids=prompt, params=SamplingParams(), future=None, decoder=None)  # type: ignore[arg-type]
 
 
+def _prefill_greedy(runner: ModelRunner, pool: KVPool, reqs: list[Req]) -> None:
+    """Give each request slots for its prompt, run one extend step over every prompt, and append
+    each request's greedy token (the start of a decode test)."""
+    for r in reqs:
+        r.kv_slots = pool.alloc(len(r.prompt_ids)).tolist()
+    n = len(reqs)
+    step = runner.run(
+        ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * n, [len(r.prompt_ids) for r in reqs], [True] * n)
+    )
+    for r, row in zip(reqs, step.sample_rows):
+        r.output_ids.append(int(step.logits[row].argmax()))
+
+
 def _reference_logits(model: CausalLM, ids: list[int]) -> torch.Tensor:
     """Last-token logits of a plain prefill of ``ids`` in a fresh pool."""
     pool = _pool(model, 256)
@@ -207,14 +220,7 @@ def test_decode_steps_match_a_plain_prefill(monkeypatch, pad: bool, lists: str) 
         runner.use_triton_lists = True
     rng = random.Random(1)
     reqs = [_req(i, [rng.randrange(128) for _ in range(rng.randrange(3, 30))]) for i in range(5)]
-    for r in reqs:
-        r.kv_slots = pool.alloc(len(r.prompt_ids)).tolist()
-    n = len(reqs)
-    step = runner.run(
-        ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * n, [len(r.prompt_ids) for r in reqs], [True] * n)
-    )
-    for r, row in zip(reqs, step.sample_rows):
-        r.output_ids.append(int(step.logits[row].argmax()))
+    _prefill_greedy(runner, pool, reqs)
     pad_before = pool.k_buffers[0][pool.pad_slot].clone()
     for i in range(6):
         live = reqs[: 5 - i % 3]  # batch composition changes between steps

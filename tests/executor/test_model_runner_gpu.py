@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 from llmir_lang.kernels import policy
-from test_model_runner import _generate, _model, _pool, _reference_logits, _req
+from test_model_runner import _generate, _model, _pool, _prefill_greedy, _reference_logits, _req
 
 from llmir_lang.executor.attention import ForwardMode
 from llmir_lang.executor.model_runner import ModelRunner
@@ -52,14 +52,7 @@ def test_graph_decode_matches_eager_decode_at_every_bucket() -> None:
     assert runner._graphs_ok, "bf16 pool + Triton backend on CUDA must use graphs"
     rng = random.Random(0)
     reqs = [_req(i, [rng.randrange(128) for _ in range(rng.randrange(5, 200))]) for i in range(13)]
-    for r in reqs:
-        r.kv_slots = pool.alloc(len(r.prompt_ids)).tolist()
-    n = len(reqs)
-    step = runner.run(
-        ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * n, [len(r.prompt_ids) for r in reqs], [True] * n)
-    )
-    for r, row in zip(reqs, step.sample_rows):
-        r.output_ids.append(int(step.logits[row].argmax()))
+    _prefill_greedy(runner, pool, reqs)
     for size in (1, 3, 8, 13, 5, 1):  # buckets 1, 4, 8, 16, 8, 1
         live = reqs[:size]
         for r in live:
@@ -191,14 +184,8 @@ def test_compiled_ops_are_as_accurate_as_plain_ops_in_graphed_decode(arch: str) 
         err, plain_err, scale = errors(ids, _reference_logits(model, ids))
         assert err <= max(1.5 * plain_err, 0.01 * scale), (err, plain_err)
     reqs = [_req(i, p) for i, p in enumerate(prompts)]
-    for r in reqs:
-        r.kv_slots = pool.alloc(len(r.prompt_ids)).tolist()
+    _prefill_greedy(runner, pool, reqs)
     n = len(reqs)
-    step = runner.run(
-        ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * n, [len(r.prompt_ids) for r in reqs], [True] * n)
-    )
-    for r, row in zip(reqs, step.sample_rows):
-        r.output_ids.append(int(step.logits[row].argmax()))
     for _ in range(3):
         for r in reqs:
             r.kv_slots.extend(pool.alloc(1).tolist())
