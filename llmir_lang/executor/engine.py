@@ -372,6 +372,7 @@ class Engine(EngineLoop):
             self._closed = True
             self._inbox.put(None)
         self._thread.join(timeout=30)
+        self.outputs.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -41,6 +41,12 @@ class OutputProcessor:
         vocab = self.engine.config.vocab_size
         return self._mask_pool.submit(lambda: ([r.rid for r in reqs], self._bitmask(reqs, vocab)))
 
+    def close(self) -> None:
+        """Stop the mask worker thread (after the engine loop has stopped)."""
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=False)
+            self._mask_pool = None
+
     def process(self, batch: ScheduledBatch, step: StepLogits, pending: Future | None = None) -> None:
         """Sample every request of ``batch`` that samples after this step and append its token.
         ``pending`` is ``start_masks(batch)``, started before the forward."""

@@ -175,3 +175,16 @@ def test_overlapped_mask_rows_follow_the_requests_that_still_sample(backend):
     done.set_result(([7, 9], mask[:2]))
     same = eng.outputs._pending_rows(done, reqs, eng.config.vocab_size)
     assert same is not None and torch.equal(same, mask[:2])
+
+
+def test_shutdown_stops_the_mask_worker():
+    be = EngineBackend(Engine(device="cpu"))
+    run(be, items(1, seed=2), True, False)
+    pool = be.engine.outputs._mask_pool
+    assert pool is not None
+    workers = list(pool._threads)  # this engine's mask thread(s)
+    assert workers and all(t.is_alive() for t in workers)
+    be.engine.shutdown()
+    for t in workers:
+        t.join(timeout=5)
+    assert be.engine.outputs._mask_pool is None and not any(t.is_alive() for t in workers)
