@@ -17,10 +17,6 @@ if TYPE_CHECKING:
     from llmir_lang.executor.engine import Engine
 
 
-# (request ids of the rows, the device bitmask) computed while the model ran
-PendingMask = tuple[list[int], torch.Tensor]
-
-
 class OutputProcessor:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -32,7 +28,8 @@ class OutputProcessor:
         """Start the constraint masks of the requests that sample after ``batch``, on a worker
         thread, so that they are computed while the model runs (the matchers are not touched
         between scheduling and output processing: they already hold every token and forced
-        text up to this step). None when no sampling request is constrained."""
+        text up to this step). The future resolves to (request ids of the rows, the bitmask on
+        the engine's device); None when no sampling request is constrained."""
         reqs = [r for r, s in zip(batch.reqs, batch.sample) if s and not r.finished]
         if not any(r.matcher is not None for r in reqs):
             return None
