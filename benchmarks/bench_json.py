@@ -49,7 +49,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -66,8 +65,7 @@ from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.models.tiny_tasks import (
     EXTRACTION_KINDS,
     SCHEMAS,
-    extraction_prompt,
-    make_extraction_example,
+    extraction_items,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,16 +107,6 @@ class RunResult:
         out["field_accuracy"] = round(self.fields_correct / max(1, self.fields), 4)
         out["seconds"] = round(self.seconds, 3)
         return out
-
-
-def make_items(n: int, seed: int) -> list[Item]:
-    rng = random.Random(seed)
-    items = []
-    for i in range(n):
-        kind = EXTRACTION_KINDS[i % len(EXTRACTION_KINDS)]
-        text, record = make_extraction_example(rng, kind)
-        items.append((kind, extraction_prompt(text, kind), record))
-    return items
 
 
 def score(
@@ -296,7 +284,7 @@ def main() -> None:
         return len(tok.encode(text, add_special_tokens=False)) if text else 0
 
     # warm-up: compile the three schemas, touch every code path once
-    warm = make_items(6, seed=1)
+    warm = extraction_items(6, seed=1)
     for system in ("llmir-json-jf", "llmir-json", "llmir-free"):
         run_llmir(backend, system, "batched", warm, count)
 
@@ -320,7 +308,7 @@ def main() -> None:
     prefill: dict[str, dict[str, float]] = {}
     print(table([]))
     for mode, n in (("sequential", args.records), ("batched", args.batched_records)):
-        items = make_items(n, args.seed)
+        items = extraction_items(n, args.seed)
         for _ in range(args.repeats):
             pre = run_prefill(backend, mode, items)
             if mode not in prefill or pre["seconds"] < prefill[mode]["seconds"]:

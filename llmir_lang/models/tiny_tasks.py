@@ -284,6 +284,20 @@ def extraction_prompt(text: str, kind: str) -> str:
     return f"Text: {text}\n{kind.capitalize()} JSON:\n"
 
 
+def extraction_items(
+    n: int, seed: int, kinds: Sequence[str] = EXTRACTION_KINDS
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """``n`` fresh ``(kind, prompt, record)`` triples, the kinds taken in turn, from one seeded
+    generator (what tests and benchmarks extract from)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        text, record = make_extraction_example(rng, kind)
+        out.append((kind, extraction_prompt(text, kind), record))
+    return out
+
+
 # --- few-shot Q&A ---------------------------------------------------------------------------------
 def few_shot_prompt(shots: Sequence[tuple[str, str]], question: str, facts: str | None = None) -> str:
     """``[Facts: ...⏎]`` then ``Q: ...⏎A: ...⏎`` per shot, then ``Q: question⏎A: `` (trailing space)."""

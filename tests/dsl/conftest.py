@@ -23,3 +23,15 @@ def random_model_dir(tmp_path_factory):
     from llmir_lang.dsl.testing import random_checkpoint
 
     return random_checkpoint(tmp_path_factory.mktemp("dsl_model"))
+
+
+@pytest.fixture(scope="module")
+def rt(request):
+    """A Runtime on the bundled model, or on ``random_model_dir`` where the bundled one is absent."""
+    import llmir_lang as llmir
+    from llmir_lang.dsl.testing import bundled_model_available
+
+    model = None if bundled_model_available() else str(request.getfixturevalue("random_model_dir"))
+    runtime = llmir.Runtime(model, device="cpu", kv_memory="64MB")
+    yield runtime
+    runtime.shutdown()

@@ -21,14 +21,6 @@ TRAINED = bundled_model_available()
 NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "notebook.ipynb"
 
 
-@pytest.fixture(scope="module")
-def rt(request):
-    model = None if TRAINED else str(request.getfixturevalue("random_model_dir"))
-    runtime = llmir.Runtime(model, device="cpu", kv_memory="64MB")
-    yield runtime
-    runtime.shutdown()
-
-
 @llmir.function
 def chat(s, question):
     s += llmir.system("You are a helpful assistant.")

@@ -25,14 +25,6 @@ TRAINED = bundled_model_available()
 IP_REGEX = r"((25[0-5]|2[0-4]\d|[01]?\d\d?)\.){3}(25[0-5]|2[0-4]\d|[01]?\d\d?)"
 
 
-@pytest.fixture(scope="module")
-def rt(request):
-    model = None if TRAINED else str(request.getfixturevalue("random_model_dir"))
-    runtime = llmir.Runtime(model, device="cpu", kv_memory="64MB")
-    yield runtime
-    runtime.shutdown()
-
-
 def run_both(program, rt, **kwargs):
     """Run with the default pipeline and call by call; greedy outputs must be equal."""
     try:

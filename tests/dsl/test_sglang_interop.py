@@ -30,14 +30,6 @@ needs_sglang = pytest.mark.skipif(sgl is None, reason=WHY if sgl is None else ""
 SHOTS = "Q: What is 3 + 4?\nA: 7\nQ: What is 10 - 2?\nA: 8\n"
 
 
-@pytest.fixture(scope="module")
-def rt(request):
-    model = None if TRAINED else str(request.getfixturevalue("random_model_dir"))
-    runtime = llmir.Runtime(model, device="cpu", kv_memory="64MB")
-    yield runtime
-    runtime.shutdown()
-
-
 def test_missing_sglang_is_a_typed_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang.lang", None)  # makes the import fail
     with pytest.raises(SGLangNotInstalledError, match=r"llmir_lang\[sglang\]"):

@@ -12,7 +12,6 @@ chain's next constrained generation gets it with its rebase.
 from __future__ import annotations
 
 import json
-import random
 from concurrent.futures import Future
 from typing import Any
 
@@ -25,7 +24,10 @@ from llmir_lang.executor.engine import Engine
 from llmir_lang.executor.request import Req
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.tokenizer import IncrementalDecoder
-from llmir_lang.models.tiny_tasks import EXTRACTION_KINDS, SCHEMAS, extraction_prompt, make_extraction_example
+from llmir_lang.models.tiny_tasks import (
+    SCHEMAS,
+    extraction_items,
+)
 
 torch.set_num_threads(1)
 # forced per person record: the opening `{"name` before the first step (Engine.submit calls
@@ -38,16 +40,6 @@ def backend():
     be = EngineBackend(Engine(device="cpu"))
     yield be
     be.engine.shutdown()
-
-
-def items(n: int, seed: int, kinds: tuple[str, ...] = EXTRACTION_KINDS) -> list[tuple[str, str, dict]]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        text, record = make_extraction_example(rng, kind)
-        out.append((kind, extraction_prompt(text, kind), record))
-    return out
 
 
 def request(kind: str, prompt: str) -> ChainRequest:
@@ -71,7 +63,7 @@ def run(backend: EngineBackend, its: list, jump_forward: bool, batched: bool) ->
 def test_person_records_force_every_key_and_waste_no_step(backend):
     eng = backend.engine
     eng.jump_forward = True
-    for kind, prompt, gold in items(4, seed=11, kinds=("person",)):
+    for kind, prompt, gold in extraction_items(4, seed=11, kinds=("person",)):
         eng.flush_cache()
         before = eng.stats()["forward_calls"]
         step = backend.run([request(kind, prompt)])[0].steps[0]
@@ -86,7 +78,7 @@ def test_person_records_force_every_key_and_waste_no_step(backend):
 
 @pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
 def test_greedy_output_is_the_same_with_jump_forward_on_and_off(backend, batched):
-    its = items(9, seed=23)
+    its = extraction_items(9, seed=23)
     on = run(backend, its, True, batched)
     off = run(backend, its, False, batched)
     assert [s.text for s in on] == [s.text for s in off]
@@ -136,7 +128,7 @@ def test_chained_constrained_generation_starts_forced(backend):
         "\nPerson JSON:\n",
         GenStep("b", SamplingParams(max_new_tokens=64), spec),
     ]
-    its = items(2, seed=4, kinds=("person",))
+    its = extraction_items(2, seed=4, kinds=("person",))
     eng = backend.engine
     out: dict[bool, list] = {}
     for jf in (True, False):
@@ -154,7 +146,7 @@ def test_chained_constrained_generation_starts_forced(backend):
 def test_constraint_masks_are_computed_while_the_model_runs(backend):
     eng = backend.engine
     before = eng.outputs.masks_overlapped
-    out = run(backend, items(3, seed=31), True, True)
+    out = run(backend, extraction_items(3, seed=31), True, True)
     assert all(s.finish_reason == "stop" for s in out)
     assert eng.outputs.masks_overlapped > before  # the masks of those steps came from start_masks
 
@@ -179,7 +171,7 @@ def test_overlapped_mask_rows_follow_the_requests_that_still_sample(backend):
 
 def test_shutdown_stops_the_mask_worker():
     be = EngineBackend(Engine(device="cpu"))
-    run(be, items(1, seed=2), True, False)
+    run(be, extraction_items(1, seed=2), True, False)
     pool = be.engine.outputs._mask_pool
     assert pool is not None
     workers = list(pool._threads)  # this engine's mask thread(s)

@@ -4,8 +4,6 @@ the same tokens and logprobs as an extend step followed by a decode step."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -18,7 +16,10 @@ from llmir_lang.executor.radix_cache import RadixCache
 from llmir_lang.executor.request import Req
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from llmir_lang.models.tiny_tasks import EXTRACTION_KINDS, SCHEMAS, extraction_prompt, make_extraction_example
+from llmir_lang.models.tiny_tasks import (
+    SCHEMAS,
+    extraction_items,
+)
 
 torch.set_num_threads(1)
 
@@ -99,15 +100,11 @@ def backend():
 
 
 def _requests(n: int, seed: int) -> list[ChainRequest]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        kind = EXTRACTION_KINDS[i % len(EXTRACTION_KINDS)]
-        text, _ = make_extraction_example(rng, kind)
-        spec = spec_from_json_schema(SCHEMAS[kind], whitespace="")
-        params = SamplingParams(max_new_tokens=96, return_logprob=True)
-        out.append(ChainRequest(extraction_prompt(text, kind), [GenStep("x", params, spec)]))
-    return out
+    params = SamplingParams(max_new_tokens=96, return_logprob=True)
+    return [
+        ChainRequest(prompt, [GenStep("x", params, spec_from_json_schema(SCHEMAS[kind], whitespace=""))])
+        for kind, prompt, _ in extraction_items(n, seed)
+    ]
 
 
 def test_mixed_steps_give_the_tokens_and_logprobs_of_separate_steps(backend):

@@ -55,6 +55,7 @@ from llmir_lang.models.tiny_tasks import (
     EXTRACTION_KINDS,
     QA_ANSWER_CHOICES,
     SCHEMAS,
+    extraction_items,
     extraction_prompt,
     few_shot_prompt,
     make_extraction_example,
@@ -95,16 +96,6 @@ def data_dir() -> Path:
     if not (d / "jsonschemabench").is_dir() or not (d / SUITE_DIR).is_dir():
         pytest.skip(f"shared test data not found at {d} (set LLMIR_SHARED_DATA)")
     return d
-
-
-def extraction_items(n: int, seed: int) -> list[tuple[str, str, dict[str, Any]]]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        kind = EXTRACTION_KINDS[i % len(EXTRACTION_KINDS)]
-        text, record = make_extraction_example(rng, kind)
-        out.append((kind, extraction_prompt(text, kind), record))
-    return out
 
 
 def gen(spec: Any, max_new_tokens: int, name: str = "x") -> GenStep:
