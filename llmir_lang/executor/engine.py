@@ -125,10 +125,10 @@ class Engine(EngineLoop):
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         ids = list(prompt)
-        if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+        if not set(map(type, ids)) <= {int}:  # C-speed check; bool and numpy ints are refused
             raise InvalidRequestError("a prompt is a string or a list of int token ids")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
+        if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
             raise InvalidRequestError(
                 f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})"
             )
@@ -185,6 +185,7 @@ class Engine(EngineLoop):
         matcher: Any,
         chain: list[tuple] | None,
         prompt_text: str | None,
+        score_next: list[int] | None = None,
     ) -> Future:
         if self._closed:
             raise EngineClosedError("the engine was shut down; create a new Engine")
@@ -221,6 +222,7 @@ class Engine(EngineLoop):
             matcher=matcher,
             chain=chain,
             prompt_text=prompt_text,
+            score_next=score_next,
         )
         fut.rid = rid  # type: ignore[attr-defined]
         # a constraint's forced opening ({"name) is computed with the prompt, not one step each
@@ -282,10 +284,12 @@ class Engine(EngineLoop):
     def score(self, prompt: Prompt, continuations: Sequence[Prompt]) -> list[list[float]]:
         """Per-token logprobs of each continuation after ``prompt``.
 
-        All continuations are submitted at once. The prompt's KV is computed once: when it is not
-        cached yet, the scheduler admits one continuation first and the others one step later, from
-        the radix cache (only the prompt's last token is recomputed, to score the first continuation
-        token).
+        One prefill-only request computes the prompt and reports, from the logits at its last
+        position, the logprob of every continuation's first token; a continuation of one token
+        costs nothing more. Each longer continuation is one more request over the cached prompt
+        that computes only its own tokens (its first token's logits score the second, and so on).
+        All are submitted at once: while the prompt is not cached, the scheduler admits the
+        prompt's request first and the others a step later, from the radix cache.
         """
         p_ids = self.encode(prompt)
         if not p_ids:
@@ -296,11 +300,18 @@ class Engine(EngineLoop):
         ]
         if any(len(c) == 0 for c in conts):
             raise InvalidRequestError("every continuation must have at least one token")
-        start = len(p_ids) - 1
-        futs = [
-            self.submit(p_ids + c, SamplingParams(max_new_tokens=0), logprob_start_len=start) for c in conts
-        ]
-        return [[lp for _, lp in self._wait(f).prompt_logprobs or []] for f in futs]
+        if not conts:
+            return []
+        zero = SamplingParams(max_new_tokens=0)
+        head = self._submit(p_ids, zero, None, -1, None, None, None, score_next=[c[0] for c in conts])
+        n = len(p_ids)
+        tails = [self._submit(p_ids + c, zero, None, n, None, None, None) if len(c) > 1 else None for c in conts]
+        first = self._wait(head).meta["next_logprobs"]
+        out = []
+        for lp0, tail in zip(first, tails):
+            rest = [lp for _, lp in self._wait(tail).prompt_logprobs or []] if tail is not None else []
+            out.append([lp0, *rest])
+        return out
 
     # ---- housekeeping -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

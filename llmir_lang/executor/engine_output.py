@@ -58,6 +58,10 @@ class OutputProcessor:
             if row < 0 or req.finished:
                 continue
             if len(req.output_ids) >= req.params.max_new_tokens:
+                if req.score_next is not None and not req.output_ids:
+                    lf = logits[row].float()
+                    ids = torch.tensor(req.score_next, device=lf.device, dtype=torch.int64)
+                    req.next_logprobs = (lf[ids] - torch.logsumexp(lf, -1)).tolist()
                 self.finish(req, FinishReason.LENGTH)  # max_new_tokens == 0: prefill only
             else:
                 todo.append((req, row))
@@ -367,6 +371,7 @@ class OutputProcessor:
                 "retractions": req.retractions,
                 "constraint_engine": req.constraint_engine,
                 "jump_forward_tokens": req.num_forced,
+                **({"next_logprobs": req.next_logprobs} if req.next_logprobs is not None else {}),
             },
         )
 
