@@ -305,7 +305,9 @@ class Engine(EngineLoop):
         zero = SamplingParams(max_new_tokens=0)
         head = self._submit(p_ids, zero, None, -1, None, None, None, score_next=[c[0] for c in conts])
         n = len(p_ids)
-        tails = [self._submit(p_ids + c, zero, None, n, None, None, None) if len(c) > 1 else None for c in conts]
+        tails = [
+            self._submit(p_ids + c, zero, None, n, None, None, None) if len(c) > 1 else None for c in conts
+        ]
         first = self._wait(head).meta["next_logprobs"]
         out = []
         for lp0, tail in zip(first, tails):
