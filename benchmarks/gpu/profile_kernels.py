@@ -1,0 +1,149 @@
+"""Where the GPU time of one decode step goes, kernel by kernel (CUDA only).
+
+For each shape and batch: a random bf16 Llama, distinct ``--ctx``-token prompts, decode steps run by
+the engine as usual (CUDA graphs, compile on), then ``torch.profiler`` records the GPU kernels of
+``--steps`` more decode steps. Prints, per kernel name, the time per step, the bytes it should
+read when it is a weight GEMM (from its shape) and the bandwidth that implies, and sums the step
+into GEMMs, attention and everything else. Writes ``$OUT/profile_kernels.json`` (or ``--out``).
+
+    python3 benchmarks/gpu/profile_kernels.py [--shapes llama-3.2-1b,llama-3-8b] [--batches 1,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import random_checkpoint  # noqa: E402
+
+from llmir_lang.executor.engine import Engine  # noqa: E402
+
+HBM = 3.35e12
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "splitk")):
+        return "gemm"
+    if any(k in n for k in ("_decode", "attention", "extend", "shared_prefix", "merge")):
+        return "attention"
+    if "store_kv" in n:
+        return "store_kv"
+    if "triton" in n or "fused" in n:
+        return "fused elementwise"
+    return "other"
+
+
+def profile_case(eng: Engine, batch: int, ctx: int, steps: int) -> dict:
+    vocab = eng.config.vocab_size
+    rng = random.Random(batch)
+    prompts = [[rng.randrange(10, vocab) for _ in range(ctx)] for _ in range(batch)]
+    warm = {"max_new_tokens": 4, "ignore_eos": True}
+    eng.generate(prompts, warm)  # capture graphs, compile
+    eng.flush_cache()
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    seen = [0]
+    orig = eng.runner.run
+
+    def run(sb):  # profile decode steps 3 .. 3 + steps (after the prefill, before the tail)
+        if sb.mode.name != "DECODE":
+            return orig(sb)
+        seen[0] += 1
+        if seen[0] == 3:
+            torch.cuda.synchronize()
+            prof.start()
+        out = orig(sb)
+        if seen[0] == 2 + steps:
+            torch.cuda.synchronize()
+            prof.stop()
+        return out
+
+    eng.runner.run = run  # type: ignore[method-assign]
+    try:
+        eng.generate(prompts, {"max_new_tokens": steps + 6, "ignore_eos": True})
+    finally:
+        eng.runner.run = orig  # type: ignore[method-assign]
+    n_dec = steps
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.key_averages():
+        t = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        if t <= 0:
+            continue
+        per_kernel[ev.key][0] += t
+        per_kernel[ev.key][1] += ev.count
+    rows = []
+    total = 0.0
+    cats: dict[str, float] = defaultdict(float)
+    for name, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
+        per_step = us / n_dec
+        c = category(name)
+        cats[c] += per_step
+        total += per_step
+        rows.append(
+            {"kernel": name[:140], "category": c, "us_per_step": per_step, "calls_per_step": count / n_dec}
+        )
+    weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    kv_bytes = batch * (ctx + steps / 2) * eng.pool.bytes_per_token
+    return {
+        "batch": batch,
+        "ctx": ctx,
+        "decode_steps": n_dec,
+        "gpu_us_per_step": total,
+        "roofline_us": (weight_bytes + kv_bytes) / HBM * 1e6,
+        "weight_GB": weight_bytes / 1e9,
+        "gemm_bandwidth_TBps": weight_bytes / max(cats["gemm"], 1e-9) / 1e6,
+        "categories_us_per_step": dict(cats),
+        "kernels": rows[:40],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": {}}
+    for shape in a.shapes.split(","):
+        folder = Path(tempfile.mkdtemp(prefix=f"prof_{shape}_"))
+        with torch.device("cuda"):
+            hf = random_checkpoint(shape, folder, dtype=torch.bfloat16)
+        del hf
+        torch.cuda.empty_cache()
+        with Engine(str(folder), device="cuda", dtype=torch.bfloat16, kv_memory="16GB") as eng:
+            res = []
+            for b in (int(x) for x in a.batches.split(",")):
+                r = profile_case(eng, b, a.ctx, a.steps)
+                res.append(r)
+                print(
+                    f"== {shape} batch {b}: {r['gpu_us_per_step']:.0f} us/step on the GPU, roofline "
+                    f"{r['roofline_us']:.0f} us ({100 * r['roofline_us'] / r['gpu_us_per_step']:.1f}%), "
+                    f"GEMMs at {r['gemm_bandwidth_TBps']:.2f} TB/s",
+                    flush=True,
+                )
+                print("   categories:", {k: round(v, 1) for k, v in r["categories_us_per_step"].items()})
+                for k in r["kernels"][:25]:
+                    print(
+                        f"   {k['us_per_step']:8.1f} us {k['calls_per_step']:6.1f}x  {k['category']:18s} {k['kernel'][:100]}"
+                    )
+            out["shapes"][shape] = res
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(a.out, "profile_kernels.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
