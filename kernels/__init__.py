@@ -66,14 +66,34 @@ def extend_attention(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     sm_scale: float,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prefill with a cached prefix (see ``reference.extend_attention``)."""
+    """Prefill with a cached prefix (see ``reference.extend_attention``).
+
+    ``k_new``/``v_new`` ``[T, Hkv, D]``: optionally, this step's keys/values of the new tokens (in
+    ``qo_indptr`` order), already stored in the pool; the Triton kernel then reads them directly
+    instead of through the slot list. The reference ignores them (the pool holds the same values),
+    and so does the Triton path when their dtype is not the pool's (they would not be the same).
+    """
     kernel = "extend_attention"
     if support.attention_ok(kernel, q, k_buffer, v_buffer) and _pool_ok(kernel, k_buffer, v_buffer):
         from llmir_lang.kernels import triton_extend
 
+        if k_new is None or v_new is None or k_new.dtype != k_buffer.dtype or v_new.dtype != v_buffer.dtype:
+            k_new = v_new = None
+        else:
+            k_new, v_new = _lastdim_contiguous(k_new), _lastdim_contiguous(v_new)
         return triton_extend.extend_attention(
-            _lastdim_contiguous(q), k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, sm_scale
+            _lastdim_contiguous(q),
+            k_buffer,
+            v_buffer,
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            sm_scale,
+            k_new=k_new,
+            v_new=v_new,
         )
     return reference.extend_attention(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, sm_scale)
 

@@ -7,6 +7,13 @@ with prefix P sits at key position P + i. Every query of a block starting at new
 keys before P + m0, so those tiles run without a mask; only the last ``BLOCK_M + BLOCK_N`` keys need
 the causal mask.
 
+With ``k_new``/``v_new`` (this step's keys/values ``[T, Hkv, D]``, the same values the pool holds at
+the new tokens' slots) a second kernel reads only the prefix through the slot list and the new
+tokens' keys straight from those tensors by token index, in three loops: prefix tiles (the last one
+bounded), new-token tiles before the block's first query (no mask), the diagonal (causal mask). New
+tiles start at new token 0, not at key position 0, so they stay aligned for wide/bulk loads; how
+they are loaded is ``ExtendConfig.new_kv_loads``.
+
 The (request, block) list comes from ``plan_extend``, a host-side step (one sync) done once per
 batch; blocks are ordered longest first so that the long causal blocks do not trail the launch.
 """
@@ -20,13 +27,32 @@ import triton
 import triton.language as tl
 from llmir_lang.kernels.triton_common import LOG2E, mma, upcast_dots
 
+NEW_KV_LOADS: tuple[str, ...] = ("pointer", "descriptor", "device_descriptor")
+
 
 @dataclass(frozen=True, slots=True)
 class ExtendConfig:
+    """Launch configuration of the extend kernels.
+
+    ``new_kv_loads`` picks how the k_new path reads the new tokens' K/V (ignored without k_new):
+    ``"pointer"``: one int64 base pointer per tile plus a loop-invariant int32 offset tile;
+    ``"descriptor"``: a host-built tensor descriptor over ``[T, Hkv * D]`` (TMA bulk loads on
+    Hopper); needs each token's heads adjacent (head stride == D);
+    ``"device_descriptor"``: one descriptor per program over its KV head of its request, built in
+    the kernel (needs ``triton.set_allocator``, which the launch sets if none is).
+    Both descriptors need 16-byte aligned bases and strides; where they do not apply the launch
+    takes ``"pointer"``. (``tl.make_block_ptr`` is gone from Triton 3.9, so it is not offered.)
+    """
+
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    new_kv_loads: str = "pointer"
+
+    def __post_init__(self) -> None:
+        if self.new_kv_loads not in NEW_KV_LOADS:
+            raise ValueError(f"ExtendConfig.new_kv_loads={self.new_kv_loads!r}; use one of {NEW_KV_LOADS}")
 
 
 def default_extend_config(head_dim: int, device: torch.device) -> ExtendConfig:
@@ -166,6 +192,202 @@ def _extend_kernel(
     )
 
 
+@triton.jit
+def _softmax_step(q, k, v, acc, m_i, l_i, visible, sm_scale_log2, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax tile: keys ``k``, values ``v`` ``[BLOCK_N, D]``; ``visible`` only if MASKED."""
+    qk = mma(q, tl.trans(k), UPCAST)
+    if MASKED:
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _load_new(
+    src,
+    t0,
+    t_end,
+    col,
+    stride_t,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    LOADS: tl.constexpr,
+):
+    """Rows ``[t0, t0 + BLOCK_N)`` (absolute token indices) of one KV head of k_new / v_new.
+
+    ``src`` is a descriptor (LOADS 1, 2; the head at column ``col``) or the head's token-0 pointer.
+    BOUNDED: rows at or past ``t_end`` (the request's end) may be read as zeros (pointer, device
+    descriptor) or as the next request's finite values (host descriptor): the caller masks them.
+    """
+    if LOADS != 0:
+        tile = src.load([t0, col])
+    else:
+        # One int64 scalar per tile; the offset tile is int32 and loop-invariant.
+        offs_t = tl.arange(0, BLOCK_N)
+        ptrs = (
+            src + t0.to(tl.int64) * stride_t + (offs_t[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :])
+        )
+        if BOUNDED:
+            tile = tl.load(ptrs, mask=(t0 + offs_t < t_end)[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _extend_new_kv_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    QoIndptr,
+    KvIndptr,
+    KvIndices,
+    BlockReq,
+    BlockStart,
+    sm_scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    KNew,
+    VNew,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    LOADS: tl.constexpr,
+):
+    head = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = tl.load(BlockReq + blk)
+    m0 = tl.load(BlockStart + blk)
+    q_start = tl.load(QoIndptr + b).to(tl.int32)
+    q_len = tl.load(QoIndptr + b + 1).to(tl.int32) - q_start
+    kv_start = tl.load(KvIndptr + b).to(tl.int64)
+    prefix = (tl.load(KvIndptr + b + 1) - kv_start).to(tl.int32) - q_len
+    kvh = head // GROUP
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        Q + (q_start.to(tl.int64) + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    idx_base = KvIndices + kv_start
+
+    # 1. The prefix, through the slot list; every query sees it. Whole tiles, then the rest.
+    prefix_full = (prefix // BLOCK_N) * BLOCK_N
+    for start in range(0, prefix_full, BLOCK_N):
+        slot = tl.load(idx_base + start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :])
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, None, sm_scale_log2, False, UPCAST)
+    for start in range(prefix_full, prefix, BLOCK_N):  # at most one tile
+        n_mask = start + tl.arange(0, BLOCK_N) < prefix
+        slot = tl.load(idx_base + start + tl.arange(0, BLOCK_N), mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, n_mask[None, :], sm_scale_log2, True, UPCAST)
+
+    q_end = q_start + q_len
+    if LOADS == 1:
+        kn_src = KNew
+        vn_src = VNew
+        col = kvh * HEAD_DIM
+    elif LOADS == 2:
+        kn_src = tl.make_tensor_descriptor(
+            KNew + kvh * stride_knh, [q_end, HEAD_DIM], [stride_knt, 1], [BLOCK_N, HEAD_DIM]
+        )
+        vn_src = tl.make_tensor_descriptor(
+            VNew + kvh * stride_vnh, [q_end, HEAD_DIM], [stride_vnt, 1], [BLOCK_N, HEAD_DIM]
+        )
+        col = 0
+    else:
+        kn_src = KNew + kvh * stride_knh
+        vn_src = VNew + kvh * stride_vnh
+        col = 0
+    # 2. New tokens before the block's first query: visible to all of it, no mask. With BLOCK_M a
+    # multiple of BLOCK_N this covers [0, m0) exactly.
+    new_full = (m0 // BLOCK_N) * BLOCK_N
+    for j in range(0, new_full, BLOCK_N):
+        k = _load_new(kn_src, q_start + j, q_end, col, stride_knt, BLOCK_N, HEAD_DIM, False, LOADS)
+        v = _load_new(vn_src, q_start + j, q_end, col, stride_vnt, BLOCK_N, HEAD_DIM, False, LOADS)
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, None, sm_scale_log2, False, UPCAST)
+
+    # 3. The diagonal: new token j is visible to new token i iff j <= i. For a real query that
+    # implies j < q_len, so keys past the request (zeros or the next request's) are masked out.
+    diag_end = tl.minimum(m0 + BLOCK_M, q_len)
+    for j in range(new_full, diag_end, BLOCK_N):
+        k = _load_new(kn_src, q_start + j, q_end, col, stride_knt, BLOCK_N, HEAD_DIM, True, LOADS)
+        v = _load_new(vn_src, q_start + j, q_end, col, stride_vnt, BLOCK_N, HEAD_DIM, True, LOADS)
+        visible = (j + tl.arange(0, BLOCK_N))[None, :] <= offs_m[:, None]
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, visible, sm_scale_log2, True, UPCAST)
+
+    # Each real query sees at least its own key, so l_i > 0 on the rows stored.
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        Out + (q_start.to(tl.int64) + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=m_mask[:, None],
+    )
+
+
+def _check_new_kv(q: torch.Tensor, k_buffer: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    want = (q.shape[0], k_buffer.shape[1], k_buffer.shape[2])
+    if tuple(t.shape) != want or t.dtype != k_buffer.dtype or t.device != q.device or t.stride(-1) != 1:
+        raise ValueError(
+            f"extend_attention: {name} must be [T, Hkv, D] = {list(want)} of the pool's dtype "
+            f"{k_buffer.dtype} on {q.device}, contiguous along D (got {list(t.shape)} {t.dtype} on "
+            f"{t.device}, strides {t.stride()}); pass the keys/values just stored, or None"
+        )
+
+
+def _loads_for(t: torch.Tensor, loads: str) -> str:
+    """``loads``, or ``"pointer"`` where a descriptor does not apply (TMA: 16-byte aligned base
+    and strides; the host descriptor's 2-D view ``[T, Hkv * D]`` also needs heads adjacent)."""
+    size = t.element_size()
+    aligned = t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride()[:2])
+    adjacent = t.shape[1] == 1 or t.stride(1) == t.shape[2]
+    if loads == "pointer" or not aligned or (loads == "descriptor" and not adjacent):
+        return "pointer"
+    return loads
+
+
+def _new_kv_arg(t: torch.Tensor, cfg: ExtendConfig, loads: str) -> object:
+    if loads != "descriptor":
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    num_tokens, num_kv, head_dim = t.shape
+    return TensorDescriptor(t, [num_tokens, num_kv * head_dim], [t.stride(0), 1], [cfg.block_n, head_dim])
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def extend_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
@@ -178,9 +400,19 @@ def extend_attention(
     plan: ExtendPlan | None = None,
     out: torch.Tensor | None = None,
     config: ExtendConfig | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``reference.extend_attention``. Pass ``plan`` (built with this call's
-    ``config.block_m``) to skip the host step, as the attention backend does once per batch."""
+    ``config.block_m``) to skip the host step, as the attention backend does once per batch.
+
+    ``k_new``/``v_new`` ``[T, Hkv, D]`` (optional, together): the new tokens' keys/values in
+    ``qo_indptr`` order, equal to what the pool holds at their slots (the caller stored them this
+    step); any token/head stride, contiguous along D, the pool's dtype. With them the new tokens'
+    keys are read from these tensors instead of through the slot list; the result is the same.
+    """
+    if (k_new is None) != (v_new is None):
+        raise ValueError("extend_attention: pass k_new and v_new together, or neither")
     num_tokens, num_heads, head_dim = q.shape
     cfg = config or default_extend_config(head_dim, q.device)
     if plan is None:
@@ -193,32 +425,38 @@ def extend_attention(
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if plan.num_blocks == 0:
         return out
-    group = num_heads // k_buffer.shape[1]
-    _extend_kernel[(num_heads, plan.num_blocks)](
-        q,
-        k_buffer,
-        v_buffer,
-        out,
-        qo_indptr,
-        kv_indptr,
-        kv_indices,
-        plan.block_req,
-        plan.block_start,
-        sm_scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k_buffer.stride(0),
-        k_buffer.stride(1),
-        v_buffer.stride(0),
-        v_buffer.stride(1),
-        out.stride(0),
-        out.stride(1),
-        GROUP=group,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        HEAD_DIM=head_dim,
-        UPCAST=upcast_dots(q.dtype, q.device),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    args = (q, k_buffer, v_buffer, out, qo_indptr, kv_indptr, kv_indices, plan.block_req, plan.block_start)
+    strides = (*q.stride()[:2], *k_buffer.stride()[:2], *v_buffer.stride()[:2], *out.stride()[:2])
+    meta = {
+        "GROUP": num_heads // k_buffer.shape[1],
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "HEAD_DIM": head_dim,
+        "UPCAST": upcast_dots(q.dtype, q.device),
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+    grid = (num_heads, plan.num_blocks)
+    if k_new is None or v_new is None:
+        _extend_kernel[grid](*args, sm_scale * LOG2E, *strides, **meta)
+        return out
+    _check_new_kv(q, k_buffer, "k_new", k_new)
+    _check_new_kv(q, v_buffer, "v_new", v_new)
+    loads = cfg.new_kv_loads
+    if _loads_for(k_new, loads) != loads or _loads_for(v_new, loads) != loads:
+        loads = "pointer"
+    if loads == "device_descriptor" and q.device.type == "cuda":
+        try:  # in-kernel descriptors need scratch; keep an allocator the program set
+            from triton.runtime._allocation import NullAllocator, _allocator
+
+            unset = isinstance(_allocator.get(), NullAllocator)
+        except ImportError:
+            unset = True
+        if unset:
+            triton.set_allocator(_scratch)
+    new_kv = (_new_kv_arg(k_new, cfg, loads), _new_kv_arg(v_new, cfg, loads))
+    new_strides = (*k_new.stride()[:2], *v_new.stride()[:2])
+    _extend_new_kv_kernel[grid](
+        *args, sm_scale * LOG2E, *strides, *new_kv, *new_strides, LOADS=NEW_KV_LOADS.index(loads), **meta
     )
     return out

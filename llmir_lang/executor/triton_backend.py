@@ -127,7 +127,8 @@ class TritonAttentionBackend(AttentionBackend):
             return ref.decode_attention(q, kb, vb, b.kv_indptr, b.kv_indices, self.sm_scale)
         from llmir_lang.kernels import triton_misc
 
-        triton_misc.store_kv(kb, vb, b.out_cache_loc, _lastdim(k), _lastdim(v))
+        k, v = _lastdim(k), _lastdim(v)
+        triton_misc.store_kv(kb, vb, b.out_cache_loc, k, v)
         q = _lastdim(q)
         if b.mode is ForwardMode.DECODE:
             if self._shared is not None:
@@ -139,6 +140,9 @@ class TritonAttentionBackend(AttentionBackend):
                 )
             return self._decode(q, kb, vb)
         assert self._extend_plan is not None
+        # The new tokens' keys straight from this step's k, v (no slot gather) when they are
+        # exactly what store_kv wrote, i.e. already in the pool's dtype.
+        direct = k.dtype == kb.dtype and v.dtype == vb.dtype
         return self._te.extend_attention(
             q,
             kb,
@@ -149,6 +153,8 @@ class TritonAttentionBackend(AttentionBackend):
             self.sm_scale,
             plan=self._extend_plan,
             config=self.extend_config,
+            k_new=k if direct else None,
+            v_new=v if direct else None,
         )
 
     def _decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:

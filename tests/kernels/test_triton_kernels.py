@@ -85,6 +85,107 @@ def test_extend_attention(group: int, dtype: torch.dtype, layout: str) -> None:
     assert rel_error(out, expect) < TOL[dtype]
 
 
+def _new_kv_case(shapes, num_kv, group, head_dim, dtype, layout, seed, fused):
+    """An extend batch whose new tokens' K/V come as ``k_new``/``v_new``: strided views into one
+    fused ``[T, (H + 2 Hkv) * D]`` tensor (the model's layout) if ``fused``, else contiguous.
+
+    Returns (q, pool for the kernel, pool for the reference, k_new, v_new, qo_ip, kv_ip, slots).
+    The kernel's pool holds nan at the new tokens' slots and the reference's pool holds k_new /
+    v_new there: the k_new path must read the new keys from k_new and only the prefix from the pool.
+    """
+    qo_lens, kv_lens = [a for a, _ in shapes], [a + p for a, p in shapes]
+    q, kb, vb, kv_ip, idx = _batch(kv_lens, num_kv, group, head_dim, dtype, layout, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    t, h = sum(qo_lens), num_kv * group
+    q = torch.randn(t, h, head_dim, generator=g).to(dtype)
+    if fused:
+        qkv = torch.randn(t, (h + 2 * num_kv) * head_dim, generator=g).to(dtype)
+        k_new = qkv[:, h * head_dim : (h + num_kv) * head_dim].view(t, num_kv, head_dim)
+        v_new = qkv[:, (h + num_kv) * head_dim :].view(t, num_kv, head_dim)
+    else:
+        k_new = torch.randn(t, num_kv, head_dim, generator=g).to(dtype)
+        v_new = torch.randn(t, num_kv, head_dim, generator=g).to(dtype)
+    new_slots = torch.cat([idx[kv_ip[b + 1] - n : kv_ip[b + 1]] for b, n in enumerate(qo_lens)])
+    kr, vr = kb.clone(), vb.clone()
+    ref.store_kv(kr, vr, new_slots, k_new, v_new)
+    kb[new_slots] = float("nan")
+    vb[new_slots] = float("nan")
+    return q, (kb, vb), (kr, vr), k_new, v_new, indptr(qo_lens), kv_ip, idx
+
+
+# (new tokens, cached prefix): prefix 0, 1 token, prefixes ending mid-tile and mid-page (9, 35),
+# on a page (16), blocks of new tokens crossing tile borders (40, 33, 17).
+NEW_KV_SHAPES = [(1, 0), (17, 9), (40, 0), (5, 35), (16, 16), (33, 7), (1, 20)]
+# GQA ratio -> (dtype, layout, fused qkv views, (block_m, block_n)): 32x16 puts two diagonal
+# tiles in a block; 16x32 has block_m not a multiple of block_n (unmasked new tiles end before m0).
+NEW_KV_CASES = {
+    1: (torch.float16, "paged", False, (16, 16)),
+    4: (torch.bfloat16, "random", True, (32, 16)),
+    8: (torch.float16, "paged", True, (16, 32)),
+}
+
+
+@pytest.mark.parametrize("loads", ["pointer", "descriptor", "device_descriptor"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_extend_new_kv(group: int, loads: str) -> None:
+    from llmir_lang.kernels import triton_extend as te
+
+    dtype, layout, fused, (bm, bn) = NEW_KV_CASES[group]
+    num_kv = 1 if group == 8 else 2
+    head_dim = 32 if group == 4 else 16
+    q, (kb, vb), (kr, vr), k_new, v_new, qo_ip, kv_ip, idx = _new_kv_case(
+        NEW_KV_SHAPES, num_kv, group, head_dim, dtype, layout, seed=60 + group, fused=fused
+    )
+    assert te._loads_for(k_new, loads) == loads  # the variant under test really runs
+    cfg = te.ExtendConfig(block_m=bm, block_n=bn, num_warps=1, num_stages=1, new_kv_loads=loads)
+    out = te.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, 0.25, config=cfg, k_new=k_new, v_new=v_new)
+    expect = ref.extend_attention(q, kr, vr, qo_ip, kv_ip, idx, 0.25)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_error(out, expect) < TOL[dtype]
+
+
+def test_extend_new_kv_heads_apart_falls_back_to_pointer_loads() -> None:
+    # Keys of a [T, Hkv, 2, D] tensor, one head every 2 * D: no [T, Hkv * D] view for the host
+    # descriptor, so that variant takes pointer loads; the in-kernel descriptor still applies.
+    from llmir_lang.kernels import triton_extend as te
+
+    q, (kb, vb), (kr, vr), k_new, v_new, qo_ip, kv_ip, idx = _new_kv_case(
+        [(20, 5), (3, 0)], 2, 2, 16, torch.float16, "paged", seed=70, fused=False
+    )
+    wide_k = torch.zeros(k_new.shape[0], 2, 2, 16, dtype=k_new.dtype)
+    wide_k[:, :, 1] = k_new
+    k_apart = wide_k[:, :, 1]
+    assert te._loads_for(k_apart, "descriptor") == "pointer"
+    assert te._loads_for(k_apart, "device_descriptor") == "device_descriptor"
+    misaligned = torch.zeros(k_new.numel() + 1, dtype=k_new.dtype)[1:].view(k_new.shape)  # 2-byte offset
+    assert te._loads_for(misaligned, "device_descriptor") == "pointer"
+    expect = ref.extend_attention(q, kr, vr, qo_ip, kv_ip, idx, 0.3)
+    for loads in ("descriptor", "device_descriptor"):
+        cfg = te.ExtendConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, new_kv_loads=loads)
+        out = te.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, 0.3, config=cfg, k_new=k_apart, v_new=v_new)
+        assert rel_error(out, expect) < TOL[torch.float16]
+
+
+def test_extend_new_kv_dispatch_and_checks() -> None:
+    from llmir_lang.kernels import triton_extend as te
+
+    q, (kb, vb), (kr, vr), k_new, v_new, qo_ip, kv_ip, idx = _new_kv_case(
+        [(9, 4), (12, 0)], 2, 2, 16, torch.float16, "random", seed=80, fused=True
+    )
+    expect = ref.extend_attention(q, kr, vr, qo_ip, kv_ip, idx, 0.25)
+    # The package-level wrapper forwards k_new/v_new to the kernel (the pool holds nan there).
+    assert rel_error(K.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, 0.25, k_new, v_new), expect) < 2e-3
+    # In another dtype they cannot equal the pool's values: the wrapper reads the pool instead.
+    out = K.extend_attention(q, kr, vr, qo_ip, kv_ip, idx, 0.25, k_new.float(), v_new.float())
+    assert rel_error(out, expect) < 2e-3
+    with pytest.raises(ValueError, match="together"):
+        te.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, 0.25, k_new=k_new)
+    with pytest.raises(ValueError, match="k_new must be"):
+        te.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, 0.25, k_new=k_new[:-1], v_new=v_new[:-1])
+    with pytest.raises(ValueError, match="new_kv_loads"):
+        te.ExtendConfig(new_kv_loads="block_ptr")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_shared_prefix_decode(group: int, dtype: torch.dtype) -> None:
