@@ -1,0 +1,210 @@
+"""CPU cost of one model step of the bundled ``llmir-tiny`` (fp32, one thread), before vs after.
+
+Times ``CausalLM.forward`` with the ``TorchAttentionBackend`` over a KV pool of random contents,
+on step shapes the engine produces (slots scattered over the pool as the radix cache leaves them):
+
+==============  ================================================================================
+case            what one step is
+==============  ================================================================================
+dec-b1          a decode step of one request with 100 tokens of KV
+dec-b64         64 requests, 70..115 tokens of KV each, no shared prefix
+dec-b120        120 requests, 70..115 tokens of KV each, no shared prefix
+dec-b120-pre    120 requests whose first 48 slots are the same (a cached prompt prefix), then
+                22..67 own tokens: the cascade path
+jf-b1           jump-forward at batch 1: 6 forced tokens appended to 90 tokens of KV (an extend)
+mixed-b120      a mixed step: 100 decode rows and 20 requests with 2..8 forced tokens each
+==============  ================================================================================
+
+``--compare REV`` extracts ``REV`` of this repository (``git archive``, nothing in the checkout
+changes) and runs the cases in alternating subprocesses, baseline and current tree, ``--rounds``
+times each, so both see the same machine load; each round reports the median over ``--steps``
+steps, and the table shows the median of the rounds. It also checks that both trees produce the
+same logits for the same inputs (max abs diff). Without ``--compare`` only the current tree runs.
+``--profile CASE`` prints a torch.profiler table of that case.
+
+    .venv/bin/python benchmarks/bench_cpu_step.py [--compare HEAD] [--rounds 5] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = ("dec-b1", "dec-b64", "dec-b120", "dec-b120-pre", "jf-b1", "mixed-b120")
+
+
+def _requests(case: str) -> tuple[list[int], list[int], int]:
+    """Per request: (new tokens, tokens of KV after the step), and the shared prefix length."""
+    if case == "dec-b1":
+        return [1], [100], 0
+    if case in ("dec-b64", "dec-b120"):
+        n = int(case.split("b")[-1])
+        return [1] * n, [70 + (37 * i) % 46 for i in range(n)], 0
+    if case == "dec-b120-pre":
+        return [1] * 120, [48 + 22 + (37 * i) % 46 for i in range(120)], 48
+    if case == "jf-b1":
+        return [6], [96], 0
+    if case == "mixed-b120":
+        news = [1] * 100 + [2 + i % 7 for i in range(20)]
+        return news, [70 + (37 * i) % 46 for i in range(120)], 0
+    raise SystemExit(f"unknown case {case!r}; known: {', '.join(CASES)}")
+
+
+def _batch(case: str, capacity: int, torch):
+    """A ForwardBatch for ``case`` with slots drawn at random from a pool of ``capacity``."""
+    from llmir_lang.executor.attention import ForwardBatch, ForwardMode
+
+    news, kv_lens, shared = _requests(case)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(capacity, generator=g).tolist()
+    prefix, nxt = perm[:shared], shared
+    ids, pos, loc, kv_indices, qo, kv, last = [], [], [], [], [0], [0], []
+    for n, length in zip(news, kv_lens):
+        own = perm[nxt : nxt + length - shared]
+        nxt += length - shared
+        slots = prefix + own
+        kv_indices += slots
+        loc += slots[length - n :]
+        pos += range(length - n, length)
+        ids += torch.randint(5, 4000, (n,), generator=g).tolist()
+        qo.append(qo[-1] + n)
+        kv.append(len(kv_indices))
+        last.append(qo[-1] - 1)
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int64)
+
+    decode = all(n == 1 for n in news)
+    return ForwardBatch(
+        mode=ForwardMode.DECODE if decode else ForwardMode.EXTEND,
+        input_ids=t(ids),
+        positions=t(pos),
+        out_cache_loc=t(loc),
+        qo_indptr=t(qo),
+        kv_indptr=t(kv),
+        kv_indices=t(kv_indices),
+        batch_size=len(news),
+        logits_indices=None if decode else t(last),
+    )
+
+
+def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str | None) -> dict[str, float]:
+    """Median ms per step of each case in this process's tree."""
+    import torch
+
+    from llmir_lang.executor.attention import TorchAttentionBackend
+    from llmir_lang.executor.loader import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(REPO / "llmir_lang" / "models" / "llmir-tiny", torch.device("cpu"), torch.float32)
+    cfg = model.config
+    capacity = 20_000
+    g = torch.Generator().manual_seed(1)
+    shape = (capacity + 1, cfg.num_kv_heads, cfg.head_dim)
+    kb = [torch.randn(shape, generator=g) for _ in range(cfg.num_layers)]
+    vb = [torch.randn(shape, generator=g) for _ in range(cfg.num_layers)]
+    backend = TorchAttentionBackend(kb, vb, cfg.head_dim**-0.5)
+    out: dict[str, float] = {}
+    for case in cases:
+        fb = _batch(case, capacity, torch)
+        logits = model(fb, backend)  # the step stores the same K/V each time, so every step is equal
+        if logits_dir is not None:
+            torch.save(logits, os.path.join(logits_dir, f"{case}.pt"))
+        for _ in range(3):
+            model(fb, backend)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            model(fb, backend)
+            times.append(time.perf_counter() - t0)
+        out[case] = statistics.median(times) * 1e3
+        if profile == case:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as prof
+
+            with prof(activities=[ProfilerActivity.CPU]) as p:
+                for _ in range(10):
+                    model(fb, backend)
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
+    return out
+
+
+def _extract(rev: str, dest: Path) -> None:
+    data = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "llmir_lang"], capture_output=True, check=True
+    )
+    with tempfile.TemporaryFile() as f:
+        f.write(data.stdout)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
+            tar.extractall(dest, filter="data")
+
+
+def _run_tree(root: Path, cases: list[str], steps: int, logits_dir: str) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(root), LLMIR_BENCH_ROOT=str(root))
+    cmd = [sys.executable, __file__, "--child", "--cases", ",".join(cases), "--steps", str(steps)]
+    res = subprocess.run(
+        cmd + ["--logits-dir", logits_dir], env=env, capture_output=True, text=True, check=False
+    )
+    if res.returncode != 0:
+        raise SystemExit(f"the run in {root} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per case and round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per tree with --compare")
+    ap.add_argument("--compare", default=None, metavar="REV", help="a git revision to compare against")
+    ap.add_argument("--profile", default=None, metavar="CASE", help="print a torch.profiler table")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--logits-dir", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    cases = a.cases.split(",")
+    for c in cases:
+        _requests(c)  # unknown names fail before anything runs
+    if a.child:
+        global REPO
+        REPO = Path(os.environ.get("LLMIR_BENCH_ROOT", REPO))
+        print(json.dumps(measure(cases, a.steps, a.logits_dir, a.profile)))
+        return
+    if a.compare is None:
+        sys.path.insert(0, str(REPO))
+        for case, ms in measure(cases, a.steps, None, a.profile).items():
+            print(f"{case:14s} {ms:8.3f} ms/step")
+        return
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "base"
+        _extract(a.compare, base)
+        trees = {"base": base, "new": REPO}
+        dirs = {k: Path(tmp) / f"logits_{k}" for k in trees}
+        rounds: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+        for r in range(a.rounds):
+            order = ("base", "new") if r % 2 == 0 else ("new", "base")
+            for k in order:
+                dirs[k].mkdir(exist_ok=True)
+                rounds[k].append(_run_tree(trees[k], cases, a.steps, str(dirs[k])))
+        print(f"{'case':14s} {a.compare + ' ms':>12s} {'now ms':>10s} {'speed-up':>9s} {'max |dlogit|':>13s}")
+        for case in cases:
+            b = statistics.median(x[case] for x in rounds["base"])
+            n = statistics.median(x[case] for x in rounds["new"])
+            lb = torch.load(dirs["base"] / f"{case}.pt")
+            ln = torch.load(dirs["new"] / f"{case}.pt")
+            diff = (lb - ln).abs().max().item()
+            print(f"{case:14s} {b:12.3f} {n:10.3f} {b / n:8.2f}x {diff:13.2e}")
+
+
+if __name__ == "__main__":
+    main()
