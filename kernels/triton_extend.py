@@ -8,7 +8,7 @@ keys before P + m0, so those tiles run without a mask; only the last ``BLOCK_M +
 the causal mask.
 
 With ``k_new``/``v_new`` (this step's keys/values ``[T, Hkv, D]``, the same values the pool holds at
-the new tokens' slots) a second kernel reads only the prefix through the slot list and the new
+the new tokens' slots) the kernel (``NEW_KV``) reads only the prefix through the slot list and the new
 tokens' keys straight from those tensors by token index, in three loops: prefix tiles (the last one
 bounded), new-token tiles before the block's first query (no mask), the diagonal (causal mask). New
 tiles start at new token 0, not at key position 0, so they stay aligned for wide/bulk loads; how
@@ -27,21 +27,21 @@ import triton
 import triton.language as tl
 from llmir_lang.kernels.triton_common import LOG2E, mma, upcast_dots
 
-NEW_KV_LOADS: tuple[str, ...] = ("pointer", "descriptor", "device_descriptor")
+NEW_KV_LOADS: tuple[str, ...] = ("pointer", "descriptor")
 
 
 @dataclass(frozen=True, slots=True)
 class ExtendConfig:
     """Launch configuration of the extend kernels.
 
-    ``new_kv_loads`` picks how the k_new path reads the new tokens' K/V (ignored without k_new):
-    ``"pointer"``: one int64 base pointer per tile plus a loop-invariant int32 offset tile;
-    ``"descriptor"``: a host-built tensor descriptor over ``[T, Hkv * D]`` (TMA bulk loads on
-    Hopper); needs each token's heads adjacent (head stride == D);
-    ``"device_descriptor"``: one descriptor per program over its KV head of its request, built in
-    the kernel (needs ``triton.set_allocator``, which the launch sets if none is).
-    Both descriptors need 16-byte aligned bases and strides; where they do not apply the launch
-    takes ``"pointer"``. (``tl.make_block_ptr`` is gone from Triton 3.9, so it is not offered.)
+    The k_new kernel (see ``extend_attention``) shares ``block_m`` (one plan serves both) and has
+    its own ``new_kv_block_n`` / ``new_kv_num_warps`` / ``new_kv_num_stages`` (None: the same as
+    the gathered kernel's), since the two kernels are fastest at different shapes.
+    ``new_kv_loads`` picks how it reads the new tokens' K/V: ``"pointer"`` (one int64 base per
+    tile, a loop-invariant int32 offset tile) or ``"descriptor"`` (a host-built tensor descriptor
+    over ``[T, Hkv * D]``: TMA bulk loads on Hopper; needs heads adjacent, head stride == D, and
+    16-byte aligned base and token stride, else the launch takes ``"pointer"``).
+    ``tl.make_block_ptr`` is gone from Triton 3.9, so it is not offered.
     """
 
     block_m: int = 128
@@ -49,6 +49,9 @@ class ExtendConfig:
     num_warps: int = 8
     num_stages: int = 3
     new_kv_loads: str = "pointer"
+    new_kv_block_n: int | None = None
+    new_kv_num_warps: int | None = None
+    new_kv_num_stages: int | None = None
 
     def __post_init__(self) -> None:
         if self.new_kv_loads not in NEW_KV_LOADS:
@@ -58,8 +61,13 @@ class ExtendConfig:
 def default_extend_config(head_dim: int, device: torch.device) -> ExtendConfig:
     if device.type != "cuda":  # interpreter: tiny tiles so that short tests cross tile borders
         return ExtendConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
-    # H100 sweep (benchmarks/results): 128x64 tiles with 4 warps beat 8 warps at d128.
-    return ExtendConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    # H100 sweeps (sweep_extend_configs.py): through the slot list 128x64 tiles with 4 warps beat
+    # 8 warps at d128 (357/395/420 TFLOP/s at 4k/8k/16k tokens). With k_new, 128x128 tiles with
+    # 8 warps are best (428/491/527; 372 against 387 gathered for 4 x 1k over 4k prefixes), while
+    # 128x64 with 4 warps spills and drops to ~100. Pointer and descriptor loads: within ~5%.
+    return ExtendConfig(
+        block_m=128, block_n=64, num_warps=4, num_stages=3, new_kv_block_n=128, new_kv_num_warps=8
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,113 +105,18 @@ def plan_extend(qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, block_m: int) 
 
 
 @triton.jit
-def _extend_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    QoIndptr,
-    KvIndptr,
-    KvIndices,
-    BlockReq,
-    BlockStart,
-    sm_scale_log2,
-    stride_qt,
-    stride_qh,
-    stride_kn,
-    stride_kh,
-    stride_vn,
-    stride_vh,
-    stride_ot,
-    stride_oh,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    # Heads vary fastest across the grid so programs that read the same keys run together.
-    head = tl.program_id(0)
-    blk = tl.program_id(1)
-    b = tl.load(BlockReq + blk)
-    m0 = tl.load(BlockStart + blk)
-    q_start = tl.load(QoIndptr + b).to(tl.int64)
-    q_len = (tl.load(QoIndptr + b + 1) - q_start).to(tl.int32)
-    kv_start = tl.load(KvIndptr + b).to(tl.int64)
-    kv_len = (tl.load(KvIndptr + b + 1) - kv_start).to(tl.int32)
-    prefix = kv_len - q_len
-    kvh = head // GROUP
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < q_len
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        mask=m_mask[:, None],
-        other=0.0,
-    )
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_base = K + kvh * stride_kh
-    v_base = V + kvh * stride_vh
-    idx_base = KvIndices + kv_start
-
-    # Keys before prefix + m0 are visible to every query here: whole tiles, no mask.
-    full_end = ((prefix + m0) // BLOCK_N) * BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        slot = tl.load(idx_base + offs_n).to(tl.int64)
-        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :])
-        qk = mma(q, tl.trans(k), UPCAST)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :])
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
-        m_i = m_new
-
-    # The diagonal: key position n is visible to new token i iff n <= prefix + i.
-    q_pos = prefix + offs_m
-    tail_end = prefix + tl.minimum(m0 + BLOCK_M, q_len)
-    for start in range(full_end, tail_end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < tail_end
-        slot = tl.load(idx_base + offs_n, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = mma(q, tl.trans(k), UPCAST)
-        visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
-        m_i = m_new
-
-    # Every real query sees at least key 0 of the request, so l_i > 0 on the rows stored.
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(
-        Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=m_mask[:, None],
-    )
-
-
-@triton.jit
-def _softmax_step(q, k, v, acc, m_i, l_i, visible, sm_scale_log2, MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """One online-softmax tile: keys ``k``, values ``v`` ``[BLOCK_N, D]``; ``visible`` only if MASKED."""
+def _softmax_tile(q, k, m_i, l_i, visible, sm_scale_log2, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over one key tile ``k [BLOCK_N, D]`` (``visible`` only if MASKED): returns the
+    probabilities, the rescale of the old accumulator, and the new max and sum. Callers load V
+    only after this, so V's registers are not live across the scores.
+    """
     qk = mma(q, tl.trans(k), UPCAST)
     if MASKED:
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * sm_scale_log2)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk * sm_scale_log2 - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
-    return acc, m_new, l_i
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -220,11 +133,11 @@ def _load_new(
 ):
     """Rows ``[t0, t0 + BLOCK_N)`` (absolute token indices) of one KV head of k_new / v_new.
 
-    ``src`` is a descriptor (LOADS 1, 2; the head at column ``col``) or the head's token-0 pointer.
-    BOUNDED: rows at or past ``t_end`` (the request's end) may be read as zeros (pointer, device
-    descriptor) or as the next request's finite values (host descriptor): the caller masks them.
+    ``src`` is the descriptor (LOADS 1; the head at column ``col``) or the head's token-0 pointer.
+    BOUNDED: rows at or past ``t_end`` (the request's end) read as zeros (pointer) or as the next
+    request's values or zeros past ``T`` (descriptor); the caller masks them out.
     """
-    if LOADS != 0:
+    if LOADS == 1:
         tile = src.load([t0, col])
     else:
         # One int64 scalar per tile; the offset tile is int32 and loop-invariant.
@@ -240,7 +153,7 @@ def _load_new(
 
 
 @triton.jit
-def _extend_new_kv_kernel(
+def _extend_kernel(
     Q,
     K,
     V,
@@ -270,23 +183,26 @@ def _extend_new_kv_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr,
+    NEW_KV: tl.constexpr,
     LOADS: tl.constexpr,
 ):
+    # Heads vary fastest across the grid so programs that read the same keys run together.
     head = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.load(BlockReq + blk)
     m0 = tl.load(BlockStart + blk)
-    q_start = tl.load(QoIndptr + b).to(tl.int32)
-    q_len = tl.load(QoIndptr + b + 1).to(tl.int32) - q_start
+    q_start = tl.load(QoIndptr + b).to(tl.int64)
+    q_len = (tl.load(QoIndptr + b + 1) - q_start).to(tl.int32)
     kv_start = tl.load(KvIndptr + b).to(tl.int64)
-    prefix = (tl.load(KvIndptr + b + 1) - kv_start).to(tl.int32) - q_len
+    kv_len = (tl.load(KvIndptr + b + 1) - kv_start).to(tl.int32)
+    prefix = kv_len - q_len
     kvh = head // GROUP
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_mask = offs_m < q_len
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(
-        Q + (q_start.to(tl.int64) + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
         mask=m_mask[:, None],
         other=0.0,
     )
@@ -297,58 +213,79 @@ def _extend_new_kv_kernel(
     v_base = V + kvh * stride_vh
     idx_base = KvIndices + kv_start
 
-    # 1. The prefix, through the slot list; every query sees it. Whole tiles, then the rest.
-    prefix_full = (prefix // BLOCK_N) * BLOCK_N
-    for start in range(0, prefix_full, BLOCK_N):
-        slot = tl.load(idx_base + start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :])
-        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, None, sm_scale_log2, False, UPCAST)
-    for start in range(prefix_full, prefix, BLOCK_N):  # at most one tile
-        n_mask = start + tl.arange(0, BLOCK_N) < prefix
-        slot = tl.load(idx_base + start + tl.arange(0, BLOCK_N), mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, n_mask[None, :], sm_scale_log2, True, UPCAST)
+    if not NEW_KV:
+        # Keys before prefix + m0 are visible to every query here: whole tiles, no mask.
+        full_end = ((prefix + m0) // BLOCK_N) * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            slot = tl.load(idx_base + offs_n).to(tl.int64)
+            k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :])
+            p, alpha, m_i, l_i = _softmax_tile(q, k, m_i, l_i, None, sm_scale_log2, False, UPCAST)
+            v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :])
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
 
-    q_end = q_start + q_len
-    if LOADS == 1:
-        kn_src = KNew
-        vn_src = VNew
-        col = kvh * HEAD_DIM
-    elif LOADS == 2:
-        kn_src = tl.make_tensor_descriptor(
-            KNew + kvh * stride_knh, [q_end, HEAD_DIM], [stride_knt, 1], [BLOCK_N, HEAD_DIM]
-        )
-        vn_src = tl.make_tensor_descriptor(
-            VNew + kvh * stride_vnh, [q_end, HEAD_DIM], [stride_vnt, 1], [BLOCK_N, HEAD_DIM]
-        )
-        col = 0
+        # The diagonal: key position n is visible to new token i iff n <= prefix + i.
+        q_pos = prefix + offs_m
+        tail_end = prefix + tl.minimum(m0 + BLOCK_M, q_len)
+        for start in range(full_end, tail_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < tail_end
+            slot = tl.load(idx_base + offs_n, mask=n_mask, other=0).to(tl.int64)
+            k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            p, alpha, m_i, l_i = _softmax_tile(q, k, m_i, l_i, visible, sm_scale_log2, True, UPCAST)
+            v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
     else:
-        kn_src = KNew + kvh * stride_knh
-        vn_src = VNew + kvh * stride_vnh
-        col = 0
-    # 2. New tokens before the block's first query: visible to all of it, no mask. With BLOCK_M a
-    # multiple of BLOCK_N this covers [0, m0) exactly.
-    new_full = (m0 // BLOCK_N) * BLOCK_N
-    for j in range(0, new_full, BLOCK_N):
-        k = _load_new(kn_src, q_start + j, q_end, col, stride_knt, BLOCK_N, HEAD_DIM, False, LOADS)
-        v = _load_new(vn_src, q_start + j, q_end, col, stride_vnt, BLOCK_N, HEAD_DIM, False, LOADS)
-        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, None, sm_scale_log2, False, UPCAST)
+        # 1. The prefix, through the slot list; every query sees it. Whole tiles, then the rest.
+        prefix_full = (prefix // BLOCK_N) * BLOCK_N
+        for start in range(0, prefix_full, BLOCK_N):
+            slot = tl.load(idx_base + start + tl.arange(0, BLOCK_N)).to(tl.int64)
+            k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :])
+            p, alpha, m_i, l_i = _softmax_tile(q, k, m_i, l_i, None, sm_scale_log2, False, UPCAST)
+            v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :])
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
+        # Not pipelined (num_stages=1): at most one tile, and its buffers would cost occupancy.
+        for start in tl.range(prefix_full, prefix, BLOCK_N, num_stages=1):
+            n_mask = start + tl.arange(0, BLOCK_N) < prefix
+            slot = tl.load(idx_base + start + tl.arange(0, BLOCK_N), mask=n_mask, other=0).to(tl.int64)
+            k = tl.load(k_base + slot[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            p, alpha, m_i, l_i = _softmax_tile(q, k, m_i, l_i, n_mask[None, :], sm_scale_log2, True, UPCAST)
+            v = tl.load(v_base + slot[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
 
-    # 3. The diagonal: new token j is visible to new token i iff j <= i. For a real query that
-    # implies j < q_len, so keys past the request (zeros or the next request's) are masked out.
-    diag_end = tl.minimum(m0 + BLOCK_M, q_len)
-    for j in range(new_full, diag_end, BLOCK_N):
-        k = _load_new(kn_src, q_start + j, q_end, col, stride_knt, BLOCK_N, HEAD_DIM, True, LOADS)
-        v = _load_new(vn_src, q_start + j, q_end, col, stride_vnt, BLOCK_N, HEAD_DIM, True, LOADS)
-        visible = (j + tl.arange(0, BLOCK_N))[None, :] <= offs_m[:, None]
-        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, visible, sm_scale_log2, True, UPCAST)
+        t_first = q_start.to(tl.int32)
+        t_end = t_first + q_len
+        if LOADS == 1:
+            kn_src = KNew
+            vn_src = VNew
+        else:
+            kn_src = KNew + kvh * stride_knh
+            vn_src = VNew + kvh * stride_vnh
+        col = kvh * HEAD_DIM
+        # 2. New tokens before the block's first query: all visible, no mask. With BLOCK_M a
+        # multiple of BLOCK_N this covers [0, m0) exactly.
+        new_full = (m0 // BLOCK_N) * BLOCK_N
+        for j in range(0, new_full, BLOCK_N):
+            k = _load_new(kn_src, t_first + j, t_end, col, stride_knt, BLOCK_N, HEAD_DIM, False, LOADS)
+            p, alpha, m_i, l_i = _softmax_tile(q, k, m_i, l_i, None, sm_scale_log2, False, UPCAST)
+            v = _load_new(vn_src, t_first + j, t_end, col, stride_vnt, BLOCK_N, HEAD_DIM, False, LOADS)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
 
-    # Each real query sees at least its own key, so l_i > 0 on the rows stored.
+        # 3. The diagonal: new token j is visible to new token i iff j <= i. For a real query that
+        # implies j < q_len, so rows past the request (zeros or the next request's) are masked out.
+        # BLOCK_M / BLOCK_N tiles at most: not pipelined either.
+        for j in tl.range(new_full, tl.minimum(m0 + BLOCK_M, q_len), BLOCK_N, num_stages=1):
+            k = _load_new(kn_src, t_first + j, t_end, col, stride_knt, BLOCK_N, HEAD_DIM, True, LOADS)
+            visible = (j + tl.arange(0, BLOCK_N))[None, :] <= offs_m[:, None]
+            p, alpha, m_i, l_i = _softmax_tile(q, k, m_i, l_i, visible, sm_scale_log2, True, UPCAST)
+            v = _load_new(vn_src, t_first + j, t_end, col, stride_vnt, BLOCK_N, HEAD_DIM, True, LOADS)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
+
+    # Every real query sees at least key 0 of the request, so l_i > 0 on the rows stored.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(
-        Out + (q_start.to(tl.int64) + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
         mask=m_mask[:, None],
     )
@@ -365,27 +302,20 @@ def _check_new_kv(q: torch.Tensor, k_buffer: torch.Tensor, name: str, t: torch.T
 
 
 def _loads_for(t: torch.Tensor, loads: str) -> str:
-    """``loads``, or ``"pointer"`` where a descriptor does not apply (TMA: 16-byte aligned base
-    and strides; the host descriptor's 2-D view ``[T, Hkv * D]`` also needs heads adjacent)."""
-    size = t.element_size()
-    aligned = t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride()[:2])
+    """``loads``, or ``"pointer"`` where the descriptor's 2-D view ``[T, Hkv * D]`` does not apply
+    (heads not adjacent) or TMA would refuse it (base or token stride not 16-byte aligned)."""
+    aligned = t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
     adjacent = t.shape[1] == 1 or t.stride(1) == t.shape[2]
-    if loads == "pointer" or not aligned or (loads == "descriptor" and not adjacent):
-        return "pointer"
-    return loads
+    return loads if aligned and adjacent and t.shape[0] > 0 else "pointer"
 
 
-def _new_kv_arg(t: torch.Tensor, cfg: ExtendConfig, loads: str) -> object:
+def _new_kv_arg(t: torch.Tensor, block_n: int, loads: str) -> object:
     if loads != "descriptor":
         return t
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     num_tokens, num_kv, head_dim = t.shape
-    return TensorDescriptor(t, [num_tokens, num_kv * head_dim], [t.stride(0), 1], [cfg.block_n, head_dim])
-
-
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    return TensorDescriptor(t, [num_tokens, num_kv * head_dim], [t.stride(0), 1], [block_n, head_dim])
 
 
 def extend_attention(
@@ -435,28 +365,28 @@ def extend_attention(
         "UPCAST": upcast_dots(q.dtype, q.device),
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
+        "NEW_KV": False,
+        "LOADS": 0,
     }
     grid = (num_heads, plan.num_blocks)
-    if k_new is None or v_new is None:
-        _extend_kernel[grid](*args, sm_scale * LOG2E, *strides, **meta)
+    if k_new is None or v_new is None:  # every key through the slot list (unused k_new args)
+        _extend_kernel[grid](*args, sm_scale * LOG2E, *strides, k_buffer, v_buffer, 0, 0, 0, 0, **meta)
         return out
     _check_new_kv(q, k_buffer, "k_new", k_new)
     _check_new_kv(q, v_buffer, "v_new", v_new)
     loads = cfg.new_kv_loads
     if _loads_for(k_new, loads) != loads or _loads_for(v_new, loads) != loads:
         loads = "pointer"
-    if loads == "device_descriptor" and q.device.type == "cuda":
-        try:  # in-kernel descriptors need scratch; keep an allocator the program set
-            from triton.runtime._allocation import NullAllocator, _allocator
-
-            unset = isinstance(_allocator.get(), NullAllocator)
-        except ImportError:
-            unset = True
-        if unset:
-            triton.set_allocator(_scratch)
-    new_kv = (_new_kv_arg(k_new, cfg, loads), _new_kv_arg(v_new, cfg, loads))
-    new_strides = (*k_new.stride()[:2], *v_new.stride()[:2])
-    _extend_new_kv_kernel[grid](
-        *args, sm_scale * LOG2E, *strides, *new_kv, *new_strides, LOADS=NEW_KV_LOADS.index(loads), **meta
+    block_n = cfg.new_kv_block_n or cfg.block_n
+    meta.update(
+        BLOCK_N=block_n,
+        num_warps=cfg.new_kv_num_warps or cfg.num_warps,
+        num_stages=cfg.new_kv_num_stages or cfg.num_stages,
+        NEW_KV=True,
+        LOADS=NEW_KV_LOADS.index(loads),
+    )
+    new_kv = (_new_kv_arg(k_new, block_n, loads), _new_kv_arg(v_new, block_n, loads))
+    _extend_kernel[grid](
+        *args, sm_scale * LOG2E, *strides, *new_kv, *k_new.stride()[:2], *v_new.stride()[:2], **meta
     )
     return out

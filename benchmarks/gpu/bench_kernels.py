@@ -6,7 +6,9 @@ Writes ``DIR/kernels_<device>_<date>.json`` after every section and prints a tab
 - ceil: measured ceilings (device-to-device copy, bf16 matmul), next to the spec 3.35 TB/s.
 - decode: batch 1/16/64/256 x context 1k/4k/16k; achieved GB/s over the bytes a decode must read
   (K + V + slot indices), vs torch SDPA on already-gathered contiguous K/V (gather not timed).
-- prefill: one causal prompt of 1k-16k tokens (and one extend over a 4k prefix): TFLOP/s vs SDPA.
+- prefill: one causal prompt of 1k-16k tokens (and one extend over a 4k prefix): TFLOP/s vs SDPA,
+  with every key read through the slot list (``triton_*``) and with the new tokens' K/V passed
+  directly as strided views of a fused qkv tensor (``triton_newkv_*``).
 - shared: shared-prefix decode on vs off (plain decode over prefix + suffix) at batch 64/128 with
   4k/16k prefixes, plus points at the cost rule's boundary.
 - sweep: decode / extend launch configurations at a few points (to choose the defaults).
@@ -138,9 +140,33 @@ def causal_pairs(q_len: int, prefix: int) -> int:
     return q_len * prefix + q_len * (q_len + 1) // 2
 
 
+def new_kv_views(kb, vb, idx: torch.Tensor, q_len: int, prefix: int, nreq: int):
+    """The new tokens' K/V (the last ``q_len`` slots of each request) as the model hands them to
+    the backend: strided views into a fused ``[T, (H + 2 Hkv) * D]`` projection output."""
+    per_req = torch.arange(q_len, device=DEV) + prefix
+    new_slots = idx[(torch.arange(nreq, device=DEV) * (q_len + prefix)).unsqueeze(1) + per_req].reshape(-1)
+    qkv = torch.empty(q_len * nreq, (H + 2 * HKV) * D, device=DEV, dtype=DT)
+    k_new = qkv[:, H * D : (H + HKV) * D].view(-1, HKV, D)
+    v_new = qkv[:, (H + HKV) * D :].view(-1, HKV, D)
+    k_new.copy_(kb[new_slots])
+    v_new.copy_(vb[new_slots])
+    return k_new, v_new
+
+
 def bench_extend_point(
-    kb, vb, q_len: int, prefix: int, cfg: te.ExtendConfig, nreq: int = 1, with_sdpa=True
+    kb,
+    vb,
+    q_len: int,
+    prefix: int,
+    cfg: te.ExtendConfig,
+    nreq: int = 1,
+    with_sdpa=True,
+    gathered: bool = True,
+    new_kv: bool = True,
 ) -> dict:
+    """One extend launch, timed through the slot list (``triton_*``, every key gathered) and with
+    the new tokens' K/V passed directly (``triton_newkv_*``: ``cfg.new_kv_loads`` and the
+    ``cfg.new_kv_*`` launch shape)."""
     qo_lens, kv_lens = [q_len] * nreq, [q_len + prefix] * nreq
     idx = slot_layout(kv_lens, kb.shape[0], "paged", GEN, device=DEV)
     qo_ip, kv_ip = indptr(qo_lens, DEV), indptr(kv_lens, DEV)
@@ -148,12 +174,41 @@ def bench_extend_point(
     plan = te.plan_extend(qo_ip, kv_ip, cfg.block_m)
     out = torch.empty_like(q)
     flops = 4 * D * H * causal_pairs(q_len, prefix) * nreq
-    t = time_graph(
-        [lambda: te.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, SCALE, plan=plan, out=out, config=cfg)],
-        iters=10,
-    )
-    row = {"requests": nreq, "new_tokens": q_len, "prefix": prefix, "triton_ms": t * 1e3}
-    row["triton_TFLOPs"] = flops / t / 1e12
+    row: dict = {"requests": nreq, "new_tokens": q_len, "prefix": prefix}
+    if gathered:
+        t = time_graph(
+            [
+                lambda: te.extend_attention(
+                    q, kb, vb, qo_ip, kv_ip, idx, SCALE, plan=plan, out=out, config=cfg
+                )
+            ],
+            iters=10,
+        )
+        row.update(triton_ms=t * 1e3, triton_TFLOPs=flops / t / 1e12)
+    if new_kv:
+        k_new, v_new = new_kv_views(kb, vb, idx, q_len, prefix, nreq)
+        out_new = torch.empty_like(q)
+
+        def run_new() -> None:
+            te.extend_attention(
+                q,
+                kb,
+                vb,
+                qo_ip,
+                kv_ip,
+                idx,
+                SCALE,
+                plan=plan,
+                out=out_new,
+                config=cfg,
+                k_new=k_new,
+                v_new=v_new,
+            )
+
+        t_n = time_graph([run_new], iters=10)
+        row.update(triton_newkv_ms=t_n * 1e3, triton_newkv_TFLOPs=flops / t_n / 1e12)
+        if gathered:  # same keys, same tiles up to the prefix/new split: a sanity check, not a test
+            row["newkv_max_abs_diff"] = float((out_new.float() - out.float()).abs().max())
     if with_sdpa and prefix == 0 and nreq == 1:
         k = gather_contiguous(kb, idx, 1, q_len)
         v = gather_contiguous(vb, idx, 1, q_len)
@@ -306,10 +361,13 @@ def print_tables(res: dict) -> None:
                 f" {r['pct_of_3.35TBps']:7.1f}%  {r.get('sdpa_us', float('nan')):8.1f} {r.get('sdpa_GBps', float('nan')):6.0f}"
             )
     if "prefill" in res:
-        print("\nprefill/extend  reqs  new  prefix  triton_ms  TFLOP/s  sdpa_ms  sdpa_TFLOP/s")
+        print(
+            "\nprefill/extend  reqs  new  prefix  triton_ms  TFLOP/s  newkv_ms  newkv_TFLOP/s  sdpa_ms  sdpa_TFLOP/s"
+        )
         for r in res["prefill"]:
             print(
                 f"{'':16}{r['requests']:3d} {r['new_tokens']:6d} {r['prefix']:6d} {r['triton_ms']:9.3f} {r['triton_TFLOPs']:7.0f}"
+                f"  {r.get('triton_newkv_ms', float('nan')):8.3f} {r.get('triton_newkv_TFLOPs', float('nan')):7.0f}"
                 f"  {r.get('sdpa_ms', float('nan')):7.3f} {r.get('sdpa_TFLOPs', float('nan')):7.0f}"
             )
     if "shared" in res:

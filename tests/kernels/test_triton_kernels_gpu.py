@@ -83,6 +83,55 @@ def test_extend_real_shapes(group: int, dtype: torch.dtype, head_dim: int) -> No
     assert rel_error(out, ref.extend_attention(q, kb, vb, qo_ip, kv_ip, idx, head_dim**-0.5)) < TOL[dtype]
 
 
+# GQA ratio, dtype, head dim, fused-qkv views for k_new (else contiguous), k_new-path tiles
+# (None: the default config).
+NEW_KV_CASES = [
+    (1, torch.float16, 128, False, None),
+    (4, torch.bfloat16, 128, True, None),
+    (8, torch.bfloat16, 64, True, None),
+    (4, torch.float16, 64, False, (64, 128)),  # block_m not a multiple of block_n
+]
+
+
+@pytest.mark.parametrize("loads", ["pointer", "descriptor"])
+@pytest.mark.parametrize(("group", "dtype", "head_dim", "fused", "tiles"), NEW_KV_CASES)
+def test_extend_new_kv_real_shapes(group, dtype, head_dim, fused, tiles, loads) -> None:
+    import dataclasses
+
+    from llmir_lang.kernels import triton_extend as te
+
+    num_kv = 32 // group
+    # Prefix 0, 1 token, prefixes ending mid-tile and mid-page (1000, 37, 129, 5000), long blocks.
+    shapes = [(1, 0), (300, 0), (129, 1000), (1000, 37), (2048, 0), (1, 5000), (77, 129)]
+    qo_lens, kv_lens = [a for a, _ in shapes], [a + p for a, p in shapes]
+    kr, vr = _pool(20000, num_kv, head_dim, dtype, seed=20 + group)
+    idx = _slots(kv_lens, 20000, "paged" if group != 4 else "random", seed=group)
+    t = sum(qo_lens)
+    q = torch.randn(t, 32, head_dim, device=DEV, dtype=dtype)
+    if fused:  # the model's layout: strided views into one projection output
+        qkv = torch.randn(t, (32 + 2 * num_kv) * head_dim, device=DEV, dtype=dtype)
+        k_new = qkv[:, 32 * head_dim : (32 + num_kv) * head_dim].view(t, num_kv, head_dim)
+        v_new = qkv[:, (32 + num_kv) * head_dim :].view(t, num_kv, head_dim)
+    else:
+        k_new = torch.randn(t, num_kv, head_dim, device=DEV, dtype=dtype)
+        v_new = torch.randn_like(k_new)
+    qo_ip, kv_ip = indptr(qo_lens, DEV), indptr(kv_lens, DEV)
+    new_slots = torch.cat([idx[int(kv_ip[b + 1]) - n : int(kv_ip[b + 1])] for b, n in enumerate(qo_lens)])
+    ref.store_kv(kr, vr, new_slots, k_new, v_new)
+    kb, vb = kr.clone(), vr.clone()
+    kb[new_slots] = float("nan")  # the new keys must come from k_new / v_new, not the pool
+    vb[new_slots] = float("nan")
+    cfg = dataclasses.replace(te.default_extend_config(head_dim, q.device), new_kv_loads=loads)
+    if tiles is not None:
+        cfg = dataclasses.replace(cfg, block_m=tiles[0], new_kv_block_n=tiles[1], new_kv_num_warps=4)
+    assert te._loads_for(k_new, loads) == loads
+    out = te.extend_attention(
+        q, kb, vb, qo_ip, kv_ip, idx, head_dim**-0.5, config=cfg, k_new=k_new, v_new=v_new
+    )
+    expect = ref.extend_attention(q, kr, vr, qo_ip, kv_ip, idx, head_dim**-0.5)
+    assert rel_error(out, expect) < TOL[dtype]
+
+
 @pytest.mark.parametrize(("group", "batch", "prefix_len"), [(4, 64, 4096), (8, 9, 300), (1, 16, 1000)])
 def test_shared_prefix_real_shapes(group: int, batch: int, prefix_len: int) -> None:
     num_kv = 32 // group
