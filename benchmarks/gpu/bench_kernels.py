@@ -163,10 +163,11 @@ def bench_extend_point(
     with_sdpa=True,
     gathered: bool = True,
     new_kv: bool = True,
+    new_cfg: te.ExtendConfig | None = None,
 ) -> dict:
     """One extend launch, timed through the slot list (``triton_*``, every key gathered) and with
     the new tokens' K/V passed directly (``triton_newkv_*``: ``cfg.new_kv_loads`` and the
-    ``cfg.new_kv_*`` launch shape)."""
+    ``cfg.new_kv_*`` launch shape; or ``new_cfg``, planned on its own, as the backend does)."""
     qo_lens, kv_lens = [q_len] * nreq, [q_len + prefix] * nreq
     idx = slot_layout(kv_lens, kb.shape[0], "paged", GEN, device=DEV)
     qo_ip, kv_ip = indptr(qo_lens, DEV), indptr(kv_lens, DEV)
@@ -188,6 +189,8 @@ def bench_extend_point(
     if new_kv:
         k_new, v_new = new_kv_views(kb, vb, idx, q_len, prefix, nreq)
         out_new = torch.empty_like(q)
+        ncfg = new_cfg or cfg
+        nplan = plan if ncfg.block_m == cfg.block_m else te.plan_extend(qo_ip, kv_ip, ncfg.block_m)
 
         def run_new() -> None:
             te.extend_attention(
@@ -198,9 +201,9 @@ def bench_extend_point(
                 kv_ip,
                 idx,
                 SCALE,
-                plan=plan,
+                plan=nplan,
                 out=out_new,
-                config=cfg,
+                config=ncfg,
                 k_new=k_new,
                 v_new=v_new,
             )
@@ -219,9 +222,17 @@ def bench_extend_point(
 
 
 def bench_prefill(kb, vb) -> list[dict]:
+    # gathered: the default config; k_new: the config the attention backend picks for the batch
     cfg = te.default_extend_config(D, DEV)
-    rows = [bench_extend_point(kb, vb, n, 0, cfg) for n in (1024, 2048, 4096, 8192, 16384)]
-    rows.append(bench_extend_point(kb, vb, 1024, 4096, cfg, nreq=4))
+    rows = [
+        bench_extend_point(kb, vb, n, 0, cfg, new_cfg=te.extend_config_for(cfg, DEV, n, 0))
+        for n in (1024, 2048, 4096, 8192, 16384)
+    ]
+    rows.append(
+        bench_extend_point(
+            kb, vb, 1024, 4096, cfg, nreq=4, new_cfg=te.extend_config_for(cfg, DEV, 4096, 16384)
+        )
+    )
     for r in rows:
         print("prefill", r, flush=True)
     return rows

@@ -55,6 +55,7 @@ class TritonAttentionBackend(AttentionBackend):
         self.head_dim = int(kb.shape[2])
         self.decode_config = triton_decode.default_decode_config(self.head_dim, self.device)
         self.extend_config = triton_extend.default_extend_config(self.head_dim, self.device)
+        self._extend_cfg = self.extend_config  # this batch's (extend_config_for, in prepare)
         self.max_batch_size = max_batch_size
         self._grid_splits = 1
         self._workspace_flat: torch.Tensor | None = None
@@ -81,8 +82,12 @@ class TritonAttentionBackend(AttentionBackend):
                 batch.batch_size, self.num_kv_heads, self.decode_config, self.device
             )
         else:
+            new_tokens = int(batch.input_ids.shape[0])
+            self._extend_cfg = self._te.extend_config_for(
+                self.extend_config, self.device, new_tokens, int(batch.kv_indices.shape[0]) - new_tokens
+            )
             self._extend_plan = self._te.plan_extend(
-                batch.qo_indptr, batch.kv_indptr, self.extend_config.block_m
+                batch.qo_indptr, batch.kv_indptr, self._extend_cfg.block_m
             )
 
     def use_shared_prefix(
@@ -152,7 +157,7 @@ class TritonAttentionBackend(AttentionBackend):
             b.kv_indices,
             self.sm_scale,
             plan=self._extend_plan,
-            config=self.extend_config,
+            config=self._extend_cfg,
             k_new=k if direct else None,
             v_new=v if direct else None,
         )

@@ -258,3 +258,14 @@ def test_unsupported_head_dim_and_dtype_fall_back_once_with_correct_numbers() ->
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the second call is silent
             K.decode_attention(q, kb, vb, ip, idx, 0.3)
+
+
+def test_extend_config_for_picks_small_tiles_only_for_short_mostly_new_batches_on_cuda() -> None:
+    from llmir_lang.kernels import triton_extend as te
+
+    base = te.ExtendConfig()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert te.extend_config_for(base, cuda, 4096, 0) is te.SMALL_EXTEND_CONFIG
+    assert te.extend_config_for(base, cuda, te.SMALL_EXTEND_TOKENS + 1, 0) is base
+    assert te.extend_config_for(base, cuda, 1024, 4096) is base  # mostly cached prefix
+    assert te.extend_config_for(base, cpu, 4096, 0) is base  # the interpreter keeps tiny tiles

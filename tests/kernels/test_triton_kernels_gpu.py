@@ -90,6 +90,7 @@ NEW_KV_CASES = [
     (4, torch.bfloat16, 128, True, None),
     (8, torch.bfloat16, 64, True, None),
     (4, torch.float16, 64, False, (64, 128)),  # block_m not a multiple of block_n
+    (4, torch.bfloat16, 128, True, (64, 64)),  # the shape of SMALL_EXTEND_CONFIG
 ]
 
 
