@@ -1,18 +1,24 @@
 """CPU cost of one model step of the bundled ``llmir-tiny`` (fp32, one thread), before vs after.
 
 Times ``CausalLM.forward`` with the ``TorchAttentionBackend`` over a KV pool of random contents,
-on step shapes the engine produces (slots scattered over the pool as the radix cache leaves them):
+on step shapes of ``benchmarks/bench_json.py`` (prompts of 60..79 tokens, records of up to ~45),
+with slots laid out as a fresh engine leaves them (each prompt in one block, decode tokens
+interleaved across requests):
 
 ==============  ================================================================================
 case            what one step is
 ==============  ================================================================================
-dec-b1          a decode step of one request with 100 tokens of KV
-dec-b64         64 requests, 70..115 tokens of KV each, no shared prefix
-dec-b120        120 requests, 70..115 tokens of KV each, no shared prefix
-dec-b120-pre    120 requests whose first 48 slots are the same (a cached prompt prefix), then
-                22..67 own tokens: the cascade path
-jf-b1           jump-forward at batch 1: 6 forced tokens appended to 90 tokens of KV (an extend)
-mixed-b120      a mixed step: 100 decode rows and 20 requests with 2..8 forced tokens each
+dec-b1          a decode step of one request: 70 prompt + 30 generated tokens of KV
+dec-b8          8 requests, 60..79 prompt + 25 generated tokens each (also dec-bN for any N)
+dec-b40         40 requests, the same lengths
+dec-b120        120 requests, the same lengths
+dec-b120-pre    120 requests whose prompts start with the same 48 tokens (a cached prefix), then
+                12..31 own prompt tokens and 25 generated: the shared-prefix (cascade) path
+jf-b1           jump-forward at batch 1: 6 forced tokens after 70 + 20 tokens (an extend)
+mixed-b40       a mixed step: 34 decode rows and 6 requests with 2..8 forced tokens each
+mixed-b120      100 decode rows and 20 requests with 2..8 forced tokens
+prefill-b20     20 prompts of 50..89 tokens, nothing cached (short ones padded together, long
+                ones one by one)
 ==============  ================================================================================
 
 ``--compare REV`` extracts ``REV`` of this repository (``git archive``, nothing in the checkout
@@ -39,42 +45,64 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = ("dec-b1", "dec-b64", "dec-b120", "dec-b120-pre", "jf-b1", "mixed-b120")
+CASES = (
+    "dec-b1",
+    "dec-b8",
+    "dec-b40",
+    "dec-b120",
+    "dec-b120-pre",
+    "jf-b1",
+    "mixed-b40",
+    "mixed-b120",
+    "prefill-b20",
+)
 
 
-def _requests(case: str) -> tuple[list[int], list[int], int]:
-    """Per request: (new tokens, tokens of KV after the step), and the shared prefix length."""
+def _requests(case: str) -> tuple[list[tuple[int, int, int]], int]:
+    """Per request (own prompt tokens, tokens generated before this step, new tokens this step),
+    and the length of a prompt prefix all requests share."""
     if case == "dec-b1":
-        return [1], [100], 0
-    if case in ("dec-b64", "dec-b120"):
-        n = int(case.split("b")[-1])
-        return [1] * n, [70 + (37 * i) % 46 for i in range(n)], 0
+        return [(70, 30, 1)], 0
+    if case.startswith("dec-b") and case[5:].isdigit():
+        return [(60 + (13 * i) % 20, 25, 1) for i in range(int(case[5:]))], 0
     if case == "dec-b120-pre":
-        return [1] * 120, [48 + 22 + (37 * i) % 46 for i in range(120)], 48
+        return [(12 + (13 * i) % 20, 25, 1) for i in range(120)], 48
     if case == "jf-b1":
-        return [6], [96], 0
-    if case == "mixed-b120":
-        news = [1] * 100 + [2 + i % 7 for i in range(20)]
-        return news, [70 + (37 * i) % 46 for i in range(120)], 0
+        return [(70, 20, 6)], 0
+    if case in ("mixed-b40", "mixed-b120"):
+        n = int(case[7:])
+        forced = n // 6
+        return [(60 + (13 * i) % 20, 25, 1 if i < n - forced else 2 + i % 7) for i in range(n)], 0
+    if case == "prefill-b20":
+        return [(0, 0, 50 + (17 * i) % 40) for i in range(20)], 0
     raise SystemExit(f"unknown case {case!r}; known: {', '.join(CASES)}")
 
 
-def _batch(case: str, capacity: int, torch):
-    """A ForwardBatch for ``case`` with slots drawn at random from a pool of ``capacity``."""
+def _batch(case: str, torch):
+    """A ForwardBatch for ``case`` with slots laid out as a fresh engine leaves them: the shared
+    prefix, then each prompt in one block, then the generated tokens interleaved (a decode step
+    takes one slot per request), then this step's forced tokens; returns it and the slots used."""
     from llmir_lang.executor.attention import ForwardBatch, ForwardMode
 
-    news, kv_lens, shared = _requests(case)
+    reqs, shared = _requests(case)
     g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(capacity, generator=g).tolist()
-    prefix, nxt = perm[:shared], shared
+    nreq = len(reqs)
+    prompt_at, top = [], shared
+    for p, _, _ in reqs:
+        prompt_at.append(top)
+        top += p
+    gen_at = top
+    top += nreq * max(gen for _, gen, _ in reqs)
     ids, pos, loc, kv_indices, qo, kv, last = [], [], [], [], [0], [0], []
-    for n, length in zip(news, kv_lens):
-        own = perm[nxt : nxt + length - shared]
-        nxt += length - shared
-        slots = prefix + own
+    for b, (p, gen, n) in enumerate(reqs):
+        slots = list(range(shared)) + list(range(prompt_at[b], prompt_at[b] + p))
+        slots += [gen_at + j * nreq + b for j in range(gen)]
+        if n > 1 or not gen:  # a decode row's new token is its last generated one
+            slots += range(top, top + n)
+            top += n
         kv_indices += slots
-        loc += slots[length - n :]
-        pos += range(length - n, length)
+        loc += slots[len(slots) - n :]
+        pos += range(len(slots) - n, len(slots))
         ids += torch.randint(5, 4000, (n,), generator=g).tolist()
         qo.append(qo[-1] + n)
         kv.append(len(kv_indices))
@@ -83,8 +111,8 @@ def _batch(case: str, capacity: int, torch):
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int64)
 
-    decode = all(n == 1 for n in news)
-    return ForwardBatch(
+    decode = all(n == 1 for _, _, n in reqs)
+    batch = ForwardBatch(
         mode=ForwardMode.DECODE if decode else ForwardMode.EXTEND,
         input_ids=t(ids),
         positions=t(pos),
@@ -92,9 +120,10 @@ def _batch(case: str, capacity: int, torch):
         qo_indptr=t(qo),
         kv_indptr=t(kv),
         kv_indices=t(kv_indices),
-        batch_size=len(news),
+        batch_size=nreq,
         logits_indices=None if decode else t(last),
     )
+    return batch, top
 
 
 def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str | None) -> dict[str, float]:
@@ -107,7 +136,7 @@ def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str |
     torch.set_num_threads(1)
     model = load_model(REPO / "llmir_lang" / "models" / "llmir-tiny", torch.device("cpu"), torch.float32)
     cfg = model.config
-    capacity = 20_000
+    capacity = 16_384  # slots; the pool is random data, laid out as _batch says
     g = torch.Generator().manual_seed(1)
     shape = (capacity + 1, cfg.num_kv_heads, cfg.head_dim)
     kb = [torch.randn(shape, generator=g) for _ in range(cfg.num_layers)]
@@ -115,7 +144,8 @@ def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str |
     backend = TorchAttentionBackend(kb, vb, cfg.head_dim**-0.5)
     out: dict[str, float] = {}
     for case in cases:
-        fb = _batch(case, capacity, torch)
+        fb, used = _batch(case, torch)
+        assert used <= capacity
         logits = model(fb, backend)  # the step stores the same K/V each time, so every step is equal
         if logits_dir is not None:
             torch.save(logits, os.path.join(logits_dir, f"{case}.pt"))

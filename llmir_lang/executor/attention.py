@@ -93,26 +93,6 @@ class _ExtendPlan:
     whole: bool
 
 
-@dataclass(slots=True)
-class _CpuGroup:
-    """A decode or padded-extend plan in the CPU path's layout, built at the step's first layer
-    (when the number of query heads is known). Every query head of a request is scored against all
-    ``S * Hkv`` key rows of its gathered keys (``[S, Hkv, D]`` as they lie in the pool) in one batched
-    matmul; ``bias [B, Tq * H, S * Hkv]`` is 0 where a query may see a key (its own KV head, a real
-    key, not in its future) and -inf elsewhere. ``q_rows``: the queries' rows in the step (None: all
-    of them, in order); ``dst``/``src``: which padded output rows are real and where they go (None:
-    the output is used as it is); ``prefix_bias [Tq * H, P * Hkv]``: the head match over a shared
-    prefix."""
-
-    q_rows: torch.Tensor | None
-    k_idx: torch.Tensor  # [B * S]
-    bias: torch.Tensor
-    prefix_idx: torch.Tensor | None
-    prefix_bias: torch.Tensor | None
-    dst: torch.Tensor | None = None
-    src: torch.Tensor | None = None
-
-
 class TorchAttentionBackend(AttentionBackend):
     """Reference backend: gather from the pool and run masked attention in fp32. CPU default.
 
@@ -131,28 +111,22 @@ class TorchAttentionBackend(AttentionBackend):
     attended once for all queries, the per-request suffixes separately, and the two merged by
     log-sum-exp (the cascade idea). Without such a prefix the two groups run
     ``F.scaled_dot_product_attention`` (GQA, boolean mask) on keys gathered in the pool's layout:
-    one fused kernel per layer. Every path computes the attention ``reference`` defines.
+    one fused kernel per layer, about 4x faster on the CPU than matmuls over permuted copies. Every
+    path computes the attention ``reference`` defines.
 
-    On the CPU over an fp32 pool the first two groups take another form (``_CpuGroup``), because
-    there a step is dominated by per-op overhead at batch 1 and by memory traffic at large batches:
-    keys are gathered once per layer into a reused workspace (a fresh multi-MB tensor per gather
-    costs page faults), in the pool's layout, and all query heads are scored against all key rows
-    in one ``baddbmm`` whose additive bias masks other KV heads, padding and the future; then one
-    softmax and one ``bmm``. That computes Hkv times the needed products, which is cheap next to
-    the gather at these sizes, and replaces ``scaled_dot_product_attention``'s per-(request, head)
-    work (about 2x faster at batch 120, fewer ops at batch 1). Groups whose score tensor would
-    exceed ``max_cpu_scores`` elements keep the generic path.
+    On the CPU, gathers write into workspaces reused from layer to layer and step to step (a fresh
+    multi-MB tensor per gather is fresh pages to fault in: at batch 120 that was half the step) and
+    new K/V are stored with ``index_copy_``. Other devices keep fresh tensors (their caching
+    allocator makes them cheap) and ``reference.store_kv``.
     """
 
     min_shared_prefix = 32
     max_padded_extend = 64  # extends longer than this (prompt prefills) keep the per-request loop
-    max_cpu_scores = 1 << 23  # elements of one CPU group's score tensor (32 MiB in fp32)
-    max_workspace = 1 << 24  # elements of a reused CPU workspace; larger gathers allocate per call
+    max_workspace_bytes = 64 << 20  # a CPU workspace larger than this is not kept between gathers
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], sm_scale: float):
         super().__init__(k_buffers, v_buffers, sm_scale)
-        kb = k_buffers[0]
-        self._cpu = kb.device.type == "cpu" and kb.dtype == torch.float32
+        self._cpu = k_buffers[0].device.type == "cpu"
         self._workspace: dict[str, torch.Tensor] = {}
 
     def prepare(self, batch: ForwardBatch) -> None:
@@ -160,7 +134,6 @@ class TorchAttentionBackend(AttentionBackend):
         self._dec: _DecodePlan | None = None
         self._ext: _ExtendPlan | None = None
         self._long: list[int] = []
-        self._groups: tuple[_CpuGroup | None, _CpuGroup | None] | None = None
         qo, kv = batch.qo_indptr, batch.kv_indptr
         kv_lens = kv[1:] - kv[:-1]
         if batch.mode is ForwardMode.DECODE:
@@ -185,31 +158,20 @@ class TorchAttentionBackend(AttentionBackend):
         b = self.batch
         assert b is not None, "prepare(batch) must be called before forward"
         kb, vb = self.k_buffers[layer_id], self.v_buffers[layer_id]
-        if self._cpu:
-            # one copy kernel each (advanced-index assignment goes through index_put's checks)
-            kb.index_copy_(0, b.out_cache_loc, k.to(kb.dtype))
-            vb.index_copy_(0, b.out_cache_loc, v.to(vb.dtype))
-            if self._groups is None:  # the same for every layer of the step
-                self._groups = self._cpu_groups(q.shape[1], kb.shape[1])
+        if self._cpu and k.dtype == kb.dtype:  # one copy kernel each, without index_put's checks
+            kb.index_copy_(0, b.out_cache_loc, k)
+            vb.index_copy_(0, b.out_cache_loc, v)
         else:
             ref.store_kv(kb, vb, b.out_cache_loc, k, v)
         dec, ext = self._dec, self._ext
-        gdec, gext = self._groups or (None, None)
-        if dec is not None and dec.q_rows is None:  # one new token for every request, in order
-            return self._attend_cpu(q, kb, vb, gdec) if gdec is not None else self._decode(q, kb, vb, dec)
+        if dec is not None and dec.q_rows is None:
+            return self._decode(q, kb, vb, dec)  # one new token for every request, in order
         if ext is not None and ext.whole:
-            if gext is not None:
-                return self._attend_cpu(q, kb, vb, gext)
             return self._extend(q, kb, vb, ext).reshape(q.shape).to(q.dtype)
         result = torch.empty_like(q)
-        if gdec is not None:
-            assert dec is not None and dec.q_rows is not None
-            result.index_copy_(0, dec.q_rows, self._attend_cpu(q, kb, vb, gdec))
-        elif dec is not None:
+        if dec is not None:
             result[dec.q_rows] = self._decode(q[dec.q_rows], kb, vb, dec)
-        if gext is not None and gext.dst is not None and gext.src is not None:
-            result.index_copy_(0, gext.dst, self._attend_cpu(q, kb, vb, gext).index_select(0, gext.src))
-        elif ext is not None:
+        if ext is not None:
             out = self._extend(q, kb, vb, ext)
             result[ext.q_rows[ext.q_valid]] = out[ext.q_valid].to(q.dtype)
         for r in self._long:
@@ -224,8 +186,8 @@ class TorchAttentionBackend(AttentionBackend):
         """One long extend (a prompt): ``q [T, H, D]`` over keys ``idx``, whose last T are its own
         tokens (causal); ``reference._attend``'s result through one fused kernel."""
         t, s = q.shape[0], idx.numel()
-        keys = _gather(kb, idx).float().transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
-        vals = _gather(vb, idx).float().transpose(0, 1).unsqueeze(0)
+        keys = self._gather("k", kb, idx).float().transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+        vals = self._gather("v", vb, idx).float().transpose(0, 1).unsqueeze(0)
         mask = None
         if s != t:  # bottom-right causal: query i sits at key position s - t + i
             mask = torch.arange(s, device=q.device) <= torch.arange(s - t, s, device=q.device).unsqueeze(1)
@@ -254,8 +216,8 @@ class TorchAttentionBackend(AttentionBackend):
         matmul per KV head) and merge with the per-request partials (``num``, ``den``, running max
         ``m``, all ``[B, Hkv, G, T, .]``) by log-sum-exp."""
         bsz, hkv, g, t, d = q.shape
-        kp = _gather(kb, prefix_idx).float().permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, P]
-        vp = _gather(vb, prefix_idx).float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, P, D]
+        kp = self._gather("pk", kb, prefix_idx).float().permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, P]
+        vp = self._gather("pv", vb, prefix_idx).float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, P, D]
         qq = q.permute(1, 2, 0, 3, 4).reshape(hkv, g, bsz * t, d)
         sp = torch.matmul(qq, kp) * self.sm_scale  # [Hkv, G, B*T, P]
         mp = sp.amax(-1, keepdim=True)
@@ -332,8 +294,8 @@ class TorchAttentionBackend(AttentionBackend):
         qp = qf.view(bsz, t_max, hkv, g, d) if plan.whole else qf[plan.q_rows].view(bsz, t_max, hkv, g, d)
         if plan.prefix_idx is None:
             # one fused kernel (no score tensors, keys read in the pool's layout), GQA by head groups
-            keys = _gather(kb, plan.k_idx).float().transpose(1, 2)  # [B, Hkv, S, D], a strided view
-            vals = _gather(vb, plan.k_idx).float().transpose(1, 2)
+            keys = self._gather("k", kb, plan.k_idx).float().transpose(1, 2)  # [B, Hkv, S, D], strided
+            vals = self._gather("v", vb, plan.k_idx).float().transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 qp.view(bsz, t_max, h, d).transpose(1, 2),
                 keys,
@@ -345,8 +307,8 @@ class TorchAttentionBackend(AttentionBackend):
             return out.transpose(1, 2)
         qp = qp.permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
         # the G query heads of a KV head as more query rows: keys are not broadcast (copied) G times
-        keys = _gather(kb, plan.k_idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, S]
-        vals = _gather(vb, plan.k_idx).float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
+        keys = self._gather("k", kb, plan.k_idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, S]
+        vals = self._gather("v", vb, plan.k_idx).float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
         s = torch.matmul(qp.reshape(bsz, hkv, g * t_max, d), keys) * self.sm_scale
         s = s.view(bsz, hkv, g, t_max, -1).masked_fill(plan.masked, float("-inf"))  # [B, Hkv, G, Tq, S]
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)  # padded query rows see no key
@@ -362,8 +324,8 @@ class TorchAttentionBackend(AttentionBackend):
         hkv = kb.shape[1]
         g = h // hkv
         if plan.prefix_idx is None:
-            keys = _gather(kb, plan.idx).float().transpose(1, 2)  # [B, Hkv, L, D], a strided view
-            vals = _gather(vb, plan.idx).float().transpose(1, 2)
+            keys = self._gather("k", kb, plan.idx).float().transpose(1, 2)  # [B, Hkv, L, D], strided
+            vals = self._gather("v", vb, plan.idx).float().transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 q.float().unsqueeze(2),
                 keys,
@@ -375,8 +337,8 @@ class TorchAttentionBackend(AttentionBackend):
             return out.view(bsz, h, d).to(q.dtype)
         qg = q.float().view(bsz, hkv, g, d)  # query heads grouped by their KV head
         # per-request part: [B, Hkv, G, L]
-        keys = _gather(kb, plan.idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-        vals = _gather(vb, plan.idx).float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+        keys = self._gather("k", kb, plan.idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+        vals = self._gather("v", vb, plan.idx).float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
         s = torch.matmul(qg, keys) * self.sm_scale
         s = s.masked_fill(~plan.valid[:, None, None, :], float("-inf"))
         m = s.amax(-1, keepdim=True)
@@ -390,101 +352,18 @@ class TorchAttentionBackend(AttentionBackend):
             num, den = num.squeeze(3), den.squeeze(3)
         return (num / den).reshape(bsz, h, d).to(q.dtype)
 
-    # ---- the CPU path (fp32 pool) ----------------------------------------------------------
-    def _cpu_groups(self, h: int, hkv: int) -> tuple[_CpuGroup | None, _CpuGroup | None]:
-        dec, ext = self._dec, self._ext
-        gdec = gext = None
-        if dec is not None:
-            gdec = self._cpu_group(h, hkv, dec.q_rows, dec.idx, dec.valid.unsqueeze(1), dec.prefix_idx)
-        if ext is not None:
-            rows = None if ext.whole else ext.q_rows.reshape(-1)
-            gext = self._cpu_group(h, hkv, rows, ext.k_idx, ext.allowed[:, 0], ext.prefix_idx)
-            if gext is not None and not ext.whole:
-                gext.dst = ext.q_rows[ext.q_valid]
-                gext.src = ext.q_valid.reshape(-1).nonzero().squeeze(1)
-        return gdec, gext
-
-    def _cpu_group(
-        self,
-        h: int,
-        hkv: int,
-        q_rows: torch.Tensor | None,
-        k_idx: torch.Tensor,
-        allowed: torch.Tensor,
-        prefix_idx: torch.Tensor | None,
-    ) -> _CpuGroup | None:
-        """``allowed [B, Tq, S]``: which of its keys each query row may see."""
-        bsz, tq, s = allowed.shape
-        if bsz * tq * h * s * hkv > self.max_cpu_scores:
-            return None
-        match = torch.arange(hkv) == (torch.arange(h) // (h // hkv)).unsqueeze(1)  # [H, Hkv]
-        ok = allowed[:, :, None, :, None] & match[:, None, :]  # [B, Tq, H, S, Hkv]
-        bias = torch.zeros(ok.shape).masked_fill_(~ok, float("-inf")).view(bsz, tq * h, s * hkv)
-        prefix_bias = None
-        if prefix_idx is not None:
-            pm = match[:, None, :].expand(h, prefix_idx.numel(), hkv).reshape(h, -1)
-            prefix_bias = torch.zeros(pm.shape).masked_fill_(~pm, float("-inf")).repeat(tq, 1)
-        return _CpuGroup(q_rows, k_idx.reshape(-1), bias, prefix_idx, prefix_bias)
-
-    def _attend_cpu(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, g: _CpuGroup) -> torch.Tensor:
-        """Attention of the group's query rows ``[B * Tq, H, D]`` (padded rows hold garbage)."""
-        bsz, rows, cols = g.bias.shape
-        h, d = q.shape[1], q.shape[2]
-        qg = (q if g.q_rows is None else q.index_select(0, g.q_rows)).float().reshape(bsz, rows, d)
-        keys = self._gather_into("k", kb, g.k_idx).view(bsz, cols, d)
-        vals = self._gather_into("v", vb, g.k_idx).view(bsz, cols, d)
-        scores = self._buffer("s", g.bias.numel()).view(g.bias.shape)
-        s = torch.baddbmm(g.bias, qg, keys.transpose(1, 2), alpha=self.sm_scale, out=scores)
-        if g.prefix_idx is None:
-            out = torch.bmm(torch.softmax(s, -1), vals)
-        else:
-            out = self._with_prefix_cpu(qg, s, vals, kb, vb, g)
-        return out.view(-1, h, d).to(q.dtype)
-
-    def _with_prefix_cpu(
-        self,
-        qg: torch.Tensor,
-        s: torch.Tensor,
-        vals: torch.Tensor,
-        kb: torch.Tensor,
-        vb: torch.Tensor,
-        g: _CpuGroup,
-    ) -> torch.Tensor:
-        """Cascade: the suffix scores ``s`` (every row sees at least its own new token, so no row
-        is all -inf) merged by log-sum-exp with one matmul of all rows against the shared prefix."""
-        assert g.prefix_idx is not None and g.prefix_bias is not None
-        m = s.amax(-1, keepdim=True)
-        e = s.sub_(m).exp_()
-        num, den = torch.bmm(e, vals), e.sum(-1, keepdim=True)
-        d = qg.shape[-1]
-        kp = self._gather_into("pk", kb, g.prefix_idx).view(-1, d)  # [P * Hkv, D]
-        vp = self._gather_into("pv", vb, g.prefix_idx).view(-1, d)
-        sp = torch.add(g.prefix_bias, torch.matmul(qg, kp.t()), alpha=self.sm_scale)  # [B, R, P * Hkv]
-        mp = sp.amax(-1, keepdim=True)
-        ep = sp.sub_(mp).exp_()
-        top = torch.maximum(m, mp)
-        a, c = (m - top).exp_(), (mp - top).exp_()
-        return (num * a + torch.matmul(ep, vp) * c) / (den * a + ep.sum(-1, keepdim=True) * c)
-
-    def _gather_into(self, name: str, buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``buf[idx]`` as ``[n, Hkv * D]`` rows, written into the reused workspace ``name``."""
-        width = buf.shape[1] * buf.shape[2]
-        out = self._buffer(name, idx.numel() * width).view(-1, width)
-        return torch.index_select(buf.view(-1, width), 0, idx, out=out)
-
-    def _buffer(self, name: str, numel: int) -> torch.Tensor:
-        """The first ``numel`` elements of workspace ``name`` (grown by a quarter when too small;
-        not kept beyond ``max_workspace`` elements). Valid until the next call for ``name``."""
-        buf = self._workspace.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel + numel // 4)
-            if buf.numel() <= self.max_workspace:
-                self._workspace[name] = buf
-        return buf[:numel]
-
-
-def _gather(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``buf[idx]`` for a pool buffer ``[slots, Hkv, D]``: ``index_select`` over rows of one slot
-    each, about 3x faster on the CPU than advanced indexing for the same copy."""
-    rows = torch.index_select(buf.flatten(1), 0, idx.reshape(-1))
-    return rows.view(*idx.shape, *buf.shape[1:])
+    def _gather(self, name: str, buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``buf[idx]`` for a pool buffer ``[slots, Hkv, D]``: ``index_select`` over rows of one slot
+        each, about 3x faster on the CPU than advanced indexing for the same copy. On the CPU the
+        rows land in the workspace ``name``, valid until the next gather into it."""
+        flat, rows = buf.flatten(1), idx.reshape(-1)
+        out = None
+        if self._cpu:
+            need = rows.numel() * flat.shape[1]
+            ws = self._workspace.get(name)
+            if ws is None or ws.numel() < need or ws.dtype != buf.dtype:
+                ws = torch.empty(need + need // 4, dtype=buf.dtype)  # headroom: lists grow by a token a step
+                if ws.numel() * ws.element_size() <= self.max_workspace_bytes:
+                    self._workspace[name] = ws
+            out = ws[:need].view(rows.numel(), flat.shape[1])
+        return torch.index_select(flat, 0, rows, out=out).view(*idx.shape, *buf.shape[1:])

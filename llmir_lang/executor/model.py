@@ -16,6 +16,13 @@ dispatches on a CPU:
 The elementwise pieces are free functions bundled in ``FusedOps``, so ``compiled_ops()`` can swap in
 ``torch.compile``d versions (one kernel each on CUDA) without touching the modules. Every variant
 computes what Hugging Face's reference computes, rounding step for rounding step in fp32.
+
+On the CPU in fp32 with the plain ops, ``CausalLM.forward`` takes ``_forward_cpu``: the same
+operations on the same values (so still equal to Hugging Face's bit for bit), arranged for a
+machine where a decode step at batch 1 is mostly per-op dispatch cost, a few microseconds an op:
+no module calls, projection weights transposed once (one ``mm`` per projection, no ``t``),
+rotary rows looked up in a table cached by position, residual adds and SwiGLU in place. Other
+devices and dtypes, and compiled ops, run the module path unchanged.
 """
 
 from __future__ import annotations
@@ -121,6 +128,8 @@ class Rotary(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._table: torch.Tensor | None = None
+        self._table_src: torch.Tensor | None = None
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos`` and sign-folded ``sin`` (``[-sin, sin]`` halves), both ``[T, 1, D]`` in ``dtype``."""
@@ -129,6 +138,27 @@ class Rotary(nn.Module):
         cos = torch.cat((c, c), dim=-1).to(dtype).unsqueeze(1)
         sin = torch.cat((-s, s), dim=-1).to(dtype).unsqueeze(1)
         return cos, sin
+
+    def cached_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tables(positions, float32)`` as rows of a table by position (one lookup per step).
+
+        The table holds ``tables(arange(n))``, the same fp32 operations on the same values, so its
+        rows equal what ``tables`` computes. It grows (doubling) when a position is past its end,
+        and is rebuilt when ``inv_freq`` is replaced (the loader does that after the dtype cast).
+        Host-side growth needs the positions on the host: the CPU path only.
+        """
+        table = self._table if self._table_src is self.inv_freq else None
+        if table is not None:
+            try:
+                return table.index_select(0, positions).unbind(1)  # type: ignore[return-value]
+            except IndexError:  # a position past the end: grow below
+                pass
+        n = max(1024, 2 * table.shape[0] if table is not None else 0)
+        while n <= (int(positions.max()) if positions.numel() else 0):
+            n *= 2
+        cos, sin = self.tables(torch.arange(n, device=positions.device), torch.float32)
+        self._table, self._table_src = torch.stack((cos, sin), 1), self.inv_freq  # [n, 2, 1, D]
+        return self._table.index_select(0, positions).unbind(1)  # type: ignore[return-value]
 
 
 @dataclass(slots=True)
@@ -219,6 +249,7 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.ops = PLAIN_OPS
+        self._cpu_layers: list[_CpuLayer] | None = None
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -227,6 +258,9 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
         """Returns fp32 logits ``[len(batch.logits_indices) or T, vocab]``."""
         backend.prepare(batch)
+        emb = self.model.embed_tokens.weight
+        if emb.device.type == "cpu" and emb.dtype == torch.float32 and self.ops is PLAIN_OPS:
+            return self._forward_cpu(batch, backend)
         x = self.model.embed_tokens(batch.input_ids)
         step = _Step(*self.rotary.tables(batch.positions, x.dtype), backend, self.ops)
         residual: torch.Tensor | None = None
@@ -238,3 +272,113 @@ class CausalLM(nn.Module):
         norm = self.model.norm
         x, _ = self.ops.add_norm(x, residual, norm.weight, norm.eps)
         return F.linear(x, self.output_weight()).float()
+
+    def _forward_cpu(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
+        """``forward`` for fp32 on the CPU with the plain ops: the same operations on the same
+        values, with fewer dispatches (see the module docstring)."""
+        cfg = self.config
+        layers = self._cpu_layers
+        if layers is None:
+            layers = self._cpu_layers = [_CpuLayer.of(layer) for layer in self.model.layers]
+        x = self.model.embed_tokens.weight.index_select(0, batch.input_ids)
+        cos, sin = self.rotary.cached_tables(batch.positions)
+        dims = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
+        residual: torch.Tensor | None = None
+        for layer in layers:
+            x, residual = _layer_cpu(layer, x, residual, cos, sin, backend, dims)
+        assert residual is not None, "a model has at least one layer"
+        if batch.logits_indices is not None:
+            x = x.index_select(0, batch.logits_indices)
+            residual = residual.index_select(0, batch.logits_indices)
+        norm = self.model.norm
+        x = _norm(x.add_(residual), norm.weight, norm.eps)
+        return F.linear(x, self.output_weight())
+
+    # the CPU path holds views of the weights: drop them whenever parameters may be replaced
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._cpu_layers = None
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._cpu_layers = None
+        return super().load_state_dict(*args, **kwargs)
+
+
+@dataclass(slots=True)
+class _CpuLayer:
+    """One decoder layer's tensors as ``_layer_cpu`` uses them: projection weights transposed
+    (views, so each projection is one ``mm``/``addmm`` dispatch), biases, norm weights. Views of
+    the parameters: in-place weight updates show through; ``CausalLM`` drops them on ``_apply``
+    (``to``, ``to_empty``, ...) and ``load_state_dict``, where parameters may be replaced."""
+
+    layer_id: int
+    norm1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o: torch.Tensor
+    o_b: torch.Tensor | None
+    norm2: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down: torch.Tensor
+    down_b: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layer: DecoderLayer) -> _CpuLayer:
+        a, m = layer.self_attn, layer.mlp
+        qn, kn = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
+        return cls(
+            a.layer_id,
+            layer.input_layernorm.weight,
+            a.qkv_proj.weight.t(),
+            a.qkv_proj.bias,
+            a.o_proj.weight.t(),
+            a.o_proj.bias,
+            layer.post_attention_layernorm.weight,
+            m.gate_up_proj.weight.t(),
+            m.gate_up_proj.bias,
+            m.down_proj.weight.t(),
+            m.down_proj.bias,
+            qn,
+            kn,
+        )
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)  # rms_norm's fp32 branch, without the dtype test
+
+
+def _proj(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, wt.t(), b)`` for 2-D ``x``: the same ``mm``/``addmm`` it runs."""
+    return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
+
+
+def _layer_cpu(
+    p: _CpuLayer,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    backend: AttentionBackend,
+    dims: tuple[int, int, int, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``DecoderLayer.forward`` with the plain fp32 ops, for the CPU. ``x`` is a tensor this forward
+    made (the embedding lookup or a projection's output), so the residual add may write into it."""
+    h_q, h_kv, d, eps = dims
+    t = x.shape[0]
+    residual = x if residual is None else x.add_(residual)
+    qkv = _proj(_norm(residual, p.norm1, eps), p.qkv, p.qkv_b)
+    qk, v = qkv.split(((h_q + h_kv) * d, h_kv * d), 1)
+    qk = qk.view(t, h_q + h_kv, d)
+    if p.q_norm is not None and p.k_norm is not None:
+        q, k = qk.split((h_q, h_kv), 1)
+        qk = torch.cat((rms_norm(q, p.q_norm, eps), rms_norm(k, p.k_norm, eps)), 1)
+    # rope_qkv's rotation (an in-place addcmul_ would be one op fewer, but it fuses the multiply
+    # and add into one rounding, and the result would no longer equal Hugging Face's bit for bit)
+    q, k = (qk * cos + torch.roll(qk, d // 2, -1) * sin).split((h_q, h_kv), 1)
+    o = backend.forward(q, k, v.view(t, h_kv, d), p.layer_id)
+    residual = _proj(o.reshape(t, h_q * d), p.o, p.o_b).add_(residual)
+    gate, up = _proj(_norm(residual, p.norm2, eps), p.gate_up, p.gate_up_b).chunk(2, -1)
+    return _proj(F.silu(gate, inplace=True).mul_(up), p.down, p.down_b), residual
