@@ -123,6 +123,7 @@ class TorchAttentionBackend(AttentionBackend):
     min_shared_prefix = 32
     max_padded_extend = 64  # extends longer than this (prompt prefills) keep the per-request loop
     max_workspace_bytes = 64 << 20  # a CPU workspace larger than this is not kept between gathers
+    cpu_decode_chunk = 64  # CPU decode rows per gather + attention (cache-sized: 16% faster at 120)
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], sm_scale: float):
         super().__init__(k_buffers, v_buffers, sm_scale)
@@ -319,22 +320,45 @@ class TorchAttentionBackend(AttentionBackend):
             num, den = self._merge_prefix(qp, kb, vb, plan.prefix_idx, num, den, m)
         return (num / den).permute(0, 3, 1, 2, 4).reshape(bsz, t_max, h, d)
 
+    def _decode_rows(
+        self,
+        q: torch.Tensor,
+        kb: torch.Tensor,
+        vb: torch.Tensor,
+        idx: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One fused attention for decode rows ``q [B, H, D]`` over keys ``idx [B, L]``, ``mask``
+        ``[B, 1, 1, L]`` True for real keys (None: every key is real)."""
+        bsz, h, d = q.shape
+        keys = self._gather("k", kb, idx).float().transpose(1, 2)  # [B, Hkv, L, D], strided
+        vals = self._gather("v", vb, idx).float().transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.float().unsqueeze(2),
+            keys,
+            vals,
+            attn_mask=mask,
+            scale=self.sm_scale,
+            enable_gqa=True,
+        )  # [B, H, 1, D]
+        return out.view(bsz, h, d).to(q.dtype)
+
     def _decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, plan: _DecodePlan) -> torch.Tensor:
         bsz, h, d = q.shape
         hkv = kb.shape[1]
         g = h // hkv
         if plan.prefix_idx is None:
-            keys = self._gather("k", kb, plan.idx).float().transpose(1, 2)  # [B, Hkv, L, D], strided
-            vals = self._gather("v", vb, plan.idx).float().transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q.float().unsqueeze(2),
-                keys,
-                vals,
-                attn_mask=plan.valid[:, None, None, :],
-                scale=self.sm_scale,
-                enable_gqa=True,
-            )  # [B, H, 1, D]
-            return out.view(bsz, h, d).to(q.dtype)
+            mask = plan.valid[:, None, None, :] if bsz > 1 else None  # one request: no padding
+            n = self.cpu_decode_chunk if self._cpu else bsz
+            if bsz <= n:
+                return self._decode_rows(q, kb, vb, plan.idx, mask)
+            # on the CPU, a chunk's gathered keys are still in cache when the attention reads them
+            assert mask is not None
+            parts = [
+                self._decode_rows(q[i : i + n], kb, vb, plan.idx[i : i + n], mask[i : i + n])
+                for i in range(0, bsz, n)
+            ]
+            return torch.cat(parts)
         qg = q.float().view(bsz, hkv, g, d)  # query heads grouped by their KV head
         # per-request part: [B, Hkv, G, L]
         keys = self._gather("k", kb, plan.idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]

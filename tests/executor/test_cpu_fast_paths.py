@@ -1,0 +1,240 @@
+"""The CPU fast paths (``CausalLM._forward_cpu``, the torch backend's CPU workspaces and chunked
+decode, the cached rotary table) compute exactly what the generic paths compute."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from llmir_lang.kernels import reference as ref
+
+from llmir_lang.executor import model as model_mod
+from llmir_lang.executor.attention import ForwardBatch, ForwardMode, TorchAttentionBackend
+from llmir_lang.executor.kv_pool import KVPool
+from llmir_lang.executor.model import PLAIN_OPS, CausalLM
+from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
+
+CONFIGS = {
+    "llama": {"architectures": ["LlamaForCausalLM"]},
+    "llama-bias-tied": {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": True,
+        "tie_word_embeddings": True,
+    },
+    "llama3-scaled": {
+        "architectures": ["LlamaForCausalLM"],
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"]},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "head_dim": 32},
+}
+
+
+def _model(arch: str, dtype: torch.dtype = torch.float32) -> CausalLM:
+    cfg = ModelConfig.from_dict(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 128,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            **CONFIGS[arch],
+        }
+    )
+    torch.manual_seed(0)
+    model = CausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.to(dtype)
+
+
+def _batch(slots: list[list[int]], new: list[int], ids: list[int], logits: bool = True) -> ForwardBatch:
+    """Request b holds KV in ``slots[b]``, the last ``new[b]`` of them written by this step."""
+    qo, kv, loc, pos, last = [0], [0], [], [], []
+    for s, n in zip(slots, new):
+        qo.append(qo[-1] + n)
+        kv.append(kv[-1] + len(s))
+        loc += s[len(s) - n :]
+        pos += range(len(s) - n, len(s))
+        last.append(qo[-1] - 1)
+    decode = all(n == 1 for n in new)
+    return ForwardBatch(
+        ForwardMode.DECODE if decode else ForwardMode.EXTEND,
+        torch.tensor(ids),
+        torch.tensor(pos),
+        torch.tensor(loc),
+        torch.tensor(qo),
+        torch.tensor(kv),
+        torch.tensor([x for s in slots for x in s]),
+        len(slots),
+        None if decode or not logits else torch.tensor(last),
+    )
+
+
+def _steps() -> list[tuple[list[list[int]], list[int]]]:
+    """Prefills (a short padded group and a long one), decode steps, a mixed step."""
+    a, b, c = list(range(0, 5)), list(range(100, 109)), list(range(200, 270))
+    out = [([a, b, c], [5, 9, 70])]
+    for i in range(3):
+        a, b, c = a + [10 + i], b + [120 + i], c + [300 + i]
+        out.append(([a, b, c], [1, 1, 1]))
+    a, b, c = a + [20, 21, 22], b + [130], c + [310]
+    out.append(([a, b, c], [3, 1, 1]))
+    return out
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_cpu_forward_equals_the_module_path_bit_for_bit(arch: str) -> None:
+    model = _model(arch)
+    cfg = model.config
+    generic_ops = dataclasses.replace(PLAIN_OPS)  # equal functions, not PLAIN_OPS: the module path
+    pools = [
+        KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 512, torch.float32, "cpu") for _ in range(2)
+    ]
+    backends = [TorchAttentionBackend(p.k_buffers, p.v_buffers, cfg.head_dim**-0.5) for p in pools]
+    g = torch.Generator().manual_seed(1)
+    for slots, new in _steps():
+        ids = torch.randint(0, cfg.vocab_size, (sum(new),), generator=g).tolist()
+        batch = _batch(slots, new, ids)
+        model.ops = PLAIN_OPS
+        fast = model(batch, backends[0])
+        model.ops = generic_ops
+        slow = model(batch, backends[1])
+        assert torch.equal(fast, slow)
+        assert all(torch.equal(x, y) for x, y in zip(pools[0].k_buffers, pools[1].k_buffers))
+    model.ops = PLAIN_OPS
+    assert model._cpu_layers is not None, "the fast path ran"
+
+
+def test_weight_views_follow_replaced_parameters() -> None:
+    """The fast path's transposed weight views are dropped when parameters may be replaced."""
+    model = _model("qwen2")
+    cfg = model.config
+    pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, torch.float32, "cpu")
+    be = TorchAttentionBackend(pool.k_buffers, pool.v_buffers, cfg.head_dim**-0.5)
+    batch = _batch([list(range(6))], [6], [1, 2, 3, 4, 5, 6])
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        model.ops = PLAIN_OPS
+        fast = model(batch, be)
+        model.ops = dataclasses.replace(PLAIN_OPS)
+        return fast, model(batch, be)
+
+    before, _ = both()
+    new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(new, assign=True)  # new Parameter objects
+    fast, slow = both()
+    assert torch.equal(fast, slow) and not torch.equal(fast, before)
+    model.double().float()  # _apply twice: new storage
+    fast, slow = both()
+    assert torch.equal(fast, slow)
+
+
+def test_other_dtypes_and_compiled_ops_take_the_module_path(monkeypatch) -> None:
+    def boom(*args, **kwargs):
+        raise AssertionError("the CPU fp32 path ran")
+
+    monkeypatch.setattr(model_mod, "_layer_cpu", boom)
+    for dtype, ops in ((torch.bfloat16, PLAIN_OPS), (torch.float32, dataclasses.replace(PLAIN_OPS))):
+        model = _model("llama", dtype)
+        model.ops = ops
+        cfg = model.config
+        pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, dtype, "cpu")
+        be = TorchAttentionBackend(pool.k_buffers, pool.v_buffers, cfg.head_dim**-0.5)
+        out = model(_batch([list(range(4))], [4], [1, 2, 3, 4]), be)
+        assert out.dtype == torch.float32 and out.shape == (1, cfg.vocab_size)
+
+
+def test_cached_rotary_rows_equal_the_computed_tables() -> None:
+    model = _model("llama3-scaled")
+    rot = model.rotary
+    pos = torch.tensor([0, 1, 7, 1023, 5, 3000, 2])  # past the first table: it grows
+    for _ in range(2):
+        cos, sin = rot.cached_tables(pos)
+        want_cos, want_sin = rot.tables(pos, torch.float32)
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert rot._table is not None and rot._table.shape[0] == 4096
+    # the loader replaces inv_freq after loading: the table must follow
+    rot.inv_freq = rope_inv_freq(dataclasses.replace(model.config, rope_theta=1000.0, rope_scaling=None))
+    cos, sin = rot.cached_tables(pos)
+    want_cos, want_sin = rot.tables(pos, torch.float32)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+
+
+def _decode_case(lens: list[int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    slots, hkv, h, d = 600, 2, 8, 16
+    kb = torch.randn(slots, hkv, d, generator=g)
+    vb = torch.randn(slots, hkv, d, generator=g)
+    perm = torch.randperm(slots - 1, generator=g).tolist()
+    indices, indptr, off = [], [0], 0
+    for n in lens:
+        indices += perm[off : off + n]
+        off += n
+        indptr.append(len(indices))
+    loc = [indices[e - 1] for e in indptr[1:]]
+    b = len(lens)
+    batch = ForwardBatch(
+        ForwardMode.DECODE,
+        torch.zeros(b, dtype=torch.int64),
+        torch.tensor([n - 1 for n in lens]),
+        torch.tensor(loc),
+        torch.arange(b + 1),
+        torch.tensor(indptr),
+        torch.tensor(indices),
+        b,
+    )
+    q = torch.randn(b, h, d, generator=g)
+    k = torch.randn(b, hkv, d, generator=g)
+    v = torch.randn(b, hkv, d, generator=g)
+    return kb, vb, batch, q, k, v
+
+
+def test_chunked_cpu_decode_equals_one_chunk_and_the_reference() -> None:
+    kb, vb, batch, q, k, v = _decode_case([3, 17, 1, 9, 30, 2, 11])
+    outs = []
+    for chunk in (3, 64):
+        be = TorchAttentionBackend([kb.clone()], [vb.clone()], 16**-0.5)
+        be.cpu_decode_chunk = chunk
+        be.prepare(batch)
+        outs.append(be.forward(q, k, v, 0))
+        # new K/V went where the step said (index_copy_ on the CPU)
+        assert torch.equal(be.k_buffers[0][batch.out_cache_loc], k)
+        assert torch.equal(be.v_buffers[0][batch.out_cache_loc], v)
+    assert torch.equal(outs[0], outs[1])
+    kb2, vb2 = kb.clone(), vb.clone()
+    ref.store_kv(kb2, vb2, batch.out_cache_loc, k, v)
+    want = ref.decode_attention(q, kb2, vb2, batch.kv_indptr, batch.kv_indices, 16**-0.5)
+    torch.testing.assert_close(outs[0], want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_reused_workspaces_give_what_fresh_backends_give(keep: bool) -> None:
+    """Steps of growing and shrinking sizes over two layers through one backend (its workspaces
+    reused, or too small to keep) against a fresh backend per step."""
+    kb0, vb0 = _decode_case([1])[:2]
+    shared = TorchAttentionBackend([kb0, kb0.clone()], [vb0, vb0.clone()], 16**-0.5)
+    if not keep:
+        shared.max_workspace_bytes = 16
+    for i, lens in enumerate(([5, 40, 7], [2, 3], [60, 1, 33, 8], [4])):
+        kb, vb, batch, q, k, v = _decode_case(lens, seed=i)
+        shared.k_buffers, shared.v_buffers = [kb.clone(), kb.clone()], [vb.clone(), vb.clone()]
+        shared.prepare(batch)
+        got = [shared.forward(q, k, v, layer) for layer in (0, 1)]
+        fresh = TorchAttentionBackend([kb.clone()], [vb.clone()], 16**-0.5)
+        fresh.prepare(batch)
+        want = fresh.forward(q, k, v, 0)
+        assert torch.equal(got[0], want) and torch.equal(got[1], want)
+    assert bool(shared._workspace) == keep
