@@ -348,7 +348,8 @@ class TorchAttentionBackend(AttentionBackend):
         hkv = kb.shape[1]
         g = h // hkv
         if plan.prefix_idx is None:
-            mask = plan.valid[:, None, None, :] if bsz > 1 else None  # one request: no padding
+            # a lone request has no padding (on the CPU, skip the mask's conversion at every layer)
+            mask = None if self._cpu and bsz == 1 else plan.valid[:, None, None, :]
             n = self.cpu_decode_chunk if self._cpu else bsz
             if bsz <= n:
                 return self._decode_rows(q, kb, vb, plan.idx, mask)
