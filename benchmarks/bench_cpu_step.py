@@ -19,6 +19,9 @@ mixed-b40       a mixed step: 34 decode rows and 6 requests with 2..8 forced tok
 mixed-b120      100 decode rows and 20 requests with 2..8 forced tokens
 prefill-b20     20 prompts of 50..89 tokens, nothing cached (short ones padded together, long
                 ones one by one)
+engine-S-N      not a model step: the engine on bench_json's batched workload, N records, system S
+                (``free`` or ``jf``, as in bench_json); reports the mean ms of its decode steps,
+                short extend steps (mixed steps, forced tokens) and prefill steps, and the whole run
 ==============  ================================================================================
 
 ``--compare REV`` extracts ``REV`` of this repository (``git archive``, nothing in the checkout
@@ -75,7 +78,9 @@ def _requests(case: str) -> tuple[list[tuple[int, int, int]], int]:
         return [(60 + (13 * i) % 20, 25, 1 if i < n - forced else 2 + i % 7) for i in range(n)], 0
     if case == "prefill-b20":
         return [(0, 0, 50 + (17 * i) % 40) for i in range(20)], 0
-    raise SystemExit(f"unknown case {case!r}; known: {', '.join(CASES)}")
+    if case.startswith("engine-") and case.split("-")[1] in ("free", "jf") and case.split("-")[-1].isdigit():
+        return [], 0
+    raise SystemExit(f"unknown case {case!r}; known: {', '.join(CASES)}, engine-free-N, engine-jf-N")
 
 
 def _batch(case: str, torch):
@@ -144,6 +149,9 @@ def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str |
     backend = TorchAttentionBackend(kb, vb, cfg.head_dim**-0.5)
     out: dict[str, float] = {}
     for case in cases:
+        if case.startswith("engine-"):
+            out.update(measure_engine(case))
+            continue
         fb, used = _batch(case, torch)
         assert used <= capacity
         logits = model(fb, backend)  # the step stores the same K/V each time, so every step is equal
@@ -165,6 +173,47 @@ def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str |
                 for _ in range(10):
                     model(fb, backend)
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
+    return out
+
+
+def measure_engine(case: str) -> dict[str, float]:
+    """``engine-S-N``: mean ms per step kind of one run of bench_json's batched workload (after a
+    warm-up run), timed around ``ModelRunner.run`` on the engine thread."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_json as bj
+
+    from llmir_lang.executor.attention import ForwardMode
+    from llmir_lang.executor.backend import EngineBackend
+    from llmir_lang.executor.engine import Engine
+    from llmir_lang.models.tiny_tasks import extraction_items
+
+    torch.set_num_threads(1)
+    system = {"free": "llmir-free", "jf": "llmir-json-jf"}[case.split("-")[1]]
+    backend = EngineBackend(Engine(device="cpu"))
+    runner = backend.engine.runner
+    items = extraction_items(int(case.split("-")[2]), 2027)
+    bj.run_llmir(backend, system, "batched", items, lambda text: 0)  # warm-up, same shapes
+    orig, times = runner.run, {"decode": [], "short": [], "prefill": []}
+
+    def timed(sb):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        out = orig(sb)
+        kind = (
+            "decode" if sb.mode is ForwardMode.DECODE else "short" if max(sb.extend_lens) <= 8 else "prefill"
+        )
+        times[kind].append(time.perf_counter() - t0)
+        return out
+
+    runner.run = timed  # type: ignore[method-assign]
+    try:
+        run = bj.run_llmir(backend, system, "batched", items, lambda text: 0)
+    finally:
+        del runner.run
+        backend.engine.shutdown()
+    out = {f"{case}:{k}": 1e3 * sum(v) / len(v) for k, v in times.items() if v}
+    out[f"{case}:run"] = 1e3 * run.seconds
     return out
 
 
@@ -211,7 +260,7 @@ def main() -> None:
     if a.compare is None:
         sys.path.insert(0, str(REPO))
         for case, ms in measure(cases, a.steps, None, a.profile).items():
-            print(f"{case:14s} {ms:8.3f} ms/step")
+            print(f"{case:26s} {ms:9.3f} ms")
         return
     import torch
 
@@ -226,14 +275,15 @@ def main() -> None:
             for k in order:
                 dirs[k].mkdir(exist_ok=True)
                 rounds[k].append(_run_tree(trees[k], cases, a.steps, str(dirs[k])))
-        print(f"{'case':14s} {a.compare + ' ms':>12s} {'now ms':>10s} {'speed-up':>9s} {'max |dlogit|':>13s}")
-        for case in cases:
+        print(f"{'case':26s} {a.compare + ' ms':>12s} {'now ms':>10s} {'speed-up':>9s} {'max |dlogit|':>13s}")
+        for case in rounds["new"][0]:
             b = statistics.median(x[case] for x in rounds["base"])
             n = statistics.median(x[case] for x in rounds["new"])
-            lb = torch.load(dirs["base"] / f"{case}.pt")
-            ln = torch.load(dirs["new"] / f"{case}.pt")
-            diff = (lb - ln).abs().max().item()
-            print(f"{case:14s} {b:12.3f} {n:10.3f} {b / n:8.2f}x {diff:13.2e}")
+            diff = "-"
+            if (dirs["base"] / f"{case}.pt").exists():
+                lb = torch.load(dirs["base"] / f"{case}.pt")
+                diff = f"{(lb - torch.load(dirs['new'] / f'{case}.pt')).abs().max().item():.2e}"
+            print(f"{case:26s} {b:12.3f} {n:10.3f} {b / n:8.2f}x {diff:>13s}")
 
 
 if __name__ == "__main__":
