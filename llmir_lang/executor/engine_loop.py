@@ -2,6 +2,10 @@
 
 ``Engine`` inherits this; the loop runs on the engine thread only and owns the scheduler, the KV
 pool and the radix cache (other threads reach them through ``call_in_engine_thread``).
+
+Deferred text work (``OutputProcessor.defer_text``) of step N runs between step N+1's launch and its
+sampling; whenever no next step follows (idle, a failed step, recovery, shutdown) it is flushed at
+once, so every finished request's future resolves.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class EngineLoop:
     def _loop_once(self) -> bool:
         sched = self.scheduler
         block = not sched.has_work()
+        if block:  # no step will follow to hide it behind: the last results go out now
+            self.outputs.flush_deferred()
         try:
             item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
             while True:
@@ -55,6 +61,7 @@ class EngineLoop:
             f"internal engine error; the requests in flight were failed ({type(exc).__name__}: {exc})"
         )
         log.error("internal engine error; failing the requests in flight", exc_info=exc)
+        self._flush_text(err)
         sched = self.scheduler
         in_flight = sched.all_requests()
         # the current batch's requests may sit in no queue (between admission and after_step)
@@ -79,6 +86,15 @@ class EngineLoop:
         except Exception:
             pass
 
+    def _flush_text(self, err: Exception) -> None:
+        """Flush deferred text work where a failure must not escape (recovery, shutdown): if the
+        flush itself fails, the requests still queued fail with ``err`` instead of hanging."""
+        try:
+            self.outputs.flush_deferred()
+        except Exception as e:
+            log.error("deferred text work failed; failing the requests it held", exc_info=e)
+            self.outputs.drop_deferred(err)
+
     def _wait(self, fut: Future) -> Any:
         """fut.result(), but never forever: a dead engine thread raises instead of hanging."""
         from concurrent.futures import TimeoutError as FutureTimeout
@@ -94,6 +110,7 @@ class EngineLoop:
         sched = self.scheduler
         batch = sched.schedule()
         if batch is None:
+            self.outputs.flush_deferred()  # nothing to overlap with
             if sched.waiting and not (sched.running or sched.extending or sched.chunked):
                 # nothing runs, so the whole pool is free or evictable: a request that still cannot
                 # be admitted (a chain whose text outgrew the pool) never will be
@@ -114,6 +131,9 @@ class EngineLoop:
         try:
             masks = self.outputs.start_masks(batch)  # computed while the model runs
             step = self.runner.run(batch)
+            # the previous step's text work, while the GPU computes this step (on CUDA the forward
+            # is only launched; process() below is what waits for it)
+            self.outputs.flush_deferred()
             self.outputs.process(batch, step, masks)
         except Exception as e:  # one failing batch must not stop the engine
             log.warning("engine step failed; failing its %d requests", len(batch.reqs), exc_info=e)
@@ -132,5 +152,7 @@ class EngineLoop:
         self._batch = None
 
     def _abort_all(self) -> None:
+        err = EngineClosedError("the engine was shut down before this request finished")
+        self._flush_text(err)  # requests that already finished resolve with their results
         for req in self.scheduler.all_requests():
-            self.outputs.fail(req, EngineClosedError("the engine was shut down before this request finished"))
+            self.outputs.fail(req, err)

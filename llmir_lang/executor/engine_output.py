@@ -1,4 +1,8 @@
-"""After each model step: prompt logprobs, sampling, stop checks, streaming, results."""
+"""After each model step: prompt logprobs, sampling, stop checks, streaming, results.
+
+With ``defer_text`` (on CUDA), the text work of requests whose control flow never reads their text
+is queued and runs while the next step computes (``engine_text``); ``flush_deferred`` runs it.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmir_lang.errors import EngineClosedError
+from llmir_lang.executor.engine_text import (
+    DeferredText,
+    defer_text_default,
+    make_result,
+    stop_string_hit,
+    stream_text,
+)
 from llmir_lang.executor.model_runner import StepLogits
-from llmir_lang.executor.request import FinishReason, GenerateResult, Req, StreamChunk
+from llmir_lang.executor.request import FinishReason, Req
 from llmir_lang.executor.sampler import logprobs_of
 from llmir_lang.executor.scheduler import ScheduledBatch
 
@@ -23,6 +34,31 @@ class OutputProcessor:
         self.eos_ids = set(engine.tokenizer.eos_token_ids)
         self._mask_pool: ThreadPoolExecutor | None = None
         self.masks_overlapped = 0  # steps whose constraint masks were computed during the forward
+        # queue text work behind the next forward (pointless where the forward is synchronous)
+        self.defer_text = defer_text_default(engine.device.type)
+        self._deferred = DeferredText(self)
+
+    def flush_deferred(self) -> None:
+        """Run the queued text work (detokenize, stream, resolve finished requests). The engine
+        loop calls it once the next forward is launched, and before it idles or ends requests."""
+        if len(self._deferred):
+            self._deferred.flush()
+
+    def drop_deferred(self, exc: Exception) -> None:
+        """After a failed flush: fail the futures of the requests whose text work is still queued."""
+        self._deferred.drop(exc)
+
+    def _needs_text(self, req: Req) -> bool:
+        """Whether the request's control flow reads its text, so its text work cannot wait: stop
+        strings are searched in the text (``min_new_tokens`` only gates that search), the prompt of
+        a chain's next generation is the text so far, and jump-forward appends forced text and
+        restarts the decoder after it. A chain's last generation may defer: its text is read only
+        when the request completes."""
+        return (
+            bool(req.params.stop)
+            or (req.matcher is not None and self.engine.jump_forward)
+            or (bool(req.chain) and any(step[0] == "gen" for step in req.chain))
+        )
 
     def start_masks(self, batch: ScheduledBatch) -> Future | None:
         """Start the constraint masks of the requests that sample after ``batch``, on a worker
@@ -62,7 +98,7 @@ class OutputProcessor:
                     lf = logits[row].float()
                     ids = torch.tensor(req.score_next, device=lf.device, dtype=torch.int64)
                     req.next_logprobs = (lf[ids] - torch.logsumexp(lf, -1)).tolist()
-                self.finish(req, FinishReason.LENGTH)  # max_new_tokens == 0: prefill only
+                self._finish(req, FinishReason.LENGTH)  # max_new_tokens == 0: prefill only
             else:
                 todo.append((req, row))
         if not todo:
@@ -129,7 +165,7 @@ class OutputProcessor:
             req.error = (
                 f"the constraint admits no token here ({why or 'dead end'}); the output so far is kept"
             )
-            self.finish(req, FinishReason.CONSTRAINT_ERROR)
+            self._finish(req, FinishReason.CONSTRAINT_ERROR)
             return
         p = req.params
         req.output_ids.append(token)
@@ -139,17 +175,19 @@ class OutputProcessor:
                 req.out_top_logprobs.append(top)
         if req.matcher is not None and not req.matcher.advance(token):
             req.error = f"token {token} was sampled but the constraint rejects it"
-            self.finish(req, FinishReason.CONSTRAINT_ERROR)
+            self._finish(req, FinishReason.CONSTRAINT_ERROR)
             return
+        defer = self.defer_text and not self._needs_text(req)
         before = len(req.text)
-        req.text += req.decoder.step(req.output_ids)
+        if not defer:
+            req.text += req.decoder.step(req.output_ids)
         n_out = len(req.output_ids)
         reason: FinishReason | None = None
         if token in self.eos_ids and not p.ignore_eos:
             reason, req.matched_stop = FinishReason.STOP, token
         elif token in p.stop_token_ids:
             reason, req.matched_stop = FinishReason.STOP, token
-        elif p.stop and n_out >= p.min_new_tokens and self._stop_string(req, before):
+        elif p.stop and n_out >= p.min_new_tokens and stop_string_hit(req, before):
             reason = FinishReason.STOP
         elif req.matcher is not None and req.matcher.is_terminated():
             reason = FinishReason.STOP
@@ -159,59 +197,18 @@ class OutputProcessor:
             self._jump_forward(req)
             if req.matcher.is_terminated() and self._commit_forced(req):
                 reason = FinishReason.STOP  # the forced text ended the output: no step to run
-        if reason is not None:
+        if defer:  # the finish reason is decided now (the scheduler needs it); the text later
+            req.finish_reason = reason
+            self._deferred.push(req, reason, True)
+        elif reason is not None:
             if not isinstance(req.matched_stop, str):
                 req.text += req.decoder.flush(req.output_ids)
             if req.chain and any(step[0] == "gen" for step in req.chain):
                 self._next_step(req, reason)
             else:
-                self.finish(req, reason)
+                self._finish_now(req, reason)
         else:
-            self._stream(req)
-
-    def _stop_string(self, req: Req, before: int) -> bool:
-        longest = max(len(s) for s in req.params.stop)
-        start = max(0, before - longest + 1)
-        best: tuple[int, str] | None = None
-        for s in req.params.stop:
-            i = req.text.find(s, start)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return False
-        req.text = req.text[: best[0]]
-        req.matched_stop = best[1]
-        return True
-
-    def _visible_len(self, req: Req) -> int:
-        """Text that cannot turn out to be the start of a stop string."""
-        text, hold = req.text, 0
-        for s in req.params.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        return len(text) - hold
-
-    def _stream(self, req: Req, final: bool = False, step_done: bool = False) -> None:
-        if req.stream is None:
-            return
-        upto = len(req.text) if final else self._visible_len(req)
-        if upto <= req.sent_len and not final and len(req.output_ids) == req.sent_tokens:
-            return
-        chunk = StreamChunk(
-            rid=req.rid,
-            text=req.text[req.sent_len : upto],
-            token_ids=req.output_ids[req.sent_tokens :],
-            finished=final and not step_done,
-            finish_reason=req.finish_reason.value if final and req.finish_reason else None,
-            index=req.chain_index,
-        )
-        req.sent_len, req.sent_tokens = max(req.sent_len, upto), len(req.output_ids)
-        try:
-            req.stream(chunk)
-        except Exception:  # a broken consumer must not stop the engine; the result still resolves
-            req.stream = None
+            stream_text(req)
 
     def _jump_forward(self, req: Req) -> None:
         """Where the constraint allows exactly one continuation, append it as forced tokens.
@@ -252,7 +249,7 @@ class OutputProcessor:
         dec.prefix_offset = dec.read_offset = len(new_out)
         dec.text = req.text
         req.num_forced += len(forced)
-        self._stream(req)
+        stream_text(req)
 
     def force_start(self, req: Req) -> list[int]:
         """Jump-forward before a generation's first step: the text its constraint forces from the
@@ -307,8 +304,8 @@ class OutputProcessor:
     def _next_step(self, req: Req, reason: FinishReason) -> None:
         """The current generation of a chain ended: append the constant text that follows, then
         start the next generation in the same request (the scheduler re-points the KV)."""
-        self._stream(req, final=True, step_done=True)
-        req.step_results.append(self._result(req, reason))
+        stream_text(req, final=True, step_done=True)
+        req.step_results.append(make_result(req, reason))
         req.chain_text += req.text
         assert req.chain is not None
         while req.chain and req.chain[0][0] == "text":
@@ -319,7 +316,7 @@ class OutputProcessor:
         new_ids = eng.tokenizer.encode((req.prompt_text or "") + req.chain_text)
         if len(new_ids) >= eng.config.context_len:
             req.error = "the chain's text outgrew the model's context"
-            self.finish(req, FinishReason.LENGTH)
+            self._finish_now(req, FinishReason.LENGTH)
             return
         req.params, req.matcher = params, matcher
         req.generator = (
@@ -339,11 +336,29 @@ class OutputProcessor:
 
     # ---- endings --------------------------------------------------------------------------
     def finish(self, req: Req, reason: FinishReason) -> None:
+        """End ``req`` from outside output processing (``Engine.abort``): queued text work runs
+        first, so the result and the stream hold every token appended so far."""
+        self.flush_deferred()
+        self._finish_now(req, reason)
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        """End ``req`` during ``process``: its result waits for the flush when its text may."""
+        if self.defer_text and not self._needs_text(req):
+            req.finish_reason = reason
+            self._deferred.push(req, reason, False)
+        else:
+            self._finish_now(req, reason)
+
+    def _finish_now(self, req: Req, reason: FinishReason) -> None:
         req.finish_reason = reason
-        self._stream(req, final=True)
-        res = self._result(req, reason)
+        self._complete(req, reason)
+
+    def _complete(self, req: Req, reason: FinishReason) -> None:
+        """Final stream chunk, result, future (``req.finish_reason`` is already ``reason``)."""
+        stream_text(req, final=True)
+        res = make_result(req, reason)
         if req.chain is not None:
-            last = self._result(req, reason)
+            last = make_result(req, reason)
             req.chain_text += req.text
             while req.chain and req.chain[0][0] == "text":
                 req.chain_text += req.chain.pop(0)[1]
@@ -352,32 +367,10 @@ class OutputProcessor:
         if not req.future.done():
             req.future.set_result(res)
 
-    def _result(self, req: Req, reason: FinishReason) -> GenerateResult:
-        p = req.params
-        return GenerateResult(
-            rid=req.rid,
-            text=req.text,
-            token_ids=list(req.output_ids),
-            finish_reason=reason.value,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(req.output_ids),
-            cached_tokens=max(req.cached_prompt_tokens, 0),
-            matched_stop=req.matched_stop,
-            logprobs=list(req.out_logprobs) if p.return_logprob else None,
-            top_logprobs=list(req.out_top_logprobs) if p.return_logprob and p.top_logprobs_num else None,
-            prompt_logprobs=list(req.prompt_logprobs) if req.logprob_start_len >= 0 else None,
-            error=req.error,
-            meta={
-                "retractions": req.retractions,
-                "constraint_engine": req.constraint_engine,
-                "jump_forward_tokens": req.num_forced,
-                **({"next_logprobs": req.next_logprobs} if req.next_logprobs is not None else {}),
-            },
-        )
-
     def fail(self, req: Req, exc: Exception) -> None:
+        self.flush_deferred()  # earlier chunks first; requests already finished keep their results
         req.finish_reason = FinishReason.ABORT if isinstance(exc, EngineClosedError) else FinishReason.ERROR
         req.error = str(exc)
-        self._stream(req, final=True)
+        stream_text(req, final=True)
         if not req.future.done():
             req.future.set_exception(exc)

@@ -1,0 +1,178 @@
+"""Text work after a step (stop strings, streaming, results) and its deferral behind the next step.
+
+On CUDA ``ModelRunner.run`` only launches the forward, so the host is free until the next step's
+sampling waits for its tokens. ``OutputProcessor.append`` decides everything that steers the engine
+(the token, the finish reason, constraint state) at once and, for a request whose control flow never
+reads its text, queues the text work here: decode the step's token, stream the new text, and for a
+finished request flush the decoder, build its ``GenerateResult`` and resolve its future.
+``EngineLoop._step`` flushes the queue right after the next step's forward is launched.
+
+Invariants:
+
+- A queued request's ``output_ids`` do not change until its item is flushed: the loop flushes
+  before every ``process`` (which is what appends tokens), and requests that rebase their output
+  (jump-forward, chains) or read their text (stop strings) never defer.
+- Items are flushed in the order they were queued, so each request's stream chunks keep their order;
+  the next step's items are queued only after the previous step's were flushed.
+- Anything that ends requests outside ``process`` (``finish``/``fail``, an idle engine, shutdown,
+  recovery) flushes first, so no future waits on text work that would never run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import TYPE_CHECKING
+
+from llmir_lang.errors import EngineError
+from llmir_lang.executor.request import FinishReason, GenerateResult, Req, StreamChunk
+
+if TYPE_CHECKING:
+    from llmir_lang.executor.engine_output import OutputProcessor
+
+DEFER_ENV = "LLMIR_DEFER_TEXT"
+
+
+def defer_text_default(device_type: str) -> bool:
+    """Whether an engine on ``device_type`` defers text work. On the CPU the forward is synchronous,
+    so there is nothing to overlap with: immediate. ``LLMIR_DEFER_TEXT=1`` / ``=0`` overrides (tests
+    run the deferred path on the CPU; A/B timings on the GPU)."""
+    forced = os.environ.get(DEFER_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
+    return device_type == "cuda"
+
+
+class DeferredText:
+    """FIFO of ``(req, reason, decode)`` items: ``decode`` says the request appended a token whose
+    text is not decoded yet; ``reason`` (not None) says the request finished with it and its result
+    is still to be delivered."""
+
+    __slots__ = ("out", "_items")
+
+    def __init__(self, out: OutputProcessor):
+        self.out = out
+        self._items: deque[tuple[Req, FinishReason | None, bool]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, req: Req, reason: FinishReason | None, decode: bool) -> None:
+        self._items.append((req, reason, decode))
+
+    def flush(self) -> None:
+        """Run every queued item, oldest first.
+
+        Re-entrant: a stream callback may end requests (``Engine.abort``), which flushes the rest of
+        the queue from inside this loop; items are popped before they run, so none runs twice. If an
+        item raises, its request's future fails with the error (it could never resolve otherwise) and
+        the error propagates (the loop's recovery then flushes or drops the items after it).
+        """
+        items = self._items
+        out = self.out
+        while items:
+            req, reason, decode = items.popleft()
+            try:
+                if decode:
+                    req.text += req.decoder.step(req.output_ids)
+                    if reason is not None:  # deferred requests never match a stop *string*
+                        req.text += req.decoder.flush(req.output_ids)
+                if reason is None:
+                    stream_text(req)
+                else:
+                    out._complete(req, reason)
+            except Exception as e:
+                _fail_future(req, EngineError(f"text processing failed: {type(e).__name__}: {e}"))
+                raise
+
+    def drop(self, exc: Exception) -> None:
+        """Give up on every queued item (after a flush failed): fail the futures not yet resolved."""
+        while self._items:
+            req, _, _ = self._items.popleft()
+            _fail_future(req, exc)
+
+
+def _fail_future(req: Req, exc: Exception) -> None:
+    # the request's scheduler state is left alone: a failing step's handler (or the recovery) ends
+    # the requests it holds; one that is not among them runs on to its end, its future already failed
+    req.error = req.error or str(exc)
+    if not req.future.done():
+        req.future.set_exception(exc)
+
+
+# ---- text helpers (shared by the immediate and the deferred path) ---------------------------
+def stop_string_hit(req: Req, before: int) -> bool:
+    """Search the text appended after ``before`` (and the overlap a stop string can straddle) for
+    the earliest stop string; on a hit cut the text there and record it in ``matched_stop``."""
+    longest = max(len(s) for s in req.params.stop)
+    start = max(0, before - longest + 1)
+    best: tuple[int, str] | None = None
+    for s in req.params.stop:
+        i = req.text.find(s, start)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    if best is None:
+        return False
+    req.text = req.text[: best[0]]
+    req.matched_stop = best[1]
+    return True
+
+
+def visible_len(req: Req) -> int:
+    """Text that cannot turn out to be the start of a stop string."""
+    text, hold = req.text, 0
+    for s in req.params.stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold
+
+
+def stream_text(req: Req, final: bool = False, step_done: bool = False) -> None:
+    """Send the request's stream consumer the text and tokens not sent yet (``final``: all of it
+    and the finish reason; ``step_done``: a chain's generation ended, the request goes on)."""
+    if req.stream is None:
+        return
+    upto = len(req.text) if final else visible_len(req)
+    if upto <= req.sent_len and not final and len(req.output_ids) == req.sent_tokens:
+        return
+    chunk = StreamChunk(
+        rid=req.rid,
+        text=req.text[req.sent_len : upto],
+        token_ids=req.output_ids[req.sent_tokens :],
+        finished=final and not step_done,
+        finish_reason=req.finish_reason.value if final and req.finish_reason else None,
+        index=req.chain_index,
+    )
+    req.sent_len, req.sent_tokens = max(req.sent_len, upto), len(req.output_ids)
+    try:
+        req.stream(chunk)
+    except Exception:  # a broken consumer must not stop the engine; the result still resolves
+        req.stream = None
+
+
+def make_result(req: Req, reason: FinishReason) -> GenerateResult:
+    p = req.params
+    return GenerateResult(
+        rid=req.rid,
+        text=req.text,
+        token_ids=list(req.output_ids),
+        finish_reason=reason.value,
+        prompt_tokens=len(req.prompt_ids),
+        completion_tokens=len(req.output_ids),
+        cached_tokens=max(req.cached_prompt_tokens, 0),
+        matched_stop=req.matched_stop,
+        logprobs=list(req.out_logprobs) if p.return_logprob else None,
+        top_logprobs=list(req.out_top_logprobs) if p.return_logprob and p.top_logprobs_num else None,
+        prompt_logprobs=list(req.prompt_logprobs) if req.logprob_start_len >= 0 else None,
+        error=req.error,
+        meta={
+            "retractions": req.retractions,
+            "constraint_engine": req.constraint_engine,
+            "jump_forward_tokens": req.num_forced,
+            **({"next_logprobs": req.next_logprobs} if req.next_logprobs is not None else {}),
+        },
+    )
