@@ -294,6 +294,26 @@ class CausalLM(nn.Module):
         x = _norm(x.add_(residual), norm.weight, norm.eps)
         return F.linear(x, self.output_weight())
 
+    def column_major_projections(self) -> None:
+        """Store every projection weight (and the output layer) column-major: ``[in, out]``
+        contiguous, still seen as ``[out, in]``. Values do not change; ``F.linear`` and the CPU
+        path take either layout. On the CPU in fp32, MKL's sgemm streams this layout faster when a
+        step has few rows (a one-token decode step about 20% faster in the projections, a
+        jump-forward extend of a few tokens about 30%, measured on a 2-core AVX2 EPYC); prefill-
+        sized steps run at the same speed. The loader calls it for fp32 models on the CPU."""
+        linears: list[nn.Linear] = []
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            linears += [a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj]
+        weights = [lin.weight for lin in linears]
+        # the output layer; a tied one is also the embedding table, whose row lookups stay cheap
+        weights.append(self.output_weight())
+        with torch.no_grad():
+            for w in weights:
+                if w.stride(0) != 1:
+                    w.data = w.data.t().contiguous().t()
+        self._cpu_layers = None
+
     # the CPU path holds views of the weights: drop them whenever parameters may be replaced
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._cpu_layers = None

@@ -50,3 +50,24 @@ def test_a_part_with_the_wrong_shape_is_named(checkpoints, tmp_path) -> None:
     save_file(state, str(st), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="missing"):
         load_model(tmp_path, torch.device("cpu"), torch.float32)
+
+
+def test_cpu_fp32_projections_are_stored_column_major_with_the_same_values(checkpoints) -> None:
+    folder, hf = checkpoints("llama")
+    model = load_model(folder, torch.device("cpu"), torch.float32)
+    layer = model.model.layers[0]
+    for lin in (
+        layer.self_attn.qkv_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_up_proj,
+        layer.mlp.down_proj,
+    ):
+        w = lin.weight
+        assert w.stride(0) == 1 and w.t().is_contiguous()  # [in, out] in memory
+    assert model.output_weight().stride(0) == 1
+    hf_state = hf.state_dict()
+    assert torch.equal(layer.self_attn.o_proj.weight, hf_state["model.layers.0.self_attn.o_proj.weight"])
+    assert torch.equal(layer.mlp.down_proj.weight, hf_state["model.layers.0.mlp.down_proj.weight"])
+    # other dtypes keep the checkpoint's row-major layout
+    bf16 = load_model(folder, torch.device("cpu"), torch.bfloat16)
+    assert bf16.model.layers[0].self_attn.o_proj.weight.is_contiguous()
