@@ -152,7 +152,7 @@ class EngineLoop:
         self._batch = None
 
     def _abort_all(self) -> None:
-        err = EngineClosedError("the engine was shut down before this request finished")
-        self._flush_text(err)  # requests that already finished resolve with their results
+        msg = "the engine was shut down before this request finished"
+        self._flush_text(EngineClosedError(msg))  # requests already finished resolve with their results
         for req in self.scheduler.all_requests():
-            self.outputs.fail(req, err)
+            self.outputs.fail(req, EngineClosedError(msg))
