@@ -18,6 +18,7 @@ import torch
 from llmir_lang.errors import (
     EmptyPromptError,
     EngineClosedError,
+    EngineError,
     InvalidRequestError,
     OutOfKVMemoryError,
     PromptTooLongError,
@@ -308,12 +309,25 @@ class Engine(EngineLoop):
         tails = [
             self._submit(p_ids + c, zero, None, n, None, None, None) if len(c) > 1 else None for c in conts
         ]
-        first = self._wait(head).meta["next_logprobs"]
+        first = self._scored(head).meta["next_logprobs"]
         out = []
-        for lp0, tail in zip(first, tails):
-            rest = [lp for _, lp in self._wait(tail).prompt_logprobs or []] if tail is not None else []
+        for lp0, c, tail in zip(first, conts, tails):
+            rest = [lp for _, lp in self._scored(tail).prompt_logprobs or []] if tail is not None else []
+            if len(rest) != len(c) - 1:
+                raise EngineError(f"a scoring request returned {len(rest)} of {len(c) - 1} logprobs")
             out.append([lp0, *rest])
         return out
+
+    def _scored(self, fut: Future) -> GenerateResult:
+        """The result of a prefill-only scoring request; one that was aborted raises instead of
+        returning partial scores."""
+        res = self._wait(fut)
+        if res.finish_reason != "length" or (res.error is not None):
+            raise EngineError(
+                f"a scoring request ended with {res.finish_reason!r} ({res.error or 'no error given'}); "
+                "score again"
+            )
+        return res
 
     # ---- housekeeping -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

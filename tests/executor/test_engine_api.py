@@ -284,3 +284,17 @@ def test_sharded_checkpoint_and_half_precision(tmp_path, checkpoints):
             assert r.completion_tokens == 4
             # the first greedy token agrees with fp32 transformers on these weights
             assert r.token_ids[0] == hf_greedy(hf, IDS, 1)[0][0]
+
+
+def test_an_aborted_scoring_request_raises_instead_of_returning_partial_scores(setup):
+    from concurrent.futures import Future
+
+    from llmir_lang.errors import EngineError
+    from llmir_lang.executor.request import GenerateResult
+
+    eng, _, _ = setup
+    fut: Future = Future()
+    fut.set_result(GenerateResult(rid=0, text="", token_ids=[], finish_reason="abort", prompt_tokens=3,
+                                  completion_tokens=0, cached_tokens=0))  # fmt: skip
+    with pytest.raises(EngineError, match="abort"):
+        eng._scored(fut)
