@@ -93,7 +93,12 @@ def profile_case(eng: Engine, batch: int, ctx: int, steps: int) -> dict:
         rows.append(
             {"kernel": name[:140], "category": c, "us_per_step": per_step, "calls_per_step": count / n_dec}
         )
+    # bytes a decode step reads, as bench_engine_gpu.py counts them: every parameter except an
+    # untied input embedding table (a step reads only its rows)
     weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    if not eng.model.config.tie_word_embeddings:
+        emb = eng.model.model.embed_tokens.weight
+        weight_bytes -= emb.numel() * emb.element_size()
     kv_bytes = batch * (ctx + steps / 2) * eng.pool.bytes_per_token
     return {
         "batch": batch,
