@@ -285,12 +285,12 @@ class Engine(EngineLoop):
     def score(self, prompt: Prompt, continuations: Sequence[Prompt]) -> list[list[float]]:
         """Per-token logprobs of each continuation after ``prompt``.
 
-        One prefill-only request computes the prompt and reports, from the logits at its last
-        position, the logprob of every continuation's first token; a continuation of one token
-        costs nothing more. Each longer continuation is one more request over the cached prompt
-        that computes only its own tokens (its first token's logits score the second, and so on).
-        All are submitted at once: while the prompt is not cached, the scheduler admits the
-        prompt's request first and the others a step later, from the radix cache.
+        Every continuation's first token is scored from the logits at the prompt's last position,
+        computed once: a continuation of one token costs nothing more than the prompt. The first
+        longer continuation rides on that same request (prompt + its tokens, one extend); each
+        further one is one more request over the cached prompt that computes only its own tokens.
+        All are submitted at once: while the prompt is not cached, the scheduler admits the first
+        request first and the others a step later, from the radix cache.
         """
         p_ids = self.encode(prompt)
         if not p_ids:
@@ -303,16 +303,24 @@ class Engine(EngineLoop):
             raise InvalidRequestError("every continuation must have at least one token")
         if not conts:
             return []
-        zero = SamplingParams(max_new_tokens=0)
-        head = self._submit(p_ids, zero, None, -1, None, None, None, score_next=[c[0] for c in conts])
-        n = len(p_ids)
-        tails = [
-            self._submit(p_ids + c, zero, None, n, None, None, None) if len(c) > 1 else None for c in conts
-        ]
-        first = self._scored(head).meta["next_logprobs"]
+        zero, n = SamplingParams(max_new_tokens=0), len(p_ids)
+        firsts = [c[0] for c in conts]
+        longer = [i for i, c in enumerate(conts) if len(c) > 1]
+        # the head: the prompt, plus the first longer continuation scored from the prompt's last token
+        ride = longer[0] if longer else None
+        head_ids = p_ids + conts[ride] if ride is not None else p_ids
+        head = self._submit(head_ids, zero, None, n - 1 if ride is not None else -1, None, None, None, firsts)
+        tails = {i: self._submit(p_ids + conts[i], zero, None, n, None, None, None) for i in longer[1:]}
+        head_res = self._scored(head)
+        first = head_res.meta["next_logprobs"]
         out = []
-        for lp0, c, tail in zip(first, conts, tails):
-            rest = [lp for _, lp in self._scored(tail).prompt_logprobs or []] if tail is not None else []
+        for i, (lp0, c) in enumerate(zip(first, conts)):
+            if i == ride:
+                rest = [lp for _, lp in head_res.prompt_logprobs or []][1:]
+            elif i in tails:
+                rest = [lp for _, lp in self._scored(tails[i]).prompt_logprobs or []]
+            else:
+                rest = []
             if len(rest) != len(c) - 1:
                 raise EngineError(f"a scoring request returned {len(rest)} of {len(c) - 1} logprobs")
             out.append([lp0, *rest])

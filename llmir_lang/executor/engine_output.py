@@ -89,15 +89,16 @@ class OutputProcessor:
                 targets = req.prompt_ids[pos + 1 : pos + 1 + count]
                 lps = logprobs_of(logits[row : row + count], torch.tensor(targets, device=logits.device))
                 req.prompt_logprobs.extend(zip(targets, lps.tolist()))
+                at = req.logprob_start_len  # a scoring request reads its first position's distribution
+                if req.score_next is not None and pos <= at < pos + count:
+                    req.next_logprobs = _logprobs_at(logits[row + at - pos], req.score_next)
         todo: list[tuple[Req, int]] = []
         for req, row in zip(batch.reqs, step.sample_rows):
             if row < 0 or req.finished:
                 continue
             if len(req.output_ids) >= req.params.max_new_tokens:
-                if req.score_next is not None and not req.output_ids:
-                    lf = logits[row].float()
-                    ids = torch.tensor(req.score_next, device=lf.device, dtype=torch.int64)
-                    req.next_logprobs = (lf[ids] - torch.logsumexp(lf, -1)).tolist()
+                if req.score_next is not None and req.logprob_start_len < 0 and not req.output_ids:
+                    req.next_logprobs = _logprobs_at(logits[row], req.score_next)
                 self._finish(req, FinishReason.LENGTH)  # max_new_tokens == 0: prefill only
             else:
                 todo.append((req, row))
@@ -374,3 +375,11 @@ class OutputProcessor:
         stream_text(req, final=True)
         if not req.future.done():
             req.future.set_exception(exc)
+
+
+def _logprobs_at(logits_row: torch.Tensor, token_ids: list[int]) -> list[float]:
+    """``log_softmax(logits_row)[token_ids]`` in fp32."""
+    lf = logits_row.float()
+    return (
+        lf[torch.tensor(token_ids, device=lf.device, dtype=torch.int64)] - torch.logsumexp(lf, -1)
+    ).tolist()

@@ -72,8 +72,9 @@ class Req:
     last_node: Any = None
     cached_prompt_tokens: int = -1  # -1 until first admitted
     logprob_start_len: int = -1  # >= 0: compute prompt logprobs from this position on
-    # token ids whose logprobs at the position after the prompt a prefill-only request reports
-    # (``meta["next_logprobs"]``): scoring reads a choice's first token from the prompt's own logits
+    # token ids whose logprobs a prefill-only request reports (``meta["next_logprobs"]``), from the
+    # logits at position ``logprob_start_len`` (with prompt logprobs) or at its last position:
+    # scoring reads every choice's first token from the prompt's own logits
     score_next: list[int] | None = None
     next_logprobs: list[float] | None = None
     arrival_step: int = 0
