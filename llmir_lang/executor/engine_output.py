@@ -48,16 +48,16 @@ class OutputProcessor:
         """After a failed flush: fail the futures of the requests whose text work is still queued."""
         self._deferred.drop(exc)
 
-    def _needs_text(self, req: Req) -> bool:
-        """Whether the request's control flow reads its text, so its text work cannot wait: stop
-        strings are searched in the text (``min_new_tokens`` only gates that search), the prompt of
-        a chain's next generation is the text so far, and jump-forward appends forced text and
-        restarts the decoder after it. A chain's last generation may defer: its text is read only
-        when the request completes."""
-        return (
+    def _defers(self, req: Req) -> bool:
+        """Whether the request's text work waits for the next flush: only with ``defer_text`` and
+        when its control flow never reads its text. Stop strings are searched in the text
+        (``min_new_tokens`` only gates that search), the prompt of a chain's next generation is the
+        text so far, and jump-forward appends forced text and restarts the decoder after it. A
+        chain's last generation may defer: its text is read only when the request completes."""
+        return self.defer_text and not (
             bool(req.params.stop)
             or (req.matcher is not None and self.engine.jump_forward)
-            or (bool(req.chain) and any(step[0] == "gen" for step in req.chain))
+            or _chain_continues(req)
         )
 
     def start_masks(self, batch: ScheduledBatch) -> Future | None:
@@ -178,7 +178,7 @@ class OutputProcessor:
             req.error = f"token {token} was sampled but the constraint rejects it"
             self._finish(req, FinishReason.CONSTRAINT_ERROR)
             return
-        defer = self.defer_text and not self._needs_text(req)
+        defer = self._defers(req)
         before = len(req.text)
         if not defer:
             req.text += req.decoder.step(req.output_ids)
@@ -204,7 +204,7 @@ class OutputProcessor:
         elif reason is not None:
             if not isinstance(req.matched_stop, str):
                 req.text += req.decoder.flush(req.output_ids)
-            if req.chain and any(step[0] == "gen" for step in req.chain):
+            if _chain_continues(req):
                 self._next_step(req, reason)
             else:
                 self._finish_now(req, reason)
@@ -344,18 +344,15 @@ class OutputProcessor:
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         """End ``req`` during ``process``: its result waits for the flush when its text may."""
-        if self.defer_text and not self._needs_text(req):
+        if self._defers(req):
             req.finish_reason = reason
             self._deferred.push(req, reason, False)
         else:
             self._finish_now(req, reason)
 
     def _finish_now(self, req: Req, reason: FinishReason) -> None:
+        """Final stream chunk, result, future (also the deferred path's last step for ``req``)."""
         req.finish_reason = reason
-        self._complete(req, reason)
-
-    def _complete(self, req: Req, reason: FinishReason) -> None:
-        """Final stream chunk, result, future (``req.finish_reason`` is already ``reason``)."""
         stream_text(req, final=True)
         res = make_result(req, reason)
         if req.chain is not None:
@@ -383,3 +380,8 @@ def _logprobs_at(logits_row: torch.Tensor, token_ids: list[int]) -> list[float]:
     return (
         lf[torch.tensor(token_ids, device=lf.device, dtype=torch.int64)] - torch.logsumexp(lf, -1)
     ).tolist()
+
+
+def _chain_continues(req: Req) -> bool:
+    """A chain request with a generation still to come after the current one."""
+    return bool(req.chain) and any(step[0] == "gen" for step in req.chain)

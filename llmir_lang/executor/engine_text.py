@@ -82,7 +82,7 @@ class DeferredText:
                 if reason is None:
                     stream_text(req)
                 else:
-                    out._complete(req, reason)
+                    out._finish_now(req, reason)
             except Exception as e:
                 _fail_future(req, EngineError(f"text processing failed: {type(e).__name__}: {e}"))
                 raise
