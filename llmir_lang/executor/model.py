@@ -18,11 +18,13 @@ The elementwise pieces are free functions bundled in ``FusedOps``, so ``compiled
 computes what Hugging Face's reference computes, rounding step for rounding step in fp32.
 
 On the CPU in fp32 with the plain ops, ``CausalLM.forward`` takes ``_forward_cpu``: the same
-operations on the same values (so still equal to Hugging Face's bit for bit), arranged for a
+operations on the same values as the module path (equal to it bit for bit), arranged for a
 machine where a decode step at batch 1 is mostly per-op dispatch cost, a few microseconds an op:
 no module calls, projection weights transposed once (one ``mm`` per projection, no ``t``),
 rotary rows looked up in a table cached by position, residual adds and SwiGLU in place. Other
-devices and dtypes, and compiled ops, run the module path unchanged.
+devices and dtypes, and compiled ops, run the module path unchanged. The loader stores fp32 CPU
+projection weights column-major (``column_major_projections``), which changes MKL's summation order:
+both paths then differ from Hugging Face's row-major GEMMs by rounding (about 1e-5 in the logits).
 """
 
 from __future__ import annotations
@@ -396,7 +398,7 @@ def _layer_cpu(
         q, k = qk.split((h_q, h_kv), 1)
         qk = torch.cat((rms_norm(q, p.q_norm, eps), rms_norm(k, p.k_norm, eps)), 1)
     # rope_qkv's rotation (an in-place addcmul_ would be one op fewer, but it fuses the multiply
-    # and add into one rounding, and the result would no longer equal Hugging Face's bit for bit)
+    # and add into one rounding, and the result would no longer equal the module path's bit for bit)
     q, k = (qk * cos + torch.roll(qk, d // 2, -1) * sin).split((h_q, h_kv), 1)
     o = backend.forward(q, k, v.view(t, h_kv, d), p.layer_id)
     residual = _proj(o.reshape(t, h_q * d), p.o, p.o_b).add_(residual)
