@@ -8,12 +8,13 @@ import dataclasses
 import pytest
 import torch
 from llmir_lang.kernels import reference as ref
+from test_model_runner import _model as runner_model
 
 from llmir_lang.executor import model as model_mod
 from llmir_lang.executor.attention import ForwardBatch, ForwardMode, TorchAttentionBackend
 from llmir_lang.executor.kv_pool import KVPool
 from llmir_lang.executor.model import PLAIN_OPS, CausalLM
-from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
+from llmir_lang.executor.model_config import rope_inv_freq
 
 CONFIGS = {
     "llama": {"architectures": ["LlamaForCausalLM"]},
@@ -39,25 +40,7 @@ CONFIGS = {
 
 
 def _model(arch: str, dtype: torch.dtype = torch.float32) -> CausalLM:
-    cfg = ModelConfig.from_dict(
-        {
-            "hidden_size": 64,
-            "intermediate_size": 96,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": 128,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
-            **CONFIGS[arch],
-        }
-    )
-    torch.manual_seed(0)
-    model = CausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model.to(dtype)
+    return runner_model(dtype, ctx=4096, **CONFIGS[arch])
 
 
 def _batch(slots: list[list[int]], new: list[int], ids: list[int], logits: bool = True) -> ForwardBatch:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -137,8 +138,10 @@ def test_slot_table_reclaims_rows_of_requests_that_left() -> None:
 
 # ---- a tiny model through the runner -----------------------------------------------------------
 def _model(
-    dtype: torch.dtype = torch.float32, device: str = "cpu", hidden: int = 64, ctx: int = 256
+    dtype: torch.dtype = torch.float32, device: str = "cpu", hidden: int = 64, ctx: int = 256, **config: Any
 ) -> CausalLM:
+    """A 2-layer random model (seeded); ``config`` entries override the config.json defaults
+    (another architecture, rope scaling, biases, ...)."""
     cfg = ModelConfig.from_dict(
         {
             "architectures": ["LlamaForCausalLM"],
@@ -150,6 +153,7 @@ def _model(
             "vocab_size": 128,
             "max_position_embeddings": ctx,
             "rms_norm_eps": 1e-5,
+            **config,
         }
     )
     torch.manual_seed(0)
