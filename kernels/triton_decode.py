@@ -1,16 +1,19 @@
 """Triton decode attention: split-KV (flash-decoding) over a paged, token-granular pool.
 
-Two launches. The *partial* kernel runs one program per (request, KV head, split): the query heads
-of one KV head are packed as the rows of a ``[BLOCK_H, D]`` tile (GQA packing), so even a batch of
-one decode feeds the tensor cores, and each program walks its slice of the request's slot list.
-It writes an fp32 partial output and a base-2 log-sum-exp per (request, head, split). The *reduce*
-kernel merges the splits of each (request, head) by log-sum-exp.
+The *split* kernel runs one program per (request, KV head, split): the query heads of one KV
+head are packed as the rows of a ``[BLOCK_H, D]`` tile (GQA packing), so even a batch of one
+decode feeds the tensor cores, and each program walks its slice of the request's slot list.
+It writes an fp32 partial output and a base-2 log-sum-exp per (request, head, split), which are
+merged by log-sum-exp (``triton_decode_merge``): by default in the same launch (the last split
+program of each (request, KV head) to finish merges, counted by an atomic; ``one_launch``), or by
+a second launch. With a single split per request the split kernel writes the result directly.
 
 Invariants the kernels rely on:
 - Request b takes ``clamp(ceil(kv_len_b / min_chunk), 1, grid splits)`` splits, computed in the
   kernel; a split whose slice is empty writes only lse = -inf, and the merge neither weights nor
   reads it. So the grid depends only on (B, KV heads, max splits), never on the KV lengths: the
   launch is CUDA-graph safe as long as those and the tensors' addresses stay fixed.
+- One launch: the workspace's counters are 0 before the launch and the launch leaves them 0.
 - The last dim of q, the pool buffers and the outputs is contiguous.
 """
 
@@ -24,11 +27,18 @@ import triton
 import triton.language as tl
 from llmir_lang.kernels.support import num_sms
 from llmir_lang.kernels.triton_common import LOG2E, mma, upcast_dots
+from llmir_lang.kernels.triton_decode_merge import (
+    DecodeWorkspace,
+    alloc_partials,
+    launch_merge,
+    store_split_and_merge_last,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
-    """Launch shape of the decode kernels."""
+    """Launch shape of the decode kernels. ``one_launch``: merge the splits inside the split
+    kernel (last program to finish merges) instead of in a second launch."""
 
     block_n: int = 128
     num_warps: int = 4
@@ -36,6 +46,7 @@ class DecodeConfig:
     max_splits: int = 32
     min_chunk: int = 256  # never split a request into slices shorter than this many tokens
     programs_per_sm: int = 4  # split until the grid has about this many programs per SM
+    one_launch: bool = True
 
 
 def default_decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
@@ -92,6 +103,14 @@ def _decode_partial_kernel(
     stride_pos,
     stride_plb,
     stride_plh,
+    Out,
+    Lse,
+    Counters,
+    stride_outb,
+    stride_outh,
+    stride_lseb,
+    stride_lseh,
+    stride_cb,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -100,6 +119,8 @@ def _decode_partial_kernel(
     DIRECT: tl.constexpr,
     STORE_LSE: tl.constexpr,
     MERGE_PRE: tl.constexpr,
+    FUSED: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -183,63 +204,34 @@ def _decode_partial_kernel(
         tl.store(o_ptrs, o.to(PartO.dtype.element_ty), mask=head_mask[:, None])
         if STORE_LSE:
             tl.store(lse_ptrs, lse * 0.6931471805599453, mask=head_mask)
+    elif FUSED:
+        store_split_and_merge_last(
+            acc / denom[:, None],
+            lse,
+            heads,
+            head_mask,
+            kvh,
+            split,
+            n_splits,
+            PartO + b.to(tl.int64) * stride_ob,
+            stride_oh,
+            stride_os,
+            PartLse + b.to(tl.int64) * stride_lb,
+            stride_lh,
+            Out + b.to(tl.int64) * stride_outb,
+            stride_outh,
+            Lse + b.to(tl.int64) * stride_lseb,
+            stride_lseh,
+            Counters + b.to(tl.int64) * stride_cb + kvh,
+            GROUP,
+            MAX_SPLITS,
+            HEAD_DIM,
+            STORE_LSE,
+        )
     else:
         # An empty slice stores only its lse (-inf); the merge never reads its output.
         tl.store(o_ptrs, acc / denom[:, None], mask=head_mask[:, None] & has_keys[:, None])
         tl.store(lse_ptrs, lse, mask=head_mask)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    PartO,
-    PartLse,
-    Out,
-    Lse,
-    num_slots,
-    stride_pb,
-    stride_ph,
-    stride_ps,
-    stride_lb,
-    stride_lh,
-    stride_outb,
-    stride_outh,
-    MAX_SLOTS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, MAX_SLOTS)
-    offs_d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(
-        PartLse + b * stride_lb + h * stride_lh + offs_s, mask=offs_s < num_slots, other=float("-inf")
-    )
-    m = tl.max(lse, 0)
-    # All slots empty (no keys at all): weights 0, output 0, lse -inf; never nan.
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe)
-    total = tl.sum(w, 0)
-    valid = lse > float("-inf")
-    o = tl.load(
-        PartO + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=valid[:, None],
-        other=0.0,
-    )
-    safe_total = tl.where(total > 0.0, total, 1.0)
-    out = tl.sum(o * w[:, None], 0) / safe_total
-    tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty))
-    if WRITE_LSE:
-        lse_out = tl.where(total > 0.0, (m_safe + tl.log2(safe_total)) * 0.6931471805599453, float("-inf"))
-        tl.store(Lse + b * tl.num_programs(1) + h, lse_out)
-
-
-def alloc_partials(
-    batch_size: int, num_heads: int, num_slots: int, head_dim: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Workspace for split results: ``(part_o [B, H, S, D] fp32, part_lse [B, H, S] fp32)``."""
-    part_o = torch.empty(batch_size, num_heads, num_slots, head_dim, dtype=torch.float32, device=device)
-    part_lse = torch.empty(batch_size, num_heads, num_slots, dtype=torch.float32, device=device)
-    return part_o, part_lse
 
 
 def launch_decode_partial(
@@ -257,6 +249,7 @@ def launch_decode_partial(
     direct: bool = False,
     store_lse: bool = True,
     merge: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    fused: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> None:
     """Write splits ``split_offset .. split_offset + grid_splits - 1`` of every (request, head).
 
@@ -264,13 +257,18 @@ def launch_decode_partial(
     q's dtype and ``part_lse`` the final ``[B, H, 1]`` natural-log lse (skipped if not ``store_lse``).
     ``merge`` (direct only): ``(pre_o [B, H, S, D], pre_lse [B, H, S], n)`` partials over other keys
     (base-2 lse, as the partial kernels write them) whose first ``n`` slots are merged in.
+    ``fused``: ``(out [B, H, D], lse [B, H] or None, counters [B, H] int32, all 0)``: merge the
+    splits in this launch into ``out`` (and the natural-log ``lse``); needs ``split_offset == 0``.
     """
     bsz, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     group = num_heads // num_kv_heads
     assert not direct or grid_splits == 1
     assert merge is None or direct
+    assert fused is None or (not direct and split_offset == 0)
     pre_o, pre_lse, num_pre = merge if merge is not None else (part_o, part_lse, 0)
+    out, lse, counters = fused if fused is not None else (part_o, None, part_lse)
+    lse_t = lse if lse is not None else part_lse
     _decode_partial_kernel[(bsz, num_kv_heads, grid_splits)](
         q,
         k_buffer,
@@ -301,6 +299,14 @@ def launch_decode_partial(
         pre_o.stride(2),
         pre_lse.stride(0),
         pre_lse.stride(1),
+        out,
+        lse_t,
+        counters,
+        out.stride(0),
+        out.stride(1),
+        lse_t.stride(0),
+        lse_t.stride(1),
+        counters.stride(0),
         GROUP=group,
         BLOCK_H=block_h_for(group),
         BLOCK_N=config.block_n,
@@ -309,37 +315,10 @@ def launch_decode_partial(
         DIRECT=direct,
         STORE_LSE=store_lse,
         MERGE_PRE=merge is not None,
+        FUSED=fused is not None,
+        MAX_SPLITS=triton.next_power_of_2(max(grid_splits, 2)),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-    )
-
-
-def launch_merge(
-    part_o: torch.Tensor,
-    part_lse: torch.Tensor,
-    num_slots: int,
-    out: torch.Tensor,
-    lse: torch.Tensor | None,
-) -> None:
-    """``out [B, H, D]`` (and ``lse [B, H]`` natural log, if given) from slots ``0 .. num_slots-1``."""
-    bsz, num_heads, head_dim = out.shape
-    _merge_splits_kernel[(bsz, num_heads)](
-        part_o,
-        part_lse,
-        out,
-        lse if lse is not None else part_lse,
-        num_slots,
-        part_o.stride(0),
-        part_o.stride(1),
-        part_o.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        MAX_SLOTS=triton.next_power_of_2(max(num_slots, 2)),
-        HEAD_DIM=head_dim,
-        WRITE_LSE=lse is not None,
-        num_warps=4 if head_dim >= 128 else 2,
     )
 
 
@@ -352,7 +331,7 @@ def decode_attention(
     sm_scale: float,
     *,
     return_lse: bool = False,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    workspace: DecodeWorkspace | tuple[torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -360,7 +339,9 @@ def decode_attention(
 
     No host sync and no device work besides the kernels: the grid depends only on q's shape, so a
     call can be captured in a CUDA graph. ``workspace`` (from ``alloc_partials`` with at least B
-    rows and ``split_cap(...)`` slots) and ``out`` may be preallocated to avoid allocations.
+    rows and ``split_cap(...)`` slots) and ``out`` may be preallocated to avoid allocations; the
+    one-launch merge (``config.one_launch``, the default) needs its zeroed counters, the two-launch
+    merge takes a plain ``(part_o, part_lse)`` pair too.
     """
     bsz, num_heads, head_dim = q.shape
     cfg = config or default_decode_config(head_dim, q.device)
@@ -388,10 +369,31 @@ def decode_attention(
         )
         return (out, lse) if lse is not None else out
     if workspace is None:
-        workspace = alloc_partials(bsz, num_heads, grid_splits, head_dim, q.device)
-    part_o, part_lse = workspace
+        workspace = alloc_partials(
+            bsz, num_heads, grid_splits, head_dim, q.device, with_counters=cfg.one_launch
+        )
+    part_o, part_lse = workspace[0], workspace[1]
+    counters = workspace[2] if len(workspace) > 2 else None
+    if cfg.one_launch and counters is None:
+        raise ValueError(
+            "decode_attention with config.one_launch needs a workspace with counters: allocate it "
+            "with alloc_partials(..., with_counters=True), or use a config with one_launch=False"
+        )
+    fused = (out, lse, counters) if cfg.one_launch else None
     launch_decode_partial(
-        q, k_buffer, v_buffer, kv_indptr, kv_indices, grid_splits, part_o, part_lse, 0, sm_scale, cfg
+        q,
+        k_buffer,
+        v_buffer,
+        kv_indptr,
+        kv_indices,
+        grid_splits,
+        part_o,
+        part_lse,
+        0,
+        sm_scale,
+        cfg,
+        fused=fused,
     )
-    launch_merge(part_o, part_lse, grid_splits, out, lse)
+    if not cfg.one_launch:
+        launch_merge(part_o, part_lse, grid_splits, out, lse)
     return (out, lse) if lse is not None else out

@@ -160,7 +160,9 @@ def shared_prefix_decode(
     per_split = triton.cdiv(triton.cdiv(max(prefix_len, 1), max(n_pre, 1)), cfg.block_n) * cfg.block_n
     if n_pre:
         n_pre = triton.cdiv(prefix_len, per_split)  # rounding up per_split can leave splits unused
-    part_o, part_lse = td.alloc_partials(bsz, num_heads, max(n_pre, 1), head_dim, q.device)
+    part_o, part_lse, _ = td.alloc_partials(
+        bsz, num_heads, max(n_pre, 1), head_dim, q.device, with_counters=False
+    )
     out = torch.empty(bsz, num_heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=q.device) if return_lse else None
     if bsz == 0:

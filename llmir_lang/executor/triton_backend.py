@@ -1,14 +1,16 @@
 """The Triton attention backend: the GPU counterpart of ``TorchAttentionBackend``.
 
 ``prepare(batch)`` does all per-batch host work once; ``forward`` (once per layer) only launches
-kernels: ``store_kv``, then extend attention, decode attention (split-KV partials + merge, or one
-direct kernel when the batch is large enough not to split), or shared-prefix decode.
+kernels: ``store_kv``, then extend attention, decode attention (one split-KV launch whose last split
+of each (request, KV head) merges the others; one direct kernel when the batch is large enough not
+to split), or shared-prefix decode.
 
 CUDA graphs (DECODE only). ``prepare`` and ``forward`` do no host syncs and no device work besides
 the kernels for a decode batch: each request's split count is computed inside the decode kernel
-from its KV length, and the partial results live in one preallocated workspace. To capture and
-replay, keep fixed:
-- the batch size B (it sets the grids: ``(B, kv_heads, split_cap(B))`` and the merge's ``(B, H)``);
+from its KV length, and the partial results and the merge's arrival counters (0 between launches;
+each launch leaves them 0) live in one preallocated workspace. To capture and replay, keep fixed:
+- the batch size B (it sets the grid: ``(B, kv_heads, split_cap(B))``; with
+  ``decode_config.one_launch=False`` also the merge launch's ``(B, H)``);
 - the tensors of the captured ``ForwardBatch`` (``kv_indptr``, ``kv_indices`` sized for the longest
   replay, ``out_cache_loc``): refill them in place before each replay; KV lengths may change freely;
 - this backend object (its workspace address is baked into the graph).
@@ -60,6 +62,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._grid_splits = 1
         self._workspace_flat: torch.Tensor | None = None
         self._lse_flat: torch.Tensor | None = None
+        self._counters_flat: torch.Tensor | None = None
         self._num_q_heads: int | None = None
         self._extend_plan: triton_extend.ExtendPlan | None = None
         self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -174,6 +177,8 @@ class TritonAttentionBackend(AttentionBackend):
             bsz, num_heads, splits, self.head_dim
         )
         part_lse = self._lse_flat[: bsz * num_heads * splits].view(bsz, num_heads, splits)
+        assert self._counters_flat is not None
+        counters = self._counters_flat[: bsz * num_heads].view(bsz, num_heads)
         return self._td.decode_attention(
             q,
             kb,
@@ -181,7 +186,7 @@ class TritonAttentionBackend(AttentionBackend):
             b.kv_indptr,
             b.kv_indices,
             self.sm_scale,
-            workspace=(part_o, part_lse),
+            workspace=self._td.DecodeWorkspace(part_o, part_lse, counters),
             config=self.decode_config,
         )
 
@@ -197,6 +202,10 @@ class TritonAttentionBackend(AttentionBackend):
             rows * num_q_heads * self.head_dim, dtype=torch.float32, device=self.device
         )
         self._lse_flat = torch.empty(rows * num_q_heads, dtype=torch.float32, device=self.device)
+        # Zeroed once: every one-launch decode leaves its counters at 0 again.
+        self._counters_flat = torch.zeros(
+            self.max_batch_size * num_q_heads, dtype=torch.int32, device=self.device
+        )
 
 
 def _lastdim(t: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,96 @@ def test_decode_large_batch_takes_the_direct_path() -> None:
     assert torch.allclose(lse, expect_lse, atol=1e-3)
 
 
+def _split_config(one_launch: bool, block_n: int = 16):
+    from llmir_lang.kernels import triton_decode as td
+
+    # programs_per_sm is raised so that these small batches still get the full 4 splits.
+    return td.DecodeConfig(
+        block_n=block_n,
+        num_warps=1,
+        num_stages=1,
+        max_splits=4,
+        min_chunk=16,
+        programs_per_sm=64,
+        one_launch=one_launch,
+    )
+
+
+def _poisoned_workspace(bsz: int, num_heads: int, head_dim: int):
+    """A workspace whose partials read as nan (+inf lse): a merge that reads a slot no split wrote
+    returns nan instead of a plausible number."""
+    from llmir_lang.kernels import triton_decode as td
+
+    ws = td.alloc_partials(bsz, num_heads, 4, head_dim, torch.device("cpu"))
+    ws.part_o.fill_(float("nan"))
+    ws.part_lse.fill_(float("inf"))
+    return ws
+
+
+# 0 keys, 1 key, one past a page, exactly one page, 2-4 splits, a length that hits the split cap.
+MERGE_LENGTHS = [0, 1, 17, 40, 16, 33, 64, 3]
+
+
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one_launch", "two_launch"])
+@pytest.mark.parametrize(
+    ("group", "dtype", "layout"),
+    [(1, torch.float16, "paged"), (4, torch.bfloat16, "random"), (8, torch.float16, "paged")],
+)
+def test_decode_split_merge_variants(group: int, dtype: torch.dtype, layout: str, one_launch: bool) -> None:
+    from llmir_lang.kernels import triton_decode as td
+
+    num_kv = 1 if group == 8 else 2
+    q, kb, vb, ip, idx = _batch(MERGE_LENGTHS, num_kv, group, 16, dtype, layout, seed=90 + group)
+    bsz, num_heads, head_dim = q.shape
+    cfg = _split_config(one_launch)
+    assert td.split_cap(bsz, num_kv, cfg, q.device) == 4
+    ws = _poisoned_workspace(bsz, num_heads, head_dim)
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    _, lse = td.decode_attention(q, kb, vb, ip, idx, 0.25, return_lse=True, workspace=ws, out=out, config=cfg)
+    expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, 0.25)
+    assert rel_error(out, expect) < TOL[dtype]
+    assert torch.allclose(lse, expect_lse, atol=1e-3)  # -inf for the empty request
+    assert not out[0].any()  # no keys: output 0, never nan
+    if one_launch:
+        assert not ws.counters.any()  # the launch leaves its counters at 0 for the next one
+    # The same workspace again, without lse: same numbers bit for bit.
+    again = td.decode_attention(q, kb, vb, ip, idx, 0.25, workspace=ws, config=cfg)
+    assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one_launch", "two_launch"])
+def test_decode_split_left_empty_by_tile_rounding(one_launch: bool) -> None:
+    # 32-key tiles, 16-key chunks: 40 keys take 3 splits of 32, 32 and 0 keys; the empty split
+    # inside the request's split count must count as arrived and weigh nothing.
+    from llmir_lang.kernels import triton_decode as td
+
+    lengths = [40, 70, 5, 96]
+    q, kb, vb, ip, idx = _batch(lengths, 2, 4, 16, torch.bfloat16, "paged", seed=95)
+    ws = _poisoned_workspace(len(lengths), 8, 16)
+    cfg = _split_config(one_launch, block_n=32)
+    out, lse = td.decode_attention(q, kb, vb, ip, idx, 0.3, return_lse=True, workspace=ws, config=cfg)
+    expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, 0.3)
+    assert rel_error(out, expect) < TOL[torch.bfloat16]
+    assert torch.allclose(lse, expect_lse, atol=1e-3)
+    if one_launch:
+        assert not ws.counters.any()
+
+
+def test_decode_one_launch_needs_counters_in_the_workspace() -> None:
+    from llmir_lang.kernels import triton_decode as td
+
+    q, kb, vb, ip, idx = _batch([20, 33], 2, 2, 16, torch.float16, "paged", seed=96)
+    pair = td.alloc_partials(2, 4, 4, 16, q.device, with_counters=False)
+    assert pair.counters is None
+    with pytest.raises(ValueError, match="with_counters=True"):
+        td.decode_attention(q, kb, vb, ip, idx, 0.25, workspace=pair, config=_split_config(True))
+    # The two-launch merge takes a plain (part_o, part_lse) pair.
+    out = td.decode_attention(
+        q, kb, vb, ip, idx, 0.25, workspace=(pair.part_o, pair.part_lse), config=_split_config(False)
+    )
+    assert rel_error(out, ref.decode_attention(q, kb, vb, ip, idx, 0.25)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize(("group", "dtype", "layout"), CASES)
 def test_extend_attention(group: int, dtype: torch.dtype, layout: str) -> None:
     # (new tokens, cached prefix): plain prefill, one token over a prefix, ragged, page crossings.
