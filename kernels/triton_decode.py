@@ -316,7 +316,7 @@ def launch_decode_partial(
         STORE_LSE=store_lse,
         MERGE_PRE=merge is not None,
         FUSED=fused is not None,
-        MAX_SPLITS=triton.next_power_of_2(max(grid_splits, 2)),
+        MAX_SPLITS=triton.next_power_of_2(max(grid_splits, 2)) if fused is not None else 2,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

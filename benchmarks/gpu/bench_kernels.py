@@ -6,6 +6,10 @@ Writes ``DIR/kernels_<device>_<date>.json`` after every section and prints a tab
 - ceil: measured ceilings (device-to-device copy, bf16 matmul), next to the spec 3.35 TB/s.
 - decode: batch 1/16/64/256 x context 1k/4k/16k; achieved GB/s over the bytes a decode must read
   (K + V + slot indices), vs torch SDPA on already-gathered contiguous K/V (gather not timed).
+  Both split merges are timed at every point, in alternating order over 3 trials: ``one_launch``
+  (the last split program merges) and ``two_launch`` (a merge kernel after the split kernel);
+  ``triton_*`` are the default config's. Where splits == 1 both run the same direct kernel, so
+  their difference there is the measurement's noise.
 - prefill: one causal prompt of 1k-16k tokens (and one extend over a 4k prefix): TFLOP/s vs SDPA,
   with every key read through the slot list (``triton_*``) and with the new tokens' K/V passed
   directly as strided views of a fused qkv tensor (``triton_newkv_*``).
@@ -21,6 +25,7 @@ repeated runs do not read from L2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -97,7 +102,11 @@ def bench_ceilings() -> dict:
     return {"copy_GBps": 2 * 4 * n / t / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
 
 
-def bench_decode_point(kb, vb, bsz: int, ctx: int, cfg: td.DecodeConfig, with_sdpa: bool = True) -> dict:
+def bench_decode_point(
+    kb, vb, bsz: int, ctx: int, cfg: td.DecodeConfig, with_sdpa: bool = True, compare_merge: bool = False
+) -> dict:
+    """One decode shape. ``compare_merge``: time both split merges (3 trials, alternating order,
+    median of each) on the same inputs; ``triton_*`` are then ``cfg``'s variant."""
     lengths = [ctx] * bsz
     nbytes = bsz * ctx * TOKEN_BYTES
     reps = rotations(nbytes)
@@ -107,12 +116,36 @@ def bench_decode_point(kb, vb, bsz: int, ctx: int, cfg: td.DecodeConfig, with_sd
     ws = td.alloc_partials(bsz, H, cap, D, DEV)
     out = torch.empty_like(q)
     sets = [slot_layout(lengths, kb.shape[0], "paged", GEN, device=DEV) for _ in range(reps)]
-    fns = [
-        (lambda idx=idx: td.decode_attention(q, kb, vb, ip, idx, SCALE, workspace=ws, out=out, config=cfg))
-        for idx in sets
-    ]
-    t = time_graph(fns)
-    row = {"batch": bsz, "ctx": ctx, "splits": cap, "triton_us": t * 1e6, "triton_GBps": nbytes / t / 1e9}
+
+    def calls(c: td.DecodeConfig) -> list[Callable[[], object]]:
+        return [
+            (lambda idx=idx: td.decode_attention(q, kb, vb, ip, idx, SCALE, workspace=ws, out=out, config=c))
+            for idx in sets
+        ]
+
+    row: dict = {"batch": bsz, "ctx": ctx, "splits": cap}
+    if compare_merge:
+        variants = {
+            "one_launch": dataclasses.replace(cfg, one_launch=True),
+            "two_launch": dataclasses.replace(cfg, one_launch=False),
+        }
+        trials: dict[str, list[float]] = {name: [] for name in variants}
+        for trial in range(3):
+            names = list(variants) if trial % 2 == 0 else list(variants)[::-1]
+            for name in names:
+                trials[name].append(time_graph(calls(variants[name])))
+        for name, ts in trials.items():
+            t_v = statistics.median(ts)
+            row[f"{name}_us"] = t_v * 1e6
+            row[f"{name}_us_trials"] = [x * 1e6 for x in ts]
+            row[f"{name}_GBps"] = nbytes / t_v / 1e9
+            row[f"{name}_pct"] = 100 * nbytes / t_v / SPEC_BW
+        row["merge"] = "one_launch" if cfg.one_launch else "two_launch"
+        row["two_over_one"] = row["two_launch_us"] / row["one_launch_us"]
+        t = row[f"{row['merge']}_us"] / 1e6
+    else:
+        t = time_graph(calls(cfg))
+    row.update(triton_us=t * 1e6, triton_GBps=nbytes / t / 1e9)
     row["pct_of_3.35TBps"] = 100 * nbytes / t / SPEC_BW
     if with_sdpa:
         qs = q.view(bsz, H, 1, D)
@@ -131,9 +164,38 @@ def bench_decode(kb, vb) -> list[dict]:
     rows = []
     for bsz in (1, 16, 64, 256):
         for ctx in (1024, 4096, 16384):
-            rows.append(bench_decode_point(kb, vb, bsz, ctx, cfg))
+            rows.append(bench_decode_point(kb, vb, bsz, ctx, cfg, compare_merge=True))
             print("decode", rows[-1], flush=True)
+    rows.append({"compiled_split_kernels": compiled_kernel_resources(td._decode_partial_kernel)})
     return rows
+
+
+def compiled_kernel_resources(kernel) -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of a Triton kernel (the
+    constexprs that tell them apart), from the JIT cache; empty where this Triton hides them."""
+    out = []
+    try:
+        for cache in kernel.device_caches.values():
+            for compiled in cache[0].values():
+                meta = compiled.metadata
+                consts = getattr(compiled.src, "constants", None) or {}
+                names = {
+                    (kernel.arg_names[k[0]] if isinstance(k, tuple) and len(k) == 1 else str(k)): repr(v)
+                    for k, v in consts.items()
+                }
+                out.append(
+                    {
+                        "constexprs": names,
+                        "n_regs": compiled.n_regs,
+                        "n_spills": compiled.n_spills,
+                        "shared": meta.shared,
+                        "num_warps": meta.num_warps,
+                        "num_stages": meta.num_stages,
+                    }
+                )
+    except Exception as exc:  # a reporting aid only: never fail the benchmark over it
+        out.append({"error": repr(exc)[:200]})
+    return out
 
 
 def causal_pairs(q_len: int, prefix: int) -> int:
@@ -366,11 +428,22 @@ def print_tables(res: dict) -> None:
         print(
             "\ndecode (bf16, 32q/8kv heads, d128)  batch  ctx    splits  triton_us  GB/s   %3.35TB/s  sdpa_us  sdpa_GB/s"
         )
-        for r in res["decode"]:
+        for r in (r for r in res["decode"] if "batch" in r):
             print(
                 f"{'':36}{r['batch']:5d} {r['ctx']:6d} {r['splits']:5d} {r['triton_us']:10.1f} {r['triton_GBps']:6.0f}"
                 f" {r['pct_of_3.35TBps']:7.1f}%  {r.get('sdpa_us', float('nan')):8.1f} {r.get('sdpa_GBps', float('nan')):6.0f}"
             )
+        if any("one_launch_us" in r for r in res["decode"]):
+            print(
+                "\ndecode merge  batch  ctx    splits  one_launch_us  %3.35TB/s  two_launch_us  %3.35TB/s  two/one"
+            )
+            for r in res["decode"]:
+                if "one_launch_us" in r:  # (the last row lists compiled kernels)
+                    print(
+                        f"{'':13}{r['batch']:5d} {r['ctx']:6d} {r['splits']:5d} {r['one_launch_us']:14.1f}"
+                        f" {r['one_launch_pct']:8.1f}% {r['two_launch_us']:14.1f} {r['two_launch_pct']:8.1f}%"
+                        f" {r['two_over_one']:7.3f}"
+                    )
     if "prefill" in res:
         print(
             "\nprefill/extend  reqs  new  prefix  triton_ms  TFLOP/s  newkv_ms  newkv_TFLOP/s  sdpa_ms  sdpa_TFLOP/s"

@@ -6,6 +6,7 @@ tests): ``python -m pytest -m gpu tests/kernels/test_triton_kernels_gpu.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -40,22 +41,34 @@ def _slots(lengths: list[int], num_slots: int, layout: str, seed: int) -> torch.
     return slot_layout(lengths, num_slots, layout, torch.Generator().manual_seed(seed), device=DEV)
 
 
+def _merge_config(head_dim: int, one_launch: bool):
+    from llmir_lang.kernels import triton_decode
+
+    base = triton_decode.default_decode_config(head_dim, torch.device(DEV))
+    return dataclasses.replace(base, one_launch=one_launch)
+
+
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one_launch", "two_launch"])
 @pytest.mark.parametrize(("group", "dtype", "head_dim"), CASES)
-def test_decode_real_shapes(group: int, dtype: torch.dtype, head_dim: int) -> None:
+def test_decode_real_shapes(group: int, dtype: torch.dtype, head_dim: int, one_launch: bool) -> None:
+    from llmir_lang.kernels import triton_decode
+
     num_kv = 32 // group
-    lengths = [1, 17, 4097, 333, 64, 1000, 2, 2500]
+    lengths = [1, 17, 4097, 333, 64, 1000, 2, 2500, 0]
     kb, vb = _pool(20000, num_kv, head_dim, dtype, seed=group)
     idx = _slots(lengths, 20000, "paged" if head_dim == 128 else "random", seed=group)
     q = torch.randn(len(lengths), 32, head_dim, device=DEV, dtype=dtype)
     ip = indptr(lengths, DEV)
-    out, lse = K.decode_attention_with_lse(q, kb, vb, ip, idx, head_dim**-0.5)
+    cfg = _merge_config(head_dim, one_launch)
+    out, lse = triton_decode.decode_attention(q, kb, vb, ip, idx, head_dim**-0.5, return_lse=True, config=cfg)
     expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, head_dim**-0.5)
     assert rel_error(out, expect) < TOL[dtype]
     assert torch.allclose(lse, expect_lse, atol=2e-3)
 
 
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one_launch", "two_launch"])
 @pytest.mark.parametrize(("batch", "length"), [(1, 20000), (200, 300)])
-def test_decode_split_extremes_and_every_output_written(batch: int, length: int) -> None:
+def test_decode_split_extremes_and_every_output_written(batch: int, length: int, one_launch: bool) -> None:
     from llmir_lang.kernels import triton_decode
 
     kb, vb = _pool(70000, 8, 128, torch.bfloat16, seed=3)
@@ -64,10 +77,57 @@ def test_decode_split_extremes_and_every_output_written(batch: int, length: int)
     q = torch.randn(batch, 32, 128, device=DEV, dtype=torch.bfloat16)
     ip = indptr(lengths, DEV)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    _, lse = triton_decode.decode_attention(q, kb, vb, ip, idx, 0.088, out=out, return_lse=True)
+    cfg = _merge_config(128, one_launch)
+    _, lse = triton_decode.decode_attention(q, kb, vb, ip, idx, 0.088, out=out, return_lse=True, config=cfg)
     expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, 0.088)
     assert rel_error(out, expect) < TOL[torch.bfloat16]
     assert torch.allclose(lse, expect_lse, atol=2e-3)
+
+
+@pytest.mark.parametrize(("batch", "length"), [(1, 20000), (16, 1000), (64, 4000)])
+def test_one_launch_merge_is_race_free_over_repeated_launches(batch: int, length: int) -> None:
+    # The merging program reads partials other programs wrote in the same launch. Before each
+    # launch the partials are poisoned (nan output, +inf lse): a partial read before its write is
+    # visible turns into nan or a different number. The merge order is fixed (slot order), so
+    # every launch must give the same bits, equal to the first (checked against the reference).
+    from llmir_lang.kernels import triton_decode
+
+    kb, vb = _pool(300000, 8, 128, torch.bfloat16, seed=4)
+    lengths = [length + (37 * i) % 500 for i in range(batch)]
+    if batch > 2:
+        lengths[1], lengths[2] = 0, 1  # requests of one split and none take the direct branch
+    idx = _slots(lengths, 300000, "paged", seed=4)
+    q = torch.randn(batch, 32, 128, device=DEV, dtype=torch.bfloat16)
+    ip = indptr(lengths, DEV)
+    cfg = _merge_config(128, one_launch=True)
+    splits = triton_decode.split_cap(batch, 8, cfg, q.device)
+    assert splits > 1
+    ws = triton_decode.alloc_partials(batch, 32, splits, 128, q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, 32, device=DEV)
+    first: tuple[torch.Tensor, torch.Tensor] | None = None
+    mismatches = torch.zeros((), dtype=torch.int64, device=DEV)
+    for _ in range(200):
+        ws.part_o.fill_(float("nan"))
+        ws.part_lse.fill_(float("inf"))
+        out.fill_(float("nan"))
+        o, l_ = triton_decode.decode_attention(
+            q, kb, vb, ip, idx, 0.088, return_lse=True, workspace=ws, config=cfg, out=out
+        )
+        lse.copy_(l_)
+        if first is None:
+            first = (out.clone(), lse.clone())
+        else:  # counted on the device: no host sync between launches
+            mismatches += (out.view(torch.int16) != first[0].view(torch.int16)).sum()
+            mismatches += (lse.view(torch.int32) != first[1].view(torch.int32)).sum()
+    assert first is not None
+    expect, expect_lse = ref.decode_attention_with_lse(q, kb, vb, ip, idx, 0.088)
+    assert rel_error(first[0], expect) < TOL[torch.bfloat16]
+    assert torch.allclose(first[1], expect_lse, atol=2e-3)
+    assert int(mismatches) == 0
+    assert not ws.counters.any()
+    two = triton_decode.decode_attention(q, kb, vb, ip, idx, 0.088, config=_merge_config(128, False))
+    assert rel_error(first[0], two) < 1e-2
 
 
 @pytest.mark.parametrize(("group", "dtype", "head_dim"), CASES)
