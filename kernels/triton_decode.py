@@ -31,6 +31,7 @@ from llmir_lang.kernels.triton_decode_merge import (
     DecodeWorkspace,
     alloc_partials,
     launch_merge,
+    merge_tile_shape,
     store_split_and_merge_last,
 )
 
@@ -38,7 +39,9 @@ from llmir_lang.kernels.triton_decode_merge import (
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
     """Launch shape of the decode kernels. ``one_launch``: merge the splits inside the split
-    kernel (last program to finish merges) instead of in a second launch."""
+    kernel (last program to finish merges) instead of in a second launch; ``merge_tile``: most
+    elements of the merging program's ``[group, splits, head_dim]`` tile (splits beyond it merge
+    in further chunks)."""
 
     block_n: int = 128
     num_warps: int = 4
@@ -47,11 +50,12 @@ class DecodeConfig:
     min_chunk: int = 256  # never split a request into slices shorter than this many tokens
     programs_per_sm: int = 4  # split until the grid has about this many programs per SM
     one_launch: bool = True
+    merge_tile: int = 8192
 
 
 def default_decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
     if device.type != "cuda":  # interpreter: tiny tiles so that short test lengths still split
-        return DecodeConfig(block_n=16, num_warps=1, num_stages=1, max_splits=4, min_chunk=16)
+        return DecodeConfig(block_n=16, num_warps=1, num_stages=1, max_splits=4, min_chunk=16, merge_tile=128)
     # H100 sweep (benchmarks/results): 128-token tiles, 4 warps, 3 stages led at d128.
     return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
 
@@ -120,7 +124,8 @@ def _decode_partial_kernel(
     STORE_LSE: tl.constexpr,
     MERGE_PRE: tl.constexpr,
     FUSED: tl.constexpr,
-    MAX_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -224,7 +229,8 @@ def _decode_partial_kernel(
             stride_lseh,
             Counters + b.to(tl.int64) * stride_cb + kvh,
             GROUP,
-            MAX_SPLITS,
+            BLOCK_G,
+            MERGE_CHUNK,
             HEAD_DIM,
             STORE_LSE,
         )
@@ -269,6 +275,10 @@ def launch_decode_partial(
     pre_o, pre_lse, num_pre = merge if merge is not None else (part_o, part_lse, 0)
     out, lse, counters = fused if fused is not None else (part_o, None, part_lse)
     lse_t = lse if lse is not None else part_lse
+    # The one-launch merge's tile (unused, and 1, otherwise).
+    block_g, merge_chunk = merge_tile_shape(
+        group, grid_splits, head_dim, config.merge_tile, fused is not None
+    )
     _decode_partial_kernel[(bsz, num_kv_heads, grid_splits)](
         q,
         k_buffer,
@@ -316,7 +326,8 @@ def launch_decode_partial(
         STORE_LSE=store_lse,
         MERGE_PRE=merge is not None,
         FUSED=fused is not None,
-        MAX_SPLITS=triton.next_power_of_2(max(grid_splits, 2)) if fused is not None else 2,
+        BLOCK_G=block_g,
+        MERGE_CHUNK=merge_chunk,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -351,13 +362,10 @@ def decode_attention(
     lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=q.device) if return_lse else None
     if bsz == 0:
         return (out, lse) if lse is not None else out
+    inputs = (q, k_buffer, v_buffer, kv_indptr, kv_indices)
     if grid_splits == 1:  # nothing to merge: the kernel writes the result itself
         launch_decode_partial(
-            q,
-            k_buffer,
-            v_buffer,
-            kv_indptr,
-            kv_indices,
+            *inputs,
             1,
             out.unsqueeze(2),
             (lse if lse is not None else out).unsqueeze(2),
@@ -380,20 +388,7 @@ def decode_attention(
             "with alloc_partials(..., with_counters=True), or use a config with one_launch=False"
         )
     fused = (out, lse, counters) if cfg.one_launch else None
-    launch_decode_partial(
-        q,
-        k_buffer,
-        v_buffer,
-        kv_indptr,
-        kv_indices,
-        grid_splits,
-        part_o,
-        part_lse,
-        0,
-        sm_scale,
-        cfg,
-        fused=fused,
-    )
+    launch_decode_partial(*inputs, grid_splits, part_o, part_lse, 0, sm_scale, cfg, fused=fused)
     if not cfg.one_launch:
         launch_merge(part_o, part_lse, grid_splits, out, lse)
     return (out, lse) if lse is not None else out

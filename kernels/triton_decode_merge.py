@@ -64,6 +64,20 @@ def alloc_partials(
     return DecodeWorkspace(part_o, part_lse, counters)
 
 
+def merge_tile_shape(
+    group: int, grid_splits: int, head_dim: int, merge_tile: int, used: bool
+) -> tuple[int, int]:
+    """``(BLOCK_G, CHUNK)`` of ``merge_group``: the group padded to a power of two, and the most
+    splits per chunk (a power of two, at least 1) that keep the tile within ``merge_tile``
+    elements and no wider than the grid's splits. ``(1, 1)`` when the merge is not ``used``, so
+    the two-launch path compiles one variant."""
+    if not used:
+        return 1, 1
+    block_g = triton.next_power_of_2(group)
+    fit = max(1, merge_tile // (block_g * head_dim))
+    return block_g, min(1 << (fit.bit_length() - 1), triton.next_power_of_2(grid_splits))
+
+
 @triton.jit
 def merge_head(
     po,
@@ -75,27 +89,16 @@ def merge_head(
     MAX_SLOTS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     WRITE_LSE: tl.constexpr,
-    SKIP_EMPTY_LOADS: tl.constexpr,
 ):
     """Merge slots ``0 .. num_slots-1`` of one (request, head): ``po`` points at its slot-0 partial
     output (slot stride ``stride_s``), ``pl`` at its slot-0 lse; writes ``out [D]`` (out's dtype)
     and, if ``WRITE_LSE``, the natural-log lse at ``lse_out``. No keys at all: output 0, lse -inf.
-
-    ``SKIP_EMPTY_LOADS``: load a slot's output only where its lse is finite (saves traffic when
-    many slots are empty, at the price of a second dependent round trip); otherwise load every
-    slot in range at once and discard the empty ones' (unwritten) values.
-    """
+    An empty slot's output is never loaded (many slots are empty for short requests)."""
     offs_s = tl.arange(0, MAX_SLOTS)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_range = offs_s < num_slots
-    lse = tl.load(pl + offs_s, mask=in_range, other=float("-inf"), cache_modifier=".cg")
+    lse = tl.load(pl + offs_s, mask=offs_s < num_slots, other=float("-inf"))
     valid = lse > float("-inf")
-    o_ptrs = po + offs_s[:, None] * stride_s + offs_d[None, :]
-    if SKIP_EMPTY_LOADS:
-        o = tl.load(o_ptrs, mask=valid[:, None], other=0.0, cache_modifier=".cg")
-    else:
-        o = tl.load(o_ptrs, mask=in_range[:, None], other=0.0, cache_modifier=".cg")
-        o = tl.where(valid[:, None], o, 0.0)  # an empty split's output was never written
+    o = tl.load(po + offs_s[:, None] * stride_s + offs_d[None, :], mask=valid[:, None], other=0.0)
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.where(valid, tl.exp2(lse - m_safe), 0.0)
@@ -105,6 +108,73 @@ def merge_head(
     tl.store(out + offs_d, merged.to(out.dtype.element_ty))
     if WRITE_LSE:
         tl.store(lse_out, tl.where(total > 0.0, (m_safe + tl.log2(safe_total)) * LN2, float("-inf")))
+
+
+@triton.jit
+def merge_group(
+    po,
+    pl,
+    out,
+    lse_out,
+    n_splits,
+    stride_oh,
+    stride_os,
+    stride_lh,
+    stride_outh,
+    stride_lseh,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    """Merge splits ``0 .. n_splits-1`` of the ``GROUP`` heads of one (request, KV head) at once.
+
+    Pointers are at the group's first head (slot 0). Splits go ``CHUNK`` at a time through one
+    ``[BLOCK_G, CHUNK, D]`` tile: every load of a chunk is issued together (one round trip, not
+    one per head), and chunks combine by a running log-sum-exp. Partials bypass L1 (``.cg``).
+    """
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    # num_stages=1: a loop of (usually) one chunk gains nothing from pipelining, which would only
+    # take shared memory.
+    for c0 in tl.range(0, n_splits, CHUNK, num_stages=1):
+        s = c0 + offs_c
+        live = g_mask[:, None] & (s < n_splits)[None, :]
+        lse = tl.load(
+            pl + offs_g[:, None] * stride_lh + s[None, :],
+            mask=live,
+            other=float("-inf"),
+            cache_modifier=".cg",
+        )
+        o = tl.load(
+            po + offs_g[:, None, None] * stride_oh + s[None, :, None] * stride_os + offs_d[None, None, :],
+            mask=live[:, :, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        valid = lse > float("-inf")
+        o = tl.where(valid[:, :, None], o, 0.0)  # an empty split's output was never written
+        m_new = tl.maximum(m_run, tl.max(lse, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.where(valid, tl.exp2(lse - m_safe[:, None]), 0.0)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
+        l_run = l_run * alpha + tl.sum(w, 1)
+        m_run = m_new
+    has_keys = l_run > 0.0
+    safe_l = tl.where(has_keys, l_run, 1.0)
+    merged = acc / safe_l[:, None]
+    out_ptrs = out + offs_g[:, None] * stride_outh + offs_d[None, :]
+    tl.store(out_ptrs, merged.to(out.dtype.element_ty), mask=g_mask[:, None])
+    if WRITE_LSE:
+        lse_fin = tl.where(has_keys, (m_run + tl.log2(safe_l)) * LN2, float("-inf"))
+        tl.store(lse_out + offs_g * stride_lseh, lse_fin, mask=g_mask)
 
 
 @triton.jit
@@ -127,7 +197,8 @@ def store_split_and_merge_last(
     stride_lseh,
     counter,
     GROUP: tl.constexpr,
-    MAX_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    CHUNK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
@@ -156,20 +227,24 @@ def store_split_and_merge_last(
             tl.debug_barrier()
             arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if arrived == n_splits - 1:
-                for i in tl.static_range(GROUP):
-                    h = kvh * GROUP + i
-                    merge_head(
-                        po_b + h * stride_oh,
-                        pl_b + h * stride_lh,
-                        out_b + h * stride_outh,
-                        lse_b + h * stride_lseh,
-                        n_splits,
-                        stride_os,
-                        MAX_SPLITS,
-                        HEAD_DIM,
-                        WRITE_LSE,
-                        False,
-                    )
+                h0 = kvh * GROUP
+                merge_group(
+                    po_b + h0 * stride_oh,
+                    pl_b + h0 * stride_lh,
+                    out_b + h0 * stride_outh,
+                    lse_b + h0 * stride_lseh,
+                    n_splits,
+                    stride_oh,
+                    stride_os,
+                    stride_lh,
+                    stride_outh,
+                    stride_lseh,
+                    GROUP,
+                    BLOCK_G,
+                    CHUNK,
+                    HEAD_DIM,
+                    WRITE_LSE,
+                )
                 # Every split of this row has arrived: nobody else touches the counter in this launch.
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
@@ -205,7 +280,6 @@ def _merge_splits_kernel(
         MAX_SLOTS,
         HEAD_DIM,
         WRITE_LSE,
-        True,
     )
 
 

@@ -9,7 +9,8 @@ Writes ``DIR/kernels_<device>_<date>.json`` after every section and prints a tab
   Both split merges are timed at every point, in alternating order over 3 trials: ``one_launch``
   (the last split program merges) and ``two_launch`` (a merge kernel after the split kernel);
   ``triton_*`` are the default config's. Where splits == 1 both run the same direct kernel, so
-  their difference there is the measurement's noise.
+  their difference there is the measurement's noise. ``split_only``: the split kernel alone,
+  without any merge (not a decode; the floor both merges add to).
 - prefill: one causal prompt of 1k-16k tokens (and one extend over a 4k prefix): TFLOP/s vs SDPA,
   with every key read through the slot list (``triton_*``) and with the new tokens' K/V passed
   directly as strided views of a fused qkv tensor (``triton_newkv_*``).
@@ -123,17 +124,27 @@ def bench_decode_point(
             for idx in sets
         ]
 
+    def split_only(c: td.DecodeConfig) -> list[Callable[[], object]]:
+        # The two-launch path's first kernel alone (no merge): not a decode, a floor for both.
+        return [
+            (lambda idx=idx: td.launch_decode_partial(q, kb, vb, ip, idx, cap, ws[0], ws[1], 0, SCALE, c))
+            for idx in sets
+        ]
+
     row: dict = {"batch": bsz, "ctx": ctx, "splits": cap}
     if compare_merge:
         variants = {
             "one_launch": dataclasses.replace(cfg, one_launch=True),
             "two_launch": dataclasses.replace(cfg, one_launch=False),
         }
-        trials: dict[str, list[float]] = {name: [] for name in variants}
+        runs = {name: calls(c) for name, c in variants.items()}
+        if cap > 1:
+            runs["split_only"] = split_only(variants["two_launch"])
+        trials: dict[str, list[float]] = {name: [] for name in runs}
         for trial in range(3):
-            names = list(variants) if trial % 2 == 0 else list(variants)[::-1]
+            names = list(runs) if trial % 2 == 0 else list(runs)[::-1]
             for name in names:
-                trials[name].append(time_graph(calls(variants[name])))
+                trials[name].append(time_graph(runs[name]))
         for name, ts in trials.items():
             t_v = statistics.median(ts)
             row[f"{name}_us"] = t_v * 1e6
@@ -436,13 +447,14 @@ def print_tables(res: dict) -> None:
         if any("one_launch_us" in r for r in res["decode"]):
             print(
                 "\ndecode merge  batch  ctx    splits  one_launch_us  %3.35TB/s  two_launch_us  %3.35TB/s  two/one"
+                "  split_only_us"
             )
             for r in res["decode"]:
                 if "one_launch_us" in r:  # (the last row lists compiled kernels)
                     print(
                         f"{'':13}{r['batch']:5d} {r['ctx']:6d} {r['splits']:5d} {r['one_launch_us']:14.1f}"
                         f" {r['one_launch_pct']:8.1f}% {r['two_launch_us']:14.1f} {r['two_launch_pct']:8.1f}%"
-                        f" {r['two_over_one']:7.3f}"
+                        f" {r['two_over_one']:7.3f} {r.get('split_only_us', float('nan')):14.1f}"
                     )
     if "prefill" in res:
         print(

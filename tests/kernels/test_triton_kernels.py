@@ -71,7 +71,8 @@ def test_decode_large_batch_takes_the_direct_path() -> None:
 def _split_config(one_launch: bool, block_n: int = 16):
     from llmir_lang.kernels import triton_decode as td
 
-    # programs_per_sm is raised so that these small batches still get the full 4 splits.
+    # programs_per_sm is raised so that these small batches still get the full 4 splits; the
+    # one-launch merge takes its splits 1 (group 8), 2 (group 4) or 4 (group 1) at a time.
     return td.DecodeConfig(
         block_n=block_n,
         num_warps=1,
@@ -80,6 +81,7 @@ def _split_config(one_launch: bool, block_n: int = 16):
         min_chunk=16,
         programs_per_sm=64,
         one_launch=one_launch,
+        merge_tile=128,
     )
 
 
