@@ -15,6 +15,8 @@ dec-b120        120 requests, the same lengths
 dec-b120-pre    120 requests whose prompts start with the same 48 tokens (a cached prefix), then
                 12..31 own prompt tokens and 25 generated: the shared-prefix (cascade) path
 jf-b1           jump-forward at batch 1: 6 forced tokens after 70 + 20 tokens (an extend)
+spec-b1-N       a speculative verify step at batch 1: the last token and N - 1 draft tokens after
+                70 + 20 tokens, logits at all N positions (``speculate.py``; any N >= 2)
 mixed-b40       a mixed step: 34 decode rows and 6 requests with 2..8 forced tokens each
 mixed-b120      100 decode rows and 20 requests with 2..8 forced tokens
 prefill-b20     20 prompts of 50..89 tokens, nothing cached (short ones padded together, long
@@ -72,6 +74,8 @@ def _requests(case: str) -> tuple[list[tuple[int, int, int]], int]:
         return [(12 + (13 * i) % 20, 25, 1) for i in range(120)], 48
     if case == "jf-b1":
         return [(70, 20, 6)], 0
+    if case.startswith("spec-b1-") and case[8:].isdigit():
+        return [(70, 20, int(case[8:]))], 0
     if case in ("mixed-b40", "mixed-b120"):
         n = int(case[7:])
         forced = n // 6
@@ -111,7 +115,8 @@ def _batch(case: str, torch):
         ids += torch.randint(5, 4000, (n,), generator=g).tolist()
         qo.append(qo[-1] + n)
         kv.append(len(kv_indices))
-        last.append(qo[-1] - 1)
+        # a verify step reads logits at every new position; other extends at the last one
+        last += range(qo[-2], qo[-1]) if case.startswith("spec-") else [qo[-1] - 1]
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int64)

@@ -9,6 +9,9 @@ system                what runs
 llmir-json-jf         ``EngineBackend`` with ``spec_from_json_schema(schema, whitespace="")`` and
                       ``Engine(jump_forward=True)``: forced JSON text (keys, punctuation, the rest
                       of an enum value) is appended in one extend instead of one step per token
+llmir-json-jf-nospec  the same with prompt-lookup speculation off (``speculative_draft_tokens=0``;
+                      the other llmir systems run with the engine's default or ``--draft-tokens``):
+                      shows what speculation adds
 llmir-json            the same constraint with jump-forward off (shows what jump-forward adds)
 llmir-free            no constraint, stop at a newline or EOS (the model was trained to write the
                       record and then EOS)
@@ -37,7 +40,7 @@ target is reachable by saving steps at all. Batched, ``prefill_only`` gives the 
 that no saved decode step can touch.
 
     .venv/bin/python benchmarks/bench_json.py [--records 60] [--batched-records 120] [--repeats 2]
-                                              [--no-outlines]
+                                              [--no-outlines] [--draft-tokens N]
 
 Writes ``benchmarks/results/json_cpu_<date>.json``.
 """
@@ -69,7 +72,13 @@ from llmir_lang.models.tiny_tasks import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MAX_NEW_TOKENS = 96  # the longest record is about 45 tokens
+MAX_NEW_TOKENS = 96
+LLMIR_SYSTEMS = (
+    "llmir-json-jf",
+    "llmir-json-jf-nospec",
+    "llmir-json",
+    "llmir-free",
+)  # the longest record is about 45 tokens
 
 Item = tuple[str, str, dict[str, Any]]  # (kind, prompt, gold record)
 
@@ -155,6 +164,7 @@ def run_prefill(backend: EngineBackend, mode: str, items: list[Item]) -> dict[st
     (prefill and the first token). Jump-forward can only shorten the rest."""
     eng = backend.engine
     eng.jump_forward = False
+    eng.speculative_draft_tokens = 0
     reqs = llmir_requests(items, constrained=False, max_new=1)
     eng.flush_cache()
     before = eng.stats()["forward_calls"]
@@ -172,10 +182,11 @@ def run_prefill(backend: EngineBackend, mode: str, items: list[Item]) -> dict[st
 
 
 def run_llmir(
-    backend: EngineBackend, system: str, mode: str, items: list[Item], count: Callable
+    backend: EngineBackend, system: str, mode: str, items: list[Item], count: Callable, draft: int
 ) -> RunResult:
     eng = backend.engine
-    eng.jump_forward = system == "llmir-json-jf"
+    eng.jump_forward = system.startswith("llmir-json-jf")
+    eng.speculative_draft_tokens = 0 if system.endswith("-nospec") else draft
     constrained = system != "llmir-free"
     reqs = llmir_requests(items, constrained)
     eng.flush_cache()  # every system starts from a cold prefix cache
@@ -193,6 +204,8 @@ def run_llmir(
     res.jump_forward_tokens = sum(int(s.meta.get("jump_forward_tokens") or 0) for s in steps)
     res.extra["finish_reasons"] = sorted({s.finish_reason for s in steps})
     res.extra["constraint_engines"] = sorted({str(s.meta.get("constraint_engine")) for s in steps})
+    res.extra["spec_draft_tokens"] = sum(int(s.meta.get("spec_draft_tokens") or 0) for s in steps)
+    res.extra["spec_accepted_tokens"] = sum(int(s.meta.get("spec_accepted_tokens") or 0) for s in steps)
     return res
 
 
@@ -270,6 +283,12 @@ def main() -> None:
     ap.add_argument("--no-outlines", action="store_true", help="skip the Outlines system")
     ap.add_argument("--repeats", type=int, default=2, help="runs of every system, interleaved; best kept")
     ap.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        help="prompt-lookup draft length of the llmir systems (default: the engine's CPU default)",
+    )
+    ap.add_argument(
         "--out", default=None, help="result file (default benchmarks/results/json_cpu_<date>.json)"
     )
     args = ap.parse_args()
@@ -277,7 +296,8 @@ def main() -> None:
     wall0 = time.perf_counter()
     load0 = os.getloadavg()
 
-    backend = EngineBackend(Engine(device="cpu"))
+    backend = EngineBackend(Engine(device="cpu", speculative_draft_tokens=args.draft_tokens))
+    draft = backend.engine.speculative_draft_tokens
     tok = backend.engine.tokenizer
 
     def count(text: str) -> int:
@@ -285,8 +305,8 @@ def main() -> None:
 
     # warm-up: compile the three schemas, touch every code path once
     warm = extraction_items(6, seed=1)
-    for system in ("llmir-json-jf", "llmir-json", "llmir-free"):
-        run_llmir(backend, system, "batched", warm, count)
+    for system in LLMIR_SYSTEMS:
+        run_llmir(backend, system, "batched", warm, count, draft)
 
     outlines_sys: OutlinesSystem | None = None
     outlines_error: str | None = None
@@ -313,8 +333,8 @@ def main() -> None:
             pre = run_prefill(backend, mode, items)
             if mode not in prefill or pre["seconds"] < prefill[mode]["seconds"]:
                 prefill[mode] = pre
-            for system in ("llmir-json-jf", "llmir-json", "llmir-free"):
-                runs.append(run_llmir(backend, system, mode, items, count))
+            for system in LLMIR_SYSTEMS:
+                runs.append(run_llmir(backend, system, mode, items, count, draft))
                 print(table(runs[-1:]).splitlines()[-1], flush=True)
             if outlines_sys is not None:
                 runs.append(run_outlines(outlines_sys, mode, items, count))
@@ -337,6 +357,9 @@ def main() -> None:
         jf, free, ol = find("llmir-json-jf", mode), find("llmir-free", mode), find("outlines", mode)
         assert jf is not None and free is not None
         ratios[f"{mode}_jf_vs_free"] = round(jf.tokens_per_s / free.tokens_per_s, 3)
+        nospec = find("llmir-json-jf-nospec", mode)
+        if nospec is not None:
+            ratios[f"{mode}_jf_vs_jf_nospec"] = round(jf.tokens_per_s / nospec.tokens_per_s, 3)
         ratios[f"{mode}_jf_vs_free_cpu"] = round(jf.tokens_per_cpu_s / free.tokens_per_cpu_s, 3)
         if ol is not None:
             ratios[f"{mode}_jf_vs_outlines"] = round(jf.tokens_per_s / ol.tokens_per_s, 3)
@@ -376,6 +399,7 @@ def main() -> None:
         "outlines_error": outlines_error,
         "seed": args.seed,
         "max_new_tokens": MAX_NEW_TOKENS,
+        "speculative_draft_tokens": draft,
         "targets": {"jf_vs_free": 1.3, "jf_vs_outlines": 3.0},
         "token_count": "tokens of the produced JSON text under the model's tokenizer, for every system",
         "repeats": args.repeats,

@@ -24,7 +24,9 @@ def build_extend_batch(
     Logits are computed only for the rows that need them (``logits_indices``): the last new token of
     each request that samples, and prompt positions whose logprobs were asked for and not yet
     collected. ``sample_rows[b]`` indexes request b's sampling row in those logits (-1: it does not
-    sample); ``prompt_rows[b]`` is (first logits row, first prompt position, count).
+    sample); ``prompt_rows[b]`` is (first logits row, first prompt position, count). A speculative
+    step (``sb.draft_lens``) samples request b at ``1 + draft_lens[b]`` consecutive rows from
+    ``sample_rows[b]`` on.
     """
     ids: list[int] = []
     pos: list[int] = []
@@ -34,18 +36,23 @@ def build_extend_batch(
     rows: list[int] = []
     sample_rows: list[int] = []
     prompt_rows: list[tuple[int, int, int]] = []
-    for req, prefix, n, sample in zip(sb.reqs, sb.prefix_lens, sb.extend_lens, sb.sample):
+    drafts = sb.draft_lens or [0] * len(sb.reqs)
+    for req, prefix, n, sample, d in zip(sb.reqs, sb.prefix_lens, sb.extend_lens, sb.sample, drafts):
         base = len(ids)
         end = prefix + n
         prompt, np_ = req.prompt_ids, len(req.prompt_ids)
-        # the new tokens, without building prompt + output as one list
-        if end <= np_:
-            ids.extend(prompt[prefix:end])
+        # the new tokens, without building prompt + output as one list; a speculative step's
+        # draft tokens follow the output
+        last = end - d
+        if last <= np_:
+            ids.extend(prompt[prefix:last])
         elif prefix >= np_:
-            ids.extend(req.output_ids[prefix - np_ : end - np_])
+            ids.extend(req.output_ids[prefix - np_ : last - np_])
         else:
             ids.extend(prompt[prefix:])
-            ids.extend(req.output_ids[: end - np_])
+            ids.extend(req.output_ids[: last - np_])
+        if d:
+            ids.extend(req.draft[:d])
         pos.extend(range(prefix, end))
         slots = req.kv_slots
         loc.extend(slots[prefix:end])
@@ -63,7 +70,8 @@ def build_extend_batch(
         prompt_rows.append((first_row, first_pos, count))
         if sample:
             sample_rows.append(len(rows))
-            rows.append(base + n - 1)
+            # a speculative row samples at its last token and after each draft token
+            rows.extend(range(base + n - 1 - d, base + n))
         else:
             sample_rows.append(-1)
 

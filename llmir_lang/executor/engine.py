@@ -38,6 +38,7 @@ from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | Sequence[int]
 ParamsLike = SamplingParams | dict | None
+DEFAULT_DRAFT_TOKENS = 6  # prompt-lookup draft length on the CPU (speculate.py)
 
 
 class Engine(EngineScoring, EngineLoop):
@@ -62,6 +63,8 @@ class Engine(EngineScoring, EngineLoop):
         attention_backend: str = "auto",
         jump_forward: bool = True,
         max_mixed_extend: int = 8,
+        speculative_draft_tokens: int | None = None,
+        speculative_max_batch: int = 4,
         cuda_graphs: bool = True,
         compile_model: bool | None = None,
         seed: int = 0,
@@ -74,6 +77,12 @@ class Engine(EngineScoring, EngineLoop):
             raise InvalidRequestError(
                 f"max_mixed_extend must be an int >= 0 (0 turns mixed steps off), got {max_mixed_extend!r}"
             )
+        for name, v in (
+            ("speculative_draft_tokens", speculative_draft_tokens or 0),
+            ("speculative_max_batch", speculative_max_batch),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidRequestError(f"{name} must be an int >= 0 (0 turns speculation off), got {v!r}")
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_path = resolve_model_path(model)
@@ -101,6 +110,7 @@ class Engine(EngineScoring, EngineLoop):
                 max_prefill_tokens=max_prefill_tokens or (4096 if on_cpu else 16384),
                 chunked_prefill_size=chunked_prefill_size or (2048 if on_cpu else 8192),
                 max_mixed_extend=max_mixed_extend,
+                spec_max_batch=speculative_max_batch,
             ),
         )
         self.backend = make_backend(attention_backend, self.pool, cfg, self.device, max_running_requests)
@@ -109,6 +119,9 @@ class Engine(EngineScoring, EngineLoop):
         )
         self.sampler = Sampler(cfg.vocab_size, self.device)
         self.outputs = OutputProcessor(self)
+        if speculative_draft_tokens is None:  # measured to pay on the CPU (benchmarks/bench_json.py)
+            speculative_draft_tokens = DEFAULT_DRAFT_TOKENS if on_cpu else 0
+        self.speculative_draft_tokens = speculative_draft_tokens
         self.seed = seed
         self.jump_forward = jump_forward
         self._rids = itertools.count()
@@ -118,6 +131,18 @@ class Engine(EngineScoring, EngineLoop):
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="llmir-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def speculative_draft_tokens(self) -> int:
+        """The longest prompt-lookup draft a decode step verifies (0: speculation off). May be set
+        between requests; see ``executor/speculate.py``."""
+        return self.outputs.spec.draft_tokens
+
+    @speculative_draft_tokens.setter
+    def speculative_draft_tokens(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidRequestError(f"speculative_draft_tokens must be an int >= 0, got {n!r}")
+        self.outputs.spec.draft_tokens = n
 
     # ---- submission (any thread) --------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:

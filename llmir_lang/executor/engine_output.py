@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmir_lang.errors import EngineClosedError
+from llmir_lang.executor import speculate
 from llmir_lang.executor.engine_text import (
     DeferredText,
     defer_text_default,
@@ -37,6 +38,7 @@ class OutputProcessor:
         # queue text work behind the next forward (pointless where the forward is synchronous)
         self.defer_text = defer_text_default(engine.device.type)
         self._deferred = DeferredText(self)
+        self.spec = speculate.SpecConfig()  # the engine sets it (speculative_draft_tokens)
 
     def flush_deferred(self) -> None:
         """Run the queued text work (detokenize, stream, resolve finished requests). The engine
@@ -66,7 +68,9 @@ class OutputProcessor:
         between scheduling and output processing: they already hold every token and forced
         text up to this step). The future resolves to (request ids of the rows, the bitmask on
         the engine's device); None when no sampling request is constrained."""
-        reqs = [r for r, s in zip(batch.reqs, batch.sample) if s and not r.finished]
+        drafted = batch.draft_lens or [0] * len(batch.reqs)
+        # a drafted request's masks follow its draft: verify() computes them
+        reqs = [r for r, s, d in zip(batch.reqs, batch.sample, drafted) if s and not d and not r.finished]
         if not any(r.matcher is not None for r in reqs):
             return None
         if self._mask_pool is None:
@@ -93,17 +97,27 @@ class OutputProcessor:
                 if req.score_next is not None and pos <= at < pos + count:
                     req.next_logprobs = _logprobs_at(logits[row + at - pos], req.score_next)
         todo: list[tuple[Req, int]] = []
-        for req, row in zip(batch.reqs, step.sample_rows):
+        drafted: list[tuple[Req, int, list[int]]] = []
+        for b, (req, row) in enumerate(zip(batch.reqs, step.sample_rows)):
             if row < 0 or req.finished:
                 continue
             if len(req.output_ids) >= req.params.max_new_tokens:
                 if req.score_next is not None and req.logprob_start_len < 0 and not req.output_ids:
                     req.next_logprobs = _logprobs_at(logits[row], req.score_next)
                 self._finish(req, FinishReason.LENGTH)  # max_new_tokens == 0: prefill only
+            elif batch.draft_lens and batch.draft_lens[b]:
+                drafted.append((req, row, req.draft[: batch.draft_lens[b]]))
             else:
                 todo.append((req, row))
-        if not todo:
-            return
+        if todo:
+            self._sample(todo, logits, pending)
+        if drafted:
+            speculate.verify(self, drafted, logits)
+        if self.spec.enabled:
+            speculate.propose_all(self, [t[0] for t in todo] + [t[0] for t in drafted])
+
+    def _sample(self, todo: list[tuple[Req, int]], logits: torch.Tensor, pending: Future | None) -> None:
+        """Sample one token for each ``(request, logits row)`` and append it."""
         reqs = [r for r, _ in todo]
         rows = [row for _, row in todo]
         if rows == list(range(logits.shape[0])):

@@ -173,6 +173,8 @@ def make_result(req: Req, reason: FinishReason) -> GenerateResult:
             "retractions": req.retractions,
             "constraint_engine": req.constraint_engine,
             "jump_forward_tokens": req.num_forced,
+            "spec_draft_tokens": req.num_draft_tokens,
+            "spec_accepted_tokens": req.num_draft_accepted,
             **({"next_logprobs": req.next_logprobs} if req.next_logprobs is not None else {}),
         },
     )

@@ -102,6 +102,10 @@ class Req:
     # set by output processing: the scheduler re-points the KV to (prompt_ids, output_ids) after the step
     rebase_to: tuple[list[int], list[int]] | None = None
     num_forced: int = 0  # tokens appended by jump-forward
+    # speculation (``speculate``): the draft the next step verifies, set after each sampled token
+    draft: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0  # draft tokens verified
+    num_draft_accepted: int = 0  # of those, the ones that joined the output
 
     @property
     def fill_ids(self) -> list[int]:

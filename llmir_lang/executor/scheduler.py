@@ -8,7 +8,7 @@ retracted requests) or to the pool (failed requests). It never runs the model.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,10 @@ class ScheduledBatch:
     # mixed step (mode EXTEND): the last ``num_decode`` requests are running requests that decode
     # one token in the same forward as the extends before them; they stay in ``running``
     num_decode: int = 0
+    # speculative decode step (mode EXTEND, every request a running one, ``num_decode`` == all):
+    # request b computes its last token and ``draft_lens[b]`` draft tokens (``Req.draft``), and
+    # samples at each of those positions; empty when no request drafts
+    draft_lens: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -45,6 +49,9 @@ class SchedulerConfig:
     # in the same forward as the decode rows of the other running requests (one mixed step instead
     # of an extend step that every decoding request waits for); 0 turns mixing off
     max_mixed_extend: int = 8
+    # running requests verify their speculative drafts (``Req.draft``) only while at most this many
+    # decode: past it a step is compute-bound and rejected draft tokens are wasted work
+    spec_max_batch: int = 4
 
 
 class Scheduler:
@@ -269,6 +276,12 @@ class Scheduler:
             if self._alloc_decode(reqs):
                 n = len(reqs)
                 prefix = [len(r.kv_slots) - 1 for r in reqs]
+                drafts = self._alloc_drafts(reqs) if n <= self.cfg.spec_max_batch else []
+                if any(drafts):  # a speculative step: an extend that samples at every position
+                    ext = [1 + d for d in drafts]
+                    return ScheduledBatch(
+                        ForwardMode.EXTEND, reqs, prefix, ext, [True] * n, num_decode=n, draft_lens=drafts
+                    )
                 return ScheduledBatch(ForwardMode.DECODE, reqs, prefix, [1] * n, [True] * n)
             self.retract(max(self.running, key=lambda r: (r.arrival_step, r.rid)))
         return None
@@ -305,6 +318,21 @@ class Scheduler:
             slots.append(next(it) if id(req) in take else slots[-1] + 1)
         return True
 
+    def _alloc_drafts(self, reqs: list[Req]) -> list[int]:
+        """After ``_alloc_decode``: slots for each request's draft tokens, continuing its own page.
+        Returns the draft length per request (0 where it has none or the pool has no room)."""
+        lens = []
+        for req in reqs:
+            d = len(req.draft)
+            if d:
+                slots = self._alloc(d, self._own_last_slot(req))
+                if slots is None:
+                    d = 0
+                else:
+                    req.kv_slots.extend(slots)
+            lens.append(d)
+        return lens
+
     def retract(self, req: Req) -> None:
         """Out of KV: put a running request back in the queue; its computed KV stays in the cache."""
         self.running.remove(req)
@@ -316,7 +344,13 @@ class Scheduler:
     def after_step(self, batch: ScheduledBatch) -> None:
         """Called once the batch ran: move prefilled requests to running, keep the chunked one,
         and apply rebases (chains and jump-forward) requested by output processing."""
-        if batch.mode is ForwardMode.EXTEND:
+        if batch.draft_lens:
+            for req, d in zip(batch.reqs, batch.draft_lens):
+                # KV past the output's last token (at most the draft) holds drafts that were not kept
+                extra = req.kv_len - (req.seq_len - 1) if d else 0
+                if extra > 0:
+                    self._undo_alloc(req, min(extra, d))
+        elif batch.mode is ForwardMode.EXTEND:
             nxt = self.chunked_next
             extended = len(batch.reqs) - batch.num_decode
             for req, sampled in zip(batch.reqs[:extended], batch.sample[:extended]):

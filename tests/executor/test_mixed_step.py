@@ -118,7 +118,8 @@ def check_mixed_equals_separate(backend: EngineBackend, atol: float) -> None:
     seen: list[int] = []  # per step: rows decoded inside an extend step (-1: a decode step)
 
     def run(sb: ScheduledBatch):
-        seen.append(sb.num_decode if sb.mode is ForwardMode.EXTEND else -1)
+        # a speculative verify step (draft_lens) decodes too, but mixes no extend in
+        seen.append(sb.num_decode if sb.mode is ForwardMode.EXTEND and not sb.draft_lens else -1)
         return orig_run(sb)
 
     eng.runner.run = run  # type: ignore[method-assign]

@@ -1,0 +1,183 @@
+"""Prompt-lookup speculative decoding: draft tokens copied from the request's own tokens.
+
+Extraction, summarizing with quotes, code edits and multi-turn chat copy long spans of their
+prompt. After each sampled token the engine looks for the latest earlier occurrence of the last
+``n`` tokens (``n`` from ``max_ngram`` down to 1) in the request's prompt and output, and proposes
+the tokens that followed it as a draft. The next step computes the last token and the draft in one
+extend (logits at every position); output processing samples each position and keeps the draft up
+to the first position where the sampled token differs, plus that sampled token. So one forward
+yields between 1 and ``len(draft) + 1`` tokens.
+
+Exactness: position ``i``'s logits are the model's distribution given the prompt, the output and
+the draft tokens before ``i``, all of which are accepted tokens when position ``i`` is read. A token
+is sampled there with the request's own sampling rules (penalties over the output so far including
+the accepted draft, ``min_new_tokens``, the constraint mask of the state after the accepted draft),
+and the draft token is kept only if the sample equals it. Accepting a deterministic draft token
+``d`` with probability ``p(d)`` and otherwise taking a sample from ``p`` conditioned on ``!= d`` is
+exactly what sampling ``x ~ p`` and comparing does, so the output distribution is that of plain
+decoding. Greedy output is plain greedy decoding's, up to floating-point differences between an
+extend and a decode forward (the same tolerance as jump-forward). Seeded sampling stays
+deterministic but draws its random numbers in a different order than without speculation.
+
+Cost rule: a verify step is an extend of ``1 + len(draft)`` tokens per request. Where the step is
+bound by per-step overhead or weight reads (small batches) the extra rows cost little next to the
+steps they save; in a large batch the step is compute-bound and rejected drafts are wasted work, so
+drafts are used only while at most ``SchedulerConfig.spec_max_batch`` requests decode.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from llmir_lang.executor.engine_output import OutputProcessor
+    from llmir_lang.executor.request import Req
+
+_ITEM = array("i").itemsize
+
+
+@dataclass(slots=True)
+class SpecConfig:
+    """``draft_tokens``: the longest draft (0 turns speculation off). ``max_ngram``: the longest
+    suffix looked up. ``window``: only the last this many tokens are searched (bounds the host
+    cost per step on long prompts)."""
+
+    draft_tokens: int = 0
+    max_ngram: int = 3
+    window: int = 4096
+
+    @property
+    def enabled(self) -> bool:
+        return self.draft_tokens > 0
+
+
+def lookup_draft(ids: Sequence[int], k: int, max_ngram: int = 3, window: int = 4096) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of
+    ``ids`` (``max_ngram`` tokens down to 1) that occurs earlier; [] if none does, or if only the
+    last token matches and it occurs more than once before.
+
+    The search runs over the packed int32 bytes (``bytes.rfind``, C speed); a hit that is not on a
+    token boundary is skipped.
+    """
+    n_ids = len(ids)
+    if k <= 0 or n_ids < 2:
+        return []
+    start = max(0, n_ids - window)
+    buf = array("i", ids[start:]).tobytes()
+    n_win = n_ids - start
+    for n in range(min(max_ngram, n_win - 1), 0, -1):
+        key = buf[(n_win - n) * _ITEM :]
+        at = _rfind_token(buf, key, (n_win - 1) * _ITEM)  # ends before the last token
+        if at < 0:
+            continue
+        if n == 1 and _rfind_token(buf, key, at) >= 0:
+            # a single token seen more than once predicts its continuation poorly (measured on
+            # bench_json's records: 0.4 kept tokens per verify, against 1.1 for a token seen
+            # once and 1.8-2.1 for a 2- or 3-token match)
+            return []
+        first = at // _ITEM + n  # window index of the token after the occurrence
+        return list(ids[start + first : start + min(first + k, n_win)])
+    return []
+
+
+def _rfind_token(buf: bytes, key: bytes, end: int) -> int:
+    """Byte offset of the last token-aligned occurrence of ``key`` inside ``buf[:end]``, or -1."""
+    while True:
+        at = buf.rfind(key, 0, end)
+        if at < 0 or at % _ITEM == 0:
+            return at
+        end = at + len(key) - 1  # a hit across token boundaries: search left of it
+
+
+def propose_all(proc: OutputProcessor, reqs: list[Req]) -> None:
+    """After a step: set the draft of each request that sampled (``[]`` where it has none, or
+    while more requests decode than the scheduler verifies drafts for)."""
+    sched = proc.engine.scheduler
+    verified = len(sched.running) <= sched.cfg.spec_max_batch
+    for req in reqs:
+        req.draft = propose(proc, req, proc.spec) if verified else []
+
+
+def propose(proc: OutputProcessor, req: Req, cfg: SpecConfig) -> list[int]:
+    """The draft for ``req``'s next step (checked against its constraint), or [] when the request
+    does not speculate: it must be about to decode one token (no forced text pending), and the
+    draft stays within ``max_new_tokens`` (one token is left for the step's own sample) and the
+    context."""
+    if req.finished or req.rebase_to is not None:
+        return []
+    p = req.params
+    room = min(
+        p.max_new_tokens - len(req.output_ids) - 1,
+        proc.engine.config.context_len - req.seq_len - 1,
+        cfg.draft_tokens,
+    )
+    if room <= 0:
+        return []
+    draft = lookup_draft(req.prompt_ids + req.output_ids, room, cfg.max_ngram, cfg.window)
+    if len(draft) < room:
+        # the occurrence's continuation runs into the last tokens: a repeated short pattern
+        # (JSON punctuation, a list marker) whose drafts were almost never kept (measured: 0.03
+        # tokens per verify on bench_json's records, against 0.9-1.6 for full-length drafts)
+        return []
+    m = req.matcher
+    if m is None:
+        return draft
+    ok = 0
+    for tok in draft:  # the constraint must allow the whole draft, in order
+        if m.is_terminated() or not m.advance(tok):
+            break
+        ok += 1
+    m.rollback(ok)
+    return draft[:ok]
+
+
+def verify(proc: OutputProcessor, items: list[tuple[Req, int, list[int]]], logits: torch.Tensor) -> None:
+    """Sample every position of each drafted request (``(req, first logits row, draft)``), keep
+    the draft up to the first mismatch plus the sampled token there, and append those tokens.
+
+    Appending stops early when the request finishes or jump-forward re-points its tokens; the
+    scheduler then drops the KV of the draft tokens that did not join the output.
+    """
+    from llmir_lang.executor.constraints import allocate_bitmask, fill_batch_bitmask
+
+    vocab = logits.shape[-1]
+    for req, row, draft in items:
+        k = len(draft)
+        rows = logits[row : row + k + 1]
+        m = req.matcher
+        bitmask = None
+        if m is not None:
+            bitmask = allocate_bitmask(k + 1, vocab)
+            for i in range(k + 1):  # row i: the constraint's state after draft[:i]
+                for dead in fill_batch_bitmask([m], bitmask[i : i + 1]):
+                    bitmask[i + dead] = 0
+                if i < k:
+                    m.advance(draft[i])  # checked by propose: the constraint allows the draft
+            m.rollback(k)
+        n_out, p = len(req.output_ids), req.params
+        banned = proc.eos_ids | set(p.stop_token_ids)
+        out = proc.engine.sampler.sample(
+            rows,
+            [p] * (k + 1),
+            [req.prompt_ids] * (k + 1),
+            [req.output_ids + draft[:i] for i in range(k + 1)],
+            [req.generator] * (k + 1),
+            bitmask=bitmask.to(rows.device) if bitmask is not None else None,
+            banned_ids=[sorted(banned) if n_out + i < p.min_new_tokens else [] for i in range(k + 1)],
+        )
+        tokens = out.token_ids.tolist()
+        n = 0
+        while n < k and tokens[n] == draft[n]:
+            n += 1
+        req.num_draft_tokens += k
+        lps = out.logprobs.tolist() if out.logprobs is not None else [None] * (k + 1)
+        for i in range(n + 1):
+            proc.append(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
+            req.num_draft_accepted += i < n
+            if req.finished or req.rebase_to is not None:
+                break

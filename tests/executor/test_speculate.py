@@ -1,0 +1,208 @@
+"""Prompt-lookup speculative decoding: the draft lookup, and the engine's outputs with it on/off."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_fixtures import hf_greedy
+
+from llmir_lang import errors
+from llmir_lang.executor.attention import ForwardMode
+from llmir_lang.executor.backend import ChainRequest, EngineBackend, GenStep
+from llmir_lang.executor.constraints import spec_from_json_schema
+from llmir_lang.executor.engine import Engine
+from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.executor.speculate import lookup_draft
+from llmir_lang.models.tiny_tasks import SCHEMAS, extraction_items
+
+
+# ---- the lookup ------------------------------------------------------------------------------
+def test_lookup_takes_the_latest_occurrence_of_the_longest_suffix():
+    # the 2-gram (1, 2) occurs at 0 and at 4; the latest one is followed by 8, 9
+    assert lookup_draft([1, 2, 3, 4, 1, 2, 8, 9, 5, 1, 2], 3) == [8, 9, 5]
+    # a 3-gram match wins over a later 1-gram one
+    assert lookup_draft([7, 8, 9, 1, 5, 9, 2, 7, 8, 9], 2) == [1, 5]
+    assert lookup_draft([1, 2, 3, 4, 5, 1, 2], 10) == [3, 4, 5, 1, 2]  # up to the end, not past it
+    assert lookup_draft([1, 2, 3, 4, 5, 1, 2], 2) == [3, 4]
+
+
+def test_lookup_refuses_what_predicts_poorly():
+    assert lookup_draft([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert lookup_draft([2, 3, 4, 2, 5, 9, 2], 3) == []  # a lone token seen twice before: ambiguous
+    assert lookup_draft([2, 3, 4, 5, 9, 2], 3) == [3, 4, 5]  # seen once: fine
+    assert lookup_draft([5], 3) == [] and lookup_draft([], 3) == [] and lookup_draft([1, 1], 0) == []
+
+
+def test_lookup_matches_whole_tokens_only():
+    # 256 = bytes 00 01 00 00 and 1 = 01 00 00 00: the byte pattern of [1] sits inside 256's bytes
+    # one byte in, which must not count as an occurrence of the token 1
+    assert lookup_draft([256, 0, 7, 1], 2) == []
+    assert lookup_draft([256, 1, 0, 0, 1, 256], 3) == [1, 0, 0]
+    # the search window bounds how far back it looks
+    ids = [9, 4, 4] + [0, 1, 2, 3, 5, 6] * 3 + [9]
+    assert lookup_draft(ids, 2) == [4, 4]
+    assert lookup_draft(ids, 2, window=10) == []
+
+
+# ---- the engine ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    """The bundled model, whose extraction task copies names from the prompt."""
+    eng = Engine(device="cpu", kv_memory="16MB")
+    yield eng
+    eng.shutdown()
+
+
+def _steps(eng: Engine) -> list[ForwardMode | str]:
+    """Record the kind of every step the engine runs from now on (undo with ``del eng.runner.run``)."""
+    orig = eng.runner.run
+    seen: list = []
+
+    def run(sb):
+        seen.append("spec" if sb.draft_lens else sb.mode)
+        return orig(sb)
+
+    eng.runner.run = run  # type: ignore[method-assign]
+    return seen
+
+
+def test_extraction_greedy_output_is_the_same_with_fewer_forwards(tiny):
+    items = extraction_items(6, seed=31)
+    params = {"max_new_tokens": 64, "stop": ["\n"], "return_logprob": True}
+    out, calls = {}, {}
+    try:
+        for k in (0, 6):
+            tiny.speculative_draft_tokens = k
+            tiny.flush_cache()
+            before = tiny.stats()["forward_calls"]
+            out[k] = [tiny.generate(p, params) for _, p, _ in items]  # one at a time: batch 1
+            calls[k] = tiny.stats()["forward_calls"] - before
+    finally:
+        tiny.speculative_draft_tokens = 6
+    for a, b in zip(out[6], out[0]):
+        assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+        assert len(a.logprobs) == len(a.token_ids)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
+        assert b.meta["spec_draft_tokens"] == 0
+    accepted = sum(r.meta["spec_accepted_tokens"] for r in out[6])
+    assert accepted > 0 and all(r.meta["spec_accepted_tokens"] <= r.meta["spec_draft_tokens"] for r in out[6])
+    assert calls[6] == calls[0] - accepted  # every kept draft token is one decode step saved
+    # the KV of rejected draft tokens went back: after flushing the cache the pool is whole
+    tiny.flush_cache()
+    assert tiny.pool.num_free == tiny.pool.capacity
+
+
+def test_constrained_json_with_jump_forward_keeps_its_output(tiny):
+    backend = EngineBackend(tiny)
+    items = extraction_items(4, seed=32, kinds=("person", "event"))
+
+    def req(kind: str, prompt: str) -> ChainRequest:
+        spec = spec_from_json_schema(SCHEMAS[kind], whitespace="")
+        return ChainRequest(prompt, [GenStep("x", SamplingParams(max_new_tokens=96), spec)])
+
+    res = {}
+    try:
+        for k in (0, 6):
+            tiny.speculative_draft_tokens = k
+            tiny.flush_cache()
+            res[k] = [backend.run([req(kind, p)])[0].steps[0] for kind, p, _ in items]
+    finally:
+        tiny.speculative_draft_tokens = 6
+    for a, b, (_, _, gold) in zip(res[6], res[0], items):
+        assert a.text == b.text and a.token_ids == b.token_ids
+        assert json.loads(a.text).keys() == gold.keys()
+    assert sum(s.meta["spec_accepted_tokens"] for s in res[6]) > 0
+
+
+@pytest.fixture(scope="module")
+def rand(checkpoints):
+    folder, hf = checkpoints("llama")
+    eng = Engine(str(folder), device="cpu", kv_memory="8MB", page_size=4, speculative_draft_tokens=5)
+    yield eng, hf
+    eng.shutdown()
+
+
+# a prompt that repeats itself, so a random-weight model's continuation often copies it
+LOOP = [5, 17, 42, 99, 3, 7, 250, 11] * 4
+
+
+def test_random_model_matches_transformers_greedy_with_paged_kv(rand):
+    eng, hf = rand
+    seen = _steps(eng)
+    try:
+        r = eng.generate(LOOP, {"max_new_tokens": 24, "ignore_eos": True})
+    finally:
+        del eng.runner.run
+    assert r.token_ids == hf_greedy(hf, LOOP, 24)[0]
+    assert len(r.token_ids) == 24 and r.finish_reason == "length"
+    assert "spec" in seen and r.meta["spec_accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_new_tokens": 7, "ignore_eos": True},  # max_new_tokens cuts a draft short
+        {"max_new_tokens": 20, "repetition_penalty": 1.3, "frequency_penalty": 0.5},
+        {"max_new_tokens": 20, "min_new_tokens": 12},
+        {"max_new_tokens": 20, "return_logprob": True, "top_logprobs_num": 3},
+    ],
+    ids=["max-tokens", "penalties", "min-tokens", "logprobs"],
+)
+def test_greedy_rules_hold_per_position(rand, params):
+    """Penalties, min_new_tokens and logprobs apply to each verified position as they would to the
+    decode step at that position."""
+    eng, _ = rand
+    out = {}
+    try:
+        for k in (0, 5):
+            eng.speculative_draft_tokens = k
+            eng.flush_cache()
+            out[k] = eng.generate(LOOP, dict(params))
+    finally:
+        eng.speculative_draft_tokens = 5
+    a, b = out[5], out[0]
+    assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+    assert len(a.token_ids) <= params["max_new_tokens"]
+    if params.get("return_logprob"):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
+        assert [[t for t, _ in row] for row in a.top_logprobs] == [
+            [t for t, _ in row] for row in b.top_logprobs
+        ]
+
+
+def test_sampling_with_a_seed_is_reproducible_and_stays_in_the_vocabulary(rand):
+    eng, _ = rand
+    params = {"max_new_tokens": 16, "temperature": 0.8, "top_k": 20, "seed": 7, "ignore_eos": True}
+    a = eng.generate(LOOP, dict(params))
+    b = eng.generate(LOOP, dict(params))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 16
+    assert all(0 <= t < eng.config.vocab_size for t in a.token_ids)
+
+
+def test_no_drafts_past_the_batch_limit_and_a_batch_keeps_its_outputs(rand):
+    eng, _ = rand
+    prompts = [LOOP[i:] + LOOP[:i] for i in range(6)]
+    params = {"max_new_tokens": 12, "ignore_eos": True}
+    seen = _steps(eng)
+    try:
+        eng.speculative_draft_tokens = 0
+        ref = eng.generate(prompts, params)
+        eng.speculative_draft_tokens = 5
+        seen.clear()
+        res = eng.generate(prompts, params)  # 6 requests > speculative_max_batch (4)
+    finally:
+        del eng.runner.run
+    assert [r.token_ids for r in res] == [r.token_ids for r in ref]
+    # drafts appear only once the batch has shrunk to the limit (requests finish together here)
+    assert "spec" not in seen
+    assert all(r.meta["spec_draft_tokens"] == 0 for r in res)
+
+
+def test_bad_options_are_refused(rand):
+    eng, _ = rand
+    with pytest.raises(errors.InvalidRequestError, match="speculative_draft_tokens"):
+        eng.speculative_draft_tokens = -1
+    with pytest.raises(errors.InvalidRequestError, match="speculative_max_batch"):
+        Engine(device="cpu", kv_memory="4MB", speculative_max_batch=-2)
