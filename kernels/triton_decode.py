@@ -4,9 +4,9 @@ The *split* kernel runs one program per (request, KV head, split): the query hea
 head are packed as the rows of a ``[BLOCK_H, D]`` tile (GQA packing), so even a batch of one
 decode feeds the tensor cores, and each program walks its slice of the request's slot list.
 It writes an fp32 partial output and a base-2 log-sum-exp per (request, head, split), which are
-merged by log-sum-exp (``triton_decode_merge``): by default in the same launch (the last split
-program of each (request, KV head) to finish merges, counted by an atomic; ``one_launch``), or by
-a second launch. With a single split per request the split kernel writes the result directly.
+merged by log-sum-exp (``triton_decode_merge``): in the same launch (the last split program of
+each (request, KV head) to finish merges, counted by an atomic) or by a second launch; see
+``merge_in_split_kernel`` for which. With one split per request the split kernel writes the result.
 
 Invariants the kernels rely on:
 - Request b takes ``clamp(ceil(kv_len_b / min_chunk), 1, grid splits)`` splits, computed in the
@@ -31,6 +31,7 @@ from llmir_lang.kernels.triton_decode_merge import (
     DecodeWorkspace,
     alloc_partials,
     launch_merge,
+    merge_in_split_kernel,
     merge_tile_shape,
     store_split_and_merge_last,
 )
@@ -38,10 +39,10 @@ from llmir_lang.kernels.triton_decode_merge import (
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
-    """Launch shape of the decode kernels. ``one_launch``: merge the splits inside the split
-    kernel (last program to finish merges) instead of in a second launch; ``merge_tile``: most
-    elements of the merging program's ``[group, splits, head_dim]`` tile (splits beyond it merge
-    in further chunks)."""
+    """Launch shape of the decode kernels. ``one_launch``: True merges the splits inside the
+    split kernel (the last program to finish merges), False in a second launch, None (default)
+    by ``one_launch_min_splits`` (``merge_in_split_kernel``). ``merge_tile``: most elements of
+    the merging program's ``[group, splits, head_dim]`` tile (more splits: more chunks)."""
 
     block_n: int = 128
     num_warps: int = 4
@@ -49,7 +50,10 @@ class DecodeConfig:
     max_splits: int = 32
     min_chunk: int = 256  # never split a request into slices shorter than this many tokens
     programs_per_sm: int = 4  # split until the grid has about this many programs per SM
-    one_launch: bool = True
+    one_launch: bool | None = None
+    # H100 (benchmarks/gpu/README.md): one launch 0.3-2.4% faster at grids of 5 and 32 splits,
+    # 0.4-0.5% slower at 2 splits with 4k/16k contexts (half of all programs merge there).
+    one_launch_min_splits: int = 3
     merge_tile: int = 8192
 
 
@@ -275,10 +279,7 @@ def launch_decode_partial(
     pre_o, pre_lse, num_pre = merge if merge is not None else (part_o, part_lse, 0)
     out, lse, counters = fused if fused is not None else (part_o, None, part_lse)
     lse_t = lse if lse is not None else part_lse
-    # The one-launch merge's tile (unused, and 1, otherwise).
-    block_g, merge_chunk = merge_tile_shape(
-        group, grid_splits, head_dim, config.merge_tile, fused is not None
-    )
+    block_g, chunk = merge_tile_shape(group, grid_splits, head_dim, config.merge_tile, fused is not None)
     _decode_partial_kernel[(bsz, num_kv_heads, grid_splits)](
         q,
         k_buffer,
@@ -327,7 +328,7 @@ def launch_decode_partial(
         MERGE_PRE=merge is not None,
         FUSED=fused is not None,
         BLOCK_G=block_g,
-        MERGE_CHUNK=merge_chunk,
+        MERGE_CHUNK=chunk,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -351,8 +352,8 @@ def decode_attention(
     No host sync and no device work besides the kernels: the grid depends only on q's shape, so a
     call can be captured in a CUDA graph. ``workspace`` (from ``alloc_partials`` with at least B
     rows and ``split_cap(...)`` slots) and ``out`` may be preallocated to avoid allocations; the
-    one-launch merge (``config.one_launch``, the default) needs its zeroed counters, the two-launch
-    merge takes a plain ``(part_o, part_lse)`` pair too.
+    one-launch merge needs its zeroed counters: a plain ``(part_o, part_lse)`` pair takes the
+    two-launch merge (an error if ``config.one_launch`` is True).
     """
     bsz, num_heads, head_dim = q.shape
     cfg = config or default_decode_config(head_dim, q.device)
@@ -378,17 +379,23 @@ def decode_attention(
         return (out, lse) if lse is not None else out
     if workspace is None:
         workspace = alloc_partials(
-            bsz, num_heads, grid_splits, head_dim, q.device, with_counters=cfg.one_launch
+            bsz,
+            num_heads,
+            grid_splits,
+            head_dim,
+            q.device,
+            with_counters=merge_in_split_kernel(cfg, grid_splits),
         )
     part_o, part_lse = workspace[0], workspace[1]
     counters = workspace[2] if len(workspace) > 2 else None
-    if cfg.one_launch and counters is None:
+    one_launch = merge_in_split_kernel(cfg, grid_splits, counters is not None)
+    if one_launch and counters is None:
         raise ValueError(
-            "decode_attention with config.one_launch needs a workspace with counters: allocate it "
-            "with alloc_partials(..., with_counters=True), or use a config with one_launch=False"
+            "decode_attention with config.one_launch=True needs a workspace with counters: allocate "
+            "it with alloc_partials(..., with_counters=True), or leave config.one_launch unset"
         )
-    fused = (out, lse, counters) if cfg.one_launch else None
+    fused = (out, lse, counters) if one_launch else None
     launch_decode_partial(*inputs, grid_splits, part_o, part_lse, 0, sm_scale, cfg, fused=fused)
-    if not cfg.one_launch:
+    if not one_launch:
         launch_merge(part_o, part_lse, grid_splits, out, lse)
     return (out, lse) if lse is not None else out

@@ -21,11 +21,14 @@ memory and a barrier), so their partial loads come after the acquire. The loads 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from llmir_lang.kernels.triton_decode import DecodeConfig
 
 LN2 = tl.constexpr(0.6931471805599453)  # natural-log lse = base-2 lse * ln 2
 
@@ -62,6 +65,17 @@ def alloc_partials(
     part_lse = torch.empty(batch_size, num_heads, num_slots, dtype=torch.float32, device=device)
     counters = torch.zeros(batch_size, num_heads, dtype=torch.int32, device=device) if with_counters else None
     return DecodeWorkspace(part_o, part_lse, counters)
+
+
+def merge_in_split_kernel(config: DecodeConfig, grid_splits: int, has_counters: bool = True) -> bool:
+    """Whether a decode whose grid has ``grid_splits`` splits merges inside the split kernel.
+
+    A forced ``config.one_launch`` decides alone; otherwise one launch where the grid has at
+    least ``config.one_launch_min_splits`` splits and the workspace has counters.
+    """
+    if config.one_launch is not None:
+        return bool(config.one_launch)
+    return has_counters and grid_splits >= config.one_launch_min_splits
 
 
 def merge_tile_shape(

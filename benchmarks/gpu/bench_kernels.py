@@ -8,7 +8,7 @@ Writes ``DIR/kernels_<device>_<date>.json`` after every section and prints a tab
   (K + V + slot indices), vs torch SDPA on already-gathered contiguous K/V (gather not timed).
   Both split merges are timed at every point, in alternating order over 3 trials: ``one_launch``
   (the last split program merges) and ``two_launch`` (a merge kernel after the split kernel);
-  ``triton_*`` are the default config's. Where splits == 1 both run the same direct kernel, so
+  ``triton_*`` are the default config's choice (``merge``). Where splits == 1 both run the same direct kernel, so
   their difference there is the measurement's noise. ``split_only``: the split kernel alone,
   without any merge (not a decode; the floor both merges add to).
 - prefill: one causal prompt of 1k-16k tokens (and one extend over a 4k prefix): TFLOP/s vs SDPA,
@@ -151,9 +151,10 @@ def bench_decode_point(
             row[f"{name}_us_trials"] = [x * 1e6 for x in ts]
             row[f"{name}_GBps"] = nbytes / t_v / 1e9
             row[f"{name}_pct"] = 100 * nbytes / t_v / SPEC_BW
-        row["merge"] = "one_launch" if cfg.one_launch else "two_launch"
+        default = "one_launch" if td.merge_in_split_kernel(cfg, cap) else "two_launch"
+        row["merge"] = default if cap > 1 else "direct"  # one split: both run the direct kernel
         row["two_over_one"] = row["two_launch_us"] / row["one_launch_us"]
-        t = row[f"{row['merge']}_us"] / 1e6
+        t = row[f"{default}_us"] / 1e6
     else:
         t = time_graph(calls(cfg))
     row.update(triton_us=t * 1e6, triton_GBps=nbytes / t / 1e9)

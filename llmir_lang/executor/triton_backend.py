@@ -1,16 +1,17 @@
 """The Triton attention backend: the GPU counterpart of ``TorchAttentionBackend``.
 
 ``prepare(batch)`` does all per-batch host work once; ``forward`` (once per layer) only launches
-kernels: ``store_kv``, then extend attention, decode attention (one split-KV launch whose last split
-of each (request, KV head) merges the others; one direct kernel when the batch is large enough not
-to split), or shared-prefix decode.
+kernels: ``store_kv``, then extend attention, decode attention (split-KV: the last split of each
+(request, KV head) merges the others in the same launch, or a merge launch follows, as
+``triton_decode.merge_in_split_kernel`` picks from the split count; one direct kernel when the batch
+is large enough not to split), or shared-prefix decode.
 
 CUDA graphs (DECODE only). ``prepare`` and ``forward`` do no host syncs and no device work besides
 the kernels for a decode batch: each request's split count is computed inside the decode kernel
 from its KV length, and the partial results and the merge's arrival counters (0 between launches;
 each launch leaves them 0) live in one preallocated workspace. To capture and replay, keep fixed:
-- the batch size B (it sets the grid: ``(B, kv_heads, split_cap(B))``; with
-  ``decode_config.one_launch=False`` also the merge launch's ``(B, H)``);
+- the batch size B (it sets the grid ``(B, kv_heads, split_cap(B))`` and whether a merge launch
+  ``(B, H)`` follows);
 - the tensors of the captured ``ForwardBatch`` (``kv_indptr``, ``kv_indices`` sized for the longest
   replay, ``out_cache_loc``): refill them in place before each replay; KV lengths may change freely;
 - this backend object (its workspace address is baked into the graph).

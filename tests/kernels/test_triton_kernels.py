@@ -149,15 +149,29 @@ def test_decode_one_launch_needs_counters_in_the_workspace() -> None:
     from llmir_lang.kernels import triton_decode as td
 
     q, kb, vb, ip, idx = _batch([20, 33], 2, 2, 16, torch.float16, "paged", seed=96)
+    expect = ref.decode_attention(q, kb, vb, ip, idx, 0.25)
     pair = td.alloc_partials(2, 4, 4, 16, q.device, with_counters=False)
     assert pair.counters is None
     with pytest.raises(ValueError, match="with_counters=True"):
         td.decode_attention(q, kb, vb, ip, idx, 0.25, workspace=pair, config=_split_config(True))
-    # The two-launch merge takes a plain (part_o, part_lse) pair.
-    out = td.decode_attention(
-        q, kb, vb, ip, idx, 0.25, workspace=(pair.part_o, pair.part_lse), config=_split_config(False)
-    )
-    assert rel_error(out, ref.decode_attention(q, kb, vb, ip, idx, 0.25)) < TOL[torch.float16]
+    # Forced two launches, or the default rule without counters: the plain pair is enough.
+    plain = (pair.part_o, pair.part_lse)
+    for cfg in (_split_config(False), td.DecodeConfig(block_n=16, num_warps=1, num_stages=1, max_splits=4)):
+        out = td.decode_attention(q, kb, vb, ip, idx, 0.25, workspace=plain, config=cfg)
+        assert rel_error(out, expect) < TOL[torch.float16]
+
+
+def test_merge_in_split_kernel_rule() -> None:
+    from llmir_lang.kernels import triton_decode as td
+
+    auto = td.DecodeConfig()
+    assert auto.one_launch is None and auto.one_launch_min_splits == 3
+    # The H100 numbers: one launch from 3 splits up, two launches at 2 (1: no merge at all).
+    assert [td.merge_in_split_kernel(auto, s) for s in (2, 3, 5, 32)] == [False, True, True, True]
+    assert not td.merge_in_split_kernel(auto, 8, has_counters=False)
+    forced = td.DecodeConfig(one_launch=True)
+    assert td.merge_in_split_kernel(forced, 2) and td.merge_in_split_kernel(forced, 2, has_counters=False)
+    assert not td.merge_in_split_kernel(td.DecodeConfig(one_launch=False), 32)
 
 
 @pytest.mark.parametrize(("group", "dtype", "layout"), CASES)
