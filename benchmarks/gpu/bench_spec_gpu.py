@@ -2,8 +2,10 @@
 
 Runs ``benchmarks/bench_json.py``'s sequential workload (the bundled ``llmir-tiny``, fresh
 extraction texts, one request at a time) on a CUDA engine, with speculation off and with drafts of
-``--draft-tokens``, for JSON extraction with jump-forward and for unconstrained extraction, in
-``--rounds`` interleaved rounds (fastest kept). That the outputs are the same with and without
+``--draft-tokens``, for JSON extraction with jump-forward and for unconstrained extraction, with
+short extends (jump-forward's forced text, speculative drafts) run as graphed decode rows
+(``ModelRunner.max_row_extend=8``, the CUDA default) and as eager extends (0), in ``--rounds``
+interleaved rounds (fastest kept). That the outputs are the same with and without
 speculation is checked by ``tests/executor/test_engine_paths_gpu.py``. Speculation is off by
 default on CUDA; this is the measurement that decides whether that default should change.
 
@@ -36,7 +38,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--records", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--draft-tokens", type=int, default=6)
+    ap.add_argument("--draft-tokens", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -50,24 +52,34 @@ def main() -> None:
 
     items = extraction_items(args.records, 2027)
     warm = extraction_items(6, seed=1)
-    for system in ("llmir-json-jf", "llmir-free"):
-        for k in (0, args.draft_tokens):
-            bj.run_llmir(backend, system, "sequential", warm, count, k)
-    runs: dict[tuple[str, int], list[bj.RunResult]] = {}
+    configs = [
+        (s, k, rows)
+        for s in ("llmir-json-jf", "llmir-free")
+        for k in (0, args.draft_tokens)
+        for rows in (0, 8)
+    ]
+    for system, k, rows in configs:
+        eng.runner.max_row_extend = rows
+        bj.run_llmir(backend, system, "sequential", warm, count, k)
+    runs: dict[tuple[str, int, int], list[bj.RunResult]] = {}
     for _ in range(args.rounds):
-        for system in ("llmir-json-jf", "llmir-free"):
-            for k in (0, args.draft_tokens):
-                r = bj.run_llmir(backend, system, "sequential", items, count, k)
-                runs.setdefault((system, k), []).append(r)
-                print(f"{system:14s} draft {k}: {r.seconds:6.2f} s  {r.forward_calls} forwards", flush=True)
+        for system, k, rows in configs:
+            eng.runner.max_row_extend = rows
+            r = bj.run_llmir(backend, system, "sequential", items, count, k)
+            runs.setdefault((system, k, rows), []).append(r)
+            print(
+                f"{system:14s} draft {k} rows {rows}: {r.seconds:6.2f} s  {r.forward_calls} forwards",
+                flush=True,
+            )
     eng.shutdown()
     rows = []
-    for (system, k), rs in runs.items():
+    for (system, k, max_rows), rs in runs.items():
         best = min(rs, key=lambda r: r.seconds)
         rows.append(
             {
                 "system": system,
                 "draft_tokens": k,
+                "max_row_extend": max_rows,
                 "seconds": round(best.seconds, 3),
                 "all_seconds": [round(r.seconds, 3) for r in rs],
                 "tokens_per_s": round(best.tokens_per_s, 1),
@@ -78,16 +90,30 @@ def main() -> None:
                 "spec_accepted_tokens": best.extra.get("spec_accepted_tokens"),
             }
         )
+
+    def secs(system: str, k: int, max_rows: int) -> float:
+        return next(
+            r["seconds"]
+            for r in rows
+            if (r["system"], r["draft_tokens"], r["max_row_extend"]) == (system, k, max_rows)
+        )
+
     ratios = {}
     for system in ("llmir-json-jf", "llmir-free"):
-        off = next(r for r in rows if r["system"] == system and r["draft_tokens"] == 0)
-        on = next(r for r in rows if r["system"] == system and r["draft_tokens"] == args.draft_tokens)
-        ratios[f"{system}_spec_vs_off"] = round(off["seconds"] / on["seconds"], 3)
-    print("\nsystem          draft  secs    tok/s  forwards  drafted  kept")
+        for max_rows in (0, 8):
+            ratios[f"{system}_rows{max_rows}_spec_vs_off"] = round(
+                secs(system, 0, max_rows) / secs(system, args.draft_tokens, max_rows), 3
+            )
+        for k in (0, args.draft_tokens):
+            ratios[f"{system}_draft{k}_rows8_vs_rows0"] = round(secs(system, k, 0) / secs(system, k, 8), 3)
+    ratios["jf_vs_free_rows8_nospec"] = round(secs("llmir-free", 0, 8) / secs("llmir-json-jf", 0, 8), 3)
+    ratios["jf_vs_free_rows0_nospec"] = round(secs("llmir-free", 0, 0) / secs("llmir-json-jf", 0, 0), 3)
+    print("\nsystem          draft rows  secs    tok/s  forwards  drafted  kept")
     for r in rows:
         print(
-            f"{r['system']:14s} {r['draft_tokens']:5d} {r['seconds']:6.2f} {r['tokens_per_s']:8.1f} "
-            f"{r['forward_calls']:9d} {r['spec_draft_tokens']:8d} {r['spec_accepted_tokens']:5d}"
+            f"{r['system']:14s} {r['draft_tokens']:5d} {r['max_row_extend']:4d} {r['seconds']:6.2f} "
+            f"{r['tokens_per_s']:8.1f} {r['forward_calls']:9d} {r['spec_draft_tokens']:8d} "
+            f"{r['spec_accepted_tokens']:5d}"
         )
     for k, v in ratios.items():
         print(f"{k:32s} {v:.3f}x")

@@ -114,13 +114,22 @@ class SlotTable:
         """Rows of ``reqs`` whose first ``kv_len - 1`` slots are in the table.
 
         The caller then writes each request's last slot (``kv_slots[kv_len - 1]``, this step's) at
-        column ``kv_len - 1`` and calls ``mark_synced``.
+        column ``kv_len - 1`` and calls ``mark_synced``. A request listed several times in a row
+        with ``kv_len`` rising by one gets one table row with every column its rows read.
         """
         need = max(kv_lens, default=0)
         if need > self.table.shape[1]:
             self._grow(self.num_rows, need)
         rows: list[int] = []
+        # a request may own several consecutive rows (a short extend run as decode rows, kv_lens
+        # rising by one): the first syncs the table row, the rest share it
+        span: dict[int, tuple[_Row, int, int]] = {}
         for req, n in zip(reqs, kv_lens):
+            seen = span.get(req.rid)
+            if seen is not None:
+                span[req.rid] = (seen[0], seen[1], n)
+                rows.append(seen[0].row)
+                continue
             rec = self._records.get(req.rid)
             if rec is None or rec.req is not req:
                 rec = _Row(req, self._take_row({r.rid for r in reqs}), req.kv_slots, -1)
@@ -128,7 +137,14 @@ class SlotTable:
             if rec.slots is not req.kv_slots or rec.synced != n - 1:
                 self._upload(rec.row, req.kv_slots[: n - 1])
                 rec.slots, rec.synced = req.kv_slots, n - 1
+            span[req.rid] = (rec, n, n)
             rows.append(rec.row)
+        for rec, first, last in span.values():
+            if last > first:
+                # the columns the later rows add are written by other programs of the device list
+                # kernel than the rows that read them: upload them now so no read races a write
+                cols = rec.req.kv_slots[first - 1 : last]
+                self.table[rec.row, first - 1 : last].copy_(int64_tensor(cols))
         return rows
 
     def mark_synced(self, reqs: Sequence[Any], kv_lens: Sequence[int]) -> None:

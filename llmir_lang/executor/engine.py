@@ -38,7 +38,7 @@ from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
 
 Prompt = str | Sequence[int]
 ParamsLike = SamplingParams | dict | None
-DEFAULT_DRAFT_TOKENS = 6  # prompt-lookup draft length on the CPU (speculate.py)
+DEFAULT_DRAFT_TOKENS = 3  # prompt-lookup draft length on the CPU (speculate.py)
 
 
 class Engine(EngineScoring, EngineLoop):

@@ -121,6 +121,10 @@ class ModelRunner:
         self.num_tokens_computed = 0
         self.num_graph_replays = 0
         self.num_shared_prefix_steps = 0
+        self.num_row_extends = 0  # extend steps run as decode rows (_extend_as_rows)
+        # extends of at most this many tokens per request run as decode rows (0: never); on CUDA
+        # that puts jump-forward and speculative steps into the decode graphs
+        self.max_row_extend = 8 if device.type == "cuda" else 0
         self.last_host_s = 0.0  # host time the last decode step spent before launching the model
         self.compiled = False
         if compile_model or (compile_model is None and self._graphs_ok):
@@ -139,12 +143,44 @@ class ModelRunner:
         # the table notices by itself
         for req in sb.reqs[: len(sb.reqs) - sb.num_decode]:
             self.table.forget(req)
+        if self._as_rows(sb):
+            return self._extend_as_rows(sb)
         fb, sample_rows, prompt_rows = build_extend_batch(sb, self.device)
         self._offer.shared = None
         logits = self.model(fb, self.backend)
         self.num_forward_calls += 1
         self.num_tokens_computed += int(fb.input_ids.shape[0])
         return StepLogits(logits, sample_rows, prompt_rows)
+
+    # ---- short extends as decode rows ----------------------------------------------------
+    def _as_rows(self, sb: ScheduledBatch) -> bool:
+        """Whether this extend step runs as a decode step with one row per new token: every
+        request computes at most ``max_row_extend`` tokens (jump-forward's forced text, a
+        speculative draft, mixed decode rows), reads no prompt logprobs, and the rows fit the
+        largest graph bucket. Row ``i`` of a request attends to its KV up to its own token, which
+        the step stores before attention reads it: the causal extend, computed by the decode path,
+        which is graphed on CUDA where an eager extend pays its host overhead per op."""
+        if not self.max_row_extend or max(sb.extend_lens) > self.max_row_extend:
+            return False
+        if sum(sb.extend_lens) > self.buckets[-1]:
+            return False
+        return all(r.logprob_start_len < 0 for r in sb.reqs)
+
+    def _extend_as_rows(self, sb: ScheduledBatch) -> StepLogits:
+        reqs: list[Any] = []
+        kv_lens: list[int] = []
+        sample_rows: list[int] = []
+        drafts = sb.draft_lens or [0] * len(sb.reqs)
+        for req, prefix, n, sample, d in zip(sb.reqs, sb.prefix_lens, sb.extend_lens, sb.sample, drafts):
+            # a speculative request samples at its last token and after each draft token
+            sample_rows.append(len(reqs) + n - 1 - d if sample else -1)
+            reqs.extend([req] * n)
+            kv_lens.extend(range(prefix + 1, prefix + n + 1))
+        logits = self._decode(reqs, kv_lens)
+        self.num_forward_calls += 1
+        self.num_tokens_computed += len(reqs)
+        self.num_row_extends += 1
+        return StepLogits(logits, sample_rows, [(0, -1, 0)] * len(sb.reqs))
 
     # ---- decode ---------------------------------------------------------------------------
     def _decode(self, reqs: Sequence[Any], kv_lens: list[int]) -> torch.Tensor:
@@ -166,7 +202,12 @@ class ModelRunner:
         for req, kv_len in zip(reqs, kv_lens):
             p = kv_len - 1
             np_ = len(req.prompt_ids)
-            ids.append(req.prompt_ids[p] if p < np_ else req.output_ids[p - np_])
+            if p < np_:
+                ids.append(req.prompt_ids[p])
+            elif p - np_ < len(req.output_ids):
+                ids.append(req.output_ids[p - np_])
+            else:  # a speculative row: the draft follows the output
+                ids.append(req.draft[p - np_ - len(req.output_ids)])
             pos.append(p)
             loc.append(req.kv_slots[p])
         zeros = [0] * pad

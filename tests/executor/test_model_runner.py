@@ -126,6 +126,29 @@ def test_slot_table_uploads_a_row_only_when_its_list_changed() -> None:
     assert t.num_row_uploads == 6
 
 
+def test_slot_table_gives_a_request_with_several_rows_one_row_with_every_column() -> None:
+    """A short extend run as decode rows lists a request once per new token (kv_len rising by one):
+    one table row serves them all, and every column any of them reads is in the table before the
+    list kernel runs (its programs write only their own row's last column)."""
+    t = SlotTable(torch.device("cpu"), max_width=64, rows=4, width=8)
+    a, b = _R(0, [5, 6, 7]), _R(1, [9, 10])
+    _step(t, [a, b])
+    a.kv_slots += [20, 21, 22]  # three new tokens
+    b.kv_slots += [30]
+    reqs, lens = [a, a, a, b], [4, 5, 6, 3]
+    rows = t.rows_for(reqs, lens)
+    assert rows[0] == rows[1] == rows[2] != rows[3]
+    assert t.table[rows[0], :6].tolist() == [5, 6, 7, 20, 21, 22]  # before any row writes its slot
+    for r, row, n in zip(reqs, rows, lens):
+        t.table[row, n - 1] = r.kv_slots[n - 1]  # what the list kernel does
+    t.mark_synced(reqs, lens)
+    a.kv_slots.append(23)
+    b.kv_slots.append(31)
+    uploads = t.num_row_uploads
+    _step(t, [a, b])  # plain decode afterwards: no re-upload
+    assert t.num_row_uploads == uploads
+
+
 def test_slot_table_reclaims_rows_of_requests_that_left() -> None:
     t = SlotTable(torch.device("cpu"), max_width=64, rows=4, width=8)
     for wave in range(5):

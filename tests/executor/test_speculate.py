@@ -213,3 +213,39 @@ def test_bad_options_are_refused(rand):
         eng.speculative_draft_tokens = -1
     with pytest.raises(errors.InvalidRequestError, match="speculative_max_batch"):
         Engine(device="cpu", kv_memory="4MB", speculative_max_batch=-2)
+
+
+def test_short_extends_as_decode_rows_keep_the_tokens(tiny):
+    """Jump-forward extends and speculative steps run as decode rows (the CUDA default, where the
+    rows go into the decode graphs; here the eager decode path, padded to graph buckets): the same
+    tokens as the extend path."""
+    backend = EngineBackend(tiny)
+    items = extraction_items(4, seed=33)
+    runner = tiny.runner
+    res = {}
+    try:
+        for rows in (0, 8):
+            runner.max_row_extend, runner.pad_to_bucket = rows, bool(rows)
+            tiny.flush_cache()
+            before = runner.num_row_extends
+            reqs = [
+                ChainRequest(
+                    p,
+                    [
+                        GenStep(
+                            "x",
+                            SamplingParams(max_new_tokens=96),
+                            spec_from_json_schema(SCHEMAS[k], whitespace=""),
+                        )
+                    ],
+                )
+                for k, p, _ in items
+            ]
+            res[rows] = [s.steps[0] for s in backend.run(reqs)]  # a batch: mixed steps too
+            res[rows] += [backend.run([r])[0].steps[0] for r in reqs]  # one at a time: drafts
+            if rows:
+                assert runner.num_row_extends > before
+    finally:
+        runner.max_row_extend, runner.pad_to_bucket = 0, False
+    assert [s.token_ids for s in res[8]] == [s.token_ids for s in res[0]]
+    assert sum(s.meta["spec_accepted_tokens"] for s in res[8]) > 0
