@@ -56,8 +56,15 @@ def apply_bitmask(x: torch.Tensor, bitmask: torch.Tensor) -> None:
     """In place: ``x[b, v] = -inf`` where bit ``v % 32`` of ``bitmask[b, v // 32]`` is 0 (the
     semantics of ``kernels.reference.apply_token_bitmask``); extra words past ``V`` are ignored."""
     batch, vocab = x.shape
-    bits = torch.arange(32, device=x.device, dtype=torch.int32)
     words = bitmask.to(device=x.device, dtype=torch.int32)
+    if x.is_cuda and words.shape[-1] * 32 >= vocab:
+        # one Triton launch instead of ~6 torch ops (the kernels package falls back to the
+        # reference, with a one-time warning, where the kernel cannot run)
+        from llmir_lang.kernels import apply_token_bitmask
+
+        apply_token_bitmask(x, words)
+        return
+    bits = torch.arange(32, device=x.device, dtype=torch.int32)
     allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().reshape(batch, -1)[:, :vocab]
     x.masked_fill_(~allowed, _NEG_INF)
 
