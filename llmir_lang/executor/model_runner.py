@@ -34,6 +34,7 @@ from llmir_lang.executor.cuda_graph import (
     int64_tensor,
 )
 from llmir_lang.executor.model import CausalLM
+from llmir_lang.executor.radix_cache import common_cached_prefix
 from llmir_lang.executor.scheduler import ScheduledBatch
 from llmir_lang.kernels import policy
 
@@ -399,32 +400,3 @@ class ModelRunner:
         q = torch.empty(1, self.model.config.num_heads, kb.shape[-1], dtype=kb.dtype, device=kb.device)
         return support.attention_ok("ModelRunner (CUDA graphs)", q, kb, vb)
 
-
-def common_cached_prefix(reqs: Sequence[Any]) -> int:
-    """Tokens of KV prefix that every request holds in the same slots, from the radix tree.
-
-    Each request's first ``cache_len`` slots are the values along the tree path to its locked
-    ``last_node``, so the shared prefix is the path to the deepest common ancestor of those nodes.
-    Cost: O(requests x tree depth). Requests without a node share nothing.
-    """
-    first = reqs[0].last_node
-    if first is None:
-        return 0
-    chain = []
-    node = first
-    while node is not None:
-        chain.append(node)
-        node = node.parent
-    chain.reverse()  # root first
-    index = {id(nd): i for i, nd in enumerate(chain)}
-    deepest = len(chain) - 1
-    for req in reqs[1:]:
-        node = req.last_node
-        while node is not None and (id(node) not in index or index[id(node)] > deepest):
-            node = node.parent
-        if node is None:
-            return 0
-        deepest = index[id(node)]
-        if deepest == 0:
-            return 0
-    return sum(len(nd.key) for nd in chain[1 : deepest + 1])

@@ -11,7 +11,7 @@ import heapq
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -369,3 +369,33 @@ def _as_tuple(token_ids: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
     if isinstance(token_ids, torch.Tensor):
         return tuple(token_ids.tolist())
     return tuple(token_ids)
+
+
+def common_cached_prefix(reqs: Sequence[Any]) -> int:
+    """Tokens of KV prefix that every request holds in the same slots, from the radix tree.
+
+    Each request's first ``cache_len`` slots are the values along the tree path to its locked
+    ``last_node``, so the shared prefix is the path to the deepest common ancestor of those nodes.
+    Cost: O(requests x tree depth). Requests without a node share nothing.
+    """
+    first = reqs[0].last_node
+    if first is None:
+        return 0
+    chain = []
+    node = first
+    while node is not None:
+        chain.append(node)
+        node = node.parent
+    chain.reverse()  # root first
+    index = {id(nd): i for i, nd in enumerate(chain)}
+    deepest = len(chain) - 1
+    for req in reqs[1:]:
+        node = req.last_node
+        while node is not None and (id(node) not in index or index[id(node)] > deepest):
+            node = node.parent
+        if node is None:
+            return 0
+        deepest = index[id(node)]
+        if deepest == 0:
+            return 0
+    return sum(len(nd.key) for nd in chain[1 : deepest + 1])

@@ -27,8 +27,8 @@ from llmir_lang.executor.cuda_graph import (
 from llmir_lang.executor.kv_pool import KVPool
 from llmir_lang.executor.model import CausalLM
 from llmir_lang.executor.model_config import ModelConfig
-from llmir_lang.executor.model_runner import ModelRunner, common_cached_prefix
-from llmir_lang.executor.radix_cache import RadixCache
+from llmir_lang.executor.model_runner import ModelRunner
+from llmir_lang.executor.radix_cache import RadixCache, common_cached_prefix
 from llmir_lang.executor.request import Req
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
