@@ -141,8 +141,10 @@ class OutputProcessor:
         for i, req in enumerate(reqs):
             self.append(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
 
-    def _banned(self, req: Req) -> list[int]:
-        if len(req.output_ids) < req.params.min_new_tokens:
+    def _banned(self, req: Req, ahead: int = 0) -> list[int]:
+        """Token ids the request may not sample ``ahead`` tokens past its output (EOS and stop
+        ids until ``min_new_tokens`` exist; a speculative step asks for each draft position)."""
+        if len(req.output_ids) + ahead < req.params.min_new_tokens:
             return sorted(self.eos_ids | set(req.params.stop_token_ids))
         return []
 

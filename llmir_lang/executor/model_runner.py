@@ -399,4 +399,3 @@ class ModelRunner:
         kb, vb = be.k_buffers[0], be.v_buffers[0]
         q = torch.empty(1, self.model.config.num_heads, kb.shape[-1], dtype=kb.dtype, device=kb.device)
         return support.attention_ok("ModelRunner (CUDA graphs)", q, kb, vb)
-

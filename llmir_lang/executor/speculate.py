@@ -64,8 +64,8 @@ def lookup_draft(
     ids: Sequence[int], k: int, max_ngram: int = 3, window: int = 4096, min_ngram: int = 1
 ) -> list[int]:
     """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of
-    ``ids`` (``max_ngram`` tokens down to 1) that occurs earlier; [] if none does, or if only the
-    last token matches and it occurs more than once before.
+    ``ids`` (``max_ngram`` tokens down to ``min_ngram``) that occurs earlier; [] if none does, or if
+    only the last token matches and it occurs more than once before.
 
     The search runs over the packed int32 bytes (``bytes.rfind``, C speed); a hit that is not on a
     token boundary is skipped.
@@ -124,7 +124,7 @@ def propose(proc: OutputProcessor, req: Req, cfg: SpecConfig) -> list[int]:
     )
     if room <= 0:
         return []
-    draft = lookup_draft(req.prompt_ids + req.output_ids, room, cfg.max_ngram, cfg.window, cfg.min_ngram)
+    draft = lookup_draft(req.fill_ids, room, cfg.max_ngram, cfg.window, cfg.min_ngram)
     if len(draft) < room:
         # the occurrence's continuation runs into the last tokens: a repeated short pattern
         # (JSON punctuation, a list marker) whose drafts were almost never kept (measured: 0.03
@@ -165,8 +165,7 @@ def verify(proc: OutputProcessor, items: list[tuple[Req, int, list[int]]], logit
                 if i < k:
                     m.advance(draft[i])  # checked by propose: the constraint allows the draft
             m.rollback(k)
-        n_out, p = len(req.output_ids), req.params
-        banned = proc.eos_ids | set(p.stop_token_ids)
+        p = req.params
         out = proc.engine.sampler.sample(
             rows,
             [p] * (k + 1),
@@ -174,7 +173,7 @@ def verify(proc: OutputProcessor, items: list[tuple[Req, int, list[int]]], logit
             [req.output_ids + draft[:i] for i in range(k + 1)],
             [req.generator] * (k + 1),
             bitmask=bitmask.to(rows.device) if bitmask is not None else None,
-            banned_ids=[sorted(banned) if n_out + i < p.min_new_tokens else [] for i in range(k + 1)],
+            banned_ids=[proc._banned(req, i) for i in range(k + 1)],
         )
         tokens = out.token_ids.tolist()
         n = 0

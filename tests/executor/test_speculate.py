@@ -249,3 +249,23 @@ def test_short_extends_as_decode_rows_keep_the_tokens(tiny):
         runner.max_row_extend, runner.pad_to_bucket = 0, False
     assert [s.token_ids for s in res[8]] == [s.token_ids for s in res[0]]
     assert sum(s.meta["spec_accepted_tokens"] for s in res[8]) > 0
+
+
+def test_min_new_tokens_bans_a_stop_token_at_every_verified_position(rand):
+    """A stop token the model would pick early is banned at each draft position until
+    ``min_new_tokens`` exist, as it would be at each decode step."""
+    eng, _ = rand
+    try:
+        eng.speculative_draft_tokens = 0
+        free = eng.generate(LOOP, {"max_new_tokens": 16, "ignore_eos": True})
+        stop = free.token_ids[2]
+        params = {"max_new_tokens": 16, "ignore_eos": True, "stop_token_ids": [stop], "min_new_tokens": 10}
+        ref = eng.generate(LOOP, dict(params))
+        eng.speculative_draft_tokens = 5
+        eng.flush_cache()
+        got = eng.generate(LOOP, dict(params))
+    finally:
+        eng.speculative_draft_tokens = 5
+    assert got.token_ids == ref.token_ids
+    assert stop not in got.token_ids[:9]
+    assert got.meta["spec_draft_tokens"] > 0  # the rule was applied at draft positions
