@@ -10,7 +10,13 @@ prefix    shared-prefix decode on vs off at batch 64 and 128 with 4k and 16k pre
 
 A decode step time is the runner's ``run`` (host batch building + model), synchronized on both
 sides; "engine step" is the time between consecutive decode steps (adds scheduling, sampling and
-output processing). Results: a table on stdout and JSON in ``--out`` (and benchmarks/results/).
+output processing). Both come from a run with those synchronizations, which also stop the
+engine's run-ahead decode (step N+1 queued before step N's tokens are read), so the headline
+figures come from untimed runs: the shared batch's wall time, with run-ahead on (the CUDA default)
+and off, alternated; and the roofline section's ``wall_step_ms``, the wall time per decode step
+of untimed ``generate`` calls (the difference between a long and a short run over the same
+prompts, so prefill cancels out). Results: a table on stdout and JSON in ``--out`` (and
+benchmarks/results/).
 
     python benchmarks/gpu/bench_engine_gpu.py --out DIR [--shapes llama-3.2-1b,llama-3-8b]
         [--sections shared,roofline,prefix] [--compile] [--budget 480]
@@ -64,12 +70,12 @@ class StepTimer:
         self.on = False
         eng.runner.run = self._run  # type: ignore[method-assign]
 
-    def _run(self, sb):
+    def _run(self, sb, ahead_ids=None):
         if not self.on or sb.mode is not ForwardMode.DECODE:
-            return self.orig(sb)
+            return self.orig(sb, ahead_ids)
         sync()
         t0 = time.perf_counter()
-        out = self.orig(sb)
+        out = self.orig(sb, ahead_ids)
         sync()
         dt = time.perf_counter() - t0
         self.records.append(
@@ -105,6 +111,28 @@ def weight_bytes(model: torch.nn.Module) -> int:
         emb = model.model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()
     return total
+
+
+def set_engine(eng: Engine, **attrs: Any) -> None:
+    """Set engine attributes (``run_ahead``) on the engine thread, between steps."""
+    eng.call_in_engine_thread(lambda: [setattr(eng, k, v) for k, v in attrs.items()])
+
+
+def wall_step(eng: Engine, prompts: list[list[int]], short: int, long: int) -> float:
+    """Seconds per decode step of untimed ``generate`` calls: (long run - short run) / (long - short),
+    each over the same prompts with nothing cached, best of two."""
+    times = {}
+    for n in (short, long):
+        best = float("inf")
+        for _ in range(2):
+            eng.flush_cache()
+            sync()
+            t0 = time.perf_counter()
+            eng.generate(prompts, {"max_new_tokens": n, "ignore_eos": True})
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        times[n] = best
+    return (times[long] - times[short]) / (long - short)
 
 
 def set_runner(eng: Engine, **attrs: Any) -> None:
@@ -179,6 +207,21 @@ def section_shared(
     eng.generate(shared_prompts(1, vocab, a), params)  # warm-up: graphs captured, kernels compiled
     eng.flush_cache()
     prompts = shared_prompts(0, vocab, a)
+    # untimed runs (no synchronization inside), run-ahead on (the default) and off, alternated
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    outs: dict[bool, list[list[int]]] = {}
+    for _ in range(a.wall_runs):
+        for ahead in (True, False):
+            set_engine(eng, run_ahead=ahead)
+            eng.flush_cache()
+            sync()
+            t0 = time.perf_counter()
+            got = eng.generate(prompts, params)
+            sync()
+            walls[ahead].append(time.perf_counter() - t0)
+            outs[ahead] = [r.token_ids for r in got]
+    set_engine(eng, run_ahead=True)
+    eng.flush_cache()
     before = eng.stats()
     shared_steps = eng.runner.num_shared_prefix_steps
     sync()
@@ -189,7 +232,8 @@ def section_shared(
         res = eng.generate(prompts, params)
     finally:
         timer.on = False
-    ours_s = time.perf_counter() - t0
+    timed_s = time.perf_counter() - t0
+    ours_s = min(walls[True])
     recs = [r for r in timer.records if r[0] == a.requests]
     starts = [r[3] for r in recs]
     decode_s = sum(r[2] for r in timer.records)
@@ -213,6 +257,12 @@ def section_shared(
         "transformers_tok_s": total / hf_s,
         "llmir_s": ours_s,
         "llmir_tok_s": total / ours_s,
+        "llmir_runs_s": walls[True],
+        "llmir_no_run_ahead_s": min(walls[False]),
+        "llmir_no_run_ahead_runs_s": walls[False],
+        "run_ahead_speedup": min(walls[False]) / ours_s,
+        "run_ahead_same_tokens": outs[True] == outs[False],
+        "llmir_timed_run_s": timed_s,
         "speedup": hf_s / ours_s,
         "target_speedup": 20.0,
         "identical_outputs": same,
@@ -255,6 +305,7 @@ def section_roofline(eng: Engine, timer: StepTimer, a: argparse.Namespace) -> li
             m = timer.measure(lambda p=prompts, q=params: eng.generate(p, q), batch)
             if not m.get("steps"):
                 continue
+            wall = wall_step(eng, prompts, 8, 8 + new) if a.wall_steps else float("nan")
             roof = (wbytes + m["kv_tokens"] * tok_bytes) / HBM_BYTES_PER_S
             rows.append(
                 {
@@ -267,6 +318,8 @@ def section_roofline(eng: Engine, timer: StepTimer, a: argparse.Namespace) -> li
                     "host_ms": m["host_s"] * 1e3,
                     "roofline_ms": roof * 1e3,
                     "pct_of_roofline": 100 * roof / m["step_s"],
+                    "wall_step_ms": wall * 1e3,
+                    "pct_of_roofline_wall": 100 * roof / wall,
                     "weight_GB": wbytes / 1e9,
                     "kv_GB": m["kv_tokens"] * tok_bytes / 1e9,
                 }
@@ -453,6 +506,11 @@ def report(out: dict) -> None:
                             "tok/s": s["transformers_tok_s"],
                         },
                         {"system": "llmir engine", "s": s["llmir_s"], "tok/s": s["llmir_tok_s"]},
+                        {
+                            "system": "llmir engine, run-ahead off",
+                            "s": s["llmir_no_run_ahead_s"],
+                            "tok/s": s["requests"] * s["new"] / s["llmir_no_run_ahead_s"],
+                        },
                     ],
                     ["system", "s", "tok/s"],
                 )
@@ -468,7 +526,7 @@ def report(out: dict) -> None:
                 print(f"transformers over our greedy tokens: {s['teacher_forced']}")
         if res.get("roofline"):
             cols = ["variant", "batch", "ctx", "step_ms", "host_ms", "engine_step_ms", "roofline_ms"]
-            cols.append("pct_of_roofline")
+            cols += ["pct_of_roofline", "wall_step_ms", "pct_of_roofline_wall"]
             print(table(res["roofline"], cols))
         if res.get("prefix"):
             cols = [
@@ -504,6 +562,10 @@ def main() -> None:
     ap.add_argument("--prefix-new", type=int, default=12)
     ap.add_argument("--kv-memory", default="0.8")
     ap.add_argument("--hf-runs", type=int, default=2, help="timed transformers runs (best is used)")
+    ap.add_argument("--wall-runs", type=int, default=2, help="untimed engine runs of each run-ahead mode")
+    ap.add_argument(
+        "--no-wall-steps", dest="wall_steps", action="store_false", help="skip the roofline's untimed steps"
+    )
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; later work is skipped past it")
     a = ap.parse_args()
     a.sections = a.sections.split(",")

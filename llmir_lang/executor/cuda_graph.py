@@ -393,6 +393,8 @@ class GraphCache:
         return len(self._graphs)
 
     def clear(self) -> None:
+        if self._graphs:  # a replay may still be queued (run-ahead decode): let it finish first
+            torch.cuda.synchronize(self.device)
         self._graphs.clear()
 
     def run(self, key: tuple[int, ...], fn: Callable[[], torch.Tensor]) -> torch.Tensor:

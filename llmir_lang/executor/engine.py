@@ -31,6 +31,7 @@ from llmir_lang.executor.loader import load_model, resolve_dtype, resolve_model_
 from llmir_lang.executor.model_runner import ModelRunner
 from llmir_lang.executor.radix_cache import RadixCache
 from llmir_lang.executor.request import FinishReason, GenerateResult, Req, StreamChunk
+from llmir_lang.executor.run_ahead import run_ahead_default
 from llmir_lang.executor.sampler import Sampler
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.scheduler import Scheduler, SchedulerConfig
@@ -67,6 +68,7 @@ class Engine(EngineScoring, EngineLoop):
         speculative_max_batch: int = 4,
         cuda_graphs: bool = True,
         compile_model: bool | None = None,
+        run_ahead: bool | None = None,
         seed: int = 0,
     ):
         if (
@@ -124,6 +126,8 @@ class Engine(EngineScoring, EngineLoop):
         self.speculative_draft_tokens = speculative_draft_tokens
         self.seed = seed
         self.jump_forward = jump_forward
+        # queue decode step N+1 before reading step N's tokens (run_ahead.py); None: on for CUDA
+        self.run_ahead = run_ahead_default(self.device.type) if run_ahead is None else bool(run_ahead)
         self._rids = itertools.count()
         # Req to admit, a callable to run between steps on the engine thread, or None to stop
         self._inbox: queue.Queue[Req | Callable[[], None] | None] = queue.Queue()

@@ -6,6 +6,10 @@ pool and the radix cache (other threads reach them through ``call_in_engine_thre
 Deferred text work (``OutputProcessor.defer_text``) of step N runs between step N+1's launch and its
 sampling; whenever no next step follows (idle, a failed step, recovery, shutdown) it is flushed at
 once, so every finished request's future resolves.
+
+With ``run_ahead`` (CUDA) a decode step whose requests all qualify is launched and left in flight
+(``_ahead``); the next loop turn queues the decode step after it first and only then reads and
+processes its tokens (``run_ahead.py``).
 """
 
 from __future__ import annotations
@@ -16,13 +20,22 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+import torch
+
 from llmir_lang.errors import EngineClosedError, EngineError, OutOfKVMemoryError
+from llmir_lang.executor import run_ahead
+from llmir_lang.executor.attention import ForwardMode
 from llmir_lang.executor.request import Req
+from llmir_lang.executor.scheduler import ScheduledBatch
 
 log = logging.getLogger("llmir_lang.engine")
 
 
 class EngineLoop:
+    run_ahead = False  # the engine sets it (run_ahead.run_ahead_default)
+    num_run_ahead_steps = 0  # decode steps launched before the host read the previous step's tokens
+    _ahead: run_ahead.Ahead | None = None  # a decode step in flight whose tokens are not processed
+
     # ---- the loop (engine thread) -------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -34,7 +47,7 @@ class EngineLoop:
 
     def _loop_once(self) -> bool:
         sched = self.scheduler
-        block = not sched.has_work()
+        block = not sched.has_work() and self._ahead is None
         if block:  # no step will follow to hide it behind: the last results go out now
             self.outputs.flush_deferred()
         try:
@@ -50,7 +63,7 @@ class EngineLoop:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
-        if sched.has_work():
+        if sched.has_work() or self._ahead is not None:
             self._step()
         return True
 
@@ -65,10 +78,10 @@ class EngineLoop:
         sched = self.scheduler
         in_flight = sched.all_requests()
         # the current batch's requests may sit in no queue (between admission and after_step)
-        batch = getattr(self, "_batch", None)
-        if batch is not None:
-            in_flight += [r for r in batch.reqs if r not in in_flight]
-        self._batch = None
+        for batch in (getattr(self, "_batch", None), self._ahead and self._ahead.batch):
+            if batch is not None:
+                in_flight += [r for r in batch.reqs if r not in in_flight]
+        self._batch = self._ahead = None
         for req in in_flight:
             if not req.finished:
                 self.outputs.fail(req, err)
@@ -107,6 +120,9 @@ class EngineLoop:
                     raise EngineError("the engine thread has stopped; create a new Engine") from None
 
     def _step(self) -> None:
+        if self._ahead is not None:
+            self._step_ahead()
+            return
         sched = self.scheduler
         batch = sched.schedule()
         if batch is None:
@@ -129,6 +145,11 @@ class EngineLoop:
             return
         self._batch = batch
         try:
+            if self._may_run_ahead(batch):  # launched now, its tokens processed next turn
+                self._ahead = run_ahead.launch(self.outputs, batch, self.runner.run(batch))
+                self._batch = None
+                self.outputs.flush_deferred()
+                return
             masks = self.outputs.start_masks(batch)  # computed while the model runs
             step = self.runner.run(batch)
             # the previous step's text work, while the GPU computes this step (on CUDA the forward
@@ -136,20 +157,81 @@ class EngineLoop:
             self.outputs.flush_deferred()
             self.outputs.process(batch, step, masks)
         except Exception as e:  # one failing batch must not stop the engine
-            log.warning("engine step failed; failing its %d requests", len(batch.reqs), exc_info=e)
-            err = EngineError(f"engine step failed: {type(e).__name__}: {e}")
-            for req in batch.reqs:
-                if not req.finished:
-                    self.outputs.fail(req, err)
-            for req in batch.reqs:
-                sched.finish(req, cache_kv=False)
-            self._batch = None
+            self._fail_batch(batch, e)
             return
+        self._after(batch)
+
+    def _after(self, batch: ScheduledBatch) -> None:
+        sched = self.scheduler
         sched.after_step(batch)
         for req in batch.reqs:
             if req.finished:
                 sched.finish(req)
         self._batch = None
+
+    def _fail_batch(self, batch: ScheduledBatch, e: Exception) -> None:
+        log.warning("engine step failed; failing its %d requests", len(batch.reqs), exc_info=e)
+        err = EngineError(f"engine step failed: {type(e).__name__}: {e}")
+        for req in batch.reqs:
+            if not req.finished:
+                self.outputs.fail(req, err)
+        for req in batch.reqs:
+            self.scheduler.finish(req, cache_kv=False)
+        self._batch = self._ahead = None
+
+    # ---- run-ahead decode (run_ahead.py) -----------------------------------------------
+    def _may_run_ahead(self, batch: ScheduledBatch) -> bool:
+        out = self.outputs
+        return (
+            self.run_ahead
+            and batch.mode is ForwardMode.DECODE
+            and not out.spec.enabled
+            and all(run_ahead.eligible(out, r, 0) for r in batch.reqs)
+        )
+
+    def _step_ahead(self) -> None:
+        """Queue the decode step after the one in flight (when it may run ahead), then read and
+        process the tokens of the one in flight while the GPU computes the next."""
+        prev = self._ahead
+        assert prev is not None
+        self._ahead = None
+        self._batch = prev.batch
+        try:
+            self._ahead = self._launch_next(prev)
+            self.outputs.flush_deferred()
+            run_ahead.complete(self.outputs, prev)
+        except Exception as e:  # the next step holds only requests of this one: both fail
+            self._fail_batch(prev.batch, e)
+            return
+        self._after(prev.batch)
+
+    def _launch_next(self, prev: run_ahead.Ahead) -> run_ahead.Ahead | None:
+        sched = self.scheduler
+        if sched.waiting or sched.extending or sched.chunked is not None or not self.run_ahead:
+            return None  # admissions and extends go first: process this step, then schedule
+        reqs = prev.batch.reqs
+        live = [r for r in reqs if not r.finished]
+        running = sched.running
+        if len(live) != len(running) or any(a is not b for a, b in zip(live, running)):
+            return None  # the ordinary schedule decides who decodes next
+        ctx = self.config.context_len
+        keep = [i for i, r in enumerate(reqs) if run_ahead.goes_on(r, ctx)]
+        nxt = [reqs[i] for i in keep]
+        if not nxt or self.outputs.spec.enabled:
+            return None
+        if not all(run_ahead.eligible(self.outputs, r, 1) for r in nxt):
+            return None
+        sb = sched.schedule_ahead(nxt)
+        if sb is None:
+            return None
+        ids = prev.tokens
+        if len(keep) != len(reqs):
+            ids = ids.index_select(0, torch.tensor(keep).to(ids.device, non_blocking=True))
+        # a row with no allowed token samples -1 (its request ends when the host reads it); the
+        # row still computes, so keep its id inside the embedding table
+        step = self.runner.run(sb, ahead_ids=ids.clamp(min=0))
+        self.num_run_ahead_steps += 1
+        return run_ahead.launch(self.outputs, sb, step)
 
     def _abort_all(self) -> None:
         msg = "the engine was shut down before this request finished"

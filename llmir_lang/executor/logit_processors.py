@@ -80,9 +80,9 @@ def apply_top_k(x: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     # One partial topk with the batch's largest k serves every row; rows without a cut get -inf.
     kmax = max(cut)
     vals = torch.topk(x, kmax, dim=-1).values
-    k = torch.tensor([min(k, kmax) for k in ks], dtype=torch.int64, device=x.device)
+    k = torch.tensor([min(k, kmax) for k in ks], dtype=torch.int64).to(x.device, non_blocking=True)
     kth = vals.gather(1, (k - 1).unsqueeze(1))
-    no_cut = torch.tensor([k >= vocab for k in ks], dtype=torch.bool, device=x.device)
+    no_cut = torch.tensor([k >= vocab for k in ks], dtype=torch.bool).to(x.device, non_blocking=True)
     kth = kth.masked_fill(no_cut.unsqueeze(1), _NEG_INF)
     return x.masked_fill(x < kth, _NEG_INF)
 

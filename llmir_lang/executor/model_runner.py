@@ -133,9 +133,11 @@ class ModelRunner:
 
     # ---- entry point ----------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, sb: ScheduledBatch) -> StepLogits:
+    def run(self, sb: ScheduledBatch, ahead_ids: torch.Tensor | None = None) -> StepLogits:
+        """``ahead_ids``: a decode step's input ids on the device (the step before it has sampled
+        them but the host has not read them: ``run_ahead``); otherwise they come from the requests."""
         if sb.mode is ForwardMode.DECODE:
-            logits = self._decode(sb.reqs, [p + 1 for p in sb.prefix_lens])
+            logits = self._decode(sb.reqs, [p + 1 for p in sb.prefix_lens], ahead_ids)
             n = len(sb.reqs)
             self.num_forward_calls += 1
             self.num_tokens_computed += n
@@ -184,7 +186,9 @@ class ModelRunner:
         return StepLogits(logits, sample_rows, [(0, -1, 0)] * len(sb.reqs))
 
     # ---- decode ---------------------------------------------------------------------------
-    def _decode(self, reqs: Sequence[Any], kv_lens: list[int]) -> torch.Tensor:
+    def _decode(
+        self, reqs: Sequence[Any], kv_lens: list[int], ahead_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits ``[B, vocab]`` of one decode step; request b's KV is ``kv_slots[:kv_lens[b]]``."""
         t0 = time.perf_counter()
         n = len(reqs)
@@ -203,7 +207,9 @@ class ModelRunner:
         for req, kv_len in zip(reqs, kv_lens):
             p = kv_len - 1
             np_ = len(req.prompt_ids)
-            if p < np_:
+            if ahead_ids is not None:
+                ids.append(0)  # written on the device below
+            elif p < np_:
                 ids.append(req.prompt_ids[p])
             elif p - np_ < len(req.output_ids):
                 ids.append(req.output_ids[p - np_])
@@ -216,6 +222,8 @@ class ModelRunner:
         host += [k - plen for k in kv_lens] if plen else kv_lens
         host += zeros
         buf.meta[:, :bsz].copy_(int64_tensor(host).view(6, bsz), non_blocking=True)
+        if ahead_ids is not None:
+            buf.meta[META_IDS, :n].copy_(ahead_ids, non_blocking=True)
         if self.table.generation != self._table_generation and self.graphs is not None:
             self.graphs.clear()  # the graphs read the old table
         self._table_generation = self.table.generation

@@ -43,7 +43,7 @@ from llmir_lang.executor.sampling_params import SamplingParams
 
 @dataclass(slots=True)
 class SampleOutput:
-    """What one sampling step returns, on the CPU.
+    """What one sampling step returns: on the CPU, or on the logits' device with ``on_device``.
 
     ``token_ids[b] == -1`` means row b had no allowed token (every logit masked).
     ``logprobs`` is None unless some row asked for logprobs (``return_logprob`` or
@@ -101,6 +101,7 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
         bitmask: torch.Tensor | None = None,
         banned_ids: Sequence[TokenIds] | None = None,
+        on_device: bool = False,
     ) -> SampleOutput:
         """Sample one token per row of ``logits [B, V']`` (see the module docstring for the order).
 
@@ -110,6 +111,10 @@ class Sampler:
         arrays or 1-D tensors; with a repetition penalty the prompt is re-read every step, so an
         engine with long prompts should keep each prompt as an array made once (about 3x cheaper
         per step than a Python list, measured).
+
+        ``on_device``: leave ``token_ids`` and ``logprobs`` on the logits' device, so the caller can
+        copy them to the host asynchronously (the engine's run-ahead decode); no row may ask for
+        top logprobs then, since those are built as host lists.
         """
         rows = {
             "params": params,
@@ -130,7 +135,7 @@ class Sampler:
                 # the token is the argmax (in the model's dtype, no copy) and one copy to the host.
                 max_vals, tokens = logits[:, :vocab].max(dim=-1)
                 tokens = tokens.masked_fill(max_vals == _NEG_INF, -1)
-                return SampleOutput(tokens.to("cpu", torch.int64), None, [None] * batch)
+                return SampleOutput(_placed(tokens, on_device), None, [None] * batch)
         temps = [p.temperature for p in params]
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         freq_rows = [
@@ -176,13 +181,15 @@ class Sampler:
         sample_rows = [i for i, t in enumerate(temps) if t > 0.0]
         if sample_rows:
             tokens = tokens.clone()
-            tokens[torch.tensor(sample_rows, device=x.device)] = self._sample_rows(
+            tokens[_on(sample_rows, torch.int64, x.device)] = self._sample_rows(
                 x, sample_rows, all_masked, params, generators
             )
         tokens = tokens.masked_fill(all_masked, -1)
 
-        logprobs, top = _report_logprobs(x, tokens, all_masked, params)
-        return SampleOutput(tokens.to("cpu", torch.int64), logprobs, top)
+        if on_device and any(p.top_logprobs_num for p in params):
+            raise EngineError("Sampler.sample(on_device=True) cannot report top logprobs")
+        logprobs, top = _report_logprobs(x, tokens, all_masked, params, on_device)
+        return SampleOutput(_placed(tokens, on_device), logprobs, top)
 
     def _sample_rows(
         self,
@@ -194,8 +201,8 @@ class Sampler:
     ) -> torch.Tensor:
         """Draw one token for each of ``rows`` (temperature > 0); returns ``[len(rows)]`` int64."""
         device = x.device
-        rows_t = torch.tensor(rows, device=device)
-        temp = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=device)
+        rows_t = _on(rows, torch.int64, device)
+        temp = _on([params[i].temperature for i in rows], torch.float32, device)
         xs = x[rows_t].float() / temp.unsqueeze(1)
         # An all-masked row would make softmax NaN; its token becomes -1 later.
         xs = xs.masked_fill(all_masked[rows_t].unsqueeze(1), 0.0)
@@ -205,15 +212,15 @@ class Sampler:
         if any(p < 1.0 for p in top_p):
             xs = apply_top_k_top_p(
                 xs,
-                torch.tensor(top_k, dtype=torch.int64, device=device),
-                torch.tensor(top_p, dtype=torch.float32, device=device),
+                _on(top_k, torch.int64, device),
+                _on(top_p, torch.float32, device),
             )
         elif any(0 < k < xs.shape[1] for k in top_k):
             # No top-p in this batch: a partial top-k is much cheaper than a full sort.
             xs = apply_top_k(xs, top_k)
         min_p = [params[i].min_p for i in rows]
         if any(m > 0.0 for m in min_p):
-            xs = apply_min_p(xs, torch.tensor(min_p, dtype=torch.float32, device=device))
+            xs = apply_min_p(xs, _on(min_p, torch.float32, device))
         probs = torch.softmax(xs, dim=-1)
 
         # Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws token i with probability
@@ -227,7 +234,7 @@ class Sampler:
         if len(shared) == len(rows):
             noise.exponential_(generator=shared_gen)
         elif shared:
-            idx = torch.tensor(shared, device=device)
+            idx = _on(shared, torch.int64, device)
             noise[idx] = torch.empty(len(shared), probs.shape[1], device=device).exponential_(
                 generator=shared_gen
             )
@@ -281,8 +288,24 @@ def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+def _on(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, copied without waiting for the device's queue
+    (``torch.tensor(..., device=cuda)`` would wait for every kernel queued before it, which undoes
+    the engine's run-ahead decode)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def _placed(tokens: torch.Tensor, on_device: bool) -> torch.Tensor:
+    """int64 token ids on the host, or left where they are (``on_device``)."""
+    return tokens.to(torch.int64) if on_device else tokens.to("cpu", torch.int64)
+
+
 def _report_logprobs(
-    x: torch.Tensor, tokens: torch.Tensor, all_masked: torch.Tensor, params: Sequence[SamplingParams]
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    all_masked: torch.Tensor,
+    params: Sequence[SamplingParams],
+    on_device: bool = False,
 ) -> tuple[torch.Tensor | None, list[list[tuple[int, float]] | None]]:
     top_n = [p.top_logprobs_num for p in params]
     if not any(p.return_logprob for p in params) and not any(top_n):
@@ -290,7 +313,9 @@ def _report_logprobs(
     x = x.float()
     lse = torch.logsumexp(x, dim=-1)
     picked = x.gather(1, tokens.clamp(min=0).unsqueeze(1)).squeeze(1) - lse
-    logprobs = picked.masked_fill(all_masked, _NEG_INF).to("cpu", torch.float32)
+    logprobs = picked.masked_fill(all_masked, _NEG_INF).to(torch.float32)
+    if not on_device:
+        logprobs = logprobs.cpu()
     top: list[list[tuple[int, float]] | None] = [None] * len(params)
     k = min(max(top_n), x.shape[1])
     if k > 0:

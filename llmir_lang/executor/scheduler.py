@@ -286,6 +286,18 @@ class Scheduler:
             self.retract(max(self.running, key=lambda r: (r.arrival_step, r.rid)))
         return None
 
+    def schedule_ahead(self, reqs: list[Req]) -> ScheduledBatch | None:
+        """The decode step after the one in flight, for ``reqs`` (running, in order), launched before
+        that step's tokens are known (``run_ahead``); None when the pool has no room (the ordinary
+        schedule then retracts as usual)."""
+        if not self._alloc_decode(reqs):
+            return None
+        self.step_count += 1
+        n = len(reqs)
+        return ScheduledBatch(
+            ForwardMode.DECODE, reqs, [len(r.kv_slots) - 1 for r in reqs], [1] * n, [True] * n
+        )
+
     def _alloc_decode(self, reqs: list[Req]) -> bool:
         """One more slot for every request, all or none (False: the pool is full even after eviction).
 

@@ -51,3 +51,14 @@ def test_speculation_on_cuda_gives_the_same_tokens(backend):
         check_spec_equals_plain(eng, atol=1e-3)
     finally:
         eng.speculative_draft_tokens = saved
+
+
+def test_run_ahead_on_cuda_gives_the_same_tokens(backend):
+    """Decode steps queued before the previous step's tokens are read (the CUDA default), through
+    the decode graphs: the same tokens as reading each step's tokens first."""
+    from test_run_ahead import check_run_ahead_equals_plain
+
+    eng = backend.engine
+    assert eng.run_ahead
+    check_run_ahead_equals_plain(eng, atol=1e-4)
+    assert eng.run_ahead
