@@ -12,7 +12,7 @@ A decode step time is the runner's ``run`` (host batch building + model), synchr
 sides; "engine step" is the time between consecutive decode steps (adds scheduling, sampling and
 output processing). Both come from a run with those synchronizations, which also stop the
 engine's run-ahead decode (step N+1 queued before step N's tokens are read), so the headline
-figures come from untimed runs: the shared batch's wall time, with run-ahead on (the CUDA default)
+figures come from untimed runs: the shared batch's wall time, with run-ahead on (set here)
 and off, alternated; and the roofline section's ``wall_step_ms``, the wall time per decode step
 of untimed ``generate`` calls (the difference between a long and a short run over the same
 prompts, so prefill cancels out). Results: a table on stdout and JSON in ``--out`` (and
@@ -207,7 +207,7 @@ def section_shared(
     eng.generate(shared_prompts(1, vocab, a), params)  # warm-up: graphs captured, kernels compiled
     eng.flush_cache()
     prompts = shared_prompts(0, vocab, a)
-    # untimed runs (no synchronization inside), run-ahead on (the default) and off, alternated
+    # untimed runs (no synchronization inside), run-ahead on and off, alternated
     walls: dict[bool, list[float]] = {True: [], False: []}
     outs: dict[bool, list[list[int]]] = {}
     for _ in range(a.wall_runs):
@@ -319,6 +319,7 @@ def section_roofline(eng: Engine, timer: StepTimer, a: argparse.Namespace) -> li
                     "roofline_ms": roof * 1e3,
                     "pct_of_roofline": 100 * roof / m["step_s"],
                     "wall_step_ms": wall * 1e3,
+                    "run_ahead": eng.run_ahead,
                     "pct_of_roofline_wall": 100 * roof / wall,
                     "weight_GB": wbytes / 1e9,
                     "kv_GB": m["kv_tokens"] * tok_bytes / 1e9,

@@ -126,7 +126,7 @@ class Engine(EngineScoring, EngineLoop):
         self.speculative_draft_tokens = speculative_draft_tokens
         self.seed = seed
         self.jump_forward = jump_forward
-        # queue decode step N+1 before reading step N's tokens (run_ahead.py); None: on for CUDA
+        # queue decode step N+1 before reading step N's tokens (run_ahead.py); None: the default
         self.run_ahead = run_ahead_default(self.device.type) if run_ahead is None else bool(run_ahead)
         self._rids = itertools.count()
         # Req to admit, a callable to run between steps on the engine thread, or None to stop

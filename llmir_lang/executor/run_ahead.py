@@ -42,14 +42,15 @@ RUN_AHEAD_ENV = "LLMIR_RUN_AHEAD"
 
 
 def run_ahead_default(device_type: str) -> bool:
-    """On for CUDA, where the forward is asynchronous; off on the CPU (nothing to overlap with).
-    ``LLMIR_RUN_AHEAD=1`` / ``=0`` overrides (tests run it on the CPU; A/B timings on the GPU)."""
+    """Off for now on every device: on the CPU the forward is synchronous (nothing to overlap
+    with), and on CUDA it has not yet been run on a GPU (no GPU was available in the session that
+    wrote it; ``benchmarks/gpu/bench_engine_gpu.py`` measures it on and off, and
+    ``test_engine_paths_gpu.py`` checks its tokens). ``Engine(run_ahead=True)`` or
+    ``LLMIR_RUN_AHEAD=1`` turns it on; ``=0`` forces it off."""
     forced = os.environ.get(RUN_AHEAD_ENV, "").strip().lower()
     if forced in ("1", "true", "yes", "on"):
         return True
-    if forced in ("0", "false", "no", "off"):
-        return False
-    return device_type == "cuda"
+    return False
 
 
 @dataclass(slots=True)
