@@ -249,3 +249,38 @@ def test_generate_from_many_threads_with_run_ahead(eng):
         set_ahead(eng, False)
     assert [out[i] for i in range(8)] == alone
     assert_pool_whole(eng)
+
+
+def test_a_failure_with_a_step_in_flight_fails_only_its_requests(eng, monkeypatch):
+    """Reading a step's tokens fails while the next step is in flight: that step's requests (also
+    the ones in flight) fail with an EngineError, the engine keeps serving, the pool is whole."""
+    from llmir_lang.executor import run_ahead
+
+    real = run_ahead.complete
+    calls = [0]
+
+    def flaky(out: Any, ahead: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected")
+        real(out, ahead)
+
+    monkeypatch.setattr(run_ahead, "complete", flaky)
+    set_ahead(eng, True)
+    try:
+        gate = threading.Event()
+        eng._inbox.put(gate.wait)  # hold the engine thread: the three are admitted in one step
+        try:
+            futs = [eng.submit(IDS[: 3 + i], {"max_new_tokens": 12, "ignore_eos": True}) for i in range(3)]
+        finally:
+            gate.set()
+        for f in futs:
+            with pytest.raises(errors.EngineError, match="injected"):
+                f.result(timeout=60)
+        assert calls[0] >= 3
+        monkeypatch.setattr(run_ahead, "complete", real)
+        again = eng.generate(IDS, {"max_new_tokens": 12, "ignore_eos": True})
+    finally:
+        set_ahead(eng, False)
+    assert again.token_ids == eng.generate(IDS, {"max_new_tokens": 12, "ignore_eos": True}).token_ids
+    assert_pool_whole(eng)
