@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmir_lang.executor import cpu_forward
 from llmir_lang.executor.attention import AttentionBackend, ForwardBatch
 from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
 
@@ -251,7 +252,7 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.ops = PLAIN_OPS
-        self._cpu_layers: list[_CpuLayer] | None = None
+        self._cpu_layers: list[cpu_forward.CpuLayer] | None = None
 
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -276,25 +277,17 @@ class CausalLM(nn.Module):
         return F.linear(x, self.output_weight()).float()
 
     def _forward_cpu(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
-        """``forward`` for fp32 on the CPU with the plain ops: the same operations on the same
-        values, with fewer dispatches (see the module docstring)."""
+        """``forward`` for fp32 on the CPU with the plain ops (``cpu_forward``; see the module
+        docstring)."""
         cfg = self.config
         layers = self._cpu_layers
         if layers is None:
-            layers = self._cpu_layers = [_CpuLayer.of(layer) for layer in self.model.layers]
+            layers = self._cpu_layers = [cpu_forward.CpuLayer.of(layer) for layer in self.model.layers]
         x = self.model.embed_tokens.weight.index_select(0, batch.input_ids)
         cos, sin = self.rotary.cached_tables(batch.positions)
         dims = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
-        residual: torch.Tensor | None = None
-        for layer in layers:
-            x, residual = _layer_cpu(layer, x, residual, cos, sin, backend, dims)
-        assert residual is not None, "a model has at least one layer"
-        if batch.logits_indices is not None:
-            x = x.index_select(0, batch.logits_indices)
-            residual = residual.index_select(0, batch.logits_indices)
-        norm = self.model.norm
-        x = _norm(x.add_(residual), norm.weight, norm.eps)
-        return F.linear(x, self.output_weight())
+        head, norm = self.output_weight(), self.model.norm.weight
+        return cpu_forward.forward(layers, x, cos, sin, batch.logits_indices, norm, head, backend, dims)
 
     def column_major_projections(self) -> None:
         """Store every projection weight (and the output layer) column-major: ``[in, out]``
@@ -324,83 +317,3 @@ class CausalLM(nn.Module):
     def load_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self._cpu_layers = None
         return super().load_state_dict(*args, **kwargs)
-
-
-@dataclass(slots=True)
-class _CpuLayer:
-    """One decoder layer's tensors as ``_layer_cpu`` uses them: projection weights transposed
-    (views, so each projection is one ``mm``/``addmm`` dispatch), biases, norm weights. Views of
-    the parameters: in-place weight updates show through; ``CausalLM`` drops them on ``_apply``
-    (``to``, ``to_empty``, ...) and ``load_state_dict``, where parameters may be replaced."""
-
-    layer_id: int
-    norm1: torch.Tensor
-    qkv: torch.Tensor
-    qkv_b: torch.Tensor | None
-    o: torch.Tensor
-    o_b: torch.Tensor | None
-    norm2: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_b: torch.Tensor | None
-    down: torch.Tensor
-    down_b: torch.Tensor | None
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
-
-    @classmethod
-    def of(cls, layer: DecoderLayer) -> _CpuLayer:
-        a, m = layer.self_attn, layer.mlp
-        qn, kn = (a.q_norm.weight, a.k_norm.weight) if a.qk_norm else (None, None)
-        return cls(
-            a.layer_id,
-            layer.input_layernorm.weight,
-            a.qkv_proj.weight.t(),
-            a.qkv_proj.bias,
-            a.o_proj.weight.t(),
-            a.o_proj.bias,
-            layer.post_attention_layernorm.weight,
-            m.gate_up_proj.weight.t(),
-            m.gate_up_proj.bias,
-            m.down_proj.weight.t(),
-            m.down_proj.bias,
-            qn,
-            kn,
-        )
-
-
-def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, weight.shape, weight, eps)  # rms_norm's fp32 branch, without the dtype test
-
-
-def _proj(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, wt.t(), b)`` for 2-D ``x``: the same ``mm``/``addmm`` it runs."""
-    return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
-
-
-def _layer_cpu(
-    p: _CpuLayer,
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    backend: AttentionBackend,
-    dims: tuple[int, int, int, float],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``DecoderLayer.forward`` with the plain fp32 ops, for the CPU. ``x`` is a tensor this forward
-    made (the embedding lookup or a projection's output), so the residual add may write into it."""
-    h_q, h_kv, d, eps = dims
-    t = x.shape[0]
-    residual = x if residual is None else x.add_(residual)
-    qkv = _proj(_norm(residual, p.norm1, eps), p.qkv, p.qkv_b)
-    qk, v = qkv.split(((h_q + h_kv) * d, h_kv * d), 1)
-    qk = qk.view(t, h_q + h_kv, d)
-    if p.q_norm is not None and p.k_norm is not None:
-        q, k = qk.split((h_q, h_kv), 1)
-        qk = torch.cat((rms_norm(q, p.q_norm, eps), rms_norm(k, p.k_norm, eps)), 1)
-    # rope_qkv's rotation (an in-place addcmul_ would be one op fewer, but it fuses the multiply
-    # and add into one rounding, and the result would no longer equal the module path's bit for bit)
-    q, k = (qk * cos + torch.roll(qk, d // 2, -1) * sin).split((h_q, h_kv), 1)
-    o = backend.forward(q, k, v.view(t, h_kv, d), p.layer_id)
-    residual = _proj(o.reshape(t, h_q * d), p.o, p.o_b).add_(residual)
-    gate, up = _proj(_norm(residual, p.norm2, eps), p.gate_up, p.gate_up_b).chunk(2, -1)
-    return _proj(F.silu(gate, inplace=True).mul_(up), p.down, p.down_b), residual
