@@ -1,32 +1,34 @@
-"""``CausalLM``'s forward for fp32 on the CPU: the same model, arranged for a machine where a step
-of a few rows is mostly per-op dispatch cost and matrix-vector products.
+"""``CausalLM``'s forward in fp32 on the CPU: the module path's model, arranged for a machine where a
+step of a few rows is matrix-vector products from memory plus per-op dispatch cost.
 
-Two arrangements of one layer, picked per step by its row count:
+* Projections go to numpy's OpenBLAS on zero-copy views (``Tensor.numpy`` of the ``[in, out]``
+  weight views; ``CausalLM.column_major_projections`` makes them contiguous): one ``sgemv`` per
+  row at 1-3 rows, ``sgemm`` above. Measured on the bundled model (2-core AVX2 EPYC, one thread),
+  torch's MKL ``sgemm`` costs 1.3-1.9x OpenBLAS's ``sgemv`` for one row and 10-25% more than
+  OpenBLAS at 4 to 200 rows, in the projections of a whole step; at 2 and 3 rows OpenBLAS's
+  ``sgemm`` is 20-30% slower than MKL, and a ``sgemv`` per row about even with it.
+* A step of one row (decode at batch 1, the sequential case) runs every op but attention in numpy
+  (``layer_row``): a numpy ufunc on a few hundred floats costs about 1 us where a torch op costs
+  3-5 us (an RMSNorm is a ``sdot`` and two multiplies, against ``F.rms_norm``'s six CPU ops), and
+  the attention inputs are tensor views made once per step over arrays each layer writes into.
+  Numpy elementwise ops measured no faster than torch's from 2 rows on (and numpy's float32
+  ``exp`` is slower on big tensors), so steps of more rows keep torch ops (``layer_torch``): no
+  module calls, residual adds and SwiGLU in place.
 
-* up to ``NUMPY_MAX_ROWS`` rows (decode at small batch, jump-forward's forced tokens, speculative
-  verify steps), every op but attention runs in numpy on zero-copy views of the weights and of
-  the activations (``Tensor.numpy`` / ``torch.from_numpy``): a numpy ufunc on a few hundred floats
-  costs about 1 us where a torch op costs 3-5 us, and an RMSNorm is 4-10 us in numpy against 17-30
-  us for ``F.rms_norm`` (which decomposes into six ops on the CPU). One-row projections go to
-  numpy's OpenBLAS ``sgemv``, 1.3-1.9x faster than ``torch.mm`` (MKL's ``sgemm``) on the bundled
-  model's shapes with the weight ``[in, out]`` contiguous (``CausalLM.column_major_projections``);
-  for 2..8 rows OpenBLAS's small ``sgemm`` is as often slower as faster, so those stay ``torch.mm``.
-* more rows (prefills, large decode batches): torch ops, which thread and vectorize better on big
-  tensors (numpy's float32 ``exp`` is ~2.5x slower than torch's at 300 rows), one ``mm`` per
-  projection on transposed weight views, residual adds and SwiGLU in place.
+Both compute Hugging Face's fp32 Llama step; they differ from the module path by rounding only
+(another BLAS's summation order, numpy's ``exp`` and dot products): about 1e-6 relative.
 
-Both compute Hugging Face's fp32 Llama step; they differ from the module path only by rounding
-(another BLAS's summation order, numpy's own ``exp`` and reductions): about 1e-6 relative.
-
-OpenBLAS gets no more threads than torch: its thread count is set to ``torch.get_num_threads()``
-whenever that changes (checked once per forward, a fraction of a microsecond), so a benchmark at
-one torch thread uses one core. This sets the process-wide OpenBLAS count, which numpy shares. Where
-numpy's BLAS is not OpenBLAS or threadpoolctl cannot see it, one-row projections keep ``torch.mm``.
+OpenBLAS gets no more threads than torch: before each forward its thread count is set to
+``torch.get_num_threads()`` if that changed (a comparison per step), so a benchmark at one torch
+thread uses one core. The count is process-wide: numpy elsewhere in the process shares it. Where
+numpy's BLAS is not OpenBLAS, or threadpoolctl is missing or cannot see it, projections keep
+``torch.mm`` (``torch.mv`` for one row).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +38,7 @@ import torch.nn.functional as F
 
 from llmir_lang.executor.attention import AttentionBackend
 
-NUMPY_MAX_ROWS = 16  # steps with more rows take the torch arrangement
-
+GEMV_ROWS = (2, 3)  # row counts where one sgemv per row beats OpenBLAS's sgemm (see proj_t)
 
 # ---- OpenBLAS threads --------------------------------------------------------------------------
 
@@ -105,7 +106,7 @@ class CpuLayer:
     down_b: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    arrays: tuple[np.ndarray | None, ...]  # the fields above from norm1 on, as numpy arrays
+    arrays: tuple[Any, ...]  # the fields above from norm1 on, as numpy arrays (or None)
 
     @classmethod
     def of(cls, layer: Any) -> CpuLayer:
@@ -129,16 +130,28 @@ class CpuLayer:
         return cls(a.layer_id, *ts, tuple(_np(t) for t in ts))
 
 
-# ---- the torch arrangement (many rows) -------------------------------------------------------
+# ---- steps of several rows: torch ops -------------------------------------------------------
 
 
 def norm_t(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def proj_t(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, wt.t(), b)`` for 2-D ``x``: the same ``mm``/``addmm`` it runs."""
-    return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
+def proj_t(
+    x: torch.Tensor, wt: torch.Tensor, w: np.ndarray, b: torch.Tensor | None, blas: bool
+) -> torch.Tensor:
+    """``F.linear(x, wt.t(), b)`` for 2-D ``x`` (``w`` is ``wt`` as an array): through OpenBLAS
+    where ``blas`` says it is capped, else the ``mm``/``addmm`` ``F.linear`` runs."""
+    if not blas:
+        return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
+    y = torch.empty(x.shape[0], wt.shape[1])
+    xn, yn = x.numpy(), y.numpy()
+    if x.shape[0] in GEMV_ROWS:
+        for r in range(x.shape[0]):
+            np.matmul(xn[r], w, out=yn[r])
+    else:
+        np.matmul(xn, w, out=yn)
+    return y if b is None else y.add_(b)
 
 
 def layer_torch(
@@ -149,13 +162,15 @@ def layer_torch(
     sin: torch.Tensor,
     backend: AttentionBackend,
     dims: tuple[int, int, int, float],
+    blas: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``DecoderLayer.forward`` with the plain fp32 ops. ``x`` is a tensor this forward made (the
     embedding lookup or a projection's output), so the residual add may write into it."""
     h_q, h_kv, d, eps = dims
+    _, qkv_w, _, o_w, _, _, gu_w, _, down_w, _, _, _ = p.arrays
     t = x.shape[0]
     residual = x if residual is None else x.add_(residual)
-    qkv = proj_t(norm_t(residual, p.norm1, eps), p.qkv, p.qkv_b)
+    qkv = proj_t(norm_t(residual, p.norm1, eps), p.qkv, qkv_w, p.qkv_b, blas)
     qk, v = qkv.split(((h_q + h_kv) * d, h_kv * d), 1)
     qk = qk.view(t, h_q + h_kv, d)
     if p.q_norm is not None and p.k_norm is not None:
@@ -164,17 +179,26 @@ def layer_torch(
     # rope_qkv's rotation: rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]
     q, k = (qk * cos + torch.roll(qk, d // 2, -1) * sin).split((h_q, h_kv), 1)
     o = backend.forward(q, k, v.view(t, h_kv, d), p.layer_id)
-    residual = proj_t(o.reshape(t, h_q * d), p.o, p.o_b).add_(residual)
-    gate, up = proj_t(norm_t(residual, p.norm2, eps), p.gate_up, p.gate_up_b).chunk(2, -1)
-    return proj_t(F.silu(gate, inplace=True).mul_(up), p.down, p.down_b), residual
+    residual = proj_t(o.reshape(t, h_q * d), p.o, o_w, p.o_b, blas).add_(residual)
+    gate_up = proj_t(norm_t(residual, p.norm2, eps), p.gate_up, gu_w, p.gate_up_b, blas)
+    gate, up = gate_up.chunk(2, -1)
+    act = F.silu(gate, inplace=True).mul_(up)
+    return proj_t(act, p.down, down_w, p.down_b, blas), residual
 
 
-# ---- the numpy arrangement (few rows) ---------------------------------------------------------
+# ---- steps of one row: numpy ops -----------------------------------------------------------
 
 
-def norm_np(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm over the last dim of ``x`` (any leading dims), into a new array."""
-    ms = np.einsum("...i,...i->...", x, x)[..., None]
+def norm_row(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of one row ``x [hidden]`` into a new array: a ``sdot`` and two multiplies."""
+    y = x * weight
+    y *= 1.0 / math.sqrt(float(np.dot(x, x)) / x.shape[0] + eps)
+    return y
+
+
+def norm_heads(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last dim of ``x [heads, head_dim]`` (Qwen3's q/k norms), into a new array."""
+    ms = np.einsum("ij,ij->i", x, x)[:, None]
     ms *= np.float32(1.0 / x.shape[-1])
     ms += np.float32(eps)
     np.sqrt(ms, out=ms)
@@ -183,28 +207,34 @@ def norm_np(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return y
 
 
-def proj_np(x: np.ndarray, w: np.ndarray, wt: torch.Tensor, b: np.ndarray | None, gemv: bool) -> np.ndarray:
-    """``x @ w (+ b)`` for 2-D ``x``: one row through OpenBLAS's ``sgemv`` where ``gemv`` says
-    OpenBLAS is capped, other row counts through ``torch.mm`` on the same memory (faster there)."""
-    if gemv and x.shape[0] == 1:
-        y = np.matmul(x, w)
+def gemv(
+    x: np.ndarray, w: np.ndarray, wt: torch.Tensor, b: np.ndarray | None, blas: bool, out: Any = None
+) -> np.ndarray:
+    """``x @ w (+ b)`` for one row ``x``: OpenBLAS's ``sgemv`` where ``blas`` says it is capped,
+    else ``torch.mv`` over the same memory."""
+    if blas:
+        y = np.matmul(x, w, out=out)
     else:
-        y = torch.mm(torch.from_numpy(x), wt).numpy()
+        y = torch.mv(wt.t(), torch.from_numpy(x), out=None if out is None else torch.from_numpy(out)).numpy()
     if b is not None:
         y += b
     return y
 
 
-def rope_np(qk: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """``qk * cos + rotate_half(qk) * sin`` with ``sin`` sign-folded (``[-sin, sin]`` halves)."""
-    half = qk.shape[-1] // 2
-    out = qk * cos
-    out[..., :half] += qk[..., half:] * sin[..., :half]
-    out[..., half:] += qk[..., :half] * sin[..., half:]
-    return out
+class RowScratch:
+    """Arrays one row's layers write into, with the attention inputs as tensors over them, made
+    once per forward: a tensor view costs a few microseconds, about what a layer's numpy ops cost."""
+
+    def __init__(self, h_q: int, h_kv: int, d: int):
+        self.qkv = np.empty((h_q + 2 * h_kv) * d, np.float32)
+        self.rot = np.empty((h_q + h_kv, d), np.float32)
+        self.tmp = np.empty((h_q + h_kv, d), np.float32)
+        rot = torch.from_numpy(self.rot).view(1, h_q + h_kv, d)
+        self.q, self.k = rot[:, :h_q], rot[:, h_q:]
+        self.v = torch.from_numpy(self.qkv[(h_q + h_kv) * d :]).view(1, h_kv, d)
 
 
-def layer_np(
+def layer_row(
     p: CpuLayer,
     x: np.ndarray,
     residual: np.ndarray | None,
@@ -212,30 +242,35 @@ def layer_np(
     sin: np.ndarray,
     backend: AttentionBackend,
     dims: tuple[int, int, int, float],
-    gemv: bool,
+    blas: bool,
+    s: RowScratch,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``layer_torch`` in numpy but for attention; ``x`` is an array this forward made."""
+    """``layer_torch`` for a step of one row ``x [hidden]`` (an array this forward made), in numpy
+    but for attention; ``cos``/``sin`` are ``[head_dim]``."""
     h_q, h_kv, d, eps = dims
     norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, down_w, down_b, q_norm, k_norm = p.arrays
-    t = x.shape[0]
     residual = x if residual is None else np.add(x, residual, out=x)
-    qkv = proj_np(norm_np(residual, norm1, eps), qkv_w, p.qkv, qkv_b, gemv)  # type: ignore[arg-type]
-    qk = qkv[:, : (h_q + h_kv) * d].reshape(t, h_q + h_kv, d)
+    gemv(norm_row(residual, norm1, eps), qkv_w, p.qkv, qkv_b, blas, s.qkv)
+    qk = s.qkv[: (h_q + h_kv) * d].reshape(h_q + h_kv, d)
     if q_norm is not None and k_norm is not None:
-        qk = np.concatenate((norm_np(qk[:, :h_q], q_norm, eps), norm_np(qk[:, h_q:], k_norm, eps)), 1)
-    q, k = torch.from_numpy(rope_np(qk, cos, sin)).split((h_q, h_kv), 1)
-    v = torch.from_numpy(qkv[:, (h_q + h_kv) * d :]).view(t, h_kv, d)
-    o = backend.forward(q, k, v, p.layer_id).reshape(t, h_q * d).numpy()
-    residual += proj_np(o, o_w, p.o, o_b, gemv)  # type: ignore[arg-type]
-    gate_up = proj_np(norm_np(residual, norm2, eps), gu_w, p.gate_up, gu_b, gemv)  # type: ignore[arg-type]
-    inter = gate_up.shape[1] // 2
-    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        qk = np.concatenate((norm_heads(qk[:h_q], q_norm, eps), norm_heads(qk[h_q:], k_norm, eps)))
+    # rope_qkv's rotation by halves: x * cos + [-x2 * s, x1 * s] (sin is sign-folded)
+    half = d // 2
+    np.multiply(qk, cos, out=s.rot)
+    np.multiply(qk[:, half:], sin[:half], out=s.tmp[:, :half])
+    np.multiply(qk[:, :half], sin[half:], out=s.tmp[:, half:])
+    s.rot += s.tmp
+    o = backend.forward(s.q, s.k, s.v, p.layer_id).reshape(h_q * d).numpy()
+    residual += gemv(o, o_w, p.o, o_b, blas)
+    gate_up = gemv(norm_row(residual, norm2, eps), gu_w, p.gate_up, gu_b, blas)
+    inter = gate_up.shape[0] // 2
+    gate, up = gate_up[:inter], gate_up[inter:]
     act = np.negative(gate)  # silu(g) = g / (1 + exp(-g)), as torch computes it
     np.exp(act, out=act)
     act += np.float32(1.0)
     np.divide(gate, act, out=act)
     act *= up
-    return proj_np(act, down_w, p.down, down_b, gemv), residual  # type: ignore[arg-type]
+    return gemv(act, down_w, p.down, down_b, blas), residual
 
 
 # ---- the whole step ----------------------------------------------------------------------------
@@ -255,25 +290,22 @@ def forward(
     """Logits ``[len(rows) or T, vocab]`` of the embedded tokens ``x [T, hidden]`` (a tensor this
     forward made); ``head`` is the output layer's weight ``[vocab, hidden]``."""
     eps = dims[3]
-    gemv = openblas_threads().follow_torch()
-    if x.shape[0] > NUMPY_MAX_ROWS:
-        residual: torch.Tensor | None = None
+    blas = openblas_threads().follow_torch()
+    if x.shape[0] == 1:
+        xn, cn, sn = x.numpy()[0], cos.numpy().reshape(-1), sin.numpy().reshape(-1)
+        res: np.ndarray | None = None
+        scratch = RowScratch(*dims[:3])
         for layer in layers:
-            x, residual = layer_torch(layer, x, residual, cos, sin, backend, dims)
-        assert residual is not None, "a model has at least one layer"
-        if rows is not None:
-            x, residual = x.index_select(0, rows), residual.index_select(0, rows)
-        h = norm_t(x.add_(residual), final_norm, eps)
-        if gemv and h.shape[0] == 1:
-            return torch.from_numpy(np.matmul(h.numpy(), head.detach().t().numpy()))
-        return F.linear(h, head)
-    xn, cn, sn = x.numpy(), cos.numpy(), sin.numpy()
-    res: np.ndarray | None = None
+            xn, res = layer_row(layer, xn, res, cn, sn, backend, dims, blas, scratch)
+        assert res is not None, "a model has at least one layer"
+        h = norm_row(np.add(xn, res, out=xn), final_norm.detach().numpy(), eps)
+        logits = torch.from_numpy(gemv(h, head.detach().t().numpy(), head.t(), None, blas)).view(1, -1)
+        return logits if rows is None else logits.index_select(0, rows)
+    residual: torch.Tensor | None = None
     for layer in layers:
-        xn, res = layer_np(layer, xn, res, cn, sn, backend, dims, gemv)
-    assert res is not None, "a model has at least one layer"
+        x, residual = layer_torch(layer, x, residual, cos, sin, backend, dims, blas)
+    assert residual is not None, "a model has at least one layer"
     if rows is not None:
-        idx = rows.numpy()
-        xn, res = xn[idx], res[idx]
-    h = norm_np(np.add(xn, res, out=xn), final_norm.detach().numpy(), eps)
-    return torch.from_numpy(proj_np(h, head.detach().t().numpy(), head.t(), None, gemv))
+        x, residual = x.index_select(0, rows), residual.index_select(0, rows)
+    h = norm_t(x.add_(residual), final_norm, eps)
+    return proj_t(h, head.t(), head.detach().t().numpy(), None, blas)

@@ -17,14 +17,15 @@ The elementwise pieces are free functions bundled in ``FusedOps``, so ``compiled
 ``torch.compile``d versions (one kernel each on CUDA) without touching the modules. Every variant
 computes what Hugging Face's reference computes, rounding step for rounding step in fp32.
 
-On the CPU in fp32 with the plain ops, ``CausalLM.forward`` takes ``_forward_cpu``: the same
-operations on the same values as the module path (equal to it bit for bit), arranged for a
-machine where a decode step at batch 1 is mostly per-op dispatch cost, a few microseconds an op:
-no module calls, projection weights transposed once (one ``mm`` per projection, no ``t``),
-rotary rows looked up in a table cached by position, residual adds and SwiGLU in place. Other
-devices and dtypes, and compiled ops, run the module path unchanged. The loader stores fp32 CPU
-projection weights column-major (``column_major_projections``), which changes MKL's summation order:
-both paths then differ from Hugging Face's row-major GEMMs by rounding (about 1e-5 in the logits).
+On the CPU in fp32 with the plain ops, ``CausalLM.forward`` takes ``_forward_cpu``, which runs
+``cpu_forward``: the same model arranged for a machine where a decode step at batch 1 is weight
+streaming plus per-op dispatch cost (no module calls, projections through numpy's OpenBLAS on views
+of the weights, one-row steps in numpy but for attention, rotary rows looked up in a table cached
+by position). It equals the module path within rounding (about 1e-6 relative), not bit for bit.
+Other devices and dtypes, and compiled ops, run the module path unchanged. The loader stores fp32
+CPU projection weights column-major (``column_major_projections``), which changes the BLAS's
+summation order: both paths differ from Hugging Face's row-major GEMMs by rounding (about 1e-5 in
+the logits).
 """
 
 from __future__ import annotations
@@ -295,7 +296,8 @@ class CausalLM(nn.Module):
         path take either layout. On the CPU in fp32, MKL's sgemm streams this layout faster when a
         step has few rows (a one-token decode step about 20% faster in the projections, a
         jump-forward extend of a few tokens about 30%, measured on a 2-core AVX2 EPYC); prefill-
-        sized steps run at the same speed. The loader calls it for fp32 models on the CPU."""
+        sized steps run at the same speed; ``cpu_forward`` hands the same ``[in, out]`` memory to
+        OpenBLAS. The loader calls it for fp32 models on the CPU."""
         linears: list[nn.Linear] = []
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
