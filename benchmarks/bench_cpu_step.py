@@ -1,4 +1,5 @@
-"""CPU cost of one model step of the bundled ``llmir-tiny`` (fp32, one thread), before vs after.
+"""CPU cost of one model step of the bundled ``llmir-tiny`` (fp32, one torch thread unless
+``--threads``), before vs after.
 
 Times ``CausalLM.forward`` with the ``TorchAttentionBackend`` over a KV pool of random contents,
 on step shapes of ``benchmarks/bench_json.py`` (prompts of 60..79 tokens, records of up to ~45),
@@ -29,11 +30,12 @@ engine-S-N      not a model step: the engine on bench_json's batched workload, N
 ``--compare REV`` extracts ``REV`` of this repository (``git archive``, nothing in the checkout
 changes) and runs the cases in alternating subprocesses, baseline and current tree, ``--rounds``
 times each, so both see the same machine load; each round reports the median over ``--steps``
-steps, and the table shows the median of the rounds. It also checks that both trees produce the
-same logits for the same inputs (max abs diff). Without ``--compare`` only the current tree runs.
+steps, and the table shows the median of the rounds and, as the speed-up, the median over rounds
+of each round's baseline/current ratio. It also checks that both trees produce the same logits
+for the same inputs (max abs diff). Without ``--compare`` only the current tree runs.
 ``--profile CASE`` prints a torch.profiler table of that case.
 
-    .venv/bin/python benchmarks/bench_cpu_step.py [--compare HEAD] [--rounds 5] [--steps 30]
+    .venv/bin/python benchmarks/bench_cpu_step.py [--compare HEAD] [--rounds 5] [--steps 30] [--threads 1]
 """
 
 from __future__ import annotations
@@ -136,14 +138,16 @@ def _batch(case: str, torch):
     return batch, top
 
 
-def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str | None) -> dict[str, float]:
+def measure(
+    cases: list[str], steps: int, logits_dir: str | None, profile: str | None, threads: int = 1
+) -> dict[str, float]:
     """Median ms per step of each case in this process's tree."""
     import torch
 
     from llmir_lang.executor.attention import TorchAttentionBackend
     from llmir_lang.executor.loader import load_model
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     model = load_model(REPO / "llmir_lang" / "models" / "llmir-tiny", torch.device("cpu"), torch.float32)
     cfg = model.config
     capacity = 16_384  # slots; the pool is random data, laid out as _batch says
@@ -155,7 +159,7 @@ def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str |
     out: dict[str, float] = {}
     for case in cases:
         if case.startswith("engine-"):
-            out.update(measure_engine(case))
+            out.update(measure_engine(case, threads))
             continue
         fb, used = _batch(case, torch)
         assert used <= capacity
@@ -181,7 +185,7 @@ def measure(cases: list[str], steps: int, logits_dir: str | None, profile: str |
     return out
 
 
-def measure_engine(case: str) -> dict[str, float]:
+def measure_engine(case: str, threads: int) -> dict[str, float]:
     """``engine-S-N``: mean ms per step kind of one run of bench_json's batched workload (after a
     warm-up run), timed around ``ModelRunner.run`` on the engine thread."""
     import torch
@@ -194,7 +198,7 @@ def measure_engine(case: str) -> dict[str, float]:
     from llmir_lang.executor.engine import Engine
     from llmir_lang.models.tiny_tasks import extraction_items
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     system = {"free": "llmir-free", "jf": "llmir-json-jf"}[case.split("-")[1]]
     backend = EngineBackend(Engine(device="cpu"))
     runner = backend.engine.runner
@@ -233,9 +237,10 @@ def _extract(rev: str, dest: Path) -> None:
             tar.extractall(dest, filter="data")
 
 
-def _run_tree(root: Path, cases: list[str], steps: int, logits_dir: str) -> dict[str, float]:
+def _run_tree(root: Path, cases: list[str], steps: int, logits_dir: str, threads: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(root), LLMIR_BENCH_ROOT=str(root))
     cmd = [sys.executable, __file__, "--child", "--cases", ",".join(cases), "--steps", str(steps)]
+    cmd += ["--threads", str(threads)]
     res = subprocess.run(
         cmd + ["--logits-dir", logits_dir], env=env, capture_output=True, text=True, check=False
     )
@@ -251,6 +256,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per tree with --compare")
     ap.add_argument("--compare", default=None, metavar="REV", help="a git revision to compare against")
     ap.add_argument("--profile", default=None, metavar="CASE", help="print a torch.profiler table")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (both trees)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--logits-dir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -260,11 +266,11 @@ def main() -> None:
     if a.child:
         global REPO
         REPO = Path(os.environ.get("LLMIR_BENCH_ROOT", REPO))
-        print(json.dumps(measure(cases, a.steps, a.logits_dir, a.profile)))
+        print(json.dumps(measure(cases, a.steps, a.logits_dir, a.profile, a.threads)))
         return
     if a.compare is None:
         sys.path.insert(0, str(REPO))
-        for case, ms in measure(cases, a.steps, None, a.profile).items():
+        for case, ms in measure(cases, a.steps, None, a.profile, a.threads).items():
             print(f"{case:26s} {ms:9.3f} ms")
         return
     import torch
@@ -279,16 +285,18 @@ def main() -> None:
             order = ("base", "new") if r % 2 == 0 else ("new", "base")
             for k in order:
                 dirs[k].mkdir(exist_ok=True)
-                rounds[k].append(_run_tree(trees[k], cases, a.steps, str(dirs[k])))
+                rounds[k].append(_run_tree(trees[k], cases, a.steps, str(dirs[k]), a.threads))
         print(f"{'case':26s} {a.compare + ' ms':>12s} {'now ms':>10s} {'speed-up':>9s} {'max |dlogit|':>13s}")
         for case in rounds["new"][0]:
             b = statistics.median(x[case] for x in rounds["base"])
             n = statistics.median(x[case] for x in rounds["new"])
+            # a round's two runs are adjacent in time: their ratio cancels the machine's slow drifts
+            ratio = statistics.median(x[case] / y[case] for x, y in zip(rounds["base"], rounds["new"]))
             diff = "-"
             if (dirs["base"] / f"{case}.pt").exists():
                 lb = torch.load(dirs["base"] / f"{case}.pt")
                 diff = f"{(lb - torch.load(dirs['new'] / f'{case}.pt')).abs().max().item():.2e}"
-            print(f"{case:26s} {b:12.3f} {n:10.3f} {b / n:8.2f}x {diff:>13s}")
+            print(f"{case:26s} {b:12.3f} {n:10.3f} {ratio:8.2f}x {diff:>13s}")
 
 
 if __name__ == "__main__":

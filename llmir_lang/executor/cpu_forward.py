@@ -3,7 +3,7 @@ step of a few rows is matrix-vector products from memory plus per-op dispatch co
 
 * Projections go to numpy's OpenBLAS on zero-copy views (``Tensor.numpy`` of the ``[in, out]``
   weight views; ``CausalLM.column_major_projections`` makes them contiguous): one ``sgemv`` per
-  row at 1-3 rows, ``sgemm`` above. Measured on the bundled model (2-core AVX2 EPYC, one thread),
+  row at 1-3 rows, ``sgemm`` above (at one torch thread; see below for more). Measured on the bundled model (2-core AVX2 EPYC, one thread),
   torch's MKL ``sgemm`` costs 1.3-1.9x OpenBLAS's ``sgemv`` for one row and 10-25% more than
   OpenBLAS at 4 to 200 rows, in the projections of a whole step; at 2 and 3 rows OpenBLAS's
   ``sgemm`` is 20-30% slower than MKL, and a ``sgemv`` per row about even with it.
@@ -18,11 +18,13 @@ step of a few rows is matrix-vector products from memory plus per-op dispatch co
 Both compute Hugging Face's fp32 Llama step; they differ from the module path by rounding only
 (another BLAS's summation order, numpy's ``exp`` and dot products): about 1e-6 relative.
 
-OpenBLAS gets no more threads than torch: before each forward its thread count is set to
-``torch.get_num_threads()`` if that changed (a comparison per step), so a benchmark at one torch
-thread uses one core. The count is process-wide: numpy elsewhere in the process shares it. Where
-numpy's BLAS is not OpenBLAS, or threadpoolctl is missing or cannot see it, projections keep
-``torch.mm`` (``torch.mv`` for one row).
+OpenBLAS runs on one thread, never more than torch's count: ``openblas().max_rows()`` holds it
+there before each forward (a check per step; a call only when something changed it). At one torch
+thread every projection goes to OpenBLAS; at more, one-row steps only, and bigger products stay
+MKL's on torch's threads (OpenBLAS's own threads next to torch's OpenMP threads fought for the
+cores: steps 2-3x slower with two of each on two cores). The count is process-wide: numpy's BLAS
+calls elsewhere in the process also run on one thread. Where numpy's BLAS is not OpenBLAS, or
+threadpoolctl is missing or cannot see it, projections keep ``torch.mm`` (``torch.mv`` for one row).
 """
 
 from __future__ import annotations
@@ -43,19 +45,18 @@ GEMV_ROWS = (2, 3)  # row counts where one sgemv per row beats OpenBLAS's sgemm 
 # ---- OpenBLAS threads --------------------------------------------------------------------------
 
 
-class _OpenBlasThreads:
-    """numpy's OpenBLAS, held to torch's intra-op thread count; ``usable`` False where it is not
-    OpenBLAS or its thread count cannot be set."""
+class _OpenBlas:
+    """numpy's OpenBLAS, held to one thread; ``usable`` False where numpy's BLAS is not OpenBLAS
+    or threadpoolctl cannot set its thread count."""
 
     def __init__(self) -> None:
         self._libs: list[Any] = []
-        self._applied = 0
         try:
             from threadpoolctl import ThreadpoolController
         except ImportError:
             return
         blas = ThreadpoolController().select(user_api="blas").lib_controllers
-        # every BLAS numpy may have loaded must be one whose thread count we can cap
+        # every BLAS numpy may have loaded must be one whose thread count we can hold
         if blas and all(lib.internal_api == "openblas" for lib in blas):
             self._libs = list(blas)
 
@@ -63,20 +64,21 @@ class _OpenBlasThreads:
     def usable(self) -> bool:
         return bool(self._libs)
 
-    def follow_torch(self) -> bool:
-        """Cap OpenBLAS at ``torch.get_num_threads()`` (a call only when that changed); returns
-        ``usable``."""
-        n = torch.get_num_threads()
-        if n != self._applied and self._libs:
-            for lib in self._libs:
-                lib.set_num_threads(n)
-            self._applied = n
-        return bool(self._libs)
+    def max_rows(self) -> int:
+        """Hold OpenBLAS at one thread and say up to how many rows a step's projections go to it:
+        all at one torch thread, one row at more (one thread's ``sgemv`` still beats MKL's
+        threaded one-row ``sgemm`` there); 0 where OpenBLAS is not usable."""
+        if not self._libs:
+            return 0
+        for lib in self._libs:
+            if lib.get_num_threads() != 1:
+                lib.set_num_threads(1)
+        return 1 if torch.get_num_threads() > 1 else 1 << 62
 
 
 @functools.cache
-def openblas_threads() -> _OpenBlasThreads:
-    return _OpenBlasThreads()
+def openblas() -> _OpenBlas:
+    return _OpenBlas()
 
 
 # ---- weights -----------------------------------------------------------------------------------
@@ -290,8 +292,9 @@ def forward(
     """Logits ``[len(rows) or T, vocab]`` of the embedded tokens ``x [T, hidden]`` (a tensor this
     forward made); ``head`` is the output layer's weight ``[vocab, hidden]``."""
     eps = dims[3]
-    blas = openblas_threads().follow_torch()
+    blas_rows = openblas().max_rows()
     if x.shape[0] == 1:
+        blas = blas_rows >= 1
         xn, cn, sn = x.numpy()[0], cos.numpy().reshape(-1), sin.numpy().reshape(-1)
         res: np.ndarray | None = None
         scratch = RowScratch(*dims[:3])
@@ -301,6 +304,7 @@ def forward(
         h = norm_row(np.add(xn, res, out=xn), final_norm.detach().numpy(), eps)
         logits = torch.from_numpy(gemv(h, head.detach().t().numpy(), head.t(), None, blas)).view(1, -1)
         return logits if rows is None else logits.index_select(0, rows)
+    blas = x.shape[0] <= blas_rows
     residual: torch.Tensor | None = None
     for layer in layers:
         x, residual = layer_torch(layer, x, residual, cos, sin, backend, dims, blas)
@@ -308,4 +312,4 @@ def forward(
     if rows is not None:
         x, residual = x.index_select(0, rows), residual.index_select(0, rows)
     h = norm_t(x.add_(residual), final_norm, eps)
-    return proj_t(h, head.t(), head.detach().t().numpy(), None, blas)
+    return proj_t(h, head.t(), head.detach().t().numpy(), None, h.shape[0] <= blas_rows)

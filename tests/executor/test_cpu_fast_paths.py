@@ -94,12 +94,12 @@ def _one_request_steps() -> list[tuple[list[list[int]], list[int]]]:
 
 
 class _NoBlas:
-    """``openblas_threads()`` where numpy's BLAS cannot be capped: projections stay in torch."""
+    """``openblas()`` where numpy's BLAS cannot be held to one thread: projections stay in torch."""
 
     usable = False
 
-    def follow_torch(self) -> bool:
-        return False
+    def max_rows(self) -> int:
+        return 0
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -115,10 +115,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_cpu_forward_equals_the_module_path_within_rounding(
     arch: str, column_major: bool, blas: str, monkeypatch
 ) -> None:
-    if blas == "openblas" and not cpu_forward.openblas_threads().usable:
-        pytest.skip("numpy's BLAS is not an OpenBLAS threadpoolctl can cap")
+    if blas == "openblas" and not cpu_forward.openblas().usable:
+        pytest.skip("numpy's BLAS is not an OpenBLAS threadpoolctl can hold to one thread")
     if blas == "torch":
-        monkeypatch.setattr(cpu_forward, "openblas_threads", _NoBlas)
+        monkeypatch.setattr(cpu_forward, "openblas", _NoBlas)
     rows_run = {"one": 0, "many": 0}
     for name, key in (("layer_row", "one"), ("layer_torch", "many")):
         monkeypatch.setattr(cpu_forward, name, _counted(getattr(cpu_forward, name), rows_run, key))
@@ -156,26 +156,40 @@ def _counted(fn, counts: dict[str, int], key: str):  # type: ignore[no-untyped-d
     return run
 
 
-def test_openblas_follows_torchs_thread_count() -> None:
-    """OpenBLAS never gets more threads than torch (benchmarks compare at equal thread counts)."""
-    if not cpu_forward.openblas_threads().usable:
-        pytest.skip("numpy's BLAS is not an OpenBLAS threadpoolctl can cap")
-    from threadpoolctl import threadpool_info
+def test_openblas_runs_on_one_thread_and_only_one_row_steps_use_it_at_more_torch_threads(
+    monkeypatch,
+) -> None:
+    """OpenBLAS never gets more threads than torch (benchmarks compare at equal thread counts),
+    and its threads never run beside torch's."""
+    if not cpu_forward.openblas().usable:
+        pytest.skip("numpy's BLAS is not an OpenBLAS threadpoolctl can hold to one thread")
+    from threadpoolctl import threadpool_info, threadpool_limits
 
+    routes: list[tuple[int, bool]] = []
+    proj = cpu_forward.proj_t
+
+    def spy(x, wt, w, b, blas):  # type: ignore[no-untyped-def]
+        routes.append((x.shape[0], blas))
+        return proj(x, wt, w, b, blas)
+
+    monkeypatch.setattr(cpu_forward, "proj_t", spy)
     model = _model("llama")
     cfg = model.config
     pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, torch.float32, "cpu")
     be = TorchAttentionBackend(pool.k_buffers, pool.v_buffers, cfg.head_dim**-0.5)
     before = torch.get_num_threads()
     try:
-        for n in (1, 2, 1):
+        for n in (1, 2):
             torch.set_num_threads(n)
-            model(_batch([list(range(3))], [1], [5]), be)
+            threadpool_limits(2, user_api="blas")  # something else raised it: the forward lowers it
+            routes.clear()
+            model(_batch([list(range(3))], [3], [5, 6, 7]), be)  # 3 rows, logits of 1
             counts = [i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"]
-            assert counts and all(c == n for c in counts)
+            assert counts and all(c == 1 for c in counts)
+            assert routes and all(blas == (n == 1 or rows == 1) for rows, blas in routes), routes
     finally:
         torch.set_num_threads(before)
-        cpu_forward.openblas_threads().follow_torch()
+        cpu_forward.openblas().max_rows()
 
 
 def test_weight_views_follow_replaced_parameters() -> None:
