@@ -3,14 +3,17 @@ step of a few rows is matrix-vector products from memory plus per-op dispatch co
 
 * Projections go to numpy's OpenBLAS on zero-copy views (``Tensor.numpy`` of the ``[in, out]``
   weight views; ``CausalLM.column_major_projections`` makes them contiguous): one ``sgemv`` per
-  row at 1-3 rows, ``sgemm`` above (at one torch thread; see below for more). Measured on the bundled model (2-core AVX2 EPYC, one thread),
-  torch's MKL ``sgemm`` costs 1.3-1.9x OpenBLAS's ``sgemv`` for one row and 10-25% more than
-  OpenBLAS at 4 to 200 rows, in the projections of a whole step; at 2 and 3 rows OpenBLAS's
-  ``sgemm`` is 20-30% slower than MKL, and a ``sgemv`` per row about even with it.
+  row at 1-3 rows, ``sgemm`` above (at one torch thread; see below for more). Measured on the
+  bundled model (2-core AVX2 EPYC, one thread), over the projections of whole steps: MKL's
+  ``sgemm`` through ``torch.mm`` takes about 1.3x OpenBLAS's ``sgemv`` at one row (1.3-1.9x per
+  product in isolation), and 6-26% more than OpenBLAS's ``sgemm`` from 4 rows up to a 1,400-row
+  prefill; at 2 and 3 rows OpenBLAS's ``sgemm`` is 20-30% slower than MKL and a ``sgemv`` per row
+  about even with it.
 * A step of one row (decode at batch 1, the sequential case) runs every op but attention in numpy
   (``layer_row``): a numpy ufunc on a few hundred floats costs about 1 us where a torch op costs
-  3-5 us (an RMSNorm is a ``sdot`` and two multiplies, against ``F.rms_norm``'s six CPU ops), and
-  the attention inputs are tensor views made once per step over arrays each layer writes into.
+  3-5 us (in isolation; inside a step, whose weight stream evicts the caches, both cost several
+  times that), an RMSNorm is a ``sdot`` and two multiplies against ``F.rms_norm``'s six CPU ops,
+  and the attention inputs are tensor views made once per step over arrays each layer writes into.
   Numpy elementwise ops measured no faster than torch's from 2 rows on (and numpy's float32
   ``exp`` is slower on big tensors), so steps of more rows keep torch ops (``layer_torch``): no
   module calls, residual adds and SwiGLU in place.
