@@ -21,19 +21,22 @@ step of a few rows is matrix-vector products from memory plus per-op dispatch co
 Both compute Hugging Face's fp32 Llama step; they differ from the module path by rounding only
 (another BLAS's summation order, numpy's ``exp`` and dot products): about 1e-6 relative.
 
-OpenBLAS runs on one thread, never more than torch's count: ``openblas().max_rows()`` holds it
-there before each forward (a check per step; a call only when something changed it). At one torch
-thread every projection goes to OpenBLAS; at more, one-row steps only, and bigger products stay
-MKL's on torch's threads (OpenBLAS's own threads next to torch's OpenMP threads fought for the
-cores: steps 2-3x slower with two of each on two cores). The count is process-wide: numpy's BLAS
-calls elsewhere in the process also run on one thread. Where numpy's BLAS is not OpenBLAS, or
+OpenBLAS runs on one thread, never more than torch's count: ``openblas().held()`` sets it for the
+length of each forward and restores the count it had after (about 5 us a step), so numpy elsewhere
+in the process keeps its threads, except for numpy calls on other threads during a forward (the
+count is process-wide). At one torch thread every projection goes to OpenBLAS; at more, one-row
+steps only, and bigger products stay MKL's on torch's threads (OpenBLAS's own threads next to
+torch's OpenMP threads fought for the cores: steps 2-3x slower with two of each on two cores).
+Where numpy's BLAS is not OpenBLAS, or
 threadpoolctl is missing or cannot see it, projections keep ``torch.mm`` (``torch.mv`` for one row).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,16 +70,25 @@ class _OpenBlas:
     def usable(self) -> bool:
         return bool(self._libs)
 
-    def max_rows(self) -> int:
-        """Hold OpenBLAS at one thread and say up to how many rows a step's projections go to it:
-        all at one torch thread, one row at more (one thread's ``sgemv`` still beats MKL's
-        threaded one-row ``sgemm`` there); 0 where OpenBLAS is not usable."""
+    @contextlib.contextmanager
+    def held(self) -> Iterator[int]:
+        """Hold OpenBLAS at one thread for one forward, then give it back the count it had (numpy
+        elsewhere in the process keeps its threads). Yields up to how many rows a step's
+        projections go to OpenBLAS: all at one torch thread, one row at more (one thread's
+        ``sgemv`` still beats MKL's threaded one-row ``sgemm`` there); 0 where it is not usable."""
         if not self._libs:
-            return 0
-        for lib in self._libs:
-            if lib.get_num_threads() != 1:
+            yield 0
+            return
+        before = [lib.get_num_threads() for lib in self._libs]
+        for lib, n in zip(self._libs, before):
+            if n != 1:
                 lib.set_num_threads(1)
-        return 1 if torch.get_num_threads() > 1 else 1 << 62
+        try:
+            yield 1 if torch.get_num_threads() > 1 else 1 << 62
+        finally:
+            for lib, n in zip(self._libs, before):
+                if n != 1:
+                    lib.set_num_threads(n)
 
 
 @functools.cache
@@ -294,8 +306,23 @@ def forward(
 ) -> torch.Tensor:
     """Logits ``[len(rows) or T, vocab]`` of the embedded tokens ``x [T, hidden]`` (a tensor this
     forward made); ``head`` is the output layer's weight ``[vocab, hidden]``."""
+    with openblas().held() as blas_rows:
+        return _forward(layers, x, cos, sin, rows, final_norm, head, backend, dims, blas_rows)
+
+
+def _forward(
+    layers: list[CpuLayer],
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor | None,
+    final_norm: torch.Tensor,
+    head: torch.Tensor,
+    backend: AttentionBackend,
+    dims: tuple[int, int, int, float],
+    blas_rows: int,
+) -> torch.Tensor:
     eps = dims[3]
-    blas_rows = openblas().max_rows()
     if x.shape[0] == 1:
         blas = blas_rows >= 1
         xn, cn, sn = x.numpy()[0], cos.numpy().reshape(-1), sin.numpy().reshape(-1)

@@ -4,6 +4,7 @@ the torch backend's CPU workspaces and chunked decode, and the cached rotary tab
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -98,8 +99,8 @@ class _NoBlas:
 
     usable = False
 
-    def max_rows(self) -> int:
-        return 0
+    def held(self) -> contextlib.AbstractContextManager[int]:
+        return contextlib.nullcontext(0)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -160,16 +161,21 @@ def test_openblas_runs_on_one_thread_and_only_one_row_steps_use_it_at_more_torch
     monkeypatch,
 ) -> None:
     """OpenBLAS never gets more threads than torch (benchmarks compare at equal thread counts),
-    and its threads never run beside torch's."""
+    its threads never run beside torch's, and the process's own setting is back after a forward."""
     if not cpu_forward.openblas().usable:
         pytest.skip("numpy's BLAS is not an OpenBLAS threadpoolctl can hold to one thread")
     from threadpoolctl import threadpool_info, threadpool_limits
 
     routes: list[tuple[int, bool]] = []
+    inside: list[int] = []
     proj = cpu_forward.proj_t
+
+    def openblas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"]
 
     def spy(x, wt, w, b, blas):  # type: ignore[no-untyped-def]
         routes.append((x.shape[0], blas))
+        inside.extend(openblas_threads())
         return proj(x, wt, w, b, blas)
 
     monkeypatch.setattr(cpu_forward, "proj_t", spy)
@@ -178,18 +184,20 @@ def test_openblas_runs_on_one_thread_and_only_one_row_steps_use_it_at_more_torch
     pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, torch.float32, "cpu")
     be = TorchAttentionBackend(pool.k_buffers, pool.v_buffers, cfg.head_dim**-0.5)
     before = torch.get_num_threads()
+    blas_before = max(openblas_threads())
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            threadpool_limits(2, user_api="blas")  # something else raised it: the forward lowers it
+            threadpool_limits(2, user_api="blas")  # the process's own setting
             routes.clear()
+            inside.clear()
             model(_batch([list(range(3))], [3], [5, 6, 7]), be)  # 3 rows, logits of 1
-            counts = [i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"]
-            assert counts and all(c == 1 for c in counts)
+            assert inside and all(c == 1 for c in inside)  # one thread during the forward
+            assert openblas_threads() and all(c == 2 for c in openblas_threads())  # given back
             assert routes and all(blas == (n == 1 or rows == 1) for rows, blas in routes), routes
     finally:
         torch.set_num_threads(before)
-        cpu_forward.openblas().max_rows()
+        threadpool_limits(blas_before, user_api="blas")
 
 
 def test_weight_views_follow_replaced_parameters() -> None:
