@@ -303,25 +303,11 @@ def forward(
     head: torch.Tensor,
     backend: AttentionBackend,
     dims: tuple[int, int, int, float],
-) -> torch.Tensor:
-    """Logits ``[len(rows) or T, vocab]`` of the embedded tokens ``x [T, hidden]`` (a tensor this
-    forward made); ``head`` is the output layer's weight ``[vocab, hidden]``."""
-    with openblas().held() as blas_rows:
-        return _forward(layers, x, cos, sin, rows, final_norm, head, backend, dims, blas_rows)
-
-
-def _forward(
-    layers: list[CpuLayer],
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    rows: torch.Tensor | None,
-    final_norm: torch.Tensor,
-    head: torch.Tensor,
-    backend: AttentionBackend,
-    dims: tuple[int, int, int, float],
     blas_rows: int,
 ) -> torch.Tensor:
+    """Logits ``[len(rows) or T, vocab]`` of the embedded tokens ``x [T, hidden]`` (a tensor this
+    forward made); ``head`` is the output layer's weight ``[vocab, hidden]``. Call it inside
+    ``with openblas().held() as blas_rows``: projections of up to ``blas_rows`` rows go to OpenBLAS."""
     eps = dims[3]
     if x.shape[0] == 1:
         blas = blas_rows >= 1

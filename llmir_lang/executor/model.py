@@ -288,7 +288,10 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary.cached_tables(batch.positions)
         dims = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps)
         head, norm = self.output_weight(), self.model.norm.weight
-        return cpu_forward.forward(layers, x, cos, sin, batch.logits_indices, norm, head, backend, dims)
+        with cpu_forward.openblas().held() as blas_rows:
+            return cpu_forward.forward(
+                layers, x, cos, sin, batch.logits_indices, norm, head, backend, dims, blas_rows
+            )
 
     def column_major_projections(self) -> None:
         """Store every projection weight (and the output layer) column-major: ``[in, out]``
