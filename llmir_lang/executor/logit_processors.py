@@ -16,6 +16,13 @@ _NEG_INF = float("-inf")
 TokenIds = Sequence[int] | np.ndarray | torch.Tensor
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``, copied without waiting for the device's queue
+    (``torch.tensor(..., device=cuda)`` would wait for every kernel queued before it, which undoes
+    the engine's run-ahead decode)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def apply_repetition_penalty(
     x: torch.Tensor, rows: Sequence[int], token_ids: Sequence[TokenIds], penalties: Sequence[float]
 ) -> None:
@@ -80,9 +87,9 @@ def apply_top_k(x: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     # One partial topk with the batch's largest k serves every row; rows without a cut get -inf.
     kmax = max(cut)
     vals = torch.topk(x, kmax, dim=-1).values
-    k = torch.tensor([min(k, kmax) for k in ks], dtype=torch.int64).to(x.device, non_blocking=True)
+    k = to_device([min(k, kmax) for k in ks], torch.int64, x.device)
     kth = vals.gather(1, (k - 1).unsqueeze(1))
-    no_cut = torch.tensor([k >= vocab for k in ks], dtype=torch.bool).to(x.device, non_blocking=True)
+    no_cut = to_device([k >= vocab for k in ks], torch.bool, x.device)
     kth = kth.masked_fill(no_cut.unsqueeze(1), _NEG_INF)
     return x.masked_fill(x < kth, _NEG_INF)
 

@@ -37,6 +37,7 @@ from llmir_lang.executor.logit_processors import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_k_top_p,
+    to_device,
 )
 from llmir_lang.executor.sampling_params import SamplingParams
 
@@ -181,7 +182,7 @@ class Sampler:
         sample_rows = [i for i, t in enumerate(temps) if t > 0.0]
         if sample_rows:
             tokens = tokens.clone()
-            tokens[_on(sample_rows, torch.int64, x.device)] = self._sample_rows(
+            tokens[to_device(sample_rows, torch.int64, x.device)] = self._sample_rows(
                 x, sample_rows, all_masked, params, generators
             )
         tokens = tokens.masked_fill(all_masked, -1)
@@ -201,8 +202,8 @@ class Sampler:
     ) -> torch.Tensor:
         """Draw one token for each of ``rows`` (temperature > 0); returns ``[len(rows)]`` int64."""
         device = x.device
-        rows_t = _on(rows, torch.int64, device)
-        temp = _on([params[i].temperature for i in rows], torch.float32, device)
+        rows_t = to_device(rows, torch.int64, device)
+        temp = to_device([params[i].temperature for i in rows], torch.float32, device)
         xs = x[rows_t].float() / temp.unsqueeze(1)
         # An all-masked row would make softmax NaN; its token becomes -1 later.
         xs = xs.masked_fill(all_masked[rows_t].unsqueeze(1), 0.0)
@@ -212,15 +213,15 @@ class Sampler:
         if any(p < 1.0 for p in top_p):
             xs = apply_top_k_top_p(
                 xs,
-                _on(top_k, torch.int64, device),
-                _on(top_p, torch.float32, device),
+                to_device(top_k, torch.int64, device),
+                to_device(top_p, torch.float32, device),
             )
         elif any(0 < k < xs.shape[1] for k in top_k):
             # No top-p in this batch: a partial top-k is much cheaper than a full sort.
             xs = apply_top_k(xs, top_k)
         min_p = [params[i].min_p for i in rows]
         if any(m > 0.0 for m in min_p):
-            xs = apply_min_p(xs, _on(min_p, torch.float32, device))
+            xs = apply_min_p(xs, to_device(min_p, torch.float32, device))
         probs = torch.softmax(xs, dim=-1)
 
         # Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws token i with probability
@@ -234,7 +235,7 @@ class Sampler:
         if len(shared) == len(rows):
             noise.exponential_(generator=shared_gen)
         elif shared:
-            idx = _on(shared, torch.int64, device)
+            idx = to_device(shared, torch.int64, device)
             noise[idx] = torch.empty(len(shared), probs.shape[1], device=device).exponential_(
                 generator=shared_gen
             )
@@ -286,13 +287,6 @@ def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _on(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on ``device``, copied without waiting for the device's queue
-    (``torch.tensor(..., device=cuda)`` would wait for every kernel queued before it, which undoes
-    the engine's run-ahead decode)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _placed(tokens: torch.Tensor, on_device: bool) -> torch.Tensor:
