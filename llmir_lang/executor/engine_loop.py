@@ -7,7 +7,7 @@ Deferred text work (``OutputProcessor.defer_text``) of step N runs between step 
 sampling; whenever no next step follows (idle, a failed step, recovery, shutdown) it is flushed at
 once, so every finished request's future resolves.
 
-With ``run_ahead`` (meant for CUDA; off by default until measured there) a decode step whose
+With ``run_ahead`` (on by default on CUDA, off on the CPU) a decode step whose
 requests all qualify is launched and left in flight (``_ahead``); the next loop turn queues the
 decode step after it first and only then reads and processes its tokens (``run_ahead.py``).
 """

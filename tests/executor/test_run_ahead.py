@@ -64,7 +64,7 @@ def assert_pool_whole(eng: Engine) -> None:
 
 def test_default_and_override(monkeypatch):
     monkeypatch.delenv(RUN_AHEAD_ENV, raising=False)
-    assert not run_ahead_default("cuda") and not run_ahead_default("cpu")  # until measured on a GPU
+    assert run_ahead_default("cuda") and not run_ahead_default("cpu")  # measured on an H100 (1.17x / 1.06x)
     monkeypatch.setenv(RUN_AHEAD_ENV, "1")
     assert run_ahead_default("cpu") and run_ahead_default("cuda")
     monkeypatch.setenv(RUN_AHEAD_ENV, "off")
