@@ -14,9 +14,14 @@ step of a few rows is matrix-vector products from memory plus per-op dispatch co
   3-5 us (in isolation; inside a step, whose weight stream evicts the caches, both cost several
   times that), an RMSNorm is a ``sdot`` and two multiplies against ``F.rms_norm``'s six CPU ops,
   and the attention inputs are tensor views made once per step over arrays each layer writes into.
-  Numpy elementwise ops measured no faster than torch's from 2 rows on (and numpy's float32
-  ``exp`` is slower on big tensors), so steps of more rows keep torch ops (``layer_torch``): no
-  module calls, residual adds and SwiGLU in place.
+  Steps of 2 to ``NUMPY_ROWS`` rows (jump-forward's forced text, speculative drafts, short chain
+  text) run the same numpy ops on ``[T, hidden]`` arrays (``layer_rows``): a torch op costs 15-60
+  us inside such a step on this machine (``F.rms_norm`` alone is six of them), and a small
+  extend cost 1.7x a one-row decode step with torch ops against 1.5x with numpy's. Measured inside
+  ``bench_json``'s sequential extraction, alternated in one process (3 rounds): extends of 2-5
+  rows 8.4-9.4 ms against 9.7-11.2 ms, the JSON run with jump-forward 9.4-10.6 s against
+  10.4-11.8 s. Longer steps (prefills) keep torch ops (``layer_torch``): no module calls, residual
+  adds and SwiGLU in place; around 24-64 rows the two measured even.
 
 Both compute Hugging Face's fp32 Llama step; they differ from the module path by rounding only
 (another BLAS's summation order, numpy's ``exp`` and dot products): about 1e-6 relative.
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 
 from llmir_lang.executor.attention import AttentionBackend
 
+NUMPY_ROWS = 16  # steps of up to this many rows run layer_rows (numpy elementwise ops)
 GEMV_ROWS = (2, 3)  # row counts where one sgemv per row beats OpenBLAS's sgemm (see proj_t)
 
 # ---- OpenBLAS threads --------------------------------------------------------------------------
@@ -238,6 +244,26 @@ def gemv(
     return y
 
 
+def rope_into(qk: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+    """``rope_qkv``'s rotation by halves over the last dim, into ``out``: x * cos + [-x2 * s, x1 * s]
+    (``sin`` is sign-folded); ``tmp`` is scratch of ``out``'s shape."""
+    half = qk.shape[-1] // 2
+    np.multiply(qk, cos, out=out)
+    np.multiply(qk[..., half:], sin[..., :half], out=tmp[..., :half])
+    np.multiply(qk[..., :half], sin[..., half:], out=tmp[..., half:])
+    out += tmp
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``silu(gate) * up`` into a new array; silu(g) = g / (1 + exp(-g)), as torch computes it."""
+    act = np.negative(gate)
+    np.exp(act, out=act)
+    act += np.float32(1.0)
+    np.divide(gate, act, out=act)
+    act *= up
+    return act
+
+
 class RowScratch:
     """Arrays one row's layers write into, with the attention inputs as tensors over them, made
     once per forward: a tensor view costs a few microseconds, about what a layer's numpy ops cost."""
@@ -271,23 +297,80 @@ def layer_row(
     qk = s.qkv[: (h_q + h_kv) * d].reshape(h_q + h_kv, d)
     if q_norm is not None and k_norm is not None:
         qk = np.concatenate((norm_heads(qk[:h_q], q_norm, eps), norm_heads(qk[h_q:], k_norm, eps)))
-    # rope_qkv's rotation by halves: x * cos + [-x2 * s, x1 * s] (sin is sign-folded)
-    half = d // 2
-    np.multiply(qk, cos, out=s.rot)
-    np.multiply(qk[:, half:], sin[:half], out=s.tmp[:, :half])
-    np.multiply(qk[:, :half], sin[half:], out=s.tmp[:, half:])
-    s.rot += s.tmp
+    rope_into(qk, cos, sin, s.rot, s.tmp)
     o = backend.forward(s.q, s.k, s.v, p.layer_id).reshape(h_q * d).numpy()
     residual += gemv(o, o_w, p.o, o_b, blas)
     gate_up = gemv(norm_row(residual, norm2, eps), gu_w, p.gate_up, gu_b, blas)
     inter = gate_up.shape[0] // 2
-    gate, up = gate_up[:inter], gate_up[inter:]
-    act = np.negative(gate)  # silu(g) = g / (1 + exp(-g)), as torch computes it
-    np.exp(act, out=act)
-    act += np.float32(1.0)
-    np.divide(gate, act, out=act)
-    act *= up
+    act = swiglu(gate_up[:inter], gate_up[inter:])
     return gemv(act, down_w, p.down, down_b, blas), residual
+
+
+def norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of each row of ``x [T, hidden]`` into a new array."""
+    ms = np.einsum("ij,ij->i", x, x)
+    ms *= np.float32(1.0 / x.shape[1])
+    ms += np.float32(eps)
+    np.sqrt(ms, out=ms)
+    y = x * weight
+    y /= ms[:, None]
+    return y
+
+
+def proj_rows(
+    x: np.ndarray, w: np.ndarray, wt: torch.Tensor, b: np.ndarray | None, blas: bool, out: Any = None
+) -> np.ndarray:
+    """``x [T, in] @ w (+ b)``: a ``sgemv`` per row at ``GEMV_ROWS`` rows, else one ``sgemm``,
+    where ``blas`` says OpenBLAS is capped; else ``torch.mm`` over the same memory."""
+    if out is None:
+        out = np.empty((x.shape[0], w.shape[1]), np.float32)
+    if not blas:
+        torch.mm(torch.from_numpy(x), wt, out=torch.from_numpy(out))
+    elif x.shape[0] in GEMV_ROWS:
+        for r in range(x.shape[0]):
+            np.matmul(x[r], w, out=out[r])
+    else:
+        np.matmul(x, w, out=out)
+    if b is not None:
+        out += b
+    return out
+
+
+def layer_rows(
+    p: CpuLayer,
+    x: np.ndarray,
+    residual: np.ndarray | None,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    backend: AttentionBackend,
+    dims: tuple[int, int, int, float],
+    blas: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``layer_row`` for a step of a few rows ``x [T, hidden]``; ``cos``/``sin`` ``[T, 1, head_dim]``."""
+    h_q, h_kv, d, eps = dims
+    norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, down_w, down_b, q_norm, k_norm = p.arrays
+    t = x.shape[0]
+    residual = x if residual is None else np.add(x, residual, out=x)
+    qkv = proj_rows(norm_rows(residual, norm1, eps), qkv_w, p.qkv, qkv_b, blas)
+    qk = qkv[:, : (h_q + h_kv) * d].reshape(t, h_q + h_kv, d)
+    if q_norm is not None and k_norm is not None:
+        qk = np.concatenate(
+            (
+                norm_heads(qk[:, :h_q].reshape(-1, d), q_norm, eps).reshape(t, h_q, d),
+                norm_heads(qk[:, h_q:].reshape(-1, d), k_norm, eps).reshape(t, h_kv, d),
+            ),
+            1,
+        )
+    rot, tmp = np.empty(qk.shape, np.float32), np.empty(qk.shape, np.float32)
+    rope_into(qk, cos, sin, rot, tmp)
+    rt = torch.from_numpy(rot)
+    v = torch.from_numpy(qkv[:, (h_q + h_kv) * d :]).view(t, h_kv, d)
+    o = backend.forward(rt[:, :h_q], rt[:, h_q:], v, p.layer_id).reshape(t, h_q * d).numpy()
+    residual += proj_rows(o, o_w, p.o, o_b, blas)
+    gate_up = proj_rows(norm_rows(residual, norm2, eps), gu_w, p.gate_up, gu_b, blas)
+    inter = gate_up.shape[1] // 2
+    act = swiglu(gate_up[:, :inter], gate_up[:, inter:])
+    return proj_rows(act, down_w, p.down, down_b, blas), residual
 
 
 # ---- the whole step ----------------------------------------------------------------------------
@@ -321,6 +404,18 @@ def forward(
         logits = torch.from_numpy(gemv(h, head.detach().t().numpy(), head.t(), None, blas)).view(1, -1)
         return logits if rows is None else logits.index_select(0, rows)
     blas = x.shape[0] <= blas_rows
+    if x.shape[0] <= NUMPY_ROWS:
+        xs, cs, ss = x.numpy(), cos.numpy(), sin.numpy()
+        rs: np.ndarray | None = None
+        for layer in layers:
+            xs, rs = layer_rows(layer, xs, rs, cs, ss, backend, dims, blas)
+        assert rs is not None, "a model has at least one layer"
+        if rows is not None:
+            sel = rows.numpy()
+            xs, rs = xs[sel], rs[sel]
+        h = norm_rows(np.add(xs, rs, out=xs), final_norm.detach().numpy(), eps)
+        out = proj_rows(h, head.detach().t().numpy(), head.t(), None, h.shape[0] <= blas_rows)
+        return torch.from_numpy(out)
     residual: torch.Tensor | None = None
     for layer in layers:
         x, residual = layer_torch(layer, x, residual, cos, sin, backend, dims, blas)

@@ -81,8 +81,8 @@ def _steps() -> list[tuple[list[list[int]], list[int]]]:
 
 
 def _one_request_steps() -> list[tuple[list[list[int]], list[int]]]:
-    """One request alone: a prompt, decode steps (one-row steps: the numpy layers), extends of 2
-    and 3 tokens (a sgemv per row) and of 5 (sgemm)."""
+    """One request alone: a prompt, decode steps (one-row steps: ``layer_row``), extends of 2
+    and 3 tokens (``layer_rows``, a sgemv per row) and of 5 (``layer_rows``, sgemm)."""
     s = list(range(400, 411))
     out = [([s], [11])]
     for i in range(3):
@@ -120,8 +120,8 @@ def test_cpu_forward_equals_the_module_path_within_rounding(
         pytest.skip("numpy's BLAS is not an OpenBLAS threadpoolctl can hold to one thread")
     if blas == "torch":
         monkeypatch.setattr(cpu_forward, "openblas", _NoBlas)
-    rows_run = {"one": 0, "many": 0}
-    for name, key in (("layer_row", "one"), ("layer_torch", "many")):
+    rows_run = {"one": 0, "few": 0, "many": 0}
+    for name, key in (("layer_row", "one"), ("layer_rows", "few"), ("layer_torch", "many")):
         monkeypatch.setattr(cpu_forward, name, _counted(getattr(cpu_forward, name), rows_run, key))
     model = _model(arch)
     if column_major:
@@ -146,7 +146,7 @@ def test_cpu_forward_equals_the_module_path_within_rounding(
             _close(x, y)
     model.ops = PLAIN_OPS
     assert model._cpu_layers is not None, "the fast path ran"
-    assert rows_run["one"] and rows_run["many"], "both arrangements ran"
+    assert all(rows_run.values()), f"every arrangement ran: {rows_run}"
 
 
 def _counted(fn, counts: dict[str, int], key: str):  # type: ignore[no-untyped-def]
@@ -173,12 +173,20 @@ def test_openblas_runs_on_one_thread_and_only_one_row_steps_use_it_at_more_torch
     def openblas_threads() -> list[int]:
         return [i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"]
 
+    proj_rows = cpu_forward.proj_rows
+
     def spy(x, wt, w, b, blas):  # type: ignore[no-untyped-def]
         routes.append((x.shape[0], blas))
         inside.extend(openblas_threads())
         return proj(x, wt, w, b, blas)
 
+    def spy_rows(x, w, wt, b, blas, out=None):  # type: ignore[no-untyped-def]
+        routes.append((x.shape[0], blas))
+        inside.extend(openblas_threads())
+        return proj_rows(x, w, wt, b, blas, out)
+
     monkeypatch.setattr(cpu_forward, "proj_t", spy)
+    monkeypatch.setattr(cpu_forward, "proj_rows", spy_rows)
     model = _model("llama")
     cfg = model.config
     pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 64, torch.float32, "cpu")
@@ -191,7 +199,8 @@ def test_openblas_runs_on_one_thread_and_only_one_row_steps_use_it_at_more_torch
             threadpool_limits(2, user_api="blas")  # the process's own setting
             routes.clear()
             inside.clear()
-            model(_batch([list(range(3))], [3], [5, 6, 7]), be)  # 3 rows, logits of 1
+            for n_rows in (3, cpu_forward.NUMPY_ROWS + 2):  # numpy rows (logits of 1), torch ops
+                model(_batch([list(range(n_rows))], [n_rows], list(range(5, 5 + n_rows))), be)
             assert inside and all(c == 1 for c in inside)  # one thread during the forward
             assert openblas_threads() and all(c == 2 for c in openblas_threads())  # given back
             assert routes and all(blas == (n == 1 or rows == 1) for rows, blas in routes), routes
