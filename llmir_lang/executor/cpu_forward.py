@@ -167,14 +167,7 @@ def proj_t(
     where ``blas`` says it is capped, else the ``mm``/``addmm`` ``F.linear`` runs."""
     if not blas:
         return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
-    y = torch.empty(x.shape[0], wt.shape[1])
-    xn, yn = x.numpy(), y.numpy()
-    if x.shape[0] in GEMV_ROWS:
-        for r in range(x.shape[0]):
-            np.matmul(xn[r], w, out=yn[r])
-    else:
-        np.matmul(xn, w, out=yn)
-    return y if b is None else y.add_(b)
+    return torch.from_numpy(proj_rows(x.numpy(), w, wt, _np(b), True))
 
 
 def layer_torch(
