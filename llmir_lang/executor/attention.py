@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmir_lang.executor import cpu_attention
 from llmir_lang.kernels import reference as ref
 
 
@@ -58,6 +59,9 @@ class AttentionBackend(ABC):
         self.v_buffers = v_buffers
         self.sm_scale = sm_scale
         self.batch: ForwardBatch | None = None
+        # set by prepare() where this step's attention runs on numpy arrays (CPU, few requests):
+        # the CPU forward then calls its forward(q, k, v, layer_id) with arrays, not tensors
+        self.numpy_plan: cpu_attention.NumpyPlan | None = None
 
     def prepare(self, batch: ForwardBatch) -> None:
         self.batch = batch
@@ -106,6 +110,11 @@ class TorchAttentionBackend(AttentionBackend):
     * longer extends (prompt prefills): one fused attention per request, where the matmuls are big
       enough that a loop costs nothing.
 
+    A CPU step of at most ``numpy_max_requests`` requests (the sequential and speculative cases),
+    none a long prompt, skips all of this: ``prepare`` builds a ``cpu_attention.NumpyPlan`` and each
+    request attends on numpy views of the fp32 pool (about 2-3x faster there: the torch path's ten
+    ops per layer cost more than the arithmetic); the CPU forward calls that plan with arrays.
+
     Within the first two groups, when every request starts with the same KV slots (a shared
     radix-cache prefix of at least ``min_shared_prefix`` cached tokens) the prefix is gathered and
     attended once for all queries, the per-request suffixes separately, and the two merged by
@@ -127,18 +136,38 @@ class TorchAttentionBackend(AttentionBackend):
     max_padded_extend = 64  # extends longer than this (prompt prefills) keep the per-request loop
     max_workspace_bytes = 64 << 20  # a CPU workspace larger than this is not kept between gathers
     cpu_decode_chunk = 64  # CPU decode rows per gather + attention: 5-8% off a step at batch 120
+    # CPU steps of up to this many requests, none with more than max_padded_extend new tokens,
+    # attend in numpy (cpu_attention; 0 turns it off): fp32 pools only
+    numpy_max_requests = cpu_attention.MAX_REQUESTS
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], sm_scale: float):
         super().__init__(k_buffers, v_buffers, sm_scale)
         self._cpu = k_buffers[0].device.type == "cpu"
         self._workspace: dict[str, torch.Tensor] = {}
+        self._np_bufs: tuple[tuple[int, ...], list, list] | None = None  # numpy views of the pool
 
     def prepare(self, batch: ForwardBatch) -> None:
         super().prepare(batch)
         self._dec: _DecodePlan | None = None
         self._ext: _ExtendPlan | None = None
         self._long: list[int] = []
+        self.numpy_plan = None
         qo, kv = batch.qo_indptr, batch.kv_indptr
+        if self._cpu and batch.batch_size <= self.numpy_max_requests:
+            qo_h = qo.tolist()
+            bufs = self._numpy_buffers()
+            if bufs is not None and all(
+                qo_h[i + 1] - qo_h[i] <= self.max_padded_extend for i in range(len(qo_h) - 1)
+            ):
+                self.numpy_plan = cpu_attention.NumpyPlan(
+                    *bufs,
+                    self.sm_scale,
+                    qo_h,
+                    kv.tolist(),
+                    batch.kv_indices.numpy(),
+                    batch.out_cache_loc.numpy(),
+                )
+                return
         kv_lens = kv[1:] - kv[:-1]
         if batch.mode is ForwardMode.DECODE:
             self._dec = self._plan_decode(kv[:-1], kv_lens, batch.kv_indices, None)
@@ -158,9 +187,21 @@ class TorchAttentionBackend(AttentionBackend):
         if short:
             self._ext = self._plan_extend(batch, short, [q_lens[b] for b in short], len(short) == everyone)
 
+    def _numpy_buffers(self) -> tuple[list, list] | None:
+        """Numpy views of the pool's buffers (None where they are not fp32), made again when the
+        buffers are replaced."""
+        key = tuple(map(id, self.k_buffers)) + tuple(map(id, self.v_buffers))
+        if self._np_bufs is None or self._np_bufs[0] != key:
+            k, v = cpu_attention.numpy_buffers(self.k_buffers), cpu_attention.numpy_buffers(self.v_buffers)
+            self._np_bufs = (key, k, v) if k is not None and v is not None else (key, [], [])
+        _, k, v = self._np_bufs
+        return (k, v) if k else None
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         b = self.batch
         assert b is not None, "prepare(batch) must be called before forward"
+        if self.numpy_plan is not None:
+            return torch.from_numpy(self.numpy_plan.forward(q.numpy(), k.numpy(), v.numpy(), layer_id))
         kb, vb = self.k_buffers[layer_id], self.v_buffers[layer_id]
         if self._cpu and k.dtype == kb.dtype:  # one copy kernel each, without index_put's checks
             kb.index_copy_(0, b.out_cache_loc, k)

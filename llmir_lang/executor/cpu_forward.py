@@ -13,7 +13,9 @@ step of a few rows is matrix-vector products from memory plus per-op dispatch co
   (``layer_row``): a numpy ufunc on a few hundred floats costs about 1 us where a torch op costs
   3-5 us (in isolation; inside a step, whose weight stream evicts the caches, both cost several
   times that), an RMSNorm is a ``sdot`` and two multiplies against ``F.rms_norm``'s six CPU ops,
-  and the attention inputs are tensor views made once per step over arrays each layer writes into.
+  and the attention inputs are arrays each layer writes into; attention itself runs in numpy too
+  where the backend planned it so (``cpu_attention``: steps of up to four requests), else through
+  tensor views made once per step over those arrays.
   Steps of 2 to ``NUMPY_ROWS`` rows (jump-forward's forced text, speculative drafts, short chain
   text) run the same numpy ops on ``[T, hidden]`` arrays (``layer_rows``): a torch op costs 15-60
   us inside such a step on this machine (``F.rms_norm`` alone is six of them), and a small
@@ -265,9 +267,10 @@ class RowScratch:
         self.qkv = np.empty((h_q + 2 * h_kv) * d, np.float32)
         self.rot = np.empty((h_q + h_kv, d), np.float32)
         self.tmp = np.empty((h_q + h_kv, d), np.float32)
-        rot = torch.from_numpy(self.rot).view(1, h_q + h_kv, d)
-        self.q, self.k = rot[:, :h_q], rot[:, h_q:]
-        self.v = torch.from_numpy(self.qkv[(h_q + h_kv) * d :]).view(1, h_kv, d)
+        rot = self.rot.reshape(1, h_q + h_kv, d)
+        self.q_np, self.k_np = rot[:, :h_q], rot[:, h_q:]
+        self.v_np = self.qkv[(h_q + h_kv) * d :].reshape(1, h_kv, d)
+        self.q, self.k, self.v = (torch.from_numpy(a) for a in (self.q_np, self.k_np, self.v_np))
 
 
 def layer_row(
@@ -291,7 +294,11 @@ def layer_row(
     if q_norm is not None and k_norm is not None:
         qk = np.concatenate((norm_heads(qk[:h_q], q_norm, eps), norm_heads(qk[h_q:], k_norm, eps)))
     rope_into(qk, cos, sin, s.rot, s.tmp)
-    o = backend.forward(s.q, s.k, s.v, p.layer_id).reshape(h_q * d).numpy()
+    plan = backend.numpy_plan
+    if plan is not None:
+        o = plan.forward(s.q_np, s.k_np, s.v_np, p.layer_id).reshape(h_q * d)
+    else:
+        o = backend.forward(s.q, s.k, s.v, p.layer_id).reshape(h_q * d).numpy()
     residual += gemv(o, o_w, p.o, o_b, blas)
     gate_up = gemv(norm_row(residual, norm2, eps), gu_w, p.gate_up, gu_b, blas)
     inter = gate_up.shape[0] // 2
@@ -356,9 +363,13 @@ def layer_rows(
         )
     rot, tmp = np.empty(qk.shape, np.float32), np.empty(qk.shape, np.float32)
     rope_into(qk, cos, sin, rot, tmp)
-    rt = torch.from_numpy(rot)
-    v = torch.from_numpy(qkv[:, (h_q + h_kv) * d :]).view(t, h_kv, d)
-    o = backend.forward(rt[:, :h_q], rt[:, h_q:], v, p.layer_id).reshape(t, h_q * d).numpy()
+    v = qkv[:, (h_q + h_kv) * d :].reshape(t, h_kv, d)
+    plan = backend.numpy_plan
+    if plan is not None:
+        o = plan.forward(rot[:, :h_q], rot[:, h_q:], v, p.layer_id).reshape(t, h_q * d)
+    else:
+        rt, vt = torch.from_numpy(rot), torch.from_numpy(v)
+        o = backend.forward(rt[:, :h_q], rt[:, h_q:], vt, p.layer_id).reshape(t, h_q * d).numpy()
     residual += proj_rows(o, o_w, p.o, o_b, blas)
     gate_up = proj_rows(norm_rows(residual, norm2, eps), gu_w, p.gate_up, gu_b, blas)
     inter = gate_up.shape[1] // 2

@@ -41,6 +41,7 @@ def test_batched_decode_matches_reference(shared):
         batch_size=len(lens),
     )
     be = TorchAttentionBackend([kb.clone()], [vb.clone()], d**-0.5)
+    be.numpy_max_requests = 0  # the batched torch path (4 requests would attend in numpy)
     be.prepare(batch)
     assert be._dec is not None and (be._dec.prefix_idx is not None) == bool(shared)
     out = be.forward(q, k_new, v_new, 0)
@@ -118,10 +119,70 @@ def test_batched_extend_matches_reference(shared):
     ],
 )
 @pytest.mark.parametrize("shared", [0, 40])
-def test_extend_groups_match_reference(shapes, shared):
+@pytest.mark.parametrize("numpy_max", [0, 4])
+def test_extend_groups_match_reference(shapes, shared, numpy_max):
     kb, vb, batch, q, k_new, v_new = _extend_case(shapes, shared, seed=7)
     be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
+    be.numpy_max_requests = numpy_max  # 0: the torch groups; 4: every case here attends in numpy
     be.prepare(batch)
+    assert (be.numpy_plan is not None) == bool(numpy_max)
     assert be._long == []
     out = be.forward(q, k_new, v_new, 0)
     assert torch.allclose(out, _reference(kb, vb, batch, q, k_new, v_new), atol=1e-5)
+
+
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("consecutive", [True, False])
+@pytest.mark.parametrize("new", [1, 3, 16])
+def test_numpy_path_matches_reference(gqa, consecutive, new):
+    # one request (the sequential case): keys as a slice of the pool, or gathered
+    g = torch.Generator().manual_seed(gqa * 100 + new)
+    slots, hkv, d, cached = 200, 2, 16, 37
+    kb = torch.randn(slots, hkv, d, generator=g)
+    vb = torch.randn(slots, hkv, d, generator=g)
+    own = list(range(50, 50 + cached + new))
+    if not consecutive:
+        own = torch.randperm(slots, generator=g)[: cached + new].tolist()
+    t = new
+    batch = ForwardBatch(
+        mode=ForwardMode.DECODE if new == 1 else ForwardMode.EXTEND,
+        input_ids=torch.zeros(t, dtype=torch.int64),
+        positions=torch.arange(cached, cached + new),
+        out_cache_loc=torch.tensor(own[cached:]),
+        qo_indptr=torch.tensor([0, t]),
+        kv_indptr=torch.tensor([0, len(own)]),
+        kv_indices=torch.tensor(own),
+        batch_size=1,
+    )
+    q = torch.randn(t, hkv * gqa, d, generator=g)
+    k_new = torch.randn(t, hkv, d, generator=g)
+    v_new = torch.randn(t, hkv, d, generator=g)
+    be = TorchAttentionBackend([kb.clone()], [vb.clone()], d**-0.5)
+    be.prepare(batch)
+    assert be.numpy_plan is not None and (be.numpy_plan.reqs[0].start >= 0) == consecutive
+    out = be.forward(q, k_new, v_new, 0)
+    want = _reference(kb, vb, batch, q, k_new, v_new)
+    assert torch.allclose(out, want, atol=1e-5)
+    # the arrays entry point (the CPU forward's) stores the same K/V and gives the same output
+    be2 = TorchAttentionBackend([kb.clone()], [vb.clone()], d**-0.5)
+    be2.prepare(batch)
+    assert be2.numpy_plan is not None
+    out2 = be2.numpy_plan.forward(q.numpy(), k_new.numpy(), v_new.numpy(), 0)
+    assert torch.equal(torch.from_numpy(out2), out)
+    assert torch.equal(be2.k_buffers[0], be.k_buffers[0]) and torch.equal(be2.v_buffers[0], be.v_buffers[0])
+
+
+def test_numpy_path_applies_only_to_small_fp32_steps():
+    shapes = [(3, 2), (4, 1), (0, 3), (2, 2), (1, 1)]
+    kb, vb, batch, q, k_new, v_new = _extend_case(shapes, 0)
+    be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
+    be.prepare(batch)  # five requests: more than the speculative batch
+    assert be.numpy_plan is None
+    kb, vb, batch, q, k_new, v_new = _extend_case([(3, 2), (0, 70)], 0)
+    be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
+    be.prepare(batch)  # a prompt longer than max_padded_extend: the fused kernel
+    assert be.numpy_plan is None and be._long == [1]
+    kb, vb, batch, q, k_new, v_new = _extend_case([(3, 2)], 0)
+    be = TorchAttentionBackend([kb.to(torch.bfloat16)], [vb.to(torch.bfloat16)], q.shape[-1] ** -0.5)
+    be.prepare(batch)  # a bf16 pool
+    assert be.numpy_plan is None

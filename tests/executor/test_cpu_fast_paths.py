@@ -321,6 +321,7 @@ def test_reused_workspaces_give_what_fresh_backends_give(keep: bool) -> None:
     reused, or too small to keep) against a fresh backend per step."""
     kb0, vb0 = _decode_case([1])[:2]
     shared = TorchAttentionBackend([kb0, kb0.clone()], [vb0, vb0.clone()], 16**-0.5)
+    shared.numpy_max_requests = 0  # the torch path's workspaces (steps of <= 4 requests skip them)
     if not keep:
         shared.max_workspace_bytes = 16
     for i, lens in enumerate(([5, 40, 7], [2, 3], [60, 1, 33, 8], [4])):
@@ -329,6 +330,7 @@ def test_reused_workspaces_give_what_fresh_backends_give(keep: bool) -> None:
         shared.prepare(batch)
         got = [shared.forward(q, k, v, layer) for layer in (0, 1)]
         fresh = TorchAttentionBackend([kb.clone()], [vb.clone()], 16**-0.5)
+        fresh.numpy_max_requests = 0
         fresh.prepare(batch)
         want = fresh.forward(q, k, v, 0)
         assert torch.equal(got[0], want) and torch.equal(got[1], want)
