@@ -181,9 +181,13 @@ def layer_torch(
     backend: AttentionBackend,
     dims: tuple[int, int, int, float],
     blas: bool,
+    keep: torch.Tensor | None = None,
+    keep_blas: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``DecoderLayer.forward`` with the plain fp32 ops. ``x`` is a tensor this forward made (the
-    embedding lookup or a projection's output), so the residual add may write into it."""
+    embedding lookup or a projection's output), so the residual add may write into it. ``keep``:
+    only these rows go on past attention (the last layer, where only some rows' logits are read;
+    every row's K/V is still stored), their projections through OpenBLAS where ``keep_blas``."""
     h_q, h_kv, d, eps = dims
     _, qkv_w, _, o_w, _, _, gu_w, _, down_w, _, _, _ = p.arrays
     t = x.shape[0]
@@ -196,8 +200,11 @@ def layer_torch(
         qk = torch.cat((norm_t(q, p.q_norm, eps), norm_t(k, p.k_norm, eps)), 1)
     # rope_qkv's rotation: rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]
     q, k = (qk * cos + torch.roll(qk, d // 2, -1) * sin).split((h_q, h_kv), 1)
-    o = backend.forward(q, k, v.view(t, h_kv, d), p.layer_id)
-    residual = proj_t(o.reshape(t, h_q * d), p.o, o_w, p.o_b, blas).add_(residual)
+    o = backend.forward(q, k, v.view(t, h_kv, d), p.layer_id).reshape(t, h_q * d)
+    if keep is not None:  # fewer rows from here: OpenBLAS takes them where it takes that many
+        o, residual = o.index_select(0, keep), residual.index_select(0, keep)
+        blas = keep_blas
+    residual = proj_t(o, p.o, o_w, p.o_b, blas).add_(residual)
     gate_up = proj_t(norm_t(residual, p.norm2, eps), p.gate_up, gu_w, p.gate_up_b, blas)
     gate, up = gate_up.chunk(2, -1)
     act = F.silu(gate, inplace=True).mul_(up)
@@ -345,8 +352,11 @@ def layer_rows(
     backend: AttentionBackend,
     dims: tuple[int, int, int, float],
     blas: bool,
+    keep: np.ndarray | None = None,
+    keep_blas: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``layer_row`` for a step of a few rows ``x [T, hidden]``; ``cos``/``sin`` ``[T, 1, head_dim]``."""
+    """``layer_row`` for a step of a few rows ``x [T, hidden]``; ``cos``/``sin`` ``[T, 1, head_dim]``;
+    ``keep`` as in ``layer_torch``."""
     h_q, h_kv, d, eps = dims
     norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, down_w, down_b, q_norm, k_norm = p.arrays
     t = x.shape[0]
@@ -370,6 +380,9 @@ def layer_rows(
     else:
         rt, vt = torch.from_numpy(rot), torch.from_numpy(v)
         o = backend.forward(rt[:, :h_q], rt[:, h_q:], vt, p.layer_id).reshape(t, h_q * d).numpy()
+    if keep is not None:
+        o, residual = o[keep], residual[keep]
+        blas = keep_blas
     residual += proj_rows(o, o_w, p.o, o_b, blas)
     gate_up = proj_rows(norm_rows(residual, norm2, eps), gu_w, p.gate_up, gu_b, blas)
     inter = gate_up.shape[1] // 2
@@ -411,20 +424,20 @@ def forward(
     if x.shape[0] <= NUMPY_ROWS:
         xs, cs, ss = x.numpy(), cos.numpy(), sin.numpy()
         rs: np.ndarray | None = None
-        for layer in layers:
-            xs, rs = layer_rows(layer, xs, rs, cs, ss, backend, dims, blas)
+        sel = None if rows is None else rows.numpy()
+        keep_blas = sel is not None and sel.shape[0] <= blas_rows
+        for i, layer in enumerate(layers):
+            keep = sel if i == len(layers) - 1 else None  # the last layer: only the rows read
+            xs, rs = layer_rows(layer, xs, rs, cs, ss, backend, dims, blas, keep, keep_blas)
         assert rs is not None, "a model has at least one layer"
-        if rows is not None:
-            sel = rows.numpy()
-            xs, rs = xs[sel], rs[sel]
         h = norm_rows(np.add(xs, rs, out=xs), final_norm.detach().numpy(), eps)
         out = proj_rows(h, head.detach().t().numpy(), head.t(), None, h.shape[0] <= blas_rows)
         return torch.from_numpy(out)
     residual: torch.Tensor | None = None
-    for layer in layers:
-        x, residual = layer_torch(layer, x, residual, cos, sin, backend, dims, blas)
+    keep_blas = rows is not None and rows.shape[0] <= blas_rows
+    for i, layer in enumerate(layers):
+        keep = rows if i == len(layers) - 1 else None  # the last layer: only the rows read
+        x, residual = layer_torch(layer, x, residual, cos, sin, backend, dims, blas, keep, keep_blas)
     assert residual is not None, "a model has at least one layer"
-    if rows is not None:
-        x, residual = x.index_select(0, rows), residual.index_select(0, rows)
     h = norm_t(x.add_(residual), final_norm, eps)
     return proj_t(h, head.t(), head.detach().t().numpy(), None, h.shape[0] <= blas_rows)

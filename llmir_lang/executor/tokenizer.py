@@ -43,6 +43,10 @@ class Tokenizer:
         rust = getattr(self.hf, "_tokenizer", None)
         cleanup = bool(getattr(self.hf, "clean_up_tokenization_spaces", False))
         self._rust = rust if rust is not None and not cleanup else None
+        # the same holds for encode (jump-forward encodes at every forced text: 27 us against 6 us
+        # a call, measured) where the wrapper adds nothing: checked on probe texts, with and
+        # without special tokens, once here
+        self._rust_encode = rust if rust is not None and self._same_encode(rust) else None
         self.bos_token_id: int | None = self.hf.bos_token_id
         self.all_special_ids: set[int] = set(self.hf.all_special_ids)
 
@@ -54,7 +58,23 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
+    _PROBES = ("Hello world", " two  spaces\n\tand a tab", '{"key":"value"}', "héllo ✓ 日本", "")
+
+    def _same_encode(self, rust: Any) -> bool:
+        probes = [*self._PROBES, *(str(t) for t in self.hf.all_special_tokens[:4])]
+        probes += [p + " " + probes[0] for p in probes[-4:]]  # special tokens inside text
+        try:
+            return all(
+                list(self.hf.encode(t, add_special_tokens=sp)) == rust.encode(t, add_special_tokens=sp).ids
+                for t in probes
+                for sp in (False, True)
+            )
+        except Exception:
+            return False
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._rust_encode is not None:
+            return self._rust_encode.encode(text, add_special_tokens=add_special_tokens).ids
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -77,3 +77,26 @@ def test_rewritten_tail_is_never_decoded_from_a_stale_cache(tok):
     more = "".join(dec.step(c[: i + 1]) for i in range(len(b), len(c)))
     assert got == tok.decode(a) and dec.text == tok.decode(b) + more
     assert dec.text == tok.decode(c)
+
+
+def test_encode_through_the_rust_tokenizer_equals_transformers(tok):
+    # the engine encodes forced text at every jump-forward through the Rust tokenizer directly;
+    # it must give transformers' ids, special tokens and odd text included
+    assert tok._rust_encode is not None, "the bundled fast tokenizer passes the probe check"
+    rng = random.Random(3)
+    texts = [*TEXTS, "<|endoftext|>tail", "<|im_start|>user\nhi<|im_end|>\n", "", " ", "\n\n", '","age":']
+    texts += ["".join(chr(rng.randrange(32, 0x3000)) for _ in range(rng.randrange(1, 30))) for _ in range(200)]
+    for text in texts:
+        for special in (False, True):
+            assert tok.encode(text, special) == list(tok.hf.encode(text, add_special_tokens=special))
+
+
+def test_encode_falls_back_when_the_wrapper_differs(tok):
+    class Shifted:  # a Rust tokenizer whose ids disagree with the wrapper's
+        def encode(self, text, add_special_tokens=True):
+            class E:
+                ids = [1, 2, 3]
+
+            return E()
+
+    assert not tok._same_encode(Shifted())
