@@ -258,6 +258,7 @@ class OutputProcessor:
             m.rollback(len(forced))
             return
         req.rebase_to = (list(req.prompt_ids), new_out)
+        req.forced_end = len(new_out)
         req.text += text
         if req.params.return_logprob:
             req.out_logprobs.extend([0.0] * (len(new_out) - len(req.output_ids)))
@@ -294,6 +295,7 @@ class OutputProcessor:
         if not forced:
             return []
         req.output_ids = list(forced)
+        req.forced_end = len(forced)
         req.text = self.engine.tokenizer.decode(forced, skip_special_tokens=False)
         dec = req.decoder
         dec.prefix_offset = dec.read_offset = len(forced)
@@ -347,6 +349,7 @@ class OutputProcessor:
         # output_ids keeps the finished generation until the scheduler applies the rebase after
         # this step: it compares the KV'd tokens with new_ids to keep the common prefix
         finished, req.output_ids = req.output_ids, []
+        req.forced_end = -1
         forced = self.force_start(req)
         req.output_ids = finished
         req.rebase_to = (new_ids, forced)

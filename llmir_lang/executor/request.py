@@ -102,6 +102,7 @@ class Req:
     # set by output processing: the scheduler re-points the KV to (prompt_ids, output_ids) after the step
     rebase_to: tuple[list[int], list[int]] | None = None
     num_forced: int = 0  # tokens appended by jump-forward
+    forced_end: int = -1  # len(output_ids) where the last jump-forward text ended (-1: none yet)
     # speculation (``speculate``): the draft the next step verifies, set after each sampled token
     draft: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0  # draft tokens verified

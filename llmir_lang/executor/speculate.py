@@ -19,6 +19,14 @@ decoding. Greedy output is plain greedy decoding's, up to floating-point differe
 extend and a decode forward (the same tolerance as jump-forward). Seeded sampling stays
 deterministic but draws its random numbers in a different order than without speculation.
 
+After jump-forward's text (a constrained request's JSON keys and quotes), the key is only the
+tokens sampled since that text, looked up in the prompt, down to the lone last token where it
+occurs once there (``SpecConfig.after_forced``): the syntax recurs in the output, so a key through it
+found the previous field's value, and it says nothing of where the value starts in the prompt.
+On bench_json's sequential extraction that let drafts start at a value's first or second token
+(one decode step fewer per copied string value): JSON with jump-forward 1.08x faster, alternated
+over 3 rounds in one process, same outputs.
+
 Cost rule: a verify step is an extend of ``1 + len(draft)`` tokens per request. Where the step is
 bound by per-step overhead or weight reads (small batches) the extra rows cost little next to the
 steps they save; in a large batch the step is compute-bound and rejected drafts are wasted work, so
@@ -54,6 +62,8 @@ class SpecConfig:
     # free text than with 1-token matches)
     min_ngram: int = 2
     window: int = 4096
+    # right after jump-forward's text, look up only the tokens sampled since (see ``propose``)
+    after_forced: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -124,7 +134,17 @@ def propose(proc: OutputProcessor, req: Req, cfg: SpecConfig) -> list[int]:
     )
     if room <= 0:
         return []
-    draft = lookup_draft(req.fill_ids, room, cfg.max_ngram, cfg.window, cfg.min_ngram)
+    ids, max_ngram, min_ngram = req.fill_ids, cfg.max_ngram, cfg.min_ngram
+    since = len(req.output_ids) - req.forced_end
+    if cfg.after_forced and req.forced_end >= 0 and since <= max_ngram:
+        # Just after jump-forward's text (the constraint's syntax: a JSON key and its quotes). That
+        # text, and the output before it, is syntax and earlier values, which say nothing of where
+        # in the prompt this value starts, and a key reaching into them finds the previous field.
+        # So the key is the tokens sampled since, down to the lone last token (still only where
+        # it occurs once), looked up in the prompt.
+        ids = req.prompt_ids + req.output_ids[req.forced_end :]
+        max_ngram, min_ngram = since, 1
+    draft = lookup_draft(ids, room, max_ngram, cfg.window, min_ngram)
     if len(draft) < room:
         # the occurrence's continuation runs into the last tokens: a repeated short pattern
         # (JSON punctuation, a list marker) whose drafts were almost never kept (measured: 0.03

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from llmir_lang.executor.backend import ChainRequest, EngineBackend, GenStep
 from llmir_lang.executor.constraints import spec_from_json_schema
 from llmir_lang.executor.engine import Engine
 from llmir_lang.executor.sampling_params import SamplingParams
-from llmir_lang.executor.speculate import lookup_draft
+from llmir_lang.executor.speculate import SpecConfig, lookup_draft, propose
 from llmir_lang.models.tiny_tasks import SCHEMAS, extraction_items
 
 
@@ -44,6 +45,39 @@ def test_lookup_matches_whole_tokens_only():
     ids = [9, 4, 4] + [0, 1, 2, 3, 5, 6] * 3 + [9]
     assert lookup_draft(ids, 2) == [4, 4]
     assert lookup_draft(ids, 2, window=10) == []
+
+
+def test_keys_after_forced_text_come_from_the_tokens_sampled_since():
+    # prompt: ... 40 41 ... 40 (twice) ... 55 56 57 58; output: syntax 90 91 (earlier field), a
+    # value, then forced syntax 90 91 and one sampled token
+    prompt = [1, 40, 41, 2, 3, 55, 56, 57, 58, 4, 40, 7]
+    req = SimpleNamespace(
+        finished=False, rebase_to=None, params=SamplingParams(max_new_tokens=50), matcher=None,
+        prompt_ids=prompt, seq_len=0, forced_end=-1, output_ids=[],
+    )  # fmt: skip
+    proc = SimpleNamespace(engine=SimpleNamespace(config=SimpleNamespace(context_len=1000)))
+    cfg = SpecConfig(draft_tokens=3)
+
+    def propose_for(output, forced_end, after_forced=True):
+        req.output_ids, req.forced_end = output, forced_end
+        req.fill_ids = prompt + output
+        req.seq_len = len(req.fill_ids)
+        cfg.after_forced = after_forced
+        return propose(proc, req, cfg)
+
+    # 55 occurs once in the prompt: right after forced text the lone token is the key
+    assert propose_for([90, 91, 33, 90, 91, 55], 5) == [56, 57, 58]
+    # without the rule the 2-gram (91, 55) and the lone 55 are not looked up (min_ngram 2)
+    assert propose_for([90, 91, 33, 90, 91, 55], 5, after_forced=False) == []
+    # a key never reaches into the forced text or the output before it: (91, 33) matched the
+    # earlier field, and the rule drafts nothing here (91 is not in the prompt)
+    assert propose_for([90, 91, 33, 90, 91], 4, after_forced=False) == [33, 90, 91]
+    assert propose_for([90, 91, 33, 90, 91], 4) == []
+    # a lone token seen twice in the prompt is still refused; two tokens sampled since: 2-gram
+    assert propose_for([90, 91, 40], 2) == []
+    assert propose_for([90, 91, 3, 55], 2) == [56, 57, 58]
+    # past max_ngram tokens since the forced text, the ordinary lookup applies
+    assert propose_for([90, 91, 2, 3, 55, 56], 2) == propose_for([90, 91, 2, 3, 55, 56], -1) == [57, 58, 4]
 
 
 # ---- the engine ------------------------------------------------------------------------------
@@ -116,16 +150,20 @@ def test_constrained_json_with_jump_forward_keeps_its_output(tiny):
 
     res = {}
     try:
-        for k in (0, 6):
+        for k, after_forced in ((0, True), (6, True), (6, False)):
             tiny.speculative_draft_tokens = k
+            tiny.outputs.spec.after_forced = after_forced
             tiny.flush_cache()
-            res[k] = [backend.run([req(kind, p)])[0].steps[0] for kind, p, _ in items]
+            res[k, after_forced] = [backend.run([req(kind, p)])[0].steps[0] for kind, p, _ in items]
     finally:
         tiny.speculative_draft_tokens = 6
-    for a, b, (_, _, gold) in zip(res[6], res[0], items):
-        assert a.text == b.text and a.token_ids == b.token_ids
+        tiny.outputs.spec.after_forced = True
+    for a, b, c, (_, _, gold) in zip(res[6, True], res[0, True], res[6, False], items):
+        assert a.text == b.text == c.text and a.token_ids == b.token_ids == c.token_ids
         assert json.loads(a.text).keys() == gold.keys()
-    assert sum(s.meta["spec_accepted_tokens"] for s in res[6]) > 0
+    kept = {key: sum(s.meta["spec_accepted_tokens"] for s in r) for key, r in res.items()}
+    # keys from the value's own first tokens keep more draft tokens than keys through the syntax
+    assert kept[6, True] > kept[6, False] > 0
 
 
 @pytest.fixture(scope="module")
