@@ -65,6 +65,7 @@ class _PrefixOffer(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         self.batch = batch
         self.inner.prepare(batch)
+        self.numpy_plan = self.inner.numpy_plan  # the CPU forward calls it with arrays directly
         if self.shared is not None:
             self.inner.use_shared_prefix(*self.shared, force=True)  # type: ignore[attr-defined]
 

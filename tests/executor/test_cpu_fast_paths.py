@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from llmir_lang.kernels import reference as ref
@@ -335,3 +336,55 @@ def test_reused_workspaces_give_what_fresh_backends_give(keep: bool) -> None:
         want = fresh.forward(q, k, v, 0)
         assert torch.equal(got[0], want) and torch.equal(got[1], want)
     assert bool(shared._workspace) == keep
+
+
+def test_sequential_cpu_steps_attend_in_numpy_with_arrays(monkeypatch) -> None:
+    """A lone request on the CPU engine (prefill, decode, jump-forward text, drafts) attends
+    through the numpy plan (never the torch path), with arrays, and produces what the torch path
+    produces."""
+    from llmir_lang.executor import cpu_attention
+    from llmir_lang.executor.backend import ChainRequest, EngineBackend, GenStep
+    from llmir_lang.executor.constraints import spec_from_json_schema
+    from llmir_lang.executor.engine import Engine
+    from llmir_lang.executor.sampling_params import SamplingParams
+    from llmir_lang.models.tiny_tasks import SCHEMAS, extraction_items
+
+    calls = {"numpy": 0, "torch": 0, "via_tensors": 0}
+    plan_forward, torch_forward = cpu_attention.NumpyPlan.forward, TorchAttentionBackend.forward
+
+    def numpy_spy(self, q, k, v, layer_id):  # type: ignore[no-untyped-def]
+        assert all(isinstance(a, np.ndarray) for a in (q, k, v)), "arrays, not tensors"
+        calls["numpy"] += 1
+        return plan_forward(self, q, k, v, layer_id)
+
+    def torch_spy(self, q, k, v, layer_id):  # type: ignore[no-untyped-def]
+        calls["torch"] += self.numpy_plan is None  # the torch path
+        # tensors handed on to the numpy plan: only from layer_torch (the prefill's step of more
+        # than NUMPY_ROWS rows); decode and short steps call the plan with arrays
+        calls["via_tensors"] += self.numpy_plan is not None
+        return torch_forward(self, q, k, v, layer_id)
+
+    monkeypatch.setattr(cpu_attention.NumpyPlan, "forward", numpy_spy)
+    monkeypatch.setattr(TorchAttentionBackend, "forward", torch_spy)
+    eng = Engine(device="cpu", kv_memory="8MB")
+    try:
+        kind, prompt, _ = extraction_items(1, seed=5, kinds=("person",))[0]
+        prompt = prompt[-80:]  # short enough that the prefill is a numpy step too (<= 64 tokens)
+        assert len(eng.tokenizer.encode(prompt)) <= 64
+        spec = spec_from_json_schema(SCHEMAS[kind], whitespace="")
+        outs = {}
+        for numpy_max in (4, 0):
+            eng.runner.backend.numpy_max_requests = numpy_max
+            eng.flush_cache()
+            calls.update(numpy=0, torch=0, via_tensors=0)
+            req = ChainRequest(prompt, [GenStep("x", SamplingParams(max_new_tokens=40), spec)])
+            outs[numpy_max] = EngineBackend(eng).run([req])[0].steps[0]
+            if numpy_max:
+                layers = eng.model.config.num_layers
+                assert calls["numpy"] > 2 * layers and calls["torch"] == 0, calls
+                assert calls["via_tensors"] <= layers, calls  # at most the prefill's step
+            else:
+                assert calls["numpy"] == 0 and calls["torch"] > 0, calls
+        assert outs[4].token_ids == outs[0].token_ids
+    finally:
+        eng.shutdown()
