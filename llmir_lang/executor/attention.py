@@ -264,9 +264,10 @@ class TorchAttentionBackend(AttentionBackend):
         kp = self._gather("pk", kb, prefix_idx).float().permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, P]
         vp = self._gather("pv", vb, prefix_idx).float().permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, P, D]
         qq = q.permute(1, 2, 0, 3, 4).reshape(hkv, g, bsz * t, d)
-        sp = torch.matmul(qq, kp) * self.sm_scale  # [Hkv, G, B*T, P]
+        # in place on the one score tensor ([Hkv, G, B*T, P]: the big one of a few-shot batch)
+        sp = torch.matmul(qq * self.sm_scale, kp)
         mp = sp.amax(-1, keepdim=True)
-        ep = torch.exp(sp - mp)
+        ep = sp.sub_(mp).exp_()
         nump = torch.matmul(ep, vp).view(hkv, g, bsz, t, d).permute(2, 0, 1, 3, 4)
         denp = ep.sum(-1, keepdim=True).view(hkv, g, bsz, t, 1).permute(2, 0, 1, 3, 4)
         mp = mp.view(hkv, g, bsz, t, 1).permute(2, 0, 1, 3, 4)
@@ -354,10 +355,10 @@ class TorchAttentionBackend(AttentionBackend):
         # the G query heads of a KV head as more query rows: keys are not broadcast (copied) G times
         keys = self._gather("k", kb, plan.k_idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, S]
         vals = self._gather("v", vb, plan.k_idx).float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
-        s = torch.matmul(qp.reshape(bsz, hkv, g * t_max, d), keys) * self.sm_scale
-        s = s.view(bsz, hkv, g, t_max, -1).masked_fill(plan.masked, float("-inf"))  # [B, Hkv, G, Tq, S]
+        s = torch.matmul(qp.reshape(bsz, hkv, g * t_max, d) * self.sm_scale, keys)
+        s = s.view(bsz, hkv, g, t_max, -1).masked_fill_(plan.masked, float("-inf"))  # [B, Hkv, G, Tq, S]
         m = s.amax(-1, keepdim=True).clamp_min(-1e30)  # padded query rows see no key
-        e = torch.exp(s - m)
+        e = s.sub_(m).exp_()
         num = torch.matmul(e.view(bsz, hkv, g * t_max, -1), vals).view(bsz, hkv, g, t_max, d)
         den = e.sum(-1, keepdim=True)
         if plan.prefix_idx is not None:
@@ -407,10 +408,10 @@ class TorchAttentionBackend(AttentionBackend):
         # per-request part: [B, Hkv, G, L]
         keys = self._gather("k", kb, plan.idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
         vals = self._gather("v", vb, plan.idx).float().permute(0, 2, 1, 3)  # [B, Hkv, L, D]
-        s = torch.matmul(qg, keys) * self.sm_scale
-        s = s.masked_fill(~plan.valid[:, None, None, :], float("-inf"))
+        s = torch.matmul(qg * self.sm_scale, keys)
+        s.masked_fill_(~plan.valid[:, None, None, :], float("-inf"))
         m = s.amax(-1, keepdim=True)
-        e = torch.exp(s - m)
+        e = s.sub_(m).exp_()
         num, den = torch.matmul(e, vals), e.sum(-1, keepdim=True)
         if plan.prefix_idx is not None:
             # shared prefix: all B*G query rows of a KV head against one gathered prefix
