@@ -36,6 +36,18 @@ def test_lookup_refuses_what_predicts_poorly():
     assert lookup_draft([5], 3) == [] and lookup_draft([], 3) == [] and lookup_draft([1, 1], 0) == []
 
 
+def test_lookup_agree_drafts_what_every_occurrence_of_a_lone_token_agrees_on():
+    # 5 occurs three times, followed by 6 7 8 / 6 7 9 / 6 7 8: they agree on 6 7
+    ids = [5, 6, 7, 8, 0, 5, 6, 7, 9, 1, 5, 6, 7, 8, 2, 5]
+    assert lookup_draft(ids, 3) == []  # ambiguous without agree
+    assert lookup_draft(ids, 3, agree=True) == [6, 7]
+    assert lookup_draft([5, 6, 0, 5, 7, 1, 5], 2, agree=True) == []  # the next token differs
+    # an occurrence near the end counts with what follows it before the last token
+    assert lookup_draft([5, 6, 7, 2, 5, 9, 5], 2, agree=True) == []
+    assert lookup_draft([5, 6, 7, 2, 5, 6, 5], 2, agree=True) == [6]
+    assert lookup_draft([5, 6, 7, 2, 5, 6, 7, 3, 5], 2, agree=True) == [6, 7]
+
+
 def test_lookup_matches_whole_tokens_only():
     # 256 = bytes 00 01 00 00 and 1 = 01 00 00 00: the byte pattern of [1] sits inside 256's bytes
     # one byte in, which must not count as an occurrence of the token 1
@@ -73,8 +85,15 @@ def test_keys_after_forced_text_come_from_the_tokens_sampled_since():
     # earlier field, and the rule drafts nothing here (91 is not in the prompt)
     assert propose_for([90, 91, 33, 90, 91], 4, after_forced=False) == [33, 90, 91]
     assert propose_for([90, 91, 33, 90, 91], 4) == []
-    # a lone token seen twice in the prompt is still refused; two tokens sampled since: 2-gram
+    # a lone token seen twice in the prompt drafts what both occurrences agree on (41 2 / 7: none
+    # here), or is refused without agree; two tokens sampled since: 2-gram
     assert propose_for([90, 91, 40], 2) == []
+    cfg.agree = False
+    assert propose_for([90, 91, 40], 2) == []
+    cfg.agree = True
+    prompt[11] = 41  # now both occurrences of 40 go on with 41: an agreed draft, shorter than room
+    assert propose_for([90, 91, 40], 2) == [41]
+    prompt[11] = 7
     assert propose_for([90, 91, 3, 55], 2) == [56, 57, 58]
     # past max_ngram tokens since the forced text, the ordinary lookup applies
     assert propose_for([90, 91, 2, 3, 55, 56], 2) == propose_for([90, 91, 2, 3, 55, 56], -1) == [57, 58, 4]
