@@ -171,21 +171,20 @@ def propose(proc: OutputProcessor, req: Req, cfg: SpecConfig) -> list[int]:
     )
     if room <= 0:
         return []
-    ids, max_ngram, min_ngram = req.fill_ids, cfg.max_ngram, cfg.min_ngram
     since = len(req.output_ids) - req.forced_end
-    after = cfg.after_forced and req.forced_end >= 0 and since <= max_ngram
-    if after:
+    if cfg.after_forced and req.forced_end >= 0 and since <= cfg.max_ngram:
         # Just after jump-forward's text (the constraint's syntax: a JSON key and its quotes). That
         # text, and the output before it, is syntax and earlier values, which say nothing of where
         # in the prompt this value starts, and a key reaching into them finds the previous field.
-        # So the key is the tokens sampled since, down to the lone last token (still only where
-        # it occurs once), looked up in the prompt.
+        # So the key is the tokens sampled since, down to the lone last token (where it occurs
+        # more than once, what its occurrences agree on), looked up in the prompt.
         ids = req.prompt_ids + req.output_ids[req.forced_end :]
-        max_ngram, min_ngram = since, 1
-        draft = lookup_draft(ids, room, max_ngram, cfg.window, min_ngram, agree=cfg.agree)
+        agree = cfg.agree
+        draft = lookup_draft(ids, room, since, cfg.window, 1, agree=agree)
     else:
-        draft = lookup_draft(ids, room, max_ngram, cfg.window, min_ngram)
-    if len(draft) < room and not (after and cfg.agree and draft):  # agreed drafts may be shorter
+        agree = False
+        draft = lookup_draft(req.fill_ids, room, cfg.max_ngram, cfg.window, cfg.min_ngram)
+    if len(draft) < room and not (agree and draft):  # an agreed draft may be shorter
         # the occurrence's continuation runs into the last tokens: a repeated short pattern
         # (JSON punctuation, a list marker) whose drafts were almost never kept (measured: 0.03
         # tokens per verify on bench_json's records, against 0.9-1.6 for full-length drafts)
