@@ -102,12 +102,17 @@ def _renumber_function(fn: Function) -> Function:
     params = {p.name for p in fn.params}
     mapping: dict[str, Value] = {}
     counter = 0
+    canonical = True
     for op in fn.ops:
         for v in op.results:
             while str(counter) in params:
                 counter += 1
-            mapping[v.name] = Value(str(counter), v.type)
+            name = str(counter)
+            canonical = canonical and v.name == name
+            mapping[v.name] = Value(name, v.type)
             counter += 1
+    if canonical:  # most functions after most passes: nothing to rebuild
+        return fn
     ops: list[Op] = []
     for op in fn.ops:
         ops.append(

@@ -29,10 +29,13 @@ from llmir_lang.ir.ops import Op
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _SYMBOL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.$\-]*")
 _SIMPLE_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_PLAIN_RE = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but the quote and the backslash
 
 
 def quote(s: str) -> str:
     """``s`` as an IR string literal (pure ASCII; see the module docstring)."""
+    if _PLAIN_RE.fullmatch(s):  # nothing to escape (most prompts): no loop over characters
+        return '"' + s + '"'
     out = ['"']
     for ch in s:
         code = ord(ch)

@@ -61,8 +61,8 @@ class _FunctionVerifier:
         self.types: dict[str, ValueType] = {}
         self.defined_at: dict[str, str] = {}
         self.parent: dict[str, str | None] = {}  # state -> the state it extends
-        # state -> {variable name: where it was defined}; shared between states when unchanged
-        self.scope: dict[str, dict[str, str]] = {}
+        # state -> {variable name: the op that defined it}; shared between states when unchanged
+        self.scope: dict[str, dict[str, Op]] = {}
 
     def fail(self, op: Op | None, message: str) -> IRVerifyError:
         where = f"in function @{self.fn.name}"
@@ -210,10 +210,10 @@ class _FunctionVerifier:
                 if name in visible:
                     raise self.fail(
                         op,
-                        f"variable {name!r} is defined twice in one scope (first by {visible[name]}); "
+                        f"variable {name!r} is defined twice in one scope (first by `{format_op(visible[name])}`); "
                         "give one another name, or fork first so each branch has its own scope",
                     )
-                visible[name] = f"`{format_op(op)}`"
+                visible[name] = op  # printed only for an error
         for r in op.results:
             self.parent[r.name] = base
             self.scope[r.name] = visible

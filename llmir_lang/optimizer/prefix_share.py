@@ -29,7 +29,7 @@ from llmir_lang.ir import Module, Op, Value
 from llmir_lang.ir import ops as K
 from llmir_lang.ir.module import Function, fork_transparent_users, fresh_namer
 from llmir_lang.optimizer.pass_manager import register_pass
-from llmir_lang.optimizer.prefix_tree import TrieNode, build_state_tree, shared_nodes
+from llmir_lang.optimizer.prefix_tree import Node, Pos, build_state_tree, by_node, shared_inside, shared_nodes
 
 _PIN_KEYS = ("pin", "pin_users")
 
@@ -44,11 +44,12 @@ def prefix_share(module: Module, *, min_length: int = 1) -> Module:
     shared = shared_nodes(tree, min_length)
     if not shared:
         return module
+    grouped = by_node(shared)
     functions: list[Function] = []
     for fi, fn in enumerate(module.functions):
-        functions.append(_split_at_shared(fi, fn, tree.node_of, shared))
+        functions.append(_split_at_shared(fi, fn, tree.node_of, grouped))
     # Name pins in program order, then count each pin's users over every occurrence.
-    pin_ids: dict[TrieNode, str] = {}
+    pin_ids: dict[Pos, str] = {}
     annotated: list[list[Op]] = []
     for fi, fn in enumerate(functions):
         ops: list[Op] = []
@@ -85,9 +86,9 @@ def _strip_pins(op: Op) -> Op:
 
 
 def _split_at_shared(
-    fi: int, fn: Function, node_of: dict[tuple[int, str], TrieNode], shared: set[TrieNode]
+    fi: int, fn: Function, node_of: dict[tuple[int, str], Pos], shared: dict[Node, list[int]]
 ) -> Function:
-    """Split each text op at every shared node strictly inside it; record nodes of new values."""
+    """Split each text op at every shared point strictly inside it; record points of new values."""
     fresh = fresh_namer(fn.value_names(), "s")
     ops: list[Op] = []
     for op in fn.ops:
@@ -95,20 +96,17 @@ def _split_at_shared(
             ops.append(op)
             continue
         text = op.label or ""
-        node = node_of[(fi, op.state.name)]
-        cuts: list[tuple[int, TrieNode]] = []
-        for k, ch in enumerate(text[:-1], start=1):
-            node = node.children[ch]
-            if node in shared:
-                cuts.append((k, node))
+        base = node_of[(fi, op.state.name)]
+        cuts = shared_inside(base, node_of[(fi, op.result.name)], shared)
         if not cuts:
             ops.append(op)
             continue
         # The first piece heads the op's chain, so it keeps the op's annotations (a branch_of).
         state, start, attrs = op.state, 0, dict(op.attrs)
-        for k, cut_node in cuts:
+        for cut in cuts:
+            k = cut[1] - base[1]
             piece = Value(fresh(), op.result.type)
-            node_of[(fi, piece.name)] = cut_node
+            node_of[(fi, piece.name)] = cut
             ops.append(Op(K.TEXT, (piece,), (state,), text[start:k], attrs))
             state, start, attrs = piece, k, {}
         ops.append(replace(op, operands=(state,), label=text[start:], attrs={}))

@@ -86,3 +86,132 @@ module {
     assert a.ops[1].label == "caf\u00e9" and a.ops[1].attrs == {"pin": "p0", "pin_users": 2}
     assert a.ops[2].label == " au lait" and a.ops[2].attrs == {"pin": "p1", "pin_users": 2}
     assert b.ops[1].label == "caf\u00e9" and b.ops[1].attrs["pin"] == "p0"
+
+
+# --- the compressed prefix tree against a plain one-symbol-per-node trie ---------------------
+class _RefNode:
+    def __init__(self, parent: _RefNode | None, symbol: object) -> None:
+        self.parent, self.symbol, self.children = parent, symbol, {}
+        self.depth = 0 if parent is None else parent.depth + 1
+
+    def child(self, symbol: object) -> _RefNode:
+        if symbol not in self.children:
+            self.children[symbol] = _RefNode(self, symbol)
+        return self.children[symbol]
+
+
+def _ref_shared_paths(module: object, min_length: int) -> set[tuple]:
+    """The shared points as symbol paths, by the definition: every node with two children or
+    more, moved back while a cut after it is not clean for every child."""
+    root, at = _RefNode(None, None), {}
+    for fi, fn in enumerate(module.functions):  # type: ignore[attr-defined]
+        for op in fn.ops:
+            if op.kind == "start":
+                at[(fi, op.result.name)] = root
+            elif op.kind in ("var", "return"):
+                continue
+            elif op.kind == "fork":
+                for r in op.results:
+                    at[(fi, r.name)] = at[(fi, op.state.name)]
+            elif op.kind == "text":
+                node = at[(fi, op.state.name)]
+                for ch in op.label:
+                    node = node.child(ch)
+                at[(fi, op.result.name)] = node
+            elif op.kind in ("role.begin", "role.end"):
+                at[(fi, op.result.name)] = at[(fi, op.state.name)].child((op.kind, op.label))
+            else:
+                at[(fi, op.result.name)] = at[(fi, op.state.name)].child(("dyn", fi, op.result.name))
+    out, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        if len(node.children) < 2:
+            continue
+        cut = node
+        while cut.depth > 0 and not all(clean_cut(cut.symbol, s) for s in cut.children):
+            cut = cut.parent
+        if cut.depth >= max(min_length, 1):
+            path = []
+            while cut.parent is not None:
+                path.append(cut.symbol)
+                cut = cut.parent
+            out.add(tuple(reversed(path)))
+    return out
+
+
+def _path(pos: tuple) -> tuple:
+    node, d = pos
+    parts: list[object] = []
+    while node.parent is not None:
+        parts.append(tuple(reversed(node.edge)) if isinstance(node.edge, str) else (node.edge,))
+        node = node.parent
+    symbols = [s for part in reversed(parts) for s in reversed(part)]
+    return tuple(symbols[:d])
+
+
+PIECES = st.sampled_from(["Q: ", "the", " cat", "\n", "A:", " ", "sat\n", "é", "<role>", "<gen>", "<fork>"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.lists(PIECES, min_size=1, max_size=8), min_size=1, max_size=5),
+    st.integers(min_value=1, max_value=4),
+)
+def test_compressed_tree_finds_the_shared_points_of_a_plain_trie(
+    programs: list[list[str]], min_length: int
+) -> None:
+    from llmir_lang.optimizer.prefix_share import prefix_share
+    from llmir_lang.optimizer.prefix_tree import build_state_tree, shared_nodes
+
+    lines = ["module {"]
+    for fi, pieces in enumerate(programs):
+        lines += [f"  func @f{fi}() {{", "    %0 = start"]
+        n, cur, open_role, rets = 1, "%0", False, []
+        for piece in pieces:
+            if piece == "<role>":
+                kind = "role.end" if open_role else "role.begin"
+                lines.append(f'    %{n} = {kind} {cur} "user"')
+                open_role = not open_role
+            elif piece == "<gen>":
+                lines.append(f'    %{n} = gen {cur} "g{n}"')
+            elif piece == "<fork>":
+                lines.append(f"    %{n}, %{n + 1} = fork {cur}")
+                lines.append(f'    %{n + 2} = text %{n + 1} "side"')
+                rets.append(f"%{n + 2}")
+                cur, n = f"%{n}", n + 3
+                continue
+            else:
+                lit = piece.replace("\n", "\\n").replace("é", "\\u00e9")
+                lines.append(f'    %{n} = text {cur} "{lit}"')
+            cur, n = f"%{n}", n + 1
+        if open_role:
+            lines.append(f'    %{n} = role.end {cur} "user"')
+            cur = f"%{n}"
+        lines += [f"    return {', '.join([cur, *rets])}", "  }"]
+    lines.append("}")
+    module = parse_ir("\n".join(lines) + "\n")
+    tree = build_state_tree(module)
+    got = {_path(p) for p in shared_nodes(tree, min_length)}
+    assert got == _ref_shared_paths(module, min_length)
+    # every state's position spells its text; the pass keeps every returned state's text
+    out = prefix_share(module, min_length=min_length)
+    for before, after in zip(module.functions, out.functions):
+        assert _texts(before) == _texts(after)
+
+
+def _texts(fn: object) -> list[str]:
+    text: dict[str, str] = {}
+    for op in fn.ops:  # type: ignore[attr-defined]
+        if op.kind == "start":
+            text[op.result.name] = ""
+        elif op.kind == "fork":
+            for r in op.results:
+                text[r.name] = text[op.state.name]
+        elif op.kind == "text":
+            text[op.result.name] = text[op.state.name] + op.label
+        elif op.kind == "return":
+            return [text[v.name] for v in op.operands]
+        elif op.results:
+            text[op.result.name] = text[op.state.name] + f"<{op.kind}:{op.label}>"
+    raise AssertionError("no return")
