@@ -98,31 +98,43 @@ def renumber(module: Module) -> Module:
     return Module(tuple(_renumber_function(fn) for fn in module.functions))
 
 
-def _renumber_function(fn: Function) -> Function:
-    params = {p.name for p in fn.params}
-    mapping: dict[str, Value] = {}
+def _canonical_names(fn: Function, params: set[str]) -> bool:
     counter = 0
-    canonical = True
     for op in fn.ops:
         for v in op.results:
             while str(counter) in params:
                 counter += 1
-            name = str(counter)
-            canonical = canonical and v.name == name
-            mapping[v.name] = Value(name, v.type)
+            if v.name != str(counter):
+                return False
             counter += 1
-    if canonical:  # most functions after most passes: nothing to rebuild
+    return True
+
+
+def _renumber_function(fn: Function) -> Function:
+    params = {p.name for p in fn.params}
+    if _canonical_names(fn, params):  # most functions after most passes: nothing to rebuild
         return fn
-    ops: list[Op] = []
+    mapping: dict[str, Value] = {}
+    counter = 0
     for op in fn.ops:
-        ops.append(
-            replace(
-                op,
-                results=tuple(mapping[v.name] for v in op.results),
-                operands=tuple(mapping.get(v.name, v) for v in op.operands),
-            )
+        for v in op.results:
+            while str(counter) in params:
+                counter += 1
+            mapping[v.name] = Value(str(counter), v.type)
+            counter += 1
+    # Op(...) directly: dataclasses.replace costs several times more, for every op of a batch
+    ops = tuple(
+        Op(
+            op.kind,
+            tuple(mapping[v.name] for v in op.results),
+            tuple(mapping.get(v.name, v) for v in op.operands),
+            op.label,
+            op.attrs,
+            op.line,
         )
-    return replace(fn, ops=tuple(ops))
+        for op in fn.ops
+    )
+    return replace(fn, ops=ops)
 
 
 def fork_transparent_users(fn: Function) -> dict[str, list[Op]]:

@@ -147,3 +147,18 @@ def test_random_nested_attribute_values_round_trip(trie: list[dict[str, object]]
     text = print_ir(module)
     assert parse_ir(text) == module
     assert print_ir(parse_ir(text)) == text
+
+
+def test_renumber_keeps_every_field_of_an_op() -> None:
+    """``renumber`` rebuilds ops field by field (not ``dataclasses.replace``): a new ``Op`` field
+    must be carried there too."""
+    from dataclasses import fields
+
+    from llmir_lang.ir import Op, parse_ir, renumber
+
+    assert [f.name for f in fields(Op)] == ["kind", "results", "operands", "label", "attrs", "line"]
+    text = 'module {\n  func @f() {\n    %7 = start\n    %9 = text %7 "a" {pin = "p0", pin_users = 1}\n    return %9\n  }\n}\n'
+    before = parse_ir(text).functions[0].ops[1]
+    after = renumber(parse_ir(text)).functions[0].ops[1]
+    assert (after.kind, after.label, after.attrs, after.line) == (before.kind, before.label, before.attrs, before.line)
+    assert [v.name for v in after.results] == ["1"] and [v.name for v in after.operands] == ["0"]

@@ -115,7 +115,11 @@ def test_a_pass_that_breaks_the_ir_is_reported_by_name() -> None:
     try:
         with pytest.raises(IRVerifyError, match="pass test-break-ir produced invalid IR"):
             PassManager(name).run(parse_ir(BATCH))
-        assert PassManager(name, verify_each=False).run(parse_ir(BATCH)) is not None
+        # verifying the final module only (the interpreter's setting) still names the pass
+        with pytest.raises(IRVerifyError, match="pass test-break-ir produced invalid IR"):
+            PassManager(f"canonicalize,{name},fork-join", verify_each=False).run(parse_ir(BATCH))
+        # a later pass does not hide it either: its input was already invalid
+        assert PassManager("canonicalize", verify_each=False).run(parse_ir(BATCH)) is not None
     finally:
         del PASS_REGISTRY[name]
 
@@ -123,3 +127,49 @@ def test_a_pass_that_breaks_the_ir_is_reported_by_name() -> None:
 def test_passes_are_idempotent_on_their_own_output() -> None:
     once = PassManager(DEFAULT_PIPELINE).run(parse_ir(BATCH))
     assert PassManager("prefix-share,fork-join,select-trie,fuse-constants").run(once) == once
+
+
+def test_the_collector_is_paused_during_a_pipeline_and_restored_after() -> None:
+    import gc
+    import threading
+
+    seen: list[bool] = []
+    name = "test-gc-probe"
+
+    @register_pass(name)
+    def probe(module: Module) -> Module:
+        seen.append(gc.isenabled())
+        return module
+
+    try:
+        assert gc.isenabled()
+        PassManager(name).run(parse_ir(BATCH))
+        assert seen == [False] and gc.isenabled()
+        # several threads at once: on again only after the last one
+        threads = [threading.Thread(target=lambda: PassManager(name).run(parse_ir(BATCH))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert gc.isenabled() and seen == [False] * 9
+        # off before: stays off (a user's choice is kept)
+        gc.disable()
+        try:
+            PassManager(name).run(parse_ir(BATCH))
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+
+        # a failing pipeline restores it too
+        @register_pass("test-gc-break")
+        def broken(module: Module) -> Module:
+            fn = module.functions[0]
+            return Module((Function(fn.name, fn.params, fn.ops[:-1]), *module.functions[1:]))
+
+        for each in (True, False):
+            with pytest.raises(IRVerifyError, match="test-gc-break"):
+                PassManager("test-gc-break", verify_each=each).run(parse_ir(BATCH))
+            assert gc.isenabled()
+    finally:
+        del PASS_REGISTRY[name]
+        PASS_REGISTRY.pop("test-gc-break", None)
