@@ -187,13 +187,42 @@ def shared_nodes(tree: StateTree, min_length: int = 1) -> set[Pos]:
         stack.extend(node.children.values())
         if len(node.children) < 2:
             continue
-        cut: Pos = (node, node.depth)
-        while cut[1] > 0 and not pos_is_clean(cut):
-            n, d = cut
-            cut = (n, d - 1) if d - 1 > n.start else (n.parent, d - 1)  # type: ignore[assignment]
+        cut = _clean_at_or_above(node)
         if cut[1] >= max(min_length, 1):
             out.add(cut)
     return out
+
+
+def _clean_at_or_above(node: Node) -> Pos:
+    """The deepest clean point at or above the end of ``node``: its end if a cut there is clean
+    for every child, else the last clean cut inside its edge (found with string searches, not a
+    step per character: a long run of text without spaces, such as minified JSON, costs nothing),
+    else the same question one node up; the root at worst."""
+    while node.parent is not None:
+        if pos_is_clean((node, node.depth)):
+            return node, node.depth
+        if isinstance(node.edge, str):
+            k = _last_clean(node.edge, len(node.edge) - 1)
+            if k > 0:
+                return node, node.start + k
+        node = node.parent
+    return node, 0
+
+
+def _last_clean(edge: str, last: int) -> int:
+    """The largest ``k`` in ``[1, last]`` where ``clean_cut(edge[k - 1], edge[k])``, or -1."""
+    best = -1
+    for ch in " \t":  # before a space or tab that follows no whitespace
+        k = edge.rfind(ch, 1, last + 1)
+        while k > 0 and edge[k - 1].isspace():
+            k = edge.rfind(ch, 1, k)
+        best = max(best, k)
+    p = edge.rfind("\n", 0, last)  # after a newline that is not followed by another
+    while p >= 0 and edge[p + 1] == "\n":
+        p = edge.rfind("\n", 0, p)
+    if p >= 0:
+        best = max(best, p + 1)
+    return best
 
 
 def by_node(points: set[Pos]) -> dict[Node, list[int]]:
