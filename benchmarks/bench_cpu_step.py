@@ -46,10 +46,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from revtree import extract_package  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = (
@@ -226,17 +228,6 @@ def measure_engine(case: str, threads: int) -> dict[str, float]:
     return out
 
 
-def _extract(rev: str, dest: Path) -> None:
-    data = subprocess.run(
-        ["git", "-C", str(REPO), "archive", rev, "llmir_lang"], capture_output=True, check=True
-    )
-    with tempfile.TemporaryFile() as f:
-        f.write(data.stdout)
-        f.seek(0)
-        with tarfile.open(fileobj=f) as tar:
-            tar.extractall(dest, filter="data")
-
-
 def _run_tree(root: Path, cases: list[str], steps: int, logits_dir: str, threads: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(root), LLMIR_BENCH_ROOT=str(root))
     cmd = [sys.executable, __file__, "--child", "--cases", ",".join(cases), "--steps", str(steps)]
@@ -277,7 +268,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
-        _extract(a.compare, base)
+        extract_package(REPO, a.compare, base)
         trees = {"base": base, "new": REPO}
         dirs = {k: Path(tmp) / f"logits_{k}" for k in trees}
         rounds: dict[str, list[dict[str, float]]] = {k: [] for k in trees}

@@ -27,12 +27,14 @@ import platform
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from revtree import extract_package  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -106,17 +108,6 @@ def measure(sizes: list[int], repeat: int) -> dict[str, Any]:
     return out
 
 
-def _extract(rev: str, dest: Path) -> None:
-    data = subprocess.run(
-        ["git", "-C", str(REPO), "archive", rev, "llmir_lang"], capture_output=True, check=True
-    )
-    with tempfile.TemporaryFile() as f:
-        f.write(data.stdout)
-        f.seek(0)
-        with tarfile.open(fileobj=f) as tar:
-            tar.extractall(dest, filter="data")
-
-
 def _run_tree(root: Path, sizes: list[int], repeat: int) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(root))
     cmd = [sys.executable, __file__, "--child", "--sizes", ",".join(map(str, sizes)), "--repeat", str(repeat)]
@@ -153,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             base = Path(tmp) / "base"
-            _extract(a.compare, base)
+            extract_package(REPO, a.compare, base)
             trees = {"base": base, "new": REPO}
             rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in trees}
             for r in range(a.rounds):
