@@ -9,21 +9,13 @@ The empty pipeline ``""`` runs no pass and returns the module unchanged.
 After each pass the manager verifies the module (a pass that breaks the IR is a bug, reported with
 the pass's name; ``verify_each=False`` verifies the final module only) and renumbers values
 (``renumber``) so that the printed IR is canonical.
-
-The cyclic garbage collector is paused while a pipeline runs (``_gc_paused``): a batch of a
-thousand programs allocates a few hundred thousand small objects, which set off full collections
-over the whole process (the model, the engine) that took a third to a half of the pipeline's time.
-What the passes allocate and drop is freed by reference counting meanwhile.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import inspect
 import re
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,29 +25,6 @@ from llmir_lang.ir import Module, parse_ir, print_ir, renumber, verify
 DEFAULT_PIPELINE = "canonicalize,prefix-share,fork-join,select-trie,fuse-constants"
 
 PassFn = Callable[..., Module]
-
-_gc_lock = threading.Lock()
-_gc_pauses = 0  # pipelines running now, in any thread
-_gc_restore = False  # whether the collector was on when the first of them started
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold the cyclic collector off while any pipeline runs (nested and threaded runs counted);
-    the state it had before the first one is put back after the last."""
-    global _gc_pauses, _gc_restore
-    with _gc_lock:
-        if _gc_pauses == 0:
-            _gc_restore = gc.isenabled()
-            gc.disable()
-        _gc_pauses += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pauses -= 1
-            if _gc_pauses == 0 and _gc_restore:
-                gc.enable()
 
 
 class PassPipelineError(IRError, ValueError):
@@ -191,16 +160,15 @@ class PassManager:
 
     def trace(self, module: Module) -> list[tuple[str, Module]]:
         """The module after each pass, as ``(pass name, module)`` pairs (for printing after all)."""
-        with _gc_paused():
-            if self.verify_each or not self.steps:
-                return self._trace(module, True)
-            try:
-                out = self._trace(module, False)
-                verify(out[-1][1])
-            except Exception:  # invalid IR, or a pass that crashed on an earlier pass's bad output
-                self._trace(module, True)  # raises, naming the first pass whose output is invalid
-                raise
-            return out
+        if self.verify_each or not self.steps:
+            return self._trace(module, True)
+        try:
+            out = self._trace(module, False)
+            verify(out[-1][1])
+        except Exception:  # invalid IR, or a pass that crashed on an earlier pass's bad output
+            self._trace(module, True)  # raises, naming the first pass whose output is invalid
+            raise
+        return out
 
     def _trace(self, module: Module, verify_each: bool) -> list[tuple[str, Module]]:
         out: list[tuple[str, Module]] = []

@@ -29,7 +29,15 @@ from llmir_lang.ir import Module, Op, Value
 from llmir_lang.ir import ops as K
 from llmir_lang.ir.module import Function, fork_transparent_users, fresh_namer
 from llmir_lang.optimizer.pass_manager import register_pass
-from llmir_lang.optimizer.prefix_tree import Node, Pos, build_state_tree, by_node, shared_inside, shared_nodes
+from llmir_lang.optimizer.prefix_tree import (
+    Node,
+    Pos,
+    StateTree,
+    build_state_tree,
+    by_node,
+    shared_inside,
+    shared_nodes,
+)
 
 _PIN_KEYS = ("pin", "pin_users")
 
@@ -41,6 +49,13 @@ def prefix_share(module: Module, *, min_length: int = 1) -> Module:
         tuple(replace(fn, ops=tuple(_strip_pins(op) for op in fn.ops)) for fn in module.functions)
     )
     tree = build_state_tree(module)
+    try:
+        return _plan(module, tree, min_length)
+    finally:
+        tree.release()
+
+
+def _plan(module: Module, tree: StateTree, min_length: int) -> Module:
     shared = shared_nodes(tree, min_length)
     if not shared:
         return module

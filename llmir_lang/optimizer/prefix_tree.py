@@ -151,6 +151,17 @@ class StateTree:
     root: Node
     node_of: dict[tuple[int, str], Pos]
 
+    def release(self) -> None:
+        """Break the tree's parent/child cycles, so reference counting frees it at once instead of
+        leaving a few thousand nodes for the cyclic collector (call when done with it)."""
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            node.children = {}
+            node.parent = None
+        self.node_of = {}
+
 
 def build_state_tree(module: Module) -> StateTree:
     root = Node(None, "", 0)

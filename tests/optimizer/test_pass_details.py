@@ -215,3 +215,30 @@ def _texts(fn: object) -> list[str]:
         elif op.results:
             text[op.result.name] = text[op.state.name] + f"<{op.kind}:{op.label}>"
     raise AssertionError("no return")
+
+
+def test_prefix_share_leaves_no_tree_for_the_cyclic_collector() -> None:
+    """The tree's parent/child cycles are broken after the pass: reference counting frees it."""
+    import gc
+
+    from llmir_lang.optimizer.prefix_share import prefix_share
+    from llmir_lang.optimizer.prefix_tree import Node
+
+    text = (
+        "module {\n"
+        + "".join(
+            f'  func @f{i}() {{\n    %0 = start\n    %1 = text %0 "Shared words here. Item {i}"\n'
+            f'    %2 = gen %1 "x"\n    return %2\n  }}\n'
+            for i in range(5)
+        )
+        + "}\n"
+    )
+    module = parse_ir(text)
+    gc.collect()
+    gc.disable()
+    try:
+        out = prefix_share(module)
+        assert any("pin" in op.attrs for op in out.functions[0].ops)
+        assert not [o for o in gc.get_objects() if type(o) is Node]
+    finally:
+        gc.enable()
