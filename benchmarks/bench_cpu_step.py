@@ -205,7 +205,8 @@ def measure_engine(case: str, threads: int) -> dict[str, float]:
     backend = EngineBackend(Engine(device="cpu"))
     runner = backend.engine.runner
     items = extraction_items(int(case.split("-")[2]), 2027)
-    bj.run_llmir(backend, system, "batched", items, lambda text: 0)  # warm-up, same shapes
+    draft = backend.engine.speculative_draft_tokens  # the engine's default, as bench_json runs it
+    bj.run_llmir(backend, system, "batched", items, lambda text: 0, draft)  # warm-up, same shapes
     orig, times = runner.run, {"decode": [], "short": [], "prefill": []}
 
     def timed(sb):  # type: ignore[no-untyped-def]
@@ -219,7 +220,7 @@ def measure_engine(case: str, threads: int) -> dict[str, float]:
 
     runner.run = timed  # type: ignore[method-assign]
     try:
-        run = bj.run_llmir(backend, system, "batched", items, lambda text: 0)
+        run = bj.run_llmir(backend, system, "batched", items, lambda text: 0, draft)
     finally:
         del runner.run
         backend.engine.shutdown()

@@ -44,6 +44,7 @@ class SchedulerConfig:
     lpm_max_waiting: int = 256  # above this many waiting requests, skip prefix matching (FCFS)
     # a waiting request that shares this many uncached tokens with one admitted in the same step
     # waits one step, so the shared part is computed once and then read from the radix cache
+    # (``Engine`` uses 4 on the CPU)
     min_shared_prefix: int = 8
     # forced tokens of running requests (jump-forward, chain text) up to this many per request run
     # in the same forward as the decode rows of the other running requests (one mixed step instead
