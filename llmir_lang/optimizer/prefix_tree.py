@@ -43,10 +43,6 @@ class Node:
         """The depth just above this node's edge (its parent's depth)."""
         return self.depth - (len(self.edge) if isinstance(self.edge, str) else 1)
 
-    def symbol_at(self, d: int) -> Symbol:
-        """The symbol that ends at depth ``d`` (``start < d <= depth``)."""
-        return self.edge[d - self.start - 1] if isinstance(self.edge, str) else self.edge
-
 
 Pos = tuple[Node, int]  # a point of the tree: (node, depth), start < depth <= node.depth or the root
 
@@ -132,14 +128,9 @@ def clean_cut(before: Symbol | None, after: Symbol | None) -> bool:
     return after in " \t" and not before.isspace()
 
 
-def pos_is_clean(pos: Pos) -> bool:
-    """True if a cut right after ``pos`` (resolved) is clean for every way the tree continues."""
-    node, d = pos
-    if node.parent is None:
-        return True
-    before = node.symbol_at(d)
-    if d < node.depth:
-        return clean_cut(before, node.symbol_at(d + 1))
+def end_is_clean(node: Node) -> bool:
+    """True if a cut right after ``node``'s edge is clean for every way the tree continues."""
+    before = node.edge[-1] if isinstance(node.edge, str) else node.edge
     return all(clean_cut(before, s) for s in node.children)
 
 
@@ -210,7 +201,7 @@ def _clean_at_or_above(node: Node) -> Pos:
     step per character: a long run of text without spaces, such as minified JSON, costs nothing),
     else the same question one node up; the root at worst."""
     while node.parent is not None:
-        if pos_is_clean((node, node.depth)):
+        if end_is_clean(node):
             return node, node.depth
         if isinstance(node.edge, str):
             k = _last_clean(node.edge, len(node.edge) - 1)
