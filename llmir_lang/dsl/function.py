@@ -36,6 +36,7 @@ from llmir_lang.optimizer import DEFAULT_PIPELINE
 
 _ALIASES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 _AUTO_THREADS = 256
+_VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
 class LMFunction:
@@ -68,7 +69,10 @@ class LMFunction:
         self.func = func
         self.passes = passes
         self.where = where
-        self.arg_names = [p.name for p in params[1:]]
+        self._params = params[1:]
+        # named parameters (what ``bind``, ``trace`` and error messages list); ``*args`` and
+        # ``**kwargs`` are not names a caller can pass
+        self.arg_names = [p.name for p in params[1:] if p.kind not in _VAR_KINDS]
         self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         self.bound = dict(bound or {})
         functools.update_wrapper(self, func)
@@ -131,6 +135,29 @@ class LMFunction:
             raise ProgramArgumentError(e.cause_message, self.name) from None
         return out, sampling
 
+    def _call(self, state: ProgramState, arguments: Mapping[str, Any]) -> Any:
+        """``func(state, ...)`` with ``arguments`` (by parameter name, as ``_split`` returns them)
+        passed the way the signature takes them: ``*args`` spread positionally (with every named
+        parameter before it), ``**kwargs`` spread as keywords."""
+        args: list[Any] = [state]
+        kwargs: dict[str, Any] = {}
+        var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in self._params)
+        for p in self._params:
+            if p.name not in arguments:
+                continue
+            value = arguments[p.name]
+            if p.kind is inspect.Parameter.VAR_POSITIONAL:
+                args.extend(value)
+            elif p.kind is inspect.Parameter.VAR_KEYWORD:
+                kwargs.update(value)
+            elif p.kind is inspect.Parameter.POSITIONAL_ONLY or (
+                var_positional and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            ):
+                args.append(value)
+            else:
+                kwargs[p.name] = value
+        return self.func(*args, **kwargs)
+
     def _pipeline(self, passes: str | None) -> str:
         if passes is not None:
             return passes
@@ -141,7 +168,7 @@ class LMFunction:
         """Run the program body on ``state``; record any error on ``run``, never raise."""
         run.thread = threading.get_ident()
         try:
-            self.func(state, **arguments)
+            self._call(state, arguments)
             run.flush()
         except Exception as e:
             run.error = self._wrap(e)
@@ -292,7 +319,7 @@ class LMFunction:
         state = ProgramState(run)
         run.thread = threading.get_ident()
         try:
-            self.func(state, **arguments)
+            self._call(state, arguments)
         except Exception as e:
             raise self._wrap(e) from e.__cause__
         finally:

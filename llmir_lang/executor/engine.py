@@ -6,9 +6,11 @@ Public API: ``Engine(model=None, device=None, dtype=None, kv_memory=None)``, ``g
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -139,6 +141,7 @@ class Engine(EngineScoring, EngineLoop):
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="llmir-engine", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     @property
     def speculative_draft_tokens(self) -> int:
@@ -396,6 +399,22 @@ class Engine(EngineScoring, EngineLoop):
     def __del__(self) -> None:
         try:
             self.shutdown()
+        except Exception:
+            pass
+
+
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_engines() -> None:
+    """Stop every engine still running when the interpreter exits. Its thread is a daemon, so
+    without this it may still be inside torch or a tokenizer while the process tears down native
+    libraries, and the process then aborts ("terminate called without an active exception",
+    exit code 134) in about one script of five that never called ``shutdown()``."""
+    for engine in list(_LIVE):
+        try:
+            engine.shutdown()
         except Exception:
             pass
 

@@ -208,6 +208,23 @@ def test_call_by_call_is_one_call_at_a_time_and_fork_groups_overlap(fake):
     assert fake.max_in_flight == 3  # the three branch heads of the grouped fork
 
 
+@llmir.function
+def star_args(s, head, *parts, tail="", **extra):
+    s += head + "".join(parts) + extra.get("middle", "") + tail
+    s += llmir.gen("a", max_tokens=2)
+
+
+def test_star_args_and_keyword_catch_all_are_passed_as_written(fake):
+    st = star_args.run("H|", "p1|", "p2|", tail="T|", middle="M|", backend=fake)
+    assert st.text().startswith("H|p1|p2|M|T|")
+    states = star_args.run_batch([{"head": "A|", "middle": "B|"}, {"head": "C|"}], backend=fake)
+    assert states[0].text().startswith("A|B|")
+    assert states[1].text().startswith("C|") and "B|" not in states[1].text()
+    assert star_args.bind(middle="Z|").run("Y|", backend=fake).text().startswith("Y|Z|")
+    # tracing: *parts and **extra are not IR parameters; head is
+    assert "head" in str(star_args.trace())
+
+
 def test_bind_and_progress_bar(fake, capsys):
     bound = chat.bind(topic="owls")
     assert bound.run(backend=fake).text() == chat.run(topic="owls", backend=fake).text()

@@ -228,6 +228,21 @@ def test_sampling_params_object_and_shutdown(checkpoints):
         eng.generate(IDS, {"max_new_tokens": 2})
 
 
+def test_engines_left_running_are_stopped_at_interpreter_exit(checkpoints):
+    """The atexit hook stops engines nobody shut down: their daemon thread must not be inside
+    native code while the process tears down (it aborted with exit code 134 in about one script
+    of five)."""
+    from llmir_lang.executor import engine as engine_module
+
+    folder, _ = checkpoints("llama")
+    eng = Engine(str(folder), device="cpu", kv_memory="4MB")
+    assert eng in engine_module._LIVE and eng._thread.is_alive()
+    engine_module._shutdown_live_engines()
+    assert not eng._thread.is_alive()
+    with pytest.raises(errors.EngineClosedError):
+        eng.generate(IDS, {"max_new_tokens": 2})
+
+
 def test_abort_frees_the_request(setup):
     eng, _, _ = setup
     seen = []
