@@ -7,6 +7,7 @@ points at the user's code (the ``s += gen(...)`` line), not at the interpreter.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from llmir_lang.errors import ProgramError
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ``with s.user():`` and ``with s.var_scope(...):`` enter and leave through contextlib's frames
+_CONTEXTLIB = os.path.abspath(contextlib.__file__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +35,7 @@ class SourceLocation:
         frame = sys._getframe(1)
         while frame is not None:
             path = os.path.abspath(frame.f_code.co_filename)
-            if not path.startswith(_PACKAGE_DIR + os.sep):
+            if not path.startswith(_PACKAGE_DIR + os.sep) and path != _CONTEXTLIB:
                 return SourceLocation(path, frame.f_lineno)
             frame = frame.f_back
         return None
@@ -76,7 +79,8 @@ class VariableRedefinedError(DSLError):
 
 
 class RoleError(DSLError):
-    """Roles are nested, closed without being opened, or left open at the end of the program."""
+    """Roles are nested or closed without being opened. (A role left open at the end of the
+    program is not an error: its text simply has no end marker, as in SGLang.)"""
 
 
 class ForkError(DSLError):

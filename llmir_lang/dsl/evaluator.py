@@ -326,8 +326,15 @@ class SegmentEvaluator:
             return None
         sink, owners = self.on_chunk, self._chains[fi].get(i, frozenset())
 
+        last = [-1]
+
         def on_chunk(index: int, text: str) -> None:
             if 0 <= index < len(names):
+                # gens of the chain that streamed nothing are finished too: say so (an empty
+                # chunk), so a state's stream does not wait on them until the segment ends
+                for j in range(last[0] + 1, index):
+                    sink(fi, owners, names[j], "")
+                last[0] = max(last[0], index)
                 sink(fi, owners, names[index], text)
 
         return on_chunk
@@ -350,6 +357,8 @@ class SegmentEvaluator:
             picked, lps = result
             choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
             vars_[op.label or ""] = VarResult(choices[picked], select_meta(choices, lps, picked))
+            if self.on_chunk is not None:  # streamed states show the choice now, not at the end
+                self.on_chunk(fi, self._chains[fi].get(i, frozenset()), op.label or "", choices[picked])
             self.prefilled.add(text + choices[picked])  # scoring left it in the cache
             self._resolve(fi, i, _Val(text + choices[picked], vars_, None, base.gates))
             return
@@ -369,6 +378,8 @@ class SegmentEvaluator:
                 return
             vars_[name] = VarResult(step.text, step_meta(step))
             text += step.text
+            if self.on_chunk is not None:  # the gen is finished (an empty chunk if it said nothing)
+                self.on_chunk(fi, self._chains[fi].get(i, frozenset()), name, "")
         self.prefilled.add(text)  # a finished request leaves its prompt and output in the cache
         self._resolve(fi, i, _Val(text, vars_, None, base.gates))
 

@@ -138,4 +138,5 @@ class ForkGroup:
             for b in self.branches:
                 for piece in b._pieces[self._base :]:
                     parent._pieces.append(piece)
+                    parent._borrowed[id(piece)] = b  # its streamed text arrives on the branch
                     parent._on_piece(piece)

@@ -24,7 +24,7 @@ from llmir_lang.dsl.errors import (
 from llmir_lang.dsl.primitives import Concat, Gen, RoleBlock, RoleMarker, Select, TracedText
 from llmir_lang.dsl.recorder import Piece, ProgramRun
 from llmir_lang.dsl.streaming import StreamLog
-from llmir_lang.dsl.vars import PieceSlot, RangeSlot, Slot, ValueSlot
+from llmir_lang.dsl.vars import GatherSlot, PieceSlot, RangeSlot, Slot, ValueSlot
 from llmir_lang.errors import IRVerifyError
 from llmir_lang.ir import Value
 
@@ -50,6 +50,8 @@ class ProgramState:
         self._stream_lock = threading.Lock()  # chunks arrive on the engine's thread
         self._cursor = len(self._pieces)  # pieces before it are already in the stream log
         self._received: dict[int, str] = {}  # id(piece) -> streamed gen text received
+        # id(piece) -> the fork branch whose chunks fill it (pieces a concat join appended here)
+        self._borrowed: dict[int, ProgramState] = {}
         self._sent: dict[int, str] = {}  # id(piece) -> text written to the log
         run.states.append(self)
 
@@ -156,8 +158,12 @@ class ProgramState:
     @contextlib.contextmanager
     def _role_block(self, role: str) -> Iterator[ProgramState]:
         self._role_marker(role, True, SourceLocation.here())
-        yield self
-        self._role_marker(role, False, SourceLocation.here())
+        try:
+            yield self
+        finally:
+            # closed on the way out of an exception too, so a caller that catches it can go on
+            if self._role == role:
+                self._role_marker(role, False, SourceLocation.here())
 
     def system(self) -> contextlib.AbstractContextManager[ProgramState]:
         """``with s.system(): s += "..."``: the appended text is one system message."""
@@ -202,9 +208,9 @@ class ProgramState:
         return slot.value()
 
     def __setitem__(self, name: str, value: Any) -> None:
-        if name in self._scopes or isinstance(self._vars.get(name), PieceSlot):
+        if name in self._scopes or isinstance(self._vars.get(name), (PieceSlot, RangeSlot, GatherSlot)):
             raise VariableRedefinedError(
-                f"variable {name!r} is produced by a gen/select/var_scope; pick another name to set",
+                f"variable {name!r} is produced by a gen/select/var_scope/join; pick another name to set",
                 self._run.program,
                 SourceLocation.here(),
             )
@@ -321,7 +327,12 @@ class ProgramState:
             self._sync(None)
             yield self.text() if var is None else str(self[var])
             return
-        yield from self._log.iter(var)
+        got = False
+        for chunk in self._log.iter(var):
+            got = True
+            yield chunk
+        if var is not None and not got:
+            self._slot(var, SourceLocation.here())  # a name the program never produced raises
 
     async def text_async_iter(self, var: str | None = None) -> AsyncIterator[str]:
         """``text_iter`` for ``async for``; never blocks the event loop."""
@@ -329,8 +340,12 @@ class ProgramState:
             self._sync(None)
             yield self.text() if var is None else str(self[var])
             return
+        got = False
         async for chunk in self._log.aiter(var):
+            got = True
             yield chunk
+        if var is not None and not got:
+            self._slot(var, SourceLocation.here())
 
     def __repr__(self) -> str:
         known = "".join(p.text or "" for p in self._pieces)
@@ -407,20 +422,36 @@ class ProgramState:
                 self._advance()
 
     def _advance(self, upto: int | None = None) -> None:
-        """Write pieces from the cursor on to the log, as far as their text is known. With
-        ``upto``, pieces before it are finished (a later gen is streaming) even if unfilled."""
+        """Write pieces from the cursor on to the log, as far as their text is known.
+
+        With ``upto`` (a later gen is streaming), an unfilled gen before it whose stream has
+        begun is finished (its request moved on to a later step, or a join waited for it) and the
+        cursor passes it; any other unfilled piece (a select, or a gen that has streamed nothing)
+        holds the cursor, and the later text waits in ``_received`` until that piece's text is
+        known, so the log's text is always the state's text in order."""
         assert self._log is not None
         while self._cursor < len(self._pieces):
             piece = self._pieces[self._cursor]
             key = id(piece)
-            known = piece.text if piece.text is not None else self._received.get(key, "")
+            streamed = self._streamed(piece)
+            known = piece.text if piece.text is not None else (streamed or "")
             sent = self._sent.get(key, "")
             if known.startswith(sent) and len(known) > len(sent):
                 self._log.emit(piece.name if piece.kind in ("gen", "select") else None, known[len(sent) :])
                 self._sent[key] = known
-            if piece.text is None and piece.failure is None and (upto is None or self._cursor >= upto):
-                return
+            if piece.text is None and piece.failure is None:
+                if upto is None or self._cursor >= upto or streamed is None:
+                    return
             self._cursor += 1
+
+    def _streamed(self, piece: Piece) -> str | None:
+        """The streamed text received for ``piece`` so far (None: no chunk yet, not even an
+        empty one), here or in the branch it was joined from."""
+        got = self._received.get(id(piece))
+        if got is not None:
+            return got
+        branch = self._borrowed.get(id(piece))
+        return branch._streamed(piece) if branch is not None else None
 
     def _close_stream(self) -> None:
         if self._log is not None:

@@ -71,6 +71,62 @@ def test_nested_roles(fake):
     _check(e.value, "prog", _line_of(prog, "nested"), "nest", "'user'")
 
 
+def test_errors_in_with_blocks_point_at_the_users_line(fake):
+    def nested(s):
+        with s.user():
+            with s.assistant():  # the nested role
+                s += "x"
+
+    with pytest.raises(RoleError) as e:
+        llmir.function(nested).run(backend=fake)
+    _check(e.value, "nested", _line_of(nested, "the nested role"), "'user'")
+
+    def scope_twice(s):
+        s += llmir.gen("x", max_tokens=2)
+        with s.var_scope("x"):  # the name is taken
+            s += "y"
+
+    with pytest.raises(VariableRedefinedError) as e:
+        llmir.function(scope_twice).run(backend=fake)
+    _check(e.value, "scope_twice", _line_of(scope_twice, "the name is taken"), "'x'")
+
+
+def test_a_role_block_left_by_an_exception_is_closed(fake):
+    @llmir.function
+    def prog(s):
+        try:
+            with s.user():
+                s += "hi"
+                raise ValueError("caught below")
+        except ValueError:
+            pass
+        s += llmir.assistant(llmir.gen("r", max_tokens=2))
+
+    st = prog.run(backend=fake)
+    assert [m["role"] for m in st.messages()] == ["user", "assistant"]
+
+
+def test_variables_from_var_scope_and_join_cannot_be_overwritten(fake):
+    def scoped(s):
+        with s.var_scope("json"):
+            s += "{" + llmir.gen("n", max_tokens=2) + "}"
+        s["json"] = "overwritten"
+
+    with pytest.raises(VariableRedefinedError) as e:
+        llmir.function(scoped).run(backend=fake)
+    _check(e.value, "scoped", _line_of(scoped, "overwritten"), "'json'")
+
+    def joined(s):
+        forks = s.fork(2)
+        forks += llmir.gen("x", max_tokens=2)
+        forks.join()
+        s["x"] = "over"
+
+    with pytest.raises(VariableRedefinedError) as e:
+        llmir.function(joined).run(backend=fake)
+    _check(e.value, "joined", _line_of(joined, '"over"'), "'x'")
+
+
 def test_closing_a_role_that_is_not_open(fake):
     def prog(s):
         s += llmir.user_end()

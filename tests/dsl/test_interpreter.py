@@ -168,6 +168,41 @@ def test_stream_text_iter(fake):
     assert list(chat.run(topic="owls", backend=fake).text_iter()) == [st.text()]
 
 
+@llmir.function
+def select_then_gen(s):
+    s += "Q: Is it?\nA: " + llmir.select("x", ["True", "False"]) + "\nWhy:" + llmir.gen("y", max_tokens=4)
+    s += "\nMore:" + llmir.gen("empty", max_tokens=0) + "|" + llmir.gen("z", max_tokens=3)
+
+
+@llmir.function
+def concat_then_gen(s):
+    s += "List:\n"
+    forks = s.fork(2)
+    forks += lambda i: f"{i}." + llmir.gen("item", max_tokens=3) + "\n"
+    forks.join(mode="concate_and_append")
+    s += "Done:" + llmir.gen("d", max_tokens=3)
+
+
+@pytest.mark.parametrize("passes", [None, ""])
+@pytest.mark.parametrize("program", [select_then_gen, concat_then_gen])
+def test_stream_keeps_text_that_arrives_out_of_order(fake, program, passes):
+    """A select's value, an empty gen in a fused chain and the branch text a concat join appends
+    are known after a later gen has started streaming: the stream holds that gen's text until the
+    earlier text is out, so the chunks always add up to the final text."""
+    fake.delay = 0.002
+    st = program.run(backend=fake, stream=True, passes=passes)
+    assert "".join(st.text_iter()) == st.text()
+    if program is select_then_gen:
+        again = program.run(backend=fake, stream=True, passes=passes)
+        assert list(again.text_iter("x")) == [again["x"]]
+
+
+def test_stream_of_an_unknown_variable_raises(fake):
+    st = chat.run(topic="owls", backend=fake, stream=True)
+    with pytest.raises(llmir.dsl.UnknownVariableError):
+        list(st.text_iter("nope"))
+
+
 def test_async_run_and_async_stream(fake):
     async def main() -> tuple[str, str, str]:
         st = await chat.arun(topic="owls", backend=fake)
