@@ -13,6 +13,7 @@ import asyncio
 import functools
 import inspect
 import os
+import sysconfig
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -342,15 +343,29 @@ def function(
 
 
 def _user_frame(e: BaseException) -> SourceLocation | None:
-    """The innermost traceback frame outside llmir_lang: the user's line that raised."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    tb, found = e.__traceback__, None
+    """The user's line that raised: the innermost traceback frame that is neither llmir_lang's
+    nor a library's (the standard library, site-packages), so an error raised inside httpx or
+    json under the user's ``s["x"]`` or ``json.loads(...)`` names that line; failing that, the
+    innermost frame outside llmir_lang."""
+    tb, found, fallback = e.__traceback__, None, None
     while tb is not None:
         path = os.path.abspath(tb.tb_frame.f_code.co_filename)
-        if not path.startswith(package):
-            found = SourceLocation(path, tb.tb_lineno)
+        if not path.startswith(_PACKAGE):
+            fallback = SourceLocation(path, tb.tb_lineno)
+            if not path.startswith(_LIBRARIES):
+                found = fallback
         tb = tb.tb_next
-    return found
+    return found or fallback
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_LIBRARIES = tuple(
+    {
+        os.path.abspath(p) + os.sep
+        for k in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (p := sysconfig.get_path(k))
+    }
+)
 
 
 def _in_order(states: list[ProgramState], finish: Callable[[], None]) -> Iterator[ProgramState]:

@@ -203,6 +203,18 @@ def test_exception_inside_the_program(fake):
     assert isinstance(e.value.__cause__, ZeroDivisionError)
 
 
+def test_an_exception_raised_inside_a_library_names_the_users_line(fake):
+    import json
+
+    def prog(s):
+        s += "x" + llmir.gen("a", max_tokens=1)
+        s += json.loads("{not json")  # raises inside the json module
+
+    with pytest.raises(ProgramExecutionError) as e:
+        llmir.function(prog).run(backend=fake)
+    _check(e.value, "prog", _line_of(prog, "json.loads"), "JSONDecodeError")
+
+
 def test_bad_gen_arguments_point_at_the_gen_line(fake):
     def prog(s):
         s += "x"
