@@ -19,7 +19,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 run: $(STAMP)
 	rm -f out/sample_extracted.jsonl
-	$(BIN)/llmir extract --schema examples/extract_person.py:Person --input examples/sample_records.jsonl --output out/sample_extracted.jsonl && $(BIN)/python examples/check_extraction.py examples/sample_records.jsonl out/sample_extracted.jsonl
+	# the check runs whenever there is an output (a failed record makes extract exit 1, and make run too)
+	$(BIN)/llmir extract --schema examples/extract_person.py:Person --input examples/sample_records.jsonl --output out/sample_extracted.jsonl; \
+	status=$$?; \
+	if [ -s out/sample_extracted.jsonl ]; then \
+	  $(BIN)/python examples/check_extraction.py examples/sample_records.jsonl out/sample_extracted.jsonl || status=1; \
+	fi; \
+	exit $$status
 
 test: $(STAMP)
 	$(BIN)/pytest tests

@@ -2,7 +2,7 @@
 
     llmir extract --schema S --input in.jsonl|in.csv --output out.jsonl [...]   (llmir_lang.cli.extract)
     llmir serve --model PATH --host 127.0.0.1 --port 30000                     (llmir_lang.server.cli)
-    llmir bench engine|programs|constraints|json [args...]                     (llmir_lang.cli.bench)
+    llmir bench engine|programs|constraints|json|cpu_step|passes [args...]     (llmir_lang.cli.bench)
 
     python -m llmir_lang ir  path/to/file.py:program [--passes P] [--arg name=value ...]
                              [--model DIR] [--print-after-all]
@@ -12,7 +12,7 @@
 ``ir`` traces the program (arguments not given stay IR parameters) and needs no model; roles
 render through the chat template of ``--model`` (default: the bundled model's, when installed).
 ``run`` runs it on the embedded engine (``--model``, default the bundled model) and prints the
-text, then the variables as JSON.
+text, then the variables as JSON. ``--arg`` values are typed as ``ARG_HELP`` says.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmir_lang.errors import LLMIRError
+from llmir_lang.errors import CheckpointError, LLMIRError
+
+ARG_HELP = """\
+--arg NAME=VALUE: a program argument, or a sampling default (max_tokens, temperature, ...).
+  A program parameter annotated int, float, bool or str gets VALUE converted to that type (bool:
+  true/false, 1/0, yes/no). Any other VALUE is read as JSON when it is JSON (3, 0.5, true, null,
+  [1, 2], {"k": 1}, "quoted text") and kept as the raw text otherwise: --arg q='What is 7 + 5?'
+  passes the text; --arg q='"42"' passes the text 42 to an unannotated parameter.
+"""
 
 
 def _load_program(target: str) -> Any:
@@ -45,7 +53,12 @@ def _load_program(target: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(file.resolve().parent))
     sys.modules[spec.name] = module  # so that pydantic models and dataclasses in it resolve names
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise SystemExit(f"error: {e.filename or path}, line {e.lineno}: syntax error ({e.msg})") from None
+    except Exception as e:  # the file's own code raised while it was imported
+        raise SystemExit(f"error: importing {path} raised {type(e).__name__}: {e}") from None
     if not name:
         found = [k for k, v in vars(module).items() if isinstance(v, LMFunction) and not k.startswith("_")]
         if len(found) != 1:
@@ -58,14 +71,41 @@ def _load_program(target: str) -> Any:
     return program if isinstance(program, LMFunction) else LMFunction(program)
 
 
-def _arguments(items: list[str]) -> dict[str, str]:
-    out = {}
+_CONVERTERS = {"int": int, "float": float, "str": str, "bool": bool}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _arguments(items: list[str], program: Any = None) -> dict[str, Any]:
+    """``--arg`` items as keyword arguments, typed as ``ARG_HELP`` says."""
+    params = program.signature.parameters if program is not None else {}
+    out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"error: --arg {item!r} must be written name=value")
-        out[key] = value
+        out[key] = _typed(key, value, params[key].annotation if key in params else None)
     return out
+
+
+def _typed(key: str, value: str, annotation: Any) -> Any:
+    # annotations are strings under `from __future__ import annotations`
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
+    kind = _CONVERTERS.get(name.strip()) if isinstance(name, str) else None
+    if kind is str:
+        return value
+    if kind is bool:
+        if value.strip().lower() not in _BOOLS:
+            raise SystemExit(f"error: --arg {key}={value!r}: expected a bool (true/false, 1/0, yes/no)")
+        return _BOOLS[value.strip().lower()]
+    if kind is not None:
+        try:
+            return kind(value)
+        except ValueError:
+            raise SystemExit(f"error: --arg {key}={value!r}: expected {name}") from None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _template(model: str | None) -> Any:
@@ -75,6 +115,9 @@ def _template(model: str | None) -> Any:
 
     folder = Path(model) if model else TINY_MODEL_DIR
     if not (folder / "tokenizer_config.json").is_file():
+        if model:  # asked for by name: rendering without its template would silently be wrong
+            what = "no such folder" if not folder.is_dir() else "it has no tokenizer_config.json"
+            raise CheckpointError(f"--model {model!r}: {what}; give a checkpoint folder with its tokenizer")
         return None
     from transformers import AutoTokenizer
 
@@ -86,9 +129,9 @@ def cmd_ir(ns: argparse.Namespace) -> int:
     from llmir_lang.optimizer import DEFAULT_PIPELINE, PassManager
 
     program = _load_program(ns.target)
-    module = program.trace(**_arguments(ns.arg))
-    passes = ns.passes if ns.passes is not None else program.passes or DEFAULT_PIPELINE
     template = _template(ns.model)
+    module = program.trace(**_arguments(ns.arg, program))
+    passes = ns.passes if ns.passes is not None else program.passes or DEFAULT_PIPELINE
     manager = PassManager(passes, {"canonicalize": {"template": template}} if template else None)
     print("// IR before the pipeline")
     print(print_ir(module), end="")
@@ -106,7 +149,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from llmir_lang.dsl import Runtime
 
     program = _load_program(ns.target)
-    kwargs: dict[str, Any] = dict(_arguments(ns.arg))
+    kwargs: dict[str, Any] = _arguments(ns.arg, program)
     if ns.max_tokens is not None:
         kwargs["max_tokens"] = ns.max_tokens
     with Runtime(ns.model) as rt:
@@ -136,7 +179,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmir", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{ir,run,extract,serve,bench}")
     for name, help_text in (("ir", "print the IR before and after the pipeline"), ("run", "run the program")):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=ARG_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument(
             "target", help="path/to/file.py[:program] (the name may be left out when there is one)"
         )
@@ -174,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     except LLMIRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a command that reports its own progress
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """``llmir bench NAME [args...]``: run a benchmark script of the source tree's ``benchmarks/``.
 
-``NAME`` is ``engine``, ``programs``, ``constraints``, ``json`` (any ``benchmarks/bench_NAME.py``);
-the remaining arguments go to the script, which runs in a child process with this interpreter. The
-benchmarks are not part of the installed package: from a wheel this command says so and fails.
+``NAME`` is ``engine``, ``programs``, ``constraints``, ``json``, ``cpu_step`` or ``passes`` (any
+``benchmarks/bench_NAME.py``; ``llmir bench`` lists them); the remaining arguments go to the
+script, which runs in a child process with this interpreter. The benchmarks are not part of the
+installed package: from a wheel this command says so and fails.
 """
 
 from __future__ import annotations

@@ -2,14 +2,25 @@
 
     llmir extract --schema person|schema.json|module:Model|file.py:Model --input in.jsonl|in.csv
                   --output out.jsonl [--text-field text] [--id-field id] [--model PATH | --url URL]
-                  [--prompt-file F] [--max-tokens N] [--batch-size N] [--passes P] [--no-progress]
+                  [--prompt-file F] [--max-tokens N] [--batch-size N] [--passes P]
+                  [--retry-failed] [--no-progress] [--no-fsync]
 
-Each record becomes ``{"id": ..., "record": {...}}`` or, when it fails (empty text, a generation
-error, a value the schema rejects), ``{"id": ..., "error": "..."}``: a failure never stops the job.
-The program is a DSL function (prompt, then ``gen("record", json_schema=...)``) run with
-``run_batch`` over chunks of ``--batch-size`` records; each record's line is written and fsynced
-as its chunk yields it (``cli.output.ResumableOutput``), so a rerun after a crash or a SIGKILL
-skips every id already in the output and every input id ends up in it exactly once.
+Each record becomes ``{"id": ..., "record": {...}}`` or, when it fails (empty or missing text, a
+malformed input line, a generation error, a value the schema rejects), ``{"id": ..., "error":
+"..."}``: a failed record never stops the job. The program is a DSL function (prompt, then
+``gen("record", json_schema=...)``) run with ``run_batch`` over chunks of ``--batch-size``
+records; lines are written in input order, each as soon as its record and every record before it
+have finished, and fsynced (``cli.output.ResumableOutput``), so a rerun after a crash, a Ctrl-C or
+a SIGKILL skips every id already in the output and every input id ends up in it exactly once.
+
+What is checked before the output file is touched, each a one-line error and exit 1: the schema
+(loaded, and its constraint compiled with the model's tokenizer, so an unsupported keyword or a
+dangling ``$ref`` is named now, not written 10 000 times), ``--prompt-file``, ``--passes``, the
+output path (not a directory, not the input, not locked by another run), the whole input file
+(UTF-8, ``--text-field`` present in some record, an explicit ``--id-field`` present in some
+record), the model (``--model`` loads, or ``--url`` answers). A failure that is not the record's
+fault (the server went away, the engine closed) is not written as the record's error: the job
+stops there with exit 1 and a rerun carries on.
 
 The default prompt is the bundled model's extraction format (``Text: <text>⏎<Kind> JSON:⏎``, the
 kind being the schema's name); ``--prompt-file`` is a template where ``{text}`` is replaced by the
@@ -20,15 +31,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import llmir_lang as llmir
-from llmir_lang.cli.inputs import ExtractInputError, Schema, load_schema, read_records
-from llmir_lang.cli.output import ResumableOutput, id_key
+from llmir_lang.cli.inputs import (
+    ExtractInputError,
+    InputRecord,
+    Schema,
+    load_schema,
+    read_records,
+    where_in,
+)
+from llmir_lang.cli.output import ResumableOutput, check_output_path, id_key, scan_output
+from llmir_lang.errors import LLMIRError
+
+DESCRIPTION = """\
+Batch structured extraction: run a schema-constrained generation over every record of a JSON lines
+or CSV file and write one JSON line per record, resumably (a rerun skips the ids already in
+--output). The schema, prompt file, passes, input, output path and model are all checked before the
+output is created or changed."""
+
+EPILOG = """\
+output: one line per input id, {"id": ..., "record": {...}} or {"id": ..., "error": "..."}; a run
+  writes its lines in input order, each once its record and all records before it have finished.
+  Records without an id get the id "line:N" (N: JSON-lines line, or CSV row with the header as row 1);
+  ids compare by JSON value and type ("7" and 7 are two records); a repeated id is ignored (warned).
+  A rerun skips every id already in --output; --retry-failed reruns those whose line is an error
+  (their error lines are removed first, so the file keeps exactly one line per id).
+exit status: 0 every record of this run succeeded (or there was nothing to do); 1 a record failed
+  (its error line is written), a setup error (nothing written), or the backend failed mid-job (the
+  records not yet written are redone by a rerun); 2 bad arguments; 130 interrupted (Ctrl-C: the
+  summary is printed, a rerun resumes).
+"""
+
+
+class ExtractAbortedError(LLMIRError):
+    """The job stopped because the backend itself failed; the records not written yet are not
+    marked done, so rerunning the same command retries them."""
 
 
 @llmir.function(name="extract")
@@ -41,8 +85,12 @@ class ExtractSummary:
     """What one ``llmir extract`` run did (records already in the output are ``skipped``)."""
 
     total: int = 0
-    skipped: int = 0
+    skipped: int = 0  # ids already in the output (first occurrence in the input)
+    skipped_failed: int = 0  # of ``skipped``, those whose line is an error
+    retried: int = 0  # ids whose earlier error line --retry-failed removed, run again
     duplicates: int = 0  # input rows whose id appeared earlier in the input
+    duplicate_lines: list[int] = field(default_factory=list)  # their line numbers
+    malformed: int = 0  # input lines that are not JSON objects (written as errors)
     ok: int = 0
     failed: int = 0
     prompt_tokens: int = 0
@@ -56,7 +104,8 @@ class ExtractSummary:
 
     @property
     def records_per_s(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
+        """Successful records per second: failures can be instant and would inflate a rate."""
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,18 +116,46 @@ class ExtractSummary:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def line(self) -> str:
-        return (
-            f"{self.records_per_s:.1f} rec/s, {self.tokens_per_s:.0f} tok/s, cache {self.cache_hit_rate:.0%}"
-        )
+        return f"{self.records_per_s:.1f} ok rec/s, {self.tokens_per_s:.0f} tok/s, cache {self.cache_hit_rate:.0%}"
 
     def report(self) -> str:
+        done = f"{self.skipped} already done"
+        if self.skipped_failed:
+            done += f" ({self.skipped_failed} of them errors: --retry-failed reruns them)"
+        extra = ""
+        if self.retried:
+            extra += f", {self.retried} earlier errors retried"
+        if self.duplicates:
+            extra += f", {self.duplicates} duplicate ids ignored ({_lines(self.duplicate_lines)})"
+        if self.malformed:
+            extra += f", {self.malformed} malformed input lines (written as errors)"
+        if self.ok:
+            rates = (
+                f"{self.records_per_s:.2f} ok records/s, {self.tokens_per_s:.0f} output tokens/s, "
+                f"cache hit rate {self.cache_hit_rate:.1%} of prompt tokens"
+            )
+        elif self.failed:
+            rates = "no record succeeded, so no rates"
+        else:
+            rates = "nothing to run"
         return (
-            f"extract: {self.ok} ok, {self.failed} failed, {self.skipped} already done"
-            + (f", {self.duplicates} duplicate ids ignored" if self.duplicates else "")
-            + f" (of {self.total} input records)\n"
-            f"time {self.seconds:.1f} s, {self.records_per_s:.2f} records/s, {self.tokens_per_s:.0f} output tokens/s, "
-            f"cache hit rate {self.cache_hit_rate:.1%} of prompt tokens"
+            f"extract: {self.ok} ok, {self.failed} failed, {done}{extra} (of {self.total} input records)\n"
+            f"time {self.seconds:.1f} s, {rates}"
         )
+
+
+def _lines(numbers: list[int], first: int = 5) -> str:
+    shown = ", ".join(map(str, numbers[:first]))
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}" + (", ..." if len(numbers) > first else "")
+
+
+@dataclass(slots=True)
+class _Item:
+    """One record to process: its id, its text, or the error it gets without running."""
+
+    id: Any
+    text: str | None = None
+    error: str | None = None
 
 
 def _prompt_maker(prompt_file: str | None, schema: Schema) -> Any:
@@ -88,7 +165,13 @@ def _prompt_maker(prompt_file: str | None, schema: Schema) -> Any:
         return lambda text: extraction_prompt(text, schema.name)
     if not Path(prompt_file).is_file():
         raise ExtractInputError(f"--prompt-file {prompt_file!r}: no such file")
-    template = Path(prompt_file).read_text(encoding="utf-8")
+    data = Path(prompt_file).read_bytes()
+    try:
+        template = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ExtractInputError(
+            f"--prompt-file {prompt_file!r} is not UTF-8 ({where_in(data, e.start)}); convert it to UTF-8"
+        ) from None
     if "{text}" not in template:
         raise ExtractInputError(
             f"--prompt-file {prompt_file!r} has no {{text}} placeholder for the record text"
@@ -96,59 +179,242 @@ def _prompt_maker(prompt_file: str | None, schema: Schema) -> Any:
     return lambda text: template.replace("{text}", text)
 
 
+def _check_passes(passes: str | None) -> None:
+    """A bad ``--passes`` is the same error for every record: refuse it before the job starts."""
+    if passes is not None:
+        from llmir_lang.optimizer import PassManager, PassPipelineError
+
+        try:
+            PassManager(passes)
+        except PassPipelineError as e:  # names the unknown pass / option
+            raise PassPipelineError(f"--passes: {e}") from None
+
+
+def _read_input(ns: argparse.Namespace) -> list[InputRecord]:
+    """Every input record, after the whole-file checks (see the module docstring)."""
+    id_field = ns.id_field or "id"
+    records = list(read_records(ns.input, id_field=id_field))
+    rows = [r.row for r in records if r.row is not None]
+    if rows and not any(ns.text_field in row for row in rows):
+        raise ExtractInputError(
+            f"--text-field {ns.text_field!r}: no record of {ns.input} has this field "
+            f"(the first record's fields: {', '.join(map(str, rows[0])) or 'none'})"
+        )
+    if rows and ns.id_field is not None and not any(r.row is not None and not r.auto_id for r in records):
+        raise ExtractInputError(
+            f"--id-field {ns.id_field!r}: no record of {ns.input} has this field "
+            f"(the first record's fields: {', '.join(map(str, rows[0])) or 'none'})"
+        )
+    auto = {r.id: r.line for r in records if r.auto_id}
+    for r in records:
+        if not r.auto_id and isinstance(r.id, str) and r.id in auto:
+            raise ExtractInputError(
+                f"{ns.input}: the record at line {r.line} has the id {r.id!r}, which is the id given to "
+                f"line {auto[r.id]} (it has no {id_field!r}); give that record an id, or rename this one"
+            )
+    return records
+
+
+def _text_problem(text: Any, text_field: str) -> str | None:
+    if not isinstance(text, str) or not text.strip():
+        what = "is missing" if text is None else "is empty" if isinstance(text, str) else "is not text"
+        return f"the text field {text_field!r} {what}"
+    bad = _SURROGATE.search(text)
+    if bad is not None:  # valid in JSON text (\ud800), but no tokenizer can encode it
+        return (
+            f"the text has an invalid character (lone surrogate U+{ord(bad.group()):04X}) at "
+            f"position {bad.start()}"
+        )
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _plan(
+    records: list[InputRecord],
+    done: set[str],
+    failed: set[str],
+    ns: argparse.Namespace,
+    retried: set[str] | frozenset[str] = frozenset(),
+) -> tuple[list[_Item], ExtractSummary]:
+    """The records this run processes (input order, first occurrence of each id), and the counts
+    of the others. Ids in ``failed`` are redone with ``--retry-failed``, else skipped; ``retried``
+    are ids whose error lines ``ResumableOutput.open`` already removed."""
+    summary = ExtractSummary(total=len(records))
+    pending: list[_Item] = []
+    seen: set[str] = set()
+    for rec in records:
+        key = id_key(rec.id)
+        if key in seen:
+            summary.duplicates += 1
+            summary.duplicate_lines.append(rec.line)
+            continue
+        seen.add(key)
+        if key in done and not (ns.retry_failed and key in failed):
+            summary.skipped += 1
+            summary.skipped_failed += key in failed
+            continue
+        summary.retried += key in done or key in retried
+        if rec.row is None:
+            summary.malformed += 1
+            pending.append(_Item(rec.id, error=f"input line {rec.line} is {rec.problem}"))
+        else:
+            text = rec.row.get(ns.text_field)
+            problem = _text_problem(text, ns.text_field)
+            pending.append(_Item(rec.id, None if problem else text, problem))
+    return pending, summary
+
+
 def _make_backend(ns: argparse.Namespace) -> Any:
     if ns.url:
         from llmir_lang.executor.remote import Endpoint
 
+        _check_server(ns.url)
         return Endpoint(ns.url)
     return llmir.Runtime(ns.model)
 
 
-def run_extract(ns: argparse.Namespace, backend: Any = None) -> ExtractSummary:
-    """Run the job described by ``ns`` (see ``add_arguments``); ``backend`` overrides the model."""
+def _check_server(url: str) -> None:
+    """Abort before the job if the server does not answer: one ``GET /health`` (an llmir and an
+    SGLang server answer it; any answer below 500, even a 404, means something is listening)."""
+    import httpx
+
+    try:
+        r = httpx.get(url.rstrip("/") + "/health", timeout=10.0)
+    except httpx.HTTPError as e:
+        raise ExtractInputError(
+            f"--url {url!r}: the server does not answer ({type(e).__name__}: {e}); start it, or check the URL"
+        ) from None
+    if r.status_code >= 500:
+        raise ExtractInputError(
+            f"--url {url!r}: the server is not healthy (GET /health: HTTP {r.status_code})"
+        )
+
+
+def _check_schema(backend: Any, schema: Schema) -> None:
+    """Compile the schema's constraint now, as the engine will for every record, so that a schema
+    no engine can enforce is one error before the job instead of one per record. A local model's
+    own tokenizer is used; for a server (whose tokenizer is not at hand) the bundled model's:
+    which keywords are supported does not depend on the tokenizer."""
+    from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo, spec_from_json_schema
+
+    engine = getattr(backend, "engine", None)
+    if engine is not None:
+        info = TokenizerInfo.from_hf(
+            engine.tokenizer.hf,
+            vocab_size=engine.config.vocab_size,
+            eos_token_ids=engine.tokenizer.eos_token_ids,
+        )
+    else:
+        from llmir_lang.models import TINY_MODEL_DIR
+
+        if not (TINY_MODEL_DIR / "tokenizer.json").is_file():
+            return  # no tokenizer to compile with: the server checks it, per record
+        from transformers import AutoTokenizer
+
+        info = TokenizerInfo.from_hf(AutoTokenizer.from_pretrained(str(TINY_MODEL_DIR)))
+    try:
+        ConstraintCompiler(info).compile(spec_from_json_schema(schema.json_schema))
+    except LLMIRError as e:
+        raise ExtractInputError(f"--schema: the JSON schema cannot be used for generation: {e}") from None
+
+
+def run_extract(
+    ns: argparse.Namespace, backend: Any = None, summary: ExtractSummary | None = None
+) -> ExtractSummary:
+    """Run the job described by ``ns`` (see ``add_arguments``); ``backend`` overrides the model.
+
+    ``summary`` (filled in place when given) lets a caller report what was done when the job is
+    interrupted. Raises ``LLMIRError`` for setup errors (before the output file is created or
+    changed) and ``ExtractAbortedError`` when the backend fails mid-job.
+    """
+    summary = summary if summary is not None else ExtractSummary()
     schema = load_schema(ns.schema)
     make_prompt = _prompt_maker(ns.prompt_file, schema)
-    summary = ExtractSummary()
-    with ResumableOutput(ns.output, fsync=not ns.no_fsync) as out:
-        pending: list[tuple[Any, Any]] = []  # (id, text or None when missing)
-        seen: set[str] = set()
-        for _, row in read_records(ns.input, id_field=ns.id_field):
-            summary.total += 1
-            key = id_key(row[ns.id_field])
-            if key in out.done_ids:
-                summary.skipped += 1
-            elif key in seen:
-                summary.duplicates += 1
-            else:
-                seen.add(key)
-                pending.append((row[ns.id_field], row.get(ns.text_field)))
-        if not pending:
-            return summary
-        own_backend = backend is None
-        backend = _make_backend(ns) if own_backend else backend
-        bar = None
-        if not ns.no_progress:
-            from tqdm.auto import tqdm
+    _check_passes(ns.passes)
+    check_output_path(ns.output, ns.input)
+    records = _read_input(ns)
+    before = scan_output(ns.output)  # read-only: a file that is not ours fails here, untouched
+    pending, planned = _plan(records, before.done_ids, before.failed_ids, ns)
+    _warn_duplicates(planned)
+    if not pending:
+        _copy(planned, summary)
+        return summary
+    own_backend = backend is None
+    backend = _make_backend(ns) if own_backend else backend
+    bar = None
+    try:
+        _check_schema(backend, schema)
+        out = ResumableOutput(ns.output, fsync=not ns.no_fsync)
+        # under the file's lock, the authoritative state: another run may have written since the scan
+        with out.open(retry={id_key(r.id) for r in records} if ns.retry_failed else ()):
+            pending, planned = _plan(records, out.done_ids, out.failed_ids, ns, out.retried_ids)
+            _copy(planned, summary)
+            if not pending:
+                return summary
+            if not ns.no_progress:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(pending), unit="rec", desc="extract", file=sys.stderr)
-        job = _Job(ns, backend, schema, make_prompt, out, summary, bar)
-        try:
-            # NOTE: the next chunk starts before this one is consumed, so the engine's batch does
-            # not drain at every chunk boundary; lines still come out in input order
-            chunks = [pending[i : i + ns.batch_size] for i in range(0, len(pending), ns.batch_size)]
-            running = job.start(chunks[0])
-            for nxt in chunks[1:]:
-                following = job.start(nxt)
+                bar = tqdm(total=len(pending), unit="rec", desc="extract", file=sys.stderr)
+            job = _Job(ns, backend, make_prompt, out, schema, summary, bar)
+            try:
+                # NOTE: the next chunk starts before this one is written, so the engine's batch
+                # does not drain at every chunk boundary; lines are still written in input order
+                chunks = [pending[i : i + ns.batch_size] for i in range(0, len(pending), ns.batch_size)]
+                running = job.start(chunks[0])
+                for nxt in chunks[1:]:
+                    following = job.start(nxt)
+                    job.finish(*running)
+                    running = following
                 job.finish(*running)
-                running = following
-            job.finish(*running)
-        finally:
-            summary.seconds = time.perf_counter() - job.started
-            if bar is not None:
-                bar.close()
-            if own_backend:  # Runtime has shutdown(), the HTTP backends close()
-                getattr(backend, "shutdown", getattr(backend, "close", lambda: None))()
+            finally:
+                summary.seconds = time.perf_counter() - job.started
+    finally:
+        if bar is not None:
+            bar.close()
+        if own_backend:  # Runtime has shutdown(), the HTTP backends close()
+            getattr(backend, "shutdown", getattr(backend, "close", lambda: None))()
     return summary
+
+
+_PLANNED = ("total", "skipped", "skipped_failed", "retried", "duplicates", "duplicate_lines", "malformed")
+
+
+def _copy(planned: ExtractSummary, summary: ExtractSummary) -> None:
+    """The counts ``_plan`` made, into the summary the caller holds."""
+    for name in _PLANNED:
+        setattr(summary, name, getattr(planned, name))
+
+
+def _warn_duplicates(planned: ExtractSummary) -> None:
+    if planned.duplicates:
+        print(
+            f"warning: {planned.duplicates} input records repeat an earlier record's id and are ignored "
+            f"({_lines(planned.duplicate_lines)})",
+            file=sys.stderr,
+        )
+
+
+# A record's error that is the backend's, not the record's: the transport failed, the server
+# answered 5xx / 429 / 404 (not the right URL), or the engine was closed. Remote backends report
+# failures as text ("ConnectError: ..."), so the cause's text is matched as well as its type.
+_BACKEND_FAILURE = re.compile(
+    r"failed: (?:(?:ConnectError|ConnectTimeout|ReadTimeout|WriteTimeout|PoolTimeout|ReadError|"
+    r"WriteError|RemoteProtocolError|NetworkError|TransportError|ProxyError|EngineClosedError):"
+    r"|RemoteBackendError: \S+: HTTP (?:5\d\d|429|404)\b)"
+)
+
+
+def _is_backend_failure(error: BaseException, message: str) -> bool:
+    import httpx
+
+    from llmir_lang.errors import EngineClosedError
+
+    cause = error.__cause__
+    if isinstance(cause, (EngineClosedError, httpx.TransportError)):
+        return True
+    return _BACKEND_FAILURE.search(message) is not None
 
 
 class _Job:
@@ -158,9 +424,9 @@ class _Job:
         self,
         ns: argparse.Namespace,
         backend: Any,
-        schema: Schema,
         make_prompt: Any,
         out: ResumableOutput,
+        schema: Schema,
         summary: ExtractSummary,
         bar: Any,
     ) -> None:
@@ -180,73 +446,96 @@ class _Job:
             self.bar.set_postfix_str(self.summary.line(), refresh=False)
             self.bar.update(1)
 
-    def start(self, chunk: list[tuple[Any, Any]]) -> tuple[list[tuple[Any, Any]], Any]:
-        """Write the chunk's records that cannot run; start the others. Returns ``(runnable,
-        states iterator or the exception that prevented the batch)``."""
-        runnable = []
-        for record_id, text in chunk:
-            if not isinstance(text, str) or not text.strip():
-                what = (
-                    "is missing" if text is None else "is empty" if isinstance(text, str) else "is not text"
-                )
-                self.write(record_id, {"error": f"the text field {self.ns.text_field!r} {what}"})
-            else:
-                runnable.append((record_id, text))
-        if not runnable:
-            return runnable, iter(())
+    def start(self, chunk: list[_Item]) -> tuple[list[_Item], Any]:
+        """Start the chunk's runnable records; nothing is written here (``finish`` writes the whole
+        chunk in order). Returns ``(chunk, states iterator or the exception run_batch raised)``."""
         kwargs = [
-            {"prompt": self.make_prompt(t), "schema": self.schema_text, "max_tokens": self.ns.max_tokens}
-            for _, t in runnable
+            {
+                "prompt": self.make_prompt(it.text),
+                "schema": self.schema_text,
+                "max_tokens": self.ns.max_tokens,
+            }
+            for it in chunk
+            if it.error is None
         ]
+        if not kwargs:
+            return chunk, iter(())
         try:
             states = extract_program.run_batch(
                 kwargs, backend=self.backend, passes=self.ns.passes, generator_style=True
             )
-        except Exception as e:  # a bad pipeline or argument: every record of the chunk fails with it
-            return runnable, e
-        return runnable, states
+        except Exception as e:  # not any record's fault: finish() stops the job with it
+            return chunk, e
+        return chunk, states
 
-    def finish(self, runnable: list[tuple[Any, Any]], states: Any) -> None:
-        """Write each started record's line as its program completes (in input order)."""
+    def finish(self, chunk: list[_Item], states: Any) -> None:
+        """Write the chunk's lines in input order, each as soon as its record has finished."""
+        if isinstance(states, Exception):
+            raise ExtractAbortedError(
+                f"the batch could not start ({type(states).__name__}: {states}); nothing more was written"
+            ) from states
+        for it in chunk:
+            if it.error is not None:
+                self.write(it.id, {"error": it.error})
+                continue
+            try:
+                st = next(states)
+            except Exception as e:
+                raise ExtractAbortedError(
+                    f"the batch failed ({type(e).__name__}: {e}) at record {_show(it.id)}; nothing more "
+                    "was written: rerun the same command to resume"
+                ) from e
+            self.write(it.id, self._outcome(it, st))
+
+    def _outcome(self, item: _Item, state: Any) -> dict[str, Any]:
+        error = state.error()
+        if error is not None:
+            # the extract program is the library's own: its source location would say nothing
+            message = f"{type(error).__name__}: {getattr(error, 'cause_message', error)}"
+            if _is_backend_failure(error, message):
+                raise ExtractAbortedError(
+                    f"the backend failed at record {_show(item.id)} ({message}); it and the records "
+                    "after it were not written: rerun the same command to resume"
+                )
+            return {"error": message}
+        value = state["record"]
+        meta = state.get_meta_info("record")
+        self.summary.prompt_tokens += int(meta.get("prompt_tokens") or 0)
+        self.summary.cached_tokens += int(meta.get("cached_tokens") or 0)
+        self.summary.completion_tokens += int(meta.get("completion_tokens") or 0)
         try:
-            if isinstance(states, Exception):
-                raise states
-            for (record_id, _), st in zip(runnable, states):
-                self.write(record_id, _outcome(st, self.schema, self.summary))
-        except Exception as e:  # the batch itself failed (backend down, ...): record it, go on
-            for record_id, _ in runnable:
-                if id_key(record_id) not in self.out.done_ids:
-                    self.write(record_id, {"error": f"{type(e).__name__}: {e}"})
+            return {"record": self.schema.validate(value)}
+        except ValueError as e:
+            reason = meta.get("finish_reason")
+            hint = " (generation hit --max-tokens)" if reason == "length" else ""
+            return {"error": f"{e}{hint}", "output": value}
 
 
-def _outcome(state: Any, schema: Schema, summary: ExtractSummary) -> dict[str, Any]:
-    error = state.error()
-    if error is not None:
-        return {"error": f"{type(error).__name__}: {error}"}
-    value = state["record"]
-    meta = state.get_meta_info("record")
-    summary.prompt_tokens += int(meta.get("prompt_tokens") or 0)
-    summary.cached_tokens += int(meta.get("cached_tokens") or 0)
-    summary.completion_tokens += int(meta.get("completion_tokens") or 0)
-    try:
-        return {"record": schema.validate(value)}
-    except ValueError as e:
-        reason = meta.get("finish_reason")
-        hint = " (generation hit --max-tokens)" if reason == "length" else ""
-        return {"error": f"{e}{hint}", "output": value}
+def _show(record_id: Any) -> str:
+    """An id for a message: JSON with ASCII escapes, so that printing it cannot fail."""
+    return json.dumps(record_id, ensure_ascii=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
-        "--schema", required=True, help="schema.json, module:Model, file.py:Model, or person|product|event"
+        "--schema",
+        required=True,
+        help="schema.json, module:Model (importable from the current folder), file.py:Model, "
+        "or person|product|event",
     )
-    p.add_argument("--input", required=True, help="input records: .jsonl or .csv")
+    p.add_argument("--input", required=True, help="input records: .csv, else JSON lines (UTF-8)")
     p.add_argument(
         "--output", required=True, help="output .jsonl (appended to; ids already there are skipped)"
     )
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
     p.add_argument(
-        "--id-field", default="id", help="field holding the record id (default: id; else the line number)"
+        "--id-field",
+        default=None,
+        help='field holding the record id (default: id; a record without one gets "line:N"; '
+        "given explicitly, some record must have it)",
     )
     p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     p.add_argument(
@@ -260,6 +549,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="token limit of one record (default: 256)")
     p.add_argument("--batch-size", type=int, default=64, help="records run together per round (default: 64)")
     p.add_argument("--passes", default=None, help="pass pipeline (default: the default pipeline)")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run again the input records whose line in --output is an error (that line is removed)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--no-fsync", action="store_true", help="skip the fsync after each line (faster, less durable)"
@@ -267,18 +561,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="llmir extract", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="llmir extract")
     add_arguments(p)
-    return run_main(p.parse_args(argv))
+    try:
+        return run_main(p.parse_args(argv))
+    except LLMIRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
-def run_main(ns: argparse.Namespace) -> int:
+def run_main(ns: argparse.Namespace, backend: Any = None) -> int:
+    """The command: runs the job, prints the summary; the exit status is in ``EPILOG``."""
     if ns.batch_size < 1 or ns.max_tokens < 1:
         print("error: --batch-size and --max-tokens must be at least 1", file=sys.stderr)
         return 2
-    summary = run_extract(ns)
+    summary = ExtractSummary()
+    try:
+        run_extract(ns, backend, summary)
+    except KeyboardInterrupt:
+        print(summary.report(), file=sys.stderr)
+        print("extract: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except ExtractAbortedError as e:
+        print(summary.report(), file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summary.report(), file=sys.stderr)
-    return 0
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":

@@ -1,17 +1,27 @@
 """What ``llmir extract`` reads: input records (JSON lines or CSV) and the target schema.
 
-A schema is given as ``schema.json`` (a JSON Schema file), ``module:Model`` or ``file.py:Model`` (a
-pydantic model class), or the name of a bundled schema (``person``, ``product``, ``event``:
+A schema is given as ``schema.json`` (a JSON Schema file; any case of ``.json``), ``module:Model``
+(a module importable from the current folder or ``sys.path``) or ``file.py:Model`` (a pydantic
+model class), or the name of a bundled schema (``person``, ``product``, ``event``:
 ``llmir_lang.models.tiny_tasks.SCHEMAS``). ``Schema.validate`` checks a generated value against it
 and returns the record as plain JSON data.
+
+Input files are UTF-8 (a leading byte-order mark is accepted); a byte that is not UTF-8 stops the
+job before anything runs, with the file, line and byte position. Each record gets an id: its
+``--id-field`` value, or ``"line:N"`` when it has none (``AUTO_ID_PREFIX``), N being its line
+(JSON lines) or row (CSV, the header being row 1). A JSON-lines line that is not a JSON object is
+still a record (id ``"line:N"``) whose ``problem`` says why, so that the job writes it as an error
+and goes on.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,16 +64,22 @@ class Schema:
         return value
 
 
+AUTO_ID_PREFIX = "line:"
+
+
 def load_schema(spec: str) -> Schema:
     """``schema.json`` | ``module:Model`` | ``path/file.py:Model`` | a bundled name."""
     from llmir_lang.models.tiny_tasks import SCHEMAS
 
     path = Path(spec)
-    if spec.endswith(".json"):
+    if spec.lower().endswith(".json"):
         if not path.is_file():
             raise ExtractInputError(f"--schema {spec!r}: no such file")
+        data = path.read_bytes()
         try:
-            schema = json.loads(path.read_text())
+            schema = json.loads(data.decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise ExtractInputError(f"--schema {spec!r} is not UTF-8 ({where_in(data, e.start)})") from None
         except json.JSONDecodeError as e:
             raise ExtractInputError(f"--schema {spec!r} is not JSON: {e}") from None
         if not isinstance(schema, dict):
@@ -95,9 +111,24 @@ def _pydantic_schema(spec: str) -> Schema:
             sys.modules[loader.name] = module
             loader.loader.exec_module(module)
         else:
+            # the `llmir` console script, unlike `python -m`, does not put the current folder on
+            # sys.path; a user naming module:Model means a module next to them
+            cwd = os.getcwd()
+            if "" not in sys.path and cwd not in sys.path:
+                sys.path.insert(0, cwd)
             module = importlib.import_module(where)
+    except ExtractInputError:
+        raise
     except ImportError as e:
         raise ExtractInputError(f"--schema {spec!r}: cannot import {where!r} ({e})") from None
+    except SyntaxError as e:
+        raise ExtractInputError(
+            f"--schema {spec!r}: {e.filename or where}, line {e.lineno}: syntax error ({e.msg})"
+        ) from None
+    except Exception as e:  # the module's own code raised while it was imported
+        raise ExtractInputError(
+            f"--schema {spec!r}: importing {where!r} raised {type(e).__name__}: {e}"
+        ) from None
     model = getattr(module, attr, None)
     if model is None or not callable(getattr(model, "model_json_schema", None)):
         raise ExtractInputError(f"--schema {spec!r}: {where} has no pydantic model named {attr!r}")
@@ -108,34 +139,95 @@ def _pydantic_schema(spec: str) -> Schema:
     return Schema(json_schema, attr.lower(), model)
 
 
-def read_records(path: str | Path, *, id_field: str = "id") -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line_number, row)`` for each record of a ``.jsonl`` / ``.json`` lines or ``.csv`` file.
+def where_in(data: bytes, pos: int) -> str:
+    """``line L, byte B`` (both 1-based) of the byte offset ``pos`` of ``data``."""
+    line = data.count(b"\n", 0, pos) + 1
+    start = data.rfind(b"\n", 0, pos) + 1
+    return f"line {line}, byte {pos - start + 1}"
 
-    A row without ``id_field`` gets its line number (CSV: its row number, the header being 1) as
-    id, so reruns still match records.
+
+@dataclass(slots=True)
+class InputRecord:
+    """One record of the input file. ``row`` is None when the line is not a JSON object; then
+    ``problem`` says why and ``id`` is the line's ``"line:N"``."""
+
+    line: int  # JSON lines: the line number; CSV: the row number, the header being row 1
+    id: Any
+    row: dict[str, Any] | None
+    auto_id: bool = False  # the id is ``"line:N"``, not the record's own
+    problem: str | None = None
+
+
+def read_records(path: str | Path, *, id_field: str = "id") -> Iterator[InputRecord]:
+    """The records of a ``.csv`` file, or of a JSON-lines file (any other name), in file order.
+
+    Blank lines are skipped. Raises ``ExtractInputError`` for a missing file or bytes that are not
+    UTF-8, naming the file, line and byte.
     """
     file = Path(path)
     if not file.is_file():
         raise ExtractInputError(f"--input {str(path)!r}: no such file")
     if file.suffix.lower() == ".csv":
-        with open(file, newline="", encoding="utf-8") as f:
-            for n, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
-                yield n, _with_id(dict(row), id_field, n)
+        yield from _csv_records(file, id_field)
         return
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ExtractInputError(
+                    f"--input {str(path)!r}: line {n} is not UTF-8 (byte {e.start + 1} of the line: "
+                    f"{raw[e.start : e.start + 1]!r}); convert the file to UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ExtractInputError(f"{path}:{n} is not JSON ({e.msg}); fix or remove the line") from None
+                yield InputRecord(
+                    n, AUTO_ID_PREFIX + str(n), None, True, f"not JSON ({e.msg} at char {e.pos})"
+                )
+                continue
             if not isinstance(row, dict):
-                raise ExtractInputError(f"{path}:{n} must be a JSON object, got {type(row).__name__}")
-            yield n, _with_id(row, id_field, n)
+                what = f"a JSON object, got {type(row).__name__}"
+                yield InputRecord(n, AUTO_ID_PREFIX + str(n), None, True, f"not {what}")
+                continue
+            yield _with_id(row, id_field, n)
 
 
-def _with_id(row: dict[str, Any], id_field: str, line: int) -> dict[str, Any]:
-    if row.get(id_field) in (None, ""):
-        row[id_field] = line
-    return row
+def _csv_records(file: Path, id_field: str) -> Iterator[InputRecord]:
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        n = 1  # line 1 is the header
+        try:
+            for row in reader:
+                n += 1
+                yield _with_id(dict(row), id_field, n)
+        except UnicodeDecodeError:
+            line, byte = _first_bad_utf8(file)
+            raise ExtractInputError(
+                f"--input {str(file)!r}: line {line} is not UTF-8 (byte {byte} of the line); "
+                "convert the file to UTF-8"
+            ) from None
+        except csv.Error as e:
+            raise ExtractInputError(f"--input {str(file)!r}: line {reader.line_num}: {e}") from None
+
+
+def _first_bad_utf8(file: Path) -> tuple[int, int]:
+    """(line, 1-based byte in the line) of the first byte of ``file`` that is not UTF-8."""
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return n, e.start + 1
+    return 0, 0
+
+
+def _with_id(row: dict[str, Any], id_field: str, line: int) -> InputRecord:
+    value = row.get(id_field)
+    if value is None or value == "":
+        return InputRecord(line, AUTO_ID_PREFIX + str(line), row, True)
+    return InputRecord(line, value, row)

@@ -1,7 +1,10 @@
-"""``llmir`` entry point: subcommands listed, ``bench`` dispatch and its errors, lazy exports."""
+"""``llmir`` entry point: subcommands listed, ``bench`` dispatch and its errors, lazy exports,
+one-line errors instead of tracebacks, typed ``--arg`` values, the README's command line section."""
 
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +106,96 @@ def test_extract_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.Captur
     assert "{text}" in capsys.readouterr().err
     assert cli_main.main([*base[:4], str(tmp_path / "nope.jsonl"), *base[5:]]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_extract_help_describes_the_command_and_its_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli_main.main(["extract", "--help"])
+    out = capsys.readouterr().out
+    assert "Batch structured extraction" in out and "--retry-failed" in out
+    assert "exit status: 0 every record" in out and "130 interrupted" in out and '"line:N"' in out
+
+
+def test_readme_command_line_matches_the_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Command line") : text.index("\n## ", text.index("## Command line") + 1)]
+    parser = argparse.ArgumentParser()
+    from llmir_lang.cli.extract import add_arguments
+
+    add_arguments(parser)
+    options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    missing = sorted(o for o in options if o not in section)
+    assert not missing, f"README's Command line section omits {missing}"
+    folder = bench.benchmarks_dir()
+    assert folder is not None
+    listed = re.search(r"llmir bench ([\w|]+)", section)
+    assert listed is not None and set(listed[1].split("|")) == set(bench.available(folder))
+
+
+def test_unusable_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "x"}\n')
+    (tmp_path / "latin1.csv").write_bytes(b"id,text\n1,ok\n2,caf\xe9\n")
+    (tmp_path / "latin1.txt").write_bytes(b"Text: {text}\nna\xefve\n")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "syntax.py").write_text("class Broken(:\n    pass\n")
+    (tmp_path / "raises.py").write_text("raise RuntimeError('no database')\n")
+    base = ["extract", "--schema", "person", "--input", str(tmp_path / "in.jsonl"), "--output"]
+    out = str(tmp_path / "o.jsonl")
+    for args, message in (
+        ([*base, out, "--input", str(tmp_path / "latin1.csv")], "latin1.csv': line 3 is not UTF-8"),
+        (
+            [*base, out, "--prompt-file", str(tmp_path / "latin1.txt")],
+            "latin1.txt' is not UTF-8 (line 2, byte 3)",
+        ),
+        ([*base, str(tmp_path / "outdir")], "is a directory"),
+        ([*base, str(tmp_path / "afile" / "sub" / "o.jsonl")], "cannot create its folder"),
+        ([*base, out, "--schema", f"{tmp_path / 'syntax.py'}:M"], "syntax.py, line 1: syntax error"),
+        ([*base, out, "--schema", f"{tmp_path / 'raises.py'}:M"], "raised RuntimeError: no database"),
+    ):
+        assert cli_main.main(args) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_program_files_that_fail_to_import_name_the_file_and_the_error(tmp_path: Path) -> None:
+    (tmp_path / "syntax.py").write_text("import llmir_lang\n\ndef f(s:\n")
+    (tmp_path / "raises.py").write_text("raise ValueError('bad config')\n")
+    for command in ("ir", "run"):
+        with pytest.raises(SystemExit, match=r"syntax\.py, line 3: syntax error"):
+            cli_main.main([command, str(tmp_path / "syntax.py")])
+        with pytest.raises(SystemExit, match=r"raises\.py raised ValueError: bad config"):
+            cli_main.main([command, str(tmp_path / "raises.py")])
+
+
+def test_ir_with_a_model_that_is_not_there_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = str(ROOT / "examples" / "dsl_stream_async.py")
+    assert cli_main.main(["ir", target, "--model", str(tmp_path / "nope")]) == 1
+    assert "no such folder" in capsys.readouterr().err
+    assert cli_main.main(["ir", target, "--model", str(tmp_path)]) == 1  # a folder without a tokenizer
+    assert "tokenizer_config.json" in capsys.readouterr().err
+
+
+def test_arg_values_are_typed(tmp_path: Path) -> None:
+    (tmp_path / "prog.py").write_text(
+        "import llmir_lang as llmir\n\n"
+        "@llmir.function\n"
+        "def prog(s, n: int, ratio: float, flag: bool, name: str, data, text):\n"
+        "    s += text\n"
+    )
+    program = cli_main._load_program(str(tmp_path / "prog.py"))
+    items = [
+        "n=3", "ratio=0.5", "flag=yes", "name=42", "data=[1, {\"k\": null}]", "text=What is 7 + 5?",
+        "max_tokens=3", "temperature=0.7", "stop=\"\\n\"",
+    ]  # fmt: skip
+    assert cli_main._arguments(items, program) == {
+        "n": 3, "ratio": 0.5, "flag": True, "name": "42", "data": [1, {"k": None}], "text": "What is 7 + 5?",
+        "max_tokens": 3, "temperature": 0.7, "stop": "\n",
+    }  # fmt: skip
+    with pytest.raises(SystemExit, match="expected int"):
+        cli_main._arguments(["n=three"], program)
+    with pytest.raises(SystemExit, match="expected a bool"):
+        cli_main._arguments(["flag=maybe"], program)
