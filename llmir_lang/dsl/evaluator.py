@@ -116,6 +116,8 @@ class SegmentEvaluator:
         self._started: set[tuple[int, int]] = set()
         self._order = [CallOrder(fn) for fn in fns]
         self._inflight: dict[Future, tuple[int, int]] = {}
+        # a chain submitted without its gens from this one on: (that gen's index, its error)
+        self._chain_failures: dict[tuple[int, int], tuple[int, BaseException]] = {}
         self._gate_future: dict[str, Future | None] = {}  # None: ready
         self._gate_text: dict[str, str] = {}  # pinned and not yet unpinned
         self._gate_len: dict[str, int] = {}
@@ -292,21 +294,32 @@ class SegmentEvaluator:
                 method = str(op.attrs.get("choices_method", "token_length_normalized"))
                 fut = _score_pool().submit(self._score, base.text, choices, batched, method)
                 self.score_calls += 1 if batched else len(choices)
+            elif op.kind == K.GEN:
+                fut = self._submit(fi, i, base.text, [gen_step(op.label, op.attrs)])
             else:
-                if op.kind == K.GEN:
-                    steps = [gen_step(op.label, op.attrs)]
-                else:
-                    steps = chain_steps(op.attrs["segments"])  # type: ignore[arg-type]
-                names = [s.name or "" for s in steps if not isinstance(s, str)]
-                fut = self.backend.submit(
-                    ChainRequest(base.text, steps), on_chunk=self._chunk_sink(fi, i, names)
-                )
-                self.requests += 1
+                segments = list(op.attrs["segments"])  # type: ignore[arg-type]
+                try:
+                    fut = self._submit(fi, i, base.text, chain_steps(segments))
+                except Exception as e:
+                    # one gen of the fused chain is bad: the gens before it still run (as call by
+                    # call would run them) and the error is that gen's, not the chain's first
+                    bad = _bad_gen(segments, e)
+                    if not bad:
+                        raise
+                    gens = [k for k, seg in enumerate(segments) if "text" not in seg]
+                    fut = self._submit(fi, i, base.text, chain_steps(segments[: gens[bad - 1] + 1]))
+                    self._chain_failures[(fi, i)] = (bad, e)
         except Exception as e:  # bad input: fails this op before any model step
             self._resolve(fi, i, _Val(base.text, base.vars, _failure(op, e), base.gates))
             return
         self._started.add((fi, i))
         self._inflight[fut] = (fi, i)
+
+    def _submit(self, fi: int, i: int, prompt: str, steps: list) -> Future:
+        names = [s.name or "" for s in steps if not isinstance(s, str)]
+        fut = self.backend.submit(ChainRequest(prompt, steps), on_chunk=self._chunk_sink(fi, i, names))
+        self.requests += 1
+        return fut
 
     def _score(
         self, prompt: str, choices: list[str], batched: bool, method: str
@@ -371,6 +384,11 @@ class SegmentEvaluator:
                 continue
             name = str(seg["gen"])
             step = result.steps[gen_index] if gen_index < len(result.steps) else None
+            cut = self._chain_failures.get((fi, i))
+            if cut is not None and gen_index == cut[0]:
+                error = cut[1]
+                self._resolve(fi, i, _Val(text, vars_, Failure(name, f"{type(error).__name__}: {error}", error), base.gates))
+                return
             gen_index += 1
             if step is None or step.error:
                 message = (step.error if step else None) or result.error or "the backend returned no result"
@@ -409,6 +427,21 @@ class SegmentEvaluator:
                 owners.setdefault(i, set()).add(r)
                 name = op.operands[0].name if op.operands else None
         return {i: frozenset(rs) for i, rs in owners.items()}
+
+
+def _bad_gen(segments: Sequence[Mapping[str, Any]], error: BaseException) -> int | None:
+    """Which gen of a chain (0-based, among its gens) ``error`` belongs to: the backend names it
+    (``chain_step``, set by ``EngineBackend.submit``), or building that gen's step raises alone."""
+    named = getattr(error, "chain_step", None)
+    if isinstance(named, int):
+        return named
+    gens = [seg for seg in segments if "text" not in seg]
+    for k, seg in enumerate(gens):
+        try:
+            gen_step(str(seg["gen"]), {key: v for key, v in seg.items() if key != "gen"})
+        except Exception:
+            return k
+    return None
 
 
 def _failure(op: Op, error: BaseException) -> Failure:

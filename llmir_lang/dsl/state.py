@@ -269,10 +269,10 @@ class ProgramState:
                 raise ConstraintViolationError(
                     f"gen({name!r}) does not validate as {schema.__name__}{cut}: {e}"
                 ) from None
+        import jsonschema
+
         try:
             obj = json.loads(text)
-            import jsonschema
-
             jsonschema.validate(obj, json.loads(schema) if isinstance(schema, str) else schema)
         except (ValueError, jsonschema.ValidationError) as e:
             raise ConstraintViolationError(

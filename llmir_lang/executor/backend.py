@@ -142,7 +142,11 @@ class EngineBackend(Backend):
             if isinstance(step, str):
                 steps.append(("text", step))
             else:
-                matcher, engine_name = self._matcher(step.constraint)
+                try:
+                    matcher, engine_name = self._matcher(step.constraint)
+                except Exception as e:
+                    e.chain_step = len(names)  # type: ignore[attr-defined]  # which gen is bad
+                    raise
                 steps.append(("gen", step.params, matcher))
                 names.append(step.name)
                 engines.append(engine_name)

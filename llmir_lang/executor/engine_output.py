@@ -230,42 +230,61 @@ class OutputProcessor:
     def _jump_forward(self, req: Req) -> None:
         """Where the constraint allows exactly one continuation, append it as forced tokens.
 
-        The forced text is tokenized together with the last few generated tokens, so the tokens are
-        the ones the tokenizer (and so the model) would produce for that text, not the matcher's
-        piecewise spelling; the scheduler then computes them in one extend instead of one decode step
-        each.
+        Where the forced text is whole characters that do not join the output's last character,
+        it is tokenized together with the last few generated tokens, so the tokens are the ones the
+        tokenizer (and so the model) would produce for that text, not the matcher's piecewise
+        spelling; the scheduler then computes them in one extend instead of one decode step each.
+        Otherwise (a multi-byte character split between the output and the forced bytes, or inside
+        them) the matcher's own tokens are kept, byte for byte, and the text is decoded from the
+        tokens, holding back an incomplete character, as for sampled tokens. At least one token of
+        ``max_new_tokens`` is left to the model (the step that samples it ends the request at the
+        limit), so jump-forward never makes an output longer than asked.
         """
         m = req.matcher
-        forced = m.forced_tokens()
+        out = req.output_ids
+        room = req.params.max_new_tokens - len(out) - 1
+        forced = m.forced_tokens()[: max(room, 0)]
         if not forced:
             return
         for i, tok in enumerate(forced):
             if not m.advance(tok):
                 m.rollback(i)
                 return
-        text = self.engine.tokenizer.decode(forced, skip_special_tokens=False)
         tok = self.engine.tokenizer
-        k = min(len(req.output_ids), 3)
-        tail = req.output_ids[len(req.output_ids) - k :]
+        dec = req.decoder
+        text = tok.decode(forced, skip_special_tokens=False)
+        k = min(len(out), 3)
+        tail = out[len(out) - k :]
         tail_text = tok.decode(tail, skip_special_tokens=False)
-        if k and tok.encode(tail_text, add_special_tokens=False) == tail:
-            new_out = req.output_ids[: len(req.output_ids) - k] + tok.encode(
-                tail_text + text, add_special_tokens=False
-            )
-        else:  # the tail is not canonical text (e.g. half a character): keep it as it is
-            new_out = req.output_ids + tok.encode(text, add_special_tokens=False)
-        if new_out == req.output_ids:
+        whole = (
+            dec.read_offset == len(out)  # the decoder holds no incomplete character back
+            and "\ufffd" not in text
+            and tok.decode(tail + forced, skip_special_tokens=False) == tail_text + text
+        )
+        new_out: list[int] | None = None
+        if whole:
+            if k and tok.encode(tail_text, add_special_tokens=False) == tail:
+                new_out = out[: len(out) - k] + tok.encode(tail_text + text, add_special_tokens=False)
+            else:  # the tail is not canonical text: keep it as it is
+                new_out = out + tok.encode(text, add_special_tokens=False)
+            if len(new_out) > len(out) + len(forced):  # never more tokens than the matcher's
+                new_out = None
+        if new_out is None:
+            whole, new_out = False, out + list(forced)
+        if new_out == out:
             m.rollback(len(forced))
             return
         req.rebase_to = (list(req.prompt_ids), new_out)
         req.forced_end = len(new_out)
-        req.text += text
+        if whole:
+            req.text += text
+            # everything up to here is decoded: restart the incremental decoder after the new tokens
+            dec.prefix_offset = dec.read_offset = len(new_out)
+            dec.text = req.text
+        else:
+            req.text += dec.step(new_out)
         if req.params.return_logprob:
-            req.out_logprobs.extend([0.0] * (len(new_out) - len(req.output_ids)))
-        # everything up to here is decoded: restart the incremental decoder after the new tokens
-        dec = req.decoder
-        dec.prefix_offset = dec.read_offset = len(new_out)
-        dec.text = req.text
+            req.out_logprobs.extend([0.0] * (len(new_out) - len(out)))
         req.num_forced += len(forced)
         stream_text(req)
 
@@ -296,10 +315,9 @@ class OutputProcessor:
             return []
         req.output_ids = list(forced)
         req.forced_end = len(forced)
-        req.text = self.engine.tokenizer.decode(forced, skip_special_tokens=False)
-        dec = req.decoder
-        dec.prefix_offset = dec.read_offset = len(forced)
-        dec.text = req.text
+        # decoded as sampled tokens are: a multi-byte character the forced bytes end inside waits
+        # for the model's next token instead of becoming U+FFFD
+        req.text = req.decoder.step(req.output_ids)
         if req.params.return_logprob:
             req.out_logprobs.extend([0.0] * len(forced))
         req.num_forced += len(forced)

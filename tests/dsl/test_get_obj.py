@@ -56,6 +56,18 @@ def test_truncated_object_is_an_error_not_a_silent_value(runtime):
         st.get_obj("person")
 
 
+def test_truncated_object_of_a_dict_schema_is_an_error_too(runtime):
+    @llmir.function
+    def extract_dict(s, text):
+        s += tiny_tasks.extraction_prompt(text, "person")
+        s += llmir.gen("person", json_schema=Person.model_json_schema(), max_tokens=5)
+
+    text, _ = tiny_tasks.make_extraction_example(random.Random(7), "person")
+    st = extract_dict.run(text=text, backend=runtime)
+    with pytest.raises(ConstraintViolationError, match="max_tokens"):
+        st.get_obj("person")
+
+
 def test_get_obj_needs_a_schema(runtime):
     @llmir.function
     def plain(s):

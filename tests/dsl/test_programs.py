@@ -266,3 +266,19 @@ def test_dtype_gen(rt):
 def test_min_tokens(rt):
     st = run_both(min_tokens, rt)
     assert st.get_meta_info("text")["completion_tokens"] >= 6
+
+
+@llmir.function
+def good_then_bad_constraint(s):
+    s += "Q: What is 2 + 2?\nA:" + llmir.gen("a", max_tokens=2)
+    s += "\nQ: 3 + 3?\nA:" + llmir.gen("b", max_tokens=2, regex="(?=x)x")  # lookaround: unsupported
+
+
+@pytest.mark.parametrize("passes", [None, ""])
+def test_a_bad_constraint_fails_its_own_gen_and_keeps_the_earlier_one(rt, passes):
+    """With the passes on, the two gens are one fused chain: the bad regex must still be
+    reported as gen 'b''s, and gen 'a' must keep its output, as call by call does."""
+    st = good_then_bad_constraint.run_batch([{}], backend=rt, passes=passes)[0]
+    assert st.error() is not None and "'b'" in str(st.error()) and "'a'" not in str(st.error())
+    plain = good_then_bad_constraint.run_batch([{}], backend=rt, passes="")[0]
+    assert st.variables().get("a") == plain.variables().get("a") and st.variables().get("a")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import weakref
 
 import pytest
 import torch
@@ -228,7 +229,7 @@ def test_sampling_params_object_and_shutdown(checkpoints):
         eng.generate(IDS, {"max_new_tokens": 2})
 
 
-def test_engines_left_running_are_stopped_at_interpreter_exit(checkpoints):
+def test_engines_left_running_are_stopped_at_interpreter_exit(checkpoints, monkeypatch):
     """The atexit hook stops engines nobody shut down: their daemon thread must not be inside
     native code while the process tears down (it aborted with exit code 134 in about one script
     of five)."""
@@ -237,6 +238,8 @@ def test_engines_left_running_are_stopped_at_interpreter_exit(checkpoints):
     folder, _ = checkpoints("llama")
     eng = Engine(str(folder), device="cpu", kv_memory="4MB")
     assert eng in engine_module._LIVE and eng._thread.is_alive()
+    only = weakref.WeakSet([eng])  # the hook stops every live engine: not the module's others
+    monkeypatch.setattr(engine_module, "_LIVE", only)
     engine_module._shutdown_live_engines()
     assert not eng._thread.is_alive()
     with pytest.raises(errors.EngineClosedError):

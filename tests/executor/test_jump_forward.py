@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llmir_lang.executor.backend import ChainRequest, EngineBackend, GenStep
-from llmir_lang.executor.constraints import spec_from_choices, spec_from_json_schema
+from llmir_lang.executor.constraints import spec_from_choices, spec_from_json_schema, spec_from_regex
 from llmir_lang.executor.engine import Engine
 from llmir_lang.executor.request import Req
 from llmir_lang.executor.sampling_params import SamplingParams
@@ -88,6 +88,47 @@ def test_greedy_output_is_the_same_with_jump_forward_on_and_off(backend, batched
     assert all(s.finish_reason == "stop" for s in on + off)
     assert sum(s.meta["jump_forward_tokens"] for s in on) >= 9 * len(its)
     assert all(s.meta["jump_forward_tokens"] == 0 for s in off)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["日本", "本", "[😀é]{3}", "日(本|曜)日", "ab日本語cd", "(😀|😃)x"],
+)
+def test_forced_multibyte_characters_stay_whole(backend, pattern):
+    """Forced bytes that end inside a character, or finish one the model began, are kept as the
+    matcher's tokens and decoded like sampled ones: the text is the constraint's, never U+FFFD,
+    and the tokens are those of a run without jump-forward."""
+    import re
+
+    def one(jump_forward: bool) -> Any:
+        eng = backend.engine
+        saved, eng.jump_forward = eng.jump_forward, jump_forward
+        try:
+            req = ChainRequest(
+                "Q: What is 3 + 4?\nA: ",
+                [GenStep("x", SamplingParams(max_new_tokens=16), spec_from_regex(pattern))],
+            )
+            return backend.run([req])[0].steps[0]
+        finally:
+            eng.jump_forward = saved
+
+    on, off = one(True), one(False)
+    assert re.fullmatch(pattern, on.text), on.text
+    assert on.finish_reason == "stop" and on.text == off.text and on.token_ids == off.token_ids
+
+
+def test_jump_forward_never_outgrows_max_new_tokens(backend):
+    long_keys = {
+        "type": "object",
+        "properties": {"a_very_long_property_name_number_one": {"type": "integer"}},
+        "required": ["a_very_long_property_name_number_one"],
+    }
+    for n in (2, 3, 5, 8):
+        req = ChainRequest(
+            "JSON:\n", [GenStep("x", SamplingParams(max_new_tokens=n), spec_from_json_schema(long_keys))]
+        )
+        step = backend.run([req])[0].steps[0]
+        assert len(step.token_ids) == n and step.finish_reason == "length", (n, step.token_ids)
 
 
 def fresh_req(backend: EngineBackend, spec: Any, max_new_tokens: int = 32) -> Req:
