@@ -345,17 +345,16 @@ def function(
 def _user_frame(e: BaseException) -> SourceLocation | None:
     """The user's line that raised: the innermost traceback frame that is neither llmir_lang's
     nor a library's (the standard library, site-packages), so an error raised inside httpx or
-    json under the user's ``s["x"]`` or ``json.loads(...)`` names that line; failing that, the
-    innermost frame outside llmir_lang."""
-    tb, found, fallback = e.__traceback__, None, None
+    json under the user's ``s["x"]`` or ``json.loads(...)`` names that line. None when no such
+    frame is on the traceback (the error came from running what the body recorded, after it
+    returned): a library's file and line would only mislead."""
+    tb, found = e.__traceback__, None
     while tb is not None:
         path = os.path.abspath(tb.tb_frame.f_code.co_filename)
-        if not path.startswith(_PACKAGE):
-            fallback = SourceLocation(path, tb.tb_lineno)
-            if not path.startswith(_LIBRARIES):
-                found = fallback
+        if not path.startswith(_PACKAGE) and not path.startswith(_LIBRARIES):
+            found = SourceLocation(path, tb.tb_lineno)
         tb = tb.tb_next
-    return found or fallback
+    return found
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep

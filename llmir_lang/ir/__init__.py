@@ -12,7 +12,9 @@ value is a run-time string (a parameter or a ``var`` read). Every extending op (
 role.end, append, gen, select, gen.chain) consumes one state and yields the next; a state with
 several extending users is a fork, and ``fork`` makes that explicit. Program variables (the names
 of gens and selects) are scoped by state chain: visible in every state after their op, defined at
-most once per chain. ``join`` continues its parent's chain and scope once its branches end.
+most once per chain. ``join`` continues its parent's chain and scope once its branches end; the
+names its branches defined stay taken in that chain (as the DSL gathers them into the parent).
+Value names are ASCII letters, digits, ``_ . $`` or non-ASCII identifier characters (``%café``).
 
 Builder contract (``ModuleBuilder`` / ``FunctionBuilder``)
 ----------------------------------------------------------
@@ -22,11 +24,12 @@ then, each call validating its arguments at once and raising ``IRVerifyError`` w
 - ``f.param(name) -> Value`` (text)
 - ``f.start() -> state``                       a new empty program state
 - ``f.text(s, literal) -> state``               append a constant (may be empty)
-- ``f.role_begin(s, role)``, ``f.role_end(s, role) -> state``
+- ``f.role_begin(s, role)``, ``f.role_end(s, role) -> state``   role one of ``attrs.ROLES``
 - ``f.append(s, text_value) -> state``          append a parameter or a ``var`` read
 - ``f.gen(s, name, **params) -> state``         sampling params (``attrs.SAMPLING_ATTRS``: max_tokens,
-  stop, temperature, top_p, ...) and at most one constraint (regex / json_schema / choices /
-  grammar / dtype), all plain strings, numbers, lists
+  stop, temperature, top_p, ...; in the engine's ranges, ``attrs.sampling_problem``) and at most
+  one constraint (regex / json_schema / choices / grammar / dtype), all plain strings, numbers,
+  lists
 - ``f.select(s, name, choices, choices_method="token_length_normalized") -> state``
 - ``f.fork(s, n) -> tuple[state, ...]``         n branches starting from ``s``'s text
 - ``f.join(parent, branches, mode="gather"|"concat") -> state``
@@ -40,8 +43,9 @@ Text form
 ---------
 ``print_ir(module) -> str`` and ``parse_ir(text) -> Module`` (lark grammar ``grammar.lark``) are
 exact inverses on printer output; ``verify(module)`` raises ``IRVerifyError`` (use before
-definition, join of unrelated states, a variable defined twice in one scope, bad attributes, ...);
-parse errors raise ``IRParseError`` with line and column. ``renumber(module)`` renames results to
+definition, join of unrelated states, a variable defined twice in one scope, bad attributes,
+unbalanced roles, ...), so that every verified module prints and parses back to itself; parse
+errors raise ``IRParseError`` with line and column. ``renumber(module)`` renames results to
 ``0, 1, ...`` (the canonical form passes print).
 
 Notes: ``Module``, ``Function`` and ``Op`` are immutable and compare by value (``Op.line`` is not
@@ -54,7 +58,9 @@ from __future__ import annotations
 
 from llmir_lang.ir.attrs import (
     ANNOTATION_ATTRS,
+    CHOICES_METHODS,
     CONSTRAINT_ATTRS,
+    ROLES,
     SAMPLING_ATTRS,
     SAMPLING_TO_ENGINE,
     AttrValue,
@@ -71,9 +77,11 @@ from llmir_lang.ir.verifier import verify
 
 __all__ = [
     "ANNOTATION_ATTRS",
+    "CHOICES_METHODS",
     "CONSTRAINT_ATTRS",
     "DYNAMIC_KINDS",
     "EXTENDING_KINDS",
+    "ROLES",
     "SAMPLING_ATTRS",
     "SAMPLING_TO_ENGINE",
     "SIGNATURES",

@@ -7,12 +7,19 @@ by the builder; the parser produces the same normal form, so printed and parsed 
 equal. Attribute dicts are treated as immutable: passes build new dicts, never mutate.
 
 Keys are checked per op kind by the verifier against the schemas below. Constraints and sampling
-parameters are strings and numbers only: the IR never evaluates them.
+parameters are strings and numbers only: the IR never evaluates them. Values are also checked
+against what runs: sampling parameters against the engine's ranges (``sampling_problem``), a
+select's ``choices_method`` and a role against the names the DSL and the interpreter know.
+
+Two limits keep every value printable and parseable: lists and dicts nest at most
+``MAX_ATTR_DEPTH`` deep (the printer, the parser and value comparison recurse), and an integer has
+at most as many digits as Python converts to and from text (``sys.get_int_max_str_digits``).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 
 from llmir_lang.errors import IRVerifyError
@@ -77,23 +84,50 @@ JOIN_ATTRS: dict[str, str] = {"mode": "str"}
 JOIN_MODES = ("gather", "concat")
 GEN_CHAIN_ATTRS: dict[str, str] = {"segments": "dict[]"}
 
+# The chat roles a program may open (the DSL's system / user / assistant helpers).
+ROLES = ("system", "user", "assistant")
+# How a select scores its choices (the DSL's select(..., choices_method=...)).
+CHOICES_METHODS = (
+    "token_length_normalized",
+    "greedy_token_selection",
+    "unconditional_likelihood_normalized",
+    "sum_logprob",
+)
+# Lists and dicts nest at most this deep; real attributes nest 3 deep (gen.chain segments).
+MAX_ATTR_DEPTH = 64
+# An int of fewer bits than this always converts to text, whatever Python's digit limit.
+_SAFE_INT_BITS = 4000
 
-def normalize_attr(value: object, where: str = "attribute") -> AttrValue:
-    """Return ``value`` in attribute normal form, or raise ``IRVerifyError`` saying why not."""
-    if isinstance(value, (bool, str, int)):
+
+def normalize_attr(value: object, where: str = "attribute", depth: int = 0) -> AttrValue:
+    """Return ``value`` in attribute normal form, or raise ``IRVerifyError`` saying why not.
+
+    ``depth`` is how many lists and dicts enclose ``value`` (0 for an attribute's own value)."""
+    if isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        if not int_is_printable(value):
+            raise IRVerifyError(
+                f"{where}: the integer has more than {sys.get_int_max_str_digits()} digits, "
+                "more than the IR can print; use a smaller number"
+            )
         return value
     if isinstance(value, float):
         if math.isnan(value):
             raise IRVerifyError(f"{where}: NaN is not a valid attribute value; use a finite number")
         return value
+    if isinstance(value, (list, tuple, Mapping)) and depth >= MAX_ATTR_DEPTH:
+        raise IRVerifyError(
+            f"{where}: lists and dicts nest more than {MAX_ATTR_DEPTH} deep; flatten the value"
+        )
     if isinstance(value, (list, tuple)):
-        return tuple(normalize_attr(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(normalize_attr(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value))
     if isinstance(value, Mapping):
         out: dict[str, AttrValue] = {}
         for k, v in value.items():
             if not isinstance(k, str) or not k:
                 raise IRVerifyError(f"{where}: dict keys must be non-empty strings, got {k!r}")
-            out[k] = normalize_attr(v, f"{where}.{k}")
+            out[k] = normalize_attr(v, f"{where}.{k}", depth + 1)
         return out
     raise IRVerifyError(
         f"{where}: {type(value).__name__} {value!r} is not an attribute value; "
@@ -107,8 +141,11 @@ def normalize_attrs(attrs: Mapping[str, object], schema: Mapping[str, str] | Non
     With ``schema``: an int given for a float key becomes a float, and one string given for a
     list-of-strings key (``stop="\\n"``) becomes a one-element list.
     """
-    out = normalize_attr(dict(attrs), "attributes")
-    assert isinstance(out, dict)
+    out: Attrs = {}
+    for k, v in attrs.items():
+        if not isinstance(k, str) or not k:
+            raise IRVerifyError(f"attributes: keys must be non-empty strings, got {k!r}")
+        out[k] = normalize_attr(v, f"attributes.{k}")
     if schema is not None:
         for k, v in out.items():
             if schema.get(k) == "float" and isinstance(v, int) and not isinstance(v, bool):
@@ -135,6 +172,93 @@ def check_type(value: AttrValue, spec: str) -> bool:
     if spec.endswith("[]"):
         return isinstance(value, tuple) and all(check_type(v, spec[:-2]) for v in value)
     raise ValueError(f"unknown attribute type spec {spec!r}")
+
+
+def int_is_printable(value: int) -> bool:
+    """True if ``str(value)`` works under Python's limit on int-to-text conversion."""
+    if value.bit_length() < _SAFE_INT_BITS:  # every int of real programs: no conversion
+        return True
+    try:
+        str(value)
+    except ValueError:
+        return False
+    return True
+
+
+def attr_value_problem(value: AttrValue) -> str | None:
+    """Why ``value`` (built directly, not by ``normalize_attr``) cannot be printed and parsed back,
+    or None: a NaN, an integer too long to print, lists and dicts nested deeper than
+    ``MAX_ATTR_DEPTH``, a bad dict key, a non-attribute type. Iterative, so any depth is safe."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (bool, str)):
+            continue
+        if isinstance(v, int):
+            if not int_is_printable(v):
+                return f"an integer has more than {sys.get_int_max_str_digits()} digits; use a smaller number"
+            continue
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "NaN is not a valid attribute value; use a finite number"
+            continue
+        if not isinstance(v, (tuple, dict)):
+            return f"{type(v).__name__} {v!r:.60} is not an attribute value (lists must be tuples)"
+        if depth >= MAX_ATTR_DEPTH:
+            return f"lists and dicts nest more than {MAX_ATTR_DEPTH} deep; flatten the value"
+        if isinstance(v, dict):
+            bad = [k for k in v if not isinstance(k, str) or not k]
+            if bad:
+                return f"dict keys must be non-empty strings, got {bad[0]!r}"
+            stack.extend((c, depth + 1) for c in v.values())
+        else:
+            stack.extend((c, depth + 1) for c in v)
+    return None
+
+
+def _finite(value: AttrValue) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def sampling_problem(attrs: Mapping[str, AttrValue]) -> str | None:
+    """What is wrong with the values of the sampling parameters in ``attrs`` (types already
+    checked), or None. The ranges are the engine's (``executor.SamplingParams.validate``), so
+    that IR the verifier accepts never fails when its request is built; the IR cannot import the
+    executor, and a test keeps the two in step."""
+    for key in ("max_tokens", "min_tokens", "top_logprobs_num"):
+        v = attrs.get(key)
+        if isinstance(v, int) and v < 0:
+            return f"{key} must be >= 0, got {v!r}"
+    low, high = attrs.get("min_tokens"), attrs.get("max_tokens")
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        return f"min_tokens ({low}) is larger than max_tokens ({high}); lower min_tokens or raise max_tokens"
+    ranges = (
+        # key, lowest, highest, lowest included, highest included, what it means
+        ("temperature", 0.0, math.inf, True, False, ">= 0 (0 = greedy)"),
+        ("top_p", 0.0, 1.0, False, True, "in (0, 1]"),
+        ("min_p", 0.0, 1.0, True, True, "in [0, 1]"),
+        ("frequency_penalty", -2.0, 2.0, True, True, "in [-2, 2]"),
+        ("presence_penalty", -2.0, 2.0, True, True, "in [-2, 2]"),
+        ("repetition_penalty", 0.0, math.inf, False, False, "> 0 (1 = off)"),
+    )
+    for key, lo, hi, lo_in, hi_in, want in ranges:
+        if key not in attrs:
+            continue
+        v = attrs[key]
+        ok = (
+            _finite(v)
+            and (lo <= v if lo_in else lo < v)  # type: ignore[operator]
+            and (v <= hi if hi_in else v < hi)  # type: ignore[operator]
+        )
+        if not ok:
+            return f"{key} must be finite and {want}, got {v!r}"
+    stop = attrs.get("stop", ())
+    if isinstance(stop, tuple) and "" in stop:
+        return f"stop strings must not be empty, got {stop!r}"
+    ids = attrs.get("stop_token_ids", ())
+    if isinstance(ids, tuple) and any(isinstance(t, int) and t < 0 for t in ids):
+        return f"stop_token_ids must be token ids >= 0, got {ids!r}"
+    return None
 
 
 def annotations_of(attrs: Mapping[str, AttrValue]) -> Attrs:

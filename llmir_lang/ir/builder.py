@@ -28,7 +28,14 @@ from collections.abc import Mapping, Sequence
 
 from llmir_lang.errors import IRVerifyError
 from llmir_lang.ir import ops as K
-from llmir_lang.ir.attrs import GEN_ATTRS, AttrValue, normalize_attrs
+from llmir_lang.ir.attrs import (
+    CHOICES_METHODS,
+    GEN_ATTRS,
+    ROLES,
+    AttrValue,
+    normalize_attrs,
+    sampling_problem,
+)
 from llmir_lang.ir.module import Function, Module
 from llmir_lang.ir.ops import SIGNATURES, Op
 from llmir_lang.ir.values import Value, ValueType, is_value_name
@@ -47,7 +54,7 @@ class FunctionBuilder:
             if not is_value_name(p):
                 raise IRVerifyError(
                     f"function @{name}: parameter name {p!r} is not a valid value name; "
-                    "use letters, digits, '_', '.', '$'"
+                    "use letters (any script), digits, '_', '.', '$'"
                 )
             if p in self._params:
                 raise IRVerifyError(f"function @{name}: parameter %{p} is declared twice")
@@ -115,11 +122,11 @@ class FunctionBuilder:
         return self.op(K.TEXT, [state], text)[0]
 
     def role_begin(self, state: Value, role: str) -> Value:
-        _need_str(role, "role")
+        _need_role(role)
         return self.op(K.ROLE_BEGIN, [state], role)[0]
 
     def role_end(self, state: Value, role: str) -> Value:
-        _need_str(role, "role")
+        _need_role(role)
         return self.op(K.ROLE_END, [state], role)[0]
 
     def append(self, state: Value, value: Value) -> Value:
@@ -137,6 +144,9 @@ class FunctionBuilder:
         unknown = sorted(set(params) - set(GEN_ATTRS))
         if unknown:
             raise IRVerifyError(f"gen {name!r}: unknown parameter(s) {unknown}; known: {sorted(GEN_ATTRS)}")
+        problem = sampling_problem(normalize_attrs(params, GEN_ATTRS))
+        if problem is not None:
+            raise IRVerifyError(f"gen {name!r}: {problem}")
         return self.op(K.GEN, [state], name, params)[0]
 
     def select(
@@ -146,6 +156,10 @@ class FunctionBuilder:
         _need_str(name, "select name")
         if isinstance(choices, str):
             raise IRVerifyError(f"select {name!r}: choices must be a list of strings, not one string")
+        if choices_method not in CHOICES_METHODS:
+            raise IRVerifyError(
+                f"select {name!r}: unknown choices_method {choices_method!r}; use one of {CHOICES_METHODS}"
+            )
         return self.op(K.SELECT, [state], name, {"choices": list(choices), "choices_method": choices_method})[
             0
         ]
@@ -201,6 +215,11 @@ class ModuleBuilder:
         if verify:
             verify_module(module)
         return module
+
+
+def _need_role(role: object) -> None:
+    if role not in ROLES:
+        raise IRVerifyError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
 
 
 def _need_str(value: object, what: str, allow_empty: bool = False) -> None:

@@ -1,15 +1,20 @@
 """Parse the printed IR back into a ``Module`` with a lark (LALR) grammar (``grammar.lark``).
 
 ``parse_ir(print_ir(m)) == m`` and ``print_ir(parse_ir(t)) == t`` for printer output ``t``. The
-parser also accepts hand-written text: blank lines, ``//`` comments, and raw non-ASCII characters
-inside strings. Syntax errors raise ``IRParseError`` with line and column; the module is then
-verified (unless ``verify=False``), which raises ``IRVerifyError`` for semantic errors. Nothing in
-the text is ever evaluated: constraints and schemas stay strings.
+parser also accepts hand-written text: blank lines, ``//`` comments, raw non-ASCII characters
+inside strings, a leading byte order mark, and ``\r\n`` or ``\r`` line ends (read as ``\n``, as
+Python reads source; a raw CR inside a string therefore ends the line: write ``\r``). Syntax
+errors raise ``IRParseError`` with line and column, and so do values the IR cannot hold (a bad
+value name, an integer too long to convert, lists and dicts nested deeper than
+``MAX_ATTR_DEPTH``); the module is then verified (unless ``verify=False``), which raises
+``IRVerifyError`` for semantic errors. Nothing in the text is ever evaluated: constraints and
+schemas stay strings.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from functools import lru_cache
 from importlib import resources
 
@@ -17,14 +22,16 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from llmir_lang.errors import IRParseError
-from llmir_lang.ir.attrs import AttrValue
+from llmir_lang.ir.attrs import MAX_ATTR_DEPTH, AttrValue
 from llmir_lang.ir.module import Function, Module
 from llmir_lang.ir.ops import SIGNATURES, Op
-from llmir_lang.ir.values import Value, ValueType
+from llmir_lang.ir.values import Value, ValueType, is_value_name
 from llmir_lang.ir.verifier import verify as verify_module
 
 _ESCAPE_RE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
 _SIMPLE = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+_LINE_END_RE = re.compile(r"\r\n?")
+_EXCERPT_WIDTH = 60  # characters of a long source line shown on each side of an error's column
 # Lark's terminal names, as a reader of the IR would say them.
 _TERMINAL_NAMES = {
     "_NL": "a newline",
@@ -59,6 +66,7 @@ def _lark() -> Lark:
 
 def parse_ir(text: str, *, verify: bool = True) -> Module:
     """Parse IR text into a ``Module``; verify it unless ``verify=False``."""
+    text = _LINE_END_RE.sub("\n", text.removeprefix("\ufeff"))
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as e:
@@ -113,7 +121,7 @@ def _build_function(tree: Tree, source: str) -> Function:
                 raise IRParseError(
                     _at(source, ttok.line, ttok.column, f"parameter type must be 'text', got {str(ttok)!r}")
                 )
-            v = Value(str(vtok)[1:], ValueType.TEXT)
+            v = Value(_value_name(vtok, source), ValueType.TEXT)
             params.append(v)
             types.setdefault(v.name, v.type)
         else:
@@ -138,18 +146,38 @@ def _build_op(tree: Tree, source: str, types: dict[str, ValueType]) -> Op:
             )
         )
     result_type = sig.results or ValueType.STATE
-    results = tuple(Value(str(t)[1:], result_type) for t in results_t.children) if results_t else ()
+    results = (
+        tuple(Value(_value_name(t, source), result_type) for t in results_t.children) if results_t else ()
+    )
     operands: list[Value] = []
     for i, t in enumerate(operands_t.children if operands_t else ()):
-        name = str(t)[1:]
+        name = _value_name(t, source)
         # A use before definition gets the type the op expects; the verifier reports it.
         operands.append(Value(name, types.get(name) or sig.operand_type(i) or ValueType.STATE))
     label = unquote(label_tok, source) if label_tok is not None else None
-    attrs = _attr_dict(attrs_t, source) if attrs_t is not None else {}
+    attrs = _attr_dict(attrs_t, source, 0) if attrs_t is not None else {}
     return Op(kind, results, tuple(operands), label, attrs, line=tree.meta.line)
 
 
-def _attr_dict(tree: Tree, source: str) -> dict[str, AttrValue]:
+def _value_name(tok: Token, source: str) -> str:
+    """The name of a VALUE token, checked: the grammar reads any run of non-ASCII characters."""
+    name = str(tok)[1:]
+    if not is_value_name(name):
+        bad = next(ch for ch in name if not is_value_name(ch))
+        raise IRParseError(
+            _at(
+                source,
+                tok.line,
+                tok.column,
+                f"%{name} is not a valid value name: {bad!r} cannot be in one; "
+                "use letters (any script), digits, '_', '.', '$'",
+            )
+        )
+    return name
+
+
+def _attr_dict(tree: Tree, source: str, depth: int) -> dict[str, AttrValue]:
+    """``depth``: how many lists and dicts enclose this dict's values (0 for an op's attributes)."""
     out: dict[str, AttrValue] = {}
     for attr in tree.children:
         if attr is None:
@@ -160,16 +188,28 @@ def _attr_dict(tree: Tree, source: str) -> dict[str, AttrValue]:
             raise IRParseError(
                 _at(source, key_tok.line, key_tok.column, f"attribute {key!r} is given twice; keep one")
             )
-        out[key] = _attr_value(value, source)
+        out[key] = _attr_value(value, source, depth)
     return out
 
 
-def _attr_value(node: Tree | Token, source: str) -> AttrValue:
+def _attr_value(node: Tree | Token, source: str, depth: int) -> AttrValue:
     if isinstance(node, Token):
         if node.type == "STRING":
             return unquote(node, source)
         if node.type == "INT":
-            return int(node)
+            try:
+                return int(node)
+            except ValueError:  # longer than Python converts from text (sys.set_int_max_str_digits)
+                digits = len(str(node).lstrip("-"))
+                raise IRParseError(
+                    _at(
+                        source,
+                        node.line,
+                        node.column,
+                        f"integer of {digits} digits is too long; at most "
+                        f"{sys.get_int_max_str_digits()} digits convert to an int",
+                    )
+                ) from None
         if node.type == "FLOAT":
             return float(node)
         if node.type == "TRUE":
@@ -177,9 +217,20 @@ def _attr_value(node: Tree | Token, source: str) -> AttrValue:
         if node.type == "FALSE":
             return False
         raise IRParseError(_at(source, node.line, node.column, f"unexpected attribute value {node!r}"))
+    # The conversion recurses (and so do the printer and value comparison): cap the depth here,
+    # long before Python's recursion limit, with a position instead of a RecursionError.
+    if depth >= MAX_ATTR_DEPTH:
+        raise IRParseError(
+            _at(
+                source,
+                getattr(node.meta, "line", None),  # an empty list has no position of its own
+                getattr(node.meta, "column", None),
+                f"lists and dicts nest more than {MAX_ATTR_DEPTH} deep in this attribute; flatten the value",
+            )
+        )
     if node.data == "list":
-        return tuple(_attr_value(c, source) for c in node.children if c is not None)
-    return _attr_dict(node, source)
+        return tuple(_attr_value(c, source, depth + 1) for c in node.children if c is not None)
+    return _attr_dict(node, source, depth + 1)
 
 
 def _symbol_name(tok: Token, source: str) -> str:
@@ -192,9 +243,16 @@ def _symbol_name(tok: Token, source: str) -> str:
 def _at(source: str, line: int | None, column: int | None, message: str) -> str:
     line = line or 1
     column = column or 1
-    lines = source.splitlines()
+    lines = source.split("\n")  # not splitlines(): strings may hold raw U+2028, \x0c, ...
     excerpt = lines[line - 1] if 0 < line <= len(lines) else ""
-    return f"line {line}, column {column}: {message}\n  {excerpt}\n  {' ' * (column - 1)}^"
+    caret = column - 1
+    if len(excerpt) > 2 * _EXCERPT_WIDTH:  # a 5000-digit literal: show the part around the column
+        start = max(0, caret - _EXCERPT_WIDTH)
+        end = start + 2 * _EXCERPT_WIDTH
+        head, tail = ("..." if start else ""), ("..." if end < len(excerpt) else "")
+        excerpt = head + excerpt[start:end] + tail
+        caret = caret - start + len(head)
+    return f"line {line}, column {column}: {message}\n  {excerpt}\n  {' ' * caret}^"
 
 
 def _syntax_message(source: str, e: UnexpectedInput) -> str:
@@ -202,7 +260,7 @@ def _syntax_message(source: str, e: UnexpectedInput) -> str:
     if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
         return _at(
             source,
-            line if line > 0 else len(source.splitlines()),
+            line if line > 0 else len(source.split("\n")),
             column,
             "unexpected end of input; is a closing '}' missing?",
         )

@@ -13,8 +13,10 @@ Layout::
     }
 
 Strings are printed in double quotes with every character outside printable ASCII escaped
-(``\\n \\t \\r \\" \\\\``, ``\\uXXXX``, ``\\UXXXXXXXX``), so a printed module is pure ASCII, one op per
-line. Attribute keys are printed sorted, so the printed form of a module is canonical.
+(``\\n \\t \\r \\" \\\\``, ``\\uXXXX``, ``\\UXXXXXXXX``), so a printed module is one op per line and pure
+ASCII but for value names: ``%café`` is printed as it is (names are identifiers, ``values.py``;
+an escape there would make them unreadable). Attribute keys are printed sorted, so the printed
+form of a module is canonical.
 """
 
 from __future__ import annotations

@@ -2,16 +2,27 @@
 
 Rules:
 
-- Function names are unique; parameter and result names are unique in a function (SSA).
+- Function names are unique; parameter and result names are unique in a function (SSA) and are
+  value names (``values.is_value_name``: what the printer and the parser read back).
 - Every operand is defined before it is used (parameters, then op results in body order), with the
   type its op expects; op shapes (operand / result counts, label) match ``ops.SIGNATURES``.
 - The body ends with exactly one ``return``.
-- Attributes are known for their op kind and well typed (``attrs``); a gen has at most one
-  constraint; a select has distinct non-empty choices; a join's mode is known; a ``gen.chain``'s
-  segments are gen / text dicts beginning and ending with a gen.
+- Attributes are known for their op kind and well typed (``attrs``), nest at most
+  ``MAX_ATTR_DEPTH`` deep and hold no NaN nor unprintable integer; sampling parameters are in the
+  engine's ranges (``attrs.sampling_problem``); a gen has at most one constraint; a select has
+  distinct non-empty choices and a known ``choices_method``; a join's mode is known; a
+  ``gen.chain``'s segments are gen / text dicts beginning and ending with a gen; ``pin_users``
+  is not negative.
+- Roles: a role is one of ``attrs.ROLES``. Along a chain roles do not nest and ``role.end "r"``
+  closes the open role ``r``. What is open at ``start`` is unknown (the DSL starts a new segment
+  with ``start`` and the text so far, which may be inside a role), so a chain's first role op may
+  be a ``role.end``; a fork's branches inherit the open role and a join continues its parent's.
 - Scopes: the variables visible in a state are those defined along its chain (operand 0 back to
   ``start``; a join continues its parent's scope). Defining a name already visible is an error,
-  and ``var`` may only read a visible name.
+  and ``var`` may only read a visible name. As in the DSL (whose join gathers the branches'
+  variables into the parent), a name any joined branch defined after the fork is taken in the
+  join's chain: defining it again there is an error. ``var`` still reads it from a branch state
+  only, since a join's text and variables are its parent's.
 - ``join %p, %b...``: every branch must descend from ``%p`` (through operand 0), not be ``%p``, and
   appear once.
 """
@@ -22,20 +33,27 @@ from llmir_lang.errors import IRVerifyError
 from llmir_lang.ir import ops as K
 from llmir_lang.ir.attrs import (
     ANNOTATION_ATTRS,
+    CHOICES_METHODS,
     CONSTRAINT_ATTRS,
     DTYPES,
     GEN_ATTRS,
     GEN_CHAIN_ATTRS,
     JOIN_ATTRS,
     JOIN_MODES,
+    ROLES,
     SELECT_ATTRS,
     AttrValue,
+    attr_value_problem,
     check_type,
+    sampling_problem,
 )
 from llmir_lang.ir.module import Function, Module
 from llmir_lang.ir.ops import SIGNATURES, Op
 from llmir_lang.ir.printer import format_op
-from llmir_lang.ir.values import ValueType
+from llmir_lang.ir.values import ValueType, is_value_name
+
+# The open role of a state whose chain began with ``start``, before any role op: not known.
+_ROLE_UNKNOWN = "<unknown>"
 
 _KIND_ATTRS: dict[str, dict[str, str]] = {
     K.GEN: GEN_ATTRS,
@@ -55,20 +73,31 @@ def verify(module: Module) -> None:
         _FunctionVerifier(fn).run()
 
 
+def _describe(op: Op) -> str:
+    """``op`` printed for an error message; without its attributes if they cannot be printed
+    (an integer too long for ``str``, values nested past the recursion limit)."""
+    try:
+        return format_op(op)
+    except (ValueError, RecursionError):
+        return format_op(Op(op.kind, op.results, op.operands, op.label)) + " {...}"
+
+
 class _FunctionVerifier:
     def __init__(self, fn: Function) -> None:
         self.fn = fn
         self.types: dict[str, ValueType] = {}
         self.defined_at: dict[str, str] = {}
         self.parent: dict[str, str | None] = {}  # state -> the state it extends
-        # state -> {variable name: the op that defined it}; shared between states when unchanged
+        # state -> {variable name: the op that defined it}; shared between states when unchanged.
+        # A name bound to a join op was defined in that join's branches: taken, not readable.
         self.scope: dict[str, dict[str, Op]] = {}
+        self.role: dict[str, str | None] = {}  # state -> the open role (None: none is open)
 
     def fail(self, op: Op | None, message: str) -> IRVerifyError:
         where = f"in function @{self.fn.name}"
         if op is not None:
             line = f" (line {op.line})" if op.line is not None else ""
-            where += f", op `{format_op(op)}`{line}"
+            where += f", op `{_describe(op)}`{line}"
         return IRVerifyError(f"{where}: {message}")
 
     def run(self) -> None:
@@ -85,6 +114,12 @@ class _FunctionVerifier:
             self._check_op(op)
 
     def _define(self, op: Op | None, name: str, type_: ValueType, what: str) -> None:
+        if not is_value_name(name):
+            raise self.fail(
+                op,
+                f"{name!r} is not a valid value name, so it cannot be printed and parsed back; "
+                "use letters (any script), digits, '_', '.', '$'",
+            )
         if name in self.types:
             raise self.fail(
                 op,
@@ -106,6 +141,7 @@ class _FunctionVerifier:
                 raise self.fail(op, f"operand {i} ({v}) is {self.types[v.name]} but {op.kind} needs {want}")
         self._check_attrs(op)
         self._check_scopes(op)
+        self._check_roles(op)
         line = f"line {op.line}" if op.line is not None else f"the result of {op.kind}"
         for v in op.results:
             self._define(op, v.name, v.type, line)
@@ -136,8 +172,16 @@ class _FunctionVerifier:
             spec = schema.get(key)
             if spec is None:
                 raise self.fail(op, f"unknown attribute {key!r} for {op.kind}; known: {sorted(schema)}")
+            problem = attr_value_problem(value)  # first: such a value may not even have a repr
+            if problem is not None:
+                raise self.fail(op, f"attribute {key!r}: {problem}")
             if not check_type(value, spec):
                 raise self.fail(op, f"attribute {key!r} must be {spec}, got {value!r}")
+        pin_users = op.attrs.get("pin_users")
+        if isinstance(pin_users, int) and pin_users < 0:
+            raise self.fail(
+                op, f"pin_users counts the users of a pinned prefix; it must be >= 0, got {pin_users}"
+            )
         if op.kind == K.GEN:
             self._check_gen_attrs(op, op.attrs, "gen")
         elif op.kind == K.SELECT:
@@ -147,6 +191,9 @@ class _FunctionVerifier:
             assert isinstance(choices, tuple)
             if not choices or any(c == "" for c in choices) or len(set(choices)) != len(choices):
                 raise self.fail(op, f"select choices must be distinct non-empty strings, got {choices!r}")
+            method = op.attrs.get("choices_method", CHOICES_METHODS[0])
+            if method not in CHOICES_METHODS:
+                raise self.fail(op, f"select choices_method must be one of {CHOICES_METHODS}, got {method!r}")
         elif op.kind == K.JOIN:
             if op.attrs.get("mode") not in JOIN_MODES:
                 raise self.fail(op, f"join needs mode one of {JOIN_MODES}, got {op.attrs.get('mode')!r}")
@@ -161,6 +208,9 @@ class _FunctionVerifier:
             raise self.fail(op, f"{what} dtype must be one of {DTYPES}, got {attrs['dtype']!r}")
         if "choices" in attrs and not attrs["choices"]:
             raise self.fail(op, f"{what} choices constraint must not be empty")
+        problem = sampling_problem(attrs)
+        if problem is not None:
+            raise self.fail(op, f"{what}: {problem}")
 
     def _check_segments(self, op: Op) -> None:
         segments = op.attrs.get("segments")
@@ -193,8 +243,15 @@ class _FunctionVerifier:
         base = op.operands[0].name
         visible = self.scope[base]
         if op.kind == K.VAR:
-            if op.label not in visible:
-                names = ", ".join(sorted(visible)) or "none"
+            definer = visible.get(op.label or "")
+            if definer is not None and definer.kind == K.JOIN:
+                raise self.fail(
+                    op,
+                    f"variable {op.label!r} was defined in the branches of `{_describe(definer)}`, "
+                    "and a join keeps its parent's variables; read it from a branch state",
+                )
+            if definer is None:
+                names = ", ".join(sorted(k for k, v in visible.items() if v.kind != K.JOIN)) or "none"
                 raise self.fail(
                     op,
                     f"variable {op.label!r} is not defined in the scope of {op.state} "
@@ -203,20 +260,65 @@ class _FunctionVerifier:
             return
         if op.kind == K.JOIN:
             self._check_join(op)
+            visible = self._gather(op, visible)
         new_names = op.defined_names()
         if new_names:
             visible = dict(visible)
             for name in new_names:
-                if name in visible:
+                first = visible.get(name)
+                if first is not None and first.kind == K.JOIN:
                     raise self.fail(
                         op,
-                        f"variable {name!r} is defined twice in one scope (first by `{format_op(visible[name])}`); "
+                        f"variable {name!r} was already defined in the branches of `{_describe(first)}`; "
+                        "after a join its branches' variables belong to the parent (as in the DSL), "
+                        "so give this one another name",
+                    )
+                if first is not None:
+                    raise self.fail(
+                        op,
+                        f"variable {name!r} is defined twice in one scope (first by `{_describe(first)}`); "
                         "give one another name, or fork first so each branch has its own scope",
                     )
                 visible[name] = op  # printed only for an error
         for r in op.results:
             self.parent[r.name] = base
             self.scope[r.name] = visible
+
+    def _gather(self, join: Op, visible: dict[str, Op]) -> dict[str, Op]:
+        """``visible`` (the parent's scope) plus every name a branch defined after the fork,
+        bound to the join (taken, not readable). A branch descends from the parent, so its scope
+        holds the parent's: what it has beyond that, it defined after the fork."""
+        out: dict[str, Op] | None = None
+        for b in join.operands[1:]:
+            for name in self.scope[b.name]:
+                if name not in visible and (out is None or name not in out):
+                    if out is None:
+                        out = dict(visible)
+                    out[name] = join
+        return visible if out is None else out
+
+    def _check_roles(self, op: Op) -> None:
+        if op.kind == K.START:
+            self.role[op.result.name] = _ROLE_UNKNOWN
+            return
+        if op.kind in (K.RETURN, K.VAR):
+            return
+        open_role = self.role[op.operands[0].name]
+        if op.kind in (K.ROLE_BEGIN, K.ROLE_END):
+            role = op.label
+            if role not in ROLES:
+                raise self.fail(op, f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+            if op.kind == K.ROLE_BEGIN and open_role not in (None, _ROLE_UNKNOWN):
+                raise self.fail(
+                    op,
+                    f"role {role!r} opened inside role {open_role!r}; roles do not nest: close {open_role!r} first",
+                )
+            if op.kind == K.ROLE_END and open_role != _ROLE_UNKNOWN and open_role != role:
+                now = "no role is open" if open_role is None else f"role {open_role!r} is open"
+                raise self.fail(op, f"role {role!r} closed but {now} in this chain")
+            open_role = role if op.kind == K.ROLE_BEGIN else None
+        for r in op.results:
+            self.role[r.name] = open_role
 
     def _check_join(self, op: Op) -> None:
         parent = op.operands[0].name

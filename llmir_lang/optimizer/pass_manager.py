@@ -1,10 +1,18 @@
 """The pass manager: named ``Module -> Module`` passes, run by a pipeline string.
 
 A pipeline is a comma-separated list of pass names, each optionally followed by options in braces:
-``"canonicalize,prefix-share{min_length=4},fork-join"``. Option values in the string are parsed as
-int, float, ``true`` / ``false``, or else kept as strings; options that are objects (a chat
+``"canonicalize,prefix-share{min_length=4},fork-join"``. Options that are objects (a chat
 template) are passed in the ``options`` mapping instead: ``{"canonicalize": {"template": t}}``.
 The empty pipeline ``""`` runs no pass and returns the module unchanged.
+
+A pass declares its options in its signature: each keyword-only parameter is an option, and its
+annotation is the option's type (``min_length: int = 1``). Options are checked when the pipeline
+is parsed, not when the pass runs (which may be never, or deep inside a program run): the name
+must be a parameter, the value must have the annotated type (a string value is read as that type:
+``int``, ``float``, ``bool`` as ``true`` / ``false``, ``str``), a number must be finite and within
+the option's bounds. An ``int`` option is a count or a length, so its default bound is ``>= 0``;
+``register_pass(name, bounds={"option": (low, high)})`` sets others. Every error is a
+``PassPipelineError`` naming the pass, the option, the value and what is expected.
 
 After each pass the manager verifies the module (a pass that breaks the IR is a bug, reported with
 the pass's name; ``verify_each=False`` verifies the final module only) and renumbers values
@@ -13,10 +21,14 @@ the pass's name; ``verify_each=False`` verifies the final module only) and renum
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import math
 import re
+import types
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmir_lang.errors import IRError, IRVerifyError
@@ -31,6 +43,45 @@ class PassPipelineError(IRError, ValueError):
     """A pipeline string or a pass option is invalid (unknown pass, unknown option, bad syntax)."""
 
 
+Bounds = tuple[float | None, float | None]  # (lowest, highest) allowed, both included; None: open
+
+
+@dataclass(frozen=True, slots=True)
+class PassOption:
+    """One option of a pass: a keyword-only parameter of its function, with the parameter's
+    annotation as its type (``Any`` when there is none or it cannot be resolved: not checked)."""
+
+    name: str
+    annotation: Any
+    bounds: Bounds = (None, None)
+
+    def accepts(self, value: Any) -> bool:
+        if not _matches(self.annotation, value):
+            return False
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True
+        low, high = self.bounds
+        return (low is None or value >= low) and (high is None or value <= high)
+
+    @property
+    def annotation_is_object(self) -> bool:
+        """True if no value written in a pipeline string fits (an object option: a template)."""
+        return not any(t in _SCALARS for t in _members(self.annotation)) and self.annotation is not Any
+
+    @property
+    def expected(self) -> str:
+        """What a valid value is, in words: "an integer >= 0"."""
+        text = _type_words(self.annotation)
+        low, high = self.bounds
+        if low is not None and high is not None:
+            return f"{text} in [{low:g}, {high:g}]"
+        if low is not None:
+            return f"{text} >= {low:g}"
+        if high is not None:
+            return f"{text} <= {high:g}"
+        return text
+
+
 @dataclass(frozen=True, slots=True)
 class PassInfo:
     """A registered pass: its name, function, and the keyword options the function accepts."""
@@ -38,6 +89,19 @@ class PassInfo:
     name: str
     fn: PassFn
     options: tuple[str, ...]
+    specs: Mapping[str, PassOption] = field(default_factory=dict)
+
+    def check_option(self, option: str, value: Any) -> None:
+        """Raise ``PassPipelineError`` unless ``option`` is one of this pass's and ``value`` fits it."""
+        spec = self.specs.get(option)
+        if spec is None:
+            accepted = ", ".join(self.options) or "none"
+            raise PassPipelineError(f"pass {self.name} has no option {option!r}; it accepts: {accepted}")
+        if not spec.accepts(value):
+            raise PassPipelineError(
+                f"pass {self.name}: option {option} must be {spec.expected}, got {_short_repr(value)}"
+                + (_OBJECT_HINT.format(name=self.name, option=option) if spec.annotation_is_object else "")
+            )
 
     @property
     def summary(self) -> str:
@@ -48,18 +112,103 @@ class PassInfo:
 PASS_REGISTRY: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str) -> Callable[[PassFn], PassFn]:
-    """Decorator: register ``fn(module, *, **options) -> Module`` as the pass ``name``."""
+def register_pass(name: str, *, bounds: Mapping[str, Bounds] | None = None) -> Callable[[PassFn], PassFn]:
+    """Decorator: register ``fn(module, *, **options) -> Module`` as the pass ``name``.
+
+    The keyword-only parameters of ``fn`` are its options, typed by their annotations; ``bounds``
+    gives the allowed range of numeric options (default: ``(0, None)`` for an ``int`` option)."""
 
     def decorate(fn: PassFn) -> PassFn:
         if name in PASS_REGISTRY:
             raise ValueError(f"pass {name!r} is registered twice")
         params = inspect.signature(fn).parameters.values()
         options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
-        PASS_REGISTRY[name] = PassInfo(name, fn, options)
+        unknown = sorted(set(bounds or {}) - set(options))
+        if unknown:
+            raise ValueError(f"pass {name!r}: bounds given for {unknown}, which are not its options")
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # an annotation that does not resolve: leave those options unchecked
+            hints = {}
+        specs = {}
+        for option in options:
+            annotation = hints.get(option, Any)
+            default: Bounds = (0, None) if int in _members(annotation) else (None, None)
+            specs[option] = PassOption(option, annotation, (bounds or {}).get(option, default))
+        PASS_REGISTRY[name] = PassInfo(name, fn, options, specs)
         return fn
 
     return decorate
+
+
+_SCALARS = (int, float, bool, str)
+_OBJECT_HINT = (
+    "; an object option cannot be written in a pipeline string: pass it in the options mapping, "
+    "PassManager(pipeline, {{{name!r}: {{{option!r}: value}}}})"
+)
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The types of a union annotation (``int | None`` -> ``(int, NoneType)``), else itself."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(typing.get_args(annotation))
+    return (annotation,)
+
+
+def _matches(annotation: Any, value: Any) -> bool:
+    """True if ``value`` has the type ``annotation`` says; forms it cannot check pass."""
+    for t in _members(annotation):
+        if t is Any or t is inspect.Parameter.empty:
+            return True
+        if t is type(None) or t is None:
+            if value is None:
+                return True
+        elif t is bool:
+            if isinstance(value, bool):
+                return True
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return True
+        elif t is collections.abc.Callable or typing.get_origin(t) is collections.abc.Callable:
+            if callable(value):
+                return True
+        elif isinstance(t, type):
+            try:
+                if isinstance(value, t):
+                    return True
+            except TypeError:  # a Protocol that is not runtime_checkable
+                return True
+        else:
+            return True
+    return False
+
+
+def _type_words(annotation: Any) -> str:
+    words = {
+        int: "an integer",
+        float: "a finite number",
+        bool: "true or false",
+        str: "a string",
+        type(None): "None",
+        Any: "any value",
+    }
+    out = []
+    for t in _members(annotation):
+        if t in words:
+            out.append(words[t])
+        elif t is collections.abc.Callable or typing.get_origin(t) is collections.abc.Callable:
+            out.append("a callable")
+        else:
+            out.append(f"a {getattr(t, '__name__', str(t))}")
+    return " or ".join(out)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 _STEP_RE = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^{}]*)\})?\s*")
@@ -83,7 +232,7 @@ def parse_pipeline(pipeline: str) -> list[tuple[str, dict[str, Any]]]:
             raise PassPipelineError(
                 f"unknown pass {name!r} in pipeline {pipeline!r}; known passes: {', '.join(sorted(PASS_REGISTRY))}"
             )
-        steps.append((name, _parse_options(name, opts or "")))
+        steps.append((name, _parse_options(PASS_REGISTRY[name], opts or "")))
         pos = m.end()
         if pos == len(pipeline):
             return steps
@@ -92,14 +241,31 @@ def parse_pipeline(pipeline: str) -> list[tuple[str, dict[str, Any]]]:
         pos += 1
 
 
-def _parse_options(name: str, text: str) -> dict[str, Any]:
+def _parse_options(info: PassInfo, text: str) -> dict[str, Any]:
+    """The options written in braces after ``info``'s name, read as their declared types and
+    checked (``PassPipelineError`` at once, not when the pass runs)."""
     out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, raw = item.partition("=")
         if not sep:
-            raise PassPipelineError(f"pass {name}: option {item!r} must be written key=value")
-        out[key.strip()] = _option_value(raw.strip())
+            raise PassPipelineError(f"pass {info.name}: option {item!r} must be written key=value")
+        key, raw = key.strip(), raw.strip()
+        if key in out:
+            raise PassPipelineError(f"pass {info.name}: option {key} is given twice; keep one")
+        spec = info.specs.get(key)
+        value = _option_value(raw) if spec is None else _read_option(spec, raw)
+        info.check_option(key, value)
+        out[key] = value
     return out
+
+
+def _read_option(spec: PassOption, raw: str) -> Any:
+    """``raw`` as the option's type: the first reading of it that the annotation accepts, or
+    ``raw`` itself (which ``check_option`` then reports)."""
+    for value in (_option_value(raw), raw):
+        if _matches(spec.annotation, value):
+            return value
+    return raw
 
 
 def _option_value(raw: str) -> Any:
@@ -108,7 +274,7 @@ def _option_value(raw: str) -> Any:
     for conv in (int, float):
         try:
             return conv(raw)
-        except ValueError:
+        except ValueError:  # not a number (or an int too long to convert: kept as text)
             pass
     return raw
 
@@ -140,13 +306,15 @@ class PassManager:
                     f"options given for unknown pass {name!r}; known passes: {', '.join(sorted(PASS_REGISTRY))}"
                 )
         self.steps: list[tuple[PassInfo, dict[str, Any]]] = []
-        for name, opts in parse_pipeline(pipeline):
+        for name, opts in parse_pipeline(pipeline):  # checks the options written in the string
             info = PASS_REGISTRY[name]
             merged = {**extra.get(name, {}), **opts}
             unknown = sorted(set(merged) - set(info.options))
             if unknown:
                 accepted = ", ".join(info.options) or "none"
                 raise PassPipelineError(f"pass {name} has no option(s) {unknown}; it accepts: {accepted}")
+            for option, value in extra.get(name, {}).items():
+                info.check_option(option, value)
             self.steps.append((info, merged))
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmir_lang.errors import IRParseError
+from llmir_lang.errors import IRParseError, IRVerifyError
 from llmir_lang.ir import ModuleBuilder, Op, Value, ValueType, parse_ir, print_ir
 from llmir_lang.ir.module import Function, Module
 
@@ -41,7 +41,7 @@ module {
     %9 = var %5 "tip"
     %10 = text %8 "Best: "
     %11 = append %10, %9
-    %12 = select %11 "ok" {choices = ["yes", "no"], choices_method = "greedy"}
+    %12 = select %11 "ok" {choices = ["yes", "no"], choices_method = "greedy_token_selection"}
     return %12, %5
   }
   func @"f.0 weird"(%a: text, %b: text) {
@@ -105,11 +105,15 @@ def test_string_literals_round_trip(literal: str) -> None:
 
 
 def test_float_and_int_attrs_keep_their_type() -> None:
-    text = QA.replace("temperature = 0.0", "temperature = 1e-05, top_k = 3, top_p = inf")
+    text = QA.replace("temperature = 0.0", "temperature = 1e-05, top_k = 3, top_p = 0.5")
     gen = parse_ir(text).functions[0].ops[9]
-    assert gen.attrs["temperature"] == 1e-05 and gen.attrs["top_p"] == float("inf")
+    assert gen.attrs["temperature"] == 1e-05 and gen.attrs["top_p"] == 0.5
     assert isinstance(gen.attrs["top_k"], int)
     assert print_ir(parse_ir(text)) == text
+    # inf parses (the verifier, not the parser, says top_p must be finite)
+    text = QA.replace("temperature = 0.0", "top_p = inf, temperature = -inf")
+    gen = parse_ir(text, verify=False).functions[0].ops[9]
+    assert gen.attrs["top_p"] == float("inf") and gen.attrs["temperature"] == float("-inf")
 
 
 def test_hand_written_text_with_comments_and_blank_lines() -> None:
@@ -150,3 +154,91 @@ def test_parsing_never_evaluates() -> None:
     text = QA.replace("temperature = 0.0", f'grammar = "{payload}"')
     gen = parse_ir(text).functions[0].ops[9]
     assert gen.attrs["grammar"] == payload
+
+
+def _gen_with(attr_value: str) -> str:
+    return (
+        "module {\n  func @f() {\n    %0 = start\n"
+        f'    %1 = gen %0 "a" {{max_tokens = {attr_value}}}\n'
+        "    return %1\n  }\n}\n"
+    )
+
+
+def test_an_integer_too_long_to_convert_is_a_parse_error() -> None:
+    with pytest.raises(IRParseError) as info:
+        parse_ir(_gen_with("5" * 5000))
+    message = str(info.value)
+    assert message.startswith("line 4, column 35:"), message
+    assert "integer of 5000 digits is too long" in message
+    assert len(message) < 500  # the 5000-digit line is shown around the column only
+
+
+@pytest.mark.parametrize("open_, close", [("[", "]"), ("{a = ", "}")])
+def test_deeply_nested_attribute_values_are_a_parse_error(open_: str, close: str) -> None:
+    with pytest.raises(IRParseError, match=r"^line 4, column \d+: lists and dicts nest more than 64 deep"):
+        parse_ir(_gen_with(open_ * 3000 + "1" * (open_ != "[") + close * 3000), verify=False)
+
+
+def test_nesting_up_to_the_limit_round_trips_and_one_more_is_refused() -> None:
+    from llmir_lang.ir.attrs import MAX_ATTR_DEPTH
+
+    deepest = "[" * MAX_ATTR_DEPTH + "]" * MAX_ATTR_DEPTH
+    text = _gen_with("1").replace("max_tokens = 1", f"max_tokens = 1, trie_x = {deepest}")
+    module = parse_ir(text, verify=False)
+    assert print_ir(module) == text
+    with pytest.raises(IRParseError, match="nest more than"):
+        parse_ir(text.replace(deepest, "[" + deepest + "]"), verify=False)
+    # the builder refuses what the parser would refuse, so that everything built prints and parses
+    mb = ModuleBuilder()
+    f = mb.function("f")
+    value: object = []
+    for _ in range(MAX_ATTR_DEPTH):
+        value = [value]
+    with pytest.raises(IRVerifyError, match="nest more than 64 deep"):
+        f.op("select", [f.start()], "c", {"choices": ["a"], "trie": value})
+    with pytest.raises(IRVerifyError, match="more than 4300 digits"):
+        f.gen(f.start(), "x", seed=10**5000)
+
+
+def test_a_leading_bom_and_cr_or_crlf_line_ends_are_accepted() -> None:
+    module = parse_ir(QA)
+    for text in (
+        "\ufeff" + QA,
+        QA.replace("\n", "\r\n"),
+        QA.replace("\n", "\r"),
+        "\ufeff" + QA.replace("\n", "\r"),
+    ):
+        assert parse_ir(text) == module
+    # errors count lines the same way
+    broken = QA.replace("%6 = append %5, %q", "%6 = append %5 %q").replace("\n", "\r")
+    with pytest.raises(IRParseError, match=r"^line 9, column 20: unexpected"):
+        parse_ir("\ufeff" + broken)
+
+
+def test_unicode_identifier_value_names_round_trip() -> None:
+    names = ["caf\u00e9", "\u6570\u91cf", "\u0939\u093f\u0928\u094d\u0926\u0940", "x\u0301", "q"]
+    mb = ModuleBuilder()
+    f = mb.function("f", params=names)
+    s = f.start()
+    for name in names:
+        s = f.append(s, f.param(name))
+    f.ret(s)
+    module = mb.build()
+    text = print_ir(module)
+    assert "func @f(%caf\u00e9: text, %\u6570\u91cf: text," in text
+    assert "%1 = append %0, %caf\u00e9" in text
+    assert parse_ir(text) == module
+    assert print_ir(parse_ir(text)) == text
+    # hand-written: a non-ASCII result name too
+    hand = "module {\n  func @f() {\n    %\u00e9tat = start\n    return %\u00e9tat\n  }\n}\n"
+    assert print_ir(parse_ir(hand)) == hand
+
+
+@pytest.mark.parametrize(("name", "bad"), [("a\u20acb", "\u20ac"), ("\u00a7", "\u00a7")])
+def test_a_value_name_with_a_non_identifier_character_is_a_parse_error(name: str, bad: str) -> None:
+    text = f"module {{\n  func @f(%{name}: text) {{\n    %0 = start\n    return %0\n  }}\n}}\n"
+    with pytest.raises(IRParseError) as info:
+        parse_ir(text)
+    message = str(info.value)
+    assert message.startswith("line 2, column 11:"), message
+    assert f"{bad!r} cannot be in one" in message

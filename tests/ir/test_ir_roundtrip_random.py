@@ -8,11 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmir_lang.ir import FunctionBuilder, Module, ModuleBuilder, parse_ir, print_ir, verify
+from llmir_lang.ir.attrs import CHOICES_METHODS, ROLES
 from llmir_lang.ir.values import Value
 
 # Any code point, surrogates included: the printer escapes everything outside printable ASCII.
 TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
 NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True)
+# Parameter names as Python programs spell them: ASCII, or any identifier (``café``, ``数量``).
+PARAM_NAMES = st.one_of(NAMES, st.text(min_size=1, max_size=4).filter(str.isidentifier))
 FLOATS = st.floats(allow_nan=False)
 ATTR_LEAF = st.one_of(TEXT, st.integers(-(2**70), 2**70), FLOATS, st.booleans())
 ATTR = st.recursive(
@@ -23,13 +26,16 @@ ATTR = st.recursive(
     ),
     max_leaves=6,
 )
+# Sampling values in the engine's ranges (the verifier checks them); floats of every sign and
+# size, infinities included, round-trip in the nested attribute test below.
 SAMPLING = st.fixed_dictionaries(
     {},
     optional={
         "max_tokens": st.integers(0, 4096),
         "stop": st.lists(TEXT.filter(bool), max_size=2),
-        "temperature": FLOATS,
-        "top_p": FLOATS,
+        "temperature": st.floats(0, 1e300),
+        "top_p": st.floats(0, 1, exclude_min=True),
+        "frequency_penalty": st.floats(-2, 2),
         "top_k": st.integers(-1, 50),
         "seed": st.integers(-(2**63), 2**63),
         "ignore_eos": st.booleans(),
@@ -55,7 +61,7 @@ def modules(draw: st.DrawFn) -> Module:
     used_vars = iter(range(10**6))  # globally unique variable names keep every scope valid
     for fi in range(draw(st.integers(1, 3))):
         name = draw(st.one_of(NAMES, TEXT.filter(bool))) + f".{fi}"
-        params = draw(st.lists(NAMES, max_size=2, unique=True))
+        params = draw(st.lists(PARAM_NAMES, max_size=2, unique=True))
         _draw_function(draw, mb.function(name, params), params, used_vars)
     return mb.build()
 
@@ -64,11 +70,14 @@ def _draw_function(draw: st.DrawFn, f: FunctionBuilder, params: list[str], used_
     states: list[Value] = [f.start()]
     parent: dict[str, str | None] = {states[0].name: None}
     defined: dict[str, list[str]] = {states[0].name: []}
+    # The open role of each state, as the verifier tracks it ("?": unknown, after a start).
+    role: dict[str, str | None] = {states[0].name: "?"}
 
-    def add(new: Value, base: Value, names: list[str]) -> None:
+    def add(new: Value, base: Value, names: list[str], opened: str | None | bool = False) -> None:
         states.append(new)
         parent[new.name] = base.name
         defined[new.name] = defined[base.name] + names
+        role[new.name] = role[base.name] if opened is False else opened  # type: ignore[assignment]
 
     for _ in range(draw(st.integers(0, 14))):
         kind = draw(st.sampled_from(KINDS))
@@ -76,12 +85,18 @@ def _draw_function(draw: st.DrawFn, f: FunctionBuilder, params: list[str], used_
         if kind == "start":
             s = f.start()
             states.append(s)
-            parent[s.name], defined[s.name] = None, []
+            parent[s.name], defined[s.name], role[s.name] = None, [], "?"
         elif kind == "text":
             add(f.text(s, draw(TEXT)), s, [])
         elif kind == "role":
-            method = draw(st.sampled_from([f.role_begin, f.role_end]))
-            add(method(s, draw(st.sampled_from(["system", "user", "assistant", "tool"]))), s, [])
+            open_role = role[s.name]
+            begin = open_role is None or (open_role == "?" and draw(st.booleans()))
+            if begin:
+                name = draw(st.sampled_from(ROLES))
+                add(f.role_begin(s, name), s, [], name)
+            else:  # close the open role (or, at a chain's unknown start, any role)
+                closed = open_role if open_role != "?" else draw(st.sampled_from(ROLES))
+                add(f.role_end(s, closed), s, [], None)
         elif kind == "append":
             sources = [f.param(p) for p in params] + (
                 [f.var(s, defined[s.name][0])] if defined[s.name] else []
@@ -95,7 +110,7 @@ def _draw_function(draw: st.DrawFn, f: FunctionBuilder, params: list[str], used_
         elif kind == "select":
             var = f"v{next(used_vars)}"
             choices = draw(st.lists(TEXT.filter(bool), min_size=1, max_size=4, unique=True))
-            add(f.select(s, var, choices, draw(NAMES)), s, [var])
+            add(f.select(s, var, choices, draw(st.sampled_from(CHOICES_METHODS))), s, [var])
         elif kind == "chain":
             a, b = f"v{next(used_vars)}", f"v{next(used_vars)}"
             segs = [{"gen": a, **draw(SAMPLING)}, {"text": draw(TEXT)}, {"gen": b, **draw(CONSTRAINT)}]
@@ -128,7 +143,9 @@ def _descends(name: str, ancestor: str, parent: dict[str, str | None]) -> bool:
 def test_random_programs_round_trip(module: Module) -> None:
     verify(module)
     text = print_ir(module)
-    assert text.isascii()
+    # ASCII but for value names: strings are escaped, an identifier name is printed as it is
+    names = "".join(p.name for fn in module.functions for p in fn.params)
+    assert {ch for ch in text if not ch.isascii()} <= set(names)
     parsed = parse_ir(text)
     assert parsed == module
     assert print_ir(parsed) == text

@@ -54,6 +54,8 @@ def _draw_body(draw: st.DrawFn, f: FunctionBuilder, counter: object) -> None:
     states: list[Value] = [f.start()]
     parent: dict[str, str | None] = {states[0].name: None}
     scope: dict[str, list[str]] = {states[0].name: []}
+    # the open role of each state (roles do not nest; an end closes the open role)
+    role: dict[str, str | None] = {states[0].name: None}
     for _ in range(draw(st.integers(1, 16))):
         s = states[-1] if draw(st.booleans()) else draw(st.sampled_from(states))
         kind = draw(
@@ -63,11 +65,15 @@ def _draw_body(draw: st.DrawFn, f: FunctionBuilder, counter: object) -> None:
         )
         new: list[Value] = []
         names: list[str] = []
+        opened = role[s.name]
         if kind == "text":
             new = [f.text(s, draw(FRAGMENTS))]
         elif kind == "role":
-            role = draw(st.sampled_from(["system", "user", "assistant"]))
-            new = [(f.role_begin if draw(st.booleans()) else f.role_end)(s, role)]
+            if opened is None:
+                opened = draw(st.sampled_from(["system", "user", "assistant"]))
+                new = [f.role_begin(s, opened)]
+            else:
+                new, opened = [f.role_end(s, opened)], None
         elif kind == "gen":
             names = [f"v{next(counter)}"]  # type: ignore[call-overload]
             new = [f.gen(s, names[0], max_tokens=draw(st.integers(1, 9)))]
@@ -101,6 +107,7 @@ def _draw_body(draw: st.DrawFn, f: FunctionBuilder, counter: object) -> None:
             states.append(v)
             parent[v.name] = s.name
             scope[v.name] = scope[s.name] + names
+            role[v.name] = opened
     f.ret(states[-1], *draw(st.lists(st.sampled_from(states), max_size=2)))
 
 
