@@ -402,7 +402,7 @@ def _warn_duplicates(planned: ExtractSummary) -> None:
 _BACKEND_FAILURE = re.compile(
     r"failed: (?:(?:ConnectError|ConnectTimeout|ReadTimeout|WriteTimeout|PoolTimeout|ReadError|"
     r"WriteError|RemoteProtocolError|NetworkError|TransportError|ProxyError|EngineClosedError):"
-    r"|RemoteBackendError: \S+: HTTP (?:5\d\d|429|404)\b)"
+    r"|RemoteBackendError: \S+: (?:HTTP (?:5\d\d|429|404)\b|no answer from the server))"
 )
 
 
@@ -410,10 +410,17 @@ def _is_backend_failure(error: BaseException, message: str) -> bool:
     import httpx
 
     from llmir_lang.errors import EngineClosedError
+    from llmir_lang.executor.remote import RemoteBackendError
 
-    cause = error.__cause__
-    if isinstance(cause, (EngineClosedError, httpx.TransportError)):
-        return True
+    cause: BaseException | None = error
+    while cause is not None:  # the exception and what it was raised from
+        if isinstance(cause, (EngineClosedError, httpx.TransportError)):
+            return True
+        if isinstance(cause, RemoteBackendError) and (
+            cause.status is None or cause.status in (404, 429) or cause.status >= 500
+        ):
+            return True
+        cause = cause.__cause__
     return _BACKEND_FAILURE.search(message) is not None
 
 
