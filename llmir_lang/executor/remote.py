@@ -8,6 +8,14 @@
   constraints go as vLLM's ``guided_*`` fields (default) or as ``response_format`` (JSON schema
   only); ``score`` uses ``echo`` + ``logprobs``.
 
+``score`` (what ``select`` uses) has the embedded engine's semantics on every server: the prompt and
+each choice are tokenized separately (the prompt with the tokenizer's special tokens, the choice
+without), and the logprobs are those of the choice's tokens after the prompt's tokens. Servers get
+token ids, never the joined text, whose tokenization can merge the end of the prompt with the
+start of a choice ("Par" + "ma" -> "P|arm|a"). The ids come from ``tokenizer=`` when given, else
+from the server's ``/tokenize`` (vLLM, SGLang, llmir); see ``OpenAI.score`` and ``Endpoint.score``
+for servers without it.
+
 Both are ``Backend``s: a chain's steps run one request at a time (constant text is appended here,
 between requests), streaming comes from server-sent events, ``pin``/``unpin`` are hints that
 remote servers do not take. Local checks (sampling params, constraint support) raise in
@@ -17,6 +25,7 @@ remote servers do not take. Local checks (sampling params, constraint support) r
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,8 +36,13 @@ import httpx
 
 from llmir_lang.errors import InvalidRequestError, LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, ChunkCallback, GenStep, StepResult
+from llmir_lang.executor.sampling_params import SamplingParams
 
 _FINISH_OK = ("stop", "length")
+# What a gen that does not set max_tokens asks for (SamplingParams' default). A remote backend
+# cannot tell it from an explicit max_tokens of the same value; see ``Endpoint._lower`` and
+# ``OpenAI._generate`` for how a server's lower limit is honoured for it.
+_DEFAULT_MAX_TOKENS = SamplingParams().max_new_tokens
 
 
 def _non_default(fields: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
@@ -37,7 +51,14 @@ def _non_default(fields: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
 
 
 class RemoteBackendError(LLMIRError):
-    """A server refused or failed a request; the message has the URL, status and the server's words."""
+    """A server refused or failed a request, or could not be reached; the message has the URL, the
+    status and the server's words (or the network error). ``status`` is the HTTP status (None when
+    no answer came back) and ``detail`` the server's own message, for callers that branch on them."""
+
+    def __init__(self, message: str, status: int | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
 
 
 @dataclass(slots=True)
@@ -88,37 +109,128 @@ class _HTTPBackend(Backend):
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="llmir-remote")
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
+        self._no_tokenize = False  # the server answered /tokenize with 404 / 405
+        self._tokenize_fields: dict[str, Any] = {}  # extra /tokenize fields (OpenAI: the model)
 
     # --- HTTP ------------------------------------------------------------------------------
+    @property
+    def _root(self) -> str:
+        """The server's root URL (where ``/tokenize`` and llmir's extensions live)."""
+        return self.base_url
+
+    def _url(self, path: str) -> str:
+        return path if "://" in path else self.base_url + path
+
     def _fail(self, path: str, response: httpx.Response) -> RemoteBackendError:
         try:
-            detail = response.json().get("error", {}).get("message") or response.text
+            body = response.json()
+            error = body.get("error") if isinstance(body, dict) else None
+            detail = (error.get("message") if isinstance(error, dict) else error) or (
+                body.get("detail") if isinstance(body, dict) else None
+            )
+            detail = detail or response.text
         except (ValueError, AttributeError):
             detail = response.text
-        return RemoteBackendError(f"{self.base_url}{path}: HTTP {response.status_code}: {str(detail)[:500]}")
+        detail = str(detail)[:500]
+        return RemoteBackendError(
+            f"{self._url(path)}: HTTP {response.status_code}: {detail}", response.status_code, detail
+        )
+
+    def _unreachable(self, path: str, exc: Exception) -> RemoteBackendError:
+        """A request that got no HTTP answer: server down, wrong host or port, timeout."""
+        return RemoteBackendError(
+            f"{self._url(path)}: no answer from the server ({type(exc).__name__}: {exc}); "
+            "check that it is running and that the URL is right"
+        )
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        """One request; network failures become ``RemoteBackendError``s naming the URL and the cause.
+        ``path`` is relative to ``base_url``, or a whole URL (``self._root + ...``)."""
+        try:
+            return self._client.request(method, path, json=body)
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            raise self._unreachable(path, e) from None
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
-        r = self._client.post(path, json=body)
+        r = self._request("POST", path, body)
         if r.status_code >= 400:
             raise self._fail(path, r)
         return r.json()
 
     def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The JSON events of a server-sent-events response, up to ``data: [DONE]``."""
-        with self._client.stream("POST", path, json=body) as r:
+        try:
+            with self._client.stream("POST", path, json=body) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise self._fail(path, r)
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    event = json.loads(data)
+                    if isinstance(event, dict) and "error" in event:
+                        err = event["error"]
+                        message = err.get("message", event) if isinstance(err, dict) else err
+                        code = err.get("code") if isinstance(err, dict) else None
+                        status = code if isinstance(code, int) else None
+                        raise RemoteBackendError(f"{self._url(path)}: {message}", status, str(message))
+                    yield event
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            raise self._unreachable(path, e) from None
+
+    # --- tokens ------------------------------------------------------------------------------
+    def _hf_tokenizer(self) -> Any:
+        with self._lock:
+            if isinstance(self._tokenizer, str):
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer)
+        return self._tokenizer
+
+    def _token_ids(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]] | None:
+        """``texts`` as the served model's tokenizer encodes them: with ``tokenizer=`` locally, else
+        with the server's ``/tokenize`` (vLLM's format, which SGLang and llmir share). None when
+        neither is available (the server has no ``/tokenize`` route: 404 / 405, remembered)."""
+        if self._tokenizer is not None:
+            tok = self._hf_tokenizer()
+            return [list(tok.encode(t, add_special_tokens=add_special_tokens)) for t in texts]
+        if self._no_tokenize:
+            return None
+        out = []
+        for text in texts:
+            body = {**self._tokenize_fields, "prompt": text, "add_special_tokens": add_special_tokens}
+            r = self._request("POST", self._root + "/tokenize", body)
+            if r.status_code == 405 or (r.status_code == 404 and "model" not in r.text.lower()):
+                self._no_tokenize = True  # no such route (a 404 about the model is an error)
+                return None
             if r.status_code >= 400:
-                r.read()
-                raise self._fail(path, r)
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                event = json.loads(data)
-                if isinstance(event, dict) and "error" in event:
-                    raise RemoteBackendError(f"{self.base_url}{path}: {event['error'].get('message', event)}")
-                yield event
+                raise self._fail(self._root + "/tokenize", r)
+            try:
+                ids = r.json().get("tokens")
+            except (ValueError, AttributeError):
+                ids = None
+            if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                self._no_tokenize = True  # some other /tokenize: not one we can read
+                return None
+            out.append(ids)
+        return out
+
+    def _choice_ids(
+        self, prompt: str, continuations: Sequence[str]
+    ) -> tuple[list[int], list[list[int]]] | None:
+        """(prompt ids, ids of each continuation), tokenized apart as the engine's ``score`` does;
+        None when no tokenizer is available."""
+        prompt_ids = self._token_ids([prompt], add_special_tokens=True)
+        if prompt_ids is None:
+            return None
+        conts = self._token_ids(list(continuations), add_special_tokens=False)
+        if conts is None:
+            return None
+        _check_continuations(continuations, conts)
+        return prompt_ids[0], conts
 
     # --- Backend ---------------------------------------------------------------------------
     def submit(self, request: ChainRequest, on_chunk: ChunkCallback | None = None) -> Future:
@@ -149,12 +261,7 @@ class _HTTPBackend(Backend):
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         if self._tokenizer is None:
             return self._server_chat_template(messages, add_generation_prompt)
-        with self._lock:
-            if isinstance(self._tokenizer, str):
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer)
-        return self._tokenizer.apply_chat_template(
+        return self._hf_tokenizer().apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
@@ -178,6 +285,21 @@ class _HTTPBackend(Backend):
     _generate: Callable[[str, dict[str, Any], Callable[[str], None] | None], StepResult]
 
 
+def _check_continuations(continuations: Sequence[str], ids: list[list[int]]) -> None:
+    empty = [c for c, t in zip(continuations, ids) if not t]
+    if empty:
+        raise InvalidRequestError(f"every continuation must have at least one token; {empty!r} has none")
+
+
+def _merge_error(base_url: str, choice: str, token: str | None) -> NotYetSupportedError:
+    merged = f" into the token {token!r}" if token is not None else ""
+    return NotYetSupportedError(
+        f"cannot score {choice!r} exactly on {base_url}: joined to the prompt, its text merges with the "
+        f"prompt's end{merged}, and the server has no /tokenize to tokenize them apart; pass "
+        "tokenizer=<the model's Hugging Face tokenizer or its path> to the backend"
+    )
+
+
 def _choices_regex(choices_json: str) -> str:
     from llmir_lang.executor.constraints.spec import escape_regex
 
@@ -187,9 +309,12 @@ def _choices_regex(choices_json: str) -> str:
 class Endpoint(_HTTPBackend):
     """An SGLang server or router, or an llmir server (``llmir serve``), at ``url``.
 
-    ``protocol``: ``"auto"`` (ask ``/health``), ``"llmir"`` or ``"sglang"``. An SGLang server
-    cannot render the chat template: give ``tokenizer=`` for programs with roles. Grammar constraints go as ``ebnf`` in llguidance's
-    lark syntax (an llmir server also takes GBNF; SGLang needs its llguidance grammar backend).
+    ``protocol``: ``"auto"`` (ask ``/health`` on first use), ``"llmir"`` or ``"sglang"``. An SGLang
+    server cannot render the chat template: give ``tokenizer=`` for programs with roles. Grammar
+    constraints go as ``ebnf`` in llguidance's lark syntax (an llmir server also takes GBNF; SGLang
+    needs its llguidance grammar backend). A gen whose ``max_tokens`` is the default (128) is sent
+    without ``max_new_tokens``, so the server's own default applies (128 on SGLang; on an llmir
+    server 128 capped by its ``--max-tokens-limit``).
     """
 
     def __init__(self, url: str, api_key: str | None = None, *, protocol: str = "auto", **http: Any) -> None:
@@ -200,20 +325,35 @@ class Endpoint(_HTTPBackend):
 
     @property
     def protocol(self) -> str:
-        """``"llmir"`` if the server is an llmir server (``/program``, ``/score``), else ``"sglang"``."""
+        """``"llmir"`` if the server is an llmir server (``/program``, ``/score``), else ``"sglang"``.
+
+        Asked once, from ``/health``. Only an answer is remembered: a server that cannot be reached,
+        or answers with an error, raises ``RemoteBackendError`` (with the URL and the cause) and is
+        asked again next time, so a server that was down at first use is not taken for SGLang."""
         if self._protocol is None:
+            r = self._request("GET", "/health")
+            if r.status_code == 404:
+                raise RemoteBackendError(
+                    f"{self.base_url}/health: HTTP 404: no server answers there; give the server's root "
+                    "URL (no /v1 or other path), or protocol='sglang' for a server without /health",
+                    404,
+                    r.text[:500],
+                )
+            if r.status_code != 200:
+                raise self._fail("/health", r)
             try:
-                r = self._client.get("/health")
-                info = r.json() if r.status_code == 200 and r.content else {}
-            except (httpx.HTTPError, ValueError):
-                info = {}
+                info = r.json() if r.content else {}
+            except ValueError:
+                info = {}  # SGLang answers with an empty body
             self._protocol = "llmir" if isinstance(info, dict) and info.get("server") == "llmir" else "sglang"
         return self._protocol
 
     def _lower(self, step: GenStep) -> dict[str, Any]:
         p = step.params
         p.validate()
-        sp: dict[str, Any] = {"max_new_tokens": p.max_new_tokens, "temperature": p.temperature}
+        sp: dict[str, Any] = {"temperature": p.temperature}
+        if p.max_new_tokens != _DEFAULT_MAX_TOKENS:  # the default: the server's (capped by its limit)
+            sp["max_new_tokens"] = p.max_new_tokens
         sp |= _non_default({
             "min_new_tokens": (p.min_new_tokens, 0), "top_p": (p.top_p, 1.0), "top_k": (p.top_k, -1),
             "min_p": (p.min_p, 0.0), "frequency_penalty": (p.frequency_penalty, 0.0),
@@ -268,18 +408,58 @@ class Endpoint(_HTTPBackend):
         )
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
+        """The engine's scoring: an llmir server's ``/score``; on SGLang, ``/generate`` over the
+        token ids of the prompt followed by each choice's own tokens, with the logprobs from the
+        prompt's last token on (so "Par" + "ma" is scored as the tokens of "ma" after those of
+        "Par", whatever "Parma" tokenizes to).
+
+        The ids come from ``tokenizer=`` or the server's ``/tokenize``. A server with neither tells
+        the ids of texts through ``input_token_logprobs``: the prompt's exactly, a choice's as the
+        tokens of prompt+choice past the prompt's, which are its own tokens unless its text merges
+        with the prompt's end; then ``NotYetSupportedError`` asks for ``tokenizer=``."""
+        conts = list(continuations)
         if self.protocol == "llmir":
-            return self._post("/score", {"prompt": prompt, "continuations": list(continuations)})["logprobs"]
-        # SGLang: prefill the prompt (learning its token count), then score every prompt+choice from
-        # the prompt's last token on; entries past the prompt belong to the continuation
-        greedy0 = {"max_new_tokens": 0, "temperature": 0.0}
-        n = self._post("/generate", {"text": prompt, "sampling_params": greedy0})["meta_info"][
-            "prompt_tokens"
-        ]
-        texts = [prompt + c for c in continuations]
-        body = {"text": texts, "sampling_params": greedy0, "return_logprob": True, "logprob_start_len": n - 1}
+            return self._post("/score", {"prompt": prompt, "continuations": conts})["logprobs"]
+        if not conts:
+            return []
+        ids = self._choice_ids(prompt, conts) or self._ids_from_logprobs(prompt, conts)
+        p_ids, c_ids = ids
+        body = {
+            "input_ids": [p_ids + c for c in c_ids],
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+            "return_logprob": True,
+            "logprob_start_len": len(p_ids) - 1,
+        }
         outs = self._post("/generate", body)
-        return [[e[0] for e in o["meta_info"]["input_token_logprobs"][1:] if e[0] is not None] for o in outs]
+        outs = [outs] if isinstance(outs, dict) else outs
+        scores = []
+        for out, c in zip(outs, c_ids):
+            entries = out["meta_info"].get("input_token_logprobs") or []
+            lps = [e[0] for e in entries[-len(c) :]]
+            if len(entries) <= len(c) - 1 or len(lps) != len(c) or any(v is None for v in lps):
+                raise RemoteBackendError(
+                    f"{self.base_url}/generate: expected logprobs of {len(c)} continuation tokens, "
+                    f"got input_token_logprobs {entries[-len(c) - 1 :]!r}"
+                )
+            scores.append(lps)
+        return scores
+
+    def _ids_from_logprobs(self, prompt: str, conts: list[str]) -> tuple[list[int], list[list[int]]]:
+        """(prompt ids, choice ids) read from ``input_token_logprobs`` (see ``score``)."""
+        body = {
+            "text": [prompt] + [prompt + c for c in conts],
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        }
+        outs = self._post("/generate", body)
+        ids = [[int(e[1]) for e in o["meta_info"]["input_token_logprobs"]] for o in outs]
+        p_ids, c_ids = ids[0], []
+        for c, full in zip(conts, ids[1:]):
+            if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
+                raise _merge_error(self.base_url, c, None)
+            c_ids.append(full[len(p_ids) :])
+        return p_ids, c_ids
 
     def _server_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if self.protocol != "llmir":
@@ -323,6 +503,11 @@ class OpenAI(_HTTPBackend):
     ``constraints``: ``"vllm"`` sends ``guided_regex`` / ``guided_json`` / ``guided_grammar`` /
     ``guided_choice``; ``"response_format"`` sends JSON schemas as ``response_format`` (other
     constraints raise ``NotYetSupportedError``); ``"none"`` refuses every constraint.
+
+    ``max_tokens`` is always sent (OpenAI servers default to 16 when it is left out). A gen whose
+    ``max_tokens`` is the default (128) and that a server refuses for being above its limit
+    (``llmir serve --max-tokens-limit N`` says so in its 400) is sent again with N, and N is
+    remembered; an explicit max_tokens of another value above the limit stays an error.
     """
 
     def __init__(
@@ -335,6 +520,12 @@ class OpenAI(_HTTPBackend):
         super().__init__(base_url, api_key, **http)
         self.model = model
         self.constraints = constraints
+        self._tokenize_fields = {"model": model}
+        self._max_tokens_limit: int | None = None  # learned from a refused default max_tokens
+
+    @property
+    def _root(self) -> str:
+        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
 
     def _lower(self, step: GenStep) -> dict[str, Any]:
         p = step.params
@@ -370,6 +561,20 @@ class OpenAI(_HTTPBackend):
 
     def _generate(self, text: str, body: dict[str, Any], on_text: Callable[[str], None] | None) -> StepResult:
         body = {**body, "prompt": text}
+        default = body["max_tokens"] == _DEFAULT_MAX_TOKENS
+        limit = self._max_tokens_limit
+        if default and limit is not None:
+            body["max_tokens"] = min(limit, _DEFAULT_MAX_TOKENS)
+        try:
+            return self._complete(body, on_text)
+        except RemoteBackendError as e:
+            limit = _refused_limit(e) if body["max_tokens"] == _DEFAULT_MAX_TOKENS else None
+            if limit is None or limit >= _DEFAULT_MAX_TOKENS:
+                raise
+            self._max_tokens_limit = limit  # refused before anything was generated: send again
+            return self._complete({**body, "max_tokens": limit}, on_text)
+
+    def _complete(self, body: dict[str, Any], on_text: Callable[[str], None] | None) -> StepResult:
         if on_text is None:
             out = self._post("/completions", body)
             choice, usage = out["choices"][0], out.get("usage") or {}
@@ -398,27 +603,87 @@ class OpenAI(_HTTPBackend):
         )
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
-        texts = [prompt + c for c in continuations]
-        body = {"model": self.model, "prompt": texts, "max_tokens": 0, "echo": True, "logprobs": 0}
-        try:
-            choices = sorted(self._post("/completions", body)["choices"], key=lambda c: c["index"])
-        except RemoteBackendError as e:
-            raise NotYetSupportedError(
-                f"scoring (select) needs /completions with echo and logprobs, which {self.base_url} "
-                f"refused ({e}); use a server that supports them (vLLM, llmir) or Endpoint"
-            ) from None
+        """The engine's scoring over ``/completions`` with ``echo``, ``logprobs`` and
+        ``max_tokens: 0``: the prompts sent are token ids, the prompt's followed by each choice's
+        own (from ``tokenizer=`` or the server's ``/tokenize``), and a choice's logprobs are those
+        of its last tokens, exactly as the engine scores it.
+
+        A server without ``/tokenize`` (and no ``tokenizer=``) gets the joined texts; a choice is
+        then scored from the token that starts where the prompt ends, which is the engine's answer
+        whenever the prompt and the choice tokenize apart. Where a token straddles the boundary
+        ("Par" + "ma" -> "P|arm|a") no text request can give that answer: ``NotYetSupportedError``
+        asks for ``tokenizer=``."""
+        conts = list(continuations)
+        if not conts:
+            return []
+        ids = self._choice_ids(prompt, conts)
+        if ids is not None:
+            p_ids, c_ids = ids
+            choices = self._echo([p_ids + c for c in c_ids])
+            return [self._tail(ch, len(c)) for ch, c in zip(choices, c_ids)]
         out = []
-        for choice in choices:
-            lp = choice["logprobs"]
-            # a token belongs to the continuation if it ends past the prompt
-            ends = [o + len(t) for o, t in zip(lp["text_offset"], lp["tokens"])]
-            out.append([v for v, e in zip(lp["token_logprobs"], ends) if e > len(prompt) and v is not None])
+        for ch, c in zip(self._echo([prompt + c for c in conts]), conts):
+            lp = ch["logprobs"]
+            starts, tokens = list(lp["text_offset"]), list(lp["tokens"])
+            joined, text = "".join(tokens), prompt + c
+            # offsets count the text of special tokens (a BOS) the server put before the prompt
+            boundary = len(prompt) + (len(joined) - len(text) if joined.endswith(text) else 0)
+            first = next((i for i, o in enumerate(starts) if o >= boundary), len(starts))
+            if first == len(starts) or starts[first] != boundary:
+                raise _merge_error(self.base_url, c, tokens[first - 1] if first > 0 else None)
+            out.append(self._tail(ch, len(starts) - first))
         return out
 
+    def _tail(self, choice: dict[str, Any], n: int) -> list[float]:
+        lps = list(choice["logprobs"]["token_logprobs"])[-n:]
+        if len(lps) != n or any(v is None for v in lps):
+            raise RemoteBackendError(
+                f"{self.base_url}/completions: expected the logprobs of {n} echoed tokens, got {lps!r}"
+            )
+        return lps
+
+    def _echo(self, prompts: list[Any]) -> list[dict[str, Any]]:
+        """The choices (in order) of a scoring request: echo + logprobs, nothing generated."""
+        body = {"model": self.model, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 0}
+        try:
+            out = self._post("/completions", body)
+        except RemoteBackendError as e:
+            if not _refuses_echo(e):
+                raise  # wrong key, unknown model, server down or failing: not a missing feature
+            raise NotYetSupportedError(
+                f"scoring (select) needs /completions with echo, logprobs and max_tokens 0, which "
+                f"{self.base_url} does not support ({e}); use a server that does (vLLM, llmir) or Endpoint"
+            ) from None
+        choices = sorted(out["choices"], key=lambda c: c["index"])
+        if len(choices) != len(prompts) or any(not c.get("logprobs") for c in choices):
+            raise NotYetSupportedError(
+                f"{self.base_url}/completions answered an echo request without logprobs; scoring "
+                "(select) needs a server that returns them (vLLM, llmir) or Endpoint"
+            )
+        return choices
+
     def _server_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        root = self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
-        body = {"messages": messages, "add_generation_prompt": add_generation_prompt}
-        r = self._client.post(f"{root}/apply_chat_template", json=body)
-        if r.status_code != 200:
+        """An llmir server renders it (``/apply_chat_template`` at the root); a server without the
+        route cannot (``NotYetSupportedError``: pass ``tokenizer=``). Other failures (wrong key,
+        server down) are ``RemoteBackendError``s that say so."""
+        url = self._root + "/apply_chat_template"
+        r = self._request("POST", url, {"messages": messages, "add_generation_prompt": add_generation_prompt})
+        if r.status_code in (404, 405, 501):
             return super()._server_chat_template(messages, add_generation_prompt)
+        if r.status_code != 200:
+            raise self._fail(url, r)
         return r.json()["text"]
+
+
+def _refused_limit(e: RemoteBackendError) -> int | None:
+    """The limit an llmir server gave when it refused a max_tokens above it, else None."""
+    m = re.search(r"above this server's limit of (\d+)", e.detail) if e.status == 400 else None
+    return int(m.group(1)) if m else None
+
+
+def _refuses_echo(e: RemoteBackendError) -> bool:
+    """Whether a server's refusal of a scoring request says it lacks the feature (echo, logprobs,
+    max_tokens 0, token-id prompts), rather than a key, model, or server failure."""
+    if e.status == 501:
+        return True
+    return e.status in (400, 422) and re.search(r"echo|logprob|max_tokens|prompt", e.detail, re.I) is not None

@@ -37,6 +37,10 @@ class GuardMiddleware:
     Reading the body here (requests are JSON, small) bounds memory per request before any parsing,
     whatever the client declares; the route then gets the buffered body, and later ``receive``
     calls go to the server, so disconnects are still seen.
+
+    Every body is JSON, whatever its ``Content-Type`` says: ``curl -d '{...}'`` sends
+    ``application/x-www-form-urlencoded``, so a body declared as anything but JSON is handed on
+    declared as JSON (malformed JSON is then a 400 that says so).
     """
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_bytes: int) -> None:
@@ -76,6 +80,12 @@ class GuardMiddleware:
                 await _drain(receive, more, len(body))
                 await _reply(send, 413, too_big, "request_too_large")
                 return
+        if body and not _declares_json(headers.get(b"content-type")):
+            scope = {
+                **scope,
+                "headers": [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+                + [(b"content-type", b"application/json")],
+            }
         replayed = False
 
         async def replay() -> Message:
@@ -94,6 +104,13 @@ class GuardMiddleware:
         if auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), key):
             return True
         return hmac.compare_digest(headers.get(b"x-api-key", b""), key)
+
+
+def _declares_json(content_type: bytes | None) -> bool:
+    if not content_type:
+        return False
+    kind = content_type.split(b";", 1)[0].strip().lower()
+    return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
 
 
 async def _drain(receive: Receive, more: bool, seen: int) -> None:

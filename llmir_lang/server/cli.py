@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
+from typing import Any
 
 from llmir_lang.errors import LLMIRError
 from llmir_lang.server.config import ServerConfig
@@ -43,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument(
-        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown"
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get on shutdown; those still running are then aborted (503)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -95,15 +100,19 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"llmir serve: cannot load the model: {e}", file=sys.stderr)
         return 2
     app = create_app(config, engine, owns_engine=True)
-    server = uvicorn.Server(
+    server = _server_class(uvicorn)(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
             log_level=config.log_level,
-            timeout_graceful_shutdown=int(max(1, round(config.shutdown_timeout_s))),
+            # uvicorn cancels what still runs after this; the service aborts it (and answers it)
+            # at --shutdown-timeout, so this is only a backstop
+            timeout_graceful_shutdown=int(math.ceil(max(0.0, config.shutdown_timeout_s) + _CANCEL_MARGIN_S)),
             access_log=config.log_level == "debug",
-        )
+        ),
+        app=app,
+        grace_s=config.shutdown_timeout_s,
     )
     # uvicorn handles SIGTERM/SIGINT (graceful shutdown), then re-raises them to the handlers
     # that were installed before it ran: these no-ops make a graceful shutdown exit with 0
@@ -115,6 +124,31 @@ def serve_main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
         engine.shutdown()  # idempotent; covers a failed startup (e.g. the port is taken)
     return 0 if server.started else 1
+
+
+# How long after --shutdown-timeout uvicorn may cancel request tasks: the service aborts the
+# requests at the timeout, and their answers (503s, last stream events) need a moment to go out.
+_CANCEL_MARGIN_S = 5.0
+
+
+def _server_class(uvicorn: Any) -> type:
+    """uvicorn's server, telling the app's service when shutdown begins, so that requests still
+    running at ``--shutdown-timeout`` are aborted and answered (503 ``server_shutting_down``, or a
+    last ``abort`` stream event) instead of being cancelled mid-response by uvicorn."""
+
+    class GracefulServer(uvicorn.Server):
+        def __init__(self, config: Any, *, app: Any, grace_s: float) -> None:
+            super().__init__(config)
+            self._llmir_app = app
+            self._grace_s = grace_s
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            service = getattr(self._llmir_app.state, "service", None)
+            if service is not None:
+                service.begin_shutdown(self._grace_s)
+            await super().shutdown(sockets)
+
+    return GracefulServer
 
 
 def _after_shutdown(signum: int, frame: object) -> None:

@@ -65,6 +65,14 @@ def constraint_spec(
     return C.spec_from_grammar(lark)
 
 
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """``stop`` as a list. ``""`` is a stop string like any other (not "no stop"), so ``"stop": ""``
+    and ``"stop": [""]`` are refused alike (a 400 from the sampling parameters' checks)."""
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
 def sglang_finish_reason(res: GenerateResult) -> dict[str, Any]:
     """SGLang's ``meta_info.finish_reason`` object."""
     if res.finish_reason == "stop":

@@ -6,8 +6,8 @@ Typed library errors map to status codes here, so routes just raise them:
 
 - bad input (``InvalidRequestError``, ``ConstraintError``, IR parse / verify errors, unknown or
   mistyped fields, malformed JSON): 400
-- a feature this server does not implement (``NotYetSupportedError``): 501
-- the engine was shut down (``EngineClosedError``): 503
+- a feature this server does not implement (``NotYetSupportedError``, ``not_implemented``): 501
+- the server is shutting down, or shut down before the request finished: 503
 - the client went away before its answer (``ClientDisconnectedError``): 499, never read
 - anything else: 500 (logged; the server keeps serving)
 """
@@ -49,6 +49,21 @@ class ClientDisconnectedError(LLMIRError):
     """The client went away before its response was ready; its request was aborted."""
 
 
+def not_implemented(feature: str, instead: str) -> ServerHTTPError:
+    """The 501 for a well-formed request that asks for something this server does not do
+    (``n > 1``, tools, images, ...); ``instead`` says what to send."""
+    return ServerHTTPError(501, f"{feature} is not implemented by this server; {instead}", "not_implemented")
+
+
+def shutting_down(detail: str = "") -> ServerHTTPError:
+    """The 503 for a request the server cannot finish because it is stopping."""
+    return ServerHTTPError(
+        503,
+        f"the server is shutting down{detail}; send the request again (to another server)",
+        "server_shutting_down",
+    )
+
+
 def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": status}}
 
@@ -64,7 +79,7 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, ClientDisconnectedError):
         return 499, "client_closed_request"  # nobody reads it; keeps the logs honest
     if isinstance(exc, NotYetSupportedError):
-        return 501, "not_supported_error"
+        return 501, "not_implemented"
     if isinstance(exc, EngineClosedError):
         return 503, "server_shutting_down"
     # OutOfKVMemoryError here means the request alone is larger than the pool: retrying cannot help
@@ -91,7 +106,8 @@ def describe_validation(exc: RequestValidationError) -> str:
         if kind == "json_invalid":
             ctx = err.get("ctx") or {}
             parts.append(
-                f"the body is not valid JSON ({ctx.get('error', 'parse error')}); send a JSON object"
+                f"the body is not valid JSON ({ctx.get('error', 'parse error')}); send a JSON object "
+                "(with curl: -H 'Content-Type: application/json' -d '{\"text\": ...}')"
             )
         elif kind == "extra_forbidden":
             parts.append(f"unknown field {loc!r}; remove it (see the API reference for the known fields)")
@@ -121,7 +137,10 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path!r}"
         elif exc.status_code == 400 and "parsing the body" in message:
-            message = "the body could not be read as JSON (is it UTF-8?); send a JSON object"
+            if isinstance(exc.__cause__, RecursionError):
+                message = "the body's JSON is nested too deeply to read; send a flatter JSON object"
+            else:
+                message = "the body could not be read as JSON (is it UTF-8?); send a JSON object"
         return JSONResponse(
             error_body(exc.status_code, message, "invalid_request_error"), exc.status_code, exc.headers
         )

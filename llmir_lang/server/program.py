@@ -8,12 +8,23 @@ variables, their meta info, and its failure if a generation failed.
 
 Body: ``{"ir": "<IR text>", "args": {...} | [{...}, ...], "passes": "<pipeline>"}``. Every
 function parameter needs a string argument; unknown arguments are an error. Limits: the request
-size limit bounds the IR; every gen's ``max_tokens`` is checked against ``--max-tokens-limit``.
+size limit bounds the IR; a gen's explicit ``max_tokens`` is checked against
+``--max-tokens-limit`` (400 above it), and a gen without one gets the default capped by it, as
+the raw routes do for requests that do not say.
+
+Errors: what is wrong with the request itself (IR text, arguments, pipeline, a max_tokens above
+the limit) is a 400 before anything runs; what fails while the program runs (an invalid regex, a
+bad sampling value, a generation error) fails that state only and comes back in its ``error``,
+as the same program reports it on the embedded engine.
+
+The run is one request to the server: a client that disconnects gets every engine request of it
+aborted (``ProgramRun``), and the stats count it once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -22,10 +33,10 @@ from fastapi import APIRouter, Request
 
 from llmir_lang.ir import Module, parse_ir, verify
 from llmir_lang.ir import ops as K
-from llmir_lang.server.errors import ServerHTTPError
+from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, shutting_down
 from llmir_lang.server.protocol import ProgramRequest
 from llmir_lang.server.routes_native import service_of
-from llmir_lang.server.service import EngineService
+from llmir_lang.server.service import EngineService, ProgramEngine, ProgramRun
 
 router = APIRouter()
 
@@ -63,47 +74,73 @@ def bind_args(module: Module, args: dict[str, str] | list[dict[str, str]] | None
     return list(args)
 
 
-def check_limits(module: Module, limit: int | None) -> None:
-    """Every gen (also inside ``gen.chain``) must ask for at most ``limit`` tokens."""
+def check_limits(module: Module, limit: int | None) -> Module:
+    """Every gen (also inside ``gen.chain``) that sets ``max_tokens`` must ask for at most
+    ``limit`` tokens; a gen that does not set it gets ``min(default, limit)`` (the module with
+    those gens rewritten is returned)."""
     if limit is None:
-        return
+        return module
+    cap = min(_DEFAULT_GEN_TOKENS, limit)
+
+    def capped(fn_name: str, name: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+        n = attrs.get("max_tokens")
+        if n is None:
+            return {**attrs, "max_tokens": cap} if cap < _DEFAULT_GEN_TOKENS else attrs
+        if isinstance(n, int) and n > limit:
+            raise ServerHTTPError(
+                400,
+                f"@{fn_name}: gen {name!r} asks for {n} tokens (max_tokens), above this server's limit "
+                f"of {limit}; set max_tokens <= {limit}, or leave it out to get {cap}",
+            )
+        return attrs
+
+    functions = []
     for fn in module.functions:
+        ops = []
         for op in fn.ops:
             if op.kind == K.GEN:
-                gens = [(op.label, op.attrs)]
+                op = dataclasses.replace(op, attrs=capped(fn.name, op.label, dict(op.attrs)))
             elif op.kind == K.GEN_CHAIN:
-                gens = [(seg.get("gen"), seg) for seg in op.attrs.get("segments", ()) if "gen" in seg]  # type: ignore[union-attr]
-            else:
-                continue
-            for name, attrs in gens:
-                n = attrs.get("max_tokens", _DEFAULT_GEN_TOKENS)
-                if isinstance(n, int) and n > limit:
-                    raise ServerHTTPError(
-                        400,
-                        f"@{fn.name}: gen {name!r} asks for {n} tokens (max_tokens"
-                        f"{'' if 'max_tokens' in attrs else ' default'}), above this server's limit of "
-                        f"{limit}; set max_tokens <= {limit}",
-                    )
+                segments = tuple(
+                    capped(fn.name, seg.get("gen"), dict(seg)) if "gen" in seg else seg
+                    for seg in op.attrs.get("segments", ())  # type: ignore[union-attr]
+                )
+                op = dataclasses.replace(op, attrs={**op.attrs, "segments": segments})
+            ops.append(op)
+        functions.append(dataclasses.replace(fn, ops=tuple(ops)))
+    return dataclasses.replace(module, functions=tuple(functions))
 
 
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def run_program(svc: EngineService, module: Module, args: list[dict[str, str]], passes: str | None) -> dict:
-    """Optimize and run ``module`` on the engine (blocking; call it off the event loop)."""
+def program_backend(svc: EngineService, run: ProgramRun) -> Any:
+    """An engine backend whose requests are those of ``run`` (so they can be aborted together),
+    sharing the service's constraint compiler."""
+    from llmir_lang.executor.backend import EngineBackend
+
+    backend = EngineBackend(ProgramEngine(svc.engine, run))
+    backend._compiler = svc.compiler()  # compiled specs are cached across requests
+    return backend
+
+
+def run_program(
+    svc: EngineService, backend: Any, module: Module, args: list[dict[str, str]], passes: str | None
+) -> dict:
+    """Optimize and run ``module`` on ``backend`` (blocking; call it off the event loop)."""
     from llmir_lang.dsl.evaluator import SegmentEvaluator
     from llmir_lang.dsl.recorder import chat_roles
     from llmir_lang.optimizer import DEFAULT_PIPELINE, PassManager
 
     started = time.perf_counter()
-    roles = chat_roles(svc.backend) if svc.engine.tokenizer.has_chat_template else None
+    roles = chat_roles(backend) if svc.engine.tokenizer.has_chat_template else None
     pipeline = DEFAULT_PIPELINE if passes is None else passes
     options = (
         {"canonicalize": {"template": roles}} if roles is not None and "canonicalize" in pipeline else {}
     )
     optimized = PassManager(pipeline, options).run(module) if pipeline.strip() else module
-    ev = SegmentEvaluator(svc.backend, roles)
+    ev = SegmentEvaluator(backend, roles)
     results = ev.run(optimized, args)
     functions = []
     for fn, res in zip(module.functions, results):
@@ -140,10 +177,30 @@ async def program(body: ProgramRequest, request: Request) -> dict[str, Any]:
     if not module.functions:
         raise ServerHTTPError(400, "the module has no function; send at least one 'func @name(...) {...}'")
     args = bind_args(module, body.args)
-    check_limits(module, svc.config.max_tokens_limit)
+    module = check_limits(module, svc.config.max_tokens_limit)
     if body.passes is not None:
         from llmir_lang.optimizer import parse_pipeline
 
         parse_pipeline(body.passes)  # PassPipelineError (400) before anything runs
+    run = svc.start_program()
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(svc.programs, run_program, svc, module, args, body.passes)
+    outcome = "failed"
+    try:
+        fut = loop.run_in_executor(
+            svc.programs, run_program, svc, program_backend(svc, run), module, args, body.passes
+        )
+        try:
+            out = await svc.watch(fut, request, "/program")
+        except (asyncio.CancelledError, ClientDisconnectedError) as e:
+            outcome = "aborted"
+            gone = isinstance(e, ClientDisconnectedError)
+            svc.cancel_program(run, "the client disconnected" if gone else "the request was cancelled")
+            fut.cancel()  # the run ends by itself; nobody reads its outcome
+            raise
+        if run.cancelled:  # the shutdown aborted it: its states are cut short
+            outcome = "aborted"
+            raise shutting_down(" and stopped this program before it finished (--shutdown-timeout)")
+        outcome = "finished"
+        return out
+    finally:
+        svc.end_program(run, outcome)

@@ -2,6 +2,9 @@
 
 Strict on purpose: an unknown field or a value of the wrong JSON type (``"temperature": "hot"``,
 ``"max_tokens": "8"``) is a 400 that names the field, never a silent coercion or an ignored typo.
+Known fields of features the server does not implement (``n`` > 1, ``best_of``, ``tools``,
+``image_data``, ``no_stop_trim``, ``suffix``, image content parts) are accepted here and refused
+with a 501 by the routes (``check_*`` helpers below).
 The SGLang and OpenAI field names and defaults are the upstream ones (SGLang's default temperature
 is 1.0, OpenAI completions default to 16 tokens), so existing clients work unchanged.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from llmir_lang.server.errors import ServerHTTPError, not_implemented
 
 
 class _Body(BaseModel):
@@ -35,8 +40,8 @@ class SGLangSamplingParams(_Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    no_stop_trim: Literal[False] = False
-    n: Literal[1] = 1
+    no_stop_trim: bool = False
+    n: int = 1
     sampling_seed: int | None = None
     regex: str | None = None
     json_schema: str | None = None
@@ -55,6 +60,15 @@ class GenerateRequest(_Body):
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
+    image_data: Any = None
+
+
+class TokenizeRequest(_Body):
+    """``/tokenize`` (vLLM's format, which SGLang shares): token ids of ``prompt``."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
 
 
 class ScoreRequest(_Body):
@@ -65,8 +79,11 @@ class ScoreRequest(_Body):
 
 
 class ContentPart(_Body):
-    type: Literal["text"]
-    text: str
+    type: Literal["text", "image_url", "input_audio", "file"]
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
 
 
 class ChatMessage(_Body):
@@ -79,7 +96,14 @@ class ChatMessage(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        for part in self.content:
+            if part.type != "text":
+                raise not_implemented(
+                    f"a {part.type!r} content part", "this server serves a text model: send text parts only"
+                )
+            if part.text is None:
+                raise ServerHTTPError(400, "a content part of type 'text' needs a 'text' string")
+        return "".join(p.text or "" for p in self.content)
 
 
 class ChatTemplateRequest(_Body):
@@ -114,7 +138,7 @@ class _OpenAIBase(_Body):
     model: str
     temperature: float = 1.0
     top_p: float = 1.0
-    n: Literal[1] = 1
+    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -141,12 +165,12 @@ class _OpenAIBase(_Body):
 class CompletionRequest(_OpenAIBase):
     """``/v1/completions``. ``echo`` with ``logprobs`` scores the prompt (``max_tokens=0`` allowed)."""
 
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
-    best_of: Literal[1] | None = None
-    suffix: None = None
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class ChatCompletionRequest(_OpenAIBase):
@@ -157,6 +181,9 @@ class ChatCompletionRequest(_OpenAIBase):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # --- llmir programs ---------------------------------------------------------------------
@@ -171,3 +198,42 @@ class ProgramRequest(_Body):
     ir: str
     args: dict[str, str] | list[dict[str, str]] | None = None
     passes: str | None = None
+
+
+# --- features the server does not implement: 501, naming them -----------------------------
+def check_n(n: int, field: str = "n") -> None:
+    if n < 1:
+        raise ServerHTTPError(400, f"{field} must be >= 1, got {n}")
+    if n > 1:
+        raise not_implemented(
+            f"{field}={n} (several samples per prompt)", f"send {field}=1 and repeat the request"
+        )
+
+
+def check_generate_features(body: GenerateRequest, params: list[SGLangSamplingParams | None]) -> None:
+    if body.image_data is not None:
+        raise not_implemented("image_data", "this server serves a text model: leave image_data out")
+    for p in params:
+        if p is None:
+            continue
+        check_n(p.n, "sampling_params.n")
+        if p.no_stop_trim:
+            raise not_implemented(
+                "sampling_params.no_stop_trim", "leave it out; the matched stop string is in meta_info"
+            )
+
+
+def check_openai_features(body: _OpenAIBase) -> None:
+    check_n(body.n)
+    if isinstance(body, CompletionRequest):
+        if body.best_of is not None:
+            check_n(body.best_of, "best_of")
+        if body.suffix is not None:
+            raise not_implemented("suffix (insertion)", "leave suffix out")
+    if isinstance(body, ChatCompletionRequest):
+        wants_tools = bool(body.tools) or body.tool_choice not in (None, "none", "auto")
+        if wants_tools:
+            raise not_implemented(
+                "tool calling (tools / tool_choice)",
+                "leave tools out; for structured output use response_format or guided_json",
+            )

@@ -5,6 +5,8 @@
   the whole text so far, as SGLang sends it), ``return_logprob`` / ``logprob_start_len`` /
   ``top_logprobs_num``, ``rid``.
 - ``GET /health`` (no API key needed), ``GET /get_model_info``.
+- ``POST /tokenize``: token ids of a text (vLLM's and SGLang's format); the remote backends use
+  it to score choices over token ids, exactly as the engine does.
 - llmir extensions: ``POST /score`` (per-token logprobs of continuations, the engine's exact
   ``score``), ``POST /apply_chat_template``, ``GET /stats``, ``POST /flush_cache``.
 """
@@ -27,6 +29,7 @@ from llmir_lang.server.convert import (
     prime,
     sglang_finish_reason,
     sglang_logprobs,
+    stop_list,
 )
 from llmir_lang.server.errors import ServerHTTPError
 from llmir_lang.server.protocol import (
@@ -34,12 +37,14 @@ from llmir_lang.server.protocol import (
     GenerateRequest,
     ScoreRequest,
     SGLangSamplingParams,
+    TokenizeRequest,
+    check_generate_features,
 )
 from llmir_lang.server.service import EngineService, Submission
 
 router = APIRouter()
 
-FEATURES = ("generate", "program", "score", "apply_chat_template", "openai", "stream")
+FEATURES = ("generate", "program", "score", "tokenize", "apply_chat_template", "openai", "stream")
 
 
 def service_of(request: Request) -> EngineService:
@@ -49,8 +54,7 @@ def service_of(request: Request) -> EngineService:
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     svc = service_of(request)
-    if svc.closing:
-        raise ServerHTTPError(503, "the server is shutting down", "unavailable")
+    svc.check_open()
     return {
         "status": "ok",
         "server": "llmir",
@@ -102,7 +106,7 @@ def _submission(
         presence_penalty=p.presence_penalty,
         repetition_penalty=p.repetition_penalty,
         seed=p.sampling_seed,
-        stop=p.stop or [],
+        stop=stop_list(p.stop),
         stop_token_ids=p.stop_token_ids or [],
         ignore_eos=p.ignore_eos,
         skip_special_tokens=p.skip_special_tokens,
@@ -158,6 +162,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
             )
     else:
         sps = [sps] * len(prompts)
+    check_generate_features(body, list(sps))
     rids = body.rid if isinstance(body.rid, list) else [body.rid] * len(prompts)
     if len(rids) != len(prompts):
         raise ServerHTTPError(400, f"{len(rids)} rids for {len(prompts)} prompts; give one each")
@@ -205,6 +210,15 @@ async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     lps = await loop.run_in_executor(svc.programs, svc.engine.score, body.prompt, body.continuations)
     return {"logprobs": lps}
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    svc = service_of(request)
+    if body.model is not None:
+        svc.check_model(body.model)
+    ids = svc.engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return {"tokens": ids, "count": len(ids), "max_model_len": svc.engine.config.context_len}
 
 
 @router.post("/apply_chat_template")

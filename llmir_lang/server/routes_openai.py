@@ -3,8 +3,12 @@
 Structured output: ``response_format`` (``json_object`` / ``json_schema``) and vLLM's guided
 decoding fields (``guided_regex``, ``guided_json``, ``guided_grammar``, ``guided_choice``), at most
 one per request. Streaming is server-sent events of ``*.chunk`` objects ended by ``data: [DONE]``;
-``stream_options.include_usage`` adds a last chunk with the token counts. Completions accept
-``echo`` with ``logprobs`` (also with ``max_tokens=0``), which is how clients score a text.
+``stream_options.include_usage`` adds a last chunk with the token counts; with ``logprobs`` each
+chunk carries its tokens' logprobs in the same format as a plain answer. Completions accept
+``echo`` with ``logprobs`` (also with ``max_tokens=0``), which is how clients score a text; the
+prompt may be token ids (one list, or a list of lists), so a client can score exact token
+sequences. Features that are not implemented (``n`` > 1, ``best_of``, ``suffix``, ``tools``,
+``logit_bias``, image parts) are a 501 that names them.
 """
 
 from __future__ import annotations
@@ -18,22 +22,29 @@ from fastapi import APIRouter, Request
 
 from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
-from llmir_lang.server.convert import EventStream, constraint_spec, prime, text_offsets, token_text
-from llmir_lang.server.errors import ServerHTTPError
-from llmir_lang.server.protocol import ChatCompletionRequest, CompletionRequest, _OpenAIBase
+from llmir_lang.server.convert import (
+    EventStream,
+    constraint_spec,
+    prime,
+    stop_list,
+    text_offsets,
+    token_text,
+)
+from llmir_lang.server.errors import ServerHTTPError, not_implemented
+from llmir_lang.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    _OpenAIBase,
+    check_openai_features,
+)
 from llmir_lang.server.routes_native import service_of
-from llmir_lang.server.service import EngineService, Submission
+from llmir_lang.server.service import EngineService, LoggedChunk, Submission
 
 router = APIRouter(prefix="/v1")
 
 
 def _check_model(svc: EngineService, model: str) -> None:
-    if model not in (svc.model_name, str(svc.engine.model_path)):
-        raise ServerHTTPError(
-            404,
-            f"model {model!r} is not served here; this server serves {svc.model_name!r}",
-            "model_not_found",
-        )
+    svc.check_model(model)
 
 
 @router.get("/models")
@@ -79,8 +90,8 @@ def _spec(body: _OpenAIBase) -> Any:
 
 def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None) -> SamplingParams:
     if body.logit_bias:
-        raise ServerHTTPError(
-            501, "logit_bias is not supported by this server; remove it", "not_supported_error"
+        raise not_implemented(
+            "logit_bias", "remove it (guided_choice or guided_regex can restrict the output)"
         )
     return SamplingParams(
         max_new_tokens=max_tokens,
@@ -93,7 +104,7 @@ def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None) -> Samplin
         presence_penalty=body.presence_penalty,
         repetition_penalty=body.repetition_penalty,
         seed=body.seed,
-        stop=body.stop or [],
+        stop=stop_list(body.stop),
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens,
@@ -141,13 +152,16 @@ def _completion_logprobs(
 async def completions(body: CompletionRequest, request: Request) -> Any:
     svc = service_of(request)
     _check_model(svc, body.model)
-    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
+    check_openai_features(body)
+    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)):
         prompts: list[str | list[int]] = list(body.prompt)  # type: ignore[arg-type]
     else:
         prompts = [body.prompt]  # type: ignore[list-item]
     if body.echo and body.stream:
         raise ServerHTTPError(400, "echo is not supported with stream=true; send stream=false")
     max_tokens = svc.max_tokens(body.max_tokens, default=16)
+    if body.echo and max_tokens == 0:
+        _check_scorable(svc, prompts)
     spec = _spec(body)
     start = 0 if body.echo and body.logprobs is not None else -1
     params = _params(body, max_tokens, body.logprobs)
@@ -158,7 +172,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         if len(subs) != 1:
             raise ServerHTTPError(400, "stream=true takes one prompt; send one request per prompt")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(await prime(_stream_completion(svc, subs[0], head, include_usage)))
+        return EventStream(
+            await prime(_stream_completion(svc, subs[0], head, include_usage, body.logprobs is not None))
+        )
     results = await svc.run_many(subs, request)
     choices = []
     for i, (res, sub) in enumerate(zip(results, subs)):
@@ -176,31 +192,104 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return {**head, "choices": choices, "usage": _usage(results)}
 
 
+def _check_scorable(svc: EngineService, prompts: list[str | list[int]]) -> None:
+    """Scoring a text (echo, max_tokens 0) runs it as a prompt, and the engine takes prompts of
+    at most context - 1 tokens; say so, rather than "shorten the prompt" with no reason."""
+    ctx = svc.engine.config.context_len
+    for p in prompts:
+        n = len(p) if isinstance(p, list) else len(svc.engine.encode(p))
+        if n >= ctx:
+            raise ServerHTTPError(
+                400,
+                f"echo with max_tokens 0 scores the prompt by running it, and this server runs prompts "
+                f"of at most {ctx - 1} tokens (the model's context is {ctx}); this one has {n}: score "
+                "a shorter text (drop its first tokens)",
+            )
+
+
 async def _stream_completion(
-    svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool
+    svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool, with_logprobs: bool
 ) -> AsyncIterator[dict[str, Any]]:
+    logged = _StreamLogprobs(svc) if with_logprobs else None
     async for item in svc.stream(sub):
         if isinstance(item, StreamChunk):
-            if item.text:
+            lp = logged.completion(item) if logged is not None else None
+            if item.text or lp:
                 yield {
                     **head,
-                    "choices": [{"index": 0, "text": item.text, "logprobs": None, "finish_reason": None}],
+                    "choices": [{"index": 0, "text": item.text, "logprobs": lp, "finish_reason": None}],
                 }
             continue
+        lp = logged.completion_rest(item) if logged is not None else None
         yield {
             **head,
-            "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": item.finish_reason}],
+            "choices": [{"index": 0, "text": "", "logprobs": lp, "finish_reason": item.finish_reason}],
         }
         if include_usage:
             yield {**head, "choices": [], "usage": _usage([item])}
 
 
+class _StreamLogprobs:
+    """Per-chunk logprobs of a stream, in the format of the plain answer (completions: the legacy
+    object; chat: ``content`` entries). Chunks bring the logprobs of the tokens not covered yet
+    (``LoggedChunk``, in token order); the final result brings any left, so every token gets its
+    logprob once, in order."""
+
+    def __init__(self, svc: EngineService) -> None:
+        self.tok = svc.engine.tokenizer
+        self.ids: list[int] = []  # tokens whose logprobs were sent
+        self.text_len = 0  # decoded length of ``ids``
+
+    def completion(self, chunk: StreamChunk) -> dict[str, Any] | None:
+        if not isinstance(chunk, LoggedChunk) or not chunk.logprobs:
+            return None
+        return self._legacy(chunk.logprob_ids, chunk.logprobs, chunk.top_logprobs)
+
+    def completion_rest(self, res: GenerateResult) -> dict[str, Any] | None:
+        start = len(self.ids)
+        rest = (res.logprobs or [])[start:]
+        if not rest:
+            return None
+        tops = res.top_logprobs[start:] if res.top_logprobs is not None else None
+        return self._legacy(res.token_ids[start:], rest, tops)
+
+    def _legacy(self, ids: list[int], lps: list[float], tops: list | None) -> dict[str, Any]:
+        offsets = []
+        for t in ids:
+            offsets.append(self.text_len)
+            self.ids.append(t)
+            self.text_len = len(self.tok.decode(self.ids, skip_special_tokens=False))
+        return {
+            "tokens": token_text(self.tok, ids),
+            "token_logprobs": lps,
+            "top_logprobs": [
+                {self.tok.decode([i], skip_special_tokens=False): v for i, v in top} or None for top in tops
+            ]
+            if tops is not None
+            else [None] * len(ids),
+            "text_offset": offsets,
+        }
+
+    def chat(self, chunk: StreamChunk) -> dict[str, Any] | None:
+        if not isinstance(chunk, LoggedChunk) or not chunk.logprobs:
+            return None
+        self.ids += chunk.logprob_ids
+        return {"content": _chat_entries(self.tok, chunk.logprob_ids, chunk.logprobs, chunk.top_logprobs)}
+
+    def chat_rest(self, res: GenerateResult) -> dict[str, Any] | None:
+        start = len(self.ids)
+        rest = (res.logprobs or [])[start:]
+        if not rest:
+            return None
+        tops = res.top_logprobs[start:] if res.top_logprobs is not None else None
+        self.ids += res.token_ids[start:]
+        return {"content": _chat_entries(self.tok, res.token_ids[start:], rest, tops)}
+
+
 # --- chat completions --------------------------------------------------------------------
-def _chat_logprobs(svc: EngineService, res: GenerateResult) -> dict[str, Any]:
-    tok = svc.engine.tokenizer
+def _chat_entries(tok: Any, ids: list[int], lps: list[float], tops: list | None) -> list[dict[str, Any]]:
     content = []
-    tops = res.top_logprobs or [[] for _ in res.token_ids]
-    for t, lp, top in zip(res.token_ids, res.logprobs or [], tops):
+    for t, lp, top in zip(ids, lps, tops if tops is not None else [[] for _ in ids]):
         text = tok.decode([t], skip_special_tokens=False)
         content.append(
             {
@@ -217,13 +306,19 @@ def _chat_logprobs(svc: EngineService, res: GenerateResult) -> dict[str, Any]:
                 ],
             }
         )
-    return {"content": content}
+    return content
+
+
+def _chat_logprobs(svc: EngineService, res: GenerateResult) -> dict[str, Any]:
+    entries = _chat_entries(svc.engine.tokenizer, res.token_ids, res.logprobs or [], res.top_logprobs)
+    return {"content": entries}
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     svc = service_of(request)
     _check_model(svc, body.model)
+    check_openai_features(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = svc.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -235,7 +330,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     head = {"id": cid, "created": created, "model": svc.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(await prime(_stream_chat(svc, sub, head, include_usage)))
+        return EventStream(await prime(_stream_chat(svc, sub, head, include_usage, body.logprobs)))
     res = await svc.run(sub, request)
     choice = {
         "index": 0,
@@ -247,23 +342,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 
 
 async def _stream_chat(
-    svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool
+    svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool, with_logprobs: bool
 ) -> AsyncIterator[dict[str, Any]]:
     head = {**head, "object": "chat.completion.chunk"}
+    logged = _StreamLogprobs(svc) if with_logprobs else None
     first = True
     async for item in svc.stream(sub):
         if isinstance(item, StreamChunk):
-            if item.text or first:
+            lp = logged.chat(item) if logged is not None else None
+            if item.text or first or lp:
                 delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
                 first = False
                 yield {
                     **head,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}],
                 }
             continue
+        lp = logged.chat_rest(item) if logged is not None else None
         yield {
             **head,
-            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": item.finish_reason}],
+            "choices": [{"index": 0, "delta": {}, "logprobs": lp, "finish_reason": item.finish_reason}],
         }
         if include_usage:
             yield {**head, "choices": [], "usage": _usage([item])}

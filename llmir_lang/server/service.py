@@ -9,8 +9,15 @@
   The engine calls back on its own thread; chunks cross to the loop with ``call_soon_threadsafe``.
   If the consumer stops early (the client disconnected, the response task was cancelled) the
   generator's ``finally`` aborts the request.
+  With ``return_logprob`` each chunk comes with its tokens' logprobs (``LoggedChunk``).
+- ``/program`` runs get a ``ProgramRun``: every engine request the run submits is recorded, so a
+  client that disconnects gets the whole run aborted, like any other request.
 - Constraints (regex / JSON schema / grammar specs) compile off the loop, once per spec (the
   compiler caches), and each request gets a fresh matcher.
+- Shutdown: ``begin_shutdown(grace)`` (called by ``llmir serve`` when SIGTERM / SIGINT arrives)
+  refuses new requests with 503 and, ``grace`` seconds later, aborts whatever still runs; those
+  requests are answered with a 503 ``server_shutting_down`` (streams: a last event with
+  finish_reason ``abort``), before the ASGI server would cancel their tasks.
 
 Invariant: every request this service submits is either finished by the engine or aborted by
 the service; ``active`` holds exactly the ones still running.
@@ -19,18 +26,20 @@ the service; ``active`` holds exactly the ones still running.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 
+from llmir_lang.errors import EngineClosedError
 from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.server.config import ServerConfig
-from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError
+from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, shutting_down
 
 # How often a waiting non-streaming request checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
@@ -44,6 +53,91 @@ class Submission:
     params: SamplingParams
     constraint: Any = None
     logprob_start_len: int = -1
+
+
+@dataclass(slots=True)
+class LoggedChunk(StreamChunk):
+    """A ``StreamChunk`` of a request with ``return_logprob``, with the logprobs (and top
+    alternatives, when asked) of the tokens ``logprob_ids``: every token whose logprob was not sent
+    yet. They can lag behind ``token_ids`` (the first chunk comes before the engine's record of
+    the request can be read); the final ``GenerateResult`` has them all."""
+
+    logprob_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class ProgramRun:
+    """The engine requests of one ``/program`` run, so that the run can be aborted as a whole
+    (its client left, the server is stopping). Once cancelled, the run's requests are aborted and
+    it cannot submit new ones, so it ends at once with per-state failures. Thread-safe."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.rids: set[int] = set()
+        self.cancelled = False
+        self.reason = ""
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Raise if the run was cancelled (called before each new engine request)."""
+        if self.cancelled:
+            raise EngineClosedError(f"the program was aborted: {self.reason}")
+
+    def track(self, fut: Future) -> Future:
+        rid = fut.rid  # type: ignore[attr-defined]
+        with self._lock:
+            late = self.cancelled
+            if not late:
+                self.rids.add(rid)
+        if late:  # cancelled while this request was being submitted
+            self._abort(rid)
+        else:
+            fut.add_done_callback(lambda _: self._forget(rid))
+        return fut
+
+    def _forget(self, rid: int) -> None:
+        with self._lock:
+            self.rids.discard(rid)
+
+    def cancel(self, reason: str) -> None:
+        """Abort every request of the run (blocks until the engine did; call it off the loop)."""
+        with self._lock:
+            self.cancelled = True
+            self.reason = self.reason or reason
+            rids = list(self.rids)
+        for rid in rids:
+            self._abort(rid)
+
+    def _abort(self, rid: int) -> None:
+        try:
+            self.engine.abort(rid)
+        except EngineClosedError:
+            pass  # the engine is gone, and every request with it
+
+
+class ProgramEngine:
+    """The served engine as one ``/program`` run sees it: every request it submits is recorded in
+    the ``ProgramRun`` (see there); everything else is the engine's own."""
+
+    def __init__(self, engine: Any, run: ProgramRun) -> None:
+        self._engine = engine
+        self._run = run
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future:
+        self._run.check()
+        return self._run.track(self._engine.submit(*args, **kwargs))
+
+    def submit_chain(self, *args: Any, **kwargs: Any) -> Future:
+        self._run.check()
+        return self._run.track(self._engine.submit_chain(*args, **kwargs))
+
+    def score(self, *args: Any, **kwargs: Any) -> list[list[float]]:
+        self._run.check()  # a scoring call is prefill only: it is not aborted once it started
+        return self._engine.score(*args, **kwargs)
 
 
 @dataclass(slots=True)
@@ -69,7 +163,10 @@ class EngineService:
         self.model_name = config.model_name(engine.model_path)
         self.counters = ServiceCounters()
         self.active: dict[int, float] = {}  # rid -> submit time
-        self.closing = False
+        self.runs: set[ProgramRun] = set()  # /program runs in flight
+        self.closing = False  # refusing new requests (shutdown began)
+        self.stopping = False  # the shutdown grace period is over: in-flight requests are aborted
+        self._aborts_open = True
         self._compiler: Any = None
         # engine.abort blocks until the engine thread runs it; never block the loop on it
         self._aborts = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmir-abort")
@@ -96,7 +193,9 @@ class EngineService:
         return requested
 
     # --- constraints -------------------------------------------------------------------------
-    def _new_matcher(self, spec: Any) -> Any:
+    def compiler(self) -> Any:
+        """The constraint compiler of the served model, shared by every route and program (it
+        caches compiled specs)."""
         if self._compiler is None:
             from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
 
@@ -105,7 +204,10 @@ class EngineService:
                 eng.tokenizer.hf, vocab_size=eng.config.vocab_size, eos_token_ids=eng.tokenizer.eos_token_ids
             )
             self._compiler = ConstraintCompiler(info)
-        return self._compiler.compile(spec).new_matcher()
+        return self._compiler
+
+    def _new_matcher(self, spec: Any) -> Any:
+        return self.compiler().compile(spec).new_matcher()
 
     async def matcher(self, spec: Any) -> Any:
         if spec is None:
@@ -116,7 +218,15 @@ class EngineService:
     # --- running -----------------------------------------------------------------------------
     def check_open(self) -> None:
         if self.closing:
-            raise ServerHTTPError(503, "the server is shutting down; retry on another server", "unavailable")
+            raise shutting_down()
+
+    def check_model(self, model: str) -> None:
+        if model not in (self.model_name, str(self.engine.model_path)):
+            raise ServerHTTPError(
+                404,
+                f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                "model_not_found",
+            )
 
     def _submit(self, sub: Submission, matcher: Any, stream: Any = None) -> Any:
         self.check_open()
@@ -138,12 +248,35 @@ class EngineService:
             self.counters.finished += 1
 
     def abort(self, rid: int) -> None:
-        """Abort ``rid`` without blocking the caller (safe from any thread)."""
+        """Abort ``rid`` without blocking the caller (loop thread). After ``close`` it does nothing:
+        the engine's shutdown ends every request."""
         if rid in self.active:
-            self._aborts.submit(self.engine.abort, rid)
+            self._in_background(self.engine.abort, rid)
+
+    def _in_background(self, fn: Any, *args: Any) -> None:
+        if not self._aborts_open:
+            return
+        try:
+            self._aborts.submit(fn, *args)
+        except RuntimeError:  # the pool is shutting down (close): nothing left to abort
+            pass
+
+    async def watch(self, waiter: asyncio.Future, request: Request | None, what: str) -> Any:
+        """``waiter``'s result; raises ``ClientDisconnectedError`` as soon as ``request``'s client
+        is gone (checked every ``DISCONNECT_POLL_S``), leaving the abort to the caller."""
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return waiter.result()
+            if request is not None and await request.is_disconnected():
+                raise ClientDisconnectedError(f"{what}: the client disconnected; aborted")
+
+    def _aborted_by_shutdown(self, result: GenerateResult | None) -> bool:
+        return self.stopping and result is not None and result.finish_reason == "abort"
 
     async def run(self, sub: Submission, request: Request | None = None) -> GenerateResult:
-        """Run one request to the end; aborts it if ``request``'s client disconnects."""
+        """Run one request to the end; aborts it if ``request``'s client disconnects. A request
+        the shutdown aborted is a 503."""
         matcher = await self.matcher(sub.constraint)
         fut = self._submit(sub, matcher)
         rid = fut.rid
@@ -151,15 +284,8 @@ class EngineService:
         result: GenerateResult | None = None
         aborted = False
         try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    result = waiter.result()
-                    return result
-                if request is not None and await request.is_disconnected():
-                    aborted = True
-                    raise ClientDisconnectedError(f"request {rid}: the client disconnected; aborted")
-        except asyncio.CancelledError:
+            result = await self.watch(waiter, request, f"request {rid}")
+        except (asyncio.CancelledError, ClientDisconnectedError):
             aborted = True
             raise
         finally:
@@ -168,6 +294,9 @@ class EngineService:
             if result is None and not waiter.done():
                 waiter.cancel()
             self._done(rid, result, aborted)
+        if self._aborted_by_shutdown(result):
+            raise shutting_down(" and stopped this request before it finished (--shutdown-timeout)")
+        return result
 
     async def run_many(self, subs: list[Submission], request: Request | None = None) -> list[GenerateResult]:
         """A batch: all requests are submitted before any is awaited, so the engine batches them.
@@ -176,24 +305,25 @@ class EngineService:
         tasks = [asyncio.ensure_future(self.run(s)) for s in subs]
         gathered = asyncio.gather(*tasks)
         try:
-            while True:
-                done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return list(gathered.result())
-                if request is not None and await request.is_disconnected():
-                    raise ClientDisconnectedError(f"the client disconnected; {len(subs)} requests aborted")
+            return list(await self.watch(gathered, request, f"a batch of {len(subs)} requests"))
         except BaseException:
             for t in tasks:
                 t.cancel()
+            # the outcome (a failure, or the cancellations) is already being raised: mark it read
+            gathered.add_done_callback(_consume)
             raise
 
     async def stream(self, sub: Submission) -> AsyncIterator[StreamChunk | GenerateResult]:
-        """Chunks as they come, then the final ``GenerateResult``. Closing the generator early
-        (client gone) aborts the request."""
+        """Chunks as they come (``LoggedChunk``s with ``return_logprob``), then the final
+        ``GenerateResult``. Closing the generator early (client gone) aborts the request. A
+        request the shutdown aborted ends with finish_reason ``abort`` and an error message."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
+        logged = _ChunkLogprobs(self.engine) if sub.params.return_logprob else None
 
         def push(chunk: StreamChunk) -> None:  # engine thread
+            if logged is not None:
+                chunk = logged.attach(chunk)
             loop.call_soon_threadsafe(queue.put_nowait, chunk)
 
         matcher = await self.matcher(sub.constraint)
@@ -217,6 +347,10 @@ class EngineService:
                 if chunk.finished:
                     break
             result = await waiter
+            if self._aborted_by_shutdown(result) and result.error is None:
+                result.error = (
+                    "the server is shutting down (--shutdown-timeout passed); send the request again"
+                )
             yield result
         finally:
             if getter is not None and not getter.done():
@@ -244,7 +378,7 @@ class EngineService:
         stats = await loop.run_in_executor(None, eng.call_in_engine_thread, read)
         c = self.counters
         stats["server"] = {
-            "active_requests": len(self.active),
+            "active_requests": len(self.active) + len(self.runs),
             "requests": c.requests,
             "finished": c.finished,
             "aborted": c.aborted,
@@ -253,11 +387,94 @@ class EngineService:
         }
         return stats
 
-    def close(self) -> None:
-        """Stop taking requests; shut the engine down if this service created it."""
+    # --- programs ----------------------------------------------------------------------------
+    def start_program(self) -> ProgramRun:
+        self.check_open()
+        run = ProgramRun(self.engine)
+        self.runs.add(run)
+        self.counters.requests += 1
+        return run
+
+    def cancel_program(self, run: ProgramRun, reason: str) -> None:
+        """Abort ``run``'s requests without blocking the loop."""
+        run.cancelled = True  # new requests of the run fail from now on
+        self._in_background(run.cancel, reason)
+
+    def end_program(self, run: ProgramRun, outcome: str) -> None:
+        """``outcome``: ``finished``, ``aborted`` or ``failed``."""
+        self.runs.discard(run)
+        c = self.counters
+        if outcome == "finished":
+            c.finished += 1
+        elif outcome == "aborted":
+            c.aborted += 1
+        else:
+            c.failed += 1
+
+    # --- shutdown ----------------------------------------------------------------------------
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new requests now; abort those still running ``grace_s`` seconds from now (loop
+        thread)."""
         self.closing = True
+        asyncio.get_running_loop().call_later(max(0.0, grace_s), self.abort_all)
+
+    def abort_all(self) -> None:
+        """Abort every request still running; they are answered as shut down (503 / a last
+        ``abort`` event)."""
+        self.closing = self.stopping = True
+        for rid in list(self.active):
+            self.abort(rid)
+        for run in list(self.runs):
+            self.cancel_program(run, "the server is shutting down")
+
+    def close(self) -> None:
+        """Stop taking requests, abort what still runs, shut the engine down if this service
+        created it."""
+        self.abort_all()
         self.programs.shutdown(wait=False, cancel_futures=True)
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        self._aborts_open = False  # from now on abort() is a no-op: the engine's shutdown ends all
         self._aborts.shutdown(wait=True)
         if self.owns_engine:
             self.engine.shutdown()
+
+
+class _ChunkLogprobs:
+    """Attaches to each chunk of one stream the logprobs of its tokens not sent yet, read from
+    the engine's record of the request (on the engine thread, where the engine writes it, between
+    steps). The record is not in the scheduler's lists while the request's prompt is being
+    prefilled, so the first chunk's logprobs usually come with the second."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.req: Any = None
+        self.ids: list[int] = []  # every token streamed so far
+        self.sent = 0  # tokens whose logprobs were attached
+
+    def attach(self, chunk: StreamChunk) -> StreamChunk:
+        self.ids += chunk.token_ids
+        if self.req is None:
+            self.req = next((r for r in self.engine.scheduler.all_requests() if r.rid == chunk.rid), None)
+            if self.req is None:
+                return chunk
+        req = self.req
+        end = min(len(req.out_logprobs), len(self.ids))
+        start, self.sent = self.sent, max(self.sent, end)
+        tops = req.out_top_logprobs[start:end] if req.params.top_logprobs_num else None
+        return LoggedChunk(
+            chunk.rid,
+            chunk.text,
+            chunk.token_ids,
+            chunk.finished,
+            chunk.finish_reason,
+            chunk.index,
+            logprob_ids=self.ids[start:end],
+            logprobs=list(req.out_logprobs[start:end]),
+            top_logprobs=list(tops) if tops is not None else None,
+        )
+
+
+def _consume(fut: asyncio.Future) -> None:
+    """Retrieve a future's outcome that nobody awaits any more (no "never retrieved" log)."""
+    if not fut.cancelled():
+        fut.exception()

@@ -68,6 +68,16 @@ class ServerProcess:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-4000:]
 
+    def log_size(self) -> int:
+        """A mark in the log, for ``log_since``."""
+        return Path(self.log.name).stat().st_size
+
+    def log_since(self, mark: int) -> str:
+        """What the server logged after ``mark`` (``log_size()``)."""
+        with open(self.log.name, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
+
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
@@ -87,3 +97,15 @@ class ServerProcess:
 def arithmetic_prompt(i: int) -> str:
     """Prompts the bundled model answers with distinct numbers (few-shot Q&A format)."""
     return f"Q: What is {i} + 7?\nA: "
+
+
+def wait_idle(url: str, timeout: float = 20.0) -> dict:
+    """``/stats`` once nothing runs on the server (no request, no engine request), bounded."""
+    deadline = time.monotonic() + timeout
+    stats: dict = {}
+    while time.monotonic() < deadline:
+        stats = httpx.get(url + "/stats", timeout=30).json()
+        if stats["server"]["active_requests"] == 0 and stats["engine_requests"] == 0:
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"requests still running after {timeout}s: {stats}")

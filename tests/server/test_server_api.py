@@ -221,3 +221,68 @@ def test_stats_after_requests_show_nothing_running(client):
     assert stats["server"]["active_requests"] == 0 and stats["engine_requests"] == 0
     assert stats["cache"]["protected_tokens"] == 0
     assert stats["server"]["finished"] >= 1
+
+
+def _concat_legacy(chunks: list[dict]) -> dict:
+    out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in chunks:
+        for key in out:
+            out[key] += lp[key]
+    return out
+
+
+def test_streams_carry_the_same_logprobs_as_plain_answers(client):
+    body = {
+        "model": "llmir-tiny",
+        "prompt": arithmetic_prompt(21),
+        "max_tokens": 10,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": 2,
+    }
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    per_chunk = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"] is not None]
+    assert len(per_chunk) >= 2  # sent as the tokens come, not only at the end
+    streamed = _concat_legacy(per_chunk)
+    assert streamed["tokens"] == plain["tokens"] and streamed["text_offset"] == plain["text_offset"]
+    assert streamed["token_logprobs"] == pytest.approx(plain["token_logprobs"], abs=1e-4)
+    assert [list(t) for t in streamed["top_logprobs"]] == [list(t) for t in plain["top_logprobs"]]
+
+    chat = {
+        "model": "llmir-tiny",
+        "messages": [{"role": "user", "content": "What is 4 + 5?"}],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    plain_chat = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+    with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
+        events = sse_events(r)
+    content = [x for e in events for c in e["choices"] if c["logprobs"] for x in c["logprobs"]["content"]]
+    assert [x["token"] for x in content] == [x["token"] for x in plain_chat]
+    assert [x["logprob"] for x in content] == pytest.approx([x["logprob"] for x in plain_chat], abs=1e-4)
+    assert all(len(x["top_logprobs"]) == 2 for x in content)
+
+
+def test_tokenize_and_scoring_token_id_prompts(client):
+    from llmir_lang.executor.tokenizer import Tokenizer
+    from llmir_lang.models import __path__ as models_path
+
+    tok = Tokenizer(f"{models_path[0]}/llmir-tiny")
+    got = client.post("/tokenize", json={"model": "llmir-tiny", "prompt": "Ada lives in Par"}).json()
+    assert got["tokens"] == tok.encode("Ada lives in Par") and got["count"] == len(got["tokens"])
+    bare = client.post("/tokenize", json={"prompt": "ma", "add_special_tokens": False}).json()["tokens"]
+    assert bare == tok.encode("ma", add_special_tokens=False)
+    assert client.post("/tokenize", json={"model": "gpt-9", "prompt": "x"}).status_code == 404
+    # a batch of token-id prompts, scored with echo: the prompt's tokens, then the choice's own
+    prompts = [got["tokens"] + bare, got["tokens"] + tok.encode("is", add_special_tokens=False)]
+    body = {"model": "llmir-tiny", "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 0}
+    choices = client.post("/v1/completions", json=body).json()["choices"]
+    scored = client.post("/score", json={"prompt": "Ada lives in Par", "continuations": ["ma", "is"]}).json()
+    for choice, p, want in zip(choices, prompts, scored["logprobs"]):
+        lps = choice["logprobs"]["token_logprobs"]
+        assert len(lps) == len(p) and lps[-len(want) :] == pytest.approx(want, abs=1e-4)

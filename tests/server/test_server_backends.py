@@ -7,9 +7,10 @@ import json
 
 import pytest
 import torch
+from server_harness import free_port
 
 import llmir_lang as llmir
-from llmir_lang.errors import NotYetSupportedError
+from llmir_lang.errors import LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import ChainRequest, GenStep
 from llmir_lang.executor.remote import Endpoint, OpenAI, RemoteBackendError
 from llmir_lang.executor.sampling_params import SamplingParams
@@ -177,3 +178,102 @@ def _regex_spec():
     from llmir_lang.executor.constraints import spec_from_regex
 
     return spec_from_regex("[0-9]+")
+
+
+# --- select scores choices exactly as the engine does (token ids, never the joined text) --------
+# "Par" + "ma" tokenizes as "P|arm|a" when joined, "far" + "mer" as one token: the engine scores
+# the choice's own tokens after the prompt's, and so must every remote backend
+MERGING = [
+    ("Ada lives in Par", ["is", "ma", "k"]),
+    ("Bob is a far", ["mer", "ther", "m hand"]),
+    ("Q: Does Ada live in Paris?\nA:", [" True", " False"]),
+]
+
+
+@llmir.function
+def merging_selects(s):
+    s += "Ada lives in Par" + llmir.select("a", ["is", "ma", "k"])
+    s += ". Bob is a far" + llmir.select("b", ["mer", "ther", "m hand"])
+    s += ". Q: Does Ada live in Paris?\nA:" + llmir.select("c", [" True", " False"])
+
+
+def _assert_scores(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-3)
+
+
+def test_every_backend_scores_merging_choices_like_the_engine(server, runtime):
+    want = [runtime.score(p, cs) for p, cs in MERGING]
+    want_state = merging_selects.run(backend=runtime)
+    picks = {k: want_state[k] for k in "abc"}
+    assert picks["a"] == "k"  # the exact scores pick "k"; the joined text's tokens picked "ma"
+    with (
+        OpenAI(server.url + "/v1", "llmir-tiny") as oa,
+        Endpoint(server.url, protocol="sglang") as sglang,
+        Endpoint(server.url) as ep,
+        OpenAI(server.url + "/v1", "llmir-tiny", tokenizer=MODEL_DIR) as oa_local,
+    ):
+        for backend in (oa, sglang, ep, oa_local):
+            for (prompt, choices), w in zip(MERGING, want):
+                _assert_scores(backend.score(prompt, choices), w)
+            state = merging_selects.run(backend=backend)
+            assert {k: state[k] for k in "abc"} == picks
+            for k in "abc":
+                got_lps = state.get_meta_info(k)["normalized_logprobs"]
+                assert got_lps == pytest.approx(want_state.get_meta_info(k)["normalized_logprobs"], abs=1e-3)
+
+
+def test_scoring_without_tokenize_is_exact_or_refuses(server, runtime):
+    """A server without /tokenize (and no tokenizer=): a choice that tokenizes apart from the
+    prompt is scored exactly; one whose text merges with the prompt's end is refused, with what to
+    do, instead of being scored as something else."""
+    with (
+        OpenAI(server.url + "/v1", "llmir-tiny") as oa,
+        Endpoint(server.url, protocol="sglang") as sglang,
+    ):
+        for backend in (oa, sglang):
+            backend._no_tokenize = True  # as if the server answered /tokenize with 404
+            prompt, choices = MERGING[2]
+            _assert_scores(backend.score(prompt, choices), runtime.score(prompt, choices))
+            with pytest.raises(NotYetSupportedError, match="tokenizer="):
+                backend.score("Ada lives in Par", ["ma"])
+
+
+# --- failures are reported as what they are -------------------------------------------------
+def test_endpoint_reports_a_server_that_is_down_and_does_not_remember_it(server, runtime):
+    want = chat.run(question=QUESTIONS[0], backend=runtime)["answer"]
+    with Endpoint(f"http://127.0.0.1:{free_port()}", timeout=10) as ep:
+        for _ in range(2):  # asked again each time: nothing is cached from a failure
+            with pytest.raises(RemoteBackendError, match="no answer from the server"):
+                _ = ep.protocol
+        # a program with roles: the cause is the connection, not the chat template
+        with pytest.raises(LLMIRError, match="no answer from the server") as e:
+            chat.run(question=QUESTIONS[0], backend=ep)
+        assert "tokenizer=" not in str(e.value)
+        with pytest.raises(RemoteBackendError, match="no answer from the server"):
+            ep.run_program(print_ir(qa.trace()), {"question": QUESTIONS[0]})
+        # the server is up now (here: the backend is pointed at it): it is an llmir server
+        ep.base_url = server.url
+        ep._client.base_url = server.url
+        assert ep.protocol == "llmir"
+        assert chat.run(question=QUESTIONS[0], backend=ep)["answer"] == want
+    with Endpoint(server.url + "/v1") as wrong_path:
+        with pytest.raises(RemoteBackendError, match="404.*root URL"):
+            wrong_path.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_openai_backend_reports_failures_not_missing_features(server):
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    with OpenAI(down, "llmir-tiny", timeout=10) as oa:
+        for call in (
+            lambda: oa.score("Q: ", ["1"]),
+            lambda: oa.apply_chat_template([{"role": "user", "content": "hi"}]),
+        ):
+            with pytest.raises(RemoteBackendError, match="no answer from the server") as e:
+                call()
+            assert e.value.status is None
+    with OpenAI(server.url + "/v1", "no-such-model") as oa:
+        with pytest.raises(RemoteBackendError) as e:
+            oa.score("Q: ", ["1"])
+        assert e.value.status == 404 and "llmir-tiny" in str(e.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from server_harness import arithmetic_prompt
 
@@ -59,7 +61,7 @@ def test_malformed_json_is_400(client, route):
         ("/generate", {"text": "Q", "input_ids": [1, 2]}, "exactly one of 'text' and 'input_ids'"),
         ("/generate", {"input_ids": [1, 999999]}, "outside the vocabulary"),
         ("/generate", {"text": ""}, "empty"),
-        ("/generate", {"text": "Q", "sampling_params": {"temperature": -1.0}}, "temperature must be >= 0"),
+        ("/generate", {"text": "Q", "sampling_params": {"temperature": -1.0}}, "temperature must be"),
         ("/generate", {"text": "Q", "sampling_params": {"regex": "([0-9"}}, "regex"),
         ("/generate", {"text": "Q", "sampling_params": {"json_schema": "{not json"}}, "JSON"),
         (
@@ -70,7 +72,8 @@ def test_malformed_json_is_400(client, route):
         ("/generate", {"text": "Q", "sampling_params": {"ebnf": "root ::= ("}}, "grammar"),
         ("/generate", {"text": ["a", "b"], "stream": True}, "stream=true takes one prompt"),
         ("/generate", {"text": "Q " * 3000}, "context"),
-        ("/generate", {"text": "Q", "sampling_params": {"n": 2}}, "field 'sampling_params.n'"),
+        ("/generate", {"text": "Q", "sampling_params": {"n": 0}}, "sampling_params.n must be >= 1"),
+        ("/generate", {"text": "Q", "sampling_params": {"n": "2"}}, "field 'sampling_params.n'"),
         ("/v1/completions", {"model": "llmir-tiny"}, "missing required field 'prompt'"),
         (
             "/v1/completions",
@@ -114,6 +117,72 @@ def test_bad_fields_are_400_with_a_clear_message(client, route, body, needle):
 def test_logit_bias_is_501(client):
     body = {"model": "llmir-tiny", "prompt": "x", "logit_bias": {"5": 1.0}}
     assert "logit_bias" in _error(client.post("/v1/completions", json=body), 501)
+
+
+CHAT = {"model": "llmir-tiny", "messages": [{"role": "user", "content": "Hi"}]}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    "route,body,feature",
+    [
+        ("/generate", {**GOOD, "sampling_params": {"n": 3}}, "sampling_params.n=3"),
+        ("/generate", {**GOOD, "sampling_params": {"no_stop_trim": True}}, "no_stop_trim"),
+        ("/generate", {**GOOD, "image_data": "http://x/cat.png"}, "image_data"),
+        ("/v1/completions", {"model": "llmir-tiny", "prompt": "x", "n": 3}, "n=3"),
+        ("/v1/completions", {"model": "llmir-tiny", "prompt": "x", "best_of": 3}, "best_of=3"),
+        ("/v1/completions", {"model": "llmir-tiny", "prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/chat/completions", {**CHAT, "n": 2}, "n=2"),
+        ("/v1/chat/completions", {**CHAT, "tools": [TOOL]}, "tool calling"),
+        (
+            "/v1/chat/completions",
+            {
+                **CHAT,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            },
+            "'image_url' content part",
+        ),
+    ],
+)
+def test_features_not_implemented_are_501_naming_them(client, route, body, feature):
+    r = client.post(route, json=body)
+    assert feature in _error(r, 501)
+    assert r.json()["error"]["type"] == "not_implemented"
+
+
+def test_a_json_body_is_read_whatever_its_content_type(client):
+    """``curl -d '{...}'`` sends application/x-www-form-urlencoded (the README's example)."""
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"content-type": ctype} if ctype else {}
+        r = client.post("/generate", content=json.dumps(GOOD).encode(), headers=headers)
+        assert r.status_code == 200 and r.json()["text"] == "12", r.text
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    message = _error(client.post("/generate", content=b"text=hi", headers=form), 400)
+    assert "not valid JSON" in message and "Content-Type: application/json" in message
+
+
+def test_deeply_nested_json_says_so(client):
+    r = client.post("/generate", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert "nested too deeply" in _error(r, 400)
+    _still_serving(client)
+
+
+@pytest.mark.parametrize("stop", ["", [""], ["\n", ""]])
+def test_an_empty_stop_string_is_refused_in_every_form(client, stop):
+    body = {**GOOD, "sampling_params": {**GOOD["sampling_params"], "stop": stop}}
+    assert "stop" in _error(client.post("/generate", json=body), 400)
+    oa = {"model": "llmir-tiny", "prompt": "x", "max_tokens": 2, "stop": stop}
+    assert "stop" in _error(client.post("/v1/completions", json=oa), 400)
+
+
+def test_scoring_a_prompt_of_the_whole_context_says_why_it_is_refused(client):
+    ctx = client.get("/get_model_info").json()["context_length"]
+    body = {"model": "llmir-tiny", "prompt": [5] * ctx, "max_tokens": 0, "echo": True, "logprobs": 0}
+    message = _error(client.post("/v1/completions", json=body), 400)
+    assert f"at most {ctx - 1} tokens" in message and "echo with max_tokens 0" in message
+    body["prompt"] = [5] * (ctx - 1)  # one less is scored
+    lps = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(lps) == ctx - 1 and lps[0] is None and all(v <= 0 for v in lps[1:])
 
 
 def test_huge_bodies_are_413_declared_or_chunked(client):

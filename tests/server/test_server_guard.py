@@ -6,9 +6,11 @@ import httpx
 import pytest
 from server_harness import ServerProcess, arithmetic_prompt
 
+import llmir_lang as llmir
 from llmir_lang.executor.backend import ChainRequest, GenStep
-from llmir_lang.executor.remote import Endpoint, OpenAI
+from llmir_lang.executor.remote import Endpoint, OpenAI, RemoteBackendError
 from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.ir import print_ir
 
 KEY = "s3cret-key"
 
@@ -84,3 +86,48 @@ def test_backends_send_the_api_key(guarded):
     with Endpoint(guarded.url, api_key="wrong", protocol="llmir") as bad:
         result = bad.submit(request).result(timeout=30)
         assert result.error is not None and "401" in result.error
+
+
+def test_openai_backend_wrong_key_is_an_auth_error_not_a_missing_feature(guarded):
+    with OpenAI(guarded.url + "/v1", "tiny", api_key="wrong") as oa:
+        for call in (
+            lambda: oa.score(arithmetic_prompt(5), ["12"]),
+            lambda: oa.apply_chat_template([{"role": "user", "content": "hi"}]),
+        ):
+            with pytest.raises(RemoteBackendError) as e:
+                call()
+            assert e.value.status == 401 and "API key" in str(e.value)
+    with OpenAI(guarded.url + "/v1", "tiny", api_key=KEY) as oa:  # and with the key, it works
+        assert oa.score(arithmetic_prompt(5), ["12"])[0][0] < 0
+
+
+@llmir.function
+def _default_tokens(s):
+    s += arithmetic_prompt(5) + llmir.gen("a", ignore_eos=True)
+
+
+@llmir.function
+def _explicit_tokens(s):
+    s += arithmetic_prompt(5) + llmir.gen("a", max_tokens=17, ignore_eos=True)
+
+
+def test_gens_without_max_tokens_get_the_limit_and_explicit_ones_above_it_are_refused(guarded):
+    ok = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(
+        guarded.url + "/program", json={"ir": print_ir(_default_tokens.trace())}, headers=ok, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    (state,) = r.json()["functions"][0]["states"]
+    assert state["error"] is None and state["meta"]["a"]["completion_tokens"] == 16
+    r = httpx.post(
+        guarded.url + "/program", json={"ir": print_ir(_explicit_tokens.trace())}, headers=ok, timeout=60
+    )
+    assert r.status_code == 400 and "limit of 16" in r.json()["error"]["message"]
+    for backend in (Endpoint(guarded.url, api_key=KEY), OpenAI(guarded.url + "/v1", "tiny", api_key=KEY)):
+        with backend:
+            for _ in range(2):  # the OpenAI backend learns the limit on the first refusal
+                state = _default_tokens.run(backend=backend)
+                assert state.error() is None, state.error()
+                assert state.get_meta_info("a")["completion_tokens"] == 16
+            with pytest.raises(Exception, match="limit of 16"):
+                _explicit_tokens.run(backend=backend)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from server_harness import wait_idle
 
 import llmir_lang as llmir
 from llmir_lang.ir import Module, print_ir
@@ -125,3 +127,33 @@ def test_program_failure_is_reported_per_state(client, server):
         "/program", json={"ir": print_ir(answer_then_check.trace()), "args": {"question": "q"}}
     )
     assert _still_ok.status_code == 200
+
+
+LONG_IR = """module {
+  func @f() {
+    %0 = start
+    %1 = text %0 "Once upon a time"
+    %2 = gen %1 "a" {max_tokens = 900, ignore_eos = true}
+    %3 = gen %2 "b" {max_tokens = 900, ignore_eos = true}
+    return %3
+  }
+}
+"""
+
+
+def test_program_is_aborted_when_its_client_disconnects_and_counted(client, server):
+    before = wait_idle(server.url)
+    mark = server.log_size()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/program", json={"ir": LONG_IR}, timeout=0.5)
+    after = wait_idle(server.url, timeout=15.0)
+    assert after["tokens_computed"] - before["tokens_computed"] < 900  # stopped early
+    assert after["cache"]["protected_tokens"] == 0
+    counted = {k: after["server"][k] - before["server"][k] for k in ("requests", "aborted", "finished")}
+    assert counted == {"requests": 1, "aborted": 1, "finished": 0}
+    ir = print_ir(answer_then_check.trace())
+    assert client.post("/program", json={"ir": ir, "args": {"question": "q"}}).status_code == 200
+    done = client.get("/stats").json()["server"]
+    assert done["requests"] - after["server"]["requests"] == 1
+    assert done["finished"] - after["server"]["finished"] == 1
+    assert "Traceback" not in server.log_since(mark)
