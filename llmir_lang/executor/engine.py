@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import queue
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -20,14 +21,21 @@ import torch
 from llmir_lang.errors import (
     EmptyPromptError,
     EngineClosedError,
+    EngineError,
     InvalidRequestError,
     OutOfKVMemoryError,
     PromptTooLongError,
 )
-from llmir_lang.executor.engine_loop import EngineLoop
+from llmir_lang.executor.engine_loop import EngineLoop, engine_thread_error, run_engine_thread
 from llmir_lang.executor.engine_output import OutputProcessor
 from llmir_lang.executor.engine_score import EngineScoring
-from llmir_lang.executor.engine_setup import default_device, make_backend, parse_memory
+from llmir_lang.executor.engine_setup import (
+    check_bool,
+    check_int,
+    make_backend,
+    parse_memory,
+    resolve_device,
+)
 from llmir_lang.executor.kv_pool import KVPool
 from llmir_lang.executor.loader import load_model, resolve_dtype, resolve_model_path
 from llmir_lang.executor.model_runner import ModelRunner
@@ -39,7 +47,7 @@ from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.scheduler import Scheduler, SchedulerConfig
 from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int]  # or a 1-D torch tensor / numpy array of token ids
 ParamsLike = SamplingParams | dict | None
 DEFAULT_DRAFT_TOKENS = 3  # prompt-lookup draft length on the CPU (speculate.py)
 
@@ -48,7 +56,13 @@ class Engine(EngineScoring, EngineLoop):
     """Runs generation requests on a local Llama-family model with continuous batching.
 
     Thread-safe: any thread may call ``submit``/``generate``/``score``; one background thread owns
-    the model, the KV pool and the radix cache.
+    the model, the KV pool and the radix cache. Stream callbacks run on that thread: they may
+    ``submit``, ``abort`` or ``shutdown``, but a wait there (``generate``, ``score``, a request's
+    ``future.result()``) raises EngineError instead of deadlocking the engine.
+
+    Every numeric argument is checked (type and range) before the model loads: a bad one is an
+    InvalidRequestError naming it. An engine dropped without ``shutdown()`` is collected like any
+    object; its thread stops and its requests still running fail with EngineClosedError.
     """
 
     def __init__(
@@ -73,21 +87,31 @@ class Engine(EngineScoring, EngineLoop):
         run_ahead: bool | None = None,
         seed: int = 0,
     ):
-        if (
-            isinstance(max_mixed_extend, bool)
-            or not isinstance(max_mixed_extend, int)
-            or max_mixed_extend < 0
+        # bad sizes used to pass and break every request later: max_running_requests=0 or
+        # max_prefill_tokens=-1 made them wait forever, chunked_prefill_size=-5 failed them all
+        check_int("page_size", page_size, 1)
+        check_int("max_running_requests", max_running_requests, 1)
+        check_int("max_prefill_tokens", max_prefill_tokens, 1, none_ok=True)
+        check_int("chunked_prefill_size", chunked_prefill_size, 1, none_ok=True)
+        check_int("max_mixed_extend", max_mixed_extend, 0, hint=" (0 turns mixed steps off)")
+        off = " (0 turns speculation off)"
+        check_int("speculative_draft_tokens", speculative_draft_tokens, 0, none_ok=True, hint=off)
+        check_int("speculative_max_batch", speculative_max_batch, 0, hint=off)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidRequestError(f"seed must be an int, got {seed!r}")
+        for name, flag in (
+            ("enable_prefix_cache", enable_prefix_cache),
+            ("jump_forward", jump_forward),
+            ("cuda_graphs", cuda_graphs),
         ):
+            check_bool(name, flag)
+        check_bool("compile_model", compile_model, none_ok=True)
+        check_bool("run_ahead", run_ahead, none_ok=True)
+        if attention_backend not in ("auto", "torch", "triton"):
             raise InvalidRequestError(
-                f"max_mixed_extend must be an int >= 0 (0 turns mixed steps off), got {max_mixed_extend!r}"
+                f"unknown attention_backend {attention_backend!r}; use 'auto', 'torch' or 'triton'"
             )
-        for name, v in (
-            ("speculative_draft_tokens", speculative_draft_tokens or 0),
-            ("speculative_max_batch", speculative_max_batch),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise InvalidRequestError(f"{name} must be an int >= 0 (0 turns speculation off), got {v!r}")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_path = resolve_model_path(model)
         self.model = load_model(self.model_path, self.device, self.dtype)
@@ -126,7 +150,9 @@ class Engine(EngineScoring, EngineLoop):
             self.model, self.backend, self.device, cuda_graphs=cuda_graphs, compile_model=compile_model
         )
         self.sampler = Sampler(cfg.vocab_size, self.device)
-        self.outputs = OutputProcessor(self)
+        # a proxy: with the processor's back-reference the only cycle through the engine, a dropped
+        # engine is freed by reference counting at once, not whenever the cycle collector runs
+        self.outputs = OutputProcessor(weakref.proxy(self))
         if speculative_draft_tokens is None:  # measured to pay on the CPU (benchmarks/bench_json.py)
             speculative_draft_tokens = DEFAULT_DRAFT_TOKENS if on_cpu else 0
         self.speculative_draft_tokens = speculative_draft_tokens
@@ -139,7 +165,10 @@ class Engine(EngineScoring, EngineLoop):
         self._inbox: queue.Queue[Req | Callable[[], None] | None] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="llmir-engine", daemon=True)
+        # the thread reaches the engine through a weak reference only (engine_loop.run_engine_thread)
+        self._thread = threading.Thread(
+            target=run_engine_thread, args=(weakref.ref(self), self._inbox), name="llmir-engine", daemon=True
+        )
         self._thread.start()
         _LIVE.add(self)
 
@@ -157,13 +186,11 @@ class Engine(EngineScoring, EngineLoop):
 
     # ---- submission (any thread) --------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of ``prompt``: a string (tokenized), or token ids as a sequence of ints or a
+        1-D integer tensor / numpy array. Anything else is an InvalidRequestError."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        ids = list(prompt)
-        if not set(map(type, ids)) <= {int}:  # C-speed check; bool and numpy ints are refused
-            raise InvalidRequestError("a prompt is a string or a list of int token ids")
+        ids = _token_ids(prompt)
         if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
             raise InvalidRequestError(
@@ -180,9 +207,11 @@ class Engine(EngineScoring, EngineLoop):
         logprob_start_len: int = -1,
         matcher: Any = None,
     ) -> Future:
-        """Queue one request; the future resolves to a GenerateResult. Bad input raises here."""
-        sp = SamplingParams.from_dict(params) if not isinstance(params, SamplingParams) else params
-        sp.validate()
+        """Queue one request; the future resolves to a GenerateResult. Bad input raises here.
+
+        ``future.result()`` must not be called from a stream callback (it raises EngineError there:
+        the callback runs on the engine thread, which is what resolves the future)."""
+        sp = _checked_params(params)
         return self._submit(self.encode(prompt), sp, stream, logprob_start_len, matcher, None, None)
 
     def submit_chain(
@@ -205,6 +234,8 @@ class Engine(EngineScoring, EngineLoop):
             raise InvalidRequestError("a chain needs at least one generation step")
         for step in steps:
             if step[0] == "gen":
+                if not isinstance(step[1], SamplingParams):
+                    raise InvalidRequestError(f"a chain's gen step takes a SamplingParams, got {step[1]!r}")
                 step[1].validate()
             elif step[0] != "text" or not isinstance(step[1], str):
                 raise InvalidRequestError(
@@ -245,7 +276,7 @@ class Engine(EngineScoring, EngineLoop):
             )
         if sp.return_prompt_logprob and logprob_start_len < 0:
             logprob_start_len = 0
-        fut: Future = Future()
+        fut: Future = _RequestFuture(self._thread)
         rid = next(self._rids)
         req = Req(
             rid=rid,
@@ -281,15 +312,14 @@ class Engine(EngineScoring, EngineLoop):
     ) -> GenerateResult | list[GenerateResult] | Iterator[StreamChunk]:
         """Generate for one prompt (returns one result) or a list of prompts (a list of results).
 
-        ``stream=True`` (one prompt) returns an iterator of StreamChunk; ``callback`` is called with
-        every chunk of every request from the engine thread.
+        One prompt is a string, a sequence of int token ids, or a 1-D integer tensor / numpy array;
+        a batch is a list of those. Every prompt and its parameters are checked before any is
+        queued. ``stream=True`` (one prompt) returns an iterator of StreamChunk (``_ChunkStream``):
+        it raises what ``generate`` without streaming would (EngineError, EngineClosedError when the
+        engine shuts down mid-stream), and closing it early or dropping it aborts the request.
+        ``callback`` is called with every chunk of every request from the engine thread.
         """
-        if not isinstance(prompts, str) and len(prompts) == 0:
-            raise EmptyPromptError("the prompt is empty (an empty list is neither a prompt nor a batch)")
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
-        )
-        plist = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        single, plist = _prompt_list(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(plist):
                 raise InvalidRequestError(f"{len(sampling_params)} sampling params for {len(plist)} prompts")
@@ -299,24 +329,26 @@ class Engine(EngineScoring, EngineLoop):
         if stream:
             if not single:
                 raise InvalidRequestError("stream=True takes one prompt; use callback= for many")
-            return self._stream_iter(plist[0], splist[0])
-        futs = [self.submit(p, sp, stream=callback) for p, sp in zip(plist, splist)]
+            chunks: queue.Queue[StreamChunk] = queue.Queue()
+            return _ChunkStream(self, self.submit(plist[0], splist[0], stream=chunks.put), chunks)
+        self._refuse_wait_on_engine_thread("Engine.generate()")
+        checked = [(self.encode(p), _checked_params(sp)) for p, sp in zip(plist, splist)]
+        futs: list[Future] = []
+        try:
+            for ids, sp in checked:
+                futs.append(self._submit(ids, sp, callback, -1, None, None, None))
+        except Exception:  # one prompt too long for the model or the pool: queue none of them
+            for f in futs:
+                self._abort_soon(f.rid)  # type: ignore[attr-defined]
+            raise
         results = [self._wait(f) for f in futs]
         return results[0] if single else results
 
-    def _stream_iter(self, prompt: Prompt, params: ParamsLike) -> Iterator[StreamChunk]:
-        q: queue.Queue[StreamChunk] = queue.Queue()
-        fut = self.submit(prompt, params, stream=q.put)
-        while True:
-            try:
-                chunk = q.get(timeout=0.5)
-            except queue.Empty:
-                if fut.done() and fut.exception() is not None:
-                    raise fut.exception() from None  # type: ignore[misc]
-                continue
-            yield chunk
-            if chunk.finished:
-                return
+    def score(self, prompt: Prompt, continuations: Sequence[Prompt]) -> list[list[float]]:
+        """Per-token logprobs of each continuation after ``prompt`` (``EngineScoring.score``).
+        Raises EngineError when called from a stream callback, where it would deadlock."""
+        self._refuse_wait_on_engine_thread("Engine.score()")
+        return super().score(prompt, continuations)
 
     # ---- housekeeping -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -359,19 +391,25 @@ class Engine(EngineScoring, EngineLoop):
         """Cancel a request (e.g. its client went away): it ends with finish_reason "abort", its
         future resolves to what it produced so far, and its KV goes back to the cache. Returns
         False if the request was unknown or already finished."""
-
-        def run() -> bool:
-            sched = self.scheduler
-            for req in sched.all_requests():
-                if req.rid == rid and not req.finished:
-                    self.outputs.finish(req, FinishReason.ABORT)
-                    sched.finish(req, cache_kv=True)
-                    return True
-            return False
-
         if self._closed:
             return False
-        return self.call_in_engine_thread(run)
+        return self.call_in_engine_thread(lambda: self._abort_now(rid))
+
+    def _abort_now(self, rid: int) -> bool:
+        sched = self.scheduler
+        for req in sched.all_requests():
+            if req.rid == rid and not req.finished:
+                self.outputs.finish(req, FinishReason.ABORT)
+                sched.finish(req, cache_kv=True)
+                return True
+        return False
+
+    def _abort_soon(self, rid: int) -> None:
+        """Queue the abort of ``rid`` for the next loop turn without waiting for it: from a stream
+        iterator's finalizer, which may run on any thread, the engine thread mid-step included."""
+        with self._lock:
+            if not self._closed:
+                self._inbox.put(lambda: self._abort_now(rid))
 
     def flush_cache(self) -> None:
         """Drop every unlocked cached prefix."""
@@ -382,13 +420,16 @@ class Engine(EngineScoring, EngineLoop):
         self.call_in_engine_thread(flush)
 
     def shutdown(self) -> None:
+        """Stop the engine; requests still queued or running fail with EngineClosedError. From a
+        stream callback (on the engine thread) it returns at once, and the loop stops after the
+        current step; a later call from another thread (the exit hook's) waits for that."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._inbox.put(None)
-        self._thread.join(timeout=30)
-        self.outputs.close()
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+            self.outputs.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -397,10 +438,176 @@ class Engine(EngineScoring, EngineLoop):
         self.shutdown()
 
     def __del__(self) -> None:
+        """Dropped without ``shutdown()``: stop the thread (it holds the engine only through a weak
+        reference, so it never keeps it alive) and fail the requests it left, so that no future
+        waits forever on an engine that is gone."""
         try:
+            if getattr(self, "_thread", None) is None:
+                return  # __init__ failed before the thread existed
+            was_open = not self._closed
             self.shutdown()
+            # the loop read the stop and failed them itself, or saw the engine gone and ended: here
+            # no step runs (a step holds the engine, which then could not be collected)
+            if was_open and (threading.current_thread() is self._thread or not self._thread.is_alive()):
+                self._abort_all()
         except Exception:
             pass
+
+
+class _RequestFuture(Future):
+    """A request's future. Waiting on it from the engine thread (in a stream callback) raises
+    EngineError instead of deadlocking the engine: that thread is the one that resolves it.
+    A wait with ``timeout=0`` only polls, and is allowed anywhere."""
+
+    def __init__(self, engine_thread: threading.Thread):
+        super().__init__()
+        self._engine_thread = engine_thread
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._check_thread(timeout, "Future.result()")
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._check_thread(timeout, "Future.exception()")
+        return super().exception(timeout)
+
+    def _check_thread(self, timeout: float | None, what: str) -> None:
+        if (timeout is None or timeout > 0) and not self.done():
+            if threading.current_thread() is self._engine_thread:
+                raise engine_thread_error(what)
+
+
+class _ChunkStream(Iterator[StreamChunk]):
+    """What ``generate(stream=True)`` returns: the request's StreamChunks as they come.
+
+    It ends like the request's future: after a final chunk whose future holds an exception (the
+    engine failed the request, or was shut down) it raises that exception, as ``generate`` without
+    streaming does, instead of ending quietly with finish_reason "error" or "abort". Closing it
+    (``close()``, leaving a ``with`` block) before the final chunk, or dropping it, aborts the
+    request, which otherwise would run on to ``max_new_tokens`` for nobody."""
+
+    def __init__(self, engine: Engine, fut: Future, chunks: queue.Queue[StreamChunk]):
+        self._engine = engine
+        self._fut = fut
+        self._chunks = chunks
+        self._done = False
+        self.rid: int = fut.rid  # type: ignore[attr-defined]
+
+    def __iter__(self) -> _ChunkStream:
+        return self
+
+    def __next__(self) -> StreamChunk:
+        if self._done:
+            raise StopIteration
+        eng = self._engine
+        on_engine_thread = threading.current_thread() is eng._thread
+        while True:
+            try:
+                chunk = self._chunks.get_nowait() if on_engine_thread else self._chunks.get(timeout=0.5)
+                break
+            except queue.Empty:
+                pass
+            if self._fut.done():
+                if not self._chunks.empty():  # its final chunk is queued before the future resolves
+                    continue
+                self._done = True  # resolved without a final chunk: it raises or ends here
+                eng._wait(self._fut)
+                raise StopIteration from None
+            if on_engine_thread:
+                raise engine_thread_error("iterating a generate(stream=True) iterator")
+            if not eng._thread.is_alive():
+                self._done = True
+                raise EngineError("the engine thread has stopped; create a new Engine")
+        if chunk.finished:
+            self._done = True
+            eng._wait(self._fut)  # resolved right after its final chunk: raises what the request raised
+        return chunk
+
+    def close(self) -> None:
+        """Stop reading; a request still running is aborted."""
+        if not self._done:
+            self._done = True
+            self._engine._abort_soon(self.rid)
+
+    def __enter__(self) -> _ChunkStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _checked_params(params: ParamsLike) -> SamplingParams:
+    """``params`` as validated SamplingParams (a SamplingParams object is validated again: its
+    fields may have been set since it was made)."""
+    sp = SamplingParams.from_dict(params)
+    sp.validate()
+    return sp
+
+
+def _is_array(x: Any) -> bool:
+    """A torch tensor or a numpy array (numpy is looked up only if something imported it)."""
+    if isinstance(x, torch.Tensor):
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(x, np.ndarray)
+
+
+def _token_ids(prompt: Any) -> list[int]:
+    """The ids of a prompt given as token ids (see ``Engine.encode``)."""
+    if _is_array(prompt):
+        if prompt.ndim != 1:
+            raise InvalidRequestError(
+                f"a prompt of token ids must be 1-D, got an array of shape {tuple(prompt.shape)}; "
+                "give a batch as a list of prompts (the rows of a 2-D array may hold padding)"
+            )
+        if isinstance(prompt, torch.Tensor):
+            ints = not (
+                prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool
+            )
+        else:
+            ints = prompt.dtype.kind in "iu"
+        if not ints:
+            raise InvalidRequestError(f"token ids must be integers, got an array of {prompt.dtype}")
+        return prompt.tolist()
+    if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
+        raise InvalidRequestError(
+            "a prompt is a string, a sequence of int token ids or a 1-D integer tensor / numpy array, "
+            f"got {type(prompt).__name__}"
+        )
+    ids = list(prompt)
+    if not set(map(type, ids)) <= {int}:  # C-speed check; bool and numpy ints are refused
+        bad = next(t for t in ids if type(t) is not int)
+        raise InvalidRequestError(
+            f"token ids must be Python ints, got {type(bad).__name__} {bad!r}; a prompt is a string "
+            "or a sequence of int token ids (numpy or torch ids: pass the 1-D array itself)"
+        )
+    return ids
+
+
+def _prompt_list(prompts: Any) -> tuple[bool, list[Any]]:
+    """(whether ``prompts`` is one prompt, the prompts). One prompt: a string, a 1-D array, or a
+    sequence whose first item is not itself a prompt (``encode`` checks that its items are ints)."""
+    if isinstance(prompts, str):
+        return True, [prompts]
+    if _is_array(prompts):
+        return True, [prompts]  # encode refuses any other shape than 1-D
+    if not isinstance(prompts, Sequence):
+        raise InvalidRequestError(
+            "prompts must be a string, a sequence of int token ids, a 1-D tensor / numpy array of "
+            f"token ids, or a list of those; got {type(prompts).__name__}"
+        )
+    if len(prompts) == 0:
+        raise EmptyPromptError("the prompt is empty (an empty list is neither a prompt nor a batch)")
+    first = prompts[0]
+    if isinstance(first, (str, Sequence)) or _is_array(first):
+        return False, list(prompts)
+    return True, [prompts]
 
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()

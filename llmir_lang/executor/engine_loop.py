@@ -10,15 +10,21 @@ once, so every finished request's future resolves.
 With ``run_ahead`` (on by default on CUDA, off on the CPU) a decode step whose
 requests all qualify is launched and left in flight (``_ahead``); the next loop turn queues the
 decode step after it first and only then reads and processes its tokens (``run_ahead.py``).
+
+The thread runs ``run_engine_thread``, which reaches the engine through a weak reference, one loop
+turn at a time, and waits for work without it: an engine dropped without ``shutdown()`` is collected
+(``Engine.__del__`` then stops the thread and fails what was still queued).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
+import weakref
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,7 +34,54 @@ from llmir_lang.executor.attention import ForwardMode
 from llmir_lang.executor.request import Req
 from llmir_lang.executor.scheduler import ScheduledBatch
 
+if TYPE_CHECKING:
+    from llmir_lang.executor.engine import Engine
+
 log = logging.getLogger("llmir_lang.engine")
+
+_NOTHING = object()  # the engine thread's idle wait received nothing
+_IDLE_WAIT_S = 0.1  # how long an idle engine thread waits for the inbox before it looks again
+
+
+def engine_thread_error(what: str) -> EngineError:
+    """The error for a blocking wait on the engine thread (in a stream callback): the thread would
+    wait for results that only it produces, and every request would hang with it."""
+    return EngineError(
+        f"{what} was called from the engine's own thread (a stream callback), where it would wait "
+        "forever for results that only this thread produces; submit() without waiting, or wait "
+        "outside the callback"
+    )
+
+
+def run_engine_thread(ref: weakref.ref[Engine], inbox: queue.Queue) -> None:
+    """The engine thread's body: loop turns while the engine lives and is not shut down.
+
+    It holds the engine only during a turn and waits for work on ``inbox`` without it. A thread
+    whose target was the bound ``engine._loop`` kept every engine dropped without ``shutdown()``
+    alive, model and KV pool included (4 dropped engines: 4 more threads, RSS +1 GB). Once the
+    engine is collected, its ``__del__`` queues the stop, and the next look at ``ref`` ends the
+    thread."""
+    item: Any = _NOTHING
+    while True:
+        engine = ref()
+        if engine is None:
+            if item is not _NOTHING:
+                inbox.put(item)  # a request taken in the idle wait: Engine.__del__ fails it from there
+            return
+        try:
+            if not engine._loop_once(item):
+                return
+            idle = engine._ready_to_idle()
+        except Exception as e:  # a bug must fail the requests in flight, not kill the engine
+            engine._recover(e)
+            idle = False
+        item = _NOTHING
+        del engine
+        if idle:
+            try:
+                item = inbox.get(timeout=_IDLE_WAIT_S)
+            except queue.Empty:
+                pass
 
 
 class EngineLoop:
@@ -37,21 +90,13 @@ class EngineLoop:
     _ahead: run_ahead.Ahead | None = None  # a decode step in flight whose tokens are not processed
 
     # ---- the loop (engine thread) -------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            try:
-                if not self._loop_once():
-                    return
-            except Exception as e:  # a bug must fail the requests in flight, not kill the engine
-                self._recover(e)
-
-    def _loop_once(self) -> bool:
+    def _loop_once(self, item: Any = _NOTHING) -> bool:
+        """One turn: admit everything in the inbox (``item`` first: what the idle wait received),
+        then run one step if there is work. False once the engine is told to stop."""
         sched = self.scheduler
-        block = not sched.has_work() and self._ahead is None
-        if block:  # no step will follow to hide it behind: the last results go out now
-            self.outputs.flush_deferred()
         try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            if item is _NOTHING:
+                item = self._inbox.get_nowait()
             while True:
                 if item is None:
                     self._abort_all()
@@ -65,6 +110,14 @@ class EngineLoop:
             pass
         if sched.has_work() or self._ahead is not None:
             self._step()
+        return True
+
+    def _ready_to_idle(self) -> bool:
+        """Whether the engine thread may wait for new work: no step to run. The last results go
+        out first (no step follows to hide that text work behind)."""
+        if self.scheduler.has_work() or self._ahead is not None:
+            return False
+        self.outputs.flush_deferred()
         return True
 
     def _recover(self, exc: Exception) -> None:
@@ -109,9 +162,13 @@ class EngineLoop:
             self.outputs.drop_deferred(err)
 
     def _wait(self, fut: Future) -> Any:
-        """fut.result(), but never forever: a dead engine thread raises instead of hanging."""
+        """fut.result(), but never forever: a dead engine thread raises instead of hanging, and so
+        does a wait on the engine thread itself (from a stream callback), the thread that would
+        resolve ``fut``."""
         from concurrent.futures import TimeoutError as FutureTimeout
 
+        if not fut.done():
+            self._refuse_wait_on_engine_thread("a blocking wait on the engine")
         while True:
             try:
                 return fut.result(timeout=1.0)
@@ -233,8 +290,25 @@ class EngineLoop:
         self.num_run_ahead_steps += 1
         return run_ahead.launch(self.outputs, sb, step)
 
+    def _refuse_wait_on_engine_thread(self, what: str) -> None:
+        if threading.current_thread() is self._thread:
+            raise engine_thread_error(what)
+
     def _abort_all(self) -> None:
+        """Fail every request not finished yet with EngineClosedError: those the scheduler holds and
+        those still in the inbox (an engine collected before its loop admitted them). Runs on the
+        engine thread when it reads the stop, or in ``Engine.__del__`` once the thread is gone."""
         msg = "the engine was shut down before this request finished"
         self._flush_text(EngineClosedError(msg))  # requests already finished resolve with their results
-        for req in self.scheduler.all_requests():
-            self.outputs.fail(req, EngineClosedError(msg))
+        reqs = self.scheduler.all_requests()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Req):
+                reqs.append(item)
+        for req in reqs:
+            if not req.future.done():
+                self.outputs.fail(req, EngineClosedError(msg))
+        self.outputs.close()

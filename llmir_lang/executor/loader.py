@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from llmir_lang.errors import CheckpointError
+from llmir_lang.errors import CheckpointError, InvalidRequestError
 from llmir_lang.executor.model import CausalLM
 from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
 
@@ -31,12 +31,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+            raise InvalidRequestError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
         return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+    if not isinstance(dtype, str) or dtype.lower() not in _DTYPES:
+        raise InvalidRequestError(
+            f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or torch.float32 / bfloat16 / float16"
+        )
+    return _DTYPES[dtype.lower()]
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -112,6 +113,32 @@ def fuse_projections(
     return out
 
 
+def _mismatch(expected: set[str], present: set[str]) -> tuple[list[str], list[str]]:
+    """The checkpoint's missing and unexpected weights, by the checkpoint's own names: a fused weight
+    is missing when one of its parts is, and then the part is what is named (``k_proj.weight``), not
+    the fused weight, and the parts that are there are not called unexpected."""
+    missing, unexpected = [], set(present - expected)
+    for name in sorted(expected - present):
+        parts = _parts_of(name)
+        if parts is None:
+            missing.append(name)
+            continue
+        missing += [p for p in parts if p not in present]
+        unexpected -= set(parts)
+    return sorted(missing), sorted(unexpected)
+
+
+def _parts_of(name: str) -> list[str] | None:
+    """The checkpoint weights a fused weight concatenates (None for a weight that is not fused)."""
+    for fused, parts in _FUSED.items():
+        for kind in ("weight", "bias"):
+            suffix = f"{fused}.{kind}"
+            if name.endswith(suffix):
+                pre = name[: -len(suffix)]
+                return [f"{pre}{p}.{kind}" for p in parts]
+    return None
+
+
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
     """Build the model from ``folder`` and load its weights; every mismatch is a CheckpointError."""
     from safetensors import SafetensorError
@@ -131,8 +158,7 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Causal
         state.pop("lm_head.weight", None)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     state = fuse_projections(state, cfg, folder)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing, unexpected = _mismatch(set(expected), set(state))
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {folder} does not match a {cfg.architecture}: missing {missing[:5]}"

@@ -57,6 +57,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
+        archs = [a for a in (archs if isinstance(archs, list) else [archs]) if isinstance(a, str)]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             name = archs[0] if archs else cfg.get("model_type", "<unknown>")
@@ -65,19 +66,24 @@ class ModelConfig:
                 f"{sorted(SUPPORTED_ARCHITECTURES)}. Run this model through an Endpoint/OpenAI backend instead."
             )
         family = SUPPORTED_ARCHITECTURES[arch]
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            layers = int(cfg["num_hidden_layers"])
-            vocab = int(cfg["vocab_size"])
-            inter = int(cfg["intermediate_size"])
-        except KeyError as e:
-            raise CheckpointError(f"config.json lacks required field {e.args[0]!r}") from None
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        hidden = _int_field(cfg, "hidden_size")
+        heads = _int_field(cfg, "num_attention_heads")
+        layers = _int_field(cfg, "num_hidden_layers")
+        vocab = _int_field(cfg, "vocab_size")
+        inter = _int_field(cfg, "intermediate_size")
+        kv_heads = _int_field(cfg, "num_key_value_heads", heads)
+        head_dim = _int_field(cfg, "head_dim", hidden // heads)
         rope_params = cfg.get("rope_parameters") or {}
-        rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+        if not isinstance(rope_params, dict):
+            raise CheckpointError(
+                f"config.json field 'rope_parameters' must be an object, got {rope_params!r}"
+            )
+        rope_theta = _float_field(cfg, "rope_theta", _float_field(rope_params, "rope_theta", 10000.0))
         scaling = cfg.get("rope_scaling") or None
+        if scaling is not None and not isinstance(scaling, dict):
+            raise CheckpointError(
+                f"config.json field 'rope_scaling' must be an object or null, got {scaling!r}"
+            )
         if scaling is None and rope_params.get("rope_type", "default") != "default":
             scaling = dict(rope_params)
         if scaling is not None:
@@ -89,14 +95,20 @@ class ModelConfig:
             if kind == "default":
                 scaling = None
         eos = cfg.get("eos_token_id")
-        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        eos_list = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+        if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_list):
+            raise CheckpointError(
+                f"config.json field 'eos_token_id' must be a token id or a list of them, got {eos!r}"
+            )
+        eos_ids = list(eos_list)
         if heads % kv_heads:
             raise CheckpointError(
                 f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )
-        sliding = cfg.get("sliding_window") if family == "mistral" else None
+        window = _int_field(cfg, "sliding_window", None) if cfg.get("sliding_window") else None  # 0: none
+        sliding = window if family == "mistral" else None
         if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
-            sliding = cfg.get("sliding_window")
+            sliding = window
         return cls(
             architecture=arch,
             family=family,
@@ -107,8 +119,8 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=_int_field(cfg, "max_position_embeddings", 2048),
+            rms_norm_eps=_float_field(cfg, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -116,7 +128,7 @@ class ModelConfig:
             o_bias=bool(cfg.get("attention_bias", False)) and family == "llama",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=sliding,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
@@ -132,9 +144,39 @@ class ModelConfig:
             )
         try:
             cfg = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(
+                f"{path} holds a JSON {type(cfg).__name__}, not an object of model fields; the checkpoint is corrupt"
+            )
         return cls.from_dict(cfg)
+
+
+def _int_field(cfg: dict[str, Any], name: str, default: Any = ...) -> Any:
+    """``cfg[name]`` as a positive int (``default`` when absent or null; ``...``: required). A value
+    of another type is a CheckpointError naming config.json and the field, not a bare ValueError
+    from ``int()`` or a ZeroDivisionError later (``num_attention_heads: 0``)."""
+    v = cfg.get(name)
+    if v is None:
+        if default is ...:
+            raise CheckpointError(f"config.json lacks required field {name!r}")
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise CheckpointError(f"config.json field {name!r} must be a positive integer, got {v!r}")
+    return v
+
+
+def _float_field(cfg: dict[str, Any], name: str, default: float) -> float:
+    """``cfg[name]`` as a positive finite float (``default`` when absent or null)."""
+    v = cfg.get(name)
+    if v is None:
+        return float(default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise CheckpointError(f"config.json field {name!r} must be a positive number, got {v!r}")
+    return float(v)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

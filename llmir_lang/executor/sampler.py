@@ -7,8 +7,9 @@ Order of operations for each row (the contract the tests check):
 2. masks: ``banned_ids`` and the constraint ``bitmask`` set forbidden logits to ``-inf``;
 3. reported logprobs: ``log_softmax`` of the logits after steps 1-2 (before temperature and the
    top-k / top-p / min-p filters), so they describe the model under its penalties and constraint;
-4. greedy rows (``temperature == 0``) take the argmax; the other rows are divided by their
-   temperature, filtered by top-k, top-p, min-p, and sampled (seeded rows with their own generator).
+4. greedy rows (``temperature`` below ``GREEDY_TEMPERATURE``, 1e-5: smaller ones overflow the
+   division) take the argmax; the other rows are divided by their temperature, filtered by top-k,
+   top-p, min-p, and sampled (seeded rows with their own generator).
 
 A row whose every token is masked gets token id ``-1`` (and logprob ``-inf``); the sampler raises
 nothing, so that the engine can end that one request with a constraint error and keep the batch.
@@ -16,7 +17,8 @@ nothing, so that the engine can end that one request with a constraint error and
 Columns ``>= vocab_size`` (padding of the model's output layer) are dropped before anything else and
 can never be sampled. Work is vectorized across rows; the only per-row Python loops gather the
 parameters, the penalty token lists, and the draws of seeded rows (a seeded row's draw must depend on
-its own logits and generator only, never on its batch mates).
+its own logits and generator only, never on its batch mates; ``replay_draws`` hands back the draws of
+positions a speculative verify step sampled and threw away).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from llmir_lang.executor.logit_processors import (
     apply_top_k_top_p,
     to_device,
 )
-from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.executor.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 
 @dataclass(slots=True)
@@ -81,6 +83,21 @@ class Sampler:
         gen = torch.Generator(device=torch.device(device))
         gen.manual_seed(seed)
         return gen
+
+    def replay_draws(self, gen: torch.Generator, state: torch.Tensor, rows: int) -> None:
+        """Set ``gen`` to ``state`` and advance it by the draws of ``rows`` sampled rows, exactly as
+        ``sample`` consumes it (one Exp(1) fill of ``vocab_size`` float32 values per row).
+
+        A speculative verify step samples every draft position of a seeded request from its
+        generator and keeps only those up to the first mismatch; the draws of the positions it threw
+        away must not be used up, or the next positions' numbers differ from plain decoding's (and
+        the same seed gave other text alone, speculated, than in a batch too large to draft for).
+        With the state from before the verify step and the kept positions, the generator is where
+        plain decoding leaves it."""
+        gen.set_state(state)
+        scratch = torch.empty(self.vocab_size, dtype=torch.float32, device=gen.device)
+        for _ in range(rows):
+            scratch.exponential_(generator=gen)
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         gen = self._shared.get(device)
@@ -179,7 +196,7 @@ class Sampler:
         # One pass gives both the greedy choice and the all-masked test (max == -inf).
         max_vals, tokens = x.max(dim=-1)
         all_masked = max_vals == _NEG_INF
-        sample_rows = [i for i, t in enumerate(temps) if t > 0.0]
+        sample_rows = [i for i, t in enumerate(temps) if t >= GREEDY_TEMPERATURE]
         if sample_rows:
             tokens = tokens.clone()
             tokens[to_device(sample_rows, torch.int64, x.device)] = self._sample_rows(
@@ -200,7 +217,9 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
     ) -> torch.Tensor:
-        """Draw one token for each of ``rows`` (temperature > 0); returns ``[len(rows)]`` int64."""
+        """Draw one token for each of ``rows`` (not greedy); returns ``[len(rows)]`` int64. Rows
+        that share one generator (a verify step's positions) draw from it in row order, as the same
+        rows sampled one step at a time would."""
         device = x.device
         rows_t = to_device(rows, torch.int64, device)
         temp = to_device([params[i].temperature for i in rows], torch.float32, device)
@@ -248,7 +267,7 @@ class Sampler:
                     f"row {i}: its generator is on {gen.device} but the logits are on {device}; "
                     f"make it with Sampler.make_generator(seed, device={str(device)!r})"
                 )
-            noise[j].exponential_(generator=gen)
+            noise[j].exponential_(generator=gen)  # what replay_draws repeats
         return (probs / noise).argmax(dim=-1)
 
     def _check_inputs(
@@ -325,7 +344,7 @@ def _report_logprobs(
 def _plain_greedy(p: SamplingParams) -> bool:
     """Greedy with no penalty and no logprobs: the row's token is its plain argmax."""
     return (
-        p.temperature == 0.0
+        p.temperature < GREEDY_TEMPERATURE
         and p.repetition_penalty == 1.0
         and p.frequency_penalty == 0.0
         and p.presence_penalty == 0.0

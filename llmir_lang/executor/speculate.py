@@ -16,8 +16,11 @@ and the draft token is kept only if the sample equals it. Accepting a determinis
 ``d`` with probability ``p(d)`` and otherwise taking a sample from ``p`` conditioned on ``!= d`` is
 exactly what sampling ``x ~ p`` and comparing does, so the output distribution is that of plain
 decoding. Greedy output is plain greedy decoding's, up to floating-point differences between an
-extend and a decode forward (the same tolerance as jump-forward). Seeded sampling stays
-deterministic but draws its random numbers in a different order than without speculation.
+extend and a decode forward (the same tolerance as jump-forward). So is seeded sampling's: position
+``i`` of a verify step draws from the request's generator the numbers plain decoding would draw
+there, and the draws of the positions past the kept tokens are handed back
+(``Sampler.replay_draws``), so the same seed gives the same tokens with or without speculation (and
+so alone or in a batch too large to draft for).
 
 After jump-forward's text (a constrained request's JSON keys and quotes), the key is only the
 tokens sampled since that text, looked up in the prompt, down to the lone last token where it
@@ -225,6 +228,8 @@ def verify(proc: OutputProcessor, items: list[tuple[Req, int, list[int]]], logit
                     m.advance(draft[i])  # checked by propose: the constraint allows the draft
             m.rollback(k)
         p = req.params
+        gen = req.generator
+        before = gen.get_state() if gen is not None and not p.greedy else None
         out = proc.engine.sampler.sample(
             rows,
             [p] * (k + 1),
@@ -240,8 +245,14 @@ def verify(proc: OutputProcessor, items: list[tuple[Req, int, list[int]]], logit
             n += 1
         req.num_draft_tokens += k
         lps = out.logprobs.tolist() if out.logprobs is not None else [None] * (k + 1)
+        kept = 0
         for i in range(n + 1):
             proc.append(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
+            kept += 1
             req.num_draft_accepted += i < n
             if req.finished or req.rebase_to is not None:
                 break
+        if before is not None and kept < k + 1:
+            # the sampler drew k + 1 positions; the ones past the kept tokens are drawn again (the
+            # same numbers) by the steps that sample them for real
+            proc.engine.sampler.replay_draws(gen, before, kept)

@@ -316,3 +316,279 @@ def test_an_aborted_scoring_request_raises_instead_of_returning_partial_scores(s
                                   completion_tokens=0, cached_tokens=0))  # fmt: skip
     with pytest.raises(EngineError, match="abort"):
         eng._scored(fut)
+
+
+# ---- audit fixes: typed input errors, waits on the engine thread, streams, dropped engines ------
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"top_k": True, "temperature": 1.0},  # crashed the step (topk(True)) and its batch mates
+        {"top_logprobs_num": 2.5, "return_logprob": True},  # the same, in torch.topk
+        {"top_logprobs_num": "2"},
+        {"max_new_tokens": True},  # ran as 1 token
+        {"min_new_tokens": False},
+        {"seed": True},
+        {"seed": 2**70},
+        {"seed": 1.5},
+        {"stop": 5},
+        {"stop": ["ok", 3]},
+        {"stop_token_ids": [True]},
+        {"stop_token_ids": 7},
+        {"ignore_eos": "no"},
+        {"return_logprob": 1},
+        {"temperature": "0.5"},
+    ],
+)
+def test_params_of_a_wrong_type_are_refused_at_submit(setup, params):
+    eng, _, _ = setup
+    with pytest.raises(errors.InvalidRequestError, match=next(iter(params))):
+        eng.submit(IDS, params)
+    sp = SamplingParams(max_new_tokens=2)
+    for name, value in params.items():  # set after construction: submit validates again
+        setattr(sp, name, value)
+    with pytest.raises(errors.InvalidRequestError):
+        eng.submit(IDS, sp)
+
+
+def test_params_that_are_not_a_dict_and_prompts_that_are_not_ids_are_typed_errors(setup):
+    eng, _, _ = setup
+    with pytest.raises(errors.InvalidRequestError, match="dict"):
+        eng.generate(IDS, 5)
+    with pytest.raises(errors.InvalidRequestError, match="float"):
+        eng.generate([1.0, 2.0], {"max_new_tokens": 2})
+    with pytest.raises(errors.InvalidRequestError):
+        eng.generate(5, {"max_new_tokens": 2})
+    with pytest.raises(errors.InvalidRequestError, match="1-D"):
+        eng.generate(torch.tensor([IDS]), {"max_new_tokens": 2})
+    with pytest.raises(errors.InvalidRequestError, match="integers"):
+        eng.generate(torch.tensor([1.0, 2.0]), {"max_new_tokens": 2})
+    # a batch with one bad prompt queues none of them
+    before = eng.stats()["tokens_computed"]
+    with pytest.raises(errors.InvalidRequestError):
+        eng.generate([IDS, [1, "x"]], {"max_new_tokens": 2})
+    assert eng.stats()["tokens_computed"] == before
+
+
+def test_tensor_and_numpy_prompts_are_one_prompt(setup):
+    import numpy as np
+
+    eng, _, _ = setup
+    p = {"max_new_tokens": 4, "ignore_eos": True}
+    ref = eng.generate(IDS, p).token_ids
+    assert eng.generate(torch.tensor(IDS), p).token_ids == ref
+    assert eng.generate(np.array(IDS), p).token_ids == ref
+    assert eng.generate(np.array(IDS, dtype=np.uint16), p).token_ids == ref
+    assert eng.submit(torch.tensor(IDS), p).result(timeout=60).token_ids == ref
+    batch = eng.generate([torch.tensor(IDS), np.array(IDS[:4])], p)
+    assert batch[0].token_ids == ref and len(batch) == 2
+
+
+def test_top_logprobs_num_implies_return_logprob(setup):
+    eng, _, _ = setup
+    r = eng.generate(IDS, {"max_new_tokens": 3, "top_logprobs_num": 2})
+    assert r.logprobs is not None and len(r.logprobs) == 3
+    assert r.top_logprobs is not None and all(len(t) == 2 for t in r.top_logprobs)
+    assert SamplingParams(top_logprobs_num=1).return_logprob
+
+
+def test_a_tiny_temperature_is_greedy(setup):
+    eng, hf, _ = setup
+    ref = hf_greedy(hf, IDS, 6)[0]
+    for temp in (1e-45, 1e-40, 1e-9):
+        r = eng.generate(IDS, {"max_new_tokens": 6, "ignore_eos": True, "temperature": temp, "seed": 3})
+        assert r.token_ids == ref  # 1e-45 overflowed to inf, the softmax to NaN, the token to 0
+
+
+def test_waiting_in_a_stream_callback_raises_instead_of_deadlocking(checkpoints):
+    folder, hf = checkpoints("llama")
+    with Engine(str(folder), device="cpu", kv_memory="4MB") as eng:
+        caught: dict[str, BaseException] = {}
+        nested: list = []
+
+        def cb(chunk):
+            if caught:
+                return
+            calls = {
+                "generate": lambda: eng.generate(IDS, {"max_new_tokens": 2}),
+                "result": lambda: eng.submit(IDS, {"max_new_tokens": 2}).result(),
+                "exception": lambda: eng.submit(IDS, {"max_new_tokens": 2}).exception(timeout=5),
+                "score": lambda: eng.score(IDS, [[5]]),
+                "stream": lambda: next(eng.generate(IDS, {"max_new_tokens": 2}, stream=True)),
+            }
+            for name, call in calls.items():
+                try:
+                    call()
+                except BaseException as e:  # noqa: BLE001 - recorded for the assertions below
+                    caught[name] = e
+            nested.append(eng.submit(IDS, {"max_new_tokens": 3, "ignore_eos": True}))  # no wait: fine
+            nested.append(eng.stats())  # runs in place
+
+        r = eng.submit(IDS, {"max_new_tokens": 4, "ignore_eos": True}, stream=cb).result(timeout=60)
+        assert r.completion_tokens == 4
+        assert set(caught) == {"generate", "result", "exception", "score", "stream"}
+        for e in caught.values():
+            assert isinstance(e, errors.EngineError) and "engine's own thread" in str(e)
+        assert nested[0].result(timeout=60).token_ids == hf_greedy(hf, IDS, 3)[0]
+        assert eng.generate(IDS, {"max_new_tokens": 2}).completion_tokens == 2  # still serving
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"max_running_requests": 0}, "max_running_requests"),  # every request waited forever
+        ({"max_running_requests": -1}, "max_running_requests"),
+        ({"max_prefill_tokens": -1}, "max_prefill_tokens"),  # also forever
+        ({"max_prefill_tokens": 0}, "max_prefill_tokens"),
+        ({"chunked_prefill_size": -5}, "chunked_prefill_size"),  # failed every request
+        ({"page_size": 0}, "page_size"),  # ZeroDivisionError
+        ({"page_size": 3.5}, "page_size"),  # TypeError
+        ({"page_size": True}, "page_size"),
+        ({"max_mixed_extend": 1.0}, "max_mixed_extend"),
+        ({"speculative_draft_tokens": -1}, "speculative_draft_tokens"),
+        ({"seed": "x"}, "seed"),
+        ({"jump_forward": "no"}, "jump_forward"),
+        ({"run_ahead": 1}, "run_ahead"),
+        ({"attention_backend": "flash"}, "attention_backend"),
+        ({"dtype": "int8"}, "dtype"),  # a plain ValueError
+        ({"device": "tpu"}, "device"),  # RuntimeError from torch
+        ({"device": 5}, "device"),
+        ({"kv_memory": "5ib"}, "kv_memory"),  # ValueError: substring not found
+        ({"kv_memory": float("nan")}, "kv_memory"),
+    ],
+)
+def test_bad_engine_arguments_are_refused(checkpoints, kwargs, name):
+    folder, _ = checkpoints("llama")
+    with pytest.raises(errors.InvalidRequestError, match=name):
+        Engine(str(folder), **{"device": "cpu", **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_a_typed_error(checkpoints):
+    folder, _ = checkpoints("llama")
+    with pytest.raises(errors.InvalidRequestError, match="CUDA is not available"):
+        Engine(str(folder), device="cuda")  # an AssertionError deep in torch
+
+
+def test_an_engine_dropped_without_shutdown_is_freed(checkpoints):
+    """The engine thread held the engine (its target was the bound loop), so an engine nobody shut
+    down kept its thread, model and KV pool for the life of the process."""
+    import gc
+    import time
+
+    from llmir_lang.executor import engine as engine_module
+
+    folder, _ = checkpoints("llama")
+    eng = Engine(str(folder), device="cpu", kv_memory="4MB")
+    eng.generate(IDS, {"max_new_tokens": 2})
+    running = eng.submit(IDS, {"max_new_tokens": 400, "ignore_eos": True})
+    ref, thread = weakref.ref(eng), eng._thread
+    del eng
+    deadline = time.time() + 30
+    while (ref() is not None or thread.is_alive()) and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert ref() is None and not thread.is_alive()
+    assert all(e is not None for e in engine_module._LIVE)  # the dropped one left the registry
+    with pytest.raises(errors.EngineClosedError):
+        running.result(timeout=30)
+
+
+def test_closing_or_dropping_a_stream_aborts_its_request(setup):
+    import gc
+    import time
+
+    eng, _, _ = setup
+
+    def live() -> list[int]:
+        return eng.call_in_engine_thread(lambda: [r.rid for r in eng.scheduler.all_requests()])
+
+    def gone(rid: int) -> bool:
+        deadline = time.time() + 30
+        while rid in live() and time.time() < deadline:
+            time.sleep(0.01)
+        return rid not in live()
+
+    params = {"max_new_tokens": 400, "ignore_eos": True}
+    it = eng.generate(IDS, params, stream=True)
+    next(it)
+    it.close()
+    assert gone(it.rid)
+    with pytest.raises(StopIteration):
+        next(it)
+    it = eng.generate(IDS, params, stream=True)
+    next(it)
+    rid = it.rid
+    del it
+    gc.collect()
+    assert gone(rid)
+    for chunk in eng.generate(IDS, params, stream=True):  # leaving a for loop early
+        rid = chunk.rid
+        break
+    gc.collect()
+    assert gone(rid)
+
+
+def test_a_stream_raises_what_generate_raises(checkpoints, monkeypatch):
+    import threading as th
+
+    folder, _ = checkpoints("llama")
+    with Engine(str(folder), device="cpu", kv_memory="4MB") as eng:
+        orig = eng.runner.run
+        calls = {"n": 0}
+
+        def broken(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected step failure")
+            return orig(*a, **kw)
+
+        monkeypatch.setattr(eng.runner, "run", broken)
+        chunks = []
+        with pytest.raises(errors.EngineError, match="injected step failure"):
+            for c in eng.generate(IDS, {"max_new_tokens": 8, "ignore_eos": True}, stream=True):
+                chunks.append(c)  # it ended quietly with finish_reason "error" before
+        assert chunks and not chunks[-1].finished
+        monkeypatch.undo()
+        it = eng.generate(IDS, {"max_new_tokens": 400, "ignore_eos": True}, stream=True)
+        next(it)
+        th.Thread(target=eng.shutdown).start()
+        with pytest.raises(errors.EngineClosedError):  # as generate() raises; it ended with "abort"
+            for _ in it:
+                pass
+
+
+def test_kv_memory_forms(checkpoints):
+    cpu = torch.device("cpu")
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    # a fraction is a fraction whether it is a float or a string; 1 is all of it, not one byte
+    for half in (0.5, "0.5", " .5 "):
+        assert parse_memory(half, cpu) == pytest.approx(avail / 2, rel=0.1)
+    for whole in (1, 1.0, "1", "1.0"):
+        assert parse_memory(whole, cpu) == pytest.approx(avail, rel=0.1)
+    assert parse_memory(1.5, cpu) == 1 and parse_memory("100", cpu) == 100
+    assert parse_memory("1e6", cpu) == 1_000_000 and parse_memory("64 KiB", cpu) == 65536
+    assert parse_memory("1b", cpu) == 1
+    for bad in ("0", 0, -5, "-1", "5ib", "1..5GB", ".", float("nan"), float("inf"), "inf", True, "0.5b", [1]):
+        with pytest.raises(errors.InvalidRequestError, match="kv_memory"):
+            parse_memory(bad, cpu)
+
+
+def test_malformed_config_json_is_a_checkpoint_error(tmp_path, checkpoints):
+    folder, _ = checkpoints("llama")
+    good = json.loads((folder / "config.json").read_text())
+    for name, text in (
+        ("list", "[1, 2]"),  # AttributeError: 'list' object has no attribute 'get'
+        ("field", json.dumps({**good, "hidden_size": "sixty-four"})),  # ValueError from int()
+        ("zero", json.dumps({**good, "num_attention_heads": 0})),
+    ):
+        bad = tmp_path / name
+        bad.mkdir()
+        for f in folder.iterdir():
+            (bad / f.name).write_bytes(f.read_bytes())
+        (bad / "config.json").write_text(text)
+        with pytest.raises(errors.CheckpointError, match="config.json") as e:
+            Engine(str(bad), device="cpu", kv_memory="4MB")
+        if name != "list":
+            assert "hidden_size" in str(e.value) or "num_attention_heads" in str(e.value)

@@ -71,3 +71,19 @@ def test_cpu_fp32_projections_are_stored_column_major_with_the_same_values(check
     # other dtypes keep the checkpoint's row-major layout
     bf16 = load_model(folder, torch.device("cpu"), torch.bfloat16)
     assert bf16.model.layers[0].self_attn.o_proj.weight.is_contiguous()
+
+
+def test_a_missing_projection_is_named_by_its_own_name(checkpoints, tmp_path) -> None:
+    """Fusing q/k/v made a missing k_proj read "missing qkv_proj, unexpected q_proj, v_proj"."""
+    folder, _ = checkpoints("llama")
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (st,) = tmp_path.glob("*.safetensors")
+    state = load_file(str(st))
+    del state["model.layers.1.self_attn.k_proj.weight"], state["model.layers.0.mlp.up_proj.weight"]
+    save_file(state, str(st), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path, torch.device("cpu"), torch.float32)
+    msg = str(e.value)
+    assert "missing ['model.layers.0.mlp.up_proj.weight', 'model.layers.1.self_attn.k_proj.weight']" in msg
+    assert "unexpected []" in msg and "qkv_proj" not in msg and "gate_up_proj" not in msg

@@ -472,3 +472,41 @@ def test_tiny_top_p_keeps_the_most_likely_token() -> None:
     assert torch.equal(kept.float().argmax(-1), x.argmax(-1))
     out = _run(Sampler(50), x, [SP(temperature=1.0, top_p=1e-9)] * 4)
     assert torch.equal(out.token_ids, x.argmax(-1))
+
+
+# --- audit fixes -------------------------------------------------------------------------------
+
+
+def test_a_tiny_temperature_samples_the_argmax_not_nan() -> None:
+    # x / 1e-45 overflowed float32 to inf, the softmax to NaN and the token to 0
+    x = _logits(6, 50, seed=11, scale=5.0)
+    x[:, 0] = -20.0  # token 0 is never the argmax here
+    for temp in (1e-45, 1e-40, 1e-20, 1e-6):
+        params = [SP(temperature=temp), SP(temperature=temp, seed=1)] * 3
+        gens = [None, Sampler.make_generator(1)] * 3
+        out = _run(Sampler(50, seed=0), x, params, generators=gens)
+        assert torch.equal(out.token_ids, x.argmax(-1))
+
+
+def test_a_verify_step_hands_back_the_draws_of_the_positions_it_threw_away() -> None:
+    """Sampling positions t..t+k of one request in one call (a speculative verify step) draws the
+    numbers k + 1 single steps draw; ``replay_draws`` leaves the generator where plain decoding
+    would after the kept positions, so the next positions draw what plain decoding draws there."""
+    vocab = 40
+    x = _logits(5, vocab, seed=12, scale=1.0)
+    p = SP(temperature=1.0, seed=77)
+    sampler = Sampler(vocab)
+    gen = Sampler.make_generator(77)
+    one_by_one = [_run(sampler, x[i : i + 1], [p], generators=[gen]).token_ids.item() for i in range(5)]
+    assert len(set(one_by_one)) > 1
+    gen = Sampler.make_generator(77)
+    before = gen.get_state()
+    together = _run(sampler, x[:3], [p] * 3, generators=[gen] * 3).token_ids.tolist()
+    assert together == one_by_one[:3]
+    sampler.replay_draws(gen, before, 1)  # the verify step kept one token: positions 1, 2 again
+    again = _run(sampler, x[1:5], [p] * 4, generators=[gen] * 4).token_ids.tolist()
+    assert again == one_by_one[1:5]
+    # without the replay the next positions would draw other numbers
+    gen = Sampler.make_generator(77)
+    _run(sampler, x[:3], [p] * 3, generators=[gen] * 3)
+    assert _run(sampler, x[1:5], [p] * 4, generators=[gen] * 4).token_ids.tolist() != one_by_one[1:5]

@@ -331,3 +331,28 @@ def test_min_new_tokens_bans_a_stop_token_at_every_verified_position(rand):
     assert got.token_ids == ref.token_ids
     assert stop not in got.token_ids[:9]
     assert got.meta["spec_draft_tokens"] > 0  # the rule was applied at draft positions
+
+
+def test_a_seed_gives_the_same_tokens_alone_and_in_a_batch_of_16(checkpoints):
+    """Drafts are verified only while few requests decode, and a verify step sampled every draft
+    position from the request's stream, rejected ones included: the same seed gave other text alone
+    (speculated) than in a batch of 16 (not). Seeded noise keyed by output position fixes that."""
+    folder, _ = checkpoints("llama")
+    with Engine(str(folder), device="cpu", kv_memory="8MB") as eng:  # the CPU default drafts
+        assert eng.speculative_draft_tokens > 0
+        mates = [LOOP[i:] + LOOP[:i] for i in range(1, 16)]
+        mate_params = [{"max_new_tokens": 24, "temperature": 1.0, "ignore_eos": True}] * 15
+        drafted = accepted = 0
+        for seed in (5, 99, 1234):
+            # a low temperature, so that the random model copies its looping prompt and drafts
+            params = {"max_new_tokens": 24, "temperature": 0.2, "seed": seed, "ignore_eos": True}
+            eng.speculative_draft_tokens = 3
+            alone = eng.generate(LOOP, dict(params))
+            drafted += alone.meta["spec_draft_tokens"]
+            accepted += alone.meta["spec_accepted_tokens"]
+            batch = eng.generate([LOOP] + mates, [dict(params)] + mate_params)
+            assert batch[0].meta["spec_draft_tokens"] == 0  # 16 decode: no drafts
+            assert batch[0].token_ids == alone.token_ids
+            eng.speculative_draft_tokens = 0
+            assert eng.generate(LOOP, dict(params)).token_ids == alone.token_ids
+        assert drafted > accepted > 0  # rejected draft positions and kept ones both occurred
