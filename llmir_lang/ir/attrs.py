@@ -252,6 +252,9 @@ def sampling_problem(attrs: Mapping[str, AttrValue]) -> str | None:
         )
         if not ok:
             return f"{key} must be finite and {want}, got {v!r}"
+    seed = attrs.get("seed")
+    if isinstance(seed, int) and not -(2**63) <= seed < 2**64:  # what torch's manual_seed takes
+        return f"seed must be an integer in [-2**63, 2**64), got {seed!r}"
     stop = attrs.get("stop", ())
     if isinstance(stop, tuple) and "" in stop:
         return f"stop strings must not be empty, got {stop!r}"
