@@ -144,14 +144,19 @@ def test_bad_schema_and_bad_output_file(tmp_path: Path) -> None:
         ResumableOutput(tmp_path / "out.jsonl").open()
 
 
-def test_sigkill_mid_run_then_rerun_writes_every_id_once(tmp_path: Path, backend: Any) -> None:
-    expected = _write_inputs(tmp_path / "in.jsonl", 40, seed=11)
-    out = tmp_path / "out.jsonl"
+def _extract_subprocess(tmp_path: Path, out: Path) -> tuple[list[str], dict[str, str]]:
+    """``python -m llmir_lang extract`` over ``tmp_path/in.jsonl`` in small rounds, and its env."""
     cmd = [
         sys.executable, "-m", "llmir_lang", "extract", "--schema", "person", "--input", str(tmp_path / "in.jsonl"),
         "--output", str(out), "--batch-size", "2", "--no-progress",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_sigkill_mid_run_then_rerun_writes_every_id_once(tmp_path: Path, backend: Any) -> None:
+    expected = _write_inputs(tmp_path / "in.jsonl", 40, seed=11)
+    out = tmp_path / "out.jsonl"
+    cmd, env = _extract_subprocess(tmp_path, out)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 90
     lines_at_kill = 0
@@ -408,11 +413,7 @@ def test_module_schema_is_found_in_the_current_folder(
 def test_ctrl_c_prints_the_summary_and_exits_130(tmp_path: Path) -> None:
     _write_inputs(tmp_path / "in.jsonl", 40, seed=12)
     out = tmp_path / "out.jsonl"
-    cmd = [
-        sys.executable, "-m", "llmir_lang", "extract", "--schema", "person", "--input", str(tmp_path / "in.jsonl"),
-        "--output", str(out), "--batch-size", "2", "--no-progress",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd, env = _extract_subprocess(tmp_path, out)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
