@@ -17,9 +17,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev,sglang]"
 	touch $(STAMP)
 
+# the check runs whenever there is an output (a failed record makes extract exit 1, and make run too)
 run: $(STAMP)
 	rm -f out/sample_extracted.jsonl
-	# the check runs whenever there is an output (a failed record makes extract exit 1, and make run too)
 	$(BIN)/llmir extract --schema examples/extract_person.py:Person --input examples/sample_records.jsonl --output out/sample_extracted.jsonl; \
 	status=$$?; \
 	if [ -s out/sample_extracted.jsonl ]; then \
