@@ -294,18 +294,16 @@ def _check_server(url: str) -> None:
 
 def _check_schema(backend: Any, schema: Schema) -> None:
     """Compile the schema's constraint now, as the engine will for every record, so that a schema
-    no engine can enforce is one error before the job instead of one per record. A local model's
-    own tokenizer is used; for a server (whose tokenizer is not at hand) the bundled model's:
-    which keywords are supported does not depend on the tokenizer."""
+    no engine can enforce is one error before the job instead of one per record. A local model
+    compiles it with the backend's own compiler (which caches it, so the records reuse it); for a
+    server (whose tokenizer is not at hand) the bundled model's tokenizer is used: which keywords
+    are supported does not depend on the tokenizer."""
     from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo, spec_from_json_schema
 
-    engine = getattr(backend, "engine", None)
-    if engine is not None:
-        info = TokenizerInfo.from_hf(
-            engine.tokenizer.hf,
-            vocab_size=engine.config.vocab_size,
-            eos_token_ids=engine.tokenizer.eos_token_ids,
-        )
+    spec = spec_from_json_schema(schema.json_schema)
+    local = getattr(backend, "backend", backend)  # a Runtime wraps its EngineBackend
+    if hasattr(local, "compile"):
+        compile_spec = local.compile
     else:
         from llmir_lang.models import TINY_MODEL_DIR
 
@@ -313,9 +311,11 @@ def _check_schema(backend: Any, schema: Schema) -> None:
             return  # no tokenizer to compile with: the server checks it, per record
         from transformers import AutoTokenizer
 
-        info = TokenizerInfo.from_hf(AutoTokenizer.from_pretrained(str(TINY_MODEL_DIR)))
+        compile_spec = ConstraintCompiler(
+            TokenizerInfo.from_hf(AutoTokenizer.from_pretrained(str(TINY_MODEL_DIR)))
+        ).compile
     try:
-        ConstraintCompiler(info).compile(spec_from_json_schema(schema.json_schema))
+        compile_spec(spec)
     except LLMIRError as e:
         raise ExtractInputError(f"--schema: the JSON schema cannot be used for generation: {e}") from None
 

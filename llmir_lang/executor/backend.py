@@ -117,6 +117,12 @@ class EngineBackend(Backend):
     def _matcher(self, spec: Any) -> tuple[Any, str | None]:
         if spec is None:
             return None, None
+        compiled = self.compile(spec)
+        return compiled.new_matcher(), compiled.engine
+
+    def compile(self, spec: Any) -> Any:
+        """The compiled constraint of ``spec`` for this engine's tokenizer (cached: a later request
+        with the same spec reuses it). Raises the constraint's typed error if it cannot be used."""
         if self._compiler is None:
             try:
                 from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
@@ -131,8 +137,7 @@ class EngineBackend(Backend):
                 eng.tokenizer.hf, vocab_size=eng.config.vocab_size, eos_token_ids=eng.tokenizer.eos_token_ids
             )
             self._compiler = ConstraintCompiler(info)
-        compiled = self._compiler.compile(spec)
-        return compiled.new_matcher(), compiled.engine
+        return self._compiler.compile(spec)
 
     def submit(self, request: ChainRequest, on_chunk: ChunkCallback | None = None) -> Future:
         steps: list[tuple] = []

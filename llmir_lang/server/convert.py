@@ -116,11 +116,12 @@ def sglang_logprobs(
     return out
 
 
-def text_offsets(tokenizer: Any, ids: list[int], base: int = 0) -> list[int]:
-    """Character offset of each token in the decoded text (prefix decoding, so a character split
-    over several byte tokens gets the offset where its text starts)."""
-    offsets, prev = [], 0
-    for i in range(len(ids)):
+def text_offsets(tokenizer: Any, ids: list[int], base: int = 0, start: int = 0) -> list[int]:
+    """Character offset of each token of ``ids[start:]`` in the text of ``ids`` (prefix decoding,
+    so a character split over several byte tokens gets the offset where its text starts)."""
+    offsets = []
+    prev = len(tokenizer.decode(ids[:start], skip_special_tokens=False)) if start else 0
+    for i in range(start, len(ids)):
         offsets.append(base + prev)
         prev = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False))
     return offsets

@@ -238,7 +238,6 @@ class _StreamLogprobs:
     def __init__(self, svc: EngineService) -> None:
         self.tok = svc.engine.tokenizer
         self.ids: list[int] = []  # tokens whose logprobs were sent
-        self.text_len = 0  # decoded length of ``ids``
 
     def completion(self, chunk: StreamChunk) -> dict[str, Any] | None:
         if not isinstance(chunk, LoggedChunk) or not chunk.logprobs:
@@ -246,19 +245,21 @@ class _StreamLogprobs:
         return self._legacy(chunk.logprob_ids, chunk.logprobs, chunk.top_logprobs)
 
     def completion_rest(self, res: GenerateResult) -> dict[str, Any] | None:
+        rest = self._rest(res)
+        return self._legacy(*rest) if rest is not None else None
+
+    def _rest(self, res: GenerateResult) -> tuple[list[int], list[float], list | None] | None:
+        """The final result's tokens, logprobs and top alternatives not sent with a chunk yet."""
         start = len(self.ids)
-        rest = (res.logprobs or [])[start:]
-        if not rest:
+        lps = (res.logprobs or [])[start:]
+        if not lps:
             return None
         tops = res.top_logprobs[start:] if res.top_logprobs is not None else None
-        return self._legacy(res.token_ids[start:], rest, tops)
+        return res.token_ids[start:], lps, tops
 
     def _legacy(self, ids: list[int], lps: list[float], tops: list | None) -> dict[str, Any]:
-        offsets = []
-        for t in ids:
-            offsets.append(self.text_len)
-            self.ids.append(t)
-            self.text_len = len(self.tok.decode(self.ids, skip_special_tokens=False))
+        offsets = text_offsets(self.tok, self.ids + ids, start=len(self.ids))
+        self.ids += ids
         return {
             "tokens": token_text(self.tok, ids),
             "token_logprobs": lps,
@@ -277,13 +278,11 @@ class _StreamLogprobs:
         return {"content": _chat_entries(self.tok, chunk.logprob_ids, chunk.logprobs, chunk.top_logprobs)}
 
     def chat_rest(self, res: GenerateResult) -> dict[str, Any] | None:
-        start = len(self.ids)
-        rest = (res.logprobs or [])[start:]
-        if not rest:
+        rest = self._rest(res)
+        if rest is None:
             return None
-        tops = res.top_logprobs[start:] if res.top_logprobs is not None else None
-        self.ids += res.token_ids[start:]
-        return {"content": _chat_entries(self.tok, res.token_ids[start:], rest, tops)}
+        self.ids += rest[0]
+        return {"content": _chat_entries(self.tok, *rest)}
 
 
 # --- chat completions --------------------------------------------------------------------
