@@ -30,10 +30,14 @@ record's text (no other braces are interpreted, so templates may hold JSON examp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,6 +428,27 @@ def _is_backend_failure(error: BaseException, message: str) -> bool:
     return _BACKEND_FAILURE.search(message) is not None
 
 
+@contextlib.contextmanager
+def _sigint_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until its end, so that the block runs
+    whole: the interrupted run's summary then counts exactly the lines it wrote. Only the main
+    thread can set signal handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and previous is not signal.SIG_IGN:
+            if callable(previous):
+                previous(*held[0])
+            else:
+                raise KeyboardInterrupt
+
+
 class _Job:
     """One run's context: starts chunks (``run_batch`` in the background), writes their lines."""
 
@@ -443,11 +468,12 @@ class _Job:
         self.started = time.perf_counter()
 
     def write(self, record_id: Any, row: dict[str, Any]) -> None:
-        self.out.write({"id": record_id, **row})
-        if "error" in row:
-            self.summary.failed += 1
-        else:
-            self.summary.ok += 1
+        with _sigint_after():  # a Ctrl-C between the line and its count made the summary short
+            self.out.write({"id": record_id, **row})
+            if "error" in row:
+                self.summary.failed += 1
+            else:
+                self.summary.ok += 1
         if self.bar is not None:
             self.summary.seconds = time.perf_counter() - self.started
             self.bar.set_postfix_str(self.summary.line(), refresh=False)
