@@ -31,7 +31,7 @@ import torch
 from llmir_lang.errors import EngineClosedError, EngineError, OutOfKVMemoryError
 from llmir_lang.executor import run_ahead
 from llmir_lang.executor.attention import ForwardMode
-from llmir_lang.executor.request import Req
+from llmir_lang.executor.request import FinishReason, Req
 from llmir_lang.executor.scheduler import ScheduledBatch
 
 if TYPE_CHECKING:
@@ -222,8 +222,8 @@ class EngineLoop:
         sched = self.scheduler
         sched.after_step(batch)
         for req in batch.reqs:
-            if req.finished:
-                sched.finish(req)
+            if req.finished:  # a request that failed alone (fail_one) leaves no KV in the cache
+                sched.finish(req, cache_kv=req.finish_reason is not FinishReason.ERROR)
         self._batch = None
 
     def _fail_batch(self, batch: ScheduledBatch, e: Exception) -> None:

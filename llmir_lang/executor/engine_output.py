@@ -6,12 +6,13 @@ is queued and runs while the next step computes (``engine_text``); ``flush_defer
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
 
-from llmir_lang.errors import EngineClosedError
+from llmir_lang.errors import EngineClosedError, EngineError
 from llmir_lang.executor import speculate
 from llmir_lang.executor.engine_text import (
     DeferredText,
@@ -28,12 +29,17 @@ from llmir_lang.executor.scheduler import ScheduledBatch
 if TYPE_CHECKING:
     from llmir_lang.executor.engine import Engine
 
+log = logging.getLogger("llmir_lang.engine")
+
 
 class OutputProcessor:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.eos_ids = set(engine.tokenizer.eos_token_ids)
         self._mask_pool: ThreadPoolExecutor | None = None
+        # request id -> what its constraint raised while its mask was filled (see _bitmask); read
+        # and cleared by the engine thread in process(), after the mask's future resolved
+        self._mask_errors: dict[int, Exception] = {}
         self.masks_overlapped = 0  # steps whose constraint masks were computed during the forward
         # queue text work behind the next forward (pointless where the forward is synchronous)
         self.defer_text = defer_text_default(engine.device.type)
@@ -109,12 +115,15 @@ class OutputProcessor:
                 drafted.append((req, row, req.draft[: batch.draft_lens[b]]))
             else:
                 todo.append((req, row))
-        if todo:
-            self._sample(todo, logits, pending)
-        if drafted:
-            speculate.verify(self, drafted, logits)
-        if self.spec.enabled:
-            speculate.propose_all(self, [t[0] for t in todo] + [t[0] for t in drafted])
+        try:
+            if todo:
+                self._sample(todo, logits, pending)
+            if drafted:
+                speculate.verify(self, drafted, logits)
+            if self.spec.enabled:
+                speculate.propose_all(self, [t[0] for t in todo] + [t[0] for t in drafted])
+        finally:
+            self._mask_errors.clear()  # entries of requests that did not sample after all
 
     def _sample(self, todo: list[tuple[Req, int]], logits: torch.Tensor, pending: Future | None) -> None:
         """Sample one token for each ``(request, logits row)`` and append it."""
@@ -139,7 +148,11 @@ class OutputProcessor:
         tokens = out.token_ids.tolist()
         lps = out.logprobs.tolist() if out.logprobs is not None else [None] * len(reqs)
         for i, req in enumerate(reqs):
-            self.append(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
+            failed = self._mask_errors.pop(req.rid, None) if self._mask_errors else None
+            if failed is not None:
+                self.fail_one(req, failed)
+            else:
+                self.append_isolated(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
 
     def _banned(self, req: Req, ahead: int = 0) -> list[int]:
         """Token ids the request may not sample ``ahead`` tokens past its output (EOS and stop
@@ -171,11 +184,41 @@ class OutputProcessor:
         from llmir_lang.executor.constraints import allocate_bitmask, fill_batch_bitmask
 
         mask = allocate_bitmask(len(reqs), vocab)
-        for row in fill_batch_bitmask([r.matcher for r in reqs], mask):
+        try:
+            dead = fill_batch_bitmask([r.matcher for r in reqs], mask)
+        except Exception:
+            # a constraint that raises fails its own request only: fill row by row to find it
+            dead = []
+            for row, r in enumerate(reqs):
+                try:
+                    dead += [row + d for d in fill_batch_bitmask([r.matcher], mask[row : row + 1])]
+                except Exception as e:
+                    self._mask_errors[r.rid] = e
+                    dead.append(row)
+        for row in dead:
             mask[row] = 0  # a dead end allows nothing (not even EOS): the request ends with its reason
         return mask.to(self.engine.device, non_blocking=True)
 
     # ---- one token ------------------------------------------------------------------------
+    def append_isolated(self, req: Req, token: int, logprob: float | None, top: list | None) -> None:
+        """``append``, where a failure in the request's own processing (its constraint, its chain's
+        next generation, its stop check) fails that request only, not the step's others."""
+        try:
+            self.append(req, token, logprob, top)
+        except Exception as e:
+            self.fail_one(req, e)
+
+    def fail_one(self, req: Req, exc: Exception) -> None:
+        """Fail one request of a step whose own output processing raised ``exc``; the other
+        requests go on. The engine loop does not cache its KV (its finish reason is ERROR)."""
+        log.warning("processing request %s failed; failing it alone", req.rid, exc_info=exc)
+        err = EngineError(
+            f"this request failed while its output was processed ({type(exc).__name__}: {exc}); "
+            "the other requests were not affected"
+        )
+        err.__cause__ = exc
+        self.fail(req, err)
+
     def append(self, req: Req, token: int, logprob: float | None, top: list | None) -> None:
         if token < 0:
             why = req.matcher.error() if req.matcher is not None else None

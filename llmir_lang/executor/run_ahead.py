@@ -128,4 +128,4 @@ def complete(out: OutputProcessor, ahead: Ahead) -> None:
     lps = ahead.host_logprobs.tolist() if ahead.host_logprobs is not None else [None] * len(tokens)
     for req, tok, lp in zip(ahead.batch.reqs, tokens, lps):
         if not req.finished:
-            out.append(req, tok, lp, None)
+            out.append_isolated(req, tok, lp, None)

@@ -156,7 +156,11 @@ def propose_all(proc: OutputProcessor, reqs: list[Req]) -> None:
     sched = proc.engine.scheduler
     verified = len(sched.running) <= sched.cfg.spec_max_batch
     for req in reqs:
-        req.draft = propose(proc, req, proc.spec) if verified else []
+        try:
+            req.draft = propose(proc, req, proc.spec) if verified else []
+        except Exception as e:  # the request's own failure (its constraint): the others go on
+            req.draft = []
+            proc.fail_one(req, e)
 
 
 def propose(proc: OutputProcessor, req: Req, cfg: SpecConfig) -> list[int]:
@@ -211,48 +215,55 @@ def verify(proc: OutputProcessor, items: list[tuple[Req, int, list[int]]], logit
     Appending stops early when the request finishes or jump-forward re-points its tokens; the
     scheduler then drops the KV of the draft tokens that did not join the output.
     """
+    for req, row, draft in items:
+        try:
+            _verify_one(proc, req, row, draft, logits)
+        except Exception as e:  # the request's own failure (its constraint): the others go on
+            proc.fail_one(req, e)
+
+
+def _verify_one(proc: OutputProcessor, req: Req, row: int, draft: list[int], logits: torch.Tensor) -> None:
     from llmir_lang.executor.constraints import allocate_bitmask, fill_batch_bitmask
 
     vocab = logits.shape[-1]
-    for req, row, draft in items:
-        k = len(draft)
-        rows = logits[row : row + k + 1]
-        m = req.matcher
-        bitmask = None
-        if m is not None:
-            bitmask = allocate_bitmask(k + 1, vocab)
-            for i in range(k + 1):  # row i: the constraint's state after draft[:i]
-                for dead in fill_batch_bitmask([m], bitmask[i : i + 1]):
-                    bitmask[i + dead] = 0
-                if i < k:
-                    m.advance(draft[i])  # checked by propose: the constraint allows the draft
-            m.rollback(k)
-        p = req.params
-        gen = req.generator
-        before = gen.get_state() if gen is not None and not p.greedy else None
-        out = proc.engine.sampler.sample(
-            rows,
-            [p] * (k + 1),
-            [req.prompt_ids] * (k + 1),
-            [req.output_ids + draft[:i] for i in range(k + 1)],
-            [req.generator] * (k + 1),
-            bitmask=bitmask.to(rows.device) if bitmask is not None else None,
-            banned_ids=[proc._banned(req, i) for i in range(k + 1)],
-        )
-        tokens = out.token_ids.tolist()
-        n = 0
-        while n < k and tokens[n] == draft[n]:
-            n += 1
-        req.num_draft_tokens += k
-        lps = out.logprobs.tolist() if out.logprobs is not None else [None] * (k + 1)
-        kept = 0
-        for i in range(n + 1):
-            proc.append(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
-            kept += 1
-            req.num_draft_accepted += i < n
-            if req.finished or req.rebase_to is not None:
-                break
-        if before is not None and kept < k + 1:
-            # the sampler drew k + 1 positions; the ones past the kept tokens are drawn again (the
-            # same numbers) by the steps that sample them for real
-            proc.engine.sampler.replay_draws(gen, before, kept)
+    k = len(draft)
+    rows = logits[row : row + k + 1]
+    m = req.matcher
+    bitmask = None
+    if m is not None:
+        bitmask = allocate_bitmask(k + 1, vocab)
+        for i in range(k + 1):  # row i: the constraint's state after draft[:i]
+            for dead in fill_batch_bitmask([m], bitmask[i : i + 1]):
+                bitmask[i + dead] = 0
+            if i < k:
+                m.advance(draft[i])  # checked by propose: the constraint allows the draft
+        m.rollback(k)
+    p = req.params
+    gen = req.generator
+    before = gen.get_state() if gen is not None and not p.greedy else None
+    out = proc.engine.sampler.sample(
+        rows,
+        [p] * (k + 1),
+        [req.prompt_ids] * (k + 1),
+        [req.output_ids + draft[:i] for i in range(k + 1)],
+        [req.generator] * (k + 1),
+        bitmask=bitmask.to(rows.device) if bitmask is not None else None,
+        banned_ids=[proc._banned(req, i) for i in range(k + 1)],
+    )
+    tokens = out.token_ids.tolist()
+    n = 0
+    while n < k and tokens[n] == draft[n]:
+        n += 1
+    req.num_draft_tokens += k
+    lps = out.logprobs.tolist() if out.logprobs is not None else [None] * (k + 1)
+    kept = 0
+    for i in range(n + 1):
+        proc.append(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
+        kept += 1
+        req.num_draft_accepted += i < n
+        if req.finished or req.rebase_to is not None:
+            break
+    if before is not None and kept < k + 1:
+        # the sampler drew k + 1 positions; the ones past the kept tokens are drawn again (the
+        # same numbers) by the steps that sample them for real
+        proc.engine.sampler.replay_draws(gen, before, kept)

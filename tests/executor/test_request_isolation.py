@@ -1,0 +1,92 @@
+"""A request whose own processing fails (its constraint raises while the engine fills its mask or
+advances it) fails alone: the other requests of the same step finish with the tokens they get
+alone, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_fixtures import hf_greedy
+
+from llmir_lang import errors
+from llmir_lang.executor.constraints.matcher import Matcher
+from llmir_lang.executor.engine import Engine
+from llmir_lang.executor.sampling_params import SamplingParams
+
+
+class BrokenMatcher(Matcher):
+    """Allows every token until ``after`` tokens were advanced; then the hook named ``where``
+    raises, as a constraint implementation with a bug would."""
+
+    engine = "test"
+    eos_token_ids = ()
+
+    def __init__(self, vocab_size: int, where: str, after: int = 0):
+        self.vocab_size, self.where, self.after, self.n = vocab_size, where, after, 0
+
+    def _maybe_raise(self, hook: str) -> None:
+        if self.where == hook and self.n >= self.after:
+            raise RuntimeError(f"matcher bug in {hook}")
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._maybe_raise("fill")
+        bitmask[row] = -1
+
+    def advance(self, token_id: int) -> bool:
+        self._maybe_raise("advance")
+        self.n += 1
+        return True
+
+    def is_accepting(self) -> bool:
+        return True
+
+    def is_terminated(self) -> bool:
+        return False
+
+    def forced_tokens(self) -> list[int]:
+        return []
+
+    def forced_text(self) -> str:
+        return ""
+
+    def rollback(self, n: int) -> None:
+        self.n -= n
+
+    def error(self) -> str | None:
+        return None
+
+
+IDS = [5, 17, 42, 99, 3, 7, 250, 11]
+OTHER = [9, 8, 7, 6, 5, 4]
+
+
+@pytest.fixture(scope="module")
+def setup(checkpoints):
+    folder, hf = checkpoints("llama")
+    eng = Engine(str(folder), device="cpu", kv_memory="8MB")
+    yield eng, hf
+    eng.shutdown()
+
+
+@pytest.mark.parametrize("where, after", [("fill", 0), ("fill", 3), ("advance", 0), ("advance", 4)])
+def test_a_failing_constraint_fails_only_its_request(setup, where, after):
+    eng, hf = setup
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    broken = BrokenMatcher(eng.config.vocab_size, where, after)
+    # submitted together: all three run in the same steps
+    futs = [
+        eng.submit(IDS, params),
+        eng.submit(OTHER, params, matcher=broken),
+        eng.submit(OTHER + [1], params),
+    ]
+    first = futs[0].result(timeout=60)
+    third = futs[2].result(timeout=60)
+    assert first.token_ids == hf_greedy(hf, IDS, 8)[0]
+    assert third.token_ids == hf_greedy(hf, OTHER + [1], 8)[0]
+    with pytest.raises(errors.EngineError, match=f"matcher bug in {where}"):
+        futs[1].result(timeout=60)
+    # the engine goes on serving, and the failed request left no KV pinned
+    assert eng.generate(IDS, params).token_ids == first.token_ids
+    eng.flush_cache()
+    pool = eng.stats()["pool"]
+    assert pool["used"] == 0, pool
