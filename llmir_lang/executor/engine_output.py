@@ -152,7 +152,9 @@ class OutputProcessor:
             if failed is not None:
                 self.fail_one(req, failed)
             else:
-                self.append_isolated(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
+                self.append_isolated(
+                    req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None
+                )
 
     def _banned(self, req: Req, ahead: int = 0) -> list[int]:
         """Token ids the request may not sample ``ahead`` tokens past its output (EOS and stop
