@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmir_lang.errors import CheckpointError, InvalidRequestError
+from llmir_lang.errors import CheckpointError
 
 
 class Tokenizer:
@@ -93,6 +93,108 @@ class Tokenizer:
         return self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
         )
+
+    def text_bytes(self) -> TextBytes | None:
+        """How ``decode(ids, skip_special_tokens=False)`` builds text from each token's bytes (see
+        ``TextBytes``), so the text length of every prefix of a sequence takes one pass over it
+        instead of a decode per prefix. Checked once, on probe sequences (random ids, specials,
+        characters split between tokens, malformed bytes); None where decode is not of that form
+        (space clean-up, other decoders): callers decode prefixes instead."""
+        if not hasattr(self, "_text_bytes"):
+            try:
+                self._text_bytes = self._build_text_bytes()
+            except Exception:  # an unusual tokenizer: the caller decodes prefixes instead
+                self._text_bytes = None
+        return self._text_bytes
+
+    def _build_text_bytes(self) -> TextBytes | None:
+        import random
+
+        from llmir_lang.executor.constraints.tokenizer_info import (
+            _BYTE_FALLBACK,
+            _detect_scheme,
+            _token_to_bytes,
+        )
+
+        backend = getattr(self.hf, "_tokenizer", None)
+        if backend is None:
+            return None
+        scheme, byte_fallback = _detect_scheme(json.loads(backend.to_str()))
+        added = backend.get_added_tokens_decoder()
+        vocab = backend.get_vocab(with_added_tokens=True)
+        table = [b""] * (max(vocab.values(), default=-1) + 1)
+        fallback = set()
+        for text, i in vocab.items():
+            if byte_fallback and _BYTE_FALLBACK.match(text):
+                fallback.add(i)
+            raw = i in added and not _BYTE_FALLBACK.match(text)  # added tokens hold raw text
+            b = text.encode("utf-8") if raw else _token_to_bytes(text, scheme, byte_fallback)
+            if b is None:
+                return None
+            table[i] = b
+        rng = random.Random(0)
+        n = len(table)
+        probes = [[rng.randrange(n) for _ in range(rng.randrange(1, 12))] for _ in range(64)]
+        for text in (*self._PROBES[:-1], " lead", "a , b . c ' d n't", "日本語 é"):
+            ids = self.encode(text, add_special_tokens=False)
+            probes += [ids[:k] for k in range(1, len(ids) + 1)]  # characters split between tokens
+        probes += [[i, *p] for i in sorted(self.all_special_ids) for p in probes[:2]]
+        high = [i for i, b in enumerate(table) if len(b) == 1 and b[0] >= 0x80]  # lone bytes
+        if high:  # malformed and cut-off UTF-8: U+FFFD the same way
+            probes += [[rng.choice(high) for _ in range(rng.randrange(1, 6))] for _ in range(64)]
+            probes += [[*p, rng.choice(high), *p] for p in probes[:8]]
+        decoded = [self.decode(p, skip_special_tokens=False) for p in probes]
+        for strip in (False, True):
+            tb = TextBytes(table, frozenset(fallback if scheme == "sentencepiece" else ()), strip)
+            if all(d == tb.text(p) for d, p in zip(decoded, probes)):
+                return tb
+        return None
+
+
+class TextBytes:
+    """The form of a tokenizer's decode (with special tokens kept) that ``Tokenizer.text_bytes``
+    found: each token's bytes (its text; a byte-fallback token's one byte), and
+
+    * no ``fallback`` ids (byte-level BPE): the joined bytes decoded as UTF-8 with U+FFFD for each
+      malformed part, as Python's ``errors="replace"`` does;
+    * ``fallback`` ids (SentencePiece with ``<0xNN>`` tokens): other tokens are text; each run of
+      consecutive fallback tokens is its bytes decoded, or one U+FFFD per token where they are not
+      valid UTF-8;
+
+    with one leading space of the whole text dropped where ``strip``."""
+
+    __slots__ = ("table", "fallback", "strip")
+
+    def __init__(self, table: list[bytes], fallback: frozenset[int], strip: bool):
+        self.table, self.fallback, self.strip = table, fallback, strip
+
+    def text(self, ids: list[int]) -> str:
+        """What decode returns for ``ids``, by the rules above."""
+        if not self.fallback:
+            text = b"".join(self.table[i] for i in ids).decode("utf-8", "replace")
+        else:
+            parts: list[str] = []
+            run: list[int] = []
+            for i in [*ids, -1]:
+                if i in self.fallback:
+                    run.append(i)
+                    continue
+                if run:
+                    parts.append(run_text(b"".join(self.table[t] for t in run), len(run)))
+                    run = []
+                if i >= 0:
+                    parts.append(self.table[i].decode("utf-8", "replace"))
+            text = "".join(parts)
+        return text[1:] if self.strip and text.startswith(" ") else text
+
+
+def run_text(data: bytes, tokens: int) -> str:
+    """A run of byte-fallback tokens as SentencePiece decodes it: its bytes as UTF-8, or one U+FFFD
+    per token where they are not valid."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * tokens
 
 
 class IncrementalDecoder:

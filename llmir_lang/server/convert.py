@@ -13,6 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llmir_lang.executor.request import GenerateResult
+from llmir_lang.executor.tokenizer import run_text
 from llmir_lang.server.errors import ServerHTTPError, error_body, status_of
 
 
@@ -117,14 +118,74 @@ def sglang_logprobs(
 
 
 def text_offsets(tokenizer: Any, ids: list[int], base: int = 0, start: int = 0) -> list[int]:
-    """Character offset of each token of ``ids[start:]`` in the text of ``ids`` (prefix decoding,
-    so a character split over several byte tokens gets the offset where its text starts)."""
-    offsets = []
-    prev = len(tokenizer.decode(ids[:start], skip_special_tokens=False)) if start else 0
-    for i in range(start, len(ids)):
-        offsets.append(base + prev)
-        prev = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False))
-    return offsets
+    """Character offset of each token of ``ids[start:]`` in the text of ``ids``: the length of the
+    text of the tokens before it, as decoding that prefix gives it (so a token that ends inside a
+    character split over several byte tokens counts its U+FFFD)."""
+    offsets = TextOffsets(tokenizer)
+    offsets.extend(ids[:start])
+    return [base + o for o in offsets.extend(ids[start:])]
+
+
+class TextOffsets:
+    """``text_offsets`` over a growing token sequence (a stream): ``extend(ids)`` returns the
+    offsets of the new tokens. Linear in the tokens where the tokenizer's decode has the form
+    ``Tokenizer.text_bytes`` checks (byte-level BPE, SentencePiece): text before a byte that starts
+    a character (byte-level), or before a token that is not a byte-fallback one (SentencePiece), is
+    final, so only the bytes since are decoded again. Other tokenizers decode every prefix."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self._tb = tokenizer.text_bytes() if hasattr(tokenizer, "text_bytes") else None
+        self.ids: list[int] = []  # every token so far (the prefix-decoding path reads them)
+        self._chars = 0  # characters of the final text
+        self._first = ""  # its first character
+        self._pending = b""  # bytes after it: since the last character start, or the open byte run
+        self._run = 0  # tokens in the open byte run (SentencePiece)
+        self._length = 0  # text length of every token so far
+
+    def extend(self, ids: list[int]) -> list[int]:
+        out = []
+        for t in ids:
+            out.append(self._length)
+            self.ids.append(t)
+            self._length = self._advance(t)
+        return out
+
+    def _advance(self, token: int) -> int:
+        tb = self._tb
+        if tb is None or not 0 <= token < len(tb.table):
+            self._tb = None  # an id the table lacks: decode prefixes from here on
+            return len(self.tok.decode(self.ids, skip_special_tokens=False))
+        b = tb.table[token]
+        if tb.fallback:
+            if token in tb.fallback:
+                self._pending += b
+                self._run += 1
+            else:
+                if self._run:
+                    self._final(run_text(self._pending, self._run))
+                    self._pending, self._run = b"", 0
+                self._final(b.decode("utf-8", "replace"))
+            rest = run_text(self._pending, self._run) if self._run else ""
+        else:
+            pending = self._pending + b
+            cut = len(pending) - 1
+            while cut > 0 and pending[cut] & 0xC0 == 0x80:  # continuation bytes go with their lead
+                cut -= 1
+            if cut > 0:
+                self._final(pending[:cut].decode("utf-8", "replace"))
+                pending = pending[cut:]
+            self._pending = pending
+            rest = pending.decode("utf-8", "replace")
+        n = self._chars + len(rest)
+        if tb.strip and (self._first or rest[:1]) == " ":  # decode drops the text's leading space
+            n -= 1
+        return n
+
+    def _final(self, text: str) -> None:
+        if text and not self._first:
+            self._first = text[0]
+        self._chars += len(text)
 
 
 def sse(data: Any) -> str:

@@ -24,6 +24,7 @@ from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.server.convert import (
     EventStream,
+    TextOffsets,
     constraint_spec,
     prime,
     stop_list,
@@ -238,6 +239,7 @@ class _StreamLogprobs:
     def __init__(self, svc: EngineService) -> None:
         self.tok = svc.engine.tokenizer
         self.ids: list[int] = []  # tokens whose logprobs were sent
+        self.offsets = TextOffsets(self.tok)  # their text offsets, kept up to date (completions)
 
     def completion(self, chunk: StreamChunk) -> dict[str, Any] | None:
         if not isinstance(chunk, LoggedChunk) or not chunk.logprobs:
@@ -258,7 +260,7 @@ class _StreamLogprobs:
         return res.token_ids[start:], lps, tops
 
     def _legacy(self, ids: list[int], lps: list[float], tops: list | None) -> dict[str, Any]:
-        offsets = text_offsets(self.tok, self.ids + ids, start=len(self.ids))
+        offsets = self.offsets.extend(ids)
         self.ids += ids
         return {
             "tokens": token_text(self.tok, ids),
