@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmir_lang.errors import CheckpointError
+from llmir_lang.errors import CheckpointError, InvalidRequestError
 
 
 class Tokenizer:
