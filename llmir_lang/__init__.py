@@ -32,6 +32,7 @@ _PUBLIC = (
     "ProgramArgumentError",
     "ProgramDefinitionError",
     "ProgramExecutionError",
+    "ProgramInterruptedError",
     "RoleError",
     "UnknownVariableError",
     "VariableRedefinedError",

@@ -1,22 +1,30 @@
 """Typed errors of the DSL, and where in the user's source a primitive was written.
 
 Every error names the program, the user's file and line, and the cause, and says what to do.
-``SourceLocation.here()`` walks the stack past llmir_lang's own frames, so a location always
-points at the user's code (the ``s += gen(...)`` line), not at the interpreter.
+``SourceLocation.here()`` walks the stack past llmir_lang's own frames and those of libraries
+(the standard library, site-packages), so a location always points at the user's code (the
+``s += gen(...)`` line), never at the interpreter, a thread or IPython; in IPython a cell's line
+reads as IPython's tracebacks name it (``Cell In[3], line 2``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
+import sysconfig
 from dataclasses import dataclass
 
 from llmir_lang.errors import ProgramError
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# ``with s.user():`` and ``with s.var_scope(...):`` enter and leave through contextlib's frames
-_CONTEXTLIB = os.path.abspath(contextlib.__file__)
+# folders of code that is not the user's: the standard library and installed packages
+LIBRARY_DIRS = tuple(
+    {
+        os.path.abspath(p) + os.sep
+        for k in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (p := sysconfig.get_path(k))
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,18 +35,40 @@ class SourceLocation:
     line: int
 
     def __str__(self) -> str:
+        cell = _ipython_cell(self.file)
+        if cell is not None:
+            return f"{cell}, line {self.line}"
         return f"{os.path.basename(self.file)}:{self.line}"
 
     @staticmethod
     def here() -> SourceLocation | None:
-        """The innermost stack frame outside the llmir_lang package (None if there is none)."""
+        """The innermost stack frame outside the llmir_lang package and outside libraries (None
+        if there is none: a program that llmir_lang wrote itself, such as ``%%llmir``'s, run on a
+        thread of its own)."""
         frame = sys._getframe(1)
         while frame is not None:
             path = os.path.abspath(frame.f_code.co_filename)
-            if not path.startswith(_PACKAGE_DIR + os.sep) and path != _CONTEXTLIB:
+            if not path.startswith(_PACKAGE_DIR + os.sep) and not path.startswith(LIBRARY_DIRS):
                 return SourceLocation(path, frame.f_lineno)
             frame = frame.f_back
         return None
+
+
+def _ipython_cell(path: str) -> str | None:
+    """``Cell In[N]`` when ``path`` is the file IPython compiled cell N into, else None."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return None
+    try:
+        shell = ipython.get_ipython()
+        if shell is None:
+            return None
+        names = shell.compile.format_code_name
+        # a kernel names cells by absolute path; the terminal by ``<ipython-input-...>``
+        label = names(path) or names(os.path.basename(path))
+    except Exception:  # an IPython without these names: the plain file name will do
+        return None
+    return " ".join(label) if label else None
 
 
 def describe(program: str | None, where: SourceLocation | None) -> str:
@@ -97,6 +127,12 @@ class ProgramExecutionError(DSLError):
 
 class GenerationError(DSLError):
     """The backend failed while running a gen or select of the program."""
+
+
+class ProgramInterruptedError(DSLError):
+    """The run was stopped before the program finished: a KeyboardInterrupt (a notebook's
+    interrupt button) or a cancelled ``arun``. Its requests in flight were aborted and its
+    programs that had not started never ran."""
 
 
 class NoBackendError(DSLError):

@@ -22,16 +22,22 @@ own (its users still wait for the enclosing one): a request costs more than a fe
 
 Failures never raise out of ``run``: a failed request marks its op's state failed, every state
 after it inherits the failure, and the function's result reports it per returned state.
+
+``cancel(reason)`` (from another thread) stops a run: the requests in flight are aborted (the
+backend's optional ``abort_requests(futures)``, then ``Future.cancel``), their ops and every op
+not started yet fail with a ``ProgramInterruptedError``, and ``run`` returns at once. A
+``KeyboardInterrupt`` in the thread that waits in ``run`` aborts the requests in flight too.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from llmir_lang.dsl.errors import ProgramInterruptedError
 from llmir_lang.dsl.lowering import (
     chain_steps,
     gen_step,
@@ -102,6 +108,14 @@ class SegmentEvaluator:
         # the backend computes a prefix shared by requests submitted together once by itself:
         # a separate prefill would only add a round trip before the users may start
         self._shares_in_batch = bool(getattr(backend, "shares_prefix_in_batch", False))
+        self._stop: Future = Future()  # resolved with the reason by ``cancel``
+
+    def cancel(self, reason: str) -> None:
+        """Stop ``run`` (see the module docstring); thread-safe, and a no-op after the first."""
+        try:
+            self._stop.set_result(reason)
+        except InvalidStateError:
+            pass
 
     # --- driver --------------------------------------------------------------------------
     def run(self, module: Module, args: Sequence[Mapping[str, str]] | None = None) -> list[FunctionResult]:
@@ -126,17 +140,26 @@ class SegmentEvaluator:
         self._direct_gates = [self._plan_gates(fi, fn) for fi, fn in enumerate(fns)]
         self._chains = [self._chains_of(fn) if self.on_chunk else {} for fn in fns]
         self._results: list[FunctionResult | None] = [None] * len(fns)
-        while True:
-            progressed = self._scan()
-            if all(r is not None for r in self._results):
-                break
-            if progressed:
-                continue
-            if not self._inflight:
-                raise RuntimeError("segment evaluator stalled with no request in flight (a bug)")
-            done, _ = wait(list(self._inflight), return_when=FIRST_COMPLETED)
-            for fut in done:
-                self._complete(fut)
+        try:
+            while True:
+                progressed = self._scan()
+                if all(r is not None for r in self._results):
+                    break
+                if progressed:
+                    continue
+                if not self._inflight:
+                    raise RuntimeError("segment evaluator stalled with no request in flight (a bug)")
+                done, _ = wait([*self._inflight, self._stop], return_when=FIRST_COMPLETED)
+                if self._stop.done():
+                    self._stop_inflight()
+                    continue
+                for fut in done:
+                    self._complete(fut)
+        except BaseException:
+            # a KeyboardInterrupt in the waiting thread (a notebook's interrupt during ``run``):
+            # the engine must not go on generating what nobody will read
+            self._abort(list(self._inflight))
+            raise
         for gate, users in self._gate_users.items():
             if users > 0 and gate in self._gate_text:
                 self._unpin(gate)
@@ -144,6 +167,11 @@ class SegmentEvaluator:
 
     def _scan(self) -> bool:
         progressed = False
+        stopped = self._stop.done()
+        if stopped:  # a stopped run starts nothing, prefills included
+            for gate, _, _ in self._prefill_waiting:
+                self._gate_future[gate] = None
+            self._prefill_waiting.clear()
         for gate, val, ancestors in list(self._prefill_waiting):
             if self._gates_ready(ancestors):
                 self._prefill_waiting.remove((gate, val, ancestors))
@@ -161,6 +189,8 @@ class SegmentEvaluator:
                     base = vals[op.state.name]
                     if base.failure is not None:
                         self._resolve(fi, i, _Val(base.text, base.vars, base.failure, base.gates))
+                    elif stopped:
+                        self._resolve(fi, i, _Val(base.text, base.vars, self._stopped(op), base.gates))
                     elif self._order[fi].may_start(i) and self._gates_ready(base.gates):
                         self._start(fi, i, op, base)
                     else:
@@ -351,6 +381,36 @@ class SegmentEvaluator:
                 sink(fi, owners, names[index], text)
 
         return on_chunk
+
+    def _stopped(self, op: Op) -> Failure:
+        reason = str(self._stop.result())
+        names = op.defined_names()
+        return Failure(names[0] if names else op.label, reason, ProgramInterruptedError(reason))
+
+    def _stop_inflight(self) -> None:
+        """After ``cancel``: abort every request in flight and fail its op."""
+        futures = list(self._inflight)
+        self._abort(futures)
+        for fut in futures:
+            fi, i = self._inflight.pop(fut)
+            if fi < 0:
+                continue  # a prefill: nothing starts after a stop, so nothing waits for it
+            op = self._fns[fi].ops[i]
+            base = self._vals[fi][op.state.name]
+            self._started.discard((fi, i))
+            self._resolve(fi, i, _Val(base.text, base.vars, self._stopped(op), base.gates))
+
+    def _abort(self, futures: list[Future]) -> None:
+        """Abort the requests behind ``futures``: the backend stops generating them (where it
+        can: ``abort_requests``), and a future not started yet (a select's scoring) never runs."""
+        abort = getattr(self.backend, "abort_requests", None)
+        if callable(abort) and futures:
+            try:
+                abort(futures)
+            except Exception:  # aborting is best effort: the run stops either way
+                pass
+        for fut in futures:
+            fut.cancel()
 
     def _complete(self, fut: Future) -> None:
         fi, i = self._inflight.pop(fut)

@@ -13,16 +13,17 @@ import asyncio
 import functools
 import inspect
 import os
-import sysconfig
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from llmir_lang.dsl.errors import (
+    LIBRARY_DIRS,
     DSLError,
     ProgramArgumentError,
     ProgramDefinitionError,
     ProgramExecutionError,
+    ProgramInterruptedError,
     SourceLocation,
 )
 from llmir_lang.dsl.primitives import TracedText, check_sampling
@@ -84,6 +85,7 @@ class LMFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Inside a program, ``f(s, ...)`` runs ``f``'s body on the state ``s`` (composition);
         anywhere else it is ``run(...)``."""
+        __tracebackhide__ = True
         if args and isinstance(args[0], ProgramState):
             return self.func(*args, **{**self.bound, **kwargs})
         return self.run(*args, **kwargs)
@@ -140,6 +142,7 @@ class LMFunction:
         """``func(state, ...)`` with ``arguments`` (by parameter name, as ``_split`` returns them)
         passed the way the signature takes them: ``*args`` spread positionally (with every named
         parameter before it), ``**kwargs`` spread as keywords."""
+        __tracebackhide__ = True
         args: list[Any] = [state]
         kwargs: dict[str, Any] = {}
         var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in self._params)
@@ -166,7 +169,9 @@ class LMFunction:
 
     # --- running -------------------------------------------------------------------------
     def _body(self, run: ProgramRun, state: ProgramState, arguments: dict[str, Any]) -> None:
-        """Run the program body on ``state``; record any error on ``run``, never raise."""
+        """Run the program body on ``state``; record any error on ``run``, never raise (but a
+        KeyboardInterrupt in the thread that runs it)."""
+        __tracebackhide__ = True  # IPython and pytest show the user's frames, not these
         run.thread = threading.get_ident()
         try:
             self._call(state, arguments)
@@ -174,9 +179,17 @@ class LMFunction:
         except Exception as e:
             run.error = self._wrap(e)
         finally:
-            run.finished.set()
-            for st in run.states:
-                st._close_stream()
+            self._end(run)
+
+    @staticmethod
+    def _end(run: ProgramRun, error: BaseException | None = None) -> None:
+        """Finish ``run`` (with ``error``, if given): release its backend, wake its readers."""
+        if error is not None:
+            run.error = error
+        run.release()
+        run.finished.set()
+        for st in run.states:
+            st._close_stream()
 
     def _wrap(self, e: Exception) -> Exception:
         if isinstance(e, DSLError):
@@ -199,27 +212,76 @@ class LMFunction:
     ) -> ProgramState:
         """Run the program and return its final state. With ``stream=True`` the program runs in
         the background and the state streams (``text_iter``); errors are then on ``state.error()``;
-        otherwise they are raised."""
-        arguments, defaults = self._split(args, kwargs)
-        chosen = resolve_backend(backend, self.name)
-        runner = PipelineRunner(chosen, self._pipeline(passes))
-        run = ProgramRun(self.name, self.name, chosen, runner, defaults, stream=stream)
-        state = ProgramState(run)
+        otherwise they are raised. A KeyboardInterrupt while it runs aborts its requests."""
+        __tracebackhide__ = True
+        run, state, arguments = self._start(args, kwargs, stream, backend, passes)
         if stream:
-            threading.Thread(
-                target=self._body, args=(run, state, arguments), daemon=True, name="llmir-program"
-            ).start()
+            self._background(run, state, arguments, "llmir-program")
             return state
         self._body(run, state, arguments)
         if run.error is not None:
             raise run.error
         return state
 
-    async def arun(self, *args: Any, **kwargs: Any) -> ProgramState:
-        """``run`` without blocking the event loop (with ``stream=True``, returns at once and
-        ``async for chunk in state.text_async_iter(var)`` streams)."""
+    async def arun(
+        self,
+        *args: Any,
+        stream: bool = False,
+        backend: Backend | None = None,
+        passes: str | None = None,
+        **kwargs: Any,
+    ) -> ProgramState:
+        """``run`` without blocking the event loop. The program runs on a thread of its own, so
+        any number of ``arun`` calls run at once and the engine batches their requests (a thread
+        pool would cap them at its size). With ``stream=True`` it returns at once and
+        ``async for chunk in state.text_async_iter(var)`` streams. Cancelling the awaiting task
+        stops the program: its requests are aborted."""
+        __tracebackhide__ = True
+        run, state, arguments = self._start(args, kwargs, stream, backend, passes)
+        if stream:
+            self._background(run, state, arguments, "llmir-program")
+            return state
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, functools.partial(self.run, *args, **kwargs))
+        done: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def body() -> None:
+            self._body(run, state, arguments)
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:  # the loop is closed: nobody awaits this program any more
+                pass
+
+        threading.Thread(target=body, daemon=True, name="llmir-arun").start()
+        try:
+            await done
+        except BaseException:  # the awaiting task was cancelled, or the loop interrupted
+            run.cancel(f"arun() of {self.name!r} was cancelled")
+            raise
+        if run.error is not None:
+            raise run.error
+        return state
+
+    def _start(
+        self,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        stream: bool,
+        backend: Backend | None,
+        passes: str | None,
+    ) -> tuple[ProgramRun, ProgramState, dict[str, Any]]:
+        """The run of one program (not started yet), its root state and its arguments."""
+        arguments, defaults = self._split(args, kwargs)
+        chosen = resolve_backend(backend, self.name)
+        runner = PipelineRunner(chosen, self._pipeline(passes))
+        run = ProgramRun(self.name, self.name, chosen, runner, defaults, stream=stream)
+        return run, ProgramState(run), arguments
+
+    def _background(self, run: ProgramRun, state: ProgramState, arguments: dict[str, Any], name: str) -> None:
+        threading.Thread(target=self._body, args=(run, state, arguments), daemon=True, name=name).start()
 
     def run_batch(
         self,
@@ -236,7 +298,11 @@ class LMFunction:
 
         Errors never stop the batch: a failed program's state has ``error()`` set. With
         ``generator_style=True`` the states are yielded in order as each program finishes.
+        A KeyboardInterrupt while it waits (a notebook's interrupt) stops the whole batch before
+        it is raised: requests in flight are aborted, programs not started never run, and the
+        progress bar is closed.
         """
+        __tracebackhide__ = True
         items = list(batch_kwargs)
         prepared = []
         for i, kw in enumerate(items):
@@ -265,37 +331,33 @@ class LMFunction:
             ProgramRun(self.name, f"{self.name}.{i}", chosen, runner, d) for i, (_, d) in enumerate(prepared)
         ]
         states = [ProgramState(r) for r in runs]
-        bar = _progress(len(runs)) if progress_bar else None
-        next_index = iter(range(len(runs)))
-        index_lock = threading.Lock()
-
-        def worker() -> None:
-            try:
-                while True:
-                    with index_lock:
-                        i = next(next_index, None)
-                    if i is None:
-                        return
-                    self._body(runs[i], states[i], prepared[i][0])
-                    if bar is not None:
-                        bar.update(1)
-            finally:
-                runner.worker_exit()
-
-        for _ in range(workers):
-            threading.Thread(target=worker, daemon=True, name="llmir-batch").start()
+        work = _BatchWork(
+            self, runner, runs, [a for a, _ in prepared], _progress(len(runs)) if progress_bar else None
+        )
+        threads = [threading.Thread(target=work.run, daemon=True, name="llmir-batch") for _ in range(workers)]
+        for t in threads:
+            t.start()
         coordinator = threading.Thread(target=runner.serve, daemon=True, name="llmir-batch-coordinator")
         coordinator.start()
 
         def finish() -> None:
             coordinator.join()
-            if bar is not None:
-                bar.close()
+            for t in threads:  # each has called worker_exit: it is returning
+                t.join()
+            work.close()
+
+        def interrupted() -> None:
+            runner.cancel(f"run_batch() of {self.name!r} was interrupted")
+            finish()
 
         if generator_style:
-            return _in_order(states, finish)
-        for st in states:
-            st._run.finished.wait()
+            return _in_order(states, finish, interrupted)
+        try:
+            for st in states:
+                st._run.finished.wait()
+        except BaseException:
+            interrupted()
+            raise
         finish()
         return states
 
@@ -351,25 +413,73 @@ def _user_frame(e: BaseException) -> SourceLocation | None:
     tb, found = e.__traceback__, None
     while tb is not None:
         path = os.path.abspath(tb.tb_frame.f_code.co_filename)
-        if not path.startswith(_PACKAGE) and not path.startswith(_LIBRARIES):
+        if not path.startswith(_PACKAGE) and not path.startswith(LIBRARY_DIRS):
             found = SourceLocation(path, tb.tb_lineno)
         tb = tb.tb_next
     return found
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_LIBRARIES = tuple(
-    {
-        os.path.abspath(p) + os.sep
-        for k in ("stdlib", "platstdlib", "purelib", "platlib")
-        if (p := sysconfig.get_path(k))
-    }
-)
 
 
-def _in_order(states: list[ProgramState], finish: Callable[[], None]) -> Iterator[ProgramState]:
+class _BatchWork:
+    """The programs of one ``run_batch``, as its worker threads take them in order (``run``).
+
+    ``close`` (once every worker has exited) closes the progress bar and drops the runner: a
+    failed program's error keeps its worker's frame alive (its traceback links to it), and must
+    not keep the backend alive through it. So the workers read ``self.runner`` and never hold it
+    in a local variable."""
+
+    def __init__(
+        self,
+        program: LMFunction,
+        runner: BatchRunner,
+        runs: list[ProgramRun],
+        arguments: list[dict[str, Any]],
+        bar: Any,
+    ) -> None:
+        self.program = program
+        self.runner: BatchRunner | None = runner
+        self.runs = runs
+        self.arguments = arguments
+        self.bar = bar
+        self._next = iter(range(len(runs)))
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        """One worker: run programs until none is left (skip them once the batch is cancelled)."""
+        assert self.runner is not None
+        try:
+            while True:
+                with self._lock:
+                    i = next(self._next, None)
+                if i is None:
+                    return
+                run = self.runs[i]
+                if self.runner.cancelled is not None:  # interrupted: what has not started never runs
+                    self.program._end(run, self.program._wrap(ProgramInterruptedError(self.runner.cancelled)))
+                    continue
+                self.program._body(run, run.states[0], self.arguments[i])
+                if self.bar is not None and self.runner.cancelled is None:
+                    self.bar.update(1)
+        finally:
+            self.runner.worker_exit()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.runner = self.bar = None
+
+
+def _in_order(
+    states: list[ProgramState], finish: Callable[[], None], interrupted: Callable[[], None]
+) -> Iterator[ProgramState]:
     for st in states:
-        st._run.finished.wait()
+        try:
+            st._run.finished.wait()
+        except BaseException:
+            interrupted()
+            raise
         yield st
     finish()
 

@@ -6,8 +6,10 @@
   a footer with the totals. All text goes through ``html.escape``; the CSS is inline, no JS.
 - ``display_stream(state)`` shows a streamed run (``f.run(..., stream=True)``) as it is produced:
   in IPython, one ``display_id`` output updated in place; without IPython, chunks on stdout.
-- ``%%llmir`` (``%load_ext llmir_lang.dsl.notebook``) runs the cell as a quick prompt on the
-  default backend; ``run_cell_prompt`` is the same without IPython.
+  Interrupting it (the notebook's interrupt) stops the program: its requests are aborted.
+- ``%%llmir`` (``%load_ext llmir_lang`` or ``llmir_lang.dsl.notebook``) runs the cell as a quick
+  prompt on the default backend; ``run_cell_prompt`` is the same without IPython. In IPython its
+  errors are one line (``CellMagicError``): a traceback would only show llmir_lang's frames.
 
 The renderer reads the state's recorded pieces without syncing, so it never blocks: a state that
 is still running shows what is known so far (streamed text of a gen in progress included).
@@ -22,9 +24,10 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from llmir_lang.errors import ProgramError
+from llmir_lang.dsl.errors import DSLError
+from llmir_lang.errors import LLMIRError, ProgramError
 
 if TYPE_CHECKING:
     from llmir_lang.dsl.recorder import Piece
@@ -193,39 +196,66 @@ def display_stream(
 ) -> ProgramState:
     """Show ``state`` as it is produced and return it once the program has finished.
 
-    Under IPython: one HTML output (``display_id``) re-rendered at most every ``interval`` seconds
-    and once at the end. Otherwise: the text (or variable ``var``'s text) printed to ``file``
-    (stdout) chunk by chunk. A run without ``stream=True`` is shown at once, in full.
+    Under IPython (and no ``file`` given): one HTML output (``display_id``) re-rendered at most
+    every ``interval`` seconds and once at the end. Otherwise: the text (or variable ``var``'s
+    text) printed to ``file`` (stdout) chunk by chunk. A run without ``stream=True`` is shown at
+    once, in full.
+
+    A KeyboardInterrupt while it waits (the notebook's interrupt) stops the program before it is
+    raised: its requests are aborted, and the view shows where it stopped.
     """
-    shown = _ipython_display()
-    if shown is None:
-        sink = file if file is not None else sys.stdout
-        for chunk in state.text_iter(var):
-            sink.write(chunk)
-            sink.flush()
-        sink.write("\n")
+    __tracebackhide__ = True
+    shown = _ipython_display() if file is None else None
+    handle: Any = None
+    try:
+        if shown is None:
+            sink = file if file is not None else sys.stdout
+            for chunk in state.text_iter(var):
+                sink.write(chunk)
+                sink.flush()
+            sink.write("\n")
+            state.sync()
+            return state
+        display, html_type = shown
+        handle = display(html_type(render_state_html(state)), display_id=True)
+        last = time.monotonic()
+        for _ in state.text_iter(var):
+            now = time.monotonic()
+            if now - last >= interval:
+                handle.update(html_type(render_state_html(state)))
+                last = now
         state.sync()
+        handle.update(html_type(render_state_html(state)))
         return state
-    display, html_type = shown
-    handle = display(html_type(render_state_html(state)), display_id=True)
-    last = time.monotonic()
-    for _ in state.text_iter(var):
-        now = time.monotonic()
-        if now - last >= interval:
-            handle.update(html_type(render_state_html(state)))
-            last = now
-    state.sync()
-    handle.update(html_type(render_state_html(state)))
-    return state
+    except KeyboardInterrupt:
+        state._run.cancel("display_stream() was interrupted")
+        # a stopped program ends at once (its requests are aborted); show where it stopped
+        if state._run.finished.wait(_STOP_WAIT) and handle is not None:
+            handle.update(shown[1](render_state_html(state)))
+        raise
+
+
+_STOP_WAIT = 5.0  # seconds an interrupted display_stream waits for the program to stop
 
 
 # --- %%llmir -----------------------------------------------------------------------------------
 class CellMagicError(ProgramError):
-    """The ``%%llmir`` line or cell is not usable; the message says what to change."""
+    """The ``%%llmir`` line or cell is not usable, or its prompt failed (``__cause__`` is the
+    program's error); the message says what to change. IPython shows it as its message alone."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython's hook for exceptions that render themselves: the frames are all llmir_lang's
+        return [f"{type(self).__name__}: {self}"]
+
+
+class _MagicParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse would print the usage to stderr and raise SystemExit(2)
+        raise CellMagicError(f"%%llmir: {message}; {MAGIC_USAGE}")
 
 
 def _magic_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="%%llmir", add_help=False, exit_on_error=False)
+    p = _MagicParser(prog="%%llmir", add_help=False, exit_on_error=False)
     p.add_argument("--chat", action="store_true", help="the cell is a user message; reply as assistant")
     p.add_argument("--system", default=None, help="a system message (implies --chat)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -244,8 +274,8 @@ def parse_magic_line(line: str) -> argparse.Namespace:
     """The options of a ``%%llmir`` line; a typed error (with the usage) on a bad line."""
     try:
         ns = _magic_parser().parse_args(shlex.split(line))
-    except (argparse.ArgumentError, ValueError, SystemExit) as e:
-        raise CellMagicError(f"%%llmir: cannot read the line {line!r} ({e}); usage: {MAGIC_USAGE}") from None
+    except (argparse.ArgumentError, ValueError) as e:
+        raise CellMagicError(f"%%llmir: cannot read the line {line!r}: {e}; {MAGIC_USAGE}") from None
     if ns.max_tokens < 1:
         raise CellMagicError(f"%%llmir: --max-tokens must be >= 1, got {ns.max_tokens}")
     if not ns.var.isidentifier() or not ns.out.isidentifier():
@@ -258,7 +288,9 @@ def run_cell_prompt(
 ) -> ProgramState:
     """Run ``cell`` as a prompt: plain text followed by a gen, or with ``--chat`` / ``--system`` a
     user message and an assistant reply. Streams unless ``--no-stream``; the state goes to
-    ``namespace[--out]`` (default ``_llmir``) and is returned."""
+    ``namespace[--out]`` (default ``_llmir``) and is returned. A failed program raises its error
+    (a streamed one after it is shown, and after the state went to ``namespace``)."""
+    __tracebackhide__ = True
     from llmir_lang.dsl.function import function
     from llmir_lang.dsl.primitives import assistant, gen, system, user
 
@@ -270,7 +302,14 @@ def run_cell_prompt(
     if ns.temperature is not None:
         gen_args["temperature"] = ns.temperature
     if ns.stop:
-        gen_args["stop"] = [s.encode().decode("unicode_escape") for s in ns.stop]
+        try:
+            gen_args["stop"] = [s.encode().decode("unicode_escape") for s in ns.stop]
+        except UnicodeDecodeError as e:
+            raise CellMagicError(f"%%llmir: --stop {ns.stop!r} has a bad escape ({e.reason})") from None
+    try:  # checked now, so that a bad value is a line error and not a failed program
+        answer = gen(ns.var, **gen_args)
+    except DSLError as e:
+        raise CellMagicError(f"%%llmir: {e.cause_message}") from None
     chat = ns.chat or ns.system is not None
 
     def cell_prompt(s: Any) -> None:
@@ -278,10 +317,10 @@ def run_cell_prompt(
             if ns.system is not None:
                 s += system(ns.system)
             s += user(prompt)
-            s += assistant(gen(ns.var, **gen_args))
+            s += assistant(answer)
         else:
             s += prompt
-            s += gen(ns.var, **gen_args)
+            s += answer
 
     program = function(cell_prompt, name="llmir_cell")
     state = program.run(backend=backend, stream=not ns.no_stream)
@@ -289,14 +328,37 @@ def run_cell_prompt(
         display_stream(state)
     if namespace is not None:
         namespace[ns.out] = state
+    if state.error() is not None:
+        raise state.error()
     return state
 
 
-def _llmir_cell_magic(line: str, cell: str) -> None:
+def _llmir_cell_magic(line: str, cell: str) -> ProgramState | None:
     from IPython import get_ipython
 
+    try:
+        if {"-h", "--help"} & set(shlex.split(line)):
+            print(_magic_parser().format_help())
+            return None
+    except ValueError:
+        pass  # an unclosed quote: parse_magic_line says so
     shell = get_ipython()
-    run_cell_prompt(line, cell, shell.user_ns if shell is not None else None)
+    try:
+        state = run_cell_prompt(line, cell, shell.user_ns if shell is not None else None)
+    except CellMagicError:
+        raise
+    except LLMIRError as e:  # no backend, a failed generation: the message says it all
+        raise CellMagicError(f"%%llmir: {type(e).__name__}: {e}") from e
+    # a streamed prompt is already on screen; otherwise the result is the cell's output
+    return state if parse_magic_line(line).no_stream else None
+
+
+_llmir_cell_magic.__doc__ = (
+    "Run the cell as a prompt on the default backend (llmir.set_default_backend) and stream the\n"
+    "answer into the cell. --chat makes the cell a user message answered as the assistant;\n"
+    "the state goes to the variable _llmir (or --out NAME); --no-stream shows it at the end.\n\n"
+    + _magic_parser().format_help()
+)
 
 
 def load_ipython_extension(ipython: Any) -> None:

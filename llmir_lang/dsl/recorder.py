@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import itertools
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llmir_lang.dsl.errors import GenerationError, RoleError, SourceLocation
+from llmir_lang.dsl.errors import GenerationError, ProgramInterruptedError, RoleError, SourceLocation
 from llmir_lang.dsl.results import FunctionResult
 from llmir_lang.errors import LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend
@@ -132,12 +133,14 @@ class ProgramRun:
         self.error: BaseException | None = None
         self.finished = threading.Event()
         self.thread: int | None = None  # the thread running the program body
+        self.stats: Any = None  # the runner's counters, kept when ``release`` drops the runner
+        self._tracing = runner is None
         self._anon = itertools.count()
         self._pending = 0  # pieces recorded in this segment and not run yet
 
     @property
     def tracing(self) -> bool:
-        return self.runner is None
+        return self._tracing
 
     def in_body(self) -> bool:
         """True when called from the thread running the program body (before it ended)."""
@@ -179,12 +182,32 @@ class ProgramRun:
         except LLMIRError as e:
             raise RoleError(f"cannot render role {role!r}: {e}", self.program, where) from e
 
+    def release(self) -> None:
+        """Drop the run's references to its backend and runner (called as the program finishes).
+
+        A finished state is often kept long after the run (a notebook's output history keeps every
+        value a cell displayed), and it must not keep an engine, its KV memory and its thread alive
+        after the user created another one. The runner's counters stay (``run_stats``)."""
+        self.stats = getattr(self.runner, "stats", None)
+        self.runner = None
+        self.backend = None
+        self.roles = LazyRoles(None)
+
+    def cancel(self, reason: str) -> None:
+        """Stop the run from another thread (a KeyboardInterrupt, a cancelled ``arun``): its
+        requests in flight are aborted and the program ends with a ``ProgramInterruptedError``.
+        Does nothing once the run has finished."""
+        cancel = getattr(self.runner, "cancel", None)
+        if cancel is not None and not self.finished.is_set():
+            cancel(reason)
+
     # --- sync ----------------------------------------------------------------------------
     def has_pending(self) -> bool:
         return self._pending > 0
 
     def flush(self) -> None:
         """Run the recorded segment (a sync point) and write the values into the pieces."""
+        __tracebackhide__ = True
         if self.tracing:
             return
         live = [st for st in self.states if st._segment == self.segment and st._value is not None]
@@ -203,6 +226,7 @@ class ProgramRun:
         self._write_back(live, result)
 
     def _write_back(self, live: list[ProgramState], result: FunctionResult) -> None:
+        __tracebackhide__ = True
         failure = None
         for state, res in zip(live, result.states):
             for piece in state._pieces:
@@ -214,14 +238,17 @@ class ProgramRun:
         error: BaseException | None = None
         if failure is not None:
             where = self._where_of(live, failure.name)
-            cls = (
-                GenerationNotSupportedError
-                if isinstance(failure.cause, NotYetSupportedError)
-                else GenerationError
-            )
             what = f"gen/select {failure.name!r}" if failure.name else "the program"
-            error = cls(f"{what} failed: {failure.message}", self.program, where)
-            error.__cause__ = failure.cause
+            if isinstance(failure.cause, ProgramInterruptedError):
+                error = ProgramInterruptedError(f"{what} was stopped: {failure.message}", self.program, where)
+            else:
+                cls = (
+                    GenerationNotSupportedError
+                    if isinstance(failure.cause, NotYetSupportedError)
+                    else GenerationError
+                )
+                error = cls(f"{what} failed: {failure.message}", self.program, where)
+            error.__cause__ = _detached(failure.cause)
         for state in live:
             for piece in state._pieces:
                 if piece.text is None and piece.failure is None:
@@ -239,3 +266,15 @@ class ProgramRun:
                 if piece.name == name and piece.text is None:
                     return piece.where
         return None
+
+
+def _detached(cause: BaseException | None) -> BaseException | None:
+    """``cause`` made fit to be kept by a failed state, as long as the state lives: the locals of
+    its traceback's frames are cleared (they hold the evaluator, and through it the backend and
+    its engine), and one of llmir_lang's typed errors (a prompt too long, a bad schema) loses its
+    traceback altogether: its message says what is wrong, and the frames are the engine's own."""
+    if cause is not None and cause.__traceback__ is not None:
+        traceback.clear_frames(cause.__traceback__)
+        if isinstance(cause, LLMIRError):
+            cause.__traceback__ = None
+    return cause

@@ -9,6 +9,10 @@
   soon as its own function is complete, and its next segment can join the next round while the
   previous one is still running, which keeps the engine's batch full.
 
+``cancel(reason)`` stops a run from another thread (a KeyboardInterrupt in ``run_batch``, a
+cancelled ``arun``): the segments running now end at once with their requests aborted, and any
+later segment raises ``ProgramInterruptedError`` instead of running.
+
 On an llmir server (a backend with ``run_program`` whose ``protocol`` is ``"llmir"``), a module
 that nothing streams goes to the server whole, as IR text (``/program``): the server optimizes and
 runs it next to its engine, one round trip per segment module instead of one per call.
@@ -22,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmir_lang.dsl.errors import ProgramInterruptedError
 from llmir_lang.dsl.evaluator import SegmentEvaluator
 from llmir_lang.dsl.prefill import PrefillMemory
 from llmir_lang.dsl.results import Failure, FunctionResult, StateResult, VarResult
@@ -62,6 +67,22 @@ class PipelineRunner:
         self.stats = RunnerStats()
         self.prefilled = PrefillMemory()
         self._lock = threading.Lock()
+        self.cancelled: str | None = None  # the reason given to ``cancel``
+        self._evaluators: set[SegmentEvaluator] = set()
+
+    def cancel(self, reason: str) -> None:
+        """Stop the run (see the module docstring); thread-safe, the first reason is kept."""
+        with self._lock:
+            if self.cancelled is None:
+                self.cancelled = reason
+            running = list(self._evaluators)
+        for ev in running:
+            ev.cancel(self.cancelled)
+
+    def check_cancelled(self) -> None:
+        """Raise ``ProgramInterruptedError`` if the run was cancelled."""
+        if self.cancelled is not None:
+            raise ProgramInterruptedError(self.cancelled)
 
     def optimize(self, module: Module, roles: Any) -> Module:
         if not self.passes.strip():
@@ -93,7 +114,14 @@ class PipelineRunner:
             on_function_done=on_function_done,
             prefilled=self.prefilled,
         )
-        results = ev.run(optimized)
+        with self._lock:
+            self.check_cancelled()
+            self._evaluators.add(ev)
+        try:
+            results = ev.run(optimized)
+        finally:
+            with self._lock:
+                self._evaluators.discard(ev)
         with self._lock:
             self.stats.add(ev)
             self.stats.segments += len(module.functions)
@@ -103,6 +131,7 @@ class PipelineRunner:
         return results
 
     def execute(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> FunctionResult:
+        self.check_cancelled()
         return self.evaluate(Module((fn,)), run.roles, [live])[0]
 
     def _runs_programs(self) -> bool:
@@ -175,6 +204,7 @@ class BatchRunner(PipelineRunner):
     def execute(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> FunctionResult:
         item = _Waiting(run, fn, live)
         with self._cv:
+            self.check_cancelled()
             self._waiting.append(item)
             self._running -= 1
             self._cv.notify_all()
@@ -183,6 +213,14 @@ class BatchRunner(PipelineRunner):
         finally:
             with self._cv:
                 self._running += 1
+
+    def cancel(self, reason: str) -> None:
+        super().cancel(reason)
+        with self._cv:  # segments waiting for the next round never get one
+            waiting, self._waiting = self._waiting, []
+            self._cv.notify_all()
+        for item in waiting:
+            item.future.set_exception(ProgramInterruptedError(reason))
 
     def worker_exit(self) -> None:
         with self._cv:

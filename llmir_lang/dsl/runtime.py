@@ -3,12 +3,14 @@
 ``Runtime()`` loads the bundled model (``llmir-tiny``); ``Runtime("path/to/checkpoint",
 kv_memory="2GiB")`` any supported Hugging Face checkpoint, with ``Engine`` options. It is a
 ``Backend`` (so ``f.run(backend=rt)`` works) and a context manager that shuts the engine down.
+Its ``abort_requests(futures)`` (``EngineBackend``'s) stops the engine requests behind futures it
+returned (what the segment evaluator calls when a run is interrupted or cancelled).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -68,6 +70,9 @@ class Runtime(Backend):
 
     def submit(self, request: ChainRequest, on_chunk: ChunkCallback | None = None) -> Future:
         return self.backend.submit(request, on_chunk)
+
+    def abort_requests(self, futures: Iterable[Future]) -> None:
+        self.backend.abort_requests(futures)
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
         return self.backend.score(prompt, continuations)

@@ -57,6 +57,7 @@ class ProgramState:
 
     # --- appending -----------------------------------------------------------------------
     def __iadd__(self, other: Any) -> ProgramState:
+        __tracebackhide__ = True
         where = SourceLocation.here()
         if self._run.finished.is_set():
             raise DSLError(
@@ -68,6 +69,7 @@ class ProgramState:
         return self
 
     def _append(self, x: Any, where: SourceLocation | None) -> None:
+        __tracebackhide__ = True
         run = self._run
         if isinstance(x, TracedText):
             if x.run_id != id(run):
@@ -201,6 +203,7 @@ class ProgramState:
 
     # --- reading -------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
+        __tracebackhide__ = True
         slot = self._slot(name, SourceLocation.here())
         if self._run.tracing:
             return self._traced(name, slot)
@@ -310,7 +313,8 @@ class ProgramState:
     def run_stats(self) -> dict[str, int]:
         """What the run sent to the backend so far (shared by a whole ``run_batch``): segments,
         rounds, gen/chain requests, prefills and score calls."""
-        stats = getattr(self._run.runner, "stats", None)
+        run = self._run
+        stats = run.stats if run.runner is None else getattr(run.runner, "stats", None)
         if stats is None:
             return {}
         return {k: getattr(stats, k) for k in ("segments", "rounds", "requests", "prefills", "score_calls")}
@@ -349,7 +353,13 @@ class ProgramState:
 
     def __repr__(self) -> str:
         known = "".join(p.text or "" for p in self._pieces)
-        return f"ProgramState({known[-60:]!r}{', running' if not self._run.finished.is_set() else ''})"
+        if not self._run.finished.is_set():
+            status = ", running"
+        elif self._run.error is not None:
+            status = f", failed: {type(self._run.error).__name__}"
+        else:
+            status = ""
+        return f"ProgramState({known[-60:]!r}{status})"
 
     def _repr_html_(self) -> str:
         """Jupyter's rich view: role blocks, generated variables highlighted with their token
@@ -382,6 +392,7 @@ class ProgramState:
         )
 
     def _sync(self, slot: Slot | None) -> None:
+        __tracebackhide__ = True
         run = self._run
         if run.tracing:
             return

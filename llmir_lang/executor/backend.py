@@ -10,11 +10,12 @@ OpenAI) implement the same interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmir_lang.errors import EngineClosedError
 from llmir_lang.executor.sampling_params import SamplingParams
 
 
@@ -95,6 +96,10 @@ class Backend(ABC):
 
     def unpin(self, prompt: str) -> None:  # noqa: B027 - optional
         """Release a prefix pinned by ``ChainRequest.pin``."""
+
+    def abort_requests(self, futures: Iterable[Future]) -> None:  # noqa: B027 - optional
+        """Stop generating the chains behind ``futures`` (returned by ``submit``) where the backend
+        can: an interrupted or cancelled run calls it. Those already finished are left alone."""
 
     def stats(self) -> dict[str, Any]:
         return {}
@@ -179,7 +184,19 @@ class EngineBackend(Backend):
                     outer.set_result(ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}"))
 
         inner.add_done_callback(done)
+        outer.rid = getattr(inner, "rid", None)  # type: ignore[attr-defined]  # for abort_requests
         return outer
+
+    def abort_requests(self, futures: Iterable[Future]) -> None:
+        """Abort the engine requests behind ``futures``, all in one turn of the engine thread."""
+        rids = [rid for f in futures if (rid := getattr(f, "rid", None)) is not None]
+        engine = self.engine
+        if not rids or getattr(engine, "_closed", False):
+            return
+        try:
+            engine.call_in_engine_thread(lambda: [engine.abort(rid) for rid in rids])
+        except EngineClosedError:
+            pass  # the engine is gone, and every request with it
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
         return self.engine.score(prompt, list(continuations))

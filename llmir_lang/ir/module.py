@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from llmir_lang.ir.ops import FORK, Op
 from llmir_lang.ir.values import Value
@@ -41,12 +42,30 @@ class Function:
     def value_names(self) -> set[str]:
         return {p.name for p in self.params} | {v.name for op in self.ops for v in op.results}
 
+    def __str__(self) -> str:
+        from llmir_lang.ir.printer import format_function
+
+        return format_function(self, indent="")
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
 
 @dataclass(frozen=True, slots=True)
 class Module:
     """An ordered set of functions, each one program instance."""
 
     functions: tuple[Function, ...] = ()
+
+    def __str__(self) -> str:
+        """The printed form (``print_ir``), so that ``print(f.trace())`` shows the IR text."""
+        from llmir_lang.ir.printer import print_ir
+
+        return print_ir(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython shows a module (``f.trace()`` as a cell's last line) in its printed form."""
+        p.text(str(self))
 
     def function(self, name: str) -> Function:
         for fn in self.functions:
