@@ -8,6 +8,7 @@ segment model and ``fork`` for fork groups.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -326,30 +327,47 @@ class ProgramState:
 
     def text_iter(self, var: str | None = None) -> Iterator[str]:
         """The text (or one variable's text) as it is produced; a run with ``stream=True`` yields
-        it piece by piece as the engine generates, any other run yields it at once."""
+        it piece by piece as the engine generates, any other run yields it at once. A
+        KeyboardInterrupt while it waits for the next piece stops the program (``cancel``)."""
         if self._log is None:
             self._sync(None)
             yield self.text() if var is None else str(self[var])
             return
         got = False
-        for chunk in self._log.iter(var):
-            got = True
-            yield chunk
+        try:
+            for chunk in self._log.iter(var):
+                got = True
+                yield chunk
+        except KeyboardInterrupt:
+            self._run.cancel("text_iter() was interrupted")
+            raise
         if var is not None and not got:
             self._slot(var, SourceLocation.here())  # a name the program never produced raises
 
     async def text_async_iter(self, var: str | None = None) -> AsyncIterator[str]:
-        """``text_iter`` for ``async for``; never blocks the event loop."""
+        """``text_iter`` for ``async for``; never blocks the event loop. Cancelling the task that
+        waits for the next piece stops the program (``cancel``)."""
         if self._log is None:
             self._sync(None)
             yield self.text() if var is None else str(self[var])
             return
         got = False
-        async for chunk in self._log.aiter(var):
-            got = True
-            yield chunk
+        try:
+            async for chunk in self._log.aiter(var):
+                got = True
+                yield chunk
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            self._run.cancel("text_async_iter() was cancelled")
+            raise
         if var is not None and not got:
             self._slot(var, SourceLocation.here())
+
+    def cancel(self) -> None:
+        """Stop the program while it runs (``run(stream=True)``, ``arun``): its engine requests
+        are aborted, the gens and selects not done fail, and ``error()`` becomes a
+        ``ProgramInterruptedError``. The text produced so far stays readable. Does nothing once
+        the program has finished."""
+        self._run.cancel(f"program {self._run.program!r} was cancelled")
 
     def __repr__(self) -> str:
         known = "".join(p.text or "" for p in self._pieces)

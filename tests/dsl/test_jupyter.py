@@ -160,6 +160,36 @@ def test_interrupted_display_stream_stops_the_program(rt):
     assert "failed: ProgramInterruptedError" in repr(state)
 
 
+def test_interrupted_text_iter_stops_the_program(rt):
+    tokens = _tokens(rt)
+    state = long_answer.run(q="What is 5 + 6?", backend=rt, stream=True)
+    seen: list[str] = []
+
+    def read() -> None:
+        for chunk in state.text_iter("answer"):
+            seen.append(chunk)
+
+    _interrupt(read, when=lambda: len(seen) > 3)
+    _assert_cut_short(rt, tokens)
+    assert isinstance(state.error(), llmir.ProgramInterruptedError)
+
+
+def test_cancel_stops_a_streaming_program_and_keeps_its_text(rt):
+    tokens = _tokens(rt)
+    state = long_answer.run(q="What is 7 + 8?", backend=rt, stream=True)
+    it = state.text_iter()
+    head = next(it)
+    while len(head) < 30:
+        head += next(it)
+    state.cancel()
+    rest = "".join(it)  # the stream ends instead of running to max_tokens
+    _assert_cut_short(rt, tokens)
+    assert isinstance(state.error(), llmir.ProgramInterruptedError)
+    assert state.text().startswith("Q: What is 7 + 8?") and (head + rest).startswith("Q: ")
+    state.cancel()  # a finished program: nothing happens
+    assert short.run(q="What is 1 + 1?", backend=rt).error() is None
+
+
 def test_cancelled_arun_aborts_and_many_aruns_run_at_once(rt):
     async def cancelled() -> None:
         steps = _engine_steps(rt)
