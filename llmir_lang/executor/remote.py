@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +61,10 @@ class RemoteBackendError(LLMIRError):
         self.detail = detail
 
 
+class ChainAborted(RemoteBackendError):
+    """A chain stopped by ``abort_requests`` (an interrupted or cancelled program)."""
+
+
 @dataclass(slots=True)
 class RemoteState:
     """One returned state of a program run on the server (``/program``)."""
@@ -87,7 +91,7 @@ class _HTTPBackend(Backend):
     Options of both backends: ``tokenizer`` (a Hugging Face tokenizer or its path, for the chat
     template when the server cannot render it), ``timeout`` (seconds per request), ``max_workers``
     (chains in flight). Subclasses define ``_lower(GenStep) -> request body`` and
-    ``_generate(text, body, on_text) -> StepResult``."""
+    ``_generate(text, body, on_text, stop) -> StepResult``."""
 
     def __init__(
         self,
@@ -157,14 +161,20 @@ class _HTTPBackend(Backend):
             raise self._fail(path, r)
         return r.json()
 
-    def _events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The JSON events of a server-sent-events response, up to ``data: [DONE]``."""
+    def _events(
+        self, path: str, body: dict[str, Any], stop: threading.Event | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The JSON events of a server-sent-events response, up to ``data: [DONE]``. Once ``stop``
+        is set the response is closed (a server aborts a request whose client went away) and
+        ``ChainAborted`` raised."""
         try:
             with self._client.stream("POST", path, json=body) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise self._fail(path, r)
                 for line in r.iter_lines():
+                    if stop is not None and stop.is_set():
+                        raise ChainAborted(f"{self._url(path)}: aborted by the caller")
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -237,18 +247,35 @@ class _HTTPBackend(Backend):
         lowered = [s if isinstance(s, str) else (s.name, self._lower(s)) for s in request.steps]
         if not any(not isinstance(s, str) for s in lowered):
             raise NotYetSupportedError("a chain needs at least one generation step")
-        return self._pool.submit(self._run_chain, request.prompt, lowered, on_chunk)
+        stop = threading.Event()
+        fut = self._pool.submit(self._run_chain, request.prompt, lowered, on_chunk, stop)
+        fut.llmir_stop = stop  # type: ignore[attr-defined]  # for abort_requests
+        return fut
 
-    def _run_chain(self, prompt: str, lowered: list[Any], on_chunk: ChunkCallback | None) -> ChainResult:
+    def abort_requests(self, futures: Iterable[Future]) -> None:
+        """Stop the chains behind ``futures``: one not started never runs; a streamed generation
+        closes its response (the server aborts it); a chain starts no further generation. A
+        generation sent without streaming runs to its end on the server (its result is dropped)."""
+        for f in futures:
+            stop = getattr(f, "llmir_stop", None)
+            if stop is not None:
+                stop.set()
+            f.cancel()
+
+    def _run_chain(
+        self, prompt: str, lowered: list[Any], on_chunk: ChunkCallback | None, stop: threading.Event
+    ) -> ChainResult:
         text, appended, results = prompt, "", []
         for step in lowered:
             if isinstance(step, str):
                 text, appended = text + step, appended + step
                 continue
+            if stop.is_set():
+                return ChainResult(results, appended, error="ChainAborted: aborted by the caller")
             index = len(results)
             sink = (lambda t, i=index: on_chunk(i, t)) if on_chunk is not None else None
             try:
-                res = self._generate(text, step[1], sink)
+                res = self._generate(text, step[1], sink, stop)
             except Exception as e:  # network or server failure: reported, never raised
                 return ChainResult(results, appended, error=f"{type(e).__name__}: {e}")
             res.name = step[0]
@@ -371,13 +398,19 @@ class Endpoint(_HTTPBackend):
             body.update(return_logprob=True, top_logprobs_num=p.top_logprobs_num)
         return body
 
-    def _generate(self, text: str, body: dict[str, Any], on_text: Callable[[str], None] | None) -> StepResult:
+    def _generate(
+        self,
+        text: str,
+        body: dict[str, Any],
+        on_text: Callable[[str], None] | None,
+        stop: threading.Event | None = None,
+    ) -> StepResult:
         body = {**body, "text": text}
         if on_text is None:
             return self._step_result(self._post("/generate", body))
         last: dict[str, Any] = {}
         sent = 0
-        for event in self._events("/generate", {**body, "stream": True}):
+        for event in self._events("/generate", {**body, "stream": True}, stop):
             full = event.get("text", "")
             if len(full) > sent:  # SGLang streams the whole text so far
                 on_text(full[sent:])
@@ -559,22 +592,30 @@ class OpenAI(_HTTPBackend):
             )
         return body
 
-    def _generate(self, text: str, body: dict[str, Any], on_text: Callable[[str], None] | None) -> StepResult:
+    def _generate(
+        self,
+        text: str,
+        body: dict[str, Any],
+        on_text: Callable[[str], None] | None,
+        stop: threading.Event | None = None,
+    ) -> StepResult:
         body = {**body, "prompt": text}
         default = body["max_tokens"] == _DEFAULT_MAX_TOKENS
         limit = self._max_tokens_limit
         if default and limit is not None:
             body["max_tokens"] = min(limit, _DEFAULT_MAX_TOKENS)
         try:
-            return self._complete(body, on_text)
+            return self._complete(body, on_text, stop)
         except RemoteBackendError as e:
             limit = _refused_limit(e) if body["max_tokens"] == _DEFAULT_MAX_TOKENS else None
             if limit is None or limit >= _DEFAULT_MAX_TOKENS:
                 raise
             self._max_tokens_limit = limit  # refused before anything was generated: send again
-            return self._complete({**body, "max_tokens": limit}, on_text)
+            return self._complete({**body, "max_tokens": limit}, on_text, stop)
 
-    def _complete(self, body: dict[str, Any], on_text: Callable[[str], None] | None) -> StepResult:
+    def _complete(
+        self, body: dict[str, Any], on_text: Callable[[str], None] | None, stop: threading.Event | None = None
+    ) -> StepResult:
         if on_text is None:
             out = self._post("/completions", body)
             choice, usage = out["choices"][0], out.get("usage") or {}
@@ -583,7 +624,7 @@ class OpenAI(_HTTPBackend):
         else:
             got, finish, usage, lp = "", "unknown", {}, {}
             stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            for event in self._events("/completions", stream_body):
+            for event in self._events("/completions", stream_body, stop):
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or []:
                     if choice.get("text"):

@@ -4,6 +4,7 @@ results as on the embedded engine, streaming included, and whole programs run vi
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -277,3 +278,31 @@ def test_openai_backend_reports_failures_not_missing_features(server):
         with pytest.raises(RemoteBackendError) as e:
             oa.score("Q: ", ["1"])
         assert e.value.status == 404 and "llmir-tiny" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["endpoint", "openai"])
+def test_abort_requests_stops_a_streamed_chain_on_the_server(server, kind):
+    """An interrupted program's streamed generation on a remote server stops there (the response
+    is closed, the server aborts it) and the chain starts no further generation."""
+    from server_harness import wait_idle
+
+    backend = Endpoint(server.url) if kind == "endpoint" else OpenAI(server.url + "/v1", "llmir-tiny")
+    with backend:
+        before = wait_idle(server.url)
+        steps = [GenStep("a", SamplingParams(max_new_tokens=900, ignore_eos=True)), " then", GenStep("b")]
+        chunks: list[str] = []
+        fut = backend.submit(ChainRequest("Q: What is 3 + 4?\nA: ", steps), on_chunk=lambda i, t: chunks.append(t))
+        deadline = time.monotonic() + 60
+        while len(chunks) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        backend.abort_requests([fut])
+        result = fut.result(timeout=30)
+        assert result.error is not None and "aborted" in result.error
+        assert [s.name for s in result.steps] == []  # "b" never started
+        after = wait_idle(server.url, timeout=15.0)
+        assert after["server"]["aborted"] == before["server"]["aborted"] + 1
+        assert after["tokens_computed"] - before["tokens_computed"] < 600  # stopped early
+        # a chain not started yet never runs
+        queued = backend.submit(ChainRequest("Q: What is 1 + 1?\nA: ", [GenStep("x")]))
+        backend.abort_requests([queued])
+        assert queued.cancelled() or "aborted" in (queued.result(timeout=30).error or "")
