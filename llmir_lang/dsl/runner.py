@@ -69,6 +69,7 @@ class PipelineRunner:
         self._lock = threading.Lock()
         self.cancelled: str | None = None  # the reason given to ``cancel``
         self._evaluators: set[SegmentEvaluator] = set()
+        self._stop = threading.Event()  # set by ``cancel``: ends a whole-module call to a server
 
     def cancel(self, reason: str) -> None:
         """Stop the run (see the module docstring); thread-safe, the first reason is kept."""
@@ -76,6 +77,7 @@ class PipelineRunner:
             if self.cancelled is None:
                 self.cancelled = reason
             running = list(self._evaluators)
+        self._stop.set()
         for ev in running:
             ev.cancel(self.cancelled)
 
@@ -146,7 +148,13 @@ class PipelineRunner:
     ) -> list[FunctionResult]:
         """Send ``module`` (unoptimized: the server runs ``self.passes`` with its model's chat
         template) and turn the reply's states into the runner's results."""
-        reply = self.backend.run_program(print_ir(module), None, self.passes)  # type: ignore[attr-defined]
+        self.check_cancelled()
+        try:
+            reply = self.backend.run_program(print_ir(module), None, self.passes, stop=self._stop)  # type: ignore[attr-defined]
+        except Exception:
+            if self._stop.is_set():  # the call was ended by ``cancel`` (ChainAborted)
+                raise ProgramInterruptedError(self.cancelled or "the run was stopped") from None
+            raise
         if len(reply.functions) != len(module.functions):
             raise RuntimeError(
                 f"the server returned {len(reply.functions)} functions for a module of "

@@ -24,6 +24,8 @@ remote servers do not take. Local checks (sampling params, constraint support) r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -157,6 +159,53 @@ class _HTTPBackend(Backend):
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         r = self._request("POST", path, body)
+        if r.status_code >= 400:
+            raise self._fail(path, r)
+        return r.json()
+
+    def _post_abortable(self, path: str, body: dict[str, Any], stop: threading.Event) -> Any:
+        """``_post`` that setting ``stop`` ends at once, for long calls (``/program``): the request
+        runs on an asyncio client of its own, on a thread of its own; cancelling it closes its
+        connection, so the server (which aborts a request whose client went away) stops too. Then
+        ``ChainAborted`` is raised. A KeyboardInterrupt in the waiting thread sets ``stop``."""
+        client_options = {"base_url": self.base_url, "headers": self._client.headers, "timeout": self._client.timeout}
+
+        async def call() -> httpx.Response | None:
+            async with httpx.AsyncClient(**client_options) as client:
+                task = asyncio.ensure_future(client.post(path, json=body))
+                while not task.done():
+                    if stop.is_set():
+                        task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await task
+                        return None
+                    await asyncio.wait({task}, timeout=0.05)
+                return task.result()
+
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["response"] = asyncio.run(call())
+            except BaseException as e:
+                box["error"] = e
+
+        worker = threading.Thread(target=run, daemon=True, name="llmir-remote-call")
+        worker.start()
+        try:
+            worker.join()
+        except BaseException:  # interrupted while waiting: the call must not run on for nobody
+            stop.set()
+            worker.join(10.0)
+            raise
+        error = box.get("error")
+        if isinstance(error, (httpx.HTTPError, httpx.InvalidURL)):
+            raise self._unreachable(path, error) from None
+        if error is not None:
+            raise error
+        r = box.get("response")
+        if r is None:
+            raise ChainAborted(f"{self._url(path)}: aborted by the caller")
         if r.status_code >= 400:
             raise self._fail(path, r)
         return r.json()
@@ -501,11 +550,16 @@ class Endpoint(_HTTPBackend):
         return self._post("/apply_chat_template", body)["text"]
 
     def run_program(
-        self, ir: str, args: dict[str, str] | list[dict[str, str]] | None = None, passes: str | None = None
+        self,
+        ir: str,
+        args: dict[str, str] | list[dict[str, str]] | None = None,
+        passes: str | None = None,
+        stop: threading.Event | None = None,
     ) -> ProgramReply:
         """Run a whole program on an llmir server in one round trip. ``ir``: IR text (e.g.
         ``print_ir(f.trace())``); ``args``: one dict (one function) or one per function;
-        ``passes``: the server's pipeline (None: its default)."""
+        ``passes``: the server's pipeline (None: its default). Setting ``stop`` (from another
+        thread) ends the call at once with ``ChainAborted``, and the server aborts the run."""
         if self.protocol != "llmir":
             raise NotYetSupportedError(
                 f"{self.base_url} is not an llmir server, so it cannot run whole programs; "
@@ -515,7 +569,8 @@ class Endpoint(_HTTPBackend):
             raise InvalidRequestError(
                 f"run_program takes IR text (print_ir(module)), got {type(ir).__name__}"
             )
-        out = self._post("/program", {"ir": ir, "args": args, "passes": passes})
+        body = {"ir": ir, "args": args, "passes": passes}
+        out = self._post("/program", body) if stop is None else self._post_abortable("/program", body, stop)
         functions = []
         for fn in out["functions"]:
             states = []

@@ -306,3 +306,38 @@ def test_abort_requests_stops_a_streamed_chain_on_the_server(server, kind):
         queued = backend.submit(ChainRequest("Q: What is 1 + 1?\nA: ", [GenStep("x")]))
         backend.abort_requests([queued])
         assert queued.cancelled() or "aborted" in (queued.result(timeout=30).error or "")
+
+
+@llmir.function
+def _long(s, question):
+    s += "Q: " + question + "\nA: " + llmir.gen("answer", max_tokens=900, ignore_eos=True)
+
+
+def test_cancelled_program_on_an_llmir_server_is_aborted_there(server, endpoint):
+    """A program sent whole (``/program``) stops on the server when its ``arun`` is cancelled,
+    instead of running to the end for nobody."""
+    import asyncio
+
+    import httpx
+    from server_harness import wait_idle
+
+    assert endpoint.protocol == "llmir"
+    before = wait_idle(server.url)
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(_long.arun(question="What is 3 + 4?", backend=endpoint))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stats = httpx.get(server.url + "/stats", timeout=30).json()
+            if stats["tokens_computed"] - before["tokens_computed"] > 30:
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    after = wait_idle(server.url, timeout=15.0)
+    assert after["server"]["aborted"] >= before["server"]["aborted"] + 1
+    assert after["tokens_computed"] - before["tokens_computed"] < 600  # stopped early
+    assert qa.run(question=QUESTIONS[0], backend=endpoint).error() is None
