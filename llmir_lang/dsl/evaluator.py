@@ -45,10 +45,12 @@ from llmir_lang.dsl.lowering import (
     prefill_request,
     select_meta,
     step_meta,
+    unfinished_value,
 )
 from llmir_lang.dsl.ordering import CallOrder
 from llmir_lang.dsl.prefill import MIN_PREFILL_CHARS, PrefillMemory
 from llmir_lang.dsl.results import Failure, FunctionResult, StateResult, VarResult
+from llmir_lang.errors import ConstraintViolationError
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult
 from llmir_lang.ir import Function, Module, Op
 from llmir_lang.ir import ops as K
@@ -453,6 +455,12 @@ class SegmentEvaluator:
             if step is None or step.error:
                 message = (step.error if step else None) or result.error or "the backend returned no result"
                 self._resolve(fi, i, _Val(text, vars_, Failure(name, message), base.gates))
+                return
+            bad = unfinished_value(name, seg, step.text) if step.finish_reason == "stop" else None
+            if bad is not None:  # a constrained value cut by a stop (or let through): fail, never pass it on
+                self._resolve(
+                    fi, i, _Val(text, vars_, Failure(name, bad, ConstraintViolationError(bad)), base.gates)
+                )
                 return
             vars_[name] = VarResult(step.text, step_meta(step))
             text += step.text

@@ -6,10 +6,16 @@
 - ``prefill_request(text)``: an extend with no generation (one gen step of 0 tokens, since a chain
   needs a gen step), pinned: how the interpreter prefills a shared prefix once.
 - ``pick_choice(method, logprobs)``: which choice a select picks from per-token logprobs.
+- ``unfinished_value(name, attrs, text)``: why a constrained gen that finished normally did not
+  produce a complete value of its constraint (a stop string cut it, or the engine was looser
+  than the schema), so the gen fails instead of handing back invalid text as a finished value.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -112,3 +118,106 @@ def select_meta(choices: Sequence[str], logprobs: Sequence[Sequence[float]], pic
         "normalized_logprobs": [sum(lps) / max(len(lps), 1) for lps in logprobs],
         "finish_reason": "select",
     }
+
+
+def unfinished_value(name: str | None, attrs: Mapping[str, AttrValue], text: str) -> str | None:
+    """Why ``text``, the output of gen ``name`` that finished with ``finish_reason="stop"``, is not
+    a complete value of its constraint; None when it is, when the gen has no constraint, or when
+    the check cannot be made here.
+
+    The engine ends a constrained generation at a ``stop`` string or ``stop_token_ids`` token
+    wherever it occurs, also inside the value (``stop=","`` cut a JSON object after its first
+    member), and reports ``"stop"``: the text was a prefix of a match presented as a finished one.
+    JSON must parse, and with a stop it must validate with ``jsonschema`` (the oracle ``get_obj``
+    uses); ``choices`` are checked by membership, ``dtype`` by its regex, a ``regex`` or
+    ``grammar`` by llguidance over the text's bytes.
+    """
+    stopped = bool(attrs.get("stop") or attrs.get("stop_token_ids"))
+    if "json_schema" in attrs:
+        # Without a stop, only what is certain: the text must parse. jsonschema's own reading of a
+        # schema differs from the engine's in corners (a float ``multipleOf``: 0.07 is not a
+        # multiple of 0.01 to it), and a valid value must never fail the gen.
+        why = _json_violation(str(attrs["json_schema"]), text, validate=stopped)
+    elif "choices" in attrs:
+        choices = [str(c) for c in attrs["choices"]]  # type: ignore[union-attr]
+        why = None if text in choices else f"{_short(text)} is not one of the choices {choices!r}"
+    elif "dtype" in attrs:
+        from llmir_lang.executor.constraints import spec_from_dtype
+
+        dtype = str(attrs["dtype"])
+        why = None if re.fullmatch(spec_from_dtype(dtype).value, text) else f"{_short(text)} is not a {dtype}"
+    elif "regex" in attrs or "grammar" in attrs:
+        why = _grammar_violation(attrs, text)
+    else:
+        return None
+    if why is None:
+        return None
+    if stopped:
+        cause = (
+            "a stop string or stop token ended it inside the value (stops apply to constrained text "
+            "too); drop stop= / stop_token_ids= from a constrained gen: the constraint ends the value"
+        )
+    else:
+        cause = "the constraint engine let through output its constraint rejects"
+    return f"gen({name!r}) finished, but not with a complete value: {why}; {cause}"
+
+
+def _grammar_violation(attrs: Mapping[str, AttrValue], text: str) -> str | None:
+    """A regex or lark grammar, matched byte by byte by llguidance (the engine's own matcher, so
+    Rust regex syntax and the lark dialect read as they did when the gen was constrained)."""
+    try:
+        import llguidance
+
+        from llmir_lang.executor.constraints.llguidance_backend import text_matches
+
+        if "regex" in attrs:
+            what = "the regex"
+            grammar = llguidance.LLMatcher.grammar_from_regex(str(attrs["regex"]))
+        else:
+            what = "the grammar"
+            if "<[" in str(attrs["grammar"]) or "max_tokens" in str(attrs["grammar"]):
+                return None  # counts or names the model's tokens, which a byte-level check has not
+            grammar = llguidance.LLMatcher.grammar_from_lark(str(attrs["grammar"]))
+        matches = text_matches(grammar, text)
+    except Exception:  # not checkable here (llguidance missing, a construct it cannot read)
+        return None
+    return None if matches is not False else f"{_short(text)} is not a complete match of {what}"
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _json_violation(schema_text: str, text: str, validate: bool) -> str | None:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return f"{_short(text)} is not JSON ({e})"
+    validator = _json_validator(schema_text) if validate else None
+    if validator is None:
+        return None
+    try:
+        import jsonschema
+
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except Exception:  # a pattern Python's re cannot read, a $ref it cannot resolve: not checkable
+        return None
+    if error is None:
+        return None
+    return f"{_short(text)} does not validate against its schema: {error.message} (at {error.json_path})"
+
+
+@functools.lru_cache(maxsize=64)
+def _json_validator(schema_text: str) -> Any:
+    """A jsonschema validator for the schema text (its own ``$schema`` draft, else 2020-12), built
+    once per schema: a batch of extractions validates every record against the same one. None
+    when the schema cannot be read as one."""
+    try:
+        import jsonschema
+
+        schema = json.loads(schema_text)
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+        return cls(schema)
+    except Exception:
+        return None

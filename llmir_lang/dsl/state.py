@@ -243,16 +243,13 @@ class ProgramState:
 
     def get_obj(self, name: str) -> Any:
         """The value of ``gen(name, json_schema=...)`` as an object (a sync point): an instance of
-        the pydantic model it was given, else the parsed JSON, validated against the schema.
+        the pydantic model it was given, else the parsed JSON, validated against the schema. After
+        a fork's ``join`` (``s[name]`` is a list), a list with one object per branch.
 
         Raises ``ConstraintViolationError`` when the text does not validate, saying so when
         ``max_tokens`` cut the object short: never a silently truncated object.
         """
-        import json
-
-        from llmir_lang.errors import ConstraintViolationError
-
-        text = self[name]
+        value = self[name]
         schema = self._run.schemas.get(name)
         if schema is None:
             raise DSLError(
@@ -261,28 +258,15 @@ class ProgramState:
                 SourceLocation.here(),
             )
         meta = self.get_meta_info(name)
-        cut = (
-            " (generation stopped at max_tokens: raise max_tokens)"
-            if meta.get("finish_reason") == "length"
-            else ""
-        )
-        if isinstance(schema, type) and hasattr(schema, "model_validate_json"):
-            try:
-                return schema.model_validate_json(text)
-            except Exception as e:
-                raise ConstraintViolationError(
-                    f"gen({name!r}) does not validate as {schema.__name__}{cut}: {e}"
-                ) from None
-        import jsonschema
-
-        try:
-            obj = json.loads(text)
-            jsonschema.validate(obj, json.loads(schema) if isinstance(schema, str) else schema)
-        except (ValueError, jsonschema.ValidationError) as e:
-            raise ConstraintViolationError(
-                f"gen({name!r}) does not validate against its schema{cut}: {e}"
-            ) from None
-        return obj
+        if isinstance(value, list):
+            # a joined fork's variable: one text per branch, each with its own meta (a list used to
+            # reach json.loads whole, which raised a bare TypeError)
+            branches = meta.get("branches") or [{}] * len(value)
+            return [
+                _parse_obj(name, text, schema, branch, f" (fork branch {i})")
+                for i, (text, branch) in enumerate(zip(value, branches))
+            ]
+        return _parse_obj(name, value, schema, meta, "")
 
     def text(self) -> str:
         """The whole text so far (a sync point)."""
@@ -490,3 +474,34 @@ class ProgramState:
 
 
 __all__ = ["ProgramState"]
+
+
+def _parse_obj(name: str, text: Any, schema: Any, meta: dict[str, Any], where: str) -> Any:
+    """``get_obj`` for one generated text: the pydantic instance, or the parsed JSON validated
+    against the schema; ``ConstraintViolationError`` otherwise (``where`` names a fork branch)."""
+    import json
+
+    from llmir_lang.errors import ConstraintViolationError
+
+    cut = (
+        " (generation stopped at max_tokens: raise max_tokens)"
+        if meta.get("finish_reason") == "length"
+        else ""
+    )
+    if isinstance(schema, type) and hasattr(schema, "model_validate_json"):
+        try:
+            return schema.model_validate_json(text)
+        except Exception as e:
+            raise ConstraintViolationError(
+                f"gen({name!r}){where} does not validate as {schema.__name__}{cut}: {e}"
+            ) from None
+    import jsonschema
+
+    try:
+        obj = json.loads(text)
+        jsonschema.validate(obj, json.loads(schema) if isinstance(schema, str) else schema)
+    except (ValueError, TypeError, jsonschema.ValidationError) as e:
+        raise ConstraintViolationError(
+            f"gen({name!r}){where} does not validate against its schema{cut}: {e}"
+        ) from None
+    return obj

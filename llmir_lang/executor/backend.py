@@ -127,16 +127,19 @@ class EngineBackend(Backend):
 
     def compile(self, spec: Any) -> Any:
         """The compiled constraint of ``spec`` for this engine's tokenizer (cached: a later request
-        with the same spec reuses it). Raises the constraint's typed error if it cannot be used."""
-        if self._compiler is None:
-            try:
-                from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
-            except ImportError as e:
-                from llmir_lang.errors import NotYetSupportedError
+        with the same spec reuses it). Raises the constraint's typed error if it cannot be used.
+        An ``Engine`` compiles it (``Engine.compile_constraint``: one cache for this backend and the
+        engine's own API)."""
+        try:
+            from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
+        except ImportError as e:
+            from llmir_lang.errors import NotYetSupportedError
 
-                raise NotYetSupportedError(
-                    f"constrained generation is not available in this build ({e})"
-                ) from None
+            raise NotYetSupportedError(f"constrained generation is not available in this build ({e})") from None
+        engine_compile = getattr(self.engine, "compile_constraint", None)
+        if callable(engine_compile):
+            return engine_compile(spec)
+        if self._compiler is None:
             eng = self.engine
             info = TokenizerInfo.from_hf(
                 eng.tokenizer.hf, vocab_size=eng.config.vocab_size, eos_token_ids=eng.tokenizer.eos_token_ids

@@ -165,6 +165,8 @@ class Engine(EngineScoring, EngineLoop):
         self._inbox: queue.Queue[Req | Callable[[], None] | None] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()
+        self._compiler: Any = None  # constraints.ConstraintCompiler, made at the first constraint
+        self._compiler_lock = threading.Lock()
         # the thread reaches the engine through a weak reference only (engine_loop.run_engine_thread)
         self._thread = threading.Thread(
             target=run_engine_thread, args=(weakref.ref(self), self._inbox), name="llmir-engine", daemon=True
@@ -212,7 +214,43 @@ class Engine(EngineScoring, EngineLoop):
         ``future.result()`` must not be called from a stream callback (it raises EngineError there:
         the callback runs on the engine thread, which is what resolves the future)."""
         sp = _checked_params(params)
+        matcher = self._request_matcher(sp, matcher)
         return self._submit(self.encode(prompt), sp, stream, logprob_start_len, matcher, None, None)
+
+    def compile_constraint(self, spec: Any) -> Any:
+        """The ``CompiledConstraint`` of a ``ConstraintSpec`` for this engine's tokenizer (cached by
+        spec: a batch sharing one schema compiles it once). Raises the spec's typed
+        ``ConstraintError`` (unsupported keyword, bad regex, unsatisfiable, ...) before any model step."""
+        with self._compiler_lock:
+            if self._compiler is None:
+                from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
+
+                info = TokenizerInfo.from_hf(
+                    self.tokenizer.hf,
+                    vocab_size=self.config.vocab_size,
+                    eos_token_ids=self.tokenizer.eos_token_ids,
+                )
+                self._compiler = ConstraintCompiler(info)
+            compiler = self._compiler
+        return compiler.compile(spec)
+
+    def _request_matcher(self, sp: SamplingParams, matcher: Any) -> Any:
+        """The matcher of one request: ``matcher=`` as given, or a fresh one for
+        ``SamplingParams.constraint`` (a spec is compiled here, at submission). The constraint used
+        to be ignored: the request generated free text and finished normally, so output that looked
+        constrained was not."""
+        constraint = sp.constraint
+        if constraint is None:
+            return matcher
+        if matcher is not None:
+            raise InvalidRequestError(
+                "the request has two constraints, SamplingParams.constraint and matcher=; give one"
+            )
+        from llmir_lang.executor.constraints import ConstraintSpec
+
+        if isinstance(constraint, ConstraintSpec):
+            return self.compile_constraint(constraint).new_matcher()
+        return constraint.new_matcher()  # a CompiledConstraint (SamplingParams.validate checked it)
 
     def submit_chain(
         self,
@@ -232,11 +270,17 @@ class Engine(EngineScoring, EngineLoop):
             prompt += steps.pop(0)[1]
         if not any(step[0] == "gen" for step in steps):
             raise InvalidRequestError("a chain needs at least one generation step")
-        for step in steps:
+        for k, step in enumerate(steps):
             if step[0] == "gen":
                 if not isinstance(step[1], SamplingParams):
                     raise InvalidRequestError(f"a chain's gen step takes a SamplingParams, got {step[1]!r}")
                 step[1].validate()
+                if step[1].constraint is not None:
+                    steps[k] = (
+                        "gen",
+                        step[1],
+                        self._request_matcher(step[1], step[2] if len(step) > 2 else None),
+                    )
             elif step[0] != "text" or not isinstance(step[1], str):
                 raise InvalidRequestError(
                     f"a chain step is ('gen', params, matcher) or ('text', str), got {step!r}"
@@ -288,6 +332,7 @@ class Engine(EngineScoring, EngineLoop):
             logprob_start_len=logprob_start_len,
             generator=self.sampler.make_generator(sp.seed, self.device) if sp.seed is not None else None,
             matcher=matcher,
+            constraint_engine=getattr(matcher, "engine", None) if matcher is not None else None,
             chain=chain,
             prompt_text=prompt_text,
             score_next=score_next,
@@ -333,10 +378,12 @@ class Engine(EngineScoring, EngineLoop):
             return _ChunkStream(self, self.submit(plist[0], splist[0], stream=chunks.put), chunks)
         self._refuse_wait_on_engine_thread("Engine.generate()")
         checked = [(self.encode(p), _checked_params(sp)) for p, sp in zip(plist, splist)]
+        # every constraint compiles (or raises its typed error) before any request is queued
+        matchers = [self._request_matcher(sp, None) for _, sp in checked]
         futs: list[Future] = []
         try:
-            for ids, sp in checked:
-                futs.append(self._submit(ids, sp, callback, -1, None, None, None))
+            for (ids, sp), matcher in zip(checked, matchers):
+                futs.append(self._submit(ids, sp, callback, -1, matcher, None, None))
         except Exception:  # one prompt too long for the model or the pool: queue none of them
             for f in futs:
                 self._abort_soon(f.rid)  # type: ignore[attr-defined]

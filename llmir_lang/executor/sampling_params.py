@@ -52,8 +52,10 @@ class SamplingParams:
     top_logprobs_num: int = 0
     return_prompt_logprob: bool = False
     skip_special_tokens: bool = True
-    # Constraint attached by the structured-generation layer: any object with the
-    # executor.constraints `Matcher` protocol factory (see constraints package). None = free text.
+    # The output constraint: a ``constraints.ConstraintSpec`` (``spec_from_json_schema(...)``,
+    # ``spec_from_regex(...)``, ...), compiled by the engine at submission, or a compiled constraint
+    # (anything with ``new_matcher()``, e.g. ``Engine.compile_constraint(spec)``): each request gets
+    # its own matcher. None = free text.
     constraint: Any = None
 
     def __post_init__(self) -> None:
@@ -112,6 +114,7 @@ class SamplingParams:
         self.stop_token_ids = list(ids)
         if self.top_logprobs_num > 0:
             self.return_logprob = True
+        _check_constraint(self.constraint, bad)
 
     @property
     def greedy(self) -> bool:
@@ -134,6 +137,27 @@ class SamplingParams:
                 f"unknown sampling parameter(s) {sorted(map(str, unknown))}; known: {sorted(names)}"
             )
         return cls(**d)
+
+
+def _check_constraint(constraint: Any, bad: Any) -> None:
+    """``constraint`` must be None, a ConstraintSpec or a compiled constraint. A per-request
+    ``Matcher`` (it holds one request's state) or a raw schema / regex would otherwise be taken for
+    something it is not."""
+    if constraint is None or callable(getattr(constraint, "new_matcher", None)):
+        return
+    from llmir_lang.executor.constraints.spec import ConstraintSpec
+
+    if isinstance(constraint, ConstraintSpec):
+        return
+    hint = (
+        "a Matcher holds one request's state: pass it as Engine.submit(..., matcher=m)"
+        if callable(getattr(constraint, "advance", None))
+        else "build one with constraints.spec_from_json_schema / spec_from_regex / spec_from_choices / "
+        "spec_from_dtype / spec_from_grammar"
+    )
+    raise bad(
+        f"constraint must be a ConstraintSpec or a compiled constraint, got {type(constraint).__name__}; {hint}"
+    )
 
 
 def _finite(x: Any) -> bool:

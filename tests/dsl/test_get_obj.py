@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -76,3 +77,84 @@ def test_get_obj_needs_a_schema(runtime):
     st = plain.run(backend=runtime)
     with pytest.raises(llmir.DSLError, match="json_schema"):
         st.get_obj("a")
+
+
+def test_get_obj_after_a_fork_join_gives_one_object_per_branch(runtime):
+    """After ``join`` the variable is a list of texts: ``get_obj`` validates each (it passed the
+    list whole to json.loads, a bare TypeError, or to pydantic, a misleading violation)."""
+    text, record = tiny_tasks.make_extraction_example(random.Random(99), "person")
+
+    @llmir.function
+    def forked(s, schema, max_tokens=120):
+        s += tiny_tasks.extraction_prompt(text, "person")
+        forks = s.fork(2)
+        forks += llmir.gen("person", json_schema=schema, max_tokens=max_tokens)
+        forks.join()
+
+    for schema in (Person, Person.model_json_schema()):
+        objs = forked.run(schema=schema, backend=runtime).get_obj("person")
+        assert len(objs) == 2
+        assert all((o.model_dump() if isinstance(o, Person) else o) == record for o in objs)
+        cut = forked.run(schema=schema, max_tokens=5, backend=runtime)
+        with pytest.raises(ConstraintViolationError, match=r"fork branch 0\).*max_tokens"):
+            cut.get_obj("person")
+
+
+def test_a_constrained_value_cut_by_a_stop_string_fails_the_gen(runtime):
+    """``stop`` strings end a constrained gen inside its value (``stop=","`` after the first JSON
+    member, in a regex match, in a JSON string); the engine says finish_reason "stop". That text used
+    to come back as a finished value: now the gen fails with a ``ConstraintViolationError``
+    naming the cause, and the other programs of a batch are not affected."""
+    text, record = tiny_tasks.make_extraction_example(random.Random(99), "person")
+
+    @llmir.function
+    def cut(s, kw):
+        s += tiny_tasks.extraction_prompt(text, "person")
+        s += llmir.gen("person", **{"max_tokens": 120, **kw})
+
+    cases = [
+        {"json_schema": Person, "stop": ","},
+        {"regex": r'\{"name":"[A-Za-z ]+","age":[0-9]+,', "stop": ","},
+        {"dtype": str, "max_tokens": 16, "stop": " "},  # '":71 less than...': cut at '":71'
+        {"json_schema": Person},  # no stop: a finished, valid value
+        {"json_schema": Person, "stop": "\n"},  # a stop the value cannot contain is harmless
+    ]
+    states = cut.run_batch([{"kw": kw} for kw in cases], backend=runtime)
+    for st in states[:3]:
+        err = st.error()
+        assert isinstance(err, llmir.DSLError) and isinstance(err.__cause__, ConstraintViolationError), err
+        assert "stop string" in str(err) and "not with a complete value" in str(err)
+        assert "program 'cut'" in str(err) and "test_get_obj.py" in str(err)
+    for st in states[3:]:
+        assert st.error() is None and st.get_obj("person").model_dump() == record
+
+
+def test_unfinished_value_checks_every_constraint_kind():
+    """The check behind the test above, on texts a constraint engine could let through."""
+    from llmir_lang.dsl.lowering import unfinished_value
+
+    two = json.dumps({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2})
+    assert unfinished_value("x", {"json_schema": two}, '{"a":1,"b":2}') is None
+    # without a stop, JSON is only parsed: jsonschema reads some schemas unlike the engine (a
+    # float multipleOf), and a valid value must never fail; get_obj still validates what it reads
+    assert unfinished_value("x", {"json_schema": two}, '{"a":1,"a":2}') is None
+    cents = json.dumps({"type": "number", "multipleOf": 0.01})
+    assert unfinished_value("x", {"json_schema": cents}, "0.07") is None
+    assert unfinished_value("x", {"json_schema": two}, '{"a":1') is not None  # not JSON at all
+    # with a stop, jsonschema judges: duplicate keys parse as one member under minProperties
+    why = unfinished_value("x", {"json_schema": two, "stop": [";"]}, '{"a":1,"a":2}')
+    assert why is not None and "enough properties" in why and "stop string" in why
+    assert unfinished_value("x", {"json_schema": two, "stop": ["}"]}, '{"a":1') is not None
+    assert unfinished_value("x", {"choices": ["yes", "no"]}, "ye") is not None
+    assert unfinished_value("x", {"choices": ["yes", "no"]}, "no") is None
+    assert unfinished_value("x", {"dtype": "int"}, "-") is not None
+    assert unfinished_value("x", {"dtype": "float"}, "1.5e3") is None
+    assert unfinished_value("x", {"regex": r"\p{Greek}{2}"}, "Θ") is not None
+    assert unfinished_value("x", {"regex": r"\p{Greek}{2}"}, "ΘΔ") is None
+    grammar = 'start: "[" NUM ("," NUM)* "]"\nNUM: /[0-9]+/\n'
+    assert unfinished_value("x", {"grammar": grammar}, "[1,2") is not None
+    assert unfinished_value("x", {"grammar": grammar}, "[1,2]") is None
+    assert unfinished_value("x", {"max_tokens": 4}, "anything") is None  # no constraint
+    # a pattern Python's re cannot read (jsonschema's oracle) is not checked, never a false failure
+    letters = json.dumps({"type": "string", "pattern": r"^\p{L}+$"})
+    assert unfinished_value("x", {"json_schema": letters}, '"abc"') is None

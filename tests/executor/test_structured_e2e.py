@@ -28,7 +28,7 @@ import pytest
 import referencing.exceptions
 from pydantic import BaseModel, ConfigDict
 
-from llmir_lang.errors import ConstraintError
+from llmir_lang.errors import ConstraintError, InvalidRequestError
 from llmir_lang.executor.backend import ChainRequest, ChainResult, EngineBackend, GenStep
 from llmir_lang.executor.choices import CHOICES_METHODS, score_and_select
 from llmir_lang.executor.constraints import (
@@ -324,6 +324,36 @@ def test_bad_constraints_raise_typed_errors_before_any_model_step(backend):
     with pytest.raises(UnknownDtypeError, match="complex"):
         spec_from_dtype(complex)
     assert forward_calls(backend) == before  # nothing reached the model
+
+
+def test_engine_generate_takes_a_constraint_in_its_sampling_params(backend):
+    """``SamplingParams.constraint`` on the engine API (``generate`` / ``submit`` / streaming /
+    chains): a spec, compiled at submission, or a compiled constraint; each request gets its own
+    matcher. It used to be ignored: free text that finished normally, "7\nQ: What is"."""
+    eng = backend.engine
+    qa = few_shot_prompt([("What is 2 + 3?", "5")], "What is 4 + 4?")
+    word = spec_from_regex("[a-z]{3}")
+    for res in eng.generate([qa, qa], {"max_new_tokens": 8, "constraint": word}):
+        assert re.fullmatch("[a-z]{3}", res.text) and res.finish_reason == "stop", res
+        assert res.meta["constraint_engine"] == "outlines-core"
+    compiled = eng.compile_constraint(spec_from_choices(["up", "down"]))
+    streamed = eng.generate(qa, SamplingParams(max_new_tokens=8, constraint=compiled), stream=True)
+    assert "".join(chunk.text for chunk in streamed) in ("up", "down")
+    chain = eng.submit_chain(
+        qa,
+        [("gen", SamplingParams(max_new_tokens=6, constraint=spec_from_dtype(int)), None), ("text", " ok")],
+    ).result()
+    assert re.fullmatch(r"-?[0-9]+", chain.meta["steps"][0].text)
+    before = forward_calls(backend)
+    with pytest.raises(UnsupportedSchemaError, match="uniqueItems"):  # typed, at submission
+        eng.generate([qa, qa], {"constraint": spec_from_json_schema({"type": "array", "uniqueItems": True})})
+    with pytest.raises(InvalidRequestError, match="ConstraintSpec"):
+        eng.generate(qa, {"constraint": "[a-z]{3}"})
+    with pytest.raises(InvalidRequestError, match="matcher="):  # one request's state, not shareable
+        eng.generate(qa, {"constraint": compiled.new_matcher()})
+    with pytest.raises(InvalidRequestError, match="two constraints"):
+        eng.submit(qa, {"constraint": word}, matcher=compiled.new_matcher())
+    assert forward_calls(backend) == before
 
 
 # --- the other constraint kinds -------------------------------------------------------------

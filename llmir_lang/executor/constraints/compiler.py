@@ -47,6 +47,7 @@ from llmir_lang.executor.constraints.spec import (
     choices_of,
     escape_regex,
     grammar_error_location,
+    grammar_hint,
 )
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
@@ -206,7 +207,9 @@ class ConstraintCompiler:
         if self.engine == oc_backend.ENGINE:
             return self._outlines_only(regex)
         reason = "engine='llguidance' requested"
-        if self.engine == "auto":
+        if self.engine == "auto" and oc_backend.names_plane16(regex):
+            reason = "the regex names plane-16 characters, which outlines-core here cannot produce"
+        elif self.engine == "auto":
             try:
                 return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
             except (OutlinesBuildError, OutlinesTimeout) as e:
@@ -215,7 +218,7 @@ class ConstraintCompiler:
         err = compiled.compile_error()
         if err is not None:
             if "regex parse error" in err or "invalid regex" in err:
-                raise InvalidRegexError(f"regex {regex!r} does not parse: {_first_lines(err)}")
+                raise InvalidRegexError(f"regex {regex!r} does not parse: {_regex_error_detail(err)}")
             if "empty" in err.lower() or "unsatisf" in err.lower():
                 raise UnsatisfiableConstraintError(f"regex {regex!r} matches nothing: {_first_lines(err)}")
             raise ConstraintError(f"regex {regex!r} cannot be compiled: {reason}; llguidance: {err}")
@@ -231,7 +234,9 @@ class ConstraintCompiler:
         if err is not None:
             line, col = grammar_error_location(err)
             where = f" at line {line}, column {col}" if line else ""
-            raise GrammarSyntaxError(f"grammar error{where}: {_first_lines(err, 6)}", line, col)
+            raise GrammarSyntaxError(
+                f"grammar error{where}: {_first_lines(err, 6)}{grammar_hint(text)}", line, col
+            )
         meta = CompileMeta(llg_backend.ENGINE, 0.0, fallback_reason="grammars need llguidance")
         meta.warnings = compiled.warnings()
         return compiled, meta
@@ -280,6 +285,20 @@ class ConstraintCompiler:
 
 def _first_lines(text: str, n: int = 3) -> str:
     return "\n".join(text.strip().splitlines()[:n])
+
+
+def _regex_error_detail(err: str) -> str:
+    """The cause of an llguidance regex parse error, then the regex with its caret line.
+
+    The message is "at 1(8): invalid regex ... regex parse error:", the regex, a caret line,
+    "error: <cause>", then the grammar llguidance wrapped it in; its first three lines, shown
+    before, ended at the caret and never said what was wrong (look-around, an unclosed group)."""
+    lines = err.strip().splitlines()
+    why = next((ln.strip()[len("error:") :].strip() for ln in lines if ln.strip().startswith("error:")), "")
+    at = next((i for i, ln in enumerate(lines) if ln.rstrip().endswith("regex parse error:")), None)
+    if not why or at is None:
+        return _first_lines(err)
+    return "\n".join([why, *lines[at + 1 : at + 3]])
 
 
 def _check_satisfiable(compiled: CompiledConstraint) -> None:

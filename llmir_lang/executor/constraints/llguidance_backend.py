@@ -8,6 +8,7 @@ skips re-parsing the grammar.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -197,3 +198,44 @@ class LLGuidanceMatcher(Matcher):
             lines = self.native.get_error().strip().splitlines()
             return f"llguidance: {lines[0] if lines else 'error'}"
         return self._dead
+
+
+# --- whole-text checks, independent of any model's tokenizer ----------------------------------
+class _ByteTokenizer:
+    """A vocabulary of the 256 bytes plus EOS: a text is its UTF-8 bytes, so a matcher over it
+    answers "is this text a complete match" for any tokenizer's output."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([i]) for i in range(256)] + [b"<|eos|>"]
+    special_token_ids = [256]
+
+    def __call__(self, data: bytes) -> list[int]:
+        return list(data)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_tokenizer() -> Any:
+    import llguidance
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()), n_vocab=257, eos_token=[256])
+
+
+@functools.lru_cache(maxsize=64)
+def _byte_template(grammar: str) -> Any:
+    import llguidance
+
+    matcher = llguidance.LLMatcher(_byte_tokenizer(), grammar, log_level=0)
+    return None if matcher.is_error() else matcher
+
+
+def text_matches(grammar: str, text: str) -> bool | None:
+    """Whether ``text`` is a complete match of an llguidance ``grammar`` (from
+    ``grammar_from_regex`` / ``grammar_from_lark``), checked byte by byte; None when the grammar
+    does not compile without a model's tokenizer (it names special tokens, say)."""
+    template = _byte_template(grammar)
+    if template is None:
+        return None
+    matcher = template.deep_copy()
+    data = list(text.encode("utf-8"))
+    return matcher.try_consume_tokens(data) == len(data) and bool(matcher.is_accepting())

@@ -15,6 +15,7 @@ the outlines-core vocabulary so no real text can spell the marker.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,18 @@ def marker_id(info: TokenizerInfo) -> int:
 def wrap_regex(regex: str) -> str:
     """The regex outlines-core compiles: ``R`` then the end marker (see module NOTE)."""
     return f"(?:{regex})\\x{{10FFFD}}"
+
+
+_PLANE16 = re.compile(r"[\U00100000-\U0010FFFF]|\\[xuU]\{0*10[0-9a-fA-F]{4}\}|\\U0010[0-9a-fA-F]{4}")
+
+
+def names_plane16(regex: str) -> bool:
+    """True if ``regex`` names a character of plane 16 (U+100000-U+10FFFF, lead byte 0xF4), as
+    itself or as an escape. outlines-core never produces one (tokens with byte 0xF4 are left out of
+    its vocabulary, see NOTE): the choice ``"a\U0010fffd"`` compiled there and could never be
+    written, and the regex of U+10FFFD alone was refused as unspellable. Such regexes go to
+    llguidance."""
+    return _PLANE16.search(regex) is not None
 
 
 def outlines_vocabulary(info: TokenizerInfo) -> Any:

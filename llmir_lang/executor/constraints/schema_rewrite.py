@@ -25,6 +25,7 @@ from typing import Any
 from llmir_lang.errors import ConstraintError
 from llmir_lang.executor.constraints.errors import (
     InvalidRegexError,
+    InvalidSchemaError,
     UnsatisfiableConstraintError,
     UnsupportedSchemaError,
 )
@@ -112,8 +113,86 @@ def _rewrite_dependencies(node: dict[str, Any], path: str, notes: list[str]) -> 
         _add_all_of(node, extra)
 
 
+# What to do instead, for keywords that schemas generated from code carry without the user
+# writing them (a pydantic ``set[str]`` field is ``uniqueItems: true``).
+_KEYWORD_HINTS = {
+    "uniqueItems": "a pydantic set / frozenset field emits it: declare the field as a list and "
+    "deduplicate after parsing, or remove the keyword",
+}
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[([^\]]*)\]")
 _UNKNOWN_FORMAT = re.compile(r"Unknown format: (\S+)")
+_DANGLING_REF = re.compile(r"(Pointer|Anchor) '([^']*)' does not exist")
+_REMOTE_REF = re.compile(r"Resource '([^']*)' is not present in a registry and retrieving it failed")
+
+
+def _pattern_error(message: str, schema: Any, first: str) -> InvalidRegexError:
+    """Name the ``pattern`` / ``patternProperties`` regex that does not parse, where it is, and why.
+
+    llguidance's message is "regex parse error:", the regex, a caret line, "error: <why>"; only
+    the first line used to be kept, with the path of the first ``pattern`` in the schema, which
+    need not be the bad one."""
+    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+    regex = lines[1].strip() if len(lines) > 1 and lines[0].strip() == "regex parse error:" else None
+    why = next((ln.strip()[len("error:") :].strip() for ln in lines if ln.strip().startswith("error:")), "")
+    found: tuple[str, str] | None = None
+    for path, node in iter_subschemas(schema):
+        pattern = node.get("pattern")
+        if isinstance(pattern, str) and (regex is None or pattern.strip() == regex):
+            found = (path, "pattern")
+        names = node.get("patternProperties")
+        if (
+            found is None
+            and isinstance(names, dict)
+            and (regex is None or any(k.strip() == regex for k in names))
+        ):
+            found = (path, "patternProperties")
+        if found is not None:
+            break
+    path, keyword = found or ("#", "pattern")
+    what = f"{keyword} {regex!r}" if regex is not None else f"a {keyword} regex"
+    cause = why or first
+    return InvalidRegexError(
+        f"{what} at {path} does not parse: {cause}; schema patterns are read as Rust regex syntax "
+        "(no look-around, no backreferences); fix or rewrite it"
+    )
+
+
+def _ref_path(schema: Any, wanted: str) -> tuple[str, str]:
+    """(path of the subschema, its ``$ref``) whose ``$ref`` ends with ``wanted`` (a pointer or
+    anchor from llguidance's message); the first ``$ref`` at all, or ``#``, when none does."""
+    first: tuple[str, str] | None = None
+    for path, node in iter_subschemas(schema):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            if ref.endswith(wanted):
+                return path, ref
+            first = first or (path, ref)
+    return first or ("#", wanted)
+
+
+def _ref_error(message: str, schema: Any) -> ConstraintError | None:
+    """A ``$ref`` that points at nothing (``InvalidSchemaError``) or at another document, which is
+    never fetched (``UnsupportedSchemaError``); both name the ``$ref`` and where it is. They were a
+    bare ``ConstraintError`` quoting llguidance ("Pointer '/$defs/x' does not exist")."""
+    m = _DANGLING_REF.search(message)
+    if m:
+        target = m.group(2) if m.group(1) == "Pointer" else "#" + m.group(2)
+        path, ref = _ref_path(schema, target)
+        return InvalidSchemaError(
+            f"$ref {ref!r} at {path} points at nothing in the schema ({m.group(1).lower()} "
+            f"{m.group(2)!r} does not exist); add the definition it names (under $defs) or fix the ref"
+        )
+    m = _REMOTE_REF.search(message)
+    if m:
+        path, ref = _ref_path(schema, m.group(1).rsplit("/", 1)[-1])
+        return UnsupportedSchemaError(
+            f"$ref {ref!r} at {path} names a schema outside this one ({m.group(1)}): schemas are "
+            "never fetched, nor found through a nested $id; copy the referenced schema into this "
+            "one under $defs and point at it ('#/$defs/...')",
+            keyword="$ref",
+            path=path,
+        )
+    return None
 
 
 def llguidance_error(message: str, schema: Any) -> ConstraintError:
@@ -127,8 +206,8 @@ def llguidance_error(message: str, schema: Any) -> ConstraintError:
             if path is not None:
                 return UnsupportedSchemaError(
                     f"unsupported JSON-schema keyword {kw!r} at {path}: no engine enforces it "
-                    f"(all unsupported here: {keywords}); remove it or restate it with supported "
-                    "keywords",
+                    f"(all unsupported here: {keywords}); "
+                    + _KEYWORD_HINTS.get(kw, "remove it or restate it with supported keywords"),
                     keyword=kw,
                     path=path,
                 )
@@ -146,11 +225,19 @@ def llguidance_error(message: str, schema: Any) -> ConstraintError:
     if m:
         path = find_keyword(schema, "format") or "#"
         return UnsupportedSchemaError(f"unknown format {m.group(1)} at {path}", keyword="format", path=path)
+    ref_error = _ref_error(message, schema)
+    if ref_error is not None:
+        return ref_error
+    if "recursion limit exceeded" in message:
+        return UnsupportedSchemaError(
+            "the JSON schema is nested too deeply for the engine to read (its JSON text nests over "
+            "128 levels); move inner levels into $defs and refer to them with $ref",
+            keyword="$ref",
+        )
     if "nsatisfiable" in message or "is empty" in message or "never matches" in message:
         return UnsatisfiableConstraintError(f"the JSON schema admits no document: {first}")
     if "regex parse error" in message or "invalid regex" in message:
-        path = find_keyword(schema, "pattern") or find_keyword(schema, "patternProperties") or "#"
-        return InvalidRegexError(f"a regex in the schema at {path} does not parse: {first}")
+        return _pattern_error(message, schema, first)
     if "not supported" in message or "Unknown" in message:
         return UnsupportedSchemaError(f"the JSON schema uses a construct llguidance cannot enforce: {first}")
     return ConstraintError(f"the JSON schema cannot be compiled: {first}")

@@ -122,8 +122,13 @@ def _plain_key(name: str) -> bool:
 
 
 def _plain_literal(v: Any) -> bool:
+    # plane-16 characters (U+100000 and up) cannot be produced by outlines-core here (its
+    # vocabulary leaves out their lead byte, outlines_backend NOTE): an enum value holding one
+    # would be unreachable
     if isinstance(v, str):
-        return all(ord(c) >= 0x20 and c not in '"\\' and not 0x7F <= ord(c) <= 0x9F for c in v)
+        return all(
+            ord(c) >= 0x20 and c not in '"\\' and not 0x7F <= ord(c) <= 0x9F and ord(c) < 0x100000 for c in v
+        )
     return v is None or isinstance(v, bool) or (isinstance(v, int) and abs(v) < 2**53)
 
 

@@ -243,6 +243,21 @@ def grammar_error_location(message: str) -> tuple[int, int]:
     return 0, 0
 
 
+_GBNF_RULE = re.compile(r"^\s*[A-Za-z_][\w-]*\s*::=", re.MULTILINE)
+
+
+def grammar_hint(text: str) -> str:
+    """What to do when a grammar in another dialect fails as lark: a GBNF / EBNF grammar
+    (``root ::= ...``, llama.cpp's and many tutorials') fails at its first ``::=`` with "Expected
+    token '_'", which does not say that the dialect is the problem."""
+    if _GBNF_RULE.search(text):
+        return (
+            "\nhint: grammar= takes lark syntax (rules 'start: ...'), and this looks like GBNF/EBNF "
+            "('name ::= ...'): convert it with llguidance.gbnf_to_lark.gbnf_to_lark(text)"
+        )
+    return ""
+
+
 def spec_from_grammar(text: str) -> ConstraintSpec:
     """A lark grammar (llguidance dialect, rule ``start``); syntax is checked now."""
     if not isinstance(text, str) or not text.strip():
@@ -253,7 +268,7 @@ def spec_from_grammar(text: str) -> ConstraintSpec:
     if message and not message.startswith("WARNING"):
         line, col = grammar_error_location(message)
         where = f" at line {line}, column {col}" if line else ""
-        raise GrammarSyntaxError(f"grammar error{where}: {message.strip()}", line, col)
+        raise GrammarSyntaxError(f"grammar error{where}: {message.strip()}{grammar_hint(text)}", line, col)
     return ConstraintSpec("grammar", text)
 
 

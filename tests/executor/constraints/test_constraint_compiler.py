@@ -10,6 +10,7 @@ from llmir_lang.executor.constraints import (
     ConstraintSpec,
     GrammarSyntaxError,
     InvalidRegexError,
+    InvalidSchemaError,
     UnsatisfiableConstraintError,
     UnsupportedSchemaError,
     spec_from_choices,
@@ -74,6 +75,27 @@ def test_invalid_regex(bpe_info, engine):
         c.compile(spec_from_regex("a(b"))
 
 
+def test_regex_errors_say_what_is_wrong_and_where(compiler):
+    """A regex that does not parse names the cause (llguidance's "error:" line), not only the
+    caret; a bad schema ``pattern`` names itself and its own path, not the first ``pattern``."""
+    with pytest.raises(InvalidRegexError, match="look-around.*not supported"):
+        compiler.compile(spec_from_regex("(?=a)a"))
+    with pytest.raises(InvalidRegexError, match="unclosed group"):
+        compiler.compile(spec_from_regex("(ab"))
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "pattern": "^[a-z]+$"},
+            "b": {"type": "string", "pattern": "^(?=x)y$"},
+        },
+    }
+    with pytest.raises(InvalidRegexError, match=r"pattern '\^\(\?=x\)y\$' at #/properties/b .*look-around"):
+        compiler.compile(spec_from_json_schema(schema))
+    names = {"type": "object", "properties": {"c": {"type": "object", "patternProperties": {"(a)\\1": {}}}}}
+    with pytest.raises(InvalidRegexError, match="patternProperties .* at #/properties/c .*backreferences"):
+        compiler.compile(spec_from_json_schema(names))
+
+
 def test_unsatisfiable_constraints(compiler):
     with pytest.raises(UnsatisfiableConstraintError, match="false"):
         compiler.compile(spec_from_json_schema(False))
@@ -98,6 +120,66 @@ def test_unsupported_keyword_names_keyword_and_path(compiler):
     with pytest.raises(UnsupportedSchemaError) as e:
         compiler.compile(spec_from_json_schema(overlapping))
     assert e.value.keyword == "oneOf" and e.value.path == "#"
+
+
+def test_refs_to_nothing_or_to_other_documents_are_typed_and_named(compiler):
+    """A dangling ``$ref`` is the schema's fault (``InvalidSchemaError``), a ``$ref`` to another
+    document is a feature schemas here lack (``UnsupportedSchemaError``, keyword ``$ref``): both
+    name the ref and where it is. They were a bare ``ConstraintError`` quoting llguidance."""
+    dangling = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}, "required": ["a"]}
+    with pytest.raises(InvalidSchemaError, match=r"'#/\$defs/missing' at #/properties/a points at nothing"):
+        compiler.compile(spec_from_json_schema(dangling))
+    with pytest.raises(InvalidSchemaError, match="'#nowhere' at #"):
+        compiler.compile(spec_from_json_schema({"$ref": "#nowhere"}))
+    remote = {"type": "object", "properties": {"b": {"$ref": "https://example.com/b.json"}}}
+    with pytest.raises(UnsupportedSchemaError, match=r"never fetched.*\$defs") as e:
+        compiler.compile(spec_from_json_schema(remote))
+    assert e.value.keyword == "$ref" and e.value.path == "#/properties/b"
+
+
+def test_schemas_from_code_get_errors_that_say_what_to_do(compiler):
+    """A pydantic ``set[str]`` field is ``uniqueItems: true``: the error says to use a list. A
+    schema nested past the engine's JSON reader's depth was a bare "recursion limit exceeded";
+    it is typed now, and the ``$defs`` rewrite it suggests compiles."""
+    from pydantic import BaseModel
+
+    class Tagged(BaseModel):
+        tags: set[str]
+
+    with pytest.raises(UnsupportedSchemaError, match="pydantic set.*as a list") as e:
+        compiler.compile(spec_from_json_schema(Tagged))
+    assert e.value.path == "#/properties/tags"
+
+    def nested(n):
+        return (
+            {"type": "object", "properties": {"a": nested(n - 1)}, "required": ["a"]}
+            if n
+            else {"type": "integer"}
+        )
+
+    with pytest.raises(UnsupportedSchemaError, match=r"nested too deeply.*\$defs"):
+        compiler.compile(spec_from_json_schema(nested(80)))
+    defs = {
+        f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(80)
+    }
+    defs["d80"] = {"type": "integer"}
+    assert compiler.compile(spec_from_json_schema({"$defs": defs, "$ref": "#/$defs/d0"}))
+
+
+def test_plane16_characters_are_reachable(compiler, bpe_hf):
+    """outlines-core's vocabulary here leaves out byte 0xF4 (its end-marker trick), so the choice
+    "a\U0010fffd" compiled there could never be written (the request dead-ended) and a regex of
+    such a character was refused as unspellable: they go to llguidance now."""
+    cases = [
+        (spec_from_choices(["a\U0010fffdb", "b"]), "a\U0010fffdb"),
+        (spec_from_regex("\U0010fffd"), "\U0010fffd"),
+        (spec_from_regex(r"x\x{100001}"), "x\U00100001"),
+        (spec_from_json_schema({"type": "string", "enum": ["\U00100001", "b"]}), '"\U00100001"'),
+    ]
+    for spec, text in cases:
+        compiled = compiler.compile(spec)
+        assert compiled.engine == "llguidance" and accepts_text(compiled, bpe_hf, text).accepted, spec
+    assert compiler.compile(spec_from_choices(["yes", "no"])).engine == "outlines-core"
 
 
 def test_grammar_errors_at_compile_carry_position(compiler):

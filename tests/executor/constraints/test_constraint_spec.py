@@ -129,6 +129,19 @@ def test_grammar_syntax_errors_give_line_and_column():
     assert e.value.line == 1 and "nothere" in str(e.value)
     with pytest.raises(GrammarSyntaxError):
         spec_from_grammar("   ")
+    assert "gbnf" not in str(e.value).lower()  # no dialect hint for a lark grammar's own error
+
+
+def test_a_gbnf_grammar_is_refused_with_how_to_convert_it():
+    """``grammar=`` is lark; a GBNF / EBNF grammar (``root ::= ...``) failed with "Expected
+    token '_', found '='" alone, which does not say the dialect is the problem."""
+    gbnf = 'root ::= answer\nanswer ::= "yes" | "no"\n'
+    with pytest.raises(GrammarSyntaxError, match="lark syntax.*gbnf_to_lark") as e:
+        spec_from_grammar(gbnf)
+    assert e.value.line == 1
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    assert spec_from_grammar(gbnf_to_lark(gbnf)).kind == "grammar"  # what the hint says works
 
 
 def test_stop_regex():
