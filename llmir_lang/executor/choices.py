@@ -83,12 +83,18 @@ def _check(choices: Sequence[str], token_logprobs: Sequence[Sequence[float]]) ->
     return rows
 
 
-def _first_max(keys: Sequence[Any]) -> int:
-    best = 0
-    for i in range(1, len(keys)):
-        if keys[i] > keys[best]:
-            best = i
-    return best
+# Scores closer than this (in nats) are a tie, decided by the order of the choices. The same
+# logprob computed in steps of other shapes (every choice in one scoring call, or one call per
+# choice; a prefill or a cached prompt) differs by float rounding, about 1e-6: without a margin,
+# choices that tie exactly in theory (sharing their scored tokens, or an unconditional prompt equal
+# to the prompt) were picked by that noise, differently with the passes on and off.
+TIE_NATS = 1e-4
+
+
+def _first_max(keys: Sequence[float]) -> int:
+    """The first index whose key is within ``TIE_NATS`` of the largest."""
+    top = max(keys)
+    return next(i for i, k in enumerate(keys) if k >= top - TIE_NATS)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -132,17 +138,18 @@ def greedy_logprob_matrix(rows: Sequence[Sequence[float]]) -> list[list[float]]:
 def greedy_token_selection(
     choices: Sequence[str], token_logprobs: Sequence[Sequence[float]]
 ) -> ChoiceDecision:
-    """The choice with the best first-token logprob; exact ties are decided by the next column.
+    """The choice with the best first-token logprob; ties are decided by the next column.
 
-    Column by column, keep only the choices that reach the column's maximum, until one is left
-    (or the columns run out: then the earliest of the tied choices).
+    Column by column, keep only the choices that reach the column's maximum (within
+    ``TIE_NATS``), until one is left (or the columns run out: then the earliest of the tied
+    choices).
     """
     rows = _check(choices, token_logprobs)
     matrix = greedy_logprob_matrix(rows)
     alive = list(range(len(rows)))
     for col in range(len(matrix[0])):
         top = max(matrix[i][col] for i in alive)
-        alive = [i for i in alive if matrix[i][col] == top]
+        alive = [i for i in alive if matrix[i][col] >= top - TIE_NATS]
         if len(alive) == 1:
             break
     best = alive[0]

@@ -396,9 +396,21 @@ class OutputProcessor:
         eng = self.engine
         # canonical tokens of the whole text so far, exactly what a call-by-call run would prefill
         new_ids = eng.tokenizer.encode((req.prompt_text or "") + req.chain_text)
-        if len(new_ids) >= eng.config.context_len:
+        ctx = eng.config.context_len
+        if len(new_ids) >= ctx:
             req.error = "the chain's text outgrew the model's context"
             self._finish_now(req, FinishReason.LENGTH)
+            return
+        # the admission rule of a new request (Engine._submit), so a chain's next generation is
+        # refused exactly where a call-by-call run's request for it would be; one that could never
+        # fit in the pool would otherwise wait for KV slots for ever
+        need = len(new_ids) + min(params.max_new_tokens, ctx - len(new_ids)) + eng.pool.page_size
+        if need > eng.pool.capacity:
+            req.error = (
+                f"OutOfKVMemoryError: this request needs {need} KV slots but the pool holds "
+                f"{eng.pool.capacity}; raise kv_memory or lower max_new_tokens"
+            )
+            self._finish_now(req, FinishReason.ERROR)
             return
         req.params, req.matcher = params, matcher
         req.generator = (

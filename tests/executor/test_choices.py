@@ -186,3 +186,19 @@ def test_all_methods_listed():
         GREEDY_TOKEN_SELECTION,
         UNCONDITIONAL_LIKELIHOOD_NORMALIZED,
     }
+
+
+def test_scores_within_float_noise_tie_and_the_first_choice_wins():
+    """The same logprob scored in steps of other shapes differs by ~1e-6: such differences are
+    ties (``TIE_NATS``), decided by the order of the choices, so the pick does not depend on how
+    the choices were scored (all in one call with the passes on, one call each with them off)."""
+    from llmir_lang.executor.choices import TIE_NATS, unconditional_likelihood_normalized
+
+    noise = 1e-6
+    assert token_length_normalized(["a", "b"], [[-1.0], [-1.0 + noise]]).index == 0
+    assert greedy_token_selection(["a", "b"], [[-1.0, -2.0], [-1.0 + noise, -2.0 + noise]]).index == 0
+    uncond = unconditional_likelihood_normalized(["a", "b"], [[-1.0], [-1.0 + noise]], [[-1.0], [-1.0]])
+    assert uncond.index == 0
+    # a real difference still decides
+    assert token_length_normalized(["a", "b"], [[-1.0], [-1.0 + 10 * TIE_NATS]]).index == 1
+    assert greedy_token_selection(["a", "b"], [[-1.0, -2.0], [-1.0 + noise, -1.5]]).index == 1
