@@ -94,7 +94,11 @@ class Scheduler:
 
     def _undo_alloc(self, req: Req, n: int) -> None:
         new = req.kv_slots[len(req.kv_slots) - n :]
-        del req.kv_slots[len(req.kv_slots) - n :]
+        # a new list, never a cut in place: the decode slot table (cuda_graph.SlotTable) re-uploads
+        # a request's row when its list object changes; a list cut and regrown to the same length
+        # in place kept the old slots there, and a later decode step read KV another request had
+        # since written (found by tests/dsl/test_random_programs_engine.py)
+        req.kv_slots = req.kv_slots[: len(req.kv_slots) - n]
         p = self.pool.page_size
         # pages continued from earlier slots stay; only pages this allocation opened go back
         fresh = [s for s in new if p == 1 or s % p == 0]
