@@ -37,8 +37,9 @@ MAX_EXAMPLES = int(os.environ.get("LLMIR_RANDOM_PROGRAMS", "300"))  # about 20 s
 SEED = os.environ.get("LLMIR_RANDOM_SEED")
 # LLMIR_RANDOM_KNOWN_BUGS=greedy,tiny,uncond (or =1: all) also draws what found the mismatches
 # kept below as regression tests (fixed): greedy_token_selection, a KV pool that a fused chain can
-# outgrow, and a program whose whole prompt is "\n" (unconditional ties). Off in CI: with them on,
-# the random test still finds a mismatch not diagnosed yet (left in the session 10 note)
+# outgrow, and a program whose whole prompt is "\n" (unconditional ties). Off in CI: with "tiny"
+# on, the random test still finds the deadlock of two fused chains in a small pool
+# (test_fused_chains_in_a_small_kv_pool_finish_like_call_by_call, xfail)
 _KNOWN = os.environ.get("LLMIR_RANDOM_KNOWN_BUGS", "")
 KNOWN_BUGS = {k for k in ("greedy", "tiny", "uncond") if _KNOWN == "1" or k in _KNOWN.split(",")}
 # "tight": 500 tokens of KV, so that batches and forks evict cache and pinned prefixes compete for
@@ -581,3 +582,39 @@ def test_fused_chain_after_a_speculative_step_reads_its_own_kv(random_model_dir)
             states = spec_chain.run_batch(args, backend=rt, passes=passes, temperature=0)
             out.append([st.variables() for st in states])
     assert out[0] == out[1]
+
+
+@llmir.function
+def two_step_chain(s):
+    s += "Q" + llmir.gen("a", max_tokens=1)
+    s += FEW_SHOT + llmir.gen("b", max_tokens=1)
+    s += "Q" + llmir.gen("c", max_tokens=1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="two fused chains that each fit the KV pool (62 tokens) deadlock together: both sit "
+    "in scheduler.extending, the first needs 46 slots for its forced text (15 free, the rest "
+    "locked by the second), and Scheduler._schedule_extend breaks at the first request it cannot "
+    "allocate, so the second (2 slots to go) never runs and nothing is ever freed; "
+    "engine_loop._step fails only a request that cannot fit the whole pool. Call by call, each "
+    "request ends and releases its KV before the next is sent",
+)
+def test_fused_chains_in_a_small_kv_pool_finish_like_call_by_call(random_model_dir):
+    outcomes = []
+    for passes in ("", None):
+        rt = llmir.Runtime(str(random_model_dir), device="cpu", kv_memory="32KB")  # 62 tokens
+        got: list[Any] = []
+
+        def go(rt: Any = rt, passes: str | None = passes, got: list[Any] = got) -> None:
+            states = two_step_chain.run_batch([{}, {}], backend=rt, passes=passes, temperature=0)
+            got.append([(str(st.error()), st.variables()) for st in states])
+
+        worker = threading.Thread(target=go, daemon=True)
+        worker.start()
+        worker.join(5.0)  # the batch takes well under a second
+        hung = worker.is_alive()
+        rt.shutdown()  # fails a stuck request, so the worker returns
+        worker.join(5.0)
+        outcomes.append("hang" if hung else got[0])
+    assert outcomes[0] != "hang" and outcomes[1] == outcomes[0], outcomes
