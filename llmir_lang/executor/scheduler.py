@@ -158,7 +158,26 @@ class Scheduler:
             batch = self._schedule_extend()
         if batch is None and self.running:
             batch = self._schedule_decode()
+        while batch is None and not self.running and (self.extending or self.chunked is not None):
+            # admitted requests hold KV but none of them can get slots for its next tokens, and
+            # nothing decodes that would ever free any (two fused chains in a small pool): give
+            # one up to the queue, its computed KV left in the radix cache, evictable
+            self._retract_ongoing()
+            batch = self._schedule_extend()
         return batch
+
+    def _retract_ongoing(self) -> None:
+        """Back to the queue with the admitted request that holds the most KV (the latest on ties)."""
+        ongoing = list(self.extending) + ([self.chunked] if self.chunked is not None else [])
+        req = max(ongoing, key=lambda r: (len(r.kv_slots), r.arrival_step, r.rid))
+        if req is self.chunked:
+            self.chunked = None
+        else:
+            self.extending.remove(req)
+        self.release(req, cache_kv=True)
+        req.retractions += 1
+        self.num_retractions += 1
+        self.waiting.appendleft(req)
 
     def _order_waiting(self) -> list[Req]:
         reqs = list(self.waiting)
@@ -182,10 +201,13 @@ class Scheduler:
         ongoing = ([self.chunked] if self.chunked is not None else []) + list(self.extending)
         candidates = ongoing + self._order_waiting()
         self.chunked_next = None
+        stalled = False  # an admitted request found no room: admit no new one ahead of it
         for req in candidates:
             if budget <= 0 or slots_left <= 0:
                 break
             fresh = req not in ongoing
+            if fresh and stalled:
+                break
             if fresh:
                 ids = req.fill_ids[: self._max_match(req)]
                 m = self.cache.match_prefix(ids)
@@ -210,6 +232,11 @@ class Scheduler:
             if slots is None:
                 if fresh:
                     self.release(req, cache_kv=False)
+                elif req is not self.chunked:
+                    # a request with forced text to compute waits for room; the others may still
+                    # fit (each one that runs moves on and frees KV in time)
+                    stalled = True
+                    continue
                 break
             if fresh:
                 self.waiting.remove(req)
