@@ -34,7 +34,9 @@ def _prefilled(capacity: int, forced: list[int]) -> tuple[Scheduler, list[Req]]:
     sched.after_step(b)
     for r, n in zip(reqs, forced):
         r.rebase_to = (r.prompt_ids, r.output_ids + list(range(1000 + 100 * r.rid, 1000 + 100 * r.rid + n)))
-    sched.after_step(ScheduledBatch(ForwardMode.DECODE, reqs, [0] * len(reqs), [1] * len(reqs), [False] * len(reqs)))
+    sched.after_step(
+        ScheduledBatch(ForwardMode.DECODE, reqs, [0] * len(reqs), [1] * len(reqs), [False] * len(reqs))
+    )
     assert sched.extending == reqs and not sched.running
     return sched, reqs
 
