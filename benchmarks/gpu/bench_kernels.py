@@ -1,9 +1,15 @@
 """GPU benchmarks of the attention kernels (Llama-3-8B attention shape: 32 q heads, 8 KV heads, d 128, bf16).
 
-    python benchmarks/gpu/bench_kernels.py --out DIR [--sections ceil,decode,prefill,shared,sweep,flex]
+    python benchmarks/gpu/bench_kernels.py --out DIR [--sections ceil,readceil,decode,prefill,shared,sweep,flex]
 
 Writes ``DIR/kernels_<device>_<date>.json`` after every section and prints a table at the end.
 - ceil: measured ceilings (device-to-device copy, bf16 matmul), next to the spec 3.35 TB/s.
+- readceil: what a kernel that only streams the bytes a decode reads reaches at each decode point
+  (batch x context): a Triton kernel summing the same K and V bytes (contiguous, so easier than the
+  paged gather), the best of a sweep of grid sizes and tiles, timed like the decode kernels: the
+  ceiling any decode kernel meets at that size (launch, ramp-up and tail included). ``gather_*``:
+  the decode split kernel's grid, slices and paged loads with no math (its access pattern's limit);
+  ``rows_*``: the same pages read as whole token rows (all KV heads) per program.
 - decode: batch 1/16/64/256 x context 1k/4k/16k; achieved GB/s over the bytes a decode must read
   (K + V + slot indices), vs torch SDPA on already-gathered contiguous K/V (gather not timed).
   Both split merges are timed at every point, in alternating order over 3 trials: ``one_launch``
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import statistics
@@ -101,6 +108,165 @@ def bench_ceilings() -> dict:
     y = torch.randn(8192, 8192, device=DEV, dtype=DT)
     tm = time_graph([lambda: x @ y], iters=10)
     return {"copy_GBps": 2 * 4 * n / t / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
+
+
+def _read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read2(A, B, Out, n, per_prog, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        lo = pid.to(tl.int64) * per_prog
+        hi = tl.minimum(lo + per_prog, n)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(lo, hi, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < hi
+            a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
+            acc += a + b
+        tl.store(Out + pid, tl.sum(acc, 0))
+
+    @triton.jit
+    def gather_read(
+        K, V, KvIndptr, KvIndices, Out, min_chunk, stride_kn, stride_kh,
+        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        # the decode split kernel's grid, slices and loads (same slot list, one KV head's rows per
+        # program), without its math: what its access pattern alone allows
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_start = tl.load(KvIndptr + b).to(tl.int64)
+        kv_len = (tl.load(KvIndptr + b + 1) - kv_start).to(tl.int32)
+        n_splits = tl.minimum(tl.maximum(tl.cdiv(kv_len, min_chunk), 1), tl.num_programs(2))
+        per_split = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, kv_len)
+        offs_d = tl.arange(0, HEAD_DIM)
+        acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)  # reduced once at the end: no per-tile math
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            slot = tl.load(KvIndices + kv_start + offs_n, mask=n_mask, other=0).to(tl.int64)
+            ptr = slot[:, None] * stride_kn + kvh * stride_kh + offs_d[None, :]
+            k = tl.load(K + ptr, mask=n_mask[:, None], other=0.0)
+            v = tl.load(V + ptr, mask=n_mask[:, None], other=0.0)
+            acc += k.to(tl.float32) + v.to(tl.float32)
+        tl.store(Out + (b * tl.num_programs(1) + kvh) * tl.num_programs(2) + split, tl.sum(tl.sum(acc, 1), 0))
+
+    @triton.jit
+    def gather_rows(
+        K, V, KvIndptr, KvIndices, Out, stride_kn,
+        BLOCK_N: tl.constexpr, ROW: tl.constexpr,
+    ):  # fmt: skip
+        # the same slot lists, but each program reads whole token rows (every KV head: ROW
+        # contiguous elements) of 1/num_programs(1) of the request's tokens
+        b = tl.program_id(0)
+        part = tl.program_id(1)
+        kv_start = tl.load(KvIndptr + b).to(tl.int64)
+        kv_len = (tl.load(KvIndptr + b + 1) - kv_start).to(tl.int32)
+        per = tl.cdiv(tl.cdiv(kv_len, tl.num_programs(1)), BLOCK_N) * BLOCK_N
+        lo = part * per
+        hi = tl.minimum(lo + per, kv_len)
+        offs_r = tl.arange(0, ROW)
+        acc = tl.zeros([BLOCK_N, ROW], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            slot = tl.load(KvIndices + kv_start + offs_n, mask=n_mask, other=0).to(tl.int64)
+            ptr = slot[:, None] * stride_kn + offs_r[None, :]
+            k = tl.load(K + ptr, mask=n_mask[:, None], other=0.0)
+            v = tl.load(V + ptr, mask=n_mask[:, None], other=0.0)
+            acc += k.to(tl.float32) + v.to(tl.float32)
+        tl.store(Out + b * tl.num_programs(1) + part, tl.sum(tl.sum(acc, 1), 0))
+
+    return read2, gather_read, gather_rows
+
+
+def bench_read_ceilings(kb, vb) -> list[dict]:
+    """At each decode point: the fastest pure read of its K and V bytes (see the module doc)."""
+    read2, gather_read, gather_rows = _read_kernel()
+    cfg = td.default_decode_config(D, DEV)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    kf, vf = kb.view(-1), vb.view(-1)
+    out = torch.empty(64 * sms, device=DEV, dtype=torch.float32)
+    rows = []
+    for bsz in (1, 16, 64, 256):
+        for ctx in (1024, 4096, 16384):
+            n = bsz * ctx * HKV * D  # elements of K (and of V)
+            kv_bytes = 2 * n * 2
+            reps = rotations(kv_bytes)
+            best: dict = {}
+            for per_sm in (1, 2, 4, 8, 16, 32):
+                for block, warps in ((1024, 4), (2048, 4), (4096, 8), (8192, 8)):
+                    progs = per_sm * sms
+                    per_prog = math.ceil(math.ceil(n / progs) / block) * block
+                    progs = math.ceil(n / per_prog)
+                    launch = read2[(progs,)]
+                    calls = [
+                        functools.partial(
+                            launch, kf[r * n :], vf[r * n :], out, n, per_prog, BLOCK=block, num_warps=warps
+                        )
+                        for r in range(reps)
+                    ]
+                    t = time_graph(calls)
+                    if not best or t < best["t"]:
+                        best = {"t": t, "programs": progs, "block": block, "warps": warps}
+            t = best.pop("t")
+            # the decode kernel's access pattern: its grid and 16-token pages at random positions
+            lengths = [ctx] * bsz
+            ip = indptr(lengths, DEV)
+            cap = td.split_cap(bsz, HKV, cfg, DEV)
+            g_out = torch.empty(bsz * HKV * cap, device=DEV, dtype=torch.float32)
+            gather = {}
+            for stages in (2, 3, 4):
+                launch = gather_read[(bsz, HKV, cap)]
+                calls = [
+                    functools.partial(
+                        launch, kb, vb, ip, slot_layout(lengths, kb.shape[0], "paged", GEN, device=DEV), g_out,
+                        cfg.min_chunk, kb.stride(0), kb.stride(1), BLOCK_N=cfg.block_n, HEAD_DIM=D,
+                        num_warps=cfg.num_warps, num_stages=stages,
+                    )  # fmt: skip
+                    for _ in range(reps)
+                ]
+                gather[stages] = time_graph(calls)
+            g_stages = min(gather, key=gather.__getitem__)
+            t_g = gather[g_stages]
+            rows_t = {}
+            for block_n, stages in ((8, 3), (8, 4), (16, 2), (16, 3)):
+                launch = gather_rows[(bsz, cap * HKV)]
+                calls = [
+                    functools.partial(
+                        launch, kb, vb, ip, slot_layout(lengths, kb.shape[0], "paged", GEN, device=DEV), g_out,
+                        kb.stride(0), BLOCK_N=block_n, ROW=HKV * D, num_warps=8, num_stages=stages,
+                    )  # fmt: skip
+                    for _ in range(reps)
+                ]
+                rows_t[(block_n, stages)] = time_graph(calls)
+            r_cfg = min(rows_t, key=rows_t.__getitem__)
+            t_r = rows_t[r_cfg]
+            rows.append(
+                {
+                    "batch": bsz,
+                    "ctx": ctx,
+                    "kv_bytes": kv_bytes,
+                    "read_us": t * 1e6,
+                    "read_GBps": kv_bytes / t / 1e9,
+                    "read_pct": 100 * kv_bytes / t / SPEC_BW,
+                    **best,
+                    "gather_us": t_g * 1e6,
+                    "gather_pct": 100 * kv_bytes / t_g / SPEC_BW,
+                    "gather_stages": g_stages,
+                    "gather_splits": cap,
+                    "rows_us": t_r * 1e6,
+                    "rows_pct": 100 * kv_bytes / t_r / SPEC_BW,
+                    "rows_block_n_stages": list(r_cfg),
+                }
+            )
+            print("readceil", rows[-1], flush=True)
+    return rows
 
 
 def bench_decode_point(
@@ -436,6 +602,17 @@ def bench_flex(kb, vb, budget_s: float = 120.0) -> list[dict]:
 def print_tables(res: dict) -> None:
     if "ceilings" in res:
         print(f"\nceilings: {res['ceilings']}")
+    if "read_ceilings" in res:
+        print(
+            "\nread ceiling (K + V bytes of a decode)  batch  ctx    read_us  GB/s   %3.35TB/s"
+            "  gather_us  %3.35TB/s  rows_us  %3.35TB/s"
+        )
+        for r in res["read_ceilings"]:
+            print(
+                f"{'':39}{r['batch']:5d} {r['ctx']:6d} {r['read_us']:8.1f} {r['read_GBps']:6.0f}"
+                f" {r['read_pct']:7.1f}%  {r['gather_us']:9.1f} {r['gather_pct']:7.1f}%"
+                f"  {r['rows_us']:9.1f} {r['rows_pct']:7.1f}%"
+            )
     if "decode" in res:
         print(
             "\ndecode (bf16, 32q/8kv heads, d128)  batch  ctx    splits  triton_us  GB/s   %3.35TB/s  sdpa_us  sdpa_GB/s"
@@ -483,7 +660,7 @@ def print_tables(res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
-    ap.add_argument("--sections", default="ceil,decode,prefill,shared,sweep,flex")
+    ap.add_argument("--sections", default="ceil,readceil,decode,prefill,shared,sweep,flex")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     device = props.name.replace(" ", "_")
@@ -507,6 +684,7 @@ def main() -> None:
     vb = torch.randn(slots, HKV, D, device=DEV, dtype=DT)
     sections = {
         "ceil": ("ceilings", lambda: bench_ceilings()),
+        "readceil": ("read_ceilings", lambda: bench_read_ceilings(kb, vb)),
         "decode": ("decode", lambda: bench_decode(kb, vb)),
         "prefill": ("prefill", lambda: bench_prefill(kb, vb)),
         "shared": ("shared", lambda: bench_shared(kb, vb)),
