@@ -13,7 +13,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import torch
@@ -320,8 +320,15 @@ class Engine(EngineScoring, EngineLoop):
             )
         if sp.return_prompt_logprob and logprob_start_len < 0:
             logprob_start_len = 0
-        fut: Future = _RequestFuture(self._thread)
         rid = next(self._rids)
+        ref = weakref.ref(self)
+
+        def abort_on_cancel() -> None:
+            engine = ref()
+            if engine is not None:
+                engine._abort_soon(rid)
+
+        fut: Future = _RequestFuture(self._thread, abort_on_cancel)
         req = Req(
             rid=rid,
             prompt_ids=ids,
@@ -504,11 +511,39 @@ class Engine(EngineScoring, EngineLoop):
 class _RequestFuture(Future):
     """A request's future. Waiting on it from the engine thread (in a stream callback) raises
     EngineError instead of deadlocking the engine: that thread is the one that resolves it.
-    A wait with ``timeout=0`` only polls, and is allowed anywhere."""
+    A wait with ``timeout=0`` only polls, and is allowed anywhere.
 
-    def __init__(self, engine_thread: threading.Thread):
+    ``cancel()`` (any thread; also what ``asyncio.wrap_future`` does when the awaiting task is
+    cancelled) aborts the request, which would otherwise run on to ``max_new_tokens`` for nobody.
+    A cancel that lands between the engine's ``done()`` check and its ``set_result`` is not an
+    error: the engine thread raised ``InvalidStateError`` there, which failed the request and, with
+    deferred text work (CUDA), the other requests of its step."""
+
+    def __init__(self, engine_thread: threading.Thread, abort: Any = None):
         super().__init__()
         self._engine_thread = engine_thread
+        self._abort = abort  # called with no argument once the future is cancelled
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled and self._abort is not None:
+            self._abort()
+        return cancelled
+
+    def set_result(self, result: Any) -> None:
+        try:
+            super().set_result(result)
+        except InvalidStateError:
+            if not self.cancelled():
+                raise  # resolved twice: an engine bug
+            # cancelled by another thread since the engine checked done(): nobody wants it
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        try:
+            super().set_exception(exception)
+        except InvalidStateError:
+            if not self.cancelled():
+                raise
 
     def result(self, timeout: float | None = None) -> Any:
         self._check_thread(timeout, "Future.result()")

@@ -238,14 +238,17 @@ class EngineService:
         return fut
 
     def _done(self, rid: int, result: GenerateResult | None, aborted: bool = False) -> None:
-        self.active.pop(rid, None)
+        """Count ``rid`` once, in one of ``finished``, ``aborted`` (its client left, the shutdown
+        stopped it) or ``failed`` (no result: the engine failed it), so that once nothing runs
+        ``requests == finished + aborted + failed``."""
         if aborted or (result is not None and result.finish_reason == "abort"):
-            self.counters.aborted += 1
-        elif result is None:
-            self.counters.failed += 1
-            self.counters.aborted += 1
+            self._count(rid, "aborted")
         else:
-            self.counters.finished += 1
+            self._count(rid, "failed" if result is None else "finished")
+
+    def _count(self, rid: int, outcome: str) -> None:
+        self.active.pop(rid, None)
+        setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
 
     def abort(self, rid: int) -> None:
         """Abort ``rid`` without blocking the caller (loop thread). After ``close`` it does nothing:
@@ -280,7 +283,7 @@ class EngineService:
         matcher = await self.matcher(sub.constraint)
         fut = self._submit(sub, matcher)
         rid = fut.rid
-        waiter = asyncio.wrap_future(fut)
+        waiter = _loop_waiter(fut)
         result: GenerateResult | None = None
         aborted = False
         try:
@@ -329,8 +332,9 @@ class EngineService:
         matcher = await self.matcher(sub.constraint)
         fut = self._submit(sub, matcher, stream=push)
         rid = fut.rid
-        waiter = asyncio.wrap_future(fut)
+        waiter = _loop_waiter(fut)
         result: GenerateResult | None = None
+        final: StreamChunk | None = None  # the last chunk, once it was yielded
         getter: asyncio.Future | None = None
         try:
             while True:
@@ -345,6 +349,7 @@ class EngineService:
                 chunk = getter.result()
                 yield chunk
                 if chunk.finished:
+                    final = chunk
                     break
             result = await waiter
             if self._aborted_by_shutdown(result) and result.error is None:
@@ -355,14 +360,21 @@ class EngineService:
         finally:
             if getter is not None and not getter.done():
                 getter.cancel()
-            # result None: the consumer stopped early (abort), or the engine failed (waiter done)
-            stopped_early = result is None and not waiter.done()
+            # result None: the consumer stopped early, or the engine failed the request. The
+            # engine's own future tells which (the waiter lags it, and is cancelled when the task
+            # is cancelled while it awaits the result after the final chunk)
+            resolved = fut.done() and not fut.cancelled()
+            if result is None and resolved and fut.exception() is None:
+                result = fut.result()  # finished; the consumer left before reading the result
+            stopped_early = result is None and not resolved and final is None
             if stopped_early:
                 self.abort(rid)
-                waiter.cancel()
-            elif result is None and not waiter.cancelled() and waiter.exception() is None:
-                result = waiter.result()  # finished; the consumer left before reading the result
-            self._done(rid, result, stopped_early)
+            waiter.cancel()  # only the loop's side: the engine's future is left to the engine
+            if result is None and not resolved and final is not None:
+                # it ended (its final chunk went out) and the engine is about to set its result
+                self._count(rid, "aborted" if final.finish_reason == "abort" else "finished")
+            else:
+                self._done(rid, result, stopped_early)
 
     # --- housekeeping ------------------------------------------------------------------------
     async def engine_stats(self) -> dict[str, Any]:
@@ -472,6 +484,40 @@ class _ChunkLogprobs:
             logprobs=list(req.out_logprobs[start:end]),
             top_logprobs=list(tops) if tops is not None else None,
         )
+
+
+def _loop_waiter(fut: Future) -> asyncio.Future:
+    """An asyncio future of the running loop that gets ``fut``'s outcome (the engine resolves
+    ``fut`` on its own thread).
+
+    Unlike ``asyncio.wrap_future``, cancelling it (a request task cancelled, a client gone) never
+    cancels ``fut``: a request is stopped with ``Engine.abort``, and a cancel landing between the
+    engine's ``done()`` check and its ``set_result`` made the engine thread raise
+    ``InvalidStateError``, which failed the request (and, with deferred text work, as on CUDA,
+    every other request of that step)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def copy(done: Future) -> None:  # loop thread
+        if waiter.done():
+            return  # cancelled: nobody waits for the outcome
+        exc = done.exception()
+        if exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(done.result())
+
+    def on_done(done: Future) -> None:  # engine thread (or this one, when already resolved)
+        try:
+            if done.cancelled():
+                loop.call_soon_threadsafe(waiter.cancel)
+            else:
+                loop.call_soon_threadsafe(copy, done)
+        except RuntimeError:  # the loop is closed: nobody waits for the outcome any more
+            pass
+
+    fut.add_done_callback(on_done)
+    return waiter
 
 
 def _consume(fut: asyncio.Future) -> None:
