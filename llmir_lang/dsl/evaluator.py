@@ -454,7 +454,8 @@ class SegmentEvaluator:
             gen_index += 1
             if step is None or step.error:
                 message = (step.error if step else None) or result.error or "the backend returned no result"
-                self._resolve(fi, i, _Val(text, vars_, Failure(name, message), base.gates))
+                cause = result.exception if step is None else None  # the chain's own failure
+                self._resolve(fi, i, _Val(text, vars_, Failure(name, message, cause), base.gates))
                 return
             bad = unfinished_value(name, seg, step.text) if step.finish_reason == "stop" else None
             if bad is not None:  # a constrained value cut by a stop (or let through): fail, never pass it on

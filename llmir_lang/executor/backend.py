@@ -60,6 +60,9 @@ class ChainResult:
     steps: list[StepResult]  # one per GenStep, in order
     text: str  # everything appended after the prompt: generations and constant texts
     error: str | None = None  # set when the chain failed; steps then holds what finished
+    # the exception behind ``error`` when there is one (the engine shut down, a network failure):
+    # the DSL chains it to the error it raises, so callers can catch it by type
+    exception: BaseException | None = None
 
 
 ChunkCallback = Callable[[int, str], None]  # (index of the gen step, new text)
@@ -184,7 +187,7 @@ class EngineBackend(Backend):
                 outer.set_result(_chain_result(f, names, engines, lead))
             except Exception as e:
                 if not outer.done():
-                    outer.set_result(ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}"))
+                    outer.set_result(ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}", exception=e))
 
         inner.add_done_callback(done)
         outer.rid = getattr(inner, "rid", None)  # type: ignore[attr-defined]  # for abort_requests
@@ -217,7 +220,7 @@ def _chain_result(f: Future, names: list, engines: list, lead: str) -> ChainResu
     try:
         res = f.result()
     except Exception as e:  # engine failure: reported on the result, never raised
-        return ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}")
+        return ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}", exception=e)
     results = []
     for i, r in enumerate(res.meta.get("steps", [res])):
         meta = {k: v for k, v in r.meta.items() if k not in ("steps", "chain_text")}

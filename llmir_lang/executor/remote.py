@@ -326,7 +326,7 @@ class _HTTPBackend(Backend):
             try:
                 res = self._generate(text, step[1], sink, stop)
             except Exception as e:  # network or server failure: reported, never raised
-                return ChainResult(results, appended, error=f"{type(e).__name__}: {e}")
+                return ChainResult(results, appended, error=f"{type(e).__name__}: {e}", exception=e)
             res.name = step[0]
             results.append(res)
             text, appended = text + res.text, appended + res.text
