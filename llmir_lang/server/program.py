@@ -168,20 +168,31 @@ def run_program(
     }
 
 
-@router.post("/program")
-async def program(body: ProgramRequest, request: Request) -> dict[str, Any]:
-    svc = service_of(request)
-    svc.check_open()
+def _checked_program(
+    body: ProgramRequest, max_tokens_limit: int | None
+) -> tuple[Module, list[dict[str, str]]]:
+    """The request's module, parsed, verified and within the limits, and its bound arguments;
+    each problem a typed error (400)."""
     module = parse_ir(body.ir)  # IRParseError (400) with line and column
     verify(module)  # IRVerifyError (400)
     if not module.functions:
         raise ServerHTTPError(400, "the module has no function; send at least one 'func @name(...) {...}'")
     args = bind_args(module, body.args)
-    module = check_limits(module, svc.config.max_tokens_limit)
+    module = check_limits(module, max_tokens_limit)
     if body.passes is not None:
         from llmir_lang.optimizer import parse_pipeline
 
         parse_pipeline(body.passes)  # PassPipelineError (400) before anything runs
+    return module, args
+
+
+@router.post("/program")
+async def program(body: ProgramRequest, request: Request) -> dict[str, Any]:
+    svc = service_of(request)
+    svc.check_open()
+    # off the event loop: parsing and verifying a large module takes about 1.5 s a MB here, which
+    # would stall every other request of the server meanwhile
+    module, args = await asyncio.to_thread(_checked_program, body, svc.config.max_tokens_limit)
     run = svc.start_program()
     loop = asyncio.get_running_loop()
     outcome = "failed"
