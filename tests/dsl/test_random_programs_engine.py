@@ -397,9 +397,19 @@ def run_program(rts: Runtimes, prog: dict[str, Any], passes: str | None) -> list
         rts.discard(prog["kv"])  # fails the stuck requests; the next example gets a fresh engine
         worker.join(HANG_S)
         return [{"hang": f"passes={passes!r}: no result after {HANG_S:.0f} s"}]
+    check_kv_released(rt, passes)
     if isinstance(got[0], Exception):
         return [_outcome(None, got[0], recs[0])]
     return [_outcome(state, None, rec) for state, rec in zip(got[0], recs)]
+
+
+def check_kv_released(rt: Any, passes: str | None) -> None:
+    """Once a run is over no request holds KV: nothing is locked in the radix cache (pinned
+    prefixes released) and every used pool slot is a cached token, so none leaked."""
+    stats = rt.stats()
+    cache, pool = stats["cache"], stats["pool"]
+    assert cache["protected_tokens"] == 0, (f"passes={passes!r}: KV still locked after the run", stats)
+    assert pool["used"] == cache["cached_tokens"], (f"passes={passes!r}: KV slots leaked", stats)
 
 
 def _events(prog: dict[str, Any], first: dict[str, Any]) -> None:
