@@ -19,8 +19,9 @@ dangling ``$ref`` is named now, not written 10 000 times), ``--prompt-file``, ``
 output path (not a directory, not the input, not locked by another run), the whole input file
 (UTF-8, ``--text-field`` present in some record, an explicit ``--id-field`` present in some
 record), the model (``--model`` loads, or ``--url`` answers). A failure that is not the record's
-fault (the server went away, the engine closed) is not written as the record's error: the job
-stops there with exit 1 and a rerun carries on.
+fault (the server went away, the engine closed, the disk is full) is not written as the record's
+error: the job stops there with exit 1 (the chunk running next to it is stopped too) and a rerun
+carries on.
 
 The default prompt is the bundled model's extraction format (``Text: <text>⏎<Kind> JSON:⏎``, the
 kind being the schema's name); ``--prompt-file`` is a template where ``{text}`` is replaced by the
@@ -51,7 +52,7 @@ from llmir_lang.cli.inputs import (
     read_records,
     where_in,
 )
-from llmir_lang.cli.output import ResumableOutput, check_output_path, id_key, scan_output
+from llmir_lang.cli.output import OutputWriteError, ResumableOutput, check_output_path, id_key, scan_output
 from llmir_lang.errors import LLMIRError
 
 DESCRIPTION = """\
@@ -68,9 +69,9 @@ output: one line per input id, {"id": ..., "record": {...}} or {"id": ..., "erro
   A rerun skips every id already in --output; --retry-failed reruns those whose line is an error
   (their error lines are removed first, so the file keeps exactly one line per id).
 exit status: 0 every record of this run succeeded (or there was nothing to do); 1 a record failed
-  (its error line is written), a setup error (nothing written), or the backend failed mid-job (the
-  records not yet written are redone by a rerun); 2 bad arguments; 130 interrupted (Ctrl-C: the
-  summary is printed, a rerun resumes).
+  (its error line is written), a setup error (nothing written), or the backend failed or the output
+  could not be written (a full disk) mid-job (the records not yet written are redone by a rerun);
+  2 bad arguments; 130 interrupted (Ctrl-C: the summary is printed, a rerun resumes).
 """
 
 
@@ -373,6 +374,9 @@ def run_extract(
                     running = following
                 job.finish(*running)
             finally:
+                # an interrupt or a backend failure leaves the next chunk running: stop it now,
+                # not when the backend shuts down under its threads (or never, on a caller's backend)
+                job.stop()
                 summary.seconds = time.perf_counter() - job.started
     finally:
         if bar is not None:
@@ -466,10 +470,20 @@ class _Job:
         self.out, self.summary, self.bar = out, summary, bar
         self.schema_text = json.dumps(schema.json_schema)
         self.started = time.perf_counter()
+        self._batches: list[Any] = []  # the run_batch iterators of the chunks that may still run
+
+    def stop(self) -> None:
+        """Stop every chunk still running (its records are not written: a rerun does them)."""
+        for states in self._batches:
+            states.close()
+        self._batches.clear()
 
     def write(self, record_id: Any, row: dict[str, Any]) -> None:
         with _sigint_after():  # a Ctrl-C between the line and its count made the summary short
-            self.out.write({"id": record_id, **row})
+            try:
+                self.out.write({"id": record_id, **row})
+            except OutputWriteError as e:  # not the record's fault: stop the job, a rerun resumes
+                raise ExtractAbortedError(str(e)) from e
             if "error" in row:
                 self.summary.failed += 1
             else:
@@ -499,6 +513,8 @@ class _Job:
             )
         except Exception as e:  # not any record's fault: finish() stops the job with it
             return chunk, e
+        # at most two chunks run at once (``run_extract``): the ones before them are finished
+        self._batches = [*self._batches[-1:], states]
         return chunk, states
 
     def finish(self, chunk: list[_Item], states: Any) -> None:

@@ -40,6 +40,10 @@ class OutputFileError(LLMIRError):
     the input file itself, or a folder that cannot be created."""
 
 
+class OutputWriteError(OutputFileError):
+    """Writing a line failed (a full disk, an I/O error); the lines before it are intact."""
+
+
 class OutputLockedError(OutputFileError):
     """Another ``llmir extract`` holds the output file."""
 
@@ -293,9 +297,21 @@ class ResumableOutput:
         """Append ``row`` (which has an ``id``, first) as one line, durably."""
         if self._fd is None:
             raise RuntimeError("ResumableOutput.write before open()")
-        self._write_all(self._fd, encode_line(row))
-        if self.fsync:
-            os.fsync(self._fd)
+        line = encode_line(row)
+        end = os.fstat(self._fd).st_size
+        try:
+            self._write_all(self._fd, line)
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as e:  # the disk is full, a quota, an I/O error
+            try:  # NOTE: a short write left part of the line: cut it off, so the file stays whole lines
+                os.ftruncate(self._fd, end)
+            except OSError:
+                pass  # the next open drops the fragment instead
+            raise OutputWriteError(
+                f"--output {str(self.path)!r}: cannot write ({e.strerror or e}); every line before "
+                "this one is kept: fix that and rerun the same command to resume"
+            ) from e
         key = id_key(row["id"])
         self.done_ids.add(key)
         if "error" in row:

@@ -10,6 +10,7 @@ engine's names ``max_new_tokens`` / ``min_new_tokens``). ``passes`` picks the op
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import inspect
 import os
@@ -297,7 +298,8 @@ class LMFunction:
         """Run the program once per argument dict, optimized and batched together.
 
         Errors never stop the batch: a failed program's state has ``error()`` set. With
-        ``generator_style=True`` the states are yielded in order as each program finishes.
+        ``generator_style=True`` the states are yielded in order as each program finishes; closing
+        the iterator before its end (``close()``, or dropping it) stops the programs not yielded.
         A KeyboardInterrupt while it waits (a notebook's interrupt) stops the whole batch before
         it is raised: requests in flight are aborted, programs not started never run, and the
         progress bar is closed.
@@ -346,12 +348,12 @@ class LMFunction:
                 t.join()
             work.close()
 
-        def interrupted() -> None:
-            runner.cancel(f"run_batch() of {self.name!r} was interrupted")
+        def interrupted(reason: str = "was interrupted") -> None:
+            runner.cancel(f"run_batch() of {self.name!r} {reason}")
             finish()
 
         if generator_style:
-            return _in_order(states, finish, interrupted)
+            return _BatchResults(states, finish, interrupted)
         try:
             for st in states:
                 st._run.finished.wait()
@@ -440,8 +442,9 @@ class _BatchWork:
     ) -> None:
         self.program = program
         self.runner: BatchRunner | None = runner
-        self.runs = runs
-        self.arguments = arguments
+        # a finished program's entries are dropped (``run``): its state is the caller's alone
+        self.runs: list[ProgramRun | None] = list(runs)
+        self.arguments: list[dict[str, Any] | None] = list(arguments)
         self.bar = bar
         self._next = iter(range(len(runs)))
         self._lock = threading.Lock()
@@ -455,11 +458,13 @@ class _BatchWork:
                     i = next(self._next, None)
                 if i is None:
                     return
-                run = self.runs[i]
+                run, arguments = self.runs[i], self.arguments[i]
+                assert run is not None and arguments is not None
+                self.runs[i] = self.arguments[i] = None
                 if self.runner.cancelled is not None:  # interrupted: what has not started never runs
                     self.program._end(run, self.program._wrap(ProgramInterruptedError(self.runner.cancelled)))
                     continue
-                self.program._body(run, run.states[0], self.arguments[i])
+                self.program._body(run, run.states[0], arguments)
                 if self.bar is not None and self.runner.cancelled is None:
                     self.bar.update(1)
         finally:
@@ -471,17 +476,61 @@ class _BatchWork:
         self.runner = self.bar = None
 
 
-def _in_order(
-    states: list[ProgramState], finish: Callable[[], None], interrupted: Callable[[], None]
-) -> Iterator[ProgramState]:
-    for st in states:
+class _BatchResults(Iterator[ProgramState]):
+    """What ``run_batch(..., generator_style=True)`` returns: the states in input order, each as
+    soon as its program has finished.
+
+    It keeps no state it has yielded (a consumer that drops them keeps memory flat), and closing
+    it before the end (``close()``, or dropping it: a ``for`` loop left with ``break`` over
+    ``run_batch(...)`` itself) stops the programs not yielded yet, as an interrupt does: nobody
+    can read their states any more, so they must not keep the engine busy."""
+
+    def __init__(
+        self,
+        states: list[ProgramState],
+        finish: Callable[[], None],
+        interrupted: Callable[..., None],
+    ) -> None:
+        self._states = collections.deque(states)
+        self._finish: Callable[[], None] | None = finish
+        self._interrupted = interrupted
+
+    def __next__(self) -> ProgramState:
+        if not self._states:
+            self._end(None)
+            raise StopIteration
         try:
-            st._run.finished.wait()
+            self._states[0]._run.finished.wait()
         except BaseException:
-            interrupted()
+            self._end("was interrupted")
             raise
-        yield st
-    finish()
+        st = self._states.popleft()
+        if not self._states:
+            self._end(None)
+        return st
+
+    def close(self) -> None:
+        """Stop the programs whose states were not yielded yet and wait for the batch's threads."""
+        self._end("was closed before all its results were read")
+
+    def _end(self, reason: str | None) -> None:
+        finish, self._finish = self._finish, None
+        if finish is None:
+            return
+        self._states.clear()
+        if reason is None:
+            finish()
+        else:
+            self._interrupted(reason)
+
+    def __del__(self) -> None:
+        if self._finish is not None:
+            # NOTE: not here: the cancel and the joins take the runner's locks, and garbage
+            # collection may run this in any thread, one of the batch's own included
+            try:
+                threading.Thread(target=self.close, daemon=True, name="llmir-batch-close").start()
+            except RuntimeError:  # the interpreter is shutting down
+                pass
 
 
 def _progress(total: int) -> Any:

@@ -7,7 +7,10 @@
   ONE module (one function per program), optimized together, so that prefix-share sees every
   program at once, and run with all their requests submitted together. Each program resumes as
   soon as its own function is complete, and its next segment can join the next round while the
-  previous one is still running, which keeps the engine's batch full.
+  previous one is still running, which keeps the engine's batch full. A program that stays in
+  Python long between two sync points (a tool call, a slow lookup) does not hold the others back:
+  once no segment has arrived for ``ROUND_WAIT_S``, the round starts with the segments waiting,
+  and the slow program's segment joins a later round.
 
 ``cancel(reason)`` stops a run from another thread (a KeyboardInterrupt in ``run_batch``, a
 cancelled ``arun``): the segments running now end at once with their requests aborted, and any
@@ -21,6 +24,7 @@ runs it next to its engine, one round trip per segment module instead of one per
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -186,6 +190,12 @@ class PipelineRunner:
         return results
 
 
+# How long the waiting segments wait for programs still executing Python, counted from the last
+# segment that arrived: long enough for a batch's programs to reach their sync points together
+# (recording takes microseconds to milliseconds), short next to a slow program's Python.
+ROUND_WAIT_S = 0.1
+
+
 @dataclass(slots=True)
 class _Waiting:
     run: ProgramRun
@@ -207,6 +217,7 @@ class BatchRunner(PipelineRunner):
         self._running = n_workers  # worker threads executing Python right now
         self._workers = n_workers
         self._waiting: list[_Waiting] = []
+        self._last_arrival = 0.0  # time.monotonic() of the newest waiting segment
         self._rounds: list[threading.Thread] = []
 
     def execute(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> FunctionResult:
@@ -214,6 +225,7 @@ class BatchRunner(PipelineRunner):
         with self._cv:
             self.check_cancelled()
             self._waiting.append(item)
+            self._last_arrival = time.monotonic()
             self._running -= 1
             self._cv.notify_all()
         try:
@@ -240,7 +252,9 @@ class BatchRunner(PipelineRunner):
         """Form and start rounds until every worker has exited."""
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: (self._waiting and self._running == 0) or self._workers == 0)
+                while not self._round_ready():
+                    quiet = time.monotonic() - self._last_arrival
+                    self._cv.wait(ROUND_WAIT_S - quiet if self._waiting else None)
                 if not self._waiting and self._workers == 0:
                     break
                 batch, self._waiting = self._waiting, []
@@ -249,6 +263,12 @@ class BatchRunner(PipelineRunner):
             t.start()
         for t in self._rounds:
             t.join()
+
+    def _round_ready(self) -> bool:
+        """(Under ``_cv``) whether to start a round now, or stop serving: see the module docstring."""
+        if not self._waiting:
+            return self._workers == 0
+        return self._running == 0 or time.monotonic() - self._last_arrival >= ROUND_WAIT_S
 
     def _round(self, batch: list[_Waiting]) -> None:
         module = Module(tuple(item.fn for item in batch))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -78,6 +79,7 @@ class ProgramState:
             run.extend(self, lambda v: run.builder.append(v, x.value), Piece("text", str(x), where=where))
         elif isinstance(x, str):
             if x:
+                _check_encodable(x, run.program, where)
                 run.extend(self, lambda v: run.builder.text(v, x), Piece("text", x, where=where))
         elif isinstance(x, Concat):
             for item in x.items:
@@ -474,6 +476,25 @@ class ProgramState:
 
 
 __all__ = ["ProgramState"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_encodable(text: str, program: str, where: SourceLocation | None) -> None:
+    """Refuse text no tokenizer can encode (a lone surrogate) where it is appended, with the
+    position, rather than as the tokenizer's bare ``TypeError`` when the segment runs."""
+    if text.isascii():
+        return
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise InvalidAppendError(
+            f"the text has a lone surrogate (U+{ord(bad.group()):04X}) at position {bad.start()}, which "
+            "is not Unicode text a tokenizer can encode (an unpaired \\ud8xx escape in JSON, or bytes "
+            "decoded with errors='surrogateescape'); remove or replace it, e.g. "
+            "text.encode('utf-8', 'replace').decode('utf-8')",
+            program,
+            where,
+        )
 
 
 def _parse_obj(name: str, text: Any, schema: Any, meta: dict[str, Any], where: str) -> Any:

@@ -1,0 +1,102 @@
+"""``run_batch(..., generator_style=True)`` over long batches: a consumer that stops early stops
+the batch, and a consumer that drops the states it has read keeps memory flat."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+from fake_backend import FakeBackend
+
+import llmir_lang as llmir
+
+N = 40
+
+
+@pytest.fixture()
+def slow():
+    backend = FakeBackend(delay=0.02, workers=4)
+    yield backend
+    backend.pool.shutdown(wait=True)
+
+
+def _counting_program(ended: list[int]):
+    @llmir.function
+    def item(s, i):
+        s += f"Item {i}:" + llmir.gen("x", max_tokens=2)
+        assert s["x"]  # a sync point: two segments, so two rounds per program
+        s += "\nMore:" + llmir.gen("y", max_tokens=2)
+        ended.append(i)
+
+    return item
+
+
+def _settled(ended: list[int]) -> int:
+    """How many programs have ended once the count stops moving for 0.3 s."""
+    before = -1
+    while before != len(ended):
+        before = len(ended)
+        time.sleep(0.3)
+    return before
+
+
+def test_closing_the_iterator_stops_the_programs_not_read(slow):
+    ended: list[int] = []
+    it = _counting_program(ended).run_batch(
+        [{"i": i} for i in range(N)], backend=slow, generator_style=True, num_threads=2
+    )
+    first = next(it)
+    assert first.error() is None and first["y"] is not None
+    it.close()
+    stopped = len(ended)
+    assert _settled(ended) == stopped < N  # nothing ran on after close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("llmir-batch")]
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_dropping_an_unread_iterator_stops_the_batch(slow):
+    ended: list[int] = []
+    it = _counting_program(ended).run_batch(
+        [{"i": i} for i in range(N)], backend=slow, generator_style=True, num_threads=2
+    )
+    del it
+    assert _settled(ended) < N
+
+
+def test_breaking_out_of_the_loop_stops_the_batch(slow):
+    ended: list[int] = []
+    program = _counting_program(ended)
+    batch = [{"i": i} for i in range(N)]
+    for st in program.run_batch(batch, backend=slow, generator_style=True, num_threads=2):
+        assert st.error() is None
+        break
+    assert _settled(ended) < N
+
+
+def test_states_already_yielded_are_not_kept(slow):
+    ended: list[int] = []
+    it = _counting_program(ended).run_batch(
+        [{"i": i} for i in range(N)], backend=slow, generator_style=True, num_threads=2
+    )
+    st = next(it)
+    ref = weakref.ref(st)
+    del st
+    gc.collect()
+    assert ref() is None  # the batch still runs, and does not hold the state the consumer dropped
+    rest = list(it)
+    assert len(rest) == N - 1 and all(s.error() is None for s in rest)
+    assert [int(s.text().split(":")[0].split()[1]) for s in rest] == list(range(1, N))  # input order
+
+
+def test_a_batch_read_to_the_end_is_unaffected(fake):
+    ended: list[int] = []
+    program = _counting_program(ended)
+    states = list(program.run_batch([{"i": i} for i in range(8)], backend=fake, generator_style=True))
+    assert sorted(ended) == list(range(8))
+    assert [s.text() for s in states] == [
+        s.text() for s in program.run_batch([{"i": i} for i in range(8)], backend=fake)
+    ]
