@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llmir_lang import __version__
 from llmir_lang.server import program, routes_native, routes_openai
 from llmir_lang.server.config import ServerConfig
-from llmir_lang.server.errors import error_body, install_error_handlers
+from llmir_lang.server.errors import error_body, error_headers, install_error_handlers
 from llmir_lang.server.service import EngineService
 
 # Paths that answer without an API key (load balancers probe them).
@@ -131,6 +131,7 @@ async def _reply(send: Send, status: int, message: str, kind: str = "invalid_req
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
+                *((k.encode(), v.encode()) for k, v in error_headers(status).items()),
             ],
         }
     )

@@ -95,6 +95,73 @@ def token_text(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
 
+def token_bytes(tokenizer: Any, token: int, text: str | None = None) -> list[int]:
+    """The token's own bytes (OpenAI's ``logprobs.content[i].bytes``): a byte-level token that
+    holds part of a multi-byte character is its raw bytes, not the UTF-8 of the U+FFFD its text
+    decodes to, so joining the ``bytes`` of every token gives the generated text back. Falls back
+    to the UTF-8 of the token's text where the tokenizer's decode has no byte table."""
+    tb = tokenizer.text_bytes() if hasattr(tokenizer, "text_bytes") else None
+    if tb is not None and 0 <= token < len(tb.table):
+        return list(tb.table[token])
+    if text is None:
+        text = tokenizer.decode([token], skip_special_tokens=False)
+    return list(text.encode())
+
+
+class TopAligner:
+    """One list of top alternatives per generated token, over a growing output (a stream) or a
+    whole one (``align_top_logprobs``).
+
+    The engine records a logprob of exactly 0.0 and no top alternatives for a token that
+    jump-forward forced (the constraint admits nothing else), so its ``top_logprobs`` can be
+    shorter than its tokens, with the gaps anywhere. Read as is, every later token would get
+    another token's alternatives (and zipped with the tokens, the last tokens would be lost).
+    This walks the tokens in order with a pointer into the recorded lists: a token with logprob
+    0.0 whose recorded list does not start with itself at 0.0 (or for which none is recorded) was
+    forced, and gets ``[(token, 0.0)]``, what a sampled token with no alternative gets. When the
+    lists have one entry per token, every token gets its own."""
+
+    def __init__(self) -> None:
+        self.used = 0  # recorded lists consumed
+
+    def take(
+        self, ids: list[int], lps: list[float], recorded: list, total: int | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """Top alternatives of ``ids`` (the next tokens, with their logprobs ``lps``), from
+        ``recorded``: every list recorded so far. ``total``: the number of tokens recorded so far
+        (when it equals ``len(recorded)``, nothing was forced)."""
+        out: list[list[tuple[int, float]]] = []
+        for t, lp in zip(ids, lps):
+            i = self.used
+            if total is not None and total == len(recorded):
+                forced = False
+            else:
+                forced = lp == 0.0 and (i >= len(recorded) or not _is_certain(recorded[i], t))
+            if forced or i >= len(recorded):
+                out.append([(t, 0.0)] if lp == 0.0 else [])
+            else:
+                out.append(list(recorded[i]))
+                self.used += 1
+        return out
+
+
+def _is_certain(top: list[tuple[int, float]], token: int) -> bool:
+    return bool(top) and top[0][0] == token and top[0][1] == 0.0
+
+
+def align_top_logprobs(
+    ids: list[int], lps: list[float] | None, tops: list | None
+) -> list[list[tuple[int, float]]] | None:
+    """``tops`` with one entry per token of ``ids`` (see ``TopAligner``); None stays None."""
+    if tops is None:
+        return None
+    if len(tops) == len(ids):
+        return [list(t) for t in tops]
+    lps = list(lps or [])
+    lps += [None] * (len(ids) - len(lps))  # type: ignore[list-item]
+    return TopAligner().take(ids, lps, tops, total=len(ids))
+
+
 def sglang_logprobs(
     res: GenerateResult, tokenizer: Any, prompt_ids: list[int] | None, start: int, with_text: bool
 ) -> dict[str, Any]:
@@ -108,8 +175,9 @@ def sglang_logprobs(
     out: dict[str, Any] = {
         "output_token_logprobs": [entry(lp, t) for lp, t in zip(res.logprobs or [], res.token_ids)]
     }
-    if res.top_logprobs is not None:
-        out["output_top_logprobs"] = [[entry(lp, t) for t, lp in top] for top in res.top_logprobs]
+    tops = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
+    if tops is not None:
+        out["output_top_logprobs"] = [[entry(lp, t) for t, lp in top] for top in tops]
     if res.prompt_logprobs is not None and prompt_ids is not None and 0 <= start < len(prompt_ids):
         out["input_token_logprobs"] = [entry(None, prompt_ids[start])] + [
             entry(lp, t) for t, lp in res.prompt_logprobs

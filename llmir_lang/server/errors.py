@@ -1,7 +1,11 @@
 """HTTP errors of the server: one JSON shape for every failure, and the handlers that produce it.
 
-Every error response is ``{"error": {"message": str, "type": str, "code": int}}`` (the OpenAI
-shape, which SGLang clients read too). The message says what was wrong and what to send instead.
+Every error response is ``{"error": {"message": str, "type": str, "param": str | None, "code":
+int}}`` (the OpenAI shape, which SGLang clients read too; ``param`` names the request field at
+fault where one is). The message says what was wrong and what to send instead. Errors that the
+same request would get again (every 4xx but 408 / 409 / 429, and 501) carry
+``x-should-retry: false``, which the official OpenAI clients obey instead of retrying them (they
+retry every 5xx by default).
 Typed library errors map to status codes here, so routes just raise them:
 
 - bad input (``InvalidRequestError``, ``ConstraintError``, IR parse / verify errors, unknown or
@@ -38,21 +42,26 @@ log = logging.getLogger("llmir.server")
 class ServerHTTPError(LLMIRError):
     """An error with its HTTP status; raised by routes and middleware."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
+        self.param = param
 
 
 class ClientDisconnectedError(LLMIRError):
     """The client went away before its response was ready; its request was aborted."""
 
 
-def not_implemented(feature: str, instead: str) -> ServerHTTPError:
+def not_implemented(feature: str, instead: str, param: str | None = None) -> ServerHTTPError:
     """The 501 for a well-formed request that asks for something this server does not do
     (``n > 1``, tools, images, ...); ``instead`` says what to send."""
-    return ServerHTTPError(501, f"{feature} is not implemented by this server; {instead}", "not_implemented")
+    return ServerHTTPError(
+        501, f"{feature} is not implemented by this server; {instead}", "not_implemented", param
+    )
 
 
 def shutting_down(detail: str = "") -> ServerHTTPError:
@@ -64,12 +73,25 @@ def shutting_down(detail: str = "") -> ServerHTTPError:
     )
 
 
-def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": status}}
+# Statuses a client may rightly retry (OpenAI's clients retry these, and every 5xx, by default).
+RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(error_body(status, message, kind), status_code=status)
+def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_headers(status: int) -> dict[str, str]:
+    """``x-should-retry: false`` where sending the request again cannot succeed."""
+    return {} if status in RETRYABLE else {"x-should-retry": "false"}
+
+
+def error_response(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(status, message, kind, param), status_code=status, headers=error_headers(status)
+    )
 
 
 def status_of(exc: BaseException) -> tuple[int, str]:
@@ -127,7 +149,7 @@ def describe_validation(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, describe_validation(exc))
+        return error_response(400, describe_validation(exc), param=_validation_param(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -141,8 +163,9 @@ def install_error_handlers(app: FastAPI) -> None:
                 message = "the body's JSON is nested too deeply to read; send a flatter JSON object"
             else:
                 message = "the body could not be read as JSON (is it UTF-8?); send a JSON object"
+        headers = {**error_headers(exc.status_code), **(exc.headers or {})}
         return JSONResponse(
-            error_body(exc.status_code, message, "invalid_request_error"), exc.status_code, exc.headers
+            error_body(exc.status_code, message, "invalid_request_error"), exc.status_code, headers
         )
 
     @app.exception_handler(LLMIRError)
@@ -150,7 +173,7 @@ def install_error_handlers(app: FastAPI) -> None:
         status, kind = status_of(exc)
         if status >= 500:
             log.warning("request failed: %s: %s", type(exc).__name__, exc)
-        return error_response(status, str(exc), kind)
+        return error_response(status, str(exc), kind, getattr(exc, "param", None))
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
@@ -161,6 +184,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error while serving a request")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+
+def _validation_param(exc: RequestValidationError) -> str | None:
+    """The body field of the first problem (``messages.0.content``), for the error's ``param``."""
+    for err in exc.errors():
+        names = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_branch_name(x)]
+        if names:
+            return ".".join(names)
+    return None
 
 
 def _is_branch_name(part: object) -> bool:

@@ -90,8 +90,17 @@ class ChatMessage(_Body):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # a conversation that used tool calling: known, so that it is refused as such (501)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
 
     def text(self) -> str:
+        if self.tool_calls is not None or self.tool_call_id is not None or self.function_call is not None:
+            raise not_implemented(
+                "tool calling (a message's tool_calls / tool_call_id / function_call)",
+                "send the conversation as plain text messages",
+            )
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -160,6 +169,9 @@ class _OpenAIBase(_Body):
     guided_json: dict[str, Any] | str | None = None
     guided_grammar: str | None = None
     guided_choice: list[str] | None = None
+    # SGLang's names for the same constraints (its OpenAI routes take them)
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class CompletionRequest(_OpenAIBase):
@@ -171,6 +183,7 @@ class CompletionRequest(_OpenAIBase):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    json_schema: dict[str, Any] | str | None = None  # SGLang's
 
 
 class ChatCompletionRequest(_OpenAIBase):
@@ -184,6 +197,10 @@ class ChatCompletionRequest(_OpenAIBase):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None  # the deprecated form of tools
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
 
 
 # --- llmir programs ---------------------------------------------------------------------
@@ -203,10 +220,10 @@ class ProgramRequest(_Body):
 # --- features the server does not implement: 501, naming them -----------------------------
 def check_n(n: int, field: str = "n") -> None:
     if n < 1:
-        raise ServerHTTPError(400, f"{field} must be >= 1, got {n}")
+        raise ServerHTTPError(400, f"{field} must be >= 1, got {n}", param=field)
     if n > 1:
         raise not_implemented(
-            f"{field}={n} (several samples per prompt)", f"send {field}=1 and repeat the request"
+            f"{field}={n} (several samples per prompt)", f"send {field}=1 and repeat the request", field
         )
 
 
@@ -236,4 +253,17 @@ def check_openai_features(body: _OpenAIBase) -> None:
             raise not_implemented(
                 "tool calling (tools / tool_choice)",
                 "leave tools out; for structured output use response_format or guided_json",
+                "tools",
+            )
+        if body.functions or body.function_call not in (None, "none", "auto"):
+            raise not_implemented(
+                "function calling (functions / function_call)",
+                "leave them out; for structured output use response_format or guided_json",
+                "functions",
+            )
+        if body.audio is not None or any(m != "text" for m in body.modalities or []):
+            raise not_implemented(
+                "audio output (modalities / audio)",
+                'this server serves a text model: send modalities ["text"]',
+                "modalities",
             )

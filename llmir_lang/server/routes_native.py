@@ -225,7 +225,21 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 async def apply_chat_template(body: ChatTemplateRequest, request: Request) -> dict[str, Any]:
     svc = service_of(request)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    text = svc.engine.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=body.add_generation_prompt
-    )
-    return {"text": text}
+    return {"text": render_chat(svc, messages, add_generation_prompt=body.add_generation_prompt)}
+
+
+def render_chat(svc: EngineService, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    """The model's chat template over ``messages``. A template that refuses the conversation
+    (``raise_exception`` in Llama 2's or Mistral's: roles that do not alternate, a system message
+    it does not take) or fails on it is a 400 with the template's own message, not a 500 that
+    clients would retry."""
+    from jinja2 import TemplateError
+
+    try:
+        return svc.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise ServerHTTPError(
+            400,
+            f"this model's chat template refuses these messages: {e}; send messages it takes "
+            "(for many templates: roles alternating user / assistant, a system message only first)",
+        ) from None

@@ -25,10 +25,12 @@ from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.server.convert import (
     EventStream,
     TextOffsets,
+    align_top_logprobs,
     constraint_spec,
     prime,
     stop_list,
     text_offsets,
+    token_bytes,
     token_text,
 )
 from llmir_lang.server.errors import ServerHTTPError, not_implemented
@@ -38,7 +40,7 @@ from llmir_lang.server.protocol import (
     _OpenAIBase,
     check_openai_features,
 )
-from llmir_lang.server.routes_native import service_of
+from llmir_lang.server.routes_native import render_chat, service_of
 from llmir_lang.server.service import EngineService, LoggedChunk, Submission
 
 router = APIRouter(prefix="/v1")
@@ -48,30 +50,46 @@ def _check_model(svc: EngineService, model: str) -> None:
     svc.check_model(model)
 
 
-@router.get("/models")
-async def models(request: Request) -> dict[str, Any]:
-    svc = service_of(request)
+def _model_card(svc: EngineService) -> dict[str, Any]:
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": svc.model_name,
-                "object": "model",
-                "created": int(svc.counters.started_at),
-                "owned_by": "llmir",
-                "root": str(svc.engine.model_path),
-                "max_model_len": svc.engine.config.context_len,
-                "llmir": {"features": ["program", "score", "apply_chat_template"]},
-            }
-        ],
+        "id": svc.model_name,
+        "object": "model",
+        "created": int(svc.counters.started_at),
+        "owned_by": "llmir",
+        "root": str(svc.engine.model_path),
+        "max_model_len": svc.engine.config.context_len,
+        "llmir": {"features": ["program", "score", "apply_chat_template"]},
     }
 
 
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(service_of(request))]}
+
+
+@router.get("/models/{model:path}")
+async def model(model: str, request: Request) -> dict[str, Any]:
+    """One model (``client.models.retrieve(name)``); 404 ``model_not_found`` for another name."""
+    svc = service_of(request)
+    _check_model(svc, model)
+    return _model_card(svc)
+
+
 def _spec(body: _OpenAIBase) -> Any:
+    # vLLM's guided_* fields and SGLang's regex / ebnf (/ json_schema on completions) are the same
+    # constraints under two names: at most one of all of them
+    sgl_schema = body.json_schema if isinstance(body, CompletionRequest) else None
+    regexes = [r for r in (body.guided_regex, body.regex) if r is not None]
+    grammars = [g for g in (body.guided_grammar, body.ebnf) if g is not None]
+    schemas = [j for j in (body.guided_json, sgl_schema) if j is not None]
+    if len(regexes) > 1 or len(grammars) > 1 or len(schemas) > 1:
+        raise ServerHTTPError(
+            400, "give one constraint: guided_* (vLLM) or regex / ebnf / json_schema (SGLang), not both"
+        )
     guided = constraint_spec(
-        regex=body.guided_regex,
-        json_schema=body.guided_json,
-        grammar=body.guided_grammar,
+        regex=regexes[0] if regexes else None,
+        json_schema=schemas[0] if schemas else None,
+        grammar=grammars[0] if grammars else None,
         choices=body.guided_choice,
         source="guided decoding",
     )
@@ -79,7 +97,7 @@ def _spec(body: _OpenAIBase) -> Any:
     if fmt is None or fmt.type == "text":
         return guided
     if guided is not None:
-        raise ServerHTTPError(400, "give either response_format or a guided_* field, not both")
+        raise ServerHTTPError(400, "give either response_format or a guided_* / regex / ebnf field, not both")
     if fmt.type == "json_object":
         return constraint_spec(json_schema={"type": "object"})
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
@@ -92,7 +110,7 @@ def _spec(body: _OpenAIBase) -> Any:
 def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None) -> SamplingParams:
     if body.logit_bias:
         raise not_implemented(
-            "logit_bias", "remove it (guided_choice or guided_regex can restrict the output)"
+            "logit_bias", "remove it (guided_choice or guided_regex can restrict the output)", "logit_bias"
         )
     return SamplingParams(
         max_new_tokens=max_tokens,
@@ -136,7 +154,8 @@ def _completion_logprobs(
         tops += [None] * len(prompt_ids)
     ids += res.token_ids
     lps += list(res.logprobs or [None] * len(res.token_ids))
-    for top in res.top_logprobs or [[]] * len(res.token_ids):
+    aligned = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
+    for top in aligned if aligned is not None else [[]] * len(res.token_ids):
         tops.append({tok.decode([t], skip_special_tokens=False): lp for t, lp in top} or None)
     offsets = text_offsets(tok, prompt_ids) if prompt_ids is not None else []
     base = len(prompt_text) if prompt_ids is not None else 0
@@ -256,8 +275,8 @@ class _StreamLogprobs:
         lps = (res.logprobs or [])[start:]
         if not lps:
             return None
-        tops = res.top_logprobs[start:] if res.top_logprobs is not None else None
-        return res.token_ids[start:], lps, tops
+        tops = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
+        return res.token_ids[start:], lps, tops[start:] if tops is not None else None
 
     def _legacy(self, ids: list[int], lps: list[float], tops: list | None) -> dict[str, Any]:
         offsets = self.offsets.extend(ids)
@@ -290,20 +309,21 @@ class _StreamLogprobs:
 # --- chat completions --------------------------------------------------------------------
 def _chat_entries(tok: Any, ids: list[int], lps: list[float], tops: list | None) -> list[dict[str, Any]]:
     content = []
-    for t, lp, top in zip(ids, lps, tops if tops is not None else [[] for _ in ids]):
+    tops = tops if tops is not None else []
+    for k, (t, lp) in enumerate(zip(ids, lps)):
         text = tok.decode([t], skip_special_tokens=False)
         content.append(
             {
                 "token": text,
                 "logprob": lp,
-                "bytes": list(text.encode()),
+                "bytes": token_bytes(tok, t, text),
                 "top_logprobs": [
                     {
                         "token": (s := tok.decode([i], skip_special_tokens=False)),
                         "logprob": v,
-                        "bytes": list(s.encode()),
+                        "bytes": token_bytes(tok, i, s),
                     }
-                    for i, v in top
+                    for i, v in (tops[k] if k < len(tops) else [])
                 ],
             }
         )
@@ -311,7 +331,8 @@ def _chat_entries(tok: Any, ids: list[int], lps: list[float], tops: list | None)
 
 
 def _chat_logprobs(svc: EngineService, res: GenerateResult) -> dict[str, Any]:
-    entries = _chat_entries(svc.engine.tokenizer, res.token_ids, res.logprobs or [], res.top_logprobs)
+    tops = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
+    entries = _chat_entries(svc.engine.tokenizer, res.token_ids, res.logprobs or [], tops)
     return {"content": entries}
 
 
@@ -321,7 +342,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     _check_model(svc, body.model)
     check_openai_features(body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = svc.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = render_chat(svc, messages, add_generation_prompt=True)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     if top is None and body.top_logprobs:

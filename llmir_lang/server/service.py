@@ -39,6 +39,7 @@ from llmir_lang.errors import EngineClosedError
 from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.server.config import ServerConfig
+from llmir_lang.server.convert import TopAligner
 from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, shutting_down
 
 # How often a waiting non-streaming request checks that its client is still there.
@@ -184,11 +185,12 @@ class EngineService:
             chosen = default if default is not None else self.config.default_max_tokens
             return min(chosen, limit) if limit is not None else chosen
         if requested < 0:
-            raise ServerHTTPError(400, f"max_tokens must be >= 0, got {requested}")
+            raise ServerHTTPError(400, f"max_tokens must be >= 0, got {requested}", param="max_tokens")
         if limit is not None and requested > limit:
             raise ServerHTTPError(
                 400,
                 f"max_tokens {requested} is above this server's limit of {limit}; ask for at most {limit}",
+                param="max_tokens",
             )
         return requested
 
@@ -226,6 +228,7 @@ class EngineService:
                 404,
                 f"model {model!r} is not served here; this server serves {self.model_name!r}",
                 "model_not_found",
+                "model",
             )
 
     def _submit(self, sub: Submission, matcher: Any, stream: Any = None) -> Any:
@@ -462,6 +465,7 @@ class _ChunkLogprobs:
         self.req: Any = None
         self.ids: list[int] = []  # every token streamed so far
         self.sent = 0  # tokens whose logprobs were attached
+        self.tops = TopAligner()
 
     def attach(self, chunk: StreamChunk) -> StreamChunk:
         self.ids += chunk.token_ids
@@ -472,7 +476,11 @@ class _ChunkLogprobs:
         req = self.req
         end = min(len(req.out_logprobs), len(self.ids))
         start, self.sent = self.sent, max(self.sent, end)
-        tops = req.out_top_logprobs[start:end] if req.params.top_logprobs_num else None
+        tops = None
+        if req.params.top_logprobs_num:  # one list per token, also for jump-forward's tokens
+            tops = self.tops.take(
+                self.ids[start:end], req.out_logprobs[start:end], req.out_top_logprobs, len(req.out_logprobs)
+            )
         return LoggedChunk(
             chunk.rid,
             chunk.text,

@@ -89,8 +89,8 @@ def test_malformed_json_is_400(client, route):
         ("/v1/chat/completions", {"model": "llmir-tiny", "messages": []}, "field 'messages'"),
         (
             "/v1/chat/completions",
-            {"model": "llmir-tiny", "messages": [{"role": "user"}], "functions": []},
-            "unknown field 'functions'",
+            {"model": "llmir-tiny", "messages": [{"role": "user"}], "function_calls": []},
+            "unknown field 'function_calls'",
         ),
         (
             "/v1/chat/completions",

@@ -1,0 +1,275 @@
+"""What the official OpenAI clients (``openai`` 3.x, langchain-openai on top of it) read and do,
+checked with httpx against the JSON shapes and headers they rely on (the tests do not import
+``openai``):
+
+- ``client.models.retrieve(name)`` is ``GET /v1/models/{name}``;
+- errors carry ``param``, and ``x-should-retry: false`` where a retry cannot help (the clients
+  retry every 5xx, a 501 included, twice by default);
+- ``logprobs.content[i].bytes`` are the token's own bytes (joined, they give the text back), and
+  every generated token has its entry and its own ``top_logprobs``, also the tokens a
+  constraint's jump-forward forced;
+- SGLang's constraint fields (``regex``, ``ebnf``, ``json_schema``) go through ``extra_body``;
+- tool / function calling and audio in any of their request forms are a 501 naming them;
+- a chat template that refuses the messages is a 400 with its message, not a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+MODEL = "llmir-tiny"
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    return err
+
+
+# --- models -------------------------------------------------------------------------------
+def test_models_retrieve(client):
+    listed = client.get("/v1/models").json()["data"][0]
+    r = client.get(f"/v1/models/{MODEL}")
+    assert r.status_code == 200 and r.json() == listed
+    err = _error(client.get("/v1/models/gpt-4o"), 404)
+    assert err["type"] == "model_not_found" and err["param"] == "model" and "llmir-tiny" in err["message"]
+
+
+# --- errors: shape and retry header --------------------------------------------------------
+def test_errors_name_the_param_and_say_not_to_retry(client):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": "8"})
+    assert _error(r, 400)["param"] == "max_tokens"
+    assert r.headers["x-should-retry"] == "false"
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "n": 2})
+    err = _error(r, 501)
+    assert err["type"] == "not_implemented" and err["param"] == "n"
+    assert r.headers["x-should-retry"] == "false"  # else the client sends it three times
+    r = client.post("/v1/chat/completions", json={"model": "nope", "messages": USER})
+    assert _error(r, 404)["param"] == "model" and r.headers["x-should-retry"] == "false"
+    r = client.get("/v1/nope")
+    assert _error(r, 404)["param"] is None and r.headers["x-should-retry"] == "false"
+
+
+# --- SGLang's constraint fields (extra_body) -------------------------------------------------
+def test_sglang_constraint_fields(client):
+    base = {"model": MODEL, "temperature": 0, "max_tokens": 6}
+    r = client.post("/v1/chat/completions", json={**base, "messages": USER, "regex": "[0-9]+", "top_k": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].isdigit()
+    r = client.post("/v1/completions", json={**base, "prompt": "Q", "ebnf": 'root ::= "yes" | "no"'})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] in ("yes", "no")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    body = {**base, "prompt": "JSON:", "max_tokens": 12, "json_schema": json.dumps(schema)}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"].startswith('{"a')
+    both = {**base, "messages": USER, "regex": "[0-9]+", "guided_regex": "[a-z]+"}
+    assert "not both" in _error(client.post("/v1/chat/completions", json=both), 400)["message"]
+    both = {**base, "messages": USER, "regex": "[0-9]+", "response_format": {"type": "json_object"}}
+    assert "not both" in _error(client.post("/v1/chat/completions", json=both), 400)["message"]
+
+
+# --- logprobs: bytes, one entry per token, forced tokens ----------------------------------------
+FORCED = {"guided_regex": "é😀x"}  # every token forced by jump-forward, one split character
+
+
+def _chat_logprobs_stream(client, body: dict) -> tuple[str, list[dict]]:
+    text, entries = "", []
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                text += choice["delta"].get("content") or ""
+                entries += (choice.get("logprobs") or {}).get("content") or []
+    return text, entries
+
+
+def _tokens(entries: list[dict]) -> list:
+    """Each entry's token and its alternatives' tokens (logprobs vary in the last digits between
+    a cached and an uncached prefill)."""
+    return [(e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]]) for e in entries]
+
+
+def test_chat_logprobs_bytes_and_forced_tokens(client):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 10, "logprobs": True, "top_logprobs": 2, **FORCED}
+    r = client.post("/v1/chat/completions", json=body).json()
+    text = r["choices"][0]["message"]["content"]
+    entries = r["choices"][0]["logprobs"]["content"]
+    assert text == "é😀x"
+    # one entry per generated token (none lost to a shorter top_logprobs list)
+    assert len(entries) == r["usage"]["completion_tokens"]
+    # the raw bytes of each token, so a character split over tokens is whole again
+    assert bytes(b for e in entries for b in e["bytes"]).decode() == text
+    for e in entries:
+        assert e["top_logprobs"] and e["top_logprobs"][0]["bytes"] == e["bytes"]
+        assert e["logprob"] == 0.0 and e["top_logprobs"][0]["logprob"] == 0.0
+    streamed_text, streamed = _chat_logprobs_stream(client, body)
+    assert streamed_text == text and _tokens(streamed) == _tokens(entries)
+
+
+def test_json_schema_top_logprobs_stay_with_their_tokens(client):
+    """JSON keys are forced (logprob 0.0, no recorded alternatives); the sampled tokens after
+    them keep their own alternatives, in the plain answer and in the stream."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Give a person"}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+    }
+    r = client.post("/v1/chat/completions", json=body).json()
+    entries = r["choices"][0]["logprobs"]["content"]
+    assert len(entries) == r["usage"]["completion_tokens"]
+    for e in entries:  # greedy: each token is its own best alternative
+        assert e["top_logprobs"][0]["token"] == e["token"], entries
+        assert abs(e["top_logprobs"][0]["logprob"] - e["logprob"]) < 1e-6
+    assert _tokens(_chat_logprobs_stream(client, body)[1]) == _tokens(entries)
+    comp = client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "Person JSON: ",
+            "max_tokens": 30,
+            "temperature": 0,
+            "logprobs": 2,
+            "guided_json": schema,
+        },
+    ).json()["choices"][0]["logprobs"]
+    assert len(comp["top_logprobs"]) == len(comp["tokens"]) == len(comp["token_logprobs"])
+    for token, top in zip(comp["tokens"], comp["top_logprobs"]):
+        assert max(top, key=top.get) == token
+
+
+def test_top_aligner_fills_forced_tokens():
+    from llmir_lang.server.convert import TopAligner, align_top_logprobs
+
+    # tokens 1..5; 2 and 4 were forced (logprob 0.0, nothing recorded)
+    ids, lps = [1, 2, 3, 4, 5], [-0.5, 0.0, -1.0, 0.0, 0.0]
+    recorded = [[(1, -0.5), (9, -1.2)], [(3, -0.2), (7, -1.0)], [(5, 0.0)]]
+    want = [recorded[0], [(2, 0.0)], recorded[1], [(4, 0.0)], recorded[2]]
+    assert align_top_logprobs(ids, lps, recorded) == want
+    aligner = TopAligner()  # a stream: the same lists, chunk by chunk
+    got = aligner.take(ids[:2], lps[:2], recorded[:1], total=2)
+    got += aligner.take(ids[2:4], lps[2:4], recorded[:2], total=4)
+    got += aligner.take(ids[4:], lps[4:], recorded, total=5)
+    assert got == want
+    whole = [[(1, -0.5)], [(2, 0.0)]]  # one list per token: taken as is
+    assert align_top_logprobs([1, 2], [-0.5, 0.0], whole) == whole
+    assert align_top_logprobs([1], [-0.5], None) is None
+
+
+# --- tools, functions, audio: 501 in every form ------------------------------------------------
+@pytest.mark.parametrize(
+    "extra,feature,param",
+    [
+        ({"functions": [{"name": "f", "parameters": {}}]}, "function calling", "functions"),
+        ({"function_call": {"name": "f"}}, "function calling", "functions"),
+        (
+            {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+            "audio",
+            "modalities",
+        ),
+        (
+            {
+                "messages": USER
+                + [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                        ],
+                    },
+                    {"role": "tool", "content": "42", "tool_call_id": "1"},
+                ]
+            },
+            "tool calling",
+            None,
+        ),
+    ],
+)
+def test_tool_and_audio_forms_are_501(client, extra, feature, param):
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 2, **extra})
+    err = _error(r, 501)
+    assert feature in err["message"] and err["type"] == "not_implemented" and err["param"] == param
+
+
+def test_text_modality_and_no_tools_are_served(client):
+    body = {
+        "model": MODEL,
+        "messages": USER,
+        "max_tokens": 2,
+        "modalities": ["text"],
+        "function_call": "none",
+    }
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+# --- a chat template that refuses the conversation: 400 ----------------------------------------
+REFUSING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture()
+def refusing_server(tmp_path_factory):
+    import uvicorn
+    from server_harness import free_port
+
+    from llmir_lang.dsl.testing import random_checkpoint
+    from llmir_lang.executor.engine import Engine
+    from llmir_lang.server.app import create_app
+    from llmir_lang.server.config import ServerConfig
+
+    folder = random_checkpoint(tmp_path_factory.mktemp("refusing_template"))
+    engine = Engine(str(folder), device="cpu", kv_memory="16MB")
+    engine.tokenizer.hf.chat_template = REFUSING_TEMPLATE
+    port = free_port()
+    app = create_app(ServerConfig(port=port), engine=engine, owns_engine=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    yield url, folder.name
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(refusing_server):
+    url, model = refusing_server
+    messages = [{"role": "system", "content": "Be brief."}, *USER]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 2})
+    err = _error(r, 400)
+    assert "System role not supported" in err["message"] and r.headers["x-should-retry"] == "false"
+    r = httpx.post(url + "/apply_chat_template", json={"messages": messages})
+    assert "System role not supported" in _error(r, 400)["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": USER, "max_tokens": 2})
+    assert r.status_code == 200, r.text
