@@ -329,7 +329,7 @@ class OutputProcessor:
         else:
             req.text += dec.step(new_out)
         if req.params.return_logprob:
-            req.out_logprobs.extend([0.0] * (len(new_out) - len(out)))
+            _forced_logprobs(req, out, new_out)
         req.num_forced += len(forced)
         stream_text(req)
 
@@ -364,7 +364,7 @@ class OutputProcessor:
         # for the model's next token instead of becoming U+FFFD
         req.text = req.decoder.step(req.output_ids)
         if req.params.return_logprob:
-            req.out_logprobs.extend([0.0] * len(forced))
+            _forced_logprobs(req, [], req.output_ids)
         req.num_forced += len(forced)
         return forced
 
@@ -479,3 +479,25 @@ def _logprobs_at(logits_row: torch.Tensor, token_ids: list[int]) -> list[float]:
 def _chain_continues(req: Req) -> bool:
     """A chain request with a generation still to come after the current one."""
     return bool(req.chain) and any(step[0] == "gen" for step in req.chain)
+
+
+def _forced_logprobs(req: Req, out: list[int], new_out: list[int]) -> None:
+    """Logprobs (and top alternatives) once the output ``out`` became ``new_out`` by forced tokens:
+    the common prefix keeps its own, every token after it gets logprob 0.0 and, with
+    ``top_logprobs_num``, the alternatives ``[(token, 0.0)]`` (the constraint admitted nothing
+    else), so both lists keep one entry per output token. Where jump-forward re-tokenized the end
+    of ``out`` together with the forced text, those tokens are new ones: the sampled tokens' entries
+    are dropped with them."""
+    c = 0
+    for a, b in zip(out, new_out):
+        if a != b:
+            break
+        c += 1
+    lps, tops = req.out_logprobs, req.out_top_logprobs
+    if len(lps) == len(out):
+        del lps[c:]
+    lps.extend([0.0] * (len(new_out) - len(lps)))
+    if req.params.top_logprobs_num:
+        if len(tops) == len(out):
+            del tops[c:]
+        tops.extend([(t, 0.0)] for t in new_out[len(tops) :])

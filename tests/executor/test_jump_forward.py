@@ -223,3 +223,23 @@ def test_shutdown_stops_the_mask_worker():
     for t in workers:
         t.join(timeout=5)
     assert be.engine.outputs._mask_pool is None and not any(t.is_alive() for t in workers)
+
+
+def test_forced_tokens_keep_one_logprob_and_one_top_list_per_output_token(backend):
+    """Jump-forward's forced tokens (before the first step and between steps) get logprob 0.0 and
+    top alternatives ``[(token, 0.0)]``: the top lists were shorter than the tokens (19 for 22 on a
+    JSON record), so a client zipping them gave later tokens another token's alternatives."""
+    eng = backend.engine
+    kind, prompt, _ = extraction_items(1, seed=11, kinds=("person",))[0]
+    spec = spec_from_json_schema(SCHEMAS[kind], whitespace="")
+    params = SamplingParams(max_new_tokens=96, return_logprob=True, top_logprobs_num=3)
+    res = eng.submit(prompt, params, matcher=eng.compile_constraint(spec).new_matcher()).result(timeout=120)
+    n = len(res.token_ids)
+    assert len(res.logprobs) == n and len(res.top_logprobs) == n
+    forced = [i for i, lp in enumerate(res.logprobs) if lp == 0.0]
+    assert len(forced) >= PERSON_FORCED
+    for i, (tok, lp, top) in enumerate(zip(res.token_ids, res.logprobs, res.top_logprobs)):
+        if i in forced:
+            assert top == [(tok, 0.0)] or top[0] == (tok, 0.0), (i, tok, top)
+        else:  # a sampled token: its own alternatives, the best first
+            assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] and top[0][1] >= lp - 1e-6
