@@ -149,7 +149,8 @@ class Engine(EngineScoring, EngineLoop):
         self.runner = ModelRunner(
             self.model, self.backend, self.device, cuda_graphs=cuda_graphs, compile_model=compile_model
         )
-        self.sampler = Sampler(cfg.vocab_size, self.device)
+        # unseeded requests draw from one generator seeded with ``seed``: runs of one engine repeat
+        self.sampler = Sampler(cfg.vocab_size, self.device, seed=seed)
         # a proxy: with the processor's back-reference the only cycle through the engine, a dropped
         # engine is freed by reference counting at once, not whenever the cycle collector runs
         self.outputs = OutputProcessor(weakref.proxy(self))

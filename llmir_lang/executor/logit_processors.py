@@ -15,6 +15,7 @@ import torch
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 _NEG_INF = float("-inf")
+_MIN_PENALTY = 1e-30  # repetition penalties are clamped to [1e-30, 1e30] (apply_repetition_penalty)
 # Token ids of one row: a list of ints, a numpy array or a 1-D int tensor (passed through cheaply).
 TokenIds = Sequence[int] | np.ndarray | torch.Tensor
 
@@ -35,7 +36,10 @@ def apply_repetition_penalty(
     r, t = _flat_pairs(rows, token_ids, x.shape[1], x.device)
     if t.numel() == 0:
         return
-    pen = _per_row(rows, penalties, x.shape[0], x.device)[r]
+    # NOTE: a penalty outside [1e-30, 1e30] (validation takes any positive number) would turn a
+    # logit into +-inf, or 0 * inf into NaN, and a NaN row samples token 0 whatever its mask says
+    clamped = [min(max(float(p), _MIN_PENALTY), 1.0 / _MIN_PENALTY) for p in penalties]
+    pen = _per_row(rows, clamped, x.shape[0], x.device)[r]
     # NOTE: a token seen twice appears twice in (r, t); every copy writes the same value, computed
     # from the logit before any write, so it is penalized once without a (sorting) unique.
     vals = x[r, t]
@@ -108,8 +112,10 @@ def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     """Per-row top-k then top-p on ``x [B, V]``; returns a new tensor with removed logits at -inf.
 
     top-k keeps every logit >= the k-th largest (ties kept; ``k <= 0`` or ``k >= V`` keeps all).
-    top-p keeps the smallest set of most likely tokens whose mass (after top-k) reaches ``top_p``,
-    always at least one token. Both match the HF warpers applied in that order.
+    top-p keeps the smallest set of most likely tokens whose mass (after top-k, renormalized)
+    reaches ``top_p``, always at least one token, and every token tied with the least likely of
+    them (as top-k keeps ties). Both match the HF warpers applied in that order, except at a tie
+    on the top-p cutoff, where HF keeps whichever tied tokens its sort happens to put first.
     """
     vocab = x.shape[1]
     # Ascending order: the top-k threshold is at column V - k and the top-p test is a cumsum.
@@ -120,7 +126,11 @@ def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     cum = torch.softmax(sorted_x, dim=-1).cumsum(dim=-1)
     remove = cum <= (1.0 - top_p).unsqueeze(1)
     remove[:, -1] = False
-    return x.masked_fill(remove.scatter(1, order, remove), _NEG_INF)
+    # cum is nondecreasing, so the removed tokens are a prefix of the ascending order; the first
+    # kept one sets the cut. Comparing values (not positions) keeps every token tied with it: the
+    # sort's order among equal logits would otherwise decide which of them may be sampled.
+    cut = sorted_x.gather(1, remove.sum(dim=-1, keepdim=True))
+    return x.masked_fill(x < cut, _NEG_INF)
 
 
 def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

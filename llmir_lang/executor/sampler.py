@@ -43,6 +43,8 @@ from llmir_lang.executor.logit_processors import (
 )
 from llmir_lang.executor.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
+_MAX_TEMPERATURE = 1e30  # larger temperatures sample as this one does (see _sample_rows)
+
 
 @dataclass(slots=True)
 class SampleOutput:
@@ -63,9 +65,10 @@ class SampleOutput:
 class Sampler:
     """Samples next tokens for a batch of rows with per-row ``SamplingParams``.
 
-    ``vocab_size`` is the tokenizer's vocabulary; logits may have more columns (padded vocab).
-    The sampler keeps one shared generator for rows without a seed; ``seed`` fixes it (tests),
-    None draws a fresh nondeterministic seed.
+    ``vocab_size``: the ids that may be sampled (the engine passes the model's ``vocab_size``);
+    logits may have more columns (a padded output layer). The sampler keeps one shared generator
+    for rows without a seed; ``seed`` fixes it (the engine passes ``Engine(seed=...)``), None draws
+    a fresh nondeterministic seed.
     """
 
     def __init__(self, vocab_size: int, device: torch.device | str = "cpu", seed: int | None = None):
@@ -222,7 +225,10 @@ class Sampler:
         rows sampled one step at a time would."""
         device = x.device
         rows_t = to_device(rows, torch.int64, device)
-        temp = to_device([params[i].temperature for i in rows], torch.float32, device)
+        # NOTE: above about 3.4e38 a temperature is inf in float32, and -inf / inf (a masked
+        # logit) is NaN, which made every such row sample token 0, masked or not; 1e30 already
+        # flattens any finite logit to 0 (a uniform draw over the allowed tokens)
+        temp = to_device([min(params[i].temperature, _MAX_TEMPERATURE) for i in rows], torch.float32, device)
         xs = x[rows_t].float() / temp.unsqueeze(1)
         # An all-masked row would make softmax NaN; its token becomes -1 later.
         xs = xs.masked_fill(all_masked[rows_t].unsqueeze(1), 0.0)
