@@ -12,6 +12,7 @@ correct sampler passes it with a wide margin, a wrong order of operations fails 
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
@@ -23,6 +24,8 @@ from llmir_lang.executor.sampling_params import SamplingParams as SP
 
 NEG_INF = float("-inf")
 PROMPT = [5, 17, 42, 99, 7]
+# LLMIR_SAMPLING_DEVICE=cuda: the same draws on the GPU sampler's paths (fp32 engine)
+DEVICE = os.environ.get("LLMIR_SAMPLING_DEVICE", "cpu")
 
 
 # --- the oracle ----------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ def sharp_model(tmp_path_factory):
 def engine(sharp_model):
     from llmir_lang.executor.engine import Engine
 
-    eng = Engine(str(sharp_model[0]), device="cpu")
+    eng = Engine(str(sharp_model[0]), device=DEVICE, dtype="float32")
     yield eng
     eng.shutdown()
 
@@ -151,8 +154,10 @@ def engine(sharp_model):
 def _draw(logits: torch.Tensor, params: list[SP], seed: int, **kw) -> torch.Tensor:
     rows = logits.unsqueeze(0).expand(len(params), -1) if logits.dim() == 1 else logits
     n = len(params)
-    out = Sampler(rows.shape[1], seed=seed).sample(rows, params, [[]] * n, [[]] * n, [None] * n, **kw)
-    return out.token_ids
+    out = Sampler(rows.shape[1], DEVICE, seed=seed).sample(
+        rows.to(DEVICE), params, [[]] * n, [[]] * n, [None] * n, **kw
+    )
+    return out.token_ids.cpu()
 
 
 # --- the sampler on the model's logits -----------------------------------------------------------
@@ -203,10 +208,10 @@ def test_seeded_rows_follow_the_parameters(sharp_model) -> None:
     n = 6000
     kw = CASES["all, cold"]
     params = [SP(**kw, seed=i) for i in range(n)]
-    gens = [Sampler.make_generator(i) for i in range(n)]
-    rows = logits.unsqueeze(0).expand(n, -1)
-    out = Sampler(rows.shape[1]).sample(rows, params, [[]] * n, [[]] * n, gens)
-    assert_follows(out.token_ids, expected_probs(logits, **kw), "seeded")
+    gens = [Sampler.make_generator(i, DEVICE) for i in range(n)]
+    rows = logits.unsqueeze(0).expand(n, -1).to(DEVICE)
+    out = Sampler(rows.shape[1], DEVICE).sample(rows, params, [[]] * n, [[]] * n, gens)
+    assert_follows(out.token_ids.cpu(), expected_probs(logits, **kw), "seeded")
 
 
 # --- ties at the cutoffs ---------------------------------------------------------------------------
