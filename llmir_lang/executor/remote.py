@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from llmir_lang.errors import InvalidRequestError, LLMIRError, NotYetSupportedError
+from llmir_lang.errors import EmptyPromptError, InvalidRequestError, LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, ChunkCallback, GenStep, StepResult
 from llmir_lang.executor.sampling_params import SamplingParams
 
@@ -65,6 +65,52 @@ class RemoteBackendError(LLMIRError):
 
 class ChainAborted(RemoteBackendError):
     """A chain stopped by ``abort_requests`` (an interrupted or cancelled program)."""
+
+
+# The input errors an llmir server names in its ``x-llmir-error`` header on a 400 (see
+# ``llmir_lang.server.errors``): the remote backends raise them as those classes, with the server's
+# message, so a program fails alike on a server and on the embedded engine (the same error type
+# and text), and the error is still a ``RemoteBackendError`` (with ``status``, ``detail``, ``url``).
+_ERROR_CLASS_HEADER = "x-llmir-error"
+_TYPED_REMOTE: dict[str, type[RemoteBackendError]] = {}
+
+
+def _input_error_classes() -> dict[str, type[LLMIRError]]:
+    from llmir_lang import errors
+    from llmir_lang.executor.constraints import errors as constraint_errors
+
+    classes: list[type[LLMIRError]] = [
+        errors.InvalidRequestError, errors.PromptTooLongError, errors.EmptyPromptError,
+        errors.OutOfKVMemoryError, errors.ConstraintError,
+    ]  # fmt: skip
+    classes += [
+        c
+        for c in vars(constraint_errors).values()
+        if isinstance(c, type) and issubclass(c, errors.ConstraintError)
+    ]
+    return {c.__name__: c for c in classes}
+
+
+def _typed_error(name: str, url: str, status: int, detail: str) -> RemoteBackendError | None:
+    """A ``RemoteBackendError`` that is also the library error ``name`` (one the engine raises for
+    bad input), named as that class and with the server's message; None for another name."""
+    cls = _TYPED_REMOTE.get(name)
+    if cls is None:
+        base = _input_error_classes().get(name)
+        if base is None:
+            return None
+
+        def init(self: RemoteBackendError, message: str, status: int | None = None, detail: str = "") -> None:
+            RemoteBackendError.__init__(self, message, status, detail)
+
+        attrs: dict[str, Any] = {"__init__": init, "__module__": base.__module__}
+        if name == "GrammarSyntaxError":
+            attrs |= {"line": 0, "column": 0}  # the server's message has them; 0 means unknown
+        cls = type(name, (RemoteBackendError, base), attrs)
+        _TYPED_REMOTE[name] = cls
+    err = cls(detail, status, detail)
+    err.url = url  # type: ignore[attr-defined]
+    return err
 
 
 @dataclass(slots=True)
@@ -138,6 +184,10 @@ class _HTTPBackend(Backend):
         except (ValueError, AttributeError):
             detail = response.text
         detail = str(detail)[:500]
+        typed = response.headers.get(_ERROR_CLASS_HEADER) if response.status_code == 400 else None
+        err = _typed_error(typed, self._url(path), 400, detail) if typed else None
+        if err is not None:
+            return err
         return RemoteBackendError(
             f"{self._url(path)}: HTTP {response.status_code}: {detail}", response.status_code, detail
         )
@@ -285,6 +335,7 @@ class _HTTPBackend(Backend):
         prompt_ids = self._token_ids([prompt], add_special_tokens=True)
         if prompt_ids is None:
             return None
+        _check_prompt_ids(prompt_ids[0])
         conts = self._token_ids(list(continuations), add_special_tokens=False)
         if conts is None:
             return None
@@ -359,6 +410,13 @@ class _HTTPBackend(Backend):
 
     _lower: Callable[[GenStep], dict[str, Any]]
     _generate: Callable[[str, dict[str, Any], Callable[[str], None] | None], StepResult]
+
+
+def _check_prompt_ids(ids: list[int]) -> None:
+    """The engine's ``score`` refuses a prompt of no tokens (an empty text, no BOS): so do the
+    backends, with the same error, instead of asking the server for logprobs it cannot give."""
+    if not ids:
+        raise EmptyPromptError("score() needs a non-empty prompt")
 
 
 def _check_continuations(continuations: Sequence[str], ids: list[list[int]]) -> None:
@@ -537,6 +595,7 @@ class Endpoint(_HTTPBackend):
         outs = self._post("/generate", body)
         ids = [[int(e[1]) for e in o["meta_info"]["input_token_logprobs"]] for o in outs]
         p_ids, c_ids = ids[0], []
+        _check_prompt_ids(p_ids)
         for c, full in zip(conts, ids[1:]):
             if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
                 raise _merge_error(self.base_url, c, None)

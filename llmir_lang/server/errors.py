@@ -14,6 +14,9 @@ Typed library errors map to status codes here, so routes just raise them:
 - the server is shutting down, or shut down before the request finished: 503
 - the client went away before its answer (``ClientDisconnectedError``): 499, never read
 - anything else: 500 (logged; the server keeps serving)
+
+A 400 raised as a library error also names its class in the ``x-llmir-error`` header, which the
+remote backends turn back into that class.
 """
 
 from __future__ import annotations
@@ -87,11 +90,23 @@ def error_headers(status: int) -> dict[str, str]:
 
 
 def error_response(
-    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(status, message, kind, param), status_code=status, headers=error_headers(status)
+        error_body(status, message, kind, param),
+        status_code=status,
+        headers={**error_headers(status), **(headers or {})},
     )
+
+
+# The header naming the library error class behind a 400 (``EmptyPromptError``,
+# ``InvalidRegexError``, ...), so that the remote backends raise the class the embedded engine
+# raises for the same input (``llmir_lang.executor.remote``); the body keeps the OpenAI shape.
+ERROR_CLASS_HEADER = "x-llmir-error"
 
 
 def status_of(exc: BaseException) -> tuple[int, str]:
@@ -173,7 +188,9 @@ def install_error_handlers(app: FastAPI) -> None:
         status, kind = status_of(exc)
         if status >= 500:
             log.warning("request failed: %s: %s", type(exc).__name__, exc)
-        return error_response(status, str(exc), kind, getattr(exc, "param", None))
+        typed = status == 400 and not isinstance(exc, ServerHTTPError)
+        headers = {ERROR_CLASS_HEADER: type(exc).__name__} if typed else None
+        return error_response(status, str(exc), kind, getattr(exc, "param", None), headers)
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
