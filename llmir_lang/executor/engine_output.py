@@ -375,8 +375,16 @@ class OutputProcessor:
         if req.rebase_to is None:
             return False
         prompt_ids, new_out = req.rebase_to
-        in_kv = req.kv_len - len(req.prompt_ids)
+        # a verify step's KV past the output's last token holds draft tokens that were not kept
+        # (dropped after the step): only the KV before it counts. Counting it made the commit fail
+        # whenever a draft ran past the token that completed the constraint, and the request took
+        # one more step that sampled EOS (found by tests/executor/test_stress_scheduler.py)
+        valid = min(req.kv_len, req.seq_len - 1)
+        in_kv = valid - len(req.prompt_ids)
         if prompt_ids != req.prompt_ids or in_kv < 0 or new_out[:in_kv] != req.output_ids[:in_kv]:
+            return False
+        # finishing caches fill_ids[:kv_len]: the stale draft KV must go first
+        if req.kv_len > valid and not self.engine.scheduler.drop_kv_past(req, valid):
             return False
         req.output_ids = list(new_out)
         req.rebase_to = None

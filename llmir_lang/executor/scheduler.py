@@ -111,6 +111,16 @@ class Scheduler:
         if fresh:
             self.pool.free(_t(fresh))
 
+    def drop_kv_past(self, req: Req, n: int) -> bool:
+        """Give back the request's own KV past its first ``n`` tokens (a verify step's draft KV
+        that output processing knows is stale before ``after_step`` runs). False, and nothing
+        dropped, when that KV reaches into the radix cache's part."""
+        if n < req.cache_len:
+            return False
+        if req.kv_len > n:
+            self._undo_alloc(req, req.kv_len - n)
+        return True
+
     def _insert_computed(self, req: Req) -> tuple[list[int], int]:
         """Insert the request's computed KV into the tree and free the slots that duplicate KV the
         tree already had. Returns the inserted ids and their page-aligned length: slots past it
