@@ -110,7 +110,10 @@ class OutputProcessor:
             if len(req.output_ids) >= req.params.max_new_tokens:
                 if req.score_next is not None and req.logprob_start_len < 0 and not req.output_ids:
                     req.next_logprobs = _logprobs_at(logits[row], req.score_next)
-                self._finish(req, FinishReason.LENGTH)  # max_new_tokens == 0: prefill only
+                if _chain_continues(req):  # a chain's gen of max_new_tokens 0: on to its next step
+                    self._next_step(req, FinishReason.LENGTH)
+                else:
+                    self._finish(req, FinishReason.LENGTH)  # max_new_tokens == 0: prefill only
             elif batch.draft_lens and batch.draft_lens[b]:
                 drafted.append((req, row, req.draft[: batch.draft_lens[b]]))
             else:

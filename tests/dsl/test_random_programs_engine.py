@@ -142,7 +142,7 @@ def _gen_or_select(c: _Ctx) -> tuple:
     stop = draw(st.sampled_from(STOPS)) if constraint is None or draw(st.integers(0, 3)) == 0 else None
     name = c.name() if draw(st.integers(0, 5)) else None  # None: an anonymous gen
     extra = draw(st.sampled_from(GEN_EXTRAS))
-    return ("gen", name, draw(st.integers(1, 6)), stop, constraint, extra)
+    return ("gen", name, draw(st.integers(0, 6)), stop, constraint, extra)
 
 
 def _ops(

@@ -264,11 +264,11 @@ def test_a_typed_server_error_is_still_a_remote_backend_error(served):
     assert type(info.value) is RemoteBackendError and "/generate: HTTP 400" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="embedded-engine bug: a chain's gen with max_tokens=0 ends the chain")
 def test_gen_of_max_tokens_zero_before_another_gen(served):
     # with passes on the two gens are one fused engine chain; the engine finished the whole request
     # after the prefill of the first (max_new_tokens == 0), so 'v2' "failed: the backend returned
-    # no result"; every remote backend (one request per gen) and passes="" give v2 its text
+    # no result"; every remote backend (one request per gen) and passes="" give v2 its text (fixed:
+    # such a gen ends with finish length and the chain goes on)
     ops = (
         ("text", "Q: "),
         ("gen", "v1", 0, None, None, ()),
