@@ -109,3 +109,38 @@ def wait_idle(url: str, timeout: float = 20.0) -> dict:
             return stats
         time.sleep(0.1)
     raise AssertionError(f"requests still running after {timeout}s: {stats}")
+
+
+class InProcessServer:
+    """An llmir server for ``engine`` in this process: uvicorn on a daemon thread, a free loopback
+    port (``url``), started once ``/health`` answers (bounded). ``close`` stops it; the engine is
+    shut down with it (``owns_engine``)."""
+
+    def __init__(self, engine: object, ready_timeout: float = 60.0) -> None:
+        import threading
+
+        import uvicorn
+
+        from llmir_lang.server.app import create_app
+        from llmir_lang.server.config import ServerConfig
+
+        port = free_port()
+        app = create_app(ServerConfig(port=port), engine=engine, owns_engine=True)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.close()
+        raise RuntimeError(f"the in-process server at {self.url} did not answer /health in {ready_timeout} s")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -16,8 +16,6 @@ checked with httpx against the JSON shapes and headers they rely on (the tests d
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import httpx
 import pytest
@@ -234,33 +232,18 @@ REFUSING_TEMPLATE = (
 
 @pytest.fixture()
 def refusing_server(tmp_path_factory):
-    import uvicorn
-    from server_harness import free_port
+    from server_harness import InProcessServer
 
     from llmir_lang.dsl.testing import random_checkpoint
     from llmir_lang.executor.engine import Engine
-    from llmir_lang.server.app import create_app
-    from llmir_lang.server.config import ServerConfig
 
     folder = random_checkpoint(tmp_path_factory.mktemp("refusing_template"))
     engine = Engine(str(folder), device="cpu", kv_memory="16MB")
     engine.tokenizer.hf.chat_template = REFUSING_TEMPLATE
-    port = free_port()
-    app = create_app(ServerConfig(port=port), engine=engine, owns_engine=True)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    server = InProcessServer(engine)
+    url = server.url
     yield url, folder.name
-    server.should_exit = True
-    thread.join(30)
+    server.close()
 
 
 def test_a_chat_template_that_refuses_the_messages_is_a_400(refusing_server):

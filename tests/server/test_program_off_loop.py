@@ -9,14 +9,11 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
 import llmir_lang as llmir
 from llmir_lang.executor.engine import Engine
 from llmir_lang.ir import print_ir
 from llmir_lang.server import program as program_route
-from llmir_lang.server.app import create_app
-from llmir_lang.server.config import ServerConfig
 
 
 @llmir.function
@@ -26,28 +23,14 @@ def short(s):
 
 @pytest.fixture()
 def served(tmp_path_factory):
-    from server_harness import free_port
+    from server_harness import InProcessServer
 
     from llmir_lang.dsl.testing import random_checkpoint
 
     folder = random_checkpoint(tmp_path_factory.mktemp("off_loop_model"))
-    engine = Engine(str(folder), device="cpu", kv_memory="16MB")
-    port = free_port()
-    app = create_app(ServerConfig(port=port), engine=engine, owns_engine=True)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(30)
+    server = InProcessServer(Engine(str(folder), device="cpu", kv_memory="16MB"))
+    yield server.url
+    server.close()
 
 
 def test_a_program_being_parsed_does_not_stall_other_requests(served, monkeypatch):

@@ -27,7 +27,6 @@ import contextlib
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,28 +62,13 @@ class Served:
     embedded Runtime, and a client backend of each kind."""
 
     def __init__(self, model_dir: Path) -> None:
-        import uvicorn
-        from server_harness import free_port
+        from server_harness import InProcessServer
 
         from llmir_lang.executor.engine import Engine
-        from llmir_lang.server.app import create_app
-        from llmir_lang.server.config import ServerConfig
 
         self.model_dir = str(model_dir)
-        self.engine = Engine(self.model_dir, device="cpu", kv_memory=KV)
-        port = free_port()
-        app = create_app(ServerConfig(port=port), engine=self.engine, owns_engine=True)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        self.server = InProcessServer(Engine(self.model_dir, device="cpu", kv_memory=KV))
+        self.url = self.server.url
         self.rt = llmir.Runtime(self.model_dir, device="cpu", kv_memory=KV)
         self.backends: dict[str, Any] = {}
 
@@ -107,8 +91,7 @@ class Served:
         for b in self.backends.values():
             b.close()
         self.rt.shutdown()
-        self.server.should_exit = True
-        self.thread.join(30)
+        self.server.close()
 
 
 def outcomes(
