@@ -22,7 +22,7 @@ from llmir_lang.executor.engine_text import (
     stream_text,
 )
 from llmir_lang.executor.model_runner import StepLogits
-from llmir_lang.executor.request import FinishReason, Req
+from llmir_lang.executor.request import FinishReason, Req, common_prefix_len
 from llmir_lang.executor.sampler import logprobs_of
 from llmir_lang.executor.scheduler import ScheduledBatch
 
@@ -499,11 +499,7 @@ def _forced_logprobs(req: Req, out: list[int], new_out: list[int]) -> None:
     else), so both lists keep one entry per output token. Where jump-forward re-tokenized the end
     of ``out`` together with the forced text, those tokens are new ones: the sampled tokens' entries
     are dropped with them."""
-    c = 0
-    for a, b in zip(out, new_out):
-        if a != b:
-            break
-        c += 1
+    c = common_prefix_len(out, new_out)
     lps, tops = req.out_logprobs, req.out_top_logprobs
     if len(lps) == len(out):
         del lps[c:]

@@ -16,7 +16,7 @@ from llmir_lang.executor.attention import ForwardMode
 from llmir_lang.executor.cuda_graph import int64_tensor
 from llmir_lang.executor.kv_pool import KVPool
 from llmir_lang.executor.radix_cache import RadixCache
-from llmir_lang.executor.request import Req
+from llmir_lang.executor.request import Req, common_prefix_len
 
 
 @dataclass(slots=True)
@@ -190,10 +190,7 @@ class Scheduler:
             self.chunked = None
         else:
             self.extending.remove(req)
-        self.release(req, cache_kv=True)
-        req.retractions += 1
-        self.num_retractions += 1
-        self.waiting.appendleft(req)
+        self._requeue(req)
 
     def _order_waiting(self) -> list[Req]:
         reqs = list(self.waiting)
@@ -396,6 +393,11 @@ class Scheduler:
     def retract(self, req: Req) -> None:
         """Out of KV: put a running request back in the queue; its computed KV stays in the cache."""
         self.running.remove(req)
+        self._requeue(req)
+
+    def _requeue(self, req: Req) -> None:
+        """A retracted request (out of every queue) to the front of the waiting queue; its
+        computed KV goes to the radix cache."""
         self.release(req, cache_kv=True)
         req.retractions += 1
         self.num_retractions += 1
@@ -435,13 +437,7 @@ class Scheduler:
         logits are needed to sample.
         """
         new_ids = prompt_ids + output_ids
-        old = req.fill_ids[: req.kv_len]
-        c = 0
-        for a, b in zip(old, new_ids):
-            if a != b:
-                break
-            c += 1
-        c = min(c, len(new_ids) - 1)
+        c = min(common_prefix_len(req.fill_ids[: req.kv_len], new_ids), len(new_ids) - 1)
         if req in self.running:
             self.running.remove(req)
         if c < req.cache_len:
