@@ -466,18 +466,29 @@ def runtimes(random_model_dir):
     rts.close()
 
 
-@settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,
-    derandomize=SEED is None,
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-    ],
-)
+def random_settings(max_examples: int, seed_env: str | None) -> Any:
+    """The hypothesis settings (and seed) of a random-program test: ``max_examples``, derandomized
+    unless ``seed_env`` (an env var's value) gives a seed. Also used by the remote differential test."""
+    configured = settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=seed_env is None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+        ],
+    )
+
+    def apply(test: Any) -> Any:
+        test = configured(test)
+        return seed(int(seed_env))(test) if seed_env else test
+
+    return apply
+
+
+@random_settings(MAX_EXAMPLES, SEED)
 @given(prog=programs())
-@(seed(int(SEED)) if SEED else (lambda f: f))
 def test_random_programs_passes_on_equal_passes_off(runtimes, prog):
     check_same(runtimes, prog)
 
@@ -562,8 +573,8 @@ def _outcome_within(program: Any, rt: Any, passes: str | None, limit: float = 5.
     return got[0]
 
 
-def test_fused_chain_outgrowing_the_kv_pool_fails_like_call_by_call(random_model_dir):
-    prog = _chain_program(2)
+def _off_and_on_in_a_tiny_pool(random_model_dir: Any, prog: Any) -> list[Any]:
+    """``prog``'s outcome with the passes off, then on, each on a fresh 62-token KV pool."""
     outcomes = []
     for passes in ("", None):
         rt = llmir.Runtime(str(random_model_dir), device="cpu", kv_memory="32KB")  # 62 tokens
@@ -571,19 +582,17 @@ def test_fused_chain_outgrowing_the_kv_pool_fails_like_call_by_call(random_model
             outcomes.append(_outcome_within(prog, rt, passes))
         finally:
             rt.shutdown()
+    return outcomes
+
+
+def test_fused_chain_outgrowing_the_kv_pool_fails_like_call_by_call(random_model_dir):
+    outcomes = _off_and_on_in_a_tiny_pool(random_model_dir, _chain_program(2))
     assert outcomes[0][:2] == ("error", "GenerationError") and "'b'" in outcomes[0][2], outcomes
     assert outcomes[1] == outcomes[0], outcomes
 
 
 def test_fused_chain_follows_call_by_call_kv_admission(random_model_dir):
-    prog = _chain_program(1)
-    outcomes = []
-    for passes in ("", None):
-        rt = llmir.Runtime(str(random_model_dir), device="cpu", kv_memory="32KB")  # 62 tokens
-        try:
-            outcomes.append(_outcome_within(prog, rt, passes))
-        finally:
-            rt.shutdown()
+    outcomes = _off_and_on_in_a_tiny_pool(random_model_dir, _chain_program(1))
     assert outcomes[1] == outcomes[0], outcomes
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import given
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dsl"))
 
@@ -166,18 +166,8 @@ def served(tmp_path_factory):
     s.close()
 
 
-@settings(
-    max_examples=MAX_EXAMPLES,
-    deadline=None,
-    derandomize=SEED is None,
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-    ],
-)
+@rp.random_settings(MAX_EXAMPLES, SEED)
 @given(prog=rp.programs())
-@(seed(int(SEED)) if SEED else (lambda f: f))
 def test_random_programs_remote_equal_engine(served, prog):
     diffs = differences(served, prog)
     assert not diffs, (prog, diffs)
