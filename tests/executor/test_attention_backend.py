@@ -10,9 +10,11 @@ from llmir_lang.executor.attention import ForwardBatch, ForwardMode, TorchAttent
 
 
 @pytest.mark.parametrize("shared", [0, 40])
-def test_batched_decode_matches_reference(shared):
+@pytest.mark.parametrize("flash", [True, False])  # the shared prefix through torch's CPU flash op, or matmuls
+@pytest.mark.parametrize("h", [2, 8, 16])  # GQA ratios 1, 4, 8
+def test_batched_decode_matches_reference(shared, flash, h):
     g = torch.Generator().manual_seed(0)
-    slots, hkv, h, d = 300, 2, 8, 16
+    slots, hkv, d = 300, 2, 16
     kb = torch.randn(slots, hkv, d, generator=g)
     vb = torch.randn(slots, hkv, d, generator=g)
     lens = [1, 7, 33, 2] if not shared else [3, 9, 1, 20]
@@ -42,6 +44,8 @@ def test_batched_decode_matches_reference(shared):
     )
     be = TorchAttentionBackend([kb.clone()], [vb.clone()], d**-0.5)
     be.numpy_max_requests = 0  # the batched torch path (4 requests would attend in numpy)
+    be.min_shared_keys = 0  # split even where it would not pay
+    be._flash = flash and be._flash
     be.prepare(batch)
     assert be._dec is not None and (be._dec.prefix_idx is not None) == bool(shared)
     out = be.forward(q, k_new, v_new, 0)
@@ -93,11 +97,14 @@ def _reference(kb, vb, batch, q, k_new, v_new):
 
 
 @pytest.mark.parametrize("shared", [0, 40])
-def test_batched_extend_matches_reference(shared):
+@pytest.mark.parametrize("flash", [True, False])
+def test_batched_extend_matches_reference(shared, flash):
     # short extends, decode rows (one new token) and a long one (the per-request loop), mixed
     shapes = [(0, 3), (5, 1), (2, 7), (11, 4), (1, 70), (6, 1), (0, 66)]  # the last: a plain prefill
     kb, vb, batch, q, k_new, v_new = _extend_case(shapes, shared)
     be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
+    be.min_shared_keys = 0
+    be._flash = flash and be._flash
     be.prepare(batch)
     assert be._long == [4, 6]
     assert be._ext is not None and be._ext.q_rows.shape[0] == 3
@@ -124,11 +131,28 @@ def test_extend_groups_match_reference(shapes, shared, numpy_max):
     kb, vb, batch, q, k_new, v_new = _extend_case(shapes, shared, seed=7)
     be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
     be.numpy_max_requests = numpy_max  # 0: the torch groups; 4: every case here attends in numpy
+    be.min_shared_keys = 0
     be.prepare(batch)
     assert (be.numpy_plan is not None) == bool(numpy_max)
     assert be._long == []
     out = be.forward(q, k_new, v_new, 0)
     assert torch.allclose(out, _reference(kb, vb, batch, q, k_new, v_new), atol=1e-5)
+
+
+@pytest.mark.parametrize("saved", [159, 160])
+def test_shared_prefix_split_only_where_it_saves_enough_reads(saved):
+    # 4 requests over a 40-token prefix save 160 key reads: split from min_shared_keys 160 down
+    shapes = [(2, 3), (5, 2), (0, 4), (3, 2)]
+    kb, vb, batch, q, k_new, v_new = _extend_case(shapes, 40)
+    be = TorchAttentionBackend([kb.clone()], [vb.clone()], q.shape[-1] ** -0.5)
+    be.numpy_max_requests = 0
+    be.min_shared_keys = 320 - saved  # 161: no split; 160: split
+    be.prepare(batch)
+    split = be.min_shared_keys <= 160
+    assert be._ext is not None and (be._ext.prefix_idx is not None) == split
+    out = be.forward(q, k_new, v_new, 0)
+    assert torch.allclose(out, _reference(kb, vb, batch, q, k_new, v_new), atol=1e-5)
+    assert TorchAttentionBackend.min_shared_keys > 160  # the default leaves a prefix this small whole
 
 
 @pytest.mark.parametrize("gqa", [1, 4, 8])
