@@ -8,6 +8,11 @@ in token order. ``reference`` defines what every kernel computes; Triton version
 The functions below dispatch: Triton for CUDA tensors (and for CPU tensors while
 ``TRITON_INTERPRET=1``, the tests' mode), the torch reference otherwise. Cases Triton does not
 cover (see ``support``) fall back to the reference with a one-time ``KernelFallbackWarning``.
+
+``linear`` is the one kernel here that is not attention: a decode step's projections (``F.linear``
+is its reference) through weight-streaming Triton kernels where they beat cuBLAS (``triton_gemv``);
+it runs only on CUDA tensors and takes ``F.linear`` for everything it does not cover, silently,
+since that path is the fast one there.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_with_lse",
     "extend_attention",
+    "linear",
     "merge_attention_states",
     "reference",
     "shared_prefix_decode",
@@ -44,6 +50,31 @@ def _pool_ok(kernel: str, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> boo
         return True
     support.warn_once(kernel, "the KV pool buffers are not contiguous along head_dim")
     return False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; on CUDA in fp16/bf16, a decode step's projection of one row
+    (and an output layer's of 9-128 rows) through the Triton weight-streaming kernels
+    (``triton_gemv``), which read the weights faster than cuBLAS there. Everything else, and any
+    input these kernels do not take (a bias, other dtypes, strided rows), goes to ``F.linear``."""
+    if (
+        x.is_cuda
+        and bias is None
+        and x.dim() == 2
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+    ):
+        from llmir_lang.kernels import triton_gemv
+
+        cfg = triton_gemv.plan(x, weight)
+        if cfg is not None:
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+            if isinstance(cfg, triton_gemv.GemvConfig):
+                return triton_gemv.gemv(x, weight, out, cfg)
+            return triton_gemv.skinny(x, weight, out, cfg)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def store_kv(

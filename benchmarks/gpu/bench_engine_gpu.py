@@ -140,6 +140,8 @@ def set_runner(eng: Engine, **attrs: Any) -> None:
         r = eng.runner
         if "compile" in attrs:
             r.set_compile(attrs.pop("compile"))
+        if "triton_linear" in attrs:
+            r.set_triton_linear(attrs.pop("triton_linear"))
         for k, v in attrs.items():
             setattr(r, k, v)
 
@@ -282,9 +284,11 @@ def section_shared(
 
 # ---- section 2: decode step vs the roofline ----------------------------------------------------
 VARIANTS = {
-    "graphs+compile": dict(cuda_graphs=True, compile=True),
-    "graphs": dict(cuda_graphs=True, compile=False),
-    "eager": dict(cuda_graphs=False, compile=False),
+    "graphs+compile": dict(cuda_graphs=True, compile=True, triton_linear=True),
+    # the same with every projection through cuBLAS (F.linear), not the Triton GEMV kernels
+    "graphs+compile+cublas": dict(cuda_graphs=True, compile=True, triton_linear=False),
+    "graphs": dict(cuda_graphs=True, compile=False, triton_linear=True),
+    "eager": dict(cuda_graphs=False, compile=False, triton_linear=True),
 }
 
 

@@ -173,6 +173,7 @@ class _Step:
     sin: torch.Tensor
     backend: AttentionBackend
     ops: FusedOps
+    linear: Callable[..., torch.Tensor]  # F.linear, or kernels.linear (CausalLM.linear)
 
 
 class Attention(nn.Module):
@@ -190,11 +191,12 @@ class Attention(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        qkv = step.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
         q, k, v = step.ops.rope(qkv, step.cos, step.sin, self.num_heads, self.num_kv_heads, qn, kn, self.eps)
         o = step.backend.forward(q, k, v, self.layer_id)
-        return self.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))
+        o = o.reshape(x.shape[0], self.num_heads * self.head_dim)
+        return step.linear(o, self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -205,7 +207,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
-        return self.down_proj(step.ops.act(self.gate_up_proj(x)))
+        gate_up = step.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        return step.linear(step.ops.act(gate_up), self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -253,6 +256,8 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.ops = PLAIN_OPS
+        # the projections' ``F.linear``; ``ModelRunner`` puts ``kernels.linear`` here on CUDA
+        self.linear: Callable[..., torch.Tensor] = F.linear
         self._cpu_layers: list[cpu_forward.CpuLayer] | None = None
 
     def output_weight(self) -> torch.Tensor:
@@ -266,7 +271,7 @@ class CausalLM(nn.Module):
         if emb.device.type == "cpu" and emb.dtype == torch.float32 and self.ops is PLAIN_OPS:
             return self._forward_cpu(batch, backend)
         x = self.model.embed_tokens(batch.input_ids)
-        step = _Step(*self.rotary.tables(batch.positions, x.dtype), backend, self.ops)
+        step = _Step(*self.rotary.tables(batch.positions, x.dtype), backend, self.ops, self.linear)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, step)
@@ -275,7 +280,7 @@ class CausalLM(nn.Module):
             x, residual = x[batch.logits_indices], residual[batch.logits_indices]
         norm = self.model.norm
         x, _ = self.ops.add_norm(x, residual, norm.weight, norm.eps)
-        return F.linear(x, self.output_weight()).float()
+        return self.linear(x, self.output_weight()).float()
 
     def _forward_cpu(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
         """``forward`` for fp32 on the CPU with the plain ops (``cpu_forward``; see the module

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from llmir_lang.executor.attention import AttentionBackend, ForwardBatch, ForwardMode
 from llmir_lang.executor.batch_builder import build_extend_batch
@@ -128,6 +129,8 @@ class ModelRunner:
         # that puts jump-forward and speculative steps into the decode graphs
         self.max_row_extend = 8 if device.type == "cuda" else 0
         self.last_host_s = 0.0  # host time the last decode step spent before launching the model
+        self.triton_linear = False
+        self.set_triton_linear(self._graphs_ok)
         self.compiled = False
         if compile_model or (compile_model is None and self._graphs_ok):
             self.set_compile(True)
@@ -340,6 +343,22 @@ class ModelRunner:
         return True
 
     # ---- setup ----------------------------------------------------------------------------
+    def set_triton_linear(self, on: bool) -> bool:
+        """Run the model's projections through ``kernels.linear`` (on: a decode step's one-row
+        projections, and its output layer at 9-128 rows, stream the weights with Triton kernels,
+        faster than cuBLAS there) or ``F.linear`` (off). On by default where decode steps are
+        graphed (CUDA, Triton backend, fp16/bf16); ignored elsewhere. Captured graphs are dropped.
+        Returns whether it is on."""
+        from llmir_lang import kernels
+
+        on = bool(on) and self.device.type == "cuda"
+        if on != self.triton_linear:
+            self.model.linear = kernels.linear if on else F.linear
+            self.triton_linear = on
+            if self.graphs is not None:
+                self.graphs.clear()
+        return on
+
     def set_compile(self, on: bool) -> bool:
         """Fuse the model's elementwise work with ``torch.compile`` (on) or run it plainly (off).
 

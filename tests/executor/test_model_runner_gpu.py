@@ -198,3 +198,30 @@ def test_compiled_ops_are_as_accurate_as_plain_ops_in_graphed_decode(arch: str) 
             assert err <= 5e-2 * max(1.0, scale), err
             r.output_ids.append(int(graphed[row].argmax()))
     assert runner.num_graph_replays == 3
+
+
+def test_triton_projections_match_cublas_in_graphed_decode() -> None:
+    """On CUDA the runner puts ``kernels.linear`` in the model (one-row projections through the
+    Triton GEMV); graphed decode logits equal ``F.linear``'s within bf16 rounding, at batch 1 (the
+    GEMV) and 3 (cuBLAS either way)."""
+    import llmir_lang.kernels as K
+
+    model = _model(BF16, "cuda", hidden=512)  # K = 512 and 1,024: the GEMV's slices
+    pool = _pool(model, 4096)
+    runner = _triton_runner(model, pool)
+    assert runner.triton_linear and model.linear is K.linear
+    rng = random.Random(1)
+    reqs = [_req(i, [rng.randrange(128) for _ in range(rng.randrange(5, 60))]) for i in range(3)]
+    _prefill_greedy(runner, pool, reqs)
+    for size in (1, 1, 3):
+        live = reqs[:size]
+        for r in live:
+            r.kv_slots.extend(pool.alloc(1).tolist())
+        sb = ScheduledBatch(ForwardMode.DECODE, live, [r.kv_len - 1 for r in live], [1] * size, [True] * size)
+        on = runner.run(sb).logits.clone()
+        assert runner.set_triton_linear(False) is False and model.linear is torch.nn.functional.linear
+        off = runner.run(sb).logits.clone()
+        runner.set_triton_linear(True)
+        assert _close(on, off, 2e-2), size
+        for r, row in zip(live, range(size)):
+            r.output_ids.append(int(off[row].argmax()))

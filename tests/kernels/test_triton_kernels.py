@@ -375,3 +375,54 @@ def test_extend_config_for_picks_small_tiles_only_for_short_mostly_new_batches_o
     assert te.extend_config_for(base, cuda, te.SMALL_EXTEND_TOKENS + 1, 0) is base
     assert te.extend_config_for(base, cuda, 1024, 4096) is base  # mostly cached prefix
     assert te.extend_config_for(base, cpu, 4096, 0) is base  # the interpreter keeps tiny tiles
+
+
+# ---- projections (triton_gemv) ---------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("n", [64, 100])  # 100: the last program's rows are masked
+def test_gemv_matches_linear(rows: int, n: int) -> None:
+    from llmir_lang.kernels import triton_gemv as tg
+
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    k = 512
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    for cfg in (tg.GemvConfig(1, 256, 4, 3), tg.GemvConfig(4, 512, 4, 1), tg.GemvConfig(8, 256, 4, 1)):
+        out = torch.full((rows, n), float("nan"), dtype=torch.bfloat16)
+        tg.gemv(x, w, out, cfg)
+        assert rel_error(out, want) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("rows", [5, 16, 40])
+def test_skinny_matches_linear(rows: int) -> None:
+    # fp16: the interpreter's bf16 dot is wrong (numpy has no bf16); bf16 is checked on the GPU
+    from llmir_lang.kernels import triton_gemv as tg
+
+    g = torch.Generator().manual_seed(rows)
+    n, k = 100, 256
+    x = torch.randn(rows, k, generator=g).to(torch.float16)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.float16)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    for cfg in (tg.SkinnyConfig(16, 32, 64, 4, 3), tg.SkinnyConfig(32, 64, 128, 4, 2)):
+        out = torch.full((rows, n), float("nan"), dtype=torch.float16)
+        tg.skinny(x, w, out, cfg)
+        assert rel_error(out, want) < 2e-3, cfg
+
+
+def test_linear_plan_and_cpu_dispatch() -> None:
+    from llmir_lang.kernels import triton_gemv as tg
+
+    w_layer = torch.empty(4096, 4096, dtype=torch.bfloat16)
+    w_head = torch.empty(128256, 4096, dtype=torch.bfloat16)
+    one, some, many = (torch.empty(m, 4096, dtype=torch.bfloat16) for m in (1, 4, 64))
+    assert tg.plan(one, w_layer) == tg.GemvConfig(1, 1024, 4, 3)
+    assert tg.plan(one, w_head) == tg.GemvConfig(4, 1024, 4, 3)
+    assert tg.plan(some, w_head) is None  # 2-8 rows: cuBLAS
+    assert tg.plan(many, w_layer) is None  # a layer's projection at 64 rows: cuBLAS
+    assert isinstance(tg.plan(many, w_head), tg.SkinnyConfig)
+    assert tg.plan(torch.empty(1, 100, dtype=torch.bfloat16), torch.empty(8, 100, dtype=torch.bfloat16)) is None
+    # CPU tensors (and a bias) go to F.linear
+    x = torch.randn(1, 64)
+    w, b = torch.randn(32, 64), torch.randn(32)
+    assert torch.equal(K.linear(x, w, b), torch.nn.functional.linear(x, w, b))

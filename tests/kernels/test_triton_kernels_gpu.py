@@ -320,3 +320,47 @@ def test_backend_extend_then_decode_matches_reference_on_gpu() -> None:
     ref.store_kv(kr, vr, idx, k, v)
     assert torch.equal(kb, kr) and torch.equal(vb, vr)
     assert rel_error(out, ref.extend_attention(q, kr, vr, ip, ip, idx, 0.125)) < TOL[torch.float16]
+
+
+# Llama-3-8B / Llama-3.2-1B projection shapes (N, K): fused q/k/v, o, fused gate/up, down, output
+GEMV_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (3072, 2048), (2048, 8192)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k"), GEMV_SHAPES)
+def test_linear_one_row_real_shapes(n: int, k: int, dtype: torch.dtype) -> None:
+    from llmir_lang.kernels import triton_gemv as tg
+
+    torch.manual_seed(n + k)
+    x = torch.randn(1, k, device=DEV, dtype=dtype)
+    w = torch.randn(n, k, device=DEV, dtype=dtype) * k**-0.5
+    assert isinstance(tg.plan(x, w), tg.GemvConfig)
+    got = K.linear(x, w)
+    assert got.shape == (1, n) and got.dtype == dtype
+    assert rel_error(got, torch.nn.functional.linear(x.float(), w.float())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("rows", [9, 16, 33, 64, 128])
+@pytest.mark.parametrize("k", [2048, 4096])
+def test_linear_output_layer_rows_real_shapes(rows: int, k: int) -> None:
+    from llmir_lang.kernels import triton_gemv as tg
+
+    torch.manual_seed(rows + k)
+    x = torch.randn(rows, k, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(128256, k, device=DEV, dtype=torch.bfloat16) * k**-0.5
+    assert isinstance(tg.plan(x, w), tg.SkinnyConfig)
+    got = K.linear(x, w)
+    assert rel_error(got, torch.nn.functional.linear(x.float(), w.float())) < TOL[torch.bfloat16]
+
+
+def test_linear_replays_in_a_cuda_graph() -> None:
+    x = torch.randn(1, 4096, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(6144, 4096, device=DEV, dtype=torch.bfloat16) * 4096**-0.5
+    K.linear(x, w)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = K.linear(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_error(y, torch.nn.functional.linear(x.float(), w.float())) < TOL[torch.bfloat16]
