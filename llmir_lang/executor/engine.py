@@ -422,6 +422,7 @@ class Engine(EngineScoring, EngineLoop):
             "tokens_computed": self.runner.num_tokens_computed,
             "retractions": self.scheduler.num_retractions,
             "steps": self.scheduler.step_count,
+            "step_retries": self.num_step_retries,  # failed forwards rerun one request at a time
         }
 
     def call_in_engine_thread(self, fn: Callable[[], Any]) -> Any:

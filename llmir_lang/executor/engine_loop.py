@@ -87,6 +87,7 @@ def run_engine_thread(ref: weakref.ref[Engine], inbox: queue.Queue) -> None:
 class EngineLoop:
     run_ahead = False  # the engine sets it (run_ahead.run_ahead_default)
     num_run_ahead_steps = 0  # decode steps launched before the host read the previous step's tokens
+    num_step_retries = 0  # steps whose forward failed and ran again one request at a time
     _ahead: run_ahead.Ahead | None = None  # a decode step in flight whose tokens are not processed
 
     # ---- the loop (engine thread) -------------------------------------------------------
@@ -202,13 +203,21 @@ class EngineLoop:
             return
         self._batch = batch
         try:
-            if self._may_run_ahead(batch):  # launched now, its tokens processed next turn
-                self._ahead = run_ahead.launch(self.outputs, batch, self.runner.run(batch))
+            ahead = self._may_run_ahead(batch)
+            masks = None if ahead else self.outputs.start_masks(batch)  # computed while the model runs
+            try:
+                step = self.runner.run(batch)
+            except Exception as e:
+                if len(batch.reqs) < 2:
+                    raise
+                self._one_at_a_time(batch, e)
+                self._after(batch)
+                return
+            if ahead:  # launched now, its tokens processed next turn
+                self._ahead = run_ahead.launch(self.outputs, batch, step)
                 self._batch = None
                 self.outputs.flush_deferred()
                 return
-            masks = self.outputs.start_masks(batch)  # computed while the model runs
-            step = self.runner.run(batch)
             # the previous step's text work, while the GPU computes this step (on CUDA the forward
             # is only launched; process() below is what waits for it)
             self.outputs.flush_deferred()
@@ -217,6 +226,32 @@ class EngineLoop:
             self._fail_batch(batch, e)
             return
         self._after(batch)
+
+    def _one_at_a_time(self, batch: ScheduledBatch, exc: Exception) -> None:
+        """The forward of a step of several requests raised (a CUDA out-of-memory on a long prompt,
+        say): run the step again one request at a time, so that only a request that fails alone
+        fails and its batch mates go on. Nothing of the failed forward was used: no token was
+        sampled, and each retry writes its request's K/V into the same slots again."""
+        log.warning(
+            "engine step of %d requests failed (%s: %s); running them one at a time",
+            len(batch.reqs),
+            type(exc).__name__,
+            exc,
+        )
+        self.num_step_retries += 1
+        for i, req in enumerate(batch.reqs):
+            if req.finished:
+                continue
+            one = batch.only(i)
+            try:
+                masks = self.outputs.start_masks(one)
+                step = self.runner.run(one)
+                self.outputs.flush_deferred()
+                self.outputs.process(one, step, masks)
+            except Exception as e:
+                log.warning("request %d failed alone too; failing it", req.rid, exc_info=e)
+                if not req.finished:
+                    self.outputs.fail(req, EngineError(f"engine step failed: {type(e).__name__}: {e}"))
 
     def _after(self, batch: ScheduledBatch) -> None:
         sched = self.scheduler

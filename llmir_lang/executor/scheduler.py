@@ -34,6 +34,21 @@ class ScheduledBatch:
     # samples at each of those positions; empty when no request drafts
     draft_lens: list[int] = field(default_factory=list)
 
+    def only(self, i: int) -> ScheduledBatch:
+        """The step of request ``i`` alone (its KV slots are already allocated): the engine reruns
+        a failed step one request at a time. A decode row of a mixed or speculative step stays a
+        decode row (``num_decode`` 1)."""
+        decode_row = i >= len(self.reqs) - self.num_decode
+        return ScheduledBatch(
+            self.mode,
+            [self.reqs[i]],
+            [self.prefix_lens[i]],
+            [self.extend_lens[i]],
+            [self.sample[i]],
+            num_decode=1 if decode_row else 0,
+            draft_lens=[self.draft_lens[i]] if self.draft_lens else [],
+        )
+
 
 @dataclass(slots=True)
 class SchedulerConfig:

@@ -90,3 +90,66 @@ def test_a_failing_constraint_fails_only_its_request(setup, where, after):
     eng.flush_cache()
     pool = eng.stats()["pool"]
     assert pool["used"] == 0, pool
+
+
+POISON = 77  # a prompt holding this id makes the model's forward raise (see _poisoned_forward)
+
+
+def _poisoned_forward(eng, monkeypatch, when):
+    """Make ``eng.runner.run`` raise for a step that ``when(batch)`` picks, as a CUDA
+    out-of-memory on one long prompt would."""
+    real = eng.runner.run
+
+    def run(sb, *args, **kwargs):
+        if when(sb):
+            raise RuntimeError("forward failed: out of memory")
+        return real(sb, *args, **kwargs)
+
+    monkeypatch.setattr(eng.runner, "run", run)
+
+
+def _submit_together(eng, prompts, params):
+    # submitted from the engine thread: all of them are admitted before the next step
+    return eng.call_in_engine_thread(lambda: [eng.submit(p, params) for p in prompts])
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_a_failing_forward_fails_only_the_request_that_fails_alone(setup, monkeypatch, mode):
+    from llmir_lang.executor.attention import ForwardMode
+
+    eng, hf = setup
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    want_mode = ForwardMode.EXTEND if mode == "prefill" else ForwardMode.DECODE
+    _poisoned_forward(
+        eng, monkeypatch, lambda sb: sb.mode is want_mode and any(POISON in r.prompt_ids for r in sb.reqs)
+    )
+    before = eng.stats()["step_retries"]
+    futs = _submit_together(eng, [IDS, OTHER + [POISON], OTHER + [1]], params)
+    assert futs[0].result(timeout=60).token_ids == hf_greedy(hf, IDS, 8)[0]
+    assert futs[2].result(timeout=60).token_ids == hf_greedy(hf, OTHER + [1], 8)[0]
+    with pytest.raises(errors.EngineError, match="forward failed: out of memory"):
+        futs[1].result(timeout=60)
+    assert eng.stats()["step_retries"] > before  # the three shared the failed step
+    monkeypatch.undo()
+    assert eng.generate(IDS, params).token_ids == futs[0].result().token_ids
+    eng.flush_cache()
+    assert eng.stats()["pool"]["used"] == 0
+
+
+def test_a_forward_that_fails_once_for_a_batch_loses_no_request(setup, monkeypatch):
+    eng, hf = setup
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    failed = []
+
+    def once(sb):
+        if len(sb.reqs) > 1 and not failed:
+            failed.append(len(sb.reqs))
+            return True
+        return False
+
+    _poisoned_forward(eng, monkeypatch, once)
+    prompts = [IDS, OTHER, OTHER + [1], [4, 4, 4]]
+    results = [f.result(timeout=60) for f in _submit_together(eng, prompts, params)]
+    assert failed and failed[0] >= 2  # (a prompt sharing an uncached prefix may wait a step)
+    for p, r in zip(prompts, results):
+        assert r.token_ids == hf_greedy(hf, p, 6)[0]
