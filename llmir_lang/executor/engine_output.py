@@ -373,8 +373,10 @@ class OutputProcessor:
 
     def _commit_forced(self, req: Req) -> bool:
         """Make a pending jump-forward rebase the request's output now (the request is about to
-        finish, so no step will apply it). Only when the tokens whose KV is computed stay as they
-        are: finishing caches ``fill_ids[:kv_len]`` with that KV."""
+        finish, so no step will apply it). Finishing caches ``fill_ids[:kv_len]`` with that KV, so
+        KV of tokens the rebase changes is given back first (jump-forward re-tokenized them with
+        the forced text); False, and the rebase left to a step, where that KV is the radix
+        cache's."""
         if req.rebase_to is None:
             return False
         prompt_ids, new_out = req.rebase_to
@@ -384,9 +386,12 @@ class OutputProcessor:
         # one more step that sampled EOS (found by tests/executor/test_stress_scheduler.py)
         valid = min(req.kv_len, req.seq_len - 1)
         in_kv = valid - len(req.prompt_ids)
-        if prompt_ids != req.prompt_ids or in_kv < 0 or new_out[:in_kv] != req.output_ids[:in_kv]:
+        if prompt_ids != req.prompt_ids or in_kv < 0:
             return False
-        # finishing caches fill_ids[:kv_len]: the stale draft KV must go first
+        # tokens with KV that the rebase changes: their KV goes too. Refusing here made the request
+        # take one more step, which sampled EOS after the finished value (with ignore_eos, an EOS
+        # at the end of the output)
+        valid = len(req.prompt_ids) + common_prefix_len(new_out[:in_kv], req.output_ids[:in_kv])
         if req.kv_len > valid and not self.engine.scheduler.drop_kv_past(req, valid):
             return False
         req.output_ids = list(new_out)

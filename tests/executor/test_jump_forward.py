@@ -243,3 +243,31 @@ def test_forced_tokens_keep_one_logprob_and_one_top_list_per_output_token(backen
             assert top == [(tok, 0.0)] or top[0] == (tok, 0.0), (i, tok, top)
         else:  # a sampled token: its own alternatives, the best first
             assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] and top[0][1] >= lp - 1e-6
+
+
+def test_finishing_rebase_that_retokenizes_computed_tokens_drops_their_kv(backend):
+    """Jump-forward may re-tokenize output tokens whose KV is computed together with the forced
+    text (a non-canonical spelling the model sampled). When that forced text completes the
+    constraint, the rebase is committed at once and the KV of the changed tokens given back: the
+    commit used to refuse, and the request took one more step that sampled EOS (an EOS at the end
+    of the output even with ``ignore_eos``)."""
+    eng = backend.engine
+
+    def commit(cache_len: int) -> tuple:
+        sched = eng.scheduler
+        used = eng.pool.stats()["used"]
+        req = Req(rid=-1, prompt_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=8), future=None, decoder=None)  # type: ignore[arg-type]
+        req.output_ids = [10, 11, 12]  # KV computed for the prompt and 10, 11; 12 just sampled
+        req.kv_slots = sched._alloc(5, None)
+        req.cache_len = cache_len  # pretend that much of it is the radix cache's
+        req.rebase_to = ([5, 6, 7], [10, 20, 21])  # 11 12 + forced text -> 20 21
+        ok = eng.outputs._commit_forced(req)
+        got = (ok, list(req.output_ids), req.kv_len, req.rebase_to is None)
+        req.cache_len = 0
+        sched.release(req, cache_kv=False)
+        assert eng.pool.stats()["used"] == used
+        return got
+
+    assert eng.call_in_engine_thread(lambda: commit(0)) == (True, [10, 20, 21], 4, True)
+    # KV the radix cache holds is not the request's to drop: the rebase waits for a step
+    assert eng.call_in_engine_thread(lambda: commit(5)) == (False, [10, 11, 12], 5, False)
