@@ -28,6 +28,7 @@ from llmir_lang.kernels.support import KernelFallbackWarning
 
 __all__ = [
     "KernelFallbackWarning",
+    "add_norm_linear",
     "apply_token_bitmask",
     "decode_attention",
     "decode_attention_with_lse",
@@ -36,6 +37,7 @@ __all__ = [
     "merge_attention_states",
     "reference",
     "shared_prefix_decode",
+    "silu_mul_linear",
     "should_use_shared_prefix",
     "store_kv",
 ]
@@ -75,6 +77,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 return triton_gemv.gemv(x, weight, out, cfg)
             return triton_gemv.skinny(x, weight, out, cfg)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def fused_rows_ok(x: torch.Tensor, *dims: int) -> bool:
+    """Whether ``add_norm_linear`` / ``silu_mul_linear`` take one row ``x`` whose projections read
+    rows of the lengths ``dims`` (hidden size, intermediate size): CUDA, fp16/bf16, every length a
+    multiple of 256."""
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and all(d % 256 == 0 for d in dims)
+    )
+
+
+def add_norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row in one Triton kernel (the
+    model's ``add_rms_norm`` then its projection; ``residual`` None: the norm of ``x``, and ``x``
+    is the residual). Only where ``fused_rows_ok``; ``weight`` bias-free."""
+    from llmir_lang.kernels import triton_gemv
+
+    cfg = triton_gemv.fused_config(weight.shape[0], x.shape[1])
+    assert cfg is not None, "add_norm_linear needs a row length that is a multiple of 256"
+    return triton_gemv.norm_gemv(x, residual, norm_weight, eps, weight, cfg)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(silu(gate) * up) @ weight.T`` for one row ``gate_up = [gate | up]`` in one Triton kernel
+    (the model's ``silu_mul`` then the down projection). Only where ``fused_rows_ok``."""
+    from llmir_lang.kernels import triton_gemv
+
+    cfg = triton_gemv.fused_config(weight.shape[0], gate_up.shape[1] // 2)
+    assert cfg is not None, "silu_mul_linear needs a row length that is a multiple of 256"
+    return triton_gemv.silu_gemv(gate_up, weight, cfg)
 
 
 def store_kv(

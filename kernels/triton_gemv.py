@@ -194,3 +194,154 @@ def skinny(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: SkinnyConfi
         num_stages=cfg.num_stages,
     )
     return out
+
+
+# ---- one-row projections with the elementwise op before them fused in -------------------------
+@triton.jit
+def _norm_gemv_kernel(
+    X,
+    R,
+    G,
+    W,
+    Y,
+    ROut,
+    N,
+    K,
+    stride_wn,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    """``y = rms_norm(x + r) @ W.T`` for one row in one pass: the norm's scale ``rstd`` is one
+    number for the row, so ``y = rstd * ((s * g) @ W.T)`` with ``s = x + r``; each program
+    accumulates the sum of squares of ``s`` next to its dot products (reading the row, a few KB,
+    from L2) and scales at the end. The sum is rounded to the input dtype as the model's residual
+    add; the normalized row is not rounded before the product (the model's plain ops round it:
+    a difference of bf16 rounding). Program 0 also writes ``s`` (the next residual)."""
+    pid = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_ptrs = W + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        s = tl.load(X + k0 + rk)
+        if HAS_RES:
+            # rounded once to the input dtype, as the model's residual add (explicit fp32: the
+            # interpreter's own bf16 arithmetic is not IEEE)
+            s = (s.to(tl.float32) + tl.load(R + k0 + rk).to(tl.float32)).to(X.dtype.element_ty)
+            if pid == 0:
+                tl.store(ROut + k0 + rk, s)
+        s32 = s.to(tl.float32)
+        sq += s32 * s32
+        if EVEN_N:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=rn[:, None] < N, other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * (s32 * tl.load(G + k0 + rk).to(tl.float32))[None, :]
+        w_ptrs += BLOCK_K
+    rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+    y = tl.sum(acc, axis=1) * rstd
+    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _silu_gemv_kernel(
+    GU,
+    W,
+    Y,
+    N,
+    K,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    """``y = (silu(gate) * up) @ W.T`` for one row ``gate_up = [gate | up]`` (``K`` each), rounding
+    as ``model.silu_mul`` does (silu, then the product, in the input dtype)."""
+    pid = tl.program_id(0)
+    rk = tl.arange(0, BLOCK_K)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_ptrs = W + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = tl.load(GU + k0 + rk).to(tl.float32)
+        u = tl.load(GU + K + k0 + rk).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(GU.dtype.element_ty).to(tl.float32)
+        a = (a * u).to(GU.dtype.element_ty).to(tl.float32)
+        if EVEN_N:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=rn[:, None] < N, other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * a[None, :]
+        w_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=rn < N)
+
+
+def fused_config(n: int, k: int) -> GemvConfig | None:
+    """The fused kernels' launch shape: 8 rows of W a program (every program also reads the whole
+    input row, so more weight bytes per program keep those reads small); None where K has no
+    256-multiple slice."""
+    cfg = default_gemv_config(n, k)
+    return None if cfg is None else cfg._replace(block_n=8)
+
+
+def norm_gemv(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: torch.Tensor,
+    cfg: GemvConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual) @ w.T, x + residual)`` for one row (``residual`` None: ``x``
+    alone, and ``x`` is returned as the residual)."""
+    k = x.shape[1]
+    n = w.shape[0]
+    assert x.shape[0] == 1 and x.is_contiguous() and w.stride(1) == 1 and k % cfg.block_k == 0
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    r_out = torch.empty_like(x) if residual is not None else x
+    _norm_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x,
+        residual if residual is not None else x,
+        norm_weight,
+        w,
+        out,
+        r_out,
+        n,
+        k,
+        w.stride(0),
+        eps,
+        HAS_RES=residual is not None,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        EVEN_N=n % cfg.block_n == 0,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out, r_out
+
+
+def silu_gemv(gate_up: torch.Tensor, w: torch.Tensor, cfg: GemvConfig) -> torch.Tensor:
+    """``(silu(gate) * up) @ w.T`` for one row ``gate_up [1, 2K]``."""
+    k = gate_up.shape[1] // 2
+    n = w.shape[0]
+    assert gate_up.shape[0] == 1 and gate_up.is_contiguous() and w.stride(1) == 1 and k % cfg.block_k == 0
+    out = torch.empty(1, n, dtype=gate_up.dtype, device=gate_up.device)
+    _silu_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        gate_up,
+        w,
+        out,
+        n,
+        k,
+        w.stride(0),
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        EVEN_N=n % cfg.block_n == 0,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out

@@ -142,6 +142,10 @@ def set_runner(eng: Engine, **attrs: Any) -> None:
             r.set_compile(attrs.pop("compile"))
         if "triton_linear" in attrs:
             r.set_triton_linear(attrs.pop("triton_linear"))
+        if "fuse_rows" in attrs:
+            r.model.fuse_rows = attrs.pop("fuse_rows")
+            if r.graphs is not None:
+                r.graphs.clear()
         for k, v in attrs.items():
             setattr(r, k, v)
 
@@ -284,7 +288,9 @@ def section_shared(
 
 # ---- section 2: decode step vs the roofline ----------------------------------------------------
 VARIANTS = {
-    "graphs+compile": dict(cuda_graphs=True, compile=True, triton_linear=True),
+    "graphs+compile": dict(cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True),
+    # Triton projections, but each norm and SwiGLU's product as its own kernel at batch 1 too
+    "graphs+compile+unfused": dict(cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=False),
     # the same with every projection through cuBLAS (F.linear), not the Triton GEMV kernels
     "graphs+compile+cublas": dict(cuda_graphs=True, compile=True, triton_linear=False),
     "graphs": dict(cuda_graphs=True, compile=False, triton_linear=True),

@@ -22,7 +22,11 @@ On the CPU in fp32 with the plain ops, ``CausalLM.forward`` takes ``_forward_cpu
 streaming plus per-op dispatch cost (no module calls, projections through numpy's OpenBLAS on views
 of the weights, one-row steps in numpy but for attention, rotary rows looked up in a table cached
 by position). It equals the module path within rounding (about 1e-6 relative), not bit for bit.
-Other devices and dtypes, and compiled ops, run the module path unchanged. The loader stores fp32
+Other devices and dtypes, and compiled ops, run the module path unchanged. On CUDA the runner swaps
+the projections' ``F.linear`` for ``kernels.linear`` (Triton GEMVs for one row); a step of one row
+then also runs each RMSNorm (with its residual add) and SwiGLU's product inside the projection
+after it (``kernels.add_norm_linear`` / ``silu_mul_linear``; ``CausalLM.fuse_rows``), where the
+model has no projection biases. The loader stores fp32
 CPU projection weights column-major (``column_major_projections``), which changes the BLAS's
 summation order: both paths differ from Hugging Face's row-major GEMMs by rounding (about 1e-5 in
 the logits).
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmir_lang import kernels
 from llmir_lang.executor import cpu_forward
 from llmir_lang.executor.attention import AttentionBackend, ForwardBatch
 from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
@@ -174,6 +179,9 @@ class _Step:
     backend: AttentionBackend
     ops: FusedOps
     linear: Callable[..., torch.Tensor]  # F.linear, or kernels.linear (CausalLM.linear)
+    # one row on CUDA with the Triton projections: each norm, and SwiGLU's product, runs inside
+    # the projection after it (kernels.add_norm_linear / silu_mul_linear)
+    fused: bool = False
 
 
 class Attention(nn.Module):
@@ -191,11 +199,14 @@ class Attention(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
-        qkv = step.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        return self.attend(step.linear(x, self.qkv_proj.weight, self.qkv_proj.bias), step)
+
+    def attend(self, qkv: torch.Tensor, step: _Step) -> torch.Tensor:
+        """Everything after the q/k/v projection: rotary, attention, the output projection."""
         qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
         q, k, v = step.ops.rope(qkv, step.cos, step.sin, self.num_heads, self.num_kv_heads, qn, kn, self.eps)
         o = step.backend.forward(q, k, v, self.layer_id)
-        o = o.reshape(x.shape[0], self.num_heads * self.head_dim)
+        o = o.reshape(qkv.shape[0], self.num_heads * self.head_dim)
         return step.linear(o, self.o_proj.weight, self.o_proj.bias)
 
 
@@ -225,6 +236,12 @@ class DecoderLayer(nn.Module):
         """``x`` is the previous layer's last output and ``residual`` the stream before it was added
         (None for the first layer); returns the same pair for the next layer."""
         n1, n2 = self.input_layernorm, self.post_attention_layernorm
+        if step.fused:
+            a, m = self.self_attn, self.mlp
+            qkv, residual = kernels.add_norm_linear(x, residual, n1.weight, n1.eps, a.qkv_proj.weight)
+            o = a.attend(qkv, step)
+            gate_up, residual = kernels.add_norm_linear(o, residual, n2.weight, n2.eps, m.gate_up_proj.weight)
+            return kernels.silu_mul_linear(gate_up, m.down_proj.weight), residual
         if residual is None:
             h, residual = step.ops.norm(x, n1.weight, n1.eps), x
         else:
@@ -258,6 +275,8 @@ class CausalLM(nn.Module):
         self.ops = PLAIN_OPS
         # the projections' ``F.linear``; ``ModelRunner`` puts ``kernels.linear`` here on CUDA
         self.linear: Callable[..., torch.Tensor] = F.linear
+        self._no_biases: bool | None = None
+        self.fuse_rows = True  # with kernels.linear: fused norm / SwiGLU projections for one row
         self._cpu_layers: list[cpu_forward.CpuLayer] | None = None
 
     def output_weight(self) -> torch.Tensor:
@@ -271,7 +290,8 @@ class CausalLM(nn.Module):
         if emb.device.type == "cpu" and emb.dtype == torch.float32 and self.ops is PLAIN_OPS:
             return self._forward_cpu(batch, backend)
         x = self.model.embed_tokens(batch.input_ids)
-        step = _Step(*self.rotary.tables(batch.positions, x.dtype), backend, self.ops, self.linear)
+        fused = self.fuse_rows and self.linear is kernels.linear and self._fusable(x)
+        step = _Step(*self.rotary.tables(batch.positions, x.dtype), backend, self.ops, self.linear, fused)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, step)
@@ -279,8 +299,22 @@ class CausalLM(nn.Module):
         if batch.logits_indices is not None:
             x, residual = x[batch.logits_indices], residual[batch.logits_indices]
         norm = self.model.norm
+        if fused and x.shape[0] == 1:
+            return kernels.add_norm_linear(x, residual, norm.weight, norm.eps, self.output_weight())[0].float()
         x, _ = self.ops.add_norm(x, residual, norm.weight, norm.eps)
         return self.linear(x, self.output_weight()).float()
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether this step's one row may run the fused norm / SwiGLU projections: CUDA, fp16 or
+        bf16, no projection biases, row lengths the kernels take."""
+        cfg = self.config
+        if not kernels.fused_rows_ok(x, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim):
+            return False
+        if self._no_biases is None:
+            self._no_biases = all(
+                mod.bias is None for mod in self.modules() if isinstance(mod, nn.Linear)
+            )
+        return self._no_biases
 
     def _forward_cpu(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
         """``forward`` for fp32 on the CPU with the plain ops (``cpu_forward``; see the module

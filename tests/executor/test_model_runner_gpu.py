@@ -225,3 +225,64 @@ def test_triton_projections_match_cublas_in_graphed_decode() -> None:
         assert _close(on, off, 2e-2), size
         for r, row in zip(live, range(size)):
             r.output_ids.append(int(off[row].argmax()))
+
+
+def test_fused_norm_and_swiglu_projections_match_the_plain_ops(monkeypatch) -> None:
+    """Row lengths that are multiples of 256 and no biases: a batch-1 decode step runs each RMSNorm
+    (with its residual add) and SwiGLU's product inside the projection after it
+    (``kernels.add_norm_linear`` / ``silu_mul_linear``); its logits equal those of the plain ops
+    and ``F.linear`` within bf16 rounding, step after step."""
+    import llmir_lang.kernels as K
+
+    calls = {"norm": 0, "silu": 0}
+    real_norm, real_silu = K.add_norm_linear, K.silu_mul_linear
+
+    def norm(*a, **k):
+        calls["norm"] += 1
+        return real_norm(*a, **k)
+
+    def silu(*a, **k):
+        calls["silu"] += 1
+        return real_silu(*a, **k)
+
+    monkeypatch.setattr(K, "add_norm_linear", norm)
+    monkeypatch.setattr(K, "silu_mul_linear", silu)
+    model = _model(BF16, "cuda", hidden=512, intermediate_size=1024)
+    pool = _pool(model, 4096)
+    runner = _triton_runner(model, pool)
+    rng = random.Random(2)
+    reqs = [_req(0, [rng.randrange(128) for _ in range(37)])]
+    _prefill_greedy(runner, pool, reqs)
+    assert calls == {"norm": 0, "silu": 0}  # a prefill of 37 rows: the plain path
+    r = reqs[0]
+    for _ in range(4):
+        r.kv_slots.extend(pool.alloc(1).tolist())
+        sb = ScheduledBatch(ForwardMode.DECODE, [r], [r.kv_len - 1], [1], [True])
+        on = runner.run(sb).logits.clone()
+        runner.set_triton_linear(False)
+        off = runner.run(sb).logits.clone()
+        runner.set_triton_linear(True)
+        assert _close(on, off, 2e-2)
+        r.output_ids.append(int(off[0].argmax()))
+    assert calls["norm"] >= 2 * 2 + 1 and calls["silu"] >= 2  # 2 layers + the output norm
+
+
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (28672, 4096), (128256, 4096), (3072, 2048)])
+def test_fused_row_kernels_real_shapes(n: int, k: int) -> None:
+    import llmir_lang.kernels as K
+    from llmir_lang.kernels.testing import rel_error
+
+    from llmir_lang.executor.model import add_rms_norm, silu_mul
+
+    torch.manual_seed(n)
+    x = torch.randn(1, k, device="cuda", dtype=BF16)
+    res = torch.randn(1, k, device="cuda", dtype=BF16)
+    nw = (1 + 0.1 * torch.randn(k, device="cuda")).to(BF16)
+    w = torch.randn(n, k, device="cuda", dtype=BF16) * k**-0.5
+    h, want_res = add_rms_norm(x, res, nw, 1e-5)
+    y, got_res = K.add_norm_linear(x, res, nw, 1e-5, w)
+    assert torch.equal(got_res, want_res)  # the residual add rounds exactly as the model's
+    assert rel_error(y, torch.nn.functional.linear(h.float(), w.float())) < 1.5e-2
+    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=BF16)
+    y2 = K.silu_mul_linear(gate_up, w)
+    assert rel_error(y2, torch.nn.functional.linear(silu_mul(gate_up).float(), w.float())) < 1.5e-2

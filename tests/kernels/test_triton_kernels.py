@@ -426,3 +426,38 @@ def test_linear_plan_and_cpu_dispatch() -> None:
     x = torch.randn(1, 64)
     w, b = torch.randn(32, 64), torch.randn(32)
     assert torch.equal(K.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("n", [64, 100])
+def test_norm_gemv_matches_add_rms_norm_then_linear(with_residual: bool, n: int) -> None:
+    from llmir_lang.kernels import triton_gemv as tg
+
+    from llmir_lang.executor.model import add_rms_norm, rms_norm
+
+    g = torch.Generator().manual_seed(n + with_residual)
+    k, dt = 512, torch.bfloat16
+    x = torch.randn(1, k, generator=g).to(dt)
+    res = torch.randn(1, k, generator=g).to(dt) if with_residual else None
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dt)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dt)
+    h, want_res = add_rms_norm(x, res, nw, 1e-5) if res is not None else (rms_norm(x, nw, 1e-5), x)
+    out, got_res = tg.norm_gemv(x, res, nw, 1e-5, w, tg.GemvConfig(4, 256, 4, 1))
+    # the interpreter rounds bf16 its own way (numpy has none): within one bf16 step here, exact on
+    # the GPU (test_triton_kernels_gpu.py)
+    assert torch.allclose(got_res.float(), want_res.float(), rtol=8e-3, atol=0)
+    # 2e-2: the interpreter's bf16 casts of the normalized row truncate (1.5e-2 on the GPU)
+    assert rel_error(out, torch.nn.functional.linear(h.float(), w.float())) < 2e-2
+
+
+def test_silu_gemv_matches_silu_mul_then_linear() -> None:
+    from llmir_lang.kernels import triton_gemv as tg
+
+    from llmir_lang.executor.model import silu_mul
+
+    g = torch.Generator().manual_seed(3)
+    k, n, dt = 512, 100, torch.bfloat16
+    gate_up = torch.randn(1, 2 * k, generator=g).to(dt)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dt)
+    out = tg.silu_gemv(gate_up, w, tg.GemvConfig(4, 256, 4, 1))
+    assert rel_error(out, torch.nn.functional.linear(silu_mul(gate_up).float(), w.float())) < 1e-2
