@@ -146,6 +146,17 @@ def plan(x: torch.Tensor, w: torch.Tensor) -> GemvConfig | SkinnyConfig | None:
     return None
 
 
+def _row_launch(cfg: GemvConfig, n: int) -> dict:
+    """The launch arguments the weight-row kernels share (``gemv`` and the fused ones)."""
+    return dict(
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        EVEN_N=n % cfg.block_n == 0,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: GemvConfig) -> torch.Tensor:
     """``out [M, N] = x [M, K] @ w [N, K].T`` for ``M <= GEMV_MAX_ROWS``; ``K`` a multiple of
     ``cfg.block_k``."""
@@ -163,11 +174,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, cfg: GemvConfig) -
         w.stride(0),
         out.stride(0),
         BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        EVEN_N=n % cfg.block_n == 0,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_row_launch(cfg, n),
     )
     return out
 
@@ -316,11 +323,7 @@ def norm_gemv(
         w.stride(0),
         eps,
         HAS_RES=residual is not None,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        EVEN_N=n % cfg.block_n == 0,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_row_launch(cfg, n),
     )
     return out, r_out
 
@@ -338,10 +341,6 @@ def silu_gemv(gate_up: torch.Tensor, w: torch.Tensor, cfg: GemvConfig) -> torch.
         n,
         k,
         w.stride(0),
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        EVEN_N=n % cfg.block_n == 0,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_row_launch(cfg, n),
     )
     return out
