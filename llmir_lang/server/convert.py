@@ -5,6 +5,7 @@ Shared by the SGLang and OpenAI routes so that the same request means the same t
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,7 +15,9 @@ from starlette.types import Receive, Scope, Send
 
 from llmir_lang.executor.request import GenerateResult
 from llmir_lang.executor.tokenizer import run_text
-from llmir_lang.server.errors import ServerHTTPError, error_body, status_of
+from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, error_body, status_of
+
+DISCONNECT_POLL_S = 0.25  # how often a request waiting on the engine checks that its client is there
 
 
 def constraint_spec(
@@ -265,7 +268,8 @@ class EventStream(StreamingResponse):
 
     An error after the stream started goes out as one ``{"error": ...}`` event (the status line
     is already sent). Whatever ends the response (done, client gone, server stopping), the event
-    generator is closed, and ``on_close`` runs, so an unfinished request is always aborted.
+    generator is closed, and ``on_close`` runs, so an unfinished request is always aborted; a
+    client that leaves is seen at once, also before the first event.
     """
 
     def __init__(self, events: AsyncIterator[dict[str, Any]], on_close: Callable[[], None] | None = None):
@@ -285,6 +289,11 @@ class EventStream(StreamingResponse):
         yield "data: [DONE]\n\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Listen for the client leaving while the stream waits for its first event too. Starlette
+        # does so only below ASGI spec 2.4; uvicorn speaks 2.4, where a gone client shows only
+        # when a send fails, so a client that left during a long prefill (or in the queue) was
+        # noticed, and its request aborted, only once the first token was computed.
+        scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.3"}}
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -298,10 +307,27 @@ class EventStream(StreamingResponse):
                 self._on_close()
 
 
-async def prime(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def prime(events: AsyncIterator[Any], request: Any = None) -> AsyncIterator[Any]:
     """Run ``events`` up to its first item now, so that bad input (raised when the request is
-    submitted) becomes an HTTP error status instead of an error event inside a 200 stream."""
-    first = await events.__anext__()
+    submitted) becomes an HTTP error status instead of an error event inside a 200 stream.
+
+    Until that first item (a whole prefill, or a wait in the queue) no response exists to notice
+    the client leaving, so ``request``'s client is checked every ``DISCONNECT_POLL_S``: if it is gone, the
+    events are closed (which aborts the request) and ``ClientDisconnectedError`` is raised."""
+    pending = asyncio.ensure_future(events.__anext__())
+    while True:
+        done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+        if done:
+            break
+        if request is not None and await request.is_disconnected():
+            pending.cancel()
+            try:
+                await pending
+            except BaseException:  # the cancellation (or what the events raised meanwhile)
+                pass
+            await events.aclose()  # type: ignore[attr-defined]
+            raise ClientDisconnectedError("the client disconnected before the first token; aborted")
+    first = pending.result()
 
     async def chained() -> AsyncIterator[Any]:
         try:

@@ -170,7 +170,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     if body.stream:
         if batch:
             raise ServerHTTPError(400, "stream=true takes one prompt; send one request per prompt")
-        return EventStream(await prime(_stream(svc, subs[0], rids[0], body)))
+        return EventStream(await prime(_stream(svc, subs[0], rids[0], body), request))
     results = await svc.run_many(subs, request)
     outs = [
         _output(svc, r, s, rid if rid is not None else str(r.rid), body)

@@ -193,7 +193,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             raise ServerHTTPError(400, "stream=true takes one prompt; send one request per prompt")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(
-            await prime(_stream_completion(svc, subs[0], head, include_usage, body.logprobs is not None))
+            await prime(
+                _stream_completion(svc, subs[0], head, include_usage, body.logprobs is not None), request
+            )
         )
     results = await svc.run_many(subs, request)
     choices = []
@@ -352,7 +354,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     head = {"id": cid, "created": created, "model": svc.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(await prime(_stream_chat(svc, sub, head, include_usage, body.logprobs)))
+        return EventStream(await prime(_stream_chat(svc, sub, head, include_usage, body.logprobs), request))
     res = await svc.run(sub, request)
     choice = {
         "index": 0,

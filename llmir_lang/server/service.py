@@ -39,11 +39,8 @@ from llmir_lang.errors import EngineClosedError
 from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.server.config import ServerConfig
-from llmir_lang.server.convert import TopAligner
+from llmir_lang.server.convert import DISCONNECT_POLL_S, TopAligner
 from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, shutting_down
-
-# How often a waiting non-streaming request checks that its client is still there.
-DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import time
 import httpx
 import psutil
 import pytest
-from server_harness import ServerProcess, arithmetic_prompt
+from server_harness import ServerProcess, arithmetic_prompt, wait_idle
 
 N_CLIENTS = 32
 N_REQUESTS = 50  # per client
@@ -186,3 +186,40 @@ def test_graceful_shutdown_finishes_in_flight_streams(srv):
     assert events[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 200}
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.url + "/health", timeout=2.0)
+
+
+def test_streamed_request_aborted_when_its_client_leaves_before_the_first_token():
+    """One request at a time: a stream queued behind a long request has no token to send for
+    seconds. Its client leaving is seen at once (not at the first token, after the long one), and
+    the queued request is aborted without computing anything."""
+    proc = ServerProcess("--max-running-requests", "1").start()
+    try:
+        before = wait_idle(proc.url)
+        long_done = threading.Event()
+
+        def occupy() -> None:
+            body = {"text": arithmetic_prompt(5), "sampling_params": {**LONG, "max_new_tokens": 400}}
+            try:
+                httpx.post(proc.url + "/generate", json=body, timeout=120.0)
+            finally:
+                long_done.set()
+
+        threading.Thread(target=occupy, daemon=True).start()
+        deadline = time.monotonic() + 20
+        while _stats(proc.url)["engine_requests"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        body = {"text": arithmetic_prompt(6), "sampling_params": PARAMS, "stream": True}
+        # queued behind the long request: no header or event comes before its first token, so the
+        # client gives up (and closes the connection) while the server waits for that token
+        with httpx.Client(base_url=proc.url, timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
+            client.post("/generate", json=body)
+        deadline = time.monotonic() + 5
+        while _stats(proc.url)["server"]["aborted"] == before["server"]["aborted"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = _stats(proc.url)
+        assert stats["server"]["aborted"] == before["server"]["aborted"] + 1
+        assert not long_done.is_set()  # seen while the long request still ran, not after it
+        long_done.wait(120)
+        assert wait_idle(proc.url)["server"]["finished"] == before["server"]["finished"] + 1
+    finally:
+        proc.stop()
