@@ -115,14 +115,12 @@ class TopAligner:
     """One list of top alternatives per generated token, over a growing output (a stream) or a
     whole one (``align_top_logprobs``).
 
-    The engine records a logprob of exactly 0.0 and no top alternatives for a token that
-    jump-forward forced (the constraint admits nothing else), so its ``top_logprobs`` can be
-    shorter than its tokens, with the gaps anywhere. Read as is, every later token would get
-    another token's alternatives (and zipped with the tokens, the last tokens would be lost).
-    This walks the tokens in order with a pointer into the recorded lists: a token with logprob
-    0.0 whose recorded list does not start with itself at 0.0 (or for which none is recorded) was
-    forced, and gets ``[(token, 0.0)]``, what a sampled token with no alternative gets. When the
-    lists have one entry per token, every token gets its own."""
+    The engine records one list per output token, a token jump-forward forced included (logprob
+    0.0 and ``[(token, 0.0)]``: the constraint admits nothing else), and then every token gets its
+    own list. Lists with gaps (the engine before it recorded forced tokens' lists; a path that
+    skips them) are walked in order with a pointer: a token with logprob 0.0 whose recorded list
+    does not start with itself at 0.0 (or for which none is recorded) was forced, and gets
+    ``[(token, 0.0)]``; read as is, every later token would get another token's alternatives."""
 
     def __init__(self) -> None:
         self.used = 0  # recorded lists consumed
