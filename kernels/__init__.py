@@ -9,10 +9,12 @@ The functions below dispatch: Triton for CUDA tensors (and for CPU tensors while
 ``TRITON_INTERPRET=1``, the tests' mode), the torch reference otherwise. Cases Triton does not
 cover (see ``support``) fall back to the reference with a one-time ``KernelFallbackWarning``.
 
-``linear`` is the one kernel here that is not attention: a decode step's projections (``F.linear``
-is its reference) through weight-streaming Triton kernels where they beat cuBLAS (``triton_gemv``);
-it runs only on CUDA tensors and takes ``F.linear`` for everything it does not cover, silently,
-since that path is the fast one there.
+``linear``, ``add_norm_linear`` and ``silu_mul_linear`` are not attention: a decode step's
+projections through weight-streaming Triton kernels where they beat cuBLAS (``triton_gemv``),
+the last two with the RMSNorm or SwiGLU product before the projection fused in (their references:
+``F.linear`` after the model's own ops). ``linear`` runs only on CUDA tensors and takes
+``F.linear`` for everything it does not cover, silently, since that path is the fast one there;
+the fused two are called only where ``fused_rows_ok`` says they apply.
 """
 
 from __future__ import annotations
@@ -80,9 +82,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def fused_rows_ok(x: torch.Tensor, *dims: int) -> bool:
-    """Whether ``add_norm_linear`` / ``silu_mul_linear`` take one row ``x`` whose projections read
-    rows of the lengths ``dims`` (hidden size, intermediate size): CUDA, fp16/bf16, every length a
-    multiple of 256."""
+    """Whether ``add_norm_linear`` / ``silu_mul_linear`` take one row ``x`` whose fused
+    projections have the input lengths ``dims`` (the hidden and intermediate sizes): CUDA,
+    fp16/bf16, every length a multiple of 256."""
     return (
         x.is_cuda
         and x.dim() == 2

@@ -113,7 +113,9 @@ def _skinny_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-SKINNY_MIN_N = 32768  # the skinny kernel beats cuBLAS on output layers (N = vocab), not on a layer's
+# the skinny kernel beat cuBLAS on output layers (N = vocab: 128,256 measured), not on a layer's
+# matrices (up to 28,672 measured); above this N a matrix is taken for an output layer
+SKINNY_MIN_N = 100_000
 
 
 def default_gemv_config(n: int, k: int) -> GemvConfig | None:

@@ -130,8 +130,8 @@ class TorchAttentionBackend(AttentionBackend):
     ops per layer cost more than the arithmetic); the CPU forward calls that plan with arrays.
 
     Within the first two groups, when every request starts with the same KV slots (a shared
-    radix-cache prefix of at least ``min_shared_prefix`` cached tokens, and at least
-    ``min_shared_keys`` key reads saved: prefix length x requests) the prefix is gathered and
+    radix-cache prefix of at least ``min_shared_prefix`` cached tokens, and prefix length x
+    requests at least ``min_shared_keys``: about the key reads saved) the prefix is gathered and
     attended once for all queries, the per-request suffixes separately, and the two merged by
     log-sum-exp (the cascade idea). On the CPU the prefix (and an extend's suffixes) go through
     torch's flash kernel, which returns each row's log-sum-exp for the merge. The split costs about
@@ -152,7 +152,7 @@ class TorchAttentionBackend(AttentionBackend):
     """
 
     min_shared_prefix = 32
-    min_shared_keys = 6144  # prefix length x requests below which the split does not pay
+    min_shared_keys = 6144  # prefix length x requests (about the key reads saved) below which the split does not pay
     max_padded_extend = 64  # extends longer than this (prompt prefills) keep the per-request loop
     max_workspace_bytes = 64 << 20  # a CPU workspace larger than this is not kept between gathers
     cpu_decode_chunk = 64  # CPU decode rows per gather + attention: 5-8% off a step at batch 120

@@ -231,7 +231,9 @@ class EngineLoop:
         """The forward of a step of several requests raised (a CUDA out-of-memory on a long prompt,
         say): run the step again one request at a time, so that only a request that fails alone
         fails and its batch mates go on. Nothing of the failed forward was used: no token was
-        sampled, and each retry writes its request's K/V into the same slots again."""
+        sampled. The step's new slots go back first and each request gets its own again right
+        before its rerun, so a request that finishes in between (a stream callback aborting it)
+        leaves no uncomputed KV to the radix cache."""
         log.warning(
             "engine step of %d requests failed (%s: %s); running them one at a time",
             len(batch.reqs),
@@ -239,11 +241,15 @@ class EngineLoop:
             exc,
         )
         self.num_step_retries += 1
+        sched = self.scheduler
+        sched.undo_step_alloc(batch)
         for i, req in enumerate(batch.reqs):
             if req.finished:
                 continue
             one = batch.only(i)
             try:
+                if not sched.redo_step_alloc(batch, i):
+                    raise OutOfKVMemoryError("no KV room to run this request's step again alone")
                 masks = self.outputs.start_masks(one)
                 step = self.runner.run(one)
                 self.outputs.flush_deferred()

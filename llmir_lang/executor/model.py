@@ -308,7 +308,7 @@ class CausalLM(nn.Module):
         """Whether this step's one row may run the fused norm / SwiGLU projections: CUDA, fp16 or
         bf16, no projection biases, row lengths the kernels take."""
         cfg = self.config
-        if not kernels.fused_rows_ok(x, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim):
+        if not kernels.fused_rows_ok(x, cfg.hidden_size, cfg.intermediate_size):
             return False
         if self._no_biases is None:
             self._no_biases = all(

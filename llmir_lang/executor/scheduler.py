@@ -405,6 +405,27 @@ class Scheduler:
             lens.append(d)
         return lens
 
+    def undo_step_alloc(self, batch: ScheduledBatch) -> None:
+        """Give back the slots ``batch`` allocated for its new tokens: its forward failed, so no KV
+        in them counts (a request finished before its rerun, an abort from a stream callback say,
+        then caches only KV that was computed)."""
+        for req, p in zip(batch.reqs, batch.prefix_lens):
+            if len(req.kv_slots) > p:
+                self._undo_alloc(req, len(req.kv_slots) - p)
+
+    def redo_step_alloc(self, batch: ScheduledBatch, i: int) -> bool:
+        """Allocate request ``i``'s slots of ``batch`` again (after ``undo_step_alloc``), for its
+        rerun alone. False where the pool has no room for them."""
+        req = batch.reqs[i]
+        n = batch.prefix_lens[i] + batch.extend_lens[i] - len(req.kv_slots)
+        if n <= 0:
+            return True
+        slots = self._alloc(n, self._own_last_slot(req))
+        if slots is None:
+            return False
+        req.kv_slots = req.kv_slots + slots  # a new list: the decode slot table re-reads it
+        return True
+
     def retract(self, req: Req) -> None:
         """Out of KV: put a running request back in the queue; its computed KV stays in the cache."""
         self.running.remove(req)

@@ -287,10 +287,10 @@ class EventStream(StreamingResponse):
         yield "data: [DONE]\n\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Listen for the client leaving while the stream waits for its first event too. Starlette
-        # does so only below ASGI spec 2.4; uvicorn speaks 2.4, where a gone client shows only
-        # when a send fails, so a client that left during a long prefill (or in the queue) was
-        # noticed, and its request aborted, only once the first token was computed.
+        # Listen for the client leaving between events too. Starlette does so only below ASGI spec
+        # 2.4; at 2.4 (what uvicorn speaks) it relies on a failing send, and uvicorn's h11 send
+        # returns quietly once the client is gone, so a client that left mid-stream was noticed
+        # late or not at all while its request kept generating.
         scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.3"}}
         try:
             await super().__call__(scope, receive, send)
@@ -313,18 +313,22 @@ async def prime(events: AsyncIterator[Any], request: Any = None) -> AsyncIterato
     the client leaving, so ``request``'s client is checked every ``DISCONNECT_POLL_S``: if it is gone, the
     events are closed (which aborts the request) and ``ClientDisconnectedError`` is raised."""
     pending = asyncio.ensure_future(events.__anext__())
-    while True:
-        done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
-        if done:
-            break
-        if request is not None and await request.is_disconnected():
-            pending.cancel()
-            try:
-                await pending
-            except BaseException:  # the cancellation (or what the events raised meanwhile)
-                pass
-            await events.aclose()  # type: ignore[attr-defined]
-            raise ClientDisconnectedError("the client disconnected before the first token; aborted")
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if request is not None and await request.is_disconnected():
+                raise ClientDisconnectedError("the client disconnected before the first token; aborted")
+    except BaseException:  # the client left, or this task was cancelled (a server shutting down)
+        # the events' own task is not cancelled with this one: cancel it, and let the events
+        # run their cleanup (which aborts the request) before going on
+        pending.cancel()
+        await asyncio.wait({pending})
+        if not pending.cancelled():
+            pending.exception()  # read: what it raised meanwhile is superseded by this exit
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
     first = pending.result()
 
     async def chained() -> AsyncIterator[Any]:

@@ -153,3 +153,45 @@ def test_a_forward_that_fails_once_for_a_batch_loses_no_request(setup, monkeypat
     assert failed and failed[0] >= 2  # (a prompt sharing an uncached prefix may wait a step)
     for p, r in zip(prompts, results):
         assert r.token_ids == hf_greedy(hf, p, 6)[0]
+
+
+def test_a_request_aborted_before_its_rerun_caches_no_uncomputed_kv(setup, monkeypatch):
+    """During the one-at-a-time rerun of a failed decode step, a stream callback of the first
+    request aborts a later one before its rerun. That request's KV in the radix cache must be
+    computed KV only: a prompt continuing its output is then answered as transformers does (the
+    slot of the failed step, never written, was cached with its token)."""
+    from llmir_lang.executor.attention import ForwardMode
+
+    eng, hf = setup
+    eng.flush_cache()
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    failed: list[int] = []
+    holder: dict = {}
+
+    def fail_first_decode(sb) -> bool:
+        if sb.mode is ForwardMode.DECODE and len(sb.reqs) > 1 and not failed:
+            failed.append(len(sb.reqs))
+            return True
+        return False
+
+    def on_chunk(chunk) -> None:  # engine thread: the first request's stream
+        if failed and not holder.get("aborted"):
+            holder["aborted"] = eng.abort(holder["b"])
+
+    _poisoned_forward(eng, monkeypatch, fail_first_decode)
+    b_prompt = [21, 22, 23, 24, 25]
+
+    def submit_all():
+        a = eng.submit(IDS, params, stream=on_chunk)
+        b = eng.submit(b_prompt, params)
+        holder["b"] = b.rid
+        return a, b, eng.submit(OTHER + [1], params)
+
+    a, b, c = eng.call_in_engine_thread(submit_all)
+    assert a.result(timeout=60).token_ids == hf_greedy(hf, IDS, 6)[0]
+    assert c.result(timeout=60).token_ids == hf_greedy(hf, OTHER + [1], 6)[0]
+    rb = b.result(timeout=60)
+    assert failed and holder.get("aborted") and rb.finish_reason == "abort"
+    monkeypatch.undo()
+    cont = b_prompt + rb.token_ids + [7]
+    assert eng.generate(cont, SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids == hf_greedy(hf, cont, 3)[0]

@@ -208,3 +208,39 @@ def _catch(errors: list[BaseException], fn) -> None:
         fn()
     except BaseException as e:
         errors.append(e)
+
+
+class _HereClient:
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("how", ["client_gone", "task_cancelled"])
+def test_prime_closes_the_events_when_it_stops_before_the_first_one(monkeypatch, how):
+    """``prime`` waits for a stream's first event in a task of its own; when the client leaves, or
+    the handler's task is cancelled (a server shutting down), that task is cancelled too and the
+    events' cleanup runs (it aborts the request) before ``prime`` returns."""
+    from llmir_lang.server import convert
+
+    monkeypatch.setattr(convert, "DISCONNECT_POLL_S", 0.01)
+    cleaned: list[str] = []
+
+    async def events():
+        try:
+            await asyncio.sleep(60)  # the first token never comes
+            yield {"never": True}
+        finally:
+            cleaned.append("events closed")
+
+    async def scenario() -> None:
+        client = _GoneClient() if how == "client_gone" else _HereClient()
+        task = asyncio.ensure_future(convert.prime(events(), client))
+        await asyncio.sleep(0.05)
+        if how == "task_cancelled":
+            task.cancel()
+        with pytest.raises(ClientDisconnectedError if how == "client_gone" else asyncio.CancelledError):
+            await task
+        assert cleaned == ["events closed"]  # already, not when the generator is collected
+        assert len(asyncio.all_tasks()) == 1  # only this scenario is left running
+
+    asyncio.run(scenario())
