@@ -327,7 +327,14 @@ class EngineLoop:
             ids = ids.index_select(0, torch.tensor(keep).to(ids.device, non_blocking=True))
         # a row with no allowed token samples -1 (its request ends when the host reads it); the
         # row still computes, so keep its id inside the embedding table
-        step = self.runner.run(sb, ahead_ids=ids.clamp(min=0))
+        try:
+            step = self.runner.run(sb, ahead_ids=ids.clamp(min=0))
+        except Exception as e:
+            # the step in flight is fine: finish it, and let the ordinary schedule run the next
+            # step (where a failing forward is rerun one request at a time)
+            log.warning("a decode step launched ahead failed (%s: %s); running it again plainly", type(e).__name__, e)
+            sched.undo_step_alloc(sb)
+            return None
         self.num_run_ahead_steps += 1
         return run_ahead.launch(self.outputs, sb, step)
 

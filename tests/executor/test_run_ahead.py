@@ -284,3 +284,35 @@ def test_a_failure_with_a_step_in_flight_fails_only_its_requests(eng, monkeypatc
         set_ahead(eng, False)
     assert again.token_ids == eng.generate(IDS, {"max_new_tokens": 12, "ignore_eos": True}).token_ids
     assert_pool_whole(eng)
+
+
+def test_a_failing_launch_of_the_step_ahead_loses_no_request(eng, monkeypatch):
+    """The forward of a decode step launched ahead raises (a CUDA out-of-memory, say): the step in
+    flight completes, the next one runs on the ordinary path, and every request gets the tokens it
+    gets without run-ahead; the pool is whole."""
+    want = [eng.generate(IDS[: 3 + i], {"max_new_tokens": 12, "ignore_eos": True}).token_ids for i in range(3)]
+    real = eng.runner.run
+    failed: list[int] = []
+
+    def run(sb, *args, **kwargs):
+        if kwargs.get("ahead_ids") is not None and len(failed) < 2:
+            failed.append(len(sb.reqs))
+            raise RuntimeError("injected")
+        return real(sb, *args, **kwargs)
+
+    monkeypatch.setattr(eng.runner, "run", run)
+    set_ahead(eng, True)
+    try:
+        gate = threading.Event()
+        eng._inbox.put(gate.wait)  # hold the engine thread: the three are admitted in one step
+        try:
+            futs = [eng.submit(IDS[: 3 + i], {"max_new_tokens": 12, "ignore_eos": True}) for i in range(3)]
+        finally:
+            gate.set()
+        got = [f.result(timeout=60).token_ids for f in futs]
+    finally:
+        set_ahead(eng, False)
+        monkeypatch.undo()
+    assert failed == [3, 3]
+    assert got == want
+    assert_pool_whole(eng)
