@@ -380,14 +380,14 @@ class TorchAttentionBackend(AttentionBackend):
         bsz, t_max = plan.q_rows.shape
         qf = q.float()
         qp = qf.view(bsz, t_max, hkv, g, d) if plan.whole else qf[plan.q_rows].view(bsz, t_max, hkv, g, d)
+        keys = self._gather("k", kb, plan.k_idx).float()  # [B, S, Hkv, D]
+        vals = self._gather("v", vb, plan.k_idx).float()
         if plan.prefix_idx is None:
             # one fused kernel (no score tensors, keys read in the pool's layout), GQA by head groups
-            keys = self._gather("k", kb, plan.k_idx).float().transpose(1, 2)  # [B, Hkv, S, D], strided
-            vals = self._gather("v", vb, plan.k_idx).float().transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 qp.view(bsz, t_max, h, d).transpose(1, 2),
-                keys,
-                vals,
+                keys.transpose(1, 2),  # [B, Hkv, S, D], strided
+                vals.transpose(1, 2),
                 attn_mask=plan.allowed,
                 scale=self.sm_scale,
                 enable_gqa=True,
@@ -395,31 +395,31 @@ class TorchAttentionBackend(AttentionBackend):
             return out.transpose(1, 2)
         qp = qp.permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Tq, D]
         if self._flash:
-            keys = self._gather("k", kb, plan.k_idx).float().transpose(1, 2)  # [B, Hkv, S, D], strided
-            vals = self._gather("v", vb, plan.k_idx).float().transpose(1, 2)
-            assert plan.bias is not None and plan.prefix_idx is not None
+            # the suffixes in one fused kernel that also gives each row's log-sum-exp: a normalized
+            # output is the merge's partial with denominator 1 and running max lse
+            assert plan.bias is not None
             if plan.bias.dim() == 5:  # first layer: a row per query head of a KV head, kept for the rest
                 plan.bias = plan.bias.expand(bsz, 1, g, t_max, -1).reshape(bsz, 1, g * t_max, -1)
             o, lse = _FLASH_CPU(
-                qp.reshape(bsz, hkv, g * t_max, d), keys, vals, 0.0, False, attn_mask=plan.bias, scale=self.sm_scale
+                qp.reshape(bsz, hkv, g * t_max, d),
+                keys.transpose(1, 2),
+                vals.transpose(1, 2),
+                0.0,
+                False,
+                attn_mask=plan.bias,
+                scale=self.sm_scale,
             )
-            o, lse = o.view(bsz, hkv, g, t_max, d), lse.view(bsz, hkv, g, t_max, 1)
-            op, lsep = self._prefix_flash(qp, kb, vb, plan.prefix_idx)
-            top = torch.maximum(lse, lsep)
-            a, c = torch.exp(lse - top), torch.exp(lsep - top)
-            out = (o * a + op * c) / (a + c)
-            return out.permute(0, 3, 1, 2, 4).reshape(bsz, t_max, h, d)
-        # the G query heads of a KV head as more query rows: keys are not broadcast (copied) G times
-        keys = self._gather("k", kb, plan.k_idx).float().permute(0, 2, 3, 1)  # [B, Hkv, D, S]
-        vals = self._gather("v", vb, plan.k_idx).float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
-        s = torch.matmul(qp.reshape(bsz, hkv, g * t_max, d) * self.sm_scale, keys)
-        s = s.view(bsz, hkv, g, t_max, -1).masked_fill_(plan.masked, float("-inf"))  # [B, Hkv, G, Tq, S]
-        m = s.amax(-1, keepdim=True).clamp_min(-1e30)  # padded query rows see no key
-        e = s.sub_(m).exp_()
-        num = torch.matmul(e.view(bsz, hkv, g * t_max, -1), vals).view(bsz, hkv, g, t_max, d)
-        den = e.sum(-1, keepdim=True)
-        if plan.prefix_idx is not None:
-            num, den = self._merge_prefix(qp, kb, vb, plan.prefix_idx, num, den, m)
+            num, m = o.view(bsz, hkv, g, t_max, d), lse.view(bsz, hkv, g, t_max, 1)
+            den = torch.ones_like(m)
+        else:
+            # the G query heads of a KV head as more query rows: keys are not broadcast (copied) G times
+            s = torch.matmul(qp.reshape(bsz, hkv, g * t_max, d) * self.sm_scale, keys.permute(0, 2, 3, 1))
+            s = s.view(bsz, hkv, g, t_max, -1).masked_fill_(plan.masked, float("-inf"))  # [B, Hkv, G, Tq, S]
+            m = s.amax(-1, keepdim=True).clamp_min(-1e30)  # padded query rows see no key
+            e = s.sub_(m).exp_()
+            num = torch.matmul(e.view(bsz, hkv, g * t_max, -1), vals.permute(0, 2, 1, 3)).view(bsz, hkv, g, t_max, d)
+            den = e.sum(-1, keepdim=True)
+        num, den = self._merge_prefix(qp, kb, vb, plan.prefix_idx, num, den, m)
         return (num / den).permute(0, 3, 1, 2, 4).reshape(bsz, t_max, h, d)
 
     def _decode_rows(
