@@ -251,6 +251,17 @@ def test_generate_from_many_threads_with_run_ahead(eng):
     assert_pool_whole(eng)
 
 
+def _submit_three_together(eng: Engine) -> list:
+    """Three requests of 3-5 prompt tokens, 12 new each, admitted in one step (the engine thread
+    is held while they are queued)."""
+    gate = threading.Event()
+    eng._inbox.put(gate.wait)
+    try:
+        return [eng.submit(IDS[: 3 + i], {"max_new_tokens": 12, "ignore_eos": True}) for i in range(3)]
+    finally:
+        gate.set()
+
+
 def test_a_failure_with_a_step_in_flight_fails_only_its_requests(eng, monkeypatch):
     """Reading a step's tokens fails while the next step is in flight: that step's requests (also
     the ones in flight) fail with an EngineError, the engine keeps serving, the pool is whole."""
@@ -268,12 +279,7 @@ def test_a_failure_with_a_step_in_flight_fails_only_its_requests(eng, monkeypatc
     monkeypatch.setattr(run_ahead, "complete", flaky)
     set_ahead(eng, True)
     try:
-        gate = threading.Event()
-        eng._inbox.put(gate.wait)  # hold the engine thread: the three are admitted in one step
-        try:
-            futs = [eng.submit(IDS[: 3 + i], {"max_new_tokens": 12, "ignore_eos": True}) for i in range(3)]
-        finally:
-            gate.set()
+        futs = _submit_three_together(eng)
         for f in futs:
             with pytest.raises(errors.EngineError, match="injected"):
                 f.result(timeout=60)
@@ -303,12 +309,7 @@ def test_a_failing_launch_of_the_step_ahead_loses_no_request(eng, monkeypatch):
     monkeypatch.setattr(eng.runner, "run", run)
     set_ahead(eng, True)
     try:
-        gate = threading.Event()
-        eng._inbox.put(gate.wait)  # hold the engine thread: the three are admitted in one step
-        try:
-            futs = [eng.submit(IDS[: 3 + i], {"max_new_tokens": 12, "ignore_eos": True}) for i in range(3)]
-        finally:
-            gate.set()
+        futs = _submit_three_together(eng)
         got = [f.result(timeout=60).token_ids for f in futs]
     finally:
         set_ahead(eng, False)

@@ -104,6 +104,21 @@ def test_stream_cancelled_while_awaiting_its_result_leaves_the_engine_future_alo
     svc.close()
 
 
+async def _engine_aborts(eng: ScriptedEngine) -> None:
+    """The request was not cancelled; wait for its abort and resolve it as the engine does."""
+    assert not eng.futures[0].cancelled()
+    await asyncio.to_thread(eng.abort_called.wait, 5)
+    _resolve(eng.futures[0], _result(0, "abort"))  # what the abort makes the engine do
+    await asyncio.sleep(0.01)
+
+
+def _check_aborted_once(eng: ScriptedEngine, svc: EngineService) -> None:
+    assert eng.aborted == [0]
+    assert eng.futures[0].result().finish_reason == "abort"  # resolved by the engine, not cancelled
+    assert _counted(svc) == {"requests": 1, "finished": 0, "aborted": 1, "failed": 0}
+    svc.close()
+
+
 def test_stream_closed_early_aborts_without_cancelling_the_engine_future():
     eng = ScriptedEngine()
 
@@ -115,17 +130,10 @@ def test_stream_closed_early_aborts_without_cancelling_the_engine_future():
         eng.streams[0](StreamChunk(0, "a", [1]))
         await asyncio.wait_for(first, 5)
         await events.aclose()  # the client went away mid-stream
-        assert not eng.futures[0].cancelled()
-        await asyncio.to_thread(eng.abort_called.wait, 5)
-        _resolve(eng.futures[0], _result(0, "abort"))  # what the abort makes the engine do
-        await asyncio.sleep(0.01)
+        await _engine_aborts(eng)
         return svc
 
-    svc = asyncio.run(scenario())
-    assert eng.aborted == [0]
-    assert eng.futures[0].result().finish_reason == "abort"  # resolved by the engine, not cancelled
-    assert _counted(svc) == {"requests": 1, "finished": 0, "aborted": 1, "failed": 0}
-    svc.close()
+    _check_aborted_once(eng, asyncio.run(scenario()))
 
 
 class _GoneClient:
@@ -141,17 +149,10 @@ def test_plain_request_of_a_client_that_left_is_aborted_not_cancelled(monkeypatc
         svc = _service(eng)
         with pytest.raises(ClientDisconnectedError):
             await svc.run(Submission("hi", SamplingParams(max_new_tokens=8)), _GoneClient())  # type: ignore[arg-type]
-        assert not eng.futures[0].cancelled()
-        await asyncio.to_thread(eng.abort_called.wait, 5)
-        _resolve(eng.futures[0], _result(0, "abort"))
-        await asyncio.sleep(0.01)
+        await _engine_aborts(eng)
         return svc
 
-    svc = asyncio.run(scenario())
-    assert eng.aborted == [0]
-    assert eng.futures[0].result().finish_reason == "abort"  # resolved by the engine, not cancelled
-    assert _counted(svc) == {"requests": 1, "finished": 0, "aborted": 1, "failed": 0}
-    svc.close()
+    _check_aborted_once(eng, asyncio.run(scenario()))
 
 
 def test_a_request_the_engine_fails_is_counted_once_as_failed():
