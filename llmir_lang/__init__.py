@@ -10,8 +10,8 @@
     llmir.set_default_backend(llmir.Runtime())   # the bundled model
     print(qa.run(question="What is 2 + 3?")["answer"])
 
-The public names come from ``llmir_lang.dsl`` (and the remote backends ``Endpoint`` / ``OpenAI``
-from ``llmir_lang.executor.remote``) and load on first use, so that importing a lower layer
+The public names come from ``llmir_lang.dsl`` (and the remote backends ``Endpoint`` /
+``RuntimeEndpoint`` / ``OpenAI`` from ``llmir_lang.executor.remote``) and load on first use, so that importing a lower layer
 (``llmir_lang.executor.engine``, ``llmir_lang.ir``) does not load the frontend.
 """
 
@@ -23,11 +23,13 @@ __version__ = "0.1.0"
 
 _PUBLIC = (
     "DSLError",
+    "FeatureNotSupportedError",
     "ForkError",
     "ForkGroup",
     "GenerationError",
     "GenerationNotSupportedError",
     "InvalidAppendError",
+    "InvalidJoinModeError",
     "NoBackendError",
     "ProgramArgumentError",
     "ProgramDefinitionError",
@@ -38,26 +40,34 @@ _PUBLIC = (
     "VariableRedefinedError",
     "LMFunction",
     "ProgramState",
+    "StateCopy",
     "Runtime",
     "assistant",
     "assistant_begin",
     "assistant_end",
+    "flush_cache",
     "function",
     "gen",
     "gen_int",
     "gen_string",
     "get_default_backend",
+    "get_server_info",
+    "greedy_token_selection",
+    "image",
     "select",
     "set_default_backend",
     "system",
     "system_begin",
     "system_end",
+    "token_length_normalized",
+    "unconditional_likelihood_normalized",
     "user",
     "user_begin",
     "user_end",
+    "video",
 )
 
-_REMOTE = ("Endpoint", "OpenAI")
+_REMOTE = ("Endpoint", "OpenAI", "RuntimeEndpoint")
 # module that defines each of these (loaded on first use)
 _EXTRAS = {"from_sglang": "llmir_lang.dsl.sglang_interop", "display_stream": "llmir_lang.dsl.notebook"}
 

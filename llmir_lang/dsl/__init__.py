@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from llmir_lang.dsl.errors import (
     DSLError,
+    FeatureNotSupportedError,
     ForkError,
     GenerationError,
     InvalidAppendError,
+    InvalidJoinModeError,
     NoBackendError,
     ProgramArgumentError,
     ProgramDefinitionError,
@@ -31,6 +33,7 @@ from llmir_lang.dsl.primitives import (
     gen,
     gen_int,
     gen_string,
+    image,
     select,
     system,
     system_begin,
@@ -38,18 +41,34 @@ from llmir_lang.dsl.primitives import (
     user,
     user_begin,
     user_end,
+    video,
 )
 from llmir_lang.dsl.recorder import GenerationNotSupportedError
-from llmir_lang.dsl.runtime import Runtime, get_default_backend, set_default_backend
-from llmir_lang.dsl.state import ProgramState
+from llmir_lang.dsl.runtime import (
+    Runtime,
+    flush_cache,
+    get_default_backend,
+    get_server_info,
+    set_default_backend,
+)
+from llmir_lang.dsl.state import ProgramState, StateCopy
+
+# SGLang's choices methods, for select(..., choices_method=...) (their names work as well)
+from llmir_lang.executor.choices import (
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
 
 __all__ = [
     "DSLError",
+    "FeatureNotSupportedError",
     "ForkError",
     "ForkGroup",
     "GenerationError",
     "GenerationNotSupportedError",
     "InvalidAppendError",
+    "InvalidJoinModeError",
     "LMFunction",
     "NoBackendError",
     "ProgramArgumentError",
@@ -57,6 +76,7 @@ __all__ = [
     "ProgramExecutionError",
     "ProgramInterruptedError",
     "ProgramState",
+    "StateCopy",
     "RoleError",
     "Runtime",
     "UnknownVariableError",
@@ -64,17 +84,24 @@ __all__ = [
     "assistant",
     "assistant_begin",
     "assistant_end",
+    "flush_cache",
     "function",
     "gen",
     "gen_int",
     "gen_string",
     "get_default_backend",
+    "get_server_info",
+    "greedy_token_selection",
+    "image",
     "select",
     "set_default_backend",
     "system",
     "system_begin",
     "system_end",
+    "token_length_normalized",
+    "unconditional_likelihood_normalized",
     "user",
     "user_begin",
     "user_end",
+    "video",
 ]

@@ -14,7 +14,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 
-from llmir_lang.errors import ProgramError
+from llmir_lang.errors import NotYetSupportedError, ProgramError
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # folders of code that is not the user's: the standard library and installed packages
@@ -115,6 +115,18 @@ class RoleError(DSLError):
 
 class ForkError(DSLError):
     """A fork group is used wrongly: ``fork(0)``, joined twice, or given the wrong number of values."""
+
+
+class InvalidJoinModeError(ForkError, ValueError):
+    """``join(mode=...)`` got a mode that does not exist; a ``ValueError`` too, as SGLang's ``join``
+    raises one, so ported ``except ValueError`` handlers still catch it."""
+
+
+class FeatureNotSupportedError(DSLError, NotYetSupportedError):
+    """An SGLang frontend feature that llmir_lang does not support (yet): multimodal input
+    (``image``, ``video``), several samples of one gen (``n > 1``), ``stop_regex``, a sampled
+    ``select`` (``temperature > 0``), per-position ``fork`` offsets, meta data in a text stream.
+    Raised at the line that uses it; the message says what to use instead."""
 
 
 class InvalidAppendError(DSLError, TypeError):

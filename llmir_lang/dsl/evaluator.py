@@ -107,6 +107,7 @@ class SegmentEvaluator:
         self.prefills = 0  # prefill-only requests sent (for tests and stats)
         self.requests = 0  # gen / chain requests sent
         self.score_calls = 0
+        self._ids_cache: dict[str, list[int] | None] = {}  # select choices' token ids (meta info)
         # the backend computes a prefix shared by requests submitted together once by itself:
         # a separate prefill would only add a round trip before the users may start
         self._shares_in_batch = bool(getattr(backend, "shares_prefix_in_batch", False))
@@ -402,6 +403,18 @@ class SegmentEvaluator:
             self._started.discard((fi, i))
             self._resolve(fi, i, _Val(base.text, base.vars, self._stopped(op), base.gates))
 
+    def _choice_ids(self, choice: str) -> list[int] | None:
+        """A select choice's token ids for its meta info (cached: programs reuse their choices)."""
+        if choice not in self._ids_cache:
+            tokenize = getattr(self.backend, "token_ids", None)
+            self._ids_cache[choice] = tokenize(choice) if callable(tokenize) else None
+        return self._ids_cache[choice]
+
+    def _token_text(self, attrs: Mapping[str, Any]) -> Callable[[int], str | None] | None:
+        """How a gen's logprob triples get their token text: with ``return_text_in_logprobs``."""
+        decode = getattr(self.backend, "token_text", None)
+        return decode if attrs.get("return_text_in_logprobs") and callable(decode) else None
+
     def _abort(self, futures: list[Future]) -> None:
         """Abort the requests behind ``futures``: the backend stops generating them (where it
         can: ``abort_requests``), and a future not started yet (a select's scoring) never runs."""
@@ -431,7 +444,8 @@ class SegmentEvaluator:
         if op.kind == K.SELECT:
             picked, lps = result
             choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
-            vars_[op.label or ""] = VarResult(choices[picked], select_meta(choices, lps, picked))
+            meta = select_meta(choices, lps, picked, [self._choice_ids(c) for c in choices])
+            vars_[op.label or ""] = VarResult(choices[picked], meta)
             if self.on_chunk is not None:  # streamed states show the choice now, not at the end
                 self.on_chunk(fi, self._chains[fi].get(i, frozenset()), op.label or "", choices[picked])
             self.prefilled.add(text + choices[picked])  # scoring left it in the cache
@@ -463,7 +477,7 @@ class SegmentEvaluator:
                     fi, i, _Val(text, vars_, Failure(name, bad, ConstraintViolationError(bad)), base.gates)
                 )
                 return
-            vars_[name] = VarResult(step.text, step_meta(step))
+            vars_[name] = VarResult(step.text, step_meta(step, self._token_text(seg)))
             text += step.text
             if self.on_chunk is not None:  # the gen is finished (an empty chunk if it said nothing)
                 self.on_chunk(fi, self._chains[fi].get(i, frozenset()), name, "")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from llmir_lang.dsl.errors import ForkError, SourceLocation, VariableRedefinedError
+from llmir_lang.dsl.errors import ForkError, InvalidJoinModeError, SourceLocation, VariableRedefinedError
 from llmir_lang.dsl.state import ProgramState
 from llmir_lang.dsl.vars import GatherSlot, Slot
 from llmir_lang.ir import Value
@@ -36,7 +36,14 @@ class ForkGroup:
         self._joined = False
 
     @classmethod
-    def create(cls, parent: ProgramState, n: int, where: SourceLocation | None) -> ForkGroup:
+    def create(
+        cls,
+        parent: ProgramState,
+        n: int,
+        where: SourceLocation | None,
+        branch_type: type[ProgramState] = ProgramState,
+    ) -> ForkGroup:
+        """Record the fork; each branch is a ``branch_type`` (``StateCopy`` for ``s.copy()``)."""
         run = parent._run
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ForkError(
@@ -46,7 +53,7 @@ class ForkGroup:
         values = run.builder.fork(source, n)
         branches = []
         for v in values:
-            b = ProgramState(run, list(parent._pieces), dict(parent._vars), parent._role)
+            b = branch_type(run, list(parent._pieces), dict(parent._vars), parent._role)
             b._value, b._segment = v, run.segment
             branches.append(b)
         return cls(parent, branches, source, run.segment)
@@ -71,9 +78,10 @@ class ForkGroup:
 
     def __iadd__(self, other: Any) -> ForkGroup:
         """Append to every branch: one value, ``lambda i: ...`` (called per branch index), or a
-        list with one value per branch."""
+        list or tuple with one value per branch (as in SGLang; append a ``Concat`` or a joined
+        string to give every branch the same several items)."""
         where = SourceLocation.here()
-        if isinstance(other, list):
+        if isinstance(other, (list, tuple)):
             if len(other) != len(self.branches):
                 raise ForkError(
                     f"{len(other)} values appended to a group of {len(self.branches)} branches; give one "
@@ -81,7 +89,7 @@ class ForkGroup:
                     self.parent._run.program,
                     where,
                 )
-            items = other
+            items = list(other)
         elif callable(other) and not hasattr(other, "__iadd__"):
             fn: Callable[[int], Any] = other
             items = [fn(i) for i in range(len(self.branches))]
@@ -99,7 +107,9 @@ class ForkGroup:
         if self._joined:
             raise ForkError("this fork group was already joined; join a group once", run.program, where)
         if mode not in _MODES:
-            raise ForkError(f"unknown join mode {mode!r}; use one of {sorted(_MODES)}", run.program, where)
+            raise InvalidJoinModeError(
+                f"unknown join mode {mode!r}; use one of {sorted(_MODES)}", run.program, where
+            )
         ir_mode = _MODES[mode]
         names: list[str] = []
         for b in self.branches:

@@ -1,10 +1,11 @@
 """``@function``: a Python function ``f(s, ...)`` made into a program with ``run``, ``run_batch``,
-``arun``, ``bind`` and ``trace``.
+``arun``, ``bind``, ``trace`` and ``cache``.
 
 Keyword arguments of ``run`` / ``run_batch`` that are not program parameters are sampling
 defaults for every gen that does not set them (``temperature=0.7``, ``max_tokens=64``, and the
 engine's names ``max_new_tokens`` / ``min_new_tokens``). ``passes`` picks the optimizer pipeline
-(default: ``optimizer.DEFAULT_PIPELINE``; ``""`` runs call by call).
+(default: ``optimizer.DEFAULT_PIPELINE``; ``""`` runs call by call). As in SGLang, a run's state
+has the body's return value as ``state.ret_value``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import inspect
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -28,22 +30,30 @@ from llmir_lang.dsl.errors import (
     SourceLocation,
 )
 from llmir_lang.dsl.primitives import TracedText, check_sampling
-from llmir_lang.dsl.recorder import ProgramRun
+from llmir_lang.dsl.recorder import ProgramRun, chat_roles
 from llmir_lang.dsl.runner import BatchRunner, PipelineRunner
-from llmir_lang.dsl.runtime import get_default_backend, resolve_backend
+from llmir_lang.dsl.runtime import cache_prefix, get_default_backend, resolve_backend
 from llmir_lang.dsl.state import ProgramState
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Module, verify
+from llmir_lang.ir import ops as K
 from llmir_lang.ir.attrs import SAMPLING_ATTRS
 from llmir_lang.optimizer import DEFAULT_PIPELINE
+from llmir_lang.optimizer.canonicalize import canonicalize
 
 _ALIASES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 _AUTO_THREADS = 256
 _VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 class LMFunction:
-    """A program. Call ``run(...)`` (or the object itself) to run it on a backend."""
+    """A program. Call ``run(...)`` (or the object itself) to run it on a backend.
+
+    ``num_api_spec_tokens`` is SGLang's hint for speculative execution on API models (generate
+    that many tokens for several gens of one chat turn in one call). It is kept (as the attribute)
+    and has no effect: the embedded engine already runs a turn's gens as one request
+    (``fuse-constants``), and the OpenAI backend sends one request per gen."""
 
     def __init__(
         self,
@@ -52,16 +62,20 @@ class LMFunction:
         passes: str | None = None,
         name: str | None = None,
         bound: Mapping[str, Any] | None = None,
+        num_api_spec_tokens: int | None = None,
     ) -> None:
         if not callable(func):
             raise ProgramDefinitionError(f"@function decorates a function, got {type(func).__name__}")
+        n = num_api_spec_tokens
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ProgramDefinitionError(f"num_api_spec_tokens must be an integer >= 0 or None, got {n!r}")
+        self.num_api_spec_tokens = n
         code = getattr(func, "__code__", None)
         where = SourceLocation(code.co_filename, code.co_firstlineno) if code is not None else None
         self.name = name or getattr(func, "__name__", "program")
         self.signature = inspect.signature(func)
         params = list(self.signature.parameters.values())
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        if not params or params[0].name != "s" or params[0].kind not in positional:
+        if not params or params[0].name != "s" or params[0].kind not in _POSITIONAL:
             got = f"{params[0].name!r}" if params else "no parameter"
             raise ProgramDefinitionError(
                 f"the first parameter of a program is its state and must be named 's' (got {got}); "
@@ -99,7 +113,13 @@ class LMFunction:
                 f"bind(): {unknown} are not parameters of the program (parameters: {self.arg_names})",
                 self.name,
             )
-        return LMFunction(self.func, passes=self.passes, name=self.name, bound={**self.bound, **kwargs})
+        return LMFunction(
+            self.func,
+            passes=self.passes,
+            name=self.name,
+            bound={**self.bound, **kwargs},
+            num_api_spec_tokens=self.num_api_spec_tokens,
+        )
 
     # --- arguments -----------------------------------------------------------------------
     def _split(
@@ -175,7 +195,7 @@ class LMFunction:
         __tracebackhide__ = True  # IPython and pytest show the user's frames, not these
         run.thread = threading.get_ident()
         try:
-            self._call(state, arguments)
+            state.ret_value = self._call(state, arguments)
             run.flush()
         except Exception as e:
             run.error = self._wrap(e)
@@ -295,7 +315,9 @@ class LMFunction:
         passes: str | None = None,
         **sampling_defaults: Any,
     ) -> list[ProgramState] | Iterator[ProgramState]:
-        """Run the program once per argument dict, optimized and batched together.
+        """Run the program once per item, optimized and batched together. An item is a dict of
+        arguments, or (as in SGLang) a list or tuple of positional values for the parameters
+        after ``s``.
 
         Errors never stop the batch: a failed program's state has ``error()`` set. With
         ``generator_style=True`` the states are yielded in order as each program finishes; closing
@@ -308,12 +330,19 @@ class LMFunction:
         items = list(batch_kwargs)
         prepared = []
         for i, kw in enumerate(items):
-            if not isinstance(kw, Mapping):
+            if isinstance(kw, (list, tuple)):
+                self._check_positional_item(i, kw)
+                args, kw = tuple(kw), {}
+            elif isinstance(kw, Mapping):
+                args = ()
+            else:
                 raise ProgramArgumentError(
-                    f"run_batch item {i} must be a dict of arguments, got {type(kw).__name__}", self.name
+                    f"run_batch item {i} must be a dict of arguments or a list of positional values, "
+                    f"got {type(kw).__name__}",
+                    self.name,
                 )
             try:
-                arguments, defaults = self._split((), {**sampling_defaults, **kw})
+                arguments, defaults = self._split(args, {**sampling_defaults, **kw})
             except ProgramArgumentError as e:
                 raise ProgramArgumentError(f"run_batch item {i}: {e.cause_message}", self.name) from None
             prepared.append((arguments, defaults))
@@ -363,6 +392,61 @@ class LMFunction:
         finish()
         return states
 
+    def _check_positional_item(self, i: int, values: list | tuple) -> None:
+        """A run_batch item of positional values must fill the required parameters after ``s``
+        and no more than there are (SGLang's rule), said here with the parameter names."""
+        named = [p for p in self._params if p.kind in _POSITIONAL]
+        least = sum(1 for p in named if p.default is inspect.Parameter.empty and p.name not in self.bound)
+        most = None if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in self._params) else len(named)
+        if least <= len(values) and (most is None or len(values) <= most):
+            return
+        takes = f"at least {least}" if most is None else f"{least}" if most == least else f"{least} to {most}"
+        raise ProgramArgumentError(
+            f"run_batch item {i} has {len(values)} positional value(s), but the program takes {takes} "
+            f"(parameters: {[p.name for p in named]}); give one value per parameter, or a dict",
+            self.name,
+        )
+
+    # --- SGLang's cache / compile ------------------------------------------------------------
+    def cache(self, backend: Backend | None = None) -> str:
+        """Compute the KV of the program's constant beginning (its text and roles before the
+        first gen, select or argument) into ``backend``'s prefix cache now (default: the default
+        backend), as SGLang's ``cache()``; later runs start from it. Returns the text cached (""
+        when the program starts with an argument or a gen). A body that cannot be traced with its
+        arguments unknown caches nothing, with a warning."""
+        chosen = resolve_backend(backend, self.name)
+        try:
+            module = self.trace(backend=chosen)
+        except DSLError as e:
+            warnings.warn(
+                f"cache(): program {self.name!r} cannot be traced with its arguments unknown, so "
+                f"nothing was cached ({e.cause_message}); bind() the arguments it computes with",
+                stacklevel=2,
+            )
+            return ""
+        prefix, state = "", None
+        for op in canonicalize(module, template=chat_roles(chosen)).functions[0].ops:
+            if op.kind == K.START and state is None:
+                state = op.result
+            elif op.kind == K.TEXT and op.operands == (state,):
+                prefix, state = prefix + (op.label or ""), op.result
+            else:
+                break
+        if prefix:
+            cache_prefix(chosen, prefix)
+        return prefix
+
+    def compile(self, *, backend: Backend | None = None) -> LMFunction:
+        """Deprecated in SGLang, and not needed here: every run is traced and optimized whole.
+        Warns and returns the program itself, so ``f.compile().run(...)`` still runs."""
+        warnings.warn(
+            "compile() is deprecated (as in SGLang) and does nothing: llmir_lang optimizes every "
+            "run as a whole; call run() / run_batch() directly",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self
+
     # --- tracing -------------------------------------------------------------------------
     def trace(self, *args: Any, backend: Backend | None = None, **kwargs: Any) -> Module:
         """The program's IR without running it. Parameters not given become IR parameters, and
@@ -398,12 +482,17 @@ class LMFunction:
 
 
 def function(
-    func: Callable[..., Any] | None = None, *, passes: str | None = None, name: str | None = None
+    func: Callable[..., Any] | None = None,
+    num_api_spec_tokens: int | None = None,
+    *,
+    passes: str | None = None,
+    name: str | None = None,
 ) -> Any:
-    """Make ``def f(s, ...)`` a program: ``@function`` or ``@function(passes="...", name=...)``."""
+    """Make ``def f(s, ...)`` a program: ``@function`` or ``@function(passes="...", name=...)``.
+    ``num_api_spec_tokens`` (SGLang's) is accepted and has no effect (see ``LMFunction``)."""
     if func is not None:
-        return LMFunction(func, passes=passes, name=name)
-    return lambda f: LMFunction(f, passes=passes, name=name)
+        return LMFunction(func, passes=passes, name=name, num_api_spec_tokens=num_api_spec_tokens)
+    return lambda f: LMFunction(f, passes=passes, name=name, num_api_spec_tokens=num_api_spec_tokens)
 
 
 def _user_frame(e: BaseException) -> SourceLocation | None:

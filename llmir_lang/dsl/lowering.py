@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from llmir_lang.dsl.primitives import to_sampling_params
@@ -95,8 +95,17 @@ def pick_choice(
     return choices.select_choice(method, names, logprobs, unconditional).index
 
 
-def step_meta(step: StepResult) -> dict[str, Any]:
-    """The meta info a program reads with ``get_meta_info(name)`` for one generation."""
+TokenText = Callable[[int], "str | None"]
+
+
+def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str, Any]:
+    """The meta info a program reads with ``get_meta_info(name)`` for one generation.
+
+    With ``return_logprob`` / ``top_logprobs_num`` it also carries SGLang's shapes:
+    ``output_token_logprobs`` (one ``(logprob, token id, text)`` per generated token) and
+    ``output_top_logprobs`` (per generated token, its most likely alternatives as such triples);
+    the text is the token's with ``return_text_in_logprobs`` (``token_text``), else None.
+    """
     meta = {
         "prompt_tokens": step.prompt_tokens,
         "completion_tokens": step.completion_tokens,
@@ -105,17 +114,45 @@ def step_meta(step: StepResult) -> dict[str, Any]:
         "logprobs": step.logprobs,
         "token_ids": step.token_ids,
     }
+    text = token_text or (lambda _tid: None)
+    if step.logprobs is not None:
+        meta["output_token_logprobs"] = [(lp, tid, text(tid)) for lp, tid in zip(step.logprobs, step.token_ids)]
+    if step.top_logprobs is not None:
+        meta["output_top_logprobs"] = [[(lp, tid, text(tid)) for tid, lp in top] for top in step.top_logprobs]
     meta.update({k: v for k, v in step.meta.items() if k not in meta})
     return meta
 
 
-def select_meta(choices: Sequence[str], logprobs: Sequence[Sequence[float]], picked: int) -> dict[str, Any]:
-    """The meta info of a select: every choice's token logprobs and normalized score."""
+def select_meta(
+    choices: Sequence[str],
+    logprobs: Sequence[Sequence[float]],
+    picked: int,
+    token_ids: Sequence[Sequence[int] | None] | None = None,
+    token_text: TokenText | None = None,
+) -> dict[str, Any]:
+    """The meta info of a select: every choice's token logprobs and normalized score.
+
+    Also under SGLang's names: ``normalized_prompt_logprobs`` (the mean token logprob of each
+    choice), ``input_token_logprobs`` (per choice, one ``(logprob, token id, text)`` per token; the
+    id is None where the backend cannot tokenize, the text None without ``token_text``) and
+    ``output_token_logprobs`` (per choice, empty: a select generates no token).
+    """
+    normalized = [sum(lps) / max(len(lps), 1) for lps in logprobs]
+    text = token_text or (lambda _tid: None)
+    inputs = []
+    for i, lps in enumerate(logprobs):
+        ids = token_ids[i] if token_ids is not None else None
+        if ids is None or len(ids) != len(lps):
+            ids = [None] * len(lps)
+        inputs.append([(lp, tid, text(tid) if tid is not None else None) for lp, tid in zip(lps, ids)])
     return {
         "choices": list(choices),
         "picked": picked,
         "logprobs": [list(lps) for lps in logprobs],
-        "normalized_logprobs": [sum(lps) / max(len(lps), 1) for lps in logprobs],
+        "normalized_logprobs": normalized,
+        "normalized_prompt_logprobs": normalized,
+        "input_token_logprobs": inputs,
+        "output_token_logprobs": [[] for _ in logprobs],
         "finish_reason": "select",
     }
 

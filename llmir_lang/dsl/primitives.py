@@ -10,15 +10,18 @@ the line that wrote it.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmir_lang.dsl.errors import DSLError, SourceLocation
+from llmir_lang.dsl.errors import DSLError, FeatureNotSupportedError, SourceLocation
 from llmir_lang.errors import ConstraintError, InvalidRequestError, NotYetSupportedError
-from llmir_lang.executor.sampling_params import SamplingParams
-from llmir_lang.ir.attrs import SAMPLING_ATTRS, SAMPLING_TO_ENGINE, AttrValue
+from llmir_lang.executor.choices import choices_method_name, token_length_normalized
+from llmir_lang.executor.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, SAMPLING_ATTRS, SAMPLING_TO_ENGINE, AttrValue
 
 CHOICES_METHODS = (
     "token_length_normalized",
@@ -27,6 +30,10 @@ CHOICES_METHODS = (
     "sum_logprob",
 )
 ROLES = ("system", "user", "assistant")
+# An unnamed select (SGLang's ``select(choices=[...])``) appends its choice and keeps no variable:
+# it gets a hidden name (``_gen...`` names are left out of ``variables()`` and joins), unique in
+# the process so that a loop of them never reuses one within a state.
+_ANONYMOUS_SELECTS = itertools.count()
 
 
 class Expr:
@@ -117,11 +124,41 @@ def gen(
     choices: Sequence[str] | None = None,
     dtype: type | str | None = None,
     grammar: str | None = None,
+    n: int | None = None,
+    stop_regex: str | Sequence[str] | None = None,
+    choices_method: Any = None,
+    logprob_start_len: int | None = None,
+    return_text_in_logprobs: bool | None = None,
 ) -> Gen:
     """Generate into variable ``name``. Unset parameters take the run's defaults, then the engine's
     (greedy, 128 tokens). At most one of ``regex``, ``json_schema``, ``choices``, ``dtype``,
-    ``grammar`` may be given (structured generation)."""
+    ``grammar`` may be given (structured generation).
+
+    SGLang's ``n``, ``stop_regex`` and ``choices_method`` are accepted where they mean something
+    here: ``n=1``, an empty ``stop_regex``, no ``choices_method``. ``n > 1`` and a
+    ``stop_regex`` raise ``FeatureNotSupportedError`` (fork for several samples; ``stop=`` strings
+    or ``regex=``). ``gen(name, choices=...)`` is constrained generation, which scores nothing, so
+    a ``choices_method`` is refused: ``select`` picks by score (what SGLang's
+    ``gen(choices=...)`` does).
+
+    With ``return_logprob`` / ``top_logprobs_num``, ``get_meta_info(name)`` has SGLang's
+    ``output_token_logprobs`` / ``output_top_logprobs`` triples ``(logprob, token id, text)``; the
+    text is filled with ``return_text_in_logprobs=True``. ``logprob_start_len`` (the prompt's token
+    logprobs, SGLang's ``input_token_logprobs``) raises ``FeatureNotSupportedError``."""
     where = SourceLocation.here()
+    _check_sglang_gen_args(name, n, stop_regex, choices_method, choices is not None, where)
+    if logprob_start_len is not None:
+        raise FeatureNotSupportedError(
+            f"gen({name!r}, logprob_start_len={logprob_start_len!r}): a gen does not report its "
+            "prompt's token logprobs; score text after the prompt with select(...), whose meta info "
+            "has each choice's input_token_logprobs",
+            where=where,
+        )
+    if return_text_in_logprobs is not None and not isinstance(return_text_in_logprobs, bool):
+        raise DSLError(
+            f"gen({name!r}): return_text_in_logprobs must be True or False, got {return_text_in_logprobs!r}",
+            where=where,
+        )
     sampling = {
         "max_tokens": max_tokens,
         "min_tokens": min_tokens,
@@ -159,40 +196,140 @@ def gen(
     if given:
         _check_constraint(given, where, name)
     attrs.update(given)
+    if return_text_in_logprobs:
+        attrs["return_text_in_logprobs"] = True
     if name is not None and (not isinstance(name, str) or not name):
         raise DSLError(f"a gen name must be a non-empty string, got {name!r}", where=where)
     return Gen(name, attrs, where, schema=json_schema)
 
 
-def gen_int(name: str | None = None, **kwargs: Any) -> Gen:
-    """``gen`` constrained to an integer (``dtype=int``)."""
-    return gen(name, dtype="int", **kwargs)
+def gen_int(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_regex: str | Sequence[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    **kwargs: Any,
+) -> Gen:
+    """``gen`` constrained to an integer (``dtype=int``). The positional parameters are SGLang's
+    (``gen_int("x", 8)``: ``max_tokens=8``); other ``gen`` parameters go by keyword."""
+    args = dict(locals())
+    return _dtype_gen("int", args.pop("name"), {**args.pop("kwargs"), **args})
 
 
-def gen_string(name: str | None = None, **kwargs: Any) -> Gen:
-    """``gen`` constrained to a JSON-style string (``dtype=str``)."""
-    return gen(name, dtype="str", **kwargs)
+def gen_string(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_regex: str | Sequence[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    **kwargs: Any,
+) -> Gen:
+    """``gen`` constrained to a JSON-style string (``dtype=str``), with ``gen_int``'s parameters."""
+    args = dict(locals())
+    return _dtype_gen("str", args.pop("name"), {**args.pop("kwargs"), **args})
+
+
+def _dtype_gen(dtype: str, name: str | None, kwargs: dict[str, Any]) -> Gen:
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in CONSTRAINT_ATTRS}
+    other = sorted(k for k in kwargs if k in CONSTRAINT_ATTRS)
+    if other:
+        raise DSLError(
+            f"gen_{dtype}({name!r}) is gen(dtype={dtype}) and takes no other constraint; got {other}",
+            where=SourceLocation.here(),
+        )
+    return gen(name, dtype=dtype, **kwargs)
 
 
 def select(
-    name: str, choices: Sequence[str] | None = None, choices_method: str = "token_length_normalized"
+    name: str | None = None,
+    choices: Sequence[str] | None = None,
+    temperature: float = 0.0,
+    choices_method: Any = token_length_normalized,
 ) -> Select:
-    """Pick one of ``choices`` into variable ``name``, scoring each choice's likelihood.
+    """Pick one of ``choices`` into variable ``name``, scoring each choice's likelihood
+    (SGLang's signature). ``name=None`` appends the choice and keeps no variable.
 
     ``choices_method``: ``token_length_normalized`` (mean token logprob, the default),
-    ``sum_logprob`` (total logprob) or ``greedy_token_selection`` (compare token by token).
+    ``greedy_token_selection`` (compare token by token), ``unconditional_likelihood_normalized``
+    (each choice's logprob relative to its logprob without the prompt), as the objects
+    ``llmir.token_length_normalized``, ... or their names, or ``"sum_logprob"`` (total logprob).
+    A method name in the third place (``select(name, choices, "greedy_token_selection")``, the
+    older llmir form) is still read as the method.
+
+    ``temperature``: the best-scoring choice is always picked, so only 0 (and values below the
+    engine's greedy threshold) is accepted; SGLang's server backend refuses others too. Repeated
+    choices are scored once: SGLang picks the first of equal scores, which is the same value.
     """
     where = SourceLocation.here()
-    if not isinstance(name, str) or not name:
-        raise DSLError(f"select needs a non-empty variable name, got {name!r}", where=where)
+    what = f"select({name!r})"
+    if name is not None and (not isinstance(name, str) or not name):
+        raise DSLError(f"select needs a non-empty variable name (or None), got {name!r}", where=where)
     if choices is None:
-        raise DSLError(f"select({name!r}) needs choices=[...], a list of strings", where=where)
-    if choices_method not in CHOICES_METHODS:
-        raise DSLError(
-            f"select({name!r}): unknown choices_method {choices_method!r}; use one of {CHOICES_METHODS}",
+        raise DSLError(f"{what} needs choices=[...], a list of strings", where=where)
+    if temperature is None:
+        temperature = 0.0
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        if choices_method is not token_length_normalized:
+            raise DSLError(f"{what}: temperature must be a number, got {temperature!r}", where=where)
+        choices_method, temperature = temperature, 0.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise DSLError(f"{what}: temperature must be a finite number >= 0, got {temperature!r}", where=where)
+    if temperature > GREEDY_TEMPERATURE:
+        raise FeatureNotSupportedError(
+            f"{what}: temperature={temperature} (sampling a choice) is not supported: select picks "
+            "the best-scoring choice (SGLang's server backend refuses a temperature too); drop it, "
+            "or sample with gen(name, choices=[...], temperature=...) (constrained generation)",
             where=where,
         )
-    return Select(name, _choice_list(choices, where, f"select({name!r}) choices"), choices_method, where)
+    try:
+        method = choices_method_name(choices_method)
+    except InvalidRequestError as e:
+        raise DSLError(f"{what}: {e}", where=where) from None
+    if method not in CHOICES_METHODS:
+        raise DSLError(
+            f"{what}: unknown choices_method {method!r}; use one of {CHOICES_METHODS}", where=where
+        )
+    options = _choice_list(choices, where, f"{what} choices")
+    if name is None:
+        name = f"_gen_select{next(_ANONYMOUS_SELECTS)}"
+    return Select(name, options, method, where)
+
+
+def image(expr: Any) -> Any:
+    """SGLang's image input. Not supported: llmir_lang runs text-only models."""
+    raise FeatureNotSupportedError(
+        f"image({expr!r:.60}): multimodal input is not supported (llmir_lang runs text-only "
+        "models); give the image's content as text, or run this program on SGLang",
+        where=SourceLocation.here(),
+    )
+
+
+def video(path: Any, num_frames: int | None = None) -> Any:
+    """SGLang's video input. Not supported: llmir_lang runs text-only models."""
+    raise FeatureNotSupportedError(
+        f"video({path!r:.60}): multimodal input is not supported (llmir_lang runs text-only "
+        "models); give the video's content as text, or run this program on SGLang",
+        where=SourceLocation.here(),
+    )
 
 
 def _role_block(role: str, content: Any) -> RoleBlock:
@@ -271,9 +408,50 @@ def _choice_list(choices: object, where: SourceLocation | None, what: str) -> li
     bad = [c for c in out if not isinstance(c, str) or c == ""]
     if bad:
         raise DSLError(f"{what} must be non-empty strings; bad: {bad!r}", where=where)
-    if len(set(out)) != len(out):
-        raise DSLError(f"{what} has duplicates: {out!r}; make them distinct", where=where)
-    return out
+    # SGLang accepts a repeated choice and picks the first of equal scores, which is the same
+    # value as scoring it once; the IR (and a choice trie) needs distinct choices, so repeats go
+    return list(dict.fromkeys(out))
+
+
+def _check_sglang_gen_args(
+    name: str | None,
+    n: object,
+    stop_regex: object,
+    choices_method: object,
+    has_choices: bool,
+    where: SourceLocation | None,
+) -> None:
+    """SGLang's ``gen`` arguments that llmir takes only where they change nothing (see ``gen``)."""
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DSLError(f"gen({name!r}): n must be an integer >= 1, got {n!r}", where=where)
+        if n > 1:
+            raise FeatureNotSupportedError(
+                f"gen({name!r}, n={n}): several samples of one gen are not supported; fork instead: "
+                f"`forks = s.fork({n}); forks += gen({name!r}, temperature=0.8); forks.join()` "
+                f"makes s[{name!r}] a list of {n} samples",
+                where=where,
+            )
+    if stop_regex is not None and stop_regex not in ("", [], ()):
+        raise FeatureNotSupportedError(
+            f"gen({name!r}): stop_regex={stop_regex!r} is not supported yet (the engine stops on "
+            "strings and token ids); use stop=[...] strings, or regex= to constrain the whole value",
+            where=where,
+        )
+    if choices_method is not None:
+        if not has_choices:
+            raise DSLError(
+                f"gen({name!r}): choices_method only applies to choices; use "
+                f"select({name!r}, choices=[...], choices_method=...)",
+                where=where,
+            )
+        raise DSLError(
+            f"gen({name!r}, choices=..., choices_method=...): gen with choices is constrained "
+            "generation here (the model writes one of the choices, token by token) and scores "
+            "nothing, so choices_method would have no effect; to pick by score as SGLang's "
+            f"gen(choices=...) does, write select({name!r}, choices=[...], choices_method=...)",
+            where=where,
+        )
 
 
 def _check_constraint(given: dict[str, Any], where: SourceLocation | None, name: str | None) -> None:

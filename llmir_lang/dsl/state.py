@@ -13,26 +13,42 @@ import contextlib
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, overload
 
 from llmir_lang.dsl.errors import (
     DSLError,
+    FeatureNotSupportedError,
+    ForkError,
     InvalidAppendError,
     RoleError,
     SourceLocation,
     UnknownVariableError,
     VariableRedefinedError,
 )
-from llmir_lang.dsl.primitives import Concat, Gen, RoleBlock, RoleMarker, Select, TracedText
+from llmir_lang.dsl.primitives import (
+    Concat,
+    Gen,
+    RoleBlock,
+    RoleMarker,
+    Select,
+    TracedText,
+)
 from llmir_lang.dsl.recorder import Piece, ProgramRun
 from llmir_lang.dsl.streaming import StreamLog
 from llmir_lang.dsl.vars import GatherSlot, PieceSlot, RangeSlot, Slot, ValueSlot
-from llmir_lang.errors import IRVerifyError
+from llmir_lang.errors import IRVerifyError, LLMIRError
 from llmir_lang.ir import Value
+
+if TYPE_CHECKING:
+    from llmir_lang.dsl.fork import ForkGroup
 
 
 class ProgramState:
     """The state of one running program (or one fork branch of it)."""
+
+    # SGLang's: the body's return value on the state a run returns (None elsewhere)
+    ret_value: Any = None
 
     def __init__(
         self,
@@ -130,8 +146,10 @@ class ProgramState:
     def _claim(self, name: str, where: SourceLocation | None) -> None:
         if name in self._vars or name in self._scopes:
             raise VariableRedefinedError(
-                f"variable {name!r} is already defined in this state; give this gen/select another "
-                "name (in a loop, add the index: f'{name}_{i}'), or fork first so each branch has its own",
+                f"variable {name!r} is already defined in this state (SGLang would overwrite it; here a "
+                "name is produced once per state, so every value stays readable); give each turn its "
+                f"own name (in a loop, add the index: f'{name}_{{i}}'), capture the turn with an "
+                f"unnamed gen inside s.var_scope(f'{name}_{{i}}'), or fork first so each branch has its own",
                 self._run.program,
                 where,
             )
@@ -170,15 +188,37 @@ class ProgramState:
             if self._role == role:
                 self._role_marker(role, False, SourceLocation.here())
 
-    def system(self) -> contextlib.AbstractContextManager[ProgramState]:
-        """``with s.system(): s += "..."``: the appended text is one system message."""
-        return self._role_block("system")
+    def _role_call(self, role: str, expr: Any) -> contextlib.AbstractContextManager[ProgramState] | None:
+        if expr is None:
+            return self._role_block(role)
+        self.__iadd__(RoleBlock(role, expr, SourceLocation.here()))
+        return None
 
-    def user(self) -> contextlib.AbstractContextManager[ProgramState]:
-        return self._role_block("user")
+    @overload
+    def system(self, expr: None = None) -> contextlib.AbstractContextManager[ProgramState]: ...
+    @overload
+    def system(self, expr: Any) -> None: ...
+    def system(self, expr: Any = None) -> contextlib.AbstractContextManager[ProgramState] | None:
+        """``s.system("...")`` appends one system message (``s += system("...")``), as SGLang's
+        method does; ``with s.system(): s += "..."`` makes the appended text one system message."""
+        return self._role_call("system", expr)
 
-    def assistant(self) -> contextlib.AbstractContextManager[ProgramState]:
-        return self._role_block("assistant")
+    @overload
+    def user(self, expr: None = None) -> contextlib.AbstractContextManager[ProgramState]: ...
+    @overload
+    def user(self, expr: Any) -> None: ...
+    def user(self, expr: Any = None) -> contextlib.AbstractContextManager[ProgramState] | None:
+        """``s.user(expr)`` appends a user message; ``with s.user():`` is the block form."""
+        return self._role_call("user", expr)
+
+    @overload
+    def assistant(self, expr: None = None) -> contextlib.AbstractContextManager[ProgramState]: ...
+    @overload
+    def assistant(self, expr: Any) -> None: ...
+    def assistant(self, expr: Any = None) -> contextlib.AbstractContextManager[ProgramState] | None:
+        """``s.assistant(gen("a"))`` appends an assistant message; ``with s.assistant():`` is the
+        block form."""
+        return self._role_call("assistant", expr)
 
     @contextlib.contextmanager
     def var_scope(self, name: str) -> Iterator[ProgramState]:
@@ -194,15 +234,38 @@ class ProgramState:
         self._vars[name] = RangeSlot(self, start, len(self._pieces))
 
     # --- forks ---------------------------------------------------------------------------
-    def fork(self, n: int) -> Any:
-        """``n`` branches, each starting with this state's text and variables (a ``ForkGroup``)."""
+    def fork(self, size: int = 1, position_ids_offset: list[int] | None = None) -> ForkGroup:
+        """``size`` branches (SGLang's default: one), each starting with this state's text and
+        variables (a ``ForkGroup``). ``position_ids_offset`` is accepted by name, as in SGLang,
+        and only as None."""
         from llmir_lang.dsl.fork import ForkGroup
 
-        return ForkGroup.create(self, n, SourceLocation.here())
+        where = SourceLocation.here()
+        self._refuse_position_ids("fork", position_ids_offset, where)
+        return ForkGroup.create(self, size, where)
 
-    def copy(self) -> ProgramState:
-        """An independent state with this state's text and variables (never joined)."""
-        return self.fork(1)[0]
+    def copy(self, position_ids_offset: list[int] | None = None) -> StateCopy:
+        """A state of its own with this state's text and variables (``fork(1)``'s branch). Kept
+        as a value, it is never joined; ``with s.copy() as c:`` joins it back on exit, as in SGLang
+        (see ``StateCopy``)."""
+        from llmir_lang.dsl.fork import ForkGroup
+
+        where = SourceLocation.here()
+        self._refuse_position_ids("copy", position_ids_offset, where)
+        group = ForkGroup.create(self, 1, where, branch_type=StateCopy)
+        copy = group[0]
+        assert isinstance(copy, StateCopy)
+        copy._group = group
+        return copy
+
+    def _refuse_position_ids(self, what: str, offset: Any, where: SourceLocation | None) -> None:
+        if offset is not None:
+            raise FeatureNotSupportedError(
+                f"{what}(position_ids_offset=...) is not supported: a branch continues at its parent's "
+                f"positions, sharing the parent's KV cache; call {what}() without it",
+                self._run.program,
+                where,
+            )
 
     # --- reading -------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
@@ -214,13 +277,24 @@ class ProgramState:
         return slot.value()
 
     def __setitem__(self, name: str, value: Any) -> None:
-        if name in self._scopes or isinstance(self._vars.get(name), (PieceSlot, RangeSlot, GatherSlot)):
+        """Store a Python value as variable ``name``. Once the program has finished, this also
+        replaces a produced variable (``state["n"] = int(state["n"])``, as in SGLang), keeping its
+        meta info; while it runs, a produced name cannot be set, since the recorded program (and a
+        branch or a later segment) still refers to the generated value."""
+        slot = self._vars.get(name)
+        if isinstance(slot, _ReplacedSlot):  # replaced once already: keep the gen's meta
+            slot = slot.produced
+        produced = name in self._scopes or isinstance(slot, (PieceSlot, RangeSlot, GatherSlot))
+        if produced and not self._run.finished.is_set():
             raise VariableRedefinedError(
-                f"variable {name!r} is produced by a gen/select/var_scope/join; pick another name to set",
+                f"variable {name!r} is produced by a gen/select/var_scope/join and cannot be set while "
+                "the program runs (SGLang would overwrite it); store the value under another name, e.g. "
+                f"s[{name + '_value'!r}] = ..., or set it on the state run() returns, once the program "
+                "has finished",
                 self._run.program,
                 SourceLocation.here(),
             )
-        self._vars[name] = ValueSlot(value)
+        self._vars[name] = _ReplacedSlot(value, slot) if produced and slot is not None else ValueSlot(value)
 
     def __contains__(self, name: object) -> bool:
         return name in self._vars
@@ -276,7 +350,10 @@ class ProgramState:
         return "".join(p.text or "" for p in self._pieces)
 
     def messages(self) -> list[dict[str, str]]:
-        """The chat messages so far, one ``{"role", "content"}`` per role block (a sync point)."""
+        """The chat messages so far, one ``{"role", "content"}`` per closed role block (a sync
+        point). A role still open is not a message yet, as in SGLang. The content is the text as
+        appended, not left-stripped as SGLang's is, so that the backend's chat template renders
+        these messages to the very text the program built."""
         self._sync(None)
         out: list[dict[str, str]] = []
         current: dict[str, str] | None = None
@@ -289,8 +366,6 @@ class ProgramState:
                     current = None
             elif current is not None:
                 current["content"] += p.text or ""
-        if current is not None:
-            out.append(current)
         return out
 
     def error(self) -> BaseException | None:
@@ -311,10 +386,36 @@ class ProgramState:
         self._sync(None)
         return self
 
-    def text_iter(self, var: str | None = None) -> Iterator[str]:
-        """The text (or one variable's text) as it is produced; a run with ``stream=True`` yields
-        it piece by piece as the engine generates, any other run yields it at once. A
-        KeyboardInterrupt while it waits for the next piece stops the program (``cancel``)."""
+    def text_iter(self, var_name: str | None = None, *, var: str | None = None) -> Iterator[str]:
+        """The text (or variable ``var_name``'s text) as it is produced; a run with
+        ``stream=True`` yields it piece by piece as the engine generates, any other run yields it
+        at once. A KeyboardInterrupt while it waits for the next piece stops the program
+        (``cancel``). ``var=`` is the older name of ``var_name`` (SGLang's)."""
+        return self._text_iter(self._stream_var("text_iter", var_name, var))
+
+    def text_async_iter(
+        self, var_name: str | None = None, return_meta_data: bool = False, *, var: str | None = None
+    ) -> AsyncIterator[str]:
+        """``text_iter`` for ``async for``; never blocks the event loop. Cancelling the task that
+        waits for the next piece stops the program (``cancel``). ``return_meta_data=True``
+        (SGLang's ``(chunk, meta_info)`` pairs) is refused: the stream carries text only."""
+        name = self._stream_var("text_async_iter", var_name, var)
+        if return_meta_data:
+            raise FeatureNotSupportedError(
+                "text_async_iter(return_meta_data=True) is not supported yet: the stream carries text "
+                "only; iterate the text, then read state.get_meta_info(var_name) (it waits for the gen)",
+                self._run.program,
+                SourceLocation.here(),
+            )
+        return self._text_async_iter(name)
+
+    @staticmethod
+    def _stream_var(what: str, var_name: str | None, var: str | None) -> str | None:
+        if var is not None and var_name is not None and var != var_name:
+            raise TypeError(f"{what}() got var_name={var_name!r} and var={var!r}; pass one of them")
+        return var_name if var_name is not None else var
+
+    def _text_iter(self, var: str | None) -> Iterator[str]:
         if self._log is None:
             self._sync(None)
             yield self.text() if var is None else str(self[var])
@@ -330,9 +431,7 @@ class ProgramState:
         if var is not None and not got:
             self._slot(var, SourceLocation.here())  # a name the program never produced raises
 
-    async def text_async_iter(self, var: str | None = None) -> AsyncIterator[str]:
-        """``text_iter`` for ``async for``; never blocks the event loop. Cancelling the task that
-        waits for the next piece stops the program (``cancel``)."""
+    async def _text_async_iter(self, var: str | None) -> AsyncIterator[str]:
         if self._log is None:
             self._sync(None)
             yield self.text() if var is None else str(self[var])
@@ -355,7 +454,13 @@ class ProgramState:
         the program has finished."""
         self._run.cancel(f"program {self._run.program!r} was cancelled")
 
+    def __str__(self) -> str:
+        """``ProgramState(<the whole text>)``, SGLang's form (``print(state)``); it waits for the
+        program like ``text()``. ``repr`` stays short and never waits (debuggers, tracebacks)."""
+        return f"ProgramState({self.text()})"
+
     def __repr__(self) -> str:
+        """The last 60 characters run so far and the program's status; never waits."""
         known = "".join(p.text or "" for p in self._pieces)
         if not self._run.finished.is_set():
             status = ", running"
@@ -475,7 +580,54 @@ class ProgramState:
             self._log.close()
 
 
-__all__ = ["ProgramState"]
+class StateCopy(ProgramState):
+    """What ``s.copy()`` returns: a state of its own (append to it, read it) that is also SGLang's
+    context manager. ``with s.copy() as c: c += ...`` joins ``c`` back into ``s`` on exit, as
+    SGLang's ``copy`` (``fork(1)``, then ``join()``) does: each variable produced in ``c`` comes
+    to ``s`` as a list of one, and ``s``'s text is unchanged. A copy kept as a value (``c =
+    s.copy()``) is never joined. The block joins on the way out of an exception too, as a role
+    block closes, so a caller that catches it can go on."""
+
+    _group: ForkGroup | None = None
+    _entered = False
+
+    def __enter__(self) -> StateCopy:
+        group = self._group
+        if group is None or self._entered or group._joined:
+            raise ForkError(
+                "this copy was already used in a with-block; call s.copy() again for another",
+                self._run.program,
+                SourceLocation.here(),
+            )
+        self._entered = True
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._group is not None
+        if exc_type is None:
+            self._group.join()
+            return
+        # NOTE: the exception leaving the block is the one to report, not a join it made impossible
+        with contextlib.suppress(LLMIRError):
+            self._group.join()
+
+
+class _ReplacedSlot(ValueSlot):
+    """A produced variable replaced after the program finished: the new value, the gen's meta."""
+
+    __slots__ = ("produced",)
+
+    def __init__(self, value: Any, produced: Slot) -> None:
+        super().__init__(value)
+        self.produced = produced
+
+    def meta(self) -> dict[str, Any]:
+        return self.produced.meta()
+
+
+__all__ = ["ProgramState", "StateCopy"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -51,6 +51,8 @@ class StepResult:
     completion_tokens: int
     cached_tokens: int
     logprobs: list[float] | None = None
+    # with ``top_logprobs_num``: each generated position's most likely ``(token id, logprob)`` pairs
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -96,6 +98,15 @@ class Backend(ABC):
     @abstractmethod
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The model's own chat template."""
+
+    def token_ids(self, text: str) -> list[int] | None:
+        """``text``'s token ids as ``score`` tokenizes a continuation (no special tokens), or None
+        where the backend cannot tell (meta info then carries None for the ids)."""
+        return None
+
+    def token_text(self, token_id: int) -> str | None:
+        """One token's text (``return_text_in_logprobs``), or None where the backend cannot tell."""
+        return None
 
     def unpin(self, prompt: str) -> None:  # noqa: B027 - optional
         """Release a prefix pinned by ``ChainRequest.pin``."""
@@ -207,6 +218,12 @@ class EngineBackend(Backend):
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
         return self.engine.score(prompt, list(continuations))
 
+    def token_ids(self, text: str) -> list[int] | None:
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str | None:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.engine.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt
@@ -235,6 +252,7 @@ def _chain_result(f: Future, names: list, engines: list, lead: str) -> ChainResu
                 completion_tokens=r.completion_tokens,
                 cached_tokens=r.cached_tokens,
                 logprobs=r.logprobs,
+                top_logprobs=r.top_logprobs,
                 error=r.error,
                 meta=meta,
             )

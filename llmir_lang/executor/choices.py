@@ -23,7 +23,9 @@ misled by an attractive first token; the unconditional normalization removes how
 is on its own, at the cost of a second scoring call.
 
 ``score_and_select`` runs the scoring calls through any ``score(prompt, continuations)`` callable
-(``EngineBackend.score``, ``Engine.score``) and applies a method.
+(``EngineBackend.score``, ``Engine.score``) and applies a method. The three method functions are
+also what the DSL exports under SGLang's names (``llmir.greedy_token_selection``): ``select``
+takes them, or their names, or SGLang's own method objects (``choices_method_name``).
 """
 
 from __future__ import annotations
@@ -197,6 +199,39 @@ def unconditional_likelihood_normalized(
 
 
 # --- dispatch -----------------------------------------------------------------------------
+_METHOD_FUNCTIONS: dict[Callable[..., ChoiceDecision], str] = {
+    token_length_normalized: TOKEN_LENGTH_NORMALIZED,
+    greedy_token_selection: GREEDY_TOKEN_SELECTION,
+    unconditional_likelihood_normalized: UNCONDITIONAL_LIKELIHOOD_NORMALIZED,
+}
+# SGLang's method objects (``sglang.lang.choices``), by class name: a program that passes them
+# keeps working when its ``import sglang as sgl`` becomes ``import llmir_lang as sgl``
+_SGLANG_CLASSES = {
+    "TokenLengthNormalized": TOKEN_LENGTH_NORMALIZED,
+    "GreedyTokenSelection": GREEDY_TOKEN_SELECTION,
+    "UnconditionalLikelihoodNormalized": UNCONDITIONAL_LIKELIHOOD_NORMALIZED,
+}
+
+
+def choices_method_name(method: object) -> str:
+    """The name of a choices method given as a name (returned as is; callers check it), as one of
+    this module's three method functions (``llmir.greedy_token_selection``, SGLang's spelling),
+    or as one of SGLang's method objects. Anything else (a custom scoring object, which SGLang
+    accepts) is an ``UnknownChoicesMethodError``: the interpreter scores with these methods only."""
+    if isinstance(method, str):
+        return method
+    name = next((n for fn, n in _METHOD_FUNCTIONS.items() if method is fn), None)
+    if name is None and type(method).__module__.split(".")[0] == "sglang":
+        name = _SGLANG_CLASSES.get(type(method).__name__)
+    if name is None:
+        raise UnknownChoicesMethodError(
+            f"choices_method {method!r} is not one of llmir's methods; pass token_length_normalized, "
+            "greedy_token_selection or unconditional_likelihood_normalized (the objects or their "
+            "names): custom scoring methods are not supported"
+        )
+    return name
+
+
 def check_method(method: str) -> str:
     if method not in CHOICES_METHODS:
         raise UnknownChoicesMethodError(

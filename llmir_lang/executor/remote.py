@@ -4,9 +4,13 @@
   server or router. Against an llmir server (detected from ``/health``) it also scores with
   ``/score`` (the engine's exact scoring), renders the model's own chat template with
   ``/apply_chat_template``, and ``run_program`` sends whole programs to ``/program``.
+- ``RuntimeEndpoint(base_url, api_key=None, verify=None)`` is ``Endpoint`` under SGLang's name and
+  constructor, for programs that move over from SGLang.
 - ``OpenAI(base_url, model)`` speaks ``/v1/completions`` of any OpenAI-compatible server;
   constraints go as vLLM's ``guided_*`` fields (default) or as ``response_format`` (JSON schema
-  only); ``score`` uses ``echo`` + ``logprobs``.
+  only); ``score`` uses ``echo`` + ``logprobs``. SGLang's form ``OpenAI("model-name",
+  base_url=..., api_key=...)`` works too (with ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` as the
+  openai client reads them).
 
 ``score`` (what ``select`` uses) has the embedded engine's semantics on every server: the prompt and
 each choice are tokenized separately (the prompt with the tokenizer's special tokens, the choice
@@ -27,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -138,7 +144,8 @@ class _HTTPBackend(Backend):
 
     Options of both backends: ``tokenizer`` (a Hugging Face tokenizer or its path, for the chat
     template when the server cannot render it), ``timeout`` (seconds per request), ``max_workers``
-    (chains in flight). Subclasses define ``_lower(GenStep) -> request body`` and
+    (chains in flight), ``verify`` (TLS: False skips certificate checks, a path names a CA bundle).
+    Subclasses define ``_lower(GenStep) -> request body`` and
     ``_generate(text, body, on_text, stop) -> StepResult``."""
 
     def __init__(
@@ -149,14 +156,18 @@ class _HTTPBackend(Backend):
         tokenizer: Any = None,
         timeout: float = 600.0,
         max_workers: int = 64,
+        verify: bool | str = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # httpx takes a CA bundle as an SSL context (a path there is deprecated)
+        self._verify = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
         self._client = httpx.Client(
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=max_workers, max_keepalive_connections=max_workers),
+            verify=self._verify,
         )
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="llmir-remote")
         self._tokenizer = tokenizer
@@ -218,7 +229,10 @@ class _HTTPBackend(Backend):
         runs on an asyncio client of its own, on a thread of its own; cancelling it closes its
         connection, so the server (which aborts a request whose client went away) stops too. Then
         ``ChainAborted`` is raised. A KeyboardInterrupt in the waiting thread sets ``stop``."""
-        client_options = {"base_url": self.base_url, "headers": self._client.headers, "timeout": self._client.timeout}
+        client_options = {
+            "base_url": self.base_url, "headers": self._client.headers, "timeout": self._client.timeout,
+            "verify": self._verify,
+        }  # fmt: skip
 
         async def call() -> httpx.Response | None:
             async with httpx.AsyncClient(**client_options) as client:
@@ -643,6 +657,59 @@ class Endpoint(_HTTPBackend):
             functions.append((fn["name"], states))
         return ProgramReply(functions, out.get("stats", {}))
 
+    # --- SGLang's server calls ----------------------------------------------------------------
+    def flush_cache(self) -> None:
+        """Drop the server's cached prefixes (``/flush_cache``, on SGLang and llmir servers)."""
+        r = self._request("POST", "/flush_cache", {})
+        if r.status_code >= 400:
+            raise self._fail("/flush_cache", r)
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The server's description: SGLang's ``/get_server_info`` (``/server_info`` on newer
+        servers), or an llmir server's ``/health`` and ``/get_model_info`` together."""
+        if self.protocol == "llmir":
+            info = self._json("GET", "/health")
+            return {**info, **self._json("GET", "/get_model_info")}
+        r = self._request("GET", "/get_server_info")
+        if r.status_code == 404:
+            return self._json("GET", "/server_info")
+        if r.status_code >= 400:
+            raise self._fail("/get_server_info", r)
+        return r.json()
+
+    def _json(self, method: str, path: str) -> Any:
+        r = self._request(method, path)
+        if r.status_code >= 400:
+            raise self._fail(path, r)
+        return r.json()
+
+
+class RuntimeEndpoint(Endpoint):
+    """``Endpoint`` under SGLang's name and constructor: ``RuntimeEndpoint(base_url, api_key=None,
+    verify=None)``, an SGLang server (or an llmir server) at ``base_url``.
+
+    Unlike SGLang's, it does not call the server when it is made (the first request does), and it
+    has no ``chat_template_name``: roles render through the model's own template, which an SGLang
+    server cannot render, so give ``tokenizer=`` (a Hugging Face tokenizer or its path) for
+    programs with roles. Other ``Endpoint`` options (``protocol``, ``timeout``, ...) go by keyword.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        verify: bool | str | None = None,
+        chat_template_name: str | None = None,
+        **options: Any,
+    ) -> None:
+        if chat_template_name is not None:
+            raise NotYetSupportedError(
+                f"RuntimeEndpoint(chat_template_name={chat_template_name!r}): SGLang's chat template "
+                "table is not used here; roles render through the model's own template: pass "
+                "tokenizer= (the model's Hugging Face tokenizer or its path) instead"
+            )
+        super().__init__(base_url, api_key, verify=True if verify is None else verify, **options)
+
 
 class OpenAI(_HTTPBackend):
     """An OpenAI-compatible server at ``base_url`` (ending in ``/v1``) serving ``model``.
@@ -655,16 +722,46 @@ class OpenAI(_HTTPBackend):
     ``max_tokens`` is the default (128) and that a server refuses for being above its limit
     (``llmir serve --max-tokens-limit N`` says so in its 400) is sent again with N, and N is
     remembered; an explicit max_tokens of another value above the limit stays an error.
+
+    SGLang's form names the model first: ``OpenAI("model-name", is_chat_model=None,
+    base_url=..., api_key=...)``, the URL and key defaulting to ``OPENAI_BASE_URL`` (else
+    ``https://api.openai.com/v1``) and ``OPENAI_API_KEY`` as in the openai client. It always
+    speaks ``/v1/completions`` (the prompt rendered here, roles through the chat template), so a
+    model that only the chat API serves fails at its first request; ``is_chat_model=True``,
+    ``chat_template`` and ``is_azure`` raise ``NotYetSupportedError``.
     """
 
     def __init__(
-        self, base_url: str, model: str, api_key: str | None = None, *, constraints: str = "vllm", **http: Any
+        self,
+        url_or_model: str | None = None,
+        model: str | bool | None = None,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        constraints: str = "vllm",
+        is_chat_model: bool | None = None,
+        chat_template: Any = None,
+        is_azure: bool = False,
+        **http: Any,
     ) -> None:
         if constraints not in ("vllm", "response_format", "none"):
             raise InvalidRequestError(
                 f"constraints: 'vllm', 'response_format' or 'none', not {constraints!r}"
             )
-        super().__init__(base_url, api_key, **http)
+        if isinstance(model, str):  # llmir's form: OpenAI(base_url, model, api_key=None)
+            if url_or_model is not None and base_url is not None and url_or_model != base_url:
+                raise InvalidRequestError(f"OpenAI got two base URLs, {url_or_model!r} and {base_url!r}")
+            url = url_or_model if url_or_model is not None else base_url
+            if not url:
+                raise InvalidRequestError(
+                    f"OpenAI(model={model!r}) needs the server's base_url (ending in /v1)"
+                )
+        else:  # SGLang's form: OpenAI(model_name, is_chat_model=None, ..., base_url=..., api_key=...)
+            model, is_chat_model = _sglang_openai_model(url_or_model, model, is_chat_model)
+            url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+            api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        _refuse_openai_options(is_chat_model, chat_template, is_azure, http)
+        super().__init__(url, api_key, **http)
         self.model = model
         self.constraints = constraints
         self._tokenize_fields = {"model": model}
@@ -673,6 +770,13 @@ class OpenAI(_HTTPBackend):
     @property
     def _root(self) -> str:
         return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+
+    @property
+    def model_name(self) -> str:
+        """The model (SGLang's attribute name)."""
+        return self.model
+
+    is_chat_model = False  # SGLang's attribute: this backend always sends /v1/completions
 
     def _lower(self, step: GenStep) -> dict[str, Any]:
         p = step.params
@@ -828,6 +932,56 @@ class OpenAI(_HTTPBackend):
         if r.status_code != 200:
             raise self._fail(url, r)
         return r.json()["text"]
+
+
+_HTTP_OPTIONS = ("tokenizer", "timeout", "max_workers", "verify")
+
+
+def _sglang_openai_model(
+    name: str | None, second: bool | None, is_chat_model: bool | None
+) -> tuple[str, bool | None]:
+    """(model, is_chat_model) of SGLang's ``OpenAI(model_name, is_chat_model=None, ...)``."""
+    if name is None:
+        raise InvalidRequestError('OpenAI needs the model: OpenAI(base_url, model) or OpenAI("model-name")')
+    if "://" in name:
+        raise InvalidRequestError(
+            f"OpenAI({name!r}) needs the model too: OpenAI(base_url, model), or SGLang's "
+            f'OpenAI("model-name", base_url={name!r})'
+        )
+    if second is not None:  # SGLang's second positional parameter
+        if not isinstance(second, bool) or (is_chat_model is not None and is_chat_model != second):
+            raise InvalidRequestError(
+                f"OpenAI({name!r}, {second!r}): the second argument is the model name or is_chat_model"
+            )
+        is_chat_model = second
+    return name, is_chat_model
+
+
+def _refuse_openai_options(
+    is_chat_model: bool | None, chat_template: Any, is_azure: bool, http: dict
+) -> None:
+    """SGLang's OpenAI options this backend cannot honour, and openai-client options it lacks."""
+    if is_chat_model:
+        raise NotYetSupportedError(
+            "OpenAI(is_chat_model=True): this backend speaks /v1/completions only (it renders roles "
+            "through the chat template itself); leave is_chat_model out for a server that serves "
+            "the model on /v1/completions (vLLM, SGLang, llmir), or run the program on SGLang"
+        )
+    if chat_template is not None:
+        raise NotYetSupportedError(
+            "OpenAI(chat_template=...): roles render through the model's own template; pass "
+            "tokenizer= (its Hugging Face tokenizer or path) when the server cannot render it"
+        )
+    if is_azure:
+        raise NotYetSupportedError(
+            "OpenAI(is_azure=True): Azure OpenAI is not supported; give base_url= instead"
+        )
+    unknown = sorted(set(http) - set(_HTTP_OPTIONS))
+    if unknown:
+        raise InvalidRequestError(
+            f"OpenAI got unknown option(s) {unknown}; it takes base_url, api_key, constraints and "
+            f"{', '.join(_HTTP_OPTIONS)}"
+        )
 
 
 def _refused_limit(e: RemoteBackendError) -> int | None:

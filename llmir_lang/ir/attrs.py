@@ -72,7 +72,12 @@ ANNOTATION_ATTRS: dict[str, str] = {
     "branch_of": "str",  # fork-join: on the first op of a branch, the group it belongs to
 }
 
-GEN_ATTRS: dict[str, str] = {**SAMPLING_ATTRS, **CONSTRAINT_ATTRS}
+# How a gen's meta info is shaped (read by the interpreter, never sent to the engine).
+META_ATTRS: dict[str, str] = {
+    "return_text_in_logprobs": "bool",  # SGLang's: each logprob triple carries its token's text
+}
+
+GEN_ATTRS: dict[str, str] = {**SAMPLING_ATTRS, **CONSTRAINT_ATTRS, **META_ATTRS}
 SELECT_ATTRS: dict[str, str] = {
     "choices": "str[]",
     "choices_method": "str",

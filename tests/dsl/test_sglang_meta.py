@@ -1,0 +1,58 @@
+"""SGLang's meta-info shapes on the embedded engine: a gen's ``output_token_logprobs`` /
+``output_top_logprobs`` triples (SGLang's cot_decoding example reads them) and a select's
+``normalized_prompt_logprobs`` / ``input_token_logprobs`` (its choices_logprob example)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import llmir_lang as llmir
+from llmir_lang.dsl.errors import FeatureNotSupportedError
+
+
+def test_gen_logprob_triples_and_top_logprobs(rt):
+    @llmir.function
+    def prog(s):
+        s += "Q: hi\nA:" + llmir.gen("a", max_tokens=3, ignore_eos=True, top_logprobs_num=2)
+        s += "\nB:" + llmir.gen("b", max_tokens=2, ignore_eos=True, return_logprob=True, return_text_in_logprobs=True)
+
+    state = prog.run(backend=rt)
+    a, b = state.get_meta_info("a"), state.get_meta_info("b")
+    assert [t[1] for t in a["output_token_logprobs"]] == a["token_ids"]
+    assert [t[0] for t in a["output_token_logprobs"]] == a["logprobs"]
+    assert all(t[2] is None for t in a["output_token_logprobs"])  # no text asked for
+    tops = a["output_top_logprobs"]
+    assert len(tops) == 3 and all(len(top) == 2 for top in tops)
+    for (lp, tid, _), top in zip(a["output_token_logprobs"], tops):
+        assert top[0][0] >= top[1][0]  # most likely first
+        assert lp <= top[0][0] + 1e-5  # greedy picks the most likely token
+        assert tid == top[0][1]
+    # with return_text_in_logprobs each triple carries its token's text, which adds up to the value
+    assert "output_top_logprobs" not in b
+    assert "".join(t[2] for t in b["output_token_logprobs"]) == state["b"]
+
+
+def test_select_meta_under_sglang_names(rt):
+    @llmir.function
+    def prog(s):
+        s += "Statement: the sky is blue.\nAnswer:" + llmir.select("ans", ["True", "False", " Unknown value"])
+
+    state = prog.run(backend=rt)
+    meta = state.get_meta_info("ans")
+    assert meta["normalized_prompt_logprobs"] == meta["normalized_logprobs"]
+    assert state["ans"] == meta["choices"][max(range(3), key=meta["normalized_prompt_logprobs"].__getitem__)]
+    tok = rt.engine.tokenizer
+    for choice, lps, triples in zip(meta["choices"], meta["logprobs"], meta["input_token_logprobs"]):
+        assert [t[1] for t in triples] == tok.encode(choice, add_special_tokens=False)
+        assert [t[0] for t in triples] == lps
+        assert all(t[0] <= 0 and math.isfinite(t[0]) for t in triples)
+    assert meta["output_token_logprobs"] == [[], [], []]
+
+
+def test_gen_prompt_logprobs_are_refused_clearly():
+    with pytest.raises(FeatureNotSupportedError, match="logprob_start_len"):
+        llmir.gen("a", logprob_start_len=0)
+    with pytest.raises(llmir.DSLError, match="return_text_in_logprobs"):
+        llmir.gen("a", return_text_in_logprobs="yes")
