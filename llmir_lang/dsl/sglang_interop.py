@@ -168,12 +168,15 @@ class SGLangState:
             choices.TokenLengthNormalized: "token_length_normalized",
             choices.GreedyTokenSelection: "greedy_token_selection",
         }
+        unconditional = getattr(choices, "UnconditionalLikelihoodNormalized", None)
+        if unconditional is not None:
+            names[unconditional] = "unconditional_likelihood_normalized"
         method_name = next((n for cls, n in names.items() if isinstance(method, cls)), None)
         where = SourceLocation.here()
         if method_name is None:
             raise SGLangConversionError(
                 f"select({x.name!r}): choices_method {type(method).__name__} has no llmir equivalent; "
-                "use token_length_normalized or greedy_token_selection",
+                "use token_length_normalized, greedy_token_selection or unconditional_likelihood_normalized",
                 where=where,
             )
         if x.temperature:
@@ -186,7 +189,7 @@ class SGLangState:
         if name is None:  # SGLang names an anonymous select; so do we, with a per-program counter
             name = f"select_{self._selects}"
             self._selects += 1
-        return select(name, list(x.choices), method_name)
+        return select(name, list(x.choices), choices_method=method_name)
 
     # --- roles, scopes, forks ---------------------------------------------------------------
     def _role(self, role: str, expr: Any) -> Any:

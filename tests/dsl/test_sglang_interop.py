@@ -180,7 +180,7 @@ def test_run_batch_bind_and_sampling_defaults(rt):
 
 
 @needs_sglang
-def test_unsupported_nodes_are_typed_errors(fake):
+def test_unsupported_nodes_are_typed_errors(fake, rt):
     from sglang.lang.choices import unconditional_likelihood_normalized
 
     def program(body):
@@ -193,12 +193,14 @@ def test_unsupported_nodes_are_typed_errors(fake):
         s += "x" + sgl.gen("a", max_tokens=2, n=2)
 
     def method(s):
-        s += sgl.select("a", ["x", "y"], choices_method=unconditional_likelihood_normalized)
+        s += "Q: sky? A:" + sgl.select("a", ["x", "y"], choices_method=unconditional_likelihood_normalized)
 
     def hot(s):
         s += sgl.select("a", ["x", "y"], temperature=0.7)
 
-    cases = [(image, "SglImage"), (several, "n=2"), (method, "Unconditional"), (hot, "temperature")]
+    # SGLang's third method converts too (it scores the choices without the prompt: a real engine)
+    assert program(method).run(backend=rt)["a"] in ("x", "y")
+    cases = [(image, "SglImage"), (several, "n=2"), (hot, "temperature")]
     for body, what in cases:
         with pytest.raises(SGLangConversionError, match=what) as info:
             program(body).run(backend=fake)
