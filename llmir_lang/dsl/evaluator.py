@@ -107,7 +107,7 @@ class SegmentEvaluator:
         self.prefills = 0  # prefill-only requests sent (for tests and stats)
         self.requests = 0  # gen / chain requests sent
         self.score_calls = 0
-        self._ids_cache: dict[str, list[int] | None] = {}  # select choices' token ids (meta info)
+        self._tokens_cache: dict[str, list[tuple[int, str | None]] | None] = {}  # select meta info
         # the backend computes a prefix shared by requests submitted together once by itself:
         # a separate prefill would only add a round trip before the users may start
         self._shares_in_batch = bool(getattr(backend, "shares_prefix_in_batch", False))
@@ -403,12 +403,17 @@ class SegmentEvaluator:
             self._started.discard((fi, i))
             self._resolve(fi, i, _Val(base.text, base.vars, self._stopped(op), base.gates))
 
-    def _choice_ids(self, choice: str) -> list[int] | None:
-        """A select choice's token ids for its meta info (cached: programs reuse their choices)."""
-        if choice not in self._ids_cache:
+    def _choice_tokens(self, choice: str) -> list[tuple[int, str | None]] | None:
+        """A select choice's ``(token id, text)`` pairs for its meta info, or None where the
+        backend cannot tokenize (cached: programs reuse their choices)."""
+        if choice not in self._tokens_cache:
             tokenize = getattr(self.backend, "token_ids", None)
-            self._ids_cache[choice] = tokenize(choice) if callable(tokenize) else None
-        return self._ids_cache[choice]
+            decode = getattr(self.backend, "token_text", None)
+            ids = tokenize(choice) if callable(tokenize) else None
+            self._tokens_cache[choice] = (
+                None if ids is None else [(t, decode(t) if callable(decode) else None) for t in ids]
+            )
+        return self._tokens_cache[choice]
 
     def _token_text(self, attrs: Mapping[str, Any]) -> Callable[[int], str | None] | None:
         """How a gen's logprob triples get their token text: with ``return_text_in_logprobs``."""
@@ -444,7 +449,7 @@ class SegmentEvaluator:
         if op.kind == K.SELECT:
             picked, lps = result
             choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
-            meta = select_meta(choices, lps, picked, [self._choice_ids(c) for c in choices])
+            meta = select_meta(choices, lps, picked, [self._choice_tokens(c) for c in choices])
             vars_[op.label or ""] = VarResult(choices[picked], meta)
             if self.on_chunk is not None:  # streamed states show the choice now, not at the end
                 self.on_chunk(fi, self._chains[fi].get(i, frozenset()), op.label or "", choices[picked])

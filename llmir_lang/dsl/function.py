@@ -331,8 +331,7 @@ class LMFunction:
         prepared = []
         for i, kw in enumerate(items):
             if isinstance(kw, (list, tuple)):
-                self._check_positional_item(i, kw)
-                args, kw = tuple(kw), {}
+                args, kw = self._positional_item(i, kw)
             elif isinstance(kw, Mapping):
                 args = ()
             else:
@@ -392,14 +391,18 @@ class LMFunction:
         finish()
         return states
 
-    def _check_positional_item(self, i: int, values: list | tuple) -> None:
-        """A run_batch item of positional values must fill the required parameters after ``s``
-        and no more than there are (SGLang's rule), said here with the parameter names."""
-        named = [p for p in self._params if p.kind in _POSITIONAL]
-        least = sum(1 for p in named if p.default is inspect.Parameter.empty and p.name not in self.bound)
-        most = None if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in self._params) else len(named)
+    def _positional_item(self, i: int, values: list | tuple) -> tuple[tuple, dict[str, Any]]:
+        """A run_batch item of positional values as (args, kwargs): the values fill the parameters
+        after ``s`` that ``bind`` left open, in order; they must fill the required ones and be no
+        more than there are (SGLang's rule), said here with the parameter names."""
+        named = [p for p in self._params if p.kind in _POSITIONAL and p.name not in self.bound]
+        least = sum(1 for p in named if p.default is inspect.Parameter.empty)
+        var = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in self._params)
+        most = None if var and not self.bound else len(named)  # (after bind: named values only)
         if least <= len(values) and (most is None or len(values) <= most):
-            return
+            if most is None:
+                return tuple(values), {}
+            return (), dict(zip((p.name for p in named), values))
         takes = f"at least {least}" if most is None else f"{least}" if most == least else f"{least} to {most}"
         raise ProgramArgumentError(
             f"run_batch item {i} has {len(values)} positional value(s), but the program takes {takes} "

@@ -116,7 +116,11 @@ def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str
     }
     text = token_text or (lambda _tid: None)
     if step.logprobs is not None:
-        meta["output_token_logprobs"] = [(lp, tid, text(tid)) for lp, tid in zip(step.logprobs, step.token_ids)]
+        # a backend that does not know the ids (OpenAI's API) gives None for them, never fewer triples
+        ids = step.token_ids if len(step.token_ids) == len(step.logprobs) else [None] * len(step.logprobs)
+        meta["output_token_logprobs"] = [
+            (lp, tid, text(tid) if tid is not None else None) for lp, tid in zip(step.logprobs, ids)
+        ]
     if step.top_logprobs is not None:
         meta["output_top_logprobs"] = [[(lp, tid, text(tid)) for tid, lp in top] for top in step.top_logprobs]
     meta.update({k: v for k, v in step.meta.items() if k not in meta})
@@ -127,30 +131,28 @@ def select_meta(
     choices: Sequence[str],
     logprobs: Sequence[Sequence[float]],
     picked: int,
-    token_ids: Sequence[Sequence[int] | None] | None = None,
-    token_text: TokenText | None = None,
+    tokens: Sequence[Sequence[tuple[int, str | None]] | None] | None = None,
 ) -> dict[str, Any]:
     """The meta info of a select: every choice's token logprobs and normalized score.
 
     Also under SGLang's names: ``normalized_prompt_logprobs`` (the mean token logprob of each
-    choice), ``input_token_logprobs`` (per choice, one ``(logprob, token id, text)`` per token; the
-    id is None where the backend cannot tokenize, the text None without ``token_text``) and
-    ``output_token_logprobs`` (per choice, empty: a select generates no token).
+    choice), ``input_token_logprobs`` (per choice, one ``(logprob, token id, text)`` per token;
+    ``tokens`` gives each choice's ``(id, text)`` pairs, None where the backend cannot tokenize,
+    and then id and text are None) and ``output_token_logprobs`` (per choice, empty: a select
+    generates no token).
     """
-    normalized = [sum(lps) / max(len(lps), 1) for lps in logprobs]
-    text = token_text or (lambda _tid: None)
     inputs = []
     for i, lps in enumerate(logprobs):
-        ids = token_ids[i] if token_ids is not None else None
-        if ids is None or len(ids) != len(lps):
-            ids = [None] * len(lps)
-        inputs.append([(lp, tid, text(tid) if tid is not None else None) for lp, tid in zip(lps, ids)])
+        toks = tokens[i] if tokens is not None else None
+        if toks is None or len(toks) != len(lps):
+            toks = [(None, None)] * len(lps)
+        inputs.append([(lp, tid, text) for lp, (tid, text) in zip(lps, toks)])
     return {
         "choices": list(choices),
         "picked": picked,
         "logprobs": [list(lps) for lps in logprobs],
-        "normalized_logprobs": normalized,
-        "normalized_prompt_logprobs": normalized,
+        "normalized_logprobs": [sum(lps) / max(len(lps), 1) for lps in logprobs],
+        "normalized_prompt_logprobs": [sum(lps) / max(len(lps), 1) for lps in logprobs],
         "input_token_logprobs": inputs,
         "output_token_logprobs": [[] for _ in logprobs],
         "finish_reason": "select",

@@ -10,9 +10,9 @@ the line that wrote it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +33,6 @@ ROLES = ("system", "user", "assistant")
 # An unnamed select (SGLang's ``select(choices=[...])``) appends its choice and keeps no variable:
 # it gets a hidden name (``_gen...`` names are left out of ``variables()`` and joins), unique in
 # the process so that a loop of them never reuses one within a state.
-_ANONYMOUS_SELECTS = itertools.count()
 
 
 class Expr:
@@ -78,7 +77,7 @@ class Gen(Expr):
 class Select(Expr):
     """Pick one of ``choices`` (by the model's likelihood) into variable ``name``."""
 
-    name: str
+    name: str | None  # None: named where it is appended (an anonymous variable)
     choices: list[str]
     choices_method: str = "token_length_normalized"
     where: SourceLocation | None = field(default=None, repr=False)
@@ -287,10 +286,11 @@ def select(
         raise DSLError(f"{what} needs choices=[...], a list of strings", where=where)
     if temperature is None:
         temperature = 0.0
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         if choices_method is not token_length_normalized:
             raise DSLError(f"{what}: temperature must be a number, got {temperature!r}", where=where)
         choices_method, temperature = temperature, 0.0
+    temperature = float(temperature)  # numpy scalars too
     if not math.isfinite(temperature) or temperature < 0:
         raise DSLError(f"{what}: temperature must be a finite number >= 0, got {temperature!r}", where=where)
     if temperature > GREEDY_TEMPERATURE:
@@ -309,8 +309,6 @@ def select(
             f"{what}: unknown choices_method {method!r}; use one of {CHOICES_METHODS}", where=where
         )
     options = _choice_list(choices, where, f"{what} choices")
-    if name is None:
-        name = f"_gen_select{next(_ANONYMOUS_SELECTS)}"
     return Select(name, options, method, where)
 
 

@@ -153,8 +153,9 @@ def sglang_engine_options(model: str | None, options: dict[str, Any]) -> dict[st
                 f"Runtime() got an unknown option {key!r}; the embedded engine takes {sorted(own)} and "
                 f"SGLang's {sorted(_SGLANG_TO_ENGINE)} (and ignores {sorted(_NO_EFFECT)})"
             )
-        if engine_key in out and key != engine_key:
-            raise InvalidRequestError(f"Runtime() got both {key!r} and {engine_key!r}; give one")
+        if engine_key in out:  # two keywords for one option (in either order): which one wins?
+            other = next(k for k in options if k != key and _SGLANG_TO_ENGINE.get(k, k) == engine_key)
+            raise InvalidRequestError(f"Runtime() got both {other!r} and {key!r} (the same option); give one")
         if key in _NEGATED:
             value = not value
         elif key == "dtype" and value == "auto":

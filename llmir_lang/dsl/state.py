@@ -107,10 +107,13 @@ class ProgramState:
             self._append_gen(x, x.where or where)
         elif isinstance(x, Select):
             at = x.where or where
-            self._claim(x.name, at)
-            piece = Piece("select", None, name=x.name, where=at)
-            self._record(lambda v: run.builder.select(v, x.name, x.choices, x.choices_method), piece, at)
-            self._vars[x.name] = PieceSlot(piece)
+            # an unnamed select (SGLang's) is named where it is appended, as an unnamed gen: each
+            # append its own variable, and the same name in every trace of the program
+            name = x.name if x.name is not None else run.anonymous_name()
+            self._claim(name, at)
+            piece = Piece("select", None, name=name, where=at)
+            self._record(lambda v: run.builder.select(v, name, x.choices, x.choices_method), piece, at)
+            self._vars[name] = PieceSlot(piece)
         elif isinstance(x, RoleMarker):
             self._role_marker(x.role, x.begin, x.where or where)
         elif isinstance(x, RoleBlock):
@@ -234,13 +237,19 @@ class ProgramState:
         self._vars[name] = RangeSlot(self, start, len(self._pieces))
 
     # --- forks ---------------------------------------------------------------------------
-    def fork(self, size: int = 1, position_ids_offset: list[int] | None = None) -> ForkGroup:
+    def fork(
+        self, size: int = 1, position_ids_offset: list[int] | None = None, *, n: int | None = None
+    ) -> ForkGroup:
         """``size`` branches (SGLang's default: one), each starting with this state's text and
         variables (a ``ForkGroup``). ``position_ids_offset`` is accepted by name, as in SGLang,
-        and only as None."""
+        and only as None. ``n=`` is the older name of ``size``."""
         from llmir_lang.dsl.fork import ForkGroup
 
         where = SourceLocation.here()
+        if n is not None:
+            if size != 1 and size != n:
+                raise ForkError(f"fork() got size={size!r} and n={n!r}; pass one", self._run.program, where)
+            size = n
         self._refuse_position_ids("fork", position_ids_offset, where)
         return ForkGroup.create(self, size, where)
 

@@ -161,7 +161,12 @@ class _HTTPBackend(Backend):
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # httpx takes a CA bundle as an SSL context (a path there is deprecated)
-        self._verify = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        try:
+            self._verify = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        except (OSError, ssl.SSLError) as e:
+            raise InvalidRequestError(
+                f"verify={verify!r}: not a readable CA bundle ({e}); give the path of a PEM file, True or False"
+            ) from None
         self._client = httpx.Client(
             base_url=self.base_url,
             headers=headers,
@@ -312,6 +317,17 @@ class _HTTPBackend(Backend):
 
                 self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer)
         return self._tokenizer
+
+    def token_ids(self, text: str) -> list[int] | None:
+        """With ``tokenizer=``: ``text``'s ids for meta info (no request to the server for it)."""
+        if self._tokenizer is None:
+            return None
+        return list(self._hf_tokenizer().encode(text, add_special_tokens=False))
+
+    def token_text(self, token_id: int) -> str | None:
+        if self._tokenizer is None:
+            return None
+        return self._hf_tokenizer().decode([token_id], skip_special_tokens=False)
 
     def _token_ids(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]] | None:
         """``texts`` as the served model's tokenizer encodes them: with ``tokenizer=`` locally, else
@@ -546,15 +562,20 @@ class Endpoint(_HTTPBackend):
         finish = finish if isinstance(finish, dict) else {"type": str(finish)}
         kind = finish.get("type", "unknown")
         lps = meta.get("output_token_logprobs")
+        ids = list(out.get("output_ids") or [])
+        if not ids and lps and all(isinstance(e, (list, tuple)) and len(e) > 1 for e in lps):
+            ids = [e[1] for e in lps]  # SGLang's (logprob, token id, text) entries carry the ids
+        tops = meta.get("output_top_logprobs")
         return StepResult(
             name=None,
             text=out.get("text", ""),
-            token_ids=list(out.get("output_ids") or []),
+            token_ids=ids,
             finish_reason=kind,
             prompt_tokens=int(meta.get("prompt_tokens", 0)),
             completion_tokens=int(meta.get("completion_tokens", 0)),
             cached_tokens=int(meta.get("cached_tokens", 0)),
             logprobs=[e[0] for e in lps] if lps is not None else None,
+            top_logprobs=[[(e[1], e[0]) for e in top or []] for top in tops] if tops is not None else None,
             error=None
             if kind in _FINISH_OK
             else f"generation ended with {kind}: {finish.get('message', '')}",
@@ -742,8 +763,15 @@ class OpenAI(_HTTPBackend):
         is_chat_model: bool | None = None,
         chat_template: Any = None,
         is_azure: bool = False,
+        model_name: str | None = None,
         **http: Any,
     ) -> None:
+        if model_name is not None:  # SGLang's keyword for the model
+            if url_or_model is not None and url_or_model != model_name and model is None:
+                raise InvalidRequestError(f"OpenAI got two models, {url_or_model!r} and model_name={model_name!r}")
+            if isinstance(model, str):
+                raise InvalidRequestError(f"OpenAI got two models, {model!r} and model_name={model_name!r}")
+            url_or_model = model_name
         if constraints not in ("vllm", "response_format", "none"):
             raise InvalidRequestError(
                 f"constraints: 'vllm', 'response_format' or 'none', not {constraints!r}"

@@ -279,7 +279,7 @@ def test_runtime_translates_sglang_server_args():
         sglang_engine_options(None, {"context_length": 4096})
     with pytest.raises(InvalidRequestError, match="unknown option 'warp_factor'"):
         sglang_engine_options(None, {"warp_factor": 9})
-    with pytest.raises(InvalidRequestError, match="both 'random_seed' and 'seed'"):
+    with pytest.raises(InvalidRequestError, match="both 'seed' and 'random_seed'"):
         sglang_engine_options(None, {"seed": 1, "random_seed": 2})
 
 
@@ -309,3 +309,43 @@ def test_runtime_sglang_methods(rt):
         llmir.flush_cache()
     finally:
         llmir.set_default_backend(None)
+
+
+def test_review_mends(fake):
+    """Points a review found: positional items after bind(), an unnamed select reused, numpy
+    temperatures, SGLang's model_name=, conflicting Runtime keywords in either order, fork(n=)."""
+    import numpy as np
+
+
+    @llmir.function
+    def two(s, a, b):
+        s += a + b
+
+    assert [st.text() for st in two.bind(a="A").run_batch([["B"], ("C",)], backend=fake)] == ["AB", "AC"]
+    with pytest.raises(llmir.ProgramArgumentError, match="has 2 positional"):
+        two.bind(a="A").run_batch([["B", "C"]], backend=fake)
+
+    anon = llmir.select(choices=["x", "y"])
+
+    @llmir.function
+    def twice(s):
+        s += "A?" + anon + " B?" + anon
+
+    first, second = (str(twice.trace()) for _ in range(2))
+    assert first == second  # the hidden name is the same in every trace
+    assert twice.run(backend=fake).text().count("?") == 2
+
+    assert llmir.select("x", ["a", "b"], np.float32(0.0)).choices_method == "token_length_normalized"
+    assert llmir.OpenAI(model_name="m", base_url="http://h/v1").model == "m"
+    for opts in ({"seed": 1, "random_seed": 2}, {"random_seed": 2, "seed": 1}):
+        with pytest.raises(InvalidRequestError, match="the same option"):
+            sglang_engine_options(None, opts)
+
+    @llmir.function
+    def forked(s):
+        s += "x"
+        forks = s.fork(n=2)
+        forks += "y"
+        forks.join(mode="concate_and_append")
+
+    assert forked.run(backend=fake).text() == "xyy"

@@ -41,12 +41,13 @@ def test_select_meta_under_sglang_names(rt):
 
     state = prog.run(backend=rt)
     meta = state.get_meta_info("ans")
-    assert meta["normalized_prompt_logprobs"] == meta["normalized_logprobs"]
+    assert meta["normalized_prompt_logprobs"] == pytest.approx([sum(lps) / len(lps) for lps in meta["logprobs"]])
     assert state["ans"] == meta["choices"][max(range(3), key=meta["normalized_prompt_logprobs"].__getitem__)]
     tok = rt.engine.tokenizer
     for choice, lps, triples in zip(meta["choices"], meta["logprobs"], meta["input_token_logprobs"]):
         assert [t[1] for t in triples] == tok.encode(choice, add_special_tokens=False)
         assert [t[0] for t in triples] == lps
+        assert "".join(t[2] for t in triples) == choice  # each token's text, as SGLang's select gives
         assert all(t[0] <= 0 and math.isfinite(t[0]) for t in triples)
     assert meta["output_token_logprobs"] == [[], [], []]
 
@@ -56,3 +57,35 @@ def test_gen_prompt_logprobs_are_refused_clearly():
         llmir.gen("a", logprob_start_len=0)
     with pytest.raises(llmir.DSLError, match="return_text_in_logprobs"):
         llmir.gen("a", return_text_in_logprobs="yes")
+
+
+def test_remote_sglang_meta_takes_ids_and_top_logprobs_from_the_server():
+    """An SGLang server sends no ``output_ids``: the ids come from its logprob entries, and its
+    top logprobs reach the program (they were dropped)."""
+    import httpx
+
+    meta = {
+        "finish_reason": {"type": "length"},
+        "prompt_tokens": 4,
+        "completion_tokens": 2,
+        "output_token_logprobs": [[-0.1, 11, None], [-0.5, 12, None]],
+        "output_top_logprobs": [[[-0.1, 11, None], [-2.0, 13, None]], [[-0.5, 12, None], [-1.5, 14, None]]],
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/generate":
+            return httpx.Response(200, json={"text": " 4.", "meta_info": meta})
+        return httpx.Response(404, text="not found")
+
+    ep = llmir.RuntimeEndpoint("http://sglang:30000", protocol="sglang")
+    ep._client = httpx.Client(base_url=ep.base_url, transport=httpx.MockTransport(handler))
+
+    @llmir.function
+    def prog(s):
+        s += "2 + 2 =" + llmir.gen("a", max_tokens=2, top_logprobs_num=2)
+
+    got = prog.run(backend=ep).get_meta_info("a")
+    ep.close()
+    assert got["token_ids"] == [11, 12]
+    assert got["output_token_logprobs"] == [(-0.1, 11, None), (-0.5, 12, None)]
+    assert got["output_top_logprobs"] == [[(-0.1, 11, None), (-2.0, 13, None)], [(-0.5, 12, None), (-1.5, 14, None)]]
