@@ -141,6 +141,7 @@ def select_meta(
     and then id and text are None) and ``output_token_logprobs`` (per choice, empty: a select
     generates no token).
     """
+    normalized = [sum(lps) / max(len(lps), 1) for lps in logprobs]
     inputs = []
     for i, lps in enumerate(logprobs):
         toks = tokens[i] if tokens is not None else None
@@ -151,8 +152,8 @@ def select_meta(
         "choices": list(choices),
         "picked": picked,
         "logprobs": [list(lps) for lps in logprobs],
-        "normalized_logprobs": [sum(lps) / max(len(lps), 1) for lps in logprobs],
-        "normalized_prompt_logprobs": [sum(lps) / max(len(lps), 1) for lps in logprobs],
+        "normalized_logprobs": normalized,
+        "normalized_prompt_logprobs": list(normalized),  # its own list: a caller may change one
         "input_token_logprobs": inputs,
         "output_token_logprobs": [[] for _ in logprobs],
         "finish_reason": "select",

@@ -30,9 +30,6 @@ CHOICES_METHODS = (
     "sum_logprob",
 )
 ROLES = ("system", "user", "assistant")
-# An unnamed select (SGLang's ``select(choices=[...])``) appends its choice and keeps no variable:
-# it gets a hidden name (``_gen...`` names are left out of ``variables()`` and joins), unique in
-# the process so that a loop of them never reuses one within a state.
 
 
 class Expr:
