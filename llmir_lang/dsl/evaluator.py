@@ -31,9 +31,8 @@ not started yet fail with a ``ProgramInterruptedError``, and ``run`` returns at 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +50,7 @@ from llmir_lang.dsl.ordering import CallOrder
 from llmir_lang.dsl.prefill import MIN_PREFILL_CHARS, PrefillMemory
 from llmir_lang.dsl.results import Failure, FunctionResult, StateResult, VarResult
 from llmir_lang.errors import ConstraintViolationError
-from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult
+from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, score_pool, settle
 from llmir_lang.ir import Function, Module, Op
 from llmir_lang.ir import ops as K
 
@@ -67,19 +66,6 @@ class _Val:
 # (function index, indices of the returned states whose chain holds the gen, gen name, new text)
 ChunkSink = Callable[[int, frozenset[int], str, str], None]
 DoneSink = Callable[[int, FunctionResult], None]
-
-_SCORE_POOL: ThreadPoolExecutor | None = None
-_SCORE_POOL_LOCK = threading.Lock()
-
-
-def _score_pool() -> ThreadPoolExecutor:
-    # score() blocks until the engine answers; a shared pool lets many selects wait at once.
-    global _SCORE_POOL
-    with _SCORE_POOL_LOCK:
-        if _SCORE_POOL is None:
-            _SCORE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmir-select")
-        return _SCORE_POOL
-
 
 # what ``unconditional_likelihood_normalized`` scores the choices after instead of the prompt
 UNCONDITIONAL_PROMPT = "\n"
@@ -325,7 +311,7 @@ class SegmentEvaluator:
                 choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
                 batched = op.attrs.get("score") == "batched"
                 method = str(op.attrs.get("choices_method", "token_length_normalized"))
-                fut = _score_pool().submit(self._score, base.text, choices, batched, method)
+                fut = self._score_start(base.text, choices, batched, method)
                 self.score_calls += 1 if batched else len(choices)
             elif op.kind == K.GEN:
                 fut = self._submit(fi, i, base.text, [gen_step(op.label, op.attrs)])
@@ -353,6 +339,32 @@ class SegmentEvaluator:
         fut = self.backend.submit(ChainRequest(prompt, steps), on_chunk=self._chunk_sink(fi, i, names))
         self.requests += 1
         return fut
+
+    def _score_start(self, prompt: str, choices: list[str], batched: bool, method: str) -> Future:
+        """A future of ``(index picked, each choice's token logprobs)``. One batched call is
+        started without a waiting thread (``Backend.score_async``; its index is None: picked in
+        ``_complete``); the others (a choice per call, or two calls for the unconditional method)
+        run on the score pool."""
+        if not batched or method == "unconditional_likelihood_normalized":
+            return score_pool().submit(self._score, prompt, choices, batched, method)
+        out: Future = Future()
+        try:
+            scores = self.backend.score_async(prompt, choices)
+        except Exception as e:  # bad input: fails this select as a failing score call would
+            out.set_exception(e)
+            return out
+
+        def done(f: Future) -> None:  # on the engine thread: the choice is picked in _complete
+            try:
+                result = (None, f.result())
+            except BaseException as e:  # a cancelled or failed scoring fails the select
+                settle(out, None, e)
+                return
+            settle(out, result, None)
+
+        out.add_done_callback(lambda f: scores.cancel() if f.cancelled() else None)
+        scores.add_done_callback(done)
+        return out
 
     def _score(
         self, prompt: str, choices: list[str], batched: bool, method: str
@@ -449,6 +461,13 @@ class SegmentEvaluator:
         if op.kind == K.SELECT:
             picked, lps = result
             choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
+            if picked is None:  # scored by score_async: picked here, off the engine thread
+                try:
+                    method = str(op.attrs.get("choices_method", "token_length_normalized"))
+                    picked = pick_choice(method, lps, None)
+                except Exception as e:
+                    self._resolve(fi, i, _Val(base.text, base.vars, _failure(op, e), base.gates))
+                    return
             meta = select_meta(choices, lps, picked, [self._choice_tokens(c) for c in choices])
             vars_[op.label or ""] = VarResult(choices[picked], meta)
             if self.on_chunk is not None:  # streamed states show the choice now, not at the end

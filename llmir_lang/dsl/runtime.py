@@ -250,6 +250,9 @@ class Runtime(Backend):
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
         return self.backend.score(prompt, continuations)
 
+    def score_async(self, prompt: str, continuations: Sequence[str]) -> Future:
+        return self.backend.score_async(prompt, continuations)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.backend.apply_chat_template(messages, add_generation_prompt)
 

@@ -9,14 +9,40 @@ OpenAI) implement the same interface.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmir_lang.errors import EngineClosedError
 from llmir_lang.executor.sampling_params import SamplingParams
+
+_SCORE_POOL: ThreadPoolExecutor | None = None
+_SCORE_POOL_LOCK = threading.Lock()
+
+
+def score_pool() -> ThreadPoolExecutor:
+    """Threads that wait on blocking ``score`` calls (remote backends answer one call at a time),
+    shared by every backend so that many selects can wait at once."""
+    global _SCORE_POOL
+    with _SCORE_POOL_LOCK:
+        if _SCORE_POOL is None:
+            _SCORE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmir-select")
+        return _SCORE_POOL
+
+
+def settle(fut: Future, result: Any, error: BaseException | None) -> None:
+    """Complete ``fut`` with ``error`` or ``result``, unless it was cancelled meanwhile (an aborted
+    run: nobody wants it)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 @dataclass(slots=True)
@@ -94,6 +120,12 @@ class Backend(ABC):
     @abstractmethod
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
         """Per-token logprobs of each continuation after ``prompt``, in one batched call."""
+
+    def score_async(self, prompt: str, continuations: Sequence[str]) -> Future:
+        """``score`` started now, its result in the returned future (a select of a batch uses it
+        to score while the others are submitted). This default runs ``score`` on a shared pool of
+        waiting threads; the embedded engine submits its requests at once and waits on none."""
+        return score_pool().submit(self.score, prompt, continuations)
 
     @abstractmethod
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
@@ -217,6 +249,9 @@ class EngineBackend(Backend):
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
         return self.engine.score(prompt, list(continuations))
+
+    def score_async(self, prompt: str, continuations: Sequence[str]) -> Future:
+        return self.engine.score_async(prompt, list(continuations))
 
     def token_ids(self, text: str) -> list[int] | None:
         return self.engine.tokenizer.encode(text, add_special_tokens=False)

@@ -94,22 +94,27 @@ class OutputProcessor:
         """Sample every request of ``batch`` that samples after this step and append its token.
         ``pending`` is ``start_masks(batch)``, started before the forward."""
         logits = step.logits
-        for req, (row, pos, count) in zip(batch.reqs, step.prompt_rows):
-            if count:
-                targets = req.prompt_ids[pos + 1 : pos + 1 + count]
-                lps = logprobs_of(logits[row : row + count], torch.tensor(targets, device=logits.device))
-                req.prompt_logprobs.extend(zip(targets, lps.tolist()))
-                at = req.logprob_start_len  # a scoring request reads its first position's distribution
-                if req.score_next is not None and pos <= at < pos + count:
-                    req.next_logprobs = _logprobs_at(logits[row + at - pos], req.score_next)
+        _prompt_logprobs(logits, batch.reqs, step.prompt_rows)
+        # scoring requests (prefill only) read the next token's logprobs: at their first scored
+        # position (with prompt logprobs), else at their last
+        scoring = [
+            (req, row + req.logprob_start_len - pos)
+            for req, (row, pos, count) in zip(batch.reqs, step.prompt_rows)
+            if count and req.score_next is not None and pos <= req.logprob_start_len < pos + count
+        ]
+        scoring += [
+            (req, row)
+            for req, row in zip(batch.reqs, step.sample_rows)
+            if row >= 0 and not req.finished and req.score_next is not None
+            and req.logprob_start_len < 0 and not req.output_ids and req.params.max_new_tokens == 0
+        ]  # fmt: skip
+        _next_logprobs(logits, scoring)
         todo: list[tuple[Req, int]] = []
         drafted: list[tuple[Req, int, list[int]]] = []
         for b, (req, row) in enumerate(zip(batch.reqs, step.sample_rows)):
             if row < 0 or req.finished:
                 continue
             if len(req.output_ids) >= req.params.max_new_tokens:
-                if req.score_next is not None and req.logprob_start_len < 0 and not req.output_ids:
-                    req.next_logprobs = _logprobs_at(logits[row], req.score_next)
                 if _chain_continues(req):  # a chain's gen of max_new_tokens 0: on to its next step
                     self._next_step(req, FinishReason.LENGTH)
                 else:
@@ -490,6 +495,49 @@ def _logprobs_at(logits_row: torch.Tensor, token_ids: list[int]) -> list[float]:
     return (
         lf[torch.tensor(token_ids, device=lf.device, dtype=torch.int64)] - torch.logsumexp(lf, -1)
     ).tolist()
+
+
+def _prompt_logprobs(logits: torch.Tensor, reqs: list[Req], prompt_rows: list[tuple[int, int, int]]) -> None:
+    """Append each request's prompt logprobs of this step: its ``count`` rows from ``row`` score
+    the prompt tokens after positions ``pos``.., all requests' rows in one pass."""
+    rows: list[int] = []
+    targets: list[int] = []
+    spans: list[tuple[Req, int, int]] = []
+    for req, (row, pos, count) in zip(reqs, prompt_rows):
+        if count:
+            spans.append((req, len(targets), count))
+            rows.extend(range(row, row + count))
+            targets.extend(req.prompt_ids[pos + 1 : pos + 1 + count])
+    if not spans:
+        return
+    dev = logits.device
+    picked = logits.index_select(0, torch.tensor(rows, device=dev)) if len(spans) > 1 else None
+    if picked is None:  # one request: its rows are contiguous
+        picked = logits[rows[0] : rows[0] + len(rows)]
+    lps = logprobs_of(picked, torch.tensor(targets, device=dev)).tolist()
+    for req, start, count in spans:
+        req.prompt_logprobs.extend(zip(targets[start : start + count], lps[start : start + count]))
+
+
+def _next_logprobs(logits: torch.Tensor, scoring: list[tuple[Req, int]]) -> None:
+    """Each request's ``next_logprobs``: ``log_softmax`` of its logits row at its ``score_next``
+    ids, for all the rows in one pass (a batch of selects finishes dozens at once)."""
+    if not scoring:
+        return
+    if len(scoring) == 1:
+        req, row = scoring[0]
+        req.next_logprobs = _logprobs_at(logits[row], req.score_next or [])
+        return
+    rows = logits.index_select(0, torch.tensor([row for _, row in scoring], device=logits.device)).float()
+    width = max(len(req.score_next or []) for req, _ in scoring)
+    ids = torch.tensor(
+        [(req.score_next or []) + [0] * (width - len(req.score_next or [])) for req, _ in scoring],
+        device=logits.device,
+        dtype=torch.int64,
+    )
+    picked = (rows.gather(1, ids) - torch.logsumexp(rows, -1, keepdim=True)).tolist()
+    for (req, _), lps in zip(scoring, picked):
+        req.next_logprobs = lps[: len(req.score_next or [])]
 
 
 def _chain_continues(req: Req) -> bool:

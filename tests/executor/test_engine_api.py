@@ -120,6 +120,45 @@ def test_score_shares_prompt_kv(setup):
             assert max(abs(a - b) for a, b in zip(s, ref)) <= 1e-4
 
 
+def test_score_async_equals_score_and_waits_on_no_thread(setup):
+    eng, _, _ = setup
+    prompt = list(range(60, 90))
+    conts = [[7, 8, 9], [7, 8, 100], [200], [5, 6]]
+    ref = eng.score(prompt, conts)
+    eng.flush_cache()
+    threads = threading.active_count()
+    futs = [eng.score_async(prompt, conts) for _ in range(3)]  # submitted together, none waits
+    assert threading.active_count() == threads
+    for f in futs:  # the same numbers, up to the float noise of another batch shape
+        got = f.result(timeout=60)
+        assert [len(x) for x in got] == [len(x) for x in ref]
+        assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x, y)) <= 1e-4
+    assert eng.score_async(prompt, []).result(timeout=5) == []
+
+
+def test_score_async_bad_input_raises_at_the_call_and_cancel_aborts(setup):
+    eng, _, _ = setup
+    with pytest.raises(errors.InvalidRequestError, match="at least one token"):
+        eng.score_async([5, 6, 7], [[1], []])
+    with pytest.raises(errors.EmptyPromptError):
+        eng.score_async([], [[1]])
+    # cancelled while the engine thread is busy: its requests are aborted before they run
+    gate = threading.Event()
+    busy = threading.Thread(target=eng.call_in_engine_thread, args=(lambda: gate.wait(30),))
+    busy.start()
+    try:
+        before = eng.runner.num_forward_calls
+        fut = eng.score_async(list(range(100, 160)), [[1, 2, 3], [4, 5]])
+        assert fut.cancel() and fut.cancelled()
+    finally:
+        gate.set()
+        busy.join()
+    assert eng.score([5, 6, 7], [[1]])[0]  # the engine goes on
+    assert eng.runner.num_forward_calls == before + 1  # the cancelled requests never ran
+    eng.flush_cache()
+    assert eng.stats()["pool"]["used"] == 0
+
+
 def test_prompt_logprobs_and_top_logprobs(setup):
     eng, hf, _ = setup
     r = eng.generate(
