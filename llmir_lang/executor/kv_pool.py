@@ -13,6 +13,9 @@ import torch
 
 from llmir_lang.errors import LLMIRError, OutOfKVMemoryError
 
+# pages taken or given back with array work instead of tensor ops (see ``alloc``)
+_SMALL = 1024
+
 
 class KVPoolError(LLMIRError, ValueError):
     """The KV pool was misused: bad sizes, a slot out of range, or freeing memory that is not in use."""
@@ -184,6 +187,21 @@ class KVPool:
             if p == 1:
                 return torch.tensor([page], dtype=torch.int64)
             new_slots = torch.arange(page * p, page * p + rest, dtype=torch.int64)
+        elif num_new <= _SMALL:
+            # plain array work, no tensor op: an op that releases the GIL waits up to a switch
+            # interval (5 ms) to take it back while another Python thread is busy (a program
+            # batch submitting), and a request's admission is on the engine's critical path
+            top = self._top - num_new
+            picked = self._stack[top : self._top]
+            picked.reverse()  # ascending stack order
+            self._top = top
+            state = self._state
+            for page in picked:
+                state[page] = 0
+            pages = torch.frombuffer(picked, dtype=torch.int64)  # keeps ``picked`` alive
+            if p == 1:
+                return pages
+            new_slots = (pages.unsqueeze(1) * p + torch.arange(p, dtype=torch.int64)).flatten()[:rest]
         else:
             top = self._top - num_new
             pages = self._stack_t[top : self._top].flip(0)  # a copy, in ascending stack order
@@ -216,6 +234,9 @@ class KVPool:
             self._state[page] = 1
             self._stack[self._top] = page
             self._top += 1
+            return
+        if n <= _SMALL:  # array work, no tensor op (see alloc)
+            self._free_small(slots.reshape(-1).tolist())
             return
         flat = slots.reshape(-1).to(device="cpu", dtype=torch.int64)
         lo, hi = torch.aminmax(flat)
@@ -259,6 +280,28 @@ class KVPool:
             )
 
     # --- reporting ----------------------------------------------------------------------------
+    def _free_small(self, slots: list[int]) -> None:
+        self._check_range(min(slots), max(slots))
+        p, state = self.page_size, self._state
+        if p == 1:
+            pages = slots
+            seen: set[int] = set()
+            for page in pages:
+                if page in seen:
+                    raise self._double_free(page)
+                seen.add(page)
+        else:
+            pages = sorted({slot // p for slot in slots})  # many slots of one page: freed once
+        for page in pages:
+            if state[page]:
+                raise self._double_free(page)
+        stack, top = self._stack, self._top
+        for page in pages:
+            state[page] = 1
+            stack[top] = page
+            top += 1
+        self._top = top
+
     def stats(self) -> dict[str, float | int]:
         """capacity, used and free (slots), usage (used / capacity), page_size, bytes (K+V storage)."""
         used = self.num_used

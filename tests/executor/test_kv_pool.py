@@ -206,3 +206,28 @@ def test_stats() -> None:
         "bytes": pool.bytes_per_token * 17,
     }
     assert pool.bytes_per_token == 2 * 2 * 2 * 4 * 4
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_array_and_tensor_paths_agree_at_their_boundary(page_size: int) -> None:
+    """Up to ``_SMALL`` pages, alloc and free use array work (no tensor op that releases the GIL);
+    above, tensor ops: the same slots, order and double-free checks on both sides."""
+    from llmir_lang.executor.kv_pool import _SMALL
+
+    for pages in (_SMALL, _SMALL + 1):
+        n = pages * page_size
+        pool = make_pool(capacity=4 * n, page_size=page_size)
+        got = as_list(pool.alloc(n))
+        assert got == list(range(n))  # a fresh pool hands out ascending slots
+        more = as_list(pool.alloc(n))
+        assert more == list(range(n, 2 * n))
+        if page_size == 1:  # a slot listed twice (pages may be: their slots are freed once)
+            with pytest.raises(KVDoubleFreeError):
+                pool.free(torch.tensor(got[:-1] + [got[0]]))
+            assert pool.num_used == 2 * n  # nothing changed
+        pool.free(torch.tensor(got))
+        with pytest.raises(KVDoubleFreeError):
+            pool.free(torch.tensor(got))  # already free
+        assert pool.num_used == n
+        pool.free(torch.tensor(more))
+        assert pool.num_free == pool.capacity

@@ -86,6 +86,11 @@ def test_encode_through_the_rust_tokenizer_equals_transformers(tok):
     rng = random.Random(3)
     texts = [*TEXTS, "<|endoftext|>tail", "<|im_start|>user\nhi<|im_end|>\n", "", " ", "\n\n", '","age":']
     texts += ["".join(chr(rng.randrange(32, 0x3000)) for _ in range(rng.randrange(1, 30))) for _ in range(200)]
+    # long texts go through encode_batch (it releases the GIL): the same ids on both sides of the cut
+    from llmir_lang.executor.tokenizer import _LONG_TEXT
+
+    base = "".join(TEXTS) * (1 + 2 * _LONG_TEXT // max(1, len("".join(TEXTS))))
+    texts += [base[: _LONG_TEXT - 1], base[:_LONG_TEXT], base[: _LONG_TEXT + 1], base, "<|endoftext|>" + base]
     for text in texts:
         for special in (False, True):
             assert tok.encode(text, special) == list(tok.hf.encode(text, add_special_tokens=special))
