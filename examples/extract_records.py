@@ -1,4 +1,5 @@
-"""Batch structured extraction on the bundled model (the job `make run` runs).
+"""Batch structured extraction on the bundled model through the engine API directly (``make run``
+runs the same kind of job through ``llmir extract``).
 
 Generates fresh texts about people, products and events (values never seen in training), asks the
 bundled ``llmir-tiny`` model for each record as JSON, and prints field accuracy, throughput and the
