@@ -1,6 +1,7 @@
 """Few-shot Q&A, a chat, and a skeleton of thought, written with llmir_lang.
 
 python examples/dsl_qa.py                      # runs on the bundled model
+python -m llmir_lang ir examples/dsl_qa.py:qa               # %question: an IR parameter
 python -m llmir_lang ir examples/dsl_qa.py:skeleton --print-after-all
 python -m llmir_lang run examples/dsl_qa.py:qa --arg "question=What is 7 + 5?"
 """
@@ -15,6 +16,8 @@ SHOTS = [("What is 3 + 4?", "7"), ("What is 10 - 2?", "8"), ("Is 12 an even numb
 
 @llmir.function
 def qa(s, question):
+    # few_shot_prompt joins the question with +, so a trace keeps it an IR parameter (an f-string
+    # of a parameter cannot be traced: it raises FeatureNotSupportedError)
     s += tiny_tasks.few_shot_prompt(SHOTS, question)
     s += llmir.gen("answer", max_tokens=8, stop="\n")
 

@@ -487,20 +487,56 @@ def _schema_text(schema: object, where: SourceLocation | None) -> str:
 
 class TracedText(str):
     """A placeholder for text known only at run time, used by ``trace``: a parameter or a variable
-    read. Its string value is ``{name}``; appending it records ``append %state, %value`` and ``+``
-    with other text keeps the reference (an f-string cannot, and records the placeholder text)."""
+    read. Its string value is ``{name}``; appending it records ``append %state, %value``, and ``+``
+    with other text and ``str()`` keep the reference. Formatting it (an f-string, ``str.format``,
+    ``text % value``) raises ``FeatureNotSupportedError``: the text made would hold the placeholder,
+    not the value, and the IR would ignore the argument."""
 
+    name: str
+    kind: str  # "parameter" or "variable"
     value: Any  # the IR text value (ir.Value)
     run_id: int  # id() of the ProgramRun whose builder defined the value
 
-    def __new__(cls, name: str, value: Any, run_id: int) -> TracedText:
+    def __new__(cls, name: str, value: Any, run_id: int, kind: str = "parameter") -> TracedText:
         obj = super().__new__(cls, "{" + name + "}")
+        obj.name = name
+        obj.kind = kind
         obj.value = value
         obj.run_id = run_id
         return obj
+
+    @property
+    def placeholder(self) -> str:
+        """``{name}`` as a plain str."""
+        return str.__str__(self)
 
     def __add__(self, other: object) -> Concat:  # type: ignore[override]
         return Concat([self, other])
 
     def __radd__(self, other: object) -> Concat:
         return Concat([other, self])
+
+    def __str__(self) -> str:
+        return self  # str(x), as for a number argument in run(): still the reference
+
+    # f-strings and str.format call __format__, ``"Q: %s" % x`` calls __rmod__ first (a str
+    # subclass), and Python compiles ``"Q: %s" % (x,)`` (a literal tuple) to an f-string. A tuple or
+    # dict held in a variable reaches only __str__, and is not caught.
+    def __format__(self, spec: str) -> str:
+        __tracebackhide__ = True
+        raise self._formatted()
+
+    def __rmod__(self, other: object) -> str:
+        __tracebackhide__ = True
+        raise self._formatted()
+
+    def _formatted(self) -> FeatureNotSupportedError:
+        read = self.name if self.kind == "parameter" else f"s[{self.name!r}]"
+        return FeatureNotSupportedError(
+            f"{self.kind} {self.name!r} is formatted into a string (an f-string, str.format or %) "
+            "while the program is traced (trace(), llmir ir, cache()), so the text would hold the "
+            f"placeholder {self.placeholder!r} and the IR would ignore the {self.kind}'s value; "
+            f'build the text with + instead, e.g. "Q: " + {read} (run() with arguments takes '
+            "f-strings: there the value is known)",
+            where=SourceLocation.here(),
+        )

@@ -92,7 +92,9 @@ class ProgramState:
         if isinstance(x, TracedText):
             if x.run_id != id(run):
                 raise DSLError("a traced placeholder from another trace was appended", run.program, where)
-            run.extend(self, lambda v: run.builder.append(v, x.value), Piece("text", str(x), where=where))
+            run.extend(
+                self, lambda v: run.builder.append(v, x.value), Piece("text", x.placeholder, where=where)
+            )
         elif isinstance(x, str):
             if x:
                 _check_encodable(x, run.program, where)
@@ -523,7 +525,7 @@ class ProgramState:
     def _traced(self, name: str, slot: Slot) -> Any:
         run = self._run
         if isinstance(slot, PieceSlot):
-            return TracedText(name, run.builder.var(run.value(self), name), id(run))
+            return TracedText(name, run.builder.var(run.value(self), name), id(run), "variable")
         if isinstance(slot, ValueSlot):
             return slot.value()
         return "{" + name + "}"

@@ -260,8 +260,8 @@ class Engine(EngineScoring, EngineLoop):
         *,
         stream: Callable[[StreamChunk], None] | None = None,
     ) -> Future:
-        """Queue a chain: ``prompt`` then steps ``("gen", SamplingParams, matcher_or_None)`` and
-        ``("text", str)``, run as ONE request. After each generation the constant text that follows
+        """Queue a chain: ``prompt`` then steps ``("gen", params, matcher_or_None)`` (``params``: a
+        SamplingParams or a dict, as ``submit`` takes) and ``("text", str)``, run as ONE request. After each generation the constant text that follows
         is appended as forced tokens in one extend (tokens re-encoded over the whole text, so they are
         the ones a call-by-call run would prefill) and the next generation starts at once. The future
         resolves to the last generation's GenerateResult, with ``meta["steps"]`` (one result per
@@ -273,15 +273,16 @@ class Engine(EngineScoring, EngineLoop):
             raise InvalidRequestError("a chain needs at least one generation step")
         for k, step in enumerate(steps):
             if step[0] == "gen":
-                if not isinstance(step[1], SamplingParams):
-                    raise InvalidRequestError(f"a chain's gen step takes a SamplingParams, got {step[1]!r}")
-                step[1].validate()
-                if step[1].constraint is not None:
-                    steps[k] = (
-                        "gen",
-                        step[1],
-                        self._request_matcher(step[1], step[2] if len(step) > 2 else None),
+                if len(step) < 2 or not isinstance(step[1], (SamplingParams, dict)):
+                    raise InvalidRequestError(
+                        f"a chain's gen step is ('gen', params, matcher) with params a SamplingParams "
+                        f"or a dict, got {step!r}"
                     )
+                sp = _checked_params(step[1])  # a dict is converted and checked as submit does
+                matcher = step[2] if len(step) > 2 else None
+                if sp.constraint is not None:
+                    matcher = self._request_matcher(sp, matcher)
+                steps[k] = ("gen", sp, matcher)
             elif step[0] != "text" or not isinstance(step[1], str):
                 raise InvalidRequestError(
                     f"a chain step is ('gen', params, matcher) or ('text', str), got {step!r}"

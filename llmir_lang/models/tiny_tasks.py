@@ -300,9 +300,11 @@ def extraction_items(
 
 # --- few-shot Q&A ---------------------------------------------------------------------------------
 def few_shot_prompt(shots: Sequence[tuple[str, str]], question: str, facts: str | None = None) -> str:
-    """``[Facts: ...⏎]`` then ``Q: ...⏎A: ...⏎`` per shot, then ``Q: question⏎A: `` (trailing space)."""
-    head = f"Facts: {facts}\n" if facts else ""
-    return head + "".join(f"Q: {q}\nA: {a}\n" for q, a in shots) + f"Q: {question}\nA: "
+    """``[Facts: ...⏎]`` then ``Q: ...⏎A: ...⏎`` per shot, then ``Q: question⏎A: `` (trailing space).
+    ``question`` and ``facts`` are joined with ``+``, not formatted, so a DSL program traced with
+    them as parameters keeps them as IR parameters (the result is then a DSL concatenation)."""
+    head = "Facts: " + facts + "\n" if facts else ""
+    return head + "".join(f"Q: {q}\nA: {a}\n" for q, a in shots) + "Q: " + question + "\nA: "
 
 
 def _arithmetic_pair(rng: random.Random) -> tuple[str, str]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from fake_backend import fake_generate
 
 import llmir_lang as llmir
+from llmir_lang.dsl.errors import FeatureNotSupportedError
 from llmir_lang.executor.backend import GenStep
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.ir import print_ir
+from llmir_lang.models import tiny_tasks
 
 
 def _gen_text(prompt: str, **params) -> str:
@@ -137,6 +140,79 @@ def test_trace_records_params_vars_and_roles():
     assert 'choices = ["yes", "no"]' in text
     # an argument that is given becomes constant text
     assert '"Q: why"' in print_ir(f.trace(question="why"))
+
+
+def test_trace_refuses_a_parameter_formatted_into_text():
+    """An f-string / str.format / % of a traced parameter would record the placeholder text and
+    ignore the argument: trace raises a typed error naming the parameter and the + way."""
+
+    @llmir.function
+    def by_fstring(s, question):
+        s += f"Q: {question}\nA:" + llmir.gen("answer", max_tokens=4)
+
+    @llmir.function
+    def by_format(s, question):
+        s += "Q: {}\nA:".format(question)  # noqa: UP032
+
+    @llmir.function
+    def by_percent(s, question):
+        s += "Q: %s\nA:" % question  # noqa: UP031
+
+    @llmir.function
+    def by_percent_tuple(s, question):
+        s += "Q: %s\nA: %s" % (question, "yes")  # noqa: UP031
+
+    for program in (by_fstring, by_format, by_percent, by_percent_tuple):
+        with pytest.raises(FeatureNotSupportedError) as info:
+            program.trace()
+        message = str(info.value)
+        assert "parameter 'question'" in message and "'{question}'" in message
+        assert '"Q: " + question' in message
+        assert info.value.program == program.name and info.value.where.line > 0
+    # a given argument is a real str: constant text, f-string or not
+    assert '"Q: why\\nA:"' in print_ir(by_fstring.trace(question="why"))
+
+    @llmir.function
+    def reads_a_variable(s):
+        s += "Q: why\nA:" + llmir.gen("answer", max_tokens=4)
+        s += f"Again: {s['answer']}"
+
+    with pytest.raises(FeatureNotSupportedError, match=r"variable 'answer'.*\+ s\['answer'\]"):
+        reads_a_variable.trace()
+
+    @llmir.function
+    def by_str(s, number):
+        s += "n = " + str(number)  # str() keeps the reference (a number in run())
+
+    assert "append %1, %number" in print_ir(by_str.trace())
+
+
+def test_trace_keeps_a_parameter_joined_with_plus(fake):
+    shots = [("What is 3 + 4?", "7")]
+
+    @llmir.function
+    def qa(s, question):
+        s += tiny_tasks.few_shot_prompt(shots, question)  # joins the question with +
+        s += llmir.gen("answer", max_tokens=4)
+
+    text = print_ir(qa.trace())
+    assert "func @qa(%question: text)" in text
+    assert "append %1, %question" in text and "{question}" not in text
+    assert '"Q: What is 3 + 4?\\nA: 7\\nQ: "' in text
+    # run with the argument: the same text an f-string would have made
+    st = qa.run(question="What is 7 + 5?", backend=fake)
+    assert st.text() == f"Q: What is 3 + 4?\nA: 7\nQ: What is 7 + 5?\nA: {st['answer']}"
+
+
+def test_run_takes_an_fstring_of_a_parameter(fake):
+    @llmir.function
+    def f(s, question):
+        s += f"Q: {question}\nA:" + llmir.gen("answer", max_tokens=4)
+        s += f" ({s['answer']!s:.2})" + " %s" % question  # noqa: UP031
+
+    st = f.run(question="why", backend=fake)
+    answer = st["answer"]
+    assert st.text() == f"Q: why\nA:{answer} ({answer:.2}) why"
 
 
 def test_composition_calls_a_program_inside_another(fake):

@@ -88,3 +88,36 @@ def test_chain_bad_input(backend):
         backend.engine.submit_chain("x", [("text", "only text")])
     with pytest.raises(errors.InvalidRequestError):
         backend.engine.submit_chain("x", [("gen", SamplingParams(max_new_tokens=1), None), ("bogus",)])
+
+
+def test_chain_gen_step_takes_a_dict_as_submit_does(backend):
+    """A gen step's params may be a dict, converted and checked as ``submit`` converts its dict."""
+    eng = backend.engine
+    prompt, text = "the quick brown fox", ("text", " over the lazy")
+    as_params = eng.submit_chain(
+        prompt,
+        [
+            ("gen", SamplingParams(max_new_tokens=4, ignore_eos=True), None),
+            text,
+            ("gen", SamplingParams(max_new_tokens=3, ignore_eos=True), None),
+        ],
+    ).result()
+    as_dict = eng.submit_chain(
+        prompt,
+        [
+            ("gen", {"max_new_tokens": 4, "ignore_eos": True}, None),
+            text,
+            ("gen", {"max_new_tokens": 3, "ignore_eos": True}, None),
+        ],
+    ).result()
+    assert as_dict.meta["chain_text"] == as_params.meta["chain_text"]
+    assert [s.token_ids for s in as_dict.meta["steps"]] == [s.token_ids for s in as_params.meta["steps"]]
+    # a bad dict: the same typed error, and the same message, as submit gives
+    for bad in ({"max_tokens": 4}, {"max_new_tokens": -1}, {"temperature": "hot"}):
+        with pytest.raises(errors.InvalidRequestError) as chained:
+            eng.submit_chain(prompt, [("gen", bad, None)])
+        with pytest.raises(errors.InvalidRequestError) as submitted:
+            eng.submit(prompt, bad)
+        assert str(chained.value) == str(submitted.value)
+    with pytest.raises(errors.InvalidRequestError, match="SamplingParams or a dict"):
+        eng.submit_chain(prompt, [("gen", [4], None)])
