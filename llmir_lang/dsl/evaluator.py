@@ -50,7 +50,7 @@ from llmir_lang.dsl.ordering import CallOrder
 from llmir_lang.dsl.prefill import MIN_PREFILL_CHARS, PrefillMemory
 from llmir_lang.dsl.results import Failure, FunctionResult, StateResult, VarResult
 from llmir_lang.errors import ConstraintViolationError
-from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, score_pool, settle
+from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, score_pool
 from llmir_lang.ir import Function, Module, Op
 from llmir_lang.ir import ops as K
 
@@ -66,6 +66,18 @@ class _Val:
 # (function index, indices of the returned states whose chain holds the gen, gen name, new text)
 ChunkSink = Callable[[int, frozenset[int], str, str], None]
 DoneSink = Callable[[int, FunctionResult], None]
+
+@dataclass(frozen=True, slots=True)
+class _Picked:
+    """A select scored and picked on the score pool (a backend's scores are plain lists)."""
+
+    index: int
+    lps: list[list[float]]
+
+
+def _choices_method(op: Op) -> str:
+    return str(op.attrs.get("choices_method", "token_length_normalized"))
+
 
 # what ``unconditional_likelihood_normalized`` scores the choices after instead of the prompt
 UNCONDITIONAL_PROMPT = "\n"
@@ -310,8 +322,7 @@ class SegmentEvaluator:
             if op.kind == K.SELECT:
                 choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
                 batched = op.attrs.get("score") == "batched"
-                method = str(op.attrs.get("choices_method", "token_length_normalized"))
-                fut = self._score_start(base.text, choices, batched, method)
+                fut = self._score_start(base.text, choices, batched, _choices_method(op))
                 self.score_calls += 1 if batched else len(choices)
             elif op.kind == K.GEN:
                 fut = self._submit(fi, i, base.text, [gen_step(op.label, op.attrs)])
@@ -341,34 +352,22 @@ class SegmentEvaluator:
         return fut
 
     def _score_start(self, prompt: str, choices: list[str], batched: bool, method: str) -> Future:
-        """A future of ``(index picked, each choice's token logprobs)``. One batched call is
-        started without a waiting thread (``Backend.score_async``; its index is None: picked in
-        ``_complete``); the others (a choice per call, or two calls for the unconditional method)
-        run on the score pool."""
+        """A future of the select's scores. One batched call is started without a waiting thread
+        (``Backend.score_async``): its future holds each choice's token logprobs, and the choice
+        is picked in ``_complete``, off the engine thread. The others (a choice per call, or two
+        calls for the unconditional method) run on the score pool and resolve to ``_Picked``."""
         if not batched or method == "unconditional_likelihood_normalized":
             return score_pool().submit(self._score, prompt, choices, batched, method)
-        out: Future = Future()
         try:
-            scores = self.backend.score_async(prompt, choices)
+            return self.backend.score_async(prompt, choices)
         except Exception as e:  # bad input: fails this select as a failing score call would
-            out.set_exception(e)
-            return out
-
-        def done(f: Future) -> None:  # on the engine thread: the choice is picked in _complete
-            try:
-                result = (None, f.result())
-            except BaseException as e:  # a cancelled or failed scoring fails the select
-                settle(out, None, e)
-                return
-            settle(out, result, None)
-
-        out.add_done_callback(lambda f: scores.cancel() if f.cancelled() else None)
-        scores.add_done_callback(done)
-        return out
+            failed: Future = Future()
+            failed.set_exception(e)
+            return failed
 
     def _score(
         self, prompt: str, choices: list[str], batched: bool, method: str
-    ) -> tuple[int, list[list[float]]]:
+    ) -> _Picked:
         if batched:
             lps = self.backend.score(prompt, choices)
         else:
@@ -377,7 +376,7 @@ class SegmentEvaluator:
         if method == "unconditional_likelihood_normalized":
             # the same choice tokens scored after a context-free start (a newline)
             unconditional = self.backend.score(UNCONDITIONAL_PROMPT, choices)
-        return pick_choice(method, lps, unconditional), lps
+        return _Picked(pick_choice(method, lps, unconditional), lps)
 
     def _chunk_sink(self, fi: int, i: int, names: list[str]) -> Callable[[int, str], None] | None:
         if self.on_chunk is None:
@@ -459,12 +458,13 @@ class SegmentEvaluator:
         vars_ = dict(base.vars)
         text = base.text
         if op.kind == K.SELECT:
-            picked, lps = result
             choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
-            if picked is None:  # scored by score_async: picked here, off the engine thread
+            if isinstance(result, _Picked):  # picked on the score pool
+                picked, lps = result.index, result.lps
+            else:  # score_async's logprobs: picked here
+                lps = result
                 try:
-                    method = str(op.attrs.get("choices_method", "token_length_normalized"))
-                    picked = pick_choice(method, lps, None)
+                    picked = pick_choice(_choices_method(op), lps, None)
                 except Exception as e:
                     self._resolve(fi, i, _Val(base.text, base.vars, _failure(op, e), base.gates))
                     return

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,18 +31,6 @@ def score_pool() -> ThreadPoolExecutor:
         if _SCORE_POOL is None:
             _SCORE_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="llmir-select")
         return _SCORE_POOL
-
-
-def settle(fut: Future, result: Any, error: BaseException | None) -> None:
-    """Complete ``fut`` with ``error`` or ``result``, unless it was cancelled meanwhile (an aborted
-    run: nobody wants it)."""
-    try:
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:
-        pass
 
 
 @dataclass(slots=True)

@@ -489,14 +489,6 @@ class OutputProcessor:
             req.future.set_exception(exc)
 
 
-def _logprobs_at(logits_row: torch.Tensor, token_ids: list[int]) -> list[float]:
-    """``log_softmax(logits_row)[token_ids]`` in fp32."""
-    lf = logits_row.float()
-    return (
-        lf[torch.tensor(token_ids, device=lf.device, dtype=torch.int64)] - torch.logsumexp(lf, -1)
-    ).tolist()
-
-
 def _prompt_logprobs(logits: torch.Tensor, reqs: list[Req], prompt_rows: list[tuple[int, int, int]]) -> None:
     """Append each request's prompt logprobs of this step: its ``count`` rows from ``row`` score
     the prompt tokens after positions ``pos``.., all requests' rows in one pass."""
@@ -511,9 +503,10 @@ def _prompt_logprobs(logits: torch.Tensor, reqs: list[Req], prompt_rows: list[tu
     if not spans:
         return
     dev = logits.device
-    picked = logits.index_select(0, torch.tensor(rows, device=dev)) if len(spans) > 1 else None
-    if picked is None:  # one request: its rows are contiguous
+    if len(spans) == 1:  # one request: its rows are contiguous
         picked = logits[rows[0] : rows[0] + len(rows)]
+    else:
+        picked = logits.index_select(0, torch.tensor(rows, device=dev))
     lps = logprobs_of(picked, torch.tensor(targets, device=dev)).tolist()
     for req, start, count in spans:
         req.prompt_logprobs.extend(zip(targets[start : start + count], lps[start : start + count]))
@@ -523,10 +516,6 @@ def _next_logprobs(logits: torch.Tensor, scoring: list[tuple[Req, int]]) -> None
     """Each request's ``next_logprobs``: ``log_softmax`` of its logits row at its ``score_next``
     ids, for all the rows in one pass (a batch of selects finishes dozens at once)."""
     if not scoring:
-        return
-    if len(scoring) == 1:
-        req, row = scoring[0]
-        req.next_logprobs = _logprobs_at(logits[row], req.score_next or [])
         return
     rows = logits.index_select(0, torch.tensor([row for _, row in scoring], device=logits.device)).float()
     width = max(len(req.score_next or []) for req, _ in scoring)

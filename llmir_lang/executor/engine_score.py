@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 from llmir_lang.errors import EmptyPromptError, EngineError, InvalidRequestError
-from llmir_lang.executor.backend import settle
 from llmir_lang.executor.request import GenerateResult
 from llmir_lang.executor.sampling_params import SamplingParams
 
@@ -30,6 +29,17 @@ class _ScorePlan:
 
     def futures(self) -> list[Future]:
         return [] if self.head is None else [self.head, *self.tails.values()]
+
+
+def _settle(fut: Future, result: object, error: BaseException | None) -> None:
+    """Complete ``fut`` unless it was cancelled meanwhile (nobody wants the scores then)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 class EngineScoring:
@@ -67,9 +77,9 @@ class EngineScoring:
             try:
                 result = self._score_collect(plan)
             except BaseException as e:  # handed to the waiter
-                settle(out, None, e)
+                _settle(out, None, e)
                 return
-            settle(out, result, None)
+            _settle(out, result, None)
 
         def out_done(f: Future) -> None:
             if f.cancelled():

@@ -279,7 +279,6 @@ class KVPool:
                 "pad slot and is never allocated or freed)"
             )
 
-    # --- reporting ----------------------------------------------------------------------------
     def _free_small(self, slots: list[int]) -> None:
         self._check_range(min(slots), max(slots))
         p, state = self.page_size, self._state
@@ -302,6 +301,7 @@ class KVPool:
             top += 1
         self._top = top
 
+    # --- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict[str, float | int]:
         """capacity, used and free (slots), usage (used / capacity), page_size, bytes (K+V storage)."""
         used = self.num_used
