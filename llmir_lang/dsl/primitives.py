@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -485,12 +486,21 @@ def _schema_text(schema: object, where: SourceLocation | None) -> str:
     )
 
 
+# Private-use marks around a traced value's string value: text made from it by any str operation
+# that no hook sees (str.join, slicing, .upper(), % with a tuple held in a variable) still holds
+# one, and the trace refuses such text where it enters the IR (``refuse_traced_marks``).
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_MARKED = re.compile(_OPEN + r"\{(.*?)\}" + _CLOSE)
+
+
 class TracedText(str):
     """A placeholder for text known only at run time, used by ``trace``: a parameter or a variable
-    read. Its string value is ``{name}``; appending it records ``append %state, %value``, and ``+``
-    with other text and ``str()`` keep the reference. Formatting it (an f-string, ``str.format``,
-    ``text % value``) raises ``FeatureNotSupportedError``: the text made would hold the placeholder,
-    not the value, and the IR would ignore the argument."""
+    read. Its string value is ``{name}`` between two private-use marks; appending it records
+    ``append %state, %value``, and ``+`` with other text and ``str()`` keep the reference.
+    Formatting it (an f-string, ``str.format``, ``text % value``) raises
+    ``FeatureNotSupportedError``: the text made would hold the placeholder, not the value, and the
+    IR would ignore the argument. Text made from it in other ways (``str.join``, slicing, a str
+    method) is refused with the same error where it reaches the IR (``refuse_traced_marks``)."""
 
     name: str
     kind: str  # "parameter" or "variable"
@@ -498,7 +508,7 @@ class TracedText(str):
     run_id: int  # id() of the ProgramRun whose builder defined the value
 
     def __new__(cls, name: str, value: Any, run_id: int, kind: str = "parameter") -> TracedText:
-        obj = super().__new__(cls, "{" + name + "}")
+        obj = super().__new__(cls, _OPEN + "{" + name + "}" + _CLOSE)
         obj.name = name
         obj.kind = kind
         obj.value = value
@@ -507,8 +517,8 @@ class TracedText(str):
 
     @property
     def placeholder(self) -> str:
-        """``{name}`` as a plain str."""
-        return str.__str__(self)
+        """``{name}`` as a plain str (what ``s.text()`` shows during a trace)."""
+        return "{" + self.name + "}"
 
     def __add__(self, other: object) -> Concat:  # type: ignore[override]
         return Concat([self, other])
@@ -530,6 +540,20 @@ class TracedText(str):
         __tracebackhide__ = True
         raise self._formatted()
 
+    def __iter__(self) -> Any:
+        __tracebackhide__ = True
+        give = (
+            f"give trace() the argument ({self.name}=[...]; llmir ir: --arg {self.name}='[...]')"
+            if self.kind == "parameter"
+            else "iterate it in run(), where its value is known"
+        )
+        raise FeatureNotSupportedError(
+            f"{self.kind} {self.name!r} is iterated (a for loop, list(), str.join of it) while the "
+            "program is traced (trace(), llmir ir, cache()): its value is not known then, so the "
+            f"trace cannot follow the loop; {give}",
+            where=SourceLocation.here(),
+        )
+
     def _formatted(self) -> FeatureNotSupportedError:
         read = self.name if self.kind == "parameter" else f"s[{self.name!r}]"
         return FeatureNotSupportedError(
@@ -540,3 +564,39 @@ class TracedText(str):
             "f-strings: there the value is known)",
             where=SourceLocation.here(),
         )
+
+
+def refuse_traced_marks(kind: str, label: str | None, attrs: Any) -> None:
+    """During a trace, refuse an op whose text (its label or attributes) holds a traced value's
+    mark: text made from a parameter or variable by a str operation would put its placeholder, not
+    its value, into the IR (the ``FunctionBuilder`` hook ``ProgramRun`` installs when tracing)."""
+    __tracebackhide__ = True
+    text = _marked_text([label, attrs])
+    if text is None:
+        return
+    found = _MARKED.search(text)
+    what = f"the placeholder of {found.group(1)!r}" if found else "part of a traced placeholder"
+    shown = text.replace(_OPEN, "").replace(_CLOSE, "")
+    raise FeatureNotSupportedError(
+        f"text recorded by a {kind} op while the program is traced (trace(), llmir ir, cache()) holds "
+        f"{what} ({shown[:80]!r}): a traced parameter or variable, or text made from one by a str "
+        "operation (str.join, slicing, a str method such as .upper(), % with a tuple or dict held in "
+        "a variable), where the IR takes constant text, so the IR would hold the placeholder and "
+        'ignore the value. Join text with + to keep the reference (e.g. "Q: " + question); give '
+        "trace() the arguments that select choices or gen options are made from; run() with "
+        "arguments takes any of these",
+        where=SourceLocation.here(),
+    )
+
+
+def _marked_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value if (_OPEN in value or _CLOSE in value) else None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            got = _marked_text(item)
+            if got is not None:
+                return got
+    return None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmir_lang.dsl.errors import GenerationError, ProgramInterruptedError, RoleError, SourceLocation
+from llmir_lang.dsl.primitives import refuse_traced_marks
 from llmir_lang.dsl.results import FunctionResult
 from llmir_lang.errors import LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend
@@ -135,6 +136,8 @@ class ProgramRun:
         self.thread: int | None = None  # the thread running the program body
         self.stats: Any = None  # the runner's counters, kept when ``release`` drops the runner
         self._tracing = runner is None
+        if self._tracing:
+            self.builder.op_hook = refuse_traced_marks
         self._anon = itertools.count()
         self._pending = 0  # pieces recorded in this segment and not run yet
 

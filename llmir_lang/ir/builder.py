@@ -24,7 +24,7 @@ definition order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from llmir_lang.errors import IRVerifyError
 from llmir_lang.ir import ops as K
@@ -63,6 +63,9 @@ class FunctionBuilder:
         self._defined: set[str] = set(self._params)
         self._counter = 0
         self._returned = False
+        # called with (kind, label, attrs) before each op is added (the DSL's trace checks that
+        # no text made from a traced placeholder enters the IR)
+        self.op_hook: Callable[[str, str | None, Mapping[str, object]], None] | None = None
 
     # --- values -------------------------------------------------------------------------
     def param(self, name: str) -> Value:
@@ -104,6 +107,8 @@ class FunctionBuilder:
             want = sig.operand_type(i)
             if want is not None and v.type != want:
                 raise IRVerifyError(f"{kind}: operand {i} ({v}) is {v.type} but must be {want}")
+        if self.op_hook is not None:
+            self.op_hook(kind, label, attrs or {})
         count = sig.n_results if sig.n_results is not None else n_results
         results = tuple(self._fresh(sig.results) for _ in range(count)) if sig.results else ()
         op = Op(kind, results, tuple(operands), label, normalize_attrs(attrs or {}, _SCHEMAS.get(kind)))

@@ -82,8 +82,14 @@ def test_remote_backends_are_lazy_exports() -> None:
 
 
 def test_program_name_may_be_left_out_when_the_file_has_one(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main.main(["ir", str(ROOT / "examples" / "dsl_stream_async.py")]) == 0
-    assert "func @chat(" in capsys.readouterr().out
+    target = str(ROOT / "examples" / "dsl_stream_async.py")
+    assert cli_main.main(["ir", target, "--arg", 'questions=["Hi", "Bye"]']) == 0
+    out = capsys.readouterr().out
+    assert "func @chat(" in out and '"Bye"' in out
+    # its loop over the questions cannot be traced without them: a typed error that says so
+    assert cli_main.main(["ir", target]) == 1
+    err = capsys.readouterr().err
+    assert "parameter 'questions' is iterated" in err and "--arg questions=" in err
     with pytest.raises(SystemExit, match="3 programs"):
         cli_main.main(["ir", str(ROOT / "examples" / "dsl_qa.py")])
 

@@ -142,7 +142,7 @@ def test_trace_records_params_vars_and_roles():
     assert '"Q: why"' in print_ir(f.trace(question="why"))
 
 
-def test_trace_refuses_a_parameter_formatted_into_text():
+def test_trace_refuses_a_parameter_formatted_into_text(fake):
     """An f-string / str.format / % of a traced parameter would record the placeholder text and
     ignore the argument: trace raises a typed error naming the parameter and the + way."""
 
@@ -179,6 +179,45 @@ def test_trace_refuses_a_parameter_formatted_into_text():
 
     with pytest.raises(FeatureNotSupportedError, match=r"variable 'answer'.*\+ s\['answer'\]"):
         reads_a_variable.trace()
+
+    @llmir.function
+    def by_join(s, question):
+        s += "".join(["Q: ", question, "\nA:"]) + llmir.gen("answer", max_tokens=4)
+
+    @llmir.function
+    def by_method(s, question):
+        s += "Q: " + question.strip().upper()
+
+    @llmir.function
+    def by_slice(s, question):
+        s += "Q: " + question[1:]
+
+    @llmir.function
+    def by_tuple_variable(s, question):
+        args = (question, "yes")
+        s += "Q: %s\nA: %s" % args  # noqa: UP031
+
+    @llmir.function
+    def as_choice(s, question):
+        s += "Pick:" + llmir.select("pick", choices=[question, question.lower(), "no"])
+
+    @llmir.function
+    def as_stop(s, question):
+        s += "Q:" + llmir.gen("answer", max_tokens=4, stop=[question.title()])
+
+    expected = {
+        by_join: ("text", "'question'"), by_method: ("text", "'QUESTION'"), by_slice: ("text", "part of"),
+        by_tuple_variable: ("text", "'question'"), as_choice: ("select", "'question'"),
+        as_stop: ("gen", "'Question'"),
+    }  # fmt: skip
+    for program, (kind, named) in expected.items():
+        with pytest.raises(FeatureNotSupportedError) as info:
+            program.trace()
+        message = str(info.value)
+        assert f"recorded by a {kind} op" in message and named in message, message
+        assert "\ue000" not in message and '"Q: " + question' in message
+        assert info.value.program == program.name and info.value.where.line > 0
+        program.run(question="why", backend=fake)  # with the argument every str operation is fine
 
     @llmir.function
     def by_str(s, number):
