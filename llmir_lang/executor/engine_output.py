@@ -109,6 +109,17 @@ class OutputProcessor:
             and req.logprob_start_len < 0 and not req.output_ids and req.params.max_new_tokens == 0
         ]  # fmt: skip
         _next_logprobs(logits, scoring)
+        # a generation of max_new_tokens 0 with top_logprobs_num reports the next token's
+        # alternatives as its one entry (SGLang's cot_decoding reads output_top_logprobs[0])
+        _next_top_logprobs(
+            logits,
+            [
+                (req, row)
+                for req, row in zip(batch.reqs, step.sample_rows)
+                if row >= 0 and not req.finished and req.params.max_new_tokens == 0 and not req.output_ids
+                and req.params.return_logprob and req.params.top_logprobs_num
+            ],
+        )  # fmt: skip
         todo: list[tuple[Req, int]] = []
         drafted: list[tuple[Req, int, list[int]]] = []
         for b, (req, row) in enumerate(zip(batch.reqs, step.sample_rows)):
@@ -527,6 +538,20 @@ def _next_logprobs(logits: torch.Tensor, scoring: list[tuple[Req, int]]) -> None
     picked = (rows.gather(1, ids) - torch.logsumexp(rows, -1, keepdim=True)).tolist()
     for (req, _), lps in zip(scoring, picked):
         req.next_logprobs = lps[: len(req.score_next or [])]
+
+
+def _next_top_logprobs(logits: torch.Tensor, rows: list[tuple[Req, int]]) -> None:
+    """``out_top_logprobs = [the top_logprobs_num most likely next tokens]`` for generations that
+    generate nothing, from the raw logits at their last position, all rows in one pass."""
+    if not rows:
+        return
+    x = logits.index_select(0, torch.tensor([row for _, row in rows], device=logits.device)).float()
+    k = min(max(req.params.top_logprobs_num for req, _ in rows), x.shape[1])
+    vals, ids = torch.topk(x, k, dim=-1)
+    lps = (vals - torch.logsumexp(x, -1, keepdim=True)).tolist()
+    for (req, _), top_ids, top_lps in zip(rows, ids.tolist(), lps):
+        n = req.params.top_logprobs_num
+        req.out_top_logprobs = [list(zip(top_ids[:n], top_lps[:n]))]
 
 
 def _chain_continues(req: Req) -> bool:

@@ -25,7 +25,8 @@ class SamplingParams:
     (1e-5). top_k <= 0 means no top-k cut. Penalties follow the OpenAI (frequency / presence,
     additive over generated tokens) and HF (repetition, multiplicative over prompt and generated
     tokens) conventions. ``top_logprobs_num > 0`` implies ``return_logprob`` (asking for the top
-    alternatives of each token is asking for logprobs; it was silently ignored before). ``seed``
+    alternatives of each token is asking for logprobs; it was silently ignored before); with
+    ``max_new_tokens == 0`` the result's ``top_logprobs`` is one entry, the next token's. ``seed``
     gives the request its own generator: the same seed gives the same tokens alone, in any batch,
     and with or without speculative decoding (``speculate.verify`` hands back the draws of rejected
     draft positions).

@@ -34,6 +34,43 @@ def test_gen_logprob_triples_and_top_logprobs(rt):
     assert "".join(t[2] for t in b["output_token_logprobs"]) == state["b"]
 
 
+@pytest.mark.parametrize("passes", [None, ""])
+def test_gen_of_zero_tokens_reports_the_next_tokens_alternatives(rt, passes):
+    """SGLang's cot_decoding: ``gen(max_tokens=0, top_logprobs_num=k)`` generates nothing and its
+    ``output_top_logprobs[0]`` holds the k most likely next tokens; a branch is forked per token."""
+    kw = {} if passes is None else {"passes": passes}
+
+    @llmir.function
+    def both(s):
+        s += "Q: What is 3 + 4?\nA:"
+        s += llmir.gen("zero", max_tokens=0, top_logprobs_num=4, return_text_in_logprobs=True)
+        s += llmir.gen("one", max_tokens=1, top_logprobs_num=4)
+
+    st = both.run(backend=rt, **kw)
+    zero, one = st.get_meta_info("zero"), st.get_meta_info("one")
+    assert st["zero"] == "" and zero["output_token_logprobs"] == [] and zero["completion_tokens"] == 0
+    (top,) = zero["output_top_logprobs"]
+    assert len(top) == 4 and [t[0] for t in top] == sorted((t[0] for t in top), reverse=True)
+    # the same alternatives as a one-token gen's at the same position
+    for (lp, tid, text), (lp1, tid1, _) in zip(top, one["output_top_logprobs"][0]):
+        assert tid == tid1 and lp == pytest.approx(lp1, abs=1e-4) and text == rt.engine.tokenizer.decode([tid])
+
+    @llmir.function
+    def cot(s, k):
+        s += "Q: What is 3 + 4?\nA:"
+        step_0 = s.fork(1)[0]
+        step_0 += llmir.gen("get_top_k", max_tokens=0, top_logprobs_num=k, return_text_in_logprobs=True)
+        alternatives = step_0.get_meta_info("get_top_k")["output_top_logprobs"][0]
+        forks = s.fork(k)
+        for i, (_, _, token_text) in enumerate(alternatives):
+            forks[i] += token_text + llmir.gen("answer", max_tokens=2)
+        forks.join()
+
+    state = cot.run(k=3, backend=rt, **kw)
+    assert state.error() is None and len(state["answer"]) == 3  # one answer per alternative
+    assert len({t[1] for t in top[:3]}) == 3
+
+
 def test_select_meta_under_sglang_names(rt):
     @llmir.function
     def prog(s):

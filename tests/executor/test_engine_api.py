@@ -174,6 +174,19 @@ def test_prompt_logprobs_and_top_logprobs(setup):
     assert r.top_logprobs[0][0][0] == r.token_ids[0]  # greedy token is the best one
 
 
+def test_zero_new_tokens_report_the_next_tokens_top_logprobs(setup):
+    eng, hf, _ = setup
+    r = eng.generate(IDS, {"max_new_tokens": 0, "return_logprob": True, "top_logprobs_num": 3})
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([IDS])).logits[0, -1].float(), -1)
+    vals, ids = torch.topk(lp, 3)
+    assert r.token_ids == [] and r.logprobs == [] and len(r.top_logprobs) == 1
+    assert [t for t, _ in r.top_logprobs[0]] == ids.tolist()
+    assert max(abs(a - b) for (_, a), b in zip(r.top_logprobs[0], vals.tolist())) <= 1e-4
+    # without top_logprobs_num: nothing, as for any generation
+    assert eng.generate(IDS, {"max_new_tokens": 0, "return_logprob": True}).top_logprobs is None
+
+
 def test_seeded_sampling_is_reproducible(setup):
     eng, _, _ = setup
     p = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.9, "seed": 123, "ignore_eos": True}
