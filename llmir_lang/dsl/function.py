@@ -34,6 +34,7 @@ from llmir_lang.dsl.recorder import ProgramRun, chat_roles
 from llmir_lang.dsl.runner import BatchRunner, PipelineRunner
 from llmir_lang.dsl.runtime import cache_prefix, get_default_backend, resolve_backend
 from llmir_lang.dsl.state import ProgramState
+from llmir_lang.dsl.workers import spawn
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Module, verify
 from llmir_lang.ir import ops as K
@@ -189,18 +190,45 @@ class LMFunction:
         return self.passes if self.passes is not None else DEFAULT_PIPELINE
 
     # --- running -------------------------------------------------------------------------
-    def _body(self, run: ProgramRun, state: ProgramState, arguments: dict[str, Any]) -> None:
+    def _body(
+        self,
+        run: ProgramRun,
+        state: ProgramState,
+        arguments: dict[str, Any],
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
         """Run the program body on ``state``; record any error on ``run``, never raise (but a
-        KeyboardInterrupt in the thread that runs it)."""
+        KeyboardInterrupt in the thread that runs it).
+
+        With ``on_end`` (``run_batch``) the body's last segment is not waited for: the run ends,
+        and ``on_end()`` is called, on the thread that completes that segment; this thread returns
+        as soon as the body has (see ``ProgramRun.flush_then``). Else the run has ended on return.
+        """
         __tracebackhide__ = True  # IPython and pytest show the user's frames, not these
         run.thread = threading.get_ident()
+        detached = False
         try:
             state.ret_value = self._call(state, arguments)
-            run.flush()
+            if on_end is not None:
+                detached = run.flush_then(lambda error: self._end_detached(run, error, on_end))
+            if not detached:
+                run.flush()
         except Exception as e:
             run.error = self._wrap(e)
         finally:
+            if not detached:
+                self._end(run)
+                if on_end is not None:
+                    on_end()
+
+    def _end_detached(self, run: ProgramRun, error: Exception | None, on_end: Callable[[], None]) -> None:
+        """The end of a run whose last segment completed after its body returned (``_body``)."""
+        try:
+            if error is not None:
+                run.error = self._wrap(error)
+        finally:
             self._end(run)
+            on_end()
 
     @staticmethod
     def _end(run: ProgramRun, error: BaseException | None = None) -> None:
@@ -364,11 +392,9 @@ class LMFunction:
         work = _BatchWork(
             self, runner, runs, [a for a, _ in prepared], _progress(len(runs)) if progress_bar else None
         )
-        threads = [threading.Thread(target=work.run, daemon=True, name="llmir-batch") for _ in range(workers)]
-        for t in threads:
-            t.start()
-        coordinator = threading.Thread(target=runner.serve, daemon=True, name="llmir-batch-coordinator")
-        coordinator.start()
+        # pooled threads: a run_batch reuses the previous one's (see workers.py)
+        threads = [spawn(work.run, name="llmir-batch") for _ in range(workers)]
+        coordinator = spawn(runner.serve, name="llmir-batch-coordinator")
 
         def finish() -> None:
             coordinator.join()
@@ -553,14 +579,23 @@ class _BatchWork:
                 run, arguments = self.runs[i], self.arguments[i]
                 assert run is not None and arguments is not None
                 self.runs[i] = self.arguments[i] = None
+                self.runner.begin_program()
                 if self.runner.cancelled is not None:  # interrupted: what has not started never runs
                     self.program._end(run, self.program._wrap(ProgramInterruptedError(self.runner.cancelled)))
+                    self.runner.end_program()
                     continue
-                self.program._body(run, run.states[0], arguments)
-                if self.bar is not None and self.runner.cancelled is None:
-                    self.bar.update(1)
+                self.program._body(run, run.states[0], arguments, self._program_done)
         finally:
             self.runner.worker_exit()
+
+    def _program_done(self) -> None:
+        """A program has ended (on its worker, or on the round's thread that completed its last
+        segment): one step of the progress bar, unless the batch was cancelled."""
+        runner, bar = self.runner, self.bar
+        assert runner is not None  # close() comes after every program has ended
+        if bar is not None and runner.cancelled is None:
+            bar.update(1)
+        runner.end_program()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -22,6 +22,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -211,8 +212,53 @@ class ProgramRun:
     def flush(self) -> None:
         """Run the recorded segment (a sync point) and write the values into the pieces."""
         __tracebackhide__ = True
-        if self.tracing:
+        segment = self._take_segment()
+        if segment is None:
             return
+        live, fn = segment
+        assert self.runner is not None
+        result = self.runner.execute(self, fn, live)
+        self.segments_run += 1
+        self._write_back(live, result)
+
+    def flush_then(self, done: Callable[[Exception | None], None]) -> bool:
+        """``flush`` without waiting, for the end of a body that has returned: the segment is
+        handed to the runner (one with ``execute_async``) and ``done(error)`` is called on the
+        thread that completes it, once the values are written back (``error``: what ``flush``
+        would have raised). The body's thread is free at once (``run_batch``: its worker takes
+        the next program, or exits, and no thread waits per program). False, ``done`` never
+        called and nothing taken, when there is nothing to run or the runner cannot."""
+        submit = getattr(self.runner, "execute_async", None)
+        if submit is None or self.tracing or not self._pending:
+            return False
+        segment = self._take_segment()
+        assert segment is not None
+        live, fn = segment
+        future = submit(self, fn, live)
+        self.thread = None  # the body has returned: its thread may run another program now
+
+        def written(f: Future) -> None:
+            # nothing is raised here: an exception's traceback would hold this frame, and through
+            # its callers' frames the evaluator, the runner and the engine, for as long as the
+            # failed state is kept (a notebook keeps them all)
+            failed = f.exception()
+            if failed is None:
+                self.segments_run += 1
+                try:
+                    failed = self._written(live, f.result())
+                except Exception as e:  # a bug: the run must still end, with it as its error
+                    traceback.clear_frames(e.__traceback__)
+                    failed = e
+            done(failed if isinstance(failed, Exception) or failed is None else _as_exception(failed))
+
+        future.add_done_callback(written)
+        return True
+
+    def _take_segment(self) -> tuple[list[ProgramState], Function] | None:
+        """The recorded segment as a function (None if nothing is pending); recording goes on in
+        a fresh builder."""
+        if self.tracing:
+            return None
         live = [st for st in self.states if st._segment == self.segment and st._value is not None]
         pending = self._pending
         builder = self.builder
@@ -220,16 +266,19 @@ class ProgramRun:
         self.segment += 1
         self._pending = 0
         if not pending:
-            return
+            return None
         builder.ret(*[st._value for st in live if st._value is not None])
-        fn = builder.build()
-        assert self.runner is not None
-        result = self.runner.execute(self, fn, live)
-        self.segments_run += 1
-        self._write_back(live, result)
+        return live, builder.build()
 
     def _write_back(self, live: list[ProgramState], result: FunctionResult) -> None:
         __tracebackhide__ = True
+        error = self._written(live, result)
+        if error is not None:
+            raise error
+
+    def _written(self, live: list[ProgramState], result: FunctionResult) -> Exception | None:
+        """Write the segment's values into the pieces; the error the program stops with, if any
+        (a piece without a value fails with it)."""
         failure = None
         for state, res in zip(live, result.states):
             for piece in state._pieces:
@@ -259,8 +308,7 @@ class ProgramRun:
                         f"{piece.name!r} got no value from the backend", self.program, piece.where
                     )
             state._on_segment_done()
-        if error is not None:
-            raise error
+        return error
 
     @staticmethod
     def _where_of(live: list[ProgramState], name: str | None) -> SourceLocation | None:
@@ -269,6 +317,14 @@ class ProgramRun:
                 if piece.name == name and piece.text is None:
                     return piece.where
         return None
+
+
+def _as_exception(e: BaseException) -> Exception:
+    """A segment's failure that is not an ``Exception`` (a KeyboardInterrupt on the round's thread)
+    as the program's error."""
+    err = ProgramInterruptedError(f"the segment was stopped ({type(e).__name__})")
+    err.__cause__ = e
+    return err
 
 
 def _detached(cause: BaseException | None) -> BaseException | None:

@@ -34,6 +34,7 @@ from llmir_lang.dsl.errors import ProgramInterruptedError
 from llmir_lang.dsl.evaluator import SegmentEvaluator
 from llmir_lang.dsl.prefill import PrefillMemory
 from llmir_lang.dsl.results import Failure, FunctionResult, StateResult, VarResult
+from llmir_lang.dsl.workers import Task, spawn
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Function, Module, print_ir
 from llmir_lang.optimizer import PassManager
@@ -218,7 +219,11 @@ class BatchRunner(PipelineRunner):
         self._workers = n_workers
         self._waiting: list[_Waiting] = []
         self._last_arrival = 0.0  # time.monotonic() of the newest waiting segment
-        self._rounds: list[threading.Thread] = []
+        self._rounds: list[Task] = []
+        # programs begun and not ended: at most n_workers (run_batch's concurrency), as when each
+        # worker waited for its program's last segment (it no longer does: execute_async)
+        self._live = 0
+        self._max_live = n_workers
 
     def execute(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> FunctionResult:
         item = _Waiting(run, fn, live)
@@ -233,6 +238,35 @@ class BatchRunner(PipelineRunner):
         finally:
             with self._cv:
                 self._running += 1
+
+    def begin_program(self) -> None:
+        """(A worker, before it starts a program) wait until fewer than ``n_workers`` programs are
+        live, or the batch is cancelled. Without it the workers, which do not wait for a body's
+        last segment, would trace every program of the batch before the first round."""
+        with self._cv:
+            if self._live >= self._max_live and self.cancelled is None:
+                self._running -= 1  # waiting, as in execute: a round may start without us
+                self._cv.notify_all()
+                while self._live >= self._max_live and self.cancelled is None:
+                    self._cv.wait()
+                self._running += 1
+            self._live += 1
+
+    def end_program(self) -> None:
+        with self._cv:
+            self._live -= 1
+            self._cv.notify_all()
+
+    def execute_async(self, run: ProgramRun, fn: Function, live: list[ProgramState]) -> Future:
+        """``execute`` without waiting (a body's last segment, ``ProgramRun.flush_then``): the
+        caller stays counted as running, and goes on to its next program or ``worker_exit``."""
+        item = _Waiting(run, fn, live)
+        with self._cv:
+            self.check_cancelled()
+            self._waiting.append(item)
+            self._last_arrival = time.monotonic()
+            self._cv.notify_all()
+        return item.future
 
     def cancel(self, reason: str) -> None:
         super().cancel(reason)
@@ -258,9 +292,7 @@ class BatchRunner(PipelineRunner):
                 if not self._waiting and self._workers == 0:
                     break
                 batch, self._waiting = self._waiting, []
-            t = threading.Thread(target=self._round, args=(batch,), name="llmir-round", daemon=True)
-            self._rounds.append(t)
-            t.start()
+            self._rounds.append(spawn(self._round, batch, name="llmir-round"))
         for t in self._rounds:
             t.join()
 

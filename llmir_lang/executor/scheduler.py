@@ -230,6 +230,7 @@ class Scheduler:
         candidates = ongoing + self._order_waiting()
         self.chunked_next = None
         stalled = False  # an admitted request found no room: admit no new one ahead of it
+        shared: dict[int, set[tuple[int, ...]]] = {}  # for _shares_uncached
         for req in candidates:
             if budget <= 0 or slots_left <= 0:
                 break
@@ -239,7 +240,7 @@ class Scheduler:
             if fresh:
                 ids = req.fill_ids[: self._max_match(req)]
                 m = self.cache.match_prefix(ids)
-                if reqs and self._shares_uncached(ids, m.length, reqs):
+                if reqs and self._shares_uncached(ids, m.length, reqs, shared):
                     continue  # its prefix is being computed in this batch: next step it is a cache hit
                 if req.cached_prompt_tokens < 0:
                     m = self.cache.match_prefix(ids, record_stats=True)
@@ -277,6 +278,8 @@ class Scheduler:
             if not done:
                 self.chunked_next = req
             reqs.append(req)
+            for cached, seen in shared.items():
+                seen.update(self._shared_key(req, cached))
             prefix_lens.append(prefix)
             extend_lens.append(n)
             sample.append(done)
@@ -319,16 +322,31 @@ class Scheduler:
         batch.num_decode = n
         return batch
 
-    def _shares_uncached(self, ids: list[int], cached: int, batch: list[Req]) -> bool:
-        """Would ``ids`` reuse at least ``min_shared`` tokens that a request of this batch computes now?"""
+    def _shares_uncached(
+        self, ids: list[int], cached: int, batch: list[Req], shared: dict[int, set[tuple[int, ...]]]
+    ) -> bool:
+        """Would ``ids`` reuse at least ``min_shared`` tokens that a request of this batch computes now?
+        ``shared`` holds, per cached length seen in this schedule, the batch's tokens in
+        ``[cached, cached + min_shared)`` (kept up to date as requests join the batch), so a
+        batch of n fresh requests costs n lookups, not n * n list compares."""
         need = cached + self.cfg.min_shared_prefix
         if len(ids) < need:
             return False
-        for other in batch:
-            o = other.fill_ids
-            if len(o) >= need and o[cached:need] == ids[cached:need]:
-                return True
-        return False
+        seen = shared.get(cached)
+        if seen is None:
+            seen = shared[cached] = {key for other in batch for key in self._shared_key(other, cached)}
+        return tuple(ids[cached:need]) in seen
+
+    def _shared_key(self, req: Req, cached: int) -> tuple[tuple[int, ...], ...]:
+        """``req``'s tokens ``[cached, cached + min_shared)`` as a key (none if it is shorter),
+        without building its ``fill_ids``."""
+        need = cached + self.cfg.min_shared_prefix
+        if req.seq_len < need:
+            return ()
+        p = req.prompt_ids
+        if need <= len(p):
+            return (tuple(p[cached:need]),)
+        return (tuple(p[cached:] + req.output_ids[max(cached - len(p), 0) : need - len(p)]),)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         while self.running:

@@ -1,0 +1,68 @@
+"""The pooled threads ``run_batch`` runs programs on (``dsl/workers.py``), and what changed with
+them: a worker does not wait for its program's last segment, while ``num_threads`` still bounds how
+many programs are live at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import llmir_lang as llmir
+from llmir_lang.dsl import workers
+
+
+def test_spawn_runs_on_a_reused_named_thread_and_join_waits():
+    seen: list[tuple[int, str]] = []
+
+    def record(delay: float) -> None:
+        time.sleep(delay)
+        seen.append((threading.get_ident(), threading.current_thread().name))
+
+    first = workers.spawn(record, 0.05, name="llmir-test")
+    assert first.join(5) and first.done() and len(seen) == 1
+    time.sleep(0.05)  # the worker parks itself after the task's join is released
+    second = workers.spawn(record, 0.0, name="llmir-test-2")
+    assert second.join(5)
+    assert seen[0][1] == "llmir-test" and seen[1][1] == "llmir-test-2"
+    assert seen[1][0] == seen[0][0]  # the same thread, parked in between
+    assert threading.current_thread().name != "llmir-worker"
+
+
+def test_an_escaped_exception_goes_to_threading_excepthook_and_the_worker_lives_on(monkeypatch):
+    got: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: got.append(args.exc_value))
+
+    def boom() -> None:
+        raise ValueError("from a task")
+
+    assert workers.spawn(boom).join(5)
+    assert len(got) == 1 and isinstance(got[0], ValueError)
+    after = workers.spawn(lambda: None)
+    assert after.join(5)
+
+
+@llmir.function
+def straight(s, q):
+    s += "Q: " + q + "\nA:" + llmir.gen("a", max_tokens=3)
+
+
+def test_num_threads_still_bounds_the_live_programs(fake):
+    batch = [{"q": str(i)} for i in range(6)]
+    one = straight.run_batch(batch, num_threads=1, backend=fake)
+    # one program at a time: each has ended before the next begins, so each is a round of its own
+    assert one[0].run_stats()["rounds"] == 6
+    assert all(s.error() is None for s in one)
+    many = straight.run_batch(batch, backend=fake)
+    assert many[0].run_stats()["rounds"] == 1  # all live together: their last segments in one round
+    assert [s.text() for s in many] == [s.text() for s in one]
+
+
+def test_a_failed_last_segment_ends_its_program_alone_with_progress(fake, capsys):
+    @llmir.function
+    def maybe_bad(s, q):
+        s += "Q: " + q + "\nA:" + llmir.gen("a", max_tokens=3, regex="(" if q == "bad" else None)
+
+    states = maybe_bad.run_batch([{"q": "x"}, {"q": "bad"}, {"q": "y"}], backend=fake, progress_bar=True)
+    assert states[0].error() is None and states[2].error() is None
+    assert isinstance(states[1].error(), llmir.DSLError)
+    assert "3/3" in capsys.readouterr().err
