@@ -217,9 +217,11 @@ class LMFunction:
             run.error = self._wrap(e)
         finally:
             if not detached:
-                self._end(run)
-                if on_end is not None:
-                    on_end()
+                try:
+                    self._end(run)
+                finally:
+                    if on_end is not None:
+                        on_end()
 
     def _end_detached(self, run: ProgramRun, error: Exception | None, on_end: Callable[[], None]) -> None:
         """The end of a run whose last segment completed after its body returned (``_body``)."""
@@ -227,8 +229,10 @@ class LMFunction:
             if error is not None:
                 run.error = self._wrap(error)
         finally:
-            self._end(run)
-            on_end()
+            try:
+                self._end(run)
+            finally:
+                on_end()  # always: run_batch's other programs wait for this one's slot
 
     @staticmethod
     def _end(run: ProgramRun, error: BaseException | None = None) -> None:
@@ -593,9 +597,11 @@ class _BatchWork:
         segment): one step of the progress bar, unless the batch was cancelled."""
         runner, bar = self.runner, self.bar
         assert runner is not None  # close() comes after every program has ended
-        if bar is not None and runner.cancelled is None:
-            bar.update(1)
-        runner.end_program()
+        try:
+            if bar is not None and runner.cancelled is None:
+                bar.update(1)
+        finally:
+            runner.end_program()
 
     def close(self) -> None:
         if self.bar is not None:
