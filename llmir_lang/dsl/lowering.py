@@ -114,15 +114,28 @@ def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str
         "logprobs": step.logprobs,
         "token_ids": step.token_ids,
     }
-    text = token_text or (lambda _tid: None)
+    def named(tid: int | None, given: str | None) -> str | None:
+        # with return_text_in_logprobs: the text the backend gave, else the id's decoded text
+        if token_text is None:
+            return None
+        if given is not None:
+            return given
+        return token_text(tid) if tid is not None else None
+
     if step.logprobs is not None:
         # a backend that does not know the ids (OpenAI's API) gives None for them, never fewer triples
-        ids = step.token_ids if len(step.token_ids) == len(step.logprobs) else [None] * len(step.logprobs)
+        n = len(step.logprobs)
+        ids = step.token_ids if len(step.token_ids) == n else [None] * n
+        texts = step.token_texts if step.token_texts is not None and len(step.token_texts) == n else [None] * n
         meta["output_token_logprobs"] = [
-            (lp, tid, text(tid) if tid is not None else None) for lp, tid in zip(step.logprobs, ids)
+            (lp, tid, named(tid, t)) for lp, tid, t in zip(step.logprobs, ids, texts)
         ]
     if step.top_logprobs is not None:
-        meta["output_top_logprobs"] = [[(lp, tid, text(tid)) for tid, lp in top] for top in step.top_logprobs]
+        tops = step.top_logprobs
+        top_texts = step.top_texts if step.top_texts is not None else [[None] * len(top) for top in tops]
+        meta["output_top_logprobs"] = [
+            [(lp, tid, named(tid, t)) for (tid, lp), t in zip(top, tt)] for top, tt in zip(tops, top_texts)
+        ]
     meta.update({k: v for k, v in step.meta.items() if k not in meta})
     return meta
 

@@ -66,9 +66,14 @@ class StepResult:
     cached_tokens: int
     logprobs: list[float] | None = None
     # with ``top_logprobs_num``: each generated position's most likely ``(token id, logprob)`` pairs
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # (the id None where the backend's API gives texts, not ids: OpenAI's)
+    top_logprobs: list[list[tuple[int | None, float]]] | None = None
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # the texts the backend gave for the generated tokens and for each top alternative, parallel to
+    # ``logprobs`` / ``top_logprobs`` (OpenAI's API: texts instead of ids); None where it gave none
+    token_texts: list[str] | None = None
+    top_texts: list[list[str]] | None = None
 
 
 @dataclass(slots=True)

@@ -868,7 +868,9 @@ class OpenAI(_HTTPBackend):
             got, finish = choice.get("text", ""), choice.get("finish_reason") or "unknown"
             lp = choice.get("logprobs") or {}
         else:
-            got, finish, usage, lp = "", "unknown", {}, {}
+            got, finish, usage = "", "unknown", {}
+            parts: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+            streamed = False  # logprobs came with the chunks
             stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
             for event in self._events("/completions", stream_body, stop):
                 usage = event.get("usage") or usage
@@ -877,6 +879,15 @@ class OpenAI(_HTTPBackend):
                         on_text(choice["text"])
                         got += choice["text"]
                     finish = choice.get("finish_reason") or finish
+                    part = choice.get("logprobs")
+                    if part:
+                        streamed = True
+                        for key, values in parts.items():
+                            values.extend(part.get(key) or [])
+            lp = parts if streamed else {}
+        tops = lp.get("top_logprobs") if body.get("logprobs") else None
+        # OpenAI's top alternatives are {token text: logprob} maps, most likely first by value
+        ranked = [sorted((t or {}).items(), key=lambda kv: -kv[1]) for t in tops] if tops else None
         return StepResult(
             name=None,
             text=got,
@@ -886,7 +897,10 @@ class OpenAI(_HTTPBackend):
             completion_tokens=int(usage.get("completion_tokens", 0)),
             cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
             logprobs=lp.get("token_logprobs"),
+            top_logprobs=[[(None, v) for _, v in top] for top in ranked] if ranked is not None else None,
             error=None if finish in _FINISH_OK else f"generation ended with {finish}",
+            token_texts=lp.get("tokens"),
+            top_texts=[[k for k, _ in top] for top in ranked] if ranked is not None else None,
         )
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:

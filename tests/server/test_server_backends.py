@@ -341,3 +341,31 @@ def test_cancelled_program_on_an_llmir_server_is_aborted_there(server, endpoint)
     assert after["server"]["aborted"] >= before["server"]["aborted"] + 1
     assert after["tokens_computed"] - before["tokens_computed"] < 600  # stopped early
     assert qa.run(question=QUESTIONS[0], backend=endpoint).error() is None
+
+
+@llmir.function
+def with_logprobs(s, question):
+    s += "Q: " + question + "\nA:"
+    s += llmir.gen("answer", max_tokens=4, top_logprobs_num=3, return_text_in_logprobs=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_backend_reports_logprobs_and_top_logprobs(server, runtime, stream):
+    """The OpenAI backend reads the server's token logprobs, top alternatives and token texts
+    (streamed or not); the ids are not in that API (None)."""
+    want = with_logprobs.run(question=QUESTIONS[0], backend=runtime).get_meta_info("answer")
+    with OpenAI(server.url + "/v1", "llmir-tiny") as oa:
+        state = with_logprobs.run(question=QUESTIONS[0], backend=oa, stream=stream)
+        if stream:
+            "".join(state.text_iter())
+        got = state.get_meta_info("answer")
+    assert state["answer"] == with_logprobs.run(question=QUESTIONS[0], backend=runtime)["answer"]
+    assert [e[1] for e in got["output_token_logprobs"]] == [None] * len(want["output_token_logprobs"])
+    assert [e[2] for e in got["output_token_logprobs"]] == [e[2] for e in want["output_token_logprobs"]]
+    assert [e[0] for e in got["output_token_logprobs"]] == pytest.approx(
+        [e[0] for e in want["output_token_logprobs"]], abs=1e-3
+    )
+    assert len(got["output_top_logprobs"]) == len(want["output_top_logprobs"])
+    for top, top_want in zip(got["output_top_logprobs"], want["output_top_logprobs"]):
+        assert [e[2] for e in top] == [e[2] for e in top_want] and all(e[1] is None for e in top)
+        assert [e[0] for e in top] == pytest.approx([e[0] for e in top_want][: len(top)], abs=1e-3)
