@@ -7,7 +7,8 @@ cost 0.2-0.3 ms on the 2-core benchmark machine: 17-21 ms of the 64-program sele
 20 ms, all before its first forward. A parked worker is woken by a queue put, which does not wait.
 
 A worker that finishes goes back to the idle list (at most ``MAX_IDLE`` are kept; more exit). The
-names of the threads say what they run, as before (``llmir-batch``, ``llmir-round``, ...).
+names of the threads say what they run, as before (``llmir-batch``, ``llmir-round``, ...), and a
+parked one is ``llmir-idle-worker``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 MAX_IDLE = 256
+IDLE_NAME = "llmir-idle-worker"  # a parked worker's thread name (a running one has its task's)
 
 
 class Task:
@@ -41,7 +43,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self.inbox: queue.SimpleQueue[Task] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="llmir-worker")
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=IDLE_NAME)
 
     def _loop(self) -> None:
         while True:
@@ -53,7 +55,7 @@ class _Worker:
                 threading.excepthook(threading.ExceptHookArgs([type(e), e, e.__traceback__, self.thread]))
             finally:
                 task.fn = task.args = None  # type: ignore[assignment]  # drop references now
-                self.thread.name = "llmir-worker"
+                self.thread.name = IDLE_NAME
                 task._done.set()
             if not _park(self):
                 return

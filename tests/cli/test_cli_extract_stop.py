@@ -15,6 +15,7 @@ import pytest
 
 from llmir_lang.cli import extract as extract_cli
 from llmir_lang.cli.extract import add_arguments, run_extract
+from llmir_lang.dsl.workers import IDLE_NAME
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, StepResult
 
 
@@ -60,7 +61,8 @@ def _ns(tmp: Path, *extra: str) -> argparse.Namespace:
 
 
 def _batch_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("llmir-")}
+    """llmir's threads doing something: not the pooled workers parked for the next batch."""
+    return {t for t in threading.enumerate() if t.name.startswith("llmir-") and t.name != IDLE_NAME}
 
 
 @pytest.fixture()

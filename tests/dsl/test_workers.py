@@ -25,7 +25,8 @@ def test_spawn_runs_on_a_reused_named_thread_and_join_waits():
     assert second.join(5)
     assert seen[0][1] == "llmir-test" and seen[1][1] == "llmir-test-2"
     assert seen[1][0] == seen[0][0]  # the same thread, parked in between
-    assert threading.current_thread().name != "llmir-worker"
+    assert threading.current_thread().name != workers.IDLE_NAME
+    assert any(t.name == workers.IDLE_NAME for t in threading.enumerate())  # parked, named so
 
 
 def test_an_escaped_exception_goes_to_threading_excepthook_and_the_worker_lives_on(monkeypatch):
