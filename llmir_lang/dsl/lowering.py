@@ -29,7 +29,10 @@ from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, AttrValue, without_annotations
 def gen_step(name: str | None, attrs: Mapping[str, AttrValue]) -> GenStep:
     """The backend step for one gen with IR attributes ``attrs`` (annotations are ignored)."""
     attrs = without_annotations(attrs)
-    return GenStep(name, to_sampling_params(dict(attrs)), constraint_spec(attrs))
+    start = attrs.get("logprob_start_len", -1)
+    return GenStep(
+        name, to_sampling_params(dict(attrs)), constraint_spec(attrs), int(start) if isinstance(start, int) else -1
+    )
 
 
 def chain_steps(segments: Sequence[Mapping[str, AttrValue]]) -> list[GenStep | str]:
@@ -129,6 +132,13 @@ def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str
         texts = step.token_texts if step.token_texts is not None and len(step.token_texts) == n else [None] * n
         meta["output_token_logprobs"] = [
             (lp, tid, named(tid, t)) for lp, tid, t in zip(step.logprobs, ids, texts)
+        ]
+    if step.prompt_logprobs is not None:
+        ptexts = step.prompt_texts
+        if ptexts is None or len(ptexts) != len(step.prompt_logprobs):
+            ptexts = [None] * len(step.prompt_logprobs)
+        meta["input_token_logprobs"] = [
+            (lp, tid, named(tid, t)) for (tid, lp), t in zip(step.prompt_logprobs, ptexts)
         ]
     if step.top_logprobs is not None:
         tops = step.top_logprobs

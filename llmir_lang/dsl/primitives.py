@@ -140,15 +140,19 @@ def gen(
 
     With ``return_logprob`` / ``top_logprobs_num``, ``get_meta_info(name)`` has SGLang's
     ``output_token_logprobs`` / ``output_top_logprobs`` triples ``(logprob, token id, text)``; the
-    text is filled with ``return_text_in_logprobs=True``. ``logprob_start_len`` (the prompt's token
-    logprobs, SGLang's ``input_token_logprobs``) raises ``FeatureNotSupportedError``."""
+    text is filled with ``return_text_in_logprobs=True``. With ``logprob_start_len=k`` (k >= 0) it
+    also has SGLang's ``input_token_logprobs``: one triple per token of the gen's prompt (the whole
+    text before it) from token k on, the first without a logprob (None); such a gen starts a
+    request (fuse-constants never appends it to another gen's chain), and its prompt is computed
+    again from token k (its logits are needed), not served from the prefix cache."""
     where = SourceLocation.here()
     _check_sglang_gen_args(name, n, stop_regex, choices_method, choices is not None, where)
-    if logprob_start_len is not None:
-        raise FeatureNotSupportedError(
-            f"gen({name!r}, logprob_start_len={logprob_start_len!r}): a gen does not report its "
-            "prompt's token logprobs; score text after the prompt with select(...), whose meta info "
-            "has each choice's input_token_logprobs",
+    if logprob_start_len is not None and (
+        isinstance(logprob_start_len, bool) or not isinstance(logprob_start_len, int) or logprob_start_len < -1
+    ):
+        raise DSLError(
+            f"gen({name!r}): logprob_start_len must be an integer >= 0 (or -1 for none, SGLang's "
+            f"default), got {logprob_start_len!r}",
             where=where,
         )
     if return_text_in_logprobs is not None and not isinstance(return_text_in_logprobs, bool):
@@ -195,6 +199,9 @@ def gen(
     attrs.update(given)
     if return_text_in_logprobs:
         attrs["return_text_in_logprobs"] = True
+    if logprob_start_len is not None and logprob_start_len >= 0:
+        attrs["logprob_start_len"] = logprob_start_len
+        attrs["return_logprob"] = True  # asking for the prompt's logprobs is asking for logprobs
     if name is not None and (not isinstance(name, str) or not name):
         raise DSLError(f"a gen name must be a non-empty string, got {name!r}", where=where)
     return Gen(name, attrs, where, schema=json_schema)

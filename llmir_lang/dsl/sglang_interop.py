@@ -52,12 +52,12 @@ _GEN_ARGS = {
     "ignore_eos": "ignore_eos",
     "return_logprob": "return_logprob",
     "top_logprobs_num": "top_logprobs_num",
+    "logprob_start_len": "logprob_start_len",
+    "return_text_in_logprobs": "return_text_in_logprobs",
     "regex": "regex",
     "json_schema": "json_schema",
     "dtype": "dtype",
 }
-# Only shape what SGLang returns as logprob output; llmir's meta info has its own form.
-_IGNORED = ("logprob_start_len", "return_text_in_logprobs", "n")
 
 
 class SGLangNotInstalledError(ProgramError, ImportError):

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmir_lang.errors import EngineClosedError
+from llmir_lang.errors import EngineClosedError, InvalidRequestError
 from llmir_lang.executor.sampling_params import SamplingParams
 
 _SCORE_POOL: ThreadPoolExecutor | None = None
@@ -40,6 +40,9 @@ class GenStep:
     name: str | None
     params: SamplingParams = field(default_factory=SamplingParams)
     constraint: Any = None
+    # >= 0: report the prompt's token logprobs from this token on (``StepResult.prompt_logprobs``);
+    # only a chain's first gen may ask (a later one's prompt is the chain's own output)
+    logprob_start_len: int = -1
 
 
 @dataclass(slots=True)
@@ -74,6 +77,11 @@ class StepResult:
     # ``logprobs`` / ``top_logprobs`` (OpenAI's API: texts instead of ids); None where it gave none
     token_texts: list[str] | None = None
     top_texts: list[list[str]] | None = None
+    # with ``GenStep.logprob_start_len``: ``(token id, logprob)`` for each prompt token from there
+    # on, the first without a logprob (None); ids None and ``prompt_texts`` given where the
+    # backend's API gives texts
+    prompt_logprobs: list[tuple[int | None, float | None]] | None = None
+    prompt_texts: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -214,13 +222,16 @@ class EngineBackend(Backend):
             if not isinstance(step, str):
                 break
             lead += step
-        inner = self.engine.submit_chain(request.prompt, steps, stream=stream)
+        start, prompt_ids = _prompt_logprob_start(request), None
+        if start >= 0:  # the ids the engine encodes too: the first reported token is one of them
+            prompt_ids = self.engine.encode(request.prompt + lead)
+        inner = self.engine.submit_chain(request.prompt, steps, stream=stream, logprob_start_len=start)
         outer: Future = Future()
 
         def done(f: Future) -> None:
             # runs on the engine thread: whatever happens, ``outer`` must resolve
             try:
-                outer.set_result(_chain_result(f, names, engines, lead))
+                outer.set_result(_chain_result(f, names, engines, lead, start, prompt_ids))
             except Exception as e:
                 if not outer.done():
                     outer.set_result(ChainResult(steps=[], text="", error=f"{type(e).__name__}: {e}", exception=e))
@@ -261,7 +272,21 @@ class EngineBackend(Backend):
         return self.engine.stats()
 
 
-def _chain_result(f: Future, names: list, engines: list, lead: str) -> ChainResult:
+def _prompt_logprob_start(request: ChainRequest) -> int:
+    """The chain's ``logprob_start_len``: its first gen's; a later gen cannot ask (its prompt is
+    the chain's own output, whose logprobs the engine does not report as a prompt's)."""
+    gens = [step for step in request.steps if not isinstance(step, str)]
+    if any(step.logprob_start_len >= 0 for step in gens[1:]):
+        raise InvalidRequestError(
+            "only a chain's first gen may ask for its prompt's logprobs (logprob_start_len); send "
+            "a gen that does as a request of its own"
+        )
+    return gens[0].logprob_start_len if gens else -1
+
+
+def _chain_result(
+    f: Future, names: list, engines: list, lead: str, start: int = -1, prompt_ids: list[int] | None = None
+) -> ChainResult:
     try:
         res = f.result()
     except Exception as e:  # engine failure: reported on the result, never raised
@@ -270,6 +295,10 @@ def _chain_result(f: Future, names: list, engines: list, lead: str) -> ChainResu
     for i, r in enumerate(res.meta.get("steps", [res])):
         meta = {k: v for k, v in r.meta.items() if k not in ("steps", "chain_text")}
         meta["constraint_engine"] = engines[i] if i < len(engines) else None
+        prompt_lps: list[tuple[int | None, float | None]] | None = None
+        if i == 0 and prompt_ids is not None and r.prompt_logprobs is not None and 0 <= start < len(prompt_ids):
+            # SGLang's shape: from token ``start`` on, the first without a logprob
+            prompt_lps = [(prompt_ids[start], None), *r.prompt_logprobs]
         results.append(
             StepResult(
                 name=names[i] if i < len(names) else None,
@@ -283,6 +312,7 @@ def _chain_result(f: Future, names: list, engines: list, lead: str) -> ChainResu
                 top_logprobs=r.top_logprobs,
                 error=r.error,
                 meta=meta,
+                prompt_logprobs=prompt_lps,
             )
         )
     error = next((r.error for r in results if r.error), None)

@@ -259,9 +259,12 @@ class Engine(EngineScoring, EngineLoop):
         steps: Sequence[tuple],
         *,
         stream: Callable[[StreamChunk], None] | None = None,
+        logprob_start_len: int = -1,
     ) -> Future:
         """Queue a chain: ``prompt`` then steps ``("gen", params, matcher_or_None)`` (``params``: a
-        SamplingParams or a dict, as ``submit`` takes) and ``("text", str)``, run as ONE request. After each generation the constant text that follows
+        SamplingParams or a dict, as ``submit`` takes) and ``("text", str)``, run as ONE request.
+        ``logprob_start_len`` is ``submit``'s, for the prompt (with the text before the first
+        generation): the first generation's result has its prompt logprobs. After each generation the constant text that follows
         is appended as forced tokens in one extend (tokens re-encoded over the whole text, so they are
         the ones a call-by-call run would prefill) and the next generation starts at once. The future
         resolves to the last generation's GenerateResult, with ``meta["steps"]`` (one result per
@@ -288,7 +291,7 @@ class Engine(EngineScoring, EngineLoop):
                     f"a chain step is ('gen', params, matcher) or ('text', str), got {step!r}"
                 )
         _, sp, matcher = steps.pop(0)
-        return self._submit(self.encode(prompt), sp, stream, -1, matcher, steps, prompt)
+        return self._submit(self.encode(prompt), sp, stream, logprob_start_len, matcher, steps, prompt)
 
     def _submit(
         self,

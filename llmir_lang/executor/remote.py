@@ -531,8 +531,10 @@ class Endpoint(_HTTPBackend):
             key = {"json_schema": "json_schema", "grammar": "ebnf"}.get(spec.kind, "regex")
             sp[key] = _choices_regex(spec.value) if spec.kind == "choices" else spec.value
         body: dict[str, Any] = {"sampling_params": sp}
-        if p.return_logprob:
+        if p.return_logprob or step.logprob_start_len >= 0:
             body.update(return_logprob=True, top_logprobs_num=p.top_logprobs_num)
+        if step.logprob_start_len >= 0:
+            body.update(logprob_start_len=step.logprob_start_len, return_text_in_logprobs=True)
         return body
 
     def _generate(
@@ -566,6 +568,7 @@ class Endpoint(_HTTPBackend):
         if not ids and lps and all(isinstance(e, (list, tuple)) and len(e) > 1 for e in lps):
             ids = [e[1] for e in lps]  # SGLang's (logprob, token id, text) entries carry the ids
         tops = meta.get("output_top_logprobs")
+        inputs = meta.get("input_token_logprobs")
         return StepResult(
             name=None,
             text=out.get("text", ""),
@@ -580,6 +583,8 @@ class Endpoint(_HTTPBackend):
             if kind in _FINISH_OK
             else f"generation ended with {kind}: {finish.get('message', '')}",
             meta={"remote_id": meta.get("id")},
+            prompt_logprobs=[(e[1], e[0]) for e in inputs] if inputs is not None else None,
+            prompt_texts=[e[2] for e in inputs] if inputs and all(len(e) > 2 for e in inputs) else None,
         )
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
@@ -819,6 +824,12 @@ class OpenAI(_HTTPBackend):
             "min_tokens": (p.min_new_tokens, 0), "ignore_eos": (p.ignore_eos, False),
             "stop_token_ids": (list(p.stop_token_ids), []), "skip_special_tokens": (p.skip_special_tokens, True),
         })  # fmt: skip
+        if step.logprob_start_len >= 0:
+            raise NotYetSupportedError(
+                f"gen({step.name!r}, logprob_start_len={step.logprob_start_len}): the OpenAI backend "
+                "does not report a prompt's token logprobs; use Endpoint (an SGLang or llmir server) "
+                "or the embedded Runtime"
+            )
         if p.return_logprob:
             body["logprobs"] = p.top_logprobs_num
         spec = step.constraint

@@ -77,7 +77,12 @@ META_ATTRS: dict[str, str] = {
     "return_text_in_logprobs": "bool",  # SGLang's: each logprob triple carries its token's text
 }
 
-GEN_ATTRS: dict[str, str] = {**SAMPLING_ATTRS, **CONSTRAINT_ATTRS, **META_ATTRS}
+# What the gen's request reports besides its output (sent to the backend, not a sampling field).
+REQUEST_ATTRS: dict[str, str] = {
+    "logprob_start_len": "int",  # SGLang's: the prompt's token logprobs from this position on
+}
+
+GEN_ATTRS: dict[str, str] = {**SAMPLING_ATTRS, **CONSTRAINT_ATTRS, **META_ATTRS, **REQUEST_ATTRS}
 SELECT_ATTRS: dict[str, str] = {
     "choices": "str[]",
     "choices_method": "str",

@@ -3,7 +3,9 @@
 A chain is a ``gen``, then one or more times: any number of ``text`` ops and a ``gen``, where
 every intermediate state has exactly one use (the next op of the chain: no ``var`` read, fork,
 join or return of it) and the ops after the first carry no annotations except the last one's
-``pin``. A chain of two or more gens becomes one op at the place of its first gen::
+``pin``, and no gen after the first asks for its prompt's logprobs (``logprob_start_len``: the
+engine reports those for a request's prompt, which a later gen of a chain is not). A chain of two
+or more gens becomes one op at the place of its first gen::
 
     %9 = gen.chain %4 {segments = [{gen = "a", max_tokens = 8}, {text = "\\nB: "}, {gen = "b"}]}
 
@@ -74,6 +76,8 @@ def _chain_from(fn: Function, head: int, uses: dict[str, list[int]]) -> list[int
         annotations = set(annotations_of(op.attrs))
         if annotations - ({"pin", "pin_users"} if op.kind == K.GEN else set()):
             return best
+        if op.kind == K.GEN and "logprob_start_len" in op.attrs:
+            return best  # its prompt's logprobs: it must start a request (see the module docstring)
         chain.append(nxt)
         cur = nxt
         if op.kind == K.GEN:

@@ -9,7 +9,6 @@ import math
 import pytest
 
 import llmir_lang as llmir
-from llmir_lang.dsl.errors import FeatureNotSupportedError
 
 
 def test_gen_logprob_triples_and_top_logprobs(rt):
@@ -89,11 +88,56 @@ def test_select_meta_under_sglang_names(rt):
     assert meta["output_token_logprobs"] == [[], [], []]
 
 
-def test_gen_prompt_logprobs_are_refused_clearly():
-    with pytest.raises(FeatureNotSupportedError, match="logprob_start_len"):
-        llmir.gen("a", logprob_start_len=0)
+def test_gen_arguments_of_logprobs_are_checked():
+    for bad in ("0", -2, True, 1.5):
+        with pytest.raises(llmir.DSLError, match="logprob_start_len must be an integer >= 0"):
+            llmir.gen("a", logprob_start_len=bad)
+    assert "logprob_start_len" not in llmir.gen("a", logprob_start_len=-1).attrs  # SGLang's "none"
     with pytest.raises(llmir.DSLError, match="return_text_in_logprobs"):
         llmir.gen("a", return_text_in_logprobs="yes")
+
+
+@llmir.function
+def prompt_logprobs(s):
+    s += "Q: What is 3 + 4?\nA:" + llmir.gen("a", max_tokens=3, logprob_start_len=2, return_text_in_logprobs=True)
+    s += "\nQ: and 5 + 5?\nA:" + llmir.gen("b", max_tokens=2, logprob_start_len=0)
+    s += "\nok" + llmir.gen("c", max_tokens=2)
+
+
+@pytest.mark.parametrize("passes", [None, ""])
+def test_gen_reports_its_prompts_token_logprobs(rt, passes):
+    """SGLang's logprob_start_len: input_token_logprobs from that prompt token on, the first
+    without a logprob, as the engine scores the same prompt (and the same in both modes)."""
+    kw = {} if passes is None else {"passes": passes}
+    state = prompt_logprobs.run(backend=rt, **kw)
+    assert state.error() is None
+    eng = rt.engine
+    for name, start, prompt in (
+        ("a", 2, "Q: What is 3 + 4?\nA:"),
+        ("b", 0, "Q: What is 3 + 4?\nA:" + state["a"] + "\nQ: and 5 + 5?\nA:"),
+    ):
+        meta = state.get_meta_info(name)
+        ids = eng.encode(prompt)
+        ref = eng.generate(ids, {"max_new_tokens": 1, "return_prompt_logprob": True}).prompt_logprobs
+        got = meta["input_token_logprobs"]
+        assert len(got) == len(ids) - start == meta["prompt_tokens"] - start
+        assert [e[1] for e in got] == ids[start:] and got[0][0] is None
+        assert [e[0] for e in got[1:]] == pytest.approx([lp for _, lp in ref[start:]], abs=1e-4)
+        with_text = name == "a"
+        assert all((e[2] == eng.tokenizer.decode([e[1]])) if with_text else e[2] is None for e in got)
+        assert meta["output_token_logprobs"]  # asking for the prompt's logprobs asks for logprobs
+    assert "input_token_logprobs" not in state.get_meta_info("c")
+    plain = prompt_logprobs.run(backend=rt, passes="")
+    assert plain.text() == state.text()
+
+
+def test_a_gen_asking_for_its_prompts_logprobs_starts_its_own_request():
+    from llmir_lang.ir import print_ir
+    from llmir_lang.optimizer import run_pipeline
+
+    text = print_ir(run_pipeline(prompt_logprobs.trace()))
+    # a and its text fuse with nothing before them; b asks too, so it starts a chain with c
+    assert text.count("gen.chain") == 1 and '"b"' in text.split("gen.chain")[1].split("\n")[0]
 
 
 def test_remote_sglang_meta_takes_ids_and_top_logprobs_from_the_server():

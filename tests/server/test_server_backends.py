@@ -369,3 +369,27 @@ def test_openai_backend_reports_logprobs_and_top_logprobs(server, runtime, strea
     for top, top_want in zip(got["output_top_logprobs"], want["output_top_logprobs"]):
         assert [e[2] for e in top] == [e[2] for e in top_want] and all(e[1] is None for e in top)
         assert [e[0] for e in top] == pytest.approx([e[0] for e in top_want][: len(top)], abs=1e-3)
+
+
+@llmir.function
+def prompt_scored(s, question):
+    s += "Q: " + question + "\nA:" + llmir.gen("a", max_tokens=3, logprob_start_len=1, return_text_in_logprobs=True)
+    s += "\nQ: again?\nA:" + llmir.gen("b", max_tokens=2, logprob_start_len=0)
+
+
+def test_prompt_logprobs_over_endpoint_and_a_clear_refusal_over_openai(server, runtime, endpoint):
+    want = prompt_scored.run(question=QUESTIONS[0], backend=runtime)
+    # the llmir protocol (whole programs on the server) and SGLang's (one /generate per gen)
+    with Endpoint(server.url, protocol="sglang") as sglang_protocol:
+        for backend in (endpoint, sglang_protocol):
+            got = prompt_scored.run(question=QUESTIONS[0], backend=backend)
+            assert got.text() == want.text()
+            for name in ("a", "b"):
+                w = want.get_meta_info(name)["input_token_logprobs"]
+                g = got.get_meta_info(name)["input_token_logprobs"]
+                assert [tuple(e[1:]) for e in g] == [tuple(e[1:]) for e in w] and g[0][0] is None
+                assert [e[0] for e in g[1:]] == pytest.approx([e[0] for e in w[1:]], abs=1e-3)
+    with OpenAI(server.url + "/v1", "llmir-tiny") as oa:
+        state = prompt_scored.run(question=QUESTIONS[0], backend=oa, stream=True)
+        assert isinstance(state.error(), llmir.GenerationNotSupportedError)
+        assert "logprob_start_len" in str(state.error()) and "Endpoint" in str(state.error())
