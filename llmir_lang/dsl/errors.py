@@ -47,11 +47,29 @@ class SourceLocation:
         thread of its own)."""
         frame = sys._getframe(1)
         while frame is not None:
-            path = os.path.abspath(frame.f_code.co_filename)
-            if not path.startswith(_PACKAGE_DIR + os.sep) and not path.startswith(LIBRARY_DIRS):
+            path = _user_path(frame.f_code.co_filename)
+            if path is not None:
                 return SourceLocation(path, frame.f_lineno)
             frame = frame.f_back
         return None
+
+
+# co_filename -> its absolute path if it is the user's file, None if llmir_lang's or a library's;
+# only absolute names are kept (a relative one depends on the working directory). Every gen,
+# select and append asks (SourceLocation.here), a few frames each.
+_USER_PATHS: dict[str, str | None] = {}
+
+
+def _user_path(filename: str) -> str | None:
+    try:
+        return _USER_PATHS[filename]
+    except KeyError:
+        pass
+    path = os.path.abspath(filename)
+    user = None if path.startswith(_PACKAGE_DIR + os.sep) or path.startswith(LIBRARY_DIRS) else path
+    if os.path.isabs(filename) and len(_USER_PATHS) < 4096:
+        _USER_PATHS[filename] = user
+    return user
 
 
 def _ipython_cell(path: str) -> str | None:
