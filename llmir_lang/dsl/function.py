@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import inspect
 import os
@@ -230,9 +231,10 @@ class LMFunction:
                 run.error = self._wrap(error)
         finally:
             try:
-                self._end(run)
-            finally:
+                # first: once the run is finished, run_batch may return and close the batch
                 on_end()  # always: run_batch's other programs wait for this one's slot
+            finally:
+                self._end(run)
 
     @staticmethod
     def _end(run: ProgramRun, error: BaseException | None = None) -> None:
@@ -569,6 +571,7 @@ class _BatchWork:
         self.arguments: list[dict[str, Any] | None] = list(arguments)
         self.bar = bar
         self._next = iter(range(len(runs)))
+        self._left = len(runs)  # programs not taken by a worker yet
         self._lock = threading.Lock()
 
     def run(self) -> None:
@@ -577,18 +580,25 @@ class _BatchWork:
         try:
             while True:
                 with self._lock:
+                    if self._left == 0:
+                        return
+                # a slot first, then the next program: programs start in input order
+                self.runner.begin_program()
+                with self._lock:
                     i = next(self._next, None)
+                    self._left -= i is not None
                 if i is None:
+                    self.runner.end_program()
                     return
                 run, arguments = self.runs[i], self.arguments[i]
                 assert run is not None and arguments is not None
                 self.runs[i] = self.arguments[i] = None
-                self.runner.begin_program()
                 if self.runner.cancelled is not None:  # interrupted: what has not started never runs
                     self.program._end(run, self.program._wrap(ProgramInterruptedError(self.runner.cancelled)))
                     self.runner.end_program()
                     continue
-                self.program._body(run, run.states[0], arguments, self._program_done)
+                # each body in a fresh contextvars context, as on a thread of its own
+                contextvars.Context().run(self.program._body, run, run.states[0], arguments, self._program_done)
         finally:
             self.runner.worker_exit()
 
@@ -596,7 +606,8 @@ class _BatchWork:
         """A program has ended (on its worker, or on the round's thread that completed its last
         segment): one step of the progress bar, unless the batch was cancelled."""
         runner, bar = self.runner, self.bar
-        assert runner is not None  # close() comes after every program has ended
+        if runner is None:  # the batch was closed already (its end came from a foreign thread)
+            return
         try:
             if bar is not None and runner.cancelled is None:
                 bar.update(1)

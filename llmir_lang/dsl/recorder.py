@@ -247,8 +247,9 @@ class ProgramRun:
                 try:
                     failed = self._written(live, f.result())
                 except Exception as e:  # a bug: the run must still end, with it as its error
-                    traceback.clear_frames(e.__traceback__)
                     failed = e
+            if failed is not None:
+                failed = _frameless(failed)
             done(failed if isinstance(failed, Exception) or failed is None else _as_exception(failed))
 
         future.add_done_callback(written)
@@ -317,6 +318,23 @@ class ProgramRun:
                 if piece.name == name and piece.text is None:
                     return piece.where
         return None
+
+
+def _frameless(e: BaseException) -> BaseException:
+    """``e`` (and the exceptions it chains) without tracebacks, for a failed state to keep: their
+    frames, some still running when the state gets the error (so ``traceback.clear_frames``
+    cannot empty them), reach the evaluator, the runner and the engine. An error that is not
+    llmir_lang's own keeps its traceback's text as a note (Python 3.11+)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if x.__traceback__ is not None:
+            if not isinstance(x, LLMIRError) and hasattr(x, "add_note"):
+                x.add_note("traceback (its frames are not kept):\n" + "".join(traceback.format_tb(x.__traceback__)))
+            x.__traceback__ = None
+        x = x.__cause__ or x.__context__
+    return e
 
 
 def _as_exception(e: BaseException) -> Exception:

@@ -6,19 +6,25 @@ itself, but ``Thread.start`` waits until the new thread has run, so under a busy
 cost 0.2-0.3 ms on the 2-core benchmark machine: 17-21 ms of the 64-program select batch's first
 20 ms, all before its first forward. A parked worker is woken by a queue put, which does not wait.
 
-A worker that finishes goes back to the idle list (at most ``MAX_IDLE`` are kept; more exit). The
-names of the threads say what they run, as before (``llmir-batch``, ``llmir-round``, ...), and a
-parked one is ``llmir-idle-worker``.
+A worker that finishes goes back to the idle list (at most ``MAX_IDLE`` are kept; more exit) and
+exits after ``IDLE_S`` seconds without work. Each task runs in a fresh ``contextvars`` context, as
+on a new thread (a ``ContextVar`` set by one batch's program is not seen by the next). A forked
+child process starts with no idle worker (the parent's threads do not exist there). The names of
+the threads say what they run, as before (``llmir-batch``, ``llmir-round``, ...), and a parked one
+is ``llmir-idle-worker``.
 """
 
 from __future__ import annotations
 
+import contextvars
+import os
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 MAX_IDLE = 256
+IDLE_S = 60.0
 IDLE_NAME = "llmir-idle-worker"  # a parked worker's thread name (a running one has its task's)
 
 
@@ -47,10 +53,15 @@ class _Worker:
 
     def _loop(self) -> None:
         while True:
-            task = self.inbox.get()
+            try:
+                task = self.inbox.get(timeout=IDLE_S)
+            except queue.Empty:
+                if _retire(self):
+                    return
+                continue  # taken by spawn just now: its task is on the way
             self.thread.name = task.name
             try:
-                task.fn(*task.args)
+                contextvars.Context().run(task.fn, *task.args)
             except BaseException as e:  # reported as an escaped exception of a thread is
                 threading.excepthook(threading.ExceptHookArgs([type(e), e, e.__traceback__, self.thread]))
             finally:
@@ -71,6 +82,24 @@ def _park(worker: _Worker) -> bool:
             return False
         _idle.append(worker)
         return True
+
+
+def _retire(worker: _Worker) -> bool:
+    """An idle worker's timeout: leave the idle list and exit (False if spawn took it meanwhile)."""
+    with _lock:
+        if worker in _idle:
+            _idle.remove(worker)
+            return True
+        return False
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _idle
+    _lock, _idle = threading.Lock(), []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def spawn(fn: Callable[..., Any], *args: Any, name: str = "llmir-worker") -> Task:

@@ -4,8 +4,14 @@ many programs are live at once."""
 
 from __future__ import annotations
 
+import contextvars
+import gc
+import os
 import threading
 import time
+import weakref
+
+import pytest
 
 import llmir_lang as llmir
 from llmir_lang.dsl import workers
@@ -67,3 +73,86 @@ def test_a_failed_last_segment_ends_its_program_alone_with_progress(fake, capsys
     assert states[0].error() is None and states[2].error() is None
     assert isinstance(states[1].error(), llmir.DSLError)
     assert "3/3" in capsys.readouterr().err
+
+
+def test_programs_start_in_input_order_within_the_bound(fake):
+    lock = threading.Lock()
+    live, order = [0, 0], []
+
+    @llmir.function
+    def two_segments(s, q):
+        with lock:
+            live[0] += 1
+            live[1] = max(live[1], live[0])
+            order.append(int(q))
+        s += "Q: " + q + llmir.gen("a", max_tokens=2)
+        _ = s["a"]  # a sync point: the body waits here, its slot held
+        s += "x" + llmir.gen("b", max_tokens=2)
+        with lock:
+            live[0] -= 1
+
+    for threads in (1, 2, 3):
+        live[:], order[:] = [0, 0], []
+        states = two_segments.run_batch([{"q": str(i)} for i in range(12)], num_threads=threads, backend=fake)
+        assert all(s.error() is None for s in states)
+        assert live[1] <= threads and order == sorted(order)
+
+
+def test_each_program_starts_with_a_fresh_context(fake):
+    var = contextvars.ContextVar("var", default="unset")
+    seen: list[str] = []
+
+    @llmir.function
+    def sets_it(s, q):
+        seen.append(var.get())
+        var.set(q)
+        s += "Q: " + q + llmir.gen("a", max_tokens=2)
+
+    sets_it.run_batch([{"q": "a"}], backend=fake)
+    sets_it.run_batch([{"q": "b"}, {"q": "c"}], num_threads=1, backend=fake)
+    assert seen == ["unset", "unset", "unset"]  # as on threads of their own
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_run_batch_in_a_forked_child_process(fake):
+    straight.run_batch([{"q": "warm"}], backend=fake)  # the parent has parked workers now
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's workers do not exist here
+        code = 1
+        try:
+            from fake_backend import FakeBackend
+
+            child_fake = FakeBackend()
+            (state,) = straight.run_batch([{"q": "child"}], backend=child_fake)
+            code = 0 if state.error() is None else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    raise AssertionError("run_batch hung in the forked child")
+
+
+def test_a_failed_write_back_does_not_keep_the_backend_alive(monkeypatch):
+    from fake_backend import FakeBackend
+
+    from llmir_lang.dsl import recorder
+
+    def broken(self, live, result):
+        raise KeyError("a write-back bug")
+
+    monkeypatch.setattr(recorder.ProgramRun, "_written", broken)
+    backend = FakeBackend()
+    alive = weakref.ref(backend)
+    states = straight.run_batch([{"q": "a"}, {"q": "b"}], backend=backend)
+    assert all(isinstance(s.error(), llmir.ProgramExecutionError) for s in states)
+    assert "KeyError" in str(states[0].error())
+    backend.pool.shutdown(wait=True)
+    del backend
+    gc.collect()
+    assert alive() is None, "a failed state keeps its backend alive through its error's frames"
