@@ -9,13 +9,15 @@ cost 0.2-0.3 ms on the 2-core benchmark machine: 17-21 ms of the 64-program sele
 A worker that finishes goes back to the idle list (at most ``MAX_IDLE`` are kept; more exit) and
 exits after ``IDLE_S`` seconds without work. Each task runs in a fresh ``contextvars`` context, as
 on a new thread (a ``ContextVar`` set by one batch's program is not seen by the next). A forked
-child process starts with no idle worker (the parent's threads do not exist there). The names of
+child process starts with no idle worker (the parent's threads do not exist there), and at
+interpreter exit the parked workers end (as the per-batch threads did before). The names of
 the threads say what they run, as before (``llmir-batch``, ``llmir-round``, ...), and a parked one
 is ``llmir-idle-worker``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import os
 import queue
@@ -48,7 +50,7 @@ class _Worker:
     __slots__ = ("inbox", "thread")
 
     def __init__(self) -> None:
-        self.inbox: queue.SimpleQueue[Task] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, daemon=True, name=IDLE_NAME)
 
     def _loop(self) -> None:
@@ -59,6 +61,8 @@ class _Worker:
                 if _retire(self):
                     return
                 continue  # taken by spawn just now: its task is on the way
+            if task is None:  # the interpreter is exiting (_stop_idle)
+                return
             self.thread.name = task.name
             try:
                 contextvars.Context().run(task.fn, *task.args)
@@ -91,6 +95,18 @@ def _retire(worker: _Worker) -> bool:
             _idle.remove(worker)
             return True
         return False
+
+
+@atexit.register
+def _stop_idle() -> None:
+    """At interpreter exit, let the parked workers end (a daemon thread still alive while native
+    libraries tear down can abort the process: see ``engine._shutdown_live_engines``)."""
+    with _lock:
+        idle, _idle[:] = list(_idle), []
+    for worker in idle:
+        worker.inbox.put(None)
+    for worker in idle:
+        worker.thread.join(timeout=1.0)
 
 
 def _after_fork_in_child() -> None:

@@ -156,3 +156,12 @@ def test_a_failed_write_back_does_not_keep_the_backend_alive(monkeypatch):
     del backend
     gc.collect()
     assert alive() is None, "a failed state keeps its backend alive through its error's frames"
+
+
+def test_parked_workers_end_at_interpreter_exit():
+    assert workers.spawn(lambda: None).join(5)
+    time.sleep(0.05)  # parked
+    assert any(t.name == workers.IDLE_NAME for t in threading.enumerate())
+    workers._stop_idle()  # what atexit runs
+    assert not any(t.name == workers.IDLE_NAME for t in threading.enumerate())
+    assert workers.spawn(lambda: None).join(5)  # a later spawn starts a new one
