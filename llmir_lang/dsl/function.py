@@ -218,11 +218,7 @@ class LMFunction:
             run.error = self._wrap(e)
         finally:
             if not detached:
-                try:
-                    self._end(run)
-                finally:
-                    if on_end is not None:
-                        on_end()
+                self._end_then(run, on_end)
 
     def _end_detached(self, run: ProgramRun, error: Exception | None, on_end: Callable[[], None]) -> None:
         """The end of a run whose last segment completed after its body returned (``_body``)."""
@@ -230,11 +226,16 @@ class LMFunction:
             if error is not None:
                 run.error = self._wrap(error)
         finally:
-            try:
-                # first: once the run is finished, run_batch may return and close the batch
-                on_end()  # always: run_batch's other programs wait for this one's slot
-            finally:
-                self._end(run)
+            self._end_then(run, on_end)
+
+    def _end_then(self, run: ProgramRun, on_end: Callable[[], None] | None) -> None:
+        """``on_end()`` (always: run_batch's other programs wait for this one's slot), then ``_end``:
+        in that order, as once the run is finished run_batch may return and close the batch."""
+        try:
+            if on_end is not None:
+                on_end()
+        finally:
+            self._end(run)
 
     @staticmethod
     def _end(run: ProgramRun, error: BaseException | None = None) -> None:
@@ -570,8 +571,7 @@ class _BatchWork:
         self.runs: list[ProgramRun | None] = list(runs)
         self.arguments: list[dict[str, Any] | None] = list(arguments)
         self.bar = bar
-        self._next = iter(range(len(runs)))
-        self._left = len(runs)  # programs not taken by a worker yet
+        self._taken = 0  # programs taken by a worker, in input order
         self._lock = threading.Lock()
 
     def run(self) -> None:
@@ -580,13 +580,13 @@ class _BatchWork:
         try:
             while True:
                 with self._lock:
-                    if self._left == 0:
+                    if self._taken == len(self.runs):
                         return
                 # a slot first, then the next program: programs start in input order
                 self.runner.begin_program()
                 with self._lock:
-                    i = next(self._next, None)
-                    self._left -= i is not None
+                    i = self._taken if self._taken < len(self.runs) else None
+                    self._taken += i is not None
                 if i is None:
                     self.runner.end_program()
                     return

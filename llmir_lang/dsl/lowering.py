@@ -29,10 +29,8 @@ from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, AttrValue, without_annotations
 def gen_step(name: str | None, attrs: Mapping[str, AttrValue]) -> GenStep:
     """The backend step for one gen with IR attributes ``attrs`` (annotations are ignored)."""
     attrs = without_annotations(attrs)
-    start = attrs.get("logprob_start_len", -1)
-    return GenStep(
-        name, to_sampling_params(dict(attrs)), constraint_spec(attrs), int(start) if isinstance(start, int) else -1
-    )
+    start = int(attrs.get("logprob_start_len", -1))  # an int: the verifier checks the attribute
+    return GenStep(name, to_sampling_params(dict(attrs)), constraint_spec(attrs), start)
 
 
 def chain_steps(segments: Sequence[Mapping[str, AttrValue]]) -> list[GenStep | str]:
@@ -106,8 +104,9 @@ def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str
 
     With ``return_logprob`` / ``top_logprobs_num`` it also carries SGLang's shapes:
     ``output_token_logprobs`` (one ``(logprob, token id, text)`` per generated token) and
-    ``output_top_logprobs`` (per generated token, its most likely alternatives as such triples);
-    the text is the token's with ``return_text_in_logprobs`` (``token_text``), else None.
+    ``output_top_logprobs`` (per generated token, its most likely alternatives as such triples),
+    and with a prompt's logprobs ``input_token_logprobs``; the text is the token's with
+    ``return_text_in_logprobs`` (``token_text``), else None.
     """
     meta = {
         "prompt_tokens": step.prompt_tokens,
@@ -117,35 +116,28 @@ def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str
         "logprobs": step.logprobs,
         "token_ids": step.token_ids,
     }
-    def named(tid: int | None, given: str | None) -> str | None:
-        # with return_text_in_logprobs: the text the backend gave, else the id's decoded text
+
+    def triples(pairs: Sequence[tuple[int | None, float | None]], texts: Sequence[str] | None) -> list[tuple]:
+        # (logprob, id, text); the text with return_text_in_logprobs: the backend's where it gave
+        # texts (OpenAI's API), else the id's decoded text
         if token_text is None:
-            return None
-        if given is not None:
-            return given
-        return token_text(tid) if tid is not None else None
+            return [(lp, tid, None) for tid, lp in pairs]
+        if texts is None or len(texts) != len(pairs):
+            texts = [None] * len(pairs)
+        return [
+            (lp, tid, t if t is not None or tid is None else token_text(tid)) for (tid, lp), t in zip(pairs, texts)
+        ]
 
     if step.logprobs is not None:
         # a backend that does not know the ids (OpenAI's API) gives None for them, never fewer triples
         n = len(step.logprobs)
         ids = step.token_ids if len(step.token_ids) == n else [None] * n
-        texts = step.token_texts if step.token_texts is not None and len(step.token_texts) == n else [None] * n
-        meta["output_token_logprobs"] = [
-            (lp, tid, named(tid, t)) for lp, tid, t in zip(step.logprobs, ids, texts)
-        ]
+        meta["output_token_logprobs"] = triples(list(zip(ids, step.logprobs)), step.token_texts)
     if step.prompt_logprobs is not None:
-        ptexts = step.prompt_texts
-        if ptexts is None or len(ptexts) != len(step.prompt_logprobs):
-            ptexts = [None] * len(step.prompt_logprobs)
-        meta["input_token_logprobs"] = [
-            (lp, tid, named(tid, t)) for (tid, lp), t in zip(step.prompt_logprobs, ptexts)
-        ]
+        meta["input_token_logprobs"] = triples(step.prompt_logprobs, step.prompt_texts)
     if step.top_logprobs is not None:
-        tops = step.top_logprobs
-        top_texts = step.top_texts if step.top_texts is not None else [[None] * len(top) for top in tops]
-        meta["output_top_logprobs"] = [
-            [(lp, tid, named(tid, t)) for (tid, lp), t in zip(top, tt)] for top, tt in zip(tops, top_texts)
-        ]
+        top_texts = step.top_texts or [None] * len(step.top_logprobs)
+        meta["output_top_logprobs"] = [triples(top, tt) for top, tt in zip(step.top_logprobs, top_texts)]
     meta.update({k: v for k, v in step.meta.items() if k not in meta})
     return meta
 
