@@ -142,7 +142,7 @@ class InvalidJoinModeError(ForkError, ValueError):
 
 class FeatureNotSupportedError(DSLError, NotYetSupportedError):
     """An SGLang frontend feature that llmir_lang does not support (yet): multimodal input
-    (``image``, ``video``), several samples of one gen (``n > 1``), ``stop_regex``, a sampled
+    (``image``, ``video``), several samples of one gen (``n > 1``), a sampled
     ``select`` (``temperature > 0``), per-position ``fork`` offsets, meta data in a text stream.
     Raised at the line that uses it; the message says what to use instead."""
 

@@ -136,7 +136,7 @@ class LMFunction:
             elif _ALIASES.get(key, key) in SAMPLING_ATTRS:
                 if value is not None:
                     sampling[_ALIASES.get(key, key)] = (
-                        [value] if key == "stop" and isinstance(value, str) else value
+                        [value] if key in ("stop", "stop_regex") and isinstance(value, str) else value
                     )
             else:
                 raise ProgramArgumentError(

@@ -106,13 +106,16 @@ def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str
     ``output_token_logprobs`` (one ``(logprob, token id, text)`` per generated token) and
     ``output_top_logprobs`` (per generated token, its most likely alternatives as such triples),
     and with a prompt's logprobs ``input_token_logprobs``; the text is the token's with
-    ``return_text_in_logprobs`` (``token_text``), else None.
+    ``return_text_in_logprobs`` (``token_text``), else None. ``matched_stop`` is what ended a
+    ``"stop"`` (a stop string, a stop regex's pattern, a stop token's id; None otherwise or where
+    the backend does not say, as OpenAI's API).
     """
     meta = {
         "prompt_tokens": step.prompt_tokens,
         "completion_tokens": step.completion_tokens,
         "cached_tokens": step.cached_tokens,
         "finish_reason": step.finish_reason,
+        "matched_stop": step.matched_stop,
         "logprobs": step.logprobs,
         "token_ids": step.token_ids,
     }
@@ -180,14 +183,14 @@ def unfinished_value(name: str | None, attrs: Mapping[str, AttrValue], text: str
     a complete value of its constraint; None when it is, when the gen has no constraint, or when
     the check cannot be made here.
 
-    The engine ends a constrained generation at a ``stop`` string or ``stop_token_ids`` token
+    The engine ends a constrained generation at a ``stop`` string (or regex) or ``stop_token_ids`` token
     wherever it occurs, also inside the value (``stop=","`` cut a JSON object after its first
     member), and reports ``"stop"``: the text was a prefix of a match presented as a finished one.
     JSON must parse, and with a stop it must validate with ``jsonschema`` (the oracle ``get_obj``
     uses); ``choices`` are checked by membership, ``dtype`` by its regex, a ``regex`` or
     ``grammar`` by llguidance over the text's bytes.
     """
-    stopped = bool(attrs.get("stop") or attrs.get("stop_token_ids"))
+    stopped = bool(attrs.get("stop") or attrs.get("stop_regex") or attrs.get("stop_token_ids"))
     if "json_schema" in attrs:
         # Without a stop, only what is certain: the text must parse. jsonschema's own reading of a
         # schema differs from the engine's in corners (a float ``multipleOf``: 0.07 is not a
@@ -209,8 +212,9 @@ def unfinished_value(name: str | None, attrs: Mapping[str, AttrValue], text: str
         return None
     if stopped:
         cause = (
-            "a stop string or stop token ended it inside the value (stops apply to constrained text "
-            "too); drop stop= / stop_token_ids= from a constrained gen: the constraint ends the value"
+            "a stop string, stop regex or stop token ended it inside the value (stops apply to constrained text "
+            "too); drop stop= / stop_regex= / stop_token_ids= from a constrained gen: the constraint "
+            "ends the value"
         )
     else:
         cause = "the constraint engine let through output its constraint rejects"

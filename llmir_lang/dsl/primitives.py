@@ -131,12 +131,15 @@ def gen(
     (greedy, 128 tokens). At most one of ``regex``, ``json_schema``, ``choices``, ``dtype``,
     ``grammar`` may be given (structured generation).
 
-    SGLang's ``n``, ``stop_regex`` and ``choices_method`` are accepted where they mean something
-    here: ``n=1``, an empty ``stop_regex``, no ``choices_method``. ``n > 1`` and a
-    ``stop_regex`` raise ``FeatureNotSupportedError`` (fork for several samples; ``stop=`` strings
-    or ``regex=``). ``gen(name, choices=...)`` is constrained generation, which scores nothing, so
-    a ``choices_method`` is refused: ``select`` picks by score (what SGLang's
-    ``gen(choices=...)`` does).
+    ``stop_regex`` (a pattern or a list, Python regular expressions) ends the output at the first
+    token after which its text contains a match, cut where the match starts (as ``stop`` strings
+    are); ``get_meta_info(name)["finish_reason"]`` is ``"stop"`` and ``matched_stop`` the pattern.
+
+    SGLang's ``n`` and ``choices_method`` are accepted where they mean something here: ``n=1``, no
+    ``choices_method``. ``n > 1`` raises ``FeatureNotSupportedError`` (fork for several samples).
+    ``gen(name, choices=...)`` is constrained generation, which scores nothing, so a
+    ``choices_method`` is refused: ``select`` picks by score (what SGLang's ``gen(choices=...)``
+    does).
 
     With ``return_logprob`` / ``top_logprobs_num``, ``get_meta_info(name)`` has SGLang's
     ``output_token_logprobs`` / ``output_top_logprobs`` triples ``(logprob, token id, text)``; the
@@ -146,7 +149,7 @@ def gen(
     request (fuse-constants never appends it to another gen's chain), and its prompt is computed
     again from token k (its logits are needed), not served from the prefix cache."""
     where = SourceLocation.here()
-    _check_sglang_gen_args(name, n, stop_regex, choices_method, choices is not None, where)
+    _check_sglang_gen_args(name, n, choices_method, choices is not None, where)
     if logprob_start_len is not None and (
         isinstance(logprob_start_len, bool) or not isinstance(logprob_start_len, int) or logprob_start_len < -1
     ):
@@ -164,6 +167,7 @@ def gen(
         "max_tokens": max_tokens,
         "min_tokens": min_tokens,
         "stop": [stop] if isinstance(stop, str) else (list(stop) if stop is not None else None),
+        "stop_regex": _stop_regex_list(stop_regex),
         "stop_token_ids": list(stop_token_ids) if stop_token_ids is not None else None,
         "temperature": temperature,
         "top_p": top_p,
@@ -416,10 +420,19 @@ def _choice_list(choices: object, where: SourceLocation | None, what: str) -> li
     return list(dict.fromkeys(out))
 
 
+def _stop_regex_list(stop_regex: object) -> object:
+    """``stop_regex`` as a list (a lone pattern is one; SGLang's empty values are none); anything
+    else goes on as given, for the sampling check to name."""
+    if stop_regex is None or stop_regex in ("", [], ()):
+        return None
+    if isinstance(stop_regex, str):
+        return [stop_regex]
+    return list(stop_regex) if isinstance(stop_regex, (list, tuple)) else stop_regex
+
+
 def _check_sglang_gen_args(
     name: str | None,
     n: object,
-    stop_regex: object,
     choices_method: object,
     has_choices: bool,
     where: SourceLocation | None,
@@ -435,12 +448,6 @@ def _check_sglang_gen_args(
                 f"makes s[{name!r}] a list of {n} samples",
                 where=where,
             )
-    if stop_regex is not None and stop_regex not in ("", [], ()):
-        raise FeatureNotSupportedError(
-            f"gen({name!r}): stop_regex={stop_regex!r} is not supported yet (the engine stops on "
-            "strings and token ids); use stop=[...] strings, or regex= to constrain the whole value",
-            where=where,
-        )
     if choices_method is not None:
         if not has_choices:
             raise DSLError(

@@ -42,6 +42,7 @@ _GEN_ARGS = {
     "max_new_tokens": "max_tokens",
     "min_new_tokens": "min_tokens",
     "stop": "stop",
+    "stop_regex": "stop_regex",  # newer SGLang releases
     "stop_token_ids": "stop_token_ids",
     "temperature": "temperature",
     "top_p": "top_p",
@@ -325,7 +326,7 @@ def convert_gen(x: Any) -> Gen:
     args: dict[str, Any] = {}
     for field, arg in _GEN_ARGS.items():
         value = getattr(params, field, None)
-        if value is None or (field in ("stop", "stop_token_ids") and len(value) == 0):
+        if value is None or (field in ("stop", "stop_regex", "stop_token_ids") and len(value) == 0):
             continue
         if field == "top_k" and value < 0:  # SGLang's "disabled"
             continue

@@ -82,6 +82,9 @@ class StepResult:
     # backend's API gives texts
     prompt_logprobs: list[tuple[int | None, float | None]] | None = None
     prompt_texts: list[str] | None = None
+    # what ended a ``"stop"``: the stop string, the stop regex's pattern or the token id (None:
+    # the end of text, a constraint's end, or a backend that does not say)
+    matched_stop: str | int | None = None
 
 
 @dataclass(slots=True)
@@ -313,6 +316,7 @@ def _chain_result(
                 error=r.error,
                 meta=meta,
                 prompt_logprobs=prompt_lps,
+                matched_stop=r.matched_stop,
             )
         )
     error = next((r.error for r in results if r.error), None)

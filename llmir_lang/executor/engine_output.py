@@ -18,7 +18,7 @@ from llmir_lang.executor.engine_text import (
     DeferredText,
     defer_text_default,
     make_result,
-    stop_string_hit,
+    stop_hit,
     stream_text,
 )
 from llmir_lang.executor.model_runner import StepLogits
@@ -58,12 +58,12 @@ class OutputProcessor:
 
     def _defers(self, req: Req) -> bool:
         """Whether the request's text work waits for the next flush: only with ``defer_text`` and
-        when its control flow never reads its text. Stop strings are searched in the text
+        when its control flow never reads its text. Stop strings and regexes are searched in the text
         (``min_new_tokens`` only gates that search), the prompt of a chain's next generation is the
         text so far, and jump-forward appends forced text and restarts the decoder after it. A
         chain's last generation may defer: its text is read only when the request completes."""
         return self.defer_text and not (
-            bool(req.params.stop)
+            bool(req.params.stop or req.params.stop_regex)
             or (req.matcher is not None and self.engine.jump_forward)
             or _chain_continues(req)
         )
@@ -268,7 +268,7 @@ class OutputProcessor:
             reason, req.matched_stop = FinishReason.STOP, token
         elif token in p.stop_token_ids:
             reason, req.matched_stop = FinishReason.STOP, token
-        elif p.stop and n_out >= p.min_new_tokens and stop_string_hit(req, before):
+        elif (p.stop or p.stop_regex) and stop_hit(req, before, n_out < p.min_new_tokens):
             reason = FinishReason.STOP
         elif req.matcher is not None and req.matcher.is_terminated():
             reason = FinishReason.STOP
@@ -453,6 +453,7 @@ class OutputProcessor:
         req.text, req.sent_len, req.sent_tokens = "", 0, 0
         req.out_logprobs, req.out_top_logprobs = [], []
         req.matched_stop = None
+        req.stop_regex_scan = []
         # output_ids keeps the finished generation until the scheduler applies the rebase after
         # this step: it compares the KV'd tokens with new_ids to keep the common prefix
         finished, req.output_ids = req.output_ids, []

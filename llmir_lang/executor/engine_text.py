@@ -24,8 +24,11 @@ import os
 from collections import deque
 from typing import TYPE_CHECKING
 
+import regex
+
 from llmir_lang.errors import EngineError
 from llmir_lang.executor.request import FinishReason, GenerateResult, Req, StreamChunk
+from llmir_lang.executor.sampling_params import compile_stop_regex
 
 if TYPE_CHECKING:
     from llmir_lang.executor.engine_output import OutputProcessor
@@ -77,7 +80,7 @@ class DeferredText:
             try:
                 if decode:
                     req.text += req.decoder.step(req.output_ids)
-                    if reason is not None:  # deferred requests never match a stop *string*
+                    if reason is not None:  # deferred requests never match a stop string / regex
                         req.text += req.decoder.flush(req.output_ids)
                 if reason is None:
                     stream_text(req)
@@ -103,16 +106,18 @@ def _fail_future(req: Req, exc: Exception) -> None:
 
 
 # ---- text helpers (shared by the immediate and the deferred path) ---------------------------
-def stop_string_hit(req: Req, before: int) -> bool:
-    """Search the text appended after ``before`` (and the overlap a stop string can straddle) for
-    the earliest stop string; on a hit cut the text there and record it in ``matched_stop``."""
-    longest = max(len(s) for s in req.params.stop)
-    start = max(0, before - longest + 1)
-    best: tuple[int, str] | None = None
-    for s in req.params.stop:
-        i = req.text.find(s, start)
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
+def stop_hit(req: Req, before: int, gated: bool) -> bool:
+    """Whether the text appended after ``before`` ends the output at a stop string or a stop
+    regex's match; on a hit cut the text where the earliest one starts and record it (the string,
+    or the regex's pattern) in ``matched_stop``. ``gated``: fewer than ``min_new_tokens`` tokens
+    are out, so nothing stops yet (the regexes' scan positions still move)."""
+    p = req.params
+    hits = []
+    if p.stop and not gated:
+        hits.append(_stop_string_at(req.text, p.stop, before))
+    if p.stop_regex:
+        hits.append(_stop_regex_at(req, before, gated))
+    best = min((h for h in hits if h is not None), default=None, key=lambda h: h[0])
     if best is None:
         return False
     req.text = req.text[: best[0]]
@@ -120,15 +125,75 @@ def stop_string_hit(req: Req, before: int) -> bool:
     return True
 
 
+def _stop_string_at(text: str, stops: list[str], before: int) -> tuple[int, str] | None:
+    """The earliest stop string in the text appended after ``before`` (and the overlap a stop
+    string can straddle): (where it starts, the string)."""
+    start = max(0, before - max(len(s) for s in stops) + 1)
+    best: tuple[int, str] | None = None
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+def _stop_regex_at(req: Req, before: int, gated: bool) -> tuple[int, str] | None:
+    """The earliest of each ``stop_regex`` pattern's leftmost match that ends after ``before``
+    (what ``min_new_tokens`` let through): (where it starts, the pattern); never one while
+    ``gated``.
+
+    Each pattern's search starts at ``req.stop_regex_scan[i]``, the start of its leftmost partial
+    match at the previous check (a match starting before it would have been a partial match then),
+    or the text's end where there was none; so a check reads only the text a match may still use,
+    and the stream holds back exactly the text from there on (``visible_len``).
+    """
+    pats = req.params.stop_regex
+    text = req.text
+    scan = req.stop_regex_scan
+    if len(scan) != len(pats):
+        scan[:] = [0] * len(pats)
+    best: tuple[int, str] | None = None
+    for i, pat in enumerate(pats):
+        compiled = compile_stop_regex(pat)
+        pos = min(scan[i], len(text))
+        if not gated:
+            m = compiled.search(text, pos)
+            while m is not None and m.end() <= before:  # inside text that min_new_tokens held back
+                m = compiled.search(text, m.start() + 1)
+            if m is not None:
+                if best is None or m.start() < best[0]:
+                    best = (m.start(), pat)
+                continue
+        scan[i] = _partial_start(compiled, text, pos)
+    return best
+
+
+def _partial_start(compiled: regex.Pattern, text: str, pos: int) -> int:
+    """Where the leftmost match of ``compiled`` at or after ``pos`` that the text's end cuts short
+    starts (``len(text)`` if none): the text from there may still become a match. Whole matches on
+    the way (only while gated) are stepped over."""
+    while pos <= len(text):
+        m = compiled.search(text, pos, partial=True)
+        if m is None:
+            break
+        if m.partial:
+            return m.start()
+        pos = m.start() + 1
+    return len(text)
+
+
 def visible_len(req: Req) -> int:
-    """Text that cannot turn out to be the start of a stop string."""
+    """Text that cannot turn out to be the start of a stop string or a stop regex's match."""
     text, hold = req.text, 0
     for s in req.params.stop:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):
                 hold = max(hold, k)
                 break
-    return len(text) - hold
+    upto = len(text) - hold
+    if req.params.stop_regex:
+        upto = min([upto, *req.stop_regex_scan]) if req.stop_regex_scan else 0
+    return upto
 
 
 def stream_text(req: Req, final: bool = False, step_done: bool = False) -> None:

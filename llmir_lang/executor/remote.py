@@ -523,7 +523,7 @@ class Endpoint(_HTTPBackend):
             "min_p": (p.min_p, 0.0), "frequency_penalty": (p.frequency_penalty, 0.0),
             "presence_penalty": (p.presence_penalty, 0.0), "repetition_penalty": (p.repetition_penalty, 1.0),
             "stop": (list(p.stop), []), "stop_token_ids": (list(p.stop_token_ids), []),
-            "ignore_eos": (p.ignore_eos, False), "skip_special_tokens": (p.skip_special_tokens, True),
+            "stop_regex": (list(p.stop_regex), []), "ignore_eos": (p.ignore_eos, False), "skip_special_tokens": (p.skip_special_tokens, True),
             "sampling_seed": (p.seed, None),
         })  # fmt: skip
         spec = step.constraint
@@ -585,6 +585,7 @@ class Endpoint(_HTTPBackend):
             meta={"remote_id": meta.get("id")},
             prompt_logprobs=[(e[1], e[0]) for e in inputs] if inputs is not None else None,
             prompt_texts=[e[2] for e in inputs] if inputs and all(len(e) > 2 for e in inputs) else None,
+            matched_stop=finish.get("matched") if kind == "stop" else None,
         )
 
     def score(self, prompt: str, continuations: Sequence[str]) -> list[list[float]]:
@@ -824,6 +825,11 @@ class OpenAI(_HTTPBackend):
             "min_tokens": (p.min_new_tokens, 0), "ignore_eos": (p.ignore_eos, False),
             "stop_token_ids": (list(p.stop_token_ids), []), "skip_special_tokens": (p.skip_special_tokens, True),
         })  # fmt: skip
+        if p.stop_regex:
+            raise NotYetSupportedError(
+                f"gen({step.name!r}, stop_regex={p.stop_regex!r}): OpenAI's API has no regex stop; "
+                "use stop= strings, or Endpoint (an SGLang or llmir server) or the embedded Runtime"
+            )
         if step.logprob_start_len >= 0:
             raise NotYetSupportedError(
                 f"gen({step.name!r}, logprob_start_len={step.logprob_start_len}): the OpenAI backend "

@@ -90,6 +90,9 @@ class Req:
     sent_tokens: int = 0
     finish_reason: FinishReason | None = None
     matched_stop: str | int | None = None
+    # per stop_regex pattern: where a match can still start (the text before it can never be part of
+    # one); see engine_text._stop_regex_at. Empty until the first check of the current generation
+    stop_regex_scan: list[int] = field(default_factory=list)
     error: str | None = None
     retractions: int = 0
     # chains: several generations with constant text between them, run as one request

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
+
+import regex
 
 from llmir_lang.errors import InvalidRequestError
 
@@ -24,7 +27,12 @@ class SamplingParams:
     temperature == 0 means greedy (argmax); so does any temperature below ``GREEDY_TEMPERATURE``
     (1e-5). top_k <= 0 means no top-k cut. Penalties follow the OpenAI (frequency / presence,
     additive over generated tokens) and HF (repetition, multiplicative over prompt and generated
-    tokens) conventions. ``top_logprobs_num > 0`` implies ``return_logprob`` (asking for the top
+    tokens) conventions. ``stop_regex`` ends the output at the first token after which its text
+    contains a match of one of the patterns (Python regular expressions, searched as ``re.search``
+    would, no flags); the output is cut where that match starts, as at a stop string, and
+    ``matched_stop`` is the pattern. Like stop strings they are searched only once
+    ``min_new_tokens`` tokens are out, and only matches that end in text from then on count.
+    ``top_logprobs_num > 0`` implies ``return_logprob`` (asking for the top
     alternatives of each token is asking for logprobs; it was silently ignored before); with
     ``max_new_tokens == 0`` the result's ``top_logprobs`` is one entry, the next token's. ``seed``
     gives the request its own generator: the same seed gives the same tokens alone, in any batch,
@@ -47,6 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_regex: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     return_logprob: bool = False
@@ -109,6 +118,7 @@ class SamplingParams:
         if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in stop):
             raise bad(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
         self.stop = list(stop)
+        self.stop_regex = _stop_regexes(self.stop_regex, bad)
         ids = [] if self.stop_token_ids is None else self.stop_token_ids
         if not isinstance(ids, (list, tuple)) or any(not _is_int(t) or t < 0 for t in ids):
             raise bad(f"stop_token_ids must be a list of integers >= 0, got {self.stop_token_ids!r}")
@@ -138,6 +148,33 @@ class SamplingParams:
                 f"unknown sampling parameter(s) {sorted(map(str, unknown))}; known: {sorted(names)}"
             )
         return cls(**d)
+
+
+def _stop_regexes(value: Any, bad: Any) -> list[str]:
+    """``stop_regex`` as a list of patterns that compile and cannot match the empty string (one that
+    can would end every output at once, before any text)."""
+    pats = [value] if isinstance(value, str) else ([] if value is None else value)
+    if not isinstance(pats, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in pats):
+        raise bad(f"stop_regex must be a non-empty regex string or a list of them, got {value!r}")
+    for pat in pats:
+        try:
+            compiled = compile_stop_regex(pat)
+        except Exception as e:  # regex.error; the message says where the pattern breaks
+            raise bad(f"stop_regex {pat!r} does not parse: {e}") from None
+        if compiled.fullmatch("") is not None:
+            raise bad(
+                f"stop_regex {pat!r} matches the empty string, so it would end every output before "
+                "its first character; make it require at least one character"
+            )
+    return list(pats)
+
+
+@lru_cache(maxsize=256)
+def compile_stop_regex(pattern: str) -> regex.Pattern:
+    """A ``stop_regex`` pattern, compiled once per process. The ``regex`` module (``re``'s syntax,
+    plus partial matches) tells how much of the text's end may still become a match: the text the
+    stream holds back."""
+    return regex.compile(pattern)
 
 
 def _check_constraint(constraint: Any, bad: Any) -> None:

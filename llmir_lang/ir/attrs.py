@@ -33,6 +33,7 @@ SAMPLING_ATTRS: dict[str, str] = {
     "max_tokens": "int",
     "min_tokens": "int",
     "stop": "str[]",
+    "stop_regex": "str[]",
     "stop_token_ids": "int[]",
     "temperature": "float",
     "top_p": "float",
@@ -268,6 +269,15 @@ def sampling_problem(attrs: Mapping[str, AttrValue]) -> str | None:
     stop = attrs.get("stop", ())
     if isinstance(stop, tuple) and "" in stop:
         return f"stop strings must not be empty, got {stop!r}"
+    regexes = attrs.get("stop_regex", ())
+    if isinstance(regexes, tuple) and regexes:
+        from llmir_lang.errors import InvalidRequestError
+        from llmir_lang.executor.sampling_params import SamplingParams
+
+        try:
+            SamplingParams(stop_regex=[str(r) for r in regexes])
+        except InvalidRequestError as e:
+            return str(e).removeprefix("invalid sampling parameter: ")
     ids = attrs.get("stop_token_ids", ())
     if isinstance(ids, tuple) and any(isinstance(t, int) and t < 0 for t in ids):
         return f"stop_token_ids must be token ids >= 0, got {ids!r}"

@@ -37,6 +37,7 @@ class SGLangSamplingParams(_Body):
     repetition_penalty: float = 1.0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -169,9 +170,10 @@ class _OpenAIBase(_Body):
     guided_json: dict[str, Any] | str | None = None
     guided_grammar: str | None = None
     guided_choice: list[str] | None = None
-    # SGLang's names for the same constraints (its OpenAI routes take them)
+    # SGLang's names for the same constraints (its OpenAI routes take them), and its regex stop
     regex: str | None = None
     ebnf: str | None = None
+    stop_regex: str | list[str] | None = None
 
 
 class CompletionRequest(_OpenAIBase):

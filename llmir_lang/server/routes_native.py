@@ -107,6 +107,7 @@ def _submission(
         repetition_penalty=p.repetition_penalty,
         seed=p.sampling_seed,
         stop=stop_list(p.stop),
+        stop_regex=p.stop_regex or [],
         stop_token_ids=p.stop_token_ids or [],
         ignore_eos=p.ignore_eos,
         skip_special_tokens=p.skip_special_tokens,

@@ -124,6 +124,7 @@ def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None) -> Samplin
         repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=stop_list(body.stop),
+        stop_regex=body.stop_regex or [],
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=body.ignore_eos,
         skip_special_tokens=body.skip_special_tokens,

@@ -165,9 +165,9 @@ def test_sglang_only_gen_arguments():
         llmir.gen_int("x", 4, 2)
     with pytest.raises(llmir.DSLError, match="n must be an integer"):
         llmir.gen("x", n=0)
-    with pytest.raises(llmir.FeatureNotSupportedError, match="stop_regex") as e:
-        llmir.gen("x", stop_regex=r"\d")
-    assert e.value.where.line == _line(test_sglang_only_gen_arguments, 'stop_regex=r"')
+    with pytest.raises(llmir.DSLError, match="stop_regex") as e:
+        llmir.gen("x", stop_regex=r"(\d")
+    assert e.value.where.line == _line(test_sglang_only_gen_arguments, 'stop_regex=r"(')
     with pytest.raises(llmir.DSLError, match=r"write select\('x', choices="):
         llmir.gen("x", choices=["a", "b"], choices_method=llmir.greedy_token_selection)
     with pytest.raises(llmir.DSLError, match="only applies to choices"):

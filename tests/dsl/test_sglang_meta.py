@@ -131,6 +131,48 @@ def test_gen_reports_its_prompts_token_logprobs(rt, passes):
     assert plain.text() == state.text()
 
 
+@llmir.function
+def regex_stopped(s, stop_regex):
+    s += "Q: What is 3 + 4?\nA:" + llmir.gen("a", max_tokens=12, ignore_eos=True, stop_regex=stop_regex)
+    s += "\nQ: and 15 + 25?\nA:" + llmir.gen("b", max_tokens=12, ignore_eos=True, stop_regex=[r"\nQ", r"\d\d\n"])
+
+
+@pytest.mark.parametrize("passes", [None, ""])
+def test_gen_stops_at_a_regex_match_cut_where_it_starts(rt, passes):
+    """SGLang's stop_regex: each gen ends at the first token after which its text holds a match,
+    the text cut where the match starts; ``matched_stop`` names the pattern. The same in both
+    modes (with passes the two gens and the text between them are one chained request), and the
+    same as cutting the unstopped text."""
+    kw = {} if passes is None else {"passes": passes}
+    free = regex_stopped.run(stop_regex=None, backend=rt, passes="")
+    state = regex_stopped.run(stop_regex=r"\n", backend=rt, **kw)
+    assert state.error() is None
+    assert state["a"] == free["a"][: free["a"].index("\n")]
+    a, b = state.get_meta_info("a"), state.get_meta_info("b")
+    assert a["finish_reason"] == "stop" and a["matched_stop"] == r"\n"
+    assert a["completion_tokens"] < 12
+    import re
+
+    # b's prompt differs from the unstopped run's (a is shorter), so b is checked against itself
+    ref = rt.engine.generate(
+        rt.engine.encode("Q: What is 3 + 4?\nA:" + state["a"] + "\nQ: and 15 + 25?\nA:"),
+        {"max_new_tokens": 12, "ignore_eos": True},
+    ).text
+    first = min((m.start(), p) for p in (r"\nQ", r"\d\d\n") for m in [re.search(p, ref)] if m)
+    assert state["b"] == ref[: first[0]] and b["matched_stop"] == first[1]
+    plain = regex_stopped.run(stop_regex=r"\n", backend=rt, passes="")
+    assert plain.text() == state.text()
+
+
+def test_a_bad_stop_regex_is_an_error_at_the_gen():
+    with pytest.raises(llmir.DSLError, match="does not parse") as e:
+        llmir.gen("x", stop_regex="(a")
+    assert e.value.where is not None and e.value.where.line > 0
+    with pytest.raises(llmir.DSLError, match="empty string"):
+        llmir.gen("x", stop_regex=["ok", "a?"])
+    assert llmir.gen("x", stop_regex=r"\d").attrs == {"stop_regex": [r"\d"]}
+
+
 def test_a_gen_asking_for_its_prompts_logprobs_starts_its_own_request():
     from llmir_lang.ir import print_ir
     from llmir_lang.optimizer import run_pipeline

@@ -47,6 +47,11 @@ def _call_by_call(be: EngineBackend, prompt: str, steps: list) -> tuple[str, lis
             " over the lazy",
             GenStep("c", SamplingParams(max_new_tokens=5, ignore_eos=True, stop=["o"])),
         ],
+        [  # stop regexes: each step scans its own text from its start
+            GenStep("a", SamplingParams(max_new_tokens=8, ignore_eos=True, stop_regex=[r"s\W"])),
+            " and then ",
+            GenStep("b", SamplingParams(max_new_tokens=8, ignore_eos=True, stop_regex=r",|W")),
+        ],
         [  # a gen of max_new_tokens 0 (prefill only) ended the whole chain: 'b' got no result
             GenStep("a", SamplingParams(max_new_tokens=0)),
             " then",

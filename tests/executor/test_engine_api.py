@@ -83,6 +83,62 @@ def test_streamed_text_never_shows_a_stop_string(setup):
     assert streamed == full[: full.find(stop)]
 
 
+def test_stop_regex_cuts_at_the_earliest_match_and_the_stream_never_shows_it(setup):
+    import re
+
+    eng, _, _ = setup
+    full = eng.generate(IDS, {"max_new_tokens": 24, "ignore_eos": True})
+    text = full.text
+    # a pattern that matches a piece of the output spanning several tokens, and one that never does
+    pat = re.escape(text[6]) + "." + re.escape(text[8:10])
+    want = text[: re.search(pat, text).start()]
+    params = {"max_new_tokens": 24, "ignore_eos": True, "stop_regex": ["\\A(?!)", pat]}
+    r = eng.generate(IDS, params)
+    assert r.finish_reason == "stop" and r.matched_stop == pat
+    assert r.text == want
+    # it ended at the first token whose text completes the match, not later
+    # (the text so far: a prefix's decoded text less an incomplete character at its end)
+    ends = [len(eng.tokenizer.decode(full.token_ids[: k + 1]).rstrip("\ufffd")) for k in range(len(full.token_ids))]
+    assert len(r.token_ids) == next(k + 1 for k, e in enumerate(ends) if re.search(pat, text[:e]))
+    assert r.token_ids == full.token_ids[: len(r.token_ids)]
+    chunks = list(eng.generate(IDS, params, stream=True))
+    assert "".join(c.text for c in chunks) == want and chunks[-1].finish_reason == "stop"
+    # with a stop string that starts later, the regex's earlier match wins (and the other way)
+    late = text[12:14]
+    r2 = eng.generate(IDS, {**params, "stop": [late]})
+    assert r2.text == want and r2.matched_stop == pat
+    early = text[1:3]
+    r3 = eng.generate(IDS, {**params, "stop": [early]})
+    assert r3.text == text[: text.find(early)] and r3.matched_stop == early
+
+
+def test_stop_regex_with_min_new_tokens_skips_matches_in_the_held_text(setup):
+    import re
+
+    eng, _, _ = setup
+    full = eng.generate(IDS, {"max_new_tokens": 24, "ignore_eos": True})
+    text = full.text
+    ch = text[2]
+    pat = re.escape(ch)
+    later = [i for i in range(3, len(text)) if text[i] == ch]
+    r = eng.generate(IDS, {"max_new_tokens": 24, "ignore_eos": True, "stop_regex": pat, "min_new_tokens": 20})
+    held = len(eng.tokenizer.decode(full.token_ids[:19]))  # the text before the 20th token
+    firsts = [i for i in later if i >= held] if later else []
+    if firsts:  # the first match that ends in the 20th token's text or after
+        assert r.finish_reason == "stop" and r.text == text[: firsts[0]]
+    else:
+        assert r.finish_reason == "length" and r.text == text
+    assert len(r.token_ids) >= 20
+
+
+def test_stop_regex_bad_patterns_are_refused_at_submission(setup):
+    eng, _, _ = setup
+    for bad, why in (("(unclosed", "does not parse"), ("x*", "empty string"), ("", "non-empty"), (3, "non-empty")):
+        with pytest.raises(errors.InvalidRequestError, match=why):
+            eng.generate(IDS, {"max_new_tokens": 4, "stop_regex": bad})
+    assert SamplingParams(stop_regex="a+b").stop_regex == ["a+b"]
+
+
 def test_many_threads_submit_concurrently(setup):
     eng, hf, _ = setup
     rng = random.Random(7)

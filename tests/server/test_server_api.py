@@ -45,6 +45,18 @@ def test_generate_answers_arithmetic(client, i):
     assert meta["prompt_tokens"] > 5
 
 
+def test_generate_and_completions_stop_at_a_regex(client):
+    # "12\n": the match "2\n" starts after the first digit, so the text is cut there
+    sp = {"temperature": 0.0, "max_new_tokens": 8, "stop_regex": [r"\d\n", "never"]}
+    out = client.post("/generate", json={"text": arithmetic_prompt(5), "sampling_params": sp}).json()
+    assert out["text"] == "1"
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": r"\d\n"}
+    body = {"model": "llmir-tiny", "prompt": arithmetic_prompt(5), "max_tokens": 8, "temperature": 0,
+            "stop_regex": r"\d\n"}  # fmt: skip
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["text"] == "1" and choice["finish_reason"] == "stop"
+
+
 def test_generate_batch_and_input_ids_match_single_text(client):
     prompts = [arithmetic_prompt(i) for i in (3, 30, 60)]
     batch = client.post(

@@ -393,3 +393,24 @@ def test_prompt_logprobs_over_endpoint_and_a_clear_refusal_over_openai(server, r
         state = prompt_scored.run(question=QUESTIONS[0], backend=oa, stream=True)
         assert isinstance(state.error(), llmir.GenerationNotSupportedError)
         assert "logprob_start_len" in str(state.error()) and "Endpoint" in str(state.error())
+
+
+@llmir.function
+def regex_stopped(s, question):
+    s += "Q: " + question + "\nA:" + llmir.gen("a", max_tokens=8, stop_regex=r"\d\n")
+    s += "\nQ: and 1 + 1?\nA:" + llmir.gen("b", max_tokens=8, stop_regex=[r"\n"])
+
+
+def test_stop_regex_over_endpoint_and_a_clear_refusal_over_openai(server, runtime, endpoint):
+    want = regex_stopped.run(question=QUESTIONS[0], backend=runtime)
+    assert want.get_meta_info("a")["matched_stop"] == r"\d\n"
+    with Endpoint(server.url, protocol="sglang") as sglang_protocol:
+        for backend in (endpoint, sglang_protocol):
+            got = regex_stopped.run(question=QUESTIONS[0], backend=backend)
+            assert got.text() == want.text()
+            for name, pattern in (("a", r"\d\n"), ("b", r"\n")):
+                meta = got.get_meta_info(name)
+                assert meta["finish_reason"] == "stop" and meta["matched_stop"] == pattern
+    with OpenAI(server.url + "/v1", "llmir-tiny") as oa:
+        with pytest.raises(llmir.GenerationNotSupportedError, match=r"stop_regex.*no regex stop.*Endpoint"):
+            regex_stopped.run(question=QUESTIONS[0], backend=oa)

@@ -175,6 +175,15 @@ def test_an_empty_stop_string_is_refused_in_every_form(client, stop):
     assert "stop" in _error(client.post("/v1/completions", json=oa), 400)
 
 
+@pytest.mark.parametrize("pattern,why", [("(unclosed", "does not parse"), ("x*", "empty string")])
+def test_a_bad_stop_regex_is_refused(client, pattern, why):
+    body = {**GOOD, "sampling_params": {**GOOD["sampling_params"], "stop_regex": pattern}}
+    assert why in _error(client.post("/generate", json=body), 400)
+    oa = {"model": "llmir-tiny", "prompt": "x", "max_tokens": 2, "stop_regex": [pattern]}
+    assert why in _error(client.post("/v1/completions", json=oa), 400)
+    _still_serving(client)
+
+
 def test_scoring_a_prompt_of_the_whole_context_says_why_it_is_refused(client):
     ctx = client.get("/get_model_info").json()["context_length"]
     body = {"model": "llmir-tiny", "prompt": [5] * ctx, "max_tokens": 0, "echo": True, "logprobs": 0}

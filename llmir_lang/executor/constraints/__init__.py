@@ -37,14 +37,12 @@ from llmir_lang.executor.constraints.matcher import (
 from llmir_lang.executor.constraints.spec import (
     DEFAULT_JSON_WHITESPACE,
     ConstraintSpec,
-    StopRegex,
     parse_dtype_value,
     spec_from_choices,
     spec_from_dtype,
     spec_from_grammar,
     spec_from_json_schema,
     spec_from_regex,
-    spec_from_stop_regex,
 )
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
@@ -60,7 +58,6 @@ __all__ = [
     "InvalidRegexError",
     "InvalidSchemaError",
     "Matcher",
-    "StopRegex",
     "TokenizerInfo",
     "TokenizerVocabularyError",
     "UnknownDtypeError",
@@ -76,5 +73,4 @@ __all__ = [
     "spec_from_grammar",
     "spec_from_json_schema",
     "spec_from_regex",
-    "spec_from_stop_regex",
 ]

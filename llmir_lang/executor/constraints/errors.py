@@ -13,7 +13,7 @@ CONSTRAINT_ERROR_FINISH_REASON = "constraint_error"
 
 
 class InvalidRegexError(ConstraintError):
-    """A regex (``regex=`` or ``stop_regex=``, or a schema ``pattern``) does not parse."""
+    """A regex (``regex=`` or a schema ``pattern``) does not parse."""
 
 
 class UnsupportedSchemaError(ConstraintError):

@@ -13,7 +13,6 @@ spec_from_json_schema   a JSON document valid under the schema (dict, JSON text,
 spec_from_choices       exactly one of the strings
 spec_from_dtype         an int / float / bool literal, or a JSON string literal for ``str``
 spec_from_grammar       a sentence of the lark grammar (llguidance's lark dialect)
-spec_from_stop_regex    not a constraint: free text cut at the first regex match
 =====================  ====================================================================
 """
 
@@ -270,35 +269,3 @@ def spec_from_grammar(text: str) -> ConstraintSpec:
         where = f" at line {line}, column {col}" if line else ""
         raise GrammarSyntaxError(f"grammar error{where}: {message.strip()}{grammar_hint(text)}", line, col)
     return ConstraintSpec("grammar", text)
-
-
-# --- stop_regex ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class StopRegex:
-    """``stop_regex=``: generation is free text, cut right after the first match of ``pattern``.
-
-    This does not restrict tokens, so it is not a ``ConstraintSpec``; the engine calls ``find``
-    on the decoded text after each step (Python ``re`` syntax).
-    """
-
-    pattern: str
-
-    def find(self, text: str, start: int = 0) -> int | None:
-        """End offset of the first match starting at or after ``start``, or None."""
-        m = re.compile(self.pattern, re.DOTALL).search(text, start)
-        return None if m is None else m.end()
-
-
-def spec_from_stop_regex(pattern: str) -> StopRegex:
-    if not isinstance(pattern, str) or pattern == "":
-        raise InvalidRegexError("stop_regex must be a non-empty regex string")
-    try:
-        compiled = re.compile(pattern, re.DOTALL)
-    except re.error as e:
-        raise InvalidRegexError(f"stop_regex {pattern!r} does not parse: {e}") from None
-    if compiled.match(""):
-        raise InvalidRegexError(
-            f"stop_regex {pattern!r} matches the empty string, so it would stop at once; make it "
-            "require at least one character"
-        )
-    return StopRegex(pattern)

@@ -13,7 +13,6 @@ from llmir_lang.executor.constraints import (
     ConstraintSpec,
     GrammarSyntaxError,
     InvalidChoicesError,
-    InvalidRegexError,
     InvalidSchemaError,
     UnknownDtypeError,
     parse_dtype_value,
@@ -22,7 +21,6 @@ from llmir_lang.executor.constraints import (
     spec_from_grammar,
     spec_from_json_schema,
     spec_from_regex,
-    spec_from_stop_regex,
 )
 from llmir_lang.executor.constraints.spec import canonical_schema_text, escape_regex
 
@@ -142,16 +140,6 @@ def test_a_gbnf_grammar_is_refused_with_how_to_convert_it():
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
     assert spec_from_grammar(gbnf_to_lark(gbnf)).kind == "grammar"  # what the hint says works
-
-
-def test_stop_regex():
-    stop = spec_from_stop_regex(r"\n\n|END")
-    assert stop.find("abc END more") == len("abc END")
-    assert stop.find("a\n\nb") == 3 and stop.find("nothing") is None
-    with pytest.raises(InvalidRegexError, match="does not parse"):
-        spec_from_stop_regex("(unclosed")
-    with pytest.raises(InvalidRegexError, match="empty string"):
-        spec_from_stop_regex("x*")
 
 
 def test_spec_is_plain_hashable_data():
