@@ -131,7 +131,7 @@ def gen(
     (greedy, 128 tokens). At most one of ``regex``, ``json_schema``, ``choices``, ``dtype``,
     ``grammar`` may be given (structured generation).
 
-    ``stop_regex`` (a pattern or a list, Python regular expressions) ends the output at the first
+    ``stop_regex`` (a pattern or a list, in Python ``re`` syntax) ends the output at the first
     token after which its text contains a match, cut where the match starts (as ``stop`` strings
     are); ``get_meta_info(name)["finish_reason"]`` is ``"stop"`` and ``matched_stop`` the pattern.
 

@@ -259,7 +259,6 @@ class OutputProcessor:
             self._finish(req, FinishReason.CONSTRAINT_ERROR)
             return
         defer = self._defers(req)
-        before = len(req.text)
         if not defer:
             req.text += req.decoder.step(req.output_ids)
         n_out = len(req.output_ids)
@@ -268,7 +267,7 @@ class OutputProcessor:
             reason, req.matched_stop = FinishReason.STOP, token
         elif token in p.stop_token_ids:
             reason, req.matched_stop = FinishReason.STOP, token
-        elif (p.stop or p.stop_regex) and stop_hit(req, before, n_out < p.min_new_tokens):
+        elif (p.stop or p.stop_regex) and stop_hit(req, n_out < p.min_new_tokens):
             reason = FinishReason.STOP
         elif req.matcher is not None and req.matcher.is_terminated():
             reason = FinishReason.STOP
@@ -453,7 +452,7 @@ class OutputProcessor:
         req.text, req.sent_len, req.sent_tokens = "", 0, 0
         req.out_logprobs, req.out_top_logprobs = [], []
         req.matched_stop = None
-        req.stop_regex_scan = []
+        req.stop_regex_scan, req.stop_regex_floor, req.stop_seen = [], 0, 0
         # output_ids keeps the finished generation until the scheduler applies the rebase after
         # this step: it compares the KV'd tokens with new_ids to keep the common prefix
         finished, req.output_ids = req.output_ids, []

@@ -106,17 +106,26 @@ def _fail_future(req: Req, exc: Exception) -> None:
 
 
 # ---- text helpers (shared by the immediate and the deferred path) ---------------------------
-def stop_hit(req: Req, before: int, gated: bool) -> bool:
-    """Whether the text appended after ``before`` ends the output at a stop string or a stop
-    regex's match; on a hit cut the text where the earliest one starts and record it (the string,
-    or the regex's pattern) in ``matched_stop``. ``gated``: fewer than ``min_new_tokens`` tokens
-    are out, so nothing stops yet (the regexes' scan positions still move)."""
+def stop_hit(req: Req, gated: bool) -> bool:
+    """Whether the text appended since the previous check ends the output at a stop string or a
+    stop regex's match; on a hit cut the text where the earliest one starts and record it (the
+    string, or the regex's pattern) in ``matched_stop``. ``gated``: fewer than ``min_new_tokens``
+    tokens are out, so nothing stops yet, and what is out so far is never searched again.
+
+    "Since the previous check" (``req.stop_seen``), not "since this token": jump-forward appends
+    forced text after a check, and a stop inside it ends the output at the next check (the text
+    cut inside the forced text), as it ends it with jump-forward off.
+    """
     p = req.params
     hits = []
-    if p.stop and not gated:
-        hits.append(_stop_string_at(req.text, p.stop, before))
-    if p.stop_regex:
-        hits.append(_stop_regex_at(req, before, gated))
+    if not gated:
+        if p.stop:
+            hits.append(_stop_string_at(req.text, p.stop, min(req.stop_seen, len(req.text))))
+        if p.stop_regex:
+            hits.append(_stop_regex_at(req))
+    else:
+        req.stop_regex_floor = len(req.text)
+    req.stop_seen = len(req.text)
     best = min((h for h in hits if h is not None), default=None, key=lambda h: h[0])
     if best is None:
         return False
@@ -125,10 +134,10 @@ def stop_hit(req: Req, before: int, gated: bool) -> bool:
     return True
 
 
-def _stop_string_at(text: str, stops: list[str], before: int) -> tuple[int, str] | None:
-    """The earliest stop string in the text appended after ``before`` (and the overlap a stop
-    string can straddle): (where it starts, the string)."""
-    start = max(0, before - max(len(s) for s in stops) + 1)
+def _stop_string_at(text: str, stops: list[str], since: int) -> tuple[int, str] | None:
+    """The earliest stop string in the text from ``since`` on (and the overlap a stop string can
+    straddle): (where it starts, the string)."""
+    start = max(0, since - max(len(s) for s in stops) + 1)
     best: tuple[int, str] | None = None
     for s in stops:
         i = text.find(s, start)
@@ -137,46 +146,48 @@ def _stop_string_at(text: str, stops: list[str], before: int) -> tuple[int, str]
     return best
 
 
-def _stop_regex_at(req: Req, before: int, gated: bool) -> tuple[int, str] | None:
-    """The earliest of each ``stop_regex`` pattern's leftmost match that ends after ``before``
-    (what ``min_new_tokens`` let through): (where it starts, the pattern); never one while
-    ``gated``.
+def _stop_regex_at(req: Req) -> tuple[int, str] | None:
+    """The earliest of each ``stop_regex`` pattern's leftmost match, less matches that end in the
+    text ``min_new_tokens`` held back (``req.stop_regex_floor``): (where it starts, the pattern).
 
     Each pattern's search starts at ``req.stop_regex_scan[i]``, the start of its leftmost partial
     match at the previous check (a match starting before it would have been a partial match then),
     or the text's end where there was none; so a check reads only the text a match may still use,
-    and the stream holds back exactly the text from there on (``visible_len``).
+    and the stream holds back exactly the text from there on (``visible_len``). The scan starts at
+    0 at the first check after the gate, so a match that began in held-back text and ends after it
+    counts (``Answer: \\d+`` over a held ``Answer: 4`` and a new ``2``).
     """
     pats = req.params.stop_regex
     text = req.text
     scan = req.stop_regex_scan
     if len(scan) != len(pats):
         scan[:] = [0] * len(pats)
+    floor = req.stop_regex_floor
     best: tuple[int, str] | None = None
     for i, pat in enumerate(pats):
         compiled = compile_stop_regex(pat)
         pos = min(scan[i], len(text))
-        if not gated:
-            m = compiled.search(text, pos)
-            while m is not None and m.end() <= before:  # inside text that min_new_tokens held back
-                m = compiled.search(text, m.start() + 1)
-            if m is not None:
-                if best is None or m.start() < best[0]:
-                    best = (m.start(), pat)
-                continue
+        m = compiled.search(text, pos)
+        while floor and m is not None and m.end() <= floor:  # a match inside held-back text
+            m = compiled.search(text, m.start() + 1) if m.start() < len(text) else None
+        if m is not None:
+            if best is None or m.start() < best[0]:
+                best = (m.start(), pat)
+            continue
         scan[i] = _partial_start(compiled, text, pos)
     return best
 
 
 def _partial_start(compiled: regex.Pattern, text: str, pos: int) -> int:
     """Where the leftmost match of ``compiled`` at or after ``pos`` that the text's end cuts short
-    starts (``len(text)`` if none): the text from there may still become a match. Whole matches on
-    the way (only while gated) are stepped over."""
+    starts (``len(text)`` if none): the text from there may still become a match. A whole match on
+    the way (one in held-back text) is stepped over unless a longer match may still grow from its
+    start (``a.*c`` over ``ac b``: the ``regex`` module reports the whole match, not the partial)."""
     while pos <= len(text):
         m = compiled.search(text, pos, partial=True)
         if m is None:
             break
-        if m.partial:
+        if m.partial or compiled.fullmatch(text, m.start(), partial=True) is not None:
             return m.start()
         pos = m.start() + 1
     return len(text)

@@ -93,6 +93,8 @@ class Req:
     # per stop_regex pattern: where a match can still start (the text before it can never be part of
     # one); see engine_text._stop_regex_at. Empty until the first check of the current generation
     stop_regex_scan: list[int] = field(default_factory=list)
+    stop_regex_floor: int = 0  # text held back by min_new_tokens: a match ending in it never stops
+    stop_seen: int = 0  # text already searched for stops (forced text appended after a check is not)
     error: str | None = None
     retractions: int = 0
     # chains: several generations with constant text between them, run as one request

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -28,7 +30,7 @@ class SamplingParams:
     (1e-5). top_k <= 0 means no top-k cut. Penalties follow the OpenAI (frequency / presence,
     additive over generated tokens) and HF (repetition, multiplicative over prompt and generated
     tokens) conventions. ``stop_regex`` ends the output at the first token after which its text
-    contains a match of one of the patterns (Python regular expressions, searched as ``re.search``
+    contains a match of one of the patterns (Python ``re`` syntax, searched as ``re.search``
     would, no flags); the output is cut where that match starts, as at a stop string, and
     ``matched_stop`` is the pattern. Like stop strings they are searched only once
     ``min_new_tokens`` tokens are out, and only matches that end in text from then on count.
@@ -158,8 +160,16 @@ def _stop_regexes(value: Any, bad: Any) -> list[str]:
         raise bad(f"stop_regex must be a non-empty regex string or a list of them, got {value!r}")
     for pat in pats:
         try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)  # "possible nested set": [[:digit:]]
+                re.compile(pat)
             compiled = compile_stop_regex(pat)
-        except Exception as e:  # regex.error; the message says where the pattern breaks
+        except FutureWarning as e:
+            raise bad(
+                f"stop_regex {pat!r} reads differently to Python's re and to the regex module ({e}); "
+                "escape the bracket ([\\[]) or write the class out ([0-9] for [[:digit:]])"
+            ) from None
+        except (re.error, regex.error) as e:  # Python's re syntax, which SGLang servers take too
             raise bad(f"stop_regex {pat!r} does not parse: {e}") from None
         if compiled.fullmatch("") is not None:
             raise bad(

@@ -133,7 +133,12 @@ def test_stop_regex_with_min_new_tokens_skips_matches_in_the_held_text(setup):
 
 def test_stop_regex_bad_patterns_are_refused_at_submission(setup):
     eng, _, _ = setup
-    for bad, why in (("(unclosed", "does not parse"), ("x*", "empty string"), ("", "non-empty"), (3, "non-empty")):
+    cases = (
+        ("(unclosed", "does not parse"), ("x*", "empty string"), ("", "non-empty"), (3, "non-empty"),
+        (r"\p{Lu}", "does not parse"),  # the regex module's, not Python's re (nor SGLang's)
+        ("[[:digit:]]", "reads differently"),
+    )  # fmt: skip
+    for bad, why in cases:
         with pytest.raises(errors.InvalidRequestError, match=why):
             eng.generate(IDS, {"max_new_tokens": 4, "stop_regex": bad})
     assert SamplingParams(stop_regex="a+b").stop_regex == ["a+b"]

@@ -271,3 +271,24 @@ def test_finishing_rebase_that_retokenizes_computed_tokens_drops_their_kv(backen
     assert eng.call_in_engine_thread(lambda: commit(0)) == (True, [10, 20, 21], 4, True)
     # KV the radix cache holds is not the request's to drop: the rebase waits for a step
     assert eng.call_in_engine_thread(lambda: commit(5)) == (False, [10, 11, 12], 5, False)
+
+
+@pytest.mark.parametrize("stop", [{"stop_regex": [r"answer"]}, {"stop": ["answer"]}, {"stop_regex": [r"is \d"]}])
+def test_a_stop_inside_forced_text_ends_the_output_as_with_jump_forward_off(backend, stop):
+    """A stop string or regex match inside the text jump-forward forces (after the check of the
+    token before it) ends the output at the next check, cut where it starts: the same text as with
+    jump-forward off, where the model writes the forced text token by token."""
+    eng = backend.engine
+    ids = eng.encode("Q: What is 3 + 4?\nA:")
+    spec = spec_from_regex(r" The answer is [0-9]+\.")
+    got = {}
+    for jf in (True, False):
+        saved, eng.jump_forward = eng.jump_forward, jf
+        try:
+            got[jf] = eng.generate(ids, {"max_new_tokens": 16, "constraint": spec, **stop})
+        finally:
+            eng.jump_forward = saved
+    assert got[True].meta["jump_forward_tokens"] > 0 and got[False].meta["jump_forward_tokens"] == 0
+    assert got[True].text == got[False].text
+    assert got[True].finish_reason == got[False].finish_reason == "stop"
+    assert got[True].matched_stop == got[False].matched_stop == next(iter(stop.values()))[0]
