@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from llmir_lang.dsl.errors import ForkError, InvalidJoinModeError, SourceLocation, VariableRedefinedError
+from llmir_lang.dsl.primitives import is_anonymous
 from llmir_lang.dsl.state import ProgramState
 from llmir_lang.dsl.vars import GatherSlot, Slot
 from llmir_lang.ir import Value
@@ -114,7 +115,7 @@ class ForkGroup:
         names: list[str] = []
         for b in self.branches:
             names += [k for k in b._vars if k not in self._names_at_fork and k not in names]
-        clash = [k for k in names if k in self.parent._vars and not k.startswith("_gen")]
+        clash = [k for k in names if k in self.parent._vars and not is_anonymous(k)]
         if clash:
             raise VariableRedefinedError(
                 f"join: the parent already has variable(s) {clash} that the branches also define; rename one",
@@ -140,7 +141,7 @@ class ForkGroup:
                 run.flush()
             parent._value = None
         for k in names:
-            if k.startswith("_gen"):
+            if is_anonymous(k):
                 continue
             slots: list[Slot | None] = [b._vars.get(k) for b in self.branches]
             parent._vars[k] = GatherSlot(slots)
@@ -148,5 +149,7 @@ class ForkGroup:
             for b in self.branches:
                 for piece in b._pieces[self._base :]:
                     parent._pieces.append(piece)
+                    if parent._scopes:  # joined inside the parent's var_scope: part of it
+                        piece.scopes = (*piece.scopes, *parent._scopes)
                     parent._borrowed[id(piece)] = b  # its streamed text arrives on the branch
                     parent._on_piece(piece)

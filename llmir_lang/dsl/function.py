@@ -4,8 +4,14 @@
 Keyword arguments of ``run`` / ``run_batch`` that are not program parameters are sampling
 defaults for every gen that does not set them (``temperature=0.7``, ``max_tokens=64``, and the
 engine's names ``max_new_tokens`` / ``min_new_tokens``). ``passes`` picks the optimizer pipeline
-(default: ``optimizer.DEFAULT_PIPELINE``; ``""`` runs call by call). As in SGLang, a run's state
+(default: ``optimizer.DEFAULT_PIPELINE``; ``""`` runs call by call; a list of pass names is
+joined with commas). As in SGLang, a run's state
 has the body's return value as ``state.ret_value``.
+
+A program parameter named like a keyword of ``run`` itself (``stream``, ``backend``, ``passes``)
+cannot be given to ``run`` / ``arun`` by keyword (``ProgramArgumentError``): rename it, or give it
+with ``bind``, positionally, or in ``run_batch``'s items. A program body is a plain ``def``: an
+``async def`` or a generator is a ``ProgramDefinitionError`` (``await f.arun(...)`` is async).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from llmir_lang.ir import ops as K
 from llmir_lang.ir.attrs import SAMPLING_ATTRS
 from llmir_lang.optimizer import DEFAULT_PIPELINE
 from llmir_lang.optimizer.canonicalize import canonicalize
+from llmir_lang.optimizer.pass_manager import pipeline_text
 
 _ALIASES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 _AUTO_THREADS = 256
@@ -75,6 +82,7 @@ class LMFunction:
         code = getattr(func, "__code__", None)
         where = SourceLocation(code.co_filename, code.co_firstlineno) if code is not None else None
         self.name = name or getattr(func, "__name__", "program")
+        _check_plain_def(func, self.name, where)
         self.signature = inspect.signature(func)
         params = list(self.signature.parameters.values())
         if not params or params[0].name != "s" or params[0].kind not in _POSITIONAL:
@@ -86,7 +94,7 @@ class LMFunction:
                 where,
             )
         self.func = func
-        self.passes = passes
+        self.passes = pipeline_text(passes) if passes is not None else None
         self.where = where
         self._params = params[1:]
         # named parameters (what ``bind``, ``trace`` and error messages list); ``*args`` and
@@ -185,9 +193,51 @@ class LMFunction:
                 kwargs[p.name] = value
         return self.func(*args, **kwargs)
 
+    def _check_own_keywords(
+        self,
+        caller: str,
+        args: tuple[Any, ...],
+        given: Mapping[str, tuple[Any, Any]],
+        missing_counts: bool = True,
+    ) -> None:
+        """Refuse a call where a program parameter has the name of one of ``caller``'s own keyword
+        arguments (``run(stream=...)``: ``given`` maps each such keyword to (value, default)) and
+        the keyword was given, or the parameter is required (``missing_counts``) and nothing else
+        fills it: ``caller`` keeps the keyword for itself, so the value would never reach the
+        program. ``bind``, positional values and ``run_batch`` items still pass such parameters."""
+        clashing = [k for k in self.arg_names if k in given and k not in self.bound]
+        if not clashing:
+            return
+        try:
+            filled = self.signature.bind_partial(None, *args).arguments
+        except TypeError:  # too many positional values: _split says so
+            filled = {}
+        bad = []
+        for k in clashing:
+            value, default = given[k]
+            required = self.signature.parameters[k].default is inspect.Parameter.empty
+            if k not in filled and (value is not default or (missing_counts and required)):
+                bad.append(k)
+        if not bad:
+            return
+        own = [
+            p.name
+            for p in inspect.signature(getattr(LMFunction, caller)).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        names = ", ".join(repr(k) for k in bad)
+        these = f"parameter {names} has" if len(bad) == 1 else f"parameters {names} have"
+        raise ProgramArgumentError(
+            f"{caller}(): the program's {these} the name of a keyword argument of {caller}() itself "
+            f"({', '.join(own)}), which {caller}() keeps for itself, so a value given as {bad[0]}=... "
+            f"never reaches the program; rename the {these.split()[0]} (e.g. {bad[0]}_), or give its "
+            f"value with `{self.name}.bind({bad[0]}=...).{caller}(...)`",
+            self.name,
+        )
+
     def _pipeline(self, passes: str | None) -> str:
         if passes is not None:
-            return passes
+            return pipeline_text(passes)
         return self.passes if self.passes is not None else DEFAULT_PIPELINE
 
     # --- running -------------------------------------------------------------------------
@@ -270,7 +320,7 @@ class LMFunction:
         the background and the state streams (``text_iter``); errors are then on ``state.error()``;
         otherwise they are raised. A KeyboardInterrupt while it runs aborts its requests."""
         __tracebackhide__ = True
-        run, state, arguments = self._start(args, kwargs, stream, backend, passes)
+        run, state, arguments = self._start("run", args, kwargs, stream, backend, passes)
         if stream:
             self._background(run, state, arguments, "llmir-program")
             return state
@@ -293,7 +343,7 @@ class LMFunction:
         ``async for chunk in state.text_async_iter(var)`` streams. Cancelling the awaiting task
         stops the program: its requests are aborted."""
         __tracebackhide__ = True
-        run, state, arguments = self._start(args, kwargs, stream, backend, passes)
+        run, state, arguments = self._start("arun", args, kwargs, stream, backend, passes)
         if stream:
             self._background(run, state, arguments, "llmir-program")
             return state
@@ -323,6 +373,7 @@ class LMFunction:
 
     def _start(
         self,
+        caller: str,
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         stream: bool,
@@ -330,6 +381,9 @@ class LMFunction:
         passes: str | None,
     ) -> tuple[ProgramRun, ProgramState, dict[str, Any]]:
         """The run of one program (not started yet), its root state and its arguments."""
+        self._check_own_keywords(
+            caller, args, {"stream": (stream, False), "backend": (backend, None), "passes": (passes, None)}
+        )
         arguments, defaults = self._split(args, kwargs)
         chosen = resolve_backend(backend, self.name)
         runner = PipelineRunner(chosen, self._pipeline(passes))
@@ -362,6 +416,19 @@ class LMFunction:
         progress bar is closed.
         """
         __tracebackhide__ = True
+        if isinstance(batch_kwargs, (Mapping, str, bytes)) or not isinstance(batch_kwargs, Iterable):
+            one = (
+                "; a single dict is the arguments of one run: call run(**args), or give a list of one, "
+                "run_batch([args])"
+                if isinstance(batch_kwargs, Mapping)
+                else ""
+            )
+            raise ProgramArgumentError(
+                "run_batch takes a list (or another iterable) of runs, each a dict of arguments or a "
+                f"list of positional values, got {type(batch_kwargs).__name__}{one}",
+                self.name,
+            )
+        self._check_batch_keywords(sampling_defaults)
         items = list(batch_kwargs)
         prepared = []
         for i, kw in enumerate(items):
@@ -424,6 +491,33 @@ class LMFunction:
         finish()
         return states
 
+    def _check_batch_keywords(self, keywords: Mapping[str, Any]) -> None:
+        """Check the keywords given to ``run_batch`` itself (sampling defaults, or program
+        arguments common to every item), so an error blames them, not the first item."""
+        for key in keywords:
+            if key in self.arg_names or _ALIASES.get(key, key) in SAMPLING_ATTRS or self._var_kw:
+                continue
+            own = [
+                p.name
+                for p in inspect.signature(LMFunction.run_batch).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY
+            ]
+            hint = (
+                "; run_batch does not stream: generator_style=True yields each state as its program ends"
+                if key == "stream"
+                else ""
+            )
+            raise ProgramArgumentError(
+                f"run_batch() got an unknown keyword argument {key!r}: it is none of run_batch's own "
+                f"({', '.join(own)}), of the program's parameters ({self.arg_names}) or of the sampling "
+                f"defaults ({sorted(SAMPLING_ATTRS)}){hint}",
+                self.name,
+            )
+        try:
+            self._split((), keywords, partial=True)
+        except ProgramArgumentError as e:
+            raise ProgramArgumentError(f"run_batch(): {e.cause_message}", self.name) from None
+
     def _positional_item(self, i: int, values: list | tuple) -> tuple[tuple, dict[str, Any]]:
         """A run_batch item of positional values as (args, kwargs): the values fill the parameters
         after ``s`` that ``bind`` left open, in order; they must fill the required ones and be no
@@ -452,7 +546,7 @@ class LMFunction:
         arguments unknown caches nothing, with a warning."""
         chosen = resolve_backend(backend, self.name)
         try:
-            module = self.trace(backend=chosen)
+            module = self._trace((), chosen, {})
         except DSLError as e:
             warnings.warn(
                 f"cache(): program {self.name!r} cannot be traced with its arguments unknown, so "
@@ -488,6 +582,10 @@ class LMFunction:
         """The program's IR without running it. Parameters not given become IR parameters, and
         reading a variable records a ``var`` op (its value in Python is the placeholder
         ``{name}``, so control flow on it follows one path)."""
+        self._check_own_keywords("trace", args, {"backend": (backend, None)}, missing_counts=False)
+        return self._trace(args, backend, kwargs)
+
+    def _trace(self, args: tuple[Any, ...], backend: Backend | None, kwargs: Mapping[str, Any]) -> Module:
         arguments, defaults = self._split(args, kwargs, partial=True)
         missing = [
             p for p in self.arg_names
@@ -529,6 +627,30 @@ def function(
     if func is not None:
         return LMFunction(func, passes=passes, name=name, num_api_spec_tokens=num_api_spec_tokens)
     return lambda f: LMFunction(f, passes=passes, name=name, num_api_spec_tokens=num_api_spec_tokens)
+
+
+def _check_plain_def(func: Callable[..., Any], name: str, where: SourceLocation | None) -> None:
+    """Refuse an ``async def`` or generator body: calling it only makes a coroutine or generator
+    object, so the body would never run (the state would stay empty, with a "never awaited"
+    warning at exit)."""
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        kind = "an async generator" if inspect.isasyncgenfunction(func) else "an async def"
+        raise ProgramDefinitionError(
+            f"a program body must be a plain def, not {kind}: calling one runs none of its code, "
+            f"so the program would do nothing; write `def {name}(s, ...)` (gens need no await) and, to "
+            f"run it without blocking an event loop, call `await {name}.arun(...)`",
+            name,
+            where,
+        )
+    if inspect.isgeneratorfunction(func):
+        raise ProgramDefinitionError(
+            "a program body must be a plain def, not a generator function (it contains yield): "
+            f"calling one runs none of its code, so the program would do nothing; remove the yield from "
+            f"`def {name}(s, ...)` (to stream text as it is generated, call "
+            f"`{name}.run(..., stream=True)` and iterate `state.text_iter()`)",
+            name,
+            where,
+        )
 
 
 def _user_frame(e: BaseException) -> SourceLocation | None:

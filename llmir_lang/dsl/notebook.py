@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from llmir_lang.dsl.errors import DSLError
+from llmir_lang.dsl.primitives import is_anonymous
 from llmir_lang.errors import LLMIRError, ProgramError
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def _snapshot(state: ProgramState) -> tuple[list[Piece], dict[int, str]]:
 def _var_title(piece: Piece) -> str:
     """The tooltip of a generated span: variable name, token counts, cache hits, finish reason."""
     meta = piece.meta or {}
-    parts = [f"{piece.kind} {piece.name!r}" if not (piece.name or "").startswith("_gen") else piece.kind]
+    parts = [f"{piece.kind} {piece.name!r}" if not is_anonymous(piece.name or "") else piece.kind]
     if piece.kind == "select" and "choices" in meta:
         scores = meta.get("normalized_logprobs") or []
         ranked = ", ".join(f"{c!r}: {s:.3f}" for c, s in zip(meta["choices"], scores))
@@ -116,7 +117,7 @@ def _gen_span(piece: Piece, streamed: str | None, totals: _Totals) -> str:
             value = meta.get(key)
             if isinstance(value, int):
                 setattr(totals, key, getattr(totals, key) + value)
-    label = "" if (piece.name or "").startswith("_gen") or not piece.name else piece.name
+    label = "" if not piece.name or is_anonymous(piece.name) else piece.name
     tag = f'<sup class="llmir-var">{html.escape(label)}</sup>' if label else ""
     return (
         f'<span class="{cls}" title="{html.escape(_var_title(piece), quote=True)}">'
@@ -210,7 +211,7 @@ def display_stream(
     try:
         if shown is None:
             sink = file if file is not None else sys.stdout
-            for chunk in state.text_iter(var):
+            for chunk in state._text_iter(var, strict=False):
                 sink.write(chunk)
                 sink.flush()
             sink.write("\n")
@@ -219,7 +220,7 @@ def display_stream(
         display, html_type = shown
         handle = display(html_type(render_state_html(state)), display_id=True)
         last = time.monotonic()
-        for _ in state.text_iter(var):
+        for _ in state._text_iter(var, strict=False):
             now = time.monotonic()
             if now - last >= interval:
                 handle.update(html_type(render_state_html(state)))
@@ -369,7 +370,7 @@ def load_ipython_extension(ipython: Any) -> None:
 def iter_html_frames(state: ProgramState, var: str | None = None) -> Iterator[str]:
     """The HTML view after each streamed chunk (and once at the end): what ``display_stream``
     shows, for front ends other than IPython."""
-    for _ in state.text_iter(var):
+    for _ in state._text_iter(var, strict=False):
         yield render_state_html(state)
     state.sync()
     yield render_state_html(state)

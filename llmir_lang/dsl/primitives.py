@@ -15,6 +15,7 @@ import math
 import numbers
 import re
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,7 @@ def gen(
     request (fuse-constants never appends it to another gen's chain), and its prompt is computed
     again from token k (its logits are needed), not served from the prefix cache."""
     where = SourceLocation.here()
+    _check_name(name, where, f"gen({name!r})")
     _check_sglang_gen_args(name, n, choices_method, choices is not None, where)
     if logprob_start_len is not None and (
         isinstance(logprob_start_len, bool) or not isinstance(logprob_start_len, int) or logprob_start_len < -1
@@ -166,9 +168,9 @@ def gen(
     sampling = {
         "max_tokens": max_tokens,
         "min_tokens": min_tokens,
-        "stop": [stop] if isinstance(stop, str) else (list(stop) if stop is not None else None),
-        "stop_regex": _stop_regex_list(stop_regex),
-        "stop_token_ids": list(stop_token_ids) if stop_token_ids is not None else None,
+        "stop": _stop_list(stop, "stop", name, where),
+        "stop_regex": _stop_regex_list(stop_regex, name, where),
+        "stop_token_ids": _stop_list(stop_token_ids, "stop_token_ids", name, where),
         "temperature": temperature,
         "top_p": top_p,
         "top_k": top_k,
@@ -291,6 +293,7 @@ def select(
     what = f"select({name!r})"
     if name is not None and (not isinstance(name, str) or not name):
         raise DSLError(f"select needs a non-empty variable name (or None), got {name!r}", where=where)
+    _check_name(name, where, what)
     if choices is None:
         raise DSLError(f"{what} needs choices=[...], a list of strings", where=where)
     if temperature is None:
@@ -391,10 +394,38 @@ def check_sampling(attrs: dict[str, AttrValue], where: SourceLocation | None, wh
         raise DSLError(
             f"{what}: unknown sampling parameter(s) {unknown}; known: {sorted(SAMPLING_ATTRS)}", where=where
         )
+    # during a trace: a traced parameter or variable (or a list holding one), or text made from
+    # one by a str operation (the whole placeholder: a user's own text never holds one)
+    for key, value in attrs.items():
+        items = value if isinstance(value, list) else [value]
+        traced = next((v for v in items if isinstance(v, TracedText)), None)
+        if traced is not None:
+            raise _traced_sampling_error(what, key, traced, where)
+    marked = _marked_text(list(attrs.values()))
+    if marked is not None and _MARKED.search(marked):
+        refuse_traced_marks("gen", None, attrs)
     try:
         to_sampling_params(attrs)
     except (InvalidRequestError, TypeError) as e:
         raise DSLError(f"{what}: {e}", where=where) from None
+
+
+def _traced_sampling_error(
+    what: str, key: str, traced: TracedText, where: SourceLocation | None
+) -> FeatureNotSupportedError:
+    """The error for a sampling argument that is a traced parameter or variable (``trace``)."""
+    name, kind = traced.name, traced.kind
+    give = (
+        f"give trace() its value ({name}=...; llmir ir: --arg {name}=...)"
+        if kind == "parameter"
+        else "read it in run(), where its value is known"
+    )
+    return FeatureNotSupportedError(
+        f"{what}: {key} comes from {kind} {name!r} while the program is traced (trace(), llmir ir, "
+        f"cache()): its value is not known then, and a sampling argument cannot come from a traced "
+        f"{kind}; {give}",
+        where=where,
+    )
 
 
 def to_sampling_params(attrs: dict[str, Any]) -> SamplingParams:
@@ -420,14 +451,52 @@ def _choice_list(choices: object, where: SourceLocation | None, what: str) -> li
     return list(dict.fromkeys(out))
 
 
-def _stop_regex_list(stop_regex: object) -> object:
-    """``stop_regex`` as a list (a lone pattern is one; SGLang's empty values are none); anything
-    else goes on as given, for the sampling check to name."""
-    if stop_regex is None or stop_regex in ("", [], ()):
+_ANONYMOUS_NAME = re.compile(r"_gen\d+")
+
+
+def is_anonymous(name: str) -> bool:
+    """Whether ``name`` is one the recorder gives an unnamed gen (``_gen1``, ``_gen2``, ...): such
+    variables are left out of ``variables()``, joins and error messages, and a user's gen or
+    select may not take such a name (``_generated`` is an ordinary name)."""
+    return _ANONYMOUS_NAME.fullmatch(name) is not None
+
+
+def _check_name(name: object, where: SourceLocation | None, what: str) -> None:
+    if isinstance(name, str) and is_anonymous(name):
+        raise DSLError(
+            f"{what}: variable names _gen1, _gen2, ... are reserved for unnamed gens "
+            f"(gen() without a name); choose another name for {name!r}",
+            where=where,
+        )
+
+
+def _stop_list(value: object, key: str, name: str | None, where: SourceLocation | None) -> list | None:
+    """``stop`` / ``stop_token_ids`` as a list: None stays None, a lone stop string is one, a list,
+    tuple (any sequence) or set is listed; anything else is a DSLError at the gen's line. The
+    items are checked by the sampling check."""
+    if value is None:
         return None
-    if isinstance(stop_regex, str):
-        return [stop_regex]
-    return list(stop_regex) if isinstance(stop_regex, (list, tuple)) else stop_regex
+    if isinstance(value, str) and key != "stop_token_ids":
+        return [value]
+    if isinstance(value, (Sequence, AbstractSet)) and not isinstance(value, (str, bytes, bytearray)):
+        return list(value)
+    expected = {
+        "stop": "a string or a list of strings",
+        "stop_regex": "a regex string or a list of them",
+        "stop_token_ids": "a list of integer token ids",
+    }[key]
+    if key == "stop_token_ids" and isinstance(value, int) and not isinstance(value, bool):
+        expected += f" (stop_token_ids=[{value!r}] for one)"
+    raise DSLError(
+        f"gen({name!r}): {key} must be {expected}, got {type(value).__name__} {value!r:.60}", where=where
+    )
+
+
+def _stop_regex_list(stop_regex: object, name: str | None, where: SourceLocation | None) -> list | None:
+    """``stop_regex`` as a list (a lone pattern is one; SGLang's empty values are none)."""
+    if stop_regex is None or (isinstance(stop_regex, (str, list, tuple)) and len(stop_regex) == 0):
+        return None
+    return _stop_list(stop_regex, "stop_regex", name, where)
 
 
 def _check_sglang_gen_args(

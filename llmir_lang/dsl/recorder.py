@@ -52,6 +52,7 @@ class Piece:
     meta: dict[str, Any] | None = None
     failure: BaseException | None = None
     where: SourceLocation | None = None
+    scopes: tuple[str, ...] = ()  # the var_scopes open when it was appended (their streams carry it)
 
 
 class SegmentRunner(Protocol):
@@ -164,13 +165,15 @@ class ProgramRun:
     def extend(self, state: ProgramState, record: Callable[[Value], Value], piece: Piece) -> None:
         """Record one extending op on ``state`` (``record`` builds it) and append its piece."""
         state._value = record(self.value(state))
+        if state._scopes:
+            piece.scopes = tuple(state._scopes)
         state._pieces.append(piece)
         if piece.text is None:
             self._pending += 1
         state._on_piece(piece)
 
     def anonymous_name(self) -> str:
-        return f"_gen{next(self._anon)}"
+        return f"_gen{next(self._anon)}"  # primitives.is_anonymous knows these names
 
     def gen_attrs(self, attrs: dict[str, AttrValue]) -> dict[str, AttrValue]:
         """A gen's attributes with the run's defaults for every key it does not set."""

@@ -21,6 +21,8 @@ from llmir_lang.dsl.errors import (
     FeatureNotSupportedError,
     ForkError,
     InvalidAppendError,
+    ProgramExecutionError,
+    ProgramInterruptedError,
     RoleError,
     SourceLocation,
     UnknownVariableError,
@@ -33,6 +35,7 @@ from llmir_lang.dsl.primitives import (
     RoleMarker,
     Select,
     TracedText,
+    is_anonymous,
 )
 from llmir_lang.dsl.recorder import Piece, ProgramRun
 from llmir_lang.dsl.streaming import StreamLog
@@ -319,7 +322,7 @@ class ProgramState:
     def variables(self) -> dict[str, Any]:
         """Every named variable and its value (a sync point)."""
         self._sync(None)
-        return {k: s.value(strict=False) for k, s in self._vars.items() if not k.startswith("_gen")}
+        return {k: s.value(strict=False) for k, s in self._vars.items() if not is_anonymous(k)}
 
     def get_meta_info(self, name: str) -> dict[str, Any]:
         """Prompt / completion / cached tokens, logprobs and finish reason of gen ``name`` (for a
@@ -356,9 +359,10 @@ class ProgramState:
         return _parse_obj(name, value, schema, meta, "")
 
     def text(self) -> str:
-        """The whole text so far (a sync point)."""
+        """The whole text so far (a sync point). A gen that failed after streaming some text (one
+        stopped by ``cancel``) keeps that text here, as the stream showed it."""
         self._sync(None)
-        return "".join(p.text or "" for p in self._pieces)
+        return self._known_text()
 
     def messages(self) -> list[dict[str, str]]:
         """The chat messages so far, one ``{"role", "content"}`` per closed role block (a sync
@@ -376,7 +380,7 @@ class ProgramState:
                     out.append(current)
                     current = None
             elif current is not None:
-                current["content"] += p.text or ""
+                current["content"] += self._piece_text(p)
         return out
 
     def error(self) -> BaseException | None:
@@ -426,37 +430,69 @@ class ProgramState:
             raise TypeError(f"{what}() got var_name={var_name!r} and var={var!r}; pass one of them")
         return var_name if var_name is not None else var
 
-    def _text_iter(self, var: str | None) -> Iterator[str]:
+    def _text_iter(self, var: str | None, strict: bool = True) -> Iterator[str]:
+        where = SourceLocation.here()
         if self._log is None:
             self._sync(None)
             yield self.text() if var is None else str(self[var])
-            return
-        got = False
-        try:
-            for chunk in self._log.iter(var):
-                got = True
-                yield chunk
-        except KeyboardInterrupt:
-            self._run.cancel("text_iter() was interrupted")
-            raise
-        if var is not None and not got:
-            self._slot(var, SourceLocation.here())  # a name the program never produced raises
+        else:
+            got = False
+            try:
+                for chunk in self._log.iter(var):
+                    got = True
+                    yield chunk
+            except KeyboardInterrupt:
+                self._run.cancel("text_iter() was interrupted")
+                raise
+            tail = self._unstreamed(var, got)
+            if tail:
+                yield tail
+        if strict:
+            self._raise_failure(var, where)
 
     async def _text_async_iter(self, var: str | None) -> AsyncIterator[str]:
+        where = SourceLocation.here()
         if self._log is None:
             self._sync(None)
             yield self.text() if var is None else str(self[var])
-            return
-        got = False
+        else:
+            got = False
+            try:
+                async for chunk in self._log.aiter(var):
+                    got = True
+                    yield chunk
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                self._run.cancel("text_async_iter() was cancelled")
+                raise
+            tail = self._unstreamed(var, got)
+            if tail:
+                yield tail
+        self._raise_failure(var, where)
+
+    def _unstreamed(self, var: str | None, got: bool) -> str:
+        """After a stream's last chunk, a variable's text that never streamed: one set with
+        ``s[k] = v`` or gathered by a join comes as one chunk, its value's text (a name the program
+        never produced raises)."""
+        if var is None or got:
+            return ""
         try:
-            async for chunk in self._log.aiter(var):
-                got = True
-                yield chunk
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            self._run.cancel("text_async_iter() was cancelled")
-            raise
-        if var is not None and not got:
-            self._slot(var, SourceLocation.here())
+            return str(self[var])
+        except ProgramInterruptedError:
+            return ""
+
+    def _raise_failure(self, var: str | None, where: SourceLocation | None) -> None:
+        """At the end of a stream: the error of the program (``var`` None) or of the variable, if
+        it failed, so a stream never ends short in silence. A stop that was asked for (``cancel``,
+        an interrupt: ``ProgramInterruptedError``) just ends it, as the one who stopped it knows
+        (``state.error()`` says so)."""
+        try:
+            if var is None:
+                if self._run.error is not None:
+                    raise self._run.error
+            else:
+                self._slot(var, where).value()
+        except ProgramInterruptedError:
+            pass
 
     def cancel(self) -> None:
         """Stop the program while it runs (``run(stream=True)``, ``arun``): its engine requests
@@ -491,7 +527,13 @@ class ProgramState:
     # --- internals -----------------------------------------------------------------------
     def _known_text(self) -> str:
         """The text of the pieces run so far (all of them, between segments)."""
-        return "".join(p.text or "" for p in self._pieces)
+        return "".join(self._piece_text(p) for p in self._pieces)
+
+    def _piece_text(self, p: Piece) -> str:
+        """A piece's text; for a failed one, what it streamed before it failed."""
+        if p.text is not None:
+            return p.text
+        return (self._streamed(p) or "") if p.failure is not None else ""
 
     def _slot(self, name: str, where: SourceLocation | None) -> Slot:
         slot = self._vars.get(name)
@@ -503,7 +545,18 @@ class ProgramState:
                 self._run.program,
                 where,
             )
-        known = ", ".join(sorted(k for k in self._vars if not k.startswith("_gen"))) or "none"
+        known = ", ".join(sorted(k for k in self._vars if not is_anonymous(k))) or "none"
+        err = self._run.error
+        if err is not None:  # the program stopped before it got there, most likely
+            cls = ProgramInterruptedError if isinstance(err, ProgramInterruptedError) else ProgramExecutionError
+            e = cls(
+                f"variable {name!r} was never produced: the program stopped before it ({err}); "
+                f"known variables: {known}",
+                self._run.program,
+                where,
+            )
+            e.__cause__ = err
+            raise e
         raise UnknownVariableError(
             f"variable {name!r} is never produced (known variables: {known}); name a gen/select "
             "or var_scope after it, or check the spelling",
@@ -568,7 +621,8 @@ class ProgramState:
             known = piece.text if piece.text is not None else (streamed or "")
             sent = self._sent.get(key, "")
             if known.startswith(sent) and len(known) > len(sent):
-                self._log.emit(piece.name if piece.kind in ("gen", "select") else None, known[len(sent) :])
+                names = (piece.name, *piece.scopes) if piece.kind in ("gen", "select") and piece.name else piece.scopes
+                self._log.emit(names, known[len(sent) :])
                 self._sent[key] = known
             if piece.text is None and piece.failure is None:
                 if upto is None or self._cursor >= upto or streamed is None:

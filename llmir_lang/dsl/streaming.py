@@ -1,6 +1,6 @@
 """Streaming a state's text as it is produced: ``text_iter`` and ``text_async_iter``.
 
-A ``StreamLog`` is an append-only list of ``(variable or None, text)`` events plus a condition
+A ``StreamLog`` is an append-only list of ``(variable names, text)`` events plus a condition
 variable. The state writes events in text order (constant text when every piece before it is
 known, gen text as the engine streams it); readers block on the condition (``text_iter``) or poll
 it from an event loop without blocking the loop (``text_async_iter``). ``close`` ends every reader.
@@ -17,15 +17,16 @@ class StreamLog:
     """Events of one state, in text order; thread-safe."""
 
     def __init__(self) -> None:
-        self._events: list[tuple[str | None, str]] = []
+        # (the variables the text belongs to: its gen / select and the var_scopes around it, text)
+        self._events: list[tuple[tuple[str, ...], str]] = []
         self._closed = False
         self._cond = threading.Condition()
 
-    def emit(self, var: str | None, text: str) -> None:
+    def emit(self, names: tuple[str, ...], text: str) -> None:
         if not text:
             return
         with self._cond:
-            self._events.append((var, text))
+            self._events.append((names, text))
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -37,7 +38,7 @@ class StreamLog:
     def closed(self) -> bool:
         return self._closed
 
-    def _wait(self, start: int, timeout: float | None) -> tuple[list[tuple[str | None, str]], bool]:
+    def _wait(self, start: int, timeout: float | None) -> tuple[list[tuple[tuple[str, ...], str]], bool]:
         with self._cond:
             if len(self._events) <= start and not self._closed:
                 self._cond.wait(timeout)
@@ -49,8 +50,8 @@ class StreamLog:
         while True:
             events, closed = self._wait(seen, None)
             seen += len(events)
-            for v, text in events:
-                if var is None or v == var:
+            for names, text in events:
+                if var is None or var in names:
                     yield text
             if closed and not events:
                 return
@@ -61,8 +62,8 @@ class StreamLog:
         while True:
             events, closed = self._wait(seen, 0)
             seen += len(events)
-            for v, text in events:
-                if var is None or v == var:
+            for names, text in events:
+                if var is None or var in names:
                     yield text
             if closed and not events:
                 return

@@ -1,8 +1,9 @@
 """The pass manager: named ``Module -> Module`` passes, run by a pipeline string.
 
 A pipeline is a comma-separated list of pass names, each optionally followed by options in braces:
-``"canonicalize,prefix-share{min_length=4},fork-join"``. Options that are objects (a chat
-template) are passed in the ``options`` mapping instead: ``{"canonicalize": {"template": t}}``.
+``"canonicalize,prefix-share{min_length=4},fork-join"``, or a list of such steps (joined with commas:
+``pipeline_text``). Options that are objects (a chat template) are passed in the ``options``
+mapping instead: ``{"canonicalize": {"template": t}}``.
 The empty pipeline ``""`` runs no pass and returns the module unchanged.
 
 A pass declares its options in its signature: each keyword-only parameter is an option, and its
@@ -27,7 +28,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,8 +215,24 @@ def _short_repr(value: Any) -> str:
 _STEP_RE = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^{}]*)\})?\s*")
 
 
-def parse_pipeline(pipeline: str) -> list[tuple[str, dict[str, Any]]]:
-    """Split a pipeline string into ``(pass name, string options)`` steps; check the names."""
+def pipeline_text(pipeline: str | Sequence[str]) -> str:
+    """A pipeline as its string: a string as is, a list or tuple of steps (``["canonicalize",
+    "prefix-share{min_length=4}"]``) joined with commas; anything else is a ``PassPipelineError``."""
+    if isinstance(pipeline, str):
+        return pipeline
+    if isinstance(pipeline, (list, tuple)) and all(isinstance(step, str) for step in pipeline):
+        return ",".join(pipeline)
+    shown = _short_repr(pipeline)
+    raise PassPipelineError(
+        f"a pipeline must be a string of pass names separated by commas (e.g. "
+        f"'canonicalize,prefix-share{{min_length=4}}') or a list of them, got {type(pipeline).__name__} {shown}"
+    )
+
+
+def parse_pipeline(pipeline: str | Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Split a pipeline (a string, or a list of steps: ``pipeline_text``) into ``(pass name,
+    string options)`` steps; check the names."""
+    pipeline = pipeline_text(pipeline)
     steps: list[tuple[str, dict[str, Any]]] = []
     if pipeline.strip() == "":
         return steps
@@ -292,11 +309,12 @@ class PassManager:
 
     def __init__(
         self,
-        pipeline: str = DEFAULT_PIPELINE,
+        pipeline: str | Sequence[str] = DEFAULT_PIPELINE,
         options: Mapping[str, Mapping[str, Any]] | None = None,
         *,
         verify_each: bool = True,
     ) -> None:
+        pipeline = pipeline_text(pipeline)
         self.pipeline = pipeline
         self.verify_each = verify_each
         extra = dict(options or {})
@@ -356,7 +374,9 @@ class PassManager:
 
 
 def run_pipeline(
-    module: Module, pipeline: str = DEFAULT_PIPELINE, options: Mapping[str, Mapping[str, Any]] | None = None
+    module: Module,
+    pipeline: str | Sequence[str] = DEFAULT_PIPELINE,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Module:
     """Shorthand for ``PassManager(pipeline, options).run(module)``."""
     return PassManager(pipeline, options).run(module)
