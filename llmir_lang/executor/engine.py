@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import queue
+import re
 import sys
 import threading
 import weakref
@@ -50,6 +51,8 @@ from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
 Prompt = str | Sequence[int]  # or a 1-D torch tensor / numpy array of token ids
 ParamsLike = SamplingParams | dict | None
 DEFAULT_DRAFT_TOKENS = 3  # prompt-lookup draft length on the CPU (speculate.py)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Engine(EngineScoring, EngineLoop):
@@ -190,8 +193,16 @@ class Engine(EngineScoring, EngineLoop):
     # ---- submission (any thread) --------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of ``prompt``: a string (tokenized), or token ids as a sequence of ints or a
-        1-D integer tensor / numpy array. Anything else is an InvalidRequestError."""
+        1-D integer tensor / numpy array. Anything else, and a string that is not valid Unicode
+        text (a lone surrogate), is an InvalidRequestError."""
         if isinstance(prompt, str):
+            bad = _SURROGATE.search(prompt)
+            if bad is not None:  # the tokenizer raised a bare TypeError
+                raise InvalidRequestError(
+                    f"the prompt has a lone surrogate (U+{ord(bad.group()):04X}) at position "
+                    f"{bad.start()}, which is not valid Unicode text and cannot be tokenized (text "
+                    "decoded with errors='surrogateescape' holds these); remove or replace it"
+                )
             return self.tokenizer.encode(prompt)
         ids = _token_ids(prompt)
         if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):

@@ -52,6 +52,12 @@ class Tokenizer:
         self._rust_encode = rust if rust is not None and self._same_encode(rust) else None
         self.bos_token_id: int | None = self.hf.bos_token_id
         self.all_special_ids: set[int] = set(self.hf.all_special_ids)
+        # what decode(skip_special_tokens=True) leaves out: the special tokens and every added token
+        # marked special (a chat template's <|im_start|> is often only the latter)
+        added = getattr(self.hf, "added_tokens_decoder", None) or {}
+        self.skipped_ids: frozenset[int] = frozenset(
+            self.all_special_ids | {i for i, t in added.items() if getattr(t, "special", False)}
+        )
 
     @property
     def vocab_size(self) -> int:

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llmir_lang import __version__
 from llmir_lang.server import program, routes_native, routes_openai
 from llmir_lang.server.config import ServerConfig
-from llmir_lang.server.errors import error_body, error_headers, install_error_handlers
+from llmir_lang.server.errors import error_body, error_headers, install_error_handlers, log
 from llmir_lang.server.service import EngineService
 
 # Paths that answer without an API key (load balancers probe them).
@@ -95,7 +95,24 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, tracked)
+        except Exception as exc:
+            # a bug, not bad input (those are typed errors, answered inside): answered here, not
+            # re-raised, so the server keeps the client's connection (Starlette's handler for
+            # Exception answers and re-raises, and uvicorn then drops the keep-alive connection:
+            # the client's next request on it failed with a reset). Mid-stream nothing can be sent.
+            if started:
+                raise
+            log.exception("unexpected error while serving a request")
+            await _reply(send, 500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         assert self.api_key is not None

@@ -186,11 +186,15 @@ def sglang_logprobs(
     return out
 
 
-def text_offsets(tokenizer: Any, ids: list[int], base: int = 0, start: int = 0) -> list[int]:
+def text_offsets(
+    tokenizer: Any, ids: list[int], base: int = 0, start: int = 0, skip: frozenset[int] | set[int] = frozenset()
+) -> list[int]:
     """Character offset of each token of ``ids[start:]`` in the text of ``ids``: the length of the
     text of the tokens before it, as decoding that prefix gives it (so a token that ends inside a
-    character split over several byte tokens counts its U+FFFD)."""
-    offsets = TextOffsets(tokenizer)
+    character split over several byte tokens counts its U+FFFD). Tokens in ``skip`` (the special
+    tokens, where the text is decoded without them) have no text: each is at the offset where the
+    text goes on."""
+    offsets = TextOffsets(tokenizer, skip)
     offsets.extend(ids[:start])
     return [base + o for o in offsets.extend(ids[start:])]
 
@@ -202,8 +206,9 @@ class TextOffsets:
     a character (byte-level), or before a token that is not a byte-fallback one (SentencePiece), is
     final, so only the bytes since are decoded again. Other tokenizers decode every prefix."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, skip: frozenset[int] | set[int] = frozenset()):
         self.tok = tokenizer
+        self.skip = skip  # tokens without text here (see text_offsets)
         self._tb = tokenizer.text_bytes() if hasattr(tokenizer, "text_bytes") else None
         self.ids: list[int] = []  # every token so far (the prefix-decoding path reads them)
         self._chars = 0  # characters of the final text
@@ -216,6 +221,8 @@ class TextOffsets:
         out = []
         for t in ids:
             out.append(self._length)
+            if t in self.skip:
+                continue
             self.ids.append(t)
             self._length = self._advance(t)
         return out

@@ -197,10 +197,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # library code raises typed errors; a bare ValueError still means the input was bad
         return error_response(400, f"invalid request: {exc}")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error while serving a request")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+    # anything else is a bug: app.GuardMiddleware answers it with a 500 and keeps the connection
 
 
 def _validation_param(exc: RequestValidationError) -> str | None:

@@ -11,15 +11,23 @@ is 1.0, OpenAI completions default to 16 tokens), so existing clients work uncha
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmir_lang.server.errors import ServerHTTPError, not_implemented
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+def _nullable(annotation: Any) -> bool:
+    return annotation is None or annotation is type(None) or (
+        typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    )
 
 
 # --- SGLang native --------------------------------------------------------------------
@@ -144,6 +152,16 @@ class StreamOptions(_Body):
 class _OpenAIBase(_Body):
     """Fields shared by completions and chat completions, with vLLM's extra sampling and guided
     decoding fields (``guided_regex`` / ``guided_json`` / ``guided_grammar`` / ``guided_choice``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI's API takes ``null`` for its optional fields (openai-python sends it for a
+        ``temperature=None`` argument): a null field whose type has no null takes its default."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if not (v is None and k in fields and not _nullable(fields[k].annotation))}
 
     model: str
     temperature: float = 1.0

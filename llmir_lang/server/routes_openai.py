@@ -141,11 +141,19 @@ def _usage(results: list[GenerateResult]) -> dict[str, int]:
 
 # --- completions -------------------------------------------------------------------------
 def _completion_logprobs(
-    svc: EngineService, res: GenerateResult, prompt_ids: list[int] | None, prompt_text: str
+    svc: EngineService,
+    res: GenerateResult,
+    prompt_ids: list[int] | None,
+    prompt_text: str,
+    skip_special: bool,
+    prompt_decoded: bool,
 ) -> dict[str, Any]:
     """OpenAI's legacy logprobs object; with echo (``prompt_ids`` given) it covers the prompt too,
-    its first token without a logprob."""
+    its first token without a logprob. ``text_offset`` counts in the answer's text: the echoed
+    prompt is the prompt string as sent, or a token-id prompt decoded without special tokens
+    (``prompt_decoded``); the output is decoded as ``skip_special_tokens`` says."""
     tok = svc.engine.tokenizer
+    specials = tok.skipped_ids
     ids: list[int] = []
     lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -158,9 +166,13 @@ def _completion_logprobs(
     aligned = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
     for top in aligned if aligned is not None else [[]] * len(res.token_ids):
         tops.append({tok.decode([t], skip_special_tokens=False): lp for t, lp in top} or None)
-    offsets = text_offsets(tok, prompt_ids) if prompt_ids is not None else []
+    offsets = (
+        text_offsets(tok, prompt_ids, skip=specials if prompt_decoded else frozenset())
+        if prompt_ids is not None
+        else []
+    )
     base = len(prompt_text) if prompt_ids is not None else 0
-    offsets += text_offsets(tok, res.token_ids, base)
+    offsets += text_offsets(tok, res.token_ids, base, skip=specials if skip_special else frozenset())
     return {
         "tokens": token_text(tok, ids),
         "token_logprobs": lps,
@@ -210,7 +222,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 if body.echo
                 else None
             )
-            logprobs = _completion_logprobs(svc, res, ids, prompt_text)
+            logprobs = _completion_logprobs(
+                svc, res, ids, prompt_text, body.skip_special_tokens, not isinstance(sub.prompt, str)
+            )
         choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason})
     return {**head, "choices": choices, "usage": _usage(results)}
 
@@ -233,7 +247,7 @@ def _check_scorable(svc: EngineService, prompts: list[str | list[int]]) -> None:
 async def _stream_completion(
     svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool, with_logprobs: bool
 ) -> AsyncIterator[dict[str, Any]]:
-    logged = _StreamLogprobs(svc) if with_logprobs else None
+    logged = _StreamLogprobs(svc, sub.params.skip_special_tokens) if with_logprobs else None
     async for item in svc.stream(sub):
         if isinstance(item, StreamChunk):
             lp = logged.completion(item) if logged is not None else None
@@ -258,10 +272,11 @@ class _StreamLogprobs:
     (``LoggedChunk``, in token order); the final result brings any left, so every token gets its
     logprob once, in order."""
 
-    def __init__(self, svc: EngineService) -> None:
+    def __init__(self, svc: EngineService, skip_special: bool = True) -> None:
         self.tok = svc.engine.tokenizer
         self.ids: list[int] = []  # tokens whose logprobs were sent
-        self.offsets = TextOffsets(self.tok)  # their text offsets, kept up to date (completions)
+        # their text offsets in the streamed text, kept up to date (completions)
+        self.offsets = TextOffsets(self.tok, self.tok.skipped_ids if skip_special else frozenset())
 
     def completion(self, chunk: StreamChunk) -> dict[str, Any] | None:
         if not isinstance(chunk, LoggedChunk) or not chunk.logprobs:
@@ -370,7 +385,7 @@ async def _stream_chat(
     svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool, with_logprobs: bool
 ) -> AsyncIterator[dict[str, Any]]:
     head = {**head, "object": "chat.completion.chunk"}
-    logged = _StreamLogprobs(svc) if with_logprobs else None
+    logged = _StreamLogprobs(svc, sub.params.skip_special_tokens) if with_logprobs else None
     first = True
     async for item in svc.stream(sub):
         if isinstance(item, StreamChunk):

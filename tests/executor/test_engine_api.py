@@ -705,3 +705,10 @@ def test_malformed_config_json_is_a_checkpoint_error(tmp_path, checkpoints):
             Engine(str(bad), device="cpu", kv_memory="4MB")
         if name != "list":
             assert "hidden_size" in str(e.value) or "num_attention_heads" in str(e.value)
+
+
+def test_a_prompt_that_is_not_valid_unicode_is_refused(setup):
+    eng, _, _ = setup
+    with pytest.raises(errors.InvalidRequestError, match=r"lone surrogate \(U\+D800\) at position 3"):
+        eng.generate("abc\ud800", {"max_new_tokens": 2})
+    assert eng.generate("abc", {"max_new_tokens": 2}).finish_reason in ("length", "stop")

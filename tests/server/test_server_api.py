@@ -298,3 +298,15 @@ def test_tokenize_and_scoring_token_id_prompts(client):
     for choice, p, want in zip(choices, prompts, scored["logprobs"]):
         lps = choice["logprobs"]["token_logprobs"]
         assert len(lps) == len(p) and lps[-len(want) :] == pytest.approx(want, abs=1e-4)
+
+
+def test_text_offsets_count_in_the_text_the_answer_gives(client):
+    """Special tokens have no text where the text is decoded without them: each sits at the offset
+    where the text goes on, so the offsets never go back and index the answer's text."""
+    body = {"model": "llmir-tiny", "prompt": [0, 1, 2, 5, 17, 42], "max_tokens": 4, "echo": True, "logprobs": 0}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    offsets, tokens, text = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"], choice["text"]
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text)
+    ends = [*offsets[1:], len(text)]
+    for tok, start, end in zip(tokens, offsets, ends):
+        assert text[start:end] in (tok, ""), (tok, text[start:end])

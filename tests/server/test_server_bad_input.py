@@ -220,3 +220,25 @@ def test_server_keeps_serving_after_bad_requests(client):
     _still_serving(client)
     stats = client.get("/stats").json()
     assert stats["server"]["active_requests"] == 0 and stats["engine_requests"] == 0
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_400_and_the_connection_stays_up(client):
+    bodies = [
+        ("/generate", b'{"text":"\\ud800 hi","sampling_params":{"max_new_tokens":2}}'),
+        ("/v1/completions", b'{"model":"llmir-tiny","prompt":"\\udfff x","max_tokens":2}'),
+        ("/v1/chat/completions", b'{"model":"llmir-tiny","messages":[{"role":"user","content":"\\ud83d"}],"max_tokens":2}'),
+    ]  # fmt: skip
+    for route, raw in bodies:
+        r = client.post(route, content=raw, headers={"content-type": "application/json"})
+        assert "lone surrogate" in _error(r, 400), route
+        _still_serving(client)  # the same keep-alive connection
+
+
+def test_nulls_take_the_defaults_as_openai_does(client):
+    body = {"model": "llmir-tiny", "messages": [{"role": "user", "content": "What is 5 + 7?"}], "max_tokens": 4}
+    nulls = {k: None for k in ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "logprobs", "stream")}
+    r = client.post("/v1/chat/completions", json={**body, **nulls})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/completions", json={"model": "llmir-tiny", "prompt": "x", "max_tokens": 2, "echo": None, "stream": None})
+    assert r.status_code == 200, r.text
+    assert "temperature" in _error(client.post("/v1/chat/completions", json={**body, "temperature": "hot"}), 400)

@@ -131,3 +131,32 @@ def test_gens_without_max_tokens_get_the_limit_and_explicit_ones_above_it_are_re
                 assert state.get_meta_info("a")["completion_tokens"] == 16
             with pytest.raises(Exception, match="limit of 16"):
                 _explicit_tokens.run(backend=backend)
+
+
+def test_an_unexpected_error_is_a_500_answered_without_raising():
+    """Starlette's handler for Exception answers and re-raises, and uvicorn then drops the client's
+    keep-alive connection; the guard answers a bug's 500 itself and returns normally."""
+    import asyncio
+    import json as _json
+
+    from llmir_lang.server.app import GuardMiddleware
+
+    async def broken(scope, receive, send):
+        raise TypeError("a bug")
+
+    sent: list[dict] = []
+
+    async def run() -> None:
+        async def receive():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/generate", "headers": [(b"content-type", b"application/json")]}
+        await GuardMiddleware(broken, api_key=None, max_bytes=1000)(scope, receive, send)
+
+    asyncio.run(run())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+    body = _json.loads(sent[1]["body"])
+    assert body["error"]["type"] == "internal_error" and "TypeError: a bug" in body["error"]["message"]
