@@ -96,7 +96,9 @@ class ContentPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: str
+    # OpenAI's roles ("developer" is its newer name for "system", and is rendered as one); another
+    # role would reach the chat template as is, which renders any string as a turn
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     # a conversation that used tool calling: known, so that it is refused as such (501)
@@ -104,7 +106,16 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
 
+    @property
+    def template_role(self) -> str:
+        """The role the chat template sees."""
+        return "system" if self.role == "developer" else self.role
+
     def text(self) -> str:
+        if self.role in ("tool", "function") and self.tool_call_id is None and self.tool_calls is None:
+            raise not_implemented(
+                f"tool calling (a message with role {self.role!r})", "send the conversation as plain text messages"
+            )
         if self.tool_calls is not None or self.tool_call_id is not None or self.function_call is not None:
             raise not_implemented(
                 "tool calling (a message's tool_calls / tool_call_id / function_call)",

@@ -225,7 +225,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 @router.post("/apply_chat_template")
 async def apply_chat_template(body: ChatTemplateRequest, request: Request) -> dict[str, Any]:
     svc = service_of(request)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [{"role": m.template_role, "content": m.text()} for m in body.messages]
     return {"text": render_chat(svc, messages, add_generation_prompt=body.add_generation_prompt)}
 
 

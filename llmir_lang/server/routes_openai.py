@@ -359,7 +359,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     svc = service_of(request)
     _check_model(svc, body.model)
     check_openai_features(body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [{"role": m.template_role, "content": m.text()} for m in body.messages]
     prompt = render_chat(svc, messages, add_generation_prompt=True)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None

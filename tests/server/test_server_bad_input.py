@@ -242,3 +242,17 @@ def test_nulls_take_the_defaults_as_openai_does(client):
     r = client.post("/v1/completions", json={"model": "llmir-tiny", "prompt": "x", "max_tokens": 2, "echo": None, "stream": None})
     assert r.status_code == 200, r.text
     assert "temperature" in _error(client.post("/v1/chat/completions", json={**body, "temperature": "hot"}), 400)
+
+
+def test_chat_roles_are_openais(client):
+    base = {"model": "llmir-tiny", "max_tokens": 2}
+    bogus = {**base, "messages": [{"role": "bogus", "content": "hi"}]}
+    assert "role" in _error(client.post("/v1/chat/completions", json=bogus), 400)
+    tool = {**base, "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}
+    assert "tool calling" in _error(client.post("/v1/chat/completions", json=tool), 501)
+    developer = {**base, "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    system = {**base, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    got = client.post("/v1/chat/completions", json=developer).json()
+    want = client.post("/v1/chat/completions", json=system).json()
+    assert got["choices"][0]["message"] == want["choices"][0]["message"]
+    assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
