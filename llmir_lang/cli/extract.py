@@ -1,8 +1,8 @@
 """``llmir extract``: batch structured extraction, resumable, one JSON line per input record.
 
     llmir extract --schema person|schema.json|module:Model|file.py:Model --input in.jsonl|in.csv
-                  --output out.jsonl [--text-field text] [--id-field id] [--model PATH | --url URL]
-                  [--prompt-file F] [--max-tokens N] [--batch-size N] [--passes P]
+                  --output out.jsonl [--text-field text] [--id-field id] [--model PATH | --url URL
+                  [--api-key K]] [--prompt-file F] [--max-tokens N] [--batch-size N] [--passes P]
                   [--retry-failed] [--no-progress] [--no-fsync]
 
 Each record becomes ``{"id": ..., "record": {...}}`` or, when it fails (empty or missing text, a
@@ -18,10 +18,11 @@ What is checked before the output file is touched, each a one-line error and exi
 dangling ``$ref`` is named now, not written 10 000 times), ``--prompt-file``, ``--passes``, the
 output path (not a directory, not the input, not locked by another run), the whole input file
 (UTF-8, ``--text-field`` present in some record, an explicit ``--id-field`` present in some
-record), the model (``--model`` loads, or ``--url`` answers). A failure that is not the record's
-fault (the server went away, the engine closed, the disk is full) is not written as the record's
-error: the job stops there with exit 1 (the chunk running next to it is stopped too) and a rerun
-carries on.
+record), the model (``--model`` loads, or ``--url`` answers and takes ``--api-key``). A failure
+that is not the record's fault (the server went away or refused the API key, the engine closed, the
+disk is full) is not written as the record's error: the job stops there with exit 1 (the chunk
+running next to it is stopped too) and a rerun carries on. Ctrl-C (exit 130) and SIGTERM (exit 143)
+stop the job the same way, after the summary.
 
 The default prompt is the bundled model's extraction format (``Text: <text>⏎<Kind> JSON:⏎``, the
 kind being the schema's name); ``--prompt-file`` is a template where ``{text}`` is replaced by the
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -71,7 +73,8 @@ output: one line per input id, {"id": ..., "record": {...}} or {"id": ..., "erro
 exit status: 0 every record of this run succeeded (or there was nothing to do); 1 a record failed
   (its error line is written), a setup error (nothing written), or the backend failed or the output
   could not be written (a full disk) mid-job (the records not yet written are redone by a rerun);
-  2 bad arguments; 130 interrupted (Ctrl-C: the summary is printed, a rerun resumes).
+  2 bad arguments; 130 interrupted (Ctrl-C: the summary is printed, a rerun resumes); 143 terminated
+  (SIGTERM: the same).
 """
 
 
@@ -102,6 +105,7 @@ class ExtractSummary:
     cached_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    stopped: str = ""  # why the run stopped early ("interrupted", ...), set by ``run_main``
 
     @property
     def done(self) -> int:
@@ -141,6 +145,8 @@ class ExtractSummary:
             )
         elif self.failed:
             rates = "no record succeeded, so no rates"
+        elif self.stopped:
+            rates = f"{self.stopped} before any record of this run finished"
         else:
             rates = "nothing to run"
         return (
@@ -275,18 +281,24 @@ def _make_backend(ns: argparse.Namespace) -> Any:
     if ns.url:
         from llmir_lang.executor.remote import Endpoint
 
-        _check_server(ns.url)
-        return Endpoint(ns.url)
+        _check_server(ns.url, ns.api_key)
+        return Endpoint(ns.url, ns.api_key)
     return llmir.Runtime(ns.model)
 
 
-def _check_server(url: str) -> None:
+def _check_server(url: str, api_key: str | None = None) -> None:
     """Abort before the job if the server does not answer: one ``GET /health`` (an llmir and an
-    SGLang server answer it; any answer below 500, even a 404, means something is listening)."""
+    SGLang server answer it; any answer below 500, even a 404, means something is listening); then,
+    as ``/health`` needs no key, one ``GET /get_model_info`` with ``api_key``: a 401 / 403 there
+    (llmir and SGLang check the key before the route) means the key is missing or wrong."""
     import httpx
 
+    base = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.get(url.rstrip("/") + "/health", timeout=10.0)
+        r = httpx.get(base + "/health", timeout=10.0)
+        if r.status_code < 500:
+            auth = httpx.get(base + "/get_model_info", headers=headers, timeout=10.0)
     except httpx.HTTPError as e:
         raise ExtractInputError(
             f"--url {url!r}: the server does not answer ({type(e).__name__}: {e}); start it, or check the URL"
@@ -295,6 +307,13 @@ def _check_server(url: str) -> None:
         raise ExtractInputError(
             f"--url {url!r}: the server is not healthy (GET /health: HTTP {r.status_code})"
         )
+    if auth.status_code in (401, 403):
+        raise ExtractInputError(f"--url {url!r}: {_auth_problem(api_key, auth.status_code)}")
+
+
+def _auth_problem(api_key: str | None, status: int | None) -> str:
+    what = "needs an API key: give it with --api-key" if not api_key else "refused --api-key (a wrong key?)"
+    return f"the server {what} (HTTP {status})"
 
 
 def _check_schema(backend: Any, schema: Schema) -> None:
@@ -335,6 +354,8 @@ def run_extract(
     changed) and ``ExtractAbortedError`` when the backend fails mid-job.
     """
     summary = summary if summary is not None else ExtractSummary()
+    if ns.api_key is not None and not ns.url:
+        raise ExtractInputError("--api-key is the key of a server: give it with --url")
     schema = load_schema(ns.schema)
     make_prompt = _prompt_maker(ns.prompt_file, schema)
     _check_passes(ns.passes)
@@ -354,6 +375,12 @@ def run_extract(
         out = ResumableOutput(ns.output, fsync=not ns.no_fsync)
         # under the file's lock, the authoritative state: another run may have written since the scan
         with out.open(retry={id_key(r.id) for r in records} if ns.retry_failed else ()):
+            if out.truncated_bytes:
+                print(
+                    f"extract: removed the cut-off last line of --output ({out.truncated_bytes} bytes, "
+                    "left by an interrupted write); its record runs again",
+                    file=sys.stderr,
+                )
             pending, planned = _plan(records, out.done_ids, out.failed_ids, ns, out.retried_ids)
             _copy(planned, summary)
             if not pending:
@@ -405,13 +432,17 @@ def _warn_duplicates(planned: ExtractSummary) -> None:
 
 
 # A record's error that is the backend's, not the record's: the transport failed, the server
-# answered 5xx / 429 / 404 (not the right URL), or the engine was closed. Remote backends report
-# failures as text ("ConnectError: ..."), so the cause's text is matched as well as its type.
+# answered 5xx / 429 / 404 (not the right URL) / 401 / 403 (the API key), or the engine was closed.
+# Remote backends report failures as text ("ConnectError: ..."), so the cause's text is matched as
+# well as its type.
 _BACKEND_FAILURE = re.compile(
     r"failed: (?:(?:ConnectError|ConnectTimeout|ReadTimeout|WriteTimeout|PoolTimeout|ReadError|"
     r"WriteError|RemoteProtocolError|NetworkError|TransportError|ProxyError|EngineClosedError):"
     r"|RemoteBackendError: \S+: (?:HTTP (?:5\d\d|429|404)\b|no answer from the server))"
+    r"|RemoteBackendError: \S+: HTTP 40[13]\b"
 )
+_AUTH_FAILURE = re.compile(r"RemoteBackendError: \S+: HTTP (40[13])\b")
+_BACKEND_STATUSES = (401, 403, 404, 429)
 
 
 def _is_backend_failure(error: BaseException, message: str) -> bool:
@@ -425,32 +456,48 @@ def _is_backend_failure(error: BaseException, message: str) -> bool:
         if isinstance(cause, (EngineClosedError, httpx.TransportError)):
             return True
         if isinstance(cause, RemoteBackendError) and (
-            cause.status is None or cause.status in (404, 429) or cause.status >= 500
+            cause.status is None or cause.status in _BACKEND_STATUSES or cause.status >= 500
         ):
             return True
         cause = cause.__cause__
     return _BACKEND_FAILURE.search(message) is not None
 
 
+class ExtractTerminated(KeyboardInterrupt):
+    """SIGTERM arrived while ``run_main`` ran: stopped like a Ctrl-C, exit 143."""
+
+
 @contextlib.contextmanager
 def _sigint_after() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until its end, so that the block runs
-    whole: the interrupted run's summary then counts exactly the lines it wrote. Only the main
-    thread can set signal handlers; elsewhere the block runs as it is."""
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM that arrives inside the block until its end, so that
+    the block runs whole: the interrupted run's summary then counts exactly the lines it wrote.
+    Only the main thread can set signal handlers; elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[tuple[int, Any]] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not None:  # None: a handler not set from Python, left alone
+            previous[sig] = signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and previous is not signal.SIG_IGN:
-            if callable(previous):
-                previous(*held[0])
-            else:
-                raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signum, frame = held[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler is signal.SIG_DFL:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signum)  # the default action, now that the line is whole
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise ExtractTerminated
 
 
 class _Job:
@@ -542,6 +589,12 @@ class _Job:
             # the extract program is the library's own: its source location would say nothing
             message = f"{type(error).__name__}: {getattr(error, 'cause_message', error)}"
             if _is_backend_failure(error, message):
+                auth = _AUTH_FAILURE.search(message)
+                if auth is not None:
+                    raise ExtractAbortedError(
+                        f"--url {self.ns.url!r}: {_auth_problem(self.ns.api_key, int(auth[1]))}; "
+                        f"stopped at record {_show(item.id)}, nothing was written for it: rerun to resume"
+                    )
                 raise ExtractAbortedError(
                     f"the backend failed at record {_show(item.id)} ({message}); it and the records "
                     "after it were not written: rerun the same command to resume"
@@ -591,6 +644,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--url", default=None, help="run on an llmir/SGLang server at this URL instead of a local model"
     )
     p.add_argument(
+        "--api-key",
+        default=None,
+        help="the --url server's API key (sent as 'Authorization: Bearer KEY'; see llmir serve --api-key)",
+    )
+    p.add_argument(
         "--prompt-file",
         default=None,
         help="prompt template with {text} (default: the bundled model's format)",
@@ -625,16 +683,25 @@ def run_main(ns: argparse.Namespace, backend: Any = None) -> int:
         print("error: --batch-size and --max-tokens must be at least 1", file=sys.stderr)
         return 2
     summary = ExtractSummary()
+    # SIGTERM (kill, systemd, a container's stop) stops the job as Ctrl-C does: summary, exit 143
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         run_extract(ns, backend, summary)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, ExtractTerminated)
+        summary.stopped = "terminated (SIGTERM)" if terminated else "interrupted"
         print(summary.report(), file=sys.stderr)
-        print("extract: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        print(f"extract: {summary.stopped}; rerun the same command to resume", file=sys.stderr)
+        return 143 if terminated else 130
     except ExtractAbortedError as e:
+        summary.stopped = "stopped by a failure"
         print(summary.report(), file=sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print(summary.report(), file=sys.stderr)
     return 1 if summary.failed else 0
 

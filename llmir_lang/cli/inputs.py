@@ -6,7 +6,12 @@ model class), or the name of a bundled schema (``person``, ``product``, ``event`
 ``llmir_lang.models.tiny_tasks.SCHEMAS``). ``Schema.validate`` checks a generated value against it
 and returns the record as plain JSON data.
 
-Input files are UTF-8 (a leading byte-order mark is accepted); a byte that is not UTF-8 stops the
+A JSON Schema file's ``pattern`` / ``patternProperties`` regular expressions must compile in
+Python's ``re`` (generated values are checked with ``jsonschema``, which uses it), checked when the
+schema is loaded: ``\\p{L}`` and other syntax only the constraint engine reads is one setup error.
+
+Input files are UTF-8 (a leading byte-order mark is accepted); ``--input -`` (or a pipe such as
+``/dev/stdin``) is read whole from standard input as JSON lines; a byte that is not UTF-8 stops the
 job before anything runs, with the file, line and byte position. Each record gets an id: its
 ``--id-field`` value, or ``"line:N"`` when it has none (``AUTO_ID_PREFIX``), N being its line
 (JSON lines) or row (CSV, the header being row 1). A JSON-lines line that is not a JSON object is
@@ -20,8 +25,11 @@ import codecs
 import csv
 import importlib
 import importlib.util
+import io
 import json
 import os
+import re
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,7 +65,10 @@ class Schema:
             value = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"not JSON ({e.msg} at char {e.pos})") from None
-        errors = sorted(jsonschema.Draft202012Validator(self.json_schema).iter_errors(value), key=str)
+        try:
+            errors = sorted(jsonschema.Draft202012Validator(self.json_schema).iter_errors(value), key=str)
+        except re.error as e:  # a pattern ``check_patterns`` did not see: this record's error, not a crash
+            raise ValueError(f"the schema's pattern cannot be checked with Python's re ({e})") from None
         if errors:
             where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
             raise ValueError(f"does not match the schema at {where}: {errors[0].message}")
@@ -84,6 +95,7 @@ def load_schema(spec: str) -> Schema:
             raise ExtractInputError(f"--schema {spec!r} is not JSON: {e}") from None
         if not isinstance(schema, dict):
             raise ExtractInputError(f"--schema {spec!r} must hold a JSON object (a JSON Schema)")
+        check_patterns(schema, f"--schema {spec!r}")
         name = schema.get("title") if isinstance(schema.get("title"), str) else path.name.split(".")[0]
         return Schema(schema, name.lower())
     if ":" in spec:
@@ -94,6 +106,45 @@ def load_schema(spec: str) -> Schema:
         f"--schema {spec!r}: give a JSON Schema file (schema.json), a pydantic model "
         f"(module:Model or file.py:Model), or a bundled schema ({', '.join(SCHEMAS)})"
     )
+
+
+# keywords whose values are data, not schemas: a "pattern" key inside them is not a regex
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+
+
+def check_patterns(schema: Any, what: str) -> None:
+    """Raise ``ExtractInputError`` for the first ``pattern`` / ``patternProperties`` regex of the
+    schema that Python's ``re`` cannot compile: the constraint engine may read it (``\\p{L}``), but
+    every generated value is validated with ``jsonschema``, which uses ``re``, and would crash."""
+    found: list[tuple[str, str]] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}/{i}")
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key in _DATA_KEYWORDS:
+                continue
+            if key == "pattern" and isinstance(value, str):
+                found.append((value, f"{where}/pattern"))
+            elif key == "patternProperties" and isinstance(value, dict):
+                found.extend((k, f"{where}/patternProperties") for k in value)
+            walk(value, f"{where}/{key}")
+
+    walk(schema, "")
+    for pattern, where in found:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            hint = " (for \\p{L}, letters, use [^\\W\\d_])" if "\\p{" in pattern or "\\P{" in pattern else ""
+            raise ExtractInputError(
+                f"{what}: the pattern {pattern!r} at {where.lstrip('/') or '(root)'} is not a Python "
+                f"regular expression ({e}), and every record is checked with Python's re; rewrite it "
+                f"in Python's syntax{hint}"
+            ) from None
 
 
 def _pydantic_schema(spec: str) -> Schema:
@@ -161,16 +212,16 @@ class InputRecord:
 def read_records(path: str | Path, *, id_field: str = "id") -> Iterator[InputRecord]:
     """The records of a ``.csv`` file, or of a JSON-lines file (any other name), in file order.
 
-    Blank lines are skipped. Raises ``ExtractInputError`` for a missing file or bytes that are not
-    UTF-8, naming the file, line and byte.
+    ``-`` is standard input, read whole as JSON lines; a pipe or FIFO (``/dev/stdin``) is read whole
+    too. Blank lines are skipped. Raises ``ExtractInputError`` for a missing file, a directory, a
+    terminal, or bytes that are not UTF-8, naming the file, line and byte.
     """
     file = Path(path)
-    if not file.is_file():
-        raise ExtractInputError(f"--input {str(path)!r}: no such file")
-    if file.suffix.lower() == ".csv":
-        yield from _csv_records(file, id_field)
+    data = _stream_bytes(str(path), file)
+    if file.suffix.lower() == ".csv" and str(path) != "-":
+        yield from _csv_records(file, id_field, data)
         return
-    with open(file, "rb") as f:
+    with open(file, "rb") if data is None else io.BytesIO(data) as f:
         for n, raw in enumerate(f, 1):
             if n == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
@@ -197,8 +248,46 @@ def read_records(path: str | Path, *, id_field: str = "id") -> Iterator[InputRec
             yield _with_id(row, id_field, n)
 
 
-def _csv_records(file: Path, id_field: str) -> Iterator[InputRecord]:
-    with open(file, newline="", encoding="utf-8-sig") as f:
+def _stream_bytes(name: str, file: Path) -> bytes | None:
+    """None for a regular file (read where it is); the whole content of standard input (``-``),
+    a pipe or a FIFO, which can be read only once; ``ExtractInputError`` for anything else."""
+    if name == "-":
+        stream = sys.stdin.buffer if sys.stdin is not None else None
+        if stream is None or stream.isatty():
+            raise ExtractInputError(
+                "--input '-': standard input is a terminal; pipe the records in (... --input - < "
+                "in.jsonl) or give the file"
+            )
+        return stream.read()
+    try:
+        mode = os.stat(file).st_mode
+    except FileNotFoundError:
+        raise ExtractInputError(f"--input {name!r}: no such file") from None
+    except OSError as e:
+        raise ExtractInputError(f"--input {name!r} cannot be read ({e.strerror or e})") from None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        raise ExtractInputError(f"--input {name!r} is a directory; give the input file")
+    try:
+        with open(file, "rb") as f:
+            if f.isatty():
+                raise ExtractInputError(
+                    f"--input {name!r} is a terminal; pipe the records in (... --input - < in.jsonl) "
+                    "or give the file"
+                )
+            return f.read()
+    except OSError as e:
+        raise ExtractInputError(f"--input {name!r} cannot be read ({e.strerror or e})") from None
+
+
+def _csv_records(file: Path, id_field: str, data: bytes | None = None) -> Iterator[InputRecord]:
+    text = (
+        open(file, newline="", encoding="utf-8-sig")
+        if data is None
+        else io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
+    )
+    with text as f:
         reader = csv.DictReader(f)
         n = 1  # line 1 is the header
         try:
@@ -206,7 +295,7 @@ def _csv_records(file: Path, id_field: str) -> Iterator[InputRecord]:
                 n += 1
                 yield _with_id(dict(row), id_field, n)
         except UnicodeDecodeError:
-            line, byte = _first_bad_utf8(file)
+            line, byte = _first_bad_utf8(file, data)
             raise ExtractInputError(
                 f"--input {str(file)!r}: line {line} is not UTF-8 (byte {byte} of the line); "
                 "convert the file to UTF-8"
@@ -215,9 +304,9 @@ def _csv_records(file: Path, id_field: str) -> Iterator[InputRecord]:
             raise ExtractInputError(f"--input {str(file)!r}: line {reader.line_num}: {e}") from None
 
 
-def _first_bad_utf8(file: Path) -> tuple[int, int]:
-    """(line, 1-based byte in the line) of the first byte of ``file`` that is not UTF-8."""
-    with open(file, "rb") as f:
+def _first_bad_utf8(file: Path, data: bytes | None = None) -> tuple[int, int]:
+    """(line, 1-based byte in the line) of the first byte of ``file`` (or ``data``) that is not UTF-8."""
+    with open(file, "rb") if data is None else io.BytesIO(data) as f:
         for n, raw in enumerate(f, 1):
             try:
                 raw.decode("utf-8")

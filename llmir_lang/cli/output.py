@@ -8,9 +8,13 @@ Invariants:
   is written with ``\\u`` escapes rather than failing);
 - a kill can at worst leave a trailing fragment without its newline (a short write). ``open``
   first checks the WHOLE file (``scan_output``): only when every complete line is an output line
-  is such a fragment touched: dropped if it is the start of an output line (its record is redone),
-  completed with its newline if it is a whole output line. A file that is not an ``llmir
-  extract`` output is never modified: ``OutputFileError``, nothing written;
+  is such a fragment touched: dropped if it can only be the cut-off start of a line of this writer
+  (``_is_cut_line``: not a complete JSON document, compact JSON from ``{"id":`` on; its record is
+  redone, and ``truncated_bytes`` says how much was dropped), completed with its newline if it is a
+  whole output line. A file that is not an ``llmir extract`` output (a user's ``json.dump`` of
+  ``{"id": ...}`` without a newline included) is never modified: ``OutputFileError``, nothing
+  written; so is anything but a regular file (a FIFO, a device, ``/dev/stdout``), refused before it
+  is read;
 - one writer at a time: ``open`` takes an exclusive ``flock`` on the file (held until ``close``);
   a second run on the same file gets ``OutputLockedError`` instead of writing every id twice;
 - ``done_ids`` holds the ids of every line in the file, keyed by ``id_key`` (so a rerun skips them
@@ -21,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import codecs
 import fcntl
 import json
 import os
@@ -98,6 +103,72 @@ def _parse_line(raw: bytes) -> dict[str, Any] | str:
     return row
 
 
+def _is_cut_line(fragment: bytes) -> bool:
+    """Whether ``fragment`` (the bytes after the last newline) can be a line of this writer cut
+    short: it is not a complete JSON document (a cut line never is: its closing brace is its last
+    byte before the newline), it starts like every line of ours (``{"id":``, or a piece of that),
+    and it is compact JSON as ``encode_line`` writes it: no whitespace outside strings. A user's
+    ``{"id": "x", ...}`` (``json.dump``'s ``": "``) or any other text is not ours."""
+    if not (fragment.startswith(_LINE_START) or _LINE_START.startswith(fragment)):
+        return False
+    # a kill may cut a multi-byte character: decode what is whole, the rest must be a valid start
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        text = decoder.decode(fragment, final=False)
+    except UnicodeDecodeError:
+        return False
+    try:
+        json.loads(text)
+    except ValueError:
+        pass
+    else:
+        return False  # a complete document: somebody's file, not a write cut short
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            elif ch < " ":
+                return False  # json.dumps escapes control characters
+        elif ch == '"':
+            in_string = True
+        elif ch in " \t\r\n":
+            return False
+    return True
+
+
+def _refuse_special(path: Path, flag: str = "--output") -> None:
+    """Refuse an existing path that is not a regular file (a directory, a FIFO, a device such as
+    ``/dev/stdout``, a socket): reading one could block forever, and it cannot be resumed."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return  # a new file (a dangling symlink's target): created as a regular file; a path under a
+        # file is refused by check_output_path
+    except OSError as e:
+        raise OutputFileError(f"{flag} {str(path)!r} cannot be used ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise OutputFileError(f"{flag} {str(path)!r} is a directory; give a file path")
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO (named pipe)"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode))
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        raise OutputFileError(
+            f"{flag} {str(path)!r} is {kind}; the output must be a regular file (it is read back "
+            "to resume a run), so give a file path"
+        )
+
+
 def scan_output(path: str | Path, data: bytes | None = None) -> OutputScan:
     """Check every line of the output file (read-only) and collect its ids.
 
@@ -108,6 +179,7 @@ def scan_output(path: str | Path, data: bytes | None = None) -> OutputScan:
     if data is None:
         if not path.exists():
             return OutputScan()
+        _refuse_special(path)
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -134,9 +206,10 @@ def scan_output(path: str | Path, data: bytes | None = None) -> OutputScan:
             scan.done_ids.add(key)
             if "error" not in row:
                 ok_ids.add(key)
-        elif not (scan.fragment.startswith(_LINE_START) or _LINE_START.startswith(scan.fragment)):
+        elif not _is_cut_line(scan.fragment):
             line = data.count(b"\n") + 1
-            raise _not_ours(path, f"{line} (the last line, without a newline) {row}")
+            why = row if row.startswith("is not") else f"is a JSON document that {row}"
+            raise _not_ours(path, f"{line} (the last line, without a newline) {why}")
     scan.failed_ids = scan.done_ids - ok_ids
     return scan
 
@@ -146,8 +219,12 @@ def check_output_path(output: str | Path, input_path: str | Path) -> None:
     the input file itself (by any path: symlink, hard link, relative path), a path under a file,
     or a file another run holds (``OutputLockedError``)."""
     out = Path(output)
-    if out.is_dir():
-        raise OutputFileError(f"--output {str(output)!r} is a directory; give a file path")
+    if str(output) == "-":
+        raise OutputFileError(
+            "--output '-': the output must be a file (a run appends to it and a rerun reads it back "
+            "to resume), not standard output; give a file path"
+        )
+    _refuse_special(out)
     # "new/../in.jsonl" names the input once "new/" is created: compare the normalized path too
     normalized = Path(os.path.normpath(out.absolute()))
     if Path(input_path).exists() and any(
@@ -199,8 +276,7 @@ class ResumableOutput:
     def open(self, retry: Iterable[str] = ()) -> ResumableOutput:
         """Lock the file (creating it and its folders), check it, fix a cut-off last line, and
         remove the error lines of the ids in ``retry`` (``id_key`` form) so that they run again."""
-        if self.path.is_dir():
-            raise OutputFileError(f"--output {str(self.path)!r} is a directory; give a file path")
+        _refuse_special(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -242,6 +318,10 @@ class ResumableOutput:
             except OSError as e:
                 raise OutputFileError(f"--output {str(self.path)!r} cannot be opened ({e})") from None
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # became a FIFO or a device since the check
+                    raise OutputFileError(
+                        f"--output {str(self.path)!r} is not a regular file; give a file path"
+                    )
                 _lock(fd, self.path)
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
