@@ -495,7 +495,7 @@ class SegmentEvaluator:
                 cause = result.exception if step is None else None  # the chain's own failure
                 self._resolve(fi, i, _Val(text, vars_, Failure(name, message, cause), base.gates))
                 return
-            bad = unfinished_value(name, seg, step.text) if step.finish_reason == "stop" else None
+            bad = unfinished_value(name, seg, step.text, step.matched_stop) if step.finish_reason == "stop" else None
             if bad is not None:  # a constrained value cut by a stop (or let through): fail, never pass it on
                 self._resolve(
                     fi, i, _Val(text, vars_, Failure(name, bad, ConstraintViolationError(bad)), base.gates)

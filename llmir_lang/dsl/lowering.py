@@ -178,7 +178,9 @@ def select_meta(
     }
 
 
-def unfinished_value(name: str | None, attrs: Mapping[str, AttrValue], text: str) -> str | None:
+def unfinished_value(
+    name: str | None, attrs: Mapping[str, AttrValue], text: str, matched: str | int | None = None
+) -> str | None:
     """Why ``text``, the output of gen ``name`` that finished with ``finish_reason="stop"``, is not
     a complete value of its constraint; None when it is, when the gen has no constraint, or when
     the check cannot be made here.
@@ -188,9 +190,12 @@ def unfinished_value(name: str | None, attrs: Mapping[str, AttrValue], text: str
     member), and reports ``"stop"``: the text was a prefix of a match presented as a finished one.
     JSON must parse, and with a stop it must validate with ``jsonschema`` (the oracle ``get_obj``
     uses); ``choices`` are checked by membership, ``dtype`` by its regex, a ``regex`` or
-    ``grammar`` by llguidance over the text's bytes.
+    ``grammar`` by llguidance over the text's bytes. ``matched`` is what ended the gen (the
+    backend's ``matched_stop``): one of the gen's own stops means a stop ended it, not the value's
+    end; a backend that does not say (None) is taken to have stopped at one when the gen has any.
     """
-    stopped = bool(attrs.get("stop") or attrs.get("stop_regex") or attrs.get("stop_token_ids"))
+    stops = [*_listed(attrs.get("stop")), *_listed(attrs.get("stop_regex")), *_listed(attrs.get("stop_token_ids"))]
+    stopped = bool(stops) and (matched is None or matched in stops)
     if "json_schema" in attrs:
         # Without a stop, only what is certain: the text must parse. jsonschema's own reading of a
         # schema differs from the engine's in corners (a float ``multipleOf``: 0.07 is not a
@@ -247,12 +252,16 @@ def _short(text: str, limit: int = 120) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
+def _listed(value: object) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
+
+
 def _json_violation(schema_text: str, text: str, validate: bool) -> str | None:
     try:
         value = json.loads(text)
     except ValueError as e:
         return f"{_short(text)} is not JSON ({e})"
-    validator = _json_validator(schema_text) if validate else None
+    validator = json_validator(schema_text) if validate else None
     if validator is None:
         return None
     try:
@@ -267,16 +276,46 @@ def _json_violation(schema_text: str, text: str, validate: bool) -> str | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _json_validator(schema_text: str) -> Any:
-    """A jsonschema validator for the schema text (its own ``$schema`` draft, else 2020-12), built
-    once per schema: a batch of extractions validates every record against the same one. None
-    when the schema cannot be read as one."""
+def json_validator(schema_text: str) -> Any:
+    """A jsonschema validator for the schema text, built once per schema (a batch of extractions
+    validates every record against the same one); None when jsonschema cannot check it (then the
+    engine's constraint is the only check).
+
+    The draft is the schema's ``$schema``, else the first of 2020-12, 7 and 4 the schema is valid
+    in (the engine takes them all: draft 7's tuple ``items: [...]``, draft 4's boolean
+    ``exclusiveMaximum``). ``multipleOf`` is checked in decimal arithmetic: jsonschema divides
+    floats, so 0.07 was not a multiple of 0.01 to it. A schema whose ``pattern`` Python's ``re``
+    cannot read (``\\p{L}``, which the engine takes) is not checkable here: None."""
     try:
         import jsonschema
 
         schema = json.loads(schema_text)
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        cls.check_schema(schema)
-        return cls(schema)
+        if isinstance(schema, dict) and "$schema" in schema:
+            drafts = [jsonschema.validators.validator_for(schema)]
+        else:
+            drafts = [jsonschema.Draft202012Validator, jsonschema.Draft7Validator, jsonschema.Draft4Validator]
+        for draft in drafts:
+            try:
+                draft.check_schema(schema)
+            except jsonschema.SchemaError:
+                continue
+            cls = jsonschema.validators.extend(draft, {"multipleOf": _decimal_multiple_of})
+            return cls(schema, format_checker=None)
+        return None
     except Exception:
         return None
+
+
+def _decimal_multiple_of(validator: Any, divisor: Any, instance: Any, schema: Any) -> Any:
+    import decimal
+
+    import jsonschema
+
+    if not validator.is_type(instance, "number"):
+        return
+    try:
+        failed = decimal.Decimal(repr(instance)) % decimal.Decimal(repr(divisor)) != 0
+    except (decimal.InvalidOperation, ValueError):
+        return
+    if failed:
+        yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {divisor!r}")

@@ -193,6 +193,15 @@ def gen(
         "grammar": grammar,
     }
     given = {k: v for k, v in constraints.items() if v is not None}
+    for key, value in given.items():
+        for item in value if isinstance(value, list) else [value]:
+            bad = _SURROGATE.search(item) if isinstance(item, str) and not item.isascii() else None
+            if bad is not None:  # the constraint compilers raised a bare UnicodeEncodeError
+                raise DSLError(
+                    f"gen({name!r}): {key} has a lone surrogate (U+{ord(bad.group()):04X}) at position "
+                    f"{bad.start()}, which is not Unicode text; remove or replace it",
+                    where=where,
+                )
     if len(given) > 1:
         raise DSLError(
             f"gen({name!r}) has several constraints {sorted(given)}; give at most one", where=where
@@ -452,6 +461,7 @@ def _choice_list(choices: object, where: SourceLocation | None, what: str) -> li
 
 
 _ANONYMOUS_NAME = re.compile(r"_gen\d+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def is_anonymous(name: str) -> bool:

@@ -735,11 +735,20 @@ def _parse_obj(name: str, text: Any, schema: Any, meta: dict[str, Any], where: s
             ) from None
     import jsonschema
 
+    from llmir_lang.dsl.lowering import json_validator
+
     try:
         obj = json.loads(text)
-        jsonschema.validate(obj, json.loads(schema) if isinstance(schema, str) else schema)
-    except (ValueError, TypeError, jsonschema.ValidationError) as e:
+    except (ValueError, TypeError) as e:
+        raise ConstraintViolationError(f"gen({name!r}){where} is not JSON{cut}: {e}") from None
+    validator = json_validator(schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+    try:  # None, or a validator that cannot run (a $ref it cannot resolve): the engine's check stands
+        error = jsonschema.exceptions.best_match(validator.iter_errors(obj)) if validator is not None else None
+    except Exception:
+        error = None
+    if error is not None:
         raise ConstraintViolationError(
-            f"gen({name!r}){where} does not validate against its schema{cut}: {e}"
+            f"gen({name!r}){where} does not validate against its schema{cut}: {error.message} "
+            f"(at {error.json_path})"
         ) from None
     return obj

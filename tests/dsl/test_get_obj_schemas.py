@@ -1,0 +1,50 @@
+"""``get_obj`` and the finished-value check read a schema as the engine does: any draft the engine
+takes, patterns Python's ``re`` cannot read, ``multipleOf`` in decimal arithmetic; and a stop the
+gen has but that did not end it does not turn on the stop's stricter check."""
+
+from __future__ import annotations
+
+import pytest
+
+import llmir_lang as llmir
+from llmir_lang.dsl.lowering import json_validator, unfinished_value
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "^\\p{Lu}\\p{Ll}{1,3}$"},  # re cannot read it: not checkable here
+        {"type": "array", "items": [{"type": "integer"}, {"type": "boolean"}], "maxItems": 2},  # draft 7
+        {"type": "integer", "minimum": 1, "maximum": 9, "exclusiveMaximum": True},  # draft 4
+        {"type": "number", "multipleOf": 0.01, "minimum": 0.05, "maximum": 0.09},  # 0.07: float division said no
+    ],
+)
+def test_get_obj_reads_every_schema_the_engine_takes(rt, schema):
+    @llmir.function
+    def prog(s):
+        s += "Q: What is 3 + 4?\nA: " + llmir.gen("v", json_schema=schema, max_tokens=16, stop=["\n\n"])
+
+    state = prog.run(backend=rt)
+    assert state.error() is None
+    import json
+
+    assert state.get_obj("v") == json.loads(state["v"])
+
+
+def test_multiple_of_is_decimal_and_drafts_fall_back():
+    import json
+
+    v = json_validator(json.dumps({"multipleOf": 0.01}))
+    assert not list(v.iter_errors(0.07)) and list(v.iter_errors(0.075))
+    draft7 = json_validator(json.dumps({"items": [{"type": "integer"}]}))
+    assert draft7 is not None and list(draft7.iter_errors(["x"]))
+    assert json_validator(json.dumps({"pattern": "\\p{L}"})) is None
+
+
+def test_only_a_stop_that_ended_the_gen_counts():
+    attrs = {"json_schema": '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}',
+             "stop": ("\n",)}  # fmt: skip
+    text = '{"a": 1}'  # parses, but misses "b": only a stop's cut is checked against the schema
+    assert unfinished_value("x", attrs, text, matched=None) is not None  # a backend that does not say
+    assert unfinished_value("x", attrs, text, matched="\n") is not None
+    assert unfinished_value("x", attrs, text, matched=2) is None  # EOS ended it, not the stop
