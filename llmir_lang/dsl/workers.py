@@ -10,7 +10,11 @@ A worker that finishes goes back to the idle list (at most ``MAX_IDLE`` are kept
 exits after ``IDLE_S`` seconds without work. Each task runs in a fresh ``contextvars`` context, as
 on a new thread (a ``ContextVar`` set by one batch's program is not seen by the next). A forked
 child process starts with no idle worker (the parent's threads do not exist there), and at
-interpreter exit the parked workers end (as the per-batch threads did before). The names of
+interpreter exit every worker ends: a parked one at once, a busy one after its task (waited for
+up to ``EXIT_WAIT_S``), so none is still dropping a finished program's objects (an engine's
+tensors among them) while the interpreter finalizes, which aborted the process ("terminate
+called without an active exception": a daemon thread that takes the GIL then is ended by
+``pthread_exit``, whose unwinding through torch's C++ frames calls ``std::terminate``). The names of
 the threads say what they run, as before (``llmir-batch``, ``llmir-round``, ...), and a parked one
 is ``llmir-idle-worker``.
 """
@@ -22,11 +26,13 @@ import contextvars
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 MAX_IDLE = 256
 IDLE_S = 60.0
+EXIT_WAIT_S = 5.0  # at interpreter exit: how long busy workers are waited for, in all
 IDLE_NAME = "llmir-idle-worker"  # a parked worker's thread name (a running one has its task's)
 
 
@@ -54,6 +60,13 @@ class _Worker:
         self.thread = threading.Thread(target=self._loop, daemon=True, name=IDLE_NAME)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with _lock:
+                _all.discard(self)
+
+    def _serve(self) -> None:
         while True:
             try:
                 task = self.inbox.get(timeout=IDLE_S)
@@ -78,11 +91,13 @@ class _Worker:
 
 _lock = threading.Lock()
 _idle: list[_Worker] = []
+_all: set[_Worker] = set()  # every live worker, parked or busy
+_exiting = False  # set at interpreter exit: a worker that finishes its task ends, not parks
 
 
 def _park(worker: _Worker) -> bool:
     with _lock:
-        if len(_idle) >= MAX_IDLE:
+        if _exiting or len(_idle) >= MAX_IDLE:
             return False
         _idle.append(worker)
         return True
@@ -99,19 +114,26 @@ def _retire(worker: _Worker) -> bool:
 
 @atexit.register
 def _stop_idle() -> None:
-    """At interpreter exit, let the parked workers end (a daemon thread still alive while native
-    libraries tear down can abort the process: see ``engine._shutdown_live_engines``)."""
+    """At interpreter exit, end every worker: the parked ones now, the busy ones once their task
+    returns (together waited for at most ``EXIT_WAIT_S``). A daemon thread still running while
+    the interpreter finalizes can abort the process (see the module's docstring, and
+    ``engine._shutdown_live_engines``)."""
+    global _exiting
     with _lock:
+        _exiting = True
         idle, _idle[:] = list(_idle), []
+        workers = list(_all)
     for worker in idle:
         worker.inbox.put(None)
-    for worker in idle:
-        worker.thread.join(timeout=1.0)
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for worker in workers:
+        if worker.thread is not threading.current_thread():
+            worker.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _idle
-    _lock, _idle = threading.Lock(), []
+    global _lock, _idle, _all, _exiting
+    _lock, _idle, _all, _exiting = threading.Lock(), [], set(), False
 
 
 if hasattr(os, "register_at_fork"):
@@ -126,6 +148,8 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "llmir-worker") -> Tas
         worker = _idle.pop() if _idle else None
     if worker is None:
         worker = _Worker()
+        with _lock:
+            _all.add(worker)
         worker.inbox.put(task)
         worker.thread.start()
     else:

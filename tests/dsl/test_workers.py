@@ -162,6 +162,29 @@ def test_parked_workers_end_at_interpreter_exit():
     assert workers.spawn(lambda: None).join(5)
     time.sleep(0.05)  # parked
     assert any(t.name == workers.IDLE_NAME for t in threading.enumerate())
-    workers._stop_idle()  # what atexit runs
-    assert not any(t.name == workers.IDLE_NAME for t in threading.enumerate())
-    assert workers.spawn(lambda: None).join(5)  # a later spawn starts a new one
+    try:
+        workers._stop_idle()  # what atexit runs
+        assert not any(t.name == workers.IDLE_NAME for t in threading.enumerate())
+        assert workers.spawn(lambda: None).join(5)  # a later spawn starts a new one
+    finally:
+        workers._exiting = False  # this process goes on: pool again
+
+
+def test_interpreter_exit_waits_for_a_busy_worker_to_finish_its_task(tmp_path):
+    """A worker still running a task when the interpreter exits (a program body ending after a
+    Ctrl-C) is waited for, so it is not dropping the program's objects while the interpreter
+    finalizes (that aborted the extraction CLI now and then)."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    code = (
+        "import time\n"
+        "from llmir_lang.dsl import workers\n"
+        "def task():\n"
+        "    time.sleep(0.5)\n"
+        f"    open({str(done)!r}, 'w').write('ok')\n"
+        "workers.spawn(task)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert done.read_text() == "ok"
