@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a command that reports its own progress
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmir run ... | head -1`: the reader left; end quietly, as Unix tools do
+        # stdout's buffer still holds text for the closed pipe: point it at /dev/null, so the flush
+        # at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

@@ -205,3 +205,20 @@ def test_arg_values_are_typed(tmp_path: Path) -> None:
         cli_main._arguments(["n=three"], program)
     with pytest.raises(SystemExit, match="expected a bool"):
         cli_main._arguments(["flag=maybe"], program)
+
+
+def test_a_reader_that_leaves_ends_llmir_run_quietly(tmp_path: Path) -> None:
+    """``llmir run ... | head -1``: the pipe closes early; no BrokenPipeError traceback."""
+    prog = tmp_path / "prog.py"
+    prog.write_text(
+        "import llmir_lang as llmir\n\n@llmir.function\ndef prog(s, q):\n"
+        "    s += 'Q: ' + q + '\\nA:' + llmir.gen('a', max_tokens=400, ignore_eos=True)\n"
+    )
+    cmd = [sys.executable, "-m", "llmir_lang", "run", f"{prog}:prog", "--arg", "q=What is 2 + 2?", "--stream"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(3) == b"Q: "
+    proc.stdout.close()  # the reader leaves
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
