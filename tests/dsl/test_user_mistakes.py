@@ -217,3 +217,19 @@ def test_other_names_starting_with_gen_are_accepted():
     for name in ("_generated", "_genre", "_gen", "_gen1a", "gen1"):
         assert llmir.gen(name).name == name
         assert llmir.select(name, choices=["a"]).name == name
+
+
+def test_a_regex_that_does_not_parse_is_an_error_at_its_gen_before_anything_runs(rt):
+    with pytest.raises(llmir.DSLError, match=r"regex '\(a' does not parse: unclosed group") as e:
+        llmir.gen("x", regex="(a")
+    assert e.value.where is not None and e.value.where.line > 0
+
+    @llmir.function
+    def prog(s):
+        s += "Q: hi\nA:" + llmir.gen("long", max_tokens=200, ignore_eos=True)
+        s += "\nB:" + llmir.gen("bad", regex="[a-")
+
+    before = rt.stats()["tokens_computed"]
+    with pytest.raises(llmir.DSLError, match="does not parse"):
+        prog.run(backend=rt)
+    assert rt.stats()["tokens_computed"] == before  # the 200-token gen never ran
