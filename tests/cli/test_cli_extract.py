@@ -247,7 +247,7 @@ def test_setup_errors_stop_the_job_before_the_output_exists(tmp_path: Path, back
             },
             "'if'",
         ),
-        ({"type": "foo"}, "Invalid type: foo"),
+        ({"type": "foo"}, r"invalid at #/type \(keyword 'type'"),
         ({"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}, "/\\$defs/nope"),
     ):
         (tmp_path / "s.json").write_text(json.dumps(schema))

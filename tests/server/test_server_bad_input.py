@@ -245,7 +245,7 @@ def test_nulls_take_the_defaults_as_openai_does(client):
 
 
 def test_chat_roles_are_openais(client):
-    base = {"model": "llmir-tiny", "max_tokens": 2}
+    base = {"model": "llmir-tiny", "max_tokens": 2, "temperature": 0}
     bogus = {**base, "messages": [{"role": "bogus", "content": "hi"}]}
     assert "role" in _error(client.post("/v1/chat/completions", json=bogus), 400)
     tool = {**base, "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}

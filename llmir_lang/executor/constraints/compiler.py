@@ -29,7 +29,6 @@ from llmir_lang.executor.constraints import outlines_backend as oc_backend
 from llmir_lang.executor.constraints.errors import (
     GrammarSyntaxError,
     InvalidRegexError,
-    InvalidSchemaError,
     UnsatisfiableConstraintError,
     UnsupportedSchemaError,
 )
@@ -39,6 +38,7 @@ from llmir_lang.executor.constraints.outlines_worker import (
     OutlinesTimeout,
     shared_worker,
 )
+from llmir_lang.executor.constraints.schema_checks import imprecise_integer, unreadable_schema_error
 from llmir_lang.executor.constraints.schema_rewrite import llguidance_error, rewrite_for_llguidance
 from llmir_lang.executor.constraints.schema_support import outlines_exact
 from llmir_lang.executor.constraints.spec import (
@@ -249,6 +249,9 @@ class ConstraintCompiler:
             raise UnsatisfiableConstraintError("the JSON schema is `false`: no document satisfies it")
         if schema is True:
             schema = {}
+        imprecise = imprecise_integer(schema)  # any engine: both would round it (or refuse it)
+        if imprecise is not None:
+            raise imprecise
         ws = spec.whitespace if spec.whitespace is not None else DEFAULT_JSON_WHITESPACE
         reason = (
             outlines_exact(schema) if self.engine != llg_backend.ENGINE else "engine='llguidance' requested"
@@ -273,7 +276,7 @@ class ConstraintCompiler:
                 rewritten, overrides={"whitespace_pattern": ws, "whitespace_flexible": False}
             )
         except ValueError as e:
-            raise InvalidSchemaError(f"the JSON schema is not usable: {e}") from None
+            raise unreadable_schema_error(str(e), schema) from None
         compiled = self._llguidance(grammar)
         err = compiled.compile_error()
         if err is not None:

@@ -29,7 +29,16 @@ class UnsupportedSchemaError(ConstraintError):
 
 
 class InvalidSchemaError(ConstraintError):
-    """A JSON schema is not valid JSON or not a valid JSON Schema document."""
+    """A JSON schema is not valid JSON or not a valid JSON Schema document.
+
+    ``keyword`` and ``path`` (the JSON pointer of the schema object holding it) name the faulty
+    keyword where it is known; they are empty otherwise (text that is not JSON, say).
+    """
+
+    def __init__(self, message: str, keyword: str = "", path: str = "") -> None:
+        super().__init__(message)
+        self.keyword = keyword
+        self.path = path
 
 
 class UnsatisfiableConstraintError(ConstraintError):

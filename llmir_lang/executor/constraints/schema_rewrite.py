@@ -12,6 +12,12 @@ place and llguidance then rejects it, which becomes ``UnsupportedSchemaError(key
   ``anyOf: [{properties: {p: false}}, {required: [p, ...], ...S}]`` added to ``allOf``.
 - ``not``: pushed inward where the complement is expressible (``negation.negate``).
 - ``oneOf`` whose branches are pairwise disjoint (``negation.pairwise_disjoint``): ``anyOf``.
+- a length / count bound written as an integral float (``minLength: 2.0``): the integer.
+
+``llguidance_error`` types llguidance's compile errors: every one is an
+``UnsupportedSchemaError`` (naming keyword and path where the message lets them be found, and
+keeping llguidance's text), an ``InvalidSchemaError`` when the schema fails its metaschema, an
+``InvalidRegexError`` or an ``UnsatisfiableConstraintError`` (only where llguidance proved it).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from llmir_lang.executor.constraints.errors import (
     UnsupportedSchemaError,
 )
 from llmir_lang.executor.constraints.negation import negate, pairwise_disjoint
+from llmir_lang.executor.constraints.schema_checks import NUMERIC_BOUNDS, metaschema_error
 from llmir_lang.executor.constraints.schema_walk import find_keyword, iter_subschemas
 
 
@@ -58,7 +65,19 @@ def _add_all_of(node: dict[str, Any], extra: list[Any]) -> None:
     node["allOf"] = list(node["allOf"]) + extra
 
 
+# Counts llguidance reads only as JSON integers ("Expected positive integer for 'minLength', got
+# 2.0"); JSON Schema takes any number with a zero fraction as an integer.
+_COUNT_KEYWORDS = (
+    "minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+    "minContains", "maxContains",
+)  # fmt: skip
+
+
 def _rewrite_node(node: dict[str, Any], root: dict[str, Any], path: str, notes: list[str]) -> None:
+    for kw in _COUNT_KEYWORDS:
+        count = node.get(kw)
+        if isinstance(count, float) and count.is_integer() and 0 <= count <= 2**53:
+            node[kw] = int(count)
     fmt = node.get("format")
     if isinstance(fmt, str) and not llguidance_knows_format(fmt):
         del node["format"]
@@ -195,6 +214,15 @@ def _ref_error(message: str, schema: Any) -> ConstraintError | None:
     return None
 
 
+_REGEX_UNDECIDED = "Unable to determine if regex is empty"
+_SEARCH_REGEX = re.compile(r"\(SearchRegex /(.*?)/\)")
+_LOOKAROUND = re.compile(r"lookarounds not supported yet.*? in regex /(.*)/")
+_CIRCULAR_REF = re.compile(r"circular references with sibling keys are not supported: \S*?(#\S*)")
+_NOT_DISJOINT = re.compile(r"patternProperty regexes /(.*)/ and /(.*)/ are not disjoint")
+_NUMERIC_RANGE = re.compile(r"Failed to generate regex for (?:float|integer) range")
+_EXPECTED = re.compile(r"Expected [^']*'([A-Za-z$]+)'")
+
+
 def llguidance_error(message: str, schema: Any) -> ConstraintError:
     """A typed error for an llguidance JSON-schema compile error, naming keyword and path."""
     first = message.strip().splitlines()[0] if message.strip() else message
@@ -234,10 +262,170 @@ def llguidance_error(message: str, schema: Any) -> ConstraintError:
             "128 levels); move inner levels into $defs and refer to them with $ref",
             keyword="$ref",
         )
+    if _REGEX_UNDECIDED in message:
+        # not a proof of emptiness: llguidance gave up deciding it (it was reported as unsatisfiable)
+        path = _pattern_path(schema, _SEARCH_REGEX.findall(message))
+        return UnsupportedSchemaError(
+            f"the string constraints at {path} (pattern together with length bounds / other "
+            "patterns it must also match) are too complex for the engine to check whether any "
+            "string satisfies them; simplify the pattern or drop minLength / maxLength (llguidance: "
+            f"{_clip(first)})",
+            keyword="pattern",
+            path=path,
+        )
     if "nsatisfiable" in message or "is empty" in message or "never matches" in message:
         return UnsatisfiableConstraintError(f"the JSON schema admits no document: {first}")
     if "regex parse error" in message or "invalid regex" in message:
         return _pattern_error(message, schema, first)
-    if "not supported" in message or "Unknown" in message:
-        return UnsupportedSchemaError(f"the JSON schema uses a construct llguidance cannot enforce: {first}")
-    return ConstraintError(f"the JSON schema cannot be compiled: {first}")
+    invalid = metaschema_error(schema)
+    if invalid is not None:
+        return invalid
+    return _unsupported(message, first, schema)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pattern_path(schema: Any, regexes: list[str]) -> str:
+    """Path of the subschema whose ``pattern`` is one of ``regexes`` (preferring one with a length
+    bound), else of the first pattern next to a length bound, else of the first pattern."""
+    wanted = {r.strip() for r in regexes}
+    named, bounded, any_pattern = None, None, None
+    for path, node in iter_subschemas(schema):
+        pattern = node.get("pattern")
+        if not isinstance(pattern, str):
+            continue
+        has_bound = "minLength" in node or "maxLength" in node
+        if pattern.strip() in wanted and (has_bound or named is None):
+            named = path
+            if has_bound:
+                break
+        bounded = bounded or (path if has_bound else None)
+        any_pattern = any_pattern or path
+    return named or bounded or any_pattern or "#"
+
+
+def _node_with(schema: Any, keywords: tuple[str, ...], match: Any = None) -> tuple[str, str]:
+    """(keyword, path) of the first subschema using one of ``keywords`` for which ``match(node)``
+    holds; of the first using one at all when none does; ``(keywords[0], "#")`` when none."""
+    fallback = None
+    for path, node in iter_subschemas(schema):
+        kw = next((k for k in keywords if k in node), None)
+        if kw is None:
+            continue
+        if match is None or match(node):
+            return kw, path
+        fallback = fallback or (kw, path)
+    return fallback or (keywords[0], "#")
+
+
+def _unsupported(message: str, first: str, schema: Any) -> UnsupportedSchemaError:
+    """llguidance's refusals of a valid schema, with keyword, path and what to do where the
+    message tells them; any other message is kept as it is."""
+    said = f"(llguidance: {_clip(first)})"
+    if "min/maxProperties only supported" in message:
+
+        def partly_optional(node: dict[str, Any]) -> bool:
+            props = node.get("properties")
+            required = node.get("required")
+            return isinstance(props, dict) and not (
+                isinstance(required, list) and all(p in required for p in props)
+            )
+
+        kw, path = _node_with(schema, ("maxProperties", "minProperties"), partly_optional)
+        return UnsupportedSchemaError(
+            f"{kw!r} at {path}: the engine bounds the number of properties only of objects whose "
+            "listed properties are all required; list them all in 'required', or remove the "
+            f"bound {said}",
+            keyword=kw,
+            path=path,
+        )
+    m = _NOT_DISJOINT.search(message)
+    if m:
+        regexes = {m.group(1), m.group(2)}
+
+        def names_one(node: dict[str, Any]) -> bool:
+            names = node.get("patternProperties")
+            return isinstance(names, dict) and bool(regexes & set(names))
+
+        kw, path = _node_with(schema, ("patternProperties",), names_one)
+        return UnsupportedSchemaError(
+            f"'patternProperties' at {path}: regexes /{m.group(1)}/ and /{m.group(2)}/ can match the "
+            "same property name, and the engine needs each name to be matched by one regex at most; "
+            "make the regexes exclusive (anchors, distinct prefixes) or merge them",
+            keyword=kw,
+            path=path,
+        )
+    if "Schema intersection stack level exceeded" in message:
+        kw, path = _node_with(schema, ("allOf",))
+        return UnsupportedSchemaError(
+            f"'allOf' at {path}: combining its branches (through their $refs) nests too deeply for "
+            "the engine; merge the branches by hand or break the recursive $refs they go through "
+            f"{said}",
+            keyword=kw,
+            path=path,
+        )
+    m = _CIRCULAR_REF.search(message)
+    if m:
+        path = m.group(1) or "#"
+        return UnsupportedSchemaError(
+            f"'$ref' at {path}: a recursive $ref with sibling keywords in the same subschema is not "
+            "supported; make the $ref the only keyword of its subschema (move the siblings into "
+            f"the definition it points at) {said}",
+            keyword="$ref",
+            path=path,
+        )
+    if _NUMERIC_RANGE.search(message):
+        numbers = set(re.findall(r"Some\(([^)]*)\)", message))
+
+        def bound_named(node: dict[str, Any]) -> bool:
+            return any(_same_number(node.get(k), numbers) for k in NUMERIC_BOUNDS)
+
+        kw, path = _node_with(schema, NUMERIC_BOUNDS, bound_named)
+        return UnsupportedSchemaError(
+            f"{kw!r} at {path}: the engine cannot build a number range this close to the largest "
+            f"float; remove the bound or choose a smaller one {said}",
+            keyword=kw,
+            path=path,
+        )
+    if "Value for 'multipleOf' has too many digits" in message:
+        path = find_keyword(schema, "multipleOf") or "#"
+        return UnsupportedSchemaError(
+            f"'multipleOf' at {path}: its value has more significant digits than the engine handles "
+            f"(at most about 16); remove it or use a shorter value {said}",
+            keyword="multipleOf",
+            path=path,
+        )
+    m = _LOOKAROUND.search(message)
+    if m:
+        path = _pattern_path(schema, [m.group(1)])
+        return UnsupportedSchemaError(
+            f"'pattern' at {path}: the engine reads '^' / '$' inside a regex (not at its very start or "
+            f"end) as a look-around, which it does not support; rewrite the pattern {said}",
+            keyword="pattern",
+            path=path,
+        )
+    m = _EXPECTED.search(first)
+    if m:
+        kw = m.group(1)
+        path = find_keyword(schema, kw) or "#"
+        return UnsupportedSchemaError(
+            f"{kw!r} at {path}: the engine cannot read its value {said}; write it as the JSON "
+            "type the specification gives it (a count as an integer, 'required' as a list of names)",
+            keyword=kw,
+            path=path,
+        )
+    return UnsupportedSchemaError(f"the JSON schema uses a construct the engine cannot compile {said}")
+
+
+def _same_number(value: Any, texts: set[str]) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    for text in texts:
+        try:
+            if float(text) == float(value):
+                return True
+        except ValueError:
+            continue
+    return False

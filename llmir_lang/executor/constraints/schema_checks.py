@@ -1,0 +1,192 @@
+"""Checks on a JSON schema before (and after) llguidance reads it.
+
+- ``imprecise_integer``: llguidance reads every JSON number of a schema as a 64-bit float, so an
+  integer beyond ±2**53 in ``const`` / ``enum`` / a bound / ``multipleOf`` is rounded there and
+  the constraint admits a different number (``{"const": 9007199254740993}`` generated
+  ``9007199254740992``). Such schemas are refused before compiling; integers up to ±2**53 are
+  exact in a float and compile as before.
+- ``metaschema_error``: whether the schema itself is invalid (against the metaschema of the draft
+  it declares, else 2020-12, allowing older drafts' forms of keywords that changed), naming the
+  keyword and the path; used to type llguidance's errors about malformed keyword values.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from llmir_lang.executor.constraints.errors import InvalidSchemaError, UnsupportedSchemaError
+from llmir_lang.executor.constraints.schema_walk import (
+    SCHEMA_LISTS,
+    SCHEMA_MAPS,
+    SCHEMA_SINGLE,
+    iter_subschemas,
+)
+
+# Every integer of absolute value <= 2**53 is exact in a 64-bit float; 2**53 + 1 is the first
+# that is not, and llguidance prints the float back, so nothing above is safe.
+F64_EXACT_INT = 2**53
+NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_VALUE_KEYWORDS = ("const", "enum")
+
+
+def _big_ints(value: Any) -> Iterator[int]:
+    """The integers of absolute value over 2**53 anywhere in a JSON value (objects, arrays)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if abs(value) > F64_EXACT_INT:
+            yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _big_ints(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _big_ints(v)
+
+
+def imprecise_integer(schema: Any) -> UnsupportedSchemaError | None:
+    """An error naming the first ``const`` / ``enum`` / bound / ``multipleOf`` (at any depth)
+    holding an integer a 64-bit float cannot hold exactly, or None."""
+    for path, node in iter_subschemas(schema):
+        for kw in (*_VALUE_KEYWORDS, *NUMERIC_BOUNDS, "multipleOf"):
+            if kw not in node:
+                continue
+            big = next(_big_ints(node[kw]), None)
+            if big is None:
+                continue
+            if kw in _VALUE_KEYWORDS:
+                advice = (
+                    'for big ids, make the field a string (e.g. {"type": "string", "pattern": '
+                    '"^-?[0-9]+$"}, or a string const/enum) and convert after parsing'
+                )
+            else:
+                advice = f"remove the {kw}, or bring it within ±{F64_EXACT_INT}; for big ids, use a string with a pattern"
+            return UnsupportedSchemaError(
+                f"{kw!r} at {path} holds the integer {big}, beyond ±2**53 ({F64_EXACT_INT}): the "
+                "JSON-schema engine reads schema numbers as 64-bit floats and would round it, so the "
+                f"output could violate the schema; {advice}",
+                keyword=kw,
+                path=path,
+            )
+    return None
+
+
+# --- the schema against its metaschema -------------------------------------------------------
+def _pointer(parts: list[Any]) -> str:
+    return "#" + "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _keyword_at(schema: Any, location: list[Any]) -> tuple[str, str]:
+    """(keyword, path of the subschema holding it) for a location inside a schema: the last
+    keyword on the way down, read as keywords, names and indexes are (a property called
+    ``minLength`` is a name)."""
+    keyword, holder = "", "#"
+    node: Any = schema
+    state = "schema"  # what ``node`` is: a schema, a map of schemas, a list of schemas, data
+    for i, part in enumerate(location):
+        if state == "schema":
+            if not isinstance(node, dict) or part not in node:
+                break
+            keyword, holder = str(part), _pointer(location[:i])
+            node = node[part]
+            if part in SCHEMA_MAPS and isinstance(node, dict):
+                state = "map"
+            elif part in SCHEMA_LISTS and isinstance(node, list):
+                state = "list"
+            elif part in SCHEMA_SINGLE:
+                state = "schema"
+            else:
+                state = "data"
+        elif state in ("map", "list"):
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                break
+            state = "schema" if isinstance(node, (dict, bool)) else "data"
+        else:
+            break
+    return keyword, holder
+
+
+# Keywords whose form changed between drafts: what 2020-12 rejects here an older draft allows
+# (``exclusiveMinimum: true`` and tuple ``items: [...]`` in draft 4, ``dependencies``...).
+_DRAFT_DEPENDENT = frozenset(
+    {"exclusiveMinimum", "exclusiveMaximum", "items", "additionalItems", "dependencies", "id", "definitions"}
+)
+
+
+def metaschema_error(schema: Any) -> InvalidSchemaError | None:
+    """``InvalidSchemaError`` naming keyword and path when ``schema`` is not a valid JSON Schema
+    (``format`` not checked: a ``pattern`` in Rust syntax need not be a Python regex); None when
+    it is, or when this cannot be told (jsonschema's own recursion limit on a deep schema).
+
+    A schema that declares a known ``$schema`` is checked against that draft. One that declares
+    none (or an unknown one) is checked against 2020-12, and a fault at a keyword whose form
+    changed between drafts (``exclusiveMinimum: true`` of draft 4) counts only when drafts 7
+    and 4 find the schema invalid too."""
+    try:
+        from jsonschema import validators
+        from jsonschema.exceptions import best_match
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            declared = validators.validator_for(schema, default=None)  # type: ignore[arg-type]
+        cls = declared or validators.Draft202012Validator
+        errors = [
+            (e, _keyword_at(schema, list(e.absolute_path))) for e in cls(cls.META_SCHEMA).iter_errors(schema)
+        ]
+        if not errors:
+            return None
+        if declared is None:
+            plain = [e for e in errors if e[1][0] not in _DRAFT_DEPENDENT]
+            if not plain:
+                for older in (validators.Draft7Validator, validators.Draft4Validator):
+                    if next(older(older.META_SCHEMA).iter_errors(schema), None) is None:
+                        return None
+            errors = plain or errors
+        first = best_match(e for e, _ in errors)
+    except Exception:  # RecursionError on very deep schemas, referencing errors: cannot tell
+        return None
+    if first is None:
+        return None
+    location = list(first.absolute_path)
+    keyword, path = _keyword_at(schema, location)
+    return InvalidSchemaError(
+        f"the JSON schema is invalid at {_pointer(location)}"
+        + (f" (keyword {keyword!r} of the subschema at {path})" if keyword else "")
+        + f": {first.message}; fix the value to what the JSON Schema specification allows",
+        keyword=keyword,
+        path=path,
+    )
+
+
+# --- what llguidance cannot even read --------------------------------------------------------
+def _find_int(value: Any, wanted: int, parts: list[Any]) -> list[Any] | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value == wanted:
+        return parts
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, sub in items:
+        found = _find_int(sub, wanted, [*parts, key])
+        if found is not None:
+            return found
+    return None
+
+
+def unreadable_schema_error(message: str, schema: Any) -> InvalidSchemaError | UnsupportedSchemaError:
+    """The error for llguidance refusing to read a schema at all (a ``ValueError`` from
+    ``grammar_from_json_schema``): an integer too large for 64 bits (in ``maxLength``, a
+    ``default``...) is named with its place; anything else stays an ``InvalidSchemaError``."""
+    m = re.search(r"not JSON serializable: (-?[0-9]+)\b", message)
+    location = _find_int(schema, int(m.group(1)), []) if m else None
+    if m is None or location is None:
+        return InvalidSchemaError(f"the JSON schema is not usable: {message}")
+    keyword, path = _keyword_at(schema, location)
+    return UnsupportedSchemaError(
+        f"the integer {m.group(1)} at {_pointer(location)} is too large for the JSON-schema engine "
+        "to read (over 64 bits); remove it or use a smaller value (or a string, for big ids)",
+        keyword=keyword,
+        path=path,
+    )
