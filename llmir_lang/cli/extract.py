@@ -56,6 +56,7 @@ from llmir_lang.cli.inputs import (
 )
 from llmir_lang.cli.output import OutputWriteError, ResumableOutput, check_output_path, id_key, scan_output
 from llmir_lang.errors import LLMIRError
+from llmir_lang.executor.tokenizer import lone_surrogate
 
 DESCRIPTION = """\
 Batch structured extraction: run a schema-constrained generation over every record of a JSON lines
@@ -230,7 +231,7 @@ def _text_problem(text: Any, text_field: str) -> str | None:
     if not isinstance(text, str) or not text.strip():
         what = "is missing" if text is None else "is empty" if isinstance(text, str) else "is not text"
         return f"the text field {text_field!r} {what}"
-    bad = _SURROGATE.search(text)
+    bad = lone_surrogate(text)
     if bad is not None:  # valid in JSON text (\ud800), but no tokenizer can encode it
         return (
             f"the text has an invalid character (lone surrogate U+{ord(bad.group()):04X}) at "
@@ -239,7 +240,6 @@ def _text_problem(text: Any, text_field: str) -> str | None:
     return None
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _plan(

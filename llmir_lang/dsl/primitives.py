@@ -24,6 +24,7 @@ from llmir_lang.dsl.errors import DSLError, FeatureNotSupportedError, SourceLoca
 from llmir_lang.errors import ConstraintError, InvalidRequestError, NotYetSupportedError
 from llmir_lang.executor.choices import choices_method_name, token_length_normalized
 from llmir_lang.executor.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from llmir_lang.executor.tokenizer import lone_surrogate
 from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, SAMPLING_ATTRS, SAMPLING_TO_ENGINE, AttrValue
 
 CHOICES_METHODS = (
@@ -196,7 +197,7 @@ def gen(
     given = {k: v for k, v in constraints.items() if v is not None}
     for key, value in given.items():
         for item in value if isinstance(value, list) else [value]:
-            bad = _SURROGATE.search(item) if isinstance(item, str) and not item.isascii() else None
+            bad = lone_surrogate(item) if isinstance(item, str) else None
             if bad is not None:  # the constraint compilers raised a bare UnicodeEncodeError
                 raise DSLError(
                     f"gen({name!r}): {key} has a lone surrogate (U+{ord(bad.group()):04X}) at position "
@@ -462,7 +463,6 @@ def _choice_list(choices: object, where: SourceLocation | None, what: str) -> li
 
 
 _ANONYMOUS_NAME = re.compile(r"_gen\d+")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def is_anonymous(name: str) -> bool:

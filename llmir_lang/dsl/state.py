@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
@@ -41,6 +40,7 @@ from llmir_lang.dsl.recorder import Piece, ProgramRun
 from llmir_lang.dsl.streaming import StreamLog
 from llmir_lang.dsl.vars import GatherSlot, PieceSlot, RangeSlot, Slot, ValueSlot
 from llmir_lang.errors import IRVerifyError, LLMIRError
+from llmir_lang.executor.tokenizer import lone_surrogate
 from llmir_lang.ir import Value
 
 if TYPE_CHECKING:
@@ -694,7 +694,6 @@ class _ReplacedSlot(ValueSlot):
 
 __all__ = ["ProgramState", "StateCopy"]
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_encodable(text: str, program: str, where: SourceLocation | None) -> None:
@@ -702,7 +701,7 @@ def _check_encodable(text: str, program: str, where: SourceLocation | None) -> N
     position, rather than as the tokenizer's bare ``TypeError`` when the segment runs."""
     if text.isascii():
         return
-    bad = _SURROGATE.search(text)
+    bad = lone_surrogate(text)
     if bad is not None:
         raise InvalidAppendError(
             f"the text has a lone surrogate (U+{ord(bad.group()):04X}) at position {bad.start()}, which "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import queue
-import re
 import sys
 import threading
 import weakref
@@ -46,13 +45,12 @@ from llmir_lang.executor.run_ahead import run_ahead_default
 from llmir_lang.executor.sampler import Sampler
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.scheduler import Scheduler, SchedulerConfig
-from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer
+from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer, lone_surrogate
 
 Prompt = str | Sequence[int]  # or a 1-D torch tensor / numpy array of token ids
 ParamsLike = SamplingParams | dict | None
 DEFAULT_DRAFT_TOKENS = 3  # prompt-lookup draft length on the CPU (speculate.py)
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Engine(EngineScoring, EngineLoop):
@@ -196,7 +194,7 @@ class Engine(EngineScoring, EngineLoop):
         1-D integer tensor / numpy array. Anything else, and a string that is not valid Unicode
         text (a lone surrogate), is an InvalidRequestError."""
         if isinstance(prompt, str):
-            bad = _SURROGATE.search(prompt)
+            bad = lone_surrogate(prompt)
             if bad is not None:  # the tokenizer raised a bare TypeError
                 raise InvalidRequestError(
                     f"the prompt has a lone surrogate (U+{ord(bad.group()):04X}) at position "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,15 @@ from llmir_lang.errors import CheckpointError, InvalidRequestError
 
 # texts at least this long are encoded with the GIL released (see ``Tokenizer.encode``)
 _LONG_TEXT = 256
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> re.Match[str] | None:
+    """The first lone surrogate in ``text`` (a code point no tokenizer can encode: an unpaired
+    ``\\ud8xx`` JSON escape, bytes decoded with ``errors='surrogateescape'``), or None."""
+    return None if text.isascii() else _SURROGATE.search(text)
 
 
 class Tokenizer:
