@@ -35,6 +35,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_with_lse",
     "extend_attention",
+    "greedy_tokens",
     "linear",
     "merge_attention_states",
     "reference",
@@ -95,7 +96,11 @@ def fused_rows_ok(x: torch.Tensor, *dims: int) -> bool:
 
 
 def add_norm_linear(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual) @ weight.T, x + residual)`` for one row in one Triton kernel (the
     model's ``add_rms_norm`` then its projection; ``residual`` None: the norm of ``x``, and ``x``
@@ -255,3 +260,15 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
             "want float logits contiguous along the vocab and an int32 bitmask",
         )
     reference.apply_token_bitmask(logits, bitmask)
+
+
+def greedy_tokens(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Each row's first argmax over ``logits[:, :vocab]`` (int64, -1 where every logit is -inf); see
+    ``reference.greedy_tokens``. A greedy decode step's token without the vocabulary-wide row
+    reduction's one program per row."""
+    kernel = "greedy_tokens"
+    if support.device_ok(kernel, logits) and logits.dim() == 2 and logits.stride(-1) == 1 and vocab > 0:
+        from llmir_lang.kernels import triton_misc
+
+        return triton_misc.greedy_tokens(logits, min(vocab, logits.shape[1]))
+    return reference.greedy_tokens(logits, vocab)

@@ -177,3 +177,12 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
     allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(b, -1)[:, :vocab]
     logits.masked_fill_(~allowed, float("-inf"))
+
+
+def greedy_tokens(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int64 ``[B]``: the index of the first largest of each row's first ``vocab`` logits, -1 where
+    all of them are -inf (every token masked)."""
+    x = logits[:, :vocab]
+    tokens = torch.argmax(x, dim=-1)
+    top = x.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens.masked_fill(top == float("-inf"), -1)

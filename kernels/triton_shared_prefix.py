@@ -35,7 +35,9 @@ class SharedPrefixConfig:
     suffix: td.DecodeConfig = td.DecodeConfig()  # launched with one split per suffix
 
 
-def default_shared_prefix_config(head_dim: int, device: torch.device) -> SharedPrefixConfig:
+def default_shared_prefix_config(
+    head_dim: int, device: torch.device, prefix_len: int = 0
+) -> SharedPrefixConfig:
     if device.type != "cuda":
         return SharedPrefixConfig(
             block_m=16,
@@ -46,6 +48,11 @@ def default_shared_prefix_config(head_dim: int, device: torch.device) -> SharedP
             max_prefix_splits=4,
             suffix=td.default_decode_config(head_dim, device),
         )
+    if prefix_len <= (4096 if head_dim <= 64 else 2048):
+        # H100 sweep at the engine's shapes (benchmarks/gpu/sweep_shared_prefix.py): with a short
+        # prefix the grid of 128-row blocks is too small (1B, 64 x 1k: 32 programs on 132 SMs);
+        # 64-row blocks, 128-key tiles and 256-token splits took 22-36 us against 30-43 us.
+        return SharedPrefixConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, min_chunk=256)
     # H100 sweep (benchmarks/results): 128 rows x 64 keys, 8 warps, >= 512 prefix tokens per split.
     return SharedPrefixConfig(num_warps=8 if head_dim >= 128 else 4)
 
@@ -153,8 +160,8 @@ def shared_prefix_decode(
     bsz, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     group = num_heads // num_kv_heads
-    cfg = config or default_shared_prefix_config(head_dim, q.device)
     prefix_len = int(prefix_indices.shape[0])
+    cfg = config or default_shared_prefix_config(head_dim, q.device, prefix_len)
     num_rows = bsz * group
     n_pre = prefix_splits(prefix_len, num_rows, num_kv_heads, cfg, q.device) if prefix_len > 0 else 0
     per_split = triton.cdiv(triton.cdiv(max(prefix_len, 1), max(n_pre, 1)), cfg.block_n) * cfg.block_n

@@ -43,27 +43,33 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_case(eng: Engine, batch: int, ctx: int, steps: int) -> dict:
+def profile_case(
+    eng: Engine, batch: int, ctx: int, steps: int, shared: int = 0, origins: bool = False
+) -> dict:
+    """``shared`` > 0: every prompt is one ``shared``-token prefix plus ``ctx`` tokens of its own
+    (the issue's shared-prefix batch is ``shared=1024, ctx=64``)."""
     vocab = eng.config.vocab_size
     rng = random.Random(batch)
-    prompts = [[rng.randrange(10, vocab) for _ in range(ctx)] for _ in range(batch)]
+    head = [rng.randrange(10, vocab) for _ in range(shared)]
+    prompts = [head + [rng.randrange(10, vocab) for _ in range(ctx)] for _ in range(batch)]
     warm = {"max_new_tokens": 4, "ignore_eos": True}
     eng.generate(prompts, warm)  # capture graphs, compile
     eng.flush_cache()
     from torch.profiler import ProfilerActivity, profile
 
-    prof = profile(activities=[ProfilerActivity.CUDA])
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if origins else [])
+    prof = profile(activities=acts, with_stack=origins)
     seen = [0]
     orig = eng.runner.run
 
-    def run(sb):  # profile decode steps 3 .. 3 + steps (after the prefill, before the tail)
+    def run(sb, **kw):  # profile decode steps 3 .. 3 + steps (after the prefill, before the tail)
         if sb.mode.name != "DECODE":
-            return orig(sb)
+            return orig(sb, **kw)
         seen[0] += 1
         if seen[0] == 3:
             torch.cuda.synchronize()
             prof.start()
-        out = orig(sb)
+        out = orig(sb, **kw)
         if seen[0] == 2 + steps:
             torch.cuda.synchronize()
             prof.stop()
@@ -75,6 +81,15 @@ def profile_case(eng: Engine, batch: int, ctx: int, steps: int) -> dict:
     finally:
         eng.runner.run = orig  # type: ignore[method-assign]
     n_dec = steps
+    if origins:  # which host calls launched the copies and the non-kernel GPU work
+        launched: dict[str, int] = defaultdict(int)
+        for ev in prof.events():
+            for k in getattr(ev, "kernels", []) or []:
+                if "memcpy" in k.name.lower() or "memset" in k.name.lower():
+                    stack = " <- ".join(f for f in (ev.stack or [])[:6] if "llmir_lang" in f or "torch/" in f)
+                    launched[f"{k.name[:40]} by {ev.name} :: {stack[:300]}"] += 1
+        for key, n in sorted(launched.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"   origin x{n / n_dec:.1f}/step: {key}")
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for ev in prof.key_averages():
         t = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
@@ -99,10 +114,13 @@ def profile_case(eng: Engine, batch: int, ctx: int, steps: int) -> dict:
     if not eng.model.config.tie_word_embeddings:
         emb = eng.model.model.embed_tokens.weight
         weight_bytes -= emb.numel() * emb.element_size()
-    kv_bytes = batch * (ctx + steps / 2) * eng.pool.bytes_per_token
+    # the shared prefix is read once a step (shared-prefix decode), each request's own tokens apart
+    kv_bytes = (shared + batch * (ctx + 2 + steps / 2)) * eng.pool.bytes_per_token
     return {
         "batch": batch,
         "ctx": ctx,
+        "shared_prefix": shared,
+        "shared_prefix_steps_total": eng.runner.num_shared_prefix_steps,
         "decode_steps": n_dec,
         "gpu_us_per_step": total,
         "roofline_us": (weight_bytes + kv_bytes) / HBM * 1e6,
@@ -119,6 +137,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="a prefix of this many tokens shared by every prompt, before its --ctx own tokens",
+    )
+    ap.add_argument("--origins", action="store_true", help="also list the host calls behind copies")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": {}}
@@ -131,10 +156,10 @@ def main() -> None:
         with Engine(str(folder), device="cuda", dtype=torch.bfloat16, kv_memory="16GB") as eng:
             res = []
             for b in (int(x) for x in a.batches.split(",")):
-                r = profile_case(eng, b, a.ctx, a.steps)
+                r = profile_case(eng, b, a.ctx, a.steps, a.shared_prefix, a.origins)
                 res.append(r)
                 print(
-                    f"== {shape} batch {b}: {r['gpu_us_per_step']:.0f} us/step on the GPU, roofline "
+                    f"== {shape} batch {b} (shared prefix {a.shared_prefix}): {r['gpu_us_per_step']:.0f} us/step on the GPU, roofline "
                     f"{r['roofline_us']:.0f} us ({100 * r['roofline_us'] / r['gpu_us_per_step']:.1f}%), "
                     f"GEMMs at {r['gemm_bandwidth_TBps']:.2f} TB/s",
                     flush=True,

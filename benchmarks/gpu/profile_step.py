@@ -47,11 +47,11 @@ def measure(eng: Engine, prompts: list[list[int]], new: int, prof: cProfile.Prof
 
     extends: list[tuple[float, float, int, int]] = []  # (start, seconds, requests, new tokens)
 
-    def timed(sb):
+    def timed(sb, **kw):
         if eng.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = orig(sb)
+        out = orig(sb, **kw)
         if eng.device.type == "cuda":
             torch.cuda.synchronize()
         if sb.mode is ForwardMode.DECODE:

@@ -351,6 +351,26 @@ def test_apply_token_bitmask() -> None:
     assert torch.isfinite(logits[1]).all() and torch.isneginf(logits[2]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("bsz", "vocab", "width"), [(1, 1000, 1000), (3, 517, 600), (5, 33, 40), (2, 16, 16)]
+)
+def test_greedy_tokens(dtype, bsz, vocab, width) -> None:
+    g = torch.Generator().manual_seed(bsz * 31 + vocab)
+    logits = torch.randn(bsz, width, generator=g)
+    logits[0, 5] = logits[0, vocab - 1] = 50.0  # a tie across chunks: the first index wins
+    if bsz > 1:
+        logits[1] = float("-inf")  # every token masked: -1
+    if bsz > 2:
+        logits[2, vocab:] = 1e9  # columns past the vocabulary (padding) are never picked
+        logits[2, 7] = logits[2, 9] = 40.0  # a tie inside one tile
+    logits = logits.to(dtype)
+    got = K.greedy_tokens(logits, vocab)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, ref.greedy_tokens(logits, vocab))
+    assert got[0].item() == 5 and (bsz < 2 or got[1].item() == -1) and (bsz < 3 or got[2].item() == 7)
+
+
 def test_unsupported_head_dim_and_dtype_fall_back_once_with_correct_numbers() -> None:
     support._warned.clear()
     g = torch.Generator().manual_seed(7)
@@ -421,7 +441,9 @@ def test_linear_plan_and_cpu_dispatch() -> None:
     assert tg.plan(some, w_head) is None  # 2-8 rows: cuBLAS
     assert tg.plan(many, w_layer) is None  # a layer's projection at 64 rows: cuBLAS
     assert isinstance(tg.plan(many, w_head), tg.SkinnyConfig)
-    assert tg.plan(torch.empty(1, 100, dtype=torch.bfloat16), torch.empty(8, 100, dtype=torch.bfloat16)) is None
+    assert (
+        tg.plan(torch.empty(1, 100, dtype=torch.bfloat16), torch.empty(8, 100, dtype=torch.bfloat16)) is None
+    )
     # CPU tensors (and a bias) go to F.linear
     x = torch.randn(1, 64)
     w, b = torch.randn(32, 64), torch.randn(32)

@@ -228,6 +228,19 @@ def test_store_kv_and_bitmask_are_exact() -> None:
     assert torch.equal(logits, expect)
 
 
+@pytest.mark.parametrize("bsz", [1, 7, 64, 256])
+def test_greedy_tokens_at_a_llama3_vocabulary(bsz) -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(bsz, 128320, device=DEV).to(dtype)  # padded past the 128,256 tokens
+        logits[:, 128256:] = 1e4
+        logits[0, 3] = logits[0, 128255] = 60.0
+        if bsz > 1:
+            logits[1] = float("-inf")
+        got = K.greedy_tokens(logits, 128256)
+        assert torch.equal(got, ref.greedy_tokens(logits, 128256))
+        assert got[0].item() == 3 and (bsz < 2 or got[1].item() == -1)
+
+
 def test_unsupported_head_dim_falls_back_on_the_gpu() -> None:
     kb, vb = _pool(100, 2, 96, torch.float16, seed=0)
     q = torch.randn(2, 8, 96, device=DEV, dtype=torch.float16)
@@ -323,7 +336,15 @@ def test_backend_extend_then_decode_matches_reference_on_gpu() -> None:
 
 
 # Llama-3-8B / Llama-3.2-1B projection shapes (N, K): fused q/k/v, o, fused gate/up, down, output
-GEMV_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (3072, 2048), (2048, 8192)]
+GEMV_SHAPES = [
+    (6144, 4096),
+    (4096, 4096),
+    (28672, 4096),
+    (4096, 14336),
+    (128256, 4096),
+    (3072, 2048),
+    (2048, 8192),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,0 +1,170 @@
+"""Where the time before the first decode step of the shared-prefix batch goes (CUDA only).
+
+The issue's shared-prefix batch on a random bf16 Llama-3.2-1B (64 requests of one 1,024-token prefix
+plus 64 own tokens) spends 80-90 ms before its first decode step (``profile_step.py``), against
+about 25 ms of prefill arithmetic. This records that phase of a warm run with ``torch.profiler``
+(host and GPU), and prints the engine's own extend steps (start, length, tokens), the GPU kernel time
+by kernel, and the host functions by self time, so host gaps and slow kernels can be told apart.
+
+    python3 benchmarks/gpu/profile_prefill.py [--requests 64 --prefix 1024 --own 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import random_checkpoint  # noqa: E402
+
+from llmir_lang.executor.attention import ForwardMode  # noqa: E402
+from llmir_lang.executor.engine import Engine  # noqa: E402
+
+
+def ab_rounds(eng: Engine, prompts: list[list[int]], params: dict, rounds: int) -> None:
+    """Time the phase before the first decode step with the model's compiled elementwise ops in
+    the extends (as the engine runs) against its plain ops there (decode steps keep the compiled
+    ones), alternating, each after a cache flush."""
+    from llmir_lang.executor.model import PLAIN_OPS
+
+    runner, model = eng.runner, eng.runner.model
+    compiled = model.ops
+    orig = runner.run
+    res: dict[str, list[list[float]]] = {"compiled": [], "plain": []}
+    for _ in range(rounds):
+        for name, ops in (("compiled", compiled), ("plain", PLAIN_OPS)):
+            times: list[float] = []
+            state = {"decode": False}
+
+            def run(sb, ops=ops, times=times, state=state, **kw):
+                if sb.mode is ForwardMode.DECODE:
+                    if not state["decode"]:
+                        state["decode"] = True
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter())
+                    return orig(sb, **kw)
+                model.ops = ops
+                try:
+                    t0 = time.perf_counter()
+                    out = orig(sb, **kw)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                    return out
+                finally:
+                    model.ops = compiled
+
+            runner.run = run  # type: ignore[method-assign]
+            eng.flush_cache()
+            t_start = time.perf_counter()
+            try:
+                eng.generate(prompts, params)
+            finally:
+                del runner.run
+            first = times.pop() - t_start if state["decode"] else float("nan")
+            res[name].append([first * 1e3] + [t * 1e3 for t in times])
+    for name, rows in res.items():
+        for row in rows:
+            print(
+                f"  {name:8s} first decode step at {row[0]:6.1f} ms; extends (ms, with a sync): "
+                + ", ".join(f"{t:.1f}" for t in row[1:])
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prefix", type=int, default=1024)
+    ap.add_argument("--own", type=int, default=64)
+    ap.add_argument("--new", type=int, default=8)
+    ap.add_argument(
+        "--ab",
+        type=int,
+        default=0,
+        help="no profiler: N alternating rounds of extends with the compiled ops and with the plain ones",
+    )
+    a = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device("cuda"):
+            random_checkpoint("llama-3.2-1b", Path(tmp), dtype=torch.bfloat16)
+        rng = random.Random(0)
+        head = [rng.randrange(5, 4000) for _ in range(a.prefix)]
+        prompts = [head + [rng.randrange(5, 4000) for _ in range(a.own)] for _ in range(a.requests)]
+        params = {"max_new_tokens": a.new, "ignore_eos": True}
+        with Engine(tmp, device="cuda", kv_memory="8GB") as eng:
+            eng.call_in_engine_thread(lambda: eng.runner.set_compile(True))
+            for _ in range(2):  # warm-up: compile, graphs, Triton kernels at these shapes
+                eng.generate([p[:-1] + [5 + (p[-1] + 1) % 4000] for p in prompts], params)
+                eng.flush_cache()
+            if a.ab:
+                ab_rounds(eng, prompts, params, a.ab)
+                return
+            runner = eng.runner
+            orig = runner.run
+            marks: list[tuple[float, float, str]] = []
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            host = cProfile.Profile()
+            state = {"decode": False, "started": False}
+
+            def run(sb, **kw):  # runs in the engine thread, like the profilers' start and stop
+                if sb.mode is ForwardMode.DECODE and not state["decode"]:
+                    state["decode"] = True
+                    torch.cuda.synchronize()
+                    host.disable()
+                    marks.append((time.perf_counter(), 0.0, "first decode step"))
+                    if state["started"]:
+                        prof.stop()
+                if not state["decode"] and not state["started"]:
+                    state["started"] = True
+                    prof.start()
+                t0 = time.perf_counter()
+                out = orig(sb, **kw)
+                if not state["decode"]:
+                    torch.cuda.synchronize()
+                    what = f"{sb.mode.name} {len(sb.reqs)} req {sum(sb.extend_lens)} tok"
+                    marks.append((t0, time.perf_counter() - t0, what))
+                return out
+
+            runner.run = run  # type: ignore[method-assign]
+            eng.call_in_engine_thread(host.enable)
+            t_start = time.perf_counter()
+            try:
+                eng.generate(prompts, params)
+            finally:
+                del runner.run
+    for t, dur, what in marks:
+        print(f"  at {(t - t_start) * 1e3:7.1f} ms: {what} ({dur * 1e3:.1f} ms with a sync)")
+    gpu: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    cpu: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.key_averages():
+        dt = getattr(ev, "self_device_time_total", 0) or 0  # a kernel's own time, counted once
+        if dt > 0:
+            gpu[ev.key] = [dt, ev.count]
+        st = getattr(ev, "self_cpu_time_total", 0) or 0
+        if st > 0:
+            cpu[ev.key] = [st, ev.count]
+    total_gpu = sum(v[0] for v in gpu.values())
+    print(f"GPU kernel time before the first decode step: {total_gpu / 1e3:.1f} ms")
+    for k, (us, n) in sorted(gpu.items(), key=lambda kv: -kv[1][0])[:20]:
+        print(f"   {us / 1e3:8.2f} ms {n:6d}x  {k[:110]}")
+    buf = io.StringIO()
+    pstats.Stats(host, stream=buf).sort_stats("tottime").print_stats(30)
+    print("engine thread until the first decode step (cProfile):", buf.getvalue())
+    print("host ops by self time:")
+    for k, (us, n) in sorted(cpu.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"   {us / 1e3:8.2f} ms {n:6d}x  {k[:110]}")
+
+
+if __name__ == "__main__":
+    main()
