@@ -64,6 +64,13 @@ def default_decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
     return DecodeConfig(block_n=128, num_warps=4, num_stages=3)
 
 
+def pre_chunk(num_pre: int, block_h: int, head_dim: int) -> int:
+    """Partials the direct kernel merges per round: all of them up to a tile of 8,192 fp32
+    elements (8 at head dim 64, 4 at 128 with 16 head rows), a power of two."""
+    most = max(1, 8192 // (block_h * head_dim))
+    return min(triton.next_power_of_2(max(num_pre, 1)), 1 << (most.bit_length() - 1))
+
+
 def block_h_for(group: int) -> int:
     # tl.dot needs at least 16 rows; smaller groups are padded with masked rows.
     return max(16, triton.next_power_of_2(group))
@@ -130,6 +137,7 @@ def _decode_partial_kernel(
     FUSED: tl.constexpr,
     BLOCK_G: tl.constexpr,
     MERGE_CHUNK: tl.constexpr,
+    PRE_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -189,23 +197,36 @@ def _decode_partial_kernel(
         if MERGE_PRE:
             # Fold in partials computed elsewhere over other keys of the same rows (the shared
             # prefix): saves a separate merge launch and a round trip of this split's result.
+            # PRE_CHUNK partials a round: their lse and outputs load together (one memory round
+            # trip, not two per partial); an empty partial (lse -inf) may hold garbage, so its
+            # output is zeroed after the load rather than masked out of it.
             m_run = lse
             l_run = tl.where(has_keys, 1.0, 0.0)
-            pre_o = PreO + b.to(tl.int64) * stride_pob + heads[:, None] * stride_poh + offs_d[None, :]
-            pre_lse = PreLse + b.to(tl.int64) * stride_plb + heads * stride_plh
-            for i in range(num_pre):
-                lse_i = tl.load(pre_lse + i, mask=head_mask, other=float("-inf"))
-                o_i = tl.load(
-                    pre_o + i * stride_pos,
-                    mask=head_mask[:, None] & (lse_i > float("-inf"))[:, None],
+            offs_s = tl.arange(0, PRE_CHUNK)
+            row = b.to(tl.int64)
+            pre_o = (
+                PreO
+                + row * stride_pob
+                + heads[:, None, None] * stride_poh
+                + offs_s[None, :, None] * stride_pos
+                + offs_d[None, None, :]
+            )
+            pre_lse = PreLse + row * stride_plb + heads[:, None] * stride_plh + offs_s[None, :]
+            for c0 in range(0, num_pre, PRE_CHUNK):
+                s_mask = (c0 + offs_s) < num_pre
+                lse_c = tl.load(pre_lse + c0, mask=head_mask[:, None] & s_mask[None, :], other=float("-inf"))
+                o_c = tl.load(
+                    pre_o + c0 * stride_pos,
+                    mask=head_mask[:, None, None] & s_mask[None, :, None],
                     other=0.0,
                 )
-                m_new = tl.maximum(m_run, lse_i)
+                m_new = tl.maximum(m_run, tl.max(lse_c, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 a = tl.exp2(m_run - m_safe)
-                w = tl.exp2(lse_i - m_safe)
-                o = o * a[:, None] + o_i * w[:, None]
-                l_run = l_run * a + w
+                w = tl.exp2(lse_c - m_safe[:, None])
+                o_c = tl.where((lse_c > float("-inf"))[:, :, None], o_c, 0.0)
+                o = o * a[:, None] + tl.sum(o_c * w[:, :, None], 1)
+                l_run = l_run * a + tl.sum(w, 1)
                 m_run = m_new
             safe_l = tl.where(l_run > 0.0, l_run, 1.0)
             o = o / safe_l[:, None]
@@ -329,6 +350,7 @@ def launch_decode_partial(
         FUSED=fused is not None,
         BLOCK_G=block_g,
         MERGE_CHUNK=chunk,
+        PRE_CHUNK=pre_chunk(num_pre, block_h_for(group), head_dim),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -40,25 +40,24 @@ def ab_rounds(eng: Engine, prompts: list[list[int]], params: dict, rounds: int) 
     runner, model = eng.runner, eng.runner.model
     compiled = model.ops
     orig = runner.run
-    res: dict[str, list[list[float]]] = {"compiled": [], "plain": []}
+    res: dict[str, list[tuple[float, list[tuple[float, float]]]]] = {"compiled": [], "plain": []}
     for _ in range(rounds):
         for name, ops in (("compiled", compiled), ("plain", PLAIN_OPS)):
-            times: list[float] = []
-            state = {"decode": False}
+            extends: list[tuple[float, float]] = []  # (start, seconds with a sync)
+            first: list[float] = []
 
-            def run(sb, ops=ops, times=times, state=state, **kw):
+            def run(sb, ops=ops, extends=extends, first=first, **kw):
                 if sb.mode is ForwardMode.DECODE:
-                    if not state["decode"]:
-                        state["decode"] = True
+                    if not first:
                         torch.cuda.synchronize()
-                        times.append(time.perf_counter())
+                        first.append(time.perf_counter())
                     return orig(sb, **kw)
                 model.ops = ops
                 try:
                     t0 = time.perf_counter()
                     out = orig(sb, **kw)
                     torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
+                    extends.append((t0, time.perf_counter() - t0))
                     return out
                 finally:
                     model.ops = compiled
@@ -70,14 +69,12 @@ def ab_rounds(eng: Engine, prompts: list[list[int]], params: dict, rounds: int) 
                 eng.generate(prompts, params)
             finally:
                 del runner.run
-            first = times.pop() - t_start if state["decode"] else float("nan")
-            res[name].append([first * 1e3] + [t * 1e3 for t in times])
+            at = (first[0] - t_start) * 1e3 if first else float("nan")
+            res[name].append((at, [((t0 - t_start) * 1e3, dt * 1e3) for t0, dt in extends]))
     for name, rows in res.items():
-        for row in rows:
-            print(
-                f"  {name:8s} first decode step at {row[0]:6.1f} ms; extends (ms, with a sync): "
-                + ", ".join(f"{t:.1f}" for t in row[1:])
-            )
+        for at, ext in rows:
+            desc = ", ".join(f"{dt:.1f} ms at {t0:.1f}" for t0, dt in ext)
+            print(f"  {name:8s} first decode step at {at:6.1f} ms; extends (with a sync): {desc}")
 
 
 def main() -> None:
@@ -86,6 +83,9 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--own", type=int, default=64)
     ap.add_argument("--new", type=int, default=8)
+    ap.add_argument(
+        "--host-only", action="store_true", help="cProfile only (no torch.profiler), by cumulative time"
+    )
     ap.add_argument(
         "--ab",
         type=int,
@@ -123,11 +123,12 @@ def main() -> None:
                     torch.cuda.synchronize()
                     host.disable()
                     marks.append((time.perf_counter(), 0.0, "first decode step"))
-                    if state["started"]:
+                    if state["started"] and not a.host_only:
                         prof.stop()
                 if not state["decode"] and not state["started"]:
                     state["started"] = True
-                    prof.start()
+                    if not a.host_only:
+                        prof.start()
                 t0 = time.perf_counter()
                 out = orig(sb, **kw)
                 if not state["decode"]:
@@ -145,6 +146,11 @@ def main() -> None:
                 del runner.run
     for t, dur, what in marks:
         print(f"  at {(t - t_start) * 1e3:7.1f} ms: {what} ({dur * 1e3:.1f} ms with a sync)")
+    if a.host_only:
+        buf = io.StringIO()
+        pstats.Stats(host, stream=buf).sort_stats("cumulative").print_stats(60)
+        print("engine thread until the first decode step (cProfile, cumulative):", buf.getvalue())
+        return
     gpu: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     cpu: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for ev in prof.key_averages():

@@ -7,6 +7,7 @@ GQA ratios 1, 4 and 8. The same checks at real shapes run on a GPU in test_trito
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import llmir_lang.kernels as K
@@ -310,6 +311,24 @@ def test_shared_prefix_decode(group: int, dtype: torch.dtype) -> None:
     assert out.dtype == dtype
     assert rel_error(out, plain) < TOL[dtype]
     assert rel_error(out, ref.shared_prefix_decode(q, kb, vb, prefix, sp, suffix, 0.25)) < TOL[dtype]
+
+
+def test_shared_prefix_decode_merges_many_prefix_splits_in_rounds() -> None:
+    """19 prefix partials at head dim 64: the suffix kernel folds them in three rounds of 8."""
+    from llmir_lang.kernels import triton_decode, triton_shared_prefix
+
+    suffix_lens = [2, 0, 11, 5]
+    q, kb, vb, _, slots = _batch([300] + suffix_lens, 2, 4, 64, torch.bfloat16, "paged", seed=77)
+    q = q[1:]
+    prefix, suffix = slots[:300], slots[300:]
+    sp = indptr(suffix_lens)
+    base = triton_shared_prefix.default_shared_prefix_config(64, q.device)
+    cfg = dataclasses.replace(base, max_prefix_splits=32, min_chunk=16, programs_per_sm=64)
+    assert triton_shared_prefix.prefix_splits(300, 16, 2, cfg, q.device) == 19
+    assert triton_decode.pre_chunk(19, 16, 64) == 8
+    out = triton_shared_prefix.shared_prefix_decode(q, kb, vb, prefix, sp, suffix, 0.125, config=cfg)
+    expect = ref.shared_prefix_decode(q, kb, vb, prefix, sp, suffix, 0.125)
+    assert rel_error(out, expect) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize(
