@@ -77,12 +77,75 @@ def ab_rounds(eng: Engine, prompts: list[list[int]], params: dict, rounds: int) 
             print(f"  {name:8s} first decode step at {at:6.1f} ms; extends (with a sync): {desc}")
 
 
+def host_split(eng: Engine, prompts: list[list[int]], params: dict, rounds: int = 3) -> None:
+    """Host time of each extend's forward by part (projections, elementwise ops, attention, the
+    rest), measured without synchronizing inside, against the forward's time with a sync at the end.
+    A forward whose host time is close to its synchronized time is bound by host work."""
+    from dataclasses import fields, replace
+
+    runner = eng.runner
+    model, backend = runner.model, runner.backend
+    parts: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                parts[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    orig_ops, orig_linear, orig_attn, orig_fwd = model.ops, model.linear, backend.forward, model.forward
+    model.ops = replace(
+        orig_ops, **{f.name: timed(f.name, getattr(orig_ops, f.name)) for f in fields(orig_ops)}
+    )
+    model.linear = timed("linear", orig_linear)
+    backend.forward = timed("attention", orig_attn)  # type: ignore[method-assign]
+    rows: list[str] = []
+
+    def fwd(batch, be):
+        if batch.mode is ForwardMode.DECODE:
+            return orig_fwd(batch, be)
+        parts.clear()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = orig_fwd(batch, be)
+        enqueue = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        split = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        rest = enqueue - sum(parts.values())
+        rows.append(
+            f"  {int(batch.input_ids.shape[0]):5d} tokens: forward {total * 1e3:6.2f} ms with a sync, host "
+            f"{enqueue * 1e3:6.2f} ms ({split}, rest {rest * 1e3:.2f})"
+        )
+        return out
+
+    model.forward = fwd  # type: ignore[method-assign]
+    try:
+        for _ in range(rounds):
+            eng.flush_cache()
+            eng.generate(prompts, params)
+    finally:
+        model.ops, model.linear = orig_ops, orig_linear
+        del backend.forward, model.forward
+    print("extend forwards (ms):")
+    print("\n".join(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--own", type=int, default=64)
     ap.add_argument("--new", type=int, default=8)
+    ap.add_argument(
+        "--host-split",
+        action="store_true",
+        help="no profiler: each extend's host time (enqueue, no sync) by part, against its time with a sync",
+    )
     ap.add_argument(
         "--host-only", action="store_true", help="cProfile only (no torch.profiler), by cumulative time"
     )
@@ -109,6 +172,9 @@ def main() -> None:
                 eng.flush_cache()
             if a.ab:
                 ab_rounds(eng, prompts, params, a.ab)
+                return
+            if a.host_split:
+                host_split(eng, prompts, params)
                 return
             runner = eng.runner
             orig = runner.run
