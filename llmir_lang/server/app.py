@@ -59,6 +59,7 @@ class GuardMiddleware:
                 401,
                 "missing or wrong API key; send 'Authorization: Bearer <key>'",
                 "authentication_error",
+                "invalid_api_key",
             )
             return
         declared = headers.get(b"content-length")
@@ -139,8 +140,10 @@ async def _drain(receive: Receive, more: bool, seen: int) -> None:
         more = message.get("more_body", False)
 
 
-async def _reply(send: Send, status: int, message: str, kind: str = "invalid_request_error") -> None:
-    payload = json.dumps(error_body(status, message, kind)).encode()
+async def _reply(
+    send: Send, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None
+) -> None:
+    payload = json.dumps(error_body(message, kind, code=code)).encode()
     await send(
         {
             "type": "http.response.start",

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from llmir_lang.executor.request import GenerateResult
 from llmir_lang.executor.tokenizer import run_text
-from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, error_body, status_of
+from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, code_of, error_body, status_of
 
 DISCONNECT_POLL_S = 0.25  # how often a request waiting on the engine checks that its client is there
 
@@ -289,8 +289,8 @@ class EventStream(StreamingResponse):
             async for event in self._events:
                 yield sse(event)
         except Exception as e:
-            status, kind = status_of(e)
-            yield sse(error_body(status, str(e), kind))
+            _, kind = status_of(e)
+            yield sse(error_body(str(e), kind, getattr(e, "param", None), code_of(e)))
         yield "data: [DONE]\n\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,8 +1,10 @@
 """HTTP errors of the server: one JSON shape for every failure, and the handlers that produce it.
 
 Every error response is ``{"error": {"message": str, "type": str, "param": str | None, "code":
-int}}`` (the OpenAI shape, which SGLang clients read too; ``param`` names the request field at
-fault where one is). The message says what was wrong and what to send instead. Errors that the
+str | None}}`` (the OpenAI shape, which SGLang clients read too; ``param`` names the request field
+at fault where one is; ``code`` is OpenAI's string where one applies, ``model_not_found``,
+``context_length_exceeded``, ``invalid_api_key``, else null, never the HTTP status, which is the
+response's). The message says what was wrong and what to send instead. Errors that the
 same request would get again (every 4xx but 408 / 409 / 429, and 501) carry
 ``x-should-retry: false``, which the official OpenAI clients obey instead of retrying them (they
 retry every 5xx by default).
@@ -37,6 +39,7 @@ from llmir_lang.errors import (
     LLMIRError,
     NotYetSupportedError,
     OutOfKVMemoryError,
+    PromptTooLongError,
 )
 
 log = logging.getLogger("llmir.server")
@@ -46,13 +49,19 @@ class ServerHTTPError(LLMIRError):
     """An error with its HTTP status; raised by routes and middleware."""
 
     def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
         self.param = param
+        self.code = code
 
 
 class ClientDisconnectedError(LLMIRError):
@@ -80,8 +89,8 @@ def shutting_down(detail: str = "") -> ServerHTTPError:
 RETRYABLE = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_headers(status: int) -> dict[str, str]:
@@ -95,9 +104,10 @@ def error_response(
     kind: str = "invalid_request_error",
     param: str | None = None,
     headers: dict[str, str] | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(status, message, kind, param),
+        error_body(message, kind, param, code),
         status_code=status,
         headers={**error_headers(status), **(headers or {})},
     )
@@ -123,6 +133,15 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, (InvalidRequestError, ConstraintError, IRError, OutOfKVMemoryError)):
         return 400, "invalid_request_error"
     return 500, "internal_error"
+
+
+def code_of(exc: BaseException) -> str | None:
+    """OpenAI's ``code`` string for a library exception, or None (most errors have none)."""
+    if isinstance(exc, ServerHTTPError):
+        return exc.code
+    if isinstance(exc, PromptTooLongError):
+        return "context_length_exceeded"
+    return None
 
 
 def describe_validation(exc: RequestValidationError) -> str:
@@ -179,9 +198,7 @@ def install_error_handlers(app: FastAPI) -> None:
             else:
                 message = "the body could not be read as JSON (is it UTF-8?); send a JSON object"
         headers = {**error_headers(exc.status_code), **(exc.headers or {})}
-        return JSONResponse(
-            error_body(exc.status_code, message, "invalid_request_error"), exc.status_code, headers
-        )
+        return JSONResponse(error_body(message, "invalid_request_error"), exc.status_code, headers)
 
     @app.exception_handler(LLMIRError)
     async def _library(_: Request, exc: LLMIRError) -> JSONResponse:
@@ -190,7 +207,7 @@ def install_error_handlers(app: FastAPI) -> None:
             log.warning("request failed: %s: %s", type(exc).__name__, exc)
         typed = status == 400 and not isinstance(exc, ServerHTTPError)
         headers = {ERROR_CLASS_HEADER: type(exc).__name__} if typed else None
-        return error_response(status, str(exc), kind, getattr(exc, "param", None), headers)
+        return error_response(status, str(exc), kind, getattr(exc, "param", None), headers, code_of(exc))
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:

@@ -271,7 +271,29 @@ def check_generate_features(body: GenerateRequest, params: list[SGLangSamplingPa
             )
 
 
+# OpenAI's range for temperature; the engine (and SGLang's /generate) takes any value >= 0
+OPENAI_MAX_TEMPERATURE = 2.0
+
+
+def check_openai_values(body: _OpenAIBase) -> None:
+    """Values OpenAI's API refuses with a 400 that the engine would take."""
+    if body.stream_options is not None and not body.stream:
+        raise ServerHTTPError(
+            400,
+            "stream_options is only allowed when stream is true; send stream=true or leave stream_options out",
+            param="stream_options",
+        )
+    t = body.temperature
+    if not 0.0 <= t <= OPENAI_MAX_TEMPERATURE:  # NaN fails too
+        raise ServerHTTPError(
+            400,
+            f"temperature must be a number in [0, {OPENAI_MAX_TEMPERATURE:g}] (0 = greedy), got {t!r}",
+            param="temperature",
+        )
+
+
 def check_openai_features(body: _OpenAIBase) -> None:
+    check_openai_values(body)
     check_n(body.n)
     if isinstance(body, CompletionRequest):
         if body.best_of is not None:

@@ -3,8 +3,11 @@
 Structured output: ``response_format`` (``json_object`` / ``json_schema``) and vLLM's guided
 decoding fields (``guided_regex``, ``guided_json``, ``guided_grammar``, ``guided_choice``), at most
 one per request. Streaming is server-sent events of ``*.chunk`` objects ended by ``data: [DONE]``;
-``stream_options.include_usage`` adds a last chunk with the token counts; with ``logprobs`` each
-chunk carries its tokens' logprobs in the same format as a plain answer. Completions accept
+``stream_options.include_usage`` adds a last chunk with the token counts (``stream_options``
+without ``stream=true`` is a 400, as on OpenAI); with ``logprobs`` each chunk carries its tokens'
+logprobs in the same format as a plain answer. A stream the server's shutdown aborts ends with its
+``abort`` chunk, then an ``{"error": ...}`` event (type ``server_shutting_down``). ``temperature``
+must be in OpenAI's [0, 2] here (``/generate`` takes any value >= 0). Completions accept
 ``echo`` with ``logprobs`` (also with ``max_tokens=0``), which is how clients score a text; the
 prompt may be token ids (one list, or a list of lists), so a client can score exact token
 sequences. Features that are not implemented (``n`` > 1, ``best_of``, ``suffix``, ``tools``,
@@ -33,7 +36,7 @@ from llmir_lang.server.convert import (
     token_bytes,
     token_text,
 )
-from llmir_lang.server.errors import ServerHTTPError, not_implemented
+from llmir_lang.server.errors import ServerHTTPError, error_body, not_implemented
 from llmir_lang.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -131,6 +134,14 @@ def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None) -> Samplin
         return_logprob=logprobs is not None,
         top_logprobs_num=logprobs or 0,
     )
+
+
+def _abort_error(res: GenerateResult) -> dict[str, Any] | None:
+    """The event after the ``abort`` chunk of a stream the server's shutdown stopped: the error
+    shape of every other failure (the OpenAI clients raise it), saying why and to send it again."""
+    if res.finish_reason == "abort" and res.error:
+        return error_body(res.error, "server_shutting_down")
+    return None
 
 
 def _usage(results: list[GenerateResult]) -> dict[str, int]:
@@ -264,6 +275,8 @@ async def _stream_completion(
         }
         if include_usage:
             yield {**head, "choices": [], "usage": _usage([item])}
+        if (error := _abort_error(item)) is not None:
+            yield error
 
 
 class _StreamLogprobs:
@@ -405,3 +418,5 @@ async def _stream_chat(
         }
         if include_usage:
             yield {**head, "choices": [], "usage": _usage([item])}
+        if (error := _abort_error(item)) is not None:
+            yield error

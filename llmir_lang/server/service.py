@@ -42,6 +42,8 @@ from llmir_lang.server.config import ServerConfig
 from llmir_lang.server.convert import DISCONNECT_POLL_S, TopAligner
 from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, shutting_down
 
+SHUTDOWN_ABORTED = " and stopped this request before it finished (--shutdown-timeout)"
+
 
 @dataclass(slots=True)
 class Submission:
@@ -226,6 +228,7 @@ class EngineService:
                 f"model {model!r} is not served here; this server serves {self.model_name!r}",
                 "model_not_found",
                 "model",
+                "model_not_found",
             )
 
     def _submit(self, sub: Submission, matcher: Any, stream: Any = None) -> Any:
@@ -298,7 +301,7 @@ class EngineService:
                 waiter.cancel()
             self._done(rid, result, aborted)
         if self._aborted_by_shutdown(result):
-            raise shutting_down(" and stopped this request before it finished (--shutdown-timeout)")
+            raise shutting_down(SHUTDOWN_ABORTED)
         return result
 
     async def run_many(self, subs: list[Submission], request: Request | None = None) -> list[GenerateResult]:
@@ -353,9 +356,8 @@ class EngineService:
                     break
             result = await waiter
             if self._aborted_by_shutdown(result) and result.error is None:
-                result.error = (
-                    "the server is shutting down (--shutdown-timeout passed); send the request again"
-                )
+                # the words of the 503 a plain request gets (the OpenAI routes send it as an error event)
+                result.error = shutting_down(SHUTDOWN_ABORTED).message
             yield result
         finally:
             if getter is not None and not getter.done():

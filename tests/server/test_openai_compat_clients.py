@@ -27,7 +27,9 @@ USER = [{"role": "user", "content": "Hi"}]
 def _error(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    # OpenAI's ``code`` is a string ("model_not_found", ...) or null, never the HTTP status
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] is None or isinstance(err["code"], str), err
     return err
 
 
@@ -53,6 +55,55 @@ def test_errors_name_the_param_and_say_not_to_retry(client):
     assert _error(r, 404)["param"] == "model" and r.headers["x-should-retry"] == "false"
     r = client.get("/v1/nope")
     assert _error(r, 404)["param"] is None and r.headers["x-should-retry"] == "false"
+
+
+def test_error_codes_are_strings_or_null_as_openais(client):
+    r = client.post("/v1/chat/completions", json={"model": "nope", "messages": USER})
+    err = _error(r, 404)
+    assert err["code"] == "model_not_found" and err["type"] == "model_not_found"
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "Q " * 3000, "max_tokens": 2})
+    err = _error(r, 400)
+    assert err["code"] == "context_length_exceeded" and err["type"] == "invalid_request_error"
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": "8"})
+    assert _error(r, 400)["code"] is None
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "n": 2})
+    assert _error(r, 501)["code"] is None
+    assert _error(client.get("/v1/nope"), 404)["code"] is None
+
+
+# --- OpenAI's value rules: stream_options needs stream, temperature in [0, 2] ---------------------
+OPENAI_ROUTES = [("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "Q"})]
+
+
+@pytest.mark.parametrize("route,body", OPENAI_ROUTES)
+def test_stream_options_without_stream_is_a_400(client, route, body):
+    base = {"model": MODEL, "max_tokens": 2, "temperature": 0, **body}
+    for stream in ({}, {"stream": False}, {"stream": None}):
+        r = client.post(route, json={**base, **stream, "stream_options": {"include_usage": True}})
+        err = _error(r, 400)
+        assert err["type"] == "invalid_request_error" and err["param"] == "stream_options"
+        assert "only allowed when stream is true" in err["message"], err
+        assert r.headers["x-should-retry"] == "false"
+    assert client.post(route, json={**base, "stream_options": None}).status_code == 200
+    streamed = {**base, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", route, json=streamed) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "usage" in json.loads(events[-2])
+
+
+@pytest.mark.parametrize("route,body", OPENAI_ROUTES)
+def test_temperature_outside_openais_range_is_a_400(client, route, body):
+    base = {"model": MODEL, "max_tokens": 2, **body}
+    for t in (2.5, 100.0, -0.5):
+        err = _error(client.post(route, json={**base, "temperature": t}), 400)
+        assert err["param"] == "temperature" and "[0, 2]" in err["message"] and repr(t) in err["message"], err
+    for t in (0, 2.0):
+        assert client.post(route, json={**base, "temperature": t}).status_code == 200
+    # SGLang's /generate keeps the engine's rule (any temperature >= 0)
+    sglang = {"text": "Q", "sampling_params": {"temperature": 2.5, "max_new_tokens": 2}}
+    r = client.post("/generate", json=sglang)
+    assert r.status_code == 200, r.text
 
 
 # --- SGLang's constraint fields (extra_body) -------------------------------------------------

@@ -41,6 +41,7 @@ def test_api_key_is_required_except_on_health(guarded):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"X-API-Key": "nope"}):
         r = _gen(guarded.url, headers, max_new_tokens=2)
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(guarded.url + "/v1/models", timeout=10).status_code == 401
     ok = {"Authorization": f"Bearer {KEY}"}
     for headers in (ok, {"X-API-Key": KEY}):

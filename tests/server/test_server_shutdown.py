@@ -73,3 +73,47 @@ def test_requests_running_past_the_shutdown_timeout_get_a_clean_answer():
     assert "shutting down" in last["meta_info"]["finish_reason"]["message"]
     log = srv.output()
     assert "Traceback" not in log and "never retrieved" not in log and "Cancel" not in log, log
+
+
+def test_openai_streams_the_shutdown_aborts_end_with_an_error_saying_so():
+    """An OpenAI stream still running at ``--shutdown-timeout`` gets its ``abort`` chunk, then an
+    error event in the shape of every other error, saying why and to send the request again."""
+    srv = ServerProcess("--shutdown-timeout", "1").start()
+    base = {"model": "llmir-tiny", "max_tokens": 900, "temperature": 0.0, "ignore_eos": True, "stream": True}
+    routes = {
+        "/v1/completions": {**base, "prompt": "Once upon a time"},
+        "/v1/chat/completions": {**base, "messages": [{"role": "user", "content": "Tell me a story"}]},
+    }
+    streamed: dict[str, list[str]] = {route: [] for route in routes}
+
+    def stream(route: str) -> None:
+        with httpx.stream("POST", srv.url + route, json=routes[route], timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    streamed[route].append(line[6:])
+
+    threads = [threading.Thread(target=stream, args=(route,), daemon=True) for route in routes]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # both streaming
+            if all(streamed.values()):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the streams did not start: {srv.output()}")
+        code = srv.stop(timeout=60)
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        srv.kill()
+    assert code == 0, srv.output()
+    for route, events in streamed.items():
+        assert events[-1] == "[DONE]", (route, events[-3:])
+        error = json.loads(events[-2])
+        assert set(error) == {"error"}, (route, error)
+        assert error["error"]["type"] == "server_shutting_down" and error["error"]["code"] is None, error
+        message = error["error"]["message"]
+        assert "shutting down" in message and "send the request again" in message, message
+        assert json.loads(events[-3])["choices"][0]["finish_reason"] == "abort", (route, events[-3])
