@@ -32,27 +32,29 @@ from llmir_lang.executor.engine import Engine  # noqa: E402
 
 
 def ab_rounds(eng: Engine, prompts: list[list[int]], params: dict, rounds: int) -> None:
-    """Time the phase before the first decode step with the model's compiled elementwise ops in
-    the extends (as the engine runs) against its plain ops there (decode steps keep the compiled
-    ones), alternating, each after a cache flush."""
+    """Time the phase before the first decode step with the engine's rule for the extends'
+    elementwise ops (plain ops up to ``plain_extend_tokens`` tokens, compiled above), with the
+    compiled ops on every extend, and with the plain ops on every extend (decode steps keep the
+    compiled ones), alternating, each after a cache flush."""
     from llmir_lang.executor.model import PLAIN_OPS
 
     runner, model = eng.runner, eng.runner.model
-    compiled = model.ops
+    compiled, rule = model.ops, model.plain_extend_tokens
     orig = runner.run
-    res: dict[str, list[tuple[float, list[tuple[float, float]]]]] = {"compiled": [], "plain": []}
+    arms = (("engine rule", compiled, rule), ("compiled", compiled, 0), ("plain", PLAIN_OPS, 0))
+    res: dict[str, list[tuple[float, list[tuple[float, float]]]]] = {name: [] for name, _, _ in arms}
     for _ in range(rounds):
-        for name, ops in (("compiled", compiled), ("plain", PLAIN_OPS)):
+        for name, ops, limit in arms:
             extends: list[tuple[float, float]] = []  # (start, seconds with a sync)
             first: list[float] = []
 
-            def run(sb, ops=ops, extends=extends, first=first, **kw):
+            def run(sb, ops=ops, limit=limit, extends=extends, first=first, **kw):
                 if sb.mode is ForwardMode.DECODE:
                     if not first:
                         torch.cuda.synchronize()
                         first.append(time.perf_counter())
                     return orig(sb, **kw)
-                model.ops = ops
+                model.ops, model.plain_extend_tokens = ops, limit
                 try:
                     t0 = time.perf_counter()
                     out = orig(sb, **kw)
@@ -60,7 +62,7 @@ def ab_rounds(eng: Engine, prompts: list[list[int]], params: dict, rounds: int) 
                     extends.append((t0, time.perf_counter() - t0))
                     return out
                 finally:
-                    model.ops = compiled
+                    model.ops, model.plain_extend_tokens = compiled, rule
 
             runner.run = run  # type: ignore[method-assign]
             eng.flush_cache()
@@ -74,7 +76,7 @@ def ab_rounds(eng: Engine, prompts: list[list[int]], params: dict, rounds: int) 
     for name, rows in res.items():
         for at, ext in rows:
             desc = ", ".join(f"{dt:.1f} ms at {t0:.1f}" for t0, dt in ext)
-            print(f"  {name:8s} first decode step at {at:6.1f} ms; extends (with a sync): {desc}")
+            print(f"  {name:11s} first decode step at {at:6.1f} ms; extends (with a sync): {desc}")
 
 
 def host_split(eng: Engine, prompts: list[list[int]], params: dict, rounds: int = 3) -> None:

@@ -44,7 +44,7 @@ from torch import nn
 
 from llmir_lang import kernels
 from llmir_lang.executor import cpu_forward
-from llmir_lang.executor.attention import AttentionBackend, ForwardBatch
+from llmir_lang.executor.attention import AttentionBackend, ForwardBatch, ForwardMode
 from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
 
 # ---- the elementwise pieces ------------------------------------------------------------------
@@ -277,6 +277,11 @@ class CausalLM(nn.Module):
         self.linear: Callable[..., torch.Tensor] = F.linear
         self._no_biases: bool | None = None
         self.fuse_rows = True  # with kernels.linear: fused norm / SwiGLU projections for one row
+        # extends (and mixed steps) of at most this many tokens run ``PLAIN_OPS`` even when ``ops``
+        # is compiled: such a forward on a GPU is bound by host work, and a compiled op's call
+        # costs more host time than the plain ops it fuses (H100 host, 1,088 tokens: 98-189 us per
+        # op call, benchmarks/gpu/probe_host_calls.py). ``ModelRunner.set_compile`` sets it.
+        self.plain_extend_tokens = 0
         self._cpu_layers: list[cpu_forward.CpuLayer] | None = None
 
     def output_weight(self) -> torch.Tensor:
@@ -291,7 +296,10 @@ class CausalLM(nn.Module):
             return self._forward_cpu(batch, backend)
         x = self.model.embed_tokens(batch.input_ids)
         fused = self.fuse_rows and self.linear is kernels.linear and self._fusable(x)
-        step = _Step(*self.rotary.tables(batch.positions, x.dtype), backend, self.ops, self.linear, fused)
+        ops = self.ops
+        if batch.mode is not ForwardMode.DECODE and x.shape[0] <= self.plain_extend_tokens:
+            ops = PLAIN_OPS
+        step = _Step(*self.rotary.tables(batch.positions, x.dtype), backend, ops, self.linear, fused)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, step)
@@ -301,7 +309,7 @@ class CausalLM(nn.Module):
         norm = self.model.norm
         if fused and x.shape[0] == 1:
             return kernels.add_norm_linear(x, residual, norm.weight, norm.eps, self.output_weight())[0].float()
-        x, _ = self.ops.add_norm(x, residual, norm.weight, norm.eps)
+        x, _ = ops.add_norm(x, residual, norm.weight, norm.eps)
         return self.linear(x, self.output_weight()).float()
 
     def _fusable(self, x: torch.Tensor) -> bool:

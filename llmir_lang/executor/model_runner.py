@@ -41,6 +41,13 @@ from llmir_lang.kernels import policy
 
 log = logging.getLogger("llmir_lang.engine")
 
+# With compiled elementwise ops on CUDA, extends of at most this many elements of hidden state
+# (tokens x hidden size: 2,048 tokens of a 2,048-wide model) keep the plain ops (``CausalLM.
+# plain_extend_tokens``): on an H100 host a 1,088-token extend of the 1B model is bound by host
+# time, where the plain ops cost 48-140 us a call against the compiled ones' 81-216 us; at 4,032
+# tokens the GPU is the limit and the compiled (fused) ops are faster (probe_host_calls.py).
+PLAIN_EXTEND_ELEMENTS = 2048 * 2048
+
 
 @dataclass(slots=True)
 class StepLogits:
@@ -389,9 +396,12 @@ class ModelRunner:
                 )
                 return False
             self.model.ops = ops
+            if self.device.type == "cuda":
+                self.model.plain_extend_tokens = PLAIN_EXTEND_ELEMENTS // self.model.config.hidden_size
             log.info("compiled in %.1f s", time.perf_counter() - t0)
         else:
             self.model.ops = PLAIN_OPS
+            self.model.plain_extend_tokens = 0
         self.compiled = on
         if self.graphs is not None:
             self.graphs.clear()

@@ -270,6 +270,45 @@ def test_decode_steps_match_a_plain_prefill(monkeypatch, pad: bool, lists: str) 
 
 
 # ---- shared prefix ---------------------------------------------------------------------------
+def test_short_extends_run_the_plain_elementwise_ops() -> None:
+    """``plain_extend_tokens``: an extend of at most that many tokens takes ``PLAIN_OPS`` whatever
+    ``ops`` is (host-bound on a GPU, where compiled calls cost more); longer extends and every
+    decode step take ``ops``."""
+    import dataclasses
+
+    from llmir_lang.executor.model import PLAIN_OPS
+
+    model = _model()
+    calls: list[str] = []
+
+    def spy(name, fn):
+        def wrapper(*args, **kw):
+            calls.append(name)
+            return fn(*args, **kw)
+
+        return wrapper
+
+    model.ops = dataclasses.replace(
+        PLAIN_OPS, **{f.name: spy(f.name, getattr(PLAIN_OPS, f.name)) for f in dataclasses.fields(PLAIN_OPS)}
+    )
+    model.plain_extend_tokens = 10
+    ids = list(range(3, 23))
+    short = _reference_logits(model, ids[:10])
+    assert calls == []
+    long = _reference_logits(model, ids)
+    assert "act" in calls and "rope" in calls
+    calls.clear()
+    pool = _pool(model)
+    be = TorchAttentionBackend(pool.k_buffers, pool.v_buffers, model.config.head_dim**-0.5)
+    slot = torch.tensor([0])
+    model(ForwardBatch(ForwardMode.DECODE, torch.tensor([5]), torch.tensor([0]), slot,
+                       torch.tensor([0, 1]), torch.tensor([0, 1]), slot, 1, None), be)  # fmt: skip
+    assert "act" in calls
+    model.ops, model.plain_extend_tokens = PLAIN_OPS, 0
+    assert torch.allclose(short, _reference_logits(model, ids[:10]), atol=1e-5)
+    assert torch.allclose(long, _reference_logits(model, ids), atol=1e-5)
+
+
 def test_common_cached_prefix_is_the_deepest_shared_radix_node() -> None:
     pool = KVPool(1, 1, 16, 512, torch.float32, "cpu")
     cache = RadixCache(pool)
