@@ -1,9 +1,13 @@
 """``get_obj`` and the finished-value check read a schema as the engine does: any draft the engine
 takes, patterns Python's ``re`` cannot read, ``multipleOf`` in decimal arithmetic; and a stop the
-gen has but that did not end it does not turn on the stop's stricter check."""
+gen has but that did not end it does not turn on the stop's stricter check. What the engine
+generates is what ``get_obj`` gives back: floats of 17 digits exactly, times pydantic reads."""
 
 from __future__ import annotations
 
+import datetime
+
+import pydantic
 import pytest
 
 import llmir_lang as llmir
@@ -48,3 +52,35 @@ def test_only_a_stop_that_ended_the_gen_counts():
     assert unfinished_value("x", attrs, text, matched=None) is not None  # a backend that does not say
     assert unfinished_value("x", attrs, text, matched="\n") is not None
     assert unfinished_value("x", attrs, text, matched=2) is None  # EOS ended it, not the stop
+
+
+class Moment(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    at: datetime.time
+    when: datetime.datetime
+
+
+def test_get_obj_gives_back_exact_floats_and_times_pydantic_reads(rt):
+    """A float const needing 17 digits was generated as its neighbour (1.4000000000000001 as
+    "1.4"), which ``get_obj`` then refused against the schema; a ``datetime.time`` field could be
+    generated with second 60, which the pydantic model refuses."""
+    floats = {
+        "type": "object",
+        "properties": {
+            "x": {"const": 1.4000000000000001},
+            "y": {"enum": [110.00000000000001, -9.200000000000001]},
+        },
+        "required": ["x", "y"],
+        "additionalProperties": False,
+    }
+
+    @llmir.function
+    def prog(s):
+        s += "Q: Give the values.\nA: " + llmir.gen("v", json_schema=floats, max_tokens=64)
+        s += "\nQ: When?\nA: " + llmir.gen("t", json_schema=Moment, max_tokens=96)
+
+    state = prog.run(backend=rt)
+    assert state.error() is None
+    obj = state.get_obj("v")
+    assert obj["x"] == 1.4000000000000001 and obj["y"] in (110.00000000000001, -9.200000000000001), state["v"]
+    assert isinstance(state.get_obj("t"), Moment), state["t"]

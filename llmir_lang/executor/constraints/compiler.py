@@ -38,7 +38,12 @@ from llmir_lang.executor.constraints.outlines_worker import (
     OutlinesTimeout,
     shared_worker,
 )
-from llmir_lang.executor.constraints.schema_checks import imprecise_integer, unreadable_schema_error
+from llmir_lang.executor.constraints.schema_checks import (
+    exact_float_grammar,
+    imprecise_integer,
+    unreadable_schema_error,
+)
+from llmir_lang.executor.constraints.schema_cycles import pure_ref_cycle
 from llmir_lang.executor.constraints.schema_rewrite import llguidance_error, rewrite_for_llguidance
 from llmir_lang.executor.constraints.schema_support import outlines_exact
 from llmir_lang.executor.constraints.spec import (
@@ -252,6 +257,9 @@ class ConstraintCompiler:
         imprecise = imprecise_integer(schema)  # any engine: both would round it (or refuse it)
         if imprecise is not None:
             raise imprecise
+        cycle = pure_ref_cycle(schema)  # llguidance calls it unsatisfiable; it is undefined
+        if cycle is not None:
+            raise cycle
         ws = spec.whitespace if spec.whitespace is not None else DEFAULT_JSON_WHITESPACE
         reason = (
             outlines_exact(schema) if self.engine != llg_backend.ENGINE else "engine='llguidance' requested"
@@ -277,7 +285,7 @@ class ConstraintCompiler:
             )
         except ValueError as e:
             raise unreadable_schema_error(str(e), schema) from None
-        compiled = self._llguidance(grammar)
+        compiled = self._llguidance(exact_float_grammar(grammar, schema))
         err = compiled.compile_error()
         if err is not None:
             raise llguidance_error(err, schema)

@@ -229,6 +229,15 @@ def _byte_template(grammar: str) -> Any:
     return None if matcher.is_error() else matcher
 
 
+def grammar_forced_text(grammar: str) -> str | None:
+    """The text every match of an llguidance ``grammar`` starts with (its forced bytes from the
+    start), or None when the grammar does not compile without a model's tokenizer."""
+    template = _byte_template(grammar)
+    if template is None:
+        return None
+    return complete_utf8_prefix(template.deep_copy().compute_ff_bytes())
+
+
 def text_matches(grammar: str, text: str) -> bool | None:
     """Whether ``text`` is a complete match of an llguidance ``grammar`` (from
     ``grammar_from_regex`` / ``grammar_from_lark``), checked byte by byte; None when the grammar

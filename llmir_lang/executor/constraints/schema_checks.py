@@ -5,6 +5,11 @@
   the constraint admits a different number (``{"const": 9007199254740993}`` generated
   ``9007199254740992``). Such schemas are refused before compiling; integers up to ±2**53 are
   exact in a float and compile as before.
+- ``exact_float_grammar``: llguidance reads the numbers of its grammar text with a fast JSON
+  reader that can land on a neighbouring float when a float needs 16 or 17 significant digits
+  (``{"const": 1.4000000000000001}`` generated ``1.4``). Each such float is written into the
+  grammar as a text llguidance reads exactly (asked of llguidance itself); one with no such
+  text in a ``const`` / ``enum`` / bound / ``multipleOf`` is refused, naming keyword and path.
 - ``metaschema_error``: whether the schema itself is invalid (against the metaschema of the draft
   it declares, else 2020-12, allowing older drafts' forms of keywords that changed), naming the
   keyword and the path; used to type llguidance's errors about malformed keyword values.
@@ -12,9 +17,13 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 import re
 import warnings
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 from llmir_lang.executor.constraints.errors import InvalidSchemaError, UnsupportedSchemaError
@@ -72,6 +81,103 @@ def imprecise_integer(schema: Any) -> UnsupportedSchemaError | None:
                 path=path,
             )
     return None
+
+
+# --- floats as texts llguidance reads exactly -------------------------------------------------
+# llguidance's reader turns a number text into its digits as an integer (rounded to a float past
+# 2**53) times or divided by a power of ten: exact when both are exact (digits up to 2**53, powers
+# up to 10**22), as for every float whose shortest text has at most 15 digits and a small
+# exponent. Otherwise the result can be a neighbouring float, so those texts are checked.
+_EXACT_POW10 = 22
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?')
+
+
+def _floats(value: Any) -> Iterator[float]:
+    """The floats anywhere in a JSON value (objects, arrays)."""
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _floats(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _floats(v)
+
+
+@functools.lru_cache(maxsize=4096)
+def _llguidance_reads(text: str) -> float | None:
+    """The float llguidance makes of the JSON number ``text`` (read back from the text it
+    generates for it as a ``const``), or None."""
+    from llmir_lang.executor.constraints.llguidance_backend import grammar_forced_text
+
+    forced = grammar_forced_text('{"grammars":[{"json_schema":{"const":' + text + "}}]}")
+    try:
+        return float(forced) if forced else None
+    except ValueError:
+        return None
+
+
+def _exact_float_text(value: float) -> str | None:
+    """A JSON number text llguidance reads as exactly ``value``: its shortest text, else an
+    integer of 17 to 19 digits (a float next to ``value`` times a power of ten) with an exponent,
+    texts that every correctly rounding reader also reads as ``value`` first; None when none is."""
+    shortest = json.dumps(value)
+    if _llguidance_reads(shortest) == value:
+        return shortest
+    sign, magnitude = "-" if value < 0 else "", abs(value)
+    candidates = []
+    for digits in (17, 18, 19):
+        shift = digits - 1 - math.floor(math.log10(magnitude))
+        near = float(Fraction(magnitude) * Fraction(10) ** shift)
+        below = above = near
+        steps = [near]
+        for _ in range(3):
+            below, above = math.nextafter(below, 0.0), math.nextafter(above, math.inf)
+            steps += [below, above]
+        candidates += [f"{sign}{int(s)}e{-shift}" for s in steps if s.is_integer() and 0 < s < 2**64]
+    candidates.sort(key=lambda text: float(text) != value)
+    return next((text for text in candidates if _llguidance_reads(text) == value), None)
+
+
+def _inexact_float_error(schema: Any, value: float) -> UnsupportedSchemaError | None:
+    for path, node in iter_subschemas(schema):
+        for kw in (*_VALUE_KEYWORDS, *NUMERIC_BOUNDS, "multipleOf"):
+            if kw in node and any(f == value for f in _floats(node[kw])):
+                return UnsupportedSchemaError(
+                    f"{kw!r} at {path} holds the number {value!r}, which the JSON-schema engine cannot "
+                    "read exactly (it would round it to a neighbouring float, so the output could "
+                    "violate the schema); write it with at most 15 significant digits, or make the "
+                    "field a string",
+                    keyword=kw,
+                    path=path,
+                )
+    return None
+
+
+def exact_float_grammar(grammar: str, schema: Any) -> str:
+    """``grammar`` (llguidance's JSON text for a JSON-schema grammar) with every float written as
+    a text llguidance reads as exactly that float. ``UnsupportedSchemaError`` (keyword, path) when a
+    float of a ``const`` / ``enum`` / bound / ``multipleOf`` of ``schema`` has no such text; one
+    elsewhere (a ``default``) is left as it is."""
+
+    def exact(m: re.Match[str]) -> str:
+        text, whole, fraction, exponent = m.group(0, 1, 2, 3)
+        if whole is None or (fraction is None and exponent is None):
+            return text  # a string, or an integer (read exactly up to 64 bits)
+        digits = whole + (fraction or "")[1:]
+        power = int(exponent[1:] if exponent else 0) - len((fraction or "")[1:])
+        if len(digits) <= 16 and int(digits) <= F64_EXACT_INT and abs(power) <= _EXACT_POW10:
+            return text
+        value = float(text)
+        found = _exact_float_text(value)
+        if found is not None:
+            return found
+        error = _inexact_float_error(schema, value)
+        if error is not None:
+            raise error
+        return text
+
+    return _JSON_TOKEN.sub(exact, grammar)
 
 
 # --- the schema against its metaschema -------------------------------------------------------

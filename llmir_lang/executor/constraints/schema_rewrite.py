@@ -5,6 +5,10 @@ validation semantics, ``format`` as an annotation); a keyword with no exact rewr
 place and llguidance then rejects it, which becomes ``UnsupportedSchemaError(keyword, path)``.
 
 - ``format`` values llguidance does not know: annotation-only by the spec, dropped.
+- ``format`` ``date`` / ``time`` / ``date-time``: a ``pattern`` of the RFC 3339 texts Python's
+  ``datetime`` (so pydantic) reads. llguidance's own regexes also admit year 0000 and February 29
+  of every year (invalid RFC 3339), and second 60: a leap second, which Python has no value for,
+  so this one rewrite narrows the format (``"23:59:60Z"`` made ``get_obj`` of a model fail).
 - ``uniqueItems: false``, and ``uniqueItems: true`` with ``maxItems <= 1``: no constraint.
 - ``if`` with neither ``then`` nor ``else``, and ``then`` / ``else`` without ``if``: no constraint.
 - ``contains: {}`` / ``true`` (no min/maxContains): ``minItems >= 1``.
@@ -73,13 +77,30 @@ _COUNT_KEYWORDS = (
 )  # fmt: skip
 
 
+_YEAR = "(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"  # 0001-9999
+_LEAP_YEAR = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)"
+)
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_DATETIME_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[Tt]{_TIME}$"}
+
+
 def _rewrite_node(node: dict[str, Any], root: dict[str, Any], path: str, notes: list[str]) -> None:
     for kw in _COUNT_KEYWORDS:
         count = node.get(kw)
         if isinstance(count, float) and count.is_integer() and 0 <= count <= 2**53:
             node[kw] = int(count)
     fmt = node.get("format")
-    if isinstance(fmt, str) and not llguidance_knows_format(fmt):
+    if isinstance(fmt, str) and fmt in _DATETIME_PATTERNS:
+        del node["format"]
+        if "pattern" in node:
+            _add_all_of(node, [{"pattern": _DATETIME_PATTERNS[fmt]}])
+        else:
+            node["pattern"] = _DATETIME_PATTERNS[fmt]
+        notes.append(f"{path}: format {fmt!r} as a pattern of the RFC 3339 texts Python's datetime reads")
+    elif isinstance(fmt, str) and not llguidance_knows_format(fmt):
         del node["format"]
         notes.append(f"{path}: format {fmt!r} kept as annotation (not enforced)")
     if node.get("uniqueItems") is False:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import random
 import re
 
+import numpy as np
 import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 
 from llmir_lang.executor.constraints import (
     ConstraintCompiler,
+    allocate_bitmask,
     spec_from_choices,
     spec_from_json_schema,
     spec_from_regex,
@@ -77,6 +81,72 @@ def test_pydantic_models_round_trip(compiler, bpe_hf):
     assert owner_c.engine == "llguidance"
     assert not accepts_text(owner_c, bpe_hf, '{"name":"A name too long","pets":[]}').accepted
     assert not accepts_text(owner_c, bpe_hf, '{"name":"Ada","pets":[{"name":"x","kind":"y"}]}').accepted
+
+
+class Moments(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    at: datetime.time
+    when: datetime.datetime
+    day: datetime.date
+
+
+def _moments(at: str = "23:59:59Z", when: str = "2020-01-01T00:00:00Z", day: str = "2020-02-29") -> str:
+    return json.dumps({"at": at, "when": when, "day": day}, separators=(",", ":"))
+
+
+def _sample(compiled, tokenizer, rng: random.Random, chars: set[int], max_tokens: int = 120) -> str | None:
+    """A generation that picks uniformly among the one-character tokens (``chars``) the constraint
+    allows, so that every character the constraint admits at a place is as likely (stops once the
+    output is complete); None when ``max_tokens`` runs out first."""
+    matcher = compiled.new_matcher()
+    mask = allocate_bitmask(1, compiled.vocab_size)
+    ids: list[int] = []
+    for _ in range(max_tokens):
+        if matcher.is_accepting():
+            return tokenizer.decode(ids)
+        matcher.fill_bitmask(mask, 0)
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[: compiled.vocab_size]
+        allowed = [t for t in np.flatnonzero(bits).tolist() if t not in compiled.eos_token_ids]
+        token = rng.choice([t for t in allowed if t in chars] or allowed)
+        assert matcher.advance(token)
+        ids.append(token)
+    return None
+
+
+def test_pydantic_time_fields_generate_only_what_pydantic_reads(compiler, bpe_hf):
+    """``datetime.time`` / ``datetime`` / ``date`` fields are formats ``time`` / ``date-time`` /
+    ``date``, whose llguidance regexes admit second 60, year 0000 and February 29 of every year:
+    pydantic refuses each, so ``get_obj`` of such a model failed on what the engine generated."""
+    compiled = compiler.compile(spec_from_json_schema(Moments))
+    good = [
+        _moments(),
+        _moments(at="00:00:00.5+05:30", when="2000-02-29t23:59:59.123456789z", day="2024-02-29"),
+        _moments(at="12:30:59-00:00", when="0001-01-01T00:00:00+23:59", day="0001-12-31"),
+    ]
+    bad = [
+        _moments(at="23:59:60Z"),
+        _moments(at="00:00:60+01:00"),
+        _moments(when="2016-12-31T23:59:60Z"),
+        _moments(day="2021-02-29"),
+        _moments(day="2100-02-29"),
+        _moments(when="2019-02-29T00:00:00Z"),
+        _moments(day="0000-01-01"),
+        _moments(when="0000-01-01T00:00:00Z"),
+    ]
+    for text in good:
+        Moments.model_validate_json(text)
+        assert accepts_text(compiled, bpe_hf, text).accepted, text
+    for text in bad:
+        with pytest.raises(pydantic.ValidationError):
+            Moments.model_validate_json(text)
+        assert not accepts_text(compiled, bpe_hf, text).accepted, text
+    rng = random.Random(0)
+    chars = {t for t in range(len(bpe_hf)) if len(bpe_hf.decode([t])) == 1}
+    outputs = [_sample(compiled, bpe_hf, rng, chars) for _ in range(40)]
+    done = [text for text in outputs if text is not None]
+    assert len(done) >= 30, outputs
+    for text in done:
+        Moments.model_validate_json(text)
 
 
 def test_worker_reports_errors_and_restarts_after_kill(bpe_info):
