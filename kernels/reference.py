@@ -180,8 +180,9 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 
 def greedy_tokens(logits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int64 ``[B]``: the index of the first largest of each row's first ``vocab`` logits, -1 where
-    all of them are -inf (every token masked)."""
+    """int64 ``[B]``: the index of the first largest of each row's first ``vocab`` logits (a NaN
+    ranks above every number, as in ``torch.argmax``), -1 where all of them are -inf (every token
+    masked)."""
     x = logits[:, :vocab]
     tokens = torch.argmax(x, dim=-1)
     top = x.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -117,6 +117,7 @@ def _argmax_chunk_kernel(
     for start in range(lo, lo + chunk, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(Logits + b * stride_lb + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("inf"), x)  # NaN ranks above every number, as in torch.argmax
         m, i = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
         better = m > best  # strict: an earlier tile keeps a tie
         best_idx = tl.where(better, start + i, best_idx)

@@ -383,11 +383,14 @@ def test_greedy_tokens(dtype, bsz, vocab, width) -> None:
     if bsz > 2:
         logits[2, vocab:] = 1e9  # columns past the vocabulary (padding) are never picked
         logits[2, 7] = logits[2, 9] = 40.0  # a tie inside one tile
+    if bsz > 3:
+        logits[3, vocab // 2] = logits[3, vocab - 2] = float("nan")  # the first NaN, as torch.argmax
     logits = logits.to(dtype)
     got = K.greedy_tokens(logits, vocab)
     assert got.dtype == torch.int64
     assert torch.equal(got, ref.greedy_tokens(logits, vocab))
     assert got[0].item() == 5 and (bsz < 2 or got[1].item() == -1) and (bsz < 3 or got[2].item() == 7)
+    assert bsz < 4 or got[3].item() == vocab // 2
 
 
 def test_unsupported_head_dim_and_dtype_fall_back_once_with_correct_numbers() -> None:
