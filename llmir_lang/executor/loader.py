@@ -42,6 +42,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def resolve_model_path(model: str | Path | None) -> Path:
     path = BUNDLED_MODEL if model is None else Path(model).expanduser()
+    if path.is_file():
+        raise CheckpointError(
+            f"model {str(path)!r} is a file, not a folder; pass the checkpoint folder that holds "
+            "config.json, the *.safetensors weights and the tokenizer files"
+            + (f" ({str(path.parent)!r}?)" if (path.parent / "config.json").is_file() else "")
+        )
     if not path.is_dir():
         hint = (
             " (the bundled model is missing from this install: reinstall llmir_lang)" if model is None else ""
@@ -53,24 +59,48 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files to load, as transformers picks them: ``model.safetensors``, else the
+    shards its index names, else (a folder that names its one file otherwise) every
+    ``*.safetensors``. Other safetensors beside a standard checkpoint (Mistral's
+    ``consolidated.safetensors``, an adapter) are not part of it."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is corrupt ({e!r})") from None
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("'weight_map' must map each weight name to its shard's file name")
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise CheckpointError(
+                f"{index} is corrupt ({e!r}); restore it from the checkpoint's source"
+            ) from None
         files = [folder / n for n in names]
-        missing = [str(f.name) for f in files if not f.is_file()]
+        missing = [n for n, f in zip(names, files) if not f.is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {folder} lacks shard(s) {missing} named in its index")
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
+        bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pth"))
+        found = (
+            f" (it holds {bins[:3]}{'...' if len(bins) > 3 else ''}: .bin/.pth weights are not read)"
+            if bins
+            else ""
+        )
         raise CheckpointError(
-            f"no *.safetensors in {folder}; convert .bin/.pth weights to safetensors first "
-            "(transformers: model.save_pretrained(dir, safe_serialization=True))"
+            f"no *.safetensors in {folder}{found}; convert .bin/.pth weights to safetensors first "
+            "(transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+            "safe_serialization=True))"
         )
     return files
+
+
+# checkpoint dtypes that hold plain weights (cast to the engine's dtype on load); anything else
+# (integers, fp8) is a quantized checkpoint, whose values mean nothing without their scales
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # fused parameter -> the checkpoint's parameters it concatenates (dim 0, in this order)
@@ -86,7 +116,8 @@ def fuse_projections(
     """Replace each layer's q/k/v and gate/up weights (and biases) by their concatenation along dim 0,
     the model's ``qkv_proj`` / ``gate_up_proj``. Each part's shape is checked against the config
     first, so a mismatch names the checkpoint's own weight; parts that are absent are left for the
-    caller's missing-weight check."""
+    caller's missing-weight check. ``state`` is changed in place (each part is dropped as its fused
+    weight is made, so loading holds one copy of the weights, not two) and returned."""
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     rows = {
         "q_proj": cfg.num_heads * d,
@@ -95,7 +126,7 @@ def fuse_projections(
         "gate_proj": i,
         "up_proj": i,
     }
-    out = dict(state)
+    out = state
     for layer in range(cfg.num_layers):
         pre = f"model.layers.{layer}."
         for fused, parts in _FUSED.items():
@@ -146,7 +177,9 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Causal
 
     cfg = ModelConfig.from_folder(folder)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        # in the engine's dtype from the start: built in fp32 and cast after loading, a bf16 model
+        # took its size three times over on the device while it loaded (fp32, then the bf16 copy)
+        model = CausalLM(cfg).to(dtype)
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(folder):
@@ -154,6 +187,13 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Causal
             state.update(load_file(str(f), device="cpu"))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {f} ({e}); the file is corrupt or truncated") from None
+    for k, v in state.items():
+        if v.dtype not in _WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"weight {k} in {folder} is stored as {str(v.dtype).removeprefix('torch.')}; only "
+                "unquantized float32 / bfloat16 / float16 checkpoints are supported (a quantized "
+                "checkpoint's weights need their scales): load an unquantized checkpoint of this model"
+            )
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -170,9 +210,11 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Causal
                 f"weight {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}"
             )
     model = model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    model.to(dtype)
-    # the rotary table is not a weight: recompute it in fp32 after the dtype cast
+    # each checkpoint tensor is copied (and cast) into its parameter: no converted copy of the
+    # whole checkpoint beside it
+    model.load_state_dict(state, strict=False)
+    del state
+    # the rotary table is not a weight: recompute it in fp32 (the model was cast to ``dtype``)
     model.rotary.inv_freq = rope_inv_freq(cfg).to(device)
     if device.type == "cpu" and dtype == torch.float32:
         model.column_major_projections()  # faster few-row GEMMs on the CPU, same values

@@ -19,6 +19,18 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+# a config.json without "architectures" (a config saved on its own: LlamaConfig(...).save_pretrained)
+# is read by its model_type, as transformers' Auto classes do
+_MODEL_TYPES = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()}
+# transformers' names (ACT2FN) of SiLU, the only MLP activation the model implements (SwiGLU)
+_SILU_NAMES = ("silu", "swish")
+# max_position_embeddings where config.json lacks it: each family's transformers default
+_DEFAULT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+# the keys transformers requires of each supported rope scaling type (it raises without them)
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass(slots=True)
@@ -59,6 +71,9 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         archs = [a for a in (archs if isinstance(archs, list) else [archs]) if isinstance(a, str)]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and not archs:
+            model_type = cfg.get("model_type")
+            arch = _MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
         if arch is None:
             name = archs[0] if archs else cfg.get("model_type", "<unknown>")
             raise UnsupportedArchitectureError(
@@ -66,6 +81,22 @@ class ModelConfig:
                 f"{sorted(SUPPORTED_ARCHITECTURES)}. Run this model through an Endpoint/OpenAI backend instead."
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        quant = cfg.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method") if isinstance(quant, dict) else None
+            raise UnsupportedArchitectureError(
+                f"config.json has a quantization_config{f' (quant_method {method!r})' if method else ''}: "
+                "quantized checkpoints are not supported by the embedded engine; load an unquantized "
+                "bf16 / fp16 / fp32 checkpoint of this model, or serve this one through an "
+                "Endpoint/OpenAI backend"
+            )
+        act = cfg.get("hidden_act")
+        if act is not None and act not in _SILU_NAMES:
+            raise UnsupportedArchitectureError(
+                f"config.json field 'hidden_act' is {act!r}; the embedded engine implements only "
+                f"{' / '.join(repr(a) for a in _SILU_NAMES)} (SwiGLU), as {arch} has by default. "
+                "Run this model through an Endpoint/OpenAI backend instead."
+            )
         hidden = _int_field(cfg, "hidden_size")
         heads = _int_field(cfg, "num_attention_heads")
         layers = _int_field(cfg, "num_hidden_layers")
@@ -80,12 +111,13 @@ class ModelConfig:
             )
         rope_theta = _float_field(cfg, "rope_theta", _float_field(rope_params, "rope_theta", 10000.0))
         scaling = cfg.get("rope_scaling") or None
+        where = "rope_scaling"
         if scaling is not None and not isinstance(scaling, dict):
             raise CheckpointError(
                 f"config.json field 'rope_scaling' must be an object or null, got {scaling!r}"
             )
         if scaling is None and rope_params.get("rope_type", "default") != "default":
-            scaling = dict(rope_params)
+            scaling, where = dict(rope_params), "rope_parameters"
         if scaling is not None:
             kind = scaling.get("rope_type") or scaling.get("type") or "default"
             if kind not in ("default", "linear", "llama3"):
@@ -94,6 +126,12 @@ class ModelConfig:
                 )
             if kind == "default":
                 scaling = None
+            else:
+                # transformers raises on a missing key; a factor of 0 made every logit NaN here
+                for key in _ROPE_KEYS[kind]:
+                    _float_field(
+                        scaling, key, ..., f"config.json field '{where}.{key}' ({kind} rope scaling)"
+                    )
         eos = cfg.get("eos_token_id")
         eos_list = [] if eos is None else (eos if isinstance(eos, list) else [eos])
         if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_list):
@@ -101,14 +139,30 @@ class ModelConfig:
                 f"config.json field 'eos_token_id' must be a token id or a list of them, got {eos!r}"
             )
         eos_ids = list(eos_list)
+        bos = cfg.get("bos_token_id")
+        if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
+            raise CheckpointError(f"config.json field 'bos_token_id' must be a token id or null, got {bos!r}")
         if heads % kv_heads:
             raise CheckpointError(
                 f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )
-        window = _int_field(cfg, "sliding_window", None) if cfg.get("sliding_window") else None  # 0: none
+        # transformers' MistralConfig defaults to a 4096-token window; null (or 0) is none
+        window_default = 4096 if family == "mistral" and "sliding_window" not in cfg else None
+        window = _int_field(cfg, "sliding_window", None) if cfg.get("sliding_window") else window_default
         sliding = window if family == "mistral" else None
-        if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        if family in ("qwen2", "qwen3") and _bool_field(cfg, "use_sliding_window", False):
             sliding = window
+        # the projections' biases as transformers builds each family: Llama's follow attention_bias
+        # (q/k/v and o) and mlp_bias; Qwen2 always has q/k/v biases and no others; Qwen3's q/k/v and
+        # o follow attention_bias; Mistral has none. A field a family ignores is ignored here too.
+        if family == "llama":
+            qkv_bias = o_bias = _bool_field(cfg, "attention_bias", False)
+            mlp_bias = _bool_field(cfg, "mlp_bias", False)
+        elif family == "qwen3":
+            qkv_bias = o_bias = _bool_field(cfg, "attention_bias", False)
+            mlp_bias = False
+        else:
+            qkv_bias, o_bias, mlp_bias = family == "qwen2", False, False
         return cls(
             architecture=arch,
             family=family,
@@ -119,17 +173,17 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=_int_field(cfg, "max_position_embeddings", 2048),
+            max_position_embeddings=_int_field(cfg, "max_position_embeddings", _DEFAULT_POSITIONS[family]),
             rms_norm_eps=_float_field(cfg, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
-            o_bias=bool(cfg.get("attention_bias", False)) and family == "llama",
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            tie_word_embeddings=_bool_field(cfg, "tie_word_embeddings", False),
+            attention_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
             qk_norm=family == "qwen3",
             sliding_window=sliding,
-            bos_token_id=cfg.get("bos_token_id"),
+            bos_token_id=bos,
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         )
@@ -169,14 +223,30 @@ def _int_field(cfg: dict[str, Any], name: str, default: Any = ...) -> Any:
     return v
 
 
-def _float_field(cfg: dict[str, Any], name: str, default: float) -> float:
-    """``cfg[name]`` as a positive finite float (``default`` when absent or null)."""
+def _float_field(cfg: dict[str, Any], name: str, default: Any, what: str | None = None) -> float:
+    """``cfg[name]`` as a positive finite float (``default`` when absent or null; ``...``:
+    required). ``what`` names the field in messages (default: the config.json field ``name``)."""
+    what = what or f"config.json field {name!r}"
     v = cfg.get(name)
     if v is None:
+        if default is ...:
+            raise CheckpointError(f"{what} is missing; the checkpoint's config.json is incomplete")
         return float(default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise CheckpointError(f"config.json field {name!r} must be a positive number, got {v!r}")
+        raise CheckpointError(f"{what} must be a positive number, got {v!r}")
     return float(v)
+
+
+def _bool_field(cfg: dict[str, Any], name: str, default: bool) -> bool:
+    """``cfg[name]`` as a bool (``default`` when absent or null). A string such as ``"false"``
+    is a CheckpointError, not ``bool("false") == True`` (tied embeddings, biases that are not
+    there); transformers refuses it too."""
+    v = cfg.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise CheckpointError(f"config.json field {name!r} must be true or false, got {v!r}")
+    return v
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -22,34 +22,46 @@ def lone_surrogate(text: str) -> re.Match[str] | None:
     return None if text.isascii() else _SURROGATE.search(text)
 
 
+# files one of which a folder needs for AutoTokenizer to build a tokenizer from it
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 class Tokenizer:
     """Wraps ``transformers.AutoTokenizer`` loaded from the checkpoint folder.
 
-    The chat template is the checkpoint's own (tokenizer_config.json); there is no fallback table.
+    The chat template is the checkpoint's own (tokenizer_config.json's ``chat_template`` or a
+    ``chat_template.jinja`` file); there is no fallback table.
+
+    ``vocab_size`` is the model's (config.json's, read from the folder when not given): where the
+    tokenizer has ids the model's embedding lacks, ``encode`` refuses text that holds them.
     """
 
-    def __init__(self, folder: str | Path, config_eos_ids: list[int] | None = None):
+    def __init__(
+        self, folder: str | Path, config_eos_ids: list[int] | None = None, vocab_size: int | None = None
+    ):
         from transformers import AutoTokenizer
 
         folder = Path(folder)
+        if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+            raise CheckpointError(
+                f"no tokenizer files in {folder} (none of {', '.join(_TOKENIZER_FILES)}); copy the "
+                "tokenizer files (tokenizer.json and tokenizer_config.json) from the model's source "
+                "into this folder"
+            )
         try:
             self.hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as e:  # transformers raises many types here
             raise CheckpointError(
-                f"cannot load the tokenizer from {folder} ({type(e).__name__}: {e}); the folder needs "
-                "tokenizer.json (or tokenizer.model) and tokenizer_config.json"
+                f"cannot load the tokenizer from {folder} ({type(e).__name__}: {e}); its tokenizer "
+                "files (tokenizer.json or tokenizer.model, with tokenizer_config.json) are corrupt, "
+                "incomplete or of a kind this install cannot read"
             ) from None
         eos: set[int] = set(config_eos_ids or [])
         if self.hf.eos_token_id is not None:
             eos.add(int(self.hf.eos_token_id))
         gen_cfg = folder / "generation_config.json"
         if gen_cfg.is_file():
-            try:
-                g = json.loads(gen_cfg.read_text()).get("eos_token_id")
-                if g is not None:
-                    eos.update([g] if isinstance(g, int) else g)
-            except (OSError, json.JSONDecodeError):
-                pass
+            eos.update(_generation_eos_ids(gen_cfg))
         self.eos_token_ids: list[int] = sorted(eos)
         # NOTE: transformers' Python decode wrapper costs more than the Rust decode it calls; the
         # engine decodes every step, so call the Rust tokenizer directly when nothing else applies.
@@ -68,6 +80,21 @@ class Tokenizer:
         self.skipped_ids: frozenset[int] = frozenset(
             self.all_special_ids | {i for i, t in added.items() if getattr(t, "special", False)}
         )
+        # A chat template that writes the BOS token itself (Llama 2 / 3, Mistral: ``{{ bos_token }}``)
+        # renders text starting with it, and the tokenizer adds another: transformers'
+        # apply_chat_template(tokenize=True) encodes without special tokens, so a rendered chat
+        # starts with one BOS there. ``encode`` keeps one where the text's own BOS meets the added one.
+        bos_text = self.hf.bos_token if isinstance(self.hf.bos_token, str) else None
+        self._bos_text: str | None = None
+        if self.bos_token_id is not None and bos_text:
+            probe = "a"
+            added_bos = self._encode(probe, True)[:1] == [self.bos_token_id]
+            if added_bos and self._encode(probe, False)[:1] != [self.bos_token_id]:
+                self._bos_text = bos_text
+        self._model_vocab = _model_vocab_size(folder) if vocab_size is None else vocab_size
+        ids_end = max(len(self.hf), max(self.hf.get_vocab().values(), default=-1) + 1)
+        if self._model_vocab is not None and ids_end <= self._model_vocab:
+            self._model_vocab = None  # every id the tokenizer makes is one the model has
 
     @property
     def vocab_size(self) -> int:
@@ -92,6 +119,27 @@ class Tokenizer:
             return False
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._encode(text, add_special_tokens)
+        if (
+            add_special_tokens
+            and self._bos_text is not None
+            and len(ids) > 1
+            and ids[0] == ids[1] == self.bos_token_id
+            and text.startswith(self._bos_text)
+        ):
+            ids = ids[1:]  # the text's own BOS (a rendered chat template) and the added one: keep one
+        if self._model_vocab is not None and ids and max(ids) >= self._model_vocab:
+            bad = sorted({i for i in ids if i >= self._model_vocab})
+            raise InvalidRequestError(
+                f"the text encodes to token id(s) {bad[:5]} "
+                f"({', '.join(repr(self.hf.convert_ids_to_tokens(i)) for i in bad[:5])}) that the "
+                f"model's vocabulary (vocab_size {self._model_vocab} in config.json) lacks: the "
+                f"tokenizer ({len(self.hf)} tokens) does not match this model; use the tokenizer "
+                "files that came with the checkpoint, or remove those tokens from the text"
+            )
+        return ids
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._rust_encode is not None:
             if len(text) >= _LONG_TEXT:
                 # the Rust ``encode`` holds the GIL throughout (0.4 ms for 500 tokens), and then
@@ -112,8 +160,9 @@ class Tokenizer:
     ) -> str:
         if not self.has_chat_template:
             raise InvalidRequestError(
-                "this model's tokenizer has no chat template (tokenizer_config.json lacks 'chat_template'); "
-                "send plain text prompts instead of chat messages"
+                "this model's tokenizer has no chat template (neither tokenizer_config.json's "
+                "'chat_template' nor a chat_template.jinja file in the checkpoint folder); send plain "
+                "text prompts instead of chat messages, or add the template the model was trained with"
             )
         return self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
@@ -174,6 +223,35 @@ class Tokenizer:
             if all(d == tb.text(p) for d, p in zip(decoded, probes)):
                 return tb
         return None
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    """``eos_token_id`` of ``generation_config.json`` (a token id or a list of them). A file that
+    cannot be read is a CheckpointError: ignoring it would drop end-of-turn ids the model stops at
+    (Llama 3's ``<|eot_id|>``), and generation would run on past them."""
+    try:
+        gen = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    if not isinstance(gen, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(gen).__name__}, not an object of generation settings; "
+            "the checkpoint is corrupt"
+        )
+    g = gen.get("eos_token_id")
+    ids = [] if g is None else (g if isinstance(g, list) else [g])
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise CheckpointError(f"{path} field 'eos_token_id' must be a token id or a list of them, got {g!r}")
+    return ids
+
+
+def _model_vocab_size(folder: Path) -> int | None:
+    """config.json's ``vocab_size`` in ``folder`` (None where there is none to read)."""
+    try:
+        v = json.loads((folder / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 class TextBytes:
