@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -58,8 +59,13 @@ def _load_program(target: str) -> Any:
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise SystemExit(f"error: {e.filename or path}, line {e.lineno}: syntax error ({e.msg})") from None
+    except SystemExit as e:  # sys.exit() or argparse at the file's top level: not a program's exit
+        raise SystemExit(
+            f"error: importing {path} called sys.exit({e.code!r}); keep a program file's script code "
+            'under `if __name__ == "__main__":`'
+        ) from None
     except Exception as e:  # the file's own code raised while it was imported
-        raise SystemExit(f"error: importing {path} raised {type(e).__name__}: {e}") from None
+        raise SystemExit(f"error: importing {path} raised {type(e).__name__}: {_one_line(e)}") from None
     if not name:
         found = [k for k, v in vars(module).items() if isinstance(v, LMFunction) and not k.startswith("_")]
         if len(found) != 1:
@@ -69,7 +75,27 @@ def _load_program(target: str) -> Any:
     program = getattr(module, name, None)
     if program is None:
         raise SystemExit(f"error: {path} has no {name!r}")
-    return program if isinstance(program, LMFunction) else LMFunction(program)
+    if isinstance(program, LMFunction):
+        return program
+    if not inspect.isfunction(program):  # a class, a model, a constant: not something to trace
+        what = "a class" if inspect.isclass(program) else f"the {type(program).__name__} {program!r:.40}"
+        raise SystemExit(
+            f"error: {path}:{name} is not a program (it is {what}); name a function decorated with "
+            "@llmir.function"
+        )
+    try:  # a plain `def f(s, ...)` is taken as a program, as @llmir.function would take it
+        return LMFunction(program)
+    except LLMIRError as e:
+        raise SystemExit(
+            f"error: {path}:{name} is not an @llmir.function, and as a plain function it is not a "
+            f"program either: {_one_line(e)}"
+        ) from None
+
+
+def _one_line(error: BaseException | str) -> str:
+    """An error's message on one line (a message of several lines joined with ' / ')."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return " / ".join(line for line in lines if line)
 
 
 _CONVERTERS = {"int": int, "float": float, "str": str, "bool": bool}
@@ -109,10 +135,10 @@ def _typed(key: str, value: str, annotation: Any) -> Any:
         return value
 
 
-def _template(model: str | None) -> Any:
-    """Role markers of ``model``'s tokenizer (the bundled one by default), or None without one."""
+def _template_folder(model: str | None) -> Path | None:
+    """The folder whose tokenizer renders roles: ``model`` (checked now, before the program is
+    traced), the bundled model's by default, or None when there is none."""
     from llmir_lang.models import TINY_MODEL_DIR
-    from llmir_lang.optimizer import chat_template_from_tokenizer
 
     folder = Path(model) if model else TINY_MODEL_DIR
     if not (folder / "tokenizer_config.json").is_file():
@@ -120,29 +146,94 @@ def _template(model: str | None) -> Any:
             what = "no such folder" if not folder.is_dir() else "it has no tokenizer_config.json"
             raise CheckpointError(f"--model {model!r}: {what}; give a checkpoint folder with its tokenizer")
         return None
+    return folder
+
+
+def _template(folder: Path | None, model: str | None, needed: bool) -> Any:
+    """Role markers of ``folder``'s tokenizer, or None without one. ``needed``: the program has
+    roles (without them a tokenizer without a chat template is no error). Loaded only when the
+    program has roles or ``--model`` names the folder (a broken checkpoint is then reported)."""
+    from llmir_lang.optimizer import ChatTemplateError, chat_template_from_tokenizer
+
+    if folder is None or not (needed or model):
+        return None
     from transformers import AutoTokenizer
 
-    return chat_template_from_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # a corrupt tokenizer_config.json, missing tokenizer files, ...
+        raise CheckpointError(
+            f"--model {str(model or folder)!r}: its tokenizer does not load ({type(e).__name__}: "
+            f"{_one_line(e)}); give a checkpoint folder with a complete tokenizer"
+        ) from None
+    try:
+        return chat_template_from_tokenizer(tokenizer)
+    except ChatTemplateError as e:
+        if not needed:
+            return None
+        raise ChatTemplateError(
+            f"{e}; the program has roles: give --model a checkpoint whose tokenizer has a chat template"
+        ) from None
+
+
+# What the message of an error raised by Python code working on a traced parameter holds: the
+# placeholder's type name, or its private-use mark (int(n): invalid literal '\ue000{n}\ue001').
+_PLACEHOLDER_SIGNS = ("TracedText", "Concat", "\ue000", "\\ue000")
 
 
 def cmd_ir(ns: argparse.Namespace) -> int:
     from llmir_lang.ir import print_ir
+    from llmir_lang.ir.ops import ROLE_BEGIN, ROLE_END
     from llmir_lang.optimizer import DEFAULT_PIPELINE, PassManager
 
     program = _load_program(ns.target)
-    template = _template(ns.model)
-    module = program.trace(**_arguments(ns.arg, program))
-    passes = ns.passes if ns.passes is not None else program.passes or DEFAULT_PIPELINE
-    manager = PassManager(passes, {"canonicalize": {"template": template}} if template else None)
-    print("// IR before the pipeline")
-    print(print_ir(module), end="")
-    steps = manager.trace(module)
-    shown = steps if ns.print_after_all else steps[-1:]
-    for name, after in shown:
-        print(f"\n// IR after {name}" if ns.print_after_all else f"\n// IR after {passes!r}")
-        print(print_ir(after), end="")
-    if not steps:
-        print("\n// the pipeline is empty: the IR is unchanged")
+    kwargs = _arguments(ns.arg, program)
+    hint = ""  # added to an error the program's own code raised while it was traced
+    try:
+        folder = _template_folder(ns.model)
+        # the program's own pipeline when --passes is not given, "" (none) included, as `run` does
+        passes = ns.passes if ns.passes is not None else program.passes
+        passes = DEFAULT_PIPELINE if passes is None else passes
+        PassManager(passes)  # a bad pipeline is reported before the program is traced
+        unbound = [n for n in program.arg_names if n not in kwargs and n not in program.bound]
+        if unbound:  # for an error the program's code raised on a placeholder (range(n), int(n))
+            hint = (
+                f" (traced without --arg for {', '.join(unbound)}: a parameter not given is traced as a "
+                "text placeholder; give --arg NAME=VALUE for one the program computes with)"
+            )
+        module = program.trace(**kwargs)
+        hint = ""
+        roles = any(op.kind in (ROLE_BEGIN, ROLE_END) for fn in module.functions for op in fn.ops)
+        template = _template(folder, ns.model, roles)
+        manager = PassManager(passes, {"canonicalize": {"template": template}} if template else None)
+        steps = manager.trace(module)
+        out = ["// IR before the pipeline\n", print_ir(module)]
+        for name, after in steps if ns.print_after_all else steps[-1:]:
+            out.append(f"\n// IR after {name}\n" if ns.print_after_all else f"\n// IR after {passes!r}\n")
+            out.append(print_ir(after))
+        if not steps:
+            out.append("\n// the pipeline is empty: the IR is unchanged\n")
+    except LLMIRError as e:  # one line, whatever the message (a program's exception may have several)
+        from llmir_lang.dsl.errors import ProgramExecutionError
+
+        message = _one_line(e)
+        if isinstance(e, ProgramExecutionError) and any(k in message for k in _PLACEHOLDER_SIGNS):
+            message += hint
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    text = "".join(out)
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        # IR is ASCII but for value names (a parameter named café): say so, not a traceback
+        print(
+            f"error: the IR holds a value name that standard output's encoding ({encoding}) cannot "
+            "write; run with PYTHONIOENCODING=utf-8",
+            file=sys.stderr,
+        )
+        return 1
+    sys.stdout.write(text)
     return 0
 
 

@@ -167,17 +167,23 @@ def fork_transparent_users(fn: Function) -> dict[str, list[Op]]:
         if op.operands:
             direct.setdefault(op.operands[0].name, []).append(op)
 
-    def collect(name: str, out: list[Op]) -> None:
-        for op in direct.get(name, []):
+    # Each state's users from the last op back, so that the users of a fork's results are known
+    # when the fork is reached: no recursion (forks of forks may nest thousands deep, in a program
+    # that forks in a loop) and no walk of the same fork results twice.
+    memo: dict[str, list[Op]] = {}
+
+    def users_of(name: str) -> list[Op]:
+        out: list[Op] = []
+        for op in direct[name]:
             if op.kind == FORK:
                 for r in op.results:
-                    collect(r.name, out)
+                    out.extend(memo.get(r.name, ()))
             else:
                 out.append(op)
+        return out
 
-    result: dict[str, list[Op]] = {}
-    for name in direct:
-        acc: list[Op] = []
-        collect(name, acc)
-        result[name] = acc
-    return result
+    for op in reversed(fn.ops):
+        for r in op.results:
+            if r.name in direct:
+                memo[r.name] = users_of(r.name)
+    return {name: memo[name] if name in memo else users_of(name) for name in direct}

@@ -31,6 +31,7 @@ from llmir_lang.ir.verifier import verify as verify_module
 _ESCAPE_RE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
 _SIMPLE = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
 _LINE_END_RE = re.compile(r"\r\n?")
+_STRING_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"')  # grammar.lark's STRING
 _EXCERPT_WIDTH = 60  # characters of a long source line shown on each side of an error's column
 # Lark's terminal names, as a reader of the IR would say them.
 _TERMINAL_NAMES = {
@@ -64,9 +65,16 @@ def _lark() -> Lark:
     return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True)
 
 
-def parse_ir(text: str, *, verify: bool = True) -> Module:
-    """Parse IR text into a ``Module``; verify it unless ``verify=False``."""
-    text = _LINE_END_RE.sub("\n", text.removeprefix("\ufeff"))
+def parse_ir(text: str | bytes, *, verify: bool = True) -> Module:
+    """Parse IR text into a ``Module``; verify it unless ``verify=False``.
+
+    ``text`` is a str, or UTF-8 bytes (a file read in binary mode)."""
+    text = _LINE_END_RE.sub("\n", _as_text(text).removeprefix("\ufeff"))
+    if not text or text.isspace():
+        raise IRParseError(
+            "line 1, column 1: the IR text is empty; a module is written 'module {', one 'func' "
+            "per program, then '}' (print_ir's output)"
+        )
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as e:
@@ -75,6 +83,25 @@ def parse_ir(text: str, *, verify: bool = True) -> Module:
     if verify:
         verify_module(module)
     return module
+
+
+def _as_text(text: object) -> str:
+    if isinstance(text, str):
+        return text
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        data = bytes(text)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise IRParseError(
+                f"line {line}: byte {e.start} ({data[e.start : e.start + 1]!r}) is not UTF-8; IR text "
+                "is UTF-8 (print_ir writes pure ASCII but for value names)"
+            ) from None
+    raise IRParseError(
+        f"parse_ir takes the IR text as a str (or UTF-8 bytes), got {type(text).__name__}; "
+        "print_ir(module) makes one"
+    )
 
 
 def unquote(token: Token, source: str) -> str:
@@ -272,5 +299,13 @@ def _syntax_message(source: str, e: UnexpectedInput) -> str:
         return _at(source, line, column, f"unexpected {got}{want}")
     if isinstance(e, UnexpectedCharacters):
         ch = source[e.pos_in_stream] if e.pos_in_stream < len(source) else "end of input"
+        if ch == '"' and _STRING_RE.match(source, e.pos_in_stream) is None:
+            return _at(
+                source,
+                line,
+                column,
+                "this string is not closed on its line; a string ends on the line it starts on "
+                '(write \\n for a line break in it, \\" for a quote)',
+            )
         return _at(source, line, column, f"unexpected character {ch!r}{want}")
     return _at(source, line, column, str(e))

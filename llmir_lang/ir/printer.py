@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 
+from llmir_lang.errors import IRError
 from llmir_lang.ir.attrs import AttrValue
 from llmir_lang.ir.module import Function, Module
 from llmir_lang.ir.ops import Op
@@ -110,7 +111,21 @@ def format_function(fn: Function, indent: str = "  ") -> str:
 
 def print_ir(module: Module) -> str:
     """The printed form of ``module``, ending with a newline."""
+    if not isinstance(module, Module):
+        raise IRError(f"print_ir takes a Module, got {_what(module)}")
     lines = ["module {"]
     lines.extend(format_function(fn) for fn in module.functions)
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _what(value: object) -> str:
+    """What a caller passed instead of a ``Module``, and how to get one from it."""
+    if isinstance(value, Function):
+        return "a Function; wrap it: Module((fn,))"
+    name = type(value).__name__
+    if name == "LMFunction":  # a program itself, not its trace (the IR cannot import the DSL)
+        return "an @llmir.function program; trace it first: print_ir(f.trace(**arguments))"
+    if isinstance(value, str):
+        return "a str; parse_ir(text) reads IR text into a Module"
+    return f"{name} {value!r:.60}"

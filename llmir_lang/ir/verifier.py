@@ -65,6 +65,10 @@ _KIND_ATTRS: dict[str, dict[str, str]] = {
 
 def verify(module: Module) -> None:
     """Raise ``IRVerifyError`` if ``module`` breaks a rule of the module docstring."""
+    if not isinstance(module, Module):
+        from llmir_lang.ir.printer import _what
+
+        raise IRVerifyError(f"verify takes a Module, got {_what(module)}")
     seen: set[str] = set()
     for fn in module.functions:
         if fn.name in seen:

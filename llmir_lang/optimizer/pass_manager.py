@@ -12,8 +12,10 @@ is parsed, not when the pass runs (which may be never, or deep inside a program 
 must be a parameter, the value must have the annotated type (a string value is read as that type:
 ``int``, ``float``, ``bool`` as ``true`` / ``false``, ``str``), a number must be finite and within
 the option's bounds. An ``int`` option is a count or a length, so its default bound is ``>= 0``;
-``register_pass(name, bounds={"option": (low, high)})`` sets others. Every error is a
-``PassPipelineError`` naming the pass, the option, the value and what is expected.
+``register_pass(name, bounds={"option": (low, high)})`` sets others. The ``options`` mapping is
+checked the same way, whole, for passes outside the pipeline too (a misspelt option is an error,
+not silently unused). Every error is a ``PassPipelineError`` naming the pass, the option, the value
+and what is expected.
 
 After each pass the manager verifies the module (a pass that breaks the IR is a bug, reported with
 the pass's name; ``verify_each=False`` verifies the final module only) and renumbers values
@@ -253,8 +255,21 @@ def parse_pipeline(pipeline: str | Sequence[str]) -> list[tuple[str, dict[str, A
         pos = m.end()
         if pos == len(pipeline):
             return steps
+        if pipeline[pos] == "{":
+            problem = (
+                "have no closing '}'"
+                if "}" not in pipeline[pos:]
+                else "are not one {...} without braces inside"
+            )
+            raise PassPipelineError(
+                f"the options of pass {name} at position {pos} of pipeline {pipeline!r} {problem}; "
+                "write them once after the name: pass{key=value, key=value}"
+            )
         if pipeline[pos] != ",":
-            raise PassPipelineError(f"expected ',' at position {pos} of pipeline {pipeline!r}")
+            raise PassPipelineError(
+                f"expected ',' at position {pos} of pipeline {pipeline!r}, got {pipeline[pos]!r}; "
+                "separate pass names with commas"
+            )
         pos += 1
 
 
@@ -317,23 +332,11 @@ class PassManager:
         pipeline = pipeline_text(pipeline)
         self.pipeline = pipeline
         self.verify_each = verify_each
-        extra = dict(options or {})
-        for name in extra:
-            if name not in PASS_REGISTRY:
-                raise PassPipelineError(
-                    f"options given for unknown pass {name!r}; known passes: {', '.join(sorted(PASS_REGISTRY))}"
-                )
+        extra = _options_mapping(options)
         self.steps: list[tuple[PassInfo, dict[str, Any]]] = []
         for name, opts in parse_pipeline(pipeline):  # checks the options written in the string
             info = PASS_REGISTRY[name]
-            merged = {**extra.get(name, {}), **opts}
-            unknown = sorted(set(merged) - set(info.options))
-            if unknown:
-                accepted = ", ".join(info.options) or "none"
-                raise PassPipelineError(f"pass {name} has no option(s) {unknown}; it accepts: {accepted}")
-            for option, value in extra.get(name, {}).items():
-                info.check_option(option, value)
-            self.steps.append((info, merged))
+            self.steps.append((info, {**extra.get(name, {}), **opts}))
 
     @property
     def pass_names(self) -> list[str]:
@@ -371,6 +374,41 @@ class PassManager:
     def run_text(self, text: str) -> str:
         """Parse IR text, run the pipeline, print the result (what golden tests compare)."""
         return print_ir(self.run(parse_ir(text)))
+
+
+def _options_mapping(options: object) -> dict[str, dict[str, Any]]:
+    """``PassManager``'s ``options``, checked whole: a mapping from registered pass names to
+    mappings of options each pass accepts, with values it accepts, whether or not the pass is in
+    the pipeline (a misspelt option is an error, not silently unused)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise PassPipelineError(
+            f"options must map pass names to their options, e.g. {{'canonicalize': {{'template': t}}}}, "
+            f"got {type(options).__name__} {_short_repr(options)}"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for name, opts in options.items():
+        info = PASS_REGISTRY.get(name) if isinstance(name, str) else None
+        if info is None:
+            raise PassPipelineError(
+                f"options given for unknown pass {name!r}; known passes: {', '.join(sorted(PASS_REGISTRY))}"
+            )
+        if not isinstance(opts, Mapping):
+            raise PassPipelineError(
+                f"options of pass {name} must be a mapping of option names to values "
+                f"(it accepts: {', '.join(info.options) or 'none'}), got {type(opts).__name__} {_short_repr(opts)}"
+            )
+        unknown = [k for k in opts if k not in info.specs]
+        if unknown:
+            accepted = ", ".join(info.options) or "none"
+            raise PassPipelineError(
+                f"pass {name} has no option(s) {sorted(map(str, unknown))}; it accepts: {accepted}"
+            )
+        for option, value in opts.items():
+            info.check_option(option, value)
+        out[name] = dict(opts)
+    return out
 
 
 def run_pipeline(
