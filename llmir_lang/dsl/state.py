@@ -95,6 +95,14 @@ class ProgramState:
         if isinstance(x, TracedText):
             if x.run_id != id(run):
                 raise DSLError("a traced placeholder from another trace was appended", run.program, where)
+            if x.value is None:
+                raise FeatureNotSupportedError(
+                    f"variable {x.name!r} (a var_scope's text or a fork's joined list) is appended while "
+                    "the program is traced (trace(), llmir ir, cache()): the IR has no value for it, so "
+                    "the trace would record its placeholder as text; run() the program to use it",
+                    run.program,
+                    where,
+                )
             run.extend(
                 self, lambda v: run.builder.append(v, x.value), Piece("text", x.placeholder, where=where)
             )
@@ -327,7 +335,15 @@ class ProgramState:
     def get_meta_info(self, name: str) -> dict[str, Any]:
         """Prompt / completion / cached tokens, logprobs and finish reason of gen ``name`` (for a
         select: every choice's logprobs). A sync point."""
-        slot = self._slot(name, SourceLocation.here())
+        where = SourceLocation.here()
+        slot = self._slot(name, where)
+        if self._run.tracing:
+            raise FeatureNotSupportedError(
+                f"get_meta_info({name!r}) while the program is traced (trace(), llmir ir, cache()): "
+                "meta info exists only once the gen has run; read it from the state run() returns",
+                self._run.program,
+                where,
+            )
         self._sync(slot)
         return slot.meta()
 
@@ -581,7 +597,9 @@ class ProgramState:
             return TracedText(name, run.builder.var(run.value(self), name), id(run), "variable")
         if isinstance(slot, ValueSlot):
             return slot.value()
-        return "{" + name + "}"
+        # a var_scope's text or a join's gathered list: the IR has no value to refer to, so a
+        # placeholder that refuses to enter the IR (the plain "{name}" it was went in as text)
+        return TracedText(name, None, id(run), "variable")
 
     # --- streaming (called by the recorder and the runner) -------------------------------
     def _on_piece(self, piece: Piece) -> None:

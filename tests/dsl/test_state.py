@@ -266,3 +266,41 @@ def test_composition_calls_a_program_inside_another(fake):
         s += "z"
 
     assert outer.run(backend=fake).text() == "x[y]z"
+
+
+def test_trace_refuses_variables_it_has_no_value_for():
+    """A var_scope's text, an item of a fork's joined list and get_meta_info have no value in the
+    IR: trace used to record the text "{json}", "{" or "{}" for them, so the traced IR differed
+    from what run() does. Each is now a typed error naming the variable."""
+
+    @llmir.function
+    def scoped(s):
+        with s.var_scope("json"):
+            s += "{" + llmir.gen("x", max_tokens=4) + "}"
+        s += "Again: " + s["json"]
+
+    @llmir.function
+    def joined_item(s):
+        forks = s.fork(2)
+        forks += lambda i: "Idea:" + llmir.gen("idea", max_tokens=4)
+        forks.join()
+        s += "Best: " + s["idea"][0]
+
+    @llmir.function
+    def meta_text(s):
+        s += "Q:" + llmir.gen("a", max_tokens=4)
+        s += str(s.get_meta_info("a"))
+
+    with pytest.raises(FeatureNotSupportedError, match=r"variable 'json'.*traced"):
+        scoped.trace()
+    with pytest.raises(FeatureNotSupportedError, match=r"traced"):
+        joined_item.trace()
+    with pytest.raises(FeatureNotSupportedError, match=r"get_meta_info\('a'\).*traced"):
+        meta_text.trace()
+
+    @llmir.function
+    def reads_after_run(s):
+        with s.var_scope("json"):
+            s += "{" + llmir.gen("x", max_tokens=4) + "}"
+
+    assert reads_after_run.trace() is not None  # a var_scope that is not read back still traces
