@@ -335,15 +335,9 @@ class ProgramState:
     def get_meta_info(self, name: str) -> dict[str, Any]:
         """Prompt / completion / cached tokens, logprobs and finish reason of gen ``name`` (for a
         select: every choice's logprobs). A sync point."""
-        where = SourceLocation.here()
-        slot = self._slot(name, where)
+        slot = self._slot(name, SourceLocation.here())
         if self._run.tracing:
-            raise FeatureNotSupportedError(
-                f"get_meta_info({name!r}) while the program is traced (trace(), llmir ir, cache()): "
-                "meta info exists only once the gen has run; read it from the state run() returns",
-                self._run.program,
-                where,
-            )
+            return _TracedMeta(name)
         self._sync(slot)
         return slot.meta()
 
@@ -769,3 +763,18 @@ def _parse_obj(name: str, text: Any, schema: Any, meta: dict[str, Any], where: s
             f"(at {error.json_path})"
         ) from None
     return obj
+
+
+class _TracedMeta(dict):
+    """``get_meta_info`` while tracing: empty (meta info exists only once a gen has run), and its
+    text is a marked placeholder, so ``str()`` of it appended to the state is refused where it
+    reaches the IR instead of recording the text ``{}``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def __str__(self) -> str:
+        return TracedText(f"meta info of {self.name}", None, 0, "variable")[:]
+
+    __repr__ = __str__
