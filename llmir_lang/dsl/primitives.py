@@ -638,10 +638,26 @@ class TracedText(str):
         return "{" + self.name + "}"
 
     def __add__(self, other: object) -> Concat:  # type: ignore[override]
+        __tracebackhide__ = True
+        self._refuse_arithmetic(other)
         return Concat([self, other])
 
     def __radd__(self, other: object) -> Concat:
+        __tracebackhide__ = True
+        self._refuse_arithmetic(other)
         return Concat([other, self])
+
+    def _refuse_arithmetic(self, other: object) -> None:
+        """``n + 1`` of a traced number parameter: run() computes it, the trace cannot (it made
+        ``Concat([n, 1])``, whose ``str()`` went into the IR as text)."""
+        __tracebackhide__ = True
+        if isinstance(other, (int, float, complex)) and not isinstance(other, bool):
+            raise FeatureNotSupportedError(
+                f"{self.kind} {self.name!r} is used in arithmetic ({self.name} + {other!r}) while the "
+                "program is traced (trace(), llmir ir, cache()): its value is not known then; give "
+                f"trace() the argument ({self.name}=...; llmir ir: --arg {self.name}=...)",
+                where=SourceLocation.here(),
+            )
 
     def __str__(self) -> str:
         return self  # str(x), as for a number argument in run(): still the reference

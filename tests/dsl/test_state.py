@@ -312,3 +312,15 @@ def test_trace_refuses_variables_it_has_no_value_for():
             s += "{" + llmir.gen("x", max_tokens=4) + "}"
 
     assert reads_after_run.trace() is not None  # a var_scope that is not read back still traces
+
+
+def test_trace_refuses_arithmetic_on_a_parameter():
+    """``str(n + 1)`` of a traced parameter recorded the repr of ``Concat([n, 1])`` as text."""
+
+    @llmir.function
+    def counts(s, n):
+        s += "Next: " + str(n + 1)
+
+    with pytest.raises(FeatureNotSupportedError, match=r"parameter 'n' is used in arithmetic"):
+        counts.trace()
+    assert '"Next: 4"' in print_ir(counts.trace(n=3))
