@@ -38,6 +38,7 @@ from llmir_lang.executor.engine_setup import (
 )
 from llmir_lang.executor.kv_pool import KVPool
 from llmir_lang.executor.loader import load_model, resolve_dtype, resolve_model_path
+from llmir_lang.executor.model_config import ModelConfig
 from llmir_lang.executor.model_runner import ModelRunner
 from llmir_lang.executor.radix_cache import RadixCache
 from llmir_lang.executor.request import FinishReason, GenerateResult, Req, StreamChunk
@@ -115,9 +116,12 @@ class Engine(EngineScoring, EngineLoop):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_path = resolve_model_path(model)
+        # the config and the tokenizer before the weights: a checkpoint without usable tokenizer
+        # files fails in a moment, not after the whole weight load
+        early = ModelConfig.from_folder(self.model_path)
+        self.tokenizer = Tokenizer(self.model_path, early.eos_token_ids, early.vocab_size)
         self.model = load_model(self.model_path, self.device, self.dtype)
         self.config = self.model.config
-        self.tokenizer = Tokenizer(self.model_path, self.config.eos_token_ids)
         budget = parse_memory(kv_memory, self.device)
         cfg = self.config
         try:

@@ -464,3 +464,22 @@ def test_a_rendered_chat_starts_with_one_bos_as_in_transformers(tmp_path) -> Non
     # plain text still gets its BOS, and text without special tokens is untouched
     assert tok.encode("the quick") == [0, *tok.encode("the quick", add_special_tokens=False)]
     assert tok.encode(text, add_special_tokens=False) == list(reference)
+
+
+def test_a_checkpoint_without_tokenizer_files_fails_before_its_weights_load(tmp_path, monkeypatch):
+    """The engine reads the config and the tokenizer first: a folder without tokenizer files is a
+    CheckpointError before any weight is read (it came after the whole weight load)."""
+    import shutil
+
+    from llmir_lang.errors import CheckpointError
+    from llmir_lang.executor import engine as engine_mod
+    from llmir_lang.executor.loader import BUNDLED_MODEL
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    shutil.copy(BUNDLED_MODEL / "config.json", folder / "config.json")
+    loads: list[object] = []
+    monkeypatch.setattr(engine_mod, "load_model", lambda *a, **k: loads.append(a))
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        engine_mod.Engine(str(folder), device="cpu")
+    assert loads == []
