@@ -33,22 +33,26 @@ def save_tokenizer(folder: Path) -> None:
     hf.save_pretrained(str(folder))
 
 
+# the transformers config fields every test checkpoint shares (a tiny random model)
+COMMON_CONFIG = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    eos_token_id=0,
+    bos_token_id=None,
+    tie_word_embeddings=False,
+)
+
+
 def make_config(arch: str):
     import transformers as tf
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        eos_token_id=0,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
+    common = dict(COMMON_CONFIG)
     if arch == "llama":
         return tf.LlamaConfig(**common)
     if arch == "llama3":

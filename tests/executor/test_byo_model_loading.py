@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import hf_greedy, save_tokenizer
+from hf_fixtures import COMMON_CONFIG, hf_greedy, save_tokenizer
 from safetensors.torch import load_file, save_file
 
 from llmir_lang.errors import CheckpointError, InvalidRequestError, UnsupportedArchitectureError
@@ -24,19 +24,6 @@ from llmir_lang.executor.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")
 PROMPTS = ([5, 17, 33, 2, 90, 101, 7], [250, 3, 3, 9, 60, 61, 62])
-COMMON_CONFIG = dict(
-    vocab_size=384,
-    hidden_size=64,
-    intermediate_size=112,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    eos_token_id=0,
-    bos_token_id=None,
-    tie_word_embeddings=False,
-)
 
 
 def build_hf_folder(cfg, folder: Path, **save_kw):
