@@ -610,6 +610,11 @@ _OPEN, _CLOSE = "\ue000", "\ue001"
 _MARKED = re.compile(_OPEN + r"\{(.*?)\}" + _CLOSE)
 
 
+def marked_placeholder(name: str) -> str:
+    """``{name}`` between the two marks, as plain text (what a ``TracedText`` holds)."""
+    return _OPEN + "{" + name + "}" + _CLOSE
+
+
 class TracedText(str):
     """A placeholder for text known only at run time, used by ``trace``: a parameter or a variable
     read. Its string value is ``{name}`` between two private-use marks; appending it records
@@ -625,7 +630,7 @@ class TracedText(str):
     run_id: int  # id() of the ProgramRun whose builder defined the value
 
     def __new__(cls, name: str, value: Any, run_id: int, kind: str = "parameter") -> TracedText:
-        obj = super().__new__(cls, _OPEN + "{" + name + "}" + _CLOSE)
+        obj = super().__new__(cls, marked_placeholder(name))
         obj.name = name
         obj.kind = kind
         obj.value = value
@@ -639,23 +644,56 @@ class TracedText(str):
 
     def __add__(self, other: object) -> Concat:  # type: ignore[override]
         __tracebackhide__ = True
-        self._refuse_arithmetic(other)
+        self._refuse_number(other, "+")
         return Concat([self, other])
 
     def __radd__(self, other: object) -> Concat:
         __tracebackhide__ = True
-        self._refuse_arithmetic(other)
+        self._refuse_number(other, "+")
         return Concat([other, self])
 
-    def _refuse_arithmetic(self, other: object) -> None:
-        """``n + 1`` of a traced number parameter: run() computes it, the trace cannot (it made
-        ``Concat([n, 1])``, whose ``str()`` went into the IR as text)."""
+    # ``n > 2`` of a traced number parameter raised a bare TypeError (str against int)
+    def __lt__(self, other: object) -> bool:  # type: ignore[override]
+        __tracebackhide__ = True
+        self._refuse_number(other, "<")
+        return str.__lt__(self, other)  # type: ignore[operator]
+
+    def __le__(self, other: object) -> bool:  # type: ignore[override]
+        __tracebackhide__ = True
+        self._refuse_number(other, "<=")
+        return str.__le__(self, other)  # type: ignore[operator]
+
+    def __gt__(self, other: object) -> bool:  # type: ignore[override]
+        __tracebackhide__ = True
+        self._refuse_number(other, ">")
+        return str.__gt__(self, other)  # type: ignore[operator]
+
+    def __ge__(self, other: object) -> bool:  # type: ignore[override]
+        __tracebackhide__ = True
+        self._refuse_number(other, ">=")
+        return str.__ge__(self, other)  # type: ignore[operator]
+
+    def __getitem__(self, key: Any) -> str:  # type: ignore[override]
+        __tracebackhide__ = True
+        if self.value is None:  # a var_scope's text or a joined list: nothing to index in the IR
+            raise FeatureNotSupportedError(
+                f"variable {self.name!r} (a var_scope's text or a fork's joined list) is indexed while "
+                "the program is traced (trace(), llmir ir, cache()): its value is not known then; "
+                "run() the program to use it",
+                where=SourceLocation.here(),
+            )
+        return str.__getitem__(self, key)
+
+    def _refuse_number(self, other: object, op: str) -> None:
+        """``n + 1`` / ``n > 2`` of a traced number parameter: run() computes it, the trace cannot
+        (``+`` made ``Concat([n, 1])``, whose ``str()`` went into the IR as text)."""
         __tracebackhide__ = True
         if isinstance(other, (int, float, complex)) and not isinstance(other, bool):
             raise FeatureNotSupportedError(
-                f"{self.kind} {self.name!r} is used in arithmetic ({self.name} + {other!r}) while the "
-                "program is traced (trace(), llmir ir, cache()): its value is not known then; give "
-                f"trace() the argument ({self.name}=...; llmir ir: --arg {self.name}=...)",
+                f"{self.kind} {self.name!r} is used in arithmetic or compared with a number "
+                f"({self.name} {op} {other!r}) while the program is traced (trace(), llmir ir, "
+                f"cache()): its value is not known then; give trace() the argument ({self.name}=...; "
+                f"llmir ir: --arg {self.name}=...)",
                 where=SourceLocation.here(),
             )
 

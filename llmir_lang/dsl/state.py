@@ -35,6 +35,7 @@ from llmir_lang.dsl.primitives import (
     Select,
     TracedText,
     is_anonymous,
+    marked_placeholder,
 )
 from llmir_lang.dsl.recorder import Piece, ProgramRun
 from llmir_lang.dsl.streaming import StreamLog
@@ -775,6 +776,6 @@ class _TracedMeta(dict):
         self.name = name
 
     def __str__(self) -> str:
-        return TracedText(f"meta info of {self.name}", None, 0, "variable")[:]
+        return marked_placeholder(f"meta info of {self.name}")
 
     __repr__ = __str__

@@ -293,7 +293,7 @@ def test_trace_refuses_variables_it_has_no_value_for():
 
     with pytest.raises(FeatureNotSupportedError, match=r"variable 'json'.*traced"):
         scoped.trace()
-    with pytest.raises(FeatureNotSupportedError, match=r"traced"):
+    with pytest.raises(FeatureNotSupportedError, match=r"variable 'idea'.*indexed"):
         joined_item.trace()
     with pytest.raises(FeatureNotSupportedError, match=r"meta info of a"):
         meta_text.trace()
@@ -301,6 +301,7 @@ def test_trace_refuses_variables_it_has_no_value_for():
     @llmir.function
     def meta_read_only(s):
         s += "Q:" + llmir.gen("a", max_tokens=4)
+        print(s.get_meta_info("a"))  # shown, not appended
         if s.get_meta_info("a").get("finish_reason") == "length":  # nothing of it enters the IR
             s += "!"
 
@@ -324,3 +325,12 @@ def test_trace_refuses_arithmetic_on_a_parameter():
     with pytest.raises(FeatureNotSupportedError, match=r"parameter 'n' is used in arithmetic"):
         counts.trace()
     assert '"Next: 4"' in print_ir(counts.trace(n=3))
+
+    @llmir.function
+    def compares(s, n):
+        if n > 2:  # raised a bare TypeError (a str against an int)
+            s += "big"
+
+    with pytest.raises(FeatureNotSupportedError, match=r"compared with a number \(n > 2\)"):
+        compares.trace()
+    assert '"big"' in print_ir(compares.trace(n=3))
