@@ -197,16 +197,6 @@ def _on_cpu(device: Any) -> bool:
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-def _in_hub_cache(model: str) -> bool:
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(model, local_files_only=True)
-        return True
-    except Exception:
-        return False
-
-
 def local_model_path(model: str | None) -> str | None:
     """``model`` as a folder the engine can load: a folder as it is, a Hugging Face hub id
     (``meta-llama/Llama-3.2-1B-Instruct``, what SGLang's ``model_path`` often is) from the local
@@ -214,18 +204,17 @@ def local_model_path(model: str | None) -> str | None:
     that says how to fetch it."""
     if model is None or Path(model).expanduser().is_dir() or not _HUB_ID.fullmatch(str(model)):
         return model
-    parent = Path(model).expanduser().parent
-    if parent.is_dir() and not _in_hub_cache(str(model)):
-        # "ck/nope" where ./ck is a folder: a path with a typo, not a hub id
-        raise CheckpointError(
-            f"model folder {str(model)!r} does not exist (the folder {str(parent)!r} does); pass an "
-            "existing checkpoint folder, or a Hugging Face hub id that is in the local cache"
-        )
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(str(model), local_files_only=True)
     except Exception:  # not in the cache (or no huggingface_hub): say how to get it
+        parent = Path(model).expanduser().parent
+        if parent.is_dir():  # "ck/nope" where ./ck is a folder: a path with a typo, not a hub id
+            raise CheckpointError(
+                f"model folder {str(model)!r} does not exist (the folder {str(parent)!r} does); pass "
+                "an existing checkpoint folder, or a Hugging Face hub id that is in the local cache"
+            ) from None
         raise CheckpointError(
             f"model {model!r} is neither a local folder nor in the Hugging Face cache; the embedded "
             f"engine downloads nothing: fetch it once (huggingface-cli download {model}) and pass "

@@ -41,19 +41,25 @@ NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _VALUE_KEYWORDS = ("const", "enum")
 
 
-def _big_ints(value: Any) -> Iterator[int]:
-    """The integers of absolute value over 2**53 anywhere in a JSON value (objects, arrays)."""
-    if isinstance(value, bool):
-        return
-    if isinstance(value, int):
-        if abs(value) > F64_EXACT_INT:
-            yield value
-    elif isinstance(value, list):
+def _scalars(value: Any) -> Iterator[Any]:
+    """The scalars anywhere in a JSON value (inside objects and arrays)."""
+    if isinstance(value, list):
         for v in value:
-            yield from _big_ints(v)
+            yield from _scalars(v)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _big_ints(v)
+            yield from _scalars(v)
+    else:
+        yield value
+
+
+def _big_ints(value: Any) -> Iterator[int]:
+    """The integers of absolute value over 2**53 anywhere in a JSON value (objects, arrays)."""
+    return (
+        v
+        for v in _scalars(value)
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > F64_EXACT_INT
+    )
 
 
 def imprecise_integer(schema: Any) -> UnsupportedSchemaError | None:
@@ -94,14 +100,7 @@ _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?(0|[1-9][0-9]*)(\.[0-9]+)?
 
 def _floats(value: Any) -> Iterator[float]:
     """The floats anywhere in a JSON value (objects, arrays)."""
-    if isinstance(value, float):
-        yield value
-    elif isinstance(value, list):
-        for v in value:
-            yield from _floats(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _floats(v)
+    return (v for v in _scalars(value) if isinstance(v, float))
 
 
 @functools.lru_cache(maxsize=4096)
