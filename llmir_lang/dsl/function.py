@@ -41,7 +41,7 @@ from llmir_lang.dsl.recorder import ProgramRun, chat_roles
 from llmir_lang.dsl.runner import BatchRunner, PipelineRunner
 from llmir_lang.dsl.runtime import cache_prefix, get_default_backend, resolve_backend
 from llmir_lang.dsl.state import ProgramState
-from llmir_lang.dsl.workers import spawn
+from llmir_lang.dsl.workers import Task, interrupts_deferred, spawn
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Module, verify
 from llmir_lang.ir import ops as K
@@ -466,13 +466,10 @@ class LMFunction:
         work = _BatchWork(
             self, runner, runs, [a for a, _ in prepared], _progress(len(runs)) if progress_bar else None
         )
-        # pooled threads: a run_batch reuses the previous one's (see workers.py)
-        threads = [spawn(work.run, name="llmir-batch") for _ in range(workers)]
-        coordinator = spawn(runner.serve, name="llmir-batch-coordinator")
+        threads: list[Task] = []
 
         def finish() -> None:
-            coordinator.join()
-            for t in threads:  # each has called worker_exit: it is returning
+            for t in threads:  # the coordinator, then each worker (which has called worker_exit)
                 t.join()
             work.close()
 
@@ -480,12 +477,20 @@ class LMFunction:
             runner.cancel(f"run_batch() of {self.name!r} {reason}")
             finish()
 
-        if generator_style:
-            return _BatchResults(states, finish, interrupted)
         try:
+            # pooled threads: a run_batch reuses the previous one's (see workers.py). An interrupt
+            # while they start is raised once all have (and cancels the batch below), not between
+            # two starts, which left the started ones running with nobody to cancel them
+            with interrupts_deferred():
+                threads.append(spawn(runner.serve, name="llmir-batch-coordinator"))
+                threads.extend(spawn(work.run, name="llmir-batch") for _ in range(workers))
+            if generator_style:
+                return _BatchResults(states, finish, interrupted)
             for st in states:
                 st._run.finished.wait()
         except BaseException:
+            for _ in range(workers - max(0, len(threads) - 1)):  # workers that never started (a
+                runner.worker_exit()  # failed thread start): the coordinator must not wait for them
             interrupted()
             raise
         finish()

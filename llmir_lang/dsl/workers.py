@@ -22,12 +22,14 @@ is ``llmir-idle-worker``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import os
 import queue
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 MAX_IDLE = 256
@@ -155,3 +157,27 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "llmir-worker") -> Tas
     else:
         worker.inbox.put(task)
     return task
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """In the main thread: a SIGINT (Ctrl-C, a notebook's interrupt) that arrives inside the block
+    is delivered again as it leaves it, so a KeyboardInterrupt cannot land halfway through work that
+    must be whole, such as starting a batch's threads (the coordinator would wait for workers never
+    started, and the started ones would run on with nobody to cancel them). Elsewhere (another
+    thread, or a process whose SIGINT handler is not Python's to set) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    except (ValueError, OSError):  # signals unavailable here (an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:  # to the handler that was there, which raises KeyboardInterrupt as it would have
+            signal.raise_signal(signal.SIGINT)

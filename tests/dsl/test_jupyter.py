@@ -11,6 +11,7 @@ import io
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -137,6 +138,46 @@ def test_interrupted_run_batch_stops_the_whole_batch(capsys):
         (st,) = two_steps.run_batch([{"i": 1}], backend=fake)
         assert st.error() is None and st["b"]
     finally:
+        fake.pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("generator_style", [False, True])
+def test_interrupt_while_the_batch_threads_start(monkeypatch, generator_style):
+    """A SIGINT that arrives while run_batch is still starting its threads (a worker already sent a
+    request: CI's Jupyter kernel test hit it) stops the whole batch, as one that arrives later
+    does; before, it escaped between two thread starts and the started workers ran on."""
+    function_module = sys.modules["llmir_lang.dsl.function"]  # the package's .function is the decorator
+
+    fake = FakeBackend(delay=0.2)
+    starts = []
+    real_spawn = function_module.spawn
+
+    def spawn(fn, *args, name="llmir-worker"):
+        task = real_spawn(fn, *args, name=name)
+        starts.append(name)
+        if len(starts) == 3:  # the coordinator and two of four workers have started
+            deadline = time.monotonic() + 10
+            while not fake.requests and time.monotonic() < deadline:
+                time.sleep(0.005)
+            signal.raise_signal(signal.SIGINT)
+        return task
+
+    monkeypatch.setattr(function_module, "spawn", spawn)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            out = two_steps.run_batch(
+                [{"i": i} for i in range(40)], backend=fake, num_threads=4, generator_style=generator_style
+            )
+            if generator_style:  # not reached: the interrupt comes out of run_batch itself
+                next(out)
+        assert len(starts) == 5  # every thread started before the interrupt was raised
+        assert _batch_threads() == []
+        sent = len(fake.requests)
+        time.sleep(0.5)
+        assert len(fake.requests) == sent < 40
+    finally:
+        signal.signal(signal.SIGINT, previous)
         fake.pool.shutdown(wait=True)
 
 
