@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, device_name, random_checkpoint, table  # noqa: E402
+from llmir_lang.kernels import triton_gemv  # noqa: E402
 
 from llmir_lang.executor.attention import ForwardMode  # noqa: E402
 from llmir_lang.executor.engine import Engine  # noqa: E402
@@ -142,6 +143,11 @@ def set_runner(eng: Engine, **attrs: Any) -> None:
             r.set_compile(attrs.pop("compile"))
         if "triton_linear" in attrs:
             r.set_triton_linear(attrs.pop("triton_linear"))
+        pdl = attrs.pop("pdl", True)
+        if pdl != triton_gemv.PDL:  # graphs captured with the other launches are dropped
+            triton_gemv.PDL = pdl
+            if r.graphs is not None:
+                r.graphs.clear()
         if "fuse_rows" in attrs:
             r.model.fuse_rows = attrs.pop("fuse_rows")
             if r.graphs is not None:
@@ -291,6 +297,10 @@ VARIANTS = {
     "graphs+compile": dict(cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True),
     # Triton projections, but each norm and SwiGLU's product as its own kernel at batch 1 too
     "graphs+compile+unfused": dict(cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=False),
+    # the same with every one-row projection launched without PDL (triton_gemv.PDL off)
+    "graphs+compile+nopdl": dict(
+        cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True, pdl=False
+    ),
     # the same with every projection through cuBLAS (F.linear), not the Triton GEMV kernels
     "graphs+compile+cublas": dict(cuda_graphs=True, compile=True, triton_linear=False),
     "graphs": dict(cuda_graphs=True, compile=False, triton_linear=True),

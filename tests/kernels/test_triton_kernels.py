@@ -505,3 +505,35 @@ def test_silu_gemv_matches_silu_mul_then_linear() -> None:
     w = (torch.randn(n, k, generator=g) * 0.05).to(dt)
     out = tg.silu_gemv(gate_up, w, tg.GemvConfig(4, 256, 4, 1))
     assert rel_error(out, torch.nn.functional.linear(silu_mul(gate_up).float(), w.float())) < 1e-2
+
+
+@pytest.mark.parametrize("n", [64, 100])
+def test_pdl_paths_compute_what_the_plain_paths_do(monkeypatch, n: int) -> None:
+    """The one-row kernels' PDL variant (first weight slice loaded before the wait, then the rest)
+    gives the same bits as the plain one (the wait itself is a no-op in the interpreter; that it
+    orders the kernels on a Hopper GPU is checked there, test_triton_kernels_gpu.py)."""
+    from llmir_lang.kernels import triton_gemv as tg
+
+    g = torch.Generator().manual_seed(n)
+    k, dt = 768, torch.bfloat16  # three 256-wide slices: the peeled one and two in the loop
+    x = torch.randn(1, k, generator=g).to(dt)
+    res = torch.randn(1, k, generator=g).to(dt)
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dt)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dt)
+    gate_up = torch.randn(1, 2 * k, generator=g).to(dt)
+    cfg = tg.GemvConfig(8, 256, 4, 1)
+
+    def run_all() -> list[torch.Tensor]:
+        out = torch.empty(1, n, dtype=dt)
+        return [
+            tg.gemv(x, w, out, cfg).clone(),
+            *tg.norm_gemv(x, res, nw, 1e-5, w, cfg),
+            tg.norm_gemv(x, None, nw, 1e-5, w, cfg)[0],
+            tg.silu_gemv(gate_up, w, cfg),
+        ]
+
+    plain = run_all()
+    monkeypatch.setattr(tg, "pdl_ok", lambda t: True)
+    monkeypatch.setattr(tg, "_pdl_launch", lambda pdl: dict(USE_PDL=pdl))  # no launch_pdl on the CPU
+    for a, b in zip(plain, run_all(), strict=True):
+        assert torch.equal(a, b)

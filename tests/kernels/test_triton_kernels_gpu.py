@@ -385,3 +385,54 @@ def test_linear_replays_in_a_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert rel_error(y, torch.nn.functional.linear(x.float(), w.float())) < TOL[torch.bfloat16]
+
+
+def _layer_chain(x: torch.Tensor, layers: list, eps: float = 1e-5) -> torch.Tensor:
+    """A decode step's one-row projections, layer after layer, each reading what the one before
+    wrote (with a torch elementwise kernel, as the rotary is, between the first two)."""
+    residual = None
+    for norm1, qkv_w, o_w, norm2, gu_w, down_w in layers:
+        qkv, residual = K.add_norm_linear(x, residual, norm1, eps, qkv_w)
+        o = K.linear((qkv[:, : o_w.shape[1]] * 1.5).contiguous(), o_w)
+        gate_up, residual = K.add_norm_linear(o, residual, norm2, eps, gu_w)
+        x = K.silu_mul_linear(gate_up, down_w)
+    return x + residual
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="PDL needs sm90+"
+)
+def test_pdl_chain_in_a_cuda_graph_equals_the_plain_launches(monkeypatch) -> None:
+    """With programmatic dependent launch each projection may start while the one before still
+    runs; every program waits for it before it reads its input row or writes. A chain of 12
+    dependent layers replayed in a CUDA graph gives the bits the plain launches give (a missing
+    wait reads a stale row and differs), and so do eager launches."""
+    from llmir_lang.kernels import triton_gemv as tg
+
+    torch.manual_seed(0)
+    h, i, dt = 2048, 8192, torch.bfloat16
+
+    def w(n: int, k: int) -> torch.Tensor:
+        return torch.randn(n, k, device=DEV, dtype=dt) * k**-0.5
+
+    layers = [
+        (1 + 0.1 * torch.randn(h, device=DEV, dtype=dt), w(3072, h), w(h, h),
+         1 + 0.1 * torch.randn(h, device=DEV, dtype=dt), w(2 * i, h), w(h, i))
+        for _ in range(12)
+    ]  # fmt: skip
+    x = torch.randn(1, h, device=DEV, dtype=dt)
+    assert tg.pdl_ok(x)
+    monkeypatch.setattr(tg, "PDL", False)
+    plain = _layer_chain(x, layers)
+    monkeypatch.setattr(tg, "PDL", True)
+    assert torch.equal(_layer_chain(x, layers), plain)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = _layer_chain(x, layers)
+    for seed in range(3):
+        x.copy_(torch.randn(1, h, generator=torch.Generator().manual_seed(seed)).to(DEV, dt))
+        monkeypatch.setattr(tg, "PDL", False)
+        want = _layer_chain(x, layers)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, want), seed
