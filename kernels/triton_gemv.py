@@ -106,12 +106,17 @@ def _pdl_launch(pdl: bool) -> dict:
     return dict(USE_PDL=True, launch_pdl=True) if pdl else dict(USE_PDL=False)
 
 
-try:  # the instructions exist from Triton 3.3
-    from triton.language.extra.cuda import gdc_wait as _gdc_wait  # noqa: F401
+def _triton_has_pdl() -> bool:
+    """The instructions and the ``launch_pdl`` launch option (Triton 3.3 and newer)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
-    _GDC = True
-except ImportError:
-    _GDC = False
+
+_GDC = _triton_has_pdl()
 
 
 @triton.jit
