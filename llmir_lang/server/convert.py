@@ -7,71 +7,99 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from llmir_lang.errors import InvalidRequestError
 from llmir_lang.executor.request import GenerateResult
+from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.tokenizer import run_text
-from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, code_of, error_body, status_of
+from llmir_lang.server.errors import (
+    ClientDisconnectedError,
+    ServerHTTPError,
+    blame,
+    code_of,
+    error_body,
+    status_of,
+    with_param,
+)
 
 DISCONNECT_POLL_S = 0.25  # how often a request waiting on the engine checks that its client is there
 
 
-def constraint_spec(
-    *,
-    regex: str | None = None,
-    json_schema: str | dict[str, Any] | None = None,
-    grammar: str | None = None,
-    choices: list[str] | None = None,
-    source: str = "request",
-) -> Any:
-    """The ``ConstraintSpec`` for at most one given constraint field (None if none is given).
+def constraint_spec(given: Sequence[tuple[str, Any, str]]) -> tuple[Any, str | None]:
+    """The ``ConstraintSpec`` of at most one constraint field, and the request field it came from;
+    ``(None, None)`` when none is given.
 
-    ``grammar`` is llguidance lark text or GBNF/EBNF (``root ::= ...``), converted to lark.
-    Invalid regexes, schemas and grammars raise typed ``ConstraintError``s (400).
+    ``given``: ``(kind, value, field)`` per constraint field of the request, ``kind`` one of
+    ``regex``, ``json_schema``, ``grammar``, ``choices``, ``field`` its name in the request (the
+    ``param`` of its errors); a None value is a field not given. Two given fields are a 400 naming
+    the second. ``grammar`` is llguidance lark text or GBNF/EBNF (``root ::= ...``), converted to
+    lark. Invalid regexes, schemas and grammars raise typed ``ConstraintError``s (400) naming their
+    field; so does compiling the spec later, where ``Submission.constraint_param`` carries it.
     """
-    given = {
-        k: v
-        for k, v in (
-            ("regex", regex),
-            ("json_schema", json_schema),
-            ("grammar", grammar),
-            ("choices", choices),
-        )
-        if v is not None
-    }
-    if not given:
-        return None
-    if len(given) > 1:
+    present = [(kind, value, field) for kind, value, field in given if value is not None]
+    if not present:
+        return None, None
+    if len(present) > 1:
+        names = [field for _, _, field in present]
         raise ServerHTTPError(
-            400, f"{source}: give at most one constraint, got {sorted(given)}; drop all but one"
+            400,
+            f"give at most one constraint, got {' and '.join(names)}; drop all but one",
+            param=names[1],
         )
     from llmir_lang.executor import constraints as C
 
-    ((kind, value),) = given.items()
-    if kind == "regex":
-        return C.spec_from_regex(value)
-    if kind == "json_schema":
-        return C.spec_from_json_schema(value)
-    if kind == "choices":
-        return C.spec_from_choices(value)
-    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+    ((kind, value, field),) = present
+    with blame(field):
+        if kind == "regex":
+            return C.spec_from_regex(value), field
+        if kind == "json_schema":
+            return C.spec_from_json_schema(value), field
+        if kind == "choices":
+            return C.spec_from_choices(value), field
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
+        try:
+            lark = any_to_lark(value)
+        except GbnfToLarkError as e:
+            raise C.GrammarSyntaxError(
+                f"the grammar is neither lark nor GBNF/EBNF that converts to lark: {e}"
+            ) from None
+        return C.spec_from_grammar(lark), field
+
+
+def sampling_params(fields: Sequence[tuple[str, Any, str | None]]) -> SamplingParams:
+    """``SamplingParams`` from ``(engine field, value, request field)`` triples.
+
+    The engine checks the values; one it refuses is its ``InvalidRequestError`` naming the request
+    field the value came from (``param``). The engine's error does not say which field it is
+    about, so on a refusal the fields are checked again one more at a time, in the given order
+    (``max_new_tokens`` before ``min_new_tokens``: the first field whose value the fields before it
+    cannot take is the one at fault, the later of two that conflict), and that field's own error is
+    raised. A valid request pays for one construction only."""
     try:
-        lark = any_to_lark(value)
-    except GbnfToLarkError as e:
-        raise C.GrammarSyntaxError(
-            f"the grammar is neither lark nor GBNF/EBNF that converts to lark: {e}"
-        ) from None
-    return C.spec_from_grammar(lark)
+        return SamplingParams(**{name: value for name, value, _ in fields})
+    except InvalidRequestError as e:
+        refused = e
+    so_far: dict[str, Any] = {}
+    for name, value, field in fields:
+        so_far[name] = value
+        try:
+            SamplingParams(**so_far)
+        except InvalidRequestError as e:
+            raise with_param(e, field) from None
+    raise refused  # not one field's (it should not happen: the last check is the whole set)
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
-    """``stop`` as a list. ``""`` is a stop string like any other (not "no stop"), so ``"stop": ""``
-    and ``"stop": [""]`` are refused alike (a 400 from the sampling parameters' checks)."""
+    """``stop`` (or ``stop_regex``) as a list. ``""`` is a stop string like any other (not "no
+    stop"), so ``"stop": ""`` and ``"stop": [""]`` are refused alike (a 400 from the sampling
+    parameters' checks), and so are ``"stop_regex": ""`` and ``[""]`` (it matches the empty
+    string)."""
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)

@@ -19,12 +19,23 @@ Typed library errors map to status codes here, so routes just raise them:
 
 A 400 raised as a library error also names its class in the ``x-llmir-error`` header, which the
 remote backends turn back into that class.
+
+``param``: a ``ServerHTTPError`` is given its field where the route raises it; a library error
+(``InvalidRequestError``, ``ConstraintError``, ``IRError``, raised by the engine, the constraint
+compiler or the IR parser, which know nothing of the request) gets the request field it came from
+where the route hands that field's value on (``with_param`` / ``blame``). The name is the field
+as the client sent it, a nested one as a dotted path as for the validation errors
+(``sampling_params.temperature``, ``messages.0.content``); of two fields that conflict, the second
+one the message names. An error that is not about one field keeps ``param`` null.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,6 +77,41 @@ class ServerHTTPError(LLMIRError):
 
 class ClientDisconnectedError(LLMIRError):
     """The client went away before its response was ready; its request was aborted."""
+
+
+E = TypeVar("E", bound=BaseException)
+
+# the library errors that are bad input (400) and may be pinned on one request field
+INPUT_ERRORS: tuple[type[LLMIRError], ...] = (InvalidRequestError, ConstraintError, IRError)
+
+
+def with_param(exc: E, param: str | None) -> E:
+    """``exc`` naming ``param`` as the request field at fault (the ``param`` of its error body).
+    A copy, not ``exc`` itself: the constraint compiler caches its errors and raises the same
+    instance again, for requests that may name the field otherwise. An error that already names
+    its field (or a ``param`` of None) is returned as it is."""
+    if param is None or getattr(exc, "param", None) is not None:
+        return exc
+    try:
+        named = copy.copy(exc)
+    except Exception:  # an exception class that cannot be rebuilt from its args
+        named = exc
+    named.param = param  # type: ignore[attr-defined]
+    return named
+
+
+@contextmanager
+def blame(param: str | None, *classes: type[BaseException]) -> Iterator[None]:
+    """Errors of ``classes`` (default ``INPUT_ERRORS``) raised inside name ``param`` (see
+    ``with_param``): wrap the call that hands one request field's value to library code."""
+    caught = classes or INPUT_ERRORS
+    try:
+        yield
+    except caught as e:
+        named = with_param(e, param)
+        if named is e:
+            raise
+        raise named.with_traceback(e.__traceback__) from e.__cause__
 
 
 def not_implemented(feature: str, instead: str, param: str | None = None) -> ServerHTTPError:
@@ -218,8 +264,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _validation_param(exc: RequestValidationError) -> str | None:
-    """The body field of the first problem (``messages.0.content``), for the error's ``param``."""
+    """The body field of the first problem (``messages.0.content``), for the error's ``param``;
+    None for a problem of the body as a whole (not JSON, whose ``loc`` is the character position
+    where parsing failed; not an object; missing)."""
     for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return None
         names = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_branch_name(x)]
         if names:
             return ".".join(names)

@@ -31,9 +31,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from llmir_lang.errors import IRError
 from llmir_lang.ir import Module, parse_ir, verify
 from llmir_lang.ir import ops as K
-from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, shutting_down
+from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, blame, shutting_down
 from llmir_lang.server.protocol import ProgramRequest
 from llmir_lang.server.routes_native import service_of
 from llmir_lang.server.service import EngineService, ProgramEngine, ProgramRun
@@ -52,12 +53,16 @@ def bind_args(module: Module, args: dict[str, str] | list[dict[str, str]] | None
     elif isinstance(args, dict):
         if len(fns) != 1:
             raise ServerHTTPError(
-                400, f"the module has {len(fns)} functions; give 'args' as a list of {len(fns)} dicts"
+                400,
+                f"the module has {len(fns)} functions; give 'args' as a list of {len(fns)} dicts",
+                param="args",
             )
         args = [args]
     if len(args) != len(fns):
         raise ServerHTTPError(
-            400, f"'args' has {len(args)} entries for {len(fns)} functions; give one per function"
+            400,
+            f"'args' has {len(args)} entries for {len(fns)} functions; give one per function",
+            param="args",
         )
     for fn, given in zip(fns, args):
         params = [p.name for p in fn.params]
@@ -70,6 +75,7 @@ def bind_args(module: Module, args: dict[str, str] | list[dict[str, str]] | None
                 + (f"missing {missing}" if missing else "")
                 + ("; " if missing and unknown else "")
                 + (f"unknown {unknown}" if unknown else ""),
+                param="args",
             )
     return list(args)
 
@@ -91,6 +97,7 @@ def check_limits(module: Module, limit: int | None) -> Module:
                 400,
                 f"@{fn_name}: gen {name!r} asks for {n} tokens (max_tokens), above this server's limit "
                 f"of {limit}; set max_tokens <= {limit}, or leave it out to get {cap}",
+                param="ir",
             )
         return attrs
 
@@ -139,7 +146,8 @@ def run_program(
     options = (
         {"canonicalize": {"template": roles}} if roles is not None and "canonicalize" in pipeline else {}
     )
-    optimized = PassManager(pipeline, options).run(module) if pipeline.strip() else module
+    with blame("ir", IRError):  # the module's roles that the chat template cannot render
+        optimized = PassManager(pipeline, options).run(module) if pipeline.strip() else module
     ev = SegmentEvaluator(backend, roles)
     results = ev.run(optimized, args)
     functions = []
@@ -173,16 +181,20 @@ def _checked_program(
 ) -> tuple[Module, list[dict[str, str]]]:
     """The request's module, parsed, verified and within the limits, and its bound arguments;
     each problem a typed error (400)."""
-    module = parse_ir(body.ir)  # IRParseError (400) with line and column
-    verify(module)  # IRVerifyError (400)
+    with blame("ir"):
+        module = parse_ir(body.ir)  # IRParseError (400) with line and column
+        verify(module)  # IRVerifyError (400)
     if not module.functions:
-        raise ServerHTTPError(400, "the module has no function; send at least one 'func @name(...) {...}'")
+        raise ServerHTTPError(
+            400, "the module has no function; send at least one 'func @name(...) {...}'", param="ir"
+        )
     args = bind_args(module, body.args)
     module = check_limits(module, max_tokens_limit)
     if body.passes is not None:
         from llmir_lang.optimizer import parse_pipeline
 
-        parse_pipeline(body.passes)  # PassPipelineError (400) before anything runs
+        with blame("passes"):
+            parse_pipeline(body.passes)  # PassPipelineError (400) before anything runs
     return module, args
 
 

@@ -111,7 +111,8 @@ class ChatMessage(_Body):
         """The role the chat template sees."""
         return "system" if self.role == "developer" else self.role
 
-    def text(self) -> str:
+    def text(self, at: str = "messages") -> str:
+        """The message's text; ``at``: where it is in the request (``messages.<i>``), for errors."""
         if self.role in ("tool", "function") and self.tool_call_id is None and self.tool_calls is None:
             raise not_implemented(
                 f"tool calling (a message with role {self.role!r})", "send the conversation as plain text messages"
@@ -125,13 +126,17 @@ class ChatMessage(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        for part in self.content:
+        for j, part in enumerate(self.content):
             if part.type != "text":
                 raise not_implemented(
                     f"a {part.type!r} content part", "this server serves a text model: send text parts only"
                 )
             if part.text is None:
-                raise ServerHTTPError(400, "a content part of type 'text' needs a 'text' string")
+                raise ServerHTTPError(
+                    400,
+                    f"{at}.content.{j} is a content part of type 'text' without a 'text' string; give it one",
+                    param=f"{at}.content.{j}.text",
+                )
         return "".join(p.text or "" for p in self.content)
 
 
@@ -258,16 +263,25 @@ def check_n(n: int, field: str = "n") -> None:
         )
 
 
-def check_generate_features(body: GenerateRequest, params: list[SGLangSamplingParams | None]) -> None:
+def check_generate_features(
+    body: GenerateRequest, params: list[SGLangSamplingParams | None], paths: list[str] | None = None
+) -> None:
+    """``paths``: where each of ``params`` is in the request (``sampling_params``, or
+    ``sampling_params.<i>`` in a list), for the errors' ``param``."""
     if body.image_data is not None:
-        raise not_implemented("image_data", "this server serves a text model: leave image_data out")
-    for p in params:
+        raise not_implemented(
+            "image_data", "this server serves a text model: leave image_data out", "image_data"
+        )
+    for k, p in enumerate(params):
         if p is None:
             continue
-        check_n(p.n, "sampling_params.n")
+        at = paths[k] if paths is not None else "sampling_params"
+        check_n(p.n, f"{at}.n")
         if p.no_stop_trim:
             raise not_implemented(
-                "sampling_params.no_stop_trim", "leave it out; the matched stop string is in meta_info"
+                f"{at}.no_stop_trim",
+                "leave it out; the matched stop string is in meta_info",
+                f"{at}.no_stop_trim",
             )
 
 
@@ -299,7 +313,7 @@ def check_openai_features(body: _OpenAIBase) -> None:
         if body.best_of is not None:
             check_n(body.best_of, "best_of")
         if body.suffix is not None:
-            raise not_implemented("suffix (insertion)", "leave suffix out")
+            raise not_implemented("suffix (insertion)", "leave suffix out", "suffix")
     if isinstance(body, ChatCompletionRequest):
         wants_tools = bool(body.tools) or body.tool_choice not in (None, "none", "auto")
         if wants_tools:

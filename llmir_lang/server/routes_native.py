@@ -21,17 +21,19 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from llmir_lang import __version__
+from llmir_lang.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
 from llmir_lang.executor.request import GenerateResult, StreamChunk
-from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.executor.tokenizer import lone_surrogate
 from llmir_lang.server.convert import (
     EventStream,
     constraint_spec,
     prime,
+    sampling_params,
     sglang_finish_reason,
     sglang_logprobs,
     stop_list,
 )
-from llmir_lang.server.errors import ServerHTTPError
+from llmir_lang.server.errors import ServerHTTPError, with_param
 from llmir_lang.server.protocol import (
     ChatTemplateRequest,
     GenerateRequest,
@@ -91,38 +93,77 @@ async def flush_cache(request: Request) -> dict[str, Any]:
 
 
 # --- /generate ---------------------------------------------------------------------------
+def _sampling_path(body: GenerateRequest, i: int) -> str:
+    """Where prompt ``i``'s sampling params are in the request (the ``param`` of their errors):
+    ``sampling_params``, or ``sampling_params.<i>`` in a list of them (as the validation errors
+    name them)."""
+    return f"sampling_params.{i}" if isinstance(body.sampling_params, list) else "sampling_params"
+
+
+def _prompt_field(body: GenerateRequest, i: int, batch: bool) -> str:
+    field = "text" if body.text is not None else "input_ids"
+    return f"{field}.{i}" if batch else field
+
+
 def _submission(
-    svc: EngineService, prompt: str | list[int], p: SGLangSamplingParams | None, body: GenerateRequest
+    svc: EngineService,
+    prompt: str | list[int],
+    p: SGLangSamplingParams | None,
+    body: GenerateRequest,
+    i: int = 0,
+    batch: bool = False,
 ) -> Submission:
+    at = _sampling_path(body, i)
     p = p or SGLangSamplingParams()
-    params = SamplingParams(
-        max_new_tokens=svc.max_tokens(p.max_new_tokens if "max_new_tokens" in p.model_fields_set else None),
-        min_new_tokens=p.min_new_tokens,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        frequency_penalty=p.frequency_penalty,
-        presence_penalty=p.presence_penalty,
-        repetition_penalty=p.repetition_penalty,
-        seed=p.sampling_seed,
-        stop=stop_list(p.stop),
-        stop_regex=p.stop_regex or [],
-        stop_token_ids=p.stop_token_ids or [],
-        ignore_eos=p.ignore_eos,
-        skip_special_tokens=p.skip_special_tokens,
-        return_logprob=body.return_logprob,
-        top_logprobs_num=body.top_logprobs_num if body.return_logprob else 0,
+    requested = p.max_new_tokens if "max_new_tokens" in p.model_fields_set else None
+    max_new = svc.max_tokens(requested, field=f"{at}.max_new_tokens")
+    params = sampling_params(
+        [
+            ("max_new_tokens", max_new, f"{at}.max_new_tokens"),
+            ("min_new_tokens", p.min_new_tokens, f"{at}.min_new_tokens"),
+            ("temperature", p.temperature, f"{at}.temperature"),
+            ("top_p", p.top_p, f"{at}.top_p"),
+            ("top_k", p.top_k, f"{at}.top_k"),
+            ("min_p", p.min_p, f"{at}.min_p"),
+            ("frequency_penalty", p.frequency_penalty, f"{at}.frequency_penalty"),
+            ("presence_penalty", p.presence_penalty, f"{at}.presence_penalty"),
+            ("repetition_penalty", p.repetition_penalty, f"{at}.repetition_penalty"),
+            ("seed", p.sampling_seed, f"{at}.sampling_seed"),
+            ("stop", stop_list(p.stop), f"{at}.stop"),
+            ("stop_regex", stop_list(p.stop_regex), f"{at}.stop_regex"),
+            ("stop_token_ids", p.stop_token_ids or [], f"{at}.stop_token_ids"),
+            ("ignore_eos", p.ignore_eos, f"{at}.ignore_eos"),
+            ("skip_special_tokens", p.skip_special_tokens, f"{at}.skip_special_tokens"),
+            ("return_logprob", body.return_logprob, "return_logprob"),
+            ("top_logprobs_num", body.top_logprobs_num if body.return_logprob else 0, "top_logprobs_num"),
+        ]
     )
-    spec = constraint_spec(regex=p.regex, json_schema=p.json_schema, grammar=p.ebnf, source="sampling_params")
+    spec, spec_field = constraint_spec(
+        [
+            ("regex", p.regex, f"{at}.regex"),
+            ("json_schema", p.json_schema, f"{at}.json_schema"),
+            ("grammar", p.ebnf, f"{at}.ebnf"),
+        ]
+    )
     start = body.logprob_start_len if body.return_logprob else -1
-    return Submission(prompt, params, spec, start)
+    return Submission(prompt, params, spec, start, _prompt_field(body, i, batch), spec_field)
 
 
 def _prompts(body: GenerateRequest) -> tuple[list[str | list[int]], bool]:
     """(prompts, whether the request was a batch)."""
-    if (body.text is None) == (body.input_ids is None):
-        raise ServerHTTPError(400, "give exactly one of 'text' and 'input_ids'")
+    if body.text is not None and body.input_ids is not None:
+        raise ServerHTTPError(
+            400,
+            "give exactly one of 'text' and 'input_ids', not both; drop input_ids to send text",
+            param="input_ids",
+        )
+    if body.text is None and body.input_ids is None:
+        raise ServerHTTPError(
+            400,
+            "give exactly one of 'text' and 'input_ids': the prompt as text (a string, or a list of "
+            "them for a batch) or as token ids (a list of ints, or a list of those)",
+            param="text",
+        )
     if body.text is not None:
         return ([body.text], False) if isinstance(body.text, str) else (list(body.text), True)
     ids = body.input_ids or []
@@ -159,18 +200,26 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     if isinstance(sps, list):
         if len(sps) != len(prompts):
             raise ServerHTTPError(
-                400, f"{len(sps)} sampling_params for {len(prompts)} prompts; give one each"
+                400,
+                f"{len(sps)} sampling_params for {len(prompts)} prompts; give one each, or one "
+                "sampling_params object for all of them",
+                param="sampling_params",
             )
     else:
         sps = [sps] * len(prompts)
-    check_generate_features(body, list(sps))
+    check_generate_features(body, list(sps), [_sampling_path(body, i) for i in range(len(sps))])
     rids = body.rid if isinstance(body.rid, list) else [body.rid] * len(prompts)
     if len(rids) != len(prompts):
-        raise ServerHTTPError(400, f"{len(rids)} rids for {len(prompts)} prompts; give one each")
-    subs = [_submission(svc, p, sp, body) for p, sp in zip(prompts, sps)]
+        raise ServerHTTPError(400, f"{len(rids)} rids for {len(prompts)} prompts; give one each", param="rid")
+    subs = [_submission(svc, p, sp, body, i, batch) for i, (p, sp) in enumerate(zip(prompts, sps))]
     if body.stream:
         if batch:
-            raise ServerHTTPError(400, "stream=true takes one prompt; send one request per prompt")
+            raise ServerHTTPError(
+                400,
+                f"stream=true takes one prompt, and {'text' if body.text is not None else 'input_ids'} "
+                f"holds a batch of {len(prompts)}; send one request per prompt, or stream=false",
+                param="stream",
+            )
         return EventStream(await prime(_stream(svc, subs[0], rids[0], body), request))
     results = await svc.run_many(subs, request)
     outs = [
@@ -208,9 +257,54 @@ async def _stream(
 async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
     svc = service_of(request)
     svc.check_open()
+    for i, c in enumerate(body.continuations):
+        _check_text(c, f"continuations.{i}")
     loop = asyncio.get_running_loop()
-    lps = await loop.run_in_executor(svc.programs, svc.engine.score, body.prompt, body.continuations)
+    lps = await loop.run_in_executor(svc.programs, _score, svc.engine, body.prompt, body.continuations)
     return {"logprobs": lps}
+
+
+def _check_text(text: str, field: str) -> None:
+    """Text the tokenizer cannot take (a lone surrogate, which it refuses with a bare TypeError)
+    is a 400 naming ``field``, as the engine's own check of a prompt is."""
+    bad = lone_surrogate(text)
+    if bad is not None:
+        raise with_param(
+            InvalidRequestError(
+                f"{field} has a lone surrogate (U+{ord(bad.group()):04X}) at position {bad.start()}, "
+                "which is not valid Unicode text and cannot be tokenized; remove or replace it"
+            ),
+            field,
+        )
+
+
+def _score(engine: Any, prompt: str, continuations: list[str]) -> list[list[float]]:
+    """``engine.score``; a refusal names the field at fault (``prompt``, ``continuations.<i>``)."""
+    try:
+        return engine.score(prompt, continuations)
+    except InvalidRequestError as e:
+        raise with_param(e, _score_field(engine, prompt, continuations, e)) from None
+
+
+def _score_field(engine: Any, prompt: str, continuations: list[str], exc: InvalidRequestError) -> str | None:
+    """The field behind the engine's refusal of a /score request (on that failure path only): the
+    prompt (empty, not tokenizable, too long alone), or the first continuation that has no token
+    or does not fit in the context after the prompt."""
+    if isinstance(exc, EmptyPromptError):
+        return "prompt"
+    try:
+        n = len(engine.encode(prompt))
+    except InvalidRequestError:
+        return "prompt"
+    ctx = engine.config.context_len
+    if isinstance(exc, PromptTooLongError) and n >= ctx:
+        return "prompt"
+    for i, c in enumerate(continuations):
+        m = len(engine.tokenizer.encode(c, add_special_tokens=False))
+        # a continuation of more than one token is scored as one sequence after the prompt
+        if m == 0 or (isinstance(exc, PromptTooLongError) and m > 1 and n + m >= ctx):
+            return f"continuations.{i}"
+    return None
 
 
 @router.post("/tokenize")
@@ -218,6 +312,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     svc = service_of(request)
     if body.model is not None:
         svc.check_model(body.model)
+    _check_text(body.prompt, "prompt")
     ids = svc.engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": svc.engine.config.context_len}
 
@@ -225,7 +320,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 @router.post("/apply_chat_template")
 async def apply_chat_template(body: ChatTemplateRequest, request: Request) -> dict[str, Any]:
     svc = service_of(request)
-    messages = [{"role": m.template_role, "content": m.text()} for m in body.messages]
+    messages = [
+        {"role": m.template_role, "content": m.text(f"messages.{i}")} for i, m in enumerate(body.messages)
+    ]
     return {"text": render_chat(svc, messages, add_generation_prompt=body.add_generation_prompt)}
 
 
@@ -243,4 +340,5 @@ def render_chat(svc: EngineService, messages: list[dict[str, Any]], add_generati
             400,
             f"this model's chat template refuses these messages: {e}; send messages it takes "
             "(for many templates: roles alternating user / assistant, a system message only first)",
+            param="messages",
         ) from None

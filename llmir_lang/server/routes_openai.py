@@ -31,12 +31,13 @@ from llmir_lang.server.convert import (
     align_top_logprobs,
     constraint_spec,
     prime,
+    sampling_params,
     stop_list,
     text_offsets,
     token_bytes,
     token_text,
 )
-from llmir_lang.server.errors import ServerHTTPError, error_body, not_implemented
+from llmir_lang.server.errors import ServerHTTPError, blame, error_body, not_implemented
 from llmir_lang.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -78,62 +79,87 @@ async def model(model: str, request: Request) -> dict[str, Any]:
     return _model_card(svc)
 
 
-def _spec(body: _OpenAIBase) -> Any:
-    # vLLM's guided_* fields and SGLang's regex / ebnf (/ json_schema on completions) are the same
-    # constraints under two names: at most one of all of them
+def _spec(body: _OpenAIBase) -> tuple[Any, str | None]:
+    """The request's constraint spec and the field it came from (see ``constraint_spec``).
+
+    vLLM's guided_* fields and SGLang's regex / ebnf (/ json_schema on completions) are the same
+    constraints under two names, and ``response_format`` is one more: at most one of all of them.
+    Of two that conflict, the error names the later in this order: vLLM's name, SGLang's name,
+    ``response_format``."""
     sgl_schema = body.json_schema if isinstance(body, CompletionRequest) else None
-    regexes = [r for r in (body.guided_regex, body.regex) if r is not None]
-    grammars = [g for g in (body.guided_grammar, body.ebnf) if g is not None]
-    schemas = [j for j in (body.guided_json, sgl_schema) if j is not None]
-    if len(regexes) > 1 or len(grammars) > 1 or len(schemas) > 1:
-        raise ServerHTTPError(
-            400, "give one constraint: guided_* (vLLM) or regex / ebnf / json_schema (SGLang), not both"
-        )
-    guided = constraint_spec(
-        regex=regexes[0] if regexes else None,
-        json_schema=schemas[0] if schemas else None,
-        grammar=grammars[0] if grammars else None,
-        choices=body.guided_choice,
-        source="guided decoding",
-    )
+    kinds = [
+        ("regex", body.guided_regex, "guided_regex", body.regex, "regex"),
+        ("json_schema", body.guided_json, "guided_json", sgl_schema, "json_schema"),
+        ("grammar", body.guided_grammar, "guided_grammar", body.ebnf, "ebnf"),
+    ]
+    given: list[tuple[str, Any, str]] = []
+    for kind, vllm_value, vllm_name, sgl_value, sgl_name in kinds:
+        if vllm_value is not None and sgl_value is not None:
+            raise ServerHTTPError(
+                400,
+                f"{vllm_name} and {sgl_name} are the same constraint under vLLM's and SGLang's names; "
+                "give one of them, not both",
+                param=sgl_name,
+            )
+        given.append((kind, vllm_value, vllm_name) if vllm_value is not None else (kind, sgl_value, sgl_name))
+    given.append(("choices", body.guided_choice, "guided_choice"))
     fmt = body.response_format
-    if fmt is None or fmt.type == "text":
-        return guided
-    if guided is not None:
-        raise ServerHTTPError(400, "give either response_format or a guided_* / regex / ebnf field, not both")
-    if fmt.type == "json_object":
-        return constraint_spec(json_schema={"type": "object"})
-    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise ServerHTTPError(
-            400, "response_format type 'json_schema' needs json_schema.schema (a JSON Schema)"
-        )
-    return constraint_spec(json_schema=fmt.json_schema.schema_, source="response_format")
+    if fmt is not None and fmt.type != "text":
+        guided = [name for _, value, name in given if value is not None]
+        if guided:
+            raise ServerHTTPError(
+                400,
+                f"{guided[0]} and response_format both constrain the output; give one of them, not "
+                f"both (drop response_format, or {guided[0]})",
+                param="response_format",
+            )
+        if fmt.type == "json_object":
+            return constraint_spec([("json_schema", {"type": "object"}, "response_format")])
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            missing = "response_format.json_schema" + (".schema" if fmt.json_schema is not None else "")
+            raise ServerHTTPError(
+                400,
+                "response_format type 'json_schema' needs json_schema.schema (a JSON Schema): send "
+                '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+                param=missing,
+            )
+        return constraint_spec([("json_schema", fmt.json_schema.schema_, "response_format")])
+    return constraint_spec(given)
 
 
-def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None, logprobs_field: str) -> SamplingParams:
+    """``logprobs_field``: the field ``logprobs`` (the number of top alternatives) came from."""
     if body.logit_bias:
         raise not_implemented(
             "logit_bias", "remove it (guided_choice or guided_regex can restrict the output)", "logit_bias"
         )
-    return SamplingParams(
-        max_new_tokens=max_tokens,
-        min_new_tokens=min(body.min_tokens, max_tokens),
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        frequency_penalty=body.frequency_penalty,
-        presence_penalty=body.presence_penalty,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        stop=stop_list(body.stop),
-        stop_regex=body.stop_regex or [],
-        stop_token_ids=body.stop_token_ids or [],
-        ignore_eos=body.ignore_eos,
-        skip_special_tokens=body.skip_special_tokens,
-        return_logprob=logprobs is not None,
-        top_logprobs_num=logprobs or 0,
+    return sampling_params(
+        [
+            ("max_new_tokens", max_tokens, _max_tokens_field(body)),
+            ("min_new_tokens", min(body.min_tokens, max_tokens), "min_tokens"),
+            ("temperature", body.temperature, "temperature"),
+            ("top_p", body.top_p, "top_p"),
+            ("top_k", body.top_k, "top_k"),
+            ("min_p", body.min_p, "min_p"),
+            ("frequency_penalty", body.frequency_penalty, "frequency_penalty"),
+            ("presence_penalty", body.presence_penalty, "presence_penalty"),
+            ("repetition_penalty", body.repetition_penalty, "repetition_penalty"),
+            ("seed", body.seed, "seed"),
+            ("stop", stop_list(body.stop), "stop"),
+            ("stop_regex", stop_list(body.stop_regex), "stop_regex"),
+            ("stop_token_ids", body.stop_token_ids or [], "stop_token_ids"),
+            ("ignore_eos", body.ignore_eos, "ignore_eos"),
+            ("skip_special_tokens", body.skip_special_tokens, "skip_special_tokens"),
+            ("return_logprob", logprobs is not None, "logprobs"),
+            ("top_logprobs_num", logprobs or 0, logprobs_field),
+        ]
     )
+
+
+def _max_tokens_field(body: _OpenAIBase) -> str:
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
 
 
 def _abort_error(res: GenerateResult) -> dict[str, Any] | None:
@@ -202,19 +228,29 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     else:
         prompts = [body.prompt]  # type: ignore[list-item]
     if body.echo and body.stream:
-        raise ServerHTTPError(400, "echo is not supported with stream=true; send stream=false")
+        raise ServerHTTPError(
+            400,
+            "echo is not supported with stream=true; send stream=false, or leave echo out",
+            param="stream",
+        )
     max_tokens = svc.max_tokens(body.max_tokens, default=16)
     if body.echo and max_tokens == 0:
         _check_scorable(svc, prompts)
-    spec = _spec(body)
+    spec, spec_field = _spec(body)
     start = 0 if body.echo and body.logprobs is not None else -1
-    params = _params(body, max_tokens, body.logprobs)
-    subs = [Submission(p, params, spec, start) for p in prompts]
+    params = _params(body, max_tokens, body.logprobs, "logprobs")
+    fields = [f"prompt.{i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
+    subs = [Submission(p, params, spec, start, f, spec_field) for p, f in zip(prompts, fields)]
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "object": "text_completion", "created": created, "model": svc.model_name}
     if body.stream:
         if len(subs) != 1:
-            raise ServerHTTPError(400, "stream=true takes one prompt; send one request per prompt")
+            raise ServerHTTPError(
+                400,
+                f"stream=true takes one prompt, and prompt holds a batch of {len(subs)}; send one "
+                "request per prompt, or stream=false",
+                param="stream",
+            )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(
             await prime(
@@ -244,14 +280,16 @@ def _check_scorable(svc: EngineService, prompts: list[str | list[int]]) -> None:
     """Scoring a text (echo, max_tokens 0) runs it as a prompt, and the engine takes prompts of
     at most context - 1 tokens; say so, rather than "shorten the prompt" with no reason."""
     ctx = svc.engine.config.context_len
-    for p in prompts:
-        n = len(p) if isinstance(p, list) else len(svc.engine.encode(p))
+    for i, p in enumerate(prompts):
+        with blame(f"prompt.{i}" if len(prompts) > 1 else "prompt"):
+            n = len(p) if isinstance(p, list) else len(svc.engine.encode(p))
         if n >= ctx:
             raise ServerHTTPError(
                 400,
                 f"echo with max_tokens 0 scores the prompt by running it, and this server runs prompts "
                 f"of at most {ctx - 1} tokens (the model's context is {ctx}); this one has {n}: score "
                 "a shorter text (drop its first tokens)",
+                param=f"prompt.{i}" if len(prompts) > 1 else "prompt",
             )
 
 
@@ -372,13 +410,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     svc = service_of(request)
     _check_model(svc, body.model)
     check_openai_features(body)
-    messages = [{"role": m.template_role, "content": m.text()} for m in body.messages]
+    messages = [
+        {"role": m.template_role, "content": m.text(f"messages.{i}")} for i, m in enumerate(body.messages)
+    ]
     prompt = render_chat(svc, messages, add_generation_prompt=True)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     if top is None and body.top_logprobs:
-        raise ServerHTTPError(400, "top_logprobs needs logprobs=true")
-    sub = Submission(prompt, _params(body, svc.max_tokens(requested), top), _spec(body))
+        raise ServerHTTPError(
+            400,
+            "top_logprobs needs logprobs=true; send logprobs=true, or leave top_logprobs out",
+            param="top_logprobs",
+        )
+    max_tokens = svc.max_tokens(requested, field=_max_tokens_field(body))
+    params = _params(body, max_tokens, top, "top_logprobs")
+    spec, spec_field = _spec(body)
+    sub = Submission(prompt, params, spec, prompt_param="messages", constraint_param=spec_field)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "created": created, "model": svc.model_name}
     if body.stream:

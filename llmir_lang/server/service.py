@@ -35,24 +35,42 @@ from typing import Any
 
 from starlette.requests import Request
 
-from llmir_lang.errors import EngineClosedError
+from llmir_lang.errors import (
+    ConstraintError,
+    EmptyPromptError,
+    EngineClosedError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.server.config import ServerConfig
 from llmir_lang.server.convert import DISCONNECT_POLL_S, TopAligner
-from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, shutting_down
+from llmir_lang.server.errors import (
+    ClientDisconnectedError,
+    ServerHTTPError,
+    blame,
+    shutting_down,
+    with_param,
+)
 
 SHUTDOWN_ABORTED = " and stopped this request before it finished (--shutdown-timeout)"
 
 
 @dataclass(slots=True)
 class Submission:
-    """One generation: a prompt (text or token ids), sampling params, an optional constraint spec."""
+    """One generation: a prompt (text or token ids), sampling params, an optional constraint spec.
+
+    ``prompt_param`` and ``constraint_param``: the request fields the prompt and the constraint
+    came from (``text``, ``messages``, ``regex``, ...), named by the errors the engine and the
+    constraint compiler raise for them at submission (the ``param`` of the error body)."""
 
     prompt: str | list[int]
     params: SamplingParams
     constraint: Any = None
     logprob_start_len: int = -1
+    prompt_param: str | None = None
+    constraint_param: str | None = None
 
 
 @dataclass(slots=True)
@@ -176,20 +194,21 @@ class EngineService:
         )
 
     # --- limits ------------------------------------------------------------------------------
-    def max_tokens(self, requested: int | None, default: int | None = None) -> int:
+    def max_tokens(self, requested: int | None, default: int | None = None, field: str = "max_tokens") -> int:
         """The ``max_new_tokens`` to use: the request's own (checked against the limit), else
-        ``default`` (else the server default) capped by the limit."""
+        ``default`` (else the server default) capped by the limit. ``field``: the request field
+        ``requested`` came from, which the errors name."""
         limit = self.config.max_tokens_limit
         if requested is None:
             chosen = default if default is not None else self.config.default_max_tokens
             return min(chosen, limit) if limit is not None else chosen
         if requested < 0:
-            raise ServerHTTPError(400, f"max_tokens must be >= 0, got {requested}", param="max_tokens")
+            raise ServerHTTPError(400, f"{field} must be >= 0, got {requested}", param=field)
         if limit is not None and requested > limit:
             raise ServerHTTPError(
                 400,
-                f"max_tokens {requested} is above this server's limit of {limit}; ask for at most {limit}",
-                param="max_tokens",
+                f"{field} {requested} is above this server's limit of {limit}; ask for at most {limit}",
+                param=field,
             )
         return requested
 
@@ -210,11 +229,14 @@ class EngineService:
     def _new_matcher(self, spec: Any) -> Any:
         return self.compiler().compile(spec).new_matcher()
 
-    async def matcher(self, spec: Any) -> Any:
+    async def matcher(self, spec: Any, param: str | None = None) -> Any:
+        """A fresh matcher of ``spec`` (None for None); its compile errors name ``param``, the
+        request field the spec came from."""
         if spec is None:
             return None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._compile_pool, self._new_matcher, spec)
+        with blame(param, ConstraintError):
+            return await loop.run_in_executor(self._compile_pool, self._new_matcher, spec)
 
     # --- running -----------------------------------------------------------------------------
     def check_open(self) -> None:
@@ -233,12 +255,34 @@ class EngineService:
 
     def _submit(self, sub: Submission, matcher: Any, stream: Any = None) -> Any:
         self.check_open()
-        fut = self.engine.submit(
-            sub.prompt, sub.params, stream=stream, logprob_start_len=sub.logprob_start_len, matcher=matcher
-        )
+        try:
+            fut = self.engine.submit(
+                sub.prompt,
+                sub.params,
+                stream=stream,
+                logprob_start_len=sub.logprob_start_len,
+                matcher=matcher,
+            )
+        except InvalidRequestError as e:
+            raise with_param(e, self._refused_field(sub, e)) from None
         self.counters.requests += 1
         self.active[fut.rid] = time.monotonic()
         return fut
+
+    def _refused_field(self, sub: Submission, exc: InvalidRequestError) -> str | None:
+        """The request field behind the engine's refusal of ``sub`` at submission: the prompt
+        (empty, too long for the context, text that does not tokenize, token ids outside the
+        vocabulary), or ``logprob_start_len`` (not inside the prompt); None for anything else. Its
+        sampling params were checked when they were built (``convert.sampling_params``)."""
+        if isinstance(exc, (EmptyPromptError, PromptTooLongError)):
+            return sub.prompt_param
+        try:  # on this failure path only: what the engine does first with the prompt
+            ids = self.engine.encode(sub.prompt)
+        except InvalidRequestError:
+            return sub.prompt_param
+        if sub.logprob_start_len >= len(ids):
+            return "logprob_start_len"
+        return None
 
     def _done(self, rid: int, result: GenerateResult | None, aborted: bool = False) -> None:
         """Count ``rid`` once, in one of ``finished``, ``aborted`` (its client left, the shutdown
@@ -283,7 +327,7 @@ class EngineService:
     async def run(self, sub: Submission, request: Request | None = None) -> GenerateResult:
         """Run one request to the end; aborts it if ``request``'s client disconnects. A request
         the shutdown aborted is a 503."""
-        matcher = await self.matcher(sub.constraint)
+        matcher = await self.matcher(sub.constraint, sub.constraint_param)
         fut = self._submit(sub, matcher)
         rid = fut.rid
         waiter = _loop_waiter(fut)
@@ -332,7 +376,7 @@ class EngineService:
                 chunk = logged.attach(chunk)
             loop.call_soon_threadsafe(queue.put_nowait, chunk)
 
-        matcher = await self.matcher(sub.constraint)
+        matcher = await self.matcher(sub.constraint, sub.constraint_param)
         fut = self._submit(sub, matcher, stream=push)
         rid = fut.rid
         waiter = _loop_waiter(fut)

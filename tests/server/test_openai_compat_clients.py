@@ -303,7 +303,9 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(refusing_server):
     r = httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 2})
     err = _error(r, 400)
     assert "System role not supported" in err["message"] and r.headers["x-should-retry"] == "false"
+    assert err["param"] == "messages"
     r = httpx.post(url + "/apply_chat_template", json={"messages": messages})
-    assert "System role not supported" in _error(r, 400)["message"]
+    err = _error(r, 400)
+    assert "System role not supported" in err["message"] and err["param"] == "messages"
     r = httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": USER, "max_tokens": 2})
     assert r.status_code == 200, r.text
