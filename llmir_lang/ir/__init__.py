@@ -29,7 +29,7 @@ then, each call validating its arguments at once and raising ``IRVerifyError`` w
 - ``f.gen(s, name, **params) -> state``         sampling params (``attrs.SAMPLING_ATTRS``: max_tokens,
   stop, temperature, top_p, ...; in the engine's ranges, ``attrs.sampling_problem``) and at most
   one constraint (regex / json_schema / choices / grammar / dtype), all plain strings, numbers,
-  lists
+  lists; the constraint must be one the run path compiles (``attrs.constraint_problem``)
 - ``f.select(s, name, choices, choices_method="token_length_normalized") -> state``
 - ``f.fork(s, n) -> tuple[state, ...]``         n branches starting from ``s``'s text
 - ``f.join(parent, branches, mode="gather"|"concat") -> state``
@@ -44,9 +44,9 @@ Text form
 ``print_ir(module) -> str`` and ``parse_ir(text) -> Module`` (lark grammar ``grammar.lark``) are
 exact inverses on printer output; ``verify(module)`` raises ``IRVerifyError`` (use before
 definition, join of unrelated states, a variable defined twice in one scope, bad attributes,
-unbalanced roles, ...), so that every verified module prints and parses back to itself; parse
-errors raise ``IRParseError`` with line and column. ``renumber(module)`` renames results to
-``0, 1, ...`` (the canonical form passes print).
+a constraint that does not compile, unbalanced roles, ...), so that every verified module prints
+and parses back to itself; parse errors raise ``IRParseError`` with line and column.
+``renumber(module)`` renames results to ``0, 1, ...`` (the canonical form passes print).
 
 Notes: ``Module``, ``Function`` and ``Op`` are immutable and compare by value (``Op.line`` is not
 compared); ``Value`` is hashable, ``Op`` is not (its attribute dict). ``ir.semantics.evaluate``

@@ -9,6 +9,7 @@ equal. Attribute dicts are treated as immutable: passes build new dicts, never m
 Keys are checked per op kind by the verifier against the schemas below. Constraints and sampling
 parameters are strings and numbers only: the IR never evaluates them. Values are also checked
 against what runs: sampling parameters against the engine's ranges (``sampling_problem``), a
+gen's constraint by the constraint compiler the run path uses (``constraint_problem``), a
 select's ``choices_method`` and a role against the names the DSL and the interpreter know.
 
 Two limits keep every value printable and parseable: lists and dicts nest at most
@@ -18,11 +19,13 @@ at most as many digits as Python converts to and from text (``sys.get_int_max_st
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Mapping
+from typing import Any
 
-from llmir_lang.errors import IRVerifyError
+from llmir_lang.errors import ConstraintError, IRVerifyError
 
 AttrValue = str | int | float | bool | tuple["AttrValue", ...] | dict[str, "AttrValue"]
 Attrs = dict[str, AttrValue]
@@ -282,6 +285,74 @@ def sampling_problem(attrs: Mapping[str, AttrValue]) -> str | None:
     if isinstance(ids, tuple) and any(isinstance(t, int) and t < 0 for t in ids):
         return f"stop_token_ids must be token ids >= 0, got {ids!r}"
     return None
+
+
+def constraint_problem(attrs: Mapping[str, AttrValue]) -> str | None:
+    """Why a constraint in ``attrs`` (types already checked) cannot be used when its gen runs, or
+    None: a regex or a schema ``pattern`` that does not parse, a ``json_schema`` that is not JSON,
+    not a schema or uses what no engine enforces, a grammar that does not parse, bad choices.
+
+    The run path's own code decides (``executor.constraints``: the ``spec_from_*`` builders the
+    interpreter lowers a gen with, then ``ConstraintCompiler``), compiling without a model's
+    tokenizer; what only a model's vocabulary decides (a constraint that admits no output, which
+    fails its own gen when it runs) is left to the run. Cached per constraint, so a module verified
+    again (after every pass, a batch of programs sharing a schema) compiles each one once."""
+    for key in ("regex", "json_schema", "grammar", "choices"):
+        value = attrs.get(key)
+        if isinstance(value, str) or (isinstance(value, tuple) and all(isinstance(c, str) for c in value)):
+            problem = _constraint_problem(key, value)
+            if problem is not None:
+                return problem
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _constraint_problem(key: str, value: str | tuple[str, ...]) -> str | None:
+    try:
+        from llmir_lang.executor import constraints as C
+        from llmir_lang.executor.tokenizer import lone_surrogate
+    except ImportError:  # no structured generation in this build: the gen reports it when it runs
+        return None
+    for item in value if isinstance(value, tuple) else (value,):
+        bad = lone_surrogate(item)
+        if bad is not None:  # the constraint compilers raise a bare UnicodeEncodeError on it
+            return (
+                f"{key} has a lone surrogate (U+{ord(bad.group()):04X}) at position {bad.start()}, "
+                "which is not Unicode text; remove or replace it"
+            )
+    # what the run path refuses whatever the model: the text itself is wrong
+    malformed = (
+        C.InvalidRegexError,
+        C.InvalidSchemaError,
+        C.UnsupportedSchemaError,
+        C.GrammarSyntaxError,
+        C.InvalidChoicesError,
+    )
+    try:
+        # a grammar is checked whole by its builder (a compile here would also refuse the special
+        # tokens it names, which only the model's tokenizer has); choices become an escaped regex
+        spec = getattr(C, f"spec_from_{key}")(list(value) if isinstance(value, tuple) else value)
+        if key in ("regex", "json_schema"):
+            _tokenizer_free_compiler().compile(spec)
+    except malformed as e:
+        verb = "is not valid" if key == "choices" else "does not compile"
+        return f"{key} {verb} ({type(e).__name__}): {e}"
+    except ConstraintError:
+        # no output at all with these bytes, or an engine limit: the gen fails when it runs, with
+        # the model's tokenizer and the engine the run picks (outlines-core may take a regex)
+        return None
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_free_compiler() -> Any:
+    """A ``ConstraintCompiler`` over a vocabulary of the 256 bytes (every text can be spelled),
+    pinned to llguidance: parse errors and unsupported schema keywords do not depend on the
+    model's tokenizer, and llguidance compiles in-process (outlines-core builds in a child)."""
+    from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
+
+    info = TokenizerInfo([bytes([b]) for b in range(256)] + [b""], eos_token_ids=[256], scheme="bytes")
+    return ConstraintCompiler(info, engine="llguidance")
 
 
 def annotations_of(attrs: Mapping[str, AttrValue]) -> Attrs:

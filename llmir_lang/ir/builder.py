@@ -33,6 +33,7 @@ from llmir_lang.ir.attrs import (
     GEN_ATTRS,
     ROLES,
     AttrValue,
+    constraint_problem,
     normalize_attrs,
     sampling_problem,
 )
@@ -149,7 +150,8 @@ class FunctionBuilder:
         unknown = sorted(set(params) - set(GEN_ATTRS))
         if unknown:
             raise IRVerifyError(f"gen {name!r}: unknown parameter(s) {unknown}; known: {sorted(GEN_ATTRS)}")
-        problem = sampling_problem(normalize_attrs(params, GEN_ATTRS))
+        attrs = normalize_attrs(params, GEN_ATTRS)
+        problem = sampling_problem(attrs) or constraint_problem(attrs)
         if problem is not None:
             raise IRVerifyError(f"gen {name!r}: {problem}")
         return self.op(K.GEN, [state], name, params)[0]

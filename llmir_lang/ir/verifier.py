@@ -9,7 +9,9 @@ Rules:
 - The body ends with exactly one ``return``.
 - Attributes are known for their op kind and well typed (``attrs``), nest at most
   ``MAX_ATTR_DEPTH`` deep and hold no NaN nor unprintable integer; sampling parameters are in the
-  engine's ranges (``attrs.sampling_problem``); a gen has at most one constraint; a select has
+  engine's ranges (``attrs.sampling_problem``); a gen has at most one constraint, and the run
+  path's constraint code accepts it (``attrs.constraint_problem``: a regex or grammar that
+  parses, a JSON schema it supports, distinct choices; cached per constraint); a select has
   distinct non-empty choices and a known ``choices_method``; a join's mode is known; a
   ``gen.chain``'s segments are gen / text dicts beginning and ending with a gen; ``pin_users``
   is not negative.
@@ -45,6 +47,7 @@ from llmir_lang.ir.attrs import (
     AttrValue,
     attr_value_problem,
     check_type,
+    constraint_problem,
     sampling_problem,
 )
 from llmir_lang.ir.module import Function, Module
@@ -187,7 +190,7 @@ class _FunctionVerifier:
                 op, f"pin_users counts the users of a pinned prefix; it must be >= 0, got {pin_users}"
             )
         if op.kind == K.GEN:
-            self._check_gen_attrs(op, op.attrs, "gen")
+            self._check_gen_attrs(op, op.attrs, "gen", op.label)
         elif op.kind == K.SELECT:
             choices = op.attrs.get("choices")
             if choices is None:
@@ -204,7 +207,7 @@ class _FunctionVerifier:
         elif op.kind == K.GEN_CHAIN:
             self._check_segments(op)
 
-    def _check_gen_attrs(self, op: Op, attrs: dict[str, AttrValue], what: str) -> None:
+    def _check_gen_attrs(self, op: Op, attrs: dict[str, AttrValue], what: str, name: str | None) -> None:
         constraints = sorted(k for k in attrs if k in CONSTRAINT_ATTRS)
         if len(constraints) > 1:
             raise self.fail(op, f"{what} has several constraints {constraints}; keep at most one")
@@ -215,6 +218,9 @@ class _FunctionVerifier:
         problem = sampling_problem(attrs)
         if problem is not None:
             raise self.fail(op, f"{what}: {problem}")
+        problem = constraint_problem(attrs)  # last: it may compile the constraint (cached)
+        if problem is not None:
+            raise self.fail(op, f"{what} {name!r}: {problem}")
 
     def _check_segments(self, op: Op) -> None:
         segments = op.attrs.get("segments")
@@ -233,7 +239,8 @@ class _FunctionVerifier:
             for key, value in seg.items():
                 if key != "gen" and (key not in GEN_ATTRS or not check_type(value, GEN_ATTRS[key])):
                     raise self.fail(op, f"gen segment {i}: bad parameter {key} = {value!r}")
-            self._check_gen_attrs(op, {k: v for k, v in seg.items() if k != "gen"}, f"gen segment {i}")
+            attrs = {k: v for k, v in seg.items() if k != "gen"}
+            self._check_gen_attrs(op, attrs, f"gen segment {i}", seg["gen"])
         if "gen" not in segments[0] or "gen" not in segments[-1]:
             raise self.fail(op, "gen.chain segments must begin and end with a gen")
 

@@ -149,11 +149,14 @@ def test_parse_errors_give_line_and_column(text: str, line: int, column: int, fr
 
 
 def test_parsing_never_evaluates() -> None:
-    # A constraint that would be dangerous if evaluated stays an inert string.
+    # A constraint that would be dangerous if evaluated stays an inert string; the verifier reads
+    # it as the lark grammar text it claims to be, which it is not.
     payload = "__import__('os').system('false')"
     text = QA.replace("temperature = 0.0", f'grammar = "{payload}"')
-    gen = parse_ir(text).functions[0].ops[9]
+    gen = parse_ir(text, verify=False).functions[0].ops[9]
     assert gen.attrs["grammar"] == payload
+    with pytest.raises(IRVerifyError, match="gen 'answer': grammar does not compile"):
+        parse_ir(text)
 
 
 def _gen_with(attr_value: str) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmir_lang.executor.constraints.spec import escape_regex
 from llmir_lang.ir import FunctionBuilder, Module, ModuleBuilder, parse_ir, print_ir, verify
 from llmir_lang.ir.attrs import CHOICES_METHODS, ROLES
 from llmir_lang.ir.values import Value
@@ -42,11 +44,16 @@ SAMPLING = st.fixed_dictionaries(
         "stop_token_ids": st.lists(st.integers(0, 10**6), max_size=3),
     },
 )
+# Constraints the verifier accepts (it compiles them as the run path does): any Unicode text
+# (no lone surrogate) as a literal regex, a JSON-schema const, distinct choices.
+UNICODE = st.text(st.characters(codec="utf-8", exclude_categories=()), max_size=12)
 CONSTRAINT = st.one_of(
     st.just({}),
-    TEXT.map(lambda t: {"regex": t}),
-    TEXT.map(lambda t: {"json_schema": t}),
-    st.lists(TEXT.filter(bool), min_size=1, max_size=3).map(lambda c: {"choices": c}),
+    UNICODE.map(lambda t: {"regex": escape_regex(t)}),
+    st.sampled_from([r"[0-9]+", r"(yes|no)\.?", r"\p{L}{1,4}", ""]).map(lambda r: {"regex": r}),
+    UNICODE.map(lambda t: {"json_schema": json.dumps({"const": t}, ensure_ascii=False)}),
+    st.sampled_from(['start: "a"+', 'start: x\nx: "yes" | "no"']).map(lambda g: {"grammar": g}),
+    st.lists(UNICODE.filter(bool), min_size=1, max_size=3, unique=True).map(lambda c: {"choices": c}),
     st.sampled_from(["int", "float", "bool", "str"]).map(lambda d: {"dtype": d}),
 )
 ANNOTATIONS = st.fixed_dictionaries(

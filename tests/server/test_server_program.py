@@ -102,15 +102,18 @@ def test_program_max_tokens_limit_applies_to_every_gen(client):
     assert "5000" in r.json()["error"]["message"] and "limit of 960" in r.json()["error"]["message"]
 
 
+# a regex that parses (the verifier refuses one that does not: a 400 naming ``ir``) but admits no
+# output: only running it with the model's vocabulary finds that, and that gen fails there
 BAD_REGEX_IR = """module {
   func @f() {
     %0 = start
     %1 = text %0 "Q: What is 5 + 7?\\nA: "
-    %2 = gen %1 "x" {max_tokens = 4, regex = "("}
+    %2 = gen %1 "x" {max_tokens = 4, regex = "[^\\\\s\\\\S]"}
     return %2
   }
 }
 """
+UNPARSABLE_REGEX_IR = BAD_REGEX_IR.replace("[^\\\\s\\\\S]", "(")
 
 
 def test_program_failure_is_reported_per_state(client, server):
@@ -127,6 +130,9 @@ def test_program_failure_is_reported_per_state(client, server):
         "/program", json={"ir": print_ir(answer_then_check.trace()), "args": {"question": "q"}}
     )
     assert _still_ok.status_code == 200
+    refused = client.post("/program", json={"ir": UNPARSABLE_REGEX_IR})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "ir"
+    assert "regex does not compile" in refused.json()["error"]["message"]
 
 
 LONG_IR = """module {
