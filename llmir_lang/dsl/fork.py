@@ -5,7 +5,10 @@ pieces (shared by reference) and variables. ``join`` gathers every variable the 
 after the fork into the parent as a list in branch order (SGLang's ``gather_variable``); mode
 ``concat`` (SGLang's ``concate_and_append``) also appends each branch's new text to the parent.
 When parent and branches are still in the segment that forked them, the join is an IR ``join``
-op, so the optimizer sees the whole fork/join; otherwise it is done on the recorded values.
+op, so the optimizer sees the whole fork/join; otherwise it is done on the recorded values. Such
+a gathering join also leaves the parent a ``join`` piece (no text) that waits for the branches'
+gens: the parent's text after it has not run until they have, so its stream holds that text back,
+and a program stopped while the branches ran ends the parent's text there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from llmir_lang.dsl.errors import ForkError, InvalidJoinModeError, SourceLocation, VariableRedefinedError
 from llmir_lang.dsl.primitives import is_anonymous
+from llmir_lang.dsl.recorder import Piece
 from llmir_lang.dsl.state import ProgramState
 from llmir_lang.dsl.vars import GatherSlot, Slot
 from llmir_lang.ir import Value
@@ -56,6 +60,8 @@ class ForkGroup:
         for v in values:
             b = branch_type(run, list(parent._pieces), dict(parent._vars), parent._role)
             b._value, b._segment = v, run.segment
+            b._dropped = set(parent._dropped)  # the parent's text before the fork is the branch's
+            b._joins = dict(parent._joins)
             branches.append(b)
         return cls(parent, branches, source, run.segment)
 
@@ -134,6 +140,12 @@ class ForkGroup:
             parent._value = run.builder.join(
                 self._source, [b._value for b in self.branches if b._value], ir_mode
             )
+            waits = [p for b in self.branches for p in b._pieces[self._base :] if p.text is None]
+            if ir_mode == "gather" and waits:  # (a concat join appends the branches' pieces themselves)
+                piece = Piece("join", "", where=where, scopes=tuple(parent._scopes))
+                parent._joins[id(piece)] = waits
+                parent._pieces.append(piece)
+                parent._on_piece(piece)
         elif ir_mode == "concat":
             # The parent moved on (or the branches ran in an earlier segment): run what is
             # recorded, then append the branches' known text.
@@ -148,6 +160,8 @@ class ForkGroup:
         if ir_mode == "concat":
             for b in self.branches:
                 for piece in b._pieces[self._base :]:
+                    if id(piece) in b._dropped:  # after the branch stopped: no text here either
+                        parent._dropped.add(id(piece))
                     parent._pieces.append(piece)
                     if parent._scopes:  # joined inside the parent's var_scope: part of it
                         piece.scopes = (*piece.scopes, *parent._scopes)

@@ -292,6 +292,7 @@ class LMFunction:
         """Finish ``run`` (with ``error``, if given): release its backend, wake its readers."""
         if error is not None:
             run.error = error
+        run.abandon()  # what the body recorded after its last sync point never ran
         run.release()
         run.finished.set()
         for st in run.states:
@@ -361,7 +362,7 @@ class LMFunction:
             except RuntimeError:  # the loop is closed: nobody awaits this program any more
                 pass
 
-        threading.Thread(target=body, daemon=True, name="llmir-arun").start()
+        spawn(body, name="llmir-arun")  # pooled: waited for at exit (see workers.py)
         try:
             await done
         except BaseException:  # the awaiting task was cancelled, or the loop interrupted
@@ -391,7 +392,9 @@ class LMFunction:
         return run, ProgramState(run), arguments
 
     def _background(self, run: ProgramRun, state: ProgramState, arguments: dict[str, Any], name: str) -> None:
-        threading.Thread(target=self._body, args=(run, state, arguments), daemon=True, name=name).start()
+        # pooled: at interpreter exit a program still running is waited for (after the engines
+        # have stopped and failed its requests) instead of running on through finalization
+        spawn(self._body, run, state, arguments, name=name)
 
     def run_batch(
         self,

@@ -72,9 +72,9 @@ class _Totals:
 
 def _snapshot(state: ProgramState) -> tuple[list[Piece], dict[int, str]]:
     """The pieces and the streamed text of gens in progress, taken under the stream lock (chunks
-    arrive on the engine's thread)."""
+    arrive on the engine's thread); not the pieces after the point where the program stopped."""
     with state._stream_lock:
-        return list(state._pieces), dict(state._received)
+        return [p for p in state._pieces if id(p) not in state._dropped], dict(state._received)
 
 
 def _var_title(piece: Piece) -> str:

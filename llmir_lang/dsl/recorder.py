@@ -12,6 +12,10 @@ Invariants:
   its segment ran; pieces are shared by reference between a parent and the forks taken from it.
 - In a new segment a state is materialized lazily as ``start`` + ``text(<its known text>)``, so
   the already-run part of a program is a constant the optimizer can share across a batch.
+- A program that stops (a failed gen, ``cancel``, an interrupt, a segment that never ran) stops
+  each state at its first gen / select / join that did not complete: the pieces after it are
+  dropped from that state (``ProgramState._stop_at_failure``), so its text, stream, messages and
+  any later segment's prompt hold only what ran, never the constant text of a turn not reached.
 - Variable names are checked by the DSL over the whole run (the IR only sees one segment).
 """
 
@@ -26,7 +30,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llmir_lang.dsl.errors import GenerationError, ProgramInterruptedError, RoleError, SourceLocation
+from llmir_lang.dsl.errors import (
+    DSLError,
+    GenerationError,
+    ProgramExecutionError,
+    ProgramInterruptedError,
+    RoleError,
+    SourceLocation,
+)
 from llmir_lang.dsl.primitives import refuse_traced_marks
 from llmir_lang.dsl.results import FunctionResult
 from llmir_lang.errors import LLMIRError, NotYetSupportedError
@@ -44,7 +55,7 @@ if TYPE_CHECKING:
 class Piece:
     """One appended part of a state's text. ``text`` is None until its segment has run."""
 
-    kind: str  # "text" | "role" | "gen" | "select"
+    kind: str  # "text" | "role" | "gen" | "select" | "join" (no text: a gathering join, see fork)
     text: str | None
     name: str | None = None  # gen / select variable
     role: str | None = None
@@ -220,7 +231,11 @@ class ProgramRun:
             return
         live, fn = segment
         assert self.runner is not None
-        result = self.runner.execute(self, fn, live)
+        try:
+            result = self.runner.execute(self, fn, live)
+        except BaseException as e:
+            self._never_ran(live, e)
+            raise
         self.segments_run += 1
         self._write_back(live, result)
 
@@ -237,7 +252,11 @@ class ProgramRun:
         segment = self._take_segment()
         assert segment is not None
         live, fn = segment
-        future = submit(self, fn, live)
+        try:
+            future = submit(self, fn, live)
+        except BaseException as e:  # cancelled before it was handed over
+            self._never_ran(live, e)
+            raise
         self.thread = None  # the body has returned: its thread may run another program now
 
         def written(f: Future) -> None:
@@ -245,12 +264,14 @@ class ProgramRun:
             # its callers' frames the evaluator, the runner and the engine, for as long as the
             # failed state is kept (a notebook keeps them all)
             failed = f.exception()
-            if failed is None:
-                self.segments_run += 1
-                try:
+            try:
+                if failed is None:
+                    self.segments_run += 1
                     failed = self._written(live, f.result())
-                except Exception as e:  # a bug: the run must still end, with it as its error
-                    failed = e
+                else:
+                    self._never_ran(live, failed)
+            except Exception as e:  # a bug: the run must still end, with it as its error
+                failed = e
             if failed is not None:
                 failed = _frameless(failed)
             done(failed if isinstance(failed, Exception) or failed is None else _as_exception(failed))
@@ -305,6 +326,45 @@ class ProgramRun:
                 )
                 error = cls(f"{what} failed: {failure.message}", self.program, where)
             error.__cause__ = _detached(failure.cause)
+        stopped = [state for state, res in zip(live, result.states) if res.failure is not None]
+        self._settle(live, stopped, error)
+        return error
+
+    def _never_ran(self, live: list[ProgramState], e: BaseException) -> None:
+        """A segment taken from the recorder that gave no result (cancelled while it waited for
+        its round, or before it was handed over; the runner failed): its states stop at their
+        first piece without a value, as a segment whose gen failed does, and those pieces fail
+        with an error saying why (reading one raises it instead of giving None)."""
+        what = e.cause_message if isinstance(e, DSLError) else type(e).__name__ + (f": {e}" if str(e) else "")
+        if isinstance(e, ProgramInterruptedError) or not isinstance(e, Exception):
+            error: DSLError = ProgramInterruptedError(f"the program was stopped: {what}", self.program)
+        else:
+            error = GenerationError(f"the segment did not run: {what}", self.program)
+        self._settle(live, live, error)
+
+    def abandon(self) -> None:
+        """At the end of the run: what the body recorded after its last sync point and never ran
+        (it raised, or was interrupted, before that segment was taken) is settled as a segment
+        that never ran, so no piece stays pending and no text after the first of them shows."""
+        if self.tracing or not self._pending:
+            return
+        live = [st for st in self.states if st._segment == self.segment and st._value is not None]
+        self._pending = 0
+        err = self.error
+        if err is None:  # a KeyboardInterrupt in the body: not an error a run records
+            error: DSLError = ProgramInterruptedError("the program was interrupted before it ran", self.program)
+        else:
+            what = err.cause_message if isinstance(err, DSLError) else f"{type(err).__name__}: {err}"
+            cls = ProgramInterruptedError if isinstance(err, ProgramInterruptedError) else ProgramExecutionError
+            error = cls(f"the program stopped before it ran ({what})", self.program)
+        self._settle(live, live, error)
+
+    def _settle(self, live: list[ProgramState], stopped: list[ProgramState], error: BaseException | None) -> None:
+        """The end of a segment: every state in ``stopped`` drops what follows its first piece that
+        did not complete (all states look before any piece is failed: pieces are shared between a
+        parent and its branches), then each piece still without a value fails with ``error``."""
+        for state in stopped:
+            state._stop_at_failure()
         for state in live:
             for piece in state._pieces:
                 if piece.text is None and piece.failure is None:
@@ -312,7 +372,6 @@ class ProgramRun:
                         f"{piece.name!r} got no value from the backend", self.program, piece.where
                     )
             state._on_segment_done()
-        return error
 
     @staticmethod
     def _where_of(live: list[ProgramState], name: str | None) -> SourceLocation | None:

@@ -75,6 +75,11 @@ class ProgramState:
         # id(piece) -> the fork branch whose chunks fill it (pieces a concat join appended here)
         self._borrowed: dict[int, ProgramState] = {}
         self._sent: dict[int, str] = {}  # id(piece) -> text written to the log
+        # id(piece) of the pieces after the point where the program stopped in this state: they
+        # never ran here, so they are no part of its text, stream, messages or later prompts
+        self._dropped: set[int] = set()
+        # id(join piece) -> the branch pieces that a join recorded in this segment waits for
+        self._joins: dict[int, list[Piece]] = {}
         run.states.append(self)
 
     # --- appending -----------------------------------------------------------------------
@@ -371,7 +376,8 @@ class ProgramState:
 
     def text(self) -> str:
         """The whole text so far (a sync point). A gen that failed after streaming some text (one
-        stopped by ``cancel``) keeps that text here, as the stream showed it."""
+        stopped by ``cancel``) keeps that text here, as the stream showed it; the text recorded
+        after it (a later turn the program never reached) is not here: it never ran."""
         self._sync(None)
         return self._known_text()
 
@@ -384,6 +390,8 @@ class ProgramState:
         out: list[dict[str, str]] = []
         current: dict[str, str] | None = None
         for p in self._pieces:
+            if id(p) in self._dropped:  # after a stop: its role markers close or open nothing
+                continue
             if p.kind == "role":
                 if p.begin:
                     current = {"role": p.role or "", "content": ""}
@@ -519,7 +527,7 @@ class ProgramState:
 
     def __repr__(self) -> str:
         """The last 60 characters run so far and the program's status; never waits."""
-        known = "".join(p.text or "" for p in self._pieces)
+        known = "".join(p.text or "" for p in self._pieces if id(p) not in self._dropped)
         if not self._run.finished.is_set():
             status = ", running"
         elif self._run.error is not None:
@@ -541,7 +549,10 @@ class ProgramState:
         return "".join(self._piece_text(p) for p in self._pieces)
 
     def _piece_text(self, p: Piece) -> str:
-        """A piece's text; for a failed one, what it streamed before it failed."""
+        """A piece's text; for a failed one, what it streamed before it failed; for one after the
+        point where the program stopped, nothing."""
+        if id(p) in self._dropped:
+            return ""
         if p.text is not None:
             return p.text
         return (self._streamed(p) or "") if p.failure is not None else ""
@@ -609,14 +620,47 @@ class ProgramState:
             for k in range(self._cursor, len(self._pieces)):
                 piece = self._pieces[k]
                 if piece.name == name and piece.text is None:
+                    if piece.failure is not None or id(piece) in self._dropped:
+                        # the engine's last chunks of a request stopped by a cancel: the gen's text
+                        # was settled when it stopped, as the stream has shown it
+                        return
                     self._received[id(piece)] = self._received.get(id(piece), "") + text
                     self._advance(upto=k)
                     return
 
     def _on_segment_done(self) -> None:
+        self._joins.clear()  # every join of the segment is settled: it has run or failed
         if self._log is not None:
             with self._stream_lock:
                 self._advance()
+
+    def _stop_at_failure(self) -> None:
+        """The program stopped in the segment that just ran (a gen failed, ``cancel``, an
+        interrupt, or the segment never ran): drop from this state every piece after its first
+        gen / select / join that did not complete. They never ran, and the evaluator does not
+        say so (it goes on computing a failed state's constant text), so without this the text of
+        a later turn the program never reached would show in ``text()``, the stream and
+        ``messages()``, and a later segment would prompt with it. A piece after that point that
+        the stream has already shown stays (a fused chain the engine went through before the
+        stop: ``gen -> text -> gen`` as one request): a stream cannot take text back, and the
+        state's text is always its stream's. Called before the segment's pieces are failed."""
+        with self._stream_lock:
+            pieces = self._pieces
+            first = next((k for k, p in enumerate(pieces) if self._incomplete(p)), None)
+            if first is None:
+                return
+            keep = first
+            for k in range(first + 1, len(pieces)):
+                p = pieces[k]
+                if self._sent.get(id(p)) or (p.text is None and self._streamed(p) is not None):
+                    keep = k
+            self._dropped.update(id(p) for p in pieces[keep + 1 :])
+
+    def _incomplete(self, p: Piece) -> bool:
+        """A piece without a value yet, or a join still waiting for one in its branches."""
+        if p.text is None and p.failure is None:
+            return True
+        return any(w.text is None and w.failure is None for w in self._joins.get(id(p), ()))
 
     def _advance(self, upto: int | None = None) -> None:
         """Write pieces from the cursor on to the log, as far as their text is known.
@@ -625,11 +669,22 @@ class ProgramState:
         begun is finished (its request moved on to a later step, or a join waited for it) and the
         cursor passes it; any other unfilled piece (a select, or a gen that has streamed nothing)
         holds the cursor, and the later text waits in ``_received`` until that piece's text is
-        known, so the log's text is always the state's text in order."""
+        known, so the log's text is always the state's text in order. A join whose branches still
+        run holds the cursor too, and pieces dropped after a stop are passed over."""
         assert self._log is not None
         while self._cursor < len(self._pieces):
             piece = self._pieces[self._cursor]
             key = id(piece)
+            if key in self._dropped:  # never ran here (``_stop_at_failure``)
+                self._cursor += 1
+                continue
+            if piece.kind == "join" and self._incomplete(piece):
+                # a join whose branches are still running: the parent's text after it has not
+                # run yet (a later gen of the parent streaming means it has: the join is done)
+                if upto is None or self._cursor >= upto:
+                    return
+                self._cursor += 1
+                continue
             streamed = self._streamed(piece)
             known = piece.text if piece.text is not None else (streamed or "")
             sent = self._sent.get(key, "")

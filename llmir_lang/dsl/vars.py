@@ -61,7 +61,8 @@ class RangeSlot(Slot):
         self.state, self.start, self.end = state, start, end
 
     def _pieces(self) -> list[Piece]:
-        return self.state._pieces[self.start : self.end]
+        dropped = self.state._dropped  # after the point where the program stopped: never ran
+        return [p for p in self.state._pieces[self.start : self.end] if id(p) not in dropped]
 
     def pending(self) -> bool:
         return any(p.text is None and p.failure is None for p in self._pieces())

@@ -27,6 +27,7 @@ import contextvars
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -121,6 +122,12 @@ def _stop_idle() -> None:
     the interpreter finalizes can abort the process (see the module's docstring, and
     ``engine._shutdown_live_engines``)."""
     global _exiting
+    # the engines first, whichever exit hook was registered first: a program waiting on one (a
+    # streamed run nobody read to the end) gets its requests failed now and can end in the wait
+    # below, not after it, while native libraries are torn down
+    engine = sys.modules.get("llmir_lang.executor.engine")
+    if engine is not None:
+        engine._shutdown_live_engines()
     with _lock:
         _exiting = True
         idle, _idle[:] = list(_idle), []

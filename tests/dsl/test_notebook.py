@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import io
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,11 @@ def test_html_of_a_failed_program_and_of_a_running_one(fake):
 
     fake.delay = 0.5  # the first gen is still running when the page is rendered
     running = chat.run(question="hi", backend=fake, stream=True)
-    page = running._repr_html_()
+    deadline = time.monotonic() + 0.4  # the body runs on a pooled thread: until it has recorded
+    page = running._repr_html_()  # its first gen the page shows no piece yet
+    while 'class="llmir-pending"' not in page and time.monotonic() < deadline:
+        time.sleep(0.01)
+        page = running._repr_html_()
     assert "running" in page and 'class="llmir-pending"' in page
     running.sync()
     page = running._repr_html_()

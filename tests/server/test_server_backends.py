@@ -390,7 +390,7 @@ def test_prompt_logprobs_over_endpoint_and_a_clear_refusal_over_openai(server, r
                 assert [tuple(e[1:]) for e in g] == [tuple(e[1:]) for e in w] and g[0][0] is None
                 assert [e[0] for e in g[1:]] == pytest.approx([e[0] for e in w[1:]], abs=1e-3)
     with OpenAI(server.url + "/v1", "llmir-tiny") as oa:
-        state = prompt_scored.run(question=QUESTIONS[0], backend=oa, stream=True)
+        state = prompt_scored.run(question=QUESTIONS[0], backend=oa, stream=True).sync()
         assert isinstance(state.error(), llmir.GenerationNotSupportedError)
         assert "logprob_start_len" in str(state.error()) and "Endpoint" in str(state.error())
 
