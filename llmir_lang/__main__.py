@@ -22,19 +22,30 @@ import importlib.util
 import inspect
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from llmir_lang.errors import CheckpointError, LLMIRError
+from llmir_lang.errors import CheckpointError, LLMIRError, ProgramError
 
 ARG_HELP = """\
---arg NAME=VALUE: a program argument, or a sampling default (max_tokens, temperature, ...).
-  A program parameter annotated int, float, bool or str gets VALUE converted to that type (bool:
-  true/false, 1/0, yes/no). Any other VALUE is read as JSON when it is JSON (3, 0.5, true, null,
-  [1, 2], {"k": 1}, "quoted text") and kept as the raw text otherwise: --arg q='What is 7 + 5?'
-  passes the text; --arg q='"42"' passes the text 42 to an unannotated parameter.
+--arg NAME=VALUE (repeatable): a program argument, or a sampling default (max_tokens,
+  temperature, ...). The item is split at its first '=', and VALUE is read as follows:
+  - a program parameter annotated int, float, bool or str: VALUE converted to that type (bool:
+    true/false, 1/0, yes/no; str: VALUE exactly as written, never read as JSON);
+  - any other NAME (an unannotated parameter, a sampling default): VALUE is read as JSON when
+    it is JSON (3, 0.5, true, null, [1, 2], {"k": 1}, "quoted text"), else kept as the text.
+  So for an unannotated parameter q, --arg q=3 passes the int 3 (and q=true the bool True), not
+  text: to pass the text 3, make VALUE a JSON string, in double quotes the shell keeps:
+  --arg 'q="3"' (or --arg q='"3"'), or annotate the parameter `q: str`. The shell splits words at
+  spaces before llmir sees them, so quote an item with spaces as one word:
+  --arg 'q=What is 7 + 5?' (text: not JSON), --arg 'items=[1, 2]' (JSON: a list).
 """
+ARG_RULE = (
+    "how --arg reads VALUE: converted by the parameter's int/float/bool/str annotation, else JSON "
+    "when it is JSON, else text (see --help)"
+)
 
 
 def _load_program(target: str) -> Any:
@@ -109,26 +120,61 @@ def _arguments(items: list[str], program: Any = None) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --arg {item!r} must be written name=value")
+            raise SystemExit(
+                f"error: --arg {item!r} must be written NAME=VALUE, as one shell word: quote it when "
+                "VALUE has spaces (--arg 'q=What is 7 + 5?')"
+            )
         out[key] = _typed(key, value, params[key].annotation if key in params else None)
     return out
 
 
-def _typed(key: str, value: str, annotation: Any) -> Any:
-    # annotations are strings under `from __future__ import annotations`
+def _json_note(items: list[str], program: Any) -> str:
+    """For an error of the program: which ``--arg`` values of unannotated parameters were read
+    as JSON into something other than text (``--arg q=3`` is the int 3), and how to pass text."""
+    params = program.signature.parameters
+    notes = []
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in params or _converter(params[key].annotation) is not None:
+            continue
+        read = _typed(key, value, None)
+        if not isinstance(read, str):
+            what = "None" if read is None else f"the {type(read).__name__} {read!r}"
+            text = shlex.quote(f"{key}={json.dumps(value, ensure_ascii=False)}")
+            notes.append(
+                f"--arg {shlex.quote(item)} was read as JSON, so {key} is {what}, not text; to pass the "
+                f"text {value}, write --arg {text}, or annotate the parameter `{key}: str`"
+            )
+    return f" (note: {'; '.join(notes)}; see --help for how --arg values are read)" if notes else ""
+
+
+def _converter(annotation: Any) -> Any:
+    """``int`` / ``float`` / ``bool`` / ``str`` for a parameter annotated with one of them
+    (or its name, as ``from __future__ import annotations`` keeps it), else None."""
     name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
-    kind = _CONVERTERS.get(name.strip()) if isinstance(name, str) else None
+    return _CONVERTERS.get(name.strip()) if isinstance(name, str) else None
+
+
+def _typed(key: str, value: str, annotation: Any) -> Any:
+    kind = _converter(annotation)
     if kind is str:
         return value
     if kind is bool:
         if value.strip().lower() not in _BOOLS:
-            raise SystemExit(f"error: --arg {key}={value!r}: expected a bool (true/false, 1/0, yes/no)")
+            raise SystemExit(
+                f"error: --arg {key}={value!r}: expected a bool (true/false, 1/0, yes/no), as the "
+                f"parameter {key} is annotated bool; e.g. --arg {key}=true"
+            )
         return _BOOLS[value.strip().lower()]
     if kind is not None:
         try:
             return kind(value)
         except ValueError:
-            raise SystemExit(f"error: --arg {key}={value!r}: expected {name}") from None
+            example = "3" if kind is int else "0.5"
+            raise SystemExit(
+                f"error: --arg {key}={value!r}: expected {kind.__name__}, as the parameter {key} is "
+                f"annotated {kind.__name__}; e.g. --arg {key}={example} ({ARG_RULE})"
+            ) from None
     try:
         return json.loads(value)
     except ValueError:
@@ -219,6 +265,8 @@ def cmd_ir(ns: argparse.Namespace) -> int:
         message = _one_line(e)
         if isinstance(e, ProgramExecutionError) and any(k in message for k in _PLACEHOLDER_SIGNS):
             message += hint
+        if isinstance(e, ProgramError):
+            message += _json_note(ns.arg, program)
         print(f"error: {message}", file=sys.stderr)
         return 1
     text = "".join(out)
@@ -244,18 +292,27 @@ def cmd_run(ns: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = _arguments(ns.arg, program)
     if ns.max_tokens is not None:
         kwargs["max_tokens"] = ns.max_tokens
-    with Runtime(ns.model) as rt:
-        state = program.run(backend=rt, passes=ns.passes, stream=ns.stream, **kwargs)
-        if ns.stream:
-            for chunk in state.text_iter():
-                print(chunk, end="", flush=True)
-            print()
-            if state.error() is not None:
-                raise state.error()
-        else:
-            print(state.text())
-        print(json.dumps(state.variables(), indent=2, default=str))
-        print(json.dumps(state.run_stats()))
+    try:
+        with Runtime(ns.model) as rt:
+            state = program.run(backend=rt, passes=ns.passes, stream=ns.stream, **kwargs)
+            if ns.stream:
+                try:
+                    for chunk in state.text_iter():
+                        print(chunk, end="", flush=True)
+                    print()
+                except BaseException:  # the reader left (`| head -1`), or Ctrl-C: stop the
+                    state.cancel()  # program and let it end before the engine and the process do
+                    state.sync()
+                    raise
+                if state.error() is not None:
+                    raise state.error()
+            else:
+                print(state.text())
+            print(json.dumps(state.variables(), indent=2, default=str))
+            print(json.dumps(state.run_stats()))
+    except ProgramError as e:  # a value --arg read as JSON may be why: say so
+        print(f"error: {e}{_json_note(ns.arg, program)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -282,7 +339,13 @@ def _parser() -> argparse.ArgumentParser:
             "target", help="path/to/file.py[:program] (the name may be left out when there is one)"
         )
         p.add_argument("--passes", default=None, help="pass pipeline ('' = none); default: the program's")
-        p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", help="a program argument")
+        p.add_argument(
+            "--arg",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="a program argument or sampling default (repeatable); VALUE is read as said below",
+        )
         p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     sub.choices["ir"].add_argument(
         "--print-after-all", action="store_true", help="print the IR after each pass"
@@ -293,6 +356,21 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in _PASS_THROUGH.items():  # listed here; their own parsers read the arguments
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _parse_args(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(args)``; words left over after an ``--arg`` are most often the rest of
+    a value with spaces that the shell split, which the error then says."""
+    ns, extra = parser.parse_known_args(args)
+    if extra:
+        hint = ""
+        if getattr(ns, "arg", None):
+            hint = (
+                "; the shell splits an unquoted --arg value at its spaces: quote the whole item as "
+                "one word, --arg 'q=What is 7 + 5?'"
+            )
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return ns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             from llmir_lang.cli.bench import bench_main
 
             return bench_main(args[1:])
-        ns = _parser().parse_args(args)
+        ns = _parse_args(_parser(), args)
         if ns.command == "extract":
             from llmir_lang.cli.extract import run_main
 
