@@ -21,6 +21,11 @@ class InvalidRequestError(LLMIRError, ValueError):
     """A request or its sampling parameters are invalid."""
 
 
+class ChatTemplateRefusedError(InvalidRequestError):
+    """The model's chat template refused the messages (its ``raise_exception``: roles that do not
+    alternate, a system message it does not take) or failed on them."""
+
+
 class PromptTooLongError(InvalidRequestError):
     """The prompt (plus max_new_tokens) does not fit in the model's context."""
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llmir_lang.errors import CheckpointError, InvalidRequestError
+from llmir_lang.errors import ChatTemplateRefusedError, CheckpointError, InvalidRequestError
 
 # texts at least this long are encoded with the GIL released (see ``Tokenizer.encode``)
 _LONG_TEXT = 256
@@ -164,9 +164,17 @@ class Tokenizer:
                 "'chat_template' nor a chat_template.jinja file in the checkpoint folder); send plain "
                 "text prompts instead of chat messages, or add the template the model was trained with"
             )
-        return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
+            )
+        except TemplateError as e:  # jinja's own error (a template's raise_exception) is no API
+            raise ChatTemplateRefusedError(
+                f"this model's chat template refuses these messages: {e}; send messages it takes "
+                "(for many templates: roles alternating user / assistant, a system message only first)"
+            ) from e
 
     def text_bytes(self) -> TextBytes | None:
         """How ``decode(ids, skip_special_tokens=False)`` builds text from each token's bytes (see

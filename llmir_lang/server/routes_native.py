@@ -21,7 +21,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from llmir_lang import __version__
-from llmir_lang.errors import EmptyPromptError, InvalidRequestError, PromptTooLongError
+from llmir_lang.errors import (
+    ChatTemplateRefusedError,
+    EmptyPromptError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.tokenizer import lone_surrogate
 from llmir_lang.server.convert import (
@@ -331,14 +336,7 @@ def render_chat(svc: EngineService, messages: list[dict[str, Any]], add_generati
     (``raise_exception`` in Llama 2's or Mistral's: roles that do not alternate, a system message
     it does not take) or fails on it is a 400 with the template's own message, not a 500 that
     clients would retry."""
-    from jinja2 import TemplateError
-
     try:
         return svc.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
-        raise ServerHTTPError(
-            400,
-            f"this model's chat template refuses these messages: {e}; send messages it takes "
-            "(for many templates: roles alternating user / assistant, a system message only first)",
-            param="messages",
-        ) from None
+    except ChatTemplateRefusedError as e:
+        raise ServerHTTPError(400, str(e), param="messages") from None

@@ -105,3 +105,22 @@ def test_encode_falls_back_when_the_wrapper_differs(tok):
             return E()
 
     assert not tok._same_encode(Shifted())
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_typed_error(tok: Tokenizer) -> None:
+    """A template's ``raise_exception`` (or any jinja error) reaches a direct caller as the
+    project's typed error saying what to send instead, not as jinja2's own exception."""
+    from llmir_lang.errors import ChatTemplateRefusedError, InvalidRequestError
+
+    saved = tok.hf.chat_template
+    tok.hf.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    try:
+        with pytest.raises(ChatTemplateRefusedError, match="refuses these messages: no system role") as info:
+            tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
+        assert isinstance(info.value, InvalidRequestError)
+        assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    finally:
+        tok.hf.chat_template = saved
