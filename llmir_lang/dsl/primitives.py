@@ -748,11 +748,18 @@ def refuse_traced_marks(kind: str, label: str | None, attrs: Any) -> None:
     found = _MARKED.search(text)
     what = f"the placeholder of {found.group(1)!r}" if found else "part of a traced placeholder"
     shown = text.replace(_OPEN, "").replace(_CLOSE, "")
+    # without a whole placeholder the mark may be the program's own text: say so too
+    literal = (
+        ""
+        if found
+        else " (or the text itself holds U+E000 or U+E001, the private-use characters the trace "
+        "marks placeholders with: trace() cannot take them in constant text; run() can)"
+    )
     raise FeatureNotSupportedError(
         f"text recorded by a {kind} op while the program is traced (trace(), llmir ir, cache()) holds "
-        f"{what} ({shown[:80]!r}): a traced parameter or variable, or text made from one by a str "
-        "operation (str.join, slicing, a str method such as .upper(), % with a tuple or dict held in "
-        "a variable), where the IR takes constant text, so the IR would hold the placeholder and "
+        f"{what}{literal} ({shown[:80]!r}): a traced parameter or variable, or text made from one by a "
+        "str operation (str.join, slicing, a str method such as .upper(), % with a tuple or dict held "
+        "in a variable), where the IR takes constant text, so the IR would hold the placeholder and "
         'ignore the value. Join text with + to keep the reference (e.g. "Q: " + question); give '
         "trace() the arguments that select choices or gen options are made from; run() with "
         "arguments takes any of these",

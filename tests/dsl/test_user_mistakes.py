@@ -233,3 +233,23 @@ def test_a_regex_that_does_not_parse_is_an_error_at_its_gen_before_anything_runs
     with pytest.raises(llmir.DSLError, match="does not parse"):
         prog.run(backend=rt)
     assert rt.stats()["tokens_computed"] == before  # the 200-token gen never ran
+
+
+def test_a_literal_private_use_mark_in_traced_text_is_named_as_a_possible_cause():
+    """The trace marks placeholders with U+E000 / U+E001; a program whose own constant text holds
+    one is refused by trace() with a message that names that cause too (run() takes the text)."""
+
+    @llmir.function
+    def marked(s, q):
+        s += "Q: " + q + "\ue000" + llmir.gen("a", max_tokens=2)
+
+    with pytest.raises(FeatureNotSupportedError, match="the text itself holds U\\+E000 or U\\+E001"):
+        marked.trace()
+
+    @llmir.function
+    def sliced(s, q):
+        s += "Q: " + q[:3] + llmir.gen("a", max_tokens=2)  # part of a placeholder, no literal mark
+
+    with pytest.raises(FeatureNotSupportedError, match="part of a traced placeholder") as info:
+        sliced.trace()
+    assert "U+E000" in str(info.value)  # the text cannot tell a slice from a literal mark
