@@ -107,6 +107,7 @@ class ExtractSummary:
     completion_tokens: int = 0
     seconds: float = 0.0
     stopped: str = ""  # why the run stopped early ("interrupted", ...), set by ``run_main``
+    started: bool = False  # the output is open and the counts above are the job's (``run_extract``)
 
     @property
     def done(self) -> int:
@@ -129,6 +130,11 @@ class ExtractSummary:
         return f"{self.records_per_s:.1f} ok rec/s, {self.tokens_per_s:.0f} tok/s, cache {self.cache_hit_rate:.0%}"
 
     def report(self) -> str:
+        if self.stopped and not self.started:
+            # stopped while loading the model, the schema or the input: no count is known yet but
+            # the input's size (0 when it was not read yet), and this run wrote no line
+            read = f" ({self.total} input records)" if self.total else ""
+            return f"extract: {self.stopped} before the job started{read}: no record ran, no line was written"
         done = f"{self.skipped} already done"
         if self.skipped_failed:
             done += f" ({self.skipped_failed} of them errors: --retry-failed reruns them)"
@@ -207,6 +213,20 @@ def _read_input(ns: argparse.Namespace) -> list[InputRecord]:
     id_field = ns.id_field or "id"
     records = list(read_records(ns.input, id_field=id_field))
     rows = [r.row for r in records if r.row is not None]
+    if records and not rows:
+        # a plain text file, a JSON array or a pretty-printed JSON document (or a CSV file whose
+        # every row is split by unquoted commas): every line would be written as an error line
+        # (and skipped by every rerun), so refuse it before the job
+        first = records[0]
+        if _is_csv(ns.input):
+            raise ExtractInputError(
+                f"--input {ns.input!r}: no row matches the header (row {first.line} is {first.problem})"
+            )
+        raise ExtractInputError(
+            f"--input {ns.input!r}: no line is a JSON object (line {first.line} is {first.problem}); "
+            'the input is JSON lines, one object per line such as {"id": 1, "text": "..."} '
+            "(or CSV with a header, for a name ending in .csv)"
+        )
     if rows and not any(ns.text_field in row for row in rows):
         raise ExtractInputError(
             f"--text-field {ns.text_field!r}: no record of {ns.input} has this field "
@@ -227,6 +247,11 @@ def _read_input(ns: argparse.Namespace) -> list[InputRecord]:
     return records
 
 
+def _is_csv(path: str) -> bool:
+    """``read_records``' rule: a ``.csv`` name is CSV, except standard input (always JSON lines)."""
+    return str(path) != "-" and Path(path).suffix.lower() == ".csv"
+
+
 def _text_problem(text: Any, text_field: str) -> str | None:
     if not isinstance(text, str) or not text.strip():
         what = "is missing" if text is None else "is empty" if isinstance(text, str) else "is not text"
@@ -238,8 +263,6 @@ def _text_problem(text: Any, text_field: str) -> str | None:
             f"position {bad.start()}"
         )
     return None
-
-
 
 
 def _plan(
@@ -269,7 +292,8 @@ def _plan(
         summary.retried += key in done or key in retried
         if rec.row is None:
             summary.malformed += 1
-            pending.append(_Item(rec.id, error=f"input line {rec.line} is {rec.problem}"))
+            unit = "row" if _is_csv(ns.input) else "line"
+            pending.append(_Item(rec.id, error=f"input {unit} {rec.line} is {rec.problem}"))
         else:
             text = rec.row.get(ns.text_field)
             problem = _text_problem(text, ns.text_field)
@@ -361,6 +385,7 @@ def run_extract(
     _check_passes(ns.passes)
     check_output_path(ns.output, ns.input)
     records = _read_input(ns)
+    summary.total = len(records)  # what an interrupted setup reports; the rest is counted under the lock
     before = scan_output(ns.output)  # read-only: a file that is not ours fails here, untouched
     pending, planned = _plan(records, before.done_ids, before.failed_ids, ns)
     _warn_duplicates(planned)
@@ -383,6 +408,7 @@ def run_extract(
                 )
             pending, planned = _plan(records, out.done_ids, out.failed_ids, ns, out.retried_ids)
             _copy(planned, summary)
+            summary.started = True
             if not pending:
                 return summary
             if not ns.no_progress:

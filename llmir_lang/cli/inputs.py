@@ -16,7 +16,9 @@ job before anything runs, with the file, line and byte position. Each record get
 ``--id-field`` value, or ``"line:N"`` when it has none (``AUTO_ID_PREFIX``), N being its line
 (JSON lines) or row (CSV, the header being row 1). A JSON-lines line that is not a JSON object is
 still a record (id ``"line:N"``) whose ``problem`` says why, so that the job writes it as an error
-and goes on.
+and goes on; so is a CSV row with more fields than the header (a comma outside double quotes, which
+would otherwise cut the text short without a word). CSV fields may be of any length (a text too
+long for the model is that record's error, not the file's).
 """
 
 from __future__ import annotations
@@ -199,8 +201,9 @@ def where_in(data: bytes, pos: int) -> str:
 
 @dataclass(slots=True)
 class InputRecord:
-    """One record of the input file. ``row`` is None when the line is not a JSON object; then
-    ``problem`` says why and ``id`` is the line's ``"line:N"``."""
+    """One record of the input file. ``row`` is None when the line is not a JSON object (then
+    ``id`` is the line's ``"line:N"``) or the CSV row has more fields than the header (its id is
+    kept); ``problem`` says why."""
 
     line: int  # JSON lines: the line number; CSV: the row number, the header being row 1
     id: Any
@@ -287,13 +290,28 @@ def _csv_records(file: Path, id_field: str, data: bytes | None = None) -> Iterat
         if data is None
         else io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
     )
+    # a record's text may be longer than csv's default field limit (128 KiB): that record fails
+    # (its prompt is too long for the model), not the whole file
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     with text as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, restkey=_CSV_EXTRA)
         n = 1  # line 1 is the header
         try:
             for row in reader:
                 n += 1
-                yield _with_id(dict(row), id_field, n)
+                record = dict(row)
+                extra = record.pop(_CSV_EXTRA, None)
+                got = _with_id(record, id_field, n)
+                if extra is not None:
+                    # more fields than the header: a comma outside double quotes split a field,
+                    # and the text would be cut short silently; the row is a record error instead
+                    header = len(reader.fieldnames or ())
+                    got.row = None
+                    got.problem = (
+                        f"a CSV row of {header + len(extra)} fields under a header of {header} (a field "
+                        "with a comma must be in double quotes)"
+                    )
+                yield got
         except UnicodeDecodeError:
             line, byte = _first_bad_utf8(file, data)
             raise ExtractInputError(
@@ -302,6 +320,10 @@ def _csv_records(file: Path, id_field: str, data: bytes | None = None) -> Iterat
             ) from None
         except csv.Error as e:
             raise ExtractInputError(f"--input {str(file)!r}: line {reader.line_num}: {e}") from None
+
+
+_CSV_EXTRA = object()  # DictReader's key for the fields of a row beyond the header's
+_CSV_FIELD_LIMIT = 2**31 - 1  # the largest value every platform's csv accepts
 
 
 def _first_bad_utf8(file: Path, data: bytes | None = None) -> tuple[int, int]:
