@@ -22,6 +22,7 @@ import contextvars
 import functools
 import inspect
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -799,6 +800,11 @@ class _BatchResults(Iterator[ProgramState]):
 
     def __del__(self) -> None:
         if self._finish is not None:
+            if sys.is_finalizing():
+                # dropped with the module at interpreter exit: the exit hooks have stopped the
+                # engines and waited for the batch's threads already, and a thread started now
+                # never runs (its start waited forever: a script that left the loop hung at exit)
+                return
             # NOTE: not here: the cancel and the joins take the runner's locks, and garbage
             # collection may run this in any thread, one of the batch's own included
             try:

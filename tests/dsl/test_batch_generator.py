@@ -107,3 +107,31 @@ def test_a_batch_read_to_the_end_is_unaffected(fake):
     assert [s.text() for s in states] == [
         s.text() for s in program.run_batch([{"i": i} for i in range(8)], backend=fake)
     ]
+
+
+def test_a_script_that_leaves_the_loop_and_ends_exits(tmp_path):
+    """A script whose last act is to leave a ``generator_style`` loop early (the iterator stays in
+    a module global, never closed) exits: the iterator dropped while the interpreter finalizes
+    must not start a thread (its start never returned: the script hung at exit)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "import llmir_lang as llmir\n"
+        "from fake_backend import FakeBackend\n\n"
+        "@llmir.function\n"
+        "def f(s, i):\n"
+        "    s += f'Item {i}:' + llmir.gen('a', max_tokens=3)\n\n"
+        "states = f.run_batch([{'i': i} for i in range(40)], backend=FakeBackend(delay=0.05),\n"
+        "                     generator_style=True, progress_bar=True)\n"
+        "for st in states:\n"
+        "    print('first', st.error())\n"
+        "    break\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "first None"
