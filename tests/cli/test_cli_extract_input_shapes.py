@@ -12,34 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cli_extract_guards import InstantBackend
 
 from llmir_lang.__main__ import main as llmir_main
 from llmir_lang.cli import extract as extract_cli
 from llmir_lang.cli.extract import add_arguments, run_extract, run_main
 from llmir_lang.cli.inputs import ExtractInputError, read_records
-from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, StepResult
+from llmir_lang.executor.backend import ChainRequest
 
 
-class EchoBackend(Backend):
-    """Answers every request at once with ``{}``, and remembers the prompts it saw."""
+class EchoBackend(InstantBackend):
+    """``InstantBackend`` that also remembers the prompts it saw."""
 
     def __init__(self) -> None:
         self.prompts: list[str] = []
 
     def submit(self, request: ChainRequest, on_chunk: Any = None) -> Future:
         self.prompts.append(request.prompt)
-        future: Future = Future()
-        steps = [st for st in request.steps if not isinstance(st, str)]
-        future.set_result(
-            ChainResult([StepResult(st.name, "{}", [1, 2], "stop", 5, 2, 0, None) for st in steps], "{}")
-        )
-        return future
-
-    def score(self, prompt: str, continuations: Any) -> list[list[float]]:
-        raise AssertionError("extract never scores")
-
-    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = False) -> str:
-        return "".join(m["content"] for m in messages)
+        return super().submit(request, on_chunk)
 
 
 @pytest.fixture()
