@@ -248,9 +248,17 @@ class LMFunction:
         state: ProgramState,
         arguments: dict[str, Any],
         on_end: Callable[[], None] | None = None,
+        raise_base: bool = False,
     ) -> None:
         """Run the program body on ``state``; record any error on ``run``, never raise (but a
         KeyboardInterrupt in the thread that runs it).
+
+        A ``BaseException`` that is not an ``Exception`` (``SystemExit``, a ``KeyboardInterrupt``
+        or ``CancelledError`` the body raised itself) is the program's error too, as a
+        ``ProgramExecutionError`` whose cause it is: on a background thread (``arun``,
+        ``stream=True``, ``run_batch``) it escaped the thread and the run ended as if it had
+        succeeded, so an awaiting ``arun`` never woke. ``raise_base`` (``run``, on the caller's
+        thread) raises it on as well, as the caller's own.
 
         With ``on_end`` (``run_batch``) the body's last segment is not waited for: the run ends,
         and ``on_end()`` is called, on the thread that completes that segment; this thread returns
@@ -267,6 +275,15 @@ class LMFunction:
                 run.flush()
         except Exception as e:
             run.error = self._wrap(e)
+        except BaseException as e:
+            if run.error is None:  # (a cancel that stopped the body has set its own already)
+                run.error = (
+                    ProgramInterruptedError("the program was interrupted (KeyboardInterrupt)", self.name)
+                    if isinstance(e, KeyboardInterrupt)
+                    else self._wrap(e)
+                )
+            if raise_base:
+                raise
         finally:
             if not detached:
                 self._end_then(run, on_end)
@@ -299,7 +316,7 @@ class LMFunction:
         for st in run.states:
             st._close_stream()
 
-    def _wrap(self, e: Exception) -> Exception:
+    def _wrap(self, e: BaseException) -> Exception:
         if isinstance(e, DSLError):
             if e.program is not None:
                 return e
@@ -326,7 +343,7 @@ class LMFunction:
         if stream:
             self._background(run, state, arguments, "llmir-program")
             return state
-        self._body(run, state, arguments)
+        self._body(run, state, arguments, raise_base=True)
         if run.error is not None:
             raise run.error
         return state
@@ -357,11 +374,13 @@ class LMFunction:
                 done.set_result(None)
 
         def body() -> None:
-            self._body(run, state, arguments)
             try:
-                loop.call_soon_threadsafe(wake)
-            except RuntimeError:  # the loop is closed: nobody awaits this program any more
-                pass
+                self._body(run, state, arguments)
+            finally:  # always: an awaiting task that is never woken waits forever
+                try:
+                    loop.call_soon_threadsafe(wake)
+                except RuntimeError:  # the loop is closed: nobody awaits this program any more
+                    pass
 
         spawn(body, name="llmir-arun")  # pooled: waited for at exit (see workers.py)
         try:

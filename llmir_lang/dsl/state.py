@@ -527,7 +527,9 @@ class ProgramState:
 
     def __repr__(self) -> str:
         """The last 60 characters run so far and the program's status; never waits."""
-        known = "".join(p.text or "" for p in self._pieces if id(p) not in self._dropped)
+        # as text(): a stopped gen keeps what it streamed (a repr that dropped it showed less
+        # than text() for a cancelled stream)
+        known = "".join(self._piece_text(p) for p in self._pieces)
         if not self._run.finished.is_set():
             status = ", running"
         elif self._run.error is not None:
