@@ -173,7 +173,8 @@ def interrupts_deferred() -> Iterator[None]:
     must be whole, such as starting a batch's threads (the coordinator would wait for workers never
     started, and the started ones would run on with nobody to cancel them). Elsewhere (another
     thread, or a process whose SIGINT handler is not Python's to set) it changes nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    # another thread, or a handler not installed from Python (None: it could not be put back)
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
     pending: list[int] = []
