@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 from server_harness import ServerProcess, arithmetic_prompt
@@ -21,6 +22,28 @@ LONG_IR = """module {
   }
 }
 """
+
+
+def _stop_while_running(
+    srv: ServerProcess, threads: list[threading.Thread], running: Callable[[], str | None]
+) -> int:
+    """Start the client ``threads``, wait (30 s at most) until ``running()`` says they all run
+    (None) instead of what is missing, then stop the server past its shutdown timeout and join the
+    clients; the server is killed whatever happens. Returns the server's exit code."""
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while (missing := running()) is not None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the requests did not all start: {missing}")
+            time.sleep(0.05)
+        code = srv.stop(timeout=60)
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        srv.kill()
+    return code
 
 
 def test_requests_running_past_the_shutdown_timeout_get_a_clean_answer():
@@ -44,23 +67,12 @@ def test_requests_running_past_the_shutdown_timeout_get_a_clean_answer():
                 if line.startswith("data: "):
                     streamed.append(line[6:])
 
+    def running() -> str | None:  # all three running in the engine
+        stats = httpx.get(srv.url + "/stats", timeout=10).json()
+        return None if stats["engine_requests"] == 3 and streamed else str(stats)
+
     threads = [threading.Thread(target=f, daemon=True) for f in (plain, program, stream)]
-    try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # all three running in the engine
-            stats = httpx.get(srv.url + "/stats", timeout=10).json()
-            if stats["engine_requests"] == 3 and streamed:
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"the requests did not all start: {stats}")
-        code = srv.stop(timeout=60)
-        for t in threads:
-            t.join(timeout=30)
-    finally:
-        srv.kill()
+    code = _stop_while_running(srv, threads, running)
     assert code == 0, srv.output()
     for name in ("plain", "program"):
         status, text = answers[name]
@@ -93,21 +105,7 @@ def test_openai_streams_the_shutdown_aborts_end_with_an_error_saying_so():
                     streamed[route].append(line[6:])
 
     threads = [threading.Thread(target=stream, args=(route,), daemon=True) for route in routes]
-    try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # both streaming
-            if all(streamed.values()):
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"the streams did not start: {srv.output()}")
-        code = srv.stop(timeout=60)
-        for t in threads:
-            t.join(timeout=30)
-    finally:
-        srv.kill()
+    code = _stop_while_running(srv, threads, lambda: None if all(streamed.values()) else srv.output())
     assert code == 0, srv.output()
     for route, events in streamed.items():
         assert events[-1] == "[DONE]", (route, events[-3:])
