@@ -13,6 +13,30 @@ def store_kv(
     v_buffer[loc] = v.to(v_buffer.dtype)
 
 
+def rope_store_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    loc: torch.Tensor,
+) -> torch.Tensor:
+    """A step's rotary and KV store in one: split ``qkv [T, (H + 2 Hkv) * D]`` into q, k, v, rotate
+    q and k (rotate-half layout: ``x * cos + roll(x, D / 2) * sin`` with ``cos`` and the sign-folded
+    ``sin`` of ``Rotary.tables``, ``[T, 1, D]`` or ``[T, D]``, in qkv's dtype: each product and the
+    sum rounded to it, as the model's ``rope_qkv`` and Hugging Face's rotary round); write k and v
+    into pool slots ``loc [T]`` and return q ``[T, H, D]``."""
+    t = qkv.shape[0]
+    d = cos.shape[-1]
+    hkv = k_buffer.shape[1]
+    qk = qkv[:, : (num_heads + hkv) * d].reshape(t, num_heads + hkv, d)
+    c, s = cos.reshape(t, 1, d).to(qkv.dtype), sin.reshape(t, 1, d).to(qkv.dtype)
+    qk = qk * c + torch.roll(qk, d // 2, -1) * s
+    store_kv(k_buffer, v_buffer, loc, qk[:, num_heads:], qkv[:, (num_heads + hkv) * d :].reshape(t, hkv, d))
+    return qk[:, :num_heads].contiguous()
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, causal_offset: int | None):
     """q [Tq, H, D], k/v [Tk, Hkv, D] -> [Tq, H, D], computed in fp32.
 

@@ -15,6 +15,9 @@ Invariants the kernels rely on:
   launch is CUDA-graph safe as long as those and the tensors' addresses stay fixed.
 - One launch: the workspace's counters are 0 before the launch and the launch leaves them 0.
 - The last dim of q, the pool buffers and the outputs is contiguous.
+
+On sm90+ the split kernel launches with programmatic dependent launch (``triton_common.PDL``):
+its programs may be resident before the kernel before it ends, and wait for it before anything else.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from llmir_lang.kernels import triton_common
 from llmir_lang.kernels.support import num_sms
-from llmir_lang.kernels.triton_common import LOG2E, mma, upcast_dots
+from llmir_lang.kernels.triton_common import LOG2E, mma, pdl_wait, upcast_dots
 from llmir_lang.kernels.triton_decode_merge import (
     DecodeWorkspace,
     alloc_partials,
@@ -138,7 +142,10 @@ def _decode_partial_kernel(
     BLOCK_G: tl.constexpr,
     MERGE_CHUNK: tl.constexpr,
     PRE_CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # launched early: wait for the kernel before (this step's KV store) first
+        pdl_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -353,6 +360,7 @@ def launch_decode_partial(
         PRE_CHUNK=pre_chunk(num_pre, block_h_for(group), head_dim),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **triton_common.pdl_launch(q),
     )
 
 

@@ -14,20 +14,20 @@ Measured on one H100 80GB HBM3 at M = 1 (``benchmarks/gpu/bench_gemv.py``): cuBL
 streams the Llama-3-8B step's weights at 2.0-2.8 TB/s per matrix (2.47 TB/s over a layer and the
 output layer), these kernels at 2.5-3.15 TB/s (3.07 TB/s). Reference: ``F.linear`` in fp32.
 
-On sm90+ the one-row kernels launch with programmatic dependent launch (``PDL``, below): a
+On sm90+ the one-row kernels launch with programmatic dependent launch (``triton_common.PDL``): a
 projection starts reading its weights while the kernel before it finishes, 1.21x on the 1B
 step's projections and 1.08x on the 8B's (``benchmarks/gpu/probe_pdl.py``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from llmir_lang.kernels import triton_common
+from llmir_lang.kernels.triton_common import pdl_wait
 
 
 class GemvConfig(NamedTuple):
@@ -49,29 +49,10 @@ GEMV_MAX_ROWS = 8
 SKINNY_MAX_ROWS = 128
 
 
-# ---- programmatic dependent launch (Hopper and newer) ------------------------------------------
+# ---- programmatic dependent launch (``triton_common``) ----------------------------------------
 # A one-row projection reads megabytes of weights that no kernel before it writes, and only its
-# input row (a few KB) depends on the kernel before. Launched with PDL (``launch_pdl``), a kernel's
-# programs may start while the kernel before it still runs its last wave: each loads its first
-# weight slice, then waits (``gdc_wait``: the kernel before has finished and its writes are
-# visible) before it reads or writes anything else. Right after that wait it lets the kernel after
-# it launch (``gdc_launch_dependents``): never before its own wait, so a kernel that starts early
-# can only overlap one that has itself seen every earlier kernel finish. A kernel launched without
-# PDL ignores both instructions. ``USE_PDL`` is off in the CPU interpreter and before Hopper.
-
-
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-
-    @triton.jit
-    def _pdl_wait():  # the CPU interpreter has no grid-dependency instructions (nor PDL launches)
-        tl.program_id(0)
-
-else:
-
-    @triton.jit
-    def _pdl_wait():
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+# input row (a few KB) depends on the kernel before: launched with PDL, each program loads its
+# first weight slice before it waits for the kernel before.
 
 
 @triton.jit
@@ -81,42 +62,6 @@ def _weight_slice(w_ptrs, rn, N, EVEN_N: tl.constexpr):
     else:
         w = tl.load(w_ptrs, mask=rn[:, None] < N, other=0.0, eviction_policy="evict_first")
     return w
-
-
-PDL = True  # the switch: False launches every kernel here without PDL (benchmarks compare both)
-
-
-@functools.cache
-def _pdl_device_ok(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
-def pdl_ok(t: torch.Tensor) -> bool:
-    """Whether kernels on ``t``'s device launch with PDL: ``PDL`` on, a CUDA device of compute
-    capability 9.0 or newer, and a Triton that has the instructions (3.3 and newer)."""
-    return (
-        PDL
-        and t.is_cuda
-        and _GDC
-        and _pdl_device_ok(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    )
-
-
-def _pdl_launch(pdl: bool) -> dict:
-    return dict(USE_PDL=True, launch_pdl=True) if pdl else dict(USE_PDL=False)
-
-
-def _triton_has_pdl() -> bool:
-    """The instructions and the ``launch_pdl`` launch option (Triton 3.3 and newer)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra.cuda import gdc_wait  # noqa: F401
-    except ImportError:
-        return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
-
-
-_GDC = _triton_has_pdl()
 
 
 @triton.jit
@@ -146,7 +91,7 @@ def _gemv_kernel(
     start = 0
     if USE_PDL:  # the first weight slice is read while the kernel before still runs
         w = _weight_slice(w_ptrs, rn, N, EVEN_N)
-        _pdl_wait()
+        pdl_wait()
         x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
         w_ptrs += BLOCK_K
@@ -242,7 +187,7 @@ def _row_launch(cfg: GemvConfig, n: int, x: torch.Tensor) -> dict:
         EVEN_N=n % cfg.block_n == 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        **_pdl_launch(pdl_ok(x)),
+        **triton_common.pdl_launch(x),
     )
 
 
@@ -343,7 +288,7 @@ def _norm_gemv_kernel(
     start = 0
     if USE_PDL:  # the first weight slice is read while the kernel before still runs
         w = _weight_slice(w_ptrs, rn, N, EVEN_N)
-        _pdl_wait()
+        pdl_wait()
         acc, sq = _norm_slice(X, R, G, ROut, 0, rk, w, acc, sq, pid, HAS_RES)
         w_ptrs += BLOCK_K
         start = BLOCK_K
@@ -390,7 +335,7 @@ def _silu_gemv_kernel(
     start = 0
     if USE_PDL:  # the first weight slice is read while the kernel before still runs
         w = _weight_slice(w_ptrs, rn, N, EVEN_N)
-        _pdl_wait()
+        pdl_wait()
         acc = _silu_slice(GU, K, 0, rk, w, acc)
         w_ptrs += BLOCK_K
         start = BLOCK_K

@@ -1,7 +1,8 @@
-"""Triton ``store_kv`` (new K/V into pool slots), ``apply_token_bitmask`` (constraint masks) and
-``greedy_tokens`` (each row's argmax over the vocabulary, a greedy decode step's token).
+"""Triton ``store_kv`` (new K/V into pool slots), ``rope_store_kv`` (a decode step's rotary and KV
+store in one kernel), ``apply_token_bitmask`` (constraint masks) and ``greedy_tokens`` (each row's
+argmax over the vocabulary, a greedy decode step's token).
 
-All are pure data movement with no host work, so they are safe inside a CUDA graph.
+None does host work, so all are safe inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from llmir_lang.kernels import triton_common
+from llmir_lang.kernels.triton_common import pdl_wait
 
 
 @triton.jit
@@ -79,6 +82,139 @@ def store_kv(
         BLOCK_D=block_d,
         num_warps=4 if block_h * block_d >= 2048 else 1,
     )
+
+
+@triton.jit
+def _round_to_half(x, BF16: tl.constexpr):
+    """fp32 ``x`` rounded to bf16 (``BF16``) or fp16, to nearest even, as fp32. bf16 by its bits:
+    the CPU interpreter's fp32 -> bf16 cast does not round to nearest."""
+    if BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, r)  # a NaN stays a NaN
+    else:
+        return x.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    QKV,
+    Cos,
+    Sin,
+    Q,
+    KBuf,
+    VBuf,
+    Loc,
+    stride_t,
+    stride_ct,
+    stride_st,
+    stride_qt,
+    stride_qh,
+    stride_kbn,
+    stride_kbh,
+    stride_vbn,
+    stride_vbh,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_QK: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
+    BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Program t: token t's q and k heads rotated (one ``[BLOCK_QK, D]`` tile; q rows first, then k
+    rows, as ``qkv`` lays them out), q to ``Q``, k and v to pool slot ``Loc[t]``."""
+    if USE_PDL:  # launched early: wait for the kernel before (the q/k/v projection) first
+        pdl_wait()
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(Loc + t).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    c = _round_to_half(tl.load(Cos + t * stride_ct + offs_d).to(tl.float32), BF16)
+    s = _round_to_half(tl.load(Sin + t * stride_st + offs_d).to(tl.float32), BF16)
+    offs_h = tl.arange(0, BLOCK_QK)
+    rows = offs_h < NUM_HEADS + NUM_KV_HEADS
+    row = QKV + t * stride_t + offs_h[:, None] * HEAD_DIM
+    x = tl.load(row + offs_d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    # roll(x, D / 2) along the head dim: element d reads (d + D / 2) mod D
+    xr = tl.load(row + ((offs_d + HEAD_DIM // 2) % HEAD_DIM)[None, :], mask=rows[:, None], other=0.0)
+    # each product and the sum rounded to the input dtype, as torch's ops on bf16/fp16 round (the
+    # model's rope_qkv, Hugging Face's rotary): the same bits as those
+    dt = QKV.dtype.element_ty
+    a = _round_to_half(x * c[None, :], BF16)
+    b = _round_to_half(xr.to(tl.float32) * s[None, :], BF16)
+    y = _round_to_half(a + b, BF16)
+    is_q = offs_h < NUM_HEADS
+    tl.store(
+        Q + t * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
+        y.to(Q.dtype.element_ty),
+        mask=is_q[:, None],
+    )
+    kh = tl.where(is_q, 0, offs_h - NUM_HEADS)
+    tl.store(
+        KBuf + slot * stride_kbn + kh[:, None] * stride_kbh + offs_d[None, :],
+        y.to(dt).to(KBuf.dtype.element_ty),
+        mask=(rows & ~is_q)[:, None],
+    )
+    offs_v = tl.arange(0, BLOCK_KV)
+    vrows = offs_v < NUM_KV_HEADS
+    v = tl.load(
+        QKV + t * stride_t + (NUM_HEADS + NUM_KV_HEADS + offs_v[:, None]) * HEAD_DIM + offs_d[None, :],
+        mask=vrows[:, None],
+    )
+    tl.store(
+        VBuf + slot * stride_vbn + offs_v[:, None] * stride_vbh + offs_d[None, :],
+        v.to(VBuf.dtype.element_ty),
+        mask=vrows[:, None],
+    )
+
+
+def rope_store_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    loc: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as ``reference.rope_store_kv``: one program per token. ``qkv``'s rows and the
+    last dim of every tensor contiguous; the head dim a power of two. Launched with PDL on sm90+."""
+    num_tokens = qkv.shape[0]
+    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q
+    cos2, sin2 = cos.reshape(num_tokens, head_dim), sin.reshape(num_tokens, head_dim)
+    assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and qkv.stride(1) == 1
+    assert cos2.stride(1) == 1 and sin2.stride(1) == 1 and head_dim & (head_dim - 1) == 0
+    block_qk = triton.next_power_of_2(num_heads + num_kv_heads)
+    _rope_store_kv_kernel[(num_tokens,)](
+        qkv,
+        cos2,
+        sin2,
+        q,
+        k_buffer,
+        v_buffer,
+        loc,
+        qkv.stride(0),
+        cos2.stride(0),
+        sin2.stride(0),
+        q.stride(0),
+        q.stride(1),
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        v_buffer.stride(0),
+        v_buffer.stride(1),
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_QK=block_qk,
+        BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+        BF16=qkv.dtype == torch.bfloat16,
+        num_warps=4 if block_qk * head_dim >= 2048 else 1,
+        **triton_common.pdl_launch(qkv),
+    )
+    return q
 
 
 @triton.jit

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, device_name, random_checkpoint, table  # noqa: E402
-from llmir_lang.kernels import triton_gemv  # noqa: E402
+from llmir_lang.kernels import triton_common  # noqa: E402
 
 from llmir_lang.executor.attention import ForwardMode  # noqa: E402
 from llmir_lang.executor.engine import Engine  # noqa: E402
@@ -144,8 +144,13 @@ def set_runner(eng: Engine, **attrs: Any) -> None:
         if "triton_linear" in attrs:
             r.set_triton_linear(attrs.pop("triton_linear"))
         pdl = attrs.pop("pdl", True)
-        if pdl != triton_gemv.PDL:  # graphs captured with the other launches are dropped
-            triton_gemv.PDL = pdl
+        if pdl != triton_common.PDL:  # graphs captured with the other launches are dropped
+            triton_common.PDL = pdl
+            if r.graphs is not None:
+                r.graphs.clear()
+        fuse_rotary = attrs.pop("fuse_rotary", True)
+        if getattr(r.backend, "fuse_rotary", fuse_rotary) != fuse_rotary:
+            r.backend.fuse_rotary = fuse_rotary
             if r.graphs is not None:
                 r.graphs.clear()
         if "fuse_rows" in attrs:
@@ -297,9 +302,15 @@ VARIANTS = {
     "graphs+compile": dict(cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True),
     # Triton projections, but each norm and SwiGLU's product as its own kernel at batch 1 too
     "graphs+compile+unfused": dict(cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=False),
-    # the same with every one-row projection launched without PDL (triton_gemv.PDL off)
+    # the same with every kernel launched without PDL (triton_common.PDL off: the one-row
+    # projections, the rotary + KV store, decode attention)
     "graphs+compile+nopdl": dict(
         cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True, pdl=False
+    ),
+    # the same with the rotary as its own (compiled) kernel and store_kv after it, as before the
+    # nineteenth session (with PDL on the projections and decode attention)
+    "graphs+compile+rope_apart": dict(
+        cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True, fuse_rotary=False
     ),
     # the same with every projection through cuBLAS (F.linear), not the Triton GEMV kernels
     "graphs+compile+cublas": dict(cuda_graphs=True, compile=True, triton_linear=False),

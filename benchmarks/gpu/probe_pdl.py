@@ -2,7 +2,7 @@
 
 A batch-1 decode step is a chain of weight-streaming kernels, each a few microseconds at the
 Llama-3.2-1B shape; between two of them the GPU drains the last wave of one and ramps up the next.
-With PDL (``triton_gemv.PDL``) a projection's programs start during the previous kernel's last wave
+With PDL (``triton_common.PDL``) a projection's programs start during the previous kernel's last wave
 and load their first weight slice before they wait for its output. This times the chain of a
 step's projections (``add_norm_linear`` qkv, a torch elementwise kernel standing for the rotary,
 ``linear`` o, ``add_norm_linear`` gate/up, ``silu_mul_linear`` down, per layer, then the output
@@ -23,7 +23,7 @@ import statistics
 
 import llmir_lang.kernels as K
 import torch
-from llmir_lang.kernels import triton_gemv
+from llmir_lang.kernels import triton_common
 
 SHAPES = {  # name -> (hidden, intermediate, layers, vocab, q + kv heads x head dim)
     "1b": (2048, 8192, 16, 128256, 3072),
@@ -92,10 +92,10 @@ def main() -> None:
     for shape in a.shapes.split(","):
         layers, head, final_norm, nbytes = build(shape)
         x = torch.randn(1, SHAPES[shape][0], device="cuda", dtype=torch.bfloat16)
-        assert triton_gemv.pdl_ok(x), "PDL needs a CUDA device of compute capability 9.0 and Triton 3.3+"
+        assert triton_common.pdl_ok(x), "PDL needs a CUDA device of compute capability 9.0 and Triton 3.3+"
         graphs, results = {}, {}
         for pdl in (False, True):
-            triton_gemv.PDL = pdl
+            triton_common.PDL = pdl
             step(x, layers, head, final_norm, not a.no_elementwise)  # compile outside the capture
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
@@ -127,7 +127,7 @@ def main() -> None:
         )
         del graphs, layers, head
         torch.cuda.empty_cache()
-    triton_gemv.PDL = True
+    triton_common.PDL = True
     path = os.path.join(os.environ.get("OUT", "."), "pdl_probe.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)

@@ -81,6 +81,15 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         """q ``[T, H, D]``, k/v ``[T, Hkv, D]`` for this step's tokens -> ``[T, H, D]``."""
 
+    def rotary_forward(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, layer_id: int
+    ) -> torch.Tensor | None:
+        """``forward`` after the model's rotary, where the backend does both in fewer kernels:
+        ``qkv [T, (H + 2 Hkv) * D]`` unrotated (no per-head norm), ``cos`` / ``sin`` from
+        ``Rotary.tables``; returns ``[T, H, D]`` as ``forward`` does, or None where it does not
+        apply (the model then runs its rotary and ``forward``). This base: never."""
+        return None
+
 
 @dataclass(slots=True)
 class _DecodePlan:

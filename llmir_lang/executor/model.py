@@ -203,9 +203,13 @@ class Attention(nn.Module):
 
     def attend(self, qkv: torch.Tensor, step: _Step) -> torch.Tensor:
         """Everything after the q/k/v projection: rotary, attention, the output projection."""
-        qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
-        q, k, v = step.ops.rope(qkv, step.cos, step.sin, self.num_heads, self.num_kv_heads, qn, kn, self.eps)
-        o = step.backend.forward(q, k, v, self.layer_id)
+        o = None
+        if not self.qk_norm:  # a decode step on the GPU: the rotary inside the KV store's kernel
+            o = step.backend.rotary_forward(qkv, step.cos, step.sin, self.num_heads, self.layer_id)
+        if o is None:
+            qn, kn = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+            q, k, v = step.ops.rope(qkv, step.cos, step.sin, self.num_heads, self.num_kv_heads, qn, kn, self.eps)
+            o = step.backend.forward(q, k, v, self.layer_id)
         o = o.reshape(qkv.shape[0], self.num_heads * self.head_dim)
         return step.linear(o, self.o_proj.weight, self.o_proj.bias)
 

@@ -1,7 +1,8 @@
 """The Triton attention backend: the GPU counterpart of ``TorchAttentionBackend``.
 
 ``prepare(batch)`` does all per-batch host work once; ``forward`` (once per layer) only launches
-kernels: ``store_kv``, then extend attention, decode attention (split-KV: the last split of each
+kernels: ``store_kv`` (in a decode step, ``rotary_forward``: the model's rotary and the store in
+one kernel), then extend attention, decode attention (split-KV: the last split of each
 (request, KV head) merges the others in the same launch, or a merge launch follows, as
 ``triton_decode.merge_in_split_kernel`` picks from the split count; one direct kernel when the batch
 is large enough not to split), or shared-prefix decode.
@@ -37,6 +38,10 @@ class TritonAttentionBackend(AttentionBackend):
     Falls back to the torch reference, with one warning, when the pool's head dim or dtype is not
     one the kernels support: slower, never wrong.
     """
+
+    # decode steps run the rotary inside the KV store's kernel (``rotary_forward``); benchmarks
+    # turn it off to compare
+    fuse_rotary = True
 
     def __init__(
         self,
@@ -140,14 +145,7 @@ class TritonAttentionBackend(AttentionBackend):
         triton_misc.store_kv(kb, vb, b.out_cache_loc, k, v)
         q = _lastdim(q)
         if b.mode is ForwardMode.DECODE:
-            if self._shared is not None:
-                from llmir_lang.kernels import triton_shared_prefix
-
-                prefix, suf_indptr, suf_indices = self._shared
-                return triton_shared_prefix.shared_prefix_decode(
-                    q, kb, vb, prefix, suf_indptr, suf_indices, self.sm_scale
-                )
-            return self._decode(q, kb, vb)
+            return self._attend_decode(q, kb, vb)
         assert self._extend_plan is not None
         # The new tokens' keys straight from this step's k, v (no slot gather) when they are
         # exactly what store_kv wrote, i.e. already in the pool's dtype.
@@ -165,6 +163,42 @@ class TritonAttentionBackend(AttentionBackend):
             k_new=k if direct else None,
             v_new=v if direct else None,
         )
+
+    def rotary_forward(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, layer_id: int
+    ) -> torch.Tensor | None:
+        """Decode steps: the rotary, and the KV store, in one kernel (``kernels.triton_misc.
+        rope_store_kv``), then decode attention. None (the model's rotary and ``forward``) for
+        extends, with ``fuse_rotary`` off, or where the Triton kernels do not apply."""
+        b = self.batch
+        assert b is not None, "prepare(batch) must be called before forward"
+        if not self.fuse_rotary or b.mode is not ForwardMode.DECODE:
+            return None
+        t, d = qkv.shape[0], self.head_dim
+        kb, vb = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * self.num_kv_heads) * d or qkv.stride(1) != 1:
+            return None
+        if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.numel() != t * d or sin.numel() != t * d:
+            return None
+        if self._use_triton is None:
+            q_like = qkv[:, : num_heads * d].view(t, num_heads, d)
+            self._use_triton = support.attention_ok("TritonAttentionBackend", q_like, kb, vb)
+        if not self._use_triton:
+            return None
+        from llmir_lang.kernels import triton_misc
+
+        q = triton_misc.rope_store_kv(qkv, cos, sin, num_heads, kb, vb, b.out_cache_loc)
+        return self._attend_decode(q, kb, vb)
+
+    def _attend_decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+        if self._shared is not None:
+            from llmir_lang.kernels import triton_shared_prefix
+
+            prefix, suf_indptr, suf_indices = self._shared
+            return triton_shared_prefix.shared_prefix_decode(
+                q, kb, vb, prefix, suf_indptr, suf_indices, self.sm_scale
+            )
+        return self._decode(q, kb, vb)
 
     def _decode(self, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
         b = self.batch

@@ -105,3 +105,40 @@ def test_cost_rule_gates_the_shared_prefix_path() -> None:
 def test_select_attention_backend_on_cpu_is_the_torch_reference() -> None:
     k = [torch.zeros(4, HKV, D)]
     assert isinstance(select_attention_backend(k, k, 1.0), TorchAttentionBackend)
+
+
+def test_decode_rotary_forward_equals_the_models_rotary_then_forward() -> None:
+    """A decode step's ``rotary_forward`` (the rotary inside the KV store's kernel) gives what the
+    model's ``rope_qkv`` then ``forward`` give: the torch backend's attention output, the same pool
+    bits. Extends, and ``fuse_rotary`` off, decline (None: the model runs its own rotary)."""
+    from llmir_lang.executor.model import rope_qkv
+
+    pair = _Pair()
+    slots = torch.randperm(SLOTS, generator=torch.Generator().manual_seed(3))
+    lens = [40, 1, 300]
+    lists, first = [], 0
+    for n in lens:
+        lists.append(slots[first : first + n])
+        first += n
+    batch = _batch(ForwardMode.DECODE, [1] * 3, lists)
+    pair.torch_be.prepare(batch)
+    pair.triton_be.prepare(batch)
+    g = pair.gen
+    pos = torch.tensor([39.0, 0.0, 299.0])
+    freqs = pos[:, None] * 10000.0 ** (-torch.arange(0, D, 2).float() / D)[None, :]
+    cos = torch.cat((freqs.cos(), freqs.cos()), -1).to(DTYPE).unsqueeze(1)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), -1).to(DTYPE).unsqueeze(1)
+    for layer in range(LAYERS):
+        qkv = torch.randn(3, (H + 2 * HKV) * D, generator=g).to(DTYPE)
+        q, k, v = rope_qkv(qkv, cos, sin, H, HKV, None, None, 1e-6)
+        expect = pair.torch_be.forward(q, k, v, layer)
+        out = pair.triton_be.rotary_forward(qkv, cos, sin, H, layer)
+        assert out is not None and rel_error(out, expect) < 2e-3, layer
+        assert torch.equal(pair.triton_be.k_buffers[layer], pair.torch_be.k_buffers[layer])
+        assert torch.equal(pair.triton_be.v_buffers[layer], pair.torch_be.v_buffers[layer])
+    assert pair.torch_be.rotary_forward(qkv, cos, sin, H, 0) is None
+    pair.triton_be.fuse_rotary = False
+    assert pair.triton_be.rotary_forward(qkv, cos, sin, H, 0) is None
+    pair.triton_be.fuse_rotary = True
+    pair.triton_be.prepare(_batch(ForwardMode.EXTEND, [2, 1], [lists[0][:2], lists[1]]))
+    assert pair.triton_be.rotary_forward(qkv[:3], cos, sin, H, 0) is None

@@ -356,6 +356,42 @@ def test_store_kv_from_a_strided_view(src_dtype: torch.dtype, pool_dtype: torch.
         assert torch.equal(kb, kr) and torch.equal(vb, vr)
 
 
+def _rope_inputs(t: int, h: int, hkv: int, d: int, dtype: torch.dtype, seed: int):
+    """A fused qkv row per token and the rotary tables ``Rotary.tables`` makes (``[T, 1, D]``,
+    sign-folded sine) for random positions."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 5000, (t,), generator=g).float()
+    freqs = pos[:, None] * 10000.0 ** (-torch.arange(0, d, 2).float() / d)[None, :]
+    c, s_ = freqs.cos(), freqs.sin()
+    cos = torch.cat((c, c), -1).to(dtype).unsqueeze(1)
+    sin = torch.cat((-s_, s_), -1).to(dtype).unsqueeze(1)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g).to(dtype)
+    return qkv, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("h", "hkv", "d", "t"), [(4, 4, 16, 3), (8, 2, 32, 1), (8, 1, 64, 5), (16, 2, 16, 2)])
+def test_rope_store_kv_gives_the_models_rotary_and_store_bits(dtype, h, hkv, d, t) -> None:
+    """The decode step's fused rotary + KV store equals the model's ``rope_qkv`` (each product and
+    the sum rounded to the dtype, as torch and Hugging Face round) then ``store_kv``, bit for bit;
+    GQA ratios 1, 4, 8; slots nowhere near the tokens' order; other slots untouched."""
+    from llmir_lang.kernels import triton_misc
+
+    from llmir_lang.executor.model import rope_qkv
+
+    qkv, cos, sin = _rope_inputs(t, h, hkv, d, dtype, seed=h * d + t)
+    loc = torch.randperm(64, generator=torch.Generator().manual_seed(t))[:t]
+    kb, vb = torch.zeros(64, hkv, d, dtype=dtype), torch.zeros(64, hkv, d, dtype=dtype)
+    kr, vr = kb.clone(), vb.clone()
+    q = triton_misc.rope_store_kv(qkv, cos, sin, h, kb, vb, loc)
+    q_m, k_m, v_m = rope_qkv(qkv, cos, sin, h, hkv, None, None, 1e-6)
+    ref.store_kv(kr, vr, loc, k_m, v_m)
+    assert q.shape == (t, h, d) and torch.equal(q, q_m)
+    assert torch.equal(kb, kr) and torch.equal(vb, vr)
+    assert torch.equal(ref.rope_store_kv(qkv, cos, sin, h, kr.clone(), vr.clone(), loc), q)
+    assert triton_misc.rope_store_kv(qkv[:0], cos[:0], sin[:0], h, kb, vb, loc[:0]).shape == (0, h, d)
+
+
 def test_apply_token_bitmask() -> None:
     g = torch.Generator().manual_seed(6)
     vocab = 100  # not a multiple of 32: the last word is partly unused
@@ -533,7 +569,43 @@ def test_pdl_paths_compute_what_the_plain_paths_do(monkeypatch, n: int) -> None:
         ]
 
     plain = run_all()
-    monkeypatch.setattr(tg, "pdl_ok", lambda t: True)
-    monkeypatch.setattr(tg, "_pdl_launch", lambda pdl: dict(USE_PDL=pdl))  # no launch_pdl on the CPU
+    _pdl_in_the_interpreter(monkeypatch)
+    for a, b in zip(plain, run_all(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _pdl_in_the_interpreter(monkeypatch) -> None:
+    """Kernels take their ``USE_PDL`` variant (without ``launch_pdl``: the CPU has no such launch)."""
+    from llmir_lang.kernels import triton_common
+
+    monkeypatch.setattr(triton_common, "pdl_launch", lambda t: dict(USE_PDL=True))
+
+
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_pdl_attention_side_kernels_compute_what_the_plain_ones_do(monkeypatch, one_launch: bool) -> None:
+    """The decode attention kernel (one-launch and two-launch merges, the direct path) and the
+    fused rotary + KV store give the same bits with their PDL wait as without."""
+    from llmir_lang.kernels import triton_decode, triton_misc
+
+    h, hkv, d, dt = 8, 2, 16, torch.bfloat16
+    qkv, cos, sin = _rope_inputs(3, h, hkv, d, dt, seed=7)
+    lens = [70, 1, 33]
+    g = torch.Generator().manual_seed(8)
+    kb, vb = random_pool(200, hkv, d, dt, g)
+    kv_lists = list(slot_layout(lens, 200, "random", g).split(lens))
+    loc = torch.stack([kv[-1] for kv in kv_lists])
+    cfg = dataclasses.replace(triton_decode.default_decode_config(d, kb.device), one_launch=one_launch)
+
+    def run_all() -> list[torch.Tensor]:
+        k2, v2 = kb.clone(), vb.clone()
+        q = triton_misc.rope_store_kv(qkv, cos, sin, h, k2, v2, loc)
+        out = [q, k2, v2]
+        for bsz in (3, 1):
+            args = (q[:bsz], k2, v2, indptr(lens[:bsz]), torch.cat(kv_lists[:bsz]), d**-0.5)
+            out.append(triton_decode.decode_attention(*args, config=cfg))
+        return out
+
+    plain = run_all()
+    _pdl_in_the_interpreter(monkeypatch)
     for a, b in zip(plain, run_all(), strict=True):
         assert torch.equal(a, b)

@@ -387,13 +387,24 @@ def test_linear_replays_in_a_cuda_graph() -> None:
     assert rel_error(y, torch.nn.functional.linear(x.float(), w.float())) < TOL[torch.bfloat16]
 
 
-def _layer_chain(x: torch.Tensor, layers: list, eps: float = 1e-5) -> torch.Tensor:
+def _layer_chain(x: torch.Tensor, layers: list, attention: tuple | None = None, eps: float = 1e-5) -> torch.Tensor:
     """A decode step's one-row projections, layer after layer, each reading what the one before
-    wrote (with a torch elementwise kernel, as the rotary is, between the first two)."""
+    wrote. Between the q/k/v and the output projections: a torch elementwise kernel (``attention``
+    None), or a decode step's rotary + KV store and decode attention over that layer's pool
+    (``attention = (pools, cos, sin, kv_indptr, kv_indices, loc, heads)``)."""
+    from llmir_lang.kernels import triton_misc
+
     residual = None
-    for norm1, qkv_w, o_w, norm2, gu_w, down_w in layers:
+    for li, (norm1, qkv_w, o_w, norm2, gu_w, down_w) in enumerate(layers):
         qkv, residual = K.add_norm_linear(x, residual, norm1, eps, qkv_w)
-        o = K.linear((qkv[:, : o_w.shape[1]] * 1.5).contiguous(), o_w)
+        if attention is None:
+            o = (qkv[:, : o_w.shape[1]] * 1.5).contiguous()
+        else:
+            pools, cos, sin, kv_indptr, kv_indices, loc, heads = attention
+            kb, vb = pools[li]
+            q = triton_misc.rope_store_kv(qkv, cos, sin, heads, kb, vb, loc)
+            o = K.decode_attention(q, kb, vb, kv_indptr, kv_indices, 0.125).reshape(1, -1)
+        o = K.linear(o, o_w)
         gate_up, residual = K.add_norm_linear(o, residual, norm2, eps, gu_w)
         x = K.silu_mul_linear(gate_up, down_w)
     return x + residual
@@ -402,12 +413,15 @@ def _layer_chain(x: torch.Tensor, layers: list, eps: float = 1e-5) -> torch.Tens
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="PDL needs sm90+"
 )
-def test_pdl_chain_in_a_cuda_graph_equals_the_plain_launches(monkeypatch) -> None:
-    """With programmatic dependent launch each projection may start while the one before still
-    runs; every program waits for it before it reads its input row or writes. A chain of 12
+@pytest.mark.parametrize("with_attention", [False, True])
+def test_pdl_chain_in_a_cuda_graph_equals_the_plain_launches(monkeypatch, with_attention: bool) -> None:
+    """With programmatic dependent launch each kernel may start while the one before still runs;
+    every program waits for it before it reads what that kernel wrote, or writes. A chain of 12
     dependent layers replayed in a CUDA graph gives the bits the plain launches give (a missing
-    wait reads a stale row and differs), and so do eager launches."""
-    from llmir_lang.kernels import triton_gemv as tg
+    wait reads a stale row, or a stale key at this step's slot, and differs), and so do eager
+    launches. With attention: the 1B shape's 32 / 8 heads of 64, a 1,000-token context (4 splits,
+    the one-launch merge), the new token's slot overwritten with noise before every replay."""
+    from llmir_lang.kernels import triton_common
 
     torch.manual_seed(0)
     h, i, dt = 2048, 8192, torch.bfloat16
@@ -420,19 +434,33 @@ def test_pdl_chain_in_a_cuda_graph_equals_the_plain_launches(monkeypatch) -> Non
          1 + 0.1 * torch.randn(h, device=DEV, dtype=dt), w(2 * i, h), w(h, i))
         for _ in range(12)
     ]  # fmt: skip
+    attention = None
+    if with_attention:
+        ctx, slots = 1000, 4096
+        pools = [_pool(slots, 8, 64, dt, seed=li) for li in range(12)]
+        kv_indices = torch.randperm(slots, device=DEV)[:ctx]
+        freqs = (ctx - 1) * 10000.0 ** (-torch.arange(0, 64, 2, device=DEV).float() / 64)
+        cos = torch.cat((freqs.cos(), freqs.cos())).to(dt).view(1, 1, 64)
+        sin = torch.cat((-freqs.sin(), freqs.sin())).to(dt).view(1, 1, 64)
+        attention = (pools, cos, sin, indptr([ctx], DEV), kv_indices, kv_indices[-1:], 32)
     x = torch.randn(1, h, device=DEV, dtype=dt)
-    assert tg.pdl_ok(x)
-    monkeypatch.setattr(tg, "PDL", False)
-    plain = _layer_chain(x, layers)
-    monkeypatch.setattr(tg, "PDL", True)
-    assert torch.equal(_layer_chain(x, layers), plain)
+    assert triton_common.pdl_ok(x)
+    monkeypatch.setattr(triton_common, "PDL", False)
+    plain = _layer_chain(x, layers, attention)
+    monkeypatch.setattr(triton_common, "PDL", True)
+    assert torch.equal(_layer_chain(x, layers, attention), plain)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = _layer_chain(x, layers)
+        y = _layer_chain(x, layers, attention)
     for seed in range(3):
         x.copy_(torch.randn(1, h, generator=torch.Generator().manual_seed(seed)).to(DEV, dt))
-        monkeypatch.setattr(tg, "PDL", False)
-        want = _layer_chain(x, layers)
+        if attention is not None:
+            for kb, vb in attention[0]:
+                kb[attention[5]] = torch.randn_like(kb[attention[5]])
+                vb[attention[5]] = torch.randn_like(vb[attention[5]])
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(y, want), seed
+        got = y.clone()
+        monkeypatch.setattr(triton_common, "PDL", False)
+        want = _layer_chain(x, layers, attention)
+        assert torch.equal(got, want), seed
