@@ -89,6 +89,7 @@ def pdl_ok(t: torch.Tensor) -> bool:
     )
 
 
-def pdl_launch(t: torch.Tensor) -> dict:
-    """The launch arguments of a kernel with a ``USE_PDL`` constexpr, for tensors on ``t``'s device."""
-    return dict(USE_PDL=True, launch_pdl=True) if pdl_ok(t) else dict(USE_PDL=False)
+def pdl_launch(t: torch.Tensor, on: bool = True) -> dict:
+    """The launch arguments of a kernel with a ``USE_PDL`` constexpr, for tensors on ``t``'s device
+    (``on``: the kernel module's own switch, for benchmarks that turn one kind of kernel off)."""
+    return dict(USE_PDL=True, launch_pdl=True) if on and pdl_ok(t) else dict(USE_PDL=False)

@@ -40,6 +40,8 @@ from llmir_lang.kernels.triton_decode_merge import (
     store_split_and_merge_last,
 )
 
+PDL = True  # these kernels' own PDL switch (with triton_common.PDL): benchmarks compare
+
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
@@ -360,7 +362,7 @@ def launch_decode_partial(
         PRE_CHUNK=pre_chunk(num_pre, block_h_for(group), head_dim),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **triton_common.pdl_launch(q),
+        **triton_common.pdl_launch(q, PDL),
     )
 
 

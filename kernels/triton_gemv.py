@@ -55,6 +55,9 @@ SKINNY_MAX_ROWS = 128
 # first weight slice before it waits for the kernel before.
 
 
+PDL = True  # these kernels' own PDL switch (with triton_common.PDL): benchmarks compare
+
+
 @triton.jit
 def _weight_slice(w_ptrs, rn, N, EVEN_N: tl.constexpr):
     if EVEN_N:
@@ -187,7 +190,7 @@ def _row_launch(cfg: GemvConfig, n: int, x: torch.Tensor) -> dict:
         EVEN_N=n % cfg.block_n == 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        **triton_common.pdl_launch(x),
+        **triton_common.pdl_launch(x, PDL),
     )
 
 

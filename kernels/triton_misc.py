@@ -84,6 +84,9 @@ def store_kv(
     )
 
 
+PDL = True  # these kernels' own PDL switch (with triton_common.PDL): benchmarks compare
+
+
 @triton.jit
 def _round_to_half(x, BF16: tl.constexpr):
     """fp32 ``x`` rounded to bf16 (``BF16``) or fp16, to nearest even, as fp32. bf16 by its bits:
@@ -212,7 +215,7 @@ def rope_store_kv(
         BLOCK_KV=triton.next_power_of_2(num_kv_heads),
         BF16=qkv.dtype == torch.bfloat16,
         num_warps=4 if block_qk * head_dim >= 2048 else 1,
-        **triton_common.pdl_launch(qkv),
+        **triton_common.pdl_launch(qkv, PDL),
     )
     return q
 

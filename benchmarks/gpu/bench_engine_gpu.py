@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, device_name, random_checkpoint, table  # noqa: E402
-from llmir_lang.kernels import triton_common  # noqa: E402
+from llmir_lang.kernels import triton_common, triton_decode, triton_gemv, triton_misc  # noqa: E402
 
 from llmir_lang.executor.attention import ForwardMode  # noqa: E402
 from llmir_lang.executor.engine import Engine  # noqa: E402
@@ -136,6 +136,9 @@ def wall_step(eng: Engine, prompts: list[list[int]], short: int, long: int) -> f
     return (times[long] - times[short]) / (long - short)
 
 
+PDL_MODULES = (triton_gemv, triton_decode, triton_misc)
+
+
 def set_runner(eng: Engine, **attrs: Any) -> None:
     def apply() -> None:
         r = eng.runner
@@ -144,8 +147,11 @@ def set_runner(eng: Engine, **attrs: Any) -> None:
         if "triton_linear" in attrs:
             r.set_triton_linear(attrs.pop("triton_linear"))
         pdl = attrs.pop("pdl", True)
-        if pdl != triton_common.PDL:  # graphs captured with the other launches are dropped
-            triton_common.PDL = pdl
+        pdl_off = attrs.pop("pdl_off", ())  # kernel modules whose own PDL switch is off
+        switches = [(triton_common, pdl)] + [(m, m.__name__.rsplit(".", 1)[1] not in pdl_off) for m in PDL_MODULES]
+        if any(m.PDL != on for m, on in switches):  # graphs captured with the other launches are dropped
+            for m, on in switches:
+                m.PDL = on
             if r.graphs is not None:
                 r.graphs.clear()
         fuse_rotary = attrs.pop("fuse_rotary", True)
@@ -307,10 +313,23 @@ VARIANTS = {
     "graphs+compile+nopdl": dict(
         cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True, pdl=False
     ),
-    # the same with the rotary as its own (compiled) kernel and store_kv after it, as before the
-    # nineteenth session (with PDL on the projections and decode attention)
+    # the same with the rotary as its own (compiled) kernel and store_kv after it (PDL on the
+    # projections and decode attention)
     "graphs+compile+rope_apart": dict(
         cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True, fuse_rotary=False
+    ),
+    # PDL on the one-row projections only (fused rotary + store kept)
+    "graphs+compile+pdl_gemv": dict(
+        cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True, pdl_off=("triton_decode", "triton_misc")
+    ),
+    # the eighteenth session's step: rotary apart, PDL on the projections only
+    "graphs+compile+s18": dict(
+        cuda_graphs=True,
+        compile=True,
+        triton_linear=True,
+        fuse_rows=True,
+        fuse_rotary=False,
+        pdl_off=("triton_decode", "triton_misc"),
     ),
     # the same with every projection through cuBLAS (F.linear), not the Triton GEMV kernels
     "graphs+compile+cublas": dict(cuda_graphs=True, compile=True, triton_linear=False),

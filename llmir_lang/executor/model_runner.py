@@ -80,6 +80,11 @@ class _PrefixOffer(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         return self.inner.forward(q, k, v, layer_id)
 
+    def rotary_forward(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, layer_id: int
+    ) -> torch.Tensor | None:
+        return self.inner.rotary_forward(qkv, cos, sin, num_heads, layer_id)
+
 
 class ModelRunner:
     """Runs scheduled batches through the model.

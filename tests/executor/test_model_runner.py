@@ -390,6 +390,36 @@ def test_shared_prefix_decode_matches_plain_decode(monkeypatch, interpreter_env)
     assert r_on.num_shared_prefix_steps >= 4 and r_off.num_shared_prefix_steps == 0
 
 
+def test_decode_steps_run_the_rotary_inside_the_kv_store_kernel(monkeypatch, interpreter_env) -> None:
+    """Through the runner (and its shared-prefix wrapper), a bf16 decode step on the Triton backend
+    runs the rotary in the KV store's kernel (``rotary_forward``), and gives the tokens and logits
+    the model's own rotary then ``store_kv`` give (``fuse_rotary`` off), bit for bit."""
+    from llmir_lang.kernels import triton_misc
+
+    from llmir_lang.executor.triton_backend import TritonAttentionBackend
+
+    model = _model(torch.bfloat16)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(128) for _ in range(n)] for n in (3, 9, 17)]
+    calls: list[int] = []
+    real = triton_misc.rope_store_kv
+
+    def spy(*args: Any) -> torch.Tensor:
+        calls.append(int(args[0].shape[0]))
+        return real(*args)
+
+    monkeypatch.setattr(triton_misc, "rope_store_kv", spy)
+    fused, fused_logits, _ = _generate(model, prompts, 5, shared=False, graphs=False)
+    assert len(calls) >= 4 * model.config.num_layers  # every decode step, every layer
+    seen = len(calls)
+    monkeypatch.setattr(TritonAttentionBackend, "fuse_rotary", False)
+    plain, plain_logits, _ = _generate(model, prompts, 5, shared=False, graphs=False)
+    assert len(calls) == seen
+    assert fused == plain
+    for a, b in zip(fused_logits, plain_logits, strict=True):
+        assert len(a) == len(b) >= 4 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("plen", [0, 6])
 def test_triton_decode_lists_kernel_matches_the_torch_ops(monkeypatch, plen: int) -> None:
     """The one-launch list builder (graph-safe) against the torch ops, in the Triton interpreter."""
