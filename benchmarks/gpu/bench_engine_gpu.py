@@ -335,6 +335,9 @@ VARIANTS = {
     "graphs+compile+cublas": dict(cuda_graphs=True, compile=True, triton_linear=False),
     "graphs": dict(cuda_graphs=True, compile=False, triton_linear=True),
     "eager": dict(cuda_graphs=False, compile=False, triton_linear=True),
+    # the two above with the rotary (plain torch ops) and store_kv apart
+    "graphs+rope_apart": dict(cuda_graphs=True, compile=False, triton_linear=True, fuse_rotary=False),
+    "eager+rope_apart": dict(cuda_graphs=False, compile=False, triton_linear=True, fuse_rotary=False),
 }
 
 
