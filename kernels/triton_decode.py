@@ -9,7 +9,8 @@ each (request, KV head) to finish merges, counted by an atomic) or by a second l
 ``merge_in_split_kernel`` for which. With one split per request the split kernel writes the result.
 
 Invariants the kernels rely on:
-- Request b takes ``clamp(ceil(kv_len_b / min_chunk), 1, grid splits)`` splits, computed in the
+- Request b takes ``clamp(ceil(kv_len_b / min_chunk), 1, grid splits)`` splits (``min_chunk``:
+  ``DecodeConfig.min_chunk_for(B)``), computed in the
   kernel; a split whose slice is empty writes only lse = -inf, and the merge neither weights nor
   reads it. So the grid depends only on (B, KV heads, max splits), never on the KV lengths: the
   launch is CUDA-graph safe as long as those and the tensors' addresses stay fixed.
@@ -55,12 +56,24 @@ class DecodeConfig:
     num_stages: int = 2
     max_splits: int = 32
     min_chunk: int = 256  # never split a request into slices shorter than this many tokens
+    # ... but this many in batches of at most ``small_batch`` requests (``min_chunk_for``): there a
+    # call is a chain of dependent memory round trips more than a stream of KV bytes, and shorter
+    # slices put more programs on it. H100 (benchmarks/gpu/probe_decode_small.py): batch 1 at 1k
+    # tokens 1.22x / 1.26x at head dims 64 / 128, batch 4 at 1k 1.08x / 1.10x; 4k and 16k within 4%.
+    small_batch: int = 4
+    small_batch_min_chunk: int = 128
     programs_per_sm: int = 4  # split until the grid has about this many programs per SM
     one_launch: bool | None = None
     # H100 (benchmarks/gpu/README.md): one launch 0.3-2.4% faster at grids of 5 and 32 splits,
     # 0.4-0.5% slower at 2 splits with 4k/16k contexts (half of all programs merge there).
     one_launch_min_splits: int = 3
     merge_tile: int = 8192
+
+    def min_chunk_for(self, batch_size: int) -> int:
+        """The shortest split of a batch of ``batch_size`` requests."""
+        if batch_size <= self.small_batch:
+            return min(self.min_chunk, self.small_batch_min_chunk)
+        return self.min_chunk
 
 
 def default_decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
@@ -319,7 +332,7 @@ def launch_decode_partial(
         part_o,
         part_lse,
         sm_scale * LOG2E,
-        config.min_chunk,
+        config.min_chunk_for(bsz),
         q.stride(0),
         q.stride(1),
         k_buffer.stride(0),

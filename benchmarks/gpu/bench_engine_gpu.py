@@ -25,6 +25,7 @@ benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import random
@@ -152,6 +153,12 @@ def set_runner(eng: Engine, **attrs: Any) -> None:
         if any(m.PDL != on for m, on in switches):  # graphs captured with the other launches are dropped
             for m, on in switches:
                 m.PDL = on
+            if r.graphs is not None:
+                r.graphs.clear()
+        small_chunk = attrs.pop("small_batch_min_chunk", 128)
+        cfg = getattr(r.backend, "decode_config", None)
+        if cfg is not None and cfg.small_batch_min_chunk != small_chunk:
+            r.backend.decode_config = dataclasses.replace(cfg, small_batch_min_chunk=small_chunk)
             if r.graphs is not None:
                 r.graphs.clear()
         fuse_rotary = attrs.pop("fuse_rotary", True)
@@ -330,6 +337,11 @@ VARIANTS = {
         fuse_rows=True,
         fuse_rotary=False,
         pdl_off=("triton_decode", "triton_misc"),
+    ),
+    # the same with small batches split as large ones (decode attention's min_chunk 256, as
+    # before the nineteenth session)
+    "graphs+compile+chunk256": dict(
+        cuda_graphs=True, compile=True, triton_linear=True, fuse_rows=True, small_batch_min_chunk=256
     ),
     # the same with every projection through cuBLAS (F.linear), not the Triton GEMV kernels
     "graphs+compile+cublas": dict(cuda_graphs=True, compile=True, triton_linear=False),

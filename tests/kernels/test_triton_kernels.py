@@ -175,6 +175,26 @@ def test_merge_in_split_kernel_rule() -> None:
     assert not td.merge_in_split_kernel(td.DecodeConfig(one_launch=False), 32)
 
 
+def test_small_batches_split_into_shorter_slices() -> None:
+    """Batches of at most ``small_batch`` requests split at ``small_batch_min_chunk`` tokens (more
+    programs on a latency-bound call), larger ones at ``min_chunk``; both give the reference's
+    numbers (tiny shapes: a 64-token request takes 4 splits at batch 1 and 1 at batch 5)."""
+    from llmir_lang.kernels import triton_decode as td
+
+    auto = td.DecodeConfig()
+    assert [auto.min_chunk_for(b) for b in (1, 4, 5, 64)] == [128, 128, 256, 256]
+    cfg = td.DecodeConfig(block_n=16, num_warps=1, num_stages=1, max_splits=4, min_chunk=64, small_batch_min_chunk=16)
+    assert cfg.min_chunk_for(1) == 16 and cfg.min_chunk_for(5) == 64
+    g = torch.Generator().manual_seed(11)
+    kb, vb = random_pool(400, 2, 16, torch.float16, g)
+    for bsz in (1, 5):
+        lens = [64] * bsz
+        idx = slot_layout(lens, 400, "random", g)
+        q = torch.randn(bsz, 4, 16, generator=g).to(torch.float16)
+        out = td.decode_attention(q, kb, vb, indptr(lens), idx, 0.25, config=cfg)
+        assert rel_error(out, ref.decode_attention(q, kb, vb, indptr(lens), idx, 0.25)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize(("group", "dtype", "layout"), CASES)
 def test_extend_attention(group: int, dtype: torch.dtype, layout: str) -> None:
     # (new tokens, cached prefix): plain prefill, one token over a prefix, ragged, page crossings.
@@ -578,7 +598,7 @@ def _pdl_in_the_interpreter(monkeypatch) -> None:
     """Kernels take their ``USE_PDL`` variant (without ``launch_pdl``: the CPU has no such launch)."""
     from llmir_lang.kernels import triton_common
 
-    monkeypatch.setattr(triton_common, "pdl_launch", lambda t: dict(USE_PDL=True))
+    monkeypatch.setattr(triton_common, "pdl_launch", lambda t, on=True: dict(USE_PDL=on))
 
 
 @pytest.mark.parametrize("one_launch", [True, False])
