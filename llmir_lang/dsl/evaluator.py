@@ -40,6 +40,7 @@ from llmir_lang.dsl.errors import ProgramInterruptedError
 from llmir_lang.dsl.lowering import (
     chain_steps,
     gen_step,
+    missing_next_alternatives,
     pick_choice,
     prefill_request,
     select_meta,
@@ -49,7 +50,7 @@ from llmir_lang.dsl.lowering import (
 from llmir_lang.dsl.ordering import CallOrder
 from llmir_lang.dsl.prefill import MIN_PREFILL_CHARS, PrefillMemory
 from llmir_lang.dsl.results import Failure, FunctionResult, StateResult, VarResult
-from llmir_lang.errors import ConstraintViolationError
+from llmir_lang.errors import ConstraintViolationError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, score_pool
 from llmir_lang.ir import Function, Module, Op
 from llmir_lang.ir import ops as K
@@ -501,7 +502,12 @@ class SegmentEvaluator:
                     fi, i, _Val(text, vars_, Failure(name, bad, ConstraintViolationError(bad)), base.gates)
                 )
                 return
-            vars_[name] = VarResult(step.text, step_meta(step, self._token_text(seg)))
+            missing = missing_next_alternatives(name, seg, step, f"the backend ({type(self.backend).__name__})")
+            if missing is not None:  # asked-for meta info the backend did not give: fail, never leave it out
+                failure = Failure(name, missing, NotYetSupportedError(missing))
+                self._resolve(fi, i, _Val(text, vars_, failure, base.gates))
+                return
+            vars_[name] = VarResult(step.text, step_meta(step, self._token_text(seg), seg))
             text += step.text
             if self.on_chunk is not None:  # the gen is finished (an empty chunk if it said nothing)
                 self.on_chunk(fi, self._chains[fi].get(i, frozenset()), name, "")

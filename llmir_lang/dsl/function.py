@@ -8,10 +8,14 @@ engine's names ``max_new_tokens`` / ``min_new_tokens``). ``passes`` picks the op
 joined with commas). As in SGLang, a run's state
 has the body's return value as ``state.ret_value``.
 
-A program parameter named like a keyword of ``run`` itself (``stream``, ``backend``, ``passes``)
-cannot be given to ``run`` / ``arun`` by keyword (``ProgramArgumentError``): rename it, or give it
-with ``bind``, positionally, or in ``run_batch``'s items. A program body is a plain ``def``: an
-``async def`` or a generator is a ``ProgramDefinitionError`` (``await f.arun(...)`` is async).
+A program parameter named like a keyword option of ``run`` / ``arun`` / ``run_batch`` / ``trace``
+(``stream``, ``backend``, ``passes``, ``num_threads``, ``progress_bar``, ``generator_style``) is a
+``ProgramDefinitionError`` where the program is defined: ``f.run(backend=...)`` could not tell the
+argument from the option (SGLang's ``run`` takes such a keyword for itself, and the program never
+sees it). Rename it; a positional-only parameter (``def f(s, backend, /)``) is never given by
+keyword, and is accepted. A parameter named like a sampling default (``temperature``) is the
+program's: ``run(temperature=...)`` gives it. A program body is a plain ``def``: an ``async def``
+or a generator is a ``ProgramDefinitionError`` (``await f.arun(...)`` is async).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ _ALIASES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 _AUTO_THREADS = 256
 _VAR_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 class LMFunction:
@@ -94,6 +99,7 @@ class LMFunction:
                 self.name,
                 where,
             )
+        _check_option_names(params[1:], self.name, where)
         self.func = func
         self.passes = pipeline_text(passes) if passes is not None else None
         self.where = where
@@ -193,48 +199,6 @@ class LMFunction:
             else:
                 kwargs[p.name] = value
         return self.func(*args, **kwargs)
-
-    def _check_own_keywords(
-        self,
-        caller: str,
-        args: tuple[Any, ...],
-        given: Mapping[str, tuple[Any, Any]],
-        missing_counts: bool = True,
-    ) -> None:
-        """Refuse a call where a program parameter has the name of one of ``caller``'s own keyword
-        arguments (``run(stream=...)``: ``given`` maps each such keyword to (value, default)) and
-        the keyword was given, or the parameter is required (``missing_counts``) and nothing else
-        fills it: ``caller`` keeps the keyword for itself, so the value would never reach the
-        program. ``bind``, positional values and ``run_batch`` items still pass such parameters."""
-        clashing = [k for k in self.arg_names if k in given and k not in self.bound]
-        if not clashing:
-            return
-        try:
-            filled = self.signature.bind_partial(None, *args).arguments
-        except TypeError:  # too many positional values: _split says so
-            filled = {}
-        bad = []
-        for k in clashing:
-            value, default = given[k]
-            required = self.signature.parameters[k].default is inspect.Parameter.empty
-            if k not in filled and (value is not default or (missing_counts and required)):
-                bad.append(k)
-        if not bad:
-            return
-        own = [
-            p.name
-            for p in inspect.signature(getattr(LMFunction, caller)).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        ]
-        names = ", ".join(repr(k) for k in bad)
-        these = f"parameter {names} has" if len(bad) == 1 else f"parameters {names} have"
-        raise ProgramArgumentError(
-            f"{caller}(): the program's {these} the name of a keyword argument of {caller}() itself "
-            f"({', '.join(own)}), which {caller}() keeps for itself, so a value given as {bad[0]}=... "
-            f"never reaches the program; rename the {these.split()[0]} (e.g. {bad[0]}_), or give its "
-            f"value with `{self.name}.bind({bad[0]}=...).{caller}(...)`",
-            self.name,
-        )
 
     def _pipeline(self, passes: str | None) -> str:
         if passes is not None:
@@ -339,7 +303,7 @@ class LMFunction:
         the background and the state streams (``text_iter``); errors are then on ``state.error()``;
         otherwise they are raised. A KeyboardInterrupt while it runs aborts its requests."""
         __tracebackhide__ = True
-        run, state, arguments = self._start("run", args, kwargs, stream, backend, passes)
+        run, state, arguments = self._start(args, kwargs, stream, backend, passes)
         if stream:
             self._background(run, state, arguments, "llmir-program")
             return state
@@ -362,7 +326,7 @@ class LMFunction:
         ``async for chunk in state.text_async_iter(var)`` streams. Cancelling the awaiting task
         stops the program: its requests are aborted."""
         __tracebackhide__ = True
-        run, state, arguments = self._start("arun", args, kwargs, stream, backend, passes)
+        run, state, arguments = self._start(args, kwargs, stream, backend, passes)
         if stream:
             self._background(run, state, arguments, "llmir-program")
             return state
@@ -394,7 +358,6 @@ class LMFunction:
 
     def _start(
         self,
-        caller: str,
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         stream: bool,
@@ -402,9 +365,6 @@ class LMFunction:
         passes: str | None,
     ) -> tuple[ProgramRun, ProgramState, dict[str, Any]]:
         """The run of one program (not started yet), its root state and its arguments."""
-        self._check_own_keywords(
-            caller, args, {"stream": (stream, False), "backend": (backend, None), "passes": (passes, None)}
-        )
         arguments, defaults = self._split(args, kwargs)
         chosen = resolve_backend(backend, self.name)
         runner = PipelineRunner(chosen, self._pipeline(passes))
@@ -555,7 +515,7 @@ class LMFunction:
         var = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in self._params)
         most = None if var and not self.bound else len(named)  # (after bind: named values only)
         if least <= len(values) and (most is None or len(values) <= most):
-            if most is None:
+            if most is None or not self.bound:  # (in order: positional-only parameters too)
                 return tuple(values), {}
             return (), dict(zip((p.name for p in named), values))
         takes = f"at least {least}" if most is None else f"{least}" if most == least else f"{least} to {most}"
@@ -610,7 +570,6 @@ class LMFunction:
         """The program's IR without running it. Parameters not given become IR parameters, and
         reading a variable records a ``var`` op (its value in Python is the placeholder
         ``{name}``, so control flow on it follows one path)."""
-        self._check_own_keywords("trace", args, {"backend": (backend, None)}, missing_counts=False)
         return self._trace(args, backend, kwargs)
 
     def _trace(self, args: tuple[Any, ...], backend: Backend | None, kwargs: Mapping[str, Any]) -> Module:
@@ -655,6 +614,42 @@ def function(
     if func is not None:
         return LMFunction(func, passes=passes, name=name, num_api_spec_tokens=num_api_spec_tokens)
     return lambda f: LMFunction(f, passes=passes, name=name, num_api_spec_tokens=num_api_spec_tokens)
+
+
+# the methods that take program arguments by keyword beside keyword options of their own
+_OPTION_METHODS = ("run", "arun", "run_batch", "trace")
+
+
+@functools.cache
+def _option_methods() -> dict[str, list[str]]:
+    """Option name -> the methods of ``_OPTION_METHODS`` that take it (``backend``: all four)."""
+    out: dict[str, list[str]] = {}
+    for method in _OPTION_METHODS:
+        for p in inspect.signature(getattr(LMFunction, method)).parameters.values():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY:
+                out.setdefault(p.name, []).append(f"{method}()")
+    return out
+
+
+def _check_option_names(params: list[inspect.Parameter], name: str, where: SourceLocation | None) -> None:
+    """Refuse a parameter that can be given by keyword and is named like an option of ``run`` /
+    ``arun`` / ``run_batch`` / ``trace``: ``f.run(backend=x)`` cannot say whose ``x`` it is, and any
+    rule that picks one silently drops the value meant for the other (a test of whether the option
+    was given cannot see ``run(stream=False)``, its default)."""
+    options = _option_methods()
+    for p in params:
+        methods = options.get(p.name)
+        if methods is None or p.kind not in _BY_KEYWORD:
+            continue
+        takers = methods[0] if len(methods) == 1 else f"{', '.join(methods[:-1])} and {methods[-1]}"
+        raise ProgramDefinitionError(
+            f"parameter {p.name!r} has the name of the option {p.name}= of {takers}, so a call such as "
+            f"`{name}.{methods[0][:-2]}(..., {p.name}=...)` cannot tell the program's argument from the "
+            f"option (SGLang's run() takes such a keyword for itself too); rename the parameter "
+            f"(e.g. {p.name}_)",
+            name,
+            where,
+        )
 
 
 def _check_plain_def(func: Callable[..., Any], name: str, where: SourceLocation | None) -> None:

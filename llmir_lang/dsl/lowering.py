@@ -9,6 +9,8 @@
 - ``unfinished_value(name, attrs, text)``: why a constrained gen that finished normally did not
   produce a complete value of its constraint (a stop string cut it, or the engine was looser
   than the schema), so the gen fails instead of handing back invalid text as a finished value.
+- ``missing_next_alternatives(name, attrs, step)``: why a gen of ``max_tokens=0`` with
+  ``top_logprobs_num`` fails: the backend did not report the next token's alternatives.
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ def pick_choice(
 TokenText = Callable[[int], "str | None"]
 
 
-def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str, Any]:
+def step_meta(
+    step: StepResult, token_text: TokenText | None = None, attrs: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The meta info a program reads with ``get_meta_info(name)`` for one generation.
 
     With ``return_logprob`` / ``top_logprobs_num`` it also carries SGLang's shapes:
@@ -109,14 +113,23 @@ def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str
     ``return_text_in_logprobs`` (``token_text``), else None. ``matched_stop`` is what ended a
     ``"stop"`` (a stop string, a stop regex's pattern, a stop token's id; None otherwise or where
     the backend does not say, as OpenAI's API).
+
+    A gen that asked for logprobs (its ``attrs``) and generated nothing has ``logprobs`` and
+    ``output_token_logprobs`` ``[]`` also where the backend gave none (OpenAI's API reports them
+    per generated token: for ``max_tokens=0``, nothing), so the keys a program reads do not depend
+    on the backend.
     """
+    logprobs = step.logprobs
+    if logprobs is None and attrs is not None and not step.token_ids and not step.text:
+        if attrs.get("return_logprob") or attrs.get("top_logprobs_num"):
+            logprobs = []
     meta = {
         "prompt_tokens": step.prompt_tokens,
         "completion_tokens": step.completion_tokens,
         "cached_tokens": step.cached_tokens,
         "finish_reason": step.finish_reason,
         "matched_stop": step.matched_stop,
-        "logprobs": step.logprobs,
+        "logprobs": logprobs,
         "token_ids": step.token_ids,
     }
 
@@ -131,11 +144,11 @@ def step_meta(step: StepResult, token_text: TokenText | None = None) -> dict[str
             (lp, tid, t if t is not None or tid is None else token_text(tid)) for (tid, lp), t in zip(pairs, texts)
         ]
 
-    if step.logprobs is not None:
+    if logprobs is not None:
         # a backend that does not know the ids (OpenAI's API) gives None for them, never fewer triples
-        n = len(step.logprobs)
+        n = len(logprobs)
         ids = step.token_ids if len(step.token_ids) == n else [None] * n
-        meta["output_token_logprobs"] = triples(list(zip(ids, step.logprobs)), step.token_texts)
+        meta["output_token_logprobs"] = triples(list(zip(ids, logprobs)), step.token_texts)
     if step.prompt_logprobs is not None:
         meta["input_token_logprobs"] = triples(step.prompt_logprobs, step.prompt_texts)
     if step.top_logprobs is not None:
@@ -176,6 +189,26 @@ def select_meta(
         "output_token_logprobs": [[] for _ in logprobs],
         "finish_reason": "select",
     }
+
+
+def missing_next_alternatives(
+    name: str | None, attrs: Mapping[str, Any], step: StepResult, backend: str = "the backend"
+) -> str | None:
+    """Why gen ``name`` lacks what it asked for, or None. A gen of ``max_tokens=0`` with
+    ``top_logprobs_num=k`` reports the k most likely next tokens as the one entry of
+    ``output_top_logprobs`` (the embedded engine and SGLang do; SGLang's cot_decoding reads
+    ``[0]``). A backend that reports none (OpenAI's API gives logprobs for generated tokens only)
+    left the key out or empty, and the program read nothing: the gen fails instead, saying so."""
+    k = attrs.get("top_logprobs_num")
+    if not k or attrs.get("max_tokens") != 0 or (step.top_logprobs and step.top_logprobs[0]):
+        return None
+    return (
+        f"gen({name!r}, max_tokens=0, top_logprobs_num={k}) asks for the {k} most likely next tokens "
+        f"(output_top_logprobs[0] of its meta info), and {backend} reported none (OpenAI's API "
+        "reports logprobs for generated tokens only; the embedded Runtime and SGLang report them); "
+        f"generate one token instead, gen(..., max_tokens=1, top_logprobs_num={k}): its "
+        "output_top_logprobs[0] holds the same alternatives"
+    )
 
 
 def unfinished_value(

@@ -413,7 +413,7 @@ def check_sampling(attrs: dict[str, AttrValue], where: SourceLocation | None, wh
         if traced is not None:
             raise _traced_sampling_error(what, key, traced, where)
     marked = _marked_text(list(attrs.values()))
-    if marked is not None and _MARKED.search(marked):
+    if marked is not None and _placeholder_in(marked) is not None:
         refuse_traced_marks("gen", None, attrs)
     try:
         to_sampling_params(attrs)
@@ -604,10 +604,19 @@ def _schema_text(schema: object, where: SourceLocation | None) -> str:
 
 
 # Private-use marks around a traced value's string value: text made from it by any str operation
-# that no hook sees (str.join, slicing, .upper(), % with a tuple held in a variable) still holds
-# one, and the trace refuses such text where it enters the IR (``refuse_traced_marks``).
+# that no hook sees (str.join, .upper(), % with a tuple or dict held in a variable) still holds
+# one, and the trace refuses such text where it enters the IR (``refuse_traced_marks``). repr()
+# (``!r``, ``%r``), ascii() and json.dumps write the marks as escapes (``\ue000``): an escaped
+# whole placeholder is refused too (a user's own text never holds one; a lone escape it may).
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _MARKED = re.compile(_OPEN + r"\{(.*?)\}" + _CLOSE)
+_ESCAPED = re.compile(r"\\+[uU]0{0,4}[eE]000\{(.*?)\}\\+[uU]0{0,4}[eE]001")
+
+
+def _placeholder_in(text: str) -> str | None:
+    """The name in the first whole placeholder in ``text``, marked or escaped; None if none."""
+    found = _MARKED.search(text) or _ESCAPED.search(text)
+    return found.group(1) if found else None
 
 
 def marked_placeholder(name: str) -> str:
@@ -621,8 +630,10 @@ class TracedText(str):
     ``append %state, %value``, and ``+`` with other text and ``str()`` keep the reference.
     Formatting it (an f-string, ``str.format``, ``text % value``) raises
     ``FeatureNotSupportedError``: the text made would hold the placeholder, not the value, and the
-    IR would ignore the argument. Text made from it in other ways (``str.join``, slicing, a str
-    method) is refused with the same error where it reaches the IR (``refuse_traced_marks``)."""
+    IR would ignore the argument. Text made from it in other ways (``str.join``, a str method,
+    ``repr``, ``json.dumps``) is refused with the same error where it reaches the IR
+    (``refuse_traced_marks``); a slice or an item is a placeholder of its own (``{q[1:3]}``,
+    marked), so it is refused there too and never leaves unmarked text such as ``{q``."""
 
     name: str
     kind: str  # "parameter" or "variable"
@@ -682,7 +693,10 @@ class TracedText(str):
                 "run() the program to use it",
                 where=SourceLocation.here(),
             )
-        return str.__getitem__(self, key)
+        # a slice of the marked text could drop both marks (``q[1:-1]`` was ``{q}``, ``q[2]`` was
+        # ``q``) and go into the IR as constant text: a marked placeholder of its own instead, which
+        # compares unequal to any text, as the whole placeholder does (control flow: one path)
+        return marked_placeholder(f"{self.name}[{_key_text(key)}]")
 
     def _refuse_number(self, other: object, op: str) -> None:
         """``n + 1`` / ``n > 2`` of a traced number parameter: run() computes it, the trace cannot
@@ -702,7 +716,8 @@ class TracedText(str):
 
     # f-strings and str.format call __format__, ``"Q: %s" % x`` calls __rmod__ first (a str
     # subclass), and Python compiles ``"Q: %s" % (x,)`` (a literal tuple) to an f-string. A tuple or
-    # dict held in a variable reaches only __str__, and is not caught.
+    # dict held in a variable reaches only __str__ (which must keep ``str(x)`` the reference) or
+    # __repr__: that text keeps the marks (escaped by repr), and is refused where it enters the IR.
     def __format__(self, spec: str) -> str:
         __tracebackhide__ = True
         raise self._formatted()
@@ -745,9 +760,9 @@ def refuse_traced_marks(kind: str, label: str | None, attrs: Any) -> None:
     text = _marked_text([label, attrs])
     if text is None:
         return
-    found = _MARKED.search(text)
-    what = f"the placeholder of {found.group(1)!r}" if found else "part of a traced placeholder"
-    shown = text.replace(_OPEN, "").replace(_CLOSE, "")
+    found = _placeholder_in(text)
+    what = f"the placeholder of {found!r}" if found is not None else "part of a traced placeholder"
+    shown = _ESCAPED.sub(lambda m: "{" + m.group(1) + "}", text).replace(_OPEN, "").replace(_CLOSE, "")
     # without a whole placeholder the mark may be the program's own text: say so too
     literal = (
         ""
@@ -759,7 +774,8 @@ def refuse_traced_marks(kind: str, label: str | None, attrs: Any) -> None:
         f"text recorded by a {kind} op while the program is traced (trace(), llmir ir, cache()) holds "
         f"{what}{literal} ({shown[:80]!r}): a traced parameter or variable, or text made from one by a "
         "str operation (str.join, slicing, a str method such as .upper(), % with a tuple or dict held "
-        "in a variable), where the IR takes constant text, so the IR would hold the placeholder and "
+        "in a variable, repr() or !r, json.dumps), where the IR takes constant text, so the IR would "
+        "hold the placeholder and "
         'ignore the value. Join text with + to keep the reference (e.g. "Q: " + question); give '
         "trace() the arguments that select choices or gen options are made from; run() with "
         "arguments takes any of these",
@@ -767,9 +783,18 @@ def refuse_traced_marks(kind: str, label: str | None, attrs: Any) -> None:
     )
 
 
+def _key_text(key: Any) -> str:
+    """``1:3`` / ``2`` / ``'k'``: how the user wrote an index or a slice."""
+    if isinstance(key, slice):
+        parts = ["" if v is None else repr(v) for v in (key.start, key.stop, key.step)]
+        return ":".join(parts if key.step is not None else parts[:2])
+    return repr(key)
+
+
 def _marked_text(value: Any) -> str | None:
     if isinstance(value, str):
-        return value if (_OPEN in value or _CLOSE in value) else None
+        marked = _OPEN in value or _CLOSE in value or ("\\" in value and _ESCAPED.search(value))
+        return value if marked else None
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):

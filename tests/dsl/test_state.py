@@ -206,7 +206,7 @@ def test_trace_refuses_a_parameter_formatted_into_text(fake):
         s += "Q:" + llmir.gen("answer", max_tokens=4, stop=[question.title()])
 
     expected = {
-        by_join: ("text", "'question'"), by_method: ("text", "'QUESTION'"), by_slice: ("text", "part of"),
+        by_join: ("text", "'question'"), by_method: ("text", "'QUESTION'"), by_slice: ("text", "'question[1:]'"),
         by_tuple_variable: ("text", "'question'"), as_choice: ("select", "'question'"),
         as_stop: ("gen", "'Question'"),
     }  # fmt: skip
