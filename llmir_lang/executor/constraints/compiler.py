@@ -41,9 +41,10 @@ from llmir_lang.executor.constraints.outlines_worker import (
 from llmir_lang.executor.constraints.schema_checks import (
     exact_float_grammar,
     imprecise_integer,
+    inexact_written_float,
     unreadable_schema_error,
 )
-from llmir_lang.executor.constraints.schema_cycles import pure_ref_cycle
+from llmir_lang.executor.constraints.schema_cycles import reference_loop
 from llmir_lang.executor.constraints.schema_rewrite import llguidance_error, rewrite_for_llguidance
 from llmir_lang.executor.constraints.schema_support import outlines_exact
 from llmir_lang.executor.constraints.spec import (
@@ -257,9 +258,9 @@ class ConstraintCompiler:
         imprecise = imprecise_integer(schema)  # any engine: both would round it (or refuse it)
         if imprecise is not None:
             raise imprecise
-        cycle = pure_ref_cycle(schema)  # llguidance calls it unsatisfiable; it is undefined
-        if cycle is not None:
-            raise cycle
+        loop = reference_loop(schema)  # undefined, not unsatisfiable (as llguidance said of some)
+        if loop is not None:
+            raise loop
         ws = spec.whitespace if spec.whitespace is not None else DEFAULT_JSON_WHITESPACE
         reason = (
             outlines_exact(schema) if self.engine != llg_backend.ENGINE else "engine='llguidance' requested"
@@ -278,6 +279,9 @@ class ConstraintCompiler:
                 return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
             except (OutlinesBuildError, OutlinesTimeout, ValueError) as e:
                 reason = f"outlines-core: {e}"
+        inexact = inexact_written_float(schema)  # llguidance would write another number
+        if inexact is not None:
+            raise inexact
         rewritten, notes = rewrite_for_llguidance(schema)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(

@@ -28,6 +28,20 @@ class UnsupportedSchemaError(ConstraintError):
         self.path = path
 
 
+class ReferenceLoopError(UnsupportedSchemaError):
+    """A JSON schema whose ``$ref`` leads back to itself without passing through a keyword that
+    checks a part of the value (``properties``, ``items``, ...): an infinite reference loop that
+    constrains no part of the instance. JSON Schema leaves its meaning undefined and the
+    ``jsonschema`` validator recurses until ``RecursionError`` on every value that reaches it, so
+    no engine is given it (``schema_cycles``). ``keyword`` is ``"$ref"``, ``path`` the subschema whose ``$ref`` closes the loop,
+    ``cycle`` the paths around it (first and last the same).
+    """
+
+    def __init__(self, message: str, path: str = "", cycle: tuple[str, ...] = ()) -> None:
+        super().__init__(message, keyword="$ref", path=path)
+        self.cycle = cycle
+
+
 class InvalidSchemaError(ConstraintError):
     """A JSON schema is not valid JSON or not a valid JSON Schema document.
 

@@ -225,6 +225,19 @@ def _required(s: Any, root: Any) -> set[str]:
     return {r for m in _members(s, root) for r in (m.get("required") or []) if isinstance(r, str)}
 
 
+def _value_key(v: Any) -> Any:
+    """``v`` with every number that equals an integer written as that integer: JSON Schema compares
+    numbers by value, so ``1`` / ``1.0`` and ``0`` / ``-0.0`` are one value (their JSON texts are
+    not the same, and disjoint texts made a ``oneOf`` whose branches overlap an ``anyOf``)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_value_key(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _value_key(x) for k, x in v.items()}
+    return v
+
+
 def _values(s: Any, root: Any, name: str) -> set[str] | None:
     """Allowed JSON values of property ``name`` if some member pins it with const/enum."""
     found: set[str] | None = None
@@ -234,7 +247,7 @@ def _values(s: Any, root: Any, name: str) -> set[str] | None:
         if isinstance(sub, dict):
             vals = [sub["const"]] if "const" in sub else sub.get("enum")
             if isinstance(vals, list):
-                keyed = {json.dumps(v, sort_keys=True) for v in vals}
+                keyed = {json.dumps(_value_key(v), sort_keys=True) for v in vals}
                 found = keyed if found is None else found & keyed
     return found
 

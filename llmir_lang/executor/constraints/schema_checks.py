@@ -10,6 +10,12 @@
   (``{"const": 1.4000000000000001}`` generated ``1.4``). Each such float is written into the
   grammar as a text llguidance reads exactly (asked of llguidance itself); one with no such
   text in a ``const`` / ``enum`` / bound / ``multipleOf`` is refused, naming keyword and path.
+- ``inexact_written_float``: llguidance writes a number as its shortest digits in plain notation
+  (``1e23`` as ``100000000000000000000000``). Below 2**53 that text reads back as the float; an
+  integral float beyond it can come out as a JSON integer of another value (the float ``1e23`` is
+  99999999999999991611392), which a validator comparing numbers exactly, as ``jsonschema`` does,
+  rejects. A ``const`` / ``enum`` float llguidance would write so is refused, naming keyword and
+  path; no schema text makes llguidance write such a float another way.
 - ``metaschema_error``: whether the schema itself is invalid (against the metaschema of the draft
   it declares, else 2020-12, allowing older drafts' forms of keywords that changed), naming the
   keyword and the path; used to type llguidance's errors about malformed keyword values.
@@ -104,12 +110,17 @@ def _floats(value: Any) -> Iterator[float]:
 
 
 @functools.lru_cache(maxsize=4096)
+def _llguidance_writes(text: str) -> str | None:
+    """The text llguidance generates for the JSON number ``text`` as a ``const``, or None."""
+    from llmir_lang.executor.constraints.llguidance_backend import grammar_forced_text
+
+    return grammar_forced_text('{"grammars":[{"json_schema":{"const":' + text + "}}]}") or None
+
+
 def _llguidance_reads(text: str) -> float | None:
     """The float llguidance makes of the JSON number ``text`` (read back from the text it
     generates for it as a ``const``), or None."""
-    from llmir_lang.executor.constraints.llguidance_backend import grammar_forced_text
-
-    forced = grammar_forced_text('{"grammars":[{"json_schema":{"const":' + text + "}}]}")
+    forced = _llguidance_writes(text)
     try:
         return float(forced) if forced else None
     except ValueError:
@@ -177,6 +188,50 @@ def exact_float_grammar(grammar: str, schema: Any) -> str:
         return text
 
     return _JSON_TOKEN.sub(exact, grammar)
+
+
+def _written_inexactly(value: float) -> str | None:
+    """The text llguidance generates for ``value`` when Python's ``json`` (so ``jsonschema``) reads
+    it as another number; None when it reads as ``value`` (or llguidance cannot hold ``value`` at
+    all, which ``exact_float_grammar`` reports)."""
+    if abs(value) < F64_EXACT_INT:
+        return None  # a fraction in shortest digits, or an integer a float holds exactly
+    text = _exact_float_text(value)
+    written = _llguidance_writes(text) if text is not None else None
+    if written is None:
+        return None
+    try:
+        same = json.loads(written) == value  # an int compares with a float by exact value
+    except ValueError:
+        same = False
+    return None if same else written
+
+
+def _clip_digits(integer: str) -> str:
+    digits = len(integer.lstrip("-"))
+    return integer if digits <= 24 else f"{integer[:21]}... ({digits} digits)"
+
+
+def inexact_written_float(schema: Any) -> UnsupportedSchemaError | None:
+    """An error naming the first ``const`` / ``enum`` (at any depth) holding a float that llguidance
+    would generate as a text of another value (module doc), or None. Bounds and ``multipleOf``
+    are not generated as literals, and annotations are not enforced: neither is checked."""
+    for path, node in iter_subschemas(schema):
+        for kw in _VALUE_KEYWORDS:
+            for value in _floats(node[kw]) if kw in node else ():
+                written = _written_inexactly(value)
+                if written is None:
+                    continue
+                return UnsupportedSchemaError(
+                    f"{kw!r} at {path} holds the number {value!r}, which the JSON-schema engine can "
+                    f"only generate as the integer {_clip_digits(written)}: a JSON reader takes that "
+                    f"for another number than this float ({_clip_digits(str(int(value)))}), so the "
+                    "output would violate the schema; "
+                    f"use a number within ±2**53 ({F64_EXACT_INT}), or make the field a string",
+                    keyword=kw,
+                    path=path,
+                )
+    return None
 
 
 # --- the schema against its metaschema -------------------------------------------------------

@@ -1,14 +1,22 @@
-"""``$ref`` cycles that never reach a constraint.
+"""Reference loops: a ``$ref`` that leads back to its own subschema on the same value.
 
-A cycle of ``$ref`` through schemas that hold nothing but ``$ref`` / ``allOf`` / ``anyOf`` /
-``oneOf`` (and annotations), with no other constraint reachable from them that way, such as
-``{"allOf": [{"$ref": "#"}]}`` or ``$defs`` ``a -> b -> a``, applies only itself to a value:
-checking a value against it never ends. JSON Schema leaves such a schema undefined (the
-``jsonschema`` validator recurses until Python's limit on every instance), and llguidance called
-it unsatisfiable, which it is not. ``pure_ref_cycle`` names the ``$ref`` that closes the first
-such cycle reachable from the root, for an ``UnsupportedSchemaError`` that says what to write.
-A recursive schema whose cycle passes through a constraint (``items``, ``properties``, a
-``type`` next to the ``$ref``) is left to the engine, as before.
+``$ref``, ``allOf`` / ``anyOf`` / ``oneOf``, ``not``, ``if`` / ``then`` / ``else`` and
+``dependentSchemas`` apply their subschemas to the value itself; ``properties``, ``items`` and
+the like apply theirs to a part of it. A cycle made only of the first kind never reaches a
+smaller part of the value, so checking any value that gets to it never ends: ``{"$ref": "#"}``,
+``{"allOf": [{"$ref": "#"}]}``, ``$defs`` ``a -> b -> a``, and also a loop next to a constraint
+(``{"anyOf": [{"$ref": "#"}, {"type": "integer"}]}``, ``{"$ref": "#", "type": "string"}``).
+
+What such a schema accepts is not defined: JSON Schema (Core, "Guarding Against Infinite
+Recursion") says schemas should not loop like this and leaves the behaviour undefined, and the
+``jsonschema`` validator recurses until ``RecursionError`` on every value that reaches the loop,
+accepting none and rejecting none. So the compiler gives no engine a guess ("any value", which a
+pure loop would be read as by the greatest fixed point, or the loop's other branches, by the
+least) and raises ``ReferenceLoopError`` naming the ``$ref`` that closes the loop, before
+llguidance can call it unsatisfiable (it did, for ``{"not": {"$ref": "#"}}`` and the pure
+loops), which it is not. A recursive schema whose cycle goes through a part of the value (a tree
+of ``items`` / ``properties``) is not a loop and is left to the engine, as is a loop in a
+``$defs`` entry that nothing references.
 """
 
 from __future__ import annotations
@@ -16,8 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from llmir_lang.executor.constraints.errors import UnsupportedSchemaError
-from llmir_lang.executor.constraints.schema_support import ANNOTATIONS
+from llmir_lang.executor.constraints.errors import ReferenceLoopError
 from llmir_lang.executor.constraints.schema_walk import (
     SCHEMA_LISTS,
     SCHEMA_MAPS,
@@ -27,7 +34,10 @@ from llmir_lang.executor.constraints.schema_walk import (
     resolve_local_ref,
 )
 
-_IN_PLACE = ("allOf", "anyOf", "oneOf")  # apply their subschemas to the value itself, as $ref does
+# keywords whose subschemas apply to the value itself, as ``$ref`` does
+_IN_PLACE_LISTS = ("allOf", "anyOf", "oneOf")
+_IN_PLACE_SINGLE = ("not", "if", "then", "else")
+_IN_PLACE_MAPS = ("dependentSchemas", "dependencies")  # draft 7 ``dependencies``: schema values
 
 
 def _applied(node: dict[str, Any]) -> Iterator[Any]:
@@ -41,57 +51,51 @@ def _applied(node: dict[str, Any]) -> Iterator[Any]:
             yield val
 
 
-def pure_ref_cycle(schema: Any) -> UnsupportedSchemaError | None:
-    """An error naming the ``$ref`` that closes a reference cycle, reachable from the root, whose
-    schemas hold only ``$ref`` / ``allOf`` / ``anyOf`` / ``oneOf`` (and annotations) and from which
-    no other constraint is reachable through them; None when there is none."""
+def _in_place(node: dict[str, Any], root: dict[str, Any]) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(subschema, whether through ``$ref``) for each subschema ``node`` applies to the same value.
+    A ``$ref`` to another document, to nothing or to a boolean leads to no subschema here."""
+    ref = node.get("$ref")
+    target = resolve_local_ref(root, ref) if isinstance(ref, str) else None
+    if isinstance(target, dict):
+        yield target, True
+    for kw in _IN_PLACE_LISTS:
+        subs = node.get(kw)
+        for sub in subs if isinstance(subs, list) else ():
+            if isinstance(sub, dict):
+                yield sub, False
+    for kw in _IN_PLACE_SINGLE:
+        if isinstance(node.get(kw), dict):
+            yield node[kw], False
+    for kw in _IN_PLACE_MAPS:
+        subs = node.get(kw)
+        for sub in subs.values() if isinstance(subs, dict) else ():
+            if isinstance(sub, dict):
+                yield sub, False
+
+
+def reference_loop(schema: Any) -> ReferenceLoopError | None:
+    """The error for the first reference loop (module doc) reachable from the root, naming the
+    ``$ref`` that closes it and the subschemas around it; None when there is none."""
     if not isinstance(schema, dict) or find_keyword(schema, "$ref") is None:
         return None
     paths: dict[int, str] = {}
     for path, node in iter_subschemas(schema):
         paths.setdefault(id(node), path)
-    # the schemas a value is checked against, and for each those applied to the value itself
-    edges: dict[int, list[tuple[int, bool]]] = {}  # (target, through a $ref)
-    constrains: set[int] = set()
+    # every subschema some value (the root or a part of it) is checked against
+    edges: dict[int, list[tuple[int, bool]]] = {}
     todo = [schema]
     while todo:
         node = todo.pop()
-        key = id(node)
-        if key in edges:
+        if id(node) in edges:
             continue
-        edges[key] = []
-        if set(node) - ANNOTATIONS - {"$ref", *_IN_PLACE}:
-            constrains.add(key)
-        if "$ref" in node:
-            ref = node["$ref"]
-            target = resolve_local_ref(schema, ref) if isinstance(ref, str) else None
-            if isinstance(target, dict) and id(target) in paths:
-                edges[key].append((id(target), True))
-                todo.append(target)
-            else:  # another document, nothing, a boolean: left to the engine
-                constrains.add(key)
-        for kw in _IN_PLACE:
-            subs = node.get(kw)
-            for sub in subs if isinstance(subs, list) else ():
-                if isinstance(sub, dict):
-                    edges[key].append((id(sub), False))
-                elif sub is not True:
-                    constrains.add(key)
+        out = [(sub, via_ref) for sub, via_ref in _in_place(node, schema) if id(sub) in paths]
+        edges[id(node)] = [(id(sub), via_ref) for sub, via_ref in out]
+        todo += [sub for sub, _ in out]
         todo += [sub for sub in _applied(node) if isinstance(sub, dict)]
-    users: dict[int, list[int]] = {k: [] for k in edges}
-    for key, out in edges.items():
-        for target, _ in out:
-            users[target].append(key)
-    reaching, frontier = set(constrains), list(constrains)
-    while frontier:
-        for user in users[frontier.pop()]:
-            if user not in reaching:
-                reaching.add(user)
-                frontier.append(user)
-    # a depth-first walk of the rest (whose in-place subschemas are all in the rest) finds a cycle
+    # a depth-first walk over the in-place edges, from each reached subschema in path order
     order = {key: i for i, key in enumerate(paths)}
     done: set[int] = set()
-    for start in sorted(set(edges) - reaching, key=order.__getitem__):
+    for start in sorted(edges, key=order.__getitem__):
         if start in done:
             continue
         trail, via_ref, pending = [start], [], [iter(edges[start])]
@@ -105,8 +109,9 @@ def pure_ref_cycle(schema: Any) -> UnsupportedSchemaError | None:
             elif step[0] in trail:
                 at = trail.index(step[0])
                 cycle, refs = trail[at:], [*via_ref[at:], step[1]]
-                closing = cycle[max((i for i, r in enumerate(refs) if r), default=len(cycle) - 1)]
-                return _cycle_error(paths[closing], [paths[k] for k in [*cycle, step[0]]])
+                # a cycle among subschemas of one tree passes through a $ref; name the last one
+                closing = cycle[max(i for i, r in enumerate(refs) if r)]
+                return _loop_error(paths[closing], tuple(paths[k] for k in [*cycle, step[0]]))
             elif step[0] not in done:
                 trail.append(step[0])
                 via_ref.append(step[1])
@@ -114,13 +119,14 @@ def pure_ref_cycle(schema: Any) -> UnsupportedSchemaError | None:
     return None
 
 
-def _cycle_error(path: str, cycle: list[str]) -> UnsupportedSchemaError:
-    return UnsupportedSchemaError(
-        f"'$ref' at {path} closes a reference cycle that never reaches a constraint "
-        f"({' -> '.join(cycle)}): the schemas on it hold only $ref / allOf / anyOf / oneOf, so "
-        "checking a value against them never ends (JSON Schema leaves such a schema undefined, and "
-        "a validator recurses forever on it); replace this $ref with the schema meant: {} (or "
-        "true) for any JSON value, or a definition with a type or other constraint",
-        keyword="$ref",
+def _loop_error(path: str, cycle: tuple[str, ...]) -> ReferenceLoopError:
+    return ReferenceLoopError(
+        f"'$ref' at {path} makes the schema an infinite reference loop with no instance "
+        f"constraint ({' -> '.join(cycle)}): it leads back to the same subschema on the same "
+        "value without checking any part of it (no properties / items / ... on the way), so "
+        "checking a value never ends; JSON Schema leaves such a schema undefined and the "
+        "jsonschema validator fails on it with RecursionError. Remove this $ref, or point it at "
+        "a schema that does not lead back here ({} or true for any JSON value)",
         path=path,
+        cycle=cycle,
     )

@@ -83,6 +83,16 @@ _DATE = (
     f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
     f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)"
 )
+# NOTE: second 60. RFC 3339's grammar allows a leap second (``time-second = 2DIGIT ; 00-58, 59,
+# 60``), but the rule here is that the constraint never admits a value the validator of its path
+# rejects, and both validators reject it: pydantic (``TypeAdapter(datetime.time)`` refuses
+# "23:59:60Z", "second value is outside expected range"; ``datetime`` has no second 60), the
+# path of a model class, and ``jsonschema``'s format checker, the path of a plain schema, whose
+# ``time`` / ``date-time`` go through rfc3339-validator ("leap seconds are not supported"; without
+# that package installed the two formats are not checked at all). So seconds are 00-59 for
+# ``time`` and ``date-time`` alike. The texts below are exactly those rfc3339-validator accepts
+# (``jsonschema`` upper-cases ``t`` / ``z`` first) and a subset of pydantic's: pydantic also reads
+# times without an offset ("12:00"), which RFC 3339's ``full-time``, what the format names, lacks.
 _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
 _DATETIME_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[Tt]{_TIME}$"}
 

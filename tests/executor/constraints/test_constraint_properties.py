@@ -149,6 +149,39 @@ def test_pydantic_time_fields_generate_only_what_pydantic_reads(compiler, bpe_hf
         Moments.model_validate_json(text)
 
 
+def test_plain_schema_time_formats_admit_no_leap_second(compiler, bpe_hf):
+    """A plain schema's ``format: time`` / ``date-time`` (no pydantic model): RFC 3339's grammar
+    allows second 60, but the validator of that path, ``jsonschema``'s format checker, refuses it
+    (through rfc3339-validator; the formats go unchecked without it), as pydantic does; so the
+    constraint admits seconds 00-59 only, and what it generates passes both."""
+    import jsonschema
+
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    adapters = {
+        "time": pydantic.TypeAdapter(datetime.time),
+        "date-time": pydantic.TypeAdapter(datetime.datetime),
+    }
+    cases = {
+        "time": (["23:59:59.5z", "00:00:00+23:59"], ["23:59:60Z", "12:00:60+01:00", "23:59:60.5Z"]),
+        "date-time": (["2016-12-31T23:59:59Z"], ["2016-12-31T23:59:60Z", "2016-12-31t23:59:60z"]),
+    }
+    rng = random.Random(0)
+    chars = {t for t in range(len(bpe_hf)) if len(bpe_hf.decode([t])) == 1}
+    for fmt, (good, bad) in cases.items():
+        compiled = compiler.compile(spec_from_json_schema({"type": "string", "format": fmt}))
+        for value in good:
+            assert accepts_text(compiled, bpe_hf, json.dumps(value)).accepted, value
+        for value in bad:
+            assert not accepts_text(compiled, bpe_hf, json.dumps(value)).accepted, value
+            assert fmt not in checker.checkers or not checker.conforms(value, fmt), value
+        done = [t for t in (_sample(compiled, bpe_hf, rng, chars, 60) for _ in range(20)) if t is not None]
+        assert len(done) >= 15, done
+        for text in done:
+            value = json.loads(text)
+            assert fmt not in checker.checkers or checker.conforms(value, fmt), value
+            adapters[fmt].validate_json(text)
+
+
 def test_worker_reports_errors_and_restarts_after_kill(bpe_info):
     from llmir_lang.executor.constraints.outlines_backend import outlines_vocabulary, wrap_regex
 
