@@ -323,14 +323,17 @@ class LMFunction:
         """``run`` without blocking the event loop. The program runs on a thread of its own, so
         any number of ``arun`` calls run at once and the engine batches their requests (a thread
         pool would cap them at its size). With ``stream=True`` it returns at once and
-        ``async for chunk in state.text_async_iter(var)`` streams. Cancelling the awaiting task
-        stops the program: its requests are aborted."""
+        ``async for chunk in state.text_async_iter(var)`` streams; the streamed program belongs to
+        the event loop it was started on: when that loop's remaining tasks are cancelled (as
+        ``asyncio.run`` does once its coroutine returns) the program is cancelled too, instead of
+        running on with no loop to stream to. Cancelling the awaiting task stops the program: its
+        requests are aborted."""
         __tracebackhide__ = True
         run, state, arguments = self._start(args, kwargs, stream, backend, passes)
-        if stream:
-            self._background(run, state, arguments, "llmir-program")
-            return state
         loop = asyncio.get_running_loop()
+        if stream:
+            _stream_on_loop(self, run, state, arguments, loop)
+            return state
         done: asyncio.Future[None] = loop.create_future()
 
         def wake() -> None:
@@ -614,6 +617,49 @@ def function(
     if func is not None:
         return LMFunction(func, passes=passes, name=name, num_api_spec_tokens=num_api_spec_tokens)
     return lambda f: LMFunction(f, passes=passes, name=name, num_api_spec_tokens=num_api_spec_tokens)
+
+
+# streamed arun() programs' watcher tasks (the loop keeps only weak references to its tasks)
+_STREAM_WATCHERS: set[asyncio.Task[None]] = set()
+
+
+def _stream_on_loop(
+    fn: LMFunction, run: ProgramRun, state: ProgramState, arguments: dict[str, Any], loop: asyncio.AbstractEventLoop
+) -> None:
+    """Start ``arun(stream=True)``'s program on a pooled thread, with a task on ``loop`` that ends
+    with it. When that task is cancelled while the program runs (``asyncio.run`` cancels the tasks
+    left when its coroutine returns, so do other runners' shutdowns) the program is cancelled:
+    without a loop nobody reads its stream, and it would run on to its end unseen."""
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    def body() -> None:
+        try:
+            fn._body(run, state, arguments)
+        finally:
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:  # the loop is closed
+                pass
+
+    async def watch() -> None:
+        try:
+            await ended
+        except asyncio.CancelledError:
+            run.cancel(
+                f"arun(stream=True) of {fn.name!r}: the event loop it was started on cancelled its "
+                "tasks (asyncio.run() does when its coroutine returns); read the stream to its end "
+                "(async for ... in state.text_async_iter()) before then to let the program finish"
+            )
+            raise
+
+    task = loop.create_task(watch(), name=f"llmir-stream-{fn.name}")
+    _STREAM_WATCHERS.add(task)
+    task.add_done_callback(_STREAM_WATCHERS.discard)
+    spawn(body, name="llmir-program")  # pooled: waited for at exit (see workers.py)
 
 
 # the methods that take program arguments by keyword beside keyword options of their own

@@ -265,3 +265,37 @@ async def _yield():
     fut = loop.create_future()
     loop.call_soon(fut.set_result, None)
     await fut
+
+
+@llmir.function
+def many_steps(s, n):
+    for i in range(n):
+        s += " x" + llmir.gen(f"g{i}", max_tokens=2)
+        s[f"g{i}"]  # a sync point each time: one request at a time
+
+
+def test_a_streamed_arun_ends_with_the_event_loop_that_started_it(slow):
+    """``asyncio.run`` cancels the tasks left when its coroutine returns; a streamed program
+    started on that loop is cancelled with them (its requests aborted, its error says why)
+    instead of running on to its end with nobody to stream to (before: all 40 requests ran)."""
+
+    async def main():
+        return await many_steps.arun(40, backend=slow, stream=True)
+
+    state = asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while state.error() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert isinstance(state.error(), llmir.ProgramInterruptedError), state.error()
+    assert "event loop" in str(state.error())
+    time.sleep(0.2)
+    assert len(slow.requests) <= 3
+
+
+def test_a_streamed_arun_read_to_its_end_is_not_cancelled(fake):
+    async def main():
+        state = await many_steps.arun(3, backend=fake, stream=True)
+        return state, "".join([c async for c in state.text_async_iter()])
+
+    state, text = asyncio.run(main())
+    assert state.error() is None and text == state.text() and state["g2"] is not None
