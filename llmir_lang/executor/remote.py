@@ -119,6 +119,30 @@ def _typed_error(name: str, url: str, status: int, detail: str) -> RemoteBackend
     return err
 
 
+# The status a server gives an error of each type outside a stream (llmir's types and OpenAI's
+# server_error), for an error event inside one, whose ``code`` is OpenAI's string or null
+_STREAM_ERROR_STATUSES = {
+    "invalid_request_error": 400,
+    "not_implemented": 501,
+    "internal_error": 500,
+    "server_error": 500,
+    "server_shutting_down": 503,
+}
+
+
+def _stream_error_status(err: Any) -> int | None:
+    """The HTTP status behind an ``{"error": ...}`` event of a stream (whose own status was 200):
+    SGLang's and vLLM's put it in ``code``; llmir's and OpenAI's ``code`` is a string or null, and
+    their ``type`` says it. None where neither does."""
+    if not isinstance(err, dict):
+        return None
+    code = err.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    kind = err.get("type")
+    return _STREAM_ERROR_STATUSES.get(kind) if isinstance(kind, str) else None
+
+
 @dataclass(slots=True)
 class RemoteState:
     """One returned state of a program run on the server (``/program``)."""
@@ -302,8 +326,7 @@ class _HTTPBackend(Backend):
                     if isinstance(event, dict) and "error" in event:
                         err = event["error"]
                         message = err.get("message", event) if isinstance(err, dict) else err
-                        code = err.get("code") if isinstance(err, dict) else None
-                        status = code if isinstance(code, int) else None
+                        status = _stream_error_status(err)
                         raise RemoteBackendError(f"{self._url(path)}: {message}", status, str(message))
                     yield event
         except (httpx.HTTPError, httpx.InvalidURL) as e:

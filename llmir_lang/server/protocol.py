@@ -287,10 +287,16 @@ def check_generate_features(
 
 # OpenAI's range for temperature; the engine (and SGLang's /generate) takes any value >= 0
 OPENAI_MAX_TEMPERATURE = 2.0
+# OpenAI's most top_logprobs (chat) per token, also vLLM's default limit for completions' logprobs
+# (OpenAI's legacy completions stop at 5); the engine (and /generate) takes any number
+OPENAI_MAX_TOP_LOGPROBS = 20
 
 
 def check_openai_values(body: _OpenAIBase) -> None:
-    """Values OpenAI's API refuses with a 400 that the engine would take."""
+    """Values OpenAI's API refuses with a 400 that the engine would take, and OpenAI's own wording
+    of its ranges where the engine's differs (``top_p``: OpenAI's [0, 1], where the engine takes
+    (0, 1]; the route runs ``top_p`` 0 as top-k 1). The penalties' [-2, 2] is the engine's rule
+    too, and ``n`` is checked by ``check_n``."""
     if body.stream_options is not None and not body.stream:
         raise ServerHTTPError(
             400,
@@ -303,6 +309,18 @@ def check_openai_values(body: _OpenAIBase) -> None:
             400,
             f"temperature must be a number in [0, {OPENAI_MAX_TEMPERATURE:g}] (0 = greedy), got {t!r}",
             param="temperature",
+        )
+    p = body.top_p
+    if not 0.0 <= p <= 1.0:  # NaN fails too
+        raise ServerHTTPError(400, f"top_p must be a number in [0, 1] (1 = off), got {p!r}", param="top_p")
+    field = "top_logprobs" if isinstance(body, ChatCompletionRequest) else "logprobs"
+    top = getattr(body, field, None)
+    if top is not None and not 0 <= top <= OPENAI_MAX_TOP_LOGPROBS:
+        raise ServerHTTPError(
+            400,
+            f"{field} must be an integer in [0, {OPENAI_MAX_TOP_LOGPROBS}] (the number of most likely "
+            f"tokens reported at each position), got {top!r}",
+            param=field,
         )
 
 

@@ -7,8 +7,10 @@ one per request. Streaming is server-sent events of ``*.chunk`` objects ended by
 without ``stream=true`` is a 400, as on OpenAI); with ``logprobs`` each chunk carries its tokens'
 logprobs in the same format as a plain answer. A stream the server's shutdown aborts ends with its
 ``abort`` chunk, then an ``{"error": ...}`` event (type ``server_shutting_down``). ``temperature``
-must be in OpenAI's [0, 2] here (``/generate`` takes any value >= 0). Completions accept
-``echo`` with ``logprobs`` (also with ``max_tokens=0``), which is how clients score a text; the
+must be in OpenAI's [0, 2] here (``/generate`` takes any value >= 0), ``top_p`` in [0, 1] (0: the
+most likely token only; ``/generate`` takes (0, 1]), and ``top_logprobs`` / completions'
+``logprobs`` in [0, 20]. Completions accept ``echo`` with ``logprobs`` (also with
+``max_tokens=0``), which is how clients score a text; the
 prompt may be token ids (one list, or a list of lists), so a client can score exact token
 sequences. Features that are not implemented (``n`` > 1, ``best_of``, ``suffix``, ``tools``,
 ``logit_bias``, image parts) are a 501 that names them.
@@ -133,13 +135,19 @@ def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None, logprobs_f
         raise not_implemented(
             "logit_bias", "remove it (guided_choice or guided_regex can restrict the output)", "logit_bias"
         )
+    top_p, top_k = body.top_p, body.top_k
+    if top_p == 0:
+        # OpenAI takes top_p 0: a nucleus of no mass, the most likely token alone (ties kept, as
+        # the engine's top-p keeps them), which is top-k 1 whatever top_k says; the engine's top_p
+        # must be > 0. Logprobs are the model's, before either filter, so they do not change.
+        top_p, top_k = 1.0, 1
     return sampling_params(
         [
             ("max_new_tokens", max_tokens, _max_tokens_field(body)),
             ("min_new_tokens", min(body.min_tokens, max_tokens), "min_tokens"),
             ("temperature", body.temperature, "temperature"),
-            ("top_p", body.top_p, "top_p"),
-            ("top_k", body.top_k, "top_k"),
+            ("top_p", top_p, "top_p"),
+            ("top_k", top_k, "top_k"),
             ("min_p", body.min_p, "min_p"),
             ("frequency_penalty", body.frequency_penalty, "frequency_penalty"),
             ("presence_penalty", body.presence_penalty, "presence_penalty"),

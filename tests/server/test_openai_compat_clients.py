@@ -71,7 +71,7 @@ def test_error_codes_are_strings_or_null_as_openais(client):
     assert _error(client.get("/v1/nope"), 404)["code"] is None
 
 
-# --- OpenAI's value rules: stream_options needs stream, temperature in [0, 2] ---------------------
+# --- OpenAI's value rules: stream_options needs stream; temperature, top_p, top_logprobs ranges ---
 OPENAI_ROUTES = [("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "Q"})]
 
 
@@ -104,6 +104,66 @@ def test_temperature_outside_openais_range_is_a_400(client, route, body):
     sglang = {"text": "Q", "sampling_params": {"temperature": 2.5, "max_new_tokens": 2}}
     r = client.post("/generate", json=sglang)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("route,body", OPENAI_ROUTES)
+def test_top_p_takes_openais_range_and_0_keeps_the_most_likely_token(client, route, body):
+    base = {"model": MODEL, "max_tokens": 8, "ignore_eos": True, **body}
+    # OpenAI takes top_p 0 (the engine's top_p must be > 0): only the most likely token is drawn,
+    # so a sample at temperature 2 is the greedy answer, whatever top_k says
+    greedy = client.post(route, json={**base, "temperature": 0})
+    assert greedy.status_code == 200, greedy.text
+    hot = {**base, "temperature": 2.0}
+    sampled = [client.post(route, json={**hot, "seed": s}).json()["choices"] for s in range(4)]
+    assert any(c != greedy.json()["choices"] for c in sampled)  # else the check below shows nothing
+    for extra in ({"seed": 0}, {"seed": 1, "top_k": 50}, {"seed": 2}, {"seed": 3}):
+        r = client.post(route, json={**hot, "top_p": 0, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"] == greedy.json()["choices"], (extra, r.json(), greedy.json())
+    for p in (1.5, -0.1):
+        err = _error(client.post(route, json={**base, "top_p": p}), 400)
+        assert err["param"] == "top_p" and "[0, 1]" in err["message"] and repr(p) in err["message"], err
+    # SGLang's /generate keeps the engine's rule: top_p in (0, 1]
+    sglang = {"text": "Q", "sampling_params": {"top_p": 0, "max_new_tokens": 2}}
+    assert _error(client.post("/generate", json=sglang), 400)["param"] == "sampling_params.top_p"
+
+
+@pytest.mark.parametrize(
+    "route,body,field",
+    [
+        ("/v1/chat/completions", {"messages": USER, "logprobs": True}, "top_logprobs"),
+        ("/v1/completions", {"prompt": "Q"}, "logprobs"),
+    ],
+)
+def test_top_logprobs_take_openais_range(client, route, body, field):
+    base = {"model": MODEL, "max_tokens": 2, "temperature": 0, **body}
+    for n in (21, 1000, -1):
+        err = _error(client.post(route, json={**base, field: n}), 400)
+        assert err["param"] == field and "[0, 20]" in err["message"] and repr(n) in err["message"], err
+    r = client.post(route, json={**base, field: 20})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    tops = [e["top_logprobs"] for e in lp["content"]] if field == "top_logprobs" else lp["top_logprobs"]
+    assert tops and all(len(top) == 20 for top in tops), tops
+    # SGLang's /generate keeps the engine's rule (any number >= 0)
+    sglang = {"text": "Q", "return_logprob": True, "top_logprobs_num": 21, "sampling_params": {"max_new_tokens": 2}}
+    assert client.post("/generate", json=sglang).status_code == 200
+
+
+@pytest.mark.parametrize("route,body", OPENAI_ROUTES)
+def test_penalties_and_n_take_openais_ranges(client, route, body):
+    """Already OpenAI's before the top_p / top_logprobs fix (the engine's own rules); kept here so
+    that the /v1 routes stay in step with OpenAI's API."""
+    base = {"model": MODEL, "max_tokens": 2, "temperature": 0, **body}
+    for field in ("presence_penalty", "frequency_penalty"):
+        for v in (2.5, -2.01):
+            err = _error(client.post(route, json={**base, field: v}), 400)
+            assert err["param"] == field and "[-2, 2]" in err["message"], err
+        for v in (-2, 2):
+            assert client.post(route, json={**base, field: v}).status_code == 200
+    for n in (0, -1):
+        assert _error(client.post(route, json={**base, "n": n}), 400)["param"] == "n"
+    assert _error(client.post(route, json={**base, "n": 2}), 501)["param"] == "n"
 
 
 # --- SGLang's constraint fields (extra_body) -------------------------------------------------

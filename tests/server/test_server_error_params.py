@@ -146,7 +146,7 @@ def test_an_error_event_mid_stream_names_its_param():
         ("/v1/completions", {**COMPLETION, "top_p": 1.5}, "top_p", "top_p must be"),
         ("/v1/completions", {**COMPLETION, "frequency_penalty": -3}, "frequency_penalty", "frequency_penalty"),
         ("/v1/completions", {**COMPLETION, "min_tokens": -1}, "min_tokens", "min_new_tokens"),
-        ("/v1/completions", {**COMPLETION, "logprobs": -2}, "logprobs", "top_logprobs_num"),
+        ("/v1/completions", {**COMPLETION, "logprobs": -2}, "logprobs", "logprobs must be an integer in [0, 20]"),
         ("/v1/completions", {**COMPLETION, "max_tokens": 5000}, "max_tokens", "limit of 960"),
         ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -1}, "max_completion_tokens", "must be >= 0"),
         ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": -1}, "top_logprobs", "top_logprobs"),

@@ -137,3 +137,31 @@ def test_openai_refuses_what_it_cannot_honour():
         llmir.OpenAI("http://vllm/v1")
     with pytest.raises(InvalidRequestError, match="two base URLs"):
         llmir.OpenAI("http://a/v1", "m", base_url="http://b/v1")
+
+
+def test_an_error_event_in_a_stream_keeps_its_status():
+    """An ``{"error": ...}`` event inside a stream (status 200) becomes a ``RemoteBackendError``
+    whose ``status`` is the one the server gives that error outside a stream: SGLang and vLLM send
+    it as ``code``; llmir and OpenAI send ``code`` as a string or null, and the ``type`` says it
+    (callers such as ``llmir extract`` tell a bad request from a failing server by the status)."""
+    events = {
+        "llmir-400": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None},
+        "llmir-503": {"message": "stopping", "type": "server_shutting_down", "param": None, "code": None},
+        "llmir-code": {"message": "long", "type": "invalid_request_error", "param": None,
+                       "code": "context_length_exceeded"},
+        "vllm-400": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400},
+        "bare": {"message": "boom"},
+    }  # fmt: skip
+    expected = {"llmir-400": 400, "llmir-503": 503, "llmir-code": 400, "vllm-400": 400, "bare": None}
+    for backend in (llmir.OpenAI("tiny", base_url="http://llmir/v1"), llmir.Endpoint("http://llmir")):
+        for name, error in events.items():
+            chunk = {"choices": [{"index": 0, "text": "a", "finish_reason": None}]}
+            sse = f"data: {json.dumps(chunk)}\n\ndata: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
+            answer = httpx.MockTransport(lambda _, sse=sse: httpx.Response(200, text=sse))
+            backend._client = httpx.Client(base_url=backend.base_url, transport=answer)
+            got = []
+            with pytest.raises(RemoteBackendError) as e:
+                got.extend(backend._events("/completions", {"stream": True}))
+            assert got == [chunk] and e.value.status == expected[name], (name, e.value.status)
+            assert error["message"] in str(e.value) and e.value.detail == error["message"]
+        backend.close()
