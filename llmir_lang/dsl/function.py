@@ -334,22 +334,7 @@ class LMFunction:
         if stream:
             _stream_on_loop(self, run, state, arguments, loop)
             return state
-        done: asyncio.Future[None] = loop.create_future()
-
-        def wake() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        def body() -> None:
-            try:
-                self._body(run, state, arguments)
-            finally:  # always: an awaiting task that is never woken waits forever
-                try:
-                    loop.call_soon_threadsafe(wake)
-                except RuntimeError:  # the loop is closed: nobody awaits this program any more
-                    pass
-
-        spawn(body, name="llmir-arun")  # pooled: waited for at exit (see workers.py)
+        done = _spawn_on_loop(self, run, state, arguments, loop, "llmir-arun")
         try:
             await done
         except BaseException:  # the awaiting task was cancelled, or the loop interrupted
@@ -630,20 +615,7 @@ def _stream_on_loop(
     with it. When that task is cancelled while the program runs (``asyncio.run`` cancels the tasks
     left when its coroutine returns, so do other runners' shutdowns) the program is cancelled:
     without a loop nobody reads its stream, and it would run on to its end unseen."""
-    ended: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ended.done():
-            ended.set_result(None)
-
-    def body() -> None:
-        try:
-            fn._body(run, state, arguments)
-        finally:
-            try:
-                loop.call_soon_threadsafe(wake)
-            except RuntimeError:  # the loop is closed
-                pass
+    ended = _spawn_on_loop(fn, run, state, arguments, loop, "llmir-program")
 
     async def watch() -> None:
         try:
@@ -659,7 +631,35 @@ def _stream_on_loop(
     task = loop.create_task(watch(), name=f"llmir-stream-{fn.name}")
     _STREAM_WATCHERS.add(task)
     task.add_done_callback(_STREAM_WATCHERS.discard)
-    spawn(body, name="llmir-program")  # pooled: waited for at exit (see workers.py)
+
+
+def _spawn_on_loop(
+    fn: LMFunction,
+    run: ProgramRun,
+    state: ProgramState,
+    arguments: dict[str, Any],
+    loop: asyncio.AbstractEventLoop,
+    name: str,
+) -> asyncio.Future[None]:
+    """Run the program on a pooled thread (waited for at exit, see workers.py); the future returned,
+    of ``loop``, is set when it has ended, whatever the end."""
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    def body() -> None:
+        try:
+            fn._body(run, state, arguments)
+        finally:  # always: an awaiting task that is never woken waits forever
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:  # the loop is closed: nobody awaits this program any more
+                pass
+
+    spawn(body, name=name)
+    return ended
 
 
 # the methods that take program arguments by keyword beside keyword options of their own
