@@ -185,8 +185,12 @@ def _pydantic_schema(spec: str) -> Schema:
     model = getattr(module, attr, None)
     if model is None or not callable(getattr(model, "model_json_schema", None)):
         raise ExtractInputError(f"--schema {spec!r}: {where} has no pydantic model named {attr!r}")
-    try:
-        json_schema = model.model_json_schema()
+    from llmir_lang.executor.constraints import UnsupportedSchemaError, pydantic_json_schema
+
+    try:  # narrowed to what the model's own validation accepts (a NaiveDatetime, a UUID4, ...)
+        json_schema = pydantic_json_schema(model)
+    except UnsupportedSchemaError as e:
+        raise ExtractInputError(f"--schema {spec!r}: {e}") from None
     except Exception as e:  # pydantic.PydanticUserError and friends: the model itself is broken
         raise ExtractInputError(f"--schema {spec!r}: the model has no JSON schema ({e})") from None
     return Schema(json_schema, attr.lower(), model)

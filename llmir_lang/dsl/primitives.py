@@ -594,9 +594,11 @@ def _schema_text(schema: object, where: SourceLocation | None) -> str:
         return schema
     if isinstance(schema, dict):
         return json.dumps(schema)
-    model_json_schema = getattr(schema, "model_json_schema", None)
-    if callable(model_json_schema):
-        return json.dumps(model_json_schema())
+    if callable(getattr(schema, "model_json_schema", None)):
+        from llmir_lang.executor.constraints import pydantic_json_schema
+
+        # narrowed to what the model's own validation accepts (a NaiveDatetime, a UUID4, ...)
+        return json.dumps(pydantic_json_schema(schema))
     raise DSLError(
         f"json_schema must be a JSON string, a dict or a pydantic model class, got {type(schema).__name__}",
         where=where,

@@ -410,6 +410,27 @@ def test_module_schema_is_found_in_the_current_folder(
         sys.modules.pop("cwd_schema_mod", None)
 
 
+def test_module_schema_is_narrowed_to_what_the_model_validates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--schema module:Model takes the schema narrowed to the model's own validation (a UUID4's
+    version digit in a pattern; model_json_schema()'s format 'uuid4' constrains nothing), and a
+    field no schema can express is a setup error naming it."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "narrow_schema_mod.py").write_text(
+        "from pydantic import UUID4, BaseModel, FutureDate\n\n"
+        "class Rec(BaseModel):\n    id: UUID4\n\n"
+        "class Later(BaseModel):\n    due: FutureDate\n"
+    )
+    try:
+        prop = load_schema("narrow_schema_mod:Rec").json_schema["properties"]["id"]
+        assert "format" not in prop and "-4" in prop["pattern"]
+        with pytest.raises(ExtractInputError, match="'due'"):
+            load_schema("narrow_schema_mod:Later")
+    finally:
+        sys.modules.pop("narrow_schema_mod", None)
+
+
 def test_ctrl_c_prints_the_summary_and_exits_130(tmp_path: Path) -> None:
     _write_inputs(tmp_path / "in.jsonl", 40, seed=12)
     out = tmp_path / "out.jsonl"

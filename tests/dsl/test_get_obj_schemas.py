@@ -84,3 +84,29 @@ def test_get_obj_gives_back_exact_floats_and_times_pydantic_reads(rt):
     obj = state.get_obj("v")
     assert obj["x"] == 1.4000000000000001 and obj["y"] in (110.00000000000001, -9.200000000000001), state["v"]
     assert isinstance(state.get_obj("t"), Moment), state["t"]
+
+
+def test_a_pydantic_models_schema_is_narrowed_to_what_the_model_validates():
+    """gen(json_schema=Model) takes the schema the constraint package narrows to what the model's
+    own validation accepts (model_json_schema() writes a UUID4 as format 'uuid4', which the
+    engine drops: any string; a NaiveDatetime as any date-time, offsets included)."""
+    class Rec(pydantic.BaseModel):
+        id: pydantic.UUID4
+        at: pydantic.NaiveDatetime
+
+    @llmir.function
+    def f(s):
+        s += "x" + llmir.gen("r", json_schema=Rec, max_tokens=8)
+
+    text = str(f.trace())
+    assert "uuid4" not in text and "-4" in text  # the version digit is in the pattern
+
+    class Later(pydantic.BaseModel):
+        when: pydantic.FutureDatetime
+
+    @llmir.function
+    def g(s):
+        s += "x" + llmir.gen("r", json_schema=Later, max_tokens=8)
+
+    with pytest.raises(llmir.ProgramExecutionError, match="UnsupportedSchemaError: pydantic field 'when'"):
+        g.trace()

@@ -35,6 +35,7 @@ from llmir_lang.executor.constraints.matcher import (
     bitmask_words,
     fill_batch_bitmask,
 )
+from llmir_lang.executor.constraints.schema_pydantic import pydantic_json_schema
 from llmir_lang.executor.constraints.spec import (
     DEFAULT_JSON_WHITESPACE,
     ConstraintSpec,
@@ -70,6 +71,7 @@ __all__ = [
     "bitmask_words",
     "fill_batch_bitmask",
     "parse_dtype_value",
+    "pydantic_json_schema",
     "spec_from_choices",
     "spec_from_dtype",
     "spec_from_grammar",

@@ -145,7 +145,10 @@ def spec_from_json_schema(schema: Any, whitespace: str | None = None) -> Constra
                 f"json_schema= got the class {schema.__name__}; pass a pydantic BaseModel subclass, "
                 "a dict, or JSON text"
             )
-        schema = schema.model_json_schema()
+        # not model_json_schema(): its formats lose what the model's validation checks
+        from llmir_lang.executor.constraints.schema_pydantic import pydantic_json_schema
+
+        schema = pydantic_json_schema(schema)
     elif isinstance(schema, (str, bytes)):
         try:
             schema = json.loads(schema)

@@ -1,0 +1,265 @@
+"""The JSON schema of a pydantic model, narrowed to texts the model's own validation accepts.
+
+``model_json_schema()`` describes a field by its JSON type and a ``format`` name, which loses
+what pydantic's validator checks besides: a ``NaiveDatetime`` and an ``AwareDatetime`` are both
+``format: date-time``, a ``timedelta`` is ``format: duration`` (whose regex admits durations past
+``timedelta``'s 999,999,999 days), a ``UUID4`` is ``format: uuid4`` (unknown to the engine, so
+dropped: any string), bounds on dates and decimal digit counts are not written at all. The
+constraint of a model must only generate values the model validates, so ``pydantic_json_schema``
+builds the schema with a generator that reads pydantic's core schema and writes, per field:
+
+- ``NaiveDatetime``: a pattern of date-times without an offset; ``AwareDatetime``: with one
+  (plain ``datetime`` reads both; its ``format: date-time`` rewrite generates aware ones, a subset).
+- ``timedelta``: a pattern of ISO 8601 durations whose every digit count keeps the value inside
+  what pydantic reads (``_DURATION``; a conservative subset).
+- ``UUID1`` .. ``UUID8``: a pattern fixing the version digit and the RFC 4122 variant (pydantic
+  checks both); ``IPvAnyAddress``: ``anyOf`` the ``ipv4`` / ``ipv6`` formats.
+- ``Decimal``: a plain decimal text (string), digit counts bounded by ``max_digits`` /
+  ``decimal_places``; with numeric bounds, the JSON number pydantic wrote (the bounds keep it finite).
+- ``bytes`` with a length bound: printable ASCII only (the bound counts bytes, JSON counts characters).
+- URLs with ``allowed_schemes`` (``HttpUrl``) or ``host_required``: a pattern of simple URLs.
+- finite-only floats (``FiniteFloat``, ``allow_inf_nan=False``) and bounded decimals: an open side
+  bounded at 1e18 (a JSON number past 1.8e308 reads as infinity, which they refuse).
+
+and refuses with ``UnsupportedSchemaError`` (naming the field) what no pattern expresses:
+``FutureDate`` / ``PastDate`` / ``FutureDatetime`` / ``PastDatetime`` (the accepted set moves with
+the clock), bounds on dates, times, date-times and durations, ``Json[...]`` fields, and any other
+``format`` the engine does not know (pydantic writes one for a type it validates: networks,
+interfaces, paths that must exist, colors, ``base64`` bytes, ...; only ``password`` and
+``binary``, any string to pydantic, pass).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from llmir_lang.executor.constraints.errors import UnsupportedSchemaError
+from llmir_lang.executor.constraints.schema_rewrite import _DATE, _TIME, llguidance_knows_format
+from llmir_lang.executor.constraints.schema_walk import iter_subschemas
+
+# A generator writes this key where a field cannot be constrained exactly; ``pydantic_json_schema``
+# turns the first one into an error naming the field (the generator does not know the path).
+_REFUSE = "x-llmir-refuse"
+
+_NAIVE_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?"
+NAIVE_DATETIME_PATTERN = f"^{_DATE}[Tt]{_NAIVE_TIME}$"
+AWARE_DATETIME_PATTERN = f"^{_DATE}[Tt]{_TIME}$"
+NAIVE_TIME_PATTERN = f"^{_NAIVE_TIME}$"
+AWARE_TIME_PATTERN = f"^{_TIME}$"
+
+
+def _nonempty_sequence(parts: list[str]) -> str:
+    """Regex of the parts in order, each optional, at least one present."""
+    alts = [parts[i] + "".join(f"(?:{p})?" for p in parts[i + 1 :]) for i in range(len(parts))]
+    return "(?:" + "|".join(alts) + ")"
+
+
+# NOTE: timedelta's range. pydantic (speedate) refuses a duration past 999,999,999 days, and a
+# time part (hours, minutes, seconds) whose seconds pass 2**32 ("a numeric value in the duration
+# is too large": PT1193047H, PT9999999999S). The digit counts below keep every text far inside
+# both: years 9999 * 365 + months 9999 * 30 + weeks 9999 * 7 + days 999999 < 5 million days, and
+# 99999 h + 999999 min + 999999.999999999 s < 4.3e8 s. Fractions only on seconds, no sign.
+_DURATION_DATE = _nonempty_sequence(["[0-9]{1,4}Y", "[0-9]{1,4}M", "[0-9]{1,4}W", "[0-9]{1,6}D"])
+_DURATION_TIME = _nonempty_sequence(["[0-9]{1,5}H", "[0-9]{1,6}M", r"[0-9]{1,6}(?:\.[0-9]{1,9})?S"])
+DURATION_PATTERN = f"^P(?:{_DURATION_DATE}(?:T{_DURATION_TIME})?|T{_DURATION_TIME})$"
+
+_HEX = "[0-9a-fA-F]"
+_UUID_VERSION = re.compile(r"uuid([1-8])")
+
+# Formats pydantic writes for types that read any string; every other format the engine does
+# not know is refused on this path.
+_ANY_STRING_FORMATS = frozenset({"password", "binary"})
+
+# Simple URLs: lowercase host names whose last label starts with a letter (a numeric last label
+# is read as an IPv4 address and refused unless it is one), a port below 10000, short path and
+# query; every repetition bounded, so a text stays under HttpUrl's 2083 characters.
+_LABEL = "[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?"
+_URL_REST = (
+    rf"(?:{_LABEL}\.){{0,4}}[a-z](?:[a-z0-9-]{{0,30}}[a-z0-9])?(?::[1-9][0-9]{{0,3}})?"
+    r"(?:/[A-Za-z0-9._~-]{0,32}){0,8}(?:\?[A-Za-z0-9._~=&-]{0,64})?"
+)
+# The engine builds number ranges up to about 1e18 (1e19 and past: "Failed to generate regex for
+# float range"), so a finite-only float with an open side is bounded there: a subset.
+_FLOAT_LIMIT = 1e18
+
+
+def _refuse(why: str) -> dict[str, Any]:
+    return {"type": "string", _REFUSE: why}
+
+
+def _bounds(schema: dict[str, Any]) -> list[str]:
+    return [k for k in ("gt", "ge", "lt", "le") if schema.get(k) is not None]
+
+
+def _decimal_pattern(max_digits: int | None, places: int | None) -> str:
+    """Plain decimal texts (no exponent, no leading zeros) with at most ``max_digits`` digits in
+    all, ``places`` after the point and ``max_digits - places`` before it (pydantic checks all
+    three); the lone ``0`` before a point counts as a digit, except where no whole digit is left."""
+    if max_digits is None:
+        frac = r"(?:\.[0-9]+)?" if places is None else (rf"(?:\.[0-9]{{1,{places}}})?" if places else "")
+        return rf"^-?(?:0|[1-9][0-9]*){frac}$"
+    alts = []
+    for f in range(0, min(max_digits, max_digits - 1 if places is None else places) + 1):
+        whole = max_digits - max(f, places or 0)
+        int_part = "0" if whole < 1 else f"(?:0|[1-9][0-9]{{0,{whole - 1}}})"
+        if f == 0 and whole >= 1:
+            alts.append(int_part)
+        elif f > 0:
+            alts.append(rf"{int_part}\.[0-9]{{{f}}}")
+    return "^-?(?:" + "|".join(alts) + ")$"
+
+
+def _generator_class() -> type:
+    from pydantic.json_schema import GenerateJsonSchema
+
+    class NarrowingGenerator(GenerateJsonSchema):
+        """``GenerateJsonSchema`` whose temporal, decimal, bytes, URL and float schemas are
+        narrowed to what pydantic's validator of the same core schema accepts."""
+
+        def _temporal(self, schema: Any, what: str) -> dict[str, Any] | None:
+            if schema.get("now_op"):
+                return _refuse(
+                    f"a {what} that must lie in the {schema['now_op']} (Future*/Past* types): the "
+                    "values it accepts change with the clock, so no fixed constraint generates only "
+                    "valid ones; use the plain type and check the time after parsing"
+                )
+            if _bounds(schema):
+                return _refuse(
+                    f"a {what} with bounds ({', '.join(_bounds(schema))}): the JSON schema cannot "
+                    "state them; drop the bounds and check after parsing"
+                )
+            if isinstance(schema.get("tz_constraint"), int):
+                return _refuse(f"a {what} with a fixed UTC offset, which the constraint cannot express")
+            return None
+
+        def datetime_schema(self, schema: Any) -> Any:
+            refused = self._temporal(schema, "datetime")
+            if refused is not None:
+                return refused
+            tz = schema.get("tz_constraint")
+            if tz == "naive":
+                return {"type": "string", "pattern": NAIVE_DATETIME_PATTERN}
+            if tz == "aware":
+                return {"type": "string", "pattern": AWARE_DATETIME_PATTERN}
+            return super().datetime_schema(schema)
+
+        def date_schema(self, schema: Any) -> Any:
+            return self._temporal(schema, "date") or super().date_schema(schema)
+
+        def time_schema(self, schema: Any) -> Any:
+            refused = self._temporal(schema, "time")
+            if refused is not None:
+                return refused
+            tz = schema.get("tz_constraint")
+            if tz == "naive":
+                return {"type": "string", "pattern": NAIVE_TIME_PATTERN}
+            if tz == "aware":
+                return {"type": "string", "pattern": AWARE_TIME_PATTERN}
+            return super().time_schema(schema)
+
+        def timedelta_schema(self, schema: Any) -> Any:
+            refused = self._temporal(schema, "timedelta")
+            if refused is not None:
+                return refused
+            base = super().timedelta_schema(schema)
+            if base.get("format") != "duration":  # ser_json_timedelta='float': a number of seconds
+                return _refuse("a timedelta read as a number of seconds (ser_json_timedelta='float')")
+            return {"type": "string", "pattern": DURATION_PATTERN}
+
+        def decimal_schema(self, schema: Any) -> Any:
+            digits, places = schema.get("max_digits"), schema.get("decimal_places")
+            bounded = _bounds(schema) or schema.get("multiple_of") is not None
+            if not bounded:
+                return {"type": "string", "pattern": _decimal_pattern(digits, places)}
+            if digits is not None or places is not None:
+                return _refuse(
+                    "a Decimal with both numeric bounds and max_digits / decimal_places, which one "
+                    "JSON schema cannot state together; keep one of the two"
+                )
+            base = super().decimal_schema(schema)
+            number = next((b for b in base.get("anyOf", [base]) if b.get("type") == "number"), None)
+            if number is None:
+                return _refuse("a Decimal whose JSON schema has no number form")
+            return self._finite(dict(number))
+
+        def float_schema(self, schema: Any) -> Any:
+            base = super().float_schema(schema)
+            return self._finite(base) if schema.get("allow_inf_nan") is False else base
+
+        def _finite(self, number: dict[str, Any]) -> dict[str, Any]:
+            # JSON numbers past 1.8e308 read as inf; bound each open side
+            if "maximum" not in number and "exclusiveMaximum" not in number:
+                number["maximum"] = _FLOAT_LIMIT
+            if "minimum" not in number and "exclusiveMinimum" not in number:
+                number["minimum"] = -_FLOAT_LIMIT
+            return number
+
+        def bytes_schema(self, schema: Any) -> Any:
+            base = super().bytes_schema(schema)
+            if base.get("format") == "binary" and (
+                schema.get("max_length") is not None or schema.get("min_length") is not None
+            ):
+                base = {**base, "pattern": "^[ -~]*$"}
+            return base
+
+        def url_schema(self, schema: Any) -> Any:
+            base = super().url_schema(schema)
+            schemes = schema.get("allowed_schemes")
+            if not schemes and not schema.get("host_required"):
+                return base
+            if schemes:
+                scheme = "(?:" + "|".join(re.escape(s.lower()) for s in schemes) + ")"
+            else:
+                scheme = "[a-z][a-z0-9+.-]{0,15}"
+            out = {k: v for k, v in base.items() if k != "format"}
+            out["pattern"] = f"^{scheme}://{_URL_REST}$"
+            return out
+
+        def json_schema(self, schema: Any) -> Any:  # Json[...] fields: JSON text inside a string
+            return _refuse("a Json[...] field (JSON text inside a string), which the engine does not nest")
+
+    return NarrowingGenerator
+
+
+def _field_name(path: str) -> str:
+    parts = path.split("/")
+    if len(parts) >= 2 and parts[-2] == "properties":
+        return f"field {parts[-1].replace('~1', '/').replace('~0', '~')!r} ({path})"
+    return path
+
+
+def _refused(path: str, why: str) -> UnsupportedSchemaError:
+    return UnsupportedSchemaError(f"pydantic {_field_name(path)}: {why}", keyword="format", path=path)
+
+
+def pydantic_json_schema(model: type) -> dict[str, Any]:
+    """``model.model_json_schema()``, narrowed so that the constraint built from it generates only
+    values ``model`` validates; ``UnsupportedSchemaError`` (naming the field) where a field's
+    accepted texts cannot be written as a schema the engine enforces."""
+    schema = model.model_json_schema(schema_generator=_generator_class())  # type: ignore[attr-defined]
+    for path, node in iter_subschemas(schema):
+        why = node.pop(_REFUSE, None)
+        if why is not None:
+            raise _refused(path, why)
+        if "contentSchema" in node or node.get("contentMediaType") == "application/json":
+            raise _refused(path, "JSON text inside a string (Json[...]), which the engine does not nest")
+        fmt = node.get("format")
+        if not isinstance(fmt, str):
+            continue
+        m = _UUID_VERSION.fullmatch(fmt)
+        if m:
+            del node["format"]
+            node["pattern"] = (
+                f"^{_HEX}{{8}}-{_HEX}{{4}}-{m.group(1)}{_HEX}{{3}}-[89abAB]{_HEX}{{3}}-{_HEX}{{12}}$"
+            )
+        elif fmt == "ipvanyaddress":
+            del node["format"]
+            node["anyOf"] = [{"format": "ipv4"}, {"format": "ipv6"}]
+        elif fmt not in _ANY_STRING_FORMATS and not llguidance_knows_format(fmt):
+            raise _refused(
+                path,
+                f"format {fmt!r}: pydantic validates it but the engine has no constraint for it, so "
+                "it would generate strings the model rejects; use str and convert after parsing",
+            )
+    return schema
