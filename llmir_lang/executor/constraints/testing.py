@@ -182,6 +182,42 @@ def accepts_text(compiled: Any, tokenizer: Any, text: str) -> WalkResult:
     return walk_tokens(compiled.new_matcher(), list(ids), compiled.vocab_size)
 
 
+def sample_text(
+    compiled: Any,
+    tokenizer: Any,
+    rng: Any,
+    chars: set[int],
+    max_tokens: int,
+    any_token_share: float | None = None,
+) -> str | None:
+    """A random generation under ``compiled``: at each step a token the mask allows (never EOS),
+    picked uniformly among the one-character ones (``chars``), so that every character the
+    constraint admits at a place is as likely; with ``any_token_share``, that share of the steps
+    picks among every allowed token instead (longer tokens reach other texts). Stops once the
+    output is complete; None when ``max_tokens`` runs out first."""
+    import numpy as np
+
+    from llmir_lang.executor.constraints import allocate_bitmask
+
+    matcher = compiled.new_matcher()
+    mask = allocate_bitmask(1, compiled.vocab_size)
+    ids: list[int] = []
+    for _ in range(max_tokens):
+        if matcher.is_accepting():
+            return tokenizer.decode(ids)
+        matcher.fill_bitmask(mask, 0)
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[: compiled.vocab_size]
+        allowed = [t for t in np.flatnonzero(bits).tolist() if t not in compiled.eos_token_ids]
+        one_char = [t for t in allowed if t in chars]
+        if any_token_share is not None and (rng.random() < any_token_share or not one_char):
+            token = rng.choice(allowed)
+        else:
+            token = rng.choice(one_char or allowed)
+        assert matcher.advance(token)
+        ids.append(token)
+    return None
+
+
 def instance_texts(data: Any) -> list[str]:
     """The two serializations every instance is checked in: compact, and json.dumps' default."""
     out = []

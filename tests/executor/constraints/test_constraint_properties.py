@@ -7,7 +7,6 @@ import json
 import random
 import re
 
-import numpy as np
 import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,13 +14,12 @@ from hypothesis import strategies as st
 
 from llmir_lang.executor.constraints import (
     ConstraintCompiler,
-    allocate_bitmask,
     spec_from_choices,
     spec_from_json_schema,
     spec_from_regex,
 )
 from llmir_lang.executor.constraints.outlines_worker import OutlinesBuildError, OutlinesWorker
-from llmir_lang.executor.constraints.testing import accepts_text
+from llmir_lang.executor.constraints.testing import accepts_text, sample_text
 
 ALPHABET = st.sampled_from(list("ab c.é-"))
 WORDS = st.text(ALPHABET, min_size=1, max_size=6)
@@ -95,22 +93,8 @@ def _moments(at: str = "23:59:59Z", when: str = "2020-01-01T00:00:00Z", day: str
 
 
 def _sample(compiled, tokenizer, rng: random.Random, chars: set[int], max_tokens: int = 120) -> str | None:
-    """A generation that picks uniformly among the one-character tokens (``chars``) the constraint
-    allows, so that every character the constraint admits at a place is as likely (stops once the
-    output is complete); None when ``max_tokens`` runs out first."""
-    matcher = compiled.new_matcher()
-    mask = allocate_bitmask(1, compiled.vocab_size)
-    ids: list[int] = []
-    for _ in range(max_tokens):
-        if matcher.is_accepting():
-            return tokenizer.decode(ids)
-        matcher.fill_bitmask(mask, 0)
-        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[: compiled.vocab_size]
-        allowed = [t for t in np.flatnonzero(bits).tolist() if t not in compiled.eos_token_ids]
-        token = rng.choice([t for t in allowed if t in chars] or allowed)
-        assert matcher.advance(token)
-        ids.append(token)
-    return None
+    """``sample_text`` picking among the one-character tokens the constraint allows."""
+    return sample_text(compiled, tokenizer, rng, chars, max_tokens)
 
 
 def test_pydantic_time_fields_generate_only_what_pydantic_reads(compiler, bpe_hf):

@@ -15,16 +15,14 @@ import random
 import re
 from typing import Annotated
 
-import numpy as np
 import pydantic
 import pytest
 
 from llmir_lang.executor.constraints import (
     UnsupportedSchemaError,
-    allocate_bitmask,
     spec_from_json_schema,
 )
-from llmir_lang.executor.constraints.testing import accepts_text
+from llmir_lang.executor.constraints.testing import accepts_text, sample_text
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +31,8 @@ def chars(bpe_hf) -> set[int]:
 
 
 def _sample(compiled, tokenizer, rng: random.Random, chars: set[int], max_tokens: int = 300) -> str | None:
-    matcher = compiled.new_matcher()
-    mask = allocate_bitmask(1, compiled.vocab_size)
-    ids: list[int] = []
-    for _ in range(max_tokens):
-        if matcher.is_accepting():
-            return tokenizer.decode(ids)
-        matcher.fill_bitmask(mask, 0)
-        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[: compiled.vocab_size]
-        allowed = [t for t in np.flatnonzero(bits).tolist() if t not in compiled.eos_token_ids]
-        one_char = [t for t in allowed if t in chars]
-        token = rng.choice(allowed if rng.random() < 0.3 or not one_char else one_char)
-        assert matcher.advance(token)
-        ids.append(token)
-    return None
+    """``sample_text`` with 30% of the steps among every allowed token."""
+    return sample_text(compiled, tokenizer, rng, chars, max_tokens, any_token_share=0.3)
 
 
 def _model(typ):
