@@ -31,6 +31,7 @@ interfaces, paths that must exist, colors, ``base64`` bytes, ...; only ``passwor
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -110,6 +111,7 @@ def _decimal_pattern(max_digits: int | None, places: int | None) -> str:
     return "^-?(?:" + "|".join(alts) + ")$"
 
 
+@functools.cache
 def _generator_class() -> type:
     from pydantic.json_schema import GenerateJsonSchema
 
@@ -133,30 +135,25 @@ def _generator_class() -> type:
                 return _refuse(f"a {what} with a fixed UTC offset, which the constraint cannot express")
             return None
 
-        def datetime_schema(self, schema: Any) -> Any:
-            refused = self._temporal(schema, "datetime")
+        def _zoned(self, schema: Any, what: str, naive: str, aware: str, plain: Any) -> Any:
+            """A datetime or time: refused (``_temporal``), or the pattern of its ``tz_constraint``
+            (naive / aware), or pydantic's own schema (``plain``)."""
+            refused = self._temporal(schema, what)
             if refused is not None:
                 return refused
-            tz = schema.get("tz_constraint")
-            if tz == "naive":
-                return {"type": "string", "pattern": NAIVE_DATETIME_PATTERN}
-            if tz == "aware":
-                return {"type": "string", "pattern": AWARE_DATETIME_PATTERN}
-            return super().datetime_schema(schema)
+            pattern = {"naive": naive, "aware": aware}.get(schema.get("tz_constraint"))
+            return {"type": "string", "pattern": pattern} if pattern is not None else plain(schema)
+
+        def datetime_schema(self, schema: Any) -> Any:
+            return self._zoned(
+                schema, "datetime", NAIVE_DATETIME_PATTERN, AWARE_DATETIME_PATTERN, super().datetime_schema
+            )
 
         def date_schema(self, schema: Any) -> Any:
             return self._temporal(schema, "date") or super().date_schema(schema)
 
         def time_schema(self, schema: Any) -> Any:
-            refused = self._temporal(schema, "time")
-            if refused is not None:
-                return refused
-            tz = schema.get("tz_constraint")
-            if tz == "naive":
-                return {"type": "string", "pattern": NAIVE_TIME_PATTERN}
-            if tz == "aware":
-                return {"type": "string", "pattern": AWARE_TIME_PATTERN}
-            return super().time_schema(schema)
+            return self._zoned(schema, "time", NAIVE_TIME_PATTERN, AWARE_TIME_PATTERN, super().time_schema)
 
         def timedelta_schema(self, schema: Any) -> Any:
             refused = self._temporal(schema, "timedelta")
