@@ -18,6 +18,9 @@ builds the schema with a generator that reads pydantic's core schema and writes,
   ``decimal_places``; with numeric bounds, the JSON number pydantic wrote (the bounds keep it finite).
 - ``bytes`` with a length bound: printable ASCII only (the bound counts bytes, JSON counts characters).
 - URLs with ``allowed_schemes`` (``HttpUrl``) or ``host_required``: a pattern of simple URLs.
+- ``EmailStr`` (``format: email``, which generates addresses pydantic's email-validator refuses:
+  no period after the @, labels past 63 characters, special-use domains): a pattern of plain
+  addresses (``EMAIL_PATTERN``; a conservative subset).
 - finite-only floats (``FiniteFloat``, ``allow_inf_nan=False``) and bounded decimals: an open side
   bounded at 1e18 (a JSON number past 1.8e308 reads as infinity, which they refuse).
 
@@ -66,6 +69,16 @@ _DURATION_TIME = _nonempty_sequence(["[0-9]{1,5}H", "[0-9]{1,6}M", r"[0-9]{1,6}(
 DURATION_PATTERN = f"^P(?:{_DURATION_DATE}(?:T{_DURATION_TIME})?|T{_DURATION_TIME})$"
 
 _HEX = "[0-9a-fA-F]"
+
+# Plain e-mail addresses that email-validator (pydantic's EmailStr, deliverability not checked)
+# accepts: a dot-atom local part of at most 58 characters (limit 64), 2-4 host labels of at most
+# 41 characters (limit 63) with at most one inner hyphen (so no "--", which reads as IDNA), and a
+# top-level domain of 2-3 letters (a TLD ends with a letter; every special-use name it refuses,
+# arpa / invalid / local / localhost / onion / test, has 4 or more), 188 characters at most
+# (limit 254). Real addresses outside it (quoted local parts, .info, IP literals) are not generated.
+_EMAIL_LOCAL = r"[A-Za-z0-9_+-]{1,24}(?:\.[A-Za-z0-9_+-]{1,16}){0,2}"
+_EMAIL_LABEL = r"[A-Za-z0-9]{1,20}(?:-[A-Za-z0-9]{1,20})?"
+EMAIL_PATTERN = f"^{_EMAIL_LOCAL}@(?:{_EMAIL_LABEL}\\.){{1,3}}[A-Za-z]{{2,3}}$"
 _UUID_VERSION = re.compile(r"uuid([1-8])")
 
 # Formats pydantic writes for types that read any string; every other format the engine does
@@ -253,6 +266,9 @@ def pydantic_json_schema(model: type) -> dict[str, Any]:
         elif fmt == "ipvanyaddress":
             del node["format"]
             node["anyOf"] = [{"format": "ipv4"}, {"format": "ipv6"}]
+        elif fmt == "email":
+            del node["format"]
+            node["pattern"] = EMAIL_PATTERN
         elif fmt not in _ANY_STRING_FORMATS and not llguidance_knows_format(fmt):
             raise _refused(
                 path,
