@@ -23,6 +23,12 @@ builds the schema with a generator that reads pydantic's core schema and writes,
   addresses (``EMAIL_PATTERN``; a conservative subset).
 - finite-only floats (``FiniteFloat``, ``allow_inf_nan=False``) and bounded decimals: an open side
   bounded at 1e18 (a JSON number past 1.8e308 reads as infinity, which they refuse).
+- a float with a ``multiple_of`` that binary floats do not hold exactly (0.1, not 0.25): within
+  +-1e6 (pydantic's float check refuses some multiples past 2**23: ``8388857.7`` is no
+  multiple of 0.1 to it).
+- ``set`` / ``frozenset``: arrays without ``uniqueItems`` (which no engine enforces; pydantic drops
+  duplicates), refused where a ``min_length`` of 2 or more would count items after that.
+- ``ByteSize``: a number and one of pydantic's units (its pattern admits any word as a unit).
 
 and refuses with ``UnsupportedSchemaError`` (naming the field) what no pattern expresses:
 ``FutureDate`` / ``PastDate`` / ``FutureDatetime`` / ``PastDatetime`` (the accepted set moves with
@@ -34,6 +40,7 @@ interfaces, paths that must exist, colors, ``base64`` bytes, ...; only ``passwor
 
 from __future__ import annotations
 
+import decimal
 import functools
 import re
 from typing import Any
@@ -70,6 +77,21 @@ DURATION_PATTERN = f"^P(?:{_DURATION_DATE}(?:T{_DURATION_TIME})?|T{_DURATION_TIM
 
 _HEX = "[0-9a-fA-F]"
 
+# A float multiple_of check in pydantic fails past about 2**23 (8.4e6) where the step is no binary
+# fraction (0.1, 12.3: measured with pydantic-core on random multiples); 1e6 keeps clear.
+_INEXACT_STEP_LIMIT = 1e6
+
+
+def _byte_size_pattern() -> str:
+    """A decimal number and, optionally, one of ``ByteSize.byte_sizes``' units in any case
+    (b, bit; k, kb, kbit, kib, kibit; likewise m, g, t, p, e)."""
+    import pydantic
+
+    units = sorted(pydantic.ByteSize.byte_sizes, key=lambda u: (-len(u), u))
+    either = "|".join("".join(f"[{c.lower()}{c.upper()}]" for c in u) for u in units)
+    return rf"^[0-9]{{1,12}}(?:\.[0-9]{{1,6}})? ?(?:{either})?$"
+
+
 # Plain e-mail addresses that email-validator (pydantic's EmailStr, deliverability not checked)
 # accepts: a dot-atom local part of at most 58 characters (limit 64), 2-4 host labels of at most
 # 41 characters (limit 63) with at most one inner hyphen (so no "--", which reads as IDNA), and a
@@ -96,6 +118,19 @@ _URL_REST = (
 # The engine builds number ranges up to about 1e18 (1e19 and past: "Failed to generate regex for
 # float range"), so a finite-only float with an open side is bounded there: a subset.
 _FLOAT_LIMIT = 1e18
+
+
+def _within(number: dict[str, Any], limit: float) -> None:
+    """Narrow ``number``'s bounds to ``[-limit, limit]`` (a bound already inside stays)."""
+    for inclusive, exclusive, sign in (
+        ("maximum", "exclusiveMaximum", 1),
+        ("minimum", "exclusiveMinimum", -1),
+    ):
+        for key in (inclusive, exclusive):
+            if key in number and sign * number[key] > limit:
+                del number[key]
+        if inclusive not in number and exclusive not in number:
+            number[inclusive] = sign * limit
 
 
 def _refuse(why: str) -> dict[str, Any]:
@@ -195,7 +230,40 @@ def _generator_class() -> type:
 
         def float_schema(self, schema: Any) -> Any:
             base = super().float_schema(schema)
+            step = schema.get("multiple_of")
+            if (
+                step is not None
+                and not float(step).is_integer()
+                and decimal.Decimal(str(step)) != decimal.Decimal(step)
+            ):
+                _within(base, _INEXACT_STEP_LIMIT)
             return self._finite(base) if schema.get("allow_inf_nan") is False else base
+
+        def set_schema(self, schema: Any) -> Any:
+            return self._distinct(super().set_schema(schema), "set")
+
+        def frozenset_schema(self, schema: Any) -> Any:
+            return self._distinct(super().frozenset_schema(schema), "frozenset")
+
+        def _distinct(self, base: dict[str, Any], what: str) -> dict[str, Any]:
+            # pydantic reads a JSON array with repeats as the set of its items: the array needs no
+            # uniqueItems, except that a lower bound then counts distinct items, which no
+            # constraint keeps apart
+            if base.get("minItems", 0) >= 2:
+                return _refuse(
+                    f"a {what} of at least {base['minItems']} items: pydantic counts them after "
+                    "dropping repeats, which the constraint cannot keep apart; use a list with "
+                    "min_length and make the set after parsing"
+                )
+            return {k: v for k, v in base.items() if k != "uniqueItems"}
+
+        def str_schema(self, schema: Any) -> Any:
+            import pydantic
+
+            base = super().str_schema(schema)
+            if schema.get("pattern") == pydantic.ByteSize.byte_string_pattern:
+                base["pattern"] = _byte_size_pattern()
+            return base
 
         def _finite(self, number: dict[str, Any]) -> dict[str, Any]:
             # JSON numbers past 1.8e308 read as inf; bound each open side

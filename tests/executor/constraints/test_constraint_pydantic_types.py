@@ -187,13 +187,47 @@ def test_email_generates_addresses_email_validator_accepts(compiler, bpe_hf, cha
         Annotated[pydantic.AnyUrl, pydantic.UrlConstraints(host_required=True)],
         pydantic.conbytes(max_length=3),
         pydantic.IPvAnyAddress,
+        pydantic.confloat(multiple_of=0.1),
+        pydantic.ByteSize,
+        set[str],
+        Annotated[frozenset[int], pydantic.Field(max_length=2)],
     ],
 )
 def test_narrowed_types_generate_what_pydantic_accepts(compiler, bpe_hf, chars, typ):
     """Decimal's schema is number-or-any-string with its digit limits left out; a finite float is
     a plain number (``1e999`` reads as inf); ``HttpUrl`` any URI scheme; a byte length bound
-    counts characters; ``IPvAnyAddress`` is an unknown format (any string)."""
+    counts characters; ``IPvAnyAddress`` is an unknown format (any string); a float multiple of
+    0.1 past 2**23 fails pydantic's check; ``ByteSize``'s pattern takes any word as a unit; sets
+    were refused for ``uniqueItems``."""
     _samples_validate(compiler, bpe_hf, chars, _model(typ), n=30)
+
+
+def test_float_steps_sets_and_byte_sizes_at_their_edges(compiler, bpe_hf, chars):
+    """The texts that made each of these fail, against the constraint and pydantic."""
+    tenth = _model(pydantic.confloat(multiple_of=0.1))
+    with pytest.raises(pydantic.ValidationError):
+        tenth.model_validate_json('{"x":8388857.7}')  # a multiple of 0.1, not to pydantic's float check
+    compiled = compiler.compile(spec_from_json_schema(tenth))
+    assert not accepts_text(compiled, bpe_hf, '{"x":8388857.7}').accepted
+    assert accepts_text(compiled, bpe_hf, '{"x":-999999.9}').accepted
+    quarter = compiler.compile(spec_from_json_schema(_model(pydantic.confloat(multiple_of=0.25))))
+    assert accepts_text(compiled, bpe_hf, '{"x":0.3}').accepted
+    assert accepts_text(quarter, bpe_hf, '{"x":123456789012.25}').accepted  # exact in binary: unbounded
+    sizes = _model(pydantic.ByteSize)
+    compiled = compiler.compile(spec_from_json_schema(sizes))
+    for ok in ('"1.5 KiB"', '"12"', '"3gbit"', "1024"):
+        text = f'{{"x":{ok}}}'
+        assert accepts_text(compiled, bpe_hf, text).accepted, ok
+        sizes.model_validate_json(text)
+    assert not accepts_text(compiled, bpe_hf, '{"x":"3 bytes"}').accepted
+    with pytest.raises(pydantic.ValidationError):
+        sizes.model_validate_json('{"x":"3 bytes"}')
+    tags = _model(set[str])
+    compiled = compiler.compile(spec_from_json_schema(tags))
+    assert accepts_text(compiled, bpe_hf, '{"x":["a","a","b"]}').accepted
+    assert tags.model_validate_json('{"x":["a","a","b"]}').x == {"a", "b"}
+    with pytest.raises(UnsupportedSchemaError, match=r"field 'x'.*set of at least 2 items"):
+        spec_from_json_schema(_model(pydantic.conset(int, min_length=2)))
 
 
 @pytest.mark.parametrize(
