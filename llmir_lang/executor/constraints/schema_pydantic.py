@@ -29,6 +29,8 @@ builds the schema with a generator that reads pydantic's core schema and writes,
 - ``set`` / ``frozenset``: arrays without ``uniqueItems`` (which no engine enforces; pydantic drops
   duplicates), refused where a ``min_length`` of 2 or more would count items after that.
 - ``ByteSize``: a number and one of pydantic's units (its pattern admits any word as a unit).
+- a string stripped of whitespace (``strip_whitespace``, ``str_strip_whitespace``) with a
+  ``min_length``: no whitespace at either end (pydantic counts the length after stripping).
 
 and refuses with ``UnsupportedSchemaError`` (naming the field) what no pattern expresses:
 ``FutureDate`` / ``PastDate`` / ``FutureDatetime`` / ``PastDatetime`` (the accepted set moves with
@@ -76,6 +78,11 @@ _DURATION_TIME = _nonempty_sequence(["[0-9]{1,5}H", "[0-9]{1,6}M", r"[0-9]{1,6}(
 DURATION_PATTERN = f"^P(?:{_DURATION_DATE}(?:T{_DURATION_TIME})?|T{_DURATION_TIME})$"
 
 _HEX = "[0-9a-fA-F]"
+
+# Texts that str.strip() / pydantic's strip_whitespace leave as they are: no Unicode White_Space
+# (what Rust's trim removes) at either end; anything between.
+_NOT_SPACE = r"[^\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+STRIPPED_PATTERN = rf"^{_NOT_SPACE}(?:[\s\S]*{_NOT_SPACE})?$"
 
 # A float multiple_of check in pydantic fails past about 2**23 (8.4e6) where the step is no binary
 # fraction (0.1, 12.3: measured with pydantic-core on random multiples); 1e6 keeps clear.
@@ -263,6 +270,15 @@ def _generator_class() -> type:
             base = super().str_schema(schema)
             if schema.get("pattern") == pydantic.ByteSize.byte_string_pattern:
                 base["pattern"] = _byte_size_pattern()
+            strip = schema.get("strip_whitespace")
+            if strip is None:  # the model's str_strip_whitespace, which pydantic keeps in its config
+                strip = getattr(self._config, "str_strip_whitespace", False)
+            if strip and base.get("minLength", 0) >= 1:
+                # the length is counted after stripping: " a" is 1 character to min_length=2
+                if "pattern" in base:
+                    base["allOf"] = [*base.get("allOf", []), {"pattern": STRIPPED_PATTERN}]
+                else:
+                    base["pattern"] = STRIPPED_PATTERN
             return base
 
         def _finite(self, number: dict[str, Any]) -> dict[str, Any]:

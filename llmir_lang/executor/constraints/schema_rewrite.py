@@ -166,8 +166,9 @@ def _rewrite_dependencies(node: dict[str, Any], path: str, notes: list[str]) -> 
 # What to do instead, for keywords that schemas generated from code carry without the user
 # writing them (a pydantic ``set[str]`` field is ``uniqueItems: true``).
 _KEYWORD_HINTS = {
-    "uniqueItems": "a pydantic set / frozenset field emits it: declare the field as a list and "
-    "deduplicate after parsing, or remove the keyword",
+    "uniqueItems": "a pydantic set / frozenset field's model_json_schema() carries it: pass the "
+    "model class itself (its sets are constrained as arrays, which pydantic deduplicates), or "
+    "remove the keyword and deduplicate after parsing",
 }
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[([^\]]*)\]")
 _UNKNOWN_FORMAT = re.compile(r"Unknown format: (\S+)")

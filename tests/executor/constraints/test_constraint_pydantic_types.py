@@ -202,6 +202,32 @@ def test_narrowed_types_generate_what_pydantic_accepts(compiler, bpe_hf, chars, 
     _samples_validate(compiler, bpe_hf, chars, _model(typ), n=30)
 
 
+def test_stripped_strings_keep_their_length_after_stripping(compiler, bpe_hf, chars):
+    """pydantic counts ``min_length`` after ``strip_whitespace`` (field) or ``str_strip_whitespace``
+    (model config): ``" a"`` passed the schema's minLength 2 and failed the model."""
+
+    class Config(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(str_strip_whitespace=True, extra="forbid")
+        x: pydantic.constr(min_length=2, pattern=r"^[a-z ]+$")
+
+    for model in (_model(pydantic.constr(strip_whitespace=True, min_length=2)), Config):
+        _samples_validate(compiler, bpe_hf, chars, model, n=30)
+        compiled = compiler.compile(spec_from_json_schema(model))
+        for text, ok in (
+            ('" a"', False),
+            ('"a "', False),
+            ('"a\u3000"', False),
+            ('"a b"', True),
+            ('"ab"', True),
+        ):
+            assert accepts_text(compiled, bpe_hf, f'{{"x":{text}}}').accepted is ok, text
+            if not ok:
+                with pytest.raises(pydantic.ValidationError):
+                    model.model_validate_json(f'{{"x":{text}}}')
+    compiled = compiler.compile(spec_from_json_schema(_model(pydantic.constr(strip_whitespace=True))))
+    assert accepts_text(compiled, bpe_hf, '{"x":" "}').accepted  # no length bound: any text
+
+
 def test_float_steps_sets_and_byte_sizes_at_their_edges(compiler, bpe_hf, chars):
     """The texts that made each of these fail, against the constraint and pydantic."""
     tenth = _model(pydantic.confloat(multiple_of=0.1))
