@@ -13,7 +13,10 @@ Optimizer hints (each may be ignored without changing any output; they only save
 - ``pin = "pN"`` (prefix-share): the first time a state with this pin is known, its text is
   prefilled once (an extend, no generation) and the ops that extend it, in every function, wait
   for that prefill, so they all find it in the radix cache instead of computing it side by side.
-  After the last user finishes, the backend is told to ``unpin`` it.
+  Its users are the model calls (gen, gen.chain, select) whose prompt holds it, wherever they are
+  below it: constant text after it needs no request, and unpinning once that text was appended
+  (at once) told the backend to unpin the prefix before the prefill had pinned it. After the last
+  user finishes, the backend is told to ``unpin`` it.
 - ``group = "gN"`` on a fork (fork-join): the same for the forked state when it carries no pin:
   prefill once, then start the heads of all branches together.
 
@@ -67,6 +70,7 @@ class _Val:
 # (function index, indices of the returned states whose chain holds the gen, gen name, new text)
 ChunkSink = Callable[[int, frozenset[int], str, str], None]
 DoneSink = Callable[[int, FunctionResult], None]
+
 
 @dataclass(frozen=True, slots=True)
 class _Picked:
@@ -135,10 +139,12 @@ class SegmentEvaluator:
         # a chain submitted without its gens from this one on: (that gen's index, its error)
         self._chain_failures: dict[tuple[int, int], tuple[int, BaseException]] = {}
         self._gate_future: dict[str, Future | None] = {}  # None: ready
-        self._gate_text: dict[str, str] = {}  # pinned and not yet unpinned
+        self._gate_text: dict[str, str] = {}  # prefilled (pinned) and not yet unpinned
         self._gate_len: dict[str, int] = {}
         self._gate_users: dict[str, int] = {}
         self._prefill_waiting: list[tuple[str, _Val, frozenset[str]]] = []
+        # op index -> the gates of a call's prompt (whose users it is), per function
+        self._call_gates: list[dict[int, frozenset[str]]] = [{} for _ in fns]
         self._direct_gates = [self._plan_gates(fi, fn) for fi, fn in enumerate(fns)]
         self._chains = [self._chains_of(fn) if self.on_chunk else {} for fn in fns]
         self._results: list[FunctionResult | None] = [None] * len(fns)
@@ -172,7 +178,7 @@ class SegmentEvaluator:
         stopped = self._stop.done()
         if stopped:  # a stopped run starts nothing, prefills included
             for gate, _, _ in self._prefill_waiting:
-                self._gate_future[gate] = None
+                self._gate_future[gate] = None  # never pinned: nothing to unpin
             self._prefill_waiting.clear()
         for gate, val, ancestors in list(self._prefill_waiting):
             if self._gates_ready(ancestors):
@@ -241,11 +247,10 @@ class SegmentEvaluator:
         op = self._fns[fi].ops[i]
         self._todo[fi].remove(i)
         self._order[fi].finish(i)
-        if op.extends or op.kind == K.JOIN:
-            for gate in self._direct_gates[fi].get(op.state.name, ()):
-                self._gate_users[gate] = self._gate_users.get(gate, 0) - 1
-                if self._gate_users[gate] == 0 and gate in self._gate_text:
-                    self._unpin(gate)
+        for gate in self._call_gates[fi].get(i, ()):  # a call is done (or never ran)
+            self._gate_users[gate] -= 1
+            if self._gate_users[gate] == 0 and gate in self._gate_text:
+                self._unpin(gate)
         if val is None:
             return
         for r in op.results:
@@ -258,9 +263,11 @@ class SegmentEvaluator:
 
     # --- prefill gates -------------------------------------------------------------------
     def _plan_gates(self, fi: int, fn: Function) -> dict[str, tuple[str, ...]]:
-        """State name -> gate ids attached to it; counts each gate's users (extending ops)."""
+        """State name -> gate ids attached to it. Counts each gate's users: the calls whose
+        prompt holds the gated state (the gates a state carries, as ``_Val.gates`` at run time)."""
         direct: dict[str, list[str]] = {}
-        for op in fn.ops:
+        carried: dict[str, frozenset[str]] = {}
+        for i, op in enumerate(fn.ops):
             pin = op.attrs.get("pin")
             if isinstance(pin, str) and op.results:
                 direct.setdefault(op.result.name, []).append(pin)
@@ -270,10 +277,14 @@ class SegmentEvaluator:
                 extra = [f"fork:{fi}:{group}"] if isinstance(group, str) and not inherited else []
                 for r in op.results:
                     direct[r.name] = [*inherited, *extra]
-        for op in fn.ops:
-            if op.extends or op.kind == K.JOIN:
-                for gate in direct.get(op.state.name, ()):
+            base = carried.get(op.operands[0].name, frozenset()) if op.operands else frozenset()
+            if op.kind in (K.GEN, K.GEN_CHAIN, K.SELECT) and base:
+                self._call_gates[fi][i] = base
+                for gate in base:
                     self._gate_users[gate] = self._gate_users.get(gate, 0) + 1
+            if op.kind not in (K.VAR, K.RETURN):
+                for r in op.results:
+                    carried[r.name] = base | frozenset(direct.get(r.name, ()))
         return {k: tuple(v) for k, v in direct.items()}
 
     def _open_gate(self, gate: str, val: _Val) -> None:
@@ -289,15 +300,18 @@ class SegmentEvaluator:
             self._gate_future[gate] = None
             return
         self._gate_future[gate] = Future()  # placeholder until the prefill is submitted
-        self._gate_text[gate] = val.text
         self._prefill_waiting.append((gate, val, val.gates - {gate}))
 
     def _start_prefill(self, gate: str, text: str) -> None:
+        if self._gate_users.get(gate, 0) <= 0:  # its users are done already (they failed)
+            self._gate_future[gate] = None
+            return
         try:
             fut = self.backend.submit(prefill_request(text))
         except Exception:  # a prefill is only a hint; its users report any real problem
             self._gate_future[gate] = None
             return
+        self._gate_text[gate] = text  # pinned now: unpinned after its last user
         self.prefills += 1
         self.prefilled.add(text)
         self._gate_future[gate] = fut
@@ -332,14 +346,7 @@ class SegmentEvaluator:
                 try:
                     fut = self._submit(fi, i, base.text, chain_steps(segments))
                 except Exception as e:
-                    # one gen of the fused chain is bad: the gens before it still run (as call by
-                    # call would run them) and the error is that gen's, not the chain's first
-                    bad = _bad_gen(segments, e)
-                    if not bad:
-                        raise
-                    gens = [k for k, seg in enumerate(segments) if "text" not in seg]
-                    fut = self._submit(fi, i, base.text, chain_steps(segments[: gens[bad - 1] + 1]))
-                    self._chain_failures[(fi, i)] = (bad, e)
+                    fut = self._submit_before_bad_gen(fi, i, base.text, segments, e)
         except Exception as e:  # bad input: fails this op before any model step
             self._resolve(fi, i, _Val(base.text, base.vars, _failure(op, e), base.gates))
             return
@@ -351,6 +358,29 @@ class SegmentEvaluator:
         fut = self.backend.submit(ChainRequest(prompt, steps), on_chunk=self._chunk_sink(fi, i, names))
         self.requests += 1
         return fut
+
+    def _submit_before_bad_gen(
+        self, fi: int, i: int, prompt: str, segments: list, error: BaseException
+    ) -> Future:
+        """A fused chain that could not be submitted: one of its gens is bad. The gens before it
+        still run (as call by call would run them), and the error is that gen's, not the chain's
+        first: submit the longest part of the chain that ends before it. ``EngineBackend`` names
+        the gen (``chain_step``); another backend may refuse a gen in ``submit`` without saying
+        which (OpenAI's a ``stop_regex``), and a refused submit runs nothing (``Backend.submit``),
+        so shorter parts are tried until one is taken, each refusal naming an earlier gen."""
+        gens = [k for k, seg in enumerate(segments) if "text" not in seg]
+        named = _bad_gen(segments, error)
+        for bad in [named] if named is not None else range(len(gens) - 1, 0, -1):
+            if bad <= 0:
+                break
+            try:
+                fut = self._submit(fi, i, prompt, chain_steps(segments[: gens[bad - 1] + 1]))
+            except Exception as e:  # a gen before ``bad`` is refused too (the first is ``e``'s)
+                error = e
+                continue
+            self._chain_failures[(fi, i)] = (bad, error)
+            return fut
+        raise error
 
     def _score_start(self, prompt: str, choices: list[str], batched: bool, method: str) -> Future:
         """A future of the select's scores. One batched call is started without a waiting thread
@@ -366,9 +396,7 @@ class SegmentEvaluator:
             failed.set_exception(e)
             return failed
 
-    def _score(
-        self, prompt: str, choices: list[str], batched: bool, method: str
-    ) -> _Picked:
+    def _score(self, prompt: str, choices: list[str], batched: bool, method: str) -> _Picked:
         if batched:
             lps = self.backend.score(prompt, choices)
         else:
@@ -488,7 +516,11 @@ class SegmentEvaluator:
             cut = self._chain_failures.get((fi, i))
             if cut is not None and gen_index == cut[0]:
                 error = cut[1]
-                self._resolve(fi, i, _Val(text, vars_, Failure(name, f"{type(error).__name__}: {error}", error), base.gates))
+                self._resolve(
+                    fi,
+                    i,
+                    _Val(text, vars_, Failure(name, f"{type(error).__name__}: {error}", error), base.gates),
+                )
                 return
             gen_index += 1
             if step is None or step.error:
@@ -496,13 +528,19 @@ class SegmentEvaluator:
                 cause = result.exception if step is None else None  # the chain's own failure
                 self._resolve(fi, i, _Val(text, vars_, Failure(name, message, cause), base.gates))
                 return
-            bad = unfinished_value(name, seg, step.text, step.matched_stop) if step.finish_reason == "stop" else None
+            bad = (
+                unfinished_value(name, seg, step.text, step.matched_stop)
+                if step.finish_reason == "stop"
+                else None
+            )
             if bad is not None:  # a constrained value cut by a stop (or let through): fail, never pass it on
                 self._resolve(
                     fi, i, _Val(text, vars_, Failure(name, bad, ConstraintViolationError(bad)), base.gates)
                 )
                 return
-            missing = missing_next_alternatives(name, seg, step, f"the backend ({type(self.backend).__name__})")
+            missing = missing_next_alternatives(
+                name, seg, step, f"the backend ({type(self.backend).__name__})"
+            )
             if missing is not None:  # asked-for meta info the backend did not give: fail, never leave it out
                 failure = Failure(name, missing, NotYetSupportedError(missing))
                 self._resolve(fi, i, _Val(text, vars_, failure, base.gates))
