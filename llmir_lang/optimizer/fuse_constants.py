@@ -12,7 +12,8 @@ or more gens becomes one op at the place of its first gen::
 ``segments`` lists, in order, each gen (its name under ``gen`` and its sampling parameters and
 constraint) and each run of constant text (merged, non-empty). The result is the last gen's state;
 the op defines every gen's variable. The first gen's annotations (``branch_of``) and the last's
-(``pin``, ``pin_users``) move to the chain op.
+(``pin``) move to the chain op, and every ``pin_users`` is counted again (a chain is one model
+call).
 
 Interpreter / lowering contract: submit the chain as ONE engine request. Run each gen segment as
 usual (its own sampling parameters, stop conditions and constraint); when it finishes, append the
@@ -31,12 +32,14 @@ from llmir_lang.ir import ops as K
 from llmir_lang.ir.attrs import AttrValue
 from llmir_lang.ir.module import Function
 from llmir_lang.optimizer.pass_manager import register_pass
+from llmir_lang.optimizer.prefix_share import recount_pin_users
 
 
 @register_pass("fuse-constants")
 def fuse_constants(module: Module) -> Module:
     """Fuse gen -> constant text -> gen chains into one gen.chain op (one engine request)."""
-    return Module(tuple(_fuse_function(fn) for fn in module.functions))
+    fused = Module(tuple(_fuse_function(fn) for fn in module.functions))
+    return recount_pin_users(fused) if fused != module else module  # a chain is one call
 
 
 def _fuse_function(fn: Function) -> Function:

@@ -8,26 +8,28 @@ a ``text`` op, the op is split in two at that point, so that every shared node i
 
 - ``pin = "pN"`` on every op whose result is shared node ``pN`` (one op per occurrence: the same
   node occurs once in each program, or in each branch, that reaches it).
-- ``pin_users = K`` on the same ops: the number of extending ops (text, role, append, gen,
-  select, gen.chain), over the whole module, that consume an occurrence of ``pN``, looking
-  through forks. ``var``, ``return`` and ``join`` need no KV of their own and are not users.
+- ``pin_users = K`` on the same ops: the number of model calls (gen, gen.chain, select), over the
+  whole module, whose prompt holds an occurrence of ``pN``: every call below it in its chain,
+  through text, roles, forks and deeper pinned nodes. Constant text after ``pN`` sends no request
+  of its own, so it is no user (counting it once unpinned a prefix before its prefill).
 
 Interpreter contract: the first time any chain reaches an op annotated ``pin = "pN"``, prefill that
 state's text once (an extend with no generation) and pin it in the radix cache; every later
-occurrence finds it there. Each time a user of ``pN`` finishes (its request is done), count it;
-after ``pin_users`` of them, unpin. Pins nest: a deeper shared node extends a shallower one.
-Pinning is a hint for speed: ignoring it changes no output.
+occurrence finds it there. Each time a call whose prompt holds ``pN`` finishes (or will never run),
+count it; after ``pin_users`` of them, unpin. Pins nest: a deeper shared node extends a shallower
+one. Pinning is a hint for speed: ignoring it changes no output.
 
 Option ``min_length`` (default 1): do not plan nodes shallower than this many symbols.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from llmir_lang.ir import Module, Op, Value
 from llmir_lang.ir import ops as K
-from llmir_lang.ir.module import Function, fork_transparent_users, fresh_namer
+from llmir_lang.ir.module import Function, fresh_namer
 from llmir_lang.optimizer.pass_manager import register_pass
 from llmir_lang.optimizer.prefix_tree import (
     Node,
@@ -76,22 +78,65 @@ def _plan(module: Module, tree: StateTree, min_length: int) -> Module:
                 op = replace(op, attrs={**op.attrs, "pin": pin})
             ops.append(op)
         annotated.append(ops)
+    return recount_pin_users(
+        Module(tuple(replace(fn, ops=tuple(ops)) for fn, ops in zip(functions, annotated)))
+    )
+
+
+def recount_pin_users(module: Module) -> Module:
+    """``module`` with every pinned op's ``pin_users`` set to the number of model calls whose
+    prompt holds that pin (a pass that merges calls, ``fuse-constants``, counts again); a pin no
+    call reads (a state only constant text extends) is dropped: prefilling it would serve nothing."""
     users: dict[str, int] = {}
-    for fi, fn in enumerate(functions):
-        consumers = fork_transparent_users(replace(fn, ops=tuple(annotated[fi])))
-        for op in annotated[fi]:
+    for fn in module.functions:
+        for op in fn.ops:
             pin = op.attrs.get("pin")
             if isinstance(pin, str):
-                count = sum(1 for u in consumers.get(op.result.name, []) if u.extends)
-                users[pin] = users.get(pin, 0) + count
-    out: list[Function] = []
-    for fn, ops in zip(functions, annotated):
-        final = [
-            replace(op, attrs={**op.attrs, "pin_users": users[op.attrs["pin"]]}) if "pin" in op.attrs else op
-            for op in ops
-        ]
-        out.append(replace(fn, ops=tuple(final)))
-    return Module(tuple(out))
+                users.setdefault(pin, 0)
+        for pins in _pins_in_prompts(fn.ops):
+            for pin in pins:
+                users[pin] += 1
+    if not users:
+        return module
+    return Module(
+        tuple(
+            replace(
+                fn,
+                ops=tuple(_with_users(op, users) for op in fn.ops),
+            )
+            for fn in module.functions
+        )
+    )
+
+
+def _with_users(op: Op, users: dict[str, int]) -> Op:
+    pin = op.attrs.get("pin")
+    if not isinstance(pin, str):
+        return op
+    if users[pin] == 0:
+        return _strip_pins(op)
+    return replace(op, attrs={**op.attrs, "pin_users": users[pin]})
+
+
+_CALLS = (K.GEN, K.GEN_CHAIN, K.SELECT)
+
+
+def _pins_in_prompts(ops: Sequence[Op]) -> list[frozenset[str]]:
+    """For each model call of a function, in order, the pins its prompt holds (the pinned states
+    its chain passes through). Ops come in SSA order: a state's pins are known before its users."""
+    carried: dict[str, frozenset[str]] = {}
+    calls: list[frozenset[str]] = []
+    for op in ops:
+        base = carried.get(op.operands[0].name, frozenset()) if op.operands else frozenset()
+        if op.kind in _CALLS:
+            calls.append(base)
+        if op.kind in (K.VAR, K.RETURN):
+            continue
+        pin = op.attrs.get("pin")
+        mine = base | {pin} if isinstance(pin, str) else base
+        for r in op.results:
+            carried[r.name] = mine
+    return calls
 
 
 def _strip_pins(op: Op) -> Op:

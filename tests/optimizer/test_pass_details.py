@@ -48,8 +48,8 @@ module {
     %3 = gen %1 "a" {branch_of = "g0"}
     %4 = text %3 "-"
     %5 = gen %4 "b" {pin = "p0", pin_users = 2}
-    %6 = text %5 "x"
-    %7 = text %5 "y"
+    %6 = gen %5 "x"
+    %7 = gen %5 "y"
     %8 = gen %2 "c" {branch_of = "g0"}
     return %6, %7, %8
   }
@@ -83,7 +83,8 @@ module {
 """
     out = PassManager("prefix-share").run(parse_ir(text))
     a, b = out.functions
-    assert a.ops[1].label == "caf\u00e9" and a.ops[1].attrs == {"pin": "p0", "pin_users": 2}
+    # the users are the model calls whose prompt holds the pin: x and y below it in a, x in b
+    assert a.ops[1].label == "caf\u00e9" and a.ops[1].attrs == {"pin": "p0", "pin_users": 3}
     assert a.ops[2].label == " au lait" and a.ops[2].attrs == {"pin": "p1", "pin_users": 2}
     assert b.ops[1].label == "caf\u00e9" and b.ops[1].attrs["pin"] == "p0"
 
