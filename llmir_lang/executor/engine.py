@@ -53,7 +53,6 @@ ParamsLike = SamplingParams | dict | None
 DEFAULT_DRAFT_TOKENS = 3  # prompt-lookup draft length on the CPU (speculate.py)
 
 
-
 class Engine(EngineScoring, EngineLoop):
     """Runs generation requests on a local Llama-family model with continuous batching.
 
@@ -470,12 +469,25 @@ class Engine(EngineScoring, EngineLoop):
 
     def _abort_now(self, rid: int) -> bool:
         sched = self.scheduler
-        for req in sched.all_requests():
+        # NOTE: from a stream callback (engine thread, mid-step) the request may sit in no queue:
+        # admitted into the step being processed (it joins ``running`` in after_step), or
+        # submitted by the same callback and still in the inbox. Both used to be missed: abort()
+        # returned False and the request ran to its end.
+        reqs = sched.all_requests()
+        if self._batch is not None:
+            reqs += self._batch.reqs
+        for req in reqs:
             if req.rid == rid and not req.finished:
-                self.outputs.finish(req, FinishReason.ABORT)
+                sched.apply_rebase(req)
+                if not self.outputs.finish(req, FinishReason.ABORT):
+                    return False  # ended by a stream callback while queued text work ran
                 sched.finish(req, cache_kv=True)
                 return True
-        return False
+        with self._inbox.mutex:  # only this thread takes items out: the request stays there
+            queued = [x for x in self._inbox.queue if isinstance(x, Req) and x.rid == rid]
+        if not queued or queued[0].finished:
+            return False
+        return self.outputs.finish(queued[0], FinishReason.ABORT)  # the loop then skips it
 
     def _abort_soon(self, rid: int) -> None:
         """Queue the abort of ``rid`` for the next loop turn without waiting for it: from a stream

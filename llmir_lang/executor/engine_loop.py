@@ -89,6 +89,7 @@ class EngineLoop:
     num_run_ahead_steps = 0  # decode steps launched before the host read the previous step's tokens
     num_step_retries = 0  # steps whose forward failed and ran again one request at a time
     _ahead: run_ahead.Ahead | None = None  # a decode step in flight whose tokens are not processed
+    _batch: ScheduledBatch | None = None  # the step being run and processed (None between steps)
 
     # ---- the loop (engine thread) -------------------------------------------------------
     def _loop_once(self, item: Any = _NOTHING) -> bool:
@@ -103,7 +104,8 @@ class EngineLoop:
                     self._abort_all()
                     return False
                 if isinstance(item, Req):
-                    sched.add(item)
+                    if not item.finished:  # else aborted while still in the inbox (Engine._abort_now)
+                        sched.add(item)
                 else:
                     item()
                 item = self._inbox.get_nowait()
@@ -132,7 +134,7 @@ class EngineLoop:
         sched = self.scheduler
         in_flight = sched.all_requests()
         # the current batch's requests may sit in no queue (between admission and after_step)
-        for batch in (getattr(self, "_batch", None), self._ahead and self._ahead.batch):
+        for batch in (self._batch, self._ahead and self._ahead.batch):
             if batch is not None:
                 in_flight += [r for r in batch.reqs if r not in in_flight]
         self._batch = self._ahead = None
@@ -332,7 +334,9 @@ class EngineLoop:
         except Exception as e:
             # the step in flight is fine: finish it, and let the ordinary schedule run the next
             # step (where a failing forward is rerun one request at a time)
-            log.warning("a decode step launched ahead failed (%s: %s); running it again plainly", type(e).__name__, e)
+            log.warning(
+                "a decode step launched ahead failed (%s: %s); running it again plainly", type(e).__name__, e
+            )
             sched.undo_step_alloc(sb)
             return None
         self.num_run_ahead_steps += 1

@@ -168,6 +168,8 @@ class OutputProcessor:
         lps = out.logprobs.tolist() if out.logprobs is not None else [None] * len(reqs)
         for i, req in enumerate(reqs):
             failed = self._mask_errors.pop(req.rid, None) if self._mask_errors else None
+            if req.finished:
+                continue  # aborted by an earlier request's stream callback in this loop: result sent
             if failed is not None:
                 self.fail_one(req, failed)
             else:
@@ -462,11 +464,17 @@ class OutputProcessor:
         req.rebase_to = (new_ids, forced)
 
     # ---- endings --------------------------------------------------------------------------
-    def finish(self, req: Req, reason: FinishReason) -> None:
+    def finish(self, req: Req, reason: FinishReason) -> bool:
         """End ``req`` from outside output processing (``Engine.abort``): queued text work runs
-        first, so the result and the stream hold every token appended so far."""
+        first, so the result and the stream hold every token appended so far. False, and nothing
+        done, where a stream callback that work ran ended ``req`` meanwhile (it aborted it too:
+        the request used to end twice, with two final chunks)."""
+        was_finished = req.finished
         self.flush_deferred()
+        if req.finished and not was_finished:
+            return False
         self._finish_now(req, reason)
+        return True
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         """End ``req`` during ``process``: its result waits for the flush when its text may."""
@@ -492,7 +500,10 @@ class OutputProcessor:
             req.future.set_result(res)
 
     def fail(self, req: Req, exc: Exception) -> None:
+        was_finished = req.finished
         self.flush_deferred()  # earlier chunks first; requests already finished keep their results
+        if req.finished and not was_finished:
+            return  # a stream callback of that text work ended it (Engine.abort): it has its result
         req.finish_reason = FinishReason.ABORT if isinstance(exc, EngineClosedError) else FinishReason.ERROR
         req.error = str(exc)
         stream_text(req, final=True)

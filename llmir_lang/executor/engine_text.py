@@ -135,12 +135,14 @@ def stop_hit(req: Req, gated: bool) -> bool:
 
 
 def _stop_string_at(text: str, stops: list[str], since: int) -> tuple[int, str] | None:
-    """The earliest stop string in the text from ``since`` on (and the overlap a stop string can
-    straddle): (where it starts, the string)."""
-    start = max(0, since - max(len(s) for s in stops) + 1)
+    """The earliest stop string that ends after ``since`` (it may straddle it): (where it starts,
+    the string). The text before ``since`` was searched already, or was held by
+    ``min_new_tokens``: a stop string inside it never stops (one window for all the strings, as
+    long as the longest, found a short one there and cut the text at it after the stream had
+    shown it)."""
     best: tuple[int, str] | None = None
     for s in stops:
-        i = text.find(s, start)
+        i = text.find(s, max(0, since - len(s) + 1))
         if i >= 0 and (best is None or i < best[0]):
             best = (i, s)
     return best
@@ -195,16 +197,26 @@ def _partial_start(compiled: regex.Pattern, text: str, pos: int) -> int:
 
 def visible_len(req: Req) -> int:
     """Text that cannot turn out to be the start of a stop string or a stop regex's match."""
-    text, hold = req.text, 0
-    for s in req.params.stop:
+    text = req.text
+    upto = _before_stop_prefix(text, req.params.stop)
+    if req.params.stop and req.stop_seen < len(text):
+        # text appended after the last check (jump-forward's forced text) is searched at the next
+        # check, which may cut it: it used to be streamed, stop string included
+        upto = min(upto, _before_stop_prefix(text[: req.stop_seen], req.params.stop))
+    if req.params.stop_regex:
+        upto = min([upto, *req.stop_regex_scan]) if req.stop_regex_scan else 0
+    return upto
+
+
+def _before_stop_prefix(text: str, stops: list[str]) -> int:
+    """``len(text)`` less its longest end that is the start of a stop string."""
+    hold = 0
+    for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):
                 hold = max(hold, k)
                 break
-    upto = len(text) - hold
-    if req.params.stop_regex:
-        upto = min([upto, *req.stop_regex_scan]) if req.stop_regex_scan else 0
-    return upto
+    return len(text) - hold
 
 
 def stream_text(req: Req, final: bool = False, step_done: bool = False) -> None:

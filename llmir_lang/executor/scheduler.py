@@ -150,6 +150,11 @@ class Scheduler:
 
     def release(self, req: Req, cache_kv: bool = True) -> None:
         """Give up the request's KV: computed KV goes into the radix cache, the rest to the pool."""
+        if req.kv_len > req.seq_len:
+            # NOTE: mid-step (an abort from a stream callback) slots past the tokens hold a verify
+            # step's draft tokens, or the next token of a decode step launched ahead: no KV of
+            # ``fill_ids``. Inserting them raised RadixCacheError into the callback.
+            self._undo_alloc(req, req.kv_len - req.seq_len)
         if req.kv_len and cache_kv and not self.cache.disable:
             _, aligned = self._insert_computed(req)
             tail = req.kv_slots[aligned:]
@@ -479,9 +484,17 @@ class Scheduler:
                     self.running.append(req)
             self.chunked = nxt
         for req in batch.reqs:
-            if req.rebase_to is not None and not req.finished:
-                self._rebase(req, *req.rebase_to)
-                req.rebase_to = None
+            if not req.finished:
+                self.apply_rebase(req)
+
+    def apply_rebase(self, req: Req) -> None:
+        """Apply the rebase output processing asked for (``req.rebase_to``), if any. ``after_step``
+        does it for the step's requests; a request ended mid-step (``Engine.abort`` from a stream
+        callback) gets it first, so that its result holds the tokens its text is of (a chain's
+        next generation reported the previous one's tokens) and its KV is cached under them."""
+        if req.rebase_to is not None:
+            self._rebase(req, *req.rebase_to)
+            req.rebase_to = None
 
     def _rebase(self, req: Req, prompt_ids: list[int], output_ids: list[int]) -> None:
         """Make ``prompt_ids + output_ids`` the request's tokens, keeping the KV of the common prefix.

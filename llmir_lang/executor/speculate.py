@@ -216,6 +216,8 @@ def verify(proc: OutputProcessor, items: list[tuple[Req, int, list[int]]], logit
     scheduler then drops the KV of the draft tokens that did not join the output.
     """
     for req, row, draft in items:
+        if req.finished:
+            continue  # aborted by an earlier request's stream callback in this step
         try:
             _verify_one(proc, req, row, draft, logits)
         except Exception as e:  # the request's own failure (its constraint): the others go on
