@@ -227,9 +227,17 @@ def _template(folder: Path | None, model: str | None, needed: bool) -> Any:
 _PLACEHOLDER_SIGNS = ("TracedText", "Concat", "\ue000", "\\ue000")
 
 
+def _placeholder_note(reads: list[str]) -> str:
+    names = ", ".join(f"{{{r}}} for s[{r!r}]" for r in reads)
+    return (
+        f"// traced without running the model: generated values read as placeholder texts ({names}), "
+        "so Python code on them (if, int(), loops) followed one path; `llmir run` runs every segment\n"
+    )
+
+
 def cmd_ir(ns: argparse.Namespace) -> int:
     from llmir_lang.ir import print_ir
-    from llmir_lang.ir.ops import ROLE_BEGIN, ROLE_END
+    from llmir_lang.ir.ops import ROLE_BEGIN, ROLE_END, VAR
     from llmir_lang.optimizer import DEFAULT_PIPELINE, PassManager
 
     program = _load_program(ns.target)
@@ -254,6 +262,9 @@ def cmd_ir(ns: argparse.Namespace) -> int:
         manager = PassManager(passes, {"canonicalize": {"template": template}} if template else None)
         steps = manager.trace(module)
         out = ["// IR before the pipeline\n", print_ir(module)]
+        reads = sorted({op.label for fn in module.functions for op in fn.ops if op.kind == VAR and op.label})
+        if reads:  # the trace did not run the model: Python code on a read value saw a placeholder
+            out.insert(1, _placeholder_note(reads))
         for name, after in steps if ns.print_after_all else steps[-1:]:
             out.append(f"\n// IR after {name}\n" if ns.print_after_all else f"\n// IR after {passes!r}\n")
             out.append(print_ir(after))

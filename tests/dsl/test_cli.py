@@ -32,6 +32,24 @@ def test_ir_with_arguments_passes_and_each_pass(capsys):
     assert "the pipeline is empty" in capsys.readouterr().out
 
 
+def test_ir_says_when_python_code_saw_a_placeholder(capsys, tmp_path):
+    # a branch on a generated value follows one path in the trace: the printed IR says so
+    prog = tmp_path / "branch.py"
+    prog.write_text(
+        "import llmir_lang as llmir\n\n"
+        "@llmir.function\n"
+        "def qa(s):\n"
+        "    s += 'Q: 2 + 3?\\nA: ' + llmir.gen('answer', max_tokens=4)\n"
+        "    if s['answer'].strip().isdigit():\n"
+        "        s += ' Double: ' + llmir.gen('double', max_tokens=4)\n"
+    )
+    assert main(["ir", f"{prog}:qa", "--passes", ""]) == 0
+    out = capsys.readouterr().out
+    assert "placeholder texts ({answer} for s['answer'])" in out and "double" not in out
+    assert main(["ir", f"{EXAMPLE}:skeleton"]) == 0
+    assert "placeholder" not in capsys.readouterr().out
+
+
 def test_bad_targets(capsys):
     with pytest.raises(SystemExit):
         main(["ir", "no_colon.py"])
