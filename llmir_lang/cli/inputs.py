@@ -52,13 +52,15 @@ class Schema:
 
     json_schema: dict[str, Any]
     name: str
-    model: Any = None  # a pydantic BaseModel subclass, or None
+    model: Any = None  # a type pydantic validates (a BaseModel subclass, a dataclass, ...), or None
 
     def validate(self, text: str) -> dict[str, Any]:
         """The record that ``text`` encodes; raises ``ValueError`` saying why it is not one."""
         if self.model is not None:
+            from llmir_lang.executor.constraints.schema_pydantic import dump_json_value, validate_json_as
+
             try:
-                return self.model.model_validate_json(text).model_dump(mode="json")
+                return dump_json_value(self.model, validate_json_as(self.model, text))
             except Exception as e:  # pydantic.ValidationError; its text lists every bad field
                 raise ValueError(f"not a valid {self.name}: {e}") from None
         import jsonschema
@@ -105,8 +107,8 @@ def load_schema(spec: str) -> Schema:
     if spec in SCHEMAS:
         return Schema(SCHEMAS[spec], spec)
     raise ExtractInputError(
-        f"--schema {spec!r}: give a JSON Schema file (schema.json), a pydantic model "
-        f"(module:Model or file.py:Model), or a bundled schema ({', '.join(SCHEMAS)})"
+        f"--schema {spec!r}: give a JSON Schema file (schema.json), a pydantic model, dataclass or "
+        f"TypedDict (module:Model or file.py:Model), or a bundled schema ({', '.join(SCHEMAS)})"
     )
 
 
@@ -182,10 +184,14 @@ def _pydantic_schema(spec: str) -> Schema:
         raise ExtractInputError(
             f"--schema {spec!r}: importing {where!r} raised {type(e).__name__}: {e}"
         ) from None
-    model = getattr(module, attr, None)
-    if model is None or not callable(getattr(model, "model_json_schema", None)):
-        raise ExtractInputError(f"--schema {spec!r}: {where} has no pydantic model named {attr!r}")
     from llmir_lang.executor.constraints import UnsupportedSchemaError, pydantic_json_schema
+    from llmir_lang.executor.constraints.schema_pydantic import is_pydantic_type
+
+    model = getattr(module, attr, None)
+    if model is None or not is_pydantic_type(model):
+        raise ExtractInputError(
+            f"--schema {spec!r}: {where} has no pydantic model, dataclass or TypedDict named {attr!r}"
+        )
 
     try:  # narrowed to what the model's own validation accepts (a NaiveDatetime, a UUID4, ...)
         json_schema = pydantic_json_schema(model)

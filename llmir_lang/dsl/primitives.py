@@ -120,7 +120,7 @@ def gen(
     return_logprob: bool | None = None,
     top_logprobs_num: int | None = None,
     regex: str | None = None,
-    json_schema: str | dict[str, Any] | type | None = None,
+    json_schema: Any = None,
     choices: Sequence[str] | None = None,
     dtype: type | str | None = None,
     grammar: str | None = None,
@@ -132,7 +132,10 @@ def gen(
 ) -> Gen:
     """Generate into variable ``name``. Unset parameters take the run's defaults, then the engine's
     (greedy, 128 tokens). At most one of ``regex``, ``json_schema``, ``choices``, ``dtype``,
-    ``grammar`` may be given (structured generation).
+    ``grammar`` may be given (structured generation). ``json_schema`` is a JSON schema (a dict or
+    JSON text) or a type pydantic validates: a ``BaseModel`` subclass, a dataclass, a ``TypedDict``,
+    ``list[Item]``, ``Item | None``, ...; a type constrains to what its own validation accepts, and
+    ``s.get_obj(name)`` returns pydantic's value of the text (a model or dataclass instance, ...).
 
     ``stop_regex`` (a pattern or a list, in Python ``re`` syntax) ends the output at the first
     token after which its text contains a match, cut where the match starts (as ``stop`` strings
@@ -589,18 +592,22 @@ def _dtype_name(dtype: type | str, where: SourceLocation | None) -> str:
 
 
 def _schema_text(schema: object, where: SourceLocation | None) -> str:
-    """A JSON schema as text: a string as is, a dict dumped, a pydantic model class's schema."""
+    """A JSON schema as text: a string as is, a dict dumped, the schema of a type pydantic
+    validates (a model class, a dataclass, a TypedDict, ``list[Item]``, ...)."""
     if isinstance(schema, str):
         return schema
     if isinstance(schema, dict):
         return json.dumps(schema)
-    if callable(getattr(schema, "model_json_schema", None)):
-        from llmir_lang.executor.constraints import pydantic_json_schema
+    from llmir_lang.executor.constraints.schema_pydantic import is_pydantic_type, pydantic_json_schema
 
-        # narrowed to what the model's own validation accepts (a NaiveDatetime, a UUID4, ...)
+    if is_pydantic_type(schema):
+        # narrowed to what the type's own validation accepts (a NaiveDatetime, a UUID4, ...)
         return json.dumps(pydantic_json_schema(schema))
     raise DSLError(
-        f"json_schema must be a JSON string, a dict or a pydantic model class, got {type(schema).__name__}",
+        "json_schema must be a JSON string, a dict, or a type pydantic validates (a BaseModel "
+        "subclass, a dataclass, a TypedDict, list[Item], ...), got "
+        + (repr(schema) if isinstance(schema, type) else type(schema).__name__)
+        + ("; for a single int / float / bool / str value use dtype=" if schema in (int, float, bool, str) else ""),
         where=where,
     )
 

@@ -348,8 +348,9 @@ class ProgramState:
         return slot.meta()
 
     def get_obj(self, name: str) -> Any:
-        """The value of ``gen(name, json_schema=...)`` as an object (a sync point): an instance of
-        the pydantic model it was given, else the parsed JSON, validated against the schema. After
+        """The value of ``gen(name, json_schema=...)`` as an object (a sync point): validated by
+        pydantic where the schema was a type (a model instance, a dataclass instance, a TypedDict's
+        dict, a list of them, ...), else the parsed JSON, validated against the schema. After
         a fork's ``join`` (``s[name]`` is a list), a list with one object per branch.
 
         Raises ``ConstraintViolationError`` when the text does not validate, saying so when
@@ -784,7 +785,7 @@ def _check_encodable(text: str, program: str, where: SourceLocation | None) -> N
 
 
 def _parse_obj(name: str, text: Any, schema: Any, meta: dict[str, Any], where: str) -> Any:
-    """``get_obj`` for one generated text: the pydantic instance, or the parsed JSON validated
+    """``get_obj`` for one generated text: pydantic's value of it, or the parsed JSON validated
     against the schema; ``ConstraintViolationError`` otherwise (``where`` names a fork branch)."""
     import json
 
@@ -795,12 +796,14 @@ def _parse_obj(name: str, text: Any, schema: Any, meta: dict[str, Any], where: s
         if meta.get("finish_reason") == "length"
         else ""
     )
-    if isinstance(schema, type) and hasattr(schema, "model_validate_json"):
+    from llmir_lang.executor.constraints.schema_pydantic import is_pydantic_type, type_name, validate_json_as
+
+    if is_pydantic_type(schema):
         try:
-            return schema.model_validate_json(text)
+            return validate_json_as(schema, text)
         except Exception as e:
             raise ConstraintViolationError(
-                f"gen({name!r}){where} does not validate as {schema.__name__}{cut}: {e}"
+                f"gen({name!r}){where} does not validate as {type_name(schema)}{cut}: {e}"
             ) from None
     import jsonschema
 

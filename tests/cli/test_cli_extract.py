@@ -125,6 +125,27 @@ def test_csv_input_and_pydantic_schema(tmp_path: Path, backend: Any) -> None:
     )
 
 
+def test_dataclass_schema(tmp_path: Path, backend: Any) -> None:
+    # a dataclass (or TypedDict) in a file is a schema as a pydantic model is: records validate
+    # through pydantic and come out as JSON data
+    (tmp_path / "kinds.py").write_text(
+        "import dataclasses\n\n\n@dataclasses.dataclass\nclass Person:\n    name: str\n    age: int\n"
+        "    city: str\n    occupation: str\n    married: bool\n\n\nnot_a_type = 3\n"
+    )
+    _write_inputs(tmp_path / "in.jsonl", 2)
+    ns = _ns(tmp_path)
+    ns.schema = f"{tmp_path / 'kinds.py'}:Person"
+    summary = run_extract(ns, backend)
+    rows = _rows(tmp_path / "out.jsonl")
+    assert summary.ok == 2 and all(
+        set(r["record"]) == {"name", "age", "city", "occupation", "married"} for r in rows
+    )
+    with pytest.raises(
+        ExtractInputError, match="no pydantic model, dataclass or TypedDict named 'not_a_type'"
+    ):
+        load_schema(f"{tmp_path / 'kinds.py'}:not_a_type")
+
+
 def test_prompt_file_template(tmp_path: Path, backend: Any) -> None:
     _write_inputs(tmp_path / "in.jsonl", 2)
     (tmp_path / "prompt.txt").write_text("Text: {text}\nPerson JSON:\n")

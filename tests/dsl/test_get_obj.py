@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
 import pytest
+import typing_extensions
 from pydantic import BaseModel
 
 import llmir_lang as llmir
@@ -67,6 +69,43 @@ def test_truncated_object_of_a_dict_schema_is_an_error_too(runtime):
     st = extract_dict.run(text=text, backend=runtime)
     with pytest.raises(ConstraintViolationError, match="max_tokens"):
         st.get_obj("person")
+
+
+@dataclasses.dataclass
+class PersonRecord:
+    name: str
+    age: int
+    city: str
+    occupation: str
+    married: bool
+
+
+class PersonDict(typing_extensions.TypedDict):
+    name: str
+    age: int
+    city: str
+    occupation: str
+    married: bool
+
+
+def test_dataclasses_typeddicts_and_parametrized_types_are_schemas_too(runtime):
+    """Any type pydantic validates is a ``json_schema`` (was: a BaseModel subclass or a DSLError):
+    a dataclass gives a dataclass instance, a TypedDict a dict, ``Person | None`` a Person."""
+    text, record = tiny_tasks.make_extraction_example(random.Random(99), "person")
+
+    @llmir.function
+    def typed(s, schema):
+        s += tiny_tasks.extraction_prompt(text, "person")
+        s += llmir.gen("person", json_schema=schema, max_tokens=120)
+
+    states = typed.run_batch(
+        [{"schema": t} for t in (PersonRecord, PersonDict, Person | None)], backend=runtime
+    )
+    assert [st.error() for st in states] == [None] * 3
+    dc, td, opt = (st.get_obj("person") for st in states)
+    assert dc == PersonRecord(**record) and td == record and opt == Person(**record)
+    with pytest.raises(llmir.DSLError, match="use dtype="):
+        typed.run(schema=int, backend=runtime).get_obj("person")
 
 
 def test_get_obj_needs_a_schema(runtime):

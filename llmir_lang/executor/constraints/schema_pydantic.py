@@ -47,7 +47,7 @@ import functools
 import re
 from typing import Any
 
-from llmir_lang.executor.constraints.errors import UnsupportedSchemaError
+from llmir_lang.executor.constraints.errors import InvalidSchemaError, UnsupportedSchemaError
 from llmir_lang.executor.constraints.schema_rewrite import _DATE, _TIME, llguidance_knows_format
 from llmir_lang.executor.constraints.schema_walk import iter_subschemas
 
@@ -327,11 +327,64 @@ def _refused(path: str, why: str) -> UnsupportedSchemaError:
     return UnsupportedSchemaError(f"pydantic {_field_name(path)}: {why}", keyword="format", path=path)
 
 
-def pydantic_json_schema(model: type) -> dict[str, Any]:
-    """``model.model_json_schema()``, narrowed so that the constraint built from it generates only
+def is_pydantic_type(obj: Any) -> bool:
+    """Whether ``obj`` is a type whose JSON documents pydantic validates, to be taken as a
+    ``json_schema``: a ``BaseModel`` subclass, a dataclass (standard or pydantic), a ``TypedDict``,
+    or a parametrized type (``list[Item]``, ``dict[str, int]``, ``Item | None``, ``Literal[...]``,
+    ``Annotated[...]``). Plain ``int`` / ``str`` / ``dict`` are not (``dtype=`` covers scalars)."""
+    import dataclasses
+    import typing
+
+    import typing_extensions  # pydantic's own dependency; its is_typeddict knows both kinds
+
+    if isinstance(obj, type):
+        if callable(getattr(obj, "model_json_schema", None)) or dataclasses.is_dataclass(obj):
+            return True
+        return typing_extensions.is_typeddict(obj)
+    return typing.get_origin(obj) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(tp: Any) -> Any:
+    import pydantic
+
+    return pydantic.TypeAdapter(tp)
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and callable(getattr(tp, "model_validate_json", None))
+
+
+def validate_json_as(tp: Any, text: str | bytes) -> Any:
+    """``text`` validated as ``tp`` (an ``is_pydantic_type``): a model instance, a dataclass
+    instance, a dict, a list, ...; pydantic's ``ValidationError`` when it is not one."""
+    return tp.model_validate_json(text) if _is_model(tp) else _adapter(tp).validate_json(text)
+
+
+def dump_json_value(tp: Any, value: Any) -> Any:
+    """``value`` (from ``validate_json_as(tp, ...)``) as plain JSON data."""
+    return value.model_dump(mode="json") if _is_model(tp) else _adapter(tp).dump_python(value, mode="json")
+
+
+def type_name(tp: Any) -> str:
+    """``Person``, ``list[Item]``: how messages name a type."""
+    return tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
+
+
+def pydantic_json_schema(model: Any) -> dict[str, Any]:
+    """The JSON schema of ``model`` (a ``BaseModel`` subclass, or any ``is_pydantic_type``, through
+    pydantic's ``TypeAdapter``), narrowed so that the constraint built from it generates only
     values ``model`` validates; ``UnsupportedSchemaError`` (naming the field) where a field's
     accepted texts cannot be written as a schema the engine enforces."""
-    schema = model.model_json_schema(schema_generator=_generator_class())  # type: ignore[attr-defined]
+    import pydantic
+
+    try:
+        if _is_model(model):
+            schema = model.model_json_schema(schema_generator=_generator_class())
+        else:
+            schema = _adapter(model).json_schema(schema_generator=_generator_class())
+    except pydantic.PydanticUserError as e:  # the type itself: a typing.TypedDict before 3.12, a Callable field
+        raise InvalidSchemaError(f"pydantic cannot build the JSON schema of {type_name(model)}: {e}") from None
     for path, node in iter_subschemas(schema):
         why = node.pop(_REFUSE, None)
         if why is not None:
