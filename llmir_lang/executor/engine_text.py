@@ -225,17 +225,22 @@ def stream_text(req: Req, final: bool = False, step_done: bool = False) -> None:
     if req.stream is None:
         return
     upto = len(req.text) if final else visible_len(req)
-    if upto <= req.sent_len and not final and len(req.output_ids) == req.sent_tokens:
+    # the output the text is of: a pending rebase's (jump-forward re-tokenized the sampled token
+    # with the forced text, "f" + "alse" -> "false"; a chain's next generation) until the
+    # scheduler applies it after the step. The old output_ids streamed "f", and "false", which
+    # took its place, never went out
+    ids = req.rebase_to[1] if req.rebase_to is not None else req.output_ids
+    if upto <= req.sent_len and not final and len(ids) == req.sent_tokens:
         return
     chunk = StreamChunk(
         rid=req.rid,
         text=req.text[req.sent_len : upto],
-        token_ids=req.output_ids[req.sent_tokens :],
+        token_ids=ids[req.sent_tokens :],
         finished=final and not step_done,
         finish_reason=req.finish_reason.value if final and req.finish_reason else None,
         index=req.chain_index,
     )
-    req.sent_len, req.sent_tokens = max(req.sent_len, upto), len(req.output_ids)
+    req.sent_len, req.sent_tokens = max(req.sent_len, upto), len(ids)
     try:
         req.stream(chunk)
     except Exception:  # a broken consumer must not stop the engine; the result still resolves

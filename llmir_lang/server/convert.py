@@ -69,6 +69,14 @@ def constraint_spec(given: Sequence[tuple[str, Any, str]]) -> tuple[Any, str | N
             raise C.GrammarSyntaxError(
                 f"the grammar is neither lark nor GBNF/EBNF that converts to lark: {e}"
             ) from None
+        except Exception as e:
+            # NOTE: the converter checks the rules it parsed with bare Exceptions (no 'root' rule,
+            # an empty grammar, a reference to a rule that is not defined, two rules whose names
+            # clash in lark): bad input, not a server failure (they were 500s)
+            raise C.GrammarSyntaxError(
+                f"the GBNF grammar does not convert to lark: {e}; define a 'root ::= ...' rule and "
+                "every rule it refers to (or send lark, with a 'start: ...' rule)"
+            ) from None
         return C.spec_from_grammar(lark), field
 
 
@@ -215,7 +223,11 @@ def sglang_logprobs(
 
 
 def text_offsets(
-    tokenizer: Any, ids: list[int], base: int = 0, start: int = 0, skip: frozenset[int] | set[int] = frozenset()
+    tokenizer: Any,
+    ids: list[int],
+    base: int = 0,
+    start: int = 0,
+    skip: frozenset[int] | set[int] = frozenset(),
 ) -> list[int]:
     """Character offset of each token of ``ids[start:]`` in the text of ``ids``: the length of the
     text of the tokens before it, as decoding that prefix gives it (so a token that ends inside a

@@ -506,23 +506,28 @@ class _ChunkLogprobs:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.req: Any = None
-        self.ids: list[int] = []  # every token streamed so far
         self.sent = 0  # tokens whose logprobs were attached
         self.tops = TopAligner()
 
     def attach(self, chunk: StreamChunk) -> StreamChunk:
-        self.ids += chunk.token_ids
         if self.req is None:
             self.req = next((r for r in self.engine.scheduler.all_requests() if r.rid == chunk.rid), None)
             if self.req is None:
                 return chunk
         req = self.req
-        end = min(len(req.out_logprobs), len(self.ids))
+        # NOTE: the tokens are the record's, as its logprobs are. A jump-forward that re-tokenizes
+        # the output's end with the forced text ("f" + "alse" -> "false") streams its chunk before
+        # the new tokens replace the old ones (``rebase_to``, applied after the step): the chunk's
+        # token_ids still had the sampled "f", which was paired with the logprob and alternatives
+        # of "false", and the streamed tokens no longer spelled the text nor matched the answer.
+        ids = req.rebase_to[1] if req.rebase_to is not None else req.output_ids
+        end = min(len(req.out_logprobs), len(ids))
         start, self.sent = self.sent, max(self.sent, end)
+        new_ids = list(ids[start:end])
         tops = None
         if req.params.top_logprobs_num:  # one list per token, also for jump-forward's tokens
             tops = self.tops.take(
-                self.ids[start:end], req.out_logprobs[start:end], req.out_top_logprobs, len(req.out_logprobs)
+                new_ids, req.out_logprobs[start:end], req.out_top_logprobs, len(req.out_logprobs)
             )
         return LoggedChunk(
             chunk.rid,
@@ -531,7 +536,7 @@ class _ChunkLogprobs:
             chunk.finished,
             chunk.finish_reason,
             chunk.index,
-            logprob_ids=self.ids[start:end],
+            logprob_ids=new_ids,
             logprobs=list(req.out_logprobs[start:end]),
             top_logprobs=list(tops) if tops is not None else None,
         )
