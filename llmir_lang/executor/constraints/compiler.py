@@ -42,6 +42,7 @@ from llmir_lang.executor.constraints.schema_checks import (
     exact_float_grammar,
     imprecise_integer,
     inexact_written_float,
+    repeatable_min_properties,
     unreadable_schema_error,
 )
 from llmir_lang.executor.constraints.schema_cycles import reference_loop
@@ -282,6 +283,9 @@ class ConstraintCompiler:
         inexact = inexact_written_float(schema)  # llguidance would write another number
         if inexact is not None:
             raise inexact
+        repeated = repeatable_min_properties(schema)  # llguidance would count a repeated name
+        if repeated is not None:
+            raise repeated
         rewritten, notes = rewrite_for_llguidance(schema)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(

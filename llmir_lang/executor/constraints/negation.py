@@ -9,6 +9,10 @@ with ``additionalProperties`` is one group; ``items`` with ``prefixItems`` anoth
 ``pairwise_disjoint(branches)`` proves no instance can match two branches (different JSON types,
 a required discriminator property with disjoint ``const``/``enum`` values, or a key one branch
 requires and the other forbids); only then is ``oneOf`` the same as ``anyOf``.
+
+``root`` is the document the ``#/...`` refs of the given subschemas point into, or None where
+they point elsewhere (the subschema sits inside one with an ``$id`` of its own): a ref is then
+left unresolved, and neither function proves anything through it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ import json
 from typing import Any
 
 from llmir_lang.executor.constraints.schema_support import ANNOTATIONS
-from llmir_lang.executor.constraints.schema_walk import resolve_local_ref
+from llmir_lang.executor.constraints.schema_walk import (
+    holds_resource,
+    ref_ignores_siblings,
+    resolve_in_root_resource,
+    starts_resource,
+)
 
 ALL_TYPES = ("null", "boolean", "object", "array", "number", "string")
 _MAX_DEPTH = 24
@@ -36,8 +45,12 @@ def negate(schema: Any, root: Any, depth: int = 0) -> Any | None:
         return False
     if schema is False:
         return True
-    if not isinstance(schema, dict) or depth > _MAX_DEPTH:
-        return None
+    if not isinstance(schema, dict) or depth > _MAX_DEPTH or starts_resource(schema):
+        return None  # the refs inside a subschema with its own $id point into it, not into root
+    if "$ref" in schema and ref_ignores_siblings(root):
+        # NOTE: drafts 3-7 ignore every keyword beside $ref, so the complement is that of the ref
+        # alone; negating the siblings too admitted values the validator rejects
+        schema = {"$ref": schema["$ref"]}
     keys = {k: v for k, v in schema.items() if k not in _IGNORED}
     if not keys:
         return False
@@ -76,7 +89,7 @@ def _negate_group(g: dict[str, Any], root: Any, depth: int) -> Any | None:
         return None  # interacting keywords (additionalProperties with properties, ...)
     ((key, val),) = g.items()
     if key == "$ref":
-        target = resolve_local_ref(root, val)
+        target = resolve_in_root_resource(root, val)
         return None if target is None else negate(target, root, depth + 1)
     if key == "type":
         types = [val] if isinstance(val, str) else list(val) if isinstance(val, list) else None
@@ -176,7 +189,7 @@ def _json_type(v: Any) -> str:
 
 def _resolve(s: Any, root: Any, depth: int = 0) -> Any:
     while isinstance(s, dict) and "$ref" in s and depth < _MAX_DEPTH:
-        target = resolve_local_ref(root, s["$ref"])
+        target = resolve_in_root_resource(root, s["$ref"])
         if target is None:
             return s
         s = target
@@ -278,6 +291,8 @@ def _disjoint(a: Any, b: Any, root: Any) -> bool:
 
 def pairwise_disjoint(branches: list[Any], root: Any) -> bool:
     """True if no instance can match two of ``branches``."""
+    if any(holds_resource(b) for b in branches):
+        return False  # their refs point into their own $id, not into root
     return all(
         _disjoint(branches[i], branches[j], root)
         for i in range(len(branches))

@@ -16,6 +16,13 @@
   99999999999999991611392), which a validator comparing numbers exactly, as ``jsonschema`` does,
   rejects. A ``const`` / ``enum`` float llguidance would write so is refused, naming keyword and
   path; no schema text makes llguidance write such a float another way.
+- ``repeatable_min_properties``: llguidance counts member names as written, and lets a name that
+  ``additionalProperties`` / ``patternProperties`` admit come twice (``{"x":1,"x":2}``), which a
+  JSON reader (``json``, so ``jsonschema``; pydantic) keeps as one member. So a ``minProperties``
+  that only such names can reach was met by repeats: ``{"type": "object", "minProperties": 2}``
+  generated ``{"x":1,"x":2}``, one property to the validator. Such a bound is refused, naming it
+  (and a ``maxProperties`` under ``not``, whose complement is one); one the ``required`` names
+  reach alone (or of 1: any member counts) compiles as before.
 - ``metaschema_error``: whether the schema itself is invalid (against the metaschema of the draft
   it declares, else 2020-12, allowing older drafts' forms of keywords that changed), naming the
   keyword and the path; used to type llguidance's errors about malformed keyword values.
@@ -92,6 +99,54 @@ def imprecise_integer(schema: Any) -> UnsupportedSchemaError | None:
                 keyword=kw,
                 path=path,
             )
+    return None
+
+
+def _counted_objects(node: Any, path: str, negated: bool) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    """(path, subschema, whether an odd number of ``not`` holds it) for every object subschema."""
+    if not isinstance(node, dict):
+        return
+    yield path, node, negated
+    for key, val in node.items():
+        if key in SCHEMA_MAPS and isinstance(val, dict):
+            for name, sub in val.items():
+                yield from _counted_objects(sub, f"{path}/{key}/{_escape(name)}", negated)
+        elif key in SCHEMA_LISTS and isinstance(val, list):
+            for i, sub in enumerate(val):
+                yield from _counted_objects(sub, f"{path}/{key}/{i}", negated)
+        elif key in SCHEMA_SINGLE:
+            yield from _counted_objects(val, f"{path}/{key}", negated != (key == "not"))
+
+
+def _escape(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def repeatable_min_properties(schema: Any) -> UnsupportedSchemaError | None:
+    """An error naming the first lower bound on the number of properties (at any depth) above 1
+    and above the number of names its ``required`` lists, in an object that admits other names
+    (module doc), or None. Under ``not`` the bound is ``maxProperties``: its complement is one."""
+    for path, node, negated in _counted_objects(schema, "#", False):
+        keyword = "maxProperties" if negated else "minProperties"
+        bound = node.get(keyword)
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+            continue
+        least = bound + 1 if negated else bound
+        required = node.get("required") if not negated else None
+        names = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
+        closed = node.get("additionalProperties") is False and not node.get("patternProperties")
+        if least <= max(len(names), 1) or closed:
+            continue
+        under_not = " (under 'not', a lower bound)" if negated else ""
+        return UnsupportedSchemaError(
+            f"{keyword!r} at {path}{under_not} asks for more properties ({least:g}) than "
+            f"'required' names ({len(names)}): the JSON-schema engine could reach the count by "
+            'repeating a property name (\'{"x": 1, "x": 2}\'), which a JSON reader keeps as one '
+            "property, so the output could have fewer properties than required; list the "
+            f"properties the object needs in 'properties' and 'required', or remove {keyword}",
+            keyword=keyword,
+            path=path,
+        )
     return None
 
 

@@ -17,6 +17,12 @@ place and llguidance then rejects it, which becomes ``UnsupportedSchemaError(key
 - ``not``: pushed inward where the complement is expressible (``negation.negate``).
 - ``oneOf`` whose branches are pairwise disjoint (``negation.pairwise_disjoint``): ``anyOf``.
 - a length / count bound written as an integral float (``minLength: 2.0``): the integer.
+- ``patternProperties`` with ``additionalProperties`` next to ``allOf`` / ``anyOf`` / ``oneOf``: the
+  subschema's object keywords as an ``allOf`` member of their own (llguidance lost the patterns).
+
+``not`` and ``oneOf`` are read through local ``$ref``s only where those point into the document
+itself: inside a subschema with an ``$id`` of its own they point into that subschema, and are left
+as they are (the keyword is then refused).
 
 ``llguidance_error`` types llguidance's compile errors: every one is an
 ``UnsupportedSchemaError`` (naming keyword and path where the message lets them be found, and
@@ -41,7 +47,7 @@ from llmir_lang.executor.constraints.errors import (
 )
 from llmir_lang.executor.constraints.negation import negate, pairwise_disjoint
 from llmir_lang.executor.constraints.schema_checks import NUMERIC_BOUNDS, metaschema_error
-from llmir_lang.executor.constraints.schema_walk import find_keyword, iter_subschemas
+from llmir_lang.executor.constraints.schema_walk import find_keyword, iter_subschemas, starts_resource
 
 
 @functools.lru_cache(maxsize=256)
@@ -58,9 +64,13 @@ def rewrite_for_llguidance(schema: Any) -> tuple[Any, list[str]]:
         return schema, []
     out = copy.deepcopy(schema)
     notes: list[str] = []
+    nodes = list(iter_subschemas(out))
+    resources = [path + "/" for path, node in nodes[1:] if starts_resource(node)]
     # Children first, so a rewritten parent (allOf/anyOf appended) is not walked twice.
-    for path, node in reversed(list(iter_subschemas(out))):
-        _rewrite_node(node, out, path, notes)
+    for path, node in reversed(nodes):
+        # the #/... refs inside a subschema with an $id of its own point into it, not into out
+        inside = any((path + "/").startswith(r) for r in resources)
+        _rewrite_node(node, None if inside else out, path, notes)
     return out, notes
 
 
@@ -97,7 +107,7 @@ _TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[Zz]|[+-](?:
 _DATETIME_PATTERNS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[Tt]{_TIME}$"}
 
 
-def _rewrite_node(node: dict[str, Any], root: dict[str, Any], path: str, notes: list[str]) -> None:
+def _rewrite_node(node: dict[str, Any], root: dict[str, Any] | None, path: str, notes: list[str]) -> None:
     for kw in _COUNT_KEYWORDS:
         count = node.get(kw)
         if isinstance(count, float) and count.is_integer() and 0 <= count <= 2**53:
@@ -139,6 +149,37 @@ def _rewrite_node(node: dict[str, Any], root: dict[str, Any], path: str, notes: 
         else:
             node["anyOf"] = branches
         notes.append(f"{path}: oneOf with disjoint branches treated as anyOf")
+    if root is not None:
+        _own_object_keywords_into_all_of(node, root, path, notes)
+
+
+# NOTE: llguidance 1.9 drops the patternProperties of a subschema that also has
+# additionalProperties and allOf / anyOf / oneOf: every property name goes to
+# additionalProperties, so {"patternProperties": {"^[ab]$": {}}, "additionalProperties": false,
+# "allOf": [{"type": "object"}]} refused {"b": 1}, and with "required": ["a"] in the allOf it was
+# called unsatisfiable. As an allOf member of their own, the same keywords are read right.
+_OBJECT_KEYWORDS = (
+    "properties", "patternProperties", "additionalProperties", "required", "minProperties",
+    "maxProperties",
+)  # fmt: skip
+
+
+def _own_object_keywords_into_all_of(node: dict[str, Any], root: Any, path: str, notes: list[str]) -> None:
+    if "patternProperties" not in node or "additionalProperties" not in node:
+        return
+    if not any(kw in node for kw in ("allOf", "anyOf", "oneOf")) or not isinstance(
+        node.get("allOf", []), list
+    ):
+        return
+    moved = [kw for kw in _OBJECT_KEYWORDS if kw in node]
+    places = tuple(f"{path}/{kw}" for kw in moved)
+    for _, other in iter_subschemas(root):
+        ref = other.get("$ref")
+        if isinstance(ref, str) and any(ref == p or ref.startswith(p + "/") for p in places):
+            return  # a $ref points in there: moving it would leave the $ref pointing at nothing
+    # appended, so a $ref into allOf/<i> still finds the member it named
+    node["allOf"] = [*node.get("allOf", []), {kw: node.pop(kw) for kw in moved}]
+    notes.append(f"{path}: patternProperties / additionalProperties moved into an allOf member")
 
 
 def _rewrite_dependencies(node: dict[str, Any], path: str, notes: list[str]) -> None:
@@ -253,6 +294,7 @@ _CIRCULAR_REF = re.compile(r"circular references with sibling keys are not suppo
 _NOT_DISJOINT = re.compile(r"patternProperty regexes /(.*)/ and /(.*)/ are not disjoint")
 _NUMERIC_RANGE = re.compile(r"Failed to generate regex for (?:float|integer) range")
 _EXPECTED = re.compile(r"Expected [^']*'([A-Za-z$]+)'")
+_COMBINATORS = ("allOf", "anyOf", "oneOf", "not")
 
 
 def llguidance_error(message: str, schema: Any) -> ConstraintError:
@@ -427,6 +469,15 @@ def _unsupported(message: str, first: str, schema: Any) -> UnsupportedSchemaErro
             f"'multipleOf' at {path}: its value has more significant digits than the engine handles "
             f"(at most about 16); remove it or use a shorter value {said}",
             keyword="multipleOf",
+            path=path,
+        )
+    if "schema too large" in message and any(find_keyword(schema, kw) for kw in _COMBINATORS):
+        kw, path = _node_with(schema, _COMBINATORS)
+        return UnsupportedSchemaError(
+            f"{kw!r} at {path}: combining its subschemas (with their patterns, bounds and $refs) makes "
+            f"a grammar past the engine's size limit {said}; simplify the combination or split the "
+            "schema",
+            keyword=kw,
             path=path,
         )
     m = _LOOKAROUND.search(message)

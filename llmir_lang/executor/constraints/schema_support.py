@@ -14,7 +14,9 @@ where the translation is exact, read off the translator's rules:
 - scalars: plain ``string`` (no length/pattern/format), ``integer``, ``number``, ``boolean``,
   ``null``, or a list of those types;
 - ``enum`` / ``const`` of strings, integers, booleans and null;
-- ``anyOf`` of exact branches; local non-recursive ``$ref``;
+- ``anyOf`` of exact branches; local non-recursive ``$ref`` into the document's own resource
+  (outlines-core reads every ``#/...`` against the root, where a subschema with an ``$id`` of its
+  own makes the ``#/...`` refs inside it point into itself);
 - annotation keywords anywhere.
 
 Everything else goes to llguidance, which implements the keywords it accepts.
@@ -23,6 +25,12 @@ Everything else goes to llguidance, which implements the keywords it accepts.
 from __future__ import annotations
 
 from typing import Any
+
+from llmir_lang.executor.constraints.schema_walk import (
+    find_keyword,
+    resolve_in_root_resource,
+    starts_resource,
+)
 
 ANNOTATIONS = frozenset(
     {
@@ -47,6 +55,8 @@ def _check(node: Any, root: dict[str, Any], path: str, refs: frozenset[str], dep
         return f"{path}: nesting too deep"
     if not isinstance(node, dict):
         return f"{path}: boolean subschema"
+    if node is not root and starts_resource(node) and find_keyword(node, "$ref") is not None:
+        return f"{path}: its $id makes the $refs inside it point into it (outlines-core reads them from the root)"
     keys = set(node) - ANNOTATIONS
     if not keys:
         return f"{path}: unconstrained value (outlines-core truncates its depth)"
@@ -59,8 +69,8 @@ def _check(node: Any, root: dict[str, Any], path: str, refs: frozenset[str], dep
         if ref in refs:
             return f"{path}: recursive $ref (outlines-core truncates recursion)"
         target = _resolve(root, ref)
-        if target is None:
-            return f"{path}: unresolvable $ref {ref}"
+        if target is None or resolve_in_root_resource(root, ref) is None:
+            return f"{path}: $ref {ref} points at nothing, or into a subschema with an $id of its own"
         return _check(target, root, ref, refs | {ref}, depth + 1)
     if "anyOf" in node:
         if keys != {"anyOf"} or not isinstance(node["anyOf"], list) or not node["anyOf"]:

@@ -6,6 +6,7 @@ A property called ``"not"`` under ``properties`` is a name, not the keyword; ``c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,3 +62,48 @@ def resolve_local_ref(root: Any, ref: str) -> Any:
         else:
             return None
     return node
+
+
+def starts_resource(node: Any) -> bool:
+    """True if ``node`` is a schema resource of its own: its ``$id`` (``id`` in draft 4) names a
+    URI, not a plain-name fragment (``"#foo"``), so a ``#/...`` ref inside it points into it, not
+    into the document root."""
+    if not isinstance(node, dict):
+        return False
+    return any(isinstance(node.get(k), str) and not node[k].startswith("#") for k in ("$id", "id"))
+
+
+def holds_resource(schema: Any) -> bool:
+    """True if ``schema`` or a subschema of it starts a resource of its own (``starts_resource``)."""
+    return any(starts_resource(node) for _, node in iter_subschemas(schema))
+
+
+def resolve_in_root_resource(root: Any, ref: str) -> Any:
+    """``resolve_local_ref``, or None where that would be wrong or cannot be told: ``root`` is
+    None, the pointer passes into a subschema that starts a resource of its own, or the target
+    holds one (the ``#/...`` refs in there point into that resource, not into ``root``)."""
+    if root is None or not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+        return None
+    node: Any = root
+    for part in ref[2:].split("/") if ref != "#" else ():
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+        if starts_resource(node) and node is not root:
+            return None
+    return None if node is not root and holds_resource(node) else node
+
+
+# Drafts 3 to 7: "All other properties in a "$ref" object MUST be ignored" (draft 7, 8.3).
+_REF_ALONE_DRAFT = re.compile(r"^https?://json-schema\.org/draft-0[34567]/schema#?$")
+
+
+def ref_ignores_siblings(root: Any) -> bool:
+    """True if ``root`` declares a draft (3 to 7) where a validator ignores every keyword beside a
+    ``$ref``; from 2019-09 on, they apply together with it."""
+    declared = root.get("$schema") if isinstance(root, dict) else None
+    return isinstance(declared, str) and _REF_ALONE_DRAFT.match(declared) is not None

@@ -45,6 +45,9 @@ MUST_COMPILE = (
     "exclusiveMaximum", "exclusiveMinimum", "format", "items", "maximum", "minimum", "pattern",
     "prefixItems", "properties", "required", "type",
 )  # fmt: skip
+# ... but for these, refused by design: the dependent schema's minProperties 4 is reached only by
+# names the engine may repeat ({"x":1,"x":2} is one property to jsonschema; schema_checks)
+REFUSED_BY_DESIGN = {("dependentSchemas", "dependencies with escaped characters")}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +81,7 @@ def test_suite_compile_coverage(suite_results):
             if k[0] == kw
             and not r.compiled
             and r.error_type != "UnsatisfiableConstraintError"  # "empty enum"
+            and k not in REFUSED_BY_DESIGN
         }
         assert not failed, (kw, failed)
     compiled = sum(r.compiled for r in suite_results.values())
