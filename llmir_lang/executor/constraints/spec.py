@@ -134,21 +134,18 @@ def canonical_schema_text(schema: Any) -> str:
 
 
 def spec_from_json_schema(schema: Any, whitespace: str | None = None) -> ConstraintSpec:
-    """Schema as a dict, JSON text, ``True``/``False``, or a pydantic ``BaseModel`` subclass."""
-    if isinstance(schema, type):
-        try:
-            from pydantic import BaseModel
-        except ImportError:  # pragma: no cover - pydantic is a dependency
-            BaseModel = None  # type: ignore[assignment]  # noqa: N806
-        if BaseModel is None or not issubclass(schema, BaseModel):
-            raise InvalidSchemaError(
-                f"json_schema= got the class {schema.__name__}; pass a pydantic BaseModel subclass, "
-                "a dict, or JSON text"
-            )
-        # not model_json_schema(): its formats lose what the model's validation checks
-        from llmir_lang.executor.constraints.schema_pydantic import pydantic_json_schema
+    """Schema as a dict, JSON text, ``True``/``False``, or a type pydantic validates (a
+    ``BaseModel`` subclass, a dataclass, a ``TypedDict``, ``list[Item]``, ...)."""
+    from llmir_lang.executor.constraints.schema_pydantic import is_pydantic_type, pydantic_json_schema
 
+    if is_pydantic_type(schema):
+        # not model_json_schema(): its formats lose what the type's validation checks
         schema = pydantic_json_schema(schema)
+    elif isinstance(schema, type):
+        raise InvalidSchemaError(
+            f"json_schema= got the class {schema.__name__}; pass a pydantic BaseModel subclass, a "
+            "dataclass, a TypedDict, a dict, or JSON text"
+        )
     elif isinstance(schema, (str, bytes)):
         try:
             schema = json.loads(schema)

@@ -19,6 +19,7 @@ import pydantic
 import pytest
 
 from llmir_lang.executor.constraints import (
+    InvalidSchemaError,
     UnsupportedSchemaError,
     spec_from_json_schema,
 )
@@ -275,3 +276,24 @@ def test_float_steps_sets_and_byte_sizes_at_their_edges(compiler, bpe_hf, chars)
 def test_types_already_exact_stay_valid(compiler, bpe_hf, chars, typ):
     """Checked in the same sweep and right already: kept so they stay right."""
     _samples_validate(compiler, bpe_hf, chars, _model(typ), n=30)
+
+
+def test_dataclasses_and_parametrized_types_are_schemas(compiler, bpe_hf, chars):
+    """``spec_from_json_schema`` takes any type pydantic validates (it took only BaseModel
+    subclasses): a dataclass's fields are narrowed as a model's are."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Stamp:
+        at: pydantic.NaiveDatetime
+        tags: set[str]
+
+    compiled = compiler.compile(spec_from_json_schema(list[Stamp]))
+    assert accepts_text(compiled, bpe_hf, '[{"at":"2020-01-02T03:04:05","tags":["a","a"]}]').accepted
+    assert not accepts_text(compiled, bpe_hf, '[{"at":"2020-01-02T03:04:05Z","tags":[]}]').accepted
+
+    class Plain:
+        pass
+
+    with pytest.raises(InvalidSchemaError, match="got the class Plain"):
+        spec_from_json_schema(Plain)
