@@ -24,3 +24,30 @@ def checkpoints(tmp_path_factory):
         return made[arch]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def alone_engines(checkpoints):
+    """(llama checkpoint folder, get): ``get(jump_forward)`` is an engine with a large pool and no
+    speculation or run-ahead, made once per module, on which the stress tests run each request
+    alone as their oracle."""
+    from llmir_lang.executor.engine import Engine
+
+    folder, _ = checkpoints("llama")
+    made: dict[bool, Engine] = {}
+
+    def get(jump_forward: bool) -> Engine:
+        if jump_forward not in made:
+            made[jump_forward] = Engine(
+                str(folder),
+                device="cpu",
+                kv_memory=4096 * 512,
+                jump_forward=jump_forward,
+                speculative_draft_tokens=0,
+                run_ahead=False,
+            )
+        return made[jump_forward]
+
+    yield str(folder), get
+    for eng in made.values():
+        eng.shutdown()

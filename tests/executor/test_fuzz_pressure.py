@@ -308,28 +308,6 @@ def run_jobs(eng: Engine, jobs: list[Job]) -> Driver:
 
 
 # ---- oracle and checks -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def oracles(checkpoints):
-    folder, _ = checkpoints("llama")
-    made: dict[bool, Engine] = {}
-
-    def get(jump_forward: bool) -> Engine:
-        if jump_forward not in made:
-            made[jump_forward] = Engine(
-                str(folder),
-                device="cpu",
-                kv_memory=4096 * 512,
-                jump_forward=jump_forward,
-                speculative_draft_tokens=0,
-                run_ahead=False,
-            )
-        return made[jump_forward]
-
-    yield str(folder), get
-    for eng in made.values():
-        eng.shutdown()
-
-
 def alone(oracle: Engine, job: Job) -> Any:
     oracle.flush_cache()
     if job.kind == "score":
@@ -465,8 +443,8 @@ def check_idle_engine(eng: Engine) -> None:
 
 
 @pytest.mark.parametrize("seed, settings", EXAMPLES, ids=[f"seed{s}" for s, _ in EXAMPLES])
-def test_tiny_pool_workload_matches_requests_run_alone(oracles, seed, settings):
-    folder, oracle_for = oracles
+def test_tiny_pool_workload_matches_requests_run_alone(alone_engines, seed, settings):
+    folder, oracle_for = alone_engines
     settings = dict(settings)
     kv_tokens = settings.pop("kv_tokens")
     defer_text = settings.pop("defer_text", False)

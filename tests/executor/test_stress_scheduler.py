@@ -62,31 +62,9 @@ class Job:
     result: Any = None
 
 
-@pytest.fixture(scope="module")
-def stress_env(checkpoints):
-    folder, _ = checkpoints("llama")
-    oracles: dict[bool, Engine] = {}
-
-    def oracle(jump_forward: bool) -> Engine:
-        if jump_forward not in oracles:
-            oracles[jump_forward] = Engine(
-                str(folder),
-                device="cpu",
-                kv_memory=4096 * 512,
-                jump_forward=jump_forward,
-                speculative_draft_tokens=0,
-                run_ahead=False,
-            )
-        return oracles[jump_forward]
-
-    yield str(folder), oracle
-    for eng in oracles.values():
-        eng.shutdown()
-
-
 @pytest.mark.parametrize("seed", BASE_SEEDS + EXTRA)
-def test_random_engine_workload_matches_requests_run_alone(stress_env, seed):
-    folder, oracle = stress_env
+def test_random_engine_workload_matches_requests_run_alone(alone_engines, seed):
+    folder, oracle = alone_engines
     run_example(folder, oracle, seed)
 
 
