@@ -23,7 +23,12 @@ for servers without it.
 Both are ``Backend``s: a chain's steps run one request at a time (constant text is appended here,
 between requests), streaming comes from server-sent events, ``pin``/``unpin`` are hints that
 remote servers do not take. Local checks (sampling params, constraint support) raise in
-``submit``; server and network failures are reported on ``ChainResult.error``.
+``submit``; server and network failures are reported on ``ChainResult.error``, as a
+``RemoteBackendError`` that says what the server did: an HTTP error (with its Retry-After), no
+answer within ``timeout``, a connection that broke mid-answer, a body that is not JSON or not of
+the API's shape, a 200 that carries an error, a stream that ended before its last event. Nothing
+is sent again on such a failure (the one request sent again is ``OpenAI``'s refused default
+``max_tokens``, see there).
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import os
 import re
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -61,7 +68,11 @@ def _non_default(fields: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
 class RemoteBackendError(LLMIRError):
     """A server refused or failed a request, or could not be reached; the message has the URL, the
     status and the server's words (or the network error). ``status`` is the HTTP status (None when
-    no answer came back) and ``detail`` the server's own message, for callers that branch on them."""
+    no usable answer came back: none at all, a broken one, one that is not the API's), ``detail``
+    the server's own message, for callers that branch on them, and ``retry_after`` the seconds a
+    429 / 503 asked to wait (its ``Retry-After``; None when it gave none)."""
+
+    retry_after: float | None = None
 
     def __init__(self, message: str, status: int | None = None, detail: str = "") -> None:
         super().__init__(message)
@@ -143,6 +154,66 @@ def _stream_error_status(err: Any) -> int | None:
     return _STREAM_ERROR_STATUSES.get(kind) if isinstance(kind, str) else None
 
 
+# What a read of a server's answer raises when the answer is not of the API's shape (a field
+# missing, of another type); the backends turn them into a ``RemoteBackendError`` saying so
+_SHAPE_ERRORS = (KeyError, IndexError, TypeError, AttributeError, ValueError)
+
+
+def _excerpt(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """A 429's or 503's ``Retry-After`` in seconds (given as seconds or as an HTTP date)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+class _DeadlineStream(httpx.SyncByteStream):
+    """A response body that must be complete by ``deadline`` (``time.monotonic()``)."""
+
+    def __init__(self, inner: Any, deadline: float, timeout: float, request: httpx.Request) -> None:
+        self._inner, self._deadline, self._timeout, self._request = inner, deadline, timeout, request
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            if time.monotonic() > self._deadline:
+                raise httpx.ReadTimeout(
+                    f"the answer was not complete after {self._timeout:g} s", request=self._request
+                )
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _deadline_hooks(timeout: float) -> dict[str, list[Callable[[Any], None]]]:
+    """httpx event hooks that bound a whole request, its body (a stream) included, to ``timeout``
+    seconds. httpx's timeouts bound each wait for data only, so a server that keeps sending
+    (keep-alive comments, a byte at a time) held a request for as long as it went on. The check
+    runs as data arrives; a server that sends nothing fails by httpx's read timeout."""
+
+    def start(request: httpx.Request) -> None:
+        request.extensions["llmir_deadline"] = time.monotonic() + timeout
+
+    def bound(response: httpx.Response) -> None:
+        deadline = response.request.extensions.get("llmir_deadline")
+        if deadline is not None:
+            response.stream = _DeadlineStream(response.stream, deadline, timeout, response.request)
+
+    return {"request": [start], "response": [bound]}
+
+
 @dataclass(slots=True)
 class RemoteState:
     """One returned state of a program run on the server (``/program``)."""
@@ -167,10 +238,13 @@ class _HTTPBackend(Backend):
     that runs chains (so ``submit`` returns at once and many chains run side by side).
 
     Options of both backends: ``tokenizer`` (a Hugging Face tokenizer or its path, for the chat
-    template when the server cannot render it), ``timeout`` (seconds per request), ``max_workers``
+    template when the server cannot render it), ``timeout`` (seconds per request, a streamed
+    answer included: a request not answered in full by then fails), ``max_workers``
     (chains in flight), ``verify`` (TLS: False skips certificate checks, a path names a CA bundle).
     Subclasses define ``_lower(GenStep) -> request body`` and
     ``_generate(text, body, on_text, stop) -> StepResult``."""
+
+    _api = "the API"  # what a subclass speaks, for errors about answers not of its shape
 
     def __init__(
         self,
@@ -197,7 +271,9 @@ class _HTTPBackend(Backend):
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=max_workers, max_keepalive_connections=max_workers),
             verify=self._verify,
+            event_hooks=_deadline_hooks(timeout),
         )
+        self._timeout = timeout
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="llmir-remote")
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
@@ -223,20 +299,81 @@ class _HTTPBackend(Backend):
             detail = detail or response.text
         except (ValueError, AttributeError):
             detail = response.text
-        detail = str(detail)[:500]
+        detail = str(detail)[:500] or response.reason_phrase
         typed = response.headers.get(_ERROR_CLASS_HEADER) if response.status_code == 400 else None
         err = _typed_error(typed, self._url(path), 400, detail) if typed else None
         if err is not None:
             return err
-        return RemoteBackendError(
-            f"{self._url(path)}: HTTP {response.status_code}: {detail}", response.status_code, detail
-        )
+        message, status = f"{self._url(path)}: HTTP {response.status_code}: {detail}", response.status_code
+        retry_after = _retry_after(response) if status in (429, 503) else None
+        if status == 429:
+            message += "; the server limits the rate of requests: send fewer at once (max_workers=), or later"
+        elif status == 503:
+            message += "; the server cannot take requests now (overloaded, starting or stopping): send it again later"
+        if retry_after is not None:
+            message += f" (Retry-After: {retry_after:g} s)"
+        err = RemoteBackendError(message, status, detail)
+        err.retry_after = retry_after
+        return err
 
     def _unreachable(self, path: str, exc: Exception) -> RemoteBackendError:
-        """A request that got no HTTP answer: server down, wrong host or port, timeout."""
+        """A request that got no (complete) HTTP answer: server down, wrong host or port, timeout,
+        a connection that broke mid-answer."""
+        url, cause = self._url(path), f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return RemoteBackendError(
+                f"{url}: no answer from the server within timeout={self._timeout:g} s ({cause}); it may be "
+                "overloaded, or the generation longer than that: give the backend a larger timeout=, "
+                "or ask for fewer tokens"
+            )
+        if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)):
+            return RemoteBackendError(
+                f"{url}: the connection broke before the server's answer was complete ({cause}); the "
+                "server may have crashed or restarted, or a proxy cut the connection: check the "
+                "server's log, then run the program again"
+            )
         return RemoteBackendError(
-            f"{self._url(path)}: no answer from the server ({type(exc).__name__}: {exc}); "
-            "check that it is running and that the URL is right"
+            f"{url}: no answer from the server ({cause}); check that it is running and that the URL is right"
+        )
+
+    def _answer(self, path: str, r: httpx.Response) -> Any:
+        """The JSON of a successful answer. A body that is not JSON, or a 200 that carries an
+        ``{"error": ...}`` (as some servers and proxies answer), is a ``RemoteBackendError``."""
+        try:
+            out = r.json()
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            raise RemoteBackendError(
+                f"{self._url(path)}: HTTP {r.status_code} with a body that is not JSON ({_excerpt(r.text)}); "
+                f"check that the URL is that of a server speaking {self._api}, and that no proxy answers "
+                "in its place",
+                None,
+                r.text[:500],
+            ) from None
+        if isinstance(out, dict) and out.get("error"):
+            raise self._error_body(path, r.status_code, out["error"])
+        return out
+
+    def _error_body(self, path: str, status: int, err: Any) -> RemoteBackendError:
+        message = err.get("message", err) if isinstance(err, dict) else err
+        return RemoteBackendError(
+            f"{self._url(path)}: HTTP {status} with an error: {message}",
+            _stream_error_status(err),
+            str(message),
+        )
+
+    def _text_of(self, path: str, out: Any) -> str:
+        """The ``text`` of an answer that must have one (``/apply_chat_template``)."""
+        text = out.get("text") if isinstance(out, dict) else None
+        if not isinstance(text, str):
+            raise self._malformed(path, "no text", out)
+        return text
+
+    def _malformed(self, path: str, what: Any, answer: Any) -> RemoteBackendError:
+        """An answer that is JSON but not of the API's shape (a field missing, of another type)."""
+        what = f"{type(what).__name__}: {what}" if isinstance(what, BaseException) else what
+        return RemoteBackendError(
+            f"{self._url(path)}: the server's answer has an unexpected shape ({what}) in {_excerpt(answer)}; "
+            f"check that the server speaks {self._api}"
         )
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
@@ -251,7 +388,7 @@ class _HTTPBackend(Backend):
         r = self._request("POST", path, body)
         if r.status_code >= 400:
             raise self._fail(path, r)
-        return r.json()
+        return self._answer(path, r)
 
     def _post_abortable(self, path: str, body: dict[str, Any], stop: threading.Event) -> Any:
         """``_post`` that setting ``stop`` ends at once, for long calls (``/program``): the request
@@ -263,14 +400,19 @@ class _HTTPBackend(Backend):
             "verify": self._verify,
         }  # fmt: skip
 
+        deadline = time.monotonic() + self._timeout
+
         async def call() -> httpx.Response | None:
             async with httpx.AsyncClient(**client_options) as client:
                 task = asyncio.ensure_future(client.post(path, json=body))
                 while not task.done():
-                    if stop.is_set():
+                    late = time.monotonic() > deadline
+                    if stop.is_set() or late:
                         task.cancel()
                         with contextlib.suppress(BaseException):
                             await task
+                        if late and not stop.is_set():
+                            raise httpx.ReadTimeout(f"the answer was not complete after {self._timeout:g} s")
                         return None
                     await asyncio.wait({task}, timeout=0.05)
                 return task.result()
@@ -301,36 +443,73 @@ class _HTTPBackend(Backend):
             raise ChainAborted(f"{self._url(path)}: aborted by the caller")
         if r.status_code >= 400:
             raise self._fail(path, r)
-        return r.json()
+        return self._answer(path, r)
 
     def _events(
         self, path: str, body: dict[str, Any], stop: threading.Event | None = None
     ) -> Iterator[dict[str, Any]]:
-        """The JSON events of a server-sent-events response, up to ``data: [DONE]``. Once ``stop``
-        is set the response is closed (a server aborts a request whose client went away) and
-        ``ChainAborted`` raised."""
+        """The JSON events (objects) of a server-sent-events response, up to ``data: [DONE]``. Once
+        ``stop`` is set the response is closed (a server aborts a request whose client went away)
+        and ``ChainAborted`` raised. An ``{"error": ...}`` event, an event that is not a JSON
+        object, and a body that is no server-sent events at all (a JSON error, a proxy's page)
+        raise ``RemoteBackendError``; a stream that ends without ``[DONE]`` just ends (callers
+        check that its last event came)."""
         try:
             with self._client.stream("POST", path, json=body) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise self._fail(path, r)
+                other: list[str] = []  # lines that are no SSE field: the body is something else
                 for line in r.iter_lines():
                     if stop is not None and stop.is_set():
                         raise ChainAborted(f"{self._url(path)}: aborted by the caller")
                     if not line.startswith("data:"):
+                        if line and not line.startswith((":", "event:", "id:", "retry:")) and len(other) < 20:
+                            other.append(line)
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
                         return
-                    event = json.loads(data)
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        raise RemoteBackendError(
+                            f"{self._url(path)}: the server sent an event that is not JSON ({_excerpt(data)}); "
+                            f"check that the server speaks {self._api}"
+                        ) from None
                     if isinstance(event, dict) and "error" in event:
                         err = event["error"]
                         message = err.get("message", event) if isinstance(err, dict) else err
                         status = _stream_error_status(err)
                         raise RemoteBackendError(f"{self._url(path)}: {message}", status, str(message))
+                    if not isinstance(event, dict):
+                        raise self._malformed(path, "an event that is not a JSON object", event)
                     yield event
+                if other:
+                    raise self._not_events(path, r.status_code, "\n".join(other))
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise self._unreachable(path, e) from None
+
+    def _not_events(self, path: str, status: int, text: str) -> RemoteBackendError:
+        """A stream request answered with something else: the server's error if it is one."""
+        try:
+            out = json.loads(text)
+        except ValueError:
+            out = None
+        if isinstance(out, dict) and out.get("error"):
+            return self._error_body(path, status, out["error"])
+        return RemoteBackendError(
+            f"{self._url(path)}: HTTP {status} to a stream request with a body that is not server-sent "
+            f"events ({_excerpt(text)}); check that the URL is that of a server speaking {self._api}"
+        )
+
+    def _unfinished(self, path: str, last: Any) -> RemoteBackendError:
+        """A stream that ended without the event that finishes its generation."""
+        return RemoteBackendError(
+            f"{self._url(path)}: the stream ended before its last event (no finish_reason; the last "
+            f"event was {_excerpt(last)}): the server closed it early; check the server's log, then "
+            "run the program again"
+        )
 
     # --- tokens ------------------------------------------------------------------------------
     def _hf_tokenizer(self) -> Any:
@@ -510,6 +689,8 @@ class Endpoint(_HTTPBackend):
         super().__init__(url, api_key, **http)
         self._protocol: str | None = None if protocol == "auto" else protocol
 
+    _api = "SGLang's /generate API (base_url: the server's root URL)"
+
     @property
     def protocol(self) -> str:
         """``"llmir"`` if the server is an llmir server (``/program``, ``/score``), else ``"sglang"``.
@@ -569,16 +750,29 @@ class Endpoint(_HTTPBackend):
     ) -> StepResult:
         body = {**body, "text": text}
         if on_text is None:
-            return self._step_result(self._post("/generate", body))
+            return self._read_step(self._post("/generate", body), streamed=False)
         last: dict[str, Any] = {}
         sent = 0
         for event in self._events("/generate", {**body, "stream": True}, stop):
             full = event.get("text", "")
+            if not isinstance(full, str):
+                raise self._malformed("/generate", f"text is a {type(full).__name__}", event)
             if len(full) > sent:  # SGLang streams the whole text so far
                 on_text(full[sent:])
                 sent = len(full)
             last = event
-        return self._step_result(last)
+        return self._read_step(last, streamed=True)
+
+    def _read_step(self, out: Any, streamed: bool) -> StepResult:
+        """``_step_result`` of an answer (a stream's last event), which must have finished."""
+        try:
+            if out.get("meta_info", {}).get("finish_reason") is None:
+                if streamed:
+                    raise self._unfinished("/generate", out)
+                raise self._malformed("/generate", "no meta_info.finish_reason", out)
+            return self._step_result(out)
+        except _SHAPE_ERRORS as e:
+            raise self._malformed("/generate", e, out) from None
 
     @staticmethod
     def _step_result(out: dict[str, Any]) -> StepResult:
@@ -623,7 +817,14 @@ class Endpoint(_HTTPBackend):
         with the prompt's end; then ``NotYetSupportedError`` asks for ``tokenizer=``."""
         conts = list(continuations)
         if self.protocol == "llmir":
-            return self._post("/score", {"prompt": prompt, "continuations": conts})["logprobs"]
+            out = self._post("/score", {"prompt": prompt, "continuations": conts})
+            try:
+                scores = out["logprobs"]
+                if len(scores) != len(conts) or not all(isinstance(lps, list) for lps in scores):
+                    raise ValueError(f"{len(conts)} lists of logprobs expected")
+            except _SHAPE_ERRORS as e:
+                raise self._malformed("/score", e, out) from None
+            return scores
         if not conts:
             return []
         ids = self._choice_ids(prompt, conts) or self._ids_from_logprobs(prompt, conts)
@@ -637,15 +838,20 @@ class Endpoint(_HTTPBackend):
         outs = self._post("/generate", body)
         outs = [outs] if isinstance(outs, dict) else outs
         scores = []
-        for out, c in zip(outs, c_ids):
-            entries = out["meta_info"].get("input_token_logprobs") or []
-            lps = [e[0] for e in entries[-len(c) :]]
-            if len(entries) <= len(c) - 1 or len(lps) != len(c) or any(v is None for v in lps):
-                raise RemoteBackendError(
-                    f"{self.base_url}/generate: expected logprobs of {len(c)} continuation tokens, "
-                    f"got input_token_logprobs {entries[-len(c) - 1 :]!r}"
-                )
-            scores.append(lps)
+        try:
+            if len(outs) != len(c_ids):
+                raise ValueError(f"{len(c_ids)} answers expected, one per input")
+            for out, c in zip(outs, c_ids):
+                entries = out["meta_info"].get("input_token_logprobs") or []
+                lps = [e[0] for e in entries[-len(c) :]]
+                if len(entries) <= len(c) - 1 or len(lps) != len(c) or any(v is None for v in lps):
+                    raise RemoteBackendError(
+                        f"{self.base_url}/generate: expected logprobs of {len(c)} continuation tokens, "
+                        f"got input_token_logprobs {entries[-len(c) - 1 :]!r}"
+                    )
+                scores.append([float(v) for v in lps])
+        except _SHAPE_ERRORS as e:
+            raise self._malformed("/generate", e, outs) from None
         return scores
 
     def _ids_from_logprobs(self, prompt: str, conts: list[str]) -> tuple[list[int], list[list[int]]]:
@@ -657,7 +863,12 @@ class Endpoint(_HTTPBackend):
             "logprob_start_len": 0,
         }
         outs = self._post("/generate", body)
-        ids = [[int(e[1]) for e in o["meta_info"]["input_token_logprobs"]] for o in outs]
+        try:
+            ids = [[int(e[1]) for e in o["meta_info"]["input_token_logprobs"]] for o in outs]
+            if len(ids) != len(conts) + 1:
+                raise ValueError(f"{len(conts) + 1} answers expected, one per text")
+        except _SHAPE_ERRORS as e:
+            raise self._malformed("/generate", e, outs) from None
         p_ids, c_ids = ids[0], []
         _check_prompt_ids(p_ids)
         for c, full in zip(conts, ids[1:]):
@@ -670,7 +881,7 @@ class Endpoint(_HTTPBackend):
         if self.protocol != "llmir":
             return super()._server_chat_template(messages, add_generation_prompt)
         body = {"messages": messages, "add_generation_prompt": add_generation_prompt}
-        return self._post("/apply_chat_template", body)["text"]
+        return self._text_of("/apply_chat_template", self._post("/apply_chat_template", body))
 
     def run_program(
         self,
@@ -695,17 +906,25 @@ class Endpoint(_HTTPBackend):
         body = {"ir": ir, "args": args, "passes": passes}
         out = self._post("/program", body) if stop is None else self._post_abortable("/program", body, stop)
         functions = []
-        for fn in out["functions"]:
-            states = []
-            for st in fn["states"]:
-                err = st.get("error") or {}
-                states.append(
-                    RemoteState(
-                        st["text"], st["vars"], st.get("meta", {}), err.get("message"), err.get("var")
+        try:
+            for fn in out["functions"]:
+                states = []
+                for st in fn["states"]:
+                    err = st.get("error") or {}
+                    states.append(
+                        RemoteState(
+                            st["text"],
+                            dict(st["vars"]),
+                            st.get("meta") or {},
+                            err.get("message"),
+                            err.get("var"),
+                        )
                     )
-                )
-            functions.append((fn["name"], states))
-        return ProgramReply(functions, out.get("stats", {}))
+                functions.append((fn["name"], states))
+            stats = dict(out.get("stats") or {})
+        except _SHAPE_ERRORS as e:
+            raise self._malformed("/program", e, out) from None
+        return ProgramReply(functions, stats)
 
     # --- SGLang's server calls ----------------------------------------------------------------
     def flush_cache(self) -> None:
@@ -725,13 +944,13 @@ class Endpoint(_HTTPBackend):
             return self._json("GET", "/server_info")
         if r.status_code >= 400:
             raise self._fail("/get_server_info", r)
-        return r.json()
+        return self._answer("/get_server_info", r)
 
     def _json(self, method: str, path: str) -> Any:
         r = self._request(method, path)
         if r.status_code >= 400:
             raise self._fail(path, r)
-        return r.json()
+        return self._answer(path, r)
 
 
 class RuntimeEndpoint(Endpoint):
@@ -797,7 +1016,9 @@ class OpenAI(_HTTPBackend):
     ) -> None:
         if model_name is not None:  # SGLang's keyword for the model
             if url_or_model is not None and url_or_model != model_name and model is None:
-                raise InvalidRequestError(f"OpenAI got two models, {url_or_model!r} and model_name={model_name!r}")
+                raise InvalidRequestError(
+                    f"OpenAI got two models, {url_or_model!r} and model_name={model_name!r}"
+                )
             if isinstance(model, str):
                 raise InvalidRequestError(f"OpenAI got two models, {model!r} and model_name={model_name!r}")
             url_or_model = model_name
@@ -823,6 +1044,8 @@ class OpenAI(_HTTPBackend):
         self.constraints = constraints
         self._tokenize_fields = {"model": model}
         self._max_tokens_limit: int | None = None  # learned from a refused default max_tokens
+
+    _api = "OpenAI's /v1/completions API (base_url ending in /v1)"
 
     @property
     def _root(self) -> str:
@@ -904,27 +1127,52 @@ class OpenAI(_HTTPBackend):
     ) -> StepResult:
         if on_text is None:
             out = self._post("/completions", body)
-            choice, usage = out["choices"][0], out.get("usage") or {}
-            got, finish = choice.get("text", ""), choice.get("finish_reason") or "unknown"
-            lp = choice.get("logprobs") or {}
-        else:
-            got, finish, usage = "", "unknown", {}
-            parts: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
-            streamed = False  # logprobs came with the chunks
-            stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            for event in self._events("/completions", stream_body, stop):
+            try:
+                choice, usage = out["choices"][0], out.get("usage") or {}
+                got, finish = choice.get("text", ""), choice.get("finish_reason")
+                if finish is None:
+                    raise ValueError("no finish_reason")
+                return self._completion(body, got, finish, usage, choice.get("logprobs") or {})
+            except _SHAPE_ERRORS as e:
+                raise self._malformed("/completions", e, out) from None
+        got, finish, usage, last = "", None, {}, None
+        parts: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+        streamed = False  # logprobs came with the chunks
+        stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        for event in self._events("/completions", stream_body, stop):
+            last, pieces = event, []
+            try:
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or []:
-                    if choice.get("text"):
-                        on_text(choice["text"])
-                        got += choice["text"]
+                    piece = choice.get("text")
+                    if piece and not isinstance(piece, str):
+                        raise TypeError(f"text is a {type(piece).__name__}")
+                    pieces.append(piece or "")
                     finish = choice.get("finish_reason") or finish
                     part = choice.get("logprobs")
                     if part:
                         streamed = True
                         for key, values in parts.items():
                             values.extend(part.get(key) or [])
-            lp = parts if streamed else {}
+            except _SHAPE_ERRORS as e:
+                raise self._malformed("/completions", e, event) from None
+            for piece in pieces:
+                if piece:
+                    on_text(piece)
+                    got += piece
+        if finish is None:
+            raise self._unfinished("/completions", last)
+        try:
+            return self._completion(body, got, finish, usage, parts if streamed else {})
+        except _SHAPE_ERRORS as e:
+            raise self._malformed("/completions", e, last) from None
+
+    @staticmethod
+    def _completion(
+        body: dict[str, Any], got: str, finish: str, usage: dict[str, Any], lp: dict[str, Any]
+    ) -> StepResult:
+        if not isinstance(got, str) or not isinstance(finish, str):
+            raise TypeError(f"text {type(got).__name__}, finish_reason {type(finish).__name__}")
         tops = lp.get("top_logprobs") if body.get("logprobs") else None
         # OpenAI's top alternatives are {token text: logprob} maps, most likely first by value
         ranked = [sorted((t or {}).items(), key=lambda kv: -kv[1]) for t in tops] if tops else None
@@ -963,25 +1211,32 @@ class OpenAI(_HTTPBackend):
             choices = self._echo([p_ids + c for c in c_ids])
             return [self._tail(ch, len(c)) for ch, c in zip(choices, c_ids)]
         out = []
-        for ch, c in zip(self._echo([prompt + c for c in conts]), conts):
-            lp = ch["logprobs"]
-            starts, tokens = list(lp["text_offset"]), list(lp["tokens"])
-            joined, text = "".join(tokens), prompt + c
-            # offsets count the text of special tokens (a BOS) the server put before the prompt
-            boundary = len(prompt) + (len(joined) - len(text) if joined.endswith(text) else 0)
-            first = next((i for i, o in enumerate(starts) if o >= boundary), len(starts))
-            if first == len(starts) or starts[first] != boundary:
-                raise _merge_error(self.base_url, c, tokens[first - 1] if first > 0 else None)
-            out.append(self._tail(ch, len(starts) - first))
+        choices = self._echo([prompt + c for c in conts])
+        try:
+            for ch, c in zip(choices, conts):
+                lp = ch["logprobs"]
+                starts, tokens = list(lp["text_offset"]), [str(t) for t in lp["tokens"]]
+                joined, text = "".join(tokens), prompt + c
+                # offsets count the text of special tokens (a BOS) the server put before the prompt
+                boundary = len(prompt) + (len(joined) - len(text) if joined.endswith(text) else 0)
+                first = next((i for i, o in enumerate(starts) if o >= boundary), len(starts))
+                if first == len(starts) or starts[first] != boundary:
+                    raise _merge_error(self.base_url, c, tokens[first - 1] if first > 0 else None)
+                out.append(self._tail(ch, len(starts) - first))
+        except _SHAPE_ERRORS as e:
+            raise self._malformed("/completions", e, choices) from None
         return out
 
     def _tail(self, choice: dict[str, Any], n: int) -> list[float]:
-        lps = list(choice["logprobs"]["token_logprobs"])[-n:]
-        if len(lps) != n or any(v is None for v in lps):
-            raise RemoteBackendError(
-                f"{self.base_url}/completions: expected the logprobs of {n} echoed tokens, got {lps!r}"
-            )
-        return lps
+        try:
+            lps = list(choice["logprobs"]["token_logprobs"])[-n:]
+            if len(lps) != n or any(v is None for v in lps):
+                raise RemoteBackendError(
+                    f"{self.base_url}/completions: expected the logprobs of {n} echoed tokens, got {lps!r}"
+                )
+            return [float(v) for v in lps]
+        except _SHAPE_ERRORS as e:
+            raise self._malformed("/completions", e, choice) from None
 
     def _echo(self, prompts: list[Any]) -> list[dict[str, Any]]:
         """The choices (in order) of a scoring request: echo + logprobs, nothing generated."""
@@ -995,8 +1250,13 @@ class OpenAI(_HTTPBackend):
                 f"scoring (select) needs /completions with echo, logprobs and max_tokens 0, which "
                 f"{self.base_url} does not support ({e}); use a server that does (vLLM, llmir) or Endpoint"
             ) from None
-        choices = sorted(out["choices"], key=lambda c: c["index"])
-        if len(choices) != len(prompts) or any(not c.get("logprobs") for c in choices):
+        try:
+            choices = sorted(out["choices"], key=lambda c: c["index"])
+            if len(choices) != len(prompts):
+                raise ValueError(f"{len(prompts)} choices expected, one per prompt")
+        except _SHAPE_ERRORS as e:
+            raise self._malformed("/completions", e, out) from None
+        if any(not c.get("logprobs") for c in choices):
             raise NotYetSupportedError(
                 f"{self.base_url}/completions answered an echo request without logprobs; scoring "
                 "(select) needs a server that returns them (vLLM, llmir) or Endpoint"
@@ -1013,7 +1273,7 @@ class OpenAI(_HTTPBackend):
             return super()._server_chat_template(messages, add_generation_prompt)
         if r.status_code != 200:
             raise self._fail(url, r)
-        return r.json()["text"]
+        return self._text_of(url, self._answer(url, r))
 
 
 _HTTP_OPTIONS = ("tokenizer", "timeout", "max_workers", "verify")
