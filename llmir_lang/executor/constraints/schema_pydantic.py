@@ -344,8 +344,19 @@ def is_pydantic_type(obj: Any) -> bool:
     return typing.get_origin(obj) is not None
 
 
-@functools.lru_cache(maxsize=256)
 def _adapter(tp: Any) -> Any:
+    """pydantic's ``TypeAdapter`` of ``tp``, made once per type (a type with unhashable metadata
+    gets a new one each time)."""
+    try:
+        return _cached_adapter(tp)
+    except TypeError:  # unhashable: Annotated metadata without __hash__
+        import pydantic
+
+        return pydantic.TypeAdapter(tp)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_adapter(tp: Any) -> Any:
     import pydantic
 
     return pydantic.TypeAdapter(tp)

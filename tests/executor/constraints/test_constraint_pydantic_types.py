@@ -293,7 +293,8 @@ def test_dataclasses_and_parametrized_types_are_schemas(compiler, bpe_hf, chars)
     assert not accepts_text(compiled, bpe_hf, '[{"at":"2020-01-02T03:04:05Z","tags":[]}]').accepted
 
     class Plain:
-        pass
+        __hash__ = None  # also unhashable metadata of an Annotated type: no cache, still a schema
 
+    assert spec_from_json_schema(list[Annotated[int, Plain()]])
     with pytest.raises(InvalidSchemaError, match="got the class Plain"):
         spec_from_json_schema(Plain)
