@@ -46,22 +46,30 @@ def find_keyword(schema: Any, keyword: str) -> str | None:
     return None
 
 
-def resolve_local_ref(root: Any, ref: str) -> Any:
-    """The subschema a local ``$ref`` (``#`` or ``#/a/b``) points at, or None."""
+def _pointer_path(root: Any, ref: str) -> list[Any] | None:
+    """The nodes a local ``$ref`` (``#`` or ``#/a/b``) passes through from ``root`` (root first,
+    the target last), or None where it points at nothing."""
     if ref == "#":
-        return root
+        return [root]
     if not isinstance(ref, str) or not ref.startswith("#/"):
         return None
-    node: Any = root
+    nodes = [root]
     for part in ref[2:].split("/"):
         part = part.replace("~1", "/").replace("~0", "~")
+        node = nodes[-1]
         if isinstance(node, dict) and part in node:
-            node = node[part]
+            nodes.append(node[part])
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
+            nodes.append(node[int(part)])
         else:
             return None
-    return node
+    return nodes
+
+
+def resolve_local_ref(root: Any, ref: str) -> Any:
+    """The subschema a local ``$ref`` (``#`` or ``#/a/b``) points at, or None."""
+    nodes = _pointer_path(root, ref)
+    return None if nodes is None else nodes[-1]
 
 
 def starts_resource(node: Any) -> bool:
@@ -82,19 +90,10 @@ def resolve_in_root_resource(root: Any, ref: str) -> Any:
     """``resolve_local_ref``, or None where that would be wrong or cannot be told: ``root`` is
     None, the pointer passes into a subschema that starts a resource of its own, or the target
     holds one (the ``#/...`` refs in there point into that resource, not into ``root``)."""
-    if root is None or not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+    nodes = _pointer_path(root, ref) if root is not None else None
+    if nodes is None or any(starts_resource(n) and n is not root for n in nodes[1:]):
         return None
-    node: Any = root
-    for part in ref[2:].split("/") if ref != "#" else ():
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-        if starts_resource(node) and node is not root:
-            return None
+    node = nodes[-1]
     return None if node is not root and holds_resource(node) else node
 
 
