@@ -25,8 +25,13 @@ class _Body(BaseModel):
 
 
 def _nullable(annotation: Any) -> bool:
-    return annotation is None or annotation is type(None) or (
-        typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    return (
+        annotation is None
+        or annotation is type(None)
+        or (
+            typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            and type(None) in typing.get_args(annotation)
+        )
     )
 
 
@@ -115,7 +120,8 @@ class ChatMessage(_Body):
         """The message's text; ``at``: where it is in the request (``messages.<i>``), for errors."""
         if self.role in ("tool", "function") and self.tool_call_id is None and self.tool_calls is None:
             raise not_implemented(
-                f"tool calling (a message with role {self.role!r})", "send the conversation as plain text messages"
+                f"tool calling (a message with role {self.role!r})",
+                "send the conversation as plain text messages",
             )
         if self.tool_calls is not None or self.tool_call_id is not None or self.function_call is not None:
             raise not_implemented(
@@ -177,7 +183,11 @@ class _OpenAIBase(_Body):
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
-        return {k: v for k, v in data.items() if not (v is None and k in fields and not _nullable(fields[k].annotation))}
+        return {
+            k: v
+            for k, v in data.items()
+            if not (v is None and k in fields and not _nullable(fields[k].annotation))
+        }
 
     model: str
     temperature: float = 1.0
@@ -283,6 +293,22 @@ def check_generate_features(
                 "leave it out; the matched stop string is in meta_info",
                 f"{at}.no_stop_trim",
             )
+
+
+def check_stop_token_ids(ids: list[int] | None, vocab_size: int, field: str) -> list[int]:
+    """``ids`` (``[]`` for None) once each is a token id of the model, ``[0, vocab_size)``: the
+    engine would take any id >= 0, and one the model cannot produce never stops anything (a typo
+    that silently did nothing)."""
+    for i, t in enumerate(ids or []):
+        if not 0 <= t < vocab_size:
+            raise ServerHTTPError(
+                400,
+                f"{field}[{i}] is {t}, which is not a token id of this model: its vocabulary has "
+                f"{vocab_size} tokens (ids 0 to {vocab_size - 1}); remove it, or send the id of the "
+                "token to stop at (POST /tokenize gives a text's ids)",
+                param=field,
+            )
+    return list(ids or [])
 
 
 # OpenAI's range for temperature; the engine (and SGLang's /generate) takes any value >= 0

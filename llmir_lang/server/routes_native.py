@@ -46,6 +46,7 @@ from llmir_lang.server.protocol import (
     SGLangSamplingParams,
     TokenizeRequest,
     check_generate_features,
+    check_stop_token_ids,
 )
 from llmir_lang.server.service import EngineService, Submission
 
@@ -136,7 +137,11 @@ def _submission(
             ("seed", p.sampling_seed, f"{at}.sampling_seed"),
             ("stop", stop_list(p.stop), f"{at}.stop"),
             ("stop_regex", stop_list(p.stop_regex), f"{at}.stop_regex"),
-            ("stop_token_ids", p.stop_token_ids or [], f"{at}.stop_token_ids"),
+            (
+                "stop_token_ids",
+                check_stop_token_ids(p.stop_token_ids, svc.engine.config.vocab_size, f"{at}.stop_token_ids"),
+                f"{at}.stop_token_ids",
+            ),
             ("ignore_eos", p.ignore_eos, f"{at}.ignore_eos"),
             ("skip_special_tokens", p.skip_special_tokens, f"{at}.skip_special_tokens"),
             ("return_logprob", body.return_logprob, "return_logprob"),
@@ -168,6 +173,19 @@ def _prompts(body: GenerateRequest) -> tuple[list[str | list[int]], bool]:
             "give exactly one of 'text' and 'input_ids': the prompt as text (a string, or a list of "
             "them for a batch) or as token ids (a list of ints, or a list of those)",
             param="text",
+        )
+    if body.text == [] or body.input_ids == []:
+        # an empty batch was answered with an empty list (and as one prompt it has no token)
+        field, what = (
+            ("text", "a string, or a non-empty list of strings for a batch")
+            if body.text is not None
+            else (
+                "input_ids",
+                "token ids (a non-empty list of ints), or a non-empty list of those for a batch",
+            )
+        )
+        raise ServerHTTPError(
+            400, f"{field} is an empty list: no prompt to run; give the prompt as {what}", param=field
         )
     if body.text is not None:
         return ([body.text], False) if isinstance(body.text, str) else (list(body.text), True)
@@ -237,6 +255,9 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 async def _stream(
     svc: EngineService, sub: Submission, rid: str | None, body: GenerateRequest
 ) -> AsyncIterator[dict[str, Any]]:
+    """The events of one streamed ``/generate``, as SGLang sends them: each has the whole text so
+    far and, in ``meta_info.completion_tokens``, the tokens generated so far (not the chunk's);
+    the last one is the plain answer."""
     text, n_tokens = "", 0
     async for item in svc.stream(sub):
         if isinstance(item, StreamChunk):

@@ -9,9 +9,10 @@ logprobs in the same format as a plain answer. A stream the server's shutdown ab
 ``abort`` chunk, then an ``{"error": ...}`` event (type ``server_shutting_down``). ``temperature``
 must be in OpenAI's [0, 2] here (``/generate`` takes any value >= 0), ``top_p`` in [0, 1] (0: the
 most likely token only; ``/generate`` takes (0, 1]), and ``top_logprobs`` / completions'
-``logprobs`` in [0, 20]. Completions accept ``echo`` with ``logprobs`` (also with
-``max_tokens=0``), which is how clients score a text; the
-prompt may be token ids (one list, or a list of lists), so a client can score exact token
+``logprobs`` in [0, 20]. Chat takes ``max_completion_tokens`` (OpenAI's current name) and
+``max_tokens``: the first wins when both are given, and each one given must be valid. Completions
+accept ``echo`` with ``logprobs`` (also with ``max_tokens=0``), which is how clients score a text;
+the prompt may be token ids (one list, or a list of lists), so a client can score exact token
 sequences. Features that are not implemented (``n`` > 1, ``best_of``, ``suffix``, ``tools``,
 ``logit_bias``, image parts) are a 501 that names them.
 """
@@ -29,25 +30,22 @@ from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.server.convert import (
     EventStream,
-    TextOffsets,
-    align_top_logprobs,
     constraint_spec,
     prime,
     sampling_params,
     stop_list,
-    text_offsets,
-    token_bytes,
-    token_text,
 )
 from llmir_lang.server.errors import ServerHTTPError, blame, error_body, not_implemented
+from llmir_lang.server.openai_logprobs import StreamLogprobs, chat_logprobs, completion_logprobs
 from llmir_lang.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     _OpenAIBase,
     check_openai_features,
+    check_stop_token_ids,
 )
 from llmir_lang.server.routes_native import render_chat, service_of
-from llmir_lang.server.service import EngineService, LoggedChunk, Submission
+from llmir_lang.server.service import EngineService, Submission
 
 router = APIRouter(prefix="/v1")
 
@@ -129,7 +127,9 @@ def _spec(body: _OpenAIBase) -> tuple[Any, str | None]:
     return constraint_spec(given)
 
 
-def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None, logprobs_field: str) -> SamplingParams:
+def _params(
+    svc: EngineService, body: _OpenAIBase, max_tokens: int, logprobs: int | None, logprobs_field: str
+) -> SamplingParams:
     """``logprobs_field``: the field ``logprobs`` (the number of top alternatives) came from."""
     if body.logit_bias:
         raise not_implemented(
@@ -155,13 +155,28 @@ def _params(body: _OpenAIBase, max_tokens: int, logprobs: int | None, logprobs_f
             ("seed", body.seed, "seed"),
             ("stop", stop_list(body.stop), "stop"),
             ("stop_regex", stop_list(body.stop_regex), "stop_regex"),
-            ("stop_token_ids", body.stop_token_ids or [], "stop_token_ids"),
+            (
+                "stop_token_ids",
+                check_stop_token_ids(body.stop_token_ids, svc.engine.config.vocab_size, "stop_token_ids"),
+                "stop_token_ids",
+            ),
             ("ignore_eos", body.ignore_eos, "ignore_eos"),
             ("skip_special_tokens", body.skip_special_tokens, "skip_special_tokens"),
             ("return_logprob", logprobs is not None, "logprobs"),
             ("top_logprobs_num", logprobs or 0, logprobs_field),
         ]
     )
+
+
+def _chat_max_tokens(svc: EngineService, body: ChatCompletionRequest) -> int:
+    """The chat request's token budget. ``max_completion_tokens`` (OpenAI's current name) wins
+    over ``max_tokens`` (its deprecated one) when both are given, as on OpenAI, vLLM and SGLang;
+    each one given is checked (>= 0, within the server's limit), so a bad ``max_tokens`` next to
+    a good ``max_completion_tokens`` is a 400 naming it, not silently ignored."""
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        svc.max_tokens(body.max_tokens, field="max_tokens")
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    return svc.max_tokens(requested, field=_max_tokens_field(body))
 
 
 def _max_tokens_field(body: _OpenAIBase) -> str:
@@ -185,47 +200,6 @@ def _usage(results: list[GenerateResult]) -> dict[str, int]:
 
 
 # --- completions -------------------------------------------------------------------------
-def _completion_logprobs(
-    svc: EngineService,
-    res: GenerateResult,
-    prompt_ids: list[int] | None,
-    prompt_text: str,
-    skip_special: bool,
-    prompt_decoded: bool,
-) -> dict[str, Any]:
-    """OpenAI's legacy logprobs object; with echo (``prompt_ids`` given) it covers the prompt too,
-    its first token without a logprob. ``text_offset`` counts in the answer's text: the echoed
-    prompt is the prompt string as sent, or a token-id prompt decoded without special tokens
-    (``prompt_decoded``); the output is decoded as ``skip_special_tokens`` says."""
-    tok = svc.engine.tokenizer
-    specials = tok.skipped_ids
-    ids: list[int] = []
-    lps: list[float | None] = []
-    tops: list[dict[str, float] | None] = []
-    if prompt_ids is not None:
-        ids += prompt_ids
-        lps += [None] + [lp for _, lp in res.prompt_logprobs or []]
-        tops += [None] * len(prompt_ids)
-    ids += res.token_ids
-    lps += list(res.logprobs or [None] * len(res.token_ids))
-    aligned = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
-    for top in aligned if aligned is not None else [[]] * len(res.token_ids):
-        tops.append({tok.decode([t], skip_special_tokens=False): lp for t, lp in top} or None)
-    offsets = (
-        text_offsets(tok, prompt_ids, skip=specials if prompt_decoded else frozenset())
-        if prompt_ids is not None
-        else []
-    )
-    base = len(prompt_text) if prompt_ids is not None else 0
-    offsets += text_offsets(tok, res.token_ids, base, skip=specials if skip_special else frozenset())
-    return {
-        "tokens": token_text(tok, ids),
-        "token_logprobs": lps,
-        "top_logprobs": tops,
-        "text_offset": offsets,
-    }
-
-
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Any:
     svc = service_of(request)
@@ -246,7 +220,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         _check_scorable(svc, prompts)
     spec, spec_field = _spec(body)
     start = 0 if body.echo and body.logprobs is not None else -1
-    params = _params(body, max_tokens, body.logprobs, "logprobs")
+    params = _params(svc, body, max_tokens, body.logprobs, "logprobs")
     fields = [f"prompt.{i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]
     subs = [Submission(p, params, spec, start, f, spec_field) for p, f in zip(prompts, fields)]
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -277,7 +251,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 if body.echo
                 else None
             )
-            logprobs = _completion_logprobs(
+            logprobs = completion_logprobs(
                 svc, res, ids, prompt_text, body.skip_special_tokens, not isinstance(sub.prompt, str)
             )
         choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason})
@@ -304,7 +278,7 @@ def _check_scorable(svc: EngineService, prompts: list[str | list[int]]) -> None:
 async def _stream_completion(
     svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool, with_logprobs: bool
 ) -> AsyncIterator[dict[str, Any]]:
-    logged = _StreamLogprobs(svc, sub.params.skip_special_tokens) if with_logprobs else None
+    logged = StreamLogprobs(svc, sub.params.skip_special_tokens) if with_logprobs else None
     async for item in svc.stream(sub):
         if isinstance(item, StreamChunk):
             lp = logged.completion(item) if logged is not None else None
@@ -325,94 +299,7 @@ async def _stream_completion(
             yield error
 
 
-class _StreamLogprobs:
-    """Per-chunk logprobs of a stream, in the format of the plain answer (completions: the legacy
-    object; chat: ``content`` entries). Chunks bring the logprobs of the tokens not covered yet
-    (``LoggedChunk``, in token order); the final result brings any left, so every token gets its
-    logprob once, in order."""
-
-    def __init__(self, svc: EngineService, skip_special: bool = True) -> None:
-        self.tok = svc.engine.tokenizer
-        self.ids: list[int] = []  # tokens whose logprobs were sent
-        # their text offsets in the streamed text, kept up to date (completions)
-        self.offsets = TextOffsets(self.tok, self.tok.skipped_ids if skip_special else frozenset())
-
-    def completion(self, chunk: StreamChunk) -> dict[str, Any] | None:
-        if not isinstance(chunk, LoggedChunk) or not chunk.logprobs:
-            return None
-        return self._legacy(chunk.logprob_ids, chunk.logprobs, chunk.top_logprobs)
-
-    def completion_rest(self, res: GenerateResult) -> dict[str, Any] | None:
-        rest = self._rest(res)
-        return self._legacy(*rest) if rest is not None else None
-
-    def _rest(self, res: GenerateResult) -> tuple[list[int], list[float], list | None] | None:
-        """The final result's tokens, logprobs and top alternatives not sent with a chunk yet."""
-        start = len(self.ids)
-        lps = (res.logprobs or [])[start:]
-        if not lps:
-            return None
-        tops = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
-        return res.token_ids[start:], lps, tops[start:] if tops is not None else None
-
-    def _legacy(self, ids: list[int], lps: list[float], tops: list | None) -> dict[str, Any]:
-        offsets = self.offsets.extend(ids)
-        self.ids += ids
-        return {
-            "tokens": token_text(self.tok, ids),
-            "token_logprobs": lps,
-            "top_logprobs": [
-                {self.tok.decode([i], skip_special_tokens=False): v for i, v in top} or None for top in tops
-            ]
-            if tops is not None
-            else [None] * len(ids),
-            "text_offset": offsets,
-        }
-
-    def chat(self, chunk: StreamChunk) -> dict[str, Any] | None:
-        if not isinstance(chunk, LoggedChunk) or not chunk.logprobs:
-            return None
-        self.ids += chunk.logprob_ids
-        return {"content": _chat_entries(self.tok, chunk.logprob_ids, chunk.logprobs, chunk.top_logprobs)}
-
-    def chat_rest(self, res: GenerateResult) -> dict[str, Any] | None:
-        rest = self._rest(res)
-        if rest is None:
-            return None
-        self.ids += rest[0]
-        return {"content": _chat_entries(self.tok, *rest)}
-
-
 # --- chat completions --------------------------------------------------------------------
-def _chat_entries(tok: Any, ids: list[int], lps: list[float], tops: list | None) -> list[dict[str, Any]]:
-    content = []
-    tops = tops if tops is not None else []
-    for k, (t, lp) in enumerate(zip(ids, lps)):
-        text = tok.decode([t], skip_special_tokens=False)
-        content.append(
-            {
-                "token": text,
-                "logprob": lp,
-                "bytes": token_bytes(tok, t, text),
-                "top_logprobs": [
-                    {
-                        "token": (s := tok.decode([i], skip_special_tokens=False)),
-                        "logprob": v,
-                        "bytes": token_bytes(tok, i, s),
-                    }
-                    for i, v in (tops[k] if k < len(tops) else [])
-                ],
-            }
-        )
-    return content
-
-
-def _chat_logprobs(svc: EngineService, res: GenerateResult) -> dict[str, Any]:
-    tops = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
-    entries = _chat_entries(svc.engine.tokenizer, res.token_ids, res.logprobs or [], tops)
-    return {"content": entries}
-
-
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     svc = service_of(request)
@@ -422,7 +309,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         {"role": m.template_role, "content": m.text(f"messages.{i}")} for i, m in enumerate(body.messages)
     ]
     prompt = render_chat(svc, messages, add_generation_prompt=True)
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     if top is None and body.top_logprobs:
         raise ServerHTTPError(
@@ -430,8 +316,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             "top_logprobs needs logprobs=true; send logprobs=true, or leave top_logprobs out",
             param="top_logprobs",
         )
-    max_tokens = svc.max_tokens(requested, field=_max_tokens_field(body))
-    params = _params(body, max_tokens, top, "top_logprobs")
+    max_tokens = _chat_max_tokens(svc, body)
+    params = _params(svc, body, max_tokens, top, "top_logprobs")
     spec, spec_field = _spec(body)
     sub = Submission(prompt, params, spec, prompt_param="messages", constraint_param=spec_field)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -443,7 +329,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": res.text},
-        "logprobs": _chat_logprobs(svc, res) if body.logprobs else None,
+        "logprobs": chat_logprobs(svc, res) if body.logprobs else None,
         "finish_reason": res.finish_reason,
     }
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage([res])}
@@ -453,7 +339,7 @@ async def _stream_chat(
     svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool, with_logprobs: bool
 ) -> AsyncIterator[dict[str, Any]]:
     head = {**head, "object": "chat.completion.chunk"}
-    logged = _StreamLogprobs(svc, sub.params.skip_special_tokens) if with_logprobs else None
+    logged = StreamLogprobs(svc, sub.params.skip_special_tokens) if with_logprobs else None
     first = True
     async for item in svc.stream(sub):
         if isinstance(item, StreamChunk):

@@ -11,11 +11,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(scope="session")
 def server():
     """The bundled model served on a free loopback port for the whole session."""
-    from server_harness import ServerProcess
+    from server_harness import served
 
-    proc = ServerProcess("--max-tokens-limit", "960", "--max-request-bytes", "262144").start()
-    yield proc
-    proc.stop()
+    with served("--max-tokens-limit", "960", "--max-request-bytes", "262144") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,9 @@ def canonical(case: Case, payload: Any, problems: list[str]) -> Any:
             texts = [e["text"] for e in payload]
             if any(not b.startswith(a) for a, b in zip(texts, texts[1:])):
                 problems.append(f"a /generate stream's text is not cumulative: {texts}")
+            counts = [e["meta_info"]["completion_tokens"] for e in payload]
+            if counts != sorted(counts):
+                problems.append(f"a /generate stream's completion_tokens are not the tokens so far: {counts}")
             final = payload[-1]
             if final["meta_info"]["finish_reason"] is None:
                 problems.append("a /generate stream ended without a finish_reason")
@@ -63,8 +66,10 @@ def canonical(case: Case, payload: Any, problems: list[str]) -> Any:
         out = {"usage": payload["usage"], "choices": []}
         for c in payload["choices"]:
             text = c["message"]["content"] if chat else c["text"]
-            lps = c["logprobs"] if c["logprobs"] and any(c["logprobs"].values()) else None  # no token: none
-            out["choices"].append({"text": text, "finish_reason": c["finish_reason"], "logprobs": lps})
+            # as sent: a stream of no token ends with the same empty logprobs
+            out["choices"].append(
+                {"text": text, "finish_reason": c["finish_reason"], "logprobs": c["logprobs"]}
+            )
         return out
     chunks = [e for e in payload]
     ids = {e.get("id") for e in chunks}

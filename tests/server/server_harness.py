@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -94,9 +96,32 @@ class ServerProcess:
             self.proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def served(*args: str) -> Iterator[ServerProcess]:
+    """A ``ServerProcess`` started with ``args`` (``llmir serve`` options), stopped on exit; a
+    server fixture is ``with served(...) as proc: yield proc``."""
+    proc = ServerProcess(*args).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 def arithmetic_prompt(i: int) -> str:
     """Prompts the bundled model answers with distinct numbers (few-shot Q&A format)."""
     return f"Q: What is {i} + 7?\nA: "
+
+
+def server_stats(url: str) -> dict:
+    """The server's ``/stats``: engine counters, KV pool and cache, ``server`` request counters."""
+    return httpx.get(url + "/stats", timeout=30).json()
+
+
+def kv_is_free(stats: dict) -> bool:
+    """No request holds KV: every used slot belongs to the radix cache, and none is locked."""
+    return (
+        stats["cache"]["protected_tokens"] == 0 and stats["pool"]["used"] == stats["cache"]["cached_tokens"]
+    )
 
 
 def wait_idle(url: str, timeout: float = 20.0) -> dict:
@@ -104,7 +129,7 @@ def wait_idle(url: str, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     stats: dict = {}
     while time.monotonic() < deadline:
-        stats = httpx.get(url + "/stats", timeout=30).json()
+        stats = server_stats(url)
         if stats["server"]["active_requests"] == 0 and stats["engine_requests"] == 0:
             return stats
         time.sleep(0.1)

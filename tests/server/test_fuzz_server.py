@@ -36,7 +36,7 @@ import httpx
 import pytest
 from fuzz_client import REQUEST_TIMEOUT_S, Outcome, check_error, merge_logprobs, same, send, sse
 from fuzz_mix import DROP_TOKENS, LIMIT, MODEL, SMALL_SCHEMA, Case, Mix, n_prompts
-from server_harness import ServerProcess, arithmetic_prompt, wait_idle
+from server_harness import arithmetic_prompt, kv_is_free, served, server_stats, wait_idle
 
 SEED = int(os.environ.get("LLMIR_FUZZ_SEED", "5"))  # exercises both defects the fuzz found
 N_CLIENTS = 8
@@ -48,18 +48,13 @@ MAX_DROPS_ALONE = 12  # leaving clients sent again alone, one at a time
 # --- the test --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def srv():
-    proc = ServerProcess("--max-tokens-limit", str(LIMIT), "--max-running-requests", "16").start()
-    yield proc
-    proc.stop()
-
-
-def _stats(url: str) -> dict[str, Any]:
-    return httpx.get(url + "/stats", timeout=30).json()
+    with served("--max-tokens-limit", str(LIMIT), "--max-running-requests", "16") as proc:
+        yield proc
 
 
 def _flushed(url: str) -> dict[str, Any]:
     assert httpx.post(url + "/flush_cache", timeout=30).status_code == 200
-    return _stats(url)
+    return server_stats(url)
 
 
 def run_mix(url: str, cases: list[Case], n_clients: int) -> list[Outcome]:
@@ -153,8 +148,7 @@ def fuzz_round(url: str, seed: int, n_clients: int = N_CLIENTS, n_per_client: in
     # the server still serves, and holds no KV for any request
     assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
     assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]] == [MODEL]
-    assert stats["cache"]["protected_tokens"] == 0
-    assert stats["pool"]["used"] == stats["cache"]["cached_tokens"]
+    assert kv_is_free(stats), stats
     end = _flushed(url)
     assert end["pool"]["free"] == start["pool"]["free"], (start["pool"], end["pool"], end["cache"])
 

@@ -146,7 +146,12 @@ def test_top_logprobs_take_openais_range(client, route, body, field):
     tops = [e["top_logprobs"] for e in lp["content"]] if field == "top_logprobs" else lp["top_logprobs"]
     assert tops and all(len(top) == 20 for top in tops), tops
     # SGLang's /generate keeps the engine's rule (any number >= 0)
-    sglang = {"text": "Q", "return_logprob": True, "top_logprobs_num": 21, "sampling_params": {"max_new_tokens": 2}}
+    sglang = {
+        "text": "Q",
+        "return_logprob": True,
+        "top_logprobs_num": 21,
+        "sampling_params": {"max_new_tokens": 2},
+    }
     assert client.post("/generate", json=sglang).status_code == 200
 
 

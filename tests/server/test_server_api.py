@@ -88,6 +88,37 @@ def test_generate_stream_is_cumulative_and_equals_plain(client):
     assert events[-1]["meta_info"]["finish_reason"]["type"] == plain["meta_info"]["finish_reason"]["type"]
 
 
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"max_new_tokens": 12, "ignore_eos": True},
+        # jump-forward: a chunk of several tokens (the forced ones), re-tokenized with the sampled
+        {"max_new_tokens": 30, "json_schema": json.dumps({"type": "object", "properties": {
+            "answer": {"type": "integer"}, "ok": {"type": "boolean"}}, "required": ["answer", "ok"]})},
+    ],
+)  # fmt: skip
+def test_generate_stream_counts_the_tokens_generated_so_far(client, sampling):
+    """Every event's ``meta_info.completion_tokens`` is the number of tokens generated so far, as
+    SGLang sends it (not the number in that event's chunk); the last one is the plain answer's."""
+    from llmir_lang.executor.tokenizer import Tokenizer
+    from llmir_lang.models import __path__ as models_path
+
+    body = {"text": arithmetic_prompt(18), "sampling_params": {"temperature": 0.0, **sampling}}
+    plain = client.post("/generate", json=body).json()
+    with client.stream("POST", "/generate", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    counts = [e["meta_info"]["completion_tokens"] for e in events]
+    assert len(counts) >= 4 and counts[-1] == plain["meta_info"]["completion_tokens"] == len(
+        plain["output_ids"]
+    )
+    assert all(a < b for a, b in zip(counts[:-2], counts[1:-1])), counts  # each event brings tokens
+    assert counts[-2] <= counts[-1], counts
+    tok = Tokenizer(f"{models_path[0]}/llmir-tiny")
+    for e, n in zip(events[:-1], counts):
+        # the text so far is the text of the first n tokens (less what a stream holds back)
+        assert tok.decode(plain["output_ids"][:n]).startswith(e["text"]), (e, n)
+
+
 def test_generate_constraints_regex_json_schema_ebnf(client):
     regex = {
         "text": arithmetic_prompt(9),
@@ -280,6 +311,37 @@ def test_streams_carry_the_same_logprobs_as_plain_answers(client):
     assert all(len(x["top_logprobs"]) == 2 for x in content)
 
 
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_a_stream_of_no_token_has_the_plain_answers_empty_logprobs(client, route):
+    """With logprobs and no token generated (``max_tokens`` 0) the plain answer has empty lists;
+    the OpenAI streams reported null logprobs (a client could not tell they were asked for)."""
+    bodies = {
+        "/generate": {"text": arithmetic_prompt(7), "sampling_params": {"max_new_tokens": 0},
+                      "return_logprob": True, "top_logprobs_num": 2},
+        "/v1/completions": {"model": "llmir-tiny", "prompt": arithmetic_prompt(7), "max_tokens": 0,
+                            "logprobs": 2},
+        "/v1/chat/completions": {"model": "llmir-tiny", "messages": [{"role": "user", "content": "Hi"}],
+                                 "max_tokens": 0, "logprobs": True, "top_logprobs": 2},
+    }  # fmt: skip
+    body = bodies[route]
+    plain = client.post(route, json=body).json()
+    with client.stream("POST", route, json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    if route == "/generate":
+        meta, want = events[-1]["meta_info"], plain["meta_info"]
+        assert meta["output_token_logprobs"] == want["output_token_logprobs"] == []
+        assert meta["output_top_logprobs"] == want["output_top_logprobs"] == []
+        return
+    want = plain["choices"][0]["logprobs"]
+    assert want in (
+        {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
+        {"content": []},
+    )
+    streamed = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"] is not None]
+    assert streamed == [want], events
+    assert events[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"] == "length"
+
+
 def test_tokenize_and_scoring_token_id_prompts(client):
     from llmir_lang.executor.tokenizer import Tokenizer
     from llmir_lang.models import __path__ as models_path
@@ -303,7 +365,13 @@ def test_tokenize_and_scoring_token_id_prompts(client):
 def test_text_offsets_count_in_the_text_the_answer_gives(client):
     """Special tokens have no text where the text is decoded without them: each sits at the offset
     where the text goes on, so the offsets never go back and index the answer's text."""
-    body = {"model": "llmir-tiny", "prompt": [0, 1, 2, 5, 17, 42], "max_tokens": 4, "echo": True, "logprobs": 0}
+    body = {
+        "model": "llmir-tiny",
+        "prompt": [0, 1, 2, 5, 17, 42],
+        "max_tokens": 4,
+        "echo": True,
+        "logprobs": 0,
+    }
     choice = client.post("/v1/completions", json=body).json()["choices"][0]
     offsets, tokens, text = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"], choice["text"]
     assert offsets == sorted(offsets) and offsets[-1] <= len(text)

@@ -291,7 +291,9 @@ def test_abort_requests_stops_a_streamed_chain_on_the_server(server, kind):
         before = wait_idle(server.url)
         steps = [GenStep("a", SamplingParams(max_new_tokens=900, ignore_eos=True)), " then", GenStep("b")]
         chunks: list[str] = []
-        fut = backend.submit(ChainRequest("Q: What is 3 + 4?\nA: ", steps), on_chunk=lambda i, t: chunks.append(t))
+        fut = backend.submit(
+            ChainRequest("Q: What is 3 + 4?\nA: ", steps), on_chunk=lambda i, t: chunks.append(t)
+        )
         deadline = time.monotonic() + 60
         while len(chunks) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -373,7 +375,12 @@ def test_openai_backend_reports_logprobs_and_top_logprobs(server, runtime, strea
 
 @llmir.function
 def prompt_scored(s, question):
-    s += "Q: " + question + "\nA:" + llmir.gen("a", max_tokens=3, logprob_start_len=1, return_text_in_logprobs=True)
+    s += (
+        "Q: "
+        + question
+        + "\nA:"
+        + llmir.gen("a", max_tokens=3, logprob_start_len=1, return_text_in_logprobs=True)
+    )
     s += "\nQ: again?\nA:" + llmir.gen("b", max_tokens=2, logprob_start_len=0)
 
 

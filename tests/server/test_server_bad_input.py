@@ -236,13 +236,25 @@ def test_a_lone_surrogate_in_a_prompt_is_a_400_and_the_connection_stays_up(clien
 
 
 def test_nulls_take_the_defaults_as_openai_does(client):
-    body = {"model": "llmir-tiny", "messages": [{"role": "user", "content": "What is 5 + 7?"}], "max_tokens": 4}
-    nulls = {k: None for k in ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "logprobs", "stream")}
+    body = {
+        "model": "llmir-tiny",
+        "messages": [{"role": "user", "content": "What is 5 + 7?"}],
+        "max_tokens": 4,
+    }
+    nulls = {
+        k: None
+        for k in ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "logprobs", "stream")
+    }
     r = client.post("/v1/chat/completions", json={**body, **nulls})
     assert r.status_code == 200, r.text
-    r = client.post("/v1/completions", json={"model": "llmir-tiny", "prompt": "x", "max_tokens": 2, "echo": None, "stream": None})
+    r = client.post(
+        "/v1/completions",
+        json={"model": "llmir-tiny", "prompt": "x", "max_tokens": 2, "echo": None, "stream": None},
+    )
     assert r.status_code == 200, r.text
-    assert "temperature" in _error(client.post("/v1/chat/completions", json={**body, "temperature": "hot"}), 400)
+    assert "temperature" in _error(
+        client.post("/v1/chat/completions", json={**body, "temperature": "hot"}), 400
+    )
 
 
 def test_chat_roles_are_openais(client):
@@ -251,8 +263,14 @@ def test_chat_roles_are_openais(client):
     assert "role" in _error(client.post("/v1/chat/completions", json=bogus), 400)
     tool = {**base, "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}
     assert "tool calling" in _error(client.post("/v1/chat/completions", json=tool), 501)
-    developer = {**base, "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
-    system = {**base, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    developer = {
+        **base,
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    }
+    system = {
+        **base,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    }
     got = client.post("/v1/chat/completions", json=developer).json()
     want = client.post("/v1/chat/completions", json=system).json()
     assert got["choices"][0]["message"] == want["choices"][0]["message"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from server_harness import arithmetic_prompt
@@ -96,6 +97,84 @@ def test_a_stop_regex_that_matches_the_empty_string_names_stop_regex(client, pat
         _error(client.post(route, json={**base, "stop_regex": pattern}), "stop_regex", why)
         _error(client.post(route, json={**base, "stop_regex": ["\n", pattern]}), "stop_regex", why)
     _error(client.post("/generate", json=_generate(stop_regex=pattern)), "sampling_params.stop_regex", why)
+
+
+# --- values that were taken, or silently ignored ----------------------------------------------
+def _vocab_size(client) -> int:
+    config = Path(client.get("/get_model_info").json()["model_path"], "config.json")
+    return json.loads(config.read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_token_ids_outside_the_vocabulary_name_the_id_and_its_size(client, stream):
+    """An id the model has no token for never stops anything: ids >= the vocabulary size were
+    taken silently (a typo that did nothing), and a negative one was refused without the size."""
+    vocab = _vocab_size(client)
+    batch = {"text": ["Q", "R"], "sampling_params": [{"max_new_tokens": 2}, {"stop_token_ids": [vocab]}]}
+    cases = [
+        ("/generate", _generate(stop_token_ids=[5, vocab]), "sampling_params.stop_token_ids", vocab),
+        ("/generate", _generate(stop_token_ids=[5, -1]), "sampling_params.stop_token_ids", -1),
+        ("/v1/completions", {**COMPLETION, "stop_token_ids": [5, 10**9]}, "stop_token_ids", 10**9),
+        ("/v1/chat/completions", {**CHAT, "stop_token_ids": [5, vocab + 1]}, "stop_token_ids", vocab + 1),
+        ("/v1/chat/completions", {**CHAT, "stop_token_ids": [5, -3]}, "stop_token_ids", -3),
+    ]
+    for route, body, param, bad in cases:
+        r = client.post(route, json={**body, "stream": stream})
+        _error(r, param, f"stop_token_ids[1] is {bad}", f"vocabulary has {vocab} tokens")
+    if not stream:  # a batch cannot stream
+        r = client.post("/generate", json=batch)
+        _error(r, "sampling_params.1.stop_token_ids", f"[0] is {vocab}", f"{vocab} tokens")
+    # the first and the last id of the vocabulary are taken
+    ok = [("/generate", _generate(stop_token_ids=[0, vocab - 1]))]
+    ok += [(route, {**base, "stop_token_ids": [0, vocab - 1]}) for route, base in OPENAI]
+    for route, body in ok:
+        r = client.post(route, json={**body, "stream": stream})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "fields,param,needle",
+    [
+        ({"max_tokens": -5, "max_completion_tokens": 3}, "max_tokens", "max_tokens must be >= 0, got -5"),
+        ({"max_tokens": 5000, "max_completion_tokens": 3}, "max_tokens", "max_tokens 5000 is above"),
+        ({"max_tokens": 3, "max_completion_tokens": -1}, "max_completion_tokens", "must be >= 0, got -1"),
+        ({"max_tokens": None, "max_completion_tokens": 5000}, "max_completion_tokens", "limit of 960"),
+    ],
+)
+def test_chat_checks_max_tokens_also_next_to_max_completion_tokens(client, stream, fields, param, needle):
+    """max_completion_tokens wins when both are given, and a bad max_tokens next to it was ignored."""
+    _error(client.post("/v1/chat/completions", json={**CHAT, **fields, "stream": stream}), param, needle)
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    """OpenAI's current name wins over its deprecated one (as on vLLM and SGLang); completions
+    know only max_tokens, as OpenAI's legacy completions do."""
+    body = {**CHAT, "temperature": 0.0, "ignore_eos": True}
+    for max_tokens, max_completion_tokens in [(2, 5), (5, 2), (0, 3)]:
+        fields = {"max_tokens": max_tokens, "max_completion_tokens": max_completion_tokens}
+        usage = client.post("/v1/chat/completions", json={**body, **fields}).json()["usage"]
+        assert usage["completion_tokens"] == max_completion_tokens, (fields, usage)
+    r = client.post("/v1/completions", json={**COMPLETION, "max_completion_tokens": 3})
+    _error(r, "max_completion_tokens", "unknown field 'max_completion_tokens'")
+
+
+@pytest.mark.parametrize(
+    "body,param,needle",
+    [
+        ({"text": []}, "text", "text is an empty list"),
+        ({"text": [], "stream": True}, "text", "text is an empty list"),
+        ({"text": [], "sampling_params": [], "rid": []}, "text", "text is an empty list"),
+        ({"input_ids": []}, "input_ids", "input_ids is an empty list"),
+        ({"input_ids": [], "stream": True}, "input_ids", "input_ids is an empty list"),
+        ({"input_ids": [[]]}, "input_ids.0", "empty"),
+        ({"input_ids": [[5, 6], []]}, "input_ids.1", "empty"),
+        ({"text": ["Q", ""], "sampling_params": {"max_new_tokens": 2}}, "text.1", "empty"),
+    ],
+)
+def test_an_empty_batch_or_prompt_on_generate_is_a_400(client, body, param, needle):
+    """``"text": []`` (a batch of no prompt) was answered with ``[]``."""
+    _error(client.post("/generate", json=body), param, needle)
 
 
 # --- the streaming path: the same 400, before the stream starts ----------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_harness import ServerProcess, arithmetic_prompt
+from server_harness import arithmetic_prompt, served
 
 import llmir_lang as llmir
 from llmir_lang.executor.backend import ChainRequest, GenStep
@@ -17,18 +17,9 @@ KEY = "s3cret-key"
 
 @pytest.fixture(scope="module")
 def guarded():
-    proc = ServerProcess(
-        "--api-key",
-        KEY,
-        "--max-tokens-limit",
-        "16",
-        "--max-request-bytes",
-        "4096",
-        "--served-model-name",
-        "tiny",
-    ).start()
-    yield proc
-    proc.stop()
+    options = ["--api-key", KEY, "--max-tokens-limit", "16", "--max-request-bytes", "4096"]
+    with served(*options, "--served-model-name", "tiny") as proc:
+        yield proc
 
 
 def _gen(url: str, headers: dict[str, str] | None = None, **sampling) -> httpx.Response:

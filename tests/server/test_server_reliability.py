@@ -10,7 +10,7 @@ import time
 import httpx
 import psutil
 import pytest
-from server_harness import ServerProcess, arithmetic_prompt, wait_idle
+from server_harness import arithmetic_prompt, kv_is_free, served, server_stats, wait_idle
 
 N_CLIENTS = 32
 N_REQUESTS = 50  # per client
@@ -22,23 +22,8 @@ LONG = {"temperature": 0.0, "max_new_tokens": 900, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def srv():
-    proc = ServerProcess("--max-running-requests", "64", "--shutdown-timeout", "20").start()
-    yield proc
-    proc.stop()
-
-
-def _stats(url: str) -> dict:
-    return httpx.get(url + "/stats", timeout=30).json()
-
-
-def _wait_idle(url: str, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = _stats(url)
-        if stats["server"]["active_requests"] == 0 and stats["engine_requests"] == 0:
-            return stats
-        time.sleep(0.1)
-    raise AssertionError(f"requests still running after {timeout}s: {stats}")
+    with served("--max-running-requests", "64", "--shutdown-timeout", "20") as proc:
+        yield proc
 
 
 def _one(client: httpx.Client, prompt: str, rid: str, stream: bool) -> tuple[str, str]:
@@ -90,13 +75,13 @@ def test_32_clients_x_50_requests_no_lost_duplicated_or_mixed_up_and_flat_memory
         expected = [_one(client, arithmetic_prompt(i), f"base{i}", stream=False)[0] for i in range(N_PROMPTS)]
     assert len(set(expected)) >= N_PROMPTS - 4  # answers tell prompts apart
     _load(srv.url, N_CLIENTS, 5)  # warm-up: allocator pools, caches, threads
-    _wait_idle(srv.url)
+    wait_idle(srv.url)
     rss_before = psutil.Process(srv.pid).memory_info().rss
-    counters_before = _stats(srv.url)["server"]
+    counters_before = server_stats(srv.url)["server"]
     started = time.monotonic()
     results = _load(srv.url, N_CLIENTS, N_REQUESTS)
     elapsed = time.monotonic() - started
-    stats = _wait_idle(srv.url)
+    stats = wait_idle(srv.url)
     rss_after = psutil.Process(srv.pid).memory_info().rss
 
     want = {f"c{c}-r{j}" for c in range(N_CLIENTS) for j in range(N_REQUESTS)}
@@ -116,15 +101,8 @@ def test_32_clients_x_50_requests_no_lost_duplicated_or_mixed_up_and_flat_memory
     )
 
 
-def _kv_is_free(stats: dict) -> bool:
-    """No request holds KV: every used slot belongs to the radix cache, and none is locked."""
-    return (
-        stats["cache"]["protected_tokens"] == 0 and stats["pool"]["used"] == stats["cache"]["cached_tokens"]
-    )
-
-
 def test_client_disconnecting_mid_stream_frees_its_kv(srv):
-    before = _wait_idle(srv.url)
+    before = wait_idle(srv.url)
     with httpx.Client(base_url=srv.url, timeout=60.0) as client:
         body = {"text": arithmetic_prompt(3), "sampling_params": LONG, "stream": True}
         with client.stream("POST", "/generate", json=body) as r:
@@ -134,21 +112,21 @@ def test_client_disconnecting_mid_stream_frees_its_kv(srv):
                     seen += 1
                     if seen == 3:
                         break  # leaving the block closes the connection mid-stream
-    after = _wait_idle(srv.url, timeout=15.0)
+    after = wait_idle(srv.url, timeout=15.0)
     assert after["server"]["aborted"] == before["server"]["aborted"] + 1
     assert after["tokens_computed"] - before["tokens_computed"] < 900  # generation stopped early
-    assert _kv_is_free(after)
+    assert kv_is_free(after)
 
 
 def test_client_timing_out_on_a_plain_request_frees_its_kv(srv):
-    before = _wait_idle(srv.url)
+    before = wait_idle(srv.url)
     mark = srv.log_size()
     with httpx.Client(base_url=srv.url, timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
         client.post("/generate", json={"text": arithmetic_prompt(4), "sampling_params": LONG})
-    after = _wait_idle(srv.url, timeout=15.0)
+    after = wait_idle(srv.url, timeout=15.0)
     assert after["server"]["aborted"] == before["server"]["aborted"] + 1
     assert after["tokens_computed"] - before["tokens_computed"] < 900
-    assert _kv_is_free(after)
+    assert kv_is_free(after)
     time.sleep(0.3)  # asyncio logs an unretrieved outcome when the future is collected
     log = srv.log_since(mark)
     assert "Traceback" not in log and "never retrieved" not in log, log  # aborted quietly
@@ -192,8 +170,7 @@ def test_streamed_request_aborted_when_its_client_leaves_before_the_first_token(
     """One request at a time: a stream queued behind a long request has no token to send for
     seconds. Its client leaving is seen at once (not at the first token, after the long one), and
     the queued request is aborted without computing anything."""
-    proc = ServerProcess("--max-running-requests", "1").start()
-    try:
+    with served("--max-running-requests", "1") as proc:
         before = wait_idle(proc.url)
         long_done = threading.Event()
 
@@ -207,7 +184,7 @@ def test_streamed_request_aborted_when_its_client_leaves_before_the_first_token(
 
         threading.Thread(target=occupy, daemon=True).start()
         deadline = time.monotonic() + 20
-        while _stats(proc.url)["engine_requests"] < 1 and time.monotonic() < deadline:
+        while server_stats(proc.url)["engine_requests"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         body = {"text": arithmetic_prompt(6), "sampling_params": PARAMS, "stream": True}
         # queued behind the long request: no header or event comes before its first token, so the
@@ -215,12 +192,13 @@ def test_streamed_request_aborted_when_its_client_leaves_before_the_first_token(
         with httpx.Client(base_url=proc.url, timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
             client.post("/generate", json=body)
         deadline = time.monotonic() + 5
-        while _stats(proc.url)["server"]["aborted"] == before["server"]["aborted"] and time.monotonic() < deadline:
+        while (
+            server_stats(proc.url)["server"]["aborted"] == before["server"]["aborted"]
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
-        stats = _stats(proc.url)
+        stats = server_stats(proc.url)
         assert stats["server"]["aborted"] == before["server"]["aborted"] + 1
         assert not long_done.is_set()  # seen while the long request still ran, not after it
         long_done.wait(120)
         assert wait_idle(proc.url)["server"]["finished"] == before["server"]["finished"] + 1
-    finally:
-        proc.stop()
