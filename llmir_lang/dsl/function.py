@@ -642,8 +642,22 @@ def _spawn_on_loop(
     name: str,
 ) -> asyncio.Future[None]:
     """Run the program on a pooled thread (waited for at exit, see workers.py); the future returned,
-    of ``loop``, is set when it has ended, whatever the end."""
+    of ``loop``, is set when it has ended, whatever the end.
+
+    The program reports to ``loop`` alone: once that loop is closed (``loop.close()`` with the
+    ``arun`` still pending, which cancels nothing) its next segment is cancelled instead of run.
+    NOTE: a closed loop tells nobody, so the segment running when it closed runs to its end."""
     ended: asyncio.Future[None] = loop.create_future()
+
+    def orphaned() -> str | None:
+        if not loop.is_closed():
+            return None
+        return (
+            f"arun() of {fn.name!r}: the event loop it was started on was closed while the program "
+            "ran (nothing can receive its result); cancel the task, or await it, before loop.close()"
+        )
+
+    run.orphaned = orphaned
 
     def wake() -> None:
         if not ended.done():

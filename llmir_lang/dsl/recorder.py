@@ -148,6 +148,10 @@ class ProgramRun:
         self.finished = threading.Event()
         self.thread: int | None = None  # the thread running the program body
         self.stats: Any = None  # the runner's counters, kept when ``release`` drops the runner
+        # why nobody can receive the run's result any more (``arun``: its event loop was closed),
+        # or None; asked before each segment of a run of its own, which is cancelled instead of
+        # run (``flush``; never set on a batch's runs, whose runner a cancel stops whole)
+        self.orphaned: Callable[[], str | None] | None = None
         self._tracing = runner is None
         if self._tracing:
             self.builder.op_hook = refuse_traced_marks
@@ -209,6 +213,7 @@ class ProgramRun:
         self.stats = getattr(self.runner, "stats", None)
         self.runner = None
         self.backend = None
+        self.orphaned = None  # (it holds the run's event loop)
         self.roles = LazyRoles(None)
 
     def cancel(self, reason: str) -> None:
@@ -218,6 +223,13 @@ class ProgramRun:
         cancel = getattr(self.runner, "cancel", None)
         if cancel is not None and not self.finished.is_set():
             cancel(reason)
+
+    def _cancel_if_orphaned(self) -> None:
+        """Before a segment: cancel the run if its result can no longer be delivered (see
+        ``orphaned``), so that the segment raises ``ProgramInterruptedError`` instead of running."""
+        reason = self.orphaned() if self.orphaned is not None else None
+        if reason is not None:
+            self.cancel(reason)
 
     # --- sync ----------------------------------------------------------------------------
     def has_pending(self) -> bool:
@@ -232,6 +244,7 @@ class ProgramRun:
         live, fn = segment
         assert self.runner is not None
         try:
+            self._cancel_if_orphaned()
             result = self.runner.execute(self, fn, live)
         except BaseException as e:
             self._never_ran(live, e)

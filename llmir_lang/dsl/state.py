@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, overload
 
@@ -38,7 +38,7 @@ from llmir_lang.dsl.primitives import (
     marked_placeholder,
 )
 from llmir_lang.dsl.recorder import Piece, ProgramRun
-from llmir_lang.dsl.streaming import StreamLog
+from llmir_lang.dsl.streaming import AsyncStream, StreamLog
 from llmir_lang.dsl.vars import GatherSlot, PieceSlot, RangeSlot, Slot, ValueSlot
 from llmir_lang.errors import IRVerifyError, LLMIRError
 from llmir_lang.executor.tokenizer import lone_surrogate
@@ -432,7 +432,8 @@ class ProgramState:
         self, var_name: str | None = None, return_meta_data: bool = False, *, var: str | None = None
     ) -> AsyncIterator[str]:
         """``text_iter`` for ``async for``; never blocks the event loop. Cancelling the task that
-        waits for the next piece stops the program (``cancel``). ``return_meta_data=True``
+        reads it stops the program (``cancel``), also where the cancel lands in the loop's body;
+        a reader that stops otherwise (``break``) leaves it running. ``return_meta_data=True``
         (SGLang's ``(chunk, meta_info)`` pairs) is refused: the stream carries text only."""
         name = self._stream_var("text_async_iter", var_name, var)
         if return_meta_data:
@@ -442,7 +443,10 @@ class ProgramState:
                 self._run.program,
                 SourceLocation.here(),
             )
-        return self._text_async_iter(name)
+        return AsyncStream(self._text_async_iter(name), self._reader_cancelled)
+
+    def _reader_cancelled(self) -> None:
+        self._run.cancel("the task reading text_async_iter() was cancelled")
 
     @staticmethod
     def _stream_var(what: str, var_name: str | None, var: str | None) -> str | None:
@@ -470,7 +474,7 @@ class ProgramState:
         if strict:
             self._raise_failure(var, where)
 
-    async def _text_async_iter(self, var: str | None) -> AsyncIterator[str]:
+    async def _text_async_iter(self, var: str | None) -> AsyncGenerator[str, None]:
         where = SourceLocation.here()
         if self._log is None:
             self._sync(None)
