@@ -33,8 +33,8 @@ HTTP_FAULTS = ("429", "429_bare", "500", "503", "503_bare")
 BODY_FAULTS = ("reset", "truncated", "bad_json", "bad_shape", "error_200", "not_json")
 SLOW_FAULTS = ("slow", "drip")
 FAULTS = HTTP_FAULTS + BODY_FAULTS + SLOW_FAULTS
-# /tokenize answers nothing the backends may fall back from (a 200 they cannot read means "no
-# usable /tokenize" to them, by design): only failures that must reach the program
+# what /tokenize answers by default: only failures that must reach the program (a 200 the backends
+# cannot read makes them score without /tokenize for a while, by design: no failure to see)
 TOKENIZE_FAULTS = HTTP_FAULTS + ("reset", "slow")
 
 _TAG = re.compile(r"P(\d+):")
@@ -160,6 +160,10 @@ class _Handler(BaseHTTPRequestHandler):
             "/apply_chat_template",
             "/program",
         ):
+            self._json({"error": {"message": f"no route {route}"}}, 404)
+            return
+        if route in self.server.absent:  # a server without the route (logged, unlike an unknown one)
+            self.server.record(Logged(route, None, "absent", route))
             self._json({"error": {"message": f"no route {route}"}}, 404)
             return
         stream = bool(body.get("stream"))
@@ -367,17 +371,31 @@ def _bad_shape(route: str, variant: int, scoring: bool = False) -> Any:
 
 class FaultServer(ThreadingHTTPServer):
     """The fake server on a free loopback port (``url``); ``rate`` of the tagged requests fail with a
-    fault of ``faults`` (chosen from ``seed`` and the request). ``close`` stops it, ending its
-    slow answers."""
+    fault of ``faults`` (chosen from ``seed`` and the request), ``/tokenize`` only with those also in
+    ``tokenize_faults``. ``routes`` (None: all) limits the faults to those routes, ``max_faults``
+    (None: no limit) to that many in all, the later requests answered well: a passing fault.
+    The routes of ``absent`` answer 404. ``close`` stops it, ending its slow answers."""
 
     daemon_threads = True
     request_queue_size = 256  # run_batch opens dozens of connections at once
 
     def __init__(
-        self, seed: int = 0, rate: float = 0.0, faults: tuple[str, ...] = FAULTS, slow_s: float = 20.0
+        self,
+        seed: int = 0,
+        rate: float = 0.0,
+        faults: tuple[str, ...] = FAULTS,
+        slow_s: float = 20.0,
+        *,
+        tokenize_faults: tuple[str, ...] = TOKENIZE_FAULTS,
+        routes: tuple[str, ...] | None = None,
+        max_faults: int | None = None,
+        absent: tuple[str, ...] = (),
     ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.seed, self.rate, self.faults, self.slow_s = seed, rate, faults, slow_s
+        self.tokenize_faults, self.routes, self.max_faults = tokenize_faults, routes, max_faults
+        self._faulted = 0  # faults planned so far (for max_faults)
+        self.absent = absent  # routes answered 404, as by a server that has none
         self.closing = threading.Event()
         self.log: list[Logged] = []
         self._log_lock = threading.Lock()
@@ -394,15 +412,23 @@ class FaultServer(ThreadingHTTPServer):
         )
         m = _TAG.search(_request_text(body))
         tag = int(m.group(1)) if m else None
-        if tag is None or self.rate <= 0:
+        if tag is None or self.rate <= 0 or (self.routes is not None and route not in self.routes):
             return "ok", tag, key
         h = _digest(self.seed, key)
         if (h % 10_000) >= self.rate * 10_000:
             return "ok", tag, key
         faults = (
-            self.faults if route != "/tokenize" else tuple(f for f in self.faults if f in TOKENIZE_FAULTS)
+            self.faults
+            if route != "/tokenize"
+            else tuple(f for f in self.faults if f in self.tokenize_faults)
         )
-        return (faults[(h >> 20) % len(faults)] if faults else "ok"), tag, key
+        if not faults:
+            return "ok", tag, key
+        with self._log_lock:
+            if self.max_faults is not None and self._faulted >= self.max_faults:
+                return "ok", tag, key
+            self._faulted += 1
+        return faults[(h >> 20) % len(faults)], tag, key
 
     def record(self, entry: Logged) -> None:
         with self._log_lock:
