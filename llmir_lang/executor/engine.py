@@ -487,7 +487,12 @@ class Engine(EngineScoring, EngineLoop):
             queued = [x for x in self._inbox.queue if isinstance(x, Req) and x.rid == rid]
         if not queued or queued[0].finished:
             return False
-        return self.outputs.finish(queued[0], FinishReason.ABORT)  # the loop then skips it
+        if not self.outputs.finish(queued[0], FinishReason.ABORT):  # the loop then skips it
+            return False
+        # a chain whose forced opening held a stop went on to its next generation there, which
+        # queued it for that generation's extend: take it out, or the loop runs that step for it
+        sched.finish(queued[0], cache_kv=False)
+        return True
 
     def _abort_soon(self, rid: int) -> None:
         """Queue the abort of ``rid`` for the next loop turn without waiting for it: from a stream

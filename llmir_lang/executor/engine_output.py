@@ -6,6 +6,7 @@ is queued and runs while the next step computes (``engine_text``); ``flush_defer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -17,9 +18,12 @@ from llmir_lang.executor import speculate
 from llmir_lang.executor.engine_text import (
     DeferredText,
     defer_text_default,
+    forced_stop_hit,
     make_result,
+    send_chunk,
     stop_hit,
     stream_text,
+    take_chunk,
 )
 from llmir_lang.executor.model_runner import StepLogits
 from llmir_lang.executor.request import FinishReason, Req, common_prefix_len
@@ -28,6 +32,7 @@ from llmir_lang.executor.scheduler import ScheduledBatch
 
 if TYPE_CHECKING:
     from llmir_lang.executor.engine import Engine
+    from llmir_lang.executor.sampling_params import SamplingParams
 
 log = logging.getLogger("llmir_lang.engine")
 
@@ -243,6 +248,11 @@ class OutputProcessor:
         self.fail(req, err)
 
     def append(self, req: Req, token: int, logprob: float | None, top: list | None) -> None:
+        if forced_stop_hit(req, len(req.output_ids)):
+            # forced text came after the last check: a stop in it ends the output before this
+            # token, as the check of each forced token does with jump-forward off
+            self._end_now(req, FinishReason.STOP)
+            return
         if token < 0:
             why = req.matcher.error() if req.matcher is not None else None
             req.error = (
@@ -277,20 +287,27 @@ class OutputProcessor:
             reason = FinishReason.LENGTH
         if reason is None and req.matcher is not None and self.engine.jump_forward:
             self._jump_forward(req)
+            if req.finished:
+                return  # its stream callback aborted it (Engine.abort): its result is out
             if req.matcher.is_terminated() and self._commit_forced(req):
                 reason = FinishReason.STOP  # the forced text ended the output: no step to run
+                forced_stop_hit(req, len(req.output_ids))  # no check follows: cut at a stop in it
         if defer:  # the finish reason is decided now (the scheduler needs it); the text later
             req.finish_reason = reason
             self._deferred.push(req, reason, True)
         elif reason is not None:
-            if not isinstance(req.matched_stop, str):
-                req.text += req.decoder.flush(req.output_ids)
-            if _chain_continues(req):
-                self._next_step(req, reason)
-            else:
-                self._finish_now(req, reason)
+            self._end_now(req, reason)
         else:
             stream_text(req)
+
+    def _end_now(self, req: Req, reason: FinishReason) -> None:
+        """The current generation ended: on to a chain's next one, else finish the request."""
+        if not isinstance(req.matched_stop, str):
+            req.text += req.decoder.flush(req.output_ids)
+        if _chain_continues(req):
+            self._next_step(req, reason)
+        else:
+            self._finish_now(req, reason)
 
     def _jump_forward(self, req: Req) -> None:
         """Where the constraint allows exactly one continuation, append it as forced tokens.
@@ -418,8 +435,13 @@ class OutputProcessor:
     # ---- chains ---------------------------------------------------------------------------
     def _next_step(self, req: Req, reason: FinishReason) -> None:
         """The current generation of a chain ended: append the constant text that follows, then
-        start the next generation in the same request (the scheduler re-points the KV)."""
-        stream_text(req, final=True, step_done=True)
+        start the next generation in the same request (the scheduler re-points the KV).
+
+        The ended generation's last chunk goes out once the next generation is set up (its rebase
+        pending), so an abort from that chunk's callback ends the request as one between two
+        generations does: the ended one keeps its own finish reason, the next one is reported
+        aborted. Sent before, the abort reported the ended generation as aborted, and the set-up
+        here then went on on a finished request."""
         req.step_results.append(make_result(req, reason))
         req.chain_text += req.text
         assert req.chain is not None
@@ -430,21 +452,26 @@ class OutputProcessor:
         # canonical tokens of the whole text so far, exactly what a call-by-call run would prefill
         new_ids = eng.tokenizer.encode((req.prompt_text or "") + req.chain_text)
         ctx = eng.config.context_len
+        # the refusals below end the request: their final chunk carries the ended generation's rest
         if len(new_ids) >= ctx:
-            req.error = "the chain's text outgrew the model's context"
-            self._finish_now(req, FinishReason.LENGTH)
+            self._refuse_next(
+                req, params, FinishReason.LENGTH, "the chain's text outgrew the model's context"
+            )
             return
         # the admission rule of a new request (Engine._submit), so a chain's next generation is
         # refused exactly where a call-by-call run's request for it would be; one that could never
         # fit in the pool would otherwise wait for KV slots for ever
         need = len(new_ids) + min(params.max_new_tokens, ctx - len(new_ids)) + eng.pool.page_size
         if need > eng.pool.capacity:
-            req.error = (
+            self._refuse_next(
+                req,
+                params,
+                FinishReason.ERROR,
                 f"OutOfKVMemoryError: this request needs {need} KV slots but the pool holds "
-                f"{eng.pool.capacity}; raise kv_memory or lower max_new_tokens"
+                f"{eng.pool.capacity}; raise kv_memory or lower max_new_tokens",
             )
-            self._finish_now(req, FinishReason.ERROR)
             return
+        ended = take_chunk(req, final=True, step_done=True)
         req.params, req.matcher = params, matcher
         req.generator = (
             eng.sampler.make_generator(params.seed, eng.device) if params.seed is not None else None
@@ -462,6 +489,24 @@ class OutputProcessor:
         forced = self.force_start(req)
         req.output_ids = finished
         req.rebase_to = (new_ids, forced)
+        if ended is not None:
+            send_chunk(req, ended)
+
+    def _refuse_next(self, req: Req, params: SamplingParams, reason: FinishReason, error: str) -> None:
+        """The chain's next generation (``params``) cannot run: end the request, its final chunk
+        carrying the ended generation's rest, and report the refused one with no text or tokens
+        (``_finish_now`` would report the ended generation's output a second time as its own)."""
+        req.error, req.finish_reason = error, reason
+        stream_text(req, final=True)
+        last = make_result(req, reason)
+        last.text, last.token_ids, last.completion_tokens, last.matched_stop = "", [], 0, None
+        last.logprobs = [] if params.return_logprob else None
+        last.top_logprobs = [] if params.return_logprob and params.top_logprobs_num else None
+        last.prompt_logprobs = None
+        res = dataclasses.replace(last, meta={**last.meta, "steps": [*req.step_results, last]})
+        res.meta["chain_text"] = req.chain_text
+        if not req.future.done():
+            req.future.set_result(res)
 
     # ---- endings --------------------------------------------------------------------------
     def finish(self, req: Req, reason: FinishReason) -> bool:
@@ -473,6 +518,17 @@ class OutputProcessor:
         self.flush_deferred()
         if req.finished and not was_finished:
             return False
+        if reason is FinishReason.ABORT and forced_stop_hit(req, len(req.output_ids)):
+            # NOTE: the stop was in the text before the abort landed (forced text the next check
+            # would have cut): the output ended at it, so "stop", as without the abort. A chain
+            # goes on to its next generation, which the abort then ends before it runs
+            reason = FinishReason.STOP
+            if _chain_continues(req):
+                self._next_step(req, reason)
+                if req.finished:  # refused, or aborted by the callback of the ended step's chunk
+                    return req.finish_reason is not FinishReason.ABORT
+                self.engine.scheduler.apply_rebase(req)
+                reason = FinishReason.ABORT
         self._finish_now(req, reason)
         return True
 

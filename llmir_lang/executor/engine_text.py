@@ -134,6 +134,21 @@ def stop_hit(req: Req, gated: bool) -> bool:
     return True
 
 
+def forced_stop_hit(req: Req, n_out: int) -> bool:
+    """``stop_hit`` over the text appended after the last check, where there is some: the text
+    jump-forward forced (``force_start``'s too). ``n_out``: output tokens up to its end.
+
+    The request's next check searches it, but the request may end before that check: an abort (a
+    stream callback), forced text that completes the constraint, an EOS or a stop token id sampled
+    next (those end the output ahead of the stop strings), a dead end of the constraint. Each of
+    those reported the forced text uncut, stop string included; they call this first.
+    """
+    p = req.params
+    if not (p.stop or p.stop_regex) or req.stop_seen >= len(req.text):
+        return False
+    return stop_hit(req, n_out < p.min_new_tokens)
+
+
 def _stop_string_at(text: str, stops: list[str], since: int) -> tuple[int, str] | None:
     """The earliest stop string that ends after ``since`` (it may straddle it): (where it starts,
     the string). The text before ``since`` was searched already, or was held by
@@ -222,8 +237,16 @@ def _before_stop_prefix(text: str, stops: list[str]) -> int:
 def stream_text(req: Req, final: bool = False, step_done: bool = False) -> None:
     """Send the request's stream consumer the text and tokens not sent yet (``final``: all of it
     and the finish reason; ``step_done``: a chain's generation ended, the request goes on)."""
+    chunk = take_chunk(req, final, step_done)
+    if chunk is not None:
+        send_chunk(req, chunk)
+
+
+def take_chunk(req: Req, final: bool = False, step_done: bool = False) -> StreamChunk | None:
+    """The chunk ``stream_text`` would send now (None: nothing to send), counted as sent; the caller
+    sends it with ``send_chunk``, possibly after changing the request (a chain's next generation)."""
     if req.stream is None:
-        return
+        return None
     upto = len(req.text) if final else visible_len(req)
     # the output the text is of: a pending rebase's (jump-forward re-tokenized the sampled token
     # with the forced text, "f" + "alse" -> "false"; a chain's next generation) until the
@@ -231,7 +254,7 @@ def stream_text(req: Req, final: bool = False, step_done: bool = False) -> None:
     # took its place, never went out
     ids = req.rebase_to[1] if req.rebase_to is not None else req.output_ids
     if upto <= req.sent_len and not final and len(ids) == req.sent_tokens:
-        return
+        return None
     chunk = StreamChunk(
         rid=req.rid,
         text=req.text[req.sent_len : upto],
@@ -241,9 +264,17 @@ def stream_text(req: Req, final: bool = False, step_done: bool = False) -> None:
         index=req.chain_index,
     )
     req.sent_len, req.sent_tokens = max(req.sent_len, upto), len(ids)
+    return chunk
+
+
+def send_chunk(req: Req, chunk: StreamChunk) -> None:
+    """Call the request's stream consumer; one that raises is dropped (a broken consumer must not
+    stop the engine; the result still resolves)."""
+    if req.stream is None:
+        return
     try:
         req.stream(chunk)
-    except Exception:  # a broken consumer must not stop the engine; the result still resolves
+    except Exception:
         req.stream = None
 
 

@@ -126,3 +126,28 @@ def test_chain_gen_step_takes_a_dict_as_submit_does(backend):
         assert str(chained.value) == str(submitted.value)
     with pytest.raises(errors.InvalidRequestError, match="SamplingParams or a dict"):
         eng.submit_chain(prompt, [("gen", [4], None)])
+
+
+def test_a_refused_next_generation_reports_no_text_of_its_own(backend):
+    """The chain's text outgrows the context before its second generation: that one is refused
+    with no tokens, and the first keeps its own result (it was reported twice: the refused step
+    a copy of the first one's text and tokens, and that text twice in ``chain_text``)."""
+    eng = backend.engine
+    filler = " fox" * eng.config.context_len
+    chunks: list = []
+    res = eng.submit_chain(
+        "the quick",
+        [
+            ("gen", SamplingParams(max_new_tokens=3, ignore_eos=True), None),
+            ("text", filler),
+            ("gen", SamplingParams(max_new_tokens=3, ignore_eos=True), None),
+        ],
+        stream=chunks.append,
+    ).result()
+    first, refused = res.meta["steps"]
+    assert len(first.token_ids) == 3 and first.finish_reason == "length"
+    assert refused.text == "" and refused.token_ids == [] and refused.completion_tokens == 0
+    assert refused.finish_reason == "length" and "context" in (refused.error or "")
+    assert res.meta["chain_text"] == first.text + filler
+    assert res.text == "" and res.error == refused.error
+    assert "".join(c.text for c in chunks) == first.text  # streamed once, all of it

@@ -59,50 +59,52 @@ def test_abort_of_a_request_submitted_by_the_same_callback(folder):
         _leaks_nothing(eng)
 
 
-def test_abort_of_a_request_admitted_in_the_step_being_processed(folder):
-    # admitted in this prefill step, it is in no queue until the step ends: abort() returned False
-    with Engine(folder, device="cpu", kv_memory="8MB") as eng:
-        box: dict = {"chunks": []}
+def _a_aborts_b(eng: Engine, when, b_params: SamplingParams = LONG, box: dict | None = None) -> tuple:
+    """Submit A (``LONG``) and B in one loop turn, so both are admitted into the same first step
+    and decode in the same steps, A first; A's stream callback aborts B once, at the first of its
+    chunks where ``when(box)`` holds (``box["n"]``: A's chunks so far, ``box["tokens"]``: its
+    tokens, ``box["b"]``: B's future). Returns (A's result, B's result, the box, which also holds
+    B's chunks: ``box["chunks"]``)."""
+    box = {} if box is None else box
+    box.update(chunks=[], n=0, tokens=0)
 
-        def on_chunk(chunk: StreamChunk) -> None:
-            if "aborted" not in box:
-                box["aborted"] = eng.abort(box["b"].rid)
+    def on_chunk(chunk: StreamChunk) -> None:
+        box["n"] += 1
+        box["tokens"] += len(chunk.token_ids)
+        if "aborted" not in box and when(box):
+            box["aborted"] = eng.abort(box["b"].rid)
 
-        def submit_both():  # one loop turn: both are admitted into the same first step
-            a = eng.submit(A, LONG, stream=on_chunk)
-            box["b"] = eng.submit(B, LONG, stream=box["chunks"].append)
-            return a
+    def submit_both():
+        a = eng.submit(A, LONG, stream=on_chunk)
+        box["b"] = eng.submit(B, b_params, stream=box["chunks"].append)
+        return a
 
-        ra = eng.call_in_engine_thread(submit_both).result(timeout=60)
-        rb = box["b"].result(timeout=60)
-        assert box["aborted"] is True and rb.finish_reason == "abort" and rb.token_ids == []
-        _one_final_chunk(box["chunks"], rb)
+    ra = eng.call_in_engine_thread(submit_both).result(timeout=60)
+    rb = box["b"].result(timeout=60)
+    assert box["aborted"] is True and rb.finish_reason == "abort"
+    _one_final_chunk(box["chunks"], rb)
+    return ra, rb, box
+
+
+@pytest.mark.parametrize(
+    "drafts, abort_at, b_max, b_tokens",
+    [
+        # admitted in this prefill step, B is in no queue until the step ends: abort() returned False
+        (None, 1, 12, 0),
+        # aborted by A's callback in the decode step where B takes its last token, B still got that
+        # token appended: a chunk after its final chunk, and a second final chunk at max_new_tokens
+        (0, 3, 3, 2),
+    ],
+    ids=["admitted-in-this-step", "mid-step"],
+)
+def test_a_request_aborted_by_an_earlier_requests_callback_in_the_same_step(
+    folder, drafts, abort_at, b_max, b_tokens
+):
+    with Engine(folder, device="cpu", kv_memory="8MB", speculative_draft_tokens=drafts) as eng:
+        b_params = SamplingParams(max_new_tokens=b_max, ignore_eos=True)
+        ra, rb, _ = _a_aborts_b(eng, lambda box: box["tokens"] >= abort_at, b_params)
+        assert len(rb.token_ids) == b_tokens
         assert ra.completion_tokens == 12
-        _leaks_nothing(eng)
-
-
-def test_a_request_aborted_mid_step_gets_no_more_tokens(folder):
-    # aborted by an earlier request's callback in the same decode step, it still got its token of
-    # that step appended: a chunk after its final chunk, and a second final chunk at max_new_tokens
-    with Engine(folder, device="cpu", kv_memory="8MB", speculative_draft_tokens=0) as eng:
-        box: dict = {"chunks": [], "n": 0}
-
-        def on_chunk(chunk: StreamChunk) -> None:
-            box["n"] += len(chunk.token_ids)
-            if box["n"] >= 3 and "aborted" not in box:
-                box["aborted"] = eng.abort(box["b"].rid)
-
-        def submit_both():
-            a = eng.submit(A, LONG, stream=on_chunk)
-            box["b"] = eng.submit(
-                B, SamplingParams(max_new_tokens=3, ignore_eos=True), stream=box["chunks"].append
-            )
-            return a
-
-        eng.call_in_engine_thread(submit_both).result(timeout=60)
-        rb = box["b"].result(timeout=60)
-        assert box["aborted"] is True and rb.finish_reason == "abort" and len(rb.token_ids) == 2
-        _one_final_chunk(box["chunks"], rb)
         _leaks_nothing(eng)
 
 
@@ -110,33 +112,24 @@ def test_abort_during_a_verify_step_of_the_aborted_request(folder, monkeypatch):
     # its KV slots then run past its tokens (the draft's): caching them raised RadixCacheError into
     # the aborting callback, whose own stream the engine then dropped
     with Engine(folder, device="cpu", kv_memory="8MB", speculative_draft_tokens=3) as eng:
-        box: dict = {"chunks": [], "n": 0, "drafted": 0}
+        box: dict = {}
 
         def draft_for_b(proc, req, cfg):  # B drafts two tokens at every step, A never
             room = req.params.max_new_tokens - len(req.output_ids) - 1
             return [11, 12] if req.rid == box["b"].rid and room >= 2 and not req.finished else []
 
-        def on_chunk(chunk: StreamChunk) -> None:
+        def at_a_drafted_step(seen: dict) -> bool:  # seen is box
             batch = eng._batch
-            box["n"] += 1
-            if box["n"] == 3 and batch is not None and batch.draft_lens:
-                box["drafted"] = batch.draft_lens[
-                    batch.reqs.index(next(r for r in batch.reqs if r.rid == box["b"].rid))
-                ]
-                box["aborted"] = eng.abort(box["b"].rid)
+            if seen["n"] != 3 or batch is None or not batch.draft_lens:
+                return False
+            b = next(r for r in batch.reqs if r.rid == seen["b"].rid)
+            seen["drafted"] = batch.draft_lens[batch.reqs.index(b)]
+            return True
 
         monkeypatch.setattr(speculate, "propose", draft_for_b)
-
-        def submit_both():
-            a = eng.submit(A, LONG, stream=on_chunk)
-            box["b"] = eng.submit(B, LONG, stream=box["chunks"].append)
-            return a
-
-        ra = eng.call_in_engine_thread(submit_both).result(timeout=60)
-        rb = box["b"].result(timeout=60)
-        assert box["drafted"] == 2 and box["aborted"] is True and rb.finish_reason == "abort"
+        ra, rb, _ = _a_aborts_b(eng, at_a_drafted_step, box=box)
+        assert box["drafted"] == 2
         assert box["n"] == 12 and ra.completion_tokens == 12  # A's stream ran to its end
-        _one_final_chunk(box["chunks"], rb)
         monkeypatch.undo()
         # the cache holds B's computed KV only: a prompt continuing B's output is answered as alone
         cont = B + rb.token_ids + [7]
@@ -150,24 +143,15 @@ def test_abort_while_the_next_decode_step_runs_ahead(folder):
     # run-ahead (CUDA's default): while the host reads a step's tokens the next step is launched,
     # with a slot for a token the host has not appended yet; aborting then raised RadixCacheError
     with Engine(folder, device="cpu", kv_memory="8MB", run_ahead=True, speculative_draft_tokens=0) as eng:
-        box: dict = {"chunks": [], "n": 0}
 
-        def on_chunk(chunk: StreamChunk) -> None:
-            box["n"] += 1
-            if box["n"] == 4:
-                box["ahead"] = eng._ahead is not None
-                box["aborted"] = eng.abort(box["b"].rid)
+        def with_a_step_ahead(box: dict) -> bool:
+            if box["n"] != 4:
+                return False
+            box["ahead"] = eng._ahead is not None
+            return True
 
-        def submit_both():
-            a = eng.submit(A, LONG, stream=on_chunk)
-            box["b"] = eng.submit(B, LONG, stream=box["chunks"].append)
-            return a
-
-        ra = eng.call_in_engine_thread(submit_both).result(timeout=60)
-        rb = box["b"].result(timeout=60)
-        assert box["ahead"] and box["aborted"] is True and rb.finish_reason == "abort"
-        assert box["n"] == 12 and ra.completion_tokens == 12
-        _one_final_chunk(box["chunks"], rb)
+        ra, _, box = _a_aborts_b(eng, with_a_step_ahead)
+        assert box["ahead"] and box["n"] == 12 and ra.completion_tokens == 12
         assert eng.num_run_ahead_steps > 0
         _leaks_nothing(eng)
 
@@ -265,4 +249,39 @@ def test_a_chain_aborted_as_its_next_generation_starts_reports_that_generation(f
         assert last.token_ids == [] and last.text == ""
         assert box["chunks"][-1].finished and box["chunks"][-1].index == 1
         assert box["chunks"][-1].token_ids == []
+        _leaks_nothing(eng)
+
+
+@pytest.mark.parametrize(
+    "gen, n, reason",
+    [
+        (SamplingParams(max_new_tokens=3, ignore_eos=True), 3, "length"),
+        (SamplingParams(max_new_tokens=8, constraint=spec_from_regex(r"[0-9]{2}")), 2, "stop"),
+    ],
+)
+def test_a_chain_aborted_by_the_chunk_that_ends_a_generation_keeps_its_reason(folder, gen, n, reason):
+    # the chain aborts itself from the callback of its first generation's last chunk: that
+    # generation had ended (length / stop) but was reported "abort", and code after the chunk set
+    # up the next generation of the finished request
+    with Engine(folder, device="cpu", kv_memory="8MB", speculative_draft_tokens=0) as eng:
+        box: dict = {"chunks": []}
+
+        def on_chunk(chunk: StreamChunk) -> None:
+            box["chunks"].append(chunk)
+            if sum(len(c.token_ids) for c in box["chunks"] if c.index == 0) == n and "aborted" not in box:
+                box["aborted"] = None  # the abort's own final chunk comes back here
+                box["aborted"] = eng.abort(box["chain"].rid)
+
+        steps = [("gen", gen, None), ("text", " fox"), ("gen", LONG, None)]
+        box["chain"] = eng.submit_chain("the quick brown", steps, stream=on_chunk)
+        res = box["chain"].result(timeout=60)
+        eng.call_in_engine_thread(lambda: None)  # the callback has returned
+        first, last = res.meta["steps"]
+        assert box["aborted"] is True and res.finish_reason == last.finish_reason == "abort"
+        assert first.finish_reason == reason and len(first.token_ids) == n
+        assert first.text == "".join(c.text for c in box["chunks"] if c.index == 0)
+        assert last.token_ids == [] and last.text == ""
+        assert res.meta["chain_text"] == first.text + " fox"
+        _one_final_chunk([c for c in box["chunks"] if c.index == 1], last)
+        assert box["chunks"][-1].index == 1 and box["chunks"][-1].finish_reason == "abort"
         _leaks_nothing(eng)

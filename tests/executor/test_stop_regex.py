@@ -41,7 +41,9 @@ def _run(params: SamplingParams, chunks: list[str]) -> tuple[str, str | None, in
     return req.text, None, len(chunks), streamed
 
 
-def _reference(pats: list[str], stops: list[str], chunks: list[str], min_new: int) -> tuple[str, str | None, int]:
+def _reference(
+    pats: list[str], stops: list[str], chunks: list[str], min_new: int
+) -> tuple[str, str | None, int]:
     """The first token after which the text holds a match (of a regex, or a stop string) that ends
     after the text of the first min_new - 1 tokens; cut at the earliest such match's start."""
     held = len("".join(chunks[: max(min_new - 1, 0)]))

@@ -22,11 +22,11 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import CancelledError
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from stress_helpers import HANG_S, alone, collect, dump
 
 from llmir_lang.errors import OutOfKVMemoryError
 from llmir_lang.executor.constraints import spec_from_choices, spec_from_regex
@@ -38,7 +38,6 @@ FIRST = int(os.environ.get("LLMIR_STRESS_FIRST", "1000"))
 EXTRA = list(range(FIRST, FIRST + int(os.environ.get("LLMIR_STRESS_EXAMPLES", "0"))))
 VERBOSE = bool(os.environ.get("LLMIR_STRESS_VERBOSE"))
 TIE = 1e-4  # top-2 logprobs closer than this: a different token is float noise, not a bug
-HANG_S = 60.0
 TOKENS = range(3, 300)  # ids of the tokenizer's ordinary tokens (0..2 are special)
 REGEXES = [r"[a-z]{2,8}", r"(yes|no|maybe)", r"ab[0-9]+cd", r"[0-9]{3}-[a-z]{1,4}"]
 CHOICES = [["alpha", "beta", "gamma"], ["yes", "no"], ["Paris", "London", "Par"]]
@@ -199,55 +198,10 @@ def run_jobs(eng: Engine, jobs: list[Job], rng: random.Random) -> None:
         for t in threads:
             t.join(HANG_S)
             assert not t.is_alive(), f"a submitting thread hung\n{dump(eng)}"
-    for job in jobs:
-        if job.fut is None or job.error is not None:
-            continue
-        try:
-            job.result = job.fut.result(timeout=HANG_S)
-        except CancelledError:
-            job.result = None
-        except TimeoutError:
-            pytest.fail(f"request {job.fut.rid} ({job.kind}) hung\n{dump(eng)}")
-        except BaseException as e:  # noqa: BLE001
-            job.error = e
-
-
-def dump(eng: Engine) -> str:
-    def state() -> str:
-        s = eng.scheduler
-        rows = [
-            f"{name}: {[(r.rid, r.seq_len, r.kv_len) for r in reqs]}"
-            for name, reqs in (
-                ("waiting", list(s.waiting)),
-                ("running", s.running),
-                ("extending", s.extending),
-                ("chunked", [s.chunked] if s.chunked else []),
-            )
-        ]
-        return "\n".join(rows + [str(eng.pool), str(eng.cache.stats())])
-
-    try:
-        return eng.call_in_engine_thread(state)
-    except Exception as e:  # noqa: BLE001
-        return f"(no state: {e})"
+    collect(eng, jobs, lambda job: f"request {job.fut.rid} ({job.kind})")
 
 
 # ---- oracle ----------------------------------------------------------------------------------
-def _with_tops(sp: SamplingParams) -> SamplingParams:
-    return replace(sp, top_logprobs_num=2, return_logprob=True) if sp.temperature == 0 else sp
-
-
-def alone(oracle: Engine, job: Job) -> Any:
-    oracle.flush_cache()
-    if job.kind == "score":
-        return oracle.score(job.prompt, job.conts)
-    if job.kind == "chain":
-        steps = [("gen", _with_tops(job.params), None)]
-        steps += [s if s[0] == "text" else ("gen", _with_tops(s[1]), None) for s in job.steps]
-        return oracle.submit_chain(job.prompt, steps).result(timeout=HANG_S)
-    return oracle.submit(job.prompt, _with_tops(job.params)).result(timeout=HANG_S)
-
-
 def agree(got: list[int], want: Any, prefix_ok: bool, what: str) -> bool:
     """``got`` equals ``want.token_ids`` (a prefix of it when ``prefix_ok``) up to the first
     near-tie; returns False when a near-tie cut the comparison (what follows can not be compared)."""
