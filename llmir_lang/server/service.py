@@ -21,16 +21,19 @@
 
 Invariant: every request this service submits is either finished by the engine or aborted by
 the service; ``active`` holds exactly the ones still running.
+
+What runs and its counters, aborts, stats and shutdown are ``ServiceLifecycle``'s
+(``service_lifecycle.py``); a ``/program`` run's requests are a ``ProgramRun`` (``program_run.py``);
+stream logprobs are ``chunk_logprobs.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -38,14 +41,14 @@ from starlette.requests import Request
 from llmir_lang.errors import (
     ConstraintError,
     EmptyPromptError,
-    EngineClosedError,
     InvalidRequestError,
     PromptTooLongError,
 )
 from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
-from llmir_lang.server.config import ServerConfig
-from llmir_lang.server.convert import DISCONNECT_POLL_S, TopAligner
+from llmir_lang.server.chunk_logprobs import LoggedChunk as LoggedChunk
+from llmir_lang.server.chunk_logprobs import _ChunkLogprobs
+from llmir_lang.server.convert import DISCONNECT_POLL_S
 from llmir_lang.server.errors import (
     ClientDisconnectedError,
     ServerHTTPError,
@@ -53,6 +56,10 @@ from llmir_lang.server.errors import (
     shutting_down,
     with_param,
 )
+from llmir_lang.server.program_run import ProgramEngine as ProgramEngine
+from llmir_lang.server.program_run import ProgramRun as ProgramRun
+from llmir_lang.server.service_lifecycle import ServiceCounters as ServiceCounters
+from llmir_lang.server.service_lifecycle import ServiceLifecycle
 
 SHUTDOWN_ABORTED = " and stopped this request before it finished (--shutdown-timeout)"
 
@@ -73,125 +80,9 @@ class Submission:
     constraint_param: str | None = None
 
 
-@dataclass(slots=True)
-class LoggedChunk(StreamChunk):
-    """A ``StreamChunk`` of a request with ``return_logprob``, with the logprobs (and top
-    alternatives, when asked) of the tokens ``logprob_ids``: every token whose logprob was not sent
-    yet. They can lag behind ``token_ids`` (the first chunk comes before the engine's record of
-    the request can be read); the final ``GenerateResult`` has them all."""
-
-    logprob_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-class ProgramRun:
-    """The engine requests of one ``/program`` run, so that the run can be aborted as a whole
-    (its client left, the server is stopping). Once cancelled, the run's requests are aborted and
-    it cannot submit new ones, so it ends at once with per-state failures. Thread-safe."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.rids: set[int] = set()
-        self.cancelled = False
-        self.reason = ""
-        self._lock = threading.Lock()
-
-    def check(self) -> None:
-        """Raise if the run was cancelled (called before each new engine request)."""
-        if self.cancelled:
-            raise EngineClosedError(f"the program was aborted: {self.reason}")
-
-    def track(self, fut: Future) -> Future:
-        rid = fut.rid  # type: ignore[attr-defined]
-        with self._lock:
-            late = self.cancelled
-            if not late:
-                self.rids.add(rid)
-        if late:  # cancelled while this request was being submitted
-            self._abort(rid)
-        else:
-            fut.add_done_callback(lambda _: self._forget(rid))
-        return fut
-
-    def _forget(self, rid: int) -> None:
-        with self._lock:
-            self.rids.discard(rid)
-
-    def cancel(self, reason: str) -> None:
-        """Abort every request of the run (blocks until the engine did; call it off the loop)."""
-        with self._lock:
-            self.cancelled = True
-            self.reason = self.reason or reason
-            rids = list(self.rids)
-        for rid in rids:
-            self._abort(rid)
-
-    def _abort(self, rid: int) -> None:
-        try:
-            self.engine.abort(rid)
-        except EngineClosedError:
-            pass  # the engine is gone, and every request with it
-
-
-class ProgramEngine:
-    """The served engine as one ``/program`` run sees it: every request it submits is recorded in
-    the ``ProgramRun`` (see there); everything else is the engine's own."""
-
-    def __init__(self, engine: Any, run: ProgramRun) -> None:
-        self._engine = engine
-        self._run = run
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def submit(self, *args: Any, **kwargs: Any) -> Future:
-        self._run.check()
-        return self._run.track(self._engine.submit(*args, **kwargs))
-
-    def submit_chain(self, *args: Any, **kwargs: Any) -> Future:
-        self._run.check()
-        return self._run.track(self._engine.submit_chain(*args, **kwargs))
-
-    def score(self, *args: Any, **kwargs: Any) -> list[list[float]]:
-        self._run.check()  # a scoring call is prefill only: it is not aborted once it started
-        return self._engine.score(*args, **kwargs)
-
-
-@dataclass(slots=True)
-class ServiceCounters:
-    requests: int = 0
-    finished: int = 0
-    aborted: int = 0
-    failed: int = 0
-    started_at: float = field(default_factory=time.time)
-
-
-class EngineService:
+class EngineService(ServiceLifecycle):
     """Async front of one ``Engine`` (see the module docstring). Loop-thread only, except where
     noted; the engine itself is thread-safe."""
-
-    def __init__(self, engine: Any, config: ServerConfig, *, owns_engine: bool = True) -> None:
-        from llmir_lang.executor.backend import EngineBackend
-
-        self.engine = engine
-        self.config = config
-        self.owns_engine = owns_engine
-        self.backend = EngineBackend(engine)  # chains for /program
-        self.model_name = config.model_name(engine.model_path)
-        self.counters = ServiceCounters()
-        self.active: dict[int, float] = {}  # rid -> submit time
-        self.runs: set[ProgramRun] = set()  # /program runs in flight
-        self.closing = False  # refusing new requests (shutdown began)
-        self.stopping = False  # the shutdown grace period is over: in-flight requests are aborted
-        self._aborts_open = True
-        self._compiler: Any = None
-        # engine.abort blocks until the engine thread runs it; never block the loop on it
-        self._aborts = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmir-abort")
-        self._compile_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmir-compile")
-        self.programs = ThreadPoolExecutor(
-            max_workers=config.program_workers, thread_name_prefix="llmir-program"
-        )
 
     # --- limits ------------------------------------------------------------------------------
     def max_tokens(self, requested: int | None, default: int | None = None, field: str = "max_tokens") -> int:
@@ -239,10 +130,6 @@ class EngineService:
             return await loop.run_in_executor(self._compile_pool, self._new_matcher, spec)
 
     # --- running -----------------------------------------------------------------------------
-    def check_open(self) -> None:
-        if self.closing:
-            raise shutting_down()
-
     def check_model(self, model: str) -> None:
         if model not in (self.model_name, str(self.engine.model_path)):
             raise ServerHTTPError(
@@ -283,33 +170,6 @@ class EngineService:
         if sub.logprob_start_len >= len(ids):
             return "logprob_start_len"
         return None
-
-    def _done(self, rid: int, result: GenerateResult | None, aborted: bool = False) -> None:
-        """Count ``rid`` once, in one of ``finished``, ``aborted`` (its client left, the shutdown
-        stopped it) or ``failed`` (no result: the engine failed it), so that once nothing runs
-        ``requests == finished + aborted + failed``."""
-        if aborted or (result is not None and result.finish_reason == "abort"):
-            self._count(rid, "aborted")
-        else:
-            self._count(rid, "failed" if result is None else "finished")
-
-    def _count(self, rid: int, outcome: str) -> None:
-        self.active.pop(rid, None)
-        setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
-
-    def abort(self, rid: int) -> None:
-        """Abort ``rid`` without blocking the caller (loop thread). After ``close`` it does nothing:
-        the engine's shutdown ends every request."""
-        if rid in self.active:
-            self._in_background(self.engine.abort, rid)
-
-    def _in_background(self, fn: Any, *args: Any) -> None:
-        if not self._aborts_open:
-            return
-        try:
-            self._aborts.submit(fn, *args)
-        except RuntimeError:  # the pool is shutting down (close): nothing left to abort
-            pass
 
     async def watch(self, waiter: asyncio.Future, request: Request | None, what: str) -> Any:
         """``waiter``'s result; raises ``ClientDisconnectedError`` as soon as ``request``'s client
@@ -421,125 +281,6 @@ class EngineService:
                 self._count(rid, "aborted" if final.finish_reason == "abort" else "finished")
             else:
                 self._done(rid, result, stopped_early)
-
-    # --- housekeeping ------------------------------------------------------------------------
-    async def engine_stats(self) -> dict[str, Any]:
-        """Engine counters plus what is running inside it (read on the engine thread)."""
-        eng = self.engine
-
-        def read() -> dict[str, Any]:
-            stats = eng.stats()  # on the engine thread: a direct read
-            stats["engine_requests"] = len(eng.scheduler.all_requests())
-            return stats
-
-        loop = asyncio.get_running_loop()
-        stats = await loop.run_in_executor(None, eng.call_in_engine_thread, read)
-        c = self.counters
-        stats["server"] = {
-            "active_requests": len(self.active) + len(self.runs),
-            "requests": c.requests,
-            "finished": c.finished,
-            "aborted": c.aborted,
-            "failed": c.failed,
-            "uptime_s": round(time.time() - c.started_at, 3),
-        }
-        return stats
-
-    # --- programs ----------------------------------------------------------------------------
-    def start_program(self) -> ProgramRun:
-        self.check_open()
-        run = ProgramRun(self.engine)
-        self.runs.add(run)
-        self.counters.requests += 1
-        return run
-
-    def cancel_program(self, run: ProgramRun, reason: str) -> None:
-        """Abort ``run``'s requests without blocking the loop."""
-        run.cancelled = True  # new requests of the run fail from now on
-        self._in_background(run.cancel, reason)
-
-    def end_program(self, run: ProgramRun, outcome: str) -> None:
-        """``outcome``: ``finished``, ``aborted`` or ``failed``."""
-        self.runs.discard(run)
-        c = self.counters
-        if outcome == "finished":
-            c.finished += 1
-        elif outcome == "aborted":
-            c.aborted += 1
-        else:
-            c.failed += 1
-
-    # --- shutdown ----------------------------------------------------------------------------
-    def begin_shutdown(self, grace_s: float) -> None:
-        """Refuse new requests now; abort those still running ``grace_s`` seconds from now (loop
-        thread)."""
-        self.closing = True
-        asyncio.get_running_loop().call_later(max(0.0, grace_s), self.abort_all)
-
-    def abort_all(self) -> None:
-        """Abort every request still running; they are answered as shut down (503 / a last
-        ``abort`` event)."""
-        self.closing = self.stopping = True
-        for rid in list(self.active):
-            self.abort(rid)
-        for run in list(self.runs):
-            self.cancel_program(run, "the server is shutting down")
-
-    def close(self) -> None:
-        """Stop taking requests, abort what still runs, shut the engine down if this service
-        created it."""
-        self.abort_all()
-        self.programs.shutdown(wait=False, cancel_futures=True)
-        self._compile_pool.shutdown(wait=False, cancel_futures=True)
-        self._aborts_open = False  # from now on abort() is a no-op: the engine's shutdown ends all
-        self._aborts.shutdown(wait=True)
-        if self.owns_engine:
-            self.engine.shutdown()
-
-
-class _ChunkLogprobs:
-    """Attaches to each chunk of one stream the logprobs of its tokens not sent yet, read from
-    the engine's record of the request (on the engine thread, where the engine writes it, between
-    steps). The record is not in the scheduler's lists while the request's prompt is being
-    prefilled, so the first chunk's logprobs usually come with the second."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.req: Any = None
-        self.sent = 0  # tokens whose logprobs were attached
-        self.tops = TopAligner()
-
-    def attach(self, chunk: StreamChunk) -> StreamChunk:
-        if self.req is None:
-            self.req = next((r for r in self.engine.scheduler.all_requests() if r.rid == chunk.rid), None)
-            if self.req is None:
-                return chunk
-        req = self.req
-        # NOTE: the tokens are the record's, as its logprobs are. A jump-forward that re-tokenizes
-        # the output's end with the forced text ("f" + "alse" -> "false") streams its chunk before
-        # the new tokens replace the old ones (``rebase_to``, applied after the step): the chunk's
-        # token_ids still had the sampled "f", which was paired with the logprob and alternatives
-        # of "false", and the streamed tokens no longer spelled the text nor matched the answer.
-        ids = req.rebase_to[1] if req.rebase_to is not None else req.output_ids
-        end = min(len(req.out_logprobs), len(ids))
-        start, self.sent = self.sent, max(self.sent, end)
-        new_ids = list(ids[start:end])
-        tops = None
-        if req.params.top_logprobs_num:  # one list per token, also for jump-forward's tokens
-            tops = self.tops.take(
-                new_ids, req.out_logprobs[start:end], req.out_top_logprobs, len(req.out_logprobs)
-            )
-        return LoggedChunk(
-            chunk.rid,
-            chunk.text,
-            chunk.token_ids,
-            chunk.finished,
-            chunk.finish_reason,
-            chunk.index,
-            logprob_ids=new_ids,
-            logprobs=list(req.out_logprobs[start:end]),
-            top_logprobs=list(tops) if tops is not None else None,
-        )
 
 
 def _loop_waiter(fut: Future) -> asyncio.Future:
