@@ -89,6 +89,21 @@ def _ipython_cell(path: str) -> str | None:
     return " ".join(label) if label else None
 
 
+def _user_frame(e: BaseException) -> SourceLocation | None:
+    """The user's line that raised: the innermost traceback frame that is neither llmir_lang's
+    nor a library's (the standard library, site-packages), so an error raised inside httpx or
+    json under the user's ``s["x"]`` or ``json.loads(...)`` names that line. None when no such
+    frame is on the traceback (the error came from running what the body recorded, after it
+    returned): a library's file and line would only mislead."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if not path.startswith(_PACKAGE_DIR + os.sep) and not path.startswith(LIBRARY_DIRS):
+            found = SourceLocation(path, tb.tb_lineno)
+        tb = tb.tb_next
+    return found
+
+
 def describe(program: str | None, where: SourceLocation | None) -> str:
     """``program 'qa' (qa.py:12)``: the prefix of every DSL error message."""
     out = f"program {program!r}" if program else "program"

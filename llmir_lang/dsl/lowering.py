@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from llmir_lang.dsl.primitives import to_sampling_params
+from llmir_lang.dsl.sampling_args import to_sampling_params
 from llmir_lang.errors import NotYetSupportedError
 from llmir_lang.executor.backend import ChainRequest, GenStep, StepResult
 from llmir_lang.executor.sampling_params import SamplingParams

@@ -1,31 +1,39 @@
 """The primitives a program appends to its state: text, ``gen``, ``select``, roles.
 
-They are plain records; nothing runs when they are built. ``s += x`` hands ``x`` to the recorder,
-which turns it into IR ops. Primitives concatenate with text and with each other
-(``"A: " + gen("a") + "\\n"``) into a ``Concat``, appended item by item.
+They are plain records (``primitive_records``); nothing runs when they are built. ``s += x`` hands
+``x`` to the recorder, which turns it into IR ops. Primitives concatenate with text and with each
+other (``"A: " + gen("a") + "\\n"``) into a ``Concat``, appended item by item.
 
 Every primitive remembers the user's source line, so an error found later (at run time) points at
-the line that wrote it.
+the line that wrote it. Their arguments are checked where they are written: sampling arguments in
+``sampling_args``, constraints in ``constraint_args``; ``traced_text`` is what a parameter is while
+``trace`` records.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import numbers
 import re
 from collections.abc import Sequence
-from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
 from typing import Any
 
+from llmir_lang.dsl.constraint_args import _check_constraint, _choice_list, _dtype_name, _schema_text
 from llmir_lang.dsl.errors import DSLError, FeatureNotSupportedError, SourceLocation
-from llmir_lang.errors import ConstraintError, InvalidRequestError, NotYetSupportedError
+from llmir_lang.dsl.primitive_records import Concat, Expr, Gen, RoleBlock, RoleMarker, Select
+from llmir_lang.dsl.sampling_args import (
+    _check_sglang_gen_args,
+    _stop_list,
+    _stop_regex_list,
+    check_sampling,
+    to_sampling_params,
+)
+from llmir_lang.dsl.traced_text import TracedText, marked_placeholder, refuse_traced_marks
+from llmir_lang.errors import InvalidRequestError
 from llmir_lang.executor.choices import choices_method_name, token_length_normalized
-from llmir_lang.executor.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from llmir_lang.executor.sampling_params import GREEDY_TEMPERATURE
 from llmir_lang.executor.tokenizer import lone_surrogate
-from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, SAMPLING_ATTRS, SAMPLING_TO_ENGINE, AttrValue
+from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, AttrValue
 
 CHOICES_METHODS = (
     "token_length_normalized",
@@ -34,72 +42,6 @@ CHOICES_METHODS = (
     "sum_logprob",
 )
 ROLES = ("system", "user", "assistant")
-
-
-class Expr:
-    """Base of appendable primitives: supports ``+`` with text and other primitives."""
-
-    def __add__(self, other: object) -> Concat:
-        return Concat([self, other])
-
-    def __radd__(self, other: object) -> Concat:
-        return Concat([other, self])
-
-
-@dataclass(eq=False)
-class Concat(Expr):
-    """Items appended in order (text, primitives, nested concatenations)."""
-
-    items: list[Any]
-
-    def __add__(self, other: object) -> Concat:
-        return Concat([*self.items, other])
-
-    def __radd__(self, other: object) -> Concat:
-        return Concat([other, *self.items])
-
-
-@dataclass(eq=False)
-class Gen(Expr):
-    """Generate text into variable ``name`` (None: an anonymous generation).
-
-    ``attrs`` are IR attributes: sampling parameters under their DSL names (``max_tokens``,
-    ``stop``, ...) and at most one constraint (``regex``, ``json_schema``, ``choices``, ``grammar``,
-    ``dtype``), all plain strings, numbers and lists.
-    """
-
-    name: str | None
-    attrs: dict[str, AttrValue]
-    where: SourceLocation | None = field(default=None, repr=False)
-    schema: Any = field(default=None, repr=False)  # json_schema as given, for ProgramState.get_obj
-
-
-@dataclass(eq=False)
-class Select(Expr):
-    """Pick one of ``choices`` (by the model's likelihood) into variable ``name``."""
-
-    name: str | None  # None: named where it is appended (an anonymous variable)
-    choices: list[str]
-    choices_method: str = "token_length_normalized"
-    where: SourceLocation | None = field(default=None, repr=False)
-
-
-@dataclass(eq=False)
-class RoleMarker(Expr):
-    """Opens (``begin``) or closes a chat role; rendered by the model's own chat template."""
-
-    role: str
-    begin: bool
-    where: SourceLocation | None = field(default=None, repr=False)
-
-
-@dataclass(eq=False)
-class RoleBlock(Expr):
-    """A whole message: role begin, ``content`` (text and primitives), role end."""
-
-    role: str
-    content: Any
-    where: SourceLocation | None = field(default=None, repr=False)
 
 
 def gen(
@@ -399,72 +341,6 @@ def assistant_end() -> RoleMarker:
     return RoleMarker("assistant", False, SourceLocation.here())
 
 
-# --- argument normalization ------------------------------------------------------------------
-def check_sampling(attrs: dict[str, AttrValue], where: SourceLocation | None, what: str) -> None:
-    """Raise ``DSLError`` at ``where`` if the sampling attributes are invalid (checked by the
-    engine's own ``SamplingParams`` rules, so the error comes at the line that wrote them)."""
-    unknown = sorted(set(attrs) - set(SAMPLING_ATTRS))
-    if unknown:
-        raise DSLError(
-            f"{what}: unknown sampling parameter(s) {unknown}; known: {sorted(SAMPLING_ATTRS)}", where=where
-        )
-    # during a trace: a traced parameter or variable (or a list holding one), or text made from
-    # one by a str operation (the whole placeholder: a user's own text never holds one)
-    for key, value in attrs.items():
-        items = value if isinstance(value, list) else [value]
-        traced = next((v for v in items if isinstance(v, TracedText)), None)
-        if traced is not None:
-            raise _traced_sampling_error(what, key, traced, where)
-    marked = _marked_text(list(attrs.values()))
-    if marked is not None and _placeholder_in(marked) is not None:
-        refuse_traced_marks("gen", None, attrs)
-    try:
-        to_sampling_params(attrs)
-    except (InvalidRequestError, TypeError) as e:
-        raise DSLError(f"{what}: {e}", where=where) from None
-
-
-def _traced_sampling_error(
-    what: str, key: str, traced: TracedText, where: SourceLocation | None
-) -> FeatureNotSupportedError:
-    """The error for a sampling argument that is a traced parameter or variable (``trace``)."""
-    name, kind = traced.name, traced.kind
-    give = (
-        f"give trace() its value ({name}=...; llmir ir: --arg {name}=...)"
-        if kind == "parameter"
-        else "read it in run(), where its value is known"
-    )
-    return FeatureNotSupportedError(
-        f"{what}: {key} comes from {kind} {name!r} while the program is traced (trace(), llmir ir, "
-        f"cache()): its value is not known then, and a sampling argument cannot come from a traced "
-        f"{kind}; {give}",
-        where=where,
-    )
-
-
-def to_sampling_params(attrs: dict[str, Any]) -> SamplingParams:
-    """The engine's ``SamplingParams`` for IR gen attributes (constraints are ignored here)."""
-    kwargs: dict[str, Any] = {}
-    for key, value in attrs.items():
-        if key in SAMPLING_ATTRS:
-            kwargs[SAMPLING_TO_ENGINE[key]] = list(value) if isinstance(value, tuple) else value
-    return SamplingParams(**kwargs)
-
-
-def _choice_list(choices: object, where: SourceLocation | None, what: str) -> list[str]:
-    if isinstance(choices, str) or not isinstance(choices, Sequence):
-        raise DSLError(f"{what} must be a list of strings, got {type(choices).__name__}", where=where)
-    out = list(choices)
-    if not out:
-        raise DSLError(f"{what} must not be empty", where=where)
-    bad = [c for c in out if not isinstance(c, str) or c == ""]
-    if bad:
-        raise DSLError(f"{what} must be non-empty strings; bad: {bad!r}", where=where)
-    # SGLang accepts a repeated choice and picks the first of equal scores, which is the same
-    # value as scoring it once; the IR (and a choice trie) needs distinct choices, so repeats go
-    return list(dict.fromkeys(out))
-
-
 _ANONYMOUS_NAME = re.compile(r"_gen\d+")
 
 
@@ -484,331 +360,34 @@ def _check_name(name: object, where: SourceLocation | None, what: str) -> None:
         )
 
 
-def _stop_list(value: object, key: str, name: str | None, where: SourceLocation | None) -> list | None:
-    """``stop`` / ``stop_token_ids`` as a list: None stays None, a lone stop string is one, a list,
-    tuple (any sequence) or set is listed; anything else is a DSLError at the gen's line. The
-    items are checked by the sampling check."""
-    if value is None:
-        return None
-    if isinstance(value, str) and key != "stop_token_ids":
-        return [value]
-    if isinstance(value, (Sequence, AbstractSet)) and not isinstance(value, (str, bytes, bytearray)):
-        return list(value)
-    expected = {
-        "stop": "a string or a list of strings",
-        "stop_regex": "a regex string or a list of them",
-        "stop_token_ids": "a list of integer token ids",
-    }[key]
-    if key == "stop_token_ids" and isinstance(value, int) and not isinstance(value, bool):
-        expected += f" (stop_token_ids=[{value!r}] for one)"
-    raise DSLError(
-        f"gen({name!r}): {key} must be {expected}, got {type(value).__name__} {value!r:.60}", where=where
-    )
-
-
-def _stop_regex_list(stop_regex: object, name: str | None, where: SourceLocation | None) -> list | None:
-    """``stop_regex`` as a list (a lone pattern is one; SGLang's empty values are none)."""
-    if stop_regex is None or (isinstance(stop_regex, (str, list, tuple)) and len(stop_regex) == 0):
-        return None
-    return _stop_list(stop_regex, "stop_regex", name, where)
-
-
-def _check_sglang_gen_args(
-    name: str | None,
-    n: object,
-    choices_method: object,
-    has_choices: bool,
-    where: SourceLocation | None,
-) -> None:
-    """SGLang's ``gen`` arguments that llmir takes only where they change nothing (see ``gen``)."""
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise DSLError(f"gen({name!r}): n must be an integer >= 1, got {n!r}", where=where)
-        if n > 1:
-            raise FeatureNotSupportedError(
-                f"gen({name!r}, n={n}): several samples of one gen are not supported; fork instead: "
-                f"`forks = s.fork({n}); forks += gen({name!r}, temperature=0.8); forks.join()` "
-                f"makes s[{name!r}] a list of {n} samples",
-                where=where,
-            )
-    if choices_method is not None:
-        if not has_choices:
-            raise DSLError(
-                f"gen({name!r}): choices_method only applies to choices; use "
-                f"select({name!r}, choices=[...], choices_method=...)",
-                where=where,
-            )
-        raise DSLError(
-            f"gen({name!r}, choices=..., choices_method=...): gen with choices is constrained "
-            "generation here (the model writes one of the choices, token by token) and scores "
-            "nothing, so choices_method would have no effect; to pick by score as SGLang's "
-            f"gen(choices=...) does, write select({name!r}, choices=[...], choices_method=...)",
-            where=where,
-        )
-
-
-def _check_constraint(given: dict[str, Any], where: SourceLocation | None, name: str | None) -> None:
-    """Build the constraint spec now, so a malformed schema or choice list is reported at the
-    gen's line (a regex or grammar is only compiled when the gen runs)."""
-    from llmir_lang.dsl.lowering import constraint_spec
-
-    try:
-        constraint_spec(given)
-    except NotYetSupportedError:
-        pass  # reported when the gen runs, where the backend decides
-    except ConstraintError as e:
-        raise DSLError(f"gen({name!r}): {e}", where=where) from e
-    pattern = given.get("regex")
-    problem = _regex_syntax_error(pattern) if isinstance(pattern, str) else None
-    if problem is not None:  # else it failed only when the gen ran, after the gens before it
-        raise DSLError(f"gen({name!r}): regex {pattern!r} does not parse: {problem}", where=where)
-
-
-@functools.lru_cache(maxsize=256)
-def _regex_syntax_error(pattern: str) -> str | None:
-    """The syntax error of a ``regex=`` pattern (Rust regex syntax, which both constraint engines
-    parse alike), or None; checked without a tokenizer (about a millisecond, once per pattern).
-    Only a parse error counts here: anything else is the engine's to decide when the gen runs."""
-    try:
-        import llguidance
-
-        grammar = llguidance.grammar_from("regex", pattern)
-        messages = llguidance.LLMatcher.validate_grammar(grammar)
-    except Exception:
-        return None
-    text = messages if isinstance(messages, str) else " ".join(str(m) for m in messages or [])
-    if "regex parse error" not in text:
-        return None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("error:")]
-    return lines[0].removeprefix("error:").strip() if lines else text.strip().splitlines()[0]
-
-
-def _dtype_name(dtype: type | str, where: SourceLocation | None) -> str:
-    names = {int: "int", float: "float", bool: "bool", str: "str"}
-    name = names.get(dtype, dtype) if isinstance(dtype, type) else dtype  # type: ignore[call-overload]
-    if name not in ("int", "float", "bool", "str"):
-        raise DSLError(f"dtype must be int, float, bool or str, got {dtype!r}", where=where)
-    return str(name)
-
-
-def _schema_text(schema: object, where: SourceLocation | None) -> str:
-    """A JSON schema as text: a string as is, a dict dumped, the schema of a type pydantic
-    validates (a model class, a dataclass, a TypedDict, ``list[Item]``, ...)."""
-    if isinstance(schema, str):
-        return schema
-    if isinstance(schema, dict):
-        return json.dumps(schema)
-    from llmir_lang.executor.constraints.schema_pydantic import is_pydantic_type, pydantic_json_schema
-
-    if is_pydantic_type(schema):
-        # narrowed to what the type's own validation accepts (a NaiveDatetime, a UUID4, ...)
-        return json.dumps(pydantic_json_schema(schema))
-    raise DSLError(
-        "json_schema must be a JSON string, a dict, or a type pydantic validates (a BaseModel "
-        "subclass, a dataclass, a TypedDict, list[Item], ...), got "
-        + (repr(schema) if isinstance(schema, type) else type(schema).__name__)
-        + ("; for a single int / float / bool / str value use dtype=" if schema in (int, float, bool, str) else ""),
-        where=where,
-    )
-
-
-# Private-use marks around a traced value's string value: text made from it by any str operation
-# that no hook sees (str.join, .upper(), % with a tuple or dict held in a variable) still holds
-# one, and the trace refuses such text where it enters the IR (``refuse_traced_marks``). repr()
-# (``!r``, ``%r``), ascii() and json.dumps write the marks as escapes (``\ue000``): an escaped
-# whole placeholder is refused too (a user's own text never holds one; a lone escape it may).
-_OPEN, _CLOSE = "\ue000", "\ue001"
-_MARKED = re.compile(_OPEN + r"\{(.*?)\}" + _CLOSE)
-_ESCAPED = re.compile(r"\\+[uU]0{0,4}[eE]000\{(.*?)\}\\+[uU]0{0,4}[eE]001")
-
-
-def _placeholder_in(text: str) -> str | None:
-    """The name in the first whole placeholder in ``text``, marked or escaped; None if none."""
-    found = _MARKED.search(text) or _ESCAPED.search(text)
-    return found.group(1) if found else None
-
-
-def marked_placeholder(name: str) -> str:
-    """``{name}`` between the two marks, as plain text (what a ``TracedText`` holds)."""
-    return _OPEN + "{" + name + "}" + _CLOSE
-
-
-class TracedText(str):
-    """A placeholder for text known only at run time, used by ``trace``: a parameter or a variable
-    read. Its string value is ``{name}`` between two private-use marks; appending it records
-    ``append %state, %value``, and ``+`` with other text and ``str()`` keep the reference.
-    Formatting it (an f-string, ``str.format``, ``text % value``) raises
-    ``FeatureNotSupportedError``: the text made would hold the placeholder, not the value, and the
-    IR would ignore the argument. Text made from it in other ways (``str.join``, a str method,
-    ``repr``, ``json.dumps``) is refused with the same error where it reaches the IR
-    (``refuse_traced_marks``); a slice or an item is a placeholder of its own (``{q[1:3]}``,
-    marked), so it is refused there too and never leaves unmarked text such as ``{q``."""
-
-    name: str
-    kind: str  # "parameter" or "variable"
-    value: Any  # the IR text value (ir.Value)
-    run_id: int  # id() of the ProgramRun whose builder defined the value
-
-    def __new__(cls, name: str, value: Any, run_id: int, kind: str = "parameter") -> TracedText:
-        obj = super().__new__(cls, marked_placeholder(name))
-        obj.name = name
-        obj.kind = kind
-        obj.value = value
-        obj.run_id = run_id
-        return obj
-
-    @property
-    def placeholder(self) -> str:
-        """``{name}`` as a plain str (what ``s.text()`` shows during a trace)."""
-        return "{" + self.name + "}"
-
-    def __add__(self, other: object) -> Concat:  # type: ignore[override]
-        __tracebackhide__ = True
-        self._refuse_number(other, "+")
-        return Concat([self, other])
-
-    def __radd__(self, other: object) -> Concat:
-        __tracebackhide__ = True
-        self._refuse_number(other, "+")
-        return Concat([other, self])
-
-    # ``n > 2`` of a traced number parameter raised a bare TypeError (str against int)
-    def __lt__(self, other: object) -> bool:  # type: ignore[override]
-        __tracebackhide__ = True
-        self._refuse_number(other, "<")
-        return str.__lt__(self, other)  # type: ignore[operator]
-
-    def __le__(self, other: object) -> bool:  # type: ignore[override]
-        __tracebackhide__ = True
-        self._refuse_number(other, "<=")
-        return str.__le__(self, other)  # type: ignore[operator]
-
-    def __gt__(self, other: object) -> bool:  # type: ignore[override]
-        __tracebackhide__ = True
-        self._refuse_number(other, ">")
-        return str.__gt__(self, other)  # type: ignore[operator]
-
-    def __ge__(self, other: object) -> bool:  # type: ignore[override]
-        __tracebackhide__ = True
-        self._refuse_number(other, ">=")
-        return str.__ge__(self, other)  # type: ignore[operator]
-
-    def __getitem__(self, key: Any) -> str:  # type: ignore[override]
-        __tracebackhide__ = True
-        if self.value is None:  # a var_scope's text or a joined list: nothing to index in the IR
-            raise FeatureNotSupportedError(
-                f"variable {self.name!r} (a var_scope's text or a fork's joined list) is indexed while "
-                "the program is traced (trace(), llmir ir, cache()): its value is not known then; "
-                "run() the program to use it",
-                where=SourceLocation.here(),
-            )
-        # a slice of the marked text could drop both marks (``q[1:-1]`` was ``{q}``, ``q[2]`` was
-        # ``q``) and go into the IR as constant text: a marked placeholder of its own instead, which
-        # compares unequal to any text, as the whole placeholder does (control flow: one path)
-        return marked_placeholder(f"{self.name}[{_key_text(key)}]")
-
-    def _refuse_number(self, other: object, op: str) -> None:
-        """``n + 1`` / ``n > 2`` of a traced number parameter: run() computes it, the trace cannot
-        (``+`` made ``Concat([n, 1])``, whose ``str()`` went into the IR as text)."""
-        __tracebackhide__ = True
-        if isinstance(other, (int, float, complex)) and not isinstance(other, bool):
-            raise FeatureNotSupportedError(
-                f"{self.kind} {self.name!r} is used in arithmetic or compared with a number "
-                f"({self.name} {op} {other!r}) while the program is traced (trace(), llmir ir, "
-                f"cache()): its value is not known then; give trace() the argument ({self.name}=...; "
-                f"llmir ir: --arg {self.name}=...)",
-                where=SourceLocation.here(),
-            )
-
-    def __str__(self) -> str:
-        return self  # str(x), as for a number argument in run(): still the reference
-
-    # f-strings and str.format call __format__, ``"Q: %s" % x`` calls __rmod__ first (a str
-    # subclass), and Python compiles ``"Q: %s" % (x,)`` (a literal tuple) to an f-string. A tuple or
-    # dict held in a variable reaches only __str__ (which must keep ``str(x)`` the reference) or
-    # __repr__: that text keeps the marks (escaped by repr), and is refused where it enters the IR.
-    def __format__(self, spec: str) -> str:
-        __tracebackhide__ = True
-        raise self._formatted()
-
-    def __rmod__(self, other: object) -> str:
-        __tracebackhide__ = True
-        raise self._formatted()
-
-    def __iter__(self) -> Any:
-        __tracebackhide__ = True
-        give = (
-            f"give trace() the argument ({self.name}=[...]; llmir ir: --arg {self.name}='[...]')"
-            if self.kind == "parameter"
-            else "iterate it in run(), where its value is known"
-        )
-        raise FeatureNotSupportedError(
-            f"{self.kind} {self.name!r} is iterated (a for loop, list(), str.join of it) while the "
-            "program is traced (trace(), llmir ir, cache()): its value is not known then, so the "
-            f"trace cannot follow the loop; {give}",
-            where=SourceLocation.here(),
-        )
-
-    def _formatted(self) -> FeatureNotSupportedError:
-        read = self.name if self.kind == "parameter" else f"s[{self.name!r}]"
-        return FeatureNotSupportedError(
-            f"{self.kind} {self.name!r} is formatted into a string (an f-string, str.format or %) "
-            "while the program is traced (trace(), llmir ir, cache()), so the text would hold the "
-            f"placeholder {self.placeholder!r} and the IR would ignore the {self.kind}'s value; "
-            f'build the text with + instead, e.g. "Q: " + {read} (run() with arguments takes '
-            "f-strings: there the value is known)",
-            where=SourceLocation.here(),
-        )
-
-
-def refuse_traced_marks(kind: str, label: str | None, attrs: Any) -> None:
-    """During a trace, refuse an op whose text (its label or attributes) holds a traced value's
-    mark: text made from a parameter or variable by a str operation would put its placeholder, not
-    its value, into the IR (the ``FunctionBuilder`` hook ``ProgramRun`` installs when tracing)."""
-    __tracebackhide__ = True
-    text = _marked_text([label, attrs])
-    if text is None:
-        return
-    found = _placeholder_in(text)
-    what = f"the placeholder of {found!r}" if found is not None else "part of a traced placeholder"
-    shown = _ESCAPED.sub(lambda m: "{" + m.group(1) + "}", text).replace(_OPEN, "").replace(_CLOSE, "")
-    # without a whole placeholder the mark may be the program's own text: say so too
-    literal = (
-        ""
-        if found
-        else " (or the text itself holds U+E000 or U+E001, the private-use characters the trace "
-        "marks placeholders with: trace() cannot take them in constant text; run() can)"
-    )
-    raise FeatureNotSupportedError(
-        f"text recorded by a {kind} op while the program is traced (trace(), llmir ir, cache()) holds "
-        f"{what}{literal} ({shown[:80]!r}): a traced parameter or variable, or text made from one by a "
-        "str operation (str.join, slicing, a str method such as .upper(), % with a tuple or dict held "
-        "in a variable, repr() or !r, json.dumps), where the IR takes constant text, so the IR would "
-        "hold the placeholder and "
-        'ignore the value. Join text with + to keep the reference (e.g. "Q: " + question); give '
-        "trace() the arguments that select choices or gen options are made from; run() with "
-        "arguments takes any of these",
-        where=SourceLocation.here(),
-    )
-
-
-def _key_text(key: Any) -> str:
-    """``1:3`` / ``2`` / ``'k'``: how the user wrote an index or a slice."""
-    if isinstance(key, slice):
-        parts = ["" if v is None else repr(v) for v in (key.start, key.stop, key.step)]
-        return ":".join(parts if key.step is not None else parts[:2])
-    return repr(key)
-
-
-def _marked_text(value: Any) -> str | None:
-    if isinstance(value, str):
-        marked = _OPEN in value or _CLOSE in value or ("\\" in value and _ESCAPED.search(value))
-        return value if marked else None
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            got = _marked_text(item)
-            if got is not None:
-                return got
-    return None
+__all__ = [
+    "CHOICES_METHODS",
+    "ROLES",
+    "Concat",
+    "Expr",
+    "Gen",
+    "RoleBlock",
+    "RoleMarker",
+    "Select",
+    "TracedText",
+    "assistant",
+    "assistant_begin",
+    "assistant_end",
+    "check_sampling",
+    "gen",
+    "gen_int",
+    "gen_string",
+    "image",
+    "is_anonymous",
+    "marked_placeholder",
+    "refuse_traced_marks",
+    "select",
+    "system",
+    "system_begin",
+    "system_end",
+    "to_sampling_params",
+    "user",
+    "user_begin",
+    "user_end",
+    "video",
+]

@@ -38,8 +38,8 @@ from llmir_lang.dsl.errors import (
     RoleError,
     SourceLocation,
 )
-from llmir_lang.dsl.primitives import refuse_traced_marks
 from llmir_lang.dsl.results import FunctionResult
+from llmir_lang.dsl.traced_text import refuse_traced_marks
 from llmir_lang.errors import LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Function, FunctionBuilder, Value

@@ -1,4 +1,5 @@
-"""What running a segment produces: variable values, failures, returned states, per function."""
+"""What running a segment produces: variable values, failures, returned states, per function
+(and ``_Val``, a state's value while the segment runs)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,14 @@ class FunctionResult:
     @property
     def failure(self) -> Failure | None:
         return next((s.failure for s in self.states if s.failure is not None), None)
+
+
+@dataclass(slots=True)
+class _Val:
+    """A state's value while a segment runs: its text and variables so far, its failure, and
+    the prefill gates its model calls wait for (``SegmentEvaluator``)."""
+
+    text: str
+    vars: dict[str, VarResult]
+    failure: Failure | None = None
+    gates: frozenset[str] = frozenset()  # prefills this state's users must wait for

@@ -97,3 +97,16 @@ class ValueSlot(Slot):
 
     def value(self, strict: bool = True) -> Any:
         return self._value
+
+
+class _ReplacedSlot(ValueSlot):
+    """A produced variable replaced after the program finished: the new value, the gen's meta."""
+
+    __slots__ = ("produced",)
+
+    def __init__(self, value: Any, produced: Slot) -> None:
+        super().__init__(value)
+        self.produced = produced
+
+    def meta(self) -> dict[str, Any]:
+        return self.produced.meta()

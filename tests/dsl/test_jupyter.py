@@ -146,11 +146,11 @@ def test_interrupt_while_the_batch_threads_start(monkeypatch, generator_style):
     """A SIGINT that arrives while run_batch is still starting its threads (a worker already sent a
     request: CI's Jupyter kernel test hit it) stops the whole batch, as one that arrives later
     does; before, it escaped between two thread starts and the started workers ran on."""
-    function_module = sys.modules["llmir_lang.dsl.function"]  # the package's .function is the decorator
+    batch_module = sys.modules["llmir_lang.dsl.run_batch"]  # where run_batch starts its threads
 
     fake = FakeBackend(delay=0.2)
     starts = []
-    real_spawn = function_module.spawn
+    real_spawn = batch_module.spawn
 
     def spawn(fn, *args, name="llmir-worker"):
         task = real_spawn(fn, *args, name=name)
@@ -162,7 +162,7 @@ def test_interrupt_while_the_batch_threads_start(monkeypatch, generator_style):
             signal.raise_signal(signal.SIGINT)
         return task
 
-    monkeypatch.setattr(function_module, "spawn", spawn)
+    monkeypatch.setattr(batch_module, "spawn", spawn)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
