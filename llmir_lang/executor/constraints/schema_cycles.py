@@ -17,6 +17,11 @@ llguidance can call it unsatisfiable (it did, for ``{"not": {"$ref": "#"}}`` and
 loops), which it is not. A recursive schema whose cycle goes through a part of the value (a tree
 of ``items`` / ``properties``) is not a loop and is left to the engine, as is a loop in a
 ``$defs`` entry that nothing references.
+
+A ``$ref`` is followed as the validator follows it (``schema_walk.ResourceIndex``): inside a
+subschema with an ``$id`` of its own, ``#/...`` points into that subschema, and a ref may name a
+resource of the document by its URI; in drafts 3 to 7 the keywords beside a ``$ref`` (its ``$id``
+too) are ignored. Reading every ref from the root saw loops that were not there, and missed some.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from llmir_lang.executor.constraints.schema_walk import (
     SCHEMA_LISTS,
     SCHEMA_MAPS,
     SCHEMA_SINGLE,
+    ResourceIndex,
     find_keyword,
     iter_subschemas,
-    resolve_local_ref,
+    ref_ignores_siblings,
 )
 
 # keywords whose subschemas apply to the value itself, as ``$ref`` does
@@ -51,13 +57,18 @@ def _applied(node: dict[str, Any]) -> Iterator[Any]:
             yield val
 
 
-def _in_place(node: dict[str, Any], root: dict[str, Any]) -> Iterator[tuple[dict[str, Any], bool]]:
-    """(subschema, whether through ``$ref``) for each subschema ``node`` applies to the same value.
-    A ``$ref`` to another document, to nothing or to a boolean leads to no subschema here."""
+def _in_place(
+    node: dict[str, Any], refs: ResourceIndex, ref_alone: bool
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(subschema, whether through ``$ref``) for each subschema ``node`` applies to the same value
+    (only the ``$ref``'s where ``ref_alone``). A ``$ref`` to another document, to nothing or to a
+    boolean leads to no subschema here."""
     ref = node.get("$ref")
-    target = resolve_local_ref(root, ref) if isinstance(ref, str) else None
+    target = refs.target(node, ref) if isinstance(ref, str) else None
     if isinstance(target, dict):
         yield target, True
+    if ref_alone:
+        return
     for kw in _IN_PLACE_LISTS:
         subs = node.get(kw)
         for sub in subs if isinstance(subs, list) else ():
@@ -81,6 +92,7 @@ def reference_loop(schema: Any) -> ReferenceLoopError | None:
     paths: dict[int, str] = {}
     for path, node in iter_subschemas(schema):
         paths.setdefault(id(node), path)
+    refs, ref_alone = ResourceIndex(schema), ref_ignores_siblings(schema)
     # every subschema some value (the root or a part of it) is checked against
     edges: dict[int, list[tuple[int, bool]]] = {}
     todo = [schema]
@@ -88,10 +100,11 @@ def reference_loop(schema: Any) -> ReferenceLoopError | None:
         node = todo.pop()
         if id(node) in edges:
             continue
-        out = [(sub, via_ref) for sub, via_ref in _in_place(node, schema) if id(sub) in paths]
+        alone = ref_alone and "$ref" in node  # drafts 3-7 ignore the keywords beside a $ref
+        out = [(sub, via_ref) for sub, via_ref in _in_place(node, refs, alone) if id(sub) in paths]
         edges[id(node)] = [(id(sub), via_ref) for sub, via_ref in out]
         todo += [sub for sub, _ in out]
-        todo += [sub for sub in _applied(node) if isinstance(sub, dict)]
+        todo += [] if alone else [sub for sub in _applied(node) if isinstance(sub, dict)]
     # a depth-first walk over the in-place edges, from each reached subschema in path order
     order = {key: i for i, key in enumerate(paths)}
     done: set[int] = set()

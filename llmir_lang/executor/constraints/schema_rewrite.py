@@ -12,6 +12,7 @@ place and llguidance then rejects it, which becomes ``UnsupportedSchemaError(key
 - ``uniqueItems: false``, and ``uniqueItems: true`` with ``maxItems <= 1``: no constraint.
 - ``if`` with neither ``then`` nor ``else``, and ``then`` / ``else`` without ``if``: no constraint.
 - ``contains: {}`` / ``true`` (no min/maxContains): ``minItems >= 1``.
+- ``minContains`` / ``maxContains`` without ``contains``: no constraint (2019-09 on ignore them).
 - ``dependencies`` / ``dependentRequired`` / ``dependentSchemas``: for each trigger ``p``,
   ``anyOf: [{properties: {p: false}}, {required: [p, ...], ...S}]`` added to ``allOf``.
 - ``not``: pushed inward where the complement is expressible (``negation.negate``).
@@ -135,6 +136,9 @@ def _rewrite_node(node: dict[str, Any], root: dict[str, Any] | None, path: str, 
     if node.get("contains") in ({}, True) and "minContains" not in node and "maxContains" not in node:
         del node["contains"]
         node["minItems"] = max(1, int(node.get("minItems", 0)))
+    if "contains" not in node:
+        node.pop("minContains", None)
+        node.pop("maxContains", None)
     _rewrite_dependencies(node, path, notes)
     if "not" in node:
         neg = negate(node["not"], root)

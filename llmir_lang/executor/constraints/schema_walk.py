@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote, urldefrag, urljoin
 
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
 SCHEMA_SINGLE = (
@@ -106,3 +107,57 @@ def ref_ignores_siblings(root: Any) -> bool:
     ``$ref``; from 2019-09 on, they apply together with it."""
     declared = root.get("$schema") if isinstance(root, dict) else None
     return isinstance(declared, str) and _REF_ALONE_DRAFT.match(declared) is not None
+
+
+class ResourceIndex:
+    """Where the ``$ref``s of one document point, read as the ``jsonschema`` validator reads them:
+    a subschema with an ``$id`` (``starts_resource``) starts a resource, and a ref inside it is a
+    URI relative to that ``$id`` (``#/$defs/a`` points into the resource, ``other.json#/x`` or an
+    absolute URI into the resource so named, ``#name`` at its ``$anchor``). The JSON pointer is
+    then followed from the resource with ``resolve_local_ref``. Drafts 3 to 7 ignore an ``$id``
+    beside a ``$ref`` (``ref_ignores_siblings``)."""
+
+    __slots__ = ("_base", "_resources", "_anchors")
+
+    def __init__(self, root: Any) -> None:
+        self._base: dict[int, str] = {}  # id(subschema) -> URI of the resource holding it
+        self._resources: dict[str, dict[str, Any]] = {}  # resource URI (no fragment) -> its subschema
+        self._anchors: dict[str, dict[str, Any]] = {}  # "URI#name" -> subschema
+        id_beside_ref_counts = not ref_ignores_siblings(root)
+        around: list[tuple[str, str]] = []  # (path, base URI) of the subschemas holding this one
+        for path, node in iter_subschemas(root):  # parents first: a resource before its members
+            while around and not path.startswith(around[-1][0] + "/"):
+                around.pop()
+            base = around[-1][1] if around else ""
+            names = [node[k] for k in ("$anchor", "$dynamicAnchor") if isinstance(node.get(k), str)]
+            ident = next((node[k] for k in ("$id", "id") if isinstance(node.get(k), str)), None)
+            if ident is not None and (id_beside_ref_counts or "$ref" not in node):
+                uri, name = _join(base, ident)
+                base = base if ident.startswith("#") or uri is None else uri
+                names += [name] if name else []  # drafts 4-7: "$id": "#name" is an anchor
+            self._resources.setdefault(base, node)
+            for name in names:
+                self._anchors.setdefault(f"{base}#{name}", node)
+            self._base.setdefault(id(node), base)
+            around.append((path, base))
+
+    def target(self, node: dict[str, Any], ref: str) -> Any:
+        """The subschema the ``$ref`` ``ref`` of ``node`` (a subschema of the document) points at,
+        or None: a schema outside the document (never fetched), or nothing."""
+        base = self._base.get(id(node), "")
+        uri, fragment = (base, ref[1:]) if ref.startswith("#") else _join(base, ref)
+        resource = self._resources.get(uri) if uri is not None else None
+        if resource is None or not fragment:
+            return resource
+        if not fragment.startswith("/"):
+            return self._anchors.get(f"{uri}#{fragment}")
+        return resolve_local_ref(resource, "#" + unquote(fragment))
+
+
+def _join(base: str, ref: str) -> tuple[str | None, str]:
+    """(URI, fragment) of ``ref`` read relative to ``base``; (None, "") if it is no URI."""
+    try:
+        joined = urldefrag(urljoin(base, ref))
+    except ValueError:  # "http://[x" and the like
+        return None, ""
+    return joined.url, joined.fragment

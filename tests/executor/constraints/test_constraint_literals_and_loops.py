@@ -18,6 +18,10 @@
   already; a loop next to a constraint (``{"anyOf": [{"$ref": "#"}, {"type": "integer"}]}``)
   compiled to a guess (integers) or got llguidance's advice about sibling keywords. Every such
   loop is a ``ReferenceLoopError`` (an ``UnsupportedSchemaError``) naming the ``$ref`` and the loop.
+  A ``$ref`` is read as the validator reads it: against the ``$id`` around it (a ``#/...`` inside a
+  subschema with an ``$id`` points into that subschema; an absolute URI names a resource of the
+  document), and in drafts 3-7 without the keywords beside it. Every ref was read from the root,
+  which saw loops that were not there and missed some that were.
 """
 
 from __future__ import annotations
@@ -150,6 +154,8 @@ MIXED_LOOP_DEFS = {
     "a": {"anyOf": [{"$ref": "#/$defs/b"}, {"type": "string"}]},
     "b": {"allOf": [{"$ref": "#/$defs/a"}], "minLength": 1},
 }
+_ITEM_LOOP = {"$id": "item", "$defs": {"n": {"$ref": "#"}}, "$ref": "#/$defs/n"}
+_ITEM_BACK = {"$id": "item", "allOf": [{"$ref": "http://x/root#/properties/a"}]}
 REFERENCE_LOOPS = [
     # (schema, an instance that reaches the loop, path of the closing $ref, the loop)
     ({"$ref": "#"}, 1, "#", "# -> #"),
@@ -172,6 +178,27 @@ REFERENCE_LOOPS = [
         ["s"],
         "#/$defs/b/allOf/0",
         "#/$defs/a -> #/$defs/a/anyOf/0 -> #/$defs/b -> #/$defs/b/allOf/0 -> #/$defs/a",
+    ),
+    # refs read against the $id around them: "#" in "item" is "item", not the root, whose own
+    # #/$defs/n is an integer; an absolute URI names a resource of the document; "#A" an anchor.
+    # Reading every ref from the root, none of these was seen
+    (
+        {"$id": "http://x/root", "$defs": {"n": {"type": "integer"}}, "properties": {"a": _ITEM_LOOP}},
+        {"a": 1},
+        "#/properties/a/$defs/n",
+        "#/properties/a -> #/properties/a/$defs/n -> #/properties/a",
+    ),
+    (
+        {"$id": "http://x/root", "properties": {"a": {"$ref": "item"}, "b": _ITEM_BACK}},
+        {"a": 1},
+        "#/properties/b/allOf/0",
+        "#/properties/a -> #/properties/b -> #/properties/b/allOf/0 -> #/properties/a",
+    ),
+    (
+        {"$defs": {"a": {"$anchor": "A", "anyOf": [{"$ref": "#A"}, {"type": "null"}]}}, "$ref": "#/$defs/a"},
+        1,
+        "#/$defs/a/anyOf/0",
+        "#/$defs/a -> #/$defs/a/anyOf/0 -> #/$defs/a",
     ),
 ]
 
@@ -199,6 +226,59 @@ def test_reference_loops_are_a_typed_error_never_unsatisfiable(compiler, schema,
     assert f"'$ref' at {path} " in message and loop in message
     assert "infinite reference loop" in message and "unsatisfiable" not in message
     assert "RecursionError" in message and "{}" in message  # what the validator does; what to write
+
+
+# (schema, a valid instance, an invalid one): no loop once each $ref is read as the validator reads it
+NOT_LOOPS = [
+    # "#/$defs/n" inside "item" is item's integer, not the root's n, which leads back to item
+    (
+        {
+            "$id": "http://x/root",
+            "$defs": {"n": {"$ref": "#/properties/a"}},
+            "properties": {"a": {"$id": "item", "$defs": {"n": {"type": "integer"}}, "$ref": "#/$defs/n"}},
+        },
+        {"a": 1},
+        {"a": "s"},
+    ),
+    # the same, the inner resource named by an absolute $id
+    (
+        {
+            "$defs": {"n": {"$ref": "#/properties/a"}},
+            "properties": {
+                "a": {"$id": "http://x/item", "$defs": {"n": {"type": "integer"}}, "$ref": "#/$defs/n"}
+            },
+        },
+        {"a": 1},
+        {"a": "s"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("schema", "valid", "invalid"), NOT_LOOPS)
+def test_refs_read_against_their_id_make_no_false_loop(compiler, bpe_hf, schema, valid, invalid):
+    """These were ``ReferenceLoopError``s: every ``$ref`` was read from the root."""
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    assert validator.is_valid(valid) and not validator.is_valid(invalid)  # no RecursionError
+    compiled = compiler.compile(spec_from_json_schema(schema))
+    assert accepts_text(compiled, bpe_hf, json.dumps(valid, separators=(",", ":"))).accepted
+    assert not accepts_text(compiled, bpe_hf, json.dumps(invalid, separators=(",", ":"))).accepted
+
+
+def test_draft7_keywords_beside_a_ref_make_no_loop(compiler):
+    """Drafts 3-7 ignore the ``allOf`` beside the ``$ref``: the validator checks an integer and
+    ends. It was a ``ReferenceLoopError``; llguidance refuses the recursive $ref with siblings."""
+    schema = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "definitions": {"n": {"type": "integer"}},
+        "$ref": "#/definitions/n",
+        "allOf": [{"$ref": "#"}],
+    }
+    assert jsonschema.Draft7Validator(schema).is_valid(1) and not jsonschema.Draft7Validator(schema).is_valid(
+        "s"
+    )
+    with pytest.raises(UnsupportedSchemaError) as e:
+        compiler.compile(spec_from_json_schema(schema))
+    assert type(e.value) is not ReferenceLoopError and e.value.keyword == "$ref", e.value
 
 
 def test_recursion_through_a_part_of_the_value_still_compiles(compiler, bpe_hf):
