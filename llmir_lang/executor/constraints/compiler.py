@@ -39,6 +39,7 @@ from llmir_lang.executor.constraints.outlines_worker import (
     shared_worker,
 )
 from llmir_lang.executor.constraints.schema_checks import (
+    costly_multiple_of,
     exact_float_grammar,
     imprecise_integer,
     inexact_written_float,
@@ -48,6 +49,7 @@ from llmir_lang.executor.constraints.schema_checks import (
 from llmir_lang.executor.constraints.schema_cycles import reference_loop
 from llmir_lang.executor.constraints.schema_rewrite import llguidance_error, rewrite_for_llguidance
 from llmir_lang.executor.constraints.schema_support import outlines_exact
+from llmir_lang.executor.constraints.schema_walk import find_keyword, iter_subschemas
 from llmir_lang.executor.constraints.spec import (
     DEFAULT_JSON_WHITESPACE,
     ConstraintSpec,
@@ -55,6 +57,7 @@ from llmir_lang.executor.constraints.spec import (
     escape_regex,
     grammar_error_location,
     grammar_hint,
+    spec_from_json_schema,
 )
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
@@ -248,6 +251,24 @@ class ConstraintCompiler:
         meta.warnings = compiled.warnings()
         return compiled, meta
 
+    def _probe_multiple_of(self, schema: Any) -> None:
+        """Build each nested ``multipleOf`` step alone first (cached). llguidance builds one when
+        its lexer first reaches the number: a step past the engine's expression limit (16384,
+        200000, ...) failed mid-generation, deep in a document, where at the top of a schema it is
+        refused at submission (``_check_satisfiable``); now it is refused there too, named."""
+        for path, node in iter_subschemas(schema):
+            step = node.get("multipleOf") if path != "#" else None
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+                continue
+            try:
+                self.compile(spec_from_json_schema({"type": "number", "multipleOf": step}))
+            except UnsupportedSchemaError as e:
+                raise UnsupportedSchemaError(
+                    str(e).replace("'multipleOf' at #", f"'multipleOf' at {path}", 1), "multipleOf", path
+                ) from None
+            except ConstraintError:
+                pass  # other verdicts are the whole schema's to give
+
     def _json_schema(self, spec: ConstraintSpec) -> tuple[Any, CompileMeta]:
         import llguidance
 
@@ -256,9 +277,10 @@ class ConstraintCompiler:
             raise UnsatisfiableConstraintError("the JSON schema is `false`: no document satisfies it")
         if schema is True:
             schema = {}
-        imprecise = imprecise_integer(schema)  # any engine: both would round it (or refuse it)
-        if imprecise is not None:
-            raise imprecise
+        refused = imprecise_integer(schema) or costly_multiple_of(schema)  # before any engine runs
+        if refused is not None:
+            raise refused
+        self._probe_multiple_of(schema)
         loop = reference_loop(schema)  # undefined, not unsatisfiable (as llguidance said of some)
         if loop is not None:
             raise loop
@@ -332,6 +354,22 @@ def _check_satisfiable(compiled: CompiledConstraint) -> None:
     if m.error() is None and bool(mask.ne(0).any()):
         return
     detail = m.error() or "no token can start the output"
+    if "too many expressions constructed" in detail:  # the engine's size limit, not an empty language
+        keyword, path = "", ""
+        if compiled.spec.kind == "json_schema":
+            path = find_keyword(json.loads(compiled.spec.value), "multipleOf") or ""
+            keyword = "multipleOf" if path else ""
+        what = f"'multipleOf' at {path}" if keyword else compiled.spec.describe()
+        raise UnsupportedSchemaError(
+            f"{what}: the grammar engine reached its limit of expressions building it ({detail}); "
+            + (
+                "remove the multipleOf and check the value after parsing, or use another step"
+                if keyword
+                else "simplify the constraint"
+            ),
+            keyword=keyword,
+            path=path,
+        )
     raise UnsatisfiableConstraintError(
         f"{compiled.spec.describe()} admits no output with this tokenizer ({detail}); check the "
         "constraint, or that the vocabulary can spell the characters it needs"
