@@ -2,6 +2,9 @@
 
 Public API: ``Engine(model=None, device=None, dtype=None, kv_memory=None)``, ``generate``,
 ``submit`` (thread-safe, returns a future), ``score``, ``stats``, ``shutdown``.
+
+Here: construction, abort, stats and shutdown; submission is in ``engine_submit.py`` (the futures
+it returns in ``engine_futures.py``), scoring in ``engine_score.py``, the loop in ``engine_loop.py``.
 """
 
 from __future__ import annotations
@@ -9,24 +12,16 @@ from __future__ import annotations
 import atexit
 import itertools
 import queue
-import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
-from llmir_lang.errors import (
-    EmptyPromptError,
-    EngineClosedError,
-    EngineError,
-    InvalidRequestError,
-    OutOfKVMemoryError,
-    PromptTooLongError,
-)
-from llmir_lang.executor.engine_loop import EngineLoop, engine_thread_error, run_engine_thread
+from llmir_lang.errors import EngineClosedError, InvalidRequestError, OutOfKVMemoryError
+from llmir_lang.executor.engine_loop import EngineLoop, run_engine_thread
 from llmir_lang.executor.engine_output import OutputProcessor
 from llmir_lang.executor.engine_score import EngineScoring
 from llmir_lang.executor.engine_setup import (
@@ -36,6 +31,7 @@ from llmir_lang.executor.engine_setup import (
     parse_memory,
     resolve_device,
 )
+from llmir_lang.executor.engine_submit import EngineSubmission, Prompt
 from llmir_lang.executor.kv_pool import KVPool
 from llmir_lang.executor.loader import load_model, resolve_dtype, resolve_model_path
 from llmir_lang.executor.model_config import ModelConfig
@@ -46,14 +42,12 @@ from llmir_lang.executor.run_ahead import run_ahead_default
 from llmir_lang.executor.sampler import Sampler
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.scheduler import Scheduler, SchedulerConfig
-from llmir_lang.executor.tokenizer import IncrementalDecoder, Tokenizer, lone_surrogate
+from llmir_lang.executor.tokenizer import Tokenizer
 
-Prompt = str | Sequence[int]  # or a 1-D torch tensor / numpy array of token ids
-ParamsLike = SamplingParams | dict | None
 DEFAULT_DRAFT_TOKENS = 3  # prompt-lookup draft length on the CPU (speculate.py)
 
 
-class Engine(EngineScoring, EngineLoop):
+class Engine(EngineSubmission, EngineScoring, EngineLoop):
     """Runs generation requests on a local Llama-family model with continuous batching.
 
     Thread-safe: any thread may call ``submit``/``generate``/``score``; one background thread owns
@@ -191,230 +185,6 @@ class Engine(EngineScoring, EngineLoop):
             raise InvalidRequestError(f"speculative_draft_tokens must be an int >= 0, got {n!r}")
         self.outputs.spec.draft_tokens = n
 
-    # ---- submission (any thread) --------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of ``prompt``: a string (tokenized), or token ids as a sequence of ints or a
-        1-D integer tensor / numpy array. Anything else, and a string that is not valid Unicode
-        text (a lone surrogate), is an InvalidRequestError."""
-        if isinstance(prompt, str):
-            bad = lone_surrogate(prompt)
-            if bad is not None:  # the tokenizer raised a bare TypeError
-                raise InvalidRequestError(
-                    f"the prompt has a lone surrogate (U+{ord(bad.group()):04X}) at position "
-                    f"{bad.start()}, which is not valid Unicode text and cannot be tokenized (text "
-                    "decoded with errors='surrogateescape' holds these); remove or replace it"
-                )
-            return self.tokenizer.encode(prompt)
-        ids = _token_ids(prompt)
-        if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            raise InvalidRequestError(
-                f"token id(s) {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})"
-            )
-        return ids
-
-    def submit(
-        self,
-        prompt: Prompt,
-        params: ParamsLike = None,
-        *,
-        stream: Callable[[StreamChunk], None] | None = None,
-        logprob_start_len: int = -1,
-        matcher: Any = None,
-    ) -> Future:
-        """Queue one request; the future resolves to a GenerateResult. Bad input raises here.
-
-        ``future.result()`` must not be called from a stream callback (it raises EngineError there:
-        the callback runs on the engine thread, which is what resolves the future)."""
-        sp = _checked_params(params)
-        matcher = self._request_matcher(sp, matcher)
-        return self._submit(self.encode(prompt), sp, stream, logprob_start_len, matcher, None, None)
-
-    def compile_constraint(self, spec: Any) -> Any:
-        """The ``CompiledConstraint`` of a ``ConstraintSpec`` for this engine's tokenizer (cached by
-        spec: a batch sharing one schema compiles it once). Raises the spec's typed
-        ``ConstraintError`` (unsupported keyword, bad regex, unsatisfiable, ...) before any model step."""
-        with self._compiler_lock:
-            if self._compiler is None:
-                from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
-
-                info = TokenizerInfo.from_hf(
-                    self.tokenizer.hf,
-                    vocab_size=self.config.vocab_size,
-                    eos_token_ids=self.tokenizer.eos_token_ids,
-                )
-                self._compiler = ConstraintCompiler(info)
-            compiler = self._compiler
-        return compiler.compile(spec)
-
-    def _request_matcher(self, sp: SamplingParams, matcher: Any) -> Any:
-        """The matcher of one request: ``matcher=`` as given, or a fresh one for
-        ``SamplingParams.constraint`` (a spec is compiled here, at submission). The constraint used
-        to be ignored: the request generated free text and finished normally, so output that looked
-        constrained was not."""
-        constraint = sp.constraint
-        if constraint is None:
-            return matcher
-        if matcher is not None:
-            raise InvalidRequestError(
-                "the request has two constraints, SamplingParams.constraint and matcher=; give one"
-            )
-        from llmir_lang.executor.constraints import ConstraintSpec
-
-        if isinstance(constraint, ConstraintSpec):
-            return self.compile_constraint(constraint).new_matcher()
-        return constraint.new_matcher()  # a CompiledConstraint (SamplingParams.validate checked it)
-
-    def submit_chain(
-        self,
-        prompt: str,
-        steps: Sequence[tuple],
-        *,
-        stream: Callable[[StreamChunk], None] | None = None,
-        logprob_start_len: int = -1,
-    ) -> Future:
-        """Queue a chain: ``prompt`` then steps ``("gen", params, matcher_or_None)`` (``params``: a
-        SamplingParams or a dict, as ``submit`` takes) and ``("text", str)``, run as ONE request.
-        ``logprob_start_len`` is ``submit``'s, for the prompt (with the text before the first
-        generation): the first generation's result has its prompt logprobs. After each generation the constant text that follows
-        is appended as forced tokens in one extend (tokens re-encoded over the whole text, so they are
-        the ones a call-by-call run would prefill) and the next generation starts at once. The future
-        resolves to the last generation's GenerateResult, with ``meta["steps"]`` (one result per
-        generation) and ``meta["chain_text"]`` (everything appended after the prompt)."""
-        steps = list(steps)
-        while steps and steps[0][0] == "text":
-            prompt += steps.pop(0)[1]
-        if not any(step[0] == "gen" for step in steps):
-            raise InvalidRequestError("a chain needs at least one generation step")
-        for k, step in enumerate(steps):
-            if step[0] == "gen":
-                if len(step) < 2 or not isinstance(step[1], (SamplingParams, dict)):
-                    raise InvalidRequestError(
-                        f"a chain's gen step is ('gen', params, matcher) with params a SamplingParams "
-                        f"or a dict, got {step!r}"
-                    )
-                sp = _checked_params(step[1])  # a dict is converted and checked as submit does
-                matcher = step[2] if len(step) > 2 else None
-                if sp.constraint is not None:
-                    matcher = self._request_matcher(sp, matcher)
-                steps[k] = ("gen", sp, matcher)
-            elif step[0] != "text" or not isinstance(step[1], str):
-                raise InvalidRequestError(
-                    f"a chain step is ('gen', params, matcher) or ('text', str), got {step!r}"
-                )
-        _, sp, matcher = steps.pop(0)
-        return self._submit(self.encode(prompt), sp, stream, logprob_start_len, matcher, steps, prompt)
-
-    def _submit(
-        self,
-        ids: list[int],
-        sp: SamplingParams,
-        stream: Callable[[StreamChunk], None] | None,
-        logprob_start_len: int,
-        matcher: Any,
-        chain: list[tuple] | None,
-        prompt_text: str | None,
-        score_next: list[int] | None = None,
-    ) -> Future:
-        if self._closed:
-            raise EngineClosedError("the engine was shut down; create a new Engine")
-        if not ids:
-            raise EmptyPromptError("the prompt is empty; give at least one token of text")
-        ctx = self.config.context_len
-        if len(ids) >= ctx:
-            raise PromptTooLongError(
-                f"the prompt has {len(ids)} tokens but the model's context is {ctx}; shorten the prompt"
-            )
-        need = len(ids) + min(sp.max_new_tokens, ctx - len(ids)) + self.pool.page_size
-        if need > self.pool.capacity:
-            raise OutOfKVMemoryError(
-                f"this request needs {need} KV slots but the pool holds {self.pool.capacity}; "
-                "raise kv_memory or lower max_new_tokens"
-            )
-        if logprob_start_len >= len(ids):
-            raise InvalidRequestError(
-                f"logprob_start_len {logprob_start_len} must be < prompt length {len(ids)}"
-            )
-        if sp.return_prompt_logprob and logprob_start_len < 0:
-            logprob_start_len = 0
-        rid = next(self._rids)
-        ref = weakref.ref(self)
-
-        def abort_on_cancel() -> None:
-            engine = ref()
-            if engine is not None:
-                engine._abort_soon(rid)
-
-        fut: Future = _RequestFuture(self._thread, abort_on_cancel)
-        req = Req(
-            rid=rid,
-            prompt_ids=ids,
-            params=sp,
-            future=fut,
-            decoder=IncrementalDecoder(self.tokenizer, sp.skip_special_tokens),
-            stream=stream,
-            logprob_start_len=logprob_start_len,
-            generator=self.sampler.make_generator(sp.seed, self.device) if sp.seed is not None else None,
-            matcher=matcher,
-            constraint_engine=getattr(matcher, "engine", None) if matcher is not None else None,
-            chain=chain,
-            prompt_text=prompt_text,
-            score_next=score_next,
-        )
-        fut.rid = rid  # type: ignore[attr-defined]
-        # a constraint's forced opening ({"name) is computed with the prompt, not one step each
-        # (touches only this new request and its fresh matcher: safe off the engine thread)
-        self.outputs.force_start(req)
-        with self._lock:
-            if self._closed:
-                raise EngineClosedError("the engine was shut down; create a new Engine")
-            self._inbox.put(req)
-        return fut
-
-    def generate(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        sampling_params: ParamsLike | Sequence[ParamsLike] = None,
-        *,
-        stream: bool = False,
-        callback: Callable[[StreamChunk], None] | None = None,
-    ) -> GenerateResult | list[GenerateResult] | Iterator[StreamChunk]:
-        """Generate for one prompt (returns one result) or a list of prompts (a list of results).
-
-        One prompt is a string, a sequence of int token ids, or a 1-D integer tensor / numpy array;
-        a batch is a list of those. Every prompt and its parameters are checked before any is
-        queued. ``stream=True`` (one prompt) returns an iterator of StreamChunk (``_ChunkStream``):
-        it raises what ``generate`` without streaming would (EngineError, EngineClosedError when the
-        engine shuts down mid-stream), and closing it early or dropping it aborts the request.
-        ``callback`` is called with every chunk of every request from the engine thread.
-        """
-        single, plist = _prompt_list(prompts)
-        if isinstance(sampling_params, (list, tuple)):
-            if len(sampling_params) != len(plist):
-                raise InvalidRequestError(f"{len(sampling_params)} sampling params for {len(plist)} prompts")
-            splist = list(sampling_params)
-        else:
-            splist = [sampling_params] * len(plist)
-        if stream:
-            if not single:
-                raise InvalidRequestError("stream=True takes one prompt; use callback= for many")
-            chunks: queue.Queue[StreamChunk] = queue.Queue()
-            return _ChunkStream(self, self.submit(plist[0], splist[0], stream=chunks.put), chunks)
-        self._refuse_wait_on_engine_thread("Engine.generate()")
-        checked = [(self.encode(p), _checked_params(sp)) for p, sp in zip(plist, splist)]
-        # every constraint compiles (or raises its typed error) before any request is queued
-        matchers = [self._request_matcher(sp, None) for _, sp in checked]
-        futs: list[Future] = []
-        try:
-            for (ids, sp), matcher in zip(checked, matchers):
-                futs.append(self._submit(ids, sp, callback, -1, matcher, None, None))
-        except Exception:  # one prompt too long for the model or the pool: queue none of them
-            for f in futs:
-                self._abort_soon(f.rid)  # type: ignore[attr-defined]
-            raise
-        results = [self._wait(f) for f in futs]
-        return results[0] if single else results
-
     def score(self, prompt: Prompt, continuations: Sequence[Prompt]) -> list[list[float]]:
         """Per-token logprobs of each continuation after ``prompt`` (``EngineScoring.score``).
         Raises EngineError when called from a stream callback, where it would deadlock."""
@@ -542,190 +312,6 @@ class Engine(EngineScoring, EngineLoop):
                 self._abort_all()
         except Exception:
             pass
-
-
-class _RequestFuture(Future):
-    """A request's future. Waiting on it from the engine thread (in a stream callback) raises
-    EngineError instead of deadlocking the engine: that thread is the one that resolves it.
-    A wait with ``timeout=0`` only polls, and is allowed anywhere.
-
-    ``cancel()`` (any thread; also what ``asyncio.wrap_future`` does when the awaiting task is
-    cancelled) aborts the request, which would otherwise run on to ``max_new_tokens`` for nobody.
-    A cancel that lands between the engine's ``done()`` check and its ``set_result`` is not an
-    error: the engine thread raised ``InvalidStateError`` there, which failed the request and, with
-    deferred text work (CUDA), the other requests of its step."""
-
-    def __init__(self, engine_thread: threading.Thread, abort: Any = None):
-        super().__init__()
-        self._engine_thread = engine_thread
-        self._abort = abort  # called with no argument once the future is cancelled
-
-    def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled and self._abort is not None:
-            self._abort()
-        return cancelled
-
-    def set_result(self, result: Any) -> None:
-        try:
-            super().set_result(result)
-        except InvalidStateError:
-            if not self.cancelled():
-                raise  # resolved twice: an engine bug
-            # cancelled by another thread since the engine checked done(): nobody wants it
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        try:
-            super().set_exception(exception)
-        except InvalidStateError:
-            if not self.cancelled():
-                raise
-
-    def result(self, timeout: float | None = None) -> Any:
-        self._check_thread(timeout, "Future.result()")
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._check_thread(timeout, "Future.exception()")
-        return super().exception(timeout)
-
-    def _check_thread(self, timeout: float | None, what: str) -> None:
-        if (timeout is None or timeout > 0) and not self.done():
-            if threading.current_thread() is self._engine_thread:
-                raise engine_thread_error(what)
-
-
-class _ChunkStream(Iterator[StreamChunk]):
-    """What ``generate(stream=True)`` returns: the request's StreamChunks as they come.
-
-    It ends like the request's future: after a final chunk whose future holds an exception (the
-    engine failed the request, or was shut down) it raises that exception, as ``generate`` without
-    streaming does, instead of ending quietly with finish_reason "error" or "abort". Closing it
-    (``close()``, leaving a ``with`` block) before the final chunk, or dropping it, aborts the
-    request, which otherwise would run on to ``max_new_tokens`` for nobody."""
-
-    def __init__(self, engine: Engine, fut: Future, chunks: queue.Queue[StreamChunk]):
-        self._engine = engine
-        self._fut = fut
-        self._chunks = chunks
-        self._done = False
-        self.rid: int = fut.rid  # type: ignore[attr-defined]
-
-    def __iter__(self) -> _ChunkStream:
-        return self
-
-    def __next__(self) -> StreamChunk:
-        if self._done:
-            raise StopIteration
-        eng = self._engine
-        on_engine_thread = threading.current_thread() is eng._thread
-        while True:
-            try:
-                chunk = self._chunks.get_nowait() if on_engine_thread else self._chunks.get(timeout=0.5)
-                break
-            except queue.Empty:
-                pass
-            if self._fut.done():
-                if not self._chunks.empty():  # its final chunk is queued before the future resolves
-                    continue
-                self._done = True  # resolved without a final chunk: it raises or ends here
-                eng._wait(self._fut)
-                raise StopIteration from None
-            if on_engine_thread:
-                raise engine_thread_error("iterating a generate(stream=True) iterator")
-            if not eng._thread.is_alive():
-                self._done = True
-                raise EngineError("the engine thread has stopped; create a new Engine")
-        if chunk.finished:
-            self._done = True
-            eng._wait(self._fut)  # resolved right after its final chunk: raises what the request raised
-        return chunk
-
-    def close(self) -> None:
-        """Stop reading; a request still running is aborted."""
-        if not self._done:
-            self._done = True
-            self._engine._abort_soon(self.rid)
-
-    def __enter__(self) -> _ChunkStream:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-def _checked_params(params: ParamsLike) -> SamplingParams:
-    """``params`` as validated SamplingParams (a SamplingParams object is validated again: its
-    fields may have been set since it was made)."""
-    sp = SamplingParams.from_dict(params)
-    sp.validate()
-    return sp
-
-
-def _is_array(x: Any) -> bool:
-    """A torch tensor or a numpy array (numpy is looked up only if something imported it)."""
-    if isinstance(x, torch.Tensor):
-        return True
-    np = sys.modules.get("numpy")
-    return np is not None and isinstance(x, np.ndarray)
-
-
-def _token_ids(prompt: Any) -> list[int]:
-    """The ids of a prompt given as token ids (see ``Engine.encode``)."""
-    if _is_array(prompt):
-        if prompt.ndim != 1:
-            raise InvalidRequestError(
-                f"a prompt of token ids must be 1-D, got an array of shape {tuple(prompt.shape)}; "
-                "give a batch as a list of prompts (the rows of a 2-D array may hold padding)"
-            )
-        if isinstance(prompt, torch.Tensor):
-            ints = not (
-                prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool
-            )
-        else:
-            ints = prompt.dtype.kind in "iu"
-        if not ints:
-            raise InvalidRequestError(f"token ids must be integers, got an array of {prompt.dtype}")
-        return prompt.tolist()
-    if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
-        raise InvalidRequestError(
-            "a prompt is a string, a sequence of int token ids or a 1-D integer tensor / numpy array, "
-            f"got {type(prompt).__name__}"
-        )
-    ids = list(prompt)
-    if not set(map(type, ids)) <= {int}:  # C-speed check; bool and numpy ints are refused
-        bad = next(t for t in ids if type(t) is not int)
-        raise InvalidRequestError(
-            f"token ids must be Python ints, got {type(bad).__name__} {bad!r}; a prompt is a string "
-            "or a sequence of int token ids (numpy or torch ids: pass the 1-D array itself)"
-        )
-    return ids
-
-
-def _prompt_list(prompts: Any) -> tuple[bool, list[Any]]:
-    """(whether ``prompts`` is one prompt, the prompts). One prompt: a string, a 1-D array, or a
-    sequence whose first item is not itself a prompt (``encode`` checks that its items are ints)."""
-    if isinstance(prompts, str):
-        return True, [prompts]
-    if _is_array(prompts):
-        return True, [prompts]  # encode refuses any other shape than 1-D
-    if not isinstance(prompts, Sequence):
-        raise InvalidRequestError(
-            "prompts must be a string, a sequence of int token ids, a 1-D tensor / numpy array of "
-            f"token ids, or a list of those; got {type(prompts).__name__}"
-        )
-    if len(prompts) == 0:
-        raise EmptyPromptError("the prompt is empty (an empty list is neither a prompt nor a batch)")
-    first = prompts[0]
-    if isinstance(first, (str, Sequence)) or _is_array(first):
-        return False, list(prompts)
-    return True, [prompts]
 
 
 _LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()

@@ -2,42 +2,42 @@
 
 With ``defer_text`` (on CUDA), the text work of requests whose control flow never reads their text
 is queued and runs while the next step computes (``engine_text``); ``flush_deferred`` runs it.
+
+Here: a step's logprobs and sampling, and each token's append and stop checks; jump-forward is in
+``engine_jump_forward.py``, chains and the ends of requests in ``engine_endings.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
 
-from llmir_lang.errors import EngineClosedError, EngineError
+from llmir_lang.errors import EngineError
 from llmir_lang.executor import speculate
+from llmir_lang.executor.engine_endings import OutputEndings, _chain_continues
+from llmir_lang.executor.engine_jump_forward import OutputJumpForward
 from llmir_lang.executor.engine_text import (
     DeferredText,
     defer_text_default,
     forced_stop_hit,
-    make_result,
-    send_chunk,
     stop_hit,
     stream_text,
-    take_chunk,
 )
 from llmir_lang.executor.model_runner import StepLogits
-from llmir_lang.executor.request import FinishReason, Req, common_prefix_len
+from llmir_lang.executor.request import FinishReason, Req
 from llmir_lang.executor.sampler import logprobs_of
 from llmir_lang.executor.scheduler import ScheduledBatch
 
 if TYPE_CHECKING:
     from llmir_lang.executor.engine import Engine
-    from llmir_lang.executor.sampling_params import SamplingParams
 
 log = logging.getLogger("llmir_lang.engine")
 
 
-class OutputProcessor:
+class OutputProcessor(OutputEndings, OutputJumpForward):
     def __init__(self, engine: Engine):
         self.engine = engine
         self.eos_ids = set(engine.tokenizer.eos_token_ids)
@@ -309,263 +309,6 @@ class OutputProcessor:
         else:
             self._finish_now(req, reason)
 
-    def _jump_forward(self, req: Req) -> None:
-        """Where the constraint allows exactly one continuation, append it as forced tokens.
-
-        Where the forced text is whole characters that do not join the output's last character,
-        it is tokenized together with the last few generated tokens, so the tokens are the ones the
-        tokenizer (and so the model) would produce for that text, not the matcher's piecewise
-        spelling; the scheduler then computes them in one extend instead of one decode step each.
-        Otherwise (a multi-byte character split between the output and the forced bytes, or inside
-        them) the matcher's own tokens are kept, byte for byte, and the text is decoded from the
-        tokens, holding back an incomplete character, as for sampled tokens. At least one token of
-        ``max_new_tokens`` is left to the model (the step that samples it ends the request at the
-        limit), so jump-forward never makes an output longer than asked.
-        """
-        m = req.matcher
-        out = req.output_ids
-        room = req.params.max_new_tokens - len(out) - 1
-        forced = m.forced_tokens()[: max(room, 0)]
-        if not forced:
-            return
-        for i, tok in enumerate(forced):
-            if not m.advance(tok):
-                m.rollback(i)
-                return
-        tok = self.engine.tokenizer
-        dec = req.decoder
-        text = tok.decode(forced, skip_special_tokens=False)
-        k = min(len(out), 3)
-        tail = out[len(out) - k :]
-        tail_text = tok.decode(tail, skip_special_tokens=False)
-        whole = (
-            dec.read_offset == len(out)  # the decoder holds no incomplete character back
-            and "\ufffd" not in text
-            and tok.decode(tail + forced, skip_special_tokens=False) == tail_text + text
-        )
-        new_out: list[int] | None = None
-        if whole:
-            if k and tok.encode(tail_text, add_special_tokens=False) == tail:
-                new_out = out[: len(out) - k] + tok.encode(tail_text + text, add_special_tokens=False)
-            else:  # the tail is not canonical text: keep it as it is
-                new_out = out + tok.encode(text, add_special_tokens=False)
-            if len(new_out) > len(out) + len(forced):  # never more tokens than the matcher's
-                new_out = None
-        if new_out is None:
-            whole, new_out = False, out + list(forced)
-        if new_out == out:
-            m.rollback(len(forced))
-            return
-        req.rebase_to = (list(req.prompt_ids), new_out)
-        req.forced_end = len(new_out)
-        if whole:
-            req.text += text
-            # everything up to here is decoded: restart the incremental decoder after the new tokens
-            dec.prefix_offset = dec.read_offset = len(new_out)
-            dec.text = req.text
-        else:
-            req.text += dec.step(new_out)
-        if req.params.return_logprob:
-            _forced_logprobs(req, out, new_out)
-        req.num_forced += len(forced)
-        stream_text(req)
-
-    def force_start(self, req: Req) -> list[int]:
-        """Jump-forward before a generation's first step: the text its constraint forces from the
-        start (``{"name`` of a JSON object) becomes output tokens now, so the first step computes
-        them with the prompt instead of sampling one and extending the rest.
-
-        Returns the forced tokens (the request's output so far). Call it on a request with no
-        output yet (a new request before it is queued; ``_next_step`` does it for a chain's next
-        generation). They are the canonical tokens of the forced text alone, as with
-        jump-forward off: the model's first token never merges into the prompt's tokens either.
-        At least one token is left for the model to sample (a step must run to finish the
-        request), and ``max_new_tokens`` is respected.
-        """
-        m = req.matcher
-        if m is None or not self.engine.jump_forward or req.output_ids:
-            return []
-        forced = m.forced_tokens()[: max(req.params.max_new_tokens - 1, 0)]
-        for i, tok in enumerate(forced):
-            if not m.advance(tok):
-                m.rollback(i)
-                return []
-        if forced and m.is_terminated():  # the model must write the last token: one step runs
-            m.rollback(1)
-            forced = forced[:-1]
-        if not forced:
-            return []
-        req.output_ids = list(forced)
-        req.forced_end = len(forced)
-        # decoded as sampled tokens are: a multi-byte character the forced bytes end inside waits
-        # for the model's next token instead of becoming U+FFFD
-        req.text = req.decoder.step(req.output_ids)
-        if req.params.return_logprob:
-            _forced_logprobs(req, [], req.output_ids)
-        req.num_forced += len(forced)
-        return forced
-
-    def _commit_forced(self, req: Req) -> bool:
-        """Make a pending jump-forward rebase the request's output now (the request is about to
-        finish, so no step will apply it). Finishing caches ``fill_ids[:kv_len]`` with that KV, so
-        KV of tokens the rebase changes is given back first (jump-forward re-tokenized them with
-        the forced text); False, and the rebase left to a step, where that KV is the radix
-        cache's."""
-        if req.rebase_to is None:
-            return False
-        prompt_ids, new_out = req.rebase_to
-        # a verify step's KV past the output's last token holds draft tokens that were not kept
-        # (dropped after the step): only the KV before it counts. Counting it made the commit fail
-        # whenever a draft ran past the token that completed the constraint, and the request took
-        # one more step that sampled EOS (found by tests/executor/test_stress_scheduler.py)
-        valid = min(req.kv_len, req.seq_len - 1)
-        in_kv = valid - len(req.prompt_ids)
-        if prompt_ids != req.prompt_ids or in_kv < 0:
-            return False
-        # tokens with KV that the rebase changes: their KV goes too. Refusing here made the request
-        # take one more step, which sampled EOS after the finished value (with ignore_eos, an EOS
-        # at the end of the output)
-        valid = len(req.prompt_ids) + common_prefix_len(new_out[:in_kv], req.output_ids[:in_kv])
-        if req.kv_len > valid and not self.engine.scheduler.drop_kv_past(req, valid):
-            return False
-        req.output_ids = list(new_out)
-        req.rebase_to = None
-        return True
-
-    # ---- chains ---------------------------------------------------------------------------
-    def _next_step(self, req: Req, reason: FinishReason) -> None:
-        """The current generation of a chain ended: append the constant text that follows, then
-        start the next generation in the same request (the scheduler re-points the KV).
-
-        The ended generation's last chunk goes out once the next generation is set up (its rebase
-        pending), so an abort from that chunk's callback ends the request as one between two
-        generations does: the ended one keeps its own finish reason, the next one is reported
-        aborted. Sent before, the abort reported the ended generation as aborted, and the set-up
-        here then went on on a finished request."""
-        req.step_results.append(make_result(req, reason))
-        req.chain_text += req.text
-        assert req.chain is not None
-        while req.chain and req.chain[0][0] == "text":
-            req.chain_text += req.chain.pop(0)[1]
-        _, params, matcher = req.chain.pop(0)
-        eng = self.engine
-        # canonical tokens of the whole text so far, exactly what a call-by-call run would prefill
-        new_ids = eng.tokenizer.encode((req.prompt_text or "") + req.chain_text)
-        ctx = eng.config.context_len
-        # the refusals below end the request: their final chunk carries the ended generation's rest
-        if len(new_ids) >= ctx:
-            self._refuse_next(
-                req, params, FinishReason.LENGTH, "the chain's text outgrew the model's context"
-            )
-            return
-        # the admission rule of a new request (Engine._submit), so a chain's next generation is
-        # refused exactly where a call-by-call run's request for it would be; one that could never
-        # fit in the pool would otherwise wait for KV slots for ever
-        need = len(new_ids) + min(params.max_new_tokens, ctx - len(new_ids)) + eng.pool.page_size
-        if need > eng.pool.capacity:
-            self._refuse_next(
-                req,
-                params,
-                FinishReason.ERROR,
-                f"OutOfKVMemoryError: this request needs {need} KV slots but the pool holds "
-                f"{eng.pool.capacity}; raise kv_memory or lower max_new_tokens",
-            )
-            return
-        ended = take_chunk(req, final=True, step_done=True)
-        req.params, req.matcher = params, matcher
-        req.generator = (
-            eng.sampler.make_generator(params.seed, eng.device) if params.seed is not None else None
-        )
-        req.decoder = type(req.decoder)(eng.tokenizer, params.skip_special_tokens)
-        req.chain_index += 1
-        req.text, req.sent_len, req.sent_tokens = "", 0, 0
-        req.out_logprobs, req.out_top_logprobs = [], []
-        req.matched_stop = None
-        req.stop_regex_scan, req.stop_regex_floor, req.stop_seen = [], 0, 0
-        # output_ids keeps the finished generation until the scheduler applies the rebase after
-        # this step: it compares the KV'd tokens with new_ids to keep the common prefix
-        finished, req.output_ids = req.output_ids, []
-        req.forced_end = -1
-        forced = self.force_start(req)
-        req.output_ids = finished
-        req.rebase_to = (new_ids, forced)
-        if ended is not None:
-            send_chunk(req, ended)
-
-    def _refuse_next(self, req: Req, params: SamplingParams, reason: FinishReason, error: str) -> None:
-        """The chain's next generation (``params``) cannot run: end the request, its final chunk
-        carrying the ended generation's rest, and report the refused one with no text or tokens
-        (``_finish_now`` would report the ended generation's output a second time as its own)."""
-        req.error, req.finish_reason = error, reason
-        stream_text(req, final=True)
-        last = make_result(req, reason)
-        last.text, last.token_ids, last.completion_tokens, last.matched_stop = "", [], 0, None
-        last.logprobs = [] if params.return_logprob else None
-        last.top_logprobs = [] if params.return_logprob and params.top_logprobs_num else None
-        last.prompt_logprobs = None
-        res = dataclasses.replace(last, meta={**last.meta, "steps": [*req.step_results, last]})
-        res.meta["chain_text"] = req.chain_text
-        if not req.future.done():
-            req.future.set_result(res)
-
-    # ---- endings --------------------------------------------------------------------------
-    def finish(self, req: Req, reason: FinishReason) -> bool:
-        """End ``req`` from outside output processing (``Engine.abort``): queued text work runs
-        first, so the result and the stream hold every token appended so far. False, and nothing
-        done, where a stream callback that work ran ended ``req`` meanwhile (it aborted it too:
-        the request used to end twice, with two final chunks)."""
-        was_finished = req.finished
-        self.flush_deferred()
-        if req.finished and not was_finished:
-            return False
-        if reason is FinishReason.ABORT and forced_stop_hit(req, len(req.output_ids)):
-            # NOTE: the stop was in the text before the abort landed (forced text the next check
-            # would have cut): the output ended at it, so "stop", as without the abort. A chain
-            # goes on to its next generation, which the abort then ends before it runs
-            reason = FinishReason.STOP
-            if _chain_continues(req):
-                self._next_step(req, reason)
-                if req.finished:  # refused, or aborted by the callback of the ended step's chunk
-                    return req.finish_reason is not FinishReason.ABORT
-                self.engine.scheduler.apply_rebase(req)
-                reason = FinishReason.ABORT
-        self._finish_now(req, reason)
-        return True
-
-    def _finish(self, req: Req, reason: FinishReason) -> None:
-        """End ``req`` during ``process``: its result waits for the flush when its text may."""
-        if self._defers(req):
-            req.finish_reason = reason
-            self._deferred.push(req, reason, False)
-        else:
-            self._finish_now(req, reason)
-
-    def _finish_now(self, req: Req, reason: FinishReason) -> None:
-        """Final stream chunk, result, future (also the deferred path's last step for ``req``)."""
-        req.finish_reason = reason
-        stream_text(req, final=True)
-        res = make_result(req, reason)
-        if req.chain is not None:
-            last = make_result(req, reason)
-            req.chain_text += req.text
-            while req.chain and req.chain[0][0] == "text":
-                req.chain_text += req.chain.pop(0)[1]
-            res.meta["steps"] = req.step_results + [last]
-            res.meta["chain_text"] = req.chain_text
-        if not req.future.done():
-            req.future.set_result(res)
-
-    def fail(self, req: Req, exc: Exception) -> None:
-        was_finished = req.finished
-        self.flush_deferred()  # earlier chunks first; requests already finished keep their results
-        if req.finished and not was_finished:
-            return  # a stream callback of that text work ended it (Engine.abort): it has its result
-        req.finish_reason = FinishReason.ABORT if isinstance(exc, EngineClosedError) else FinishReason.ERROR
-        req.error = str(exc)
-        stream_text(req, final=True)
-        if not req.future.done():
-            req.future.set_exception(exc)
-
 
 def _prompt_logprobs(logits: torch.Tensor, reqs: list[Req], prompt_rows: list[tuple[int, int, int]]) -> None:
     """Append each request's prompt logprobs of this step: its ``count`` rows from ``row`` score
@@ -619,26 +362,3 @@ def _next_top_logprobs(logits: torch.Tensor, rows: list[tuple[Req, int]]) -> Non
     for (req, _), top_ids, top_lps in zip(rows, ids.tolist(), lps):
         n = req.params.top_logprobs_num
         req.out_top_logprobs = [list(zip(top_ids[:n], top_lps[:n]))]
-
-
-def _chain_continues(req: Req) -> bool:
-    """A chain request with a generation still to come after the current one."""
-    return bool(req.chain) and any(step[0] == "gen" for step in req.chain)
-
-
-def _forced_logprobs(req: Req, out: list[int], new_out: list[int]) -> None:
-    """Logprobs (and top alternatives) once the output ``out`` became ``new_out`` by forced tokens:
-    the common prefix keeps its own, every token after it gets logprob 0.0 and, with
-    ``top_logprobs_num``, the alternatives ``[(token, 0.0)]`` (the constraint admitted nothing
-    else), so both lists keep one entry per output token. Where jump-forward re-tokenized the end
-    of ``out`` together with the forced text, those tokens are new ones: the sampled tokens' entries
-    are dropped with them."""
-    c = common_prefix_len(out, new_out)
-    lps, tops = req.out_logprobs, req.out_top_logprobs
-    if len(lps) == len(out):
-        del lps[c:]
-    lps.extend([0.0] * (len(new_out) - len(lps)))
-    if req.params.top_logprobs_num:
-        if len(tops) == len(out):
-            del tops[c:]
-        tops.extend([(t, 0.0)] for t in new_out[len(tops) :])

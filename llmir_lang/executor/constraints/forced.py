@@ -17,7 +17,7 @@ previous rule (always hold back the last token) left a forced token per field on
 
 Check 3 looks at ``p`` alone, not at every longer continuation; a merge that only a longer
 continuation would trigger is possible in principle for BPE, and is what the engine's re-tokenization
-of the tail (``engine_output._jump_forward``) repairs at the next jump. Text that is not valid
+of the tail (``engine_jump_forward._jump_forward``) repairs at the next jump. Text that is not valid
 UTF-8 on its own counts as a merge (conservative).
 """
 
