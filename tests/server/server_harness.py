@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -169,3 +170,24 @@ class InProcessServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def run_clients(client_loop: Callable[[int], None], n_clients: int, deadline_s: float, what: str) -> None:
+    """Run ``client_loop(c)`` for every client ``c`` on its own thread, all within ``deadline_s``;
+    a client still running then (a hang) or one that raised fails the calling test."""
+    crashed: list[BaseException] = []
+
+    def run(c: int) -> None:
+        try:
+            client_loop(c)
+        except BaseException as e:  # reported by the test thread
+            crashed.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in range(n_clients)]
+    deadline = time.monotonic() + deadline_s
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"{what} did not finish in {deadline_s}s (a hang)"
+    assert not crashed, crashed[:3]

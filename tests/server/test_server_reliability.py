@@ -10,7 +10,7 @@ import time
 import httpx
 import psutil
 import pytest
-from server_harness import arithmetic_prompt, kv_is_free, served, server_stats, wait_idle
+from server_harness import arithmetic_prompt, kv_is_free, run_clients, served, server_stats, wait_idle
 
 N_CLIENTS = 32
 N_REQUESTS = 50  # per client
@@ -43,30 +43,19 @@ def _one(client: httpx.Client, prompt: str, rid: str, stream: bool) -> tuple[str
 def _load(url: str, n_clients: int, n_requests: int) -> dict[str, tuple[int, str, str]]:
     """rid -> (prompt index, text, id the server answered with). Every 5th request streams."""
     results: dict[str, tuple[int, str, str]] = {}
-    errors: list[BaseException] = []
     lock = threading.Lock()
 
     def client_loop(c: int) -> None:
-        try:
-            with httpx.Client(base_url=url, timeout=60.0) as client:
-                for j in range(n_requests):
-                    i = (c * 7 + j * 13) % N_PROMPTS
-                    rid = f"c{c}-r{j}"
-                    text, got_id = _one(client, arithmetic_prompt(i), rid, stream=j % 5 == 4)
-                    with lock:
-                        assert rid not in results
-                        results[rid] = (i, text, got_id)
-        except BaseException as e:  # reported by the test thread
-            errors.append(e)
+        with httpx.Client(base_url=url, timeout=60.0) as client:
+            for j in range(n_requests):
+                i = (c * 7 + j * 13) % N_PROMPTS
+                rid = f"c{c}-r{j}"
+                text, got_id = _one(client, arithmetic_prompt(i), rid, stream=j % 5 == 4)
+                with lock:
+                    assert rid not in results
+                    results[rid] = (i, text, got_id)
 
-    threads = [threading.Thread(target=client_loop, args=(c,), daemon=True) for c in range(n_clients)]
-    deadline = time.monotonic() + LOAD_DEADLINE_S
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert not any(t.is_alive() for t in threads), f"load did not finish in {LOAD_DEADLINE_S}s"
-    assert not errors, errors[:3]
+    run_clients(client_loop, n_clients, LOAD_DEADLINE_S, "load")
     return results
 
 
