@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from llmir_lang.dsl.arun import _spawn_on_loop, _stream_on_loop
+from llmir_lang.dsl.compose import compose_call, is_not_run
 from llmir_lang.dsl.errors import (
     DSLError,
     ProgramArgumentError,
@@ -52,7 +53,7 @@ from llmir_lang.dsl.recorder import ProgramRun
 from llmir_lang.dsl.run_batch import _BatchRunning
 from llmir_lang.dsl.runner import PipelineRunner
 from llmir_lang.dsl.runtime import resolve_backend
-from llmir_lang.dsl.sampling_args import check_sampling
+from llmir_lang.dsl.sampling_args import check_sampling, sampling_default
 from llmir_lang.dsl.state import ProgramState
 from llmir_lang.dsl.tracing import _Tracing
 from llmir_lang.dsl.workers import spawn
@@ -115,12 +116,11 @@ class LMFunction(_BatchRunning, _Tracing):
         return f"<llmir program {self.name}({', '.join(['s', *self.arg_names])})>"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Inside a program, ``f(s, ...)`` runs ``f``'s body on the state ``s`` (composition);
-        anywhere else it is ``run(...)``."""
+        """Inside a program, ``f(s, ...)`` (or ``f(s=s, ...)``) runs ``f``'s body on the state ``s``
+        and returns what it returns (composition, see ``compose``); anywhere else it is ``run(...)``."""
         __tracebackhide__ = True
-        if args and isinstance(args[0], ProgramState):
-            return self.func(*args, **{**self.bound, **kwargs})
-        return self.run(*args, **kwargs)
+        composed = compose_call(self, args, kwargs)
+        return self.run(*args, **kwargs) if is_not_run(composed) else composed
 
     def bind(self, **kwargs: Any) -> LMFunction:
         """A copy of this program with some arguments fixed."""
@@ -145,14 +145,17 @@ class LMFunction(_BatchRunning, _Tracing):
         """(program arguments by name, sampling defaults as IR attributes)."""
         program: dict[str, Any] = {}
         sampling: dict[str, Any] = {}
+        given: dict[str, str] = {}  # sampling attribute -> the keyword that gave it
         for key, value in kwargs.items():
             if key in self.arg_names or (self._var_kw and key not in SAMPLING_ATTRS and key not in _ALIASES):
                 program[key] = value
             elif _ALIASES.get(key, key) in SAMPLING_ATTRS:
+                try:
+                    attr, value = sampling_default(key, value, given)
+                except DSLError as e:
+                    raise ProgramArgumentError(f"sampling defaults: {e.cause_message}", self.name) from None
                 if value is not None:
-                    sampling[_ALIASES.get(key, key)] = (
-                        [value] if key in ("stop", "stop_regex") and isinstance(value, str) else value
-                    )
+                    sampling[attr] = value
             else:
                 raise ProgramArgumentError(
                     f"unknown argument {key!r}: the program's parameters are {self.arg_names} and the "

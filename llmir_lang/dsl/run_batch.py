@@ -92,7 +92,7 @@ class _BatchRunning:
                     self.name,
                 )
             try:
-                arguments, defaults = self._split(args, {**sampling_defaults, **kw})
+                arguments, defaults = self._split(args, self._item_keywords(sampling_defaults, kw))
             except ProgramArgumentError as e:
                 raise ProgramArgumentError(f"run_batch item {i}: {e.cause_message}", self.name) from None
             prepared.append((arguments, defaults))
@@ -171,6 +171,19 @@ class _BatchRunning:
             self._split((), keywords, partial=True)
         except ProgramArgumentError as e:
             raise ProgramArgumentError(f"run_batch(): {e.cause_message}", self.name) from None
+
+    def _item_keywords(self, common: Mapping[str, Any], item: Mapping[str, Any]) -> dict[str, Any]:
+        """An item's keywords over those given to ``run_batch`` itself: an item's sampling default
+        replaces the common one also when spelled the other way (``max_tokens`` for a common
+        ``max_new_tokens``), instead of the two meeting as both names of one default."""
+        own = {_ALIASES.get(k, k) for k in item if k not in self.arg_names}
+        merged = {
+            k: v
+            for k, v in common.items()
+            if k in item or k in self.arg_names or _ALIASES.get(k, k) not in own
+        }
+        merged.update(item)
+        return merged
 
     def _positional_item(self, i: int, values: list | tuple) -> tuple[tuple, dict[str, Any]]:
         """A run_batch item of positional values as (args, kwargs): the values fill the parameters

@@ -162,10 +162,28 @@ def sglang_engine_options(model: str | None, options: dict[str, Any]) -> dict[st
             value = None
         elif key == "attention_backend":
             value = _ATTENTION.get(value, value)
-        elif key == "mem_fraction_static" and _on_cpu(options.get("device")):
-            continue  # SGLang's fraction of GPU memory: on the CPU the engine's default applies
+        elif key == "mem_fraction_static":
+            _check_fraction(value)  # (on any device: a script moved to a GPU must not fail there)
+            if _on_cpu(options.get("device")):
+                continue  # SGLang's fraction of GPU memory: on the CPU the engine's default applies
         out[engine_key] = value
     return out
+
+
+def _check_fraction(value: Any) -> None:
+    """``mem_fraction_static`` is a fraction in (0, 1]: a larger number went to the engine as a
+    byte count (``kv_memory=2.0`` is 2 bytes, "too small"), and on the CPU it was dropped unseen."""
+    try:  # (a numeric string too, as kv_memory takes '0.5')
+        number = (
+            float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        )
+    except ValueError:
+        number = None
+    if number is None or not 0 < number <= 1:
+        raise InvalidRequestError(
+            f"Runtime(mem_fraction_static={value!r}): SGLang's memory fraction is a number in (0, 1] "
+            "(0.8 is 80%); give one, or kv_memory= a size ('2GiB')"
+        )
 
 
 def _check_default_only(key: str, value: Any, model: str | None) -> None:

@@ -127,3 +127,25 @@ def _check_sglang_gen_args(
             f"gen(choices=...) does, write select({name!r}, choices=[...], choices_method=...)",
             where=where,
         )
+
+
+def sampling_default(key: str, value: object, given: dict[str, str]) -> tuple[str, object]:
+    """A sampling default of ``run`` / ``arun`` / ``run_batch`` as (IR attribute name, value),
+    read as ``gen`` reads its argument: ``stop`` / ``stop_token_ids`` as lists (a set or tuple
+    too), an empty ``stop_regex`` as none (None). ``given`` maps each attribute already given to
+    the keyword that gave it, so that both spellings of one default (``max_tokens`` and SGLang's
+    ``max_new_tokens``) are refused instead of one silently winning."""
+    from llmir_lang.dsl.program_signature import _ALIASES
+
+    attr = _ALIASES.get(key, key)
+    if attr in given and given[attr] != key:
+        raise DSLError(f"got both {given[attr]!r} and {key!r}, two names of one sampling default; give one")
+    given[attr] = key
+    try:
+        if attr in ("stop", "stop_token_ids"):
+            return attr, _stop_list(value, attr, None, None)
+        if attr == "stop_regex":
+            return attr, _stop_regex_list(value, None, None)
+    except DSLError as e:  # (said as gen's, which names the gen: here there is none)
+        raise DSLError(e.cause_message.removeprefix("gen(None): ")) from None
+    return attr, value

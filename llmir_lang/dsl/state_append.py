@@ -95,9 +95,17 @@ class _StateAppending:
             self._append(x.content, at)
             self._role_marker(x.role, False, at)
         else:
+            # ``s += other(s, ...)``: the composed program has appended to s already, and its body
+            # returned None (no hint for other values: a None is what such a call gives)
+            hint = (
+                "; a program called with the state, `other(s, ...)`, appends to s itself and returns "
+                "its body's return value: call it without `s +=`"
+                if x is None
+                else ""
+            )
             raise InvalidAppendError(
                 f"cannot append a {type(x).__name__} ({x!r:.60}); append text (use str(...) for "
-                "numbers and objects), gen(...), select(...), a role, or a list of those",
+                f"numbers and objects), gen(...), select(...), a role, or a list of those{hint}",
                 run.program,
                 where,
             )
