@@ -170,17 +170,12 @@ def _parts_of(name: str) -> list[str] | None:
     return None
 
 
-def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """Build the model from ``folder`` and load its weights; every mismatch is a CheckpointError."""
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight of the checkpoint's safetensors files (on the CPU, as stored); a file that
+    cannot be read, or a weight that is not a plain float, is a CheckpointError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg = ModelConfig.from_folder(folder)
-    with torch.device("meta"):
-        # in the engine's dtype from the start: built in fp32 and cast after loading, a bf16 model
-        # took its size three times over on the device while it loaded (fp32, then the bf16 copy)
-        model = CausalLM(cfg).to(dtype)
-    expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(folder):
         try:
@@ -194,8 +189,38 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Causal
                 "unquantized float32 / bfloat16 / float16 checkpoints are supported (a quantized "
                 "checkpoint's weights need their scales): load an unquantized checkpoint of this model"
             )
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    return state
+
+
+def tie_output_layer(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """Settle a config's ``tie_word_embeddings`` against the weights, as transformers loads them:
+    with both ``lm_head.weight`` and the embedding present and different (in ``dtype``), they are
+    not tied (the checkpoint's own output layer is used; ``cfg`` is changed to say so); with only
+    ``lm_head.weight``, it is the embedding too; otherwise the duplicate ``lm_head.weight`` is
+    dropped. ``state`` is changed in place."""
+    head = state.get("lm_head.weight")
+    if not cfg.tie_word_embeddings or head is None:
+        return
+    emb = state.get("model.embed_tokens.weight")
+    if emb is None:
+        state["model.embed_tokens.weight"] = state.pop("lm_head.weight")
+    elif head.shape == emb.shape and (torch.equal(head, emb) or torch.equal(head.to(dtype), emb.to(dtype))):
+        del state["lm_head.weight"]
+    else:
+        # NOTE: dropping it ran the embedding as the output layer: another model than transformers'
+        cfg.tie_word_embeddings = False
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """Build the model from ``folder`` and load its weights; every mismatch is a CheckpointError."""
+    cfg = ModelConfig.from_folder(folder)
+    state = _read_weights(folder)
+    tie_output_layer(state, cfg, dtype)
+    with torch.device("meta"):
+        # in the engine's dtype from the start: built in fp32 and cast after loading, a bf16 model
+        # took its size three times over on the device while it loaded (fp32, then the bf16 copy)
+        model = CausalLM(cfg).to(dtype)
+    expected = dict(model.state_dict())
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     state = fuse_projections(state, cfg, folder)
     missing, unexpected = _mismatch(set(expected), set(state))

@@ -26,6 +26,8 @@ _MODEL_TYPES = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()
 _SILU_NAMES = ("silu", "swish")
 # max_position_embeddings where config.json lacks it: each family's transformers default
 _DEFAULT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+# head_dim where config.json lacks it: Qwen3Config's is 128, the others' hidden_size // heads
+_DEFAULT_HEAD_DIM = {"qwen3": 128}
 # the keys transformers requires of each supported rope scaling type (it raises without them)
 _ROPE_KEYS = {
     "linear": ("factor",),
@@ -103,35 +105,8 @@ class ModelConfig:
         vocab = _int_field(cfg, "vocab_size")
         inter = _int_field(cfg, "intermediate_size")
         kv_heads = _int_field(cfg, "num_key_value_heads", heads)
-        head_dim = _int_field(cfg, "head_dim", hidden // heads)
-        rope_params = cfg.get("rope_parameters") or {}
-        if not isinstance(rope_params, dict):
-            raise CheckpointError(
-                f"config.json field 'rope_parameters' must be an object, got {rope_params!r}"
-            )
-        rope_theta = _float_field(cfg, "rope_theta", _float_field(rope_params, "rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or None
-        where = "rope_scaling"
-        if scaling is not None and not isinstance(scaling, dict):
-            raise CheckpointError(
-                f"config.json field 'rope_scaling' must be an object or null, got {scaling!r}"
-            )
-        if scaling is None and rope_params.get("rope_type", "default") != "default":
-            scaling, where = dict(rope_params), "rope_parameters"
-        if scaling is not None:
-            kind = scaling.get("rope_type") or scaling.get("type") or "default"
-            if kind not in ("default", "linear", "llama3"):
-                raise UnsupportedArchitectureError(
-                    f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)"
-                )
-            if kind == "default":
-                scaling = None
-            else:
-                # transformers raises on a missing key; a factor of 0 made every logit NaN here
-                for key in _ROPE_KEYS[kind]:
-                    _float_field(
-                        scaling, key, ..., f"config.json field '{where}.{key}' ({kind} rope scaling)"
-                    )
+        head_dim = _int_field(cfg, "head_dim", _DEFAULT_HEAD_DIM.get(family, hidden // heads))
+        rope_theta, scaling = _rope(cfg)
         eos = cfg.get("eos_token_id")
         eos_list = [] if eos is None else (eos if isinstance(eos, list) else [eos])
         if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_list):
@@ -146,12 +121,7 @@ class ModelConfig:
             raise CheckpointError(
                 f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )
-        # transformers' MistralConfig defaults to a 4096-token window; null (or 0) is none
-        window_default = 4096 if family == "mistral" and "sliding_window" not in cfg else None
-        window = _int_field(cfg, "sliding_window", None) if cfg.get("sliding_window") else window_default
-        sliding = window if family == "mistral" else None
-        if family in ("qwen2", "qwen3") and _bool_field(cfg, "use_sliding_window", False):
-            sliding = window
+        sliding = _sliding_window(cfg, family, layers)
         # the projections' biases as transformers builds each family: Llama's follow attention_bias
         # (q/k/v and o) and mlp_bias; Qwen2 always has q/k/v biases and no others; Qwen3's q/k/v and
         # o follow attention_bias; Mistral has none. A field a family ignores is ignored here too.
@@ -205,6 +175,78 @@ class ModelConfig:
                 f"{path} holds a JSON {type(cfg).__name__}, not an object of model fields; the checkpoint is corrupt"
             )
         return cls.from_dict(cfg)
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``rope_theta`` and the rope scaling (None: plain rotary) as transformers reads them: the
+    parameters are ``rope_scaling`` (the transformers 4 layout) or else ``rope_parameters``; their
+    ``rope_theta`` wins over a top-level one, and a top-level ``original_max_position_embeddings``
+    over theirs (llama3)."""
+    rope_params = cfg.get("rope_parameters") or {}
+    if not isinstance(rope_params, dict):
+        raise CheckpointError(f"config.json field 'rope_parameters' must be an object, got {rope_params!r}")
+    scaling = cfg.get("rope_scaling") or None
+    if scaling is not None and not isinstance(scaling, dict):
+        raise CheckpointError(f"config.json field 'rope_scaling' must be an object or null, got {scaling!r}")
+    where = "rope_scaling" if scaling is not None else "rope_parameters"
+    params = dict(scaling if scaling is not None else rope_params)
+    # NOTE: a top-level rope_theta beside rope_parameters' own is ignored by transformers
+    if params.get("rope_theta") is not None:
+        theta = _float_field(params, "rope_theta", ..., f"config.json field '{where}.rope_theta'")
+    else:
+        theta = _float_field(cfg, "rope_theta", 10000.0)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "linear", "llama3"):
+        field = f"{where}.{'rope_type' if params.get('rope_type') else 'type'}"
+        raise UnsupportedArchitectureError(
+            f"config.json field '{field}' is {kind!r}: that rope scaling type is not supported by "
+            "the embedded engine (supported: default, linear, llama3); run this model through an "
+            "Endpoint/OpenAI backend instead"
+        )
+    if kind == "default":
+        return theta, None
+    if kind == "llama3" and cfg.get("original_max_position_embeddings") is not None:
+        params["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        where_ctx = "original_max_position_embeddings"
+    else:
+        where_ctx = f"{where}.original_max_position_embeddings"
+    # transformers raises on a missing key; a factor of 0 made every logit NaN here
+    for key in _ROPE_KEYS[kind]:
+        name = where_ctx if key == "original_max_position_embeddings" else f"{where}.{key}"
+        _float_field(params, key, ..., f"config.json field '{name}' ({kind} rope scaling)")
+    return theta, params
+
+
+def _sliding_window(cfg: dict[str, Any], family: str, layers: int) -> int | None:
+    """The attention window of any layer, as transformers builds each family (None: no layer has
+    one). Mistral windows every layer (MistralConfig's default window: 4096; null or 0 is none).
+    Qwen2 / Qwen3 window only with ``use_sliding_window``, and then only the layers that
+    ``layer_types`` marks ``sliding_attention`` (without it: the layers from ``max_window_layers``,
+    default 28, on), with the same 4096 default. Llama has none."""
+    if family == "llama":
+        return None
+    window = _int_field(cfg, "sliding_window", None) if cfg.get("sliding_window") else None
+    if "sliding_window" not in cfg:
+        window = 4096
+    if family == "mistral" or window is None:
+        return window
+    if not _bool_field(cfg, "use_sliding_window", False):
+        return None
+    types = cfg.get("layer_types")
+    if types is None:
+        first = cfg.get("max_window_layers")
+        first = 28 if first is None else first
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise CheckpointError(
+                f"config.json field 'max_window_layers' must be a layer count (>= 0), got {first!r}"
+            )
+        return window if first < layers else None
+    if not isinstance(types, list) or len(types) != layers:
+        raise CheckpointError(
+            f"config.json field 'layer_types' must list one attention type per layer ({layers}), "
+            f"got {types!r}"
+        )
+    return window if "sliding_attention" in types else None
 
 
 def _int_field(cfg: dict[str, Any], name: str, default: Any = ...) -> Any:
