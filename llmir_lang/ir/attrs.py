@@ -117,19 +117,23 @@ def normalize_attr(value: object, where: str = "attribute", depth: int = 0) -> A
     """Return ``value`` in attribute normal form, or raise ``IRVerifyError`` saying why not.
 
     ``depth`` is how many lists and dicts enclose ``value`` (0 for an attribute's own value)."""
-    if isinstance(value, (bool, str)):
-        return value
+    # NOTE: subclasses (numpy.float64, an IntEnum, a str Enum) become the plain type: their repr
+    # or str is not the IR's literal (``np.float64(0.5)``), and the printer writes plain values.
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return value if type(value) is str else str.__str__(value)
     if isinstance(value, int):
         if not int_is_printable(value):
             raise IRVerifyError(
                 f"{where}: the integer has more than {sys.get_int_max_str_digits()} digits, "
                 "more than the IR can print; use a smaller number"
             )
-        return value
+        return value if type(value) is int else int(value)
     if isinstance(value, float):
         if math.isnan(value):
             raise IRVerifyError(f"{where}: NaN is not a valid attribute value; use a finite number")
-        return value
+        return value if type(value) is float else float(value)
     if isinstance(value, (list, tuple, Mapping)) and depth >= MAX_ATTR_DEPTH:
         raise IRVerifyError(
             f"{where}: lists and dicts nest more than {MAX_ATTR_DEPTH} deep; flatten the value"

@@ -58,12 +58,13 @@ def format_attr(value: AttrValue) -> str:
     """One attribute value in printed form."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    # int.__repr__ / float.__repr__: a subclass's own repr (np.float64(0.5), E.A) is no literal
     if isinstance(value, int):
-        return str(value)
+        return int.__repr__(value)
     if isinstance(value, float):
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
-        return repr(value)  # repr round-trips exactly and always has '.' or 'e'
+        return float.__repr__(value)  # round-trips exactly and always has '.' or 'e'
     if isinstance(value, str):
         return quote(value)
     if isinstance(value, tuple):

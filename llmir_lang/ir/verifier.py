@@ -53,6 +53,7 @@ from llmir_lang.ir.attrs import (
 from llmir_lang.ir.module import Function, Module
 from llmir_lang.ir.ops import SIGNATURES, Op
 from llmir_lang.ir.printer import format_op
+from llmir_lang.ir.scopes import StateTree, first_scope_problem
 from llmir_lang.ir.values import ValueType, is_value_name
 
 # The open role of a state whose chain began with ``start``, before any role op: not known.
@@ -94,10 +95,9 @@ class _FunctionVerifier:
         self.fn = fn
         self.types: dict[str, ValueType] = {}
         self.defined_at: dict[str, str] = {}
-        self.parent: dict[str, str | None] = {}  # state -> the state it extends
-        # state -> {variable name: the op that defined it}; shared between states when unchanged.
-        # A name bound to a join op was defined in that join's branches: taken, not readable.
-        self.scope: dict[str, dict[str, Op]] = {}
+        # the states and what each defines; scopes are checked after the ops (``scopes``)
+        self.tree = StateTree()
+        self.late = False  # the op being checked is past the point where its scope is checked
         self.role: dict[str, str | None] = {}  # state -> the open role (None: none is open)
 
     def fail(self, op: Op | None, message: str) -> IRVerifyError:
@@ -117,8 +117,24 @@ class _FunctionVerifier:
                 raise self.fail(op, "return must be the last op; nothing may follow it")
         if not self.fn.ops or self.fn.ops[-1].kind != K.RETURN:
             raise self.fail(None, "the body must end with `return %state`")
-        for op in self.fn.ops:
-            self._check_op(op)
+        # The ops one by one, then the scopes of those that passed in one walk of the state tree:
+        # the error raised is the one of the earliest op, as if each op's scope were checked in
+        # its turn (after its attributes, before its roles and results).
+        failure: tuple[int, bool, IRVerifyError] | None = None
+        for index, op in enumerate(self.fn.ops):
+            self.late = False
+            try:
+                self._check_op(index, op)
+            except IRVerifyError as e:
+                failure = (index, self.late, e)
+                break
+        problem = first_scope_problem(self.tree, _describe)
+        if problem is not None and (
+            failure is None or problem.index < failure[0] or (problem.index == failure[0] and failure[1])
+        ):
+            raise self.fail(problem.op, problem.message)
+        if failure is not None:
+            raise failure[2]
 
     def _define(self, op: Op | None, name: str, type_: ValueType, what: str) -> None:
         if not is_value_name(name):
@@ -135,7 +151,7 @@ class _FunctionVerifier:
         self.types[name] = type_
         self.defined_at[name] = what
 
-    def _check_op(self, op: Op) -> None:
+    def _check_op(self, index: int, op: Op) -> None:
         sig = SIGNATURES.get(op.kind)
         if sig is None:
             raise self.fail(op, f"unknown op kind {op.kind!r}; known kinds: {', '.join(SIGNATURES)}")
@@ -147,7 +163,10 @@ class _FunctionVerifier:
             if self.types[v.name] != want or v.type != want:
                 raise self.fail(op, f"operand {i} ({v}) is {self.types[v.name]} but {op.kind} needs {want}")
         self._check_attrs(op)
-        self._check_scopes(op)
+        if op.kind == K.JOIN:
+            self._check_join(op)
+        self._record_scope(index, op)
+        self.late = True
         self._check_roles(op)
         line = f"line {op.line}" if op.line is not None else f"the result of {op.kind}"
         for v in op.results:
@@ -244,69 +263,23 @@ class _FunctionVerifier:
         if "gen" not in segments[0] or "gen" not in segments[-1]:
             raise self.fail(op, "gen.chain segments must begin and end with a gen")
 
-    def _check_scopes(self, op: Op) -> None:
-        if op.kind == K.START:
-            self.parent[op.result.name] = None
-            self.scope[op.result.name] = {}
-            return
+    def _record_scope(self, index: int, op: Op) -> None:
+        """Add ``op``'s result states (and a var read) to the state tree, with the names it adds."""
         if op.kind == K.RETURN:
             return
-        base = op.operands[0].name
-        visible = self.scope[base]
         if op.kind == K.VAR:
-            definer = visible.get(op.label or "")
-            if definer is not None and definer.kind == K.JOIN:
-                raise self.fail(
-                    op,
-                    f"variable {op.label!r} was defined in the branches of `{_describe(definer)}`, "
-                    "and a join keeps its parent's variables; read it from a branch state",
-                )
-            if definer is None:
-                names = ", ".join(sorted(k for k, v in visible.items() if v.kind != K.JOIN)) or "none"
-                raise self.fail(
-                    op,
-                    f"variable {op.label!r} is not defined in the scope of {op.state} "
-                    f"(visible: {names}); read it from a state after its gen/select",
-                )
+            self.tree.add_read(op.state.name, index, op)
             return
+        names = [r.name for r in op.results]
+        if len(set(names)) != len(names) or any(n in self.types for n in names):
+            return  # defined twice: an SSA error follows, and the tree must stay a tree
         if op.kind == K.JOIN:
-            self._check_join(op)
-            visible = self._gather(op, visible)
-        new_names = op.defined_names()
-        if new_names:
-            visible = dict(visible)
-            for name in new_names:
-                first = visible.get(name)
-                if first is not None and first.kind == K.JOIN:
-                    raise self.fail(
-                        op,
-                        f"variable {name!r} was already defined in the branches of `{_describe(first)}`; "
-                        "after a join its branches' variables belong to the parent (as in the DSL), "
-                        "so give this one another name",
-                    )
-                if first is not None:
-                    raise self.fail(
-                        op,
-                        f"variable {name!r} is defined twice in one scope (first by `{_describe(first)}`); "
-                        "give one another name, or fork first so each branch has its own scope",
-                    )
-                visible[name] = op  # printed only for an error
+            own = self.tree.gathered(op)
+        else:
+            own = [(name, op) for name in op.defined_names()]
+        base = op.operands[0].name if op.kind != K.START else None
         for r in op.results:
-            self.parent[r.name] = base
-            self.scope[r.name] = visible
-
-    def _gather(self, join: Op, visible: dict[str, Op]) -> dict[str, Op]:
-        """``visible`` (the parent's scope) plus every name a branch defined after the fork,
-        bound to the join (taken, not readable). A branch descends from the parent, so its scope
-        holds the parent's: what it has beyond that, it defined after the fork."""
-        out: dict[str, Op] | None = None
-        for b in join.operands[1:]:
-            for name in self.scope[b.name]:
-                if name not in visible and (out is None or name not in out):
-                    if out is None:
-                        out = dict(visible)
-                    out[name] = join
-        return visible if out is None else out
+            self.tree.add(r.name, base, index, own)
 
     def _check_roles(self, op: Op) -> None:
         if op.kind == K.START:
@@ -340,10 +313,7 @@ class _FunctionVerifier:
             if b.name in seen:
                 raise self.fail(op, f"branch {b} is joined twice")
             seen.add(b.name)
-            cur = self.parent.get(b.name)
-            while cur is not None and cur != parent:
-                cur = self.parent.get(cur)
-            if cur != parent:
+            if not self.tree.descends(b.name, parent):
                 raise self.fail(
                     op,
                     f"join of unrelated states: branch {b} does not descend from the parent %{parent}; "

@@ -73,13 +73,17 @@ def _merge_text(ops: list[Op]) -> list[Op]:
                 hard_uses[v.name] = hard_uses.get(v.name, 0) + 1
     out: list[Op | None] = []
     text_at: dict[str, int] = {}  # state name -> index in out of the mergeable text op defining it
+    # index in out of a merged op -> its labels, joined once at the end: adding them one by one
+    # copies the text so far each time (a prompt built from 20,000 lines in a loop: quadratic)
+    pieces: dict[int, list[str]] = {}
     renamed: dict[str, Value] = {}
     for op in ops:
         if op.kind == K.TEXT and op.state.name in text_at and hard_uses.get(op.state.name) == 1:
             i = text_at.pop(op.state.name)
             first = out[i]
             assert first is not None
-            out[i] = Op(K.TEXT, op.results, first.operands, (first.label or "") + (op.label or ""), op.attrs)
+            pieces.setdefault(i, [first.label or ""]).append(op.label or "")
+            out[i] = Op(K.TEXT, op.results, first.operands, None, op.attrs)
             renamed[op.state.name] = op.result
             if not op.attrs:
                 text_at[op.result.name] = i
@@ -87,10 +91,14 @@ def _merge_text(ops: list[Op]) -> list[Op]:
         if op.kind == K.TEXT and not op.attrs:
             text_at[op.result.name] = len(out)
         out.append(op)
-    # A var read of a merged-away state reads the same scope from the merged state.
-    for name in list(renamed):
+    for i, labels in pieces.items():
+        merged = out[i]
+        assert merged is not None
+        out[i] = replace(merged, label="".join(labels))
+    # A var read of a merged-away state reads the same scope from the merged state. A state is
+    # renamed to a later one, whose own renaming (if any) came later: resolve from the last back,
+    # so each name follows one step (not the whole rest of the chain: quadratic in its length).
+    for name in reversed(list(renamed)):
         target = renamed[name]
-        while target.name in renamed:
-            target = renamed[target.name]
-        renamed[name] = target
+        renamed[name] = renamed.get(target.name, target)
     return substitute([op for op in out if op is not None], renamed)

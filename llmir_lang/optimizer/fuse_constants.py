@@ -66,39 +66,40 @@ def _fuse_function(fn: Function) -> Function:
 def _chain_from(fn: Function, head: int, uses: dict[str, list[int]]) -> list[int]:
     """Indices of the longest chain starting at gen ``head`` and ending with a gen."""
     chain = [head]
-    best = [head]
+    best = 1  # the chain up to its last gen is chain[:best] (not a copy per gen: quadratic)
     cur = head
     while True:
         users = uses.get(fn.ops[cur].result.name, [])
         if len(users) != 1:
-            return best
+            return chain[:best]
         nxt = users[0]
         op = fn.ops[nxt]
         if op.kind not in (K.TEXT, K.GEN) or op.operands[0] != fn.ops[cur].result:
-            return best
+            return chain[:best]
         annotations = set(annotations_of(op.attrs))
         if annotations - ({"pin", "pin_users"} if op.kind == K.GEN else set()):
-            return best
+            return chain[:best]
         if op.kind == K.GEN and "logprob_start_len" in op.attrs:
-            return best  # its prompt's logprobs: it must start a request (see the module docstring)
+            return chain[:best]  # its prompt's logprobs: it must start a request (module docstring)
         chain.append(nxt)
         cur = nxt
         if op.kind == K.GEN:
-            best = list(chain)
+            best = len(chain)
             if annotations:  # a pinned gen's state is shared: the chain must end here
-                return best
+                return chain
 
 
 def _chain_op(ops: list[Op]) -> Op:
     segments: list[AttrValue] = []
-    pending = ""
+    pending: list[str] = []  # the text ops since the last gen, joined once
     for op in ops:
         if op.kind == K.TEXT:
-            pending += op.label or ""
+            pending.append(op.label or "")
             continue
-        if pending:
-            segments.append({"text": pending})
-            pending = ""
+        text = "".join(pending)
+        if text:
+            segments.append({"text": text})
+        pending = []
         segments.append({"gen": op.label or "", **without_annotations(op.attrs)})
     head, last = ops[0], ops[-1]
     attrs = {"segments": tuple(segments), **annotations_of(head.attrs), **annotations_of(last.attrs)}

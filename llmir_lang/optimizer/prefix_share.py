@@ -93,9 +93,8 @@ def recount_pin_users(module: Module) -> Module:
             pin = op.attrs.get("pin")
             if isinstance(pin, str):
                 users.setdefault(pin, 0)
-        for pins in _pins_in_prompts(fn.ops):
-            for pin in pins:
-                users[pin] += 1
+        if users:
+            _count_pin_users(fn.ops, users)
     if not users:
         return module
     return Module(
@@ -121,22 +120,45 @@ def _with_users(op: Op, users: dict[str, int]) -> Op:
 _CALLS = (K.GEN, K.GEN_CHAIN, K.SELECT)
 
 
-def _pins_in_prompts(ops: Sequence[Op]) -> list[frozenset[str]]:
-    """For each model call of a function, in order, the pins its prompt holds (the pinned states
-    its chain passes through). Ops come in SSA order: a state's pins are known before its users."""
-    carried: dict[str, frozenset[str]] = {}
-    calls: list[frozenset[str]] = []
+def _count_pin_users(ops: Sequence[Op], users: dict[str, int]) -> None:
+    """Add to ``users[pin]`` the model calls of one function whose prompt holds ``pin``: the calls
+    in the subtree of the state tree (a state's children: the states of the ops that take it as
+    operand 0) below each pinned state, each call counted once per pin even when the same pin
+    occurs twice on its chain. One walk of the tree, not a set of pins per call: with pins nested
+    thousands deep (a program that forks at every step) that set made the count quadratic."""
+    children: dict[str, list[str]] = {}
+    calls_at: dict[str, int] = {}  # state -> the calls whose prompt it is
+    pin_of: dict[str, str] = {}
+    roots: list[str] = []
     for op in ops:
-        base = carried.get(op.operands[0].name, frozenset()) if op.operands else frozenset()
-        if op.kind in _CALLS:
-            calls.append(base)
         if op.kind in (K.VAR, K.RETURN):
             continue
+        base = op.operands[0].name if op.operands else None
+        if op.kind in _CALLS and base is not None:
+            calls_at[base] = calls_at.get(base, 0) + 1
         pin = op.attrs.get("pin")
-        mine = base | {pin} if isinstance(pin, str) else base
         for r in op.results:
-            carried[r.name] = mine
-    return calls
+            (roots if base is None else children.setdefault(base, [])).append(r.name)
+            if isinstance(pin, str):
+                pin_of[r.name] = pin
+    active: dict[str, int] = {}  # pin -> its occurrences on the path from the root
+    total: dict[str, int] = {}  # state -> the calls in its subtree
+    stack: list[tuple[str, bool]] = [(r, True) for r in roots]
+    while stack:
+        name, entering = stack.pop()
+        pin = pin_of.get(name)
+        if entering:
+            if pin is not None:
+                active[pin] = active.get(pin, 0) + 1
+            stack.append((name, False))
+            stack.extend((c, True) for c in children.get(name, ()))
+            continue
+        count = calls_at.get(name, 0) + sum(total.pop(c) for c in children.get(name, ()))
+        total[name] = count
+        if pin is not None:
+            active[pin] -= 1
+            if active[pin] == 0:  # the topmost occurrence on its path: its subtree holds the rest
+                users[pin] += count
 
 
 def _strip_pins(op: Op) -> Op:

@@ -45,51 +45,80 @@ def _annotate(op: Op) -> Op:
 
 def choice_trie(choices: list[str]) -> tuple[list[tuple[int, str]], list[int]]:
     """The trie of ``choices`` cut at clean cuts: ``(nodes, ends)`` with nodes ``(parent, text)``
-    in preorder and ``ends[i]`` the node where choice ``i`` ends."""
+    in preorder and ``ends[i]`` the node where choice ``i`` ends.
+
+    At each node, the choices below it are grouped by their first word (the text up to their
+    first clean cut), in order of first appearance: two texts share a clean-cut prefix exactly
+    when their first words are equal (the cuts before the end of a common prefix are the same in
+    both). A group of one is a leaf; a group of several gets a node for their longest common
+    clean-cut prefix, and its members continue below it. The walk keeps its own stack: choices
+    nested a thousand deep ("a", "a b", "a b c", ...) must not hit Python's recursion limit, and
+    grouping by word is linear where comparing each choice with every other was quadratic."""
     nodes: list[tuple[int, str]] = []
     ends = [-1] * len(choices)
-    _build(nodes, ends, [(i, c) for i, c in enumerate(choices)], -1)
+    # items are (choice index, offset): the choice's text from the offset on, never sliced (a
+    # choice nested under a thousand others would be copied once per level)
+    stack = [(iter(_groups(choices, [(i, 0) for i in range(len(choices))])), -1)]
+    while stack:
+        groups, parent = stack[-1]
+        group = next(groups, None)
+        if group is None:
+            stack.pop()
+            continue
+        first, off = group[0]
+        text = choices[first]
+        if len(group) == 1:
+            nodes.append((parent, text[off:]))
+            ends[first] = len(nodes) - 1
+            continue
+        depth = min(_cut(text, off, choices[i], o) for i, o in group[1:])
+        nodes.append((parent, text[off : off + depth]))
+        here = len(nodes) - 1
+        rest: list[tuple[int, int]] = []
+        for i, o in group:
+            if len(choices[i]) - o == depth:
+                ends[i] = here
+            else:
+                rest.append((i, o + depth))
+        if rest:
+            stack.append((iter(_groups(choices, rest)), here))
     return nodes, ends
 
 
-def _build(nodes: list[tuple[int, str]], ends: list[int], items: list[tuple[int, str]], parent: int) -> None:
-    pool = list(items)
-    while pool:
-        first, text = pool.pop(0)
-        members = [(i, s) for i, s in pool if _cut(text, s) > 0]
-        depth = _common_cut(text, [s for _, s in members]) if members else 0
-        if depth == 0:
-            nodes.append((parent, text))
-            ends[first] = len(nodes) - 1
-            continue
-        pool = [(i, s) for i, s in pool if (i, s) not in members]
-        nodes.append((parent, text[:depth]))
-        here = len(nodes) - 1
-        rest: list[tuple[int, str]] = []
-        for i, s in [(first, text), *members]:
-            if len(s) == depth:
-                ends[i] = here
-            else:
-                rest.append((i, s[depth:]))
-        _build(nodes, ends, rest, here)
+def _groups(choices: list[str], items: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """``items`` grouped by first word, groups in order of their first item."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for i, o in items:
+        s = choices[i]
+        out.setdefault(s[o : _first_cut(s, o)], []).append((i, o))
+    return list(out.values())
+
+
+def _first_cut(s: str, off: int) -> int:
+    """The smallest clean cut of ``s`` after ``off + 1`` (``len(s)`` at most)."""
+    k = off + 1
+    while k < len(s) and not clean_cut(s[k - 1], s[k]):
+        k += 1
+    return k
 
 
 def _clean_at(s: str, k: int) -> bool:
-    return 0 < k and (k == len(s) or clean_cut(s[k - 1], s[k]))
+    return k == len(s) or clean_cut(s[k - 1], s[k])
 
 
-def _cut(a: str, b: str) -> int:
-    """The longest common prefix length of ``a`` and ``b`` that is a clean cut in both (0: none)."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    while n > 0 and not (_clean_at(a, n) and _clean_at(b, n)):
+def _cut(a: str, oa: int, b: str, ob: int) -> int:
+    """The longest common prefix length of ``a[oa:]`` and ``b[ob:]`` that is a clean cut in both
+    (0: none)."""
+    n = min(len(a) - oa, len(b) - ob)
+    if a[oa : oa + n] != b[ob : ob + n]:
+        lo, hi = 0, n  # equal for lo characters, not for hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if a[oa + lo : oa + mid] == b[ob + lo : ob + mid]:
+                lo = mid
+            else:
+                hi = mid
+        n = lo
+    while n > 0 and not (_clean_at(a, oa + n) and _clean_at(b, ob + n)):
         n -= 1
     return n
-
-
-def _common_cut(text: str, others: list[str]) -> int:
-    depth = min(_cut(text, s) for s in others)
-    while depth > 0 and not all(_clean_at(s, depth) for s in [text, *others]):
-        depth -= 1
-    return depth
