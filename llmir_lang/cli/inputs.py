@@ -82,6 +82,18 @@ class Schema:
 AUTO_ID_PREFIX = "line:"
 
 
+def _kind_of(obj: Any) -> str:
+    """``an Enum``, ``a function``, ``an int value``: what a ``--schema`` name holds instead."""
+    import enum
+
+    if isinstance(obj, type):
+        return "an Enum" if issubclass(obj, enum.Enum) else "a plain class"
+    if callable(obj):
+        return "a function"
+    name = type(obj).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} value"
+
+
 def load_schema(spec: str) -> Schema:
     """``schema.json`` | ``module:Model`` | ``path/file.py:Model`` | a bundled name."""
     from llmir_lang.models.tiny_tasks import SCHEMAS
@@ -189,9 +201,13 @@ def _pydantic_schema(spec: str) -> Schema:
 
     model = getattr(module, attr, None)
     if model is None or not is_pydantic_type(model):
-        raise ExtractInputError(
-            f"--schema {spec!r}: {where} has no pydantic model, dataclass or TypedDict named {attr!r}"
+        # a name that is there but is something else (an Enum, a function) was said to be missing
+        why = (
+            f"{where} has no pydantic model, dataclass or TypedDict named {attr!r}"
+            if model is None
+            else f"{attr!r} in {where} is {_kind_of(model)}; give a pydantic model, dataclass or TypedDict"
         )
+        raise ExtractInputError(f"--schema {spec!r}: {why}")
 
     try:  # narrowed to what the model's own validation accepts (a NaiveDatetime, a UUID4, ...)
         json_schema = pydantic_json_schema(model)

@@ -38,6 +38,7 @@ from llmir_lang.executor.constraints.outlines_worker import (
     OutlinesTimeout,
     shared_worker,
 )
+from llmir_lang.executor.constraints.regex_cost import too_costly_for_outlines
 from llmir_lang.executor.constraints.schema_checks import (
     costly_multiple_of,
     exact_float_grammar,
@@ -217,8 +218,11 @@ class ConstraintCompiler:
         if self.engine == oc_backend.ENGINE:
             return self._outlines_only(regex)
         reason = "engine='llguidance' requested"
+        costly = too_costly_for_outlines(regex, self.tok.vocab_size) if self.engine == "auto" else None
         if self.engine == "auto" and oc_backend.names_plane16(regex):
             reason = "the regex names plane-16 characters, which outlines-core here cannot produce"
+        elif costly is not None:  # it would hold the caller up to the deadline, then fall back
+            reason = f"the regex: {costly}"
         elif self.engine == "auto":
             try:
                 return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)

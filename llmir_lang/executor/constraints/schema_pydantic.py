@@ -373,8 +373,11 @@ def validate_json_as(tp: Any, text: str | bytes) -> Any:
 
 
 def dump_json_value(tp: Any, value: Any) -> Any:
-    """``value`` (from ``validate_json_as(tp, ...)``) as plain JSON data."""
-    return value.model_dump(mode="json") if _is_model(tp) else _adapter(tp).dump_python(value, mode="json")
+    """``value`` (from ``validate_json_as(tp, ...)``) as plain JSON data, keyed by aliases as the
+    schema is (by field name, a record of ``Field(alias="name")`` did not validate again)."""
+    if _is_model(tp):
+        return value.model_dump(mode="json", by_alias=True)
+    return _adapter(tp).dump_python(value, mode="json", by_alias=True)
 
 
 def type_name(tp: Any) -> str:
