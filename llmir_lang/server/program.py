@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from llmir_lang.errors import IRError
-from llmir_lang.ir import Module, parse_ir, verify
+from llmir_lang.ir import Module, parse_ir
 from llmir_lang.ir import ops as K
 from llmir_lang.server.errors import ClientDisconnectedError, ServerHTTPError, blame, shutting_down
 from llmir_lang.server.protocol import ProgramRequest
@@ -182,8 +182,7 @@ def _checked_program(
     """The request's module, parsed, verified and within the limits, and its bound arguments;
     each problem a typed error (400)."""
     with blame("ir"):
-        module = parse_ir(body.ir)  # IRParseError (400) with line and column
-        verify(module)  # IRVerifyError (400)
+        module = parse_ir(body.ir)  # IRParseError (400) with line and column; verified: IRVerifyError (400)
     if not module.functions:
         raise ServerHTTPError(
             400, "the module has no function; send at least one 'func @name(...) {...}'", param="ir"
