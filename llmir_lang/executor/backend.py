@@ -229,7 +229,10 @@ class EngineBackend(Backend):
         if start >= 0:  # the ids the engine encodes too: the first reported token is one of them
             prompt_ids = self.engine.encode(request.prompt + lead)
         inner = self.engine.submit_chain(request.prompt, steps, stream=stream, logprob_start_len=start)
-        outer: Future = Future()
+        from llmir_lang.executor.engine_futures import _RequestFuture
+
+        # cancelling it aborts the engine's request, and counts as done for ``wait``/``as_completed``
+        outer: Future = _RequestFuture(getattr(self.engine, "_thread", None), inner.cancel)
 
         def done(f: Future) -> None:
             # runs on the engine thread: whatever happens, ``outer`` must resolve

@@ -75,7 +75,7 @@ def _grown(need: int, have: int, floor: int = 1024) -> int:
 
 @dataclass(slots=True, eq=False)
 class _Row:
-    req: Any  # the Req this row belongs to (identity, not equality)
+    # NOTE: not the Req (records outlive it: a batch's finished requests stayed alive); by rid
     row: int
     slots: list[int]  # the Req's kv_slots list object when the row was last written
     synced: int  # table[row, :synced] == slots[:synced]
@@ -107,7 +107,7 @@ class SlotTable:
 
     def forget(self, req: Any) -> None:
         rec = self._records.get(req.rid)
-        if rec is not None and rec.req is req:
+        if rec is not None:
             rec.synced = -1
 
     def rows_for(self, reqs: Sequence[Any], kv_lens: Sequence[int]) -> list[int]:
@@ -131,8 +131,8 @@ class SlotTable:
                 rows.append(seen[0].row)
                 continue
             rec = self._records.get(req.rid)
-            if rec is None or rec.req is not req:
-                rec = _Row(req, self._take_row({r.rid for r in reqs}), req.kv_slots, -1)
+            if rec is None:
+                rec = _Row(self._take_row({r.rid for r in reqs}), req.kv_slots, -1)
                 self._records[req.rid] = rec
             if rec.slots is not req.kv_slots or rec.synced != n - 1:
                 self._upload(rec.row, req.kv_slots[: n - 1])
@@ -143,7 +143,7 @@ class SlotTable:
             if last > first:
                 # the columns the later rows add are written by other programs of the device list
                 # kernel than the rows that read them: upload them now so no read races a write
-                cols = rec.req.kv_slots[first - 1 : last]
+                cols = rec.slots[first - 1 : last]  # the request's kv_slots, synced above
                 self.table[rec.row, first - 1 : last].copy_(int64_tensor(cols))
         return rows
 

@@ -8,6 +8,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED
 from typing import TYPE_CHECKING, Any
 
 from llmir_lang.errors import EngineError
@@ -35,10 +36,18 @@ class _RequestFuture(Future):
         self._abort = abort  # called with no argument once the future is cancelled
 
     def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled and self._abort is not None:
+        if not super().cancel():  # (runs the done callbacks: not under the lock below)
+            return False
+        with self._condition:  # a second cancel() must not notify again (that raises)
+            first = self._state == CANCELLED
+            if first:
+                # NOTE: what an executor does when it drops a cancelled item: without it
+                # ``concurrent.futures.wait`` / ``as_completed`` never count the future as done
+                # (they wait for CANCELLED_AND_NOTIFIED) and a batch waiting on them hung
+                self.set_running_or_notify_cancel()
+        if first and self._abort is not None:
             self._abort()
-        return cancelled
+        return True
 
     def set_result(self, result: Any) -> None:
         try:

@@ -1,6 +1,6 @@
 """``Engine.score``: per-token logprobs of continuations after a prompt, in as few tokens as it takes.
 
-``Engine`` inherits this; it uses the engine's ``encode``, ``_submit`` and ``_wait``.
+``Engine`` inherits this; it uses the engine's ``encode``, ``_submit``, ``_wait`` and ``_thread``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,11 @@ class EngineScoring:
         the returned future resolves to the same list once the last of them finishes; cancelling
         it aborts them. No thread waits: a batch of selects submits all its scoring requests from
         one thread and the engine thread completes the futures."""
+        from llmir_lang.executor.engine_futures import _RequestFuture
+
         plan = self._score_submit(prompt, continuations)
-        out: Future = Future()
+        # cancel() marks it done for ``concurrent.futures.wait`` too (a plain Future's does not)
+        out: Future = _RequestFuture(self._thread)
         parts = plan.futures()
         if not parts:
             out.set_result([])

@@ -16,6 +16,7 @@ cached like successes: a program retrying a bad constraint gets the same error a
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -103,6 +104,26 @@ class CompiledConstraint:
         return f"CompiledConstraint({self.spec.describe()}, engine={self.engine!r})"
 
 
+def _stripped(error: ConstraintError) -> ConstraintError:
+    """A compile error to keep in the cache, without tracebacks: they hold the frames of the
+    first caller (and, through them, its locals)."""
+    error.__traceback__ = error.__context__ = None
+    cause = error.__cause__
+    if cause is not None:
+        cause.__traceback__ = cause.__context__ = None
+    return error
+
+
+def _fresh(cached: ConstraintError) -> ConstraintError:
+    """A copy of a cached compile error to raise: raising the cached object itself chained each
+    raise's frames onto its traceback, so a client sending one bad regex again and again grew it
+    without end and kept every caller's frames alive (the server's and the engine's path alike)."""
+    try:
+        return copy.copy(cached)  # type, message and attributes (keyword, path, notes, ...)
+    except Exception:  # a subclass that cannot be rebuilt from its args: a traceback of its own
+        return cached.with_traceback(None)
+
+
 class ConstraintCompiler:
     """Compiles ``ConstraintSpec``s for one tokenizer; thread-safe, LRU-cached by spec.
 
@@ -154,7 +175,7 @@ class ConstraintCompiler:
             try:
                 hit = self._compile_uncached(spec)
             except ConstraintError as e:
-                hit = e
+                hit = _stripped(e)
             with self._lock:
                 self.misses += 1
                 self._cache[key] = hit
@@ -162,7 +183,7 @@ class ConstraintCompiler:
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         if isinstance(hit, ConstraintError):
-            raise hit
+            raise _fresh(hit) from hit.__cause__
         return hit
 
     def cache_info(self) -> dict[str, int]:

@@ -61,6 +61,8 @@ class ForcedBoundary:
                 out.append(self._sorted[i][len(s) :])
                 i += 1
             hit = tuple(out)
+            if len(self._ext) >= _MERGE_CACHE_LIMIT:  # keyed by forced texts' tails: bounded too
+                self._ext.clear()
             self._ext[s] = hit
         return hit
 

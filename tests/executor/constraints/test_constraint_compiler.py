@@ -261,3 +261,38 @@ def test_sentencepiece_tokenizer_compiles_both_engines(sp_info):
         assert walk_tokens(compiled.new_matcher(), ids, sp_info.vocab_size).accepted, (compiled.engine, text)
         bad = greedy_tokenize(sp_info, (text[:-1] + "#").encode())
         assert not walk_tokens(compiled.new_matcher(), bad, sp_info.vocab_size).accepted
+
+
+def test_a_cached_error_raised_again_and_again_does_not_grow(bpe_info):
+    """A spec's compile error is cached; raising the cached object itself chained every raise's
+    frames onto its traceback (the server's path grew it by a few entries per request, and kept
+    each caller's frames alive). Each raise is a copy now, with the same type and message."""
+    import gc
+    import weakref
+
+    compiler = ConstraintCompiler(bpe_info)
+
+    class Caller:  # what a request handler holds
+        pass
+
+    refs = []
+
+    def call() -> ConstraintError:
+        local = Caller()
+        refs.append(weakref.ref(local))
+        try:
+            compiler.compile(spec_from_regex("("))
+        except ConstraintError as e:
+            return e
+        raise AssertionError("a bad regex compiled")
+
+    errors = [call() for _ in range(50)]
+    depth, tb = 0, errors[-1].__traceback__
+    while tb is not None:
+        depth, tb = depth + 1, tb.tb_next
+    assert depth < 10, f"traceback of {depth} entries after 50 raises"
+    assert {type(e) for e in errors} == {InvalidRegexError} and len({str(e) for e in errors}) == 1
+    assert compiler.cache_info()["misses"] == 1
+    del errors
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0, "callers' frames kept alive by the cached error"
