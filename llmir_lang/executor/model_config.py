@@ -106,7 +106,8 @@ class ModelConfig:
         inter = _int_field(cfg, "intermediate_size")
         kv_heads = _int_field(cfg, "num_key_value_heads", heads)
         head_dim = _int_field(cfg, "head_dim", _DEFAULT_HEAD_DIM.get(family, hidden // heads))
-        rope_theta, scaling = _rope(cfg)
+        positions = _int_field(cfg, "max_position_embeddings", _DEFAULT_POSITIONS[family])
+        rope_theta, scaling = _rope(cfg, positions)
         eos = cfg.get("eos_token_id")
         eos_list = [] if eos is None else (eos if isinstance(eos, list) else [eos])
         if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_list):
@@ -143,7 +144,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=_int_field(cfg, "max_position_embeddings", _DEFAULT_POSITIONS[family]),
+            max_position_embeddings=positions,
             rms_norm_eps=_float_field(cfg, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=scaling,
@@ -177,11 +178,12 @@ class ModelConfig:
         return cls.from_dict(cfg)
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, dict[str, Any] | None]:
     """``rope_theta`` and the rope scaling (None: plain rotary) as transformers reads them: the
     parameters are ``rope_scaling`` (the transformers 4 layout) or else ``rope_parameters``; their
     ``rope_theta`` wins over a top-level one, and a top-level ``original_max_position_embeddings``
-    over theirs (llama3)."""
+    over theirs (llama3); without either, llama3's ``original_max_position_embeddings`` is
+    ``max_position_embeddings`` (transformers 5 fills it in so; 4 raised)."""
     rope_params = cfg.get("rope_parameters") or {}
     if not isinstance(rope_params, dict):
         raise CheckpointError(f"config.json field 'rope_parameters' must be an object, got {rope_params!r}")
@@ -210,6 +212,8 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         where_ctx = "original_max_position_embeddings"
     else:
         where_ctx = f"{where}.original_max_position_embeddings"
+        if kind == "llama3" and params.get("original_max_position_embeddings") is None:
+            params["original_max_position_embeddings"] = max_positions
     # transformers raises on a missing key; a factor of 0 made every logit NaN here
     for key in _ROPE_KEYS[kind]:
         name = where_ctx if key == "original_max_position_embeddings" else f"{where}.{key}"

@@ -264,6 +264,7 @@ def test_a_flag_that_is_not_a_boolean_is_refused_by_name(llama, tmp_path, field,
                 "factor": 8.0,
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 0,
                 "rope_theta": 10000.0,
             },
             "original_max_position_embeddings",
@@ -277,6 +278,20 @@ def test_rope_scaling_needs_its_keys(llama, tmp_path, rope, missing_or_bad) -> N
     _edit_config(ckpt, rope_parameters=rope)
     with pytest.raises(CheckpointError, match=f"rope_parameters.{missing_or_bad}"):
         load_model(ckpt, CPU, torch.float32)
+
+
+def test_llama3_rope_without_its_original_context_takes_max_position_embeddings(tmp_path) -> None:
+    """transformers 5 fills a missing llama3 ``original_max_position_embeddings`` in from
+    ``max_position_embeddings`` (and runs the model); it was refused here."""
+    import transformers as tf
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    config = {**COMMON_CONFIG, "max_position_embeddings": 64}
+    hf = build_hf_folder(tf.LlamaConfig(**config, rope_parameters={**rope, "rope_theta": 10000.0}), tmp_path)
+    assert hf.config.rope_parameters["original_max_position_embeddings"] == 64
+    _edit_config(tmp_path, rope_parameters={**rope, "rope_theta": 10000.0})  # saved without the key
+    assert "original_max_position_embeddings" not in json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    _greedy_matches(tmp_path, hf)
 
 
 def test_rope_scaling_in_the_transformers_4_layout_still_loads(tmp_path) -> None:
