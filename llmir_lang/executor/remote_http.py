@@ -99,6 +99,11 @@ class _HTTPBackend(_ServerTokens, _ServerErrors, Backend):
         max_workers: int = 64,
         verify: bool | str = True,
     ) -> None:
+        if not isinstance(base_url, str) or not base_url.lower().startswith(("http://", "https://")):
+            raise InvalidRequestError(
+                f"{type(self).__name__}: the server's URL must start with http:// or https:// "
+                f"(such as 'http://127.0.0.1:30000'), got {base_url!r}"
+            )
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # httpx takes a CA bundle as an SSL context (a path there is deprecated)

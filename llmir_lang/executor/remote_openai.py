@@ -170,10 +170,12 @@ class OpenAI(_HTTPBackend):
                 got, finish = choice.get("text", ""), choice.get("finish_reason")
                 if finish is None:
                     raise ValueError("no finish_reason")
-                return self._completion(body, got, finish, usage, choice.get("logprobs") or {})
+                res = self._completion(body, got, finish, usage, choice.get("logprobs") or {})
+                res.matched_stop = _matched_stop(choice, finish)
+                return res
             except _SHAPE_ERRORS as e:
                 raise self._malformed("/completions", e, out) from None
-        got, finish, usage, last = "", None, {}, None
+        got, finish, usage, last, matched = "", None, {}, None, None
         parts: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
         streamed = False  # logprobs came with the chunks
         stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -186,7 +188,9 @@ class OpenAI(_HTTPBackend):
                     if piece and not isinstance(piece, str):
                         raise TypeError(f"text is a {type(piece).__name__}")
                     pieces.append(piece or "")
-                    finish = choice.get("finish_reason") or finish
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+                        matched = _matched_stop(choice, finish)
                     part = choice.get("logprobs")
                     if part:
                         streamed = True
@@ -201,9 +205,11 @@ class OpenAI(_HTTPBackend):
         if finish is None:
             raise self._unfinished("/completions", last)
         try:
-            return self._completion(body, got, finish, usage, parts if streamed else {})
+            res = self._completion(body, got, finish, usage, parts if streamed else {})
         except _SHAPE_ERRORS as e:
             raise self._malformed("/completions", e, last) from None
+        res.matched_stop = matched
+        return res
 
     @staticmethod
     def _completion(
@@ -301,6 +307,13 @@ class OpenAI(_HTTPBackend):
             )
         return choices
 
+    def _fail(self, path: str, response: Any) -> RemoteBackendError:
+        err, root = super()._fail(path, response), self.base_url  # OpenAI's API lives under /v1
+        if response.status_code == 404 and path == "/completions" and not root.endswith("/v1"):
+            if "model" not in err.detail.lower():
+                err.args = (f"{err}; base_url must be the API's root, which ends in /v1 ({root}/v1?)",)
+        return err
+
     def _server_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         """An llmir server renders it (``/apply_chat_template`` at the root); a server without the
         route cannot (``NotYetSupportedError``: pass ``tokenizer=``). Other failures (wrong key,
@@ -362,6 +375,15 @@ def _refuse_openai_options(
             f"OpenAI got unknown option(s) {unknown}; it takes base_url, api_key, constraints and "
             f"{', '.join(_HTTP_OPTIONS)}"
         )
+
+
+def _matched_stop(choice: dict[str, Any], finish: str) -> str | int | None:
+    """What ended a ``"stop"``: vLLM's ``stop_reason`` or SGLang's ``matched_stop`` (a stop
+    string or a token id; llmir sends both); None where the server does not say (OpenAI)."""
+    if finish != "stop":
+        return None
+    value = choice.get("stop_reason", choice.get("matched_stop"))
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
 
 
 def _refused_limit(e: RemoteBackendError) -> int | None:

@@ -36,6 +36,37 @@ class ProgramReply:
     stats: dict[str, Any]
 
 
+def _entry_texts(entries: Any) -> list[str] | None:
+    """The texts of SGLang's ``(logprob, token id, text)`` entries, or None where they have none
+    (asked without ``return_text_in_logprobs``, or an entry without its text)."""
+    if not entries or not all(len(e) > 2 and isinstance(e[2], str) for e in entries):
+        return None
+    return [e[2] for e in entries]
+
+
+_TRIPLE_KEYS = ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs")
+
+
+def _meta_from_json(meta: Any) -> Any:
+    """A variable's meta info as the embedded engine gives it: the ``(logprob, token id, text)``
+    triples of its logprob keys are tuples again (JSON made them lists), also in a joined fork's
+    ``branches``."""
+    if not isinstance(meta, dict):
+        return meta
+
+    def tuples(value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) == 3 and not any(isinstance(v, (list, dict)) for v in value):
+                return tuple(value)
+            return [tuples(v) for v in value]
+        return value
+
+    out = {k: tuples(v) if k in _TRIPLE_KEYS else v for k, v in meta.items()}
+    if isinstance(out.get("branches"), list):
+        out["branches"] = [_meta_from_json(b) for b in out["branches"]]
+    return out
+
+
 def _choices_regex(choices_json: str) -> str:
     from llmir_lang.executor.constraints.spec import escape_regex
 
@@ -106,9 +137,12 @@ class Endpoint(_HTTPBackend):
             sp[key] = _choices_regex(spec.value) if spec.kind == "choices" else spec.value
         body: dict[str, Any] = {"sampling_params": sp}
         if p.return_logprob or step.logprob_start_len >= 0:
-            body.update(return_logprob=True, top_logprobs_num=p.top_logprobs_num)
+            # the texts too: without tokenizer= they are the only source of return_text_in_logprobs
+            body.update(
+                return_logprob=True, top_logprobs_num=p.top_logprobs_num, return_text_in_logprobs=True
+            )
         if step.logprob_start_len >= 0:
-            body.update(logprob_start_len=step.logprob_start_len, return_text_in_logprobs=True)
+            body.update(logprob_start_len=step.logprob_start_len)
         return body
 
     def _generate(
@@ -171,7 +205,11 @@ class Endpoint(_HTTPBackend):
             else f"generation ended with {kind}: {finish.get('message', '')}",
             meta={"remote_id": meta.get("id")},
             prompt_logprobs=[(e[1], e[0]) for e in inputs] if inputs is not None else None,
-            prompt_texts=[e[2] for e in inputs] if inputs and all(len(e) > 2 for e in inputs) else None,
+            prompt_texts=_entry_texts(inputs),
+            token_texts=_entry_texts(lps),
+            top_texts=[_entry_texts(top) or [] for top in tops]
+            if tops and any(_entry_texts(t) for t in tops)
+            else None,
             matched_stop=finish.get("matched") if kind == "stop" else None,
         )
 
@@ -285,7 +323,7 @@ class Endpoint(_HTTPBackend):
                         RemoteState(
                             st["text"],
                             dict(st["vars"]),
-                            st.get("meta") or {},
+                            {k: _meta_from_json(m) for k, m in (st.get("meta") or {}).items()},
                             err.get("message"),
                             err.get("var"),
                         )

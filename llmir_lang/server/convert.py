@@ -213,6 +213,10 @@ def sglang_logprobs(
         "output_token_logprobs": [entry(lp, t) for lp, t in zip(res.logprobs or [], res.token_ids)]
     }
     tops = align_top_logprobs(res.token_ids, res.logprobs, res.top_logprobs)
+    if not res.token_ids and res.top_logprobs:
+        # nothing generated (max_new_tokens 0): the engine's one entry is the next token's
+        # alternatives, as SGLang reports them (its cot_decoding reads output_top_logprobs[0])
+        tops = [list(res.top_logprobs[0])]
     if tops is not None:
         out["output_top_logprobs"] = [[entry(lp, t) for t, lp in top] for top in tops]
     if res.prompt_logprobs is not None and prompt_ids is not None and 0 <= start < len(prompt_ids):

@@ -193,10 +193,24 @@ def _abort_error(res: GenerateResult) -> dict[str, Any] | None:
     return None
 
 
-def _usage(results: list[GenerateResult]) -> dict[str, int]:
-    p = sum(r.prompt_tokens for r in results)
-    c = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _usage(results: list[GenerateResult]) -> dict[str, Any]:
+    """OpenAI's usage, with ``prompt_tokens_details.cached_tokens`` (served by the radix cache)."""
+    p, c = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    cached = {"cached_tokens": sum(r.cached_tokens for r in results)}
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": cached,
+    }
+
+
+def _stop_fields(res: GenerateResult) -> dict[str, Any]:
+    """What ended a ``"stop"`` (the stop string, the stop regex's pattern or the token id; None
+    otherwise) under vLLM's name (``stop_reason``) and SGLang's (``matched_stop``), as ``/generate``
+    gives it in ``finish_reason.matched``."""
+    matched = res.matched_stop if res.finish_reason == "stop" else None
+    return {"stop_reason": matched, "matched_stop": matched}
 
 
 # --- completions -------------------------------------------------------------------------
@@ -254,7 +268,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             logprobs = completion_logprobs(
                 svc, res, ids, prompt_text, body.skip_special_tokens, not isinstance(sub.prompt, str)
             )
-        choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason})
+        choices.append(
+            {
+                "index": i,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": res.finish_reason,
+                **_stop_fields(res),
+            }
+        )
     return {**head, "choices": choices, "usage": _usage(results)}
 
 
@@ -291,7 +313,15 @@ async def _stream_completion(
         lp = logged.completion_rest(item) if logged is not None else None
         yield {
             **head,
-            "choices": [{"index": 0, "text": "", "logprobs": lp, "finish_reason": item.finish_reason}],
+            "choices": [
+                {
+                    "index": 0,
+                    "text": "",
+                    "logprobs": lp,
+                    "finish_reason": item.finish_reason,
+                    **_stop_fields(item),
+                }
+            ],
         }
         if include_usage:
             yield {**head, "choices": [], "usage": _usage([item])}
@@ -331,6 +361,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "message": {"role": "assistant", "content": res.text},
         "logprobs": chat_logprobs(svc, res) if body.logprobs else None,
         "finish_reason": res.finish_reason,
+        **_stop_fields(res),
     }
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage([res])}
 
@@ -355,7 +386,15 @@ async def _stream_chat(
         lp = logged.chat_rest(item) if logged is not None else None
         yield {
             **head,
-            "choices": [{"index": 0, "delta": {}, "logprobs": lp, "finish_reason": item.finish_reason}],
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {},
+                    "logprobs": lp,
+                    "finish_reason": item.finish_reason,
+                    **_stop_fields(item),
+                }
+            ],
         }
         if include_usage:
             yield {**head, "choices": [], "usage": _usage([item])}

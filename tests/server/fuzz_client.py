@@ -63,7 +63,7 @@ def canonical(case: Case, payload: Any, problems: list[str]) -> Any:
         return [_generate_out(o) for o in outs]
     chat = route == "/v1/chat/completions"
     if not case.stream:
-        out = {"usage": payload["usage"], "choices": []}
+        out = {"usage": _usage_out(payload["usage"]), "choices": []}
         for c in payload["choices"]:
             text = c["message"]["content"] if chat else c["text"]
             # as sent: a stream of no token ends with the same empty logprobs
@@ -101,8 +101,13 @@ def canonical(case: Case, payload: Any, problems: list[str]) -> Any:
         and chunks[0]["choices"][0]["delta"].get("role") != "assistant"
     ):
         problems.append(f"the first chat chunk has no role: {chunks[0]}")
-    return {"usage": usage, "choices": [{"text": text, "finish_reason": finish[-1] if finish else None,
+    return {"usage": _usage_out(usage), "choices": [{"text": text, "finish_reason": finish[-1] if finish else None,
                                          "logprobs": lps}]}  # fmt: skip
+
+
+def _usage_out(usage: Any) -> Any:
+    """OpenAI's usage without its cached tokens (``prompt_tokens_details``: what the cache held)."""
+    return {k: v for k, v in usage.items() if k != "prompt_tokens_details"} if isinstance(usage, dict) else usage
 
 
 def _generate_out(o: dict[str, Any]) -> dict[str, Any]:
