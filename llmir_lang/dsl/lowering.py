@@ -112,7 +112,9 @@ def step_meta(
     and with a prompt's logprobs ``input_token_logprobs``; the text is the token's with
     ``return_text_in_logprobs`` (``token_text``), else None. ``matched_stop`` is what ended a
     ``"stop"`` (a stop string, a stop regex's pattern, a stop token's id; None otherwise or where
-    the backend does not say, as OpenAI's API).
+    the backend does not say: an OpenAI-compatible server that sends neither vLLM's
+    ``stop_reason`` nor SGLang's ``matched_stop``). ``token_ids`` is None where the backend
+    generated tokens but knows no ids (OpenAI's API).
 
     A gen that asked for logprobs (its ``attrs``) and generated nothing has ``logprobs`` and
     ``output_token_logprobs`` ``[]`` also where the backend gave none (OpenAI's API reports them
@@ -130,7 +132,9 @@ def step_meta(
         "finish_reason": step.finish_reason,
         "matched_stop": step.matched_stop,
         "logprobs": logprobs,
-        "token_ids": step.token_ids,
+        # a backend that knows no ids (OpenAI's API) gave [] for tokens it did generate: None says
+        # "not known" where [] would say "none generated"
+        "token_ids": step.token_ids if step.token_ids or not step.completion_tokens else None,
     }
 
     def triples(pairs: Sequence[tuple[int | None, float | None]], texts: Sequence[str] | None) -> list[tuple]:

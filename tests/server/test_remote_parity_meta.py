@@ -183,3 +183,19 @@ def test_openai_base_url_without_v1_says_so(served):
     server, _, _ = served
     with OpenAI(server.url, "llmir-tiny") as oa, pytest.raises(llmir.GenerationError, match="ends in /v1"):
         stops.run(backend=oa)
+
+
+def test_openai_token_ids_are_unknown_not_empty(served):
+    """OpenAI's API gives no token ids: a gen that generated tokens said ``token_ids == []``
+    (none generated) where the ids are not known; it is None, and a gen of no tokens keeps []."""
+    _, rt, backends = served
+    got = _run(stops, backends["openai"]).get_meta_info("answer")
+    assert got["completion_tokens"] > 0 and got["token_ids"] is None
+    local = _run(stops, rt).get_meta_info("answer")
+    assert local["token_ids"] and len(local["token_ids"]) == local["completion_tokens"]
+
+    @llmir.function
+    def nothing(s):
+        s += "Q: What is 5 + 7?\nA: " + llmir.gen("z", max_tokens=0)
+
+    assert _run(nothing, backends["openai"]).get_meta_info("z")["token_ids"] == []
