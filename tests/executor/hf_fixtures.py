@@ -110,3 +110,39 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
             out.append(tok)
             seq.append(tok)
     return out, lps
+
+
+def build_hf_folder(cfg, folder: Path, **save_kw):
+    """A random model of ``cfg`` (biases random too, so a dropped one shows) saved with the test
+    tokenizer into ``folder``; returns the HF model (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(1.0, 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), **save_kw)
+    save_tokenizer(folder)
+    return model
+
+
+def greedy_matches(folder: Path, hf, prompts, n: int) -> None:
+    """The engine on ``folder`` (fp32, CPU) gives transformers' greedy tokens for ``prompts``, and
+    their logprobs within 1e-4."""
+    from llmir_lang.executor.engine import Engine
+
+    with Engine(str(folder), device="cpu", kv_memory="4MB") as eng:
+        results = eng.generate(
+            [list(p) for p in prompts], {"max_new_tokens": n, "ignore_eos": True, "return_logprob": True}
+        )
+    for p, r in zip(prompts, results):
+        tokens, lps = hf_greedy(hf, list(p), n)
+        assert r.token_ids == tokens
+        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) <= 1e-4

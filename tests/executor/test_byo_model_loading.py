@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import COMMON_CONFIG, hf_greedy, save_tokenizer
+from hf_fixtures import COMMON_CONFIG, build_hf_folder, greedy_matches
 from safetensors.torch import load_file, save_file
 
 from llmir_lang.errors import CheckpointError, InvalidRequestError, UnsupportedArchitectureError
@@ -24,38 +24,6 @@ from llmir_lang.executor.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")
 PROMPTS = ([5, 17, 33, 2, 90, 101, 7], [250, 3, 3, 9, 60, 61, 62])
-
-
-def build_hf_folder(cfg, folder: Path, **save_kw):
-    """A random model of ``cfg`` (biases random too, so a dropped one shows) saved with the test
-    tokenizer into ``folder``; returns the HF model (fp32, eval)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(1.0, 0.1)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder), **save_kw)
-    save_tokenizer(folder)
-    return model
-
-
-def _greedy_matches(folder: Path, hf, n: int = 8) -> None:
-    with Engine(str(folder), device="cpu", kv_memory="4MB") as eng:
-        results = eng.generate(
-            [list(p) for p in PROMPTS], {"max_new_tokens": n, "ignore_eos": True, "return_logprob": True}
-        )
-    for p, r in zip(PROMPTS, results):
-        tokens, lps = hf_greedy(hf, list(p), n)
-        assert r.token_ids == tokens
-        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) <= 1e-4
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -90,7 +58,7 @@ def test_qwen3_with_attention_bias_has_an_output_projection_bias(tmp_path) -> No
 
     hf = build_hf_folder(tf.Qwen3Config(**COMMON_CONFIG, head_dim=32, attention_bias=True), tmp_path)
     assert "model.layers.0.self_attn.o_proj.bias" in load_file(str(tmp_path / "model.safetensors"))
-    _greedy_matches(tmp_path, hf)
+    greedy_matches(tmp_path, hf, PROMPTS, 8)
 
 
 def test_biases_follow_each_familys_rule_not_the_config_field(tmp_path) -> None:
@@ -100,10 +68,10 @@ def test_biases_follow_each_familys_rule_not_the_config_field(tmp_path) -> None:
 
     q2 = build_hf_folder(tf.Qwen2Config(**COMMON_CONFIG), tmp_path / "qwen2")
     _edit_config(tmp_path / "qwen2", attention_bias=False, mlp_bias=True)
-    _greedy_matches(tmp_path / "qwen2", q2)
+    greedy_matches(tmp_path / "qwen2", q2, PROMPTS, 8)
     mis = build_hf_folder(tf.MistralConfig(**COMMON_CONFIG, sliding_window=None), tmp_path / "mistral")
     _edit_config(tmp_path / "mistral", attention_bias=True, mlp_bias=True)
-    _greedy_matches(tmp_path / "mistral", mis)
+    greedy_matches(tmp_path / "mistral", mis, PROMPTS, 8)
 
 
 def test_a_config_without_architectures_is_read_by_its_model_type(llama, tmp_path) -> None:
@@ -114,7 +82,7 @@ def test_a_config_without_architectures_is_read_by_its_model_type(llama, tmp_pat
         ckpt = _copy(folder, tmp_path / name)
         _edit_config(ckpt, architectures=value)
         assert ModelConfig.from_folder(ckpt).architecture == "LlamaForCausalLM"
-    _greedy_matches(tmp_path / "absent", hf)
+    greedy_matches(tmp_path / "absent", hf, PROMPTS, 8)
     bad = _copy(folder, tmp_path / "gpt2")
     _edit_config(bad, architectures=..., model_type="gpt2")
     with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
@@ -129,7 +97,7 @@ def test_model_safetensors_is_the_checkpoint_not_every_safetensors_file(llama, t
     ckpt = _copy(folder, tmp_path / "ckpt")
     save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, str(ckpt / "consolidated.safetensors"))
     save_file({"base_model.lora_A.weight": torch.zeros(2, 2)}, str(ckpt / "adapter_model.safetensors"))
-    _greedy_matches(ckpt, hf)
+    greedy_matches(ckpt, hf, PROMPTS, 8)
 
 
 def test_model_safetensors_wins_over_a_shard_index_as_in_transformers(llama, tmp_path) -> None:
@@ -140,7 +108,7 @@ def test_model_safetensors_wins_over_a_shard_index_as_in_transformers(llama, tmp
     ckpt = _copy(folder, tmp_path / "ckpt")
     index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
-    _greedy_matches(ckpt, hf)
+    greedy_matches(ckpt, hf, PROMPTS, 8)
 
 
 def test_defaults_for_absent_fields_are_each_familys_transformers_defaults() -> None:
@@ -290,8 +258,11 @@ def test_llama3_rope_without_its_original_context_takes_max_position_embeddings(
     hf = build_hf_folder(tf.LlamaConfig(**config, rope_parameters={**rope, "rope_theta": 10000.0}), tmp_path)
     assert hf.config.rope_parameters["original_max_position_embeddings"] == 64
     _edit_config(tmp_path, rope_parameters={**rope, "rope_theta": 10000.0})  # saved without the key
-    assert "original_max_position_embeddings" not in json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
-    _greedy_matches(tmp_path, hf)
+    assert (
+        "original_max_position_embeddings"
+        not in json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    )
+    greedy_matches(tmp_path, hf, PROMPTS, 8)
 
 
 def test_rope_scaling_in_the_transformers_4_layout_still_loads(tmp_path) -> None:
@@ -304,7 +275,7 @@ def test_rope_scaling_in_the_transformers_4_layout_still_loads(tmp_path) -> None
     _edit_config(
         tmp_path, rope_parameters=..., rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0}
     )
-    _greedy_matches(tmp_path, hf)
+    greedy_matches(tmp_path, hf, PROMPTS, 8)
 
 
 @pytest.mark.parametrize(
@@ -329,7 +300,7 @@ def test_a_sharded_checkpoint_loads(tmp_path) -> None:
     hf = build_hf_folder(tf.Qwen2Config(**COMMON_CONFIG), tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    _greedy_matches(tmp_path, hf)
+    greedy_matches(tmp_path, hf, PROMPTS, 8)
 
 
 def test_a_file_given_as_the_model_folder_is_named_a_file(llama) -> None:

@@ -4,11 +4,9 @@ GPU. Skipped without a CUDA device."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hf_fixtures import COMMON_CONFIG, save_tokenizer
+from hf_fixtures import COMMON_CONFIG, build_hf_folder
 
 from llmir_lang.executor.engine import Engine
 
@@ -16,25 +14,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 PROMPTS = ([5, 17, 33, 2, 90, 101, 7], [250, 3, 3, 9, 60, 61, 62, 8, 8, 9, 10, 11, 12, 13])
 STEPS = 8
-
-
-def _build(cfg, folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(1.0, 0.1)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    save_tokenizer(folder)
-    return model
 
 
 def _hf_logprobs(hf, seq: list[int], start: int, dtype: torch.dtype) -> torch.Tensor:
@@ -70,7 +49,7 @@ def _variants():
 def test_a_checkpoint_on_cuda_matches_transformers(name, dtype, tmp_path) -> None:
     """Greedy tokens from the engine, scored by transformers (teacher-forced): each chosen token's
     logprob agrees and is within rounding of transformers' best at that position."""
-    hf = _build(_variants()[name], tmp_path)
+    hf = build_hf_folder(_variants()[name], tmp_path)
     with Engine(str(tmp_path), device="cuda", dtype=dtype, kv_memory="64MB") as eng:
         results = eng.generate(
             [list(p) for p in PROMPTS],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import COMMON_CONFIG, hf_greedy, save_tokenizer
+from hf_fixtures import COMMON_CONFIG, build_hf_folder, greedy_matches
 from safetensors.torch import load_file, save_file
 
 from llmir_lang.errors import UnsupportedArchitectureError
@@ -22,37 +22,11 @@ from llmir_lang.executor.model_config import ModelConfig
 PROMPTS = ([5, 17, 33, 2, 90, 101, 7], [250, 3, 3, 9, 60, 61, 62])
 
 
-def _build(cfg, folder: Path):
-    """A random model of ``cfg`` saved with the test tokenizer into ``folder``."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.08) if p.dim() == 2 else p.normal_(1.0, 0.1)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    save_tokenizer(folder)
-    return model
-
-
 def _hf_from(folder: Path):
     """What transformers makes of the folder as it is now (fp32, eval)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-
-
-def _greedy_matches(folder: Path, hf, n: int = 6) -> None:
-    with Engine(str(folder), device="cpu", kv_memory="4MB") as eng:
-        results = eng.generate(
-            [list(p) for p in PROMPTS], {"max_new_tokens": n, "ignore_eos": True, "return_logprob": True}
-        )
-    for p, r in zip(PROMPTS, results):
-        tokens, lps = hf_greedy(hf, list(p), n)
-        assert r.token_ids == tokens
-        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) <= 1e-4
 
 
 def _edit(folder: Path, **fields) -> None:
@@ -76,7 +50,7 @@ def untied_llama(tmp_path_factory):
     import transformers as tf
 
     folder = tmp_path_factory.mktemp("untied_llama")
-    _build(tf.LlamaConfig(**COMMON_CONFIG), folder)
+    build_hf_folder(tf.LlamaConfig(**COMMON_CONFIG), folder)
     return folder
 
 
@@ -91,7 +65,7 @@ def test_a_tied_config_with_its_own_lm_head_runs_that_lm_head(untied_llama, tmp_
     head = load_file(str(ckpt / "model.safetensors"))["lm_head.weight"]
     assert torch.equal(hf.lm_head.weight, head)
     assert not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
-    _greedy_matches(ckpt, hf)
+    greedy_matches(ckpt, hf, PROMPTS, 6)
 
 
 def test_a_tied_config_with_an_equal_lm_head_stays_tied(untied_llama, tmp_path) -> None:
@@ -102,7 +76,7 @@ def test_a_tied_config_with_an_equal_lm_head_stays_tied(untied_llama, tmp_path) 
     with Engine(str(ckpt), device="cpu", kv_memory="4MB") as eng:
         assert eng.config.tie_word_embeddings
         assert not hasattr(eng.model, "lm_head")
-    _greedy_matches(ckpt, _hf_from(ckpt))
+    greedy_matches(ckpt, _hf_from(ckpt), PROMPTS, 6)
 
 
 def test_a_tied_checkpoint_that_stores_only_lm_head_uses_it_as_the_embedding(tmp_path) -> None:
@@ -110,11 +84,11 @@ def test_a_tied_checkpoint_that_stores_only_lm_head_uses_it_as_the_embedding(tmp
     that is there; the loader refused the checkpoint (missing model.embed_tokens.weight)."""
     import transformers as tf
 
-    built = _build(tf.Qwen2Config(**{**COMMON_CONFIG, "tie_word_embeddings": True}), tmp_path)
+    built = build_hf_folder(tf.Qwen2Config(**{**COMMON_CONFIG, "tie_word_embeddings": True}), tmp_path)
     _rewrite_weights(tmp_path, lambda s: s.update({"lm_head.weight": s.pop("model.embed_tokens.weight")}))
     hf = _hf_from(tmp_path)
     assert torch.equal(hf.model.embed_tokens.weight, built.model.embed_tokens.weight)
-    _greedy_matches(tmp_path, hf)
+    greedy_matches(tmp_path, hf, PROMPTS, 6)
 
 
 # ---- head_dim and sliding windows as each family defaults them ------------------------------------
@@ -124,12 +98,12 @@ def test_qwen3_without_head_dim_has_qwen3s_default_head_dim(tmp_path) -> None:
     implies (64, 64)")."""
     import transformers as tf
 
-    _build(tf.Qwen3Config(**COMMON_CONFIG, head_dim=128), tmp_path)
+    build_hf_folder(tf.Qwen3Config(**COMMON_CONFIG, head_dim=128), tmp_path)
     _edit(tmp_path, head_dim=...)
     hf = _hf_from(tmp_path)
     assert hf.config.head_dim == 128
     assert ModelConfig.from_folder(tmp_path).head_dim == 128
-    _greedy_matches(tmp_path, hf)
+    greedy_matches(tmp_path, hf, PROMPTS, 6)
 
 
 @pytest.mark.parametrize(
@@ -221,4 +195,4 @@ def test_rope_fields_are_read_with_transformers_precedence(untied_llama, tmp_pat
     _edit(ckpt, **{"rope_parameters": ..., "rope_scaling": ..., **fields})
     hf = _hf_from(ckpt)
     assert torch.equal(rope_inv_freq(ModelConfig.from_folder(ckpt)), hf.model.rotary_emb.inv_freq)
-    _greedy_matches(ckpt, hf)
+    greedy_matches(ckpt, hf, PROMPTS, 6)
