@@ -15,13 +15,13 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from llmir_lang.errors import EngineClosedError, InvalidRequestError, OutOfKVMemoryError
-from llmir_lang.executor.engine_loop import EngineLoop, run_engine_thread
+from llmir_lang.executor.engine_futures import EngineCall
+from llmir_lang.executor.engine_loop import CLOSED_MESSAGE, EngineLoop, run_engine_thread
 from llmir_lang.executor.engine_output import OutputProcessor
 from llmir_lang.executor.engine_score import EngineScoring
 from llmir_lang.executor.engine_setup import (
@@ -193,7 +193,15 @@ class Engine(EngineSubmission, EngineScoring, EngineLoop):
 
     # ---- housekeeping -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Counters and sizes, read on the engine thread between steps (a consistent snapshot)."""
+        """Counters and sizes, read on the engine thread between steps (a consistent snapshot).
+
+        ``requests``: ``submitted``, ``finished`` by finish reason (``stop``, ``length``,
+        ``abort``, ``constraint_error``), ``failed`` (the future raised, or the result's finish
+        reason is "error") and ``in_flight`` (queued, running, or its result not delivered yet);
+        ``submitted == sum(finished.values()) + failed + in_flight`` at every read. A chain is one
+        request; a ``score`` call is one prefill-only request plus one per continuation of two or
+        more tokens after the first such one, each finishing with "length"; a request refused at
+        submission is not counted (``engine_counts.py``)."""
         if not self._closed and threading.current_thread() is not self._thread:
             return self.call_in_engine_thread(self._stats)
         return self._stats()
@@ -209,25 +217,19 @@ class Engine(EngineSubmission, EngineScoring, EngineLoop):
             "retractions": self.scheduler.num_retractions,
             "steps": self.scheduler.step_count,
             "step_retries": self.num_step_retries,  # failed forwards rerun one request at a time
+            "requests": self.outputs.counts.snapshot(),
         }
 
     def call_in_engine_thread(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread between steps and return its result."""
         if threading.current_thread() is self._thread:
             return fn()  # already there (e.g. from a stream callback): queuing would deadlock
-        fut: Future = Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except Exception as e:
-                fut.set_exception(e)
-
+        call = EngineCall(fn)
         with self._lock:
             if self._closed:
-                raise EngineClosedError("the engine was shut down; create a new Engine")
-            self._inbox.put(run)
-        return self._wait(fut)
+                raise EngineClosedError(CLOSED_MESSAGE)
+            self._inbox.put(call)
+        return self._wait(call.future)
 
     def abort(self, rid: int) -> bool:
         """Cancel a request (e.g. its client went away): it ends with finish_reason "abort", its
@@ -235,7 +237,10 @@ class Engine(EngineSubmission, EngineScoring, EngineLoop):
         False if the request was unknown or already finished."""
         if self._closed:
             return False
-        return self.call_in_engine_thread(lambda: self._abort_now(rid))
+        try:
+            return self.call_in_engine_thread(lambda: self._abort_now(rid))
+        except EngineClosedError:  # shut down meanwhile: nothing left to abort
+            return False
 
     def _abort_now(self, rid: int) -> bool:
         sched = self.scheduler

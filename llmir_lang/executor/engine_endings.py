@@ -18,12 +18,14 @@ from llmir_lang.executor.request import FinishReason, Req
 
 if TYPE_CHECKING:
     from llmir_lang.executor.engine import Engine
+    from llmir_lang.executor.engine_counts import RequestCounts
     from llmir_lang.executor.engine_text import DeferredText
     from llmir_lang.executor.sampling_params import SamplingParams
 
 
 class OutputEndings:
     engine: Engine
+    counts: RequestCounts
     _deferred: DeferredText
     _defers: Callable[[Req], bool]
     flush_deferred: Callable[[], None]
@@ -102,6 +104,7 @@ class OutputEndings:
         last.prompt_logprobs = None
         res = dataclasses.replace(last, meta={**last.meta, "steps": [*req.step_results, last]})
         res.meta["chain_text"] = req.chain_text
+        self.counts.end(req, reason)
         if not req.future.done():
             req.future.set_result(res)
 
@@ -149,6 +152,7 @@ class OutputEndings:
                 req.chain_text += req.chain.pop(0)[1]
             res.meta["steps"] = req.step_results + [last]
             res.meta["chain_text"] = req.chain_text
+        self.counts.end(req, reason)
         if not req.future.done():
             req.future.set_result(res)
 
@@ -160,6 +164,7 @@ class OutputEndings:
         req.finish_reason = FinishReason.ABORT if isinstance(exc, EngineClosedError) else FinishReason.ERROR
         req.error = str(exc)
         stream_text(req, final=True)
+        self.counts.end(req, None)
         if not req.future.done():
             req.future.set_exception(exc)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED
 from typing import TYPE_CHECKING, Any
 
 from llmir_lang.errors import EngineError
-from llmir_lang.executor.engine_loop import engine_thread_error
+from llmir_lang.executor.engine_loop import STOPPED_MESSAGE, engine_thread_error
 from llmir_lang.executor.request import StreamChunk
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class _ChunkStream(Iterator[StreamChunk]):
                 raise engine_thread_error("iterating a generate(stream=True) iterator")
             if not eng._thread.is_alive():
                 self._done = True
-                raise EngineError("the engine thread has stopped; create a new Engine")
+                raise EngineError(STOPPED_MESSAGE)
         if chunk.finished:
             self._done = True
             eng._wait(self._fut)  # resolved right after its final chunk: raises what the request raised
@@ -141,3 +141,26 @@ class _ChunkStream(Iterator[StreamChunk]):
             self.close()
         except Exception:
             pass
+
+
+class EngineCall:
+    """An item of ``Engine.call_in_engine_thread``: ``fn`` to run on the engine thread between
+    steps, and the future its caller waits on. One still queued when the loop stops is failed with
+    EngineClosedError at once (``EngineLoop._abort_all``): dropped, its caller waited for the
+    dead-thread check and got a plain EngineError about a second later."""
+
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.future: Future = Future()
+
+    def __call__(self) -> None:
+        try:
+            self.future.set_result(self.fn())
+        except Exception as e:
+            self.future.set_exception(e)
+
+    def fail(self, exc: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)

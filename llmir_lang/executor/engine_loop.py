@@ -41,6 +41,10 @@ log = logging.getLogger("llmir_lang.engine")
 
 _NOTHING = object()  # the engine thread's idle wait received nothing
 _IDLE_WAIT_S = 0.1  # how long an idle engine thread waits for the inbox before it looks again
+# what to do next, said for both audiences: DSL users never made an Engine themselves
+NEW_ENGINE = "create a new Engine (in the DSL, a new llmir.Runtime())"
+CLOSED_MESSAGE = f"the engine was shut down; {NEW_ENGINE}"
+STOPPED_MESSAGE = f"the engine thread has stopped; {NEW_ENGINE}"
 
 
 def engine_thread_error(what: str) -> EngineError:
@@ -177,7 +181,7 @@ class EngineLoop:
                 return fut.result(timeout=1.0)
             except FutureTimeout:
                 if not self._thread.is_alive():
-                    raise EngineError("the engine thread has stopped; create a new Engine") from None
+                    raise EngineError(STOPPED_MESSAGE) from None
 
     def _step(self) -> None:
         if self._ahead is not None:
@@ -350,6 +354,8 @@ class EngineLoop:
         """Fail every request not finished yet with EngineClosedError: those the scheduler holds and
         those still in the inbox (an engine collected before its loop admitted them). Runs on the
         engine thread when it reads the stop, or in ``Engine.__del__`` once the thread is gone."""
+        from llmir_lang.executor.engine_futures import EngineCall  # (it imports this module)
+
         msg = "the engine was shut down before this request finished"
         self._flush_text(EngineClosedError(msg))  # requests already finished resolve with their results
         reqs = self.scheduler.all_requests()
@@ -360,7 +366,11 @@ class EngineLoop:
                 break
             if isinstance(item, Req):
                 reqs.append(item)
+            elif isinstance(item, EngineCall):  # stats(), abort(), flush_cache() waiting on it
+                item.fail(EngineClosedError(CLOSED_MESSAGE))
         for req in reqs:
             if not req.future.done():
                 self.outputs.fail(req, EngineClosedError(msg))
+            else:  # cancelled by its caller, its abort never run: it ends here all the same
+                self.outputs.counts.end(req, FinishReason.ABORT)
         self.outputs.close()

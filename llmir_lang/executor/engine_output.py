@@ -17,6 +17,7 @@ import torch
 
 from llmir_lang.errors import EngineError
 from llmir_lang.executor import speculate
+from llmir_lang.executor.engine_counts import RequestCounts
 from llmir_lang.executor.engine_endings import OutputEndings, _chain_continues
 from llmir_lang.executor.engine_jump_forward import OutputJumpForward
 from llmir_lang.executor.engine_text import (
@@ -40,6 +41,7 @@ log = logging.getLogger("llmir_lang.engine")
 class OutputProcessor(OutputEndings, OutputJumpForward):
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.counts = RequestCounts()  # Engine.stats()["requests"]
         self.eos_ids = set(engine.tokenizer.eos_token_ids)
         self._mask_pool: ThreadPoolExecutor | None = None
         # request id -> what its constraint raised while its mask was filled (see _bitmask); read

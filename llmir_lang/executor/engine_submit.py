@@ -27,6 +27,7 @@ from llmir_lang.errors import (
     PromptTooLongError,
 )
 from llmir_lang.executor.engine_futures import _ChunkStream, _RequestFuture
+from llmir_lang.executor.engine_loop import CLOSED_MESSAGE
 from llmir_lang.executor.request import GenerateResult, Req, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.executor.tokenizer import IncrementalDecoder, lone_surrogate
@@ -186,7 +187,7 @@ class EngineSubmission:
         score_next: list[int] | None = None,
     ) -> Future:
         if self._closed:
-            raise EngineClosedError("the engine was shut down; create a new Engine")
+            raise EngineClosedError(CLOSED_MESSAGE)
         if not ids:
             raise EmptyPromptError("the prompt is empty; give at least one token of text")
         ctx = self.config.context_len
@@ -236,7 +237,8 @@ class EngineSubmission:
         self.outputs.force_start(req)
         with self._lock:
             if self._closed:
-                raise EngineClosedError("the engine was shut down; create a new Engine")
+                raise EngineClosedError(CLOSED_MESSAGE)
+            self.outputs.counts.submitted += 1  # before the engine thread can see (and end) it
             self._inbox.put(req)
         return fut
 

@@ -87,20 +87,21 @@ class DeferredText:
                 else:
                     out._finish_now(req, reason)
             except Exception as e:
-                _fail_future(req, EngineError(f"text processing failed: {type(e).__name__}: {e}"))
+                _fail_future(out, req, EngineError(f"text processing failed: {type(e).__name__}: {e}"))
                 raise
 
     def drop(self, exc: Exception) -> None:
         """Give up on every queued item (after a flush failed): fail the futures not yet resolved."""
         while self._items:
             req, _, _ = self._items.popleft()
-            _fail_future(req, exc)
+            _fail_future(self.out, req, exc)
 
 
-def _fail_future(req: Req, exc: Exception) -> None:
+def _fail_future(out: OutputProcessor, req: Req, exc: Exception) -> None:
     # the request's scheduler state is left alone: a failing step's handler (or the recovery) ends
     # the requests it holds; one that is not among them runs on to its end, its future already failed
     req.error = req.error or str(exc)
+    out.counts.end(req, None)
     if not req.future.done():
         req.future.set_exception(exc)
 

@@ -112,6 +112,7 @@ class Req:
     draft: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0  # draft tokens verified
     num_draft_accepted: int = 0  # of those, the ones that joined the output
+    counted: bool = False  # its ending is in the engine's request counters (engine_counts.py)
 
     @property
     def fill_ids(self) -> list[int]:
