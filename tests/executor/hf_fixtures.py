@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -146,3 +147,14 @@ def greedy_matches(folder: Path, hf, prompts, n: int) -> None:
         tokens, lps = hf_greedy(hf, list(p), n)
         assert r.token_ids == tokens
         assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) <= 1e-4
+
+
+def edit_config(folder: Path, **fields) -> None:
+    """Set fields of ``folder``'s config.json (``...`` removes one)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    for k, v in fields.items():
+        if v is ...:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (folder / "config.json").write_text(json.dumps(cfg))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import COMMON_CONFIG, build_hf_folder, greedy_matches
+from hf_fixtures import COMMON_CONFIG, build_hf_folder, edit_config, greedy_matches
 from safetensors.torch import load_file, save_file
 
 from llmir_lang.errors import CheckpointError, InvalidRequestError, UnsupportedArchitectureError
@@ -29,16 +29,6 @@ PROMPTS = ([5, 17, 33, 2, 90, 101, 7], [250, 3, 3, 9, 60, 61, 62])
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def _edit_config(folder: Path, **fields) -> None:
-    cfg = json.loads((folder / "config.json").read_text())
-    for k, v in fields.items():
-        if v is ...:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +57,10 @@ def test_biases_follow_each_familys_rule_not_the_config_field(tmp_path) -> None:
     import transformers as tf
 
     q2 = build_hf_folder(tf.Qwen2Config(**COMMON_CONFIG), tmp_path / "qwen2")
-    _edit_config(tmp_path / "qwen2", attention_bias=False, mlp_bias=True)
+    edit_config(tmp_path / "qwen2", attention_bias=False, mlp_bias=True)
     greedy_matches(tmp_path / "qwen2", q2, PROMPTS, 8)
     mis = build_hf_folder(tf.MistralConfig(**COMMON_CONFIG, sliding_window=None), tmp_path / "mistral")
-    _edit_config(tmp_path / "mistral", attention_bias=True, mlp_bias=True)
+    edit_config(tmp_path / "mistral", attention_bias=True, mlp_bias=True)
     greedy_matches(tmp_path / "mistral", mis, PROMPTS, 8)
 
 
@@ -80,11 +70,11 @@ def test_a_config_without_architectures_is_read_by_its_model_type(llama, tmp_pat
     folder, hf = llama
     for name, value in (("absent", ...), ("null", None), ("empty", [])):
         ckpt = _copy(folder, tmp_path / name)
-        _edit_config(ckpt, architectures=value)
+        edit_config(ckpt, architectures=value)
         assert ModelConfig.from_folder(ckpt).architecture == "LlamaForCausalLM"
     greedy_matches(tmp_path / "absent", hf, PROMPTS, 8)
     bad = _copy(folder, tmp_path / "gpt2")
-    _edit_config(bad, architectures=..., model_type="gpt2")
+    edit_config(bad, architectures=..., model_type="gpt2")
     with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
         ModelConfig.from_folder(bad)
 
@@ -176,16 +166,16 @@ def test_an_activation_other_than_silu_is_refused(llama, tmp_path, act) -> None:
     """The MLP is SwiGLU: a config with another hidden_act loaded and ran as SiLU, silently another
     model than transformers runs."""
     ckpt = _copy(llama[0], tmp_path / "ckpt")
-    _edit_config(ckpt, hidden_act=act)
+    edit_config(ckpt, hidden_act=act)
     with pytest.raises(UnsupportedArchitectureError, match=f"hidden_act.*{act}"):
         load_model(ckpt, CPU, torch.float32)
-    _edit_config(ckpt, hidden_act="swish")  # transformers' other name of SiLU
+    edit_config(ckpt, hidden_act="swish")  # transformers' other name of SiLU
     load_model(ckpt, CPU, torch.float32)
 
 
 def test_a_quantized_checkpoint_is_refused_by_name(llama, tmp_path) -> None:
     ckpt = _copy(llama[0], tmp_path / "ckpt")
-    _edit_config(ckpt, quantization_config={"quant_method": "gptq", "bits": 4})
+    edit_config(ckpt, quantization_config={"quant_method": "gptq", "bits": 4})
     with pytest.raises(UnsupportedArchitectureError, match="quantiz.*gptq"):
         load_model(ckpt, CPU, torch.float32)
 
@@ -214,7 +204,7 @@ def test_a_flag_that_is_not_a_boolean_is_refused_by_name(llama, tmp_path, field,
     """These were read with bool(): "false" meant true. transformers refuses them too, and the
     engine then reported a broken *tokenizer* (AutoTokenizer reads config.json)."""
     ckpt = _copy(llama[0], tmp_path / "ckpt")
-    _edit_config(ckpt, **{field: value})
+    edit_config(ckpt, **{field: value})
     with pytest.raises(CheckpointError, match=f"config.json field '{field}'"):
         load_model(ckpt, CPU, torch.float32)
 
@@ -243,7 +233,7 @@ def test_rope_scaling_needs_its_keys(llama, tmp_path, rope, missing_or_bad) -> N
     """A missing llama3 key was silently given a default (another model than transformers, which
     raises), a zero factor made every logit NaN, a text factor raised a bare ValueError."""
     ckpt = _copy(llama[0], tmp_path / "ckpt")
-    _edit_config(ckpt, rope_parameters=rope)
+    edit_config(ckpt, rope_parameters=rope)
     with pytest.raises(CheckpointError, match=f"rope_parameters.{missing_or_bad}"):
         load_model(ckpt, CPU, torch.float32)
 
@@ -257,7 +247,7 @@ def test_llama3_rope_without_its_original_context_takes_max_position_embeddings(
     config = {**COMMON_CONFIG, "max_position_embeddings": 64}
     hf = build_hf_folder(tf.LlamaConfig(**config, rope_parameters={**rope, "rope_theta": 10000.0}), tmp_path)
     assert hf.config.rope_parameters["original_max_position_embeddings"] == 64
-    _edit_config(tmp_path, rope_parameters={**rope, "rope_theta": 10000.0})  # saved without the key
+    edit_config(tmp_path, rope_parameters={**rope, "rope_theta": 10000.0})  # saved without the key
     assert (
         "original_max_position_embeddings"
         not in json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
@@ -272,7 +262,7 @@ def test_rope_scaling_in_the_transformers_4_layout_still_loads(tmp_path) -> None
     hf = build_hf_folder(
         tf.LlamaConfig(**COMMON_CONFIG, rope_scaling={"rope_type": "linear", "factor": 4.0}), tmp_path
     )
-    _edit_config(
+    edit_config(
         tmp_path, rope_parameters=..., rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0}
     )
     greedy_matches(tmp_path, hf, PROMPTS, 8)

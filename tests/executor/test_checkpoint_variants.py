@@ -6,13 +6,12 @@ from the same folder) is the oracle. Tiny random models (hidden 64, 2 layers).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from hf_fixtures import COMMON_CONFIG, build_hf_folder, greedy_matches
+from hf_fixtures import COMMON_CONFIG, build_hf_folder, edit_config, greedy_matches
 from safetensors.torch import load_file, save_file
 
 from llmir_lang.errors import UnsupportedArchitectureError
@@ -27,16 +26,6 @@ def _hf_from(folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-
-
-def _edit(folder: Path, **fields) -> None:
-    cfg = json.loads((folder / "config.json").read_text())
-    for k, v in fields.items():
-        if v is ...:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 def _rewrite_weights(folder: Path, change) -> None:
@@ -60,7 +49,7 @@ def test_a_tied_config_with_its_own_lm_head_runs_that_lm_head(untied_llama, tmp_
     the embedding: transformers keeps them apart (with a warning) and runs the checkpoint's
     lm_head; the loader dropped it and ran the embedding as the output layer, another model."""
     ckpt = shutil.copytree(untied_llama, tmp_path / "ckpt")
-    _edit(ckpt, tie_word_embeddings=True)
+    edit_config(ckpt, tie_word_embeddings=True)
     hf = _hf_from(ckpt)
     head = load_file(str(ckpt / "model.safetensors"))["lm_head.weight"]
     assert torch.equal(hf.lm_head.weight, head)
@@ -71,7 +60,7 @@ def test_a_tied_config_with_its_own_lm_head_runs_that_lm_head(untied_llama, tmp_
 def test_a_tied_config_with_an_equal_lm_head_stays_tied(untied_llama, tmp_path) -> None:
     """Both weights saved with the same values (torch .bin habits, some exporters): one tensor."""
     ckpt = shutil.copytree(untied_llama, tmp_path / "ckpt")
-    _edit(ckpt, tie_word_embeddings=True)
+    edit_config(ckpt, tie_word_embeddings=True)
     _rewrite_weights(ckpt, lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
     with Engine(str(ckpt), device="cpu", kv_memory="4MB") as eng:
         assert eng.config.tie_word_embeddings
@@ -99,7 +88,7 @@ def test_qwen3_without_head_dim_has_qwen3s_default_head_dim(tmp_path) -> None:
     import transformers as tf
 
     build_hf_folder(tf.Qwen3Config(**COMMON_CONFIG, head_dim=128), tmp_path)
-    _edit(tmp_path, head_dim=...)
+    edit_config(tmp_path, head_dim=...)
     hf = _hf_from(tmp_path)
     assert hf.config.head_dim == 128
     assert ModelConfig.from_folder(tmp_path).head_dim == 128
@@ -192,7 +181,7 @@ def test_rope_fields_are_read_with_transformers_precedence(untied_llama, tmp_pat
     from llmir_lang.executor.model_config import rope_inv_freq
 
     ckpt = shutil.copytree(untied_llama, tmp_path / "ckpt")
-    _edit(ckpt, **{"rope_parameters": ..., "rope_scaling": ..., **fields})
+    edit_config(ckpt, **{"rope_parameters": ..., "rope_scaling": ..., **fields})
     hf = _hf_from(ckpt)
     assert torch.equal(rope_inv_freq(ModelConfig.from_folder(ckpt)), hf.model.rotary_emb.inv_freq)
     greedy_matches(ckpt, hf, PROMPTS, 6)
