@@ -227,6 +227,14 @@ class ConstraintCompiler:
         try:
             return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
         except OutlinesBuildError as e:
+            ends = regex.endswith(("$", "\\z")) and not regex.endswith(("\\$", "\\\\z"))
+            if regex.startswith(("^", "\\A")) or ends:
+                # outlines-core reads no anchors ("anchored universal start state", or no text fits)
+                raise InvalidRegexError(
+                    f"outlines-core cannot compile regex {regex!r}: it takes no ^ / $ / \\A / \\z "
+                    "anchors: drop them (the text matches the whole regex without them) or use "
+                    f"engine='auto' ({e})"
+                ) from None
             if "incompatible" in str(e):
                 raise UnsatisfiableConstraintError(f"outlines-core: {e}") from None
             raise InvalidRegexError(f"outlines-core cannot compile regex {regex!r}: {e}") from None

@@ -296,3 +296,14 @@ def test_a_cached_error_raised_again_and_again_does_not_grow(bpe_info):
     del errors
     gc.collect()
     assert sum(r() is not None for r in refs) == 0, "callers' frames kept alive by the cached error"
+
+
+def test_pinned_outlines_core_says_to_drop_anchors(bpe_info):
+    """With outlines-core pinned, an anchored regex was refused in outlines-core's own words
+    ("anchored universal start state doesn't exist"), which does not name the anchors."""
+    compiler = ConstraintCompiler(bpe_info, engine="outlines-core")
+    for regex in ("^abc$", "^abc", "abc$"):
+        with pytest.raises(InvalidRegexError, match=r"takes no \^ / \$ / \\A / \\z anchors: drop them"):
+            compiler.compile(spec_from_regex(regex))
+    assert compiler.compile(spec_from_regex("abc")).engine == "outlines-core"
+    assert ConstraintCompiler(bpe_info).compile(spec_from_regex("^abc$")) is not None  # auto: llguidance
