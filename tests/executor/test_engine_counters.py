@@ -11,45 +11,12 @@ from collections import Counter
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import pytest
-import torch
+from matcher_stubs import BrokenMatcher
 
 from llmir_lang import errors
 from llmir_lang.executor.constraints import spec_from_regex
-from llmir_lang.executor.constraints.matcher import Matcher
 from llmir_lang.executor.engine import Engine
 from llmir_lang.executor.request import FinishReason
-
-
-class RaisingMatcher(Matcher):
-    """A constraint with a bug: filling its first mask raises, which fails its request alone."""
-
-    engine = "test"
-    eos_token_ids = ()
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        raise RuntimeError("matcher bug")
-
-    def advance(self, token_id: int) -> bool:
-        return True
-
-    def is_accepting(self) -> bool:
-        return True
-
-    def is_terminated(self) -> bool:
-        return False
-
-    def forced_tokens(self) -> list[int]:
-        return []
-
-    def forced_text(self) -> str:
-        return ""
-
-    def rollback(self, n: int) -> None:
-        pass
-
-    def error(self) -> str | None:
-        return None
-
 
 LONG = {"max_new_tokens": 200, "ignore_eos": True}
 
@@ -110,7 +77,9 @@ def test_each_kind_of_request_is_counted_once_with_its_ending(eng: Engine) -> No
     a, b = eng.call_in_engine_thread(abort_two)
     assert a.result(timeout=60).finish_reason == "abort" and b.cancelled()
     with pytest.raises(errors.EngineError, match="matcher bug"):  # failed
-        eng.submit("Q: 7?\nA: ", {"max_new_tokens": 4}, matcher=RaisingMatcher()).result(timeout=60)
+        eng.submit(
+            "Q: 7?\nA: ", {"max_new_tokens": 4}, matcher=BrokenMatcher(eng.config.vocab_size, "fill")
+        ).result(timeout=60)
     with pytest.raises(errors.PromptTooLongError):  # refused at submission: not counted
         eng.submit([5] * eng.config.context_len, {"max_new_tokens": 1})
     after = _settled(eng)
@@ -169,7 +138,9 @@ def test_counters_match_what_callers_saw_under_a_mixed_concurrent_workload(eng: 
                 elif kind == "regex":
                     fut = eng.submit(p, {"max_new_tokens": 6, "constraint": spec_from_regex("[0-9]{1,3}")})
                 elif kind == "bad":
-                    fut = eng.submit(p, {"max_new_tokens": 4}, matcher=RaisingMatcher())
+                    fut = eng.submit(
+                        p, {"max_new_tokens": 4}, matcher=BrokenMatcher(eng.config.vocab_size, "fill")
+                    )
                 else:
                     fut = eng.submit(p, LONG if kind == "long" else {"max_new_tokens": rnd.randint(1, 6)})
                 if kind == "long":

@@ -5,56 +5,12 @@ alone, and the engine keeps serving."""
 from __future__ import annotations
 
 import pytest
-import torch
 from hf_fixtures import hf_greedy
+from matcher_stubs import BrokenMatcher
 
 from llmir_lang import errors
-from llmir_lang.executor.constraints.matcher import Matcher
 from llmir_lang.executor.engine import Engine
 from llmir_lang.executor.sampling_params import SamplingParams
-
-
-class BrokenMatcher(Matcher):
-    """Allows every token until ``after`` tokens were advanced; then the hook named ``where``
-    raises, as a constraint implementation with a bug would."""
-
-    engine = "test"
-    eos_token_ids = ()
-
-    def __init__(self, vocab_size: int, where: str, after: int = 0):
-        self.vocab_size, self.where, self.after, self.n = vocab_size, where, after, 0
-
-    def _maybe_raise(self, hook: str) -> None:
-        if self.where == hook and self.n >= self.after:
-            raise RuntimeError(f"matcher bug in {hook}")
-
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        self._maybe_raise("fill")
-        bitmask[row] = -1
-
-    def advance(self, token_id: int) -> bool:
-        self._maybe_raise("advance")
-        self.n += 1
-        return True
-
-    def is_accepting(self) -> bool:
-        return True
-
-    def is_terminated(self) -> bool:
-        return False
-
-    def forced_tokens(self) -> list[int]:
-        return []
-
-    def forced_text(self) -> str:
-        return ""
-
-    def rollback(self, n: int) -> None:
-        self.n -= n
-
-    def error(self) -> str | None:
-        return None
-
 
 IDS = [5, 17, 42, 99, 3, 7, 250, 11]
 OTHER = [9, 8, 7, 6, 5, 4]
@@ -194,4 +150,7 @@ def test_a_request_aborted_before_its_rerun_caches_no_uncomputed_kv(setup, monke
     assert failed and holder.get("aborted") and rb.finish_reason == "abort"
     monkeypatch.undo()
     cont = b_prompt + rb.token_ids + [7]
-    assert eng.generate(cont, SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids == hf_greedy(hf, cont, 3)[0]
+    assert (
+        eng.generate(cont, SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids
+        == hf_greedy(hf, cont, 3)[0]
+    )
