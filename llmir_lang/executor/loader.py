@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -12,6 +14,12 @@ from llmir_lang.executor.model import CausalLM
 from llmir_lang.executor.model_config import ModelConfig, rope_inv_freq
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "llmir-tiny"
+
+
+class UnusedCheckpointWeightsWarning(UserWarning):
+    """A checkpoint holds weights that the model its config.json describes does not use; they were
+    ignored, as transformers ignores them. Filter this category to silence it."""
+
 
 _DTYPES = {
     "float32": torch.float32,
@@ -111,13 +119,16 @@ _FUSED = {
 
 
 def fuse_projections(
-    state: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path
+    state: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, expected: Collection[str]
 ) -> dict[str, torch.Tensor]:
     """Replace each layer's q/k/v and gate/up weights (and biases) by their concatenation along dim 0,
-    the model's ``qkv_proj`` / ``gate_up_proj``. Each part's shape is checked against the config
-    first, so a mismatch names the checkpoint's own weight; parts that are absent are left for the
-    caller's missing-weight check. ``state`` is changed in place (each part is dropped as its fused
-    weight is made, so loading holds one copy of the weights, not two) and returned."""
+    the model's ``qkv_proj`` / ``gate_up_proj``, where ``expected`` (the model's parameter names)
+    has the fused weight. Each part's shape is checked against the config first, so a mismatch
+    names the checkpoint's own weight; parts that are absent are left for the caller's
+    missing-weight check, and parts of a fused weight the model lacks (biases the config turns
+    off) stay under their own names, for the caller's unused-weight warning. ``state`` is changed
+    in place (each part is dropped as its fused weight is made, so loading holds one copy of the
+    weights, not two) and returned."""
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     rows = {
         "q_proj": cfg.num_heads * d,
@@ -132,7 +143,8 @@ def fuse_projections(
         for fused, parts in _FUSED.items():
             for kind in ("weight", "bias"):
                 names = [f"{pre}{p}.{kind}" for p in parts]
-                if not all(n in out for n in names):
+                # NOTE: an unused part is not shape-checked: transformers never looks at it either
+                if f"{pre}{fused}.{kind}" not in expected or not all(n in out for n in names):
                     continue
                 for n in names:
                     want = (rows[n.split(".")[-2]],) + ((h,) if kind == "weight" else ())
@@ -168,6 +180,26 @@ def _parts_of(name: str) -> list[str] | None:
                 pre = name[: -len(suffix)]
                 return [f"{pre}{p}.{kind}" for p in parts]
     return None
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    return f"{names[:n]}{'...' if len(names) > n else ''}"
+
+
+def _warn_unused(folder: Path, cfg: ModelConfig, unused: list[str]) -> None:
+    """One warning for all of a checkpoint's unused weights, as transformers gives: a checkpoint with
+    an extra head or biases its config turns off is still the model its config describes."""
+    warnings.warn(
+        f"checkpoint {folder} holds {len(unused)} weight{'s' if len(unused) != 1 else ''} that a "
+        f"{cfg.architecture} built from its config.json does not use, ignored as transformers "
+        f"ignores them: {_few(unused)}; if they matter, config.json does not describe the "
+        "checkpoint (a bias that attention_bias / mlp_bias turns off, more layers than "
+        "num_hidden_layers, a head this engine does not run): fix config.json, or use a checkpoint "
+        "of a supported architecture; otherwise the model is the one transformers loads, and "
+        "nothing needs doing",
+        UnusedCheckpointWeightsWarning,
+        stacklevel=3,  # the line that called load_model, not this helper or load_model itself
+    )
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -212,7 +244,9 @@ def tie_output_layer(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: to
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """Build the model from ``folder`` and load its weights; every mismatch is a CheckpointError."""
+    """Build the model from ``folder`` and load its weights. A missing weight or a wrong shape is a
+    CheckpointError; weights the model does not use are ignored with one
+    UnusedCheckpointWeightsWarning, as transformers loads such a checkpoint."""
     cfg = ModelConfig.from_folder(folder)
     state = _read_weights(folder)
     tie_output_layer(state, cfg, dtype)
@@ -221,14 +255,23 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Causal
         # took its size three times over on the device while it loaded (fp32, then the bf16 copy)
         model = CausalLM(cfg).to(dtype)
     expected = dict(model.state_dict())
+    # old Llama saves hold each layer's rotary table, a buffer the model recomputes (below):
+    # dropped without a warning, as transformers drops it
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    state = fuse_projections(state, cfg, folder)
+    state = fuse_projections(state, cfg, folder, expected)
     missing, unexpected = _mismatch(set(expected), set(state))
-    if missing or unexpected:
+    if missing:
+        # NOTE: transformers initialises a missing weight at random and runs: a different model
+        # with no error, so here it is one
         raise CheckpointError(
-            f"checkpoint {folder} does not match a {cfg.architecture}: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"checkpoint {folder} does not match a {cfg.architecture}: missing {_few(missing)}, "
+            f"unexpected {_few(unexpected)}; use a checkpoint whose weights its config.json describes "
+            "(the architecture, num_hidden_layers, tie_word_embeddings, the bias flags)"
         )
+    if unexpected:
+        _warn_unused(folder, cfg, unexpected)
+        for k in unexpected:
+            del state[k]
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(
