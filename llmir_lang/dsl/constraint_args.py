@@ -22,9 +22,9 @@ def _choice_list(choices: object, where: SourceLocation | None, what: str) -> li
     bad = [c for c in out if not isinstance(c, str) or c == ""]
     if bad:
         raise DSLError(f"{what} must be non-empty strings; bad: {bad!r}", where=where)
-    # SGLang accepts a repeated choice and picks the first of equal scores, which is the same
-    # value as scoring it once; the IR (and a choice trie) needs distinct choices, so repeats go
-    return list(dict.fromkeys(out))
+    # repeats are kept: a select's meta info has one entry per choice as given (SGLang's shape),
+    # and the IR builder scores each distinct choice once; gen's constraint drops them itself
+    return out
 
 
 def _check_constraint(given: dict[str, Any], where: SourceLocation | None, name: str | None) -> None:

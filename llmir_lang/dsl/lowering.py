@@ -167,6 +167,7 @@ def select_meta(
     logprobs: Sequence[Sequence[float]],
     picked: int,
     tokens: Sequence[Sequence[tuple[int, str | None]] | None] | None = None,
+    given: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The meta info of a select: every choice's token logprobs and normalized score.
 
@@ -175,7 +176,18 @@ def select_meta(
     ``tokens`` gives each choice's ``(id, text)`` pairs, None where the backend cannot tokenize,
     and then id and text are None) and ``output_token_logprobs`` (per choice, empty: a select
     generates no token).
+
+    ``choices``, ``logprobs``, ``tokens`` and ``picked`` are over the distinct choices, as scored.
+    ``given`` (the select's ``choices_given``: the program's choices with their repeats, as
+    indices into ``choices``) lays every per-choice list out as the program gave the choices, so
+    ``zip(choices, meta["normalized_prompt_logprobs"])`` pairs them as SGLang's do; a repeat gets
+    the scores of its choice, and ``picked`` is the first index of the picked choice.
     """
+    if given is not None:
+        choices = [choices[k] for k in given]
+        logprobs = [logprobs[k] for k in given]
+        tokens = None if tokens is None else [tokens[k] for k in given]
+        picked = list(given).index(picked)
     normalized = [sum(lps) / max(len(lps), 1) for lps in logprobs]
     inputs = []
     for i, lps in enumerate(logprobs):

@@ -132,10 +132,12 @@ def gen(
     }
     attrs: dict[str, AttrValue] = {k: v for k, v in sampling.items() if v is not None}
     check_sampling(attrs, where, f"gen({name!r})")
+    # a constraint allows a set of texts: a repeated choice allows nothing more
+    allowed = None if choices is None else list(dict.fromkeys(_choice_list(choices, where, "gen choices")))
     constraints = {
         "regex": regex,
         "json_schema": _schema_text(json_schema, where) if json_schema is not None else None,
-        "choices": _choice_list(choices, where, "gen choices") if choices is not None else None,
+        "choices": allowed,
         "dtype": _dtype_name(dtype, where) if dtype is not None else None,
         "grammar": grammar,
     }
@@ -242,8 +244,12 @@ def select(
     older llmir form) is still read as the method.
 
     ``temperature``: the best-scoring choice is always picked, so only 0 (and values below the
-    engine's greedy threshold) is accepted; SGLang's server backend refuses others too. Repeated
-    choices are scored once: SGLang picks the first of equal scores, which is the same value.
+    engine's greedy threshold) is accepted; SGLang's server backend refuses others too.
+
+    Repeated choices (``["yes", "no", "yes"]``) are kept as given: the meta info has one entry per
+    choice, in the order given (SGLang's shape; repeats carry equal scores), while each distinct
+    choice is scored once. Repeats tie, and the first of tied choices wins (as SGLang's argmax),
+    so the value is the same text either way and ``meta["picked"]`` is its first index.
     """
     where = SourceLocation.here()
     what = f"select({name!r})"

@@ -198,7 +198,9 @@ class _SegmentCalls:
                 except Exception as e:
                     self._resolve(fi, i, _Val(base.text, base.vars, _failure(op, e), base.gates))
                     return
-            meta = select_meta(choices, lps, picked, [self._choice_tokens(c) for c in choices])
+            tokens = [self._choice_tokens(c) for c in choices]
+            given = op.attrs.get("choices_given")  # scored once each, reported as the program gave them
+            meta = select_meta(choices, lps, picked, tokens, given)  # type: ignore[arg-type]
             vars_[op.label or ""] = VarResult(choices[picked], meta)
             if self.on_chunk is not None:  # streamed states show the choice now, not at the end
                 self.on_chunk(fi, self._chains[fi].get(i, frozenset()), op.label or "", choices[picked])

@@ -30,7 +30,8 @@ then, each call validating its arguments at once and raising ``IRVerifyError`` w
   stop, temperature, top_p, ...; in the engine's ranges, ``attrs.sampling_problem``) and at most
   one constraint (regex / json_schema / choices / grammar / dtype), all plain strings, numbers,
   lists; the constraint must be one the run path compiles (``attrs.constraint_problem``)
-- ``f.select(s, name, choices, choices_method="token_length_normalized") -> state``
+- ``f.select(s, name, choices, choices_method="token_length_normalized") -> state``   a repeated
+  choice is scored once: ``choices`` holds each once, ``choices_given`` the list as given
 - ``f.fork(s, n) -> tuple[state, ...]``         n branches starting from ``s``'s text
 - ``f.join(parent, branches, mode="gather"|"concat") -> state``
 - ``f.var(s, name) -> text``                    the value of variable ``name`` visible in ``s``

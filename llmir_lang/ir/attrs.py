@@ -90,6 +90,9 @@ GEN_ATTRS: dict[str, str] = {**SAMPLING_ATTRS, **CONSTRAINT_ATTRS, **META_ATTRS,
 SELECT_ATTRS: dict[str, str] = {
     "choices": "str[]",
     "choices_method": "str",
+    # the program's choices with their repeats, as indices into the distinct ``choices`` (only
+    # when a choice repeats): a select's meta info has one entry per choice as the program gave it
+    "choices_given": "int[]",
     "trie": "dict[]",  # select-trie: [{parent = int, text = str}, ...]
     "trie_ends": "int[]",  # select-trie: trie node where each choice ends
     "score": "str",  # select-trie: "batched" = all choices in one extend

@@ -159,7 +159,11 @@ class FunctionBuilder:
     def select(
         self, state: Value, name: str, choices: Sequence[str], choices_method: str = DEFAULT_CHOICES_METHOD
     ) -> Value:
-        """Pick one of ``choices`` into variable ``name``."""
+        """Pick one of ``choices`` into variable ``name``.
+
+        A repeated choice is kept out of ``choices`` (each distinct choice is scored once) and
+        recorded in ``choices_given``: the program's list as indices into ``choices``, so that
+        the meta info has one entry per choice as given (``attrs.SELECT_ATTRS``)."""
         _need_str(name, "select name")
         if isinstance(choices, str):
             raise IRVerifyError(f"select {name!r}: choices must be a list of strings, not one string")
@@ -167,9 +171,14 @@ class FunctionBuilder:
             raise IRVerifyError(
                 f"select {name!r}: unknown choices_method {choices_method!r}; use one of {CHOICES_METHODS}"
             )
-        return self.op(K.SELECT, [state], name, {"choices": list(choices), "choices_method": choices_method})[
-            0
-        ]
+        attrs: dict[str, object] = {"choices": list(choices), "choices_method": choices_method}
+        given = list(choices)
+        # NOTE: anything but strings is left as given, for the verifier to name
+        if all(isinstance(c, str) for c in given) and len(set(given)) < len(given):
+            distinct = list(dict.fromkeys(given))
+            index = {c: i for i, c in enumerate(distinct)}
+            attrs.update(choices=distinct, choices_given=[index[c] for c in given])
+        return self.op(K.SELECT, [state], name, attrs)[0]
 
     def fork(self, state: Value, n: int) -> tuple[Value, ...]:
         """``n`` branches that each start with the text of ``state``."""

@@ -12,7 +12,9 @@ Rules:
   engine's ranges (``attrs.sampling_problem``); a gen has at most one constraint, and the run
   path's constraint code accepts it (``attrs.constraint_problem``: a regex or grammar that
   parses, a JSON schema it supports, distinct choices; cached per constraint); a select has
-  distinct non-empty choices and a known ``choices_method``; a join's mode is known; a
+  distinct non-empty choices, a known ``choices_method``, and a ``choices_given`` (the program's
+  list with its repeats) only where a choice repeats, in one spelling: each index names a
+  choice, and ``choices`` lists them in order of their first use; a join's mode is known; a
   ``gen.chain``'s segments are gen / text dicts beginning and ending with a gen; ``pin_users``
   is not negative.
 - Roles: a role is one of ``attrs.ROLES``. Along a chain roles do not nest and ``role.end "r"``
@@ -217,6 +219,11 @@ class _FunctionVerifier:
             assert isinstance(choices, tuple)
             if not choices or any(c == "" for c in choices) or len(set(choices)) != len(choices):
                 raise self.fail(op, f"select choices must be distinct non-empty strings, got {choices!r}")
+            given = op.attrs.get("choices_given")
+            if isinstance(given, tuple):  # its type (int[]) is checked above: every entry is kept
+                problem = _choices_given_problem([k for k in given if isinstance(k, int)], len(choices))
+                if problem is not None:
+                    raise self.fail(op, f"select choices_given {list(given)!r}: {problem}")
             method = op.attrs.get("choices_method", CHOICES_METHODS[0])
             if method not in CHOICES_METHODS:
                 raise self.fail(op, f"select choices_method must be one of {CHOICES_METHODS}, got {method!r}")
@@ -319,3 +326,23 @@ class _FunctionVerifier:
                     f"join of unrelated states: branch {b} does not descend from the parent %{parent}; "
                     "join only branches forked from the parent",
                 )
+
+
+def _choices_given_problem(given: list[int], n_choices: int) -> str | None:
+    """What is wrong with a select's ``choices_given`` over ``n_choices`` distinct choices, or None.
+
+    One spelling per program: the distinct choices in order of their first use (what the builder
+    writes), so two traces of the same select print the same IR."""
+    seen = 0
+    for k in given:
+        if not 0 <= k < n_choices:
+            return f"index {k} names no choice; there are {n_choices} (0 to {n_choices - 1})"
+        if k > seen:
+            return f"choice {k} is used before choice {seen}; list the choices in order of first use"
+        if k == seen:
+            seen += 1
+    if seen < n_choices:
+        return f"choice {seen} is never given; drop it from choices"
+    if len(given) == n_choices:
+        return "no choice repeats; leave choices_given out"
+    return None

@@ -8,7 +8,8 @@ For each ``select`` the pass builds the trie of its choices, cut only at clean t
 - ``trie = [{parent = P, text = T}, ...]``: the trie nodes in preorder; ``parent`` is the index
   of the parent node (-1: the node hangs off the prompt) and ``text`` the choice text it adds.
 - ``trie_ends = [N0, N1, ...]``: for choice ``i``, the node where it ends; the choice's text is
-  the concatenation of ``text`` from the root down to that node.
+  the concatenation of ``text`` from the root down to that node. The trie is over ``choices``,
+  which are distinct; a program's repeats (``choices_given``) only shape the meta info.
 
 Lowering contract: tokenize each choice after the prompt, put one sequence per trie node into a
 single extend batch whose prefix is the prompt (cached once), and let node ``n`` reuse the KV of

@@ -225,7 +225,7 @@ def test_bad_gen_arguments_point_at_the_gen_line(fake):
     _check(e.value, "prog", _line_of(prog, "min_tokens=5"), "min_new_tokens")
     with pytest.raises(DSLError, match="several constraints"):
         llmir.gen("a", regex="[0-9]+", choices=["1", "2"])
-    assert llmir.select("a", ["x", "y", "x"]).choices == ["x", "y"]  # SGLang accepts repeats: scored once
+    assert llmir.select("a", ["x", "y", "x"]).choices == ["x", "y", "x"]  # SGLang accepts repeats
     with pytest.raises(DSLError, match="choices_method"):
         llmir.select("a", ["x", "y"], choices_method="vote")
 

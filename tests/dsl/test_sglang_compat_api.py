@@ -136,7 +136,7 @@ def test_an_unnamed_select_appends_its_choice_and_keeps_no_variable(fake):
 
 def test_repeated_choices_are_scored_once_and_the_first_wins(fake):
     sel = llmir.select("x", ["a", "b", "a"])
-    assert sel.choices == ["a", "b"]
+    assert sel.choices == ["a", "b", "a"]  # kept: the meta info follows them (SGLang's shape)
     assert llmir.gen("g", choices=["1", "2", "1"]).attrs["choices"] == ["1", "2"]
 
     @llmir.function
@@ -144,7 +144,9 @@ def test_repeated_choices_are_scored_once_and_the_first_wins(fake):
         s += "PREFER:b pick: " + llmir.select("x", ["b", "a", "b"])
 
     st = prog.run(backend=fake)
-    assert st["x"] == "b" and st.get_meta_info("x")["choices"] == ["b", "a"]
+    meta = st.get_meta_info("x")
+    assert st["x"] == "b" and meta["choices"] == ["b", "a", "b"] and meta["picked"] == 0
+    assert fake.scores == [("PREFER:b pick: ", ["b", "a"])]
 
 
 # --- gen ----------------------------------------------------------------------------------------
