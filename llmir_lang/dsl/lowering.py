@@ -5,7 +5,8 @@
 - ``chain_steps(segments)``: a ``gen.chain``'s segments as ``ChainRequest`` steps.
 - ``prefill_request(text)``: an extend with no generation (one gen step of 0 tokens, since a chain
   needs a gen step), pinned: how the interpreter prefills a shared prefix once.
-- ``pick_choice(method, logprobs)``: which choice a select picks from per-token logprobs.
+- ``decide_choice(method, logprobs)``: which choice a select picks from per-token logprobs, with
+  the method's own meta keys; ``select_meta`` makes the select's meta info of it.
 - ``unfinished_value(name, attrs, text)``: why a constrained gen that finished normally did not
   produce a complete value of its constraint (a stop string cut it, or the engine was looser
   than the schema), so the gen fails instead of handing back invalid text as a finished value.
@@ -24,6 +25,7 @@ from typing import Any
 from llmir_lang.dsl.sampling_args import to_sampling_params
 from llmir_lang.errors import NotYetSupportedError
 from llmir_lang.executor.backend import ChainRequest, GenStep, StepResult
+from llmir_lang.executor.choices import ChoiceDecision, select_choice
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, AttrValue, without_annotations
 
@@ -78,24 +80,24 @@ def constraint_spec(attrs: Mapping[str, AttrValue]) -> Any:
     return helper(list(value) if isinstance(value, tuple) else value)
 
 
-def pick_choice(
+def decide_choice(
     method: str,
     logprobs: Sequence[Sequence[float]],
     unconditional: Sequence[Sequence[float | None]] | None = None,
-) -> int:
-    """Index of the choice ``method`` picks (the first one on ties).
+) -> ChoiceDecision:
+    """The choice ``method`` picks (``.index``; the first one on ties), over the choices' indices.
 
     ``token_length_normalized``, ``greedy_token_selection`` and ``unconditional_likelihood_normalized``
     are SGLang's three methods (``llmir_lang.executor.choices``; the third needs the choices' logprobs
-    scored without the prompt); ``sum_logprob`` takes the highest total.
+    scored without the prompt), and the decision's ``meta`` holds the keys SGLang's method adds to
+    the meta info; ``sum_logprob`` takes the highest total and adds none.
     """
+    names = [str(i) for i in range(len(logprobs))]
     if method == "sum_logprob":
         keys = [sum(lps) for lps in logprobs]
-        return max(range(len(keys)), key=lambda i: (keys[i], -i))
-    from llmir_lang.executor import choices
-
-    names = [str(i) for i in range(len(logprobs))]
-    return choices.select_choice(method, names, logprobs, unconditional).index
+        best = max(range(len(keys)), key=lambda i: (keys[i], -i))
+        return ChoiceDecision(names[best], best, method, keys)
+    return select_choice(method, names, logprobs, unconditional)
 
 
 TokenText = Callable[[int], "str | None"]
@@ -162,12 +164,22 @@ def step_meta(
     return meta
 
 
+# what SGLang's choices methods add to a select's meta info (``ChoicesDecision.meta_info``), each
+# a list with one entry per choice: only the method that computes a key reports it
+METHOD_META_KEYS = (
+    "greedy_logprob_matrix",
+    "unconditional_token_logprobs",
+    "normalized_unconditional_prompt_logprobs",
+)
+
+
 def select_meta(
     choices: Sequence[str],
     logprobs: Sequence[Sequence[float]],
     picked: int,
     tokens: Sequence[Sequence[tuple[int, str | None]] | None] | None = None,
     given: Sequence[int] | None = None,
+    method_meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The meta info of a select: every choice's token logprobs and normalized score.
 
@@ -177,34 +189,52 @@ def select_meta(
     and then id and text are None) and ``output_token_logprobs`` (per choice, empty: a select
     generates no token).
 
-    ``choices``, ``logprobs``, ``tokens`` and ``picked`` are over the distinct choices, as scored.
-    ``given`` (the select's ``choices_given``: the program's choices with their repeats, as
-    indices into ``choices``) lays every per-choice list out as the program gave the choices, so
-    ``zip(choices, meta["normalized_prompt_logprobs"])`` pairs them as SGLang's do; a repeat gets
-    the scores of its choice, and ``picked`` is the first index of the picked choice.
+    ``method_meta`` (the picking ``ChoiceDecision.meta``) adds the method's own keys
+    (``METHOD_META_KEYS``, SGLang's shapes): ``greedy_logprob_matrix`` (per choice, its token
+    logprobs padded to the longest choice with its own mean), ``unconditional_token_logprobs``
+    (per choice, triples as ``input_token_logprobs``' of the same tokens, scored without the
+    prompt) and ``normalized_unconditional_prompt_logprobs`` (per choice, the mean of conditional
+    minus unconditional token logprobs).
+
+    ``choices``, ``logprobs``, ``tokens``, ``picked`` and ``method_meta`` are over the distinct
+    choices, as scored. ``given`` (the select's ``choices_given``: the program's choices with their
+    repeats, as indices into ``choices``) lays every per-choice list out as the program gave the
+    choices, so ``zip(choices, meta["normalized_prompt_logprobs"])`` pairs them as SGLang's do; a
+    repeat gets the scores of its choice, and ``picked`` is the first index of the picked choice.
     """
+    detail = {k: list(v) for k, v in (method_meta or {}).items() if k in METHOD_META_KEYS}
     if given is not None:
         choices = [choices[k] for k in given]
         logprobs = [logprobs[k] for k in given]
         tokens = None if tokens is None else [tokens[k] for k in given]
+        detail = {key: [rows[k] for k in given] for key, rows in detail.items()}
         picked = list(given).index(picked)
-    normalized = [sum(lps) / max(len(lps), 1) for lps in logprobs]
-    inputs = []
-    for i, lps in enumerate(logprobs):
+
+    def triples(i: int, lps: Sequence[float | None]) -> list[tuple]:
         toks = tokens[i] if tokens is not None else None
         if toks is None or len(toks) != len(lps):
             toks = [(None, None)] * len(lps)
-        inputs.append([(lp, tid, text) for lp, (tid, text) in zip(lps, toks)])
-    return {
+        return [(lp, tid, text) for lp, (tid, text) in zip(lps, toks)]
+
+    normalized = [sum(lps) / max(len(lps), 1) for lps in logprobs]
+    meta = {
         "choices": list(choices),
         "picked": picked,
         "logprobs": [list(lps) for lps in logprobs],
         "normalized_logprobs": normalized,
         "normalized_prompt_logprobs": list(normalized),  # its own list: a caller may change one
-        "input_token_logprobs": inputs,
+        "input_token_logprobs": [triples(i, lps) for i, lps in enumerate(logprobs)],
         "output_token_logprobs": [[] for _ in logprobs],
         "finish_reason": "select",
     }
+    if "greedy_logprob_matrix" in detail:  # a repeat's row is its own list, as every other's
+        meta["greedy_logprob_matrix"] = [list(row) for row in detail["greedy_logprob_matrix"]]
+    if "unconditional_token_logprobs" in detail:
+        rows = detail["unconditional_token_logprobs"]
+        meta["unconditional_token_logprobs"] = [triples(i, lps) for i, lps in enumerate(rows)]
+    if "normalized_unconditional_prompt_logprobs" in detail:
+        meta["normalized_unconditional_prompt_logprobs"] = detail["normalized_unconditional_prompt_logprobs"]
+    return meta
 
 
 def missing_next_alternatives(

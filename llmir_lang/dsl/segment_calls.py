@@ -12,9 +12,9 @@ from typing import Any
 
 from llmir_lang.dsl.lowering import (
     chain_steps,
+    decide_choice,
     gen_step,
     missing_next_alternatives,
-    pick_choice,
     select_meta,
     step_meta,
     unfinished_value,
@@ -23,15 +23,17 @@ from llmir_lang.dsl.prefill import PrefillMemory
 from llmir_lang.dsl.results import Failure, VarResult, _Val
 from llmir_lang.errors import ConstraintViolationError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, score_pool
+from llmir_lang.executor.choices import ChoiceDecision
 from llmir_lang.ir import Function, Op
 from llmir_lang.ir import ops as K
 
 
 @dataclass(frozen=True, slots=True)
 class _Picked:
-    """A select scored and picked on the score pool (a backend's scores are plain lists)."""
+    """A select scored and picked on the score pool (a backend's scores are plain lists); the
+    decision's meta keeps what only this scoring saw (the unconditional logprobs)."""
 
-    index: int
+    decision: ChoiceDecision
     lps: list[list[float]]
 
 
@@ -134,7 +136,7 @@ class _SegmentCalls:
         if method == "unconditional_likelihood_normalized":
             # the same choice tokens scored after a context-free start (a newline)
             unconditional = self.backend.score(UNCONDITIONAL_PROMPT, choices)
-        return _Picked(pick_choice(method, lps, unconditional), lps)
+        return _Picked(decide_choice(method, lps, unconditional), lps)
 
     def _chunk_sink(self, fi: int, i: int, names: list[str]) -> Callable[[int, str], None] | None:
         if self.on_chunk is None:
@@ -190,17 +192,18 @@ class _SegmentCalls:
         if op.kind == K.SELECT:
             choices = [str(c) for c in op.attrs["choices"]]  # type: ignore[union-attr]
             if isinstance(result, _Picked):  # picked on the score pool
-                picked, lps = result.index, result.lps
+                decision, lps = result.decision, result.lps
             else:  # score_async's logprobs: picked here
                 lps = result
                 try:
-                    picked = pick_choice(_choices_method(op), lps, None)
+                    decision = decide_choice(_choices_method(op), lps, None)
                 except Exception as e:
                     self._resolve(fi, i, _Val(base.text, base.vars, _failure(op, e), base.gates))
                     return
+            picked = decision.index
             tokens = [self._choice_tokens(c) for c in choices]
             given = op.attrs.get("choices_given")  # scored once each, reported as the program gave them
-            meta = select_meta(choices, lps, picked, tokens, given)  # type: ignore[arg-type]
+            meta = select_meta(choices, lps, picked, tokens, given, decision.meta)  # type: ignore[arg-type]
             vars_[op.label or ""] = VarResult(choices[picked], meta)
             if self.on_chunk is not None:  # streamed states show the choice now, not at the end
                 self.on_chunk(fi, self._chains[fi].get(i, frozenset()), op.label or "", choices[picked])

@@ -58,6 +58,11 @@ class ChoiceDecision:
 
     ``scores[i]`` is what the method compared for choice ``i`` (for greedy selection: the first
     column of ``meta["greedy_logprob_matrix"]``; the matrix decides ties).
+
+    ``meta`` holds the keys SGLang's method adds to a select's meta info, per choice, under its
+    names: ``greedy_logprob_matrix`` (greedy selection), ``unconditional_token_logprobs`` and
+    ``normalized_unconditional_prompt_logprobs`` (unconditional normalization); a DSL select
+    reports them (``dsl.lowering.select_meta``: the unconditional logprobs as SGLang's triples).
     """
 
     choice: str
@@ -189,13 +194,11 @@ def unconditional_likelihood_normalized(
             )
         scores.append(_mean([c - (0.0 if u is None else float(u)) for c, u in zip(row, base)]))
     best = _first_max(scores)
-    return ChoiceDecision(
-        choices[best],
-        best,
-        UNCONDITIONAL_LIKELIHOOD_NORMALIZED,
-        scores,
-        {"normalized_unconditional_logprobs": scores},
-    )
+    meta = {
+        "unconditional_token_logprobs": [list(base) for base in unconditional_logprobs],
+        "normalized_unconditional_prompt_logprobs": list(scores),  # its own list: a caller may change one
+    }
+    return ChoiceDecision(choices[best], best, UNCONDITIONAL_LIKELIHOOD_NORMALIZED, scores, meta)
 
 
 # --- dispatch -----------------------------------------------------------------------------
@@ -272,7 +275,8 @@ def score_and_select(
     ``unconditional_likelihood_normalized`` makes a second call after ``unconditional_prompt``
     (a context-free start such as the model's BOS text; required for that method, because the
     engine cannot score a token with no context at all). ``meta`` of the decision also holds the
-    raw logprobs.
+    raw logprobs (``token_logprobs``; the second call's are the method's
+    ``unconditional_token_logprobs``).
     """
     check_method(method)
     choices = list(choices)
@@ -288,6 +292,4 @@ def score_and_select(
     base = score(unconditional_prompt, choices) if method == UNCONDITIONAL_LIKELIHOOD_NORMALIZED else None  # type: ignore[arg-type]
     decision = select_choice(method, choices, logprobs, base)
     decision.meta["token_logprobs"] = [list(x) for x in logprobs]
-    if base is not None:
-        decision.meta["unconditional_token_logprobs"] = [list(x) for x in base]
     return decision

@@ -44,7 +44,12 @@ def _entry_texts(entries: Any) -> list[str] | None:
     return [e[2] for e in entries]
 
 
-_TRIPLE_KEYS = ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs")
+_TRIPLE_KEYS = (
+    "output_token_logprobs",
+    "output_top_logprobs",
+    "input_token_logprobs",
+    "unconditional_token_logprobs",  # a select's, with unconditional_likelihood_normalized
+)
 
 
 def _meta_from_json(meta: Any) -> Any:

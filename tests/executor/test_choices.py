@@ -74,7 +74,7 @@ def test_unconditional_likelihood_normalized_picks_organism():
     """'ism' after 'organ' is far likelier with the prompt than without it."""
     d = unconditional_likelihood_normalized(CHOICES, LOGPROBS, UNCONDITIONAL)
     assert d.choice == "organism"
-    assert close(d.meta["normalized_unconditional_logprobs"], [-0.1, 0.5, -0.05])
+    assert close(d.meta["normalized_unconditional_prompt_logprobs"], [-0.1, 0.5, -0.05])
 
 
 # --- more behaviour -----------------------------------------------------------------------
