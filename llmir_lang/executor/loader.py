@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -202,6 +202,19 @@ def _warn_unused(folder: Path, cfg: ModelConfig, unused: list[str]) -> None:
     )
 
 
+def _shard_progress(files: list[Path]) -> Iterable[Path]:
+    """``files``, with a progress bar on a terminal when there are several (an 8B checkpoint's four
+    shards take tens of seconds to read, as transformers shows with its own bar)."""
+    if len(files) < 2:
+        return files
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a missing bar must not stop a load
+        return files
+    # disable=None: no bar where stderr is not a terminal (logs, CI, a redirected job)
+    return tqdm(files, desc="Loading checkpoint shards", unit="shard", disable=None, leave=False)
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every weight of the checkpoint's safetensors files (on the CPU, as stored); a file that
     cannot be read, or a weight that is not a plain float, is a CheckpointError."""
@@ -209,7 +222,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
+    for f in _shard_progress(_weight_files(folder)):
         try:
             state.update(load_file(str(f), device="cpu"))
         except (SafetensorError, OSError, ValueError) as e:
