@@ -2,7 +2,7 @@
 
     llmir extract --schema S --input in.jsonl|in.csv --output out.jsonl [...]   (llmir_lang.cli.extract)
     llmir serve --model PATH --host 127.0.0.1 --port 30000                     (llmir_lang.server.cli)
-    llmir bench engine|programs|constraints|json|cpu_step|passes [args...]     (llmir_lang.cli.bench)
+    llmir bench engine|programs|constraints|json|cpu_step|passes|startup [args...]  (llmir_lang.cli.bench)
 
     python -m llmir_lang ir  path/to/file.py:program [--passes P] [--arg name=value ...]
                              [--model DIR] [--print-after-all]
@@ -27,7 +27,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmir_lang.errors import CheckpointError, LLMIRError, ProgramError
+from llmir_lang.cli.process_exit import shorten_teardown
+from llmir_lang.cli.role_template import one_line as _one_line
+from llmir_lang.cli.role_template import role_template as _template
+from llmir_lang.cli.role_template import template_folder as _template_folder
+from llmir_lang.errors import LLMIRError, ProgramError
 
 ARG_HELP = """\
 --arg NAME=VALUE (repeatable): a program argument, or a sampling default (max_tokens,
@@ -103,12 +107,6 @@ def _load_program(target: str) -> Any:
         ) from None
 
 
-def _one_line(error: BaseException | str) -> str:
-    """An error's message on one line (a message of several lines joined with ' / ')."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    return " / ".join(line for line in lines if line)
-
-
 _CONVERTERS = {"int": int, "float": float, "str": str, "bool": bool}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -179,47 +177,6 @@ def _typed(key: str, value: str, annotation: Any) -> Any:
         return json.loads(value)
     except ValueError:
         return value
-
-
-def _template_folder(model: str | None) -> Path | None:
-    """The folder whose tokenizer renders roles: ``model`` (checked now, before the program is
-    traced), the bundled model's by default, or None when there is none."""
-    from llmir_lang.models import TINY_MODEL_DIR
-
-    folder = Path(model) if model else TINY_MODEL_DIR
-    if not (folder / "tokenizer_config.json").is_file():
-        if model:  # asked for by name: rendering without its template would silently be wrong
-            what = "no such folder" if not folder.is_dir() else "it has no tokenizer_config.json"
-            raise CheckpointError(f"--model {model!r}: {what}; give a checkpoint folder with its tokenizer")
-        return None
-    return folder
-
-
-def _template(folder: Path | None, model: str | None, needed: bool) -> Any:
-    """Role markers of ``folder``'s tokenizer, or None without one. ``needed``: the program has
-    roles (without them a tokenizer without a chat template is no error). Loaded only when the
-    program has roles or ``--model`` names the folder (a broken checkpoint is then reported)."""
-    from llmir_lang.optimizer import ChatTemplateError, chat_template_from_tokenizer
-
-    if folder is None or not (needed or model):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:  # a corrupt tokenizer_config.json, missing tokenizer files, ...
-        raise CheckpointError(
-            f"--model {str(model or folder)!r}: its tokenizer does not load ({type(e).__name__}: "
-            f"{_one_line(e)}); give a checkpoint folder with a complete tokenizer"
-        ) from None
-    try:
-        return chat_template_from_tokenizer(tokenizer)
-    except ChatTemplateError as e:
-        if not needed:
-            return None
-        raise ChatTemplateError(
-            f"{e}; the program has roles: give --model a checkpoint whose tokenizer has a chat template"
-        ) from None
 
 
 # What the message of an error raised by Python code working on a traced parameter holds: the
@@ -385,6 +342,15 @@ def _parse_args(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Na
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``argv`` None: the process's own command line (the ``llmir`` script, ``python -m
+    llmir_lang``), whose process ends when this returns: its teardown is shortened then."""
+    code = _main(argv)
+    if argv is None:
+        shorten_teardown()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         if args and args[0] == "serve":

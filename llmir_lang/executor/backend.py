@@ -192,7 +192,7 @@ class EngineBackend(Backend):
         if self._compiler is None:
             eng = self.engine
             info = TokenizerInfo.from_hf(
-                eng.tokenizer.hf, vocab_size=eng.config.vocab_size, eos_token_ids=eng.tokenizer.eos_token_ids
+                eng.tokenizer, vocab_size=eng.config.vocab_size, eos_token_ids=eng.tokenizer.eos_token_ids
             )
             self._compiler = ConstraintCompiler(info)
         return self._compiler.compile(spec)

@@ -109,7 +109,7 @@ class EngineSubmission:
                 from llmir_lang.executor.constraints import ConstraintCompiler, TokenizerInfo
 
                 info = TokenizerInfo.from_hf(
-                    self.tokenizer.hf,
+                    self.tokenizer,
                     vocab_size=self.config.vocab_size,
                     eos_token_ids=self.tokenizer.eos_token_ids,
                 )

@@ -131,12 +131,25 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def _building_on_meta() -> bool:
+    """Whether modules are being built on the meta device (as the loader builds the model).
+    NOTE: torch's meta kernels of ``normal_`` (nn.Embedding's init), ``arange`` and division are
+    Python code whose first call imports torch._dynamo, triton and sympy (0.75 s of an engine's
+    start, 0.3 s of its exit on a 2-core CPU) for values the loader replaces: avoided there."""
+    return torch.get_default_device().type == "meta"
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (rotate-half layout); tables computed in fp32, once per forward."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if _building_on_meta():
+            with torch.device("cpu"):  # the same tensor, without the meta kernels
+                inv_freq = rope_inv_freq(cfg).to("meta")
+        else:
+            inv_freq = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._table: torch.Tensor | None = None
         self._table_src: torch.Tensor | None = None
 
@@ -257,7 +270,11 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        if _building_on_meta():  # a weight given is not initialized (the loader fills it in)
+            self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
+        else:  # the init, and the random numbers it draws, as ever
+            self.embed_tokens = nn.Embedding(*shape)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -369,6 +386,17 @@ class CausalLM(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         self._cpu_layers = None
         return super()._apply(fn, recurse)
+
+    def to_empty(self, *, device, recurse=True):  # type: ignore[no-untyped-def]
+        # NOTE: nn.Module's ``empty_like`` of a meta tensor runs torch's Python meta kernel, whose
+        # first call imports sympy (0.3 s; see _building_on_meta); for the contiguous tensors the
+        # model is built of, ``empty`` makes the same uninitialized tensor directly
+        def empty(t: torch.Tensor) -> torch.Tensor:
+            if t.is_contiguous():
+                return torch.empty(t.shape, dtype=t.dtype, device=device)
+            return torch.empty_like(t, device=device)
+
+        return self._apply(empty, recurse=recurse)
 
     def load_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         self._cpu_layers = None

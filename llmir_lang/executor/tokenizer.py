@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
 from llmir_lang.errors import ChatTemplateRefusedError, CheckpointError, InvalidRequestError
+from llmir_lang.executor.chat_render import render_chat
+from llmir_lang.executor.text_bytes import TextBytes, run_text
+from llmir_lang.executor.tokenizer_files import bundled_tokenizer
+
+__all__ = ["IncrementalDecoder", "TextBytes", "Tokenizer", "lone_surrogate", "run_text"]
 
 # texts at least this long are encoded with the GIL released (see ``Tokenizer.encode``)
 _LONG_TEXT = 256
@@ -27,20 +33,29 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenize
 
 
 class Tokenizer:
-    """Wraps ``transformers.AutoTokenizer`` loaded from the checkpoint folder.
+    """The checkpoint's tokenizer: transformers' ``AutoTokenizer``, or, for the bundled model's
+    tokenizer files, the same tokenizer read with the ``tokenizers`` library alone
+    (``tokenizer_files.py``: importing transformers costs about 1.5 s of start-up on a 2-core CPU).
+    ``hf`` is transformers' tokenizer either way, loaded on first use in the second case; once it
+    is loaded, its chat template and its Rust tokenizer are the ones in force (a caller may change
+    them), as when it was loaded from the start.
 
     The chat template is the checkpoint's own (tokenizer_config.json's ``chat_template`` or a
     ``chat_template.jinja`` file); there is no fallback table.
 
     ``vocab_size`` is the model's (config.json's, read from the folder when not given): where the
     tokenizer has ids the model's embedding lacks, ``encode`` refuses text that holds them.
+    ``use_transformers`` loads transformers' tokenizer from the start (tests compare the two).
     """
 
     def __init__(
-        self, folder: str | Path, config_eos_ids: list[int] | None = None, vocab_size: int | None = None
+        self,
+        folder: str | Path,
+        config_eos_ids: list[int] | None = None,
+        vocab_size: int | None = None,
+        *,
+        use_transformers: bool = False,
     ):
-        from transformers import AutoTokenizer
-
         folder = Path(folder)
         if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
             raise CheckpointError(
@@ -48,35 +63,37 @@ class Tokenizer:
                 "tokenizer files (tokenizer.json and tokenizer_config.json) from the model's source "
                 "into this folder"
             )
-        try:
-            self.hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except Exception as e:  # transformers raises many types here
-            raise CheckpointError(
-                f"cannot load the tokenizer from {folder} ({type(e).__name__}: {e}); its tokenizer "
-                "files (tokenizer.json or tokenizer.model, with tokenizer_config.json) are corrupt, "
-                "incomplete or of a kind this install cannot read"
-            ) from None
+        self._folder = folder
+        self._hf_lock = threading.Lock()
+        files = None if use_transformers else bundled_tokenizer(folder)
+        self._hf: Any = _load_transformers(folder) if files is None else None
+        # what the facts below are read from: transformers' tokenizer or the same one from its files
+        src: Any = self._hf if files is None else files
+        self._files = files
         eos: set[int] = set(config_eos_ids or [])
-        if self.hf.eos_token_id is not None:
-            eos.add(int(self.hf.eos_token_id))
+        if src.eos_token_id is not None:
+            eos.add(int(src.eos_token_id))
         gen_cfg = folder / "generation_config.json"
         if gen_cfg.is_file():
             eos.update(_generation_eos_ids(gen_cfg))
         self.eos_token_ids: list[int] = sorted(eos)
+        self._eos_token_id: int | None = src.eos_token_id
         # NOTE: transformers' Python decode wrapper costs more than the Rust decode it calls; the
         # engine decodes every step, so call the Rust tokenizer directly when nothing else applies.
-        rust = getattr(self.hf, "_tokenizer", None)
-        cleanup = bool(getattr(self.hf, "clean_up_tokenization_spaces", False))
+        rust = getattr(src, "_tokenizer", None)
+        self._backend = rust
+        cleanup = bool(getattr(src, "clean_up_tokenization_spaces", False))
         self._rust = rust if rust is not None and not cleanup else None
         # the same holds for encode (jump-forward encodes at every forced text: 27 us against 6 us
         # a call, measured) where the wrapper adds nothing: checked on probe texts, with and
-        # without special tokens, once here
-        self._rust_encode = rust if rust is not None and self._same_encode(rust) else None
-        self.bos_token_id: int | None = self.hf.bos_token_id
-        self.all_special_ids: set[int] = set(self.hf.all_special_ids)
+        # without special tokens, once here (the bundled files' tokenizer is that Rust tokenizer)
+        same = files is not None or (rust is not None and self._same_encode(rust))
+        self._rust_encode = rust if same else None
+        self.bos_token_id: int | None = src.bos_token_id
+        self.all_special_ids: set[int] = set(src.all_special_ids)
         # what decode(skip_special_tokens=True) leaves out: the special tokens and every added token
         # marked special (a chat template's <|im_start|> is often only the latter)
-        added = getattr(self.hf, "added_tokens_decoder", None) or {}
+        added = getattr(src, "added_tokens_decoder", None) or {}
         self.skipped_ids: frozenset[int] = frozenset(
             self.all_special_ids | {i for i, t in added.items() if getattr(t, "special", False)}
         )
@@ -84,7 +101,7 @@ class Tokenizer:
         # renders text starting with it, and the tokenizer adds another: transformers'
         # apply_chat_template(tokenize=True) encodes without special tokens, so a rendered chat
         # starts with one BOS there. ``encode`` keeps one where the text's own BOS meets the added one.
-        bos_text = self.hf.bos_token if isinstance(self.hf.bos_token, str) else None
+        bos_text = src.bos_token if isinstance(src.bos_token, str) else None
         self._bos_text: str | None = None
         if self.bos_token_id is not None and bos_text:
             probe = "a"
@@ -92,17 +109,52 @@ class Tokenizer:
             if added_bos and self._encode(probe, False)[:1] != [self.bos_token_id]:
                 self._bos_text = bos_text
         self._model_vocab = _model_vocab_size(folder) if vocab_size is None else vocab_size
-        ids_end = max(len(self.hf), max(self.hf.get_vocab().values(), default=-1) + 1)
+        self._len = len(src)
+        ids_end = max(self._len, max(src.get_vocab().values(), default=-1) + 1)
         if self._model_vocab is not None and ids_end <= self._model_vocab:
             self._model_vocab = None  # every id the tokenizer makes is one the model has
 
     @property
+    def hf(self) -> Any:
+        """transformers' tokenizer of the checkpoint (loaded now if it was read from its files)."""
+        if self._hf is None:
+            with self._hf_lock:
+                if self._hf is None:
+                    hf = _load_transformers(self._folder)
+                    # NOTE: from now on its Rust tokenizer is the one used (the same as the files',
+                    # which tests check), so that a change a caller makes to it takes effect
+                    rust = getattr(hf, "_tokenizer", None)
+                    if rust is not None:
+                        self._backend = rust
+                        self._rust = rust if self._rust is not None else None
+                        self._rust_encode = rust if self._rust_encode is not None else None
+                    self._hf = hf
+        return self._hf
+
+    @property
+    def backend_tokenizer(self) -> Any:
+        """The Rust ``tokenizers.Tokenizer`` (transformers' ``backend_tokenizer``; None for a slow
+        tokenizer), without loading transformers; ``TokenizerInfo.from_hf`` reads it."""
+        return self._backend
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's own EOS id (transformers' ``eos_token_id``; ``eos_token_ids`` adds the
+        config's)."""
+        return self._eos_token_id
+
+    def _source(self) -> Any:
+        # once transformers' tokenizer is loaded, it is the one in force (its chat_template may
+        # have been changed)
+        return self._hf if self._hf is not None else self._files
+
+    @property
     def vocab_size(self) -> int:
-        return len(self.hf)
+        return len(self.hf) if self._hf is not None else self._len
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.hf, "chat_template", None))
+        return bool(getattr(self._source(), "chat_template", None))
 
     _PROBES = ("Hello world", " two  spaces\n\tand a tab", '{"key":"value"}', "héllo ✓ 日本", "")
 
@@ -132,9 +184,9 @@ class Tokenizer:
             bad = sorted({i for i in ids if i >= self._model_vocab})
             raise InvalidRequestError(
                 f"the text encodes to token id(s) {bad[:5]} "
-                f"({', '.join(repr(self.hf.convert_ids_to_tokens(i)) for i in bad[:5])}) that the "
-                f"model's vocabulary (vocab_size {self._model_vocab} in config.json) lacks: the "
-                f"tokenizer ({len(self.hf)} tokens) does not match this model; use the tokenizer "
+                f"({', '.join(repr(self._source().convert_ids_to_tokens(i)) for i in bad[:5])}) "
+                f"that the model's vocabulary (vocab_size {self._model_vocab} in config.json) lacks: the "
+                f"tokenizer ({self.vocab_size} tokens) does not match this model; use the tokenizer "
                 "files that came with the checkpoint, or remove those tokens from the text"
             )
         return ids
@@ -167,6 +219,11 @@ class Tokenizer:
         from jinja2 import TemplateError
 
         try:
+            if self._hf is None and not kw:
+                src = self._files
+                text = render_chat(src.chat_template, messages, add_generation_prompt, src.special_tokens_map)
+                if text is not None:
+                    return text
             return self.hf.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
             )
@@ -198,7 +255,7 @@ class Tokenizer:
             _token_to_bytes,
         )
 
-        backend = getattr(self.hf, "_tokenizer", None)
+        backend = self._backend
         if backend is None:
             return None
         scheme, byte_fallback = _detect_scheme(json.loads(backend.to_str()))
@@ -233,6 +290,19 @@ class Tokenizer:
         return None
 
 
+def _load_transformers(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many types here
+        raise CheckpointError(
+            f"cannot load the tokenizer from {folder} ({type(e).__name__}: {e}); its tokenizer "
+            "files (tokenizer.json or tokenizer.model, with tokenizer_config.json) are corrupt, "
+            "incomplete or of a kind this install cannot read"
+        ) from None
+
+
 def _generation_eos_ids(path: Path) -> list[int]:
     """``eos_token_id`` of ``generation_config.json`` (a token id or a list of them). A file that
     cannot be read is a CheckpointError: ignoring it would drop end-of-turn ids the model stops at
@@ -260,52 +330,6 @@ def _model_vocab_size(folder: Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
-
-
-class TextBytes:
-    """The form of a tokenizer's decode (with special tokens kept) that ``Tokenizer.text_bytes``
-    found: each token's bytes (its text; a byte-fallback token's one byte), and
-
-    * no ``fallback`` ids (byte-level BPE): the joined bytes decoded as UTF-8 with U+FFFD for each
-      malformed part, as Python's ``errors="replace"`` does;
-    * ``fallback`` ids (SentencePiece with ``<0xNN>`` tokens): other tokens are text; each run of
-      consecutive fallback tokens is its bytes decoded, or one U+FFFD per token where they are not
-      valid UTF-8;
-
-    with one leading space of the whole text dropped where ``strip``."""
-
-    __slots__ = ("table", "fallback", "strip")
-
-    def __init__(self, table: list[bytes], fallback: frozenset[int], strip: bool):
-        self.table, self.fallback, self.strip = table, fallback, strip
-
-    def text(self, ids: list[int]) -> str:
-        """What decode returns for ``ids``, by the rules above."""
-        if not self.fallback:
-            text = b"".join(self.table[i] for i in ids).decode("utf-8", "replace")
-        else:
-            parts: list[str] = []
-            run: list[int] = []
-            for i in [*ids, -1]:
-                if i in self.fallback:
-                    run.append(i)
-                    continue
-                if run:
-                    parts.append(run_text(b"".join(self.table[t] for t in run), len(run)))
-                    run = []
-                if i >= 0:
-                    parts.append(self.table[i].decode("utf-8", "replace"))
-            text = "".join(parts)
-        return text[1:] if self.strip and text.startswith(" ") else text
-
-
-def run_text(data: bytes, tokens: int) -> str:
-    """A run of byte-fallback tokens as SentencePiece decodes it: its bytes as UTF-8, or one U+FFFD
-    per token where they are not valid."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return "\ufffd" * tokens
 
 
 class IncrementalDecoder:

@@ -57,6 +57,8 @@ tests use it to check that passes preserve meaning.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from llmir_lang.ir.attrs import (
     ANNOTATION_ATTRS,
     CHOICES_METHODS,
@@ -71,10 +73,12 @@ from llmir_lang.ir.attrs import (
 from llmir_lang.ir.builder import FunctionBuilder, ModuleBuilder
 from llmir_lang.ir.module import Function, Module, renumber
 from llmir_lang.ir.ops import DYNAMIC_KINDS, EXTENDING_KINDS, SIGNATURES, Op
-from llmir_lang.ir.parser import parse_ir
 from llmir_lang.ir.printer import format_op, print_ir, quote
 from llmir_lang.ir.values import Value, ValueType
 from llmir_lang.ir.verifier import verify
+
+if TYPE_CHECKING:
+    from llmir_lang.ir.parser import parse_ir
 
 __all__ = [
     "ANNOTATION_ATTRS",
@@ -103,3 +107,13 @@ __all__ = [
     "verify",
     "without_annotations",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: the parser imports lark (40 ms of every process that runs a program, which is traced,
+    # never parsed); it loads on first use
+    if name == "parse_ir":
+        from llmir_lang.ir.parser import parse_ir
+
+        return parse_ir
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

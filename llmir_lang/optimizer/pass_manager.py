@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmir_lang.errors import IRVerifyError
-from llmir_lang.ir import Module, parse_ir, print_ir, renumber, verify
+from llmir_lang.ir import Module, print_ir, renumber, verify
 from llmir_lang.optimizer.pass_registry import (  # noqa: F401  (re-exported: the pass manager's names)
     PASS_REGISTRY,
     Bounds,
@@ -203,6 +203,8 @@ class PassManager:
 
     def run_text(self, text: str) -> str:
         """Parse IR text, run the pipeline, print the result (what golden tests compare)."""
+        from llmir_lang.ir import parse_ir  # lark loads on first use (llmir_lang.ir)
+
         return print_ir(self.run(parse_ir(text)))
 
 

@@ -162,7 +162,8 @@ class TokenizerInfo:
     def from_hf(
         cls, tokenizer: Any, vocab_size: int | None = None, eos_token_ids: Sequence[int] = ()
     ) -> TokenizerInfo:
-        """Build from a HF fast tokenizer, a ``tokenizers.Tokenizer``, or an object with ``.hf``.
+        """Build from a HF fast tokenizer, a ``tokenizers.Tokenizer``, the engine's ``Tokenizer``,
+        or an object with ``.hf``.
 
         ``vocab_size`` is the model's vocabulary size (>= the tokenizer's; extra ids are padding).
         ``eos_token_ids`` defaults to the tokenizer's ``eos_token_id``.
@@ -226,6 +227,11 @@ class TokenizerInfo:
 
 def _backend_of(tokenizer: Any) -> tuple[Any, Any]:
     """(tokenizers.Tokenizer, transformers tokenizer or None) for the accepted tokenizer types."""
+    # NOTE: ``backend_tokenizer`` first: the engine's Tokenizer has one without loading its
+    # ``hf`` (transformers), which a look at ``.hf`` would load
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend, tokenizer
     inner = getattr(tokenizer, "hf", None)
     if inner is not None and hasattr(inner, "backend_tokenizer"):
         tokenizer = inner
