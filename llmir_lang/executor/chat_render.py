@@ -2,13 +2,14 @@
 
 Only the bundled model's tokenizer is read without transformers (``tokenizer_files.py``); its
 template is a short ChatML loop. ``render_chat`` renders such a template for one plain
-conversation: a list of dicts whose values are strings, numbers, booleans, None, or lists / dicts
-of those. The jinja environment is sandboxed and immutable, with the settings Hugging Face chat
-templates are written for (blocks trimmed, ``break`` / ``continue``, ``raise_exception(msg)``, a
-``tojson`` that keeps non-ASCII text and does not HTML-escape, ``strftime_now(fmt)``), and a key
-whose value is None is left out of its message. Whatever falls outside that (message objects, a
-batch, a template with ``{% generation %}`` blocks, a message carrying a reasoning field, whose
-aliases transformers fills in) returns None, and the caller asks transformers.
+conversation: a list of dicts whose values are strings, numbers, booleans, or lists / dicts of
+those (None allowed inside them). The jinja environment is sandboxed and immutable, with the
+settings Hugging Face chat templates are written for (blocks trimmed, ``break`` / ``continue``,
+``raise_exception(msg)``, a ``tojson`` that keeps non-ASCII text and does not HTML-escape,
+``strftime_now(fmt)``). Whatever falls outside that returns None, and the caller asks
+transformers: message objects, a batch, a template with ``{% generation %}`` blocks, a message
+carrying a reasoning field (whose aliases transformers fills in), and a message key whose value is
+None (transformers 5.17 hands it to the template, 5.24 leaves it out).
 ``tests/executor/test_tokenizer_files.py`` checks the text against transformers' on the bundled
 template and on templates that use each part of the environment.
 """
@@ -40,11 +41,13 @@ def render_chat(
         return None
     if not all(type(m) is dict and _REASONING_KEYS.isdisjoint(m) and _json_like(m) for m in messages):
         return None
+    if any(v is None for m in messages for v in m.values()):
+        return None
     env_template = _compiled(template)
     if env_template is None:
         return None
     # fresh copies: the template never holds the caller's objects
-    chat = [json.loads(json.dumps({k: v for k, v in m.items() if v is not None})) for m in messages]
+    chat = [json.loads(json.dumps(m)) for m in messages]
     variables = {str(k): str(v) for k, v in special_tokens.items()}
     return env_template.render(
         messages=chat, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **variables
