@@ -125,11 +125,6 @@ def sglang_finish_reason(res: GenerateResult) -> dict[str, Any]:
     return out
 
 
-def openai_finish_reason(res: GenerateResult) -> str:
-    """OpenAI's finish_reason string: stop / length, or ours (abort, error, constraint_error)."""
-    return res.finish_reason
-
-
 def token_text(tokenizer: Any, ids: list[int]) -> list[str]:
     return [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
