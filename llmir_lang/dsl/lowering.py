@@ -320,7 +320,10 @@ def _grammar_violation(attrs: Mapping[str, AttrValue], text: str) -> str | None:
             what = "the grammar"
             if "<[" in str(attrs["grammar"]) or "max_tokens" in str(attrs["grammar"]):
                 return None  # counts or names the model's tokens, which a byte-level check has not
-            grammar = llguidance.LLMatcher.grammar_from_lark(str(attrs["grammar"]))
+            from llmir_lang.executor.constraints.lark_checks import engine_grammar
+
+            # the text the engine enforced: a lark grammar as rewritten to mean what lark means
+            grammar = llguidance.LLMatcher.grammar_from_lark(engine_grammar(str(attrs["grammar"])))
         matches = text_matches(grammar, text)
     except Exception:  # not checkable here (llguidance missing, a construct it cannot read)
         return None

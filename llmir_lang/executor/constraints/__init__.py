@@ -26,6 +26,7 @@ from llmir_lang.executor.constraints.errors import (
     TokenizerVocabularyError,
     UnknownDtypeError,
     UnsatisfiableConstraintError,
+    UnsupportedGrammarError,
     UnsupportedSchemaError,
 )
 from llmir_lang.executor.constraints.matcher import (
@@ -65,6 +66,7 @@ __all__ = [
     "TokenizerVocabularyError",
     "UnknownDtypeError",
     "UnsatisfiableConstraintError",
+    "UnsupportedGrammarError",
     "UnsupportedSchemaError",
     "allocate_bitmask",
     "apply_bitmask",

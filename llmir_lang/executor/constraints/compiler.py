@@ -28,11 +28,11 @@ from llmir_lang.errors import ConstraintError
 from llmir_lang.executor.constraints import llguidance_backend as llg_backend
 from llmir_lang.executor.constraints import outlines_backend as oc_backend
 from llmir_lang.executor.constraints.errors import (
-    GrammarSyntaxError,
     InvalidRegexError,
     UnsatisfiableConstraintError,
     UnsupportedSchemaError,
 )
+from llmir_lang.executor.constraints.lark_checks import engine_grammar, lark_syntax_for_engine
 from llmir_lang.executor.constraints.matcher import Matcher, allocate_bitmask, word_bit
 from llmir_lang.executor.constraints.outlines_worker import (
     OutlinesBuildError,
@@ -57,8 +57,7 @@ from llmir_lang.executor.constraints.spec import (
     ConstraintSpec,
     choices_of,
     escape_regex,
-    grammar_error_location,
-    grammar_hint,
+    grammar_error,
     spec_from_json_schema,
 )
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
@@ -272,14 +271,14 @@ class ConstraintCompiler:
 
         if self.engine == oc_backend.ENGINE:
             raise ConstraintError("lark grammars need llguidance; this compiler is pinned to outlines-core")
-        compiled = self._llguidance(llguidance.LLMatcher.grammar_from_lark(text))
+        read = lark_syntax_for_engine(text)
+        compiled = self._llguidance(llguidance.LLMatcher.grammar_from_lark(read))
         err = compiled.compile_error()
         if err is not None:
-            line, col = grammar_error_location(err)
-            where = f" at line {line}, column {col}" if line else ""
-            raise GrammarSyntaxError(
-                f"grammar error{where}: {_first_lines(err, 6)}{grammar_hint(text)}", line, col
-            )
+            raise grammar_error(text, err, _first_lines(err, 6))
+        engine_text = engine_grammar(text)  # a spec built by hand skipped spec_from_grammar's checks
+        if engine_text != read:
+            compiled = self._llguidance(llguidance.LLMatcher.grammar_from_lark(engine_text))
         meta = CompileMeta(llg_backend.ENGINE, 0.0, fallback_reason="grammars need llguidance")
         meta.warnings = compiled.warnings()
         return compiled, meta

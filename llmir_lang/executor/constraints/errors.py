@@ -68,6 +68,16 @@ class GrammarSyntaxError(ConstraintError):
         self.column = column
 
 
+class UnsupportedGrammarError(GrammarSyntaxError):
+    """A lark grammar that parses but that the engine would enforce otherwise than lark reads it
+    (a lazy quantifier, a regex alternative lark's Python ``re`` never extends, a terminal that
+    swallows all that can follow it, ...); ``feature`` names what, for a caller to branch on."""
+
+    def __init__(self, message: str, feature: str = "", line: int = 0, column: int = 0) -> None:
+        super().__init__(message, line, column)
+        self.feature = feature
+
+
 class InvalidChoicesError(ConstraintError):
     """``choices=`` is empty, has duplicates, or holds something other than strings."""
 

@@ -12,7 +12,7 @@ spec_from_json_schema   a JSON document valid under the schema (dict, JSON text,
                         pydantic model class); keys in the schema's ``properties`` order
 spec_from_choices       exactly one of the strings
 spec_from_dtype         an int / float / bool literal, or a JSON string literal for ``str``
-spec_from_grammar       a sentence of the lark grammar (llguidance's lark dialect)
+spec_from_grammar       a sentence of the lark grammar, as lark reads it (``lark_checks``)
 =====================  ====================================================================
 """
 
@@ -31,6 +31,7 @@ from llmir_lang.executor.constraints.errors import (
     InvalidRegexError,
     InvalidSchemaError,
     UnknownDtypeError,
+    UnsupportedGrammarError,
 )
 
 ConstraintKind = Literal["regex", "json_schema", "grammar", "choices"]
@@ -245,27 +246,57 @@ def grammar_error_location(message: str) -> tuple[int, int]:
 _GBNF_RULE = re.compile(r"^\s*[A-Za-z_][\w-]*\s*::=", re.MULTILINE)
 
 
-def grammar_hint(text: str) -> str:
-    """What to do when a grammar in another dialect fails as lark: a GBNF / EBNF grammar
-    (``root ::= ...``, llama.cpp's and many tutorials') fails at its first ``::=`` with "Expected
-    token '_'", which does not say that the dialect is the problem."""
+# lark features llguidance refuses, by its message (or the grammar's text): the feature, and what
+# to write instead ("" for no feature: a grammar without a start rule is just wrong)
+_FEATURE_HINTS = (
+    ("priority not supported", "priority", "priorities (name.2:) only pick among parse trees of "
+     "one text in lark's Earley, so no text depends on them: remove the .N"),
+    ("params not supported", "template", "templates (name{x}) are not supported: write each use "
+     "out as a rule"),
+    ("declare statement not supported", "%declare", "%declare is not supported: define the terminal"),
+    ("no start rule", "", "the start symbol is the rule named 'start': name the top rule start"),
+    ("Unknown common regex", "import", "only %import common.NAME is available (lark's common.lark, "
+     "less _STRING_INNER / _STRING_ESC_INNER): define other terminals in the grammar"),
+    ("%override", "%override", "%override is not supported: change the definition itself"),
+    ("%extend", "%extend", "%extend is not supported: add the alternative to the rule itself"),
+)  # fmt: skip
+
+
+def grammar_error(text: str, message: str, detail: str) -> GrammarSyntaxError:
+    """The error for grammar ``text`` that llguidance refused with ``message`` (shown as
+    ``detail``): positioned, with what to do where that is known. A GBNF / EBNF grammar (``root
+    ::= ...``, llama.cpp's and many tutorials') fails at its first ``::=`` with "Expected token
+    '_'", which does not say that the dialect is the problem; a lark feature the engine lacks
+    fails tersely, or (``%override``) as a syntax error: ``UnsupportedGrammarError`` naming it."""
+    line, col = grammar_error_location(message)
+    where = f" at line {line}, column {col}" if line else ""
+    text_of = f"grammar error{where}: {detail}"
     if _GBNF_RULE.search(text):
-        return (
-            "\nhint: grammar= takes lark syntax (rules 'start: ...'), and this looks like GBNF/EBNF "
+        hint = (
+            "grammar= takes lark syntax (rules 'start: ...'), and this looks like GBNF/EBNF "
             "('name ::= ...'): convert it with llguidance.gbnf_to_lark.gbnf_to_lark(text)"
         )
-    return ""
+        return GrammarSyntaxError(f"{text_of}\nhint: {hint}", line, col)
+    for needle, feature, hint in _FEATURE_HINTS:
+        if needle in message or (needle.startswith("%") and re.search(rf"^\s*{needle}\b", text, re.M)):
+            if feature:
+                return UnsupportedGrammarError(f"{text_of}\nhint: {hint}", feature, line, col)
+            return GrammarSyntaxError(f"{text_of}\nhint: {hint}", line, col)
+    return GrammarSyntaxError(text_of, line, col)
 
 
 def spec_from_grammar(text: str) -> ConstraintSpec:
-    """A lark grammar (llguidance dialect, rule ``start``); syntax is checked now."""
+    """A lark grammar (start symbol: the rule ``start``), checked now: by llguidance, and, when it
+    is plain lark, against lark itself (``lark_checks``); the spec holds the text the engine is
+    to enforce (``lark_checks.engine_grammar``)."""
     if not isinstance(text, str) or not text.strip():
         raise GrammarSyntaxError("grammar= must be non-empty lark grammar text with a 'start' rule")
     import llguidance
 
-    message = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(text))
+    from llmir_lang.executor.constraints.lark_checks import engine_grammar, lark_syntax_for_engine
+
+    read = lark_syntax_for_engine(text)
+    message = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(read))
     if message and not message.startswith("WARNING"):
-        line, col = grammar_error_location(message)
-        where = f" at line {line}, column {col}" if line else ""
-        raise GrammarSyntaxError(f"grammar error{where}: {message.strip()}{grammar_hint(text)}", line, col)
-    return ConstraintSpec("grammar", text)
+        raise grammar_error(text, message, message.strip())
+    return ConstraintSpec("grammar", engine_grammar(text))
