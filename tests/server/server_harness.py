@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from llmir_lang.executor.remote import Endpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 _LAUNCH = "import sys; from llmir_lang.server.cli import serve_main; sys.exit(serve_main(sys.argv[1:]))"
 
@@ -191,3 +193,28 @@ def run_clients(client_loop: Callable[[int], None], n_clients: int, deadline_s: 
         t.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not any(t.is_alive() for t in threads), f"{what} did not finish in {deadline_s}s (a hang)"
     assert not crashed, crashed[:3]
+
+
+
+class CallByCallEndpoint(Endpoint):
+    """``Endpoint`` on an llmir server without ``/program``: one request per call."""
+
+    run_program = None  # type: ignore[assignment]
+
+@contextlib.contextmanager
+def server_beside_runtime(kv_memory: str = "64MB") -> Iterator[tuple[InProcessServer, object]]:
+    """An in-process llmir server and an embedded ``Runtime`` on the same (bundled) model, one
+    torch thread: remote backends against the Runtime, side by side."""
+    import torch
+
+    import llmir_lang as llmir
+    from llmir_lang.executor.engine import Engine
+
+    torch.set_num_threads(1)
+    server = InProcessServer(Engine(kv_memory=kv_memory))
+    rt = llmir.Runtime(kv_memory=kv_memory)
+    try:
+        yield server, rt
+    finally:
+        rt.shutdown()
+        server.close()

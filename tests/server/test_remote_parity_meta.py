@@ -12,18 +12,13 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
+from server_harness import CallByCallEndpoint
 
 import llmir_lang as llmir
 from llmir_lang.errors import InvalidRequestError
 from llmir_lang.executor.remote import Endpoint, OpenAI
 
 KEYS = ("prompt_tokens", "completion_tokens", "finish_reason", "matched_stop", "logprobs")
-
-
-class CallByCallEndpoint(Endpoint):
-    """``Endpoint`` on an llmir server without ``/program``: one ``/generate`` per gen."""
-
-    run_program = None  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ Runtime reports, one entry per choice as given, the triples as tuples."""
 from __future__ import annotations
 
 import pytest
-import torch
+from server_harness import CallByCallEndpoint, server_beside_runtime
 
 import llmir_lang as llmir
 from llmir_lang.executor.remote import Endpoint, OpenAI
@@ -22,24 +22,10 @@ METHOD_KEYS = {
 }
 
 
-class CallByCallEndpoint(Endpoint):
-    """``Endpoint`` on an llmir server without ``/program``: one request per call."""
-
-    run_program = None  # type: ignore[assignment]
-
-
 @pytest.fixture(scope="module")
 def served():
-    from server_harness import InProcessServer
-
-    from llmir_lang.executor.engine import Engine
-
-    torch.set_num_threads(1)
-    server = InProcessServer(Engine(kv_memory="64MB"))
-    rt = llmir.Runtime(kv_memory="64MB")
-    yield server, rt
-    rt.shutdown()
-    server.close()
+    with server_beside_runtime() as pair:
+        yield pair
 
 
 def _program(method: str):

@@ -6,7 +6,7 @@ embedded Runtime, and scores each distinct choice once."""
 from __future__ import annotations
 
 import pytest
-import torch
+from server_harness import CallByCallEndpoint, server_beside_runtime
 
 import llmir_lang as llmir
 from llmir_lang.executor.remote import Endpoint, OpenAI
@@ -19,12 +19,6 @@ PER_CHOICE = (
     "input_token_logprobs",
     "output_token_logprobs",
 )
-
-
-class CallByCallEndpoint(Endpoint):
-    """``Endpoint`` on an llmir server without ``/program``: one request per call."""
-
-    run_program = None  # type: ignore[assignment]
 
 
 class CountingEndpoint(CallByCallEndpoint):
@@ -41,16 +35,8 @@ class CountingEndpoint(CallByCallEndpoint):
 
 @pytest.fixture(scope="module")
 def served():
-    from server_harness import InProcessServer
-
-    from llmir_lang.executor.engine import Engine
-
-    torch.set_num_threads(1)
-    server = InProcessServer(Engine(kv_memory="64MB"))
-    rt = llmir.Runtime(kv_memory="64MB")
-    yield server, rt
-    rt.shutdown()
-    server.close()
+    with server_beside_runtime() as pair:
+        yield pair
 
 
 @llmir.function
