@@ -88,24 +88,16 @@ def test_meta_lists_follow_the_choices_as_given(rt, method, passes):
 @pytest.mark.parametrize("passes", [None, ""])
 def test_forks_and_run_batch_report_per_choice_as_given(rt, passes):
     @llmir.function
-    def branches(s, topic):
+    def branches(s, topic, choices):
         s += f"Topic: {topic}.\n"
         forks = s.fork(2)
         for i, f in enumerate(forks):
-            f += PROMPT + f" ({i})" + llmir.select("ans", CHOICES)
+            f += PROMPT + f" ({i})" + llmir.select("ans", choices)
         return [(f["ans"], f.get_meta_info("ans")) for f in forks]
 
-    @llmir.function
-    def branches_distinct(s, topic):
-        s += f"Topic: {topic}.\n"
-        forks = s.fork(2)
-        for i, f in enumerate(forks):
-            f += PROMPT + f" ({i})" + llmir.select("ans", DISTINCT)
-        return [(f["ans"], f.get_meta_info("ans")) for f in forks]
-
-    topics = [{"topic": "weather"}, {"topic": "colours"}]
-    got = branches.run_batch(topics, backend=rt, **_kw(passes))
-    want = branches_distinct.run_batch(topics, backend=rt, **_kw(passes))
+    topics = ["weather", "colours"]
+    got = branches.run_batch([{"topic": t, "choices": CHOICES} for t in topics], backend=rt, **_kw(passes))
+    want = branches.run_batch([{"topic": t, "choices": DISTINCT} for t in topics], backend=rt, **_kw(passes))
     for g, w in zip(got, want, strict=True):
         assert g.error() is None and w.error() is None
         for (value, meta), (want_value, want_meta) in zip(g.ret_value, w.ret_value, strict=True):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from llmir_lang.executor.remote import Endpoint
+from llmir_lang.executor.remote import Endpoint, OpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
 _LAUNCH = "import sys; from llmir_lang.server.cli import serve_main; sys.exit(serve_main(sys.argv[1:]))"
@@ -200,6 +200,18 @@ class CallByCallEndpoint(Endpoint):
     """``Endpoint`` on an llmir server without ``/program``: one request per call."""
 
     run_program = None  # type: ignore[assignment]
+
+def remote_backend(kind: str, url: str) -> Endpoint | OpenAI:
+    """A backend on the llmir server at ``url``: ``program`` (``Endpoint``, whole programs through
+    ``/program``), ``calls`` (``CallByCallEndpoint``) or ``openai`` (its OpenAI routes)."""
+    if kind == "program":
+        return Endpoint(url)
+    if kind == "calls":
+        return CallByCallEndpoint(url)
+    if kind == "openai":
+        return OpenAI(url + "/v1", "llmir-tiny")
+    raise ValueError(f"unknown backend kind {kind!r}; use program, calls or openai")
+
 
 @contextlib.contextmanager
 def server_beside_runtime(kv_memory: str = "64MB") -> Iterator[tuple[InProcessServer, object]]:

@@ -7,10 +7,9 @@ Runtime reports, one entry per choice as given, the triples as tuples."""
 from __future__ import annotations
 
 import pytest
-from server_harness import CallByCallEndpoint, server_beside_runtime
+from server_harness import remote_backend, server_beside_runtime
 
 import llmir_lang as llmir
-from llmir_lang.executor.remote import Endpoint, OpenAI
 
 CHOICES = [" yes", " no", " yes", " it depends", " no"]
 METHOD_KEYS = {
@@ -42,11 +41,7 @@ def _program(method: str):
 def test_remote_select_reports_the_method_keys(served, kind, passes, method):
     server, rt = served
     kw = {} if passes is None else {"passes": passes}
-    backend = {
-        "program": lambda: Endpoint(server.url),
-        "calls": lambda: CallByCallEndpoint(server.url),
-        "openai": lambda: OpenAI(server.url + "/v1", "llmir-tiny"),
-    }[kind]()
+    backend = remote_backend(kind, server.url)
     try:
         got = _program(method).run(backend=backend, **kw)
     finally:

@@ -6,10 +6,9 @@ embedded Runtime, and scores each distinct choice once."""
 from __future__ import annotations
 
 import pytest
-from server_harness import CallByCallEndpoint, server_beside_runtime
+from server_harness import CallByCallEndpoint, remote_backend, server_beside_runtime
 
 import llmir_lang as llmir
-from llmir_lang.executor.remote import Endpoint, OpenAI
 
 CHOICES = [" yes", " no", " yes", " it depends", " no"]
 PER_CHOICE = (
@@ -49,11 +48,7 @@ def verdict(s):
 def test_remote_select_meta_follows_the_choices_as_given(served, kind, passes):
     server, rt = served
     kw = {} if passes is None else {"passes": passes}
-    backend = {
-        "program": lambda: Endpoint(server.url),
-        "calls": lambda: CallByCallEndpoint(server.url),
-        "openai": lambda: OpenAI(server.url + "/v1", "llmir-tiny"),
-    }[kind]()
+    backend = remote_backend(kind, server.url)
     try:
         got = verdict.run(backend=backend, **kw)
     finally:
