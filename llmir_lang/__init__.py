@@ -36,7 +36,9 @@ _PUBLIC = (
     "ProgramExecutionError",
     "ProgramInterruptedError",
     "RoleError",
+    "SeparateReasoningError",
     "UnknownVariableError",
+    "UnsupportedReasoningFormatError",
     "VariableRedefinedError",
     "LMFunction",
     "ProgramState",
@@ -55,6 +57,7 @@ _PUBLIC = (
     "greedy_token_selection",
     "image",
     "select",
+    "separate_reasoning",
     "set_default_backend",
     "system",
     "system_begin",
@@ -69,7 +72,11 @@ _PUBLIC = (
 
 _REMOTE = ("Endpoint", "OpenAI", "RuntimeEndpoint")
 # module that defines each of these (loaded on first use)
-_EXTRAS = {"from_sglang": "llmir_lang.dsl.sglang_interop", "display_stream": "llmir_lang.dsl.notebook"}
+_EXTRAS = {
+    "from_sglang": "llmir_lang.dsl.sglang_interop",
+    "display_stream": "llmir_lang.dsl.notebook",
+    "Engine": "llmir_lang.server.offline_engine",
+}
 
 __all__ = ["ProgramError", "__version__", *_PUBLIC, *_REMOTE, *_EXTRAS]
 

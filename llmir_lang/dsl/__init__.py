@@ -21,7 +21,9 @@ from llmir_lang.dsl.errors import (
     ProgramExecutionError,
     ProgramInterruptedError,
     RoleError,
+    SeparateReasoningError,
     UnknownVariableError,
+    UnsupportedReasoningFormatError,
     VariableRedefinedError,
 )
 from llmir_lang.dsl.fork import ForkGroup
@@ -43,6 +45,7 @@ from llmir_lang.dsl.primitives import (
     user_end,
     video,
 )
+from llmir_lang.dsl.reasoning import separate_reasoning
 from llmir_lang.dsl.recorder import GenerationNotSupportedError
 from llmir_lang.dsl.runtime import (
     Runtime,
@@ -79,7 +82,9 @@ __all__ = [
     "StateCopy",
     "RoleError",
     "Runtime",
+    "SeparateReasoningError",
     "UnknownVariableError",
+    "UnsupportedReasoningFormatError",
     "VariableRedefinedError",
     "assistant",
     "assistant_begin",
@@ -94,6 +99,7 @@ __all__ = [
     "greedy_token_selection",
     "image",
     "select",
+    "separate_reasoning",
     "set_default_backend",
     "system",
     "system_begin",

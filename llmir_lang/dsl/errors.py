@@ -162,6 +162,18 @@ class FeatureNotSupportedError(DSLError, NotYetSupportedError):
     Raised at the line that uses it; the message says what to use instead."""
 
 
+class SeparateReasoningError(DSLError, ValueError):
+    """``separate_reasoning`` is used wrongly: without ``model_type`` or with one that names no
+    reasoning parser, with nothing to append, around a gen / select without a name, or inside
+    another ``separate_reasoning``. A ``ValueError`` too, as SGLang raises one for each of these,
+    so ported ``except ValueError`` handlers still catch it."""
+
+
+class UnsupportedReasoningFormatError(SeparateReasoningError, FeatureNotSupportedError):
+    """A ``model_type`` SGLang's reasoning parser takes whose format llmir_lang does not split
+    (``gpt-oss``'s harmony channels); the message lists the supported ones."""
+
+
 class InvalidAppendError(DSLError, TypeError):
     """Something that is neither text nor a DSL primitive was appended to a state."""
 

@@ -1,5 +1,6 @@
-"""The records ``s += x`` takes: ``Concat``, ``Gen``, ``Select`` and the role records, built by
-the constructors in ``primitives`` (``gen``, ``select``, ``user``, ...).
+"""The records ``s += x`` takes: ``Concat``, ``Gen``, ``Select``, the role records and
+``SeparateReasoning``, built by the constructors in ``primitives`` (``gen``, ``select``, ``user``,
+...) and ``reasoning`` (``separate_reasoning``).
 
 They are plain records; nothing runs when they are built. Primitives concatenate with text and
 with each other (``"A: " + gen("a") + "\\n"``) into a ``Concat``, appended item by item.
@@ -77,4 +78,14 @@ class RoleBlock(Expr):
 
     role: str
     content: Any
+    where: SourceLocation | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
+class SeparateReasoning(Expr):
+    """``expr``, appended as usual, whose gens and selects split their output in reasoning format
+    ``model_type`` (a name of ``ir.reasoning.FORMATS``) once they have run."""
+
+    expr: Any
+    model_type: str
     where: SourceLocation | None = field(default=None, repr=False)

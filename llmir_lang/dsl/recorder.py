@@ -64,6 +64,10 @@ class Piece:
     failure: BaseException | None = None
     where: SourceLocation | None = None
     scopes: tuple[str, ...] = ()  # the var_scopes open when it was appended (their streams carry it)
+    # separate_reasoning: the variable of the reasoning split off the output (``text`` is then the
+    # answer, which is also the gen's value), and that reasoning once the segment has run
+    reasoning_var: str | None = None
+    reasoning: str | None = None
 
 
 class SegmentRunner(Protocol):
@@ -140,6 +144,8 @@ class ProgramRun:
         self.roles = LazyRoles(backend)
         # gen name -> the json_schema it was given (a dict, JSON text or a pydantic class), for get_obj
         self.schemas: dict[str, Any] = {}
+        # the reasoning variables a separate_reasoning did not define, the run being streamed
+        self.unseparated: set[str] = set()
         self.states: list[ProgramState] = []
         self.builder = FunctionBuilder(ir_name, params)
         self.segment = 0
@@ -323,6 +329,9 @@ class ProgramRun:
                 if piece.text is None and piece.name is not None and piece.name in res.vars:
                     var = res.vars[piece.name]
                     piece.text, piece.meta = var.value, var.meta
+                    if piece.reasoning_var is not None:
+                        split = res.vars.get(piece.reasoning_var)
+                        piece.reasoning = split.value if split is not None else ""
             if res.failure is not None and failure is None:
                 failure = res.failure
         error: BaseException | None = None

@@ -8,19 +8,22 @@ returned (what the segment evaluator calls when a run is interrupted or cancelle
 
 ``Runtime`` also takes the SGLang ``ServerArgs`` keywords a program moving over from SGLang
 passes (``model_path``, ``tp_size=1``, ``mem_fraction_static``, ``random_seed``, ...; see
-``sglang_engine_options``), and ``flush_cache()`` / ``get_server_info()`` act on the default
-backend as SGLang's do.
+``sglang_engine_options``), ``flush_cache()`` / ``get_server_info()`` act on the default
+backend as SGLang's do, and SGLang's ``Runtime.generate`` (the ``/generate`` answer as JSON) and
+``async_generate`` (streamed text pieces) run through the offline ``Engine``
+(``server/offline_engine.py``) on the same engine.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from llmir_lang.dsl.errors import GenerationError, NoBackendError
 from llmir_lang.errors import CheckpointError, InvalidRequestError, NotYetSupportedError
@@ -131,8 +134,11 @@ _DEFAULT_ONLY = {
 _PARALLEL = ("tp_size", "tensor_parallel_size", "dp_size", "data_parallel_size", "pp_size", "nnodes")
 
 
-def sglang_engine_options(model: str | None, options: dict[str, Any]) -> dict[str, Any]:
-    """``Engine`` options for ``Runtime(**options)``: llmir's own ``Engine`` options as they are,
+def sglang_engine_options(
+    model: str | None, options: dict[str, Any], caller: str = "Runtime"
+) -> dict[str, Any]:
+    """``Engine`` options for ``Runtime(**options)`` (``caller``: the class the errors name, also
+    SGLang's offline ``Engine``): llmir's own ``Engine`` options as they are,
     SGLang's ``ServerArgs`` keywords translated (``random_seed`` -> ``seed``, ``disable_cuda_graph``
     -> ``cuda_graphs``, ``mem_fraction_static`` -> ``kv_memory`` (here a fraction of the memory
     left after the weights load; ignored on the CPU), ...), keywords about SGLang's server or logs
@@ -145,17 +151,19 @@ def sglang_engine_options(model: str | None, options: dict[str, Any]) -> dict[st
         if key in _NO_EFFECT:
             continue
         if key in _DEFAULT_ONLY:
-            _check_default_only(key, value, model)
+            _check_default_only(key, value, model, caller)
             continue
         engine_key = _SGLANG_TO_ENGINE.get(key, key)
         if engine_key not in own:
             raise InvalidRequestError(
-                f"Runtime() got an unknown option {key!r}; the embedded engine takes {sorted(own)} and "
+                f"{caller}() got an unknown option {key!r}; the embedded engine takes {sorted(own)} and "
                 f"SGLang's {sorted(_SGLANG_TO_ENGINE)} (and ignores {sorted(_NO_EFFECT)})"
             )
         if engine_key in out:  # two keywords for one option (in either order): which one wins?
             other = next(k for k in options if k != key and _SGLANG_TO_ENGINE.get(k, k) == engine_key)
-            raise InvalidRequestError(f"Runtime() got both {other!r} and {key!r} (the same option); give one")
+            raise InvalidRequestError(
+                f"{caller}() got both {other!r} and {key!r} (the same option); give one"
+            )
         if key in _NEGATED:
             value = not value
         elif key == "dtype" and value == "auto":
@@ -163,14 +171,14 @@ def sglang_engine_options(model: str | None, options: dict[str, Any]) -> dict[st
         elif key == "attention_backend":
             value = _ATTENTION.get(value, value)
         elif key == "mem_fraction_static":
-            _check_fraction(value)  # (on any device: a script moved to a GPU must not fail there)
+            _check_fraction(value, caller)  # (on any device: a script moved to a GPU must not fail there)
             if _on_cpu(options.get("device")):
                 continue  # SGLang's fraction of GPU memory: on the CPU the engine's default applies
         out[engine_key] = value
     return out
 
 
-def _check_fraction(value: Any) -> None:
+def _check_fraction(value: Any, caller: str) -> None:
     """``mem_fraction_static`` is a fraction in (0, 1]: a larger number went to the engine as a
     byte count (``kv_memory=2.0`` is 2 bytes, "too small"), and on the CPU it was dropped unseen."""
     try:  # (a numeric string too, as kv_memory takes '0.5')
@@ -181,18 +189,18 @@ def _check_fraction(value: Any) -> None:
         number = None
     if number is None or not 0 < number <= 1:
         raise InvalidRequestError(
-            f"Runtime(mem_fraction_static={value!r}): SGLang's memory fraction is a number in (0, 1] "
+            f"{caller}(mem_fraction_static={value!r}): SGLang's memory fraction is a number in (0, 1] "
             "(0.8 is 80%); give one, or kv_memory= a size ('2GiB')"
         )
 
 
-def _check_default_only(key: str, value: Any, model: str | None) -> None:
+def _check_default_only(key: str, value: Any, model: str | None, caller: str) -> None:
     default = _DEFAULT_ONLY[key]
     if value == default or (key == "tokenizer_path" and model is not None and str(value) == str(model)):
         return  # (the tokenizer in the model folder is what the engine loads)
     if key in _PARALLEL:
         raise NotYetSupportedError(
-            f"Runtime({key}={value!r}): the embedded engine runs on one GPU; serve the model with "
+            f"{caller}({key}={value!r}): the embedded engine runs on one GPU; serve the model with "
             "SGLang (python -m sglang.launch_server --model-path ... --tp N) and run programs on it "
             "with llmir.RuntimeEndpoint(url)"
         )
@@ -201,7 +209,7 @@ def _check_default_only(key: str, value: Any, model: str | None) -> None:
         "tokenizer_path": "it loads the tokenizer from the model folder",
     }.get(key, f"it takes only the default ({default!r})")
     raise NotYetSupportedError(
-        f"Runtime({key}={value!r}) is not supported by the embedded engine: {why}; drop it, or serve "
+        f"{caller}({key}={value!r}) is not supported by the embedded engine: {why}; drop it, or serve "
         "the model with SGLang and use llmir.RuntimeEndpoint(url)"
     )
 
@@ -240,26 +248,53 @@ def local_model_path(model: str | None) -> str | None:
         ) from None
 
 
+def load_engine(model: str | None, model_path: str | None, options: dict[str, Any], caller: str) -> Any:
+    """The executor ``Engine`` of ``caller(model, model_path=..., **options)`` (``Runtime``, or
+    SGLang's offline ``Engine``): one model (``model_path`` is SGLang's name for it; a hub id is
+    read from the local cache), ``options`` translated by ``sglang_engine_options``."""
+    from llmir_lang.executor.engine import Engine
+
+    if model is not None and model_path is not None and str(model) != str(model_path):
+        raise InvalidRequestError(f"{caller}() got two models, {model!r} and model_path={model_path!r}")
+    given = model if model is not None else model_path
+    if given is not None and options.get("tokenizer_path") == given:
+        options = {k: v for k, v in options.items() if k != "tokenizer_path"}  # SGLang's default
+    path = local_model_path(given)
+    return Engine(path, **sglang_engine_options(path, options, caller))
+
+
+def server_info(engine: Any) -> dict[str, Any]:
+    """SGLang's ``get_server_info`` for an embedded engine: the model, device, dtype and context
+    length, and the engine's counters."""
+    from llmir_lang import __version__
+
+    return {
+        "version": __version__,
+        "model_path": str(engine.model_path),
+        "tokenizer_path": str(engine.model_path),
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "context_length": engine.config.context_len,
+        "random_seed": engine.seed,
+        "internal_states": engine.stats(),
+    }
+
+
 class Runtime(Backend):
     """The embedded engine as a backend. ``model=None`` is the bundled model (``model_path=`` is
     SGLang's name for it; a Hugging Face hub id is looked up in the local cache); ``options`` go to
     ``Engine`` (``device``, ``dtype``, ``kv_memory``, ``max_running_requests``, ...), and SGLang's
     ``ServerArgs`` keywords are translated (``sglang_engine_options``).
 
-    SGLang's ``url`` / ``endpoint`` / ``generate`` have no meaning here: there is no HTTP server."""
+    SGLang's ``url`` / ``endpoint`` have no meaning here: there is no HTTP server."""
 
     def __init__(self, model: str | None = None, *, model_path: str | None = None, **options: Any) -> None:
         from llmir_lang.executor.backend import EngineBackend
-        from llmir_lang.executor.engine import Engine
 
-        if model is not None and model_path is not None and str(model) != str(model_path):
-            raise InvalidRequestError(f"Runtime() got two models, {model!r} and model_path={model_path!r}")
-        given = model if model is not None else model_path
-        if given is not None and options.get("tokenizer_path") == given:
-            del options["tokenizer_path"]  # SGLang's default: the model's own tokenizer
-        path = local_model_path(given)
-        self.engine = Engine(path, **sglang_engine_options(path, options))
+        self.engine = load_engine(model, model_path, options, "Runtime")
         self.backend = EngineBackend(self.engine)
+        self._sglang: Any = None  # the SGLang offline engine over self.engine (generate)
+        self._sglang_lock = threading.Lock()
 
     @property
     def shares_prefix_in_batch(self) -> bool:  # type: ignore[override]
@@ -299,19 +334,60 @@ class Runtime(Backend):
 
     def get_server_info(self) -> dict[str, Any]:
         """The model, device, dtype and context length, and the engine's counters."""
-        from llmir_lang import __version__
+        return server_info(self.engine)
 
-        eng = self.engine
-        return {
-            "version": __version__,
-            "model_path": str(eng.model_path),
-            "tokenizer_path": str(eng.model_path),
-            "device": str(eng.device),
-            "dtype": str(eng.dtype).removeprefix("torch."),
-            "context_length": eng.config.context_len,
-            "random_seed": eng.seed,
-            "internal_states": eng.stats(),
-        }
+    def generate(
+        self,
+        prompt: str | list[str],
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int | None = None,
+        lora_path: Any = None,
+    ) -> str:
+        """SGLang's ``Runtime.generate``: the ``/generate`` answer for ``prompt`` (one text, or a
+        list of them for a batch) as a JSON string, exactly what an llmir server answers (see
+        ``llmir_lang.server.offline_engine.Engine.generate``). Bad input raises that method's typed
+        errors (SGLang's ``Runtime`` returns the server's error body as JSON instead)."""
+        answer = self._sglang_engine().generate(
+            prompt,
+            sampling_params,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            lora_path=lora_path,
+        )
+        return json.dumps(answer)
+
+    async def async_generate(
+        self, prompt: str, sampling_params: dict[str, Any] | None = None
+    ) -> AsyncIterator[str]:
+        """SGLang's ``Runtime.async_generate`` (also ``add_request``): streams one generation and
+        yields the text each event adds (``async for piece in rt.async_generate(prompt, sp)``)."""
+        events = await self._sglang_engine().async_generate(prompt, sampling_params, stream=True)
+        sent = 0
+        async for event in events:
+            piece = event["text"][sent:]
+            sent += len(piece)
+            if piece:
+                yield piece
+
+    add_request = async_generate
+
+    def encode(self, prompt: Any) -> NoReturn:
+        """SGLang's ``Runtime.encode`` computes embeddings, which llmir_lang does not: refused."""
+        from llmir_lang.server.offline_engine import refuse_embeddings
+
+        refuse_embeddings("Runtime.encode")
+
+    def _sglang_engine(self) -> Any:
+        if self._sglang is None:
+            from llmir_lang.server.offline_engine import Engine
+
+            with self._sglang_lock:
+                if self._sglang is None:
+                    self._sglang = Engine.over(self.engine)
+        return self._sglang
 
     def get_tokenizer(self) -> Any:
         """The model's Hugging Face tokenizer."""
@@ -322,6 +398,8 @@ class Runtime(Backend):
         cache_prefix(self, prefix)
 
     def shutdown(self) -> None:
+        if self._sglang is not None:
+            self._sglang.shutdown()
         self.engine.shutdown()
 
     def __enter__(self) -> Runtime:

@@ -1,7 +1,11 @@
 """The model calls of a segment, as ``SegmentEvaluator`` starts and completes them: one
 ``ChainRequest`` per ``gen`` / ``gen.chain`` (a fused chain with a bad gen runs the gens before
 it), one score call per ``select`` (or one per choice), their streamed chunks, and what each
-result makes of the state: the new text and variables, or the failure of the op."""
+result makes of the state: the new text and variables, or the failure of the op.
+
+A gen or select with a ``reasoning`` format (``separate_reasoning``) binds its name to the answer
+split off its output and ``<name>_reasoning_content`` to the reasoning, and the state goes on with
+the answer (``ir.reasoning``); the backend's cache holds the output, as generated."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from llmir_lang.executor.backend import Backend, ChainRequest, ChainResult, scor
 from llmir_lang.executor.choices import ChoiceDecision
 from llmir_lang.ir import Function, Op
 from llmir_lang.ir import ops as K
+from llmir_lang.ir.reasoning import reasoning_variable, split_reasoning
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,18 +209,20 @@ class _SegmentCalls:
             tokens = [self._choice_tokens(c) for c in choices]
             given = op.attrs.get("choices_given")  # scored once each, reported as the program gave them
             meta = select_meta(choices, lps, picked, tokens, given, decision.meta)  # type: ignore[arg-type]
-            vars_[op.label or ""] = VarResult(choices[picked], meta)
+            value = _bind(vars_, op.label or "", op.attrs, choices[picked], meta)
             if self.on_chunk is not None:  # streamed states show the choice now, not at the end
                 self.on_chunk(fi, self._chains[fi].get(i, frozenset()), op.label or "", choices[picked])
             self.prefilled.add(text + choices[picked])  # scoring left it in the cache
-            self._resolve(fi, i, _Val(text + choices[picked], vars_, None, base.gates))
+            self._resolve(fi, i, _Val(text + value, vars_, None, base.gates))
             return
         assert isinstance(result, ChainResult)
         segments = [{"gen": op.label, **op.attrs}] if op.kind == K.GEN else list(op.attrs["segments"])  # type: ignore[arg-type]
         gen_index = 0
+        generated = text  # the request's prompt and output, as the backend's cache holds them
         for seg in segments:
             if "text" in seg:
                 text += str(seg["text"])
+                generated += str(seg["text"])
                 continue
             name = str(seg["gen"])
             step = result.steps[gen_index] if gen_index < len(result.steps) else None
@@ -251,12 +258,30 @@ class _SegmentCalls:
                 failure = Failure(name, missing, NotYetSupportedError(missing))
                 self._resolve(fi, i, _Val(text, vars_, failure, base.gates))
                 return
-            vars_[name] = VarResult(step.text, step_meta(step, self._token_text(seg), seg))
-            text += step.text
+            text += _bind(vars_, name, seg, step.text, step_meta(step, self._token_text(seg), seg))
+            generated += step.text
             if self.on_chunk is not None:  # the gen is finished (an empty chunk if it said nothing)
                 self.on_chunk(fi, self._chains[fi].get(i, frozenset()), name, "")
-        self.prefilled.add(text)  # a finished request leaves its prompt and output in the cache
+        self.prefilled.add(generated)  # a finished request leaves its prompt and output in the cache
         self._resolve(fi, i, _Val(text, vars_, None, base.gates))
+
+
+def _bind(
+    vars_: dict[str, VarResult], name: str, attrs: Mapping[str, Any], output: str, meta: dict[str, Any]
+) -> str:
+    """Bind gen / select ``name`` to its ``output`` in ``vars_``; the text it appends to its state.
+    With a ``reasoning`` format that is the answer split off the output, also its value, and the
+    reasoning is ``<name>_reasoning_content`` (with the same meta info: the same call made it).
+    NOTE: a streamed run never records a format (``separate_reasoning`` does nothing there, as in
+    SGLang): its stream has shown the output, and a stream never takes text back."""
+    fmt = attrs.get("reasoning")
+    if fmt is None:
+        vars_[name] = VarResult(output, meta)
+        return output
+    reasoning, answer = split_reasoning(str(fmt), output)
+    vars_[name] = VarResult(answer, meta)
+    vars_[reasoning_variable(name)] = VarResult(reasoning, meta)
+    return answer
 
 
 def _bad_gen(segments: Sequence[Mapping[str, Any]], error: BaseException) -> int | None:

@@ -16,10 +16,15 @@ What differs from running on SGLang, on purpose:
 - Sampling defaults are llmir's (greedy, unless ``run(temperature=...)`` or the gen says
   otherwise); SGLang's ``run`` defaults to ``temperature=1.0``. ``max_new_tokens=`` is accepted.
 - ``select`` scores choices deterministically; a ``temperature > 0`` on a select is refused.
+- ``separate_reasoning`` (SGLang's ``SglExprList([expr, SglSeparateReasoning])``) becomes llmir's
+  ``separate_reasoning`` around the converted ``expr``: the gen's answer replaces its output in
+  the state, as in SGLang's own example (``assistant(separate_reasoning(gen(...)))``); around a
+  role, or outside one, SGLang's text loses the role's end marker or repeats the answer, and
+  llmir's does not (``llmir_lang/dsl/README.md``).
 
-Not supported (a typed ``SGLangConversionError`` says so): images and videos,
-``separate_reasoning``, ``n > 1``, ``unconditional_likelihood_normalized``, and calling another
-``@sgl.function`` from the body (convert it too and call ``g.func(s, ...)``).
+Not supported (a typed ``SGLangConversionError`` says so): images and videos, ``n > 1``,
+``unconditional_likelihood_normalized``, and calling another ``@sgl.function`` from the body
+(convert it too and call ``g.func(s, ...)``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from llmir_lang.dsl.errors import DSLError, SourceLocation
 from llmir_lang.dsl.fork import ForkGroup
 from llmir_lang.dsl.function import LMFunction
 from llmir_lang.dsl.primitives import Concat, Gen, RoleBlock, RoleMarker, Select, gen, select
+from llmir_lang.dsl.reasoning import separate_reasoning
 from llmir_lang.dsl.state import ProgramState
 from llmir_lang.errors import ProgramError
 
@@ -111,6 +117,7 @@ class SGLangState:
         self.llmir_state = state
         self._scopes: dict[str, contextlib.ExitStack] = {}  # open SglVarScopeBegin nodes
         self._selects = 0
+        self._reasoning: str | None = None  # the model_type of the separate_reasoning being appended
 
     # --- appending ------------------------------------------------------------------------
     def __iadd__(self, other: Any) -> SGLangState:
@@ -125,12 +132,18 @@ class SGLangState:
         elif isinstance(x, Concat):  # llmir text + an SGLang node: convert the items one by one
             for item in x.items:
                 self._append(item)
-        elif isinstance(x, (Gen, Select, RoleBlock, RoleMarker)):
+        elif isinstance(x, (Gen, Select, RoleBlock)):
+            s += x if self._reasoning is None else separate_reasoning(x, self._reasoning)
+        elif isinstance(x, RoleMarker):
             s += x
         elif isinstance(x, (list, tuple)):
             for item in x:
                 self._append(item)
         elif isinstance(x, ir.SglExprList):
+            separated = _separated(ir, x)
+            if separated is not None:
+                self._append_separated(*separated)
+                return
             for item in x.expr_list:
                 self._append(item)
         elif isinstance(x, ir.SglConstantText):
@@ -139,9 +152,9 @@ class SGLangState:
             if x.value is not None:
                 self._append(x.value)
         elif isinstance(x, ir.SglGen):
-            s += convert_gen(x)
+            self._append(convert_gen(x))
         elif isinstance(x, ir.SglSelect):
-            s += self._convert_select(x)
+            self._append(self._convert_select(x))
         elif isinstance(x, (ir.SglRoleBegin, ir.SglRoleEnd)):
             s += RoleMarker(_role(x.role), isinstance(x, ir.SglRoleBegin), SourceLocation.here())
         elif isinstance(x, ir.SglVarScopeBegin):
@@ -161,6 +174,19 @@ class SGLangState:
             pass  # a hint to SGLang's runtime; llmir decides when to run on its own
         else:
             raise SGLangConversionError(_unsupported(x), where=SourceLocation.here())
+
+    def _append_separated(self, expr: Any, model_type: Any) -> None:
+        """``expr`` appended with each gen / select in it inside llmir's ``separate_reasoning``."""
+        if self._reasoning is not None:
+            raise SGLangConversionError(
+                "separate_reasoning inside another separate_reasoning; keep one", where=SourceLocation.here()
+            )
+        separate_reasoning("", model_type)  # the model_type's own error, at the user's line
+        self._reasoning = model_type
+        try:
+            self._append(expr)
+        finally:
+            self._reasoning = None
 
     def _convert_select(self, x: Any) -> Select:
         _, choices = _sglang()
@@ -337,6 +363,16 @@ def convert_gen(x: Any) -> Gen:
         raise SGLangConversionError(e.cause_message, where=where) from None
 
 
+def _separated(ir: Any, x: Any) -> tuple[Any, Any] | None:
+    """``(expr, model_type)`` when ``x`` is what SGLang's ``separate_reasoning(expr, model_type)``
+    returns (``SglExprList([expr, SglSeparateReasoning(model_type, expr)])``), else None."""
+    node = getattr(ir, "SglSeparateReasoning", None)  # SGLang releases before 0.4.6 have none
+    items = list(x.expr_list)
+    if node is None or len(items) != 2 or not isinstance(items[1], node) or items[1].expr is not items[0]:
+        return None
+    return items[0], items[1].model_type
+
+
 def _role(role: str) -> str:
     if role not in _ROLES:
         raise SGLangConversionError(
@@ -350,7 +386,7 @@ def _unsupported(x: Any) -> str:
     hints = {
         "SglImage": "images are not supported by llmir's text-only backends",
         "SglVideo": "videos are not supported by llmir's text-only backends",
-        "SglSeparateReasoning": "separate_reasoning is not supported; parse the reasoning from the text",
+        "SglSeparateReasoning": "append what sgl.separate_reasoning(expr, model_type) returns, as is",
         "SglConcateAndAppend": "append the branches through forks.join('concate_and_append')",
     }
     hint = hints.get(kind, "append text, gen, select, roles or a list of those")

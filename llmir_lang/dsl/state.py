@@ -34,6 +34,7 @@ from llmir_lang.dsl.traced_text import TracedText, _TracedMeta
 from llmir_lang.dsl.vars import GatherSlot, PieceSlot, RangeSlot, Slot, ValueSlot, _ReplacedSlot
 from llmir_lang.errors import LLMIRError
 from llmir_lang.ir import Value
+from llmir_lang.ir.reasoning import REASONING_SUFFIX
 
 if TYPE_CHECKING:
     from llmir_lang.dsl.fork import ForkGroup
@@ -289,6 +290,15 @@ class ProgramState(_StateAppending, _StateStreaming):
                 where,
             )
         known = ", ".join(sorted(k for k in self._vars if not is_anonymous(k))) or "none"
+        if name in self._run.unseparated:
+            raise UnknownVariableError(
+                f"variable {name!r} is not defined: this run is streamed, and separate_reasoning does "
+                "nothing in a streamed run (as in SGLang: the stream has shown the whole output), so "
+                f"{name.removesuffix(REASONING_SUFFIX)!r} holds the whole output; run without stream=True "
+                f"to split it (known variables: {known})",
+                self._run.program,
+                where,
+            )
         err = self._run.error
         if err is not None:  # the program stopped before it got there, most likely
             cls = ProgramInterruptedError if isinstance(err, ProgramInterruptedError) else ProgramExecutionError

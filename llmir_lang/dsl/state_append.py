@@ -1,6 +1,7 @@
 """Appending to a ``ProgramState``: ``s += ...`` (text, ``gen``, ``select``, roles, lists and
-concatenations of them), the role methods (``s.user(...)``, ``with s.user():``) and ``var_scope``.
-Each append records IR ops and a ``Piece`` on the program's run; nothing runs."""
+concatenations of them, ``separate_reasoning``), the role methods (``s.user(...)``, ``with
+s.user():``) and ``var_scope``. Each append records IR ops and a ``Piece`` on the program's run;
+nothing runs."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from llmir_lang.dsl.errors import (
     SourceLocation,
     VariableRedefinedError,
 )
-from llmir_lang.dsl.primitive_records import Concat, Gen, RoleBlock, RoleMarker, Select
+from llmir_lang.dsl.primitive_records import Concat, Gen, RoleBlock, RoleMarker, Select, SeparateReasoning
 from llmir_lang.dsl.recorder import Piece, ProgramRun
 from llmir_lang.dsl.traced_text import TracedText
-from llmir_lang.dsl.vars import PieceSlot, RangeSlot, Slot
+from llmir_lang.dsl.vars import PieceSlot, RangeSlot, ReasoningSlot, Slot
 from llmir_lang.errors import IRVerifyError
 from llmir_lang.executor.tokenizer import lone_surrogate
+from llmir_lang.ir.reasoning import reasoning_variable
 
 if TYPE_CHECKING:
     from llmir_lang.dsl.state import ProgramState
@@ -49,7 +51,8 @@ class _StateAppending:
         self._append(other, where)
         return self
 
-    def _append(self, x: Any, where: SourceLocation | None) -> None:
+    def _append(self, x: Any, where: SourceLocation | None, reasoning: str | None = None) -> None:
+        """Append ``x``; ``reasoning``: the format of the ``separate_reasoning`` it is inside."""
         __tracebackhide__ = True
         run = self._run
         if isinstance(x, TracedText):
@@ -72,27 +75,31 @@ class _StateAppending:
                 run.extend(self, lambda v: run.builder.text(v, x), Piece("text", x, where=where))
         elif isinstance(x, Concat):
             for item in x.items:
-                self._append(item, where)
+                self._append(item, where, reasoning)
         elif isinstance(x, (list, tuple)):
             for item in x:
-                self._append(item, where)
+                self._append(item, where, reasoning)
         elif isinstance(x, Gen):
-            self._append_gen(x, x.where or where)
+            self._append_gen(x, x.where or where, reasoning)
         elif isinstance(x, Select):
             at = x.where or where
             # an unnamed select (SGLang's) is named where it is appended, as an unnamed gen: each
             # append its own variable, and the same name in every trace of the program
             name = x.name if x.name is not None else run.anonymous_name()
-            self._claim(name, at)
+            fmt = self._claim_reasoning(name, reasoning, at)
             piece = Piece("select", None, name=name, where=at)
-            self._record(lambda v: run.builder.select(v, name, x.choices, x.choices_method), piece, at)
-            self._vars[name] = PieceSlot(piece)
+            self._record(lambda v: run.builder.select(v, name, x.choices, x.choices_method, fmt), piece, at)
+            self._bind(name, piece, fmt)
+        elif isinstance(x, SeparateReasoning):
+            if reasoning is not None:  # (``separate_reasoning`` refuses one built inside another)
+                raise DSLError("separate_reasoning inside another separate_reasoning", run.program, where)
+            self._append(x.expr, x.where or where, x.model_type)
         elif isinstance(x, RoleMarker):
             self._role_marker(x.role, x.begin, x.where or where)
         elif isinstance(x, RoleBlock):
             at = x.where or where
             self._role_marker(x.role, True, at)
-            self._append(x.content, at)
+            self._append(x.content, at, reasoning)
             self._role_marker(x.role, False, at)
         else:
             # ``s += other(s, ...)``: the composed program has appended to s already, and its body
@@ -110,16 +117,36 @@ class _StateAppending:
                 where,
             )
 
-    def _append_gen(self, g: Gen, where: SourceLocation | None) -> None:
+    def _append_gen(self, g: Gen, where: SourceLocation | None, reasoning: str | None = None) -> None:
         run = self._run
         name = g.name if g.name is not None else run.anonymous_name()
-        self._claim(name, where)
+        fmt = self._claim_reasoning(name, reasoning, where)
         attrs = run.gen_attrs(g.attrs)
+        if fmt is not None:
+            attrs["reasoning"] = fmt
         piece = Piece("gen", None, name=name, where=where)
         self._record(lambda v: run.builder.gen(v, name, **attrs), piece, where)
-        self._vars[name] = PieceSlot(piece)
+        self._bind(name, piece, fmt)
         if g.schema is not None:
             run.schemas[name] = g.schema
+
+    def _claim_reasoning(self, name: str, reasoning: str | None, where: SourceLocation | None) -> str | None:
+        """Claim gen / select ``name`` and, inside ``separate_reasoning``, its reasoning variable;
+        the format to record (None in a streamed run, where separate_reasoning does nothing)."""
+        self._claim(name, where)
+        if reasoning is None:
+            return None
+        if self._run.stream:
+            self._run.unseparated.add(reasoning_variable(name))
+            return None
+        self._claim(reasoning_variable(name), where)
+        return reasoning
+
+    def _bind(self, name: str, piece: Piece, reasoning: str | None) -> None:
+        self._vars[name] = PieceSlot(piece)
+        if reasoning is not None:
+            piece.reasoning_var = reasoning_variable(name)
+            self._vars[piece.reasoning_var] = ReasoningSlot(piece)
 
     def _record(self, build: Any, piece: Piece, where: SourceLocation | None) -> None:
         try:

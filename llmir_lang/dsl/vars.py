@@ -1,6 +1,8 @@
 """Variable slots: where a program variable's value comes from.
 
 - ``PieceSlot``: a gen or select (one piece of text, with its meta info).
+- ``ReasoningSlot``: the reasoning ``separate_reasoning`` split off a gen's or select's output
+  (``<name>_reasoning_content``; the gen's meta info).
 - ``RangeSlot``: a ``var_scope``: the pieces appended inside the with-block, concatenated.
 - ``GatherSlot``: a variable gathered by ``join`` from each branch, a list in branch order.
 - ``ValueSlot``: a value the program set itself (``s["x"] = v``).
@@ -52,6 +54,14 @@ class PieceSlot(Slot):
         if self.piece.failure is not None:
             raise self.piece.failure
         return dict(self.piece.meta or {})
+
+
+class ReasoningSlot(PieceSlot):
+    __slots__ = ()
+
+    def value(self, strict: bool = True) -> Any:
+        _piece_value(self.piece, strict)  # a failed gen raises its failure
+        return self.piece.reasoning
 
 
 class RangeSlot(Slot):

@@ -29,9 +29,12 @@ then, each call validating its arguments at once and raising ``IRVerifyError`` w
 - ``f.gen(s, name, **params) -> state``         sampling params (``attrs.SAMPLING_ATTRS``: max_tokens,
   stop, temperature, top_p, ...; in the engine's ranges, ``attrs.sampling_problem``) and at most
   one constraint (regex / json_schema / choices / grammar / dtype), all plain strings, numbers,
-  lists; the constraint must be one the run path compiles (``attrs.constraint_problem``)
-- ``f.select(s, name, choices, choices_method="token_length_normalized") -> state``   a repeated
-  choice is scored once: ``choices`` holds each once, ``choices_given`` the list as given
+  lists; the constraint must be one the run path compiles (``attrs.constraint_problem``);
+  ``reasoning=`` a format of ``reasoning.FORMATS`` (``separate_reasoning``: the gen's value and
+  appended text are the answer split off its output, ``<name>_reasoning_content`` the reasoning)
+- ``f.select(s, name, choices, choices_method="token_length_normalized", reasoning=None) -> state``
+  a repeated choice is scored once: ``choices`` holds each once, ``choices_given`` the list as
+  given; ``reasoning`` as for a gen
 - ``f.fork(s, n) -> tuple[state, ...]``         n branches starting from ``s``'s text
 - ``f.join(parent, branches, mode="gather"|"concat") -> state``
 - ``f.var(s, name) -> text``                    the value of variable ``name`` visible in ``s``

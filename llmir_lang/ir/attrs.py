@@ -86,8 +86,22 @@ REQUEST_ATTRS: dict[str, str] = {
     "logprob_start_len": "int",  # SGLang's: the prompt's token logprobs from this position on
 }
 
-GEN_ATTRS: dict[str, str] = {**SAMPLING_ATTRS, **CONSTRAINT_ATTRS, **META_ATTRS, **REQUEST_ATTRS}
+# How the op's value is made from its text (applied by the interpreter once the call finished).
+VALUE_ATTRS: dict[str, str] = {
+    # separate_reasoning: the value is the final answer (``ir.reasoning``: a format of FORMATS),
+    # ``<name>_reasoning_content`` the reasoning, and the op appends the answer, not its text
+    "reasoning": "str",
+}
+
+GEN_ATTRS: dict[str, str] = {
+    **SAMPLING_ATTRS,
+    **CONSTRAINT_ATTRS,
+    **META_ATTRS,
+    **REQUEST_ATTRS,
+    **VALUE_ATTRS,
+}
 SELECT_ATTRS: dict[str, str] = {
+    **VALUE_ATTRS,
     "choices": "str[]",
     "choices_method": "str",
     # the program's choices with their repeats, as indices into the distinct ``choices`` (only

@@ -39,6 +39,7 @@ from llmir_lang.ir.attrs import (
 )
 from llmir_lang.ir.module import Function, Module
 from llmir_lang.ir.ops import SIGNATURES, Op
+from llmir_lang.ir.reasoning import reasoning_format_problem
 from llmir_lang.ir.values import Value, ValueType, is_value_name
 from llmir_lang.ir.verifier import verify as verify_module
 
@@ -152,18 +153,27 @@ class FunctionBuilder:
             raise IRVerifyError(f"gen {name!r}: unknown parameter(s) {unknown}; known: {sorted(GEN_ATTRS)}")
         attrs = normalize_attrs(params, GEN_ATTRS)
         problem = sampling_problem(attrs) or constraint_problem(attrs)
+        if problem is None and "reasoning" in attrs:
+            problem = reasoning_format_problem(attrs["reasoning"])
         if problem is not None:
             raise IRVerifyError(f"gen {name!r}: {problem}")
         return self.op(K.GEN, [state], name, params)[0]
 
     def select(
-        self, state: Value, name: str, choices: Sequence[str], choices_method: str = DEFAULT_CHOICES_METHOD
+        self,
+        state: Value,
+        name: str,
+        choices: Sequence[str],
+        choices_method: str = DEFAULT_CHOICES_METHOD,
+        reasoning: str | None = None,
     ) -> Value:
         """Pick one of ``choices`` into variable ``name``.
 
         A repeated choice is kept out of ``choices`` (each distinct choice is scored once) and
         recorded in ``choices_given``: the program's list as indices into ``choices``, so that
-        the meta info has one entry per choice as given (``attrs.SELECT_ATTRS``)."""
+        the meta info has one entry per choice as given (``attrs.SELECT_ATTRS``). ``reasoning``
+        (a format of ``reasoning.FORMATS``) splits the picked choice as ``separate_reasoning``
+        does: the value is its answer, ``<name>_reasoning_content`` its reasoning."""
         _need_str(name, "select name")
         if isinstance(choices, str):
             raise IRVerifyError(f"select {name!r}: choices must be a list of strings, not one string")
@@ -172,6 +182,11 @@ class FunctionBuilder:
                 f"select {name!r}: unknown choices_method {choices_method!r}; use one of {CHOICES_METHODS}"
             )
         attrs: dict[str, object] = {"choices": list(choices), "choices_method": choices_method}
+        if reasoning is not None:
+            problem = reasoning_format_problem(reasoning)
+            if problem is not None:
+                raise IRVerifyError(f"select {name!r}: {problem}")
+            attrs["reasoning"] = reasoning
         given = list(choices)
         # NOTE: anything but strings is left as given, for the verifier to name
         if all(isinstance(c, str) for c in given) and len(set(given)) < len(given):

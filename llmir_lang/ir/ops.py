@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmir_lang.ir.attrs import Attrs
+from llmir_lang.ir.reasoning import reasoning_variable
 from llmir_lang.ir.values import Value, ValueType
 
 START = "start"
@@ -127,13 +128,20 @@ class Op:
         return self.kind in EXTENDING_KINDS
 
     def defined_names(self) -> tuple[str, ...]:
-        """Program variable names (not SSA names) this op defines: gen/select label, chain gens."""
+        """Program variable names (not SSA names) this op defines: gen/select label, chain gens,
+        and after each of them its ``<name>_reasoning_content`` when it has a ``reasoning``."""
         if self.kind in (GEN, SELECT) and self.label is not None:
+            if "reasoning" in self.attrs:
+                return (self.label, reasoning_variable(self.label))
             return (self.label,)
         if self.kind == GEN_CHAIN:
             segments = self.attrs.get("segments", ())
+            names: list[str] = []
             if isinstance(segments, tuple):
-                return tuple(
-                    s["gen"] for s in segments if isinstance(s, dict) and isinstance(s.get("gen"), str)
-                )
+                for s in segments:
+                    if isinstance(s, dict) and isinstance(s.get("gen"), str):
+                        names.append(s["gen"])
+                        if "reasoning" in s:
+                            names.append(reasoning_variable(s["gen"]))
+            return tuple(names)
         return ()

@@ -10,7 +10,9 @@ the text; ``gen`` / ``select`` append what the backend returns and bind it to th
 results equal their operand; ``join`` (gather) continues the parent unchanged, (concat) appends
 what each branch added after the parent, in order, and keeps the parent's variables; ``var``
 reads a visible variable; role markers render through ``roles`` (an object with
-``begin(role)`` / ``end(role)``), or raise if none is given.
+``begin(role)`` / ``end(role)``), or raise if none is given. A gen or select with a ``reasoning``
+format binds its name to the answer split from what the backend returned, binds
+``<name>_reasoning_content`` to the reasoning, and appends the answer (``reasoning``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from llmir_lang.errors import IRError
 from llmir_lang.ir import ops as K
 from llmir_lang.ir.attrs import AttrValue, without_annotations
 from llmir_lang.ir.module import Function, Module
+from llmir_lang.ir.reasoning import reasoning_variable, split_reasoning
 
 
 class Backend(Protocol):
@@ -115,6 +118,9 @@ def evaluate_function(
                     params = without_annotations({k: v for k, v in seg.items() if k != "gen"})
                     out = backend.generate(text, name, params)
                     calls.append(("gen", text, name))
+                if "reasoning" in seg:
+                    reasoning, out = split_reasoning(str(seg["reasoning"]), out)
+                    variables[reasoning_variable(name)] = reasoning
                 variables[name] = out
                 text += out
         states[op.result.name] = State(text, variables)

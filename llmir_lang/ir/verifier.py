@@ -16,7 +16,9 @@ Rules:
   list with its repeats) only where a choice repeats, in one spelling: each index names a
   choice, and ``choices`` lists them in order of their first use; a join's mode is known; a
   ``gen.chain``'s segments are gen / text dicts beginning and ending with a gen; ``pin_users``
-  is not negative.
+  is not negative. A gen's or select's ``reasoning`` names a format of ``reasoning.FORMATS``
+  (the op also defines ``<name>_reasoning_content``); in a ``gen.chain`` only the last gen may
+  have one (the text after such a gen is its answer, which one request cannot continue from).
 - Roles: a role is one of ``attrs.ROLES``. Along a chain roles do not nest and ``role.end "r"``
   closes the open role ``r``. What is open at ``start`` is unknown (the DSL starts a new segment
   with ``start`` and the text so far, which may be inside a role), so a chain's first role op may
@@ -55,6 +57,7 @@ from llmir_lang.ir.attrs import (
 from llmir_lang.ir.module import Function, Module
 from llmir_lang.ir.ops import SIGNATURES, Op
 from llmir_lang.ir.printer import format_op
+from llmir_lang.ir.reasoning import reasoning_format_problem
 from llmir_lang.ir.scopes import StateTree, first_scope_problem
 from llmir_lang.ir.values import ValueType, is_value_name
 
@@ -227,6 +230,8 @@ class _FunctionVerifier:
             method = op.attrs.get("choices_method", CHOICES_METHODS[0])
             if method not in CHOICES_METHODS:
                 raise self.fail(op, f"select choices_method must be one of {CHOICES_METHODS}, got {method!r}")
+            if "reasoning" in op.attrs:
+                self._check_reasoning(op, op.attrs["reasoning"], "select")
         elif op.kind == K.JOIN:
             if op.attrs.get("mode") not in JOIN_MODES:
                 raise self.fail(op, f"join needs mode one of {JOIN_MODES}, got {op.attrs.get('mode')!r}")
@@ -241,6 +246,8 @@ class _FunctionVerifier:
             raise self.fail(op, f"{what} dtype must be one of {DTYPES}, got {attrs['dtype']!r}")
         if "choices" in attrs and not attrs["choices"]:
             raise self.fail(op, f"{what} choices constraint must not be empty")
+        if "reasoning" in attrs:
+            self._check_reasoning(op, attrs["reasoning"], what)
         problem = sampling_problem(attrs)
         if problem is not None:
             raise self.fail(op, f"{what}: {problem}")
@@ -269,6 +276,18 @@ class _FunctionVerifier:
             self._check_gen_attrs(op, attrs, f"gen segment {i}", seg["gen"])
         if "gen" not in segments[0] or "gen" not in segments[-1]:
             raise self.fail(op, "gen.chain segments must begin and end with a gen")
+        early = [i for i, seg in enumerate(segments[:-1]) if isinstance(seg, dict) and "reasoning" in seg]
+        if early:
+            raise self.fail(
+                op,
+                f"gen segment {early[0]} has a reasoning format but is not the chain's last gen: what "
+                "follows it is its answer, not the text the request generated; end the chain there",
+            )
+
+    def _check_reasoning(self, op: Op, value: AttrValue, what: str) -> None:
+        problem = reasoning_format_problem(value)
+        if problem is not None:
+            raise self.fail(op, f"{what}: {problem}")
 
     def _record_scope(self, index: int, op: Op) -> None:
         """Add ``op``'s result states (and a var read) to the state tree, with the names it adds."""

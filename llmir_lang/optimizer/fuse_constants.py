@@ -4,8 +4,10 @@ A chain is a ``gen``, then one or more times: any number of ``text`` ops and a `
 every intermediate state has exactly one use (the next op of the chain: no ``var`` read, fork,
 join or return of it) and the ops after the first carry no annotations except the last one's
 ``pin``, and no gen after the first asks for its prompt's logprobs (``logprob_start_len``: the
-engine reports those for a request's prompt, which a later gen of a chain is not). A chain of two
-or more gens becomes one op at the place of its first gen::
+engine reports those for a request's prompt, which a later gen of a chain is not). A gen with a
+``reasoning`` format ends a chain: the state after it holds its answer, not the text it generated,
+so what follows is no continuation of the request. A chain of two or more gens becomes one op at
+the place of its first gen::
 
     %9 = gen.chain %4 {segments = [{gen = "a", max_tokens = 8}, {text = "\\nB: "}, {gen = "b"}]}
 
@@ -69,6 +71,8 @@ def _chain_from(fn: Function, head: int, uses: dict[str, list[int]]) -> list[int
     best = 1  # the chain up to its last gen is chain[:best] (not a copy per gen: quadratic)
     cur = head
     while True:
+        if "reasoning" in fn.ops[cur].attrs:
+            return chain[:best]  # its state holds the answer split off its text (module docstring)
         users = uses.get(fn.ops[cur].result.name, [])
         if len(users) != 1:
             return chain[:best]

@@ -229,7 +229,7 @@ def describe_validation(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, describe_validation(exc), param=_validation_param(exc))
+        return error_response(400, describe_validation(exc), param=validation_param(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
@@ -263,16 +263,22 @@ def install_error_handlers(app: FastAPI) -> None:
     # anything else is a bug: app.GuardMiddleware answers it with a 500 and keeps the connection
 
 
-def _validation_param(exc: RequestValidationError) -> str | None:
-    """The body field of the first problem (``messages.0.content``), for the error's ``param``;
-    None for a problem of the body as a whole (not JSON, whose ``loc`` is the character position
-    where parsing failed; not an object; missing)."""
+def validation_param(exc: RequestValidationError) -> str | None:
+    """The body field of the first problem (``messages.0.content``), for the error's ``param``:
+    the first field ``describe_validation`` reports (of a union's errors, the most precise one:
+    ``sampling_params.1.top_k``, not the ``sampling_params`` that is no object); None for a
+    problem of the body as a whole (not JSON, whose ``loc`` is the character position where
+    parsing failed; not an object; missing)."""
+    fields: list[tuple[str, str]] = []
     for err in exc.errors():
         if err.get("type") == "json_invalid":
             return None
         names = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_branch_name(x)]
         if names:
-            return ".".join(names)
+            fields.append((".".join(names), err.get("type", "")))
+    for field, kind in fields:
+        if kind == "extra_forbidden" or not any(other.startswith(field + ".") for other, _ in fields):
+            return field
     return None
 
 

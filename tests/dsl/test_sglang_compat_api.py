@@ -17,7 +17,7 @@ SGLANG_NAMES = (
     "image", "video", "flush_cache", "get_server_info", "set_default_backend", "system", "user",
     "assistant", "system_begin", "system_end", "user_begin", "user_end", "assistant_begin",
     "assistant_end", "token_length_normalized", "greedy_token_selection",
-    "unconditional_likelihood_normalized",
+    "unconditional_likelihood_normalized", "separate_reasoning", "Engine",
 )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from llmir_lang.executor.constraints.spec import escape_regex
 from llmir_lang.ir import FunctionBuilder, Module, ModuleBuilder, parse_ir, print_ir, verify
 from llmir_lang.ir.attrs import CHOICES_METHODS, ROLES
+from llmir_lang.ir.reasoning import FORMATS
 from llmir_lang.ir.values import Value
 
 # Any code point, surrogates included: the printer escapes everything outside printable ASCII.
@@ -59,6 +60,14 @@ CONSTRAINT = st.one_of(
 ANNOTATIONS = st.fixed_dictionaries(
     {}, optional={"pin": NAMES, "pin_users": st.integers(1, 9), "branch_of": NAMES}
 )
+# separate_reasoning's format: the op also defines ``<name>_reasoning_content``
+REASONING = st.fixed_dictionaries({}, optional={"reasoning": st.sampled_from(sorted(FORMATS))})
+
+
+def _defined(name: str, attrs: dict) -> list[str]:
+    return [name, f"{name}_reasoning_content"] if "reasoning" in attrs else [name]
+
+
 KINDS = ["text", "role", "append", "gen", "select", "chain", "fork", "join", "var", "start"]
 
 
@@ -112,16 +121,19 @@ def _draw_function(draw: st.DrawFn, f: FunctionBuilder, params: list[str], used_
                 add(f.append(s, draw(st.sampled_from(sources))), s, [])
         elif kind == "gen":
             var = f"v{next(used_vars)}"
-            attrs = {**draw(SAMPLING), **draw(CONSTRAINT), **draw(ANNOTATIONS)}
-            add(f.op("gen", [s], var, attrs)[0], s, [var])
+            attrs = {**draw(SAMPLING), **draw(CONSTRAINT), **draw(ANNOTATIONS), **draw(REASONING)}
+            add(f.op("gen", [s], var, attrs)[0], s, _defined(var, attrs))
         elif kind == "select":
             var = f"v{next(used_vars)}"
             choices = draw(st.lists(TEXT.filter(bool), min_size=1, max_size=4, unique=True))
-            add(f.select(s, var, choices, draw(st.sampled_from(CHOICES_METHODS))), s, [var])
+            fmt = draw(REASONING).get("reasoning")
+            sel = f.select(s, var, choices, draw(st.sampled_from(CHOICES_METHODS)), fmt)
+            add(sel, s, _defined(var, {"reasoning": fmt} if fmt else {}))
         elif kind == "chain":
             a, b = f"v{next(used_vars)}", f"v{next(used_vars)}"
-            segs = [{"gen": a, **draw(SAMPLING)}, {"text": draw(TEXT)}, {"gen": b, **draw(CONSTRAINT)}]
-            add(f.op("gen.chain", [s], None, {"segments": segs})[0], s, [a, b])
+            last = {**draw(CONSTRAINT), **draw(REASONING)}  # (only a chain's last gen may split)
+            segs = [{"gen": a, **draw(SAMPLING)}, {"text": draw(TEXT)}, {"gen": b, **last}]
+            add(f.op("gen.chain", [s], None, {"segments": segs})[0], s, [a, *_defined(b, last)])
         elif kind == "fork":
             for r in f.fork(s, draw(st.integers(1, 3))):
                 add(r, s, [])

@@ -34,7 +34,9 @@ class FakeModel:
     """Deterministic: the output depends on the whole prompt, so any change to a prompt shows."""
 
     def generate(self, prompt: str, name: str, params: Mapping[str, AttrValue]) -> str:
-        return f"[{name}:{zlib.crc32(prompt.encode('utf-8', 'surrogatepass')) % 997}]"
+        h = zlib.crc32(prompt.encode("utf-8", "surrogatepass"))
+        thought = f"<think> {h % 5} </think> " if h % 2 else ""  # for separate_reasoning to split
+        return f"{thought}[{name}:{h % 997}]"
 
     def select(self, prompt: str, name: str, choices: tuple[str, ...], method: str) -> str:
         return choices[zlib.crc32(prompt.encode("utf-8", "surrogatepass")) % len(choices)]
@@ -76,18 +78,24 @@ def _draw_body(draw: st.DrawFn, f: FunctionBuilder, counter: object) -> None:
                 new, opened = [f.role_end(s, opened)], None
         elif kind == "gen":
             names = [f"v{next(counter)}"]  # type: ignore[call-overload]
-            new = [f.gen(s, names[0], max_tokens=draw(st.integers(1, 9)))]
+            split = draw(st.sampled_from([{}, {}, {"reasoning": "qwen3"}, {"reasoning": "deepseek-r1"}]))
+            new = [f.gen(s, names[0], max_tokens=draw(st.integers(1, 9)), **split)]
+            names += [f"{names[0]}_reasoning_content"] if split else []
         elif kind == "select":
             names = [f"v{next(counter)}"]  # type: ignore[call-overload]
             choices = draw(
                 st.lists(
-                    st.sampled_from(["yes", "no", "yes sir", "the cat", "the dog", "yesterday"]),
+                    st.sampled_from(
+                        ["yes", "no", "yes sir", "the cat", "the dog", "yesterday", "<think>x</think>no"]
+                    ),
                     min_size=1,
                     max_size=4,
                     unique=True,
                 )
             )
-            new = [f.select(s, names[0], choices)]
+            fmt = draw(st.sampled_from([None, None, "qwen3"]))
+            new = [f.select(s, names[0], choices, reasoning=fmt)]
+            names += [f"{names[0]}_reasoning_content"] if fmt else []
         elif kind == "fork":
             new = list(f.fork(s, draw(st.integers(1, 3))))
         elif kind == "append":
