@@ -269,7 +269,8 @@ class OutputProcessor(OutputEndings, OutputJumpForward):
             if p.top_logprobs_num and top is not None:
                 req.out_top_logprobs.append(top)
         if req.matcher is not None and not req.matcher.advance(token):
-            req.error = f"token {token} was sampled but the constraint rejects it"
+            why = req.matcher.error()  # a limit the constraint passed taking it, if any
+            req.error = f"token {token} was sampled but the constraint rejects it" + (f" ({why})" if why else "")
             self._finish(req, FinishReason.CONSTRAINT_ERROR)
             return
         defer = self._defers(req)

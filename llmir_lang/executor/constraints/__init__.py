@@ -18,6 +18,7 @@ from __future__ import annotations
 from llmir_lang.executor.constraints.compiler import CompiledConstraint, CompileMeta, ConstraintCompiler
 from llmir_lang.executor.constraints.errors import (
     CONSTRAINT_ERROR_FINISH_REASON,
+    ConstraintTooExpensiveError,
     GrammarSyntaxError,
     InvalidChoicesError,
     InvalidRegexError,
@@ -56,6 +57,7 @@ __all__ = [
     "CompiledConstraint",
     "ConstraintCompiler",
     "ConstraintSpec",
+    "ConstraintTooExpensiveError",
     "GrammarSyntaxError",
     "InvalidChoicesError",
     "InvalidRegexError",

@@ -28,9 +28,12 @@ from llmir_lang.errors import ConstraintError
 from llmir_lang.executor.constraints import llguidance_backend as llg_backend
 from llmir_lang.executor.constraints import outlines_backend as oc_backend
 from llmir_lang.executor.constraints.errors import (
+    ConstraintTooExpensiveError,
     InvalidRegexError,
     UnsatisfiableConstraintError,
     UnsupportedSchemaError,
+    limit_of,
+    too_expensive_message,
 )
 from llmir_lang.executor.constraints.lark_checks import engine_grammar, lark_syntax_for_engine
 from llmir_lang.executor.constraints.matcher import Matcher, allocate_bitmask, word_bit
@@ -219,8 +222,15 @@ class ConstraintCompiler:
             index = shared_worker().build_index(wrapped, self.tok.fingerprint, vocab, self.outlines_timeout_s)
         return oc_backend.OutlinesCompiled(self.tok, regex, index)
 
-    def _llguidance(self, grammar: str) -> llg_backend.LLGuidanceCompiled:
-        return llg_backend.LLGuidanceCompiled(self.tok, grammar)
+    def _llguidance(self, grammar: str, what: str, lark: bool = False) -> llg_backend.LLGuidanceCompiled:
+        """llguidance's matcher template for ``grammar``; ``what`` names it in an error."""
+        compiled = llg_backend.LLGuidanceCompiled(self.tok, grammar, lark=lark)
+        err = compiled.compile_error()
+        limit = limit_of(err) if err is not None else None
+        if limit is not None:
+            detail = f"llguidance: {_first_lines(err, 1)}"
+            raise ConstraintTooExpensiveError(f"{what}: {too_expensive_message(detail)}", limit)
+        return compiled
 
     def _outlines_only(self, regex: str) -> tuple[Any, CompileMeta]:
         try:
@@ -256,7 +266,7 @@ class ConstraintCompiler:
                 return self._outlines(regex), CompileMeta(oc_backend.ENGINE, 0.0)
             except (OutlinesBuildError, OutlinesTimeout) as e:
                 reason = f"outlines-core: {e}"
-        compiled = self._llguidance(llguidance.LLMatcher.grammar_from_regex(regex))
+        compiled = self._llguidance(llguidance.LLMatcher.grammar_from_regex(regex), f"regex {regex!r}")
         err = compiled.compile_error()
         if err is not None:
             if "regex parse error" in err or "invalid regex" in err:
@@ -272,13 +282,16 @@ class ConstraintCompiler:
         if self.engine == oc_backend.ENGINE:
             raise ConstraintError("lark grammars need llguidance; this compiler is pinned to outlines-core")
         read = lark_syntax_for_engine(text)
-        compiled = self._llguidance(llguidance.LLMatcher.grammar_from_lark(read))
+        compiled = self._llguidance(llguidance.LLMatcher.grammar_from_lark(read), "the grammar", lark=True)
         err = compiled.compile_error()
         if err is not None:
             raise grammar_error(text, err, _first_lines(err, 6))
-        engine_text = engine_grammar(text)  # a spec built by hand skipped spec_from_grammar's checks
+        # checks a spec built by hand; one from spec_from_grammar holds an engine text, checked
+        # there already (engine_grammar knows it: the checks run once per grammar)
+        engine_text = engine_grammar(text)
         if engine_text != read:
-            compiled = self._llguidance(llguidance.LLMatcher.grammar_from_lark(engine_text))
+            grammar = llguidance.LLMatcher.grammar_from_lark(engine_text)
+            compiled = self._llguidance(grammar, "the grammar", lark=True)
         meta = CompileMeta(llg_backend.ENGINE, 0.0, fallback_reason="grammars need llguidance")
         meta.warnings = compiled.warnings()
         return compiled, meta
@@ -347,7 +360,7 @@ class ConstraintCompiler:
             )
         except ValueError as e:
             raise unreadable_schema_error(str(e), schema) from None
-        compiled = self._llguidance(exact_float_grammar(grammar, schema))
+        compiled = self._llguidance(exact_float_grammar(grammar, schema), "the JSON schema")
         err = compiled.compile_error()
         if err is not None:
             raise llguidance_error(err, schema)
@@ -386,14 +399,16 @@ def _check_satisfiable(compiled: CompiledConstraint) -> None:
     if m.error() is None and bool(mask.ne(0).any()):
         return
     detail = m.error() or "no token can start the output"
-    if "too many expressions constructed" in detail:  # the engine's size limit, not an empty language
+    limit = m.over_budget()
+    if limit == "step_lexer_fuel":  # the engine's size limit, not an empty language
         keyword, path = "", ""
         if compiled.spec.kind == "json_schema":
             path = find_keyword(json.loads(compiled.spec.value), "multipleOf") or ""
             keyword = "multipleOf" if path else ""
         what = f"'multipleOf' at {path}" if keyword else compiled.spec.describe()
         raise UnsupportedSchemaError(
-            f"{what}: the grammar engine reached its limit of expressions building it ({detail}); "
+            f"{what}: the grammar engine reached its limit of expressions building it (llguidance: "
+            "lexer error: too many expressions constructed); "
             + (
                 "remove the multipleOf and check the value after parsing, or use another step"
                 if keyword
@@ -402,6 +417,8 @@ def _check_satisfiable(compiled: CompiledConstraint) -> None:
             keyword=keyword,
             path=path,
         )
+    if limit is not None:
+        raise ConstraintTooExpensiveError(f"{compiled.spec.describe()}: {detail}", limit)
     raise UnsatisfiableConstraintError(
         f"{compiled.spec.describe()} admits no output with this tokenizer ({detail}); check the "
         "constraint, or that the vocabulary can spell the characters it needs"

@@ -88,3 +88,49 @@ class UnknownDtypeError(ConstraintError):
 
 class TokenizerVocabularyError(ConstraintError):
     """The tokenizer's vocabulary cannot be turned into bytes per token (unknown scheme, no EOS)."""
+
+
+class ConstraintTooExpensiveError(ConstraintError):
+    """Enforcing the constraint passes the engine's bounds on its work: llguidance's parser limits
+    (Earley items per step or per row, lexer fuel and states, grammar size), or text the grammar
+    forces that never ends. ``limit`` names which. Raised when it happens before any model step
+    (compiling); mid-generation the request ends with ``CONSTRAINT_ERROR_FINISH_REASON`` and the
+    same message (``too_expensive_message``)."""
+
+    limit: str = ""
+
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+def too_expensive_message(detail: str, endless: bool = False) -> str:
+    """What to tell a user whose constraint passed the engine's bounds (``detail``: the bound)."""
+    if endless:
+        return (
+            f"the grammar forces text here that never ends ({detail}): a terminal takes the "
+            "longest text it can, so it swallows what must follow it; end the terminal otherwise "
+            "(a bounded repeat, another last character) or change what follows it"
+        )
+    return (
+        f"the constraint is too ambiguous or too expensive for the engine to enforce ({detail}); "
+        "simplify it: give a grammar's texts one reading each (no rule like e: e e; recursion on "
+        'the left, lists as item ("," item)*) and fewer, longer terminals, give a schema fewer '
+        "anyOf branches, or split the output over several gen calls"
+    )
+
+
+# llguidance's error for passing each of its limits (in its first line), and the limit
+_LIMIT_ERRORS = (
+    ("Too many items", "step_max_items"),
+    ("Current row has", "max_items_in_row"),
+    ("too many expressions constructed", "step_lexer_fuel"),
+    ("too many states", "max_lexer_states"),
+    ("initial lexer configuration (grammar) too big", "initial_lexer_fuel"),
+    ("grammar size (number of symbols) too big", "max_grammar_size"),
+)
+
+
+def limit_of(error: str) -> str | None:
+    """The llguidance limit (an ``LLParserLimits`` field) that ``error`` reports passing, or None."""
+    return next((limit for needle, limit in _LIMIT_ERRORS if needle in error), None)

@@ -27,8 +27,10 @@ from __future__ import annotations
 import functools
 import random
 import re
+import threading
 import warnings
 import zlib
+from collections import OrderedDict
 from typing import Any
 
 from llmir_lang.executor.constraints.errors import UnsupportedGrammarError
@@ -44,11 +46,35 @@ _SAMPLES = 24  # texts generated per terminal with choices; each is matched with
 _SAMPLE_BYTES = 14
 
 
-@functools.lru_cache(maxsize=256)
+_CHECKED_SIZE = 256
+# a grammar checked -> its engine text, and that engine text -> itself: the text a spec holds is
+# the engine's, and reading it again (the compiler does) must not check the grammar again
+_checked: OrderedDict[str, str] = OrderedDict()
+_checked_lock = threading.Lock()
+
+
 def engine_grammar(text: str) -> str:
     """The grammar text to give the engine for ``text``: ``text`` rewritten (``lark_rewrite``)
     when it is plain lark, as is when it uses llguidance's extensions. Raises
-    ``UnsupportedGrammarError`` / ``UnsatisfiableConstraintError`` as the module docstring says."""
+    ``UnsupportedGrammarError`` / ``UnsatisfiableConstraintError`` as the module docstring says.
+    Each grammar is checked once: the answer is kept for ``text`` and for the engine text (which
+    rewrites to itself, and so would pass the same checks again)."""
+    with _checked_lock:
+        engine = _checked.get(text)
+        if engine is not None:
+            _checked.move_to_end(text)
+            return engine
+    engine = _checked_engine_text(text)
+    with _checked_lock:
+        for key in (text, engine):
+            _checked[key] = engine
+            _checked.move_to_end(key)
+        while len(_checked) > 2 * _CHECKED_SIZE:
+            _checked.popitem(last=False)
+    return engine
+
+
+def _checked_engine_text(text: str) -> str:
     if not _is_plain_lark(text):
         return text
     engine = rewrite_for_engine(text)
@@ -72,13 +98,37 @@ def lark_syntax_for_engine(text: str) -> str:
 def _is_plain_lark(text: str) -> bool:
     """Whether lark's grammar parser reads ``text`` (syntax only); not when it uses llguidance's
     extensions, or when lark's internals are not where this lark version had them."""
+    parse = _lark_grammar_parser()
+    if parse is None:
+        return False
     try:
-        from lark.load_grammar import _parse_grammar
-
-        _parse_grammar(text, "<grammar>")
+        parse(text, "<grammar>")
     except Exception:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def _lark_grammar_parser() -> Any:
+    """lark's own grammar parser (``lark.load_grammar._parse_grammar``, private), or None with a
+    warning, once, that grammars then go to the engine unchecked."""
+    import lark
+
+    try:
+        from lark.load_grammar import _parse_grammar
+    except ImportError:
+        warnings.warn(
+            f"grammar= texts are not checked against lark: lark {getattr(lark, '__version__', '?')} "
+            "has no lark.load_grammar._parse_grammar, so every grammar goes to the engine as written, in "
+            "llguidance's dialect, without the rewrites of \\w \\d \\s and common.ESCAPED_STRING "
+            "or the refusal of lazy quantifiers, first-match alternatives, nested classes, "
+            "swallowing terminals and rules that never finish; so a generated text may not "
+            "parse with lark. Install lark 1.1 to 1.3 to have them checked",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return _parse_grammar
 
 
 def _lark_parser(text: str) -> Any:

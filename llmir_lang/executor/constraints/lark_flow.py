@@ -16,8 +16,10 @@
 
 The last check is narrow on purpose (what can follow the terminal is merged over every place in
 the grammar that may be the same point of a text, and a place where another terminal can still be
-matching the same text is left alone): a grammar it passes may still hang in one context that
-only a parse would tell apart, but one it refuses would hang.
+matching the same text is left alone): one it refuses would hang, but a grammar it passes may
+still reach such a point, in a context only a parse tells apart (``start: "x" b "a" | "y" b "c"``
+with ``b: "k" A``) or after a choice (``A: /[ab]c+/`` before ``"c"``). There the matcher's forcing
+guard (``llguidance_backend._ForcingGuard``) ends that request in a few milliseconds instead.
 """
 
 from __future__ import annotations

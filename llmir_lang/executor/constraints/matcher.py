@@ -14,6 +14,8 @@ Matcher invariants:
 - ``rollback(n)`` undoes the last ``n`` successful ``advance`` calls, EOS included.
 - once ``error()`` is set the row's bits mean nothing (llguidance sets the EOS bit when stuck);
   the engine ends that request with ``CONSTRAINT_ERROR_FINISH_REASON``.
+- a step that passes a bound on the engine's work (llguidance's parser limits, forced text that
+  never ends) sets ``error()`` too, in bounded time; ``over_budget()`` names the bound.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ class Matcher(ABC):
         """Called by ``fill_batch_bitmask`` when the row came out empty while not accepting;
         afterwards ``error()`` must return a message (until a rollback)."""
         raise NotImplementedError
+
+    def over_budget(self) -> str | None:
+        """The bound on the engine's work (``ConstraintTooExpensiveError.limit``) that the
+        matcher's last step passed, else None; ``error()`` then says so."""
+        return None
 
     def _check_rollback(self, n: int, available: int) -> None:
         if n < 0 or n > available:

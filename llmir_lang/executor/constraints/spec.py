@@ -18,6 +18,7 @@ spec_from_grammar       a sentence of the lark grammar, as lark reads it (``lark
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -291,6 +292,13 @@ def spec_from_grammar(text: str) -> ConstraintSpec:
     to enforce (``lark_checks.engine_grammar``)."""
     if not isinstance(text, str) or not text.strip():
         raise GrammarSyntaxError("grammar= must be non-empty lark grammar text with a 'start' rule")
+    return _grammar_spec(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar_spec(text: str) -> ConstraintSpec:
+    """``spec_from_grammar`` of a text, once: a gen's grammar is read where the gen is written
+    and again where it runs."""
     import llguidance
 
     from llmir_lang.executor.constraints.lark_checks import engine_grammar, lark_syntax_for_engine
