@@ -382,7 +382,12 @@ class Runtime(Backend):
 
     def _sglang_engine(self) -> Any:
         if self._sglang is None:
+            from llmir_lang.errors import EngineClosedError
+            from llmir_lang.executor.engine_loop import CLOSED_MESSAGE
             from llmir_lang.server.offline_engine import Engine
+
+            if self.engine._closed:  # no service loop thread for an engine that is gone
+                raise EngineClosedError(CLOSED_MESSAGE)
 
             with self._sglang_lock:
                 if self._sglang is None:

@@ -16,11 +16,12 @@ What differs from running on SGLang, on purpose:
 - Sampling defaults are llmir's (greedy, unless ``run(temperature=...)`` or the gen says
   otherwise); SGLang's ``run`` defaults to ``temperature=1.0``. ``max_new_tokens=`` is accepted.
 - ``select`` scores choices deterministically; a ``temperature > 0`` on a select is refused.
-- ``separate_reasoning`` (SGLang's ``SglExprList([expr, SglSeparateReasoning])``) becomes llmir's
-  ``separate_reasoning`` around the converted ``expr``: the gen's answer replaces its output in
-  the state, as in SGLang's own example (``assistant(separate_reasoning(gen(...)))``); around a
-  role, or outside one, SGLang's text loses the role's end marker or repeats the answer, and
-  llmir's does not (``llmir_lang/dsl/README.md``).
+- ``separate_reasoning`` (SGLang's ``SglExprList([expr, SglSeparateReasoning])``, also where a
+  ``+`` flattened it into a longer list) becomes llmir's ``separate_reasoning`` around the
+  converted ``expr``: the gen's answer replaces its output in the state, as in SGLang's own
+  example (``assistant(separate_reasoning(gen(...)))``); around a role, or outside one, SGLang's
+  text loses the role's end marker or repeats the answer, and llmir's does not
+  (``llmir_lang/dsl/README.md``).
 
 Not supported (a typed ``SGLangConversionError`` says so): images and videos, ``n > 1``,
 ``unconditional_likelihood_normalized``, and calling another ``@sgl.function`` from the body
@@ -140,12 +141,15 @@ class SGLangState:
             for item in x:
                 self._append(item)
         elif isinstance(x, ir.SglExprList):
-            separated = _separated(ir, x)
-            if separated is not None:
-                self._append_separated(*separated)
-                return
-            for item in x.expr_list:
-                self._append(item)
+            items = list(x.expr_list)
+            k = 0
+            while k < len(items):
+                if _separates(ir, items, k):
+                    self._append_separated(items[k], items[k + 1].model_type)
+                    k += 2
+                else:
+                    self._append(items[k])
+                    k += 1
         elif isinstance(x, ir.SglConstantText):
             s += x.value
         elif isinstance(x, ir.SglArgument):
@@ -363,14 +367,15 @@ def convert_gen(x: Any) -> Gen:
         raise SGLangConversionError(e.cause_message, where=where) from None
 
 
-def _separated(ir: Any, x: Any) -> tuple[Any, Any] | None:
-    """``(expr, model_type)`` when ``x`` is what SGLang's ``separate_reasoning(expr, model_type)``
-    returns (``SglExprList([expr, SglSeparateReasoning(model_type, expr)])``), else None."""
+def _separates(ir: Any, items: list[Any], k: int) -> bool:
+    """Whether ``items[k + 1]`` is the ``SglSeparateReasoning`` of ``items[k]``: SGLang's
+    ``separate_reasoning(expr, model_type)`` is ``SglExprList([expr, SglSeparateReasoning(
+    model_type, expr)])``, which a concatenation flattens into its neighbours
+    (``"A: " + separate_reasoning(gen("a"), ...) + "\\n"``)."""
     node = getattr(ir, "SglSeparateReasoning", None)  # SGLang releases before 0.4.6 have none
-    items = list(x.expr_list)
-    if node is None or len(items) != 2 or not isinstance(items[1], node) or items[1].expr is not items[0]:
-        return None
-    return items[0], items[1].model_type
+    if node is None or k + 1 >= len(items):
+        return False
+    return isinstance(items[k + 1], node) and items[k + 1].expr is items[k]
 
 
 def _role(role: str) -> str:

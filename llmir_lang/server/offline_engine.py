@@ -216,12 +216,23 @@ class _Chunks:
         """Stop reading; a request still running is aborted."""
         if not self._done:
             self._done = True
-            runner = self._owner._runner
-            if not runner.closed:  # (a shutdown ends every stream)
-                try:
-                    runner.submit(_aclose(self._events))
-                except (RuntimeError, EngineClosedError):  # closed meanwhile
-                    pass
+            self._abort()
+
+    def _end_on_error(self) -> None:
+        """A read raised (an error of the stream, an interrupt, a cancel): the stream ends. An
+        interrupt or cancel that lands after the chunk came (its task had finished, so cancelling
+        it stopped nothing) leaves the request running: abort it (a no-op for a stream that
+        ended)."""
+        self._done = True
+        self._abort()
+
+    def _abort(self) -> None:
+        runner = self._owner._runner
+        if not runner.closed:  # (a shutdown ends every stream)
+            try:
+                runner.submit(_aclose(self._events))
+            except (RuntimeError, EngineClosedError):  # closed meanwhile
+                pass
 
     def __del__(self) -> None:
         try:
@@ -239,7 +250,7 @@ class _Stream(_Chunks, Iterator[dict[str, Any]]):
         try:
             event = self._shaped(self._owner._runner.call(_next(self._events)))
         except BaseException:
-            self._done = True  # the stream ended with the error (an interrupt aborted it)
+            self._end_on_error()
             raise
         if event is None:
             raise StopIteration
@@ -261,7 +272,7 @@ class _AsyncStream(_Chunks, AsyncIterator[dict[str, Any]]):
         try:
             event = self._shaped(await self._owner._runner.acall(_next(self._events)))
         except BaseException:
-            self._done = True
+            self._end_on_error()
             raise
         if event is None:
             raise StopAsyncIteration

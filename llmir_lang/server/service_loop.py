@@ -97,7 +97,12 @@ class ServiceLoop:
             self.service.close()
 
         try:
-            self.call(close_service())
+            if threading.current_thread() is self.thread:
+                # the finalizer of an Engine dropped in a reference cycle, run by a garbage
+                # collection that happened on this loop: waiting for the loop would never end
+                self.service.close()
+            else:
+                self.call(close_service())
         finally:
             self.closed = True
             try:

@@ -372,6 +372,33 @@ def test_from_sglang_matches_sglang_where_its_text_is_well_formed(scripted):
     assert e.value.where.line == _line(sgl_unknown.func, "no-such-parser")
 
 
+def test_from_sglang_takes_separate_reasoning_inside_a_concatenation(scripted):
+    # SGLang's "+" flattens separate_reasoning's [expr, SglSeparateReasoning] into its neighbours
+    sgl, backend = _sglang()
+
+    @sgl.function
+    def sgl_concatenated(s):
+        s += sgl.user("Q?")
+        s += sgl.assistant("A: " + sgl.separate_reasoning(sgl.gen("a", max_tokens=8), "deepseek-r1") + "!")
+
+    want = sgl_concatenated.run(backend=backend)
+    got = llmir.from_sglang(sgl_concatenated).run(backend=scripted)
+    assert (got["a"], got["a_reasoning_content"]) == (want["a"], want["a_reasoning_content"])
+    assert got["a"] == "yes" and got.text().endswith("assistant\nA: yes!<|im_end|>\n")
+
+    @sgl.function
+    def sgl_two(s):  # (the scripted SGLang backend does not score: llmir only)
+        pick = sgl.select("c", choices=["<think>x</think>y", "z"])
+        s += "PREFER:z " + sgl.separate_reasoning(pick, "qwen3")
+        q, q2 = sgl.gen("q", max_tokens=8), sgl.gen("q2", max_tokens=8)
+        s += sgl.separate_reasoning(q, "qwen3") + sgl.separate_reasoning(q2, "qwen3")
+
+    got = llmir.from_sglang(sgl_two).run(backend=scripted)
+    assert got.text() == "PREFER:z zz!!!" and got.variables() == {
+        "c": "z", "c_reasoning_content": "", "q": "z!", "q_reasoning_content": "z", "q2": "!!", "q2_reasoning_content": "!",
+    }  # fmt: skip
+
+
 # --- the IR ---------------------------------------------------------------------------------------
 IR = """module {
   func @f() {

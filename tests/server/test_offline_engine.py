@@ -5,6 +5,7 @@ answers for the same request (checked against an in-process server)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 import threading
@@ -185,6 +186,42 @@ def test_leaving_a_stream_early_aborts_its_request(llm):
     _wait_for_aborts(llm, before, 4)
 
 
+def test_an_interrupt_or_cancel_landing_after_a_chunk_came_aborts_the_stream(llm, monkeypatch):
+    # the read's task had finished when it landed (Ctrl-C, a task cancelled between two chunks:
+    # 9 cancels in 40 did), so cancelling it stopped nothing; the stream object is still held
+    before = llm.engine.stats()["requests"]["finished"].get("abort", 0)
+    runner = llm._runner
+    real_call, real_acall = runner.call, runner.acall
+
+    def interrupted(coro):
+        real_call(coro)
+        raise KeyboardInterrupt
+
+    async def cancelled(coro):
+        await real_acall(coro)
+        raise asyncio.CancelledError
+
+    stream = llm.generate(arithmetic_prompt(1), LONG, stream=True)
+    next(stream)
+    monkeypatch.setattr(runner, "call", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        next(stream)
+    monkeypatch.undo()
+
+    async def main():
+        astream = await llm.async_generate(arithmetic_prompt(2), LONG, stream=True)
+        await astream.__anext__()
+        monkeypatch.setattr(runner, "acall", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await astream.__anext__()
+        monkeypatch.undo()
+        return astream
+
+    astream = asyncio.run(main())
+    _wait_for_aborts(llm, before, 2)
+    assert next(stream, None) is None and astream._done  # (both still held, and ended)
+
+
 def test_a_stream_refuses_bad_input_at_the_call(llm):
     with pytest.raises(PromptTooLongError) as e:
         llm.generate("x " * 5000, GREEDY, stream=True)
@@ -328,6 +365,26 @@ def test_shutdown_ends_a_call_in_flight_with_engine_closed_error():
     assert not t.is_alive() and len(caught) == 1 and isinstance(caught[0], EngineClosedError), caught
 
 
+def test_an_engine_collected_on_its_own_loop_thread_shuts_down():
+    # an Engine in a reference cycle (an exception's traceback makes one) is freed by whichever
+    # thread collects: on its loop thread, its finalizer waited for that loop, forever
+    eng = Engine(kv_memory="32MB", device="cpu")
+    eng.cycle = eng
+    runner = eng._runner
+    del eng
+
+    async def collect() -> None:
+        gc.collect()
+
+    gc.disable()  # (no collection elsewhere first)
+    try:
+        runner.submit(collect()).result(timeout=10)
+    finally:
+        gc.enable()
+    runner.thread.join(30)
+    assert runner.closed and not runner.thread.is_alive()
+
+
 # --- the same answers as the server's /generate -------------------------------------------
 REQUESTS = [
     {"text": arithmetic_prompt(2), "sampling_params": GREEDY},
@@ -432,3 +489,12 @@ def test_runtime_async_generate_yields_the_text_piece_by_piece(rt):
 def test_runtime_encode_refuses_embeddings(rt):
     with pytest.raises(FeatureNotSupportedError, match="embeddings"):
         rt.encode("some text")
+
+
+def test_runtime_generate_after_shutdown_starts_no_loop_thread():
+    rt = llmir.Runtime()
+    rt.shutdown()
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(EngineClosedError):
+        rt.generate("Q: 1 + 1?\nA: ", {"max_new_tokens": 2})
+    assert {t.ident for t in threading.enumerate()} <= before
