@@ -36,6 +36,10 @@ class OpenAI(_HTTPBackend):
     speaks ``/v1/completions`` (the prompt rendered here, roles through the chat template), so a
     model that only the chat API serves fails at its first request; ``is_chat_model=True``,
     ``chat_template`` and ``is_azure`` raise ``NotYetSupportedError``.
+
+    A server that splits reasoning off (``reasoning_content`` or ``reasoning`` beside ``text``): the
+    gen's value is the answer (``text``, as SGLang's OpenAI backend takes), the reasoning
+    ``get_meta_info(name)["reasoning_content"]``. llmir's and SGLang's completions never split.
     """
 
     def __init__(
@@ -167,15 +171,19 @@ class OpenAI(_HTTPBackend):
             out = self._post("/completions", body)
             try:
                 choice, usage = out["choices"][0], out.get("usage") or {}
-                got, finish = choice.get("text", ""), choice.get("finish_reason")
+                got, finish, thought = choice.get("text", ""), choice.get("finish_reason"), _reasoning(choice)
                 if finish is None:
                     raise ValueError("no finish_reason")
+                got = "" if got is None and thought is not None else got  # reasoning, no answer
                 res = self._completion(body, got, finish, usage, choice.get("logprobs") or {})
                 res.matched_stop = _matched_stop(choice, finish)
+                if thought is not None:
+                    res.meta["reasoning_content"] = thought
                 return res
             except _SHAPE_ERRORS as e:
                 raise self._malformed("/completions", e, out) from None
         got, finish, usage, last, matched = "", None, {}, None, None
+        thoughts: list[str] | None = None  # reasoning a server split off, streamed beside the text
         parts: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
         streamed = False  # logprobs came with the chunks
         stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -188,6 +196,9 @@ class OpenAI(_HTTPBackend):
                     if piece and not isinstance(piece, str):
                         raise TypeError(f"text is a {type(piece).__name__}")
                     pieces.append(piece or "")
+                    if (thought := _reasoning(choice)) is not None:
+                        thoughts = thoughts if thoughts is not None else []
+                        thoughts.append(thought)
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
                         matched = _matched_stop(choice, finish)
@@ -209,6 +220,8 @@ class OpenAI(_HTTPBackend):
         except _SHAPE_ERRORS as e:
             raise self._malformed("/completions", e, last) from None
         res.matched_stop = matched
+        if thoughts is not None:
+            res.meta["reasoning_content"] = "".join(thoughts)
         return res
 
     @staticmethod
@@ -375,6 +388,15 @@ def _refuse_openai_options(
             f"OpenAI got unknown option(s) {unknown}; it takes base_url, api_key, constraints and "
             f"{', '.join(_HTTP_OPTIONS)}"
         )
+
+
+def _reasoning(choice: dict[str, Any]) -> str | None:
+    """The reasoning a server's reasoning parser split off a choice's text, or None."""
+    value = choice.get("reasoning_content")
+    value = choice.get("reasoning") if value is None else value  # vLLM's newer name
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"reasoning_content is a {type(value).__name__}")
+    return value
 
 
 def _matched_stop(choice: dict[str, Any], finish: str) -> str | int | None:

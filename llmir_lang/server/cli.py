@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight requests get on shutdown; those still running are then aborted (503)",
     )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        metavar="NAME",
+        help="split the reasoning off chat completions (message.reasoning_content), as SGLang's "
+        "--reasoning-parser: deepseek-r1, qwen3, ... (llmir_lang.ir.reasoning.FORMATS)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -75,6 +82,7 @@ def config_from_args(argv: list[str] | None) -> ServerConfig:
         max_running_requests=a.max_running_requests,
         shutdown_timeout_s=a.shutdown_timeout,
         log_level=a.log_level,
+        reasoning_parser=a.reasoning_parser,
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmir_lang.errors import InvalidRequestError
+from llmir_lang.ir.reasoning import reasoning_format_problem
 
 
 @dataclass(slots=True)
@@ -18,6 +19,9 @@ class ServerConfig:
     ``max_request_bytes``: larger bodies get a 413 before any parsing. ``default_max_tokens``:
     what a chat completion without ``max_tokens`` generates (capped by the limit).
     ``shutdown_timeout_s``: on SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    ``reasoning_parser``: a reasoning format (``llmir_lang.ir.reasoning.FORMATS``, matched
+    case-insensitively, held in lower case): chat completions split the reasoning off the answer
+    (``reasoning_content``), as SGLang's ``--reasoning-parser`` does; None: no split.
     """
 
     model: str | None = None  # None: the bundled model
@@ -34,8 +38,14 @@ class ServerConfig:
     program_workers: int = 32
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        if self.reasoning_parser is not None:
+            self.reasoning_parser = self.reasoning_parser.lower()
+            problem = reasoning_format_problem(self.reasoning_parser)
+            if problem is not None:
+                raise InvalidRequestError(f"--reasoning-parser: {problem}")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise InvalidRequestError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}")
         if self.max_request_bytes < 1024:

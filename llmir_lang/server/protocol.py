@@ -110,11 +110,21 @@ class ChatMessage(_Body):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
+    # an earlier answer's reasoning, as a reasoning parser returned it: handed to the chat template
+    # (Qwen3's renders it, most drop it)
+    reasoning_content: str | None = None
 
     @property
     def template_role(self) -> str:
         """The role the chat template sees."""
         return "system" if self.role == "developer" else self.role
+
+    def for_template(self, at: str = "messages") -> dict[str, str]:
+        """The message as the chat template sees it (``at``: see ``text``)."""
+        out = {"role": self.template_role, "content": self.text(at)}
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        return out
 
     def text(self, at: str = "messages") -> str:
         """The message's text; ``at``: where it is in the request (``messages.<i>``), for errors."""
@@ -247,6 +257,10 @@ class ChatCompletionRequest(_OpenAIBase):
     function_call: str | dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
+    # SGLang's: extra chat template variables, and (with ``--reasoning-parser``) the reasoning split
+    chat_template_kwargs: dict[str, Any] | None = None
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
 
 # --- llmir programs ---------------------------------------------------------------------

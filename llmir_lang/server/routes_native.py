@@ -159,18 +159,45 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 @router.post("/apply_chat_template")
 async def apply_chat_template(body: ChatTemplateRequest, request: Request) -> dict[str, Any]:
     svc = service_of(request)
-    messages = [
-        {"role": m.template_role, "content": m.text(f"messages.{i}")} for i, m in enumerate(body.messages)
-    ]
+    messages = [m.for_template(f"messages.{i}") for i, m in enumerate(body.messages)]
     return {"text": render_chat(svc, messages, add_generation_prompt=body.add_generation_prompt)}
 
 
-def render_chat(svc: EngineService, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+def render_chat(
+    svc: EngineService,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    template_kwargs: dict[str, Any] | None = None,
+) -> str:
     """The model's chat template over ``messages``. A template that refuses the conversation
     (``raise_exception`` in Llama 2's or Mistral's: roles that do not alternate, a system message
     it does not take) or fails on it is a 400 with the template's own message, not a 500 that
-    clients would retry."""
+    clients would retry. ``template_kwargs``: more template variables (a chat request's
+    ``chat_template_kwargs``, such as Qwen3's ``enable_thinking``); the renderer's own parameters
+    are refused (400), not passed on."""
+    kwargs = dict(template_kwargs or {})
+    for key in kwargs:
+        if key in _RENDERER_PARAMETERS:
+            raise ServerHTTPError(
+                400,
+                f"chat_template_kwargs.{key} is a parameter of the chat template renderer, not a "
+                "template variable; leave it out",
+                param=f"chat_template_kwargs.{key}",
+            )
     try:
-        return svc.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return svc.engine.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
     except ChatTemplateRefusedError as e:
         raise ServerHTTPError(400, str(e), param="messages") from None
+
+
+# transformers' apply_chat_template parameters: a chat_template_kwargs key among them would change
+# what the renderer returns (token ids, a dict) or clash with what the route passes
+_RENDERER_PARAMETERS = frozenset(
+    {
+        "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+        "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    }
+)  # fmt: skip

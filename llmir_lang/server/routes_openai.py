@@ -14,7 +14,8 @@ most likely token only; ``/generate`` takes (0, 1]), and ``top_logprobs`` / comp
 accept ``echo`` with ``logprobs`` (also with ``max_tokens=0``), which is how clients score a text;
 the prompt may be token ids (one list, or a list of lists), so a client can score exact token
 sequences. Features that are not implemented (``n`` > 1, ``best_of``, ``suffix``, ``tools``,
-``logit_bias``, image parts) are a 501 that names them.
+``logit_bias``, image parts) are a 501 that names them. With ``--reasoning-parser``, chat answers
+carry the reasoning apart (``reasoning_content``; ``reasoning_stream.py``); completions never split.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from llmir_lang.server.protocol import (
     check_openai_features,
     check_stop_token_ids,
 )
+from llmir_lang.server.reasoning_stream import ChatDeltas, chat_message, chat_reasoning
 from llmir_lang.server.routes_native import render_chat, service_of
 from llmir_lang.server.service import EngineService, Submission
 
@@ -335,10 +337,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     svc = service_of(request)
     _check_model(svc, body.model)
     check_openai_features(body)
-    messages = [
-        {"role": m.template_role, "content": m.text(f"messages.{i}")} for i, m in enumerate(body.messages)
-    ]
-    prompt = render_chat(svc, messages, add_generation_prompt=True)
+    reasoning = chat_reasoning(svc.config.reasoning_parser, body)
+    messages = [m.for_template(f"messages.{i}") for i, m in enumerate(body.messages)]
+    prompt = render_chat(svc, messages, True, body.chat_template_kwargs)
     top = (body.top_logprobs or 0) if body.logprobs else None
     if top is None and body.top_logprobs:
         raise ServerHTTPError(
@@ -354,11 +355,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     head = {"id": cid, "created": created, "model": svc.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(await prime(_stream_chat(svc, sub, head, include_usage, body.logprobs), request))
+        events = _stream_chat(svc, sub, head, include_usage, body.logprobs, ChatDeltas(reasoning))
+        return EventStream(await prime(events, request))
     res = await svc.run(sub, request)
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": res.text},
+        "message": chat_message(res.text, reasoning),
         "logprobs": chat_logprobs(svc, res) if body.logprobs else None,
         "finish_reason": res.finish_reason,
         **_stop_fields(res),
@@ -366,23 +368,29 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage([res])}
 
 
+def _delta_chunk(head: dict[str, Any], delta: dict[str, Any], lp: Any) -> dict[str, Any]:
+    return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}]}
+
+
 async def _stream_chat(
-    svc: EngineService, sub: Submission, head: dict[str, Any], include_usage: bool, with_logprobs: bool
+    svc: EngineService,
+    sub: Submission,
+    head: dict[str, Any],
+    include_usage: bool,
+    with_logprobs: bool,
+    deltas: ChatDeltas,
 ) -> AsyncIterator[dict[str, Any]]:
     head = {**head, "object": "chat.completion.chunk"}
     logged = StreamLogprobs(svc, sub.params.skip_special_tokens) if with_logprobs else None
-    first = True
     async for item in svc.stream(sub):
         if isinstance(item, StreamChunk):
             lp = logged.chat(item) if logged is not None else None
-            if item.text or first or lp:
-                delta = {"role": "assistant", "content": item.text} if first else {"content": item.text}
-                first = False
-                yield {
-                    **head,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": None}],
-                }
+            out = deltas.feed(item.text, keep=bool(lp))
+            for k, delta in enumerate(out):  # the chunk's logprobs go with its last delta
+                yield _delta_chunk(head, delta, lp if k == len(out) - 1 else None)
             continue
+        for delta in deltas.finish():  # what the reasoning split held back
+            yield _delta_chunk(head, delta, None)
         lp = logged.chat_rest(item) if logged is not None else None
         yield {
             **head,

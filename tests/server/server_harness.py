@@ -142,9 +142,10 @@ def wait_idle(url: str, timeout: float = 20.0) -> dict:
 class InProcessServer:
     """An llmir server for ``engine`` in this process: uvicorn on a daemon thread, a free loopback
     port (``url``), started once ``/health`` answers (bounded). ``close`` stops it; the engine is
-    shut down with it (``owns_engine``)."""
+    shut down with it (``owns_engine``). ``config``: the server's settings (its port is replaced)."""
 
-    def __init__(self, engine: object, ready_timeout: float = 60.0) -> None:
+    def __init__(self, engine: object, ready_timeout: float = 60.0, config: object = None) -> None:
+        import dataclasses
         import threading
 
         import uvicorn
@@ -153,7 +154,8 @@ class InProcessServer:
         from llmir_lang.server.config import ServerConfig
 
         port = free_port()
-        app = create_app(ServerConfig(port=port), engine=engine, owns_engine=True)
+        config = dataclasses.replace(config, port=port) if config is not None else ServerConfig(port=port)
+        app = create_app(config, engine=engine, owns_engine=True)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
