@@ -229,7 +229,6 @@ def _verify_one(proc: OutputProcessor, req: Req, row: int, draft: list[int], log
 
     vocab = logits.shape[-1]
     k = len(draft)
-    rows = logits[row : row + k + 1]
     m = req.matcher
     bitmask = None
     if m is not None:
@@ -237,9 +236,14 @@ def _verify_one(proc: OutputProcessor, req: Req, row: int, draft: list[int], log
         for i in range(k + 1):  # row i: the constraint's state after draft[:i]
             for dead in fill_batch_bitmask([m], bitmask[i : i + 1]):
                 bitmask[i + dead] = 0
-            if i < k:
-                m.advance(draft[i])  # checked by propose: the constraint allows the draft
+            # propose checked that the constraint allows the draft; a matcher that passed a bound
+            # on its work since refuses it: verify only the draft before (its append then fails
+            # and names the bound)
+            if i < k and not m.advance(draft[i]):
+                k, draft, bitmask = i, draft[:i], bitmask[: i + 1]
+                break
         m.rollback(k)
+    rows = logits[row : row + k + 1]
     p = req.params
     gen = req.generator
     before = gen.get_state() if gen is not None and not p.greedy else None

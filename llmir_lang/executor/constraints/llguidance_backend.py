@@ -99,8 +99,10 @@ class LLGuidanceCompiled:
         self.info = info
         self.grammar = grammar
         self.template = new_llmatcher(ll_tokenizer(info), grammar)
-        # None where the grammar cannot be read over bytes (it names the model's special tokens)
-        self.guard = _byte_template(_NO_FORCING + grammar) if lark else None
+        # None where the grammar cannot be read over bytes (it names the model's special tokens).
+        # The option goes last: a later %llguidance line overrides an earlier one's keys, and the
+        # grammar's own may say "no_forcing": false
+        self.guard = _byte_template(grammar + "\n" + _NO_FORCING) if lark else None
 
     def compile_error(self) -> str | None:
         return self.template.get_error() if self.template.is_error() else None
@@ -126,6 +128,7 @@ class LLGuidanceMatcher(Matcher):
         "_refused",
         "_tokens",
         "_eos_done",
+        "_eos_counted",
         "_info",
         "_boundary",
         "_template",
@@ -141,8 +144,11 @@ class LLGuidanceMatcher(Matcher):
         self._words = bitmask_words(info.vocab_size)
         self._dead: str | None = None
         self._refused: str | None = None  # why the last advance failed, where llguidance said
-        self._tokens: list[int] = []  # consumed tokens, EOS excluded (llguidance does not stack it)
+        self._tokens: list[int] = []  # consumed tokens, EOS excluded (``_eos_done`` says it)
         self._eos_done = False
+        # llguidance holds the EOS as one of its tokens (where text could still have followed it,
+        # not where the text was complete): its rollback(k) then counts it among the k
+        self._eos_counted = False
         self._info = info
         self._boundary = forced_boundary(info)
         self._template = template  # the compiled grammar's matcher, to rebuild a failed one from
@@ -173,11 +179,19 @@ class LLGuidanceMatcher(Matcher):
         token_id = int(token_id)
         if self._eos_done:
             return False
+        # a limit passed computing the last mask (a refused token's rebuilds at once) says nothing
+        # of this token: speculation's verify advances through its draft whatever the masks were,
+        # and rolls all of it back, so refusing here would undo tokens before the draft
+        if self.native.is_error() and not self._rebuild(self._tokens):
+            return False
         if token_id in self.eos_token_ids:
             # once stopped, llguidance's try/validate refuse EOS even when accepting
-            if not self.native.is_accepting() or not self.native.consume_token(token_id):
+            if not self.native.is_accepting():
                 return False
-            self._eos_done = True
+            counted = not self.native.is_stopped()
+            if not self.native.consume_token(token_id):
+                return False
+            self._eos_done, self._eos_counted = True, counted
             return True
         if self.native.try_consume_tokens([token_id]) != 1:
             if self.native.is_error():  # a limit passed taking it (a row of too many items)
@@ -238,8 +252,11 @@ class LLGuidanceMatcher(Matcher):
         ok = True
         if self.native.is_error():  # a limit passed: llguidance rolls back nothing, so rebuild
             ok = self._rebuild(self._tokens[: len(self._tokens) - real])
+        elif self._eos_counted:  # the EOS is one of llguidance's n tokens
+            ok = bool(self.native.rollback(n))
         elif real > 0:
-            # after EOS, llguidance's rollback(k) undoes k real tokens and the stop together
+            # after an EOS that ended a complete text, llguidance's rollback(k) undoes k real
+            # tokens and the stop together
             ok = bool(self.native.rollback(real))
         elif self._tokens:  # undo EOS alone: step back one token and take it again
             ok = bool(self.native.rollback(1)) and bool(self.native.consume_token(self._tokens[-1]))
@@ -251,7 +268,7 @@ class LLGuidanceMatcher(Matcher):
             del self._tokens[-real:]
             if self._guard is not None and not self._guard.rollback(real):
                 self._guard = None
-        self._eos_done = False
+        self._eos_done = self._eos_counted = False
         self._dead = self._refused = None
 
     def _rebuild(self, tokens: list[int]) -> bool:
@@ -297,16 +314,20 @@ class _ForcingGuard:
     """A request's lark grammar read over bytes, without forcing, beside its matcher: before a
     mask or forced text makes llguidance run its forced-bytes loop, ``endless`` walks the forced
     bytes here, at most ``MAX_FORCED_BYTES`` of them (about 5 us a byte). Where the walk ends
-    (a choice, or a complete text), the loop does too; the stretch walked is not walked again."""
+    (a choice, or a complete text), the loop does too; the stretch walked is not walked again,
+    nor after a rollback that stays inside it (speculation rolls its draft back every step)."""
 
-    __slots__ = ("native", "token_bytes", "sizes", "read", "safe_until", "endless_at")
+    __slots__ = ("native", "token_bytes", "sizes", "read", "walked_from", "safe_until", "endless_at")
 
     def __init__(self, native: Any, token_bytes: list[bytes | None]) -> None:
         self.native = native
         self.token_bytes = token_bytes
         self.sizes: list[int] = []  # bytes of each consumed token
         self.read = 0  # bytes consumed
-        self.safe_until = 0  # forced text walked from an earlier state ends at this byte
+        # the forced text walked from the state at byte walked_from ends at byte safe_until: every
+        # state in between is on it, so its loop ends there too (-1: nothing walked)
+        self.walked_from = 0
+        self.safe_until = -1
         self.endless_at = -1  # the byte where the forced text was found not to end
 
     def advance(self, token: int) -> bool:
@@ -321,7 +342,10 @@ class _ForcingGuard:
         undo = sum(self.sizes[len(self.sizes) - n :])
         del self.sizes[len(self.sizes) - n :]
         self.read -= undo
-        self.safe_until, self.endless_at = 0, -1
+        if self.read < self.walked_from:  # before the walk: what follows may differ from here on
+            self.safe_until = -1
+        if self.read < self.endless_at:
+            self.endless_at = -1
         return undo == 0 or bool(self.native.rollback(undo))
 
     def flagged(self) -> bool:
@@ -330,13 +354,13 @@ class _ForcingGuard:
     def endless(self) -> bool:
         if self.endless_at == self.read:
             return True
-        if self.read < self.safe_until:
-            return False  # inside forced text already walked: llguidance's loop ends where it did
+        if self.walked_from <= self.read <= self.safe_until:
+            return False  # on forced text already walked: llguidance's loop ends where it did
         probe = self.native
         for walked in range(MAX_FORCED_BYTES + 1):
             byte = _forced_byte(probe)
             if byte is None:
-                self.safe_until = self.read + walked
+                self.walked_from, self.safe_until = self.read, self.read + walked
                 return False
             if probe is self.native:
                 probe = probe.deep_copy()

@@ -38,6 +38,9 @@ HANGING = {
     "a choice before the repeat": ('start: A "c"\nA: /[ab]c+/\n', "a"),
     "the follower set by an outer rule": ('start: "x" b "a" | "y" b "c"\nb: "k" A\nA: /a+/\n', "xk"),
     "a repeat after a repeat": ('start: A "a"\nA: "b"+ "a"+\n', "ba"),
+    # llguidance's dialect, unchecked; the grammar's own options must not turn the guard's
+    # copy's forcing back on (a directive at its top was overridden by this one)
+    "forcing asked for": ('%llguidance {"no_forcing": false}\nstart: A "c"\nA: /[ab]c+/\n', "a"),
 }
 CHILD_TIMEOUT_S = 120  # the child loads a tokenizer and compiles; each mask is checked below
 
