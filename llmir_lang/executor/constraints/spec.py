@@ -102,14 +102,22 @@ _SCHEMA_VALUES = (
     "additionalItems", "unevaluatedItems", "unevaluatedProperties",
 )  # fmt: skip
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+# keywords that bring object members, in the order an output lists them: kept in written order
+_MEMBER_KEYWORDS = frozenset(
+    ("properties", "patternProperties", "anyOf", "oneOf", "allOf", "$ref", "if", "then", "else", "dependentSchemas")
+)
 
 
 def _canonical(node: Any) -> Any:
-    """Sort keywords, keep member order of ``properties``; data keywords stay untouched."""
+    """Keywords sorted, except that those whose members an object's output lists (``properties``,
+    the combinators, ``$ref``, ...) come last in their written order: llguidance lists an object's
+    members in keyword order, so sorting them would put an ``anyOf`` branch's members before the
+    schema's own ``properties``. Member order of ``properties`` kept; definition maps sorted; data
+    keywords untouched."""
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
-    for key in sorted(node):
+    for key in [*sorted(k for k in node if k not in _MEMBER_KEYWORDS), *(k for k in node if k in _MEMBER_KEYWORDS)]:
         val = node[key]
         if key in _ORDERED_MAPS and isinstance(val, dict):
             out[key] = {k: _canonical(v) for k, v in val.items()}
@@ -127,10 +135,11 @@ def _canonical(node: Any) -> Any:
 
 
 def canonical_schema_text(schema: Any) -> str:
-    """Canonical JSON text of a schema: keywords sorted, ``properties`` order kept.
+    """Canonical JSON text of a schema: keywords sorted (``_canonical``), ``properties`` order kept.
 
     Sorting every key (``sort_keys=True``) would also reorder ``properties``, which is the order
-    the constrained output lists object members, so member maps keep their written order.
+    the constrained output lists object members, and the keywords whose order decides where an
+    ``anyOf`` / ``allOf`` branch's members go; those keep their written order.
     """
     return json.dumps(_canonical(schema), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 

@@ -196,3 +196,16 @@ def test_bundled_tiny_model_tokenizer_if_present():
     info = TokenizerInfo.from_hf(hf)
     compiled = ConstraintCompiler(info).compile(spec_from_json_schema(Pet))
     assert accepts_text(compiled, hf, '{"name":"Rex","kind":"dog","age":3}').accepted
+
+
+def test_a_branch_s_members_follow_the_schema_s_own_properties(compiler, bpe_hf):
+    """Keyword order decides where an anyOf branch's members go (llguidance): written order, as
+    the schema has them; sorting keywords put the branch's "c" before "a" and "b"."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+        "anyOf": [{"properties": {"c": {"type": "integer"}}, "required": ["c"]}],
+    }
+    compiled = compiler.compile(spec_from_json_schema(schema))
+    assert accepts_text(compiled, bpe_hf, '{"a":1,"b":2,"c":3}').accepted, compiled.engine

@@ -46,7 +46,7 @@ def test_schema_canonical_text_sorts_keywords_but_keeps_property_order():
     assert hash(spec_from_json_schema(a)) == hash(spec_from_json_schema(b))
     text = spec_from_json_schema(a).value
     assert text.index('"z"') < text.index('"a"')  # generation order is the written order
-    assert list(json.loads(text)) == ["properties", "required", "type"]
+    assert list(json.loads(text)) == ["required", "type", "properties"]  # member keywords last
     swapped = {**a, "properties": {"a": {"type": "integer"}, "z": {"type": "string"}}}
     assert spec_from_json_schema(swapped) != spec_from_json_schema(a)
 
