@@ -46,3 +46,22 @@ def data_dir():
     if not (d / "jsonschemabench").is_dir():
         pytest.skip(f"shared test data not found at {d} (set LLMIR_SHARED_DATA)")
     return d
+
+
+
+@pytest.fixture()
+def parser_limits(monkeypatch):
+    """``parser_limits(name=value, ...)``: llguidance matchers made afterwards (the forcing guard's
+    byte-level copies too) run under these ``PARSER_LIMITS`` instead; put back after the test."""
+    from llmir_lang.executor.constraints import llguidance_backend as llg_backend
+
+    def set_limits(**values: int) -> None:
+        for name, value in values.items():
+            monkeypatch.setitem(llg_backend.PARSER_LIMITS, name, value)
+        llg_backend.parser_limits.cache_clear()
+        llg_backend._byte_template.cache_clear()
+
+    yield set_limits
+    monkeypatch.undo()
+    llg_backend.parser_limits.cache_clear()
+    llg_backend._byte_template.cache_clear()

@@ -60,14 +60,9 @@ AMBIGUOUS = 'start: e\ne: e e | e "+" e | "a" | "b"\n'
 
 
 @pytest.fixture()
-def small_step_limit(monkeypatch):
+def small_step_limit(parser_limits):
     """A step limit that ``AMBIGUOUS``'s masks pass after a couple of hundred tokens."""
-    monkeypatch.setitem(llg_backend.PARSER_LIMITS, "step_max_items", 2000)
-    llg_backend.parser_limits.cache_clear()
-    yield
-    monkeypatch.undo()
-    llg_backend.parser_limits.cache_clear()
-    llg_backend._byte_template.cache_clear()
+    parser_limits(step_max_items=2000)
 
 
 def test_a_mask_past_a_limit_leaves_the_draft_s_tokens_takeable(small_step_limit, sp_info):

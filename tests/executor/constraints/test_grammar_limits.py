@@ -162,14 +162,9 @@ AMBIGUOUS = 'start: e\ne: e e | e "+" e | "a" | "b"\n'
 
 
 @pytest.fixture()
-def small_limits(monkeypatch):
+def small_limits(parser_limits):
     """Limits small enough that ``AMBIGUOUS`` passes one within a few tokens."""
-    monkeypatch.setitem(llg_backend.PARSER_LIMITS, "max_items_in_row", 60)
-    llg_backend.parser_limits.cache_clear()
-    yield
-    monkeypatch.undo()
-    llg_backend.parser_limits.cache_clear()
-    llg_backend._byte_template.cache_clear()  # the forcing guard's copy was made under them
+    parser_limits(max_items_in_row=60)
 
 
 def test_an_ambiguous_grammar_ends_at_a_limit_and_says_so(small_limits, sp_info):
