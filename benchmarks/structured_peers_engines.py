@@ -42,6 +42,18 @@ def _bit(bitmask: Any, token: int) -> bool:
     return bool((int(bitmask[0, token // 32]) >> (token % 32)) & 1)
 
 
+class _Peer:
+    """A peer engine's defaults: one route (itself), no reason given for a refusal."""
+
+    name = ""
+
+    def route(self, compiled: Any) -> str:
+        return self.name
+
+    def refused_why(self, matcher: Any) -> str | None:
+        return None
+
+
 # --- llmir ---------------------------------------------------------------------------------
 class LlmirEngine:
     """``ConstraintCompiler`` as the engine builds it (defaults: 5 s outlines-core deadline in a
@@ -99,7 +111,7 @@ class _LLGMatcher:
         return bool(self.m.is_accepting()) and not self.m.is_error()
 
 
-class LLGuidanceEngine:
+class LLGuidanceEngine(_Peer):
     """``llguidance.JsonCompiler`` -> ``LLMatcher`` over ``llguidance.hf.from_tokenizer(hf)``,
     default parser limits. ``whitespace_flexible=True, whitespace_pattern="[ ]?"``: the
     compiler's own default (flexible off) writes only ``", "`` / ``": "`` and refuses compact JSON."""
@@ -134,9 +146,6 @@ class LLGuidanceEngine:
     def new_matcher(self, compiled: Any) -> _LLGMatcher:
         return _LLGMatcher(compiled.deep_copy(), self.eos)
 
-    def route(self, compiled: Any) -> str:
-        return self.name
-
     def refused_why(self, matcher: Any) -> str | None:
         return matcher.m.get_error() if matcher.m.is_error() else None
 
@@ -158,7 +167,7 @@ class _XGRMatcher:
         return bool(self.m.is_completed())
 
 
-class XGrammarEngine:
+class XGrammarEngine(_Peer):
     """``GrammarCompiler.compile_json_schema`` -> ``GrammarMatcher`` over
     ``TokenizerInfo.from_huggingface(hf)``; one compile thread, cache off. ``strict_mode=False``:
     its default (True) forbids properties and items the schema leaves open, which JSON Schema
@@ -194,12 +203,6 @@ class XGrammarEngine:
     def new_matcher(self, compiled: Any) -> _XGRMatcher:
         return _XGRMatcher(self.xgr.GrammarMatcher(compiled), self.eos)
 
-    def route(self, compiled: Any) -> str:
-        return self.name
-
-    def refused_why(self, matcher: Any) -> str | None:
-        return None
-
 
 # --- outlines-core -------------------------------------------------------------------------
 class _OCMatcher:
@@ -219,7 +222,7 @@ class _OCMatcher:
         return bool(self.g.is_finished())
 
 
-class OutlinesCoreEngine:
+class OutlinesCoreEngine(_Peer):
     """What outlines 1.x's outlines-core backend does for a JSON schema: ``Index`` over
     ``json_schema.build_regex_from_schema(schema, None)`` (whitespace ``[ ]?``), a ``Guide`` per
     request, ``Guide.write_mask_into``. The ``Vocabulary`` holds each token's exact bytes (specials
@@ -263,12 +266,6 @@ class OutlinesCoreEngine:
 
     def new_matcher(self, compiled: Any) -> _OCMatcher:
         return _OCMatcher(self.oc.Guide(compiled), self.eos)
-
-    def route(self, compiled: Any) -> str:
-        return self.name
-
-    def refused_why(self, matcher: Any) -> str | None:
-        return None
 
 
 ENGINES = {e.name: e for e in (LlmirEngine, LLGuidanceEngine, XGrammarEngine, OutlinesCoreEngine)}
