@@ -24,12 +24,12 @@ from __future__ import annotations
 import itertools
 import threading
 import traceback
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from llmir_lang.dsl.chat_roles import LazyRoles
 from llmir_lang.dsl.errors import (
     DSLError,
     GenerationError,
@@ -44,8 +44,6 @@ from llmir_lang.errors import LLMIRError, NotYetSupportedError
 from llmir_lang.executor.backend import Backend
 from llmir_lang.ir import Function, FunctionBuilder, Value
 from llmir_lang.ir.attrs import AttrValue
-from llmir_lang.optimizer import ChatTemplate
-from llmir_lang.optimizer.chat_template import derive_chat_template
 
 if TYPE_CHECKING:
     from llmir_lang.dsl.state import ProgramState
@@ -78,44 +76,6 @@ class SegmentRunner(Protocol):
 
 class GenerationNotSupportedError(GenerationError, NotYetSupportedError):
     """A gen used a feature (a constraint) the backend does not support yet."""
-
-
-_TEMPLATES: weakref.WeakKeyDictionary[Any, ChatTemplate] = weakref.WeakKeyDictionary()
-_TEMPLATES_LOCK = threading.Lock()
-
-
-def chat_roles(backend: Backend) -> ChatTemplate:
-    """The role markers of ``backend``'s chat template (derived once per backend, then cached)."""
-    with _TEMPLATES_LOCK:
-        cached = _TEMPLATES.get(backend)
-    if cached is not None:
-        return cached
-
-    def render(messages: list[dict[str, str]]) -> str:
-        return backend.apply_chat_template(messages, add_generation_prompt=False)
-
-    template = derive_chat_template(render, source=type(backend).__name__)
-    with _TEMPLATES_LOCK:
-        _TEMPLATES[backend] = template
-    return template
-
-
-class LazyRoles:
-    """A ``RoleRenderer`` that derives the backend's template only when a role is rendered."""
-
-    def __init__(self, backend: Backend | None) -> None:
-        self.backend = backend
-
-    def begin(self, role: str) -> str:
-        return self._template().begin(role)
-
-    def end(self, role: str) -> str:
-        return self._template().end(role)
-
-    def _template(self) -> ChatTemplate:
-        if self.backend is None:
-            raise RoleError("roles render through the backend's chat template, and no backend is set")
-        return chat_roles(self.backend)
 
 
 class ProgramRun:

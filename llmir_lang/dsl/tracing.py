@@ -10,8 +10,9 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from llmir_lang.dsl.chat_roles import chat_roles
 from llmir_lang.dsl.errors import DSLError
-from llmir_lang.dsl.recorder import ProgramRun, chat_roles
+from llmir_lang.dsl.recorder import ProgramRun
 from llmir_lang.dsl.runtime import cache_prefix, get_default_backend, resolve_backend
 from llmir_lang.dsl.state import ProgramState
 from llmir_lang.dsl.traced_text import TracedText

@@ -136,8 +136,8 @@ def run_program(
     svc: EngineService, backend: Any, module: Module, args: list[dict[str, str]], passes: str | None
 ) -> dict:
     """Optimize and run ``module`` on ``backend`` (blocking; call it off the event loop)."""
+    from llmir_lang.dsl.chat_roles import chat_roles
     from llmir_lang.dsl.evaluator import SegmentEvaluator
-    from llmir_lang.dsl.recorder import chat_roles
     from llmir_lang.optimizer import DEFAULT_PIPELINE, PassManager
 
     started = time.perf_counter()

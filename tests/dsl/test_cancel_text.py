@@ -26,7 +26,7 @@ import pytest
 from fake_backend import FakeBackend
 
 import llmir_lang as llmir
-from llmir_lang.dsl.recorder import chat_roles
+from llmir_lang.dsl.chat_roles import chat_roles
 
 
 @llmir.function
