@@ -1,7 +1,8 @@
 """Lowering: IR gen / select attributes to backend calls, and backend results back to values.
 
 - ``gen_step(name, attrs)``: a ``GenStep`` with the engine's ``SamplingParams`` and, for a
-  constrained gen, a ``ConstraintSpec`` built by the constraints package's helpers.
+  constrained gen, a ``ConstraintSpec`` built by the constraints package's helpers; inside
+  ``separate_reasoning`` it covers the answer after the reasoning (``dsl.reasoning.gated_constraint``).
 - ``chain_steps(segments)``: a ``gen.chain``'s segments as ``ChainRequest`` steps.
 - ``prefill_request(text)``: an extend with no generation (one gen step of 0 tokens, since a chain
   needs a gen step), pinned: how the interpreter prefills a shared prefix once.
@@ -9,7 +10,8 @@
   the method's own meta keys; ``select_meta`` makes the select's meta info of it.
 - ``unfinished_value(name, attrs, text)``: why a constrained gen that finished normally did not
   produce a complete value of its constraint (a stop string cut it, or the engine was looser
-  than the schema), so the gen fails instead of handing back invalid text as a finished value.
+  than the schema), so the gen fails instead of handing back invalid text as a finished value
+  (of a gated constraint, the answer split off the output is checked).
 - ``missing_next_alternatives(name, attrs, step)``: why a gen of ``max_tokens=0`` with
   ``top_logprobs_num`` fails: the backend did not report the next token's alternatives.
 """
@@ -22,19 +24,23 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from llmir_lang.dsl.reasoning import gated_constraint
 from llmir_lang.dsl.sampling_args import to_sampling_params
 from llmir_lang.errors import NotYetSupportedError
 from llmir_lang.executor.backend import ChainRequest, GenStep, StepResult
 from llmir_lang.executor.choices import ChoiceDecision, select_choice
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, AttrValue, without_annotations
+from llmir_lang.ir.reasoning import gated_answer
 
 
 def gen_step(name: str | None, attrs: Mapping[str, AttrValue]) -> GenStep:
-    """The backend step for one gen with IR attributes ``attrs`` (annotations are ignored)."""
+    """The backend step for one gen with IR attributes ``attrs`` (annotations are ignored). A
+    constrained gen with a ``reasoning`` format gets its constraint after the reasoning
+    (``dsl.reasoning.gated_constraint``)."""
     attrs = without_annotations(attrs)
     start = int(attrs.get("logprob_start_len", -1))  # an int: the verifier checks the attribute
-    return GenStep(name, to_sampling_params(dict(attrs)), constraint_spec(attrs), start)
+    return GenStep(name, to_sampling_params(dict(attrs)), gated_constraint(attrs), start)
 
 
 def chain_steps(segments: Sequence[Mapping[str, AttrValue]]) -> list[GenStep | str]:
@@ -275,6 +281,14 @@ def unfinished_value(
     """
     stops = [*_listed(attrs.get("stop")), *_listed(attrs.get("stop_regex")), *_listed(attrs.get("stop_token_ids"))]
     stopped = bool(stops) and (matched is None or matched in stops)
+    fmt = attrs.get("reasoning")
+    if fmt is not None and any(k in attrs for k in CONSTRAINT_ATTRS):
+        try:
+            gated = getattr(gated_constraint(attrs), "reasoning", None) is not None
+        except Exception:  # the constraint did not build: the gen failed before it ran
+            return None
+        if gated:  # the constraint covered the answer only
+            text = gated_answer(str(fmt), text)
     if "json_schema" in attrs:
         # Without a stop, only what is certain: the text must parse. jsonschema's own reading of a
         # schema differs from the engine's in corners (a float ``multipleOf``: 0.07 is not a

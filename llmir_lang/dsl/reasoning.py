@@ -8,17 +8,27 @@ messages, the prompts after it) goes on with the answer: the reasoning is left o
 conversation, as in SGLang, whose state keeps the answer in place of the output. How the text is
 split is ``ir.reasoning`` (SGLang's parser, rule by rule).
 
+A constrained gen inside it (``regex=``, ``json_schema=``, ``choices=``, ``dtype=``, ``grammar=``)
+is constrained after the reasoning, as SGLang's reasoner grammar does: the model reasons freely up
+to the end tag, and the constraint covers the answer, which is the gen's value
+(``gated_constraint``; the engine's ``executor/constraints/reasoning_gate.py``). A constraint that
+itself spells the end tag (``regex=r"<think>.*</think>\\d+"``) describes the whole output and
+covers all of it, as before.
+
 In a streamed run (``stream=True``) it does nothing but append its expression, as in SGLang: the
-stream has shown the output, which a stream never takes back, so there is no split to make.
+stream has shown the output, which a stream never takes back, so there is no split to make (and a
+constraint covers the whole output).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from llmir_lang.dsl.errors import SeparateReasoningError, SourceLocation, UnsupportedReasoningFormatError
 from llmir_lang.dsl.primitive_records import Concat, Gen, RoleBlock, Select, SeparateReasoning
-from llmir_lang.ir.reasoning import FORMATS, UNSUPPORTED_FORMATS, reasoning_format_problem
+from llmir_lang.ir.attrs import AttrValue
+from llmir_lang.ir.reasoning import FORMATS, UNSUPPORTED_FORMATS, gate_tags, reasoning_format_problem
 
 
 def separate_reasoning(expr: Any = None, model_type: str | None = None) -> SeparateReasoning:
@@ -95,4 +105,21 @@ def _check_inside(x: Any, where: SourceLocation | None) -> None:
         _check_inside(item, where)
 
 
-__all__ = ["reasoning_format", "separate_reasoning"]
+def gated_constraint(attrs: Mapping[str, AttrValue]) -> Any:
+    """The ``ConstraintSpec`` of a gen with IR attributes ``attrs`` (``lowering.constraint_spec``),
+    after the reasoning when they hold a ``reasoning`` format: the engine lets tokens through up
+    to the format's end tag, then constrains the answer (``executor.constraints.
+    gated_by_reasoning``, which leaves a constraint that spells the end tag over the whole
+    output). None for an unconstrained gen."""
+    from llmir_lang.dsl.lowering import constraint_spec
+
+    spec = constraint_spec(attrs)
+    fmt = attrs.get("reasoning")
+    if spec is None or fmt is None:
+        return spec
+    from llmir_lang.executor.constraints import ReasoningTags, gated_by_reasoning
+
+    return gated_by_reasoning(spec, ReasoningTags(*gate_tags(str(fmt))))
+
+
+__all__ = ["gated_constraint", "reasoning_format", "separate_reasoning"]

@@ -23,6 +23,10 @@ one-shot parse SGLang's ``parse_non_stream`` does (its ``detect_and_parse``), ru
    leading whitespace went in rule 3, its trailing whitespace stays: ``"<think>\\nhm\\n</think>"``
    gives ``"hm\\n"``), the answer what comes after it, stripped. A later end tag stays in the answer.
 
+``gate_tags`` / ``gated_answer``: a constraint of a gen in ``separate_reasoning`` (or of a chat
+request to ``llmir serve --reasoning-parser``) covers the answer only: the engine lets the
+reasoning run free until the end tag (``executor/constraints/reasoning_gate.py``).
+
 These are the rules of SGLang's releases from 0.4.6 on (0.4.10 is the reference the tests compare
 with when it is installed); its development branch has since stopped stripping whitespace.
 """
@@ -87,7 +91,30 @@ def reasoning_format_problem(model_type: object) -> str | None:
 
 def split_reasoning(model_type: str, text: str) -> tuple[str, str]:
     """``(reasoning, answer)`` of ``text`` in format ``model_type`` (the module docstring's rules)."""
+    return _split(FORMATS[model_type], text)
+
+
+def gate_tags(model_type: str, forced: bool = False) -> tuple[str, str, bool]:
+    """``(start, end, forced)`` of format ``model_type`` for a constraint that starts after the
+    reasoning (``executor.constraints.ReasoningTags``). ``forced``: the output begins inside the
+    reasoning whatever the format says (a chat template that opened it in the prompt).
+    ``minimax-append-think``'s output begins inside it too: its parser puts ``<think>`` back."""
     fmt = FORMATS[model_type]
+    return fmt.start, fmt.end, fmt.forced or fmt.prepend_start or forced
+
+
+def gated_answer(model_type: str, text: str, forced: bool = False) -> str:
+    """The part of ``text`` that a constraint gated by ``gate_tags(model_type, forced)`` covers:
+    the answer ``split_reasoning`` gives (with ``forced``: the split of the text after a start
+    tag). ``minimax-append-think`` does not split, and its answer is the whole output: the
+    constraint covers what follows the end tag, stripped, as it does for ``minimax``."""
+    fmt = FORMATS[model_type]
+    if fmt.prepend_start or (forced and not fmt.forced):
+        fmt = ReasoningFormat(fmt.start, fmt.end, forced=True)
+    return _split(fmt, text)[1]
+
+
+def _split(fmt: ReasoningFormat, text: str) -> tuple[str, str]:
     if fmt.prepend_start:
         return "", fmt.start + text
     if not fmt.forced and fmt.start not in text:

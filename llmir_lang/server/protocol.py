@@ -85,6 +85,14 @@ class TokenizeRequest(_Body):
     add_special_tokens: bool = True
 
 
+class SeparateReasoningRequest(_Body):
+    """SGLang's ``/separate_reasoning`` body: ``text`` to split, with ``reasoning_parser`` (a
+    format of ``ir.reasoning.FORMATS``, any case; left out: the server's ``--reasoning-parser``)."""
+
+    text: str
+    reasoning_parser: str | None = None
+
+
 class ScoreRequest(_Body):
     """``/score`` (llmir): per-token logprobs of each continuation after ``prompt``."""
 

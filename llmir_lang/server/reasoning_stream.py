@@ -14,7 +14,8 @@ holds back, and why, follows from ``split_reasoning``'s rules:
   whitespace.
 
 ``ChatReasoning`` is what one chat request asks of the server's parser (``separate_reasoning``,
-``stream_reasoning``, ``chat_template_kwargs``' ``enable_thinking`` / ``thinking``);
+``stream_reasoning``, ``chat_template_kwargs``' ``enable_thinking`` / ``thinking``), and its
+``gate`` puts the request's constraint after the reasoning;
 ``ChatDeltas`` turns streamed text into chat ``delta`` objects, with or without a parser.
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmir_lang.ir.reasoning import FORMATS, split_reasoning
+from llmir_lang.ir.reasoning import FORMATS, gate_tags, split_reasoning
 from llmir_lang.server.errors import ServerHTTPError
 
 _UNDECIDED, _REASONING, _ANSWER, _PLAIN = range(4)
@@ -150,6 +151,18 @@ class ChatReasoning:
     def split(self, text: str) -> tuple[str, str]:
         """``(reasoning, answer)`` of a whole output."""
         return split_reasoning(self.model_type, _forced_text(self.model_type, text, self.forced))
+
+    def gate(self, spec: Any) -> Any:
+        """The request's constraint (``response_format``, ``guided_*``, ``regex`` ...) applied
+        after the reasoning, as SGLang's reasoner grammar applies it: the model reasons freely up
+        to the end tag, and the constraint covers the answer, ``content``
+        (``executor/constraints/reasoning_gate.py``). None stays None; a constraint that spells
+        the end tag itself covers the whole output (``gated_by_reasoning``)."""
+        if spec is None:
+            return None
+        from llmir_lang.executor.constraints import ReasoningTags, gated_by_reasoning
+
+        return gated_by_reasoning(spec, ReasoningTags(*gate_tags(self.model_type, self.forced)))
 
 
 def chat_message(text: str, reasoning: ChatReasoning | None) -> dict[str, Any]:

@@ -7,6 +7,10 @@
 - ``GET /health`` (no API key needed), ``GET /get_model_info``.
 - ``POST /tokenize``: token ids of a text (vLLM's and SGLang's format); the remote backends use
   it to score choices over token ids, exactly as the engine does.
+- ``POST /separate_reasoning``: SGLang's, ``{"text", "reasoning_parser"}`` ->
+  ``{"text", "reasoning_text"}``: the answer and the reasoning ``split_reasoning`` splits off the
+  text (the parser defaults to the server's ``--reasoning-parser``; an unknown one is a 400 that
+  lists the names).
 - llmir extensions: ``POST /score`` (per-token logprobs of continuations, the engine's exact
   ``score``), ``POST /apply_chat_template``, ``GET /stats``, ``POST /flush_cache``.
 """
@@ -27,9 +31,16 @@ from llmir_lang.errors import (
     PromptTooLongError,
 )
 from llmir_lang.executor.tokenizer import lone_surrogate
+from llmir_lang.ir.reasoning import FORMATS, reasoning_format_problem, split_reasoning
 from llmir_lang.server.convert import EventStream, prime
 from llmir_lang.server.errors import ServerHTTPError, with_param
-from llmir_lang.server.protocol import ChatTemplateRequest, GenerateRequest, ScoreRequest, TokenizeRequest
+from llmir_lang.server.protocol import (
+    ChatTemplateRequest,
+    GenerateRequest,
+    ScoreRequest,
+    SeparateReasoningRequest,
+    TokenizeRequest,
+)
 from llmir_lang.server.service import EngineService
 from llmir_lang.server.sglang_generate import generate_answer
 
@@ -154,6 +165,27 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     _check_text(body.prompt, "prompt")
     ids = svc.engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": svc.engine.config.context_len}
+
+
+@router.post("/separate_reasoning")
+async def separate_reasoning(body: SeparateReasoningRequest, request: Request) -> dict[str, Any]:
+    """SGLang's: ``{"text": answer, "reasoning_text": reasoning}`` of ``body.text``, split as a
+    chat answer is (``split_reasoning``)."""
+    name = body.reasoning_parser
+    if name is None:
+        name = service_of(request).config.reasoning_parser
+        if name is None:
+            raise ServerHTTPError(
+                400,
+                "reasoning_parser is missing and this server has no --reasoning-parser: send "
+                f"reasoning_parser, one of {', '.join(FORMATS)}",
+                param="reasoning_parser",
+            )
+    problem = reasoning_format_problem(name.lower())
+    if problem is not None:
+        raise ServerHTTPError(400, f"reasoning_parser {name!r}: {problem}", param="reasoning_parser")
+    reasoning, answer = split_reasoning(name.lower(), body.text)
+    return {"text": answer, "reasoning_text": reasoning}
 
 
 @router.post("/apply_chat_template")

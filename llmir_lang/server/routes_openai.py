@@ -15,7 +15,9 @@ accept ``echo`` with ``logprobs`` (also with ``max_tokens=0``), which is how cli
 the prompt may be token ids (one list, or a list of lists), so a client can score exact token
 sequences. Features that are not implemented (``n`` > 1, ``best_of``, ``suffix``, ``tools``,
 ``logit_bias``, image parts) are a 501 that names them. With ``--reasoning-parser``, chat answers
-carry the reasoning apart (``reasoning_content``; ``reasoning_stream.py``); completions never split.
+carry the reasoning apart (``reasoning_content``; ``reasoning_stream.py``) and a chat request's
+constraint covers the answer only (the reasoning runs free up to its end tag, as in SGLang);
+completions never split, and their constraint covers the whole output.
 """
 
 from __future__ import annotations
@@ -350,6 +352,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     max_tokens = _chat_max_tokens(svc, body)
     params = _params(svc, body, max_tokens, top, "top_logprobs")
     spec, spec_field = _spec(body)
+    if reasoning is not None:  # the constraint covers the answer: the reasoning runs free
+        spec = reasoning.gate(spec)
     sub = Submission(prompt, params, spec, prompt_param="messages", constraint_param=spec_field)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": cid, "created": created, "model": svc.model_name}

@@ -11,6 +11,9 @@ Typical engine use::
     fill_batch_bitmask([matcher, None, ...], bitmask)        # once per step
     apply_bitmask(logits, bitmask)                           # one masked_fill
     matcher.advance(token)                                   # after sampling
+
+A reasoning model's constraint that starts after its reasoning: ``gated_by_reasoning(spec,
+ReasoningTags("<think>", "</think>", forced=True))`` (``reasoning_gate.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from llmir_lang.executor.constraints.schema_pydantic import pydantic_json_schema
 from llmir_lang.executor.constraints.spec import (
     DEFAULT_JSON_WHITESPACE,
     ConstraintSpec,
+    ReasoningTags,
+    gated_by_reasoning,
     parse_dtype_value,
     spec_from_choices,
     spec_from_dtype,
@@ -63,6 +68,7 @@ __all__ = [
     "InvalidRegexError",
     "InvalidSchemaError",
     "Matcher",
+    "ReasoningTags",
     "ReferenceLoopError",
     "TokenizerInfo",
     "TokenizerVocabularyError",
@@ -74,6 +80,7 @@ __all__ = [
     "apply_bitmask",
     "bitmask_words",
     "fill_batch_bitmask",
+    "gated_by_reasoning",
     "parse_dtype_value",
     "pydantic_json_schema",
     "spec_from_choices",

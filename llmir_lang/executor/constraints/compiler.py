@@ -8,6 +8,8 @@ Routing (the chosen engine and the reason are in ``CompiledConstraint.meta``):
   exactly (``schema_support.outlines_exact``); everything else, and any outlines-core failure,
   goes to llguidance after exact rewrites (``schema_rewrite``) of keywords it lacks.
 - grammar: llguidance.
+- a spec with ``reasoning`` (``gated_by_reasoning``): the spec without it, compiled as above, in a
+  ``reasoning_gate.GatedConstraint`` that leaves the reasoning free.
 
 Every compile ends with a satisfiability check (the start state must allow some token or accept
 the empty string), so unsatisfiable constraints fail here, before any model step. Failures are
@@ -42,6 +44,7 @@ from llmir_lang.executor.constraints.outlines_worker import (
     OutlinesTimeout,
     shared_worker,
 )
+from llmir_lang.executor.constraints.reasoning_gate import GatedConstraint
 from llmir_lang.executor.constraints.regex_cost import too_costly_for_outlines
 from llmir_lang.executor.constraints.schema_checks import (
     costly_multiple_of,
@@ -62,6 +65,7 @@ from llmir_lang.executor.constraints.spec import (
     escape_regex,
     grammar_error,
     spec_from_json_schema,
+    ungated,
 )
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
@@ -195,7 +199,12 @@ class ConstraintCompiler:
     # --- routing ------------------------------------------------------------------------
     def _compile_uncached(self, spec: ConstraintSpec) -> CompiledConstraint:
         start = time.perf_counter()
-        if spec.kind == "regex":
+        if spec.reasoning is not None:  # after a reasoning model's reasoning (reasoning_gate.py)
+            inner = self.compile(ungated(spec))
+            impl: Any = GatedConstraint(inner, spec.reasoning, self.tok)
+            im = inner.meta
+            meta = CompileMeta(im.engine, 0.0, im.fallback_reason, list(im.rewrites), list(im.warnings))
+        elif spec.kind == "regex":
             impl, meta = self._regex(spec.value)
         elif spec.kind == "choices":
             impl, meta = self._regex("(" + "|".join(escape_regex(c) for c in choices_of(spec)) + ")")

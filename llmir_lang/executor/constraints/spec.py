@@ -14,6 +14,9 @@ spec_from_choices       exactly one of the strings
 spec_from_dtype         an int / float / bool literal, or a JSON string literal for ``str``
 spec_from_grammar       a sentence of the lark grammar, as lark reads it (``lark_checks``)
 =====================  ====================================================================
+
+``gated_by_reasoning(spec, tags)`` makes a spec that leaves a reasoning model's reasoning free
+and constrains what follows its end tag (``ReasoningTags``; ``reasoning_gate.py``).
 """
 
 from __future__ import annotations
@@ -44,17 +47,35 @@ DEFAULT_JSON_WHITESPACE = "[ ]?"
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningTags:
+    """The tags of a reasoning format, as the constraint engine needs them (plain data: the
+    executor knows no format names; ``ir.reasoning.gate_tags`` makes these from one).
+    ``forced``: the output begins inside the reasoning (no start tag needed)."""
+
+    start: str
+    end: str
+    forced: bool
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.start, str) and isinstance(self.end, str) and self.start and self.end):
+            raise ValueError("ReasoningTags needs non-empty start and end tags (str)")
+
+
+@dataclass(frozen=True, slots=True)
 class ConstraintSpec:
     """A constraint on generated text; hashable and printable.
 
     ``value`` holds regex text, a canonical JSON schema (see ``canonical_schema_text``), lark
     grammar text, or a JSON list of choices. ``whitespace`` is a regex for the whitespace allowed
     between JSON tokens (json_schema only; ``None`` means ``DEFAULT_JSON_WHITESPACE``).
+    ``reasoning``: the constraint covers only the answer after these reasoning tags' end tag
+    (``gated_by_reasoning``); None: the whole output.
     """
 
     kind: ConstraintKind
     value: str
     whitespace: str | None = None
+    reasoning: ReasoningTags | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -63,10 +84,37 @@ class ConstraintSpec:
             raise TypeError(f"ConstraintSpec.value must be str, got {type(self.value).__name__}")
         if self.whitespace is not None and self.kind != "json_schema":
             raise ValueError("whitespace applies only to json_schema constraints")
+        if self.reasoning is not None and not isinstance(self.reasoning, ReasoningTags):
+            got = type(self.reasoning).__name__
+            raise TypeError(f"ConstraintSpec.reasoning must be ReasoningTags or None, got {got}")
 
     def describe(self, limit: int = 80) -> str:
         text = self.value if len(self.value) <= limit else self.value[: limit - 3] + "..."
-        return f"{self.kind}({text!r})"
+        after = f" after {self.reasoning.end!r}" if self.reasoning is not None else ""
+        return f"{self.kind}({text!r}){after}"
+
+
+def spells_tag(spec: ConstraintSpec, tag: str) -> bool:
+    """Whether the constraint's text holds ``tag`` (also written with backslash escapes, as a
+    regex or a lark terminal writes ``<\\/think>``)."""
+    return tag in spec.value or tag in re.sub(r"\\(.)", r"\1", spec.value)
+
+
+def gated_by_reasoning(spec: ConstraintSpec, tags: ReasoningTags) -> ConstraintSpec:
+    """``spec`` applied after the reasoning: tokens run free until the output holds ``tags.end``,
+    then the constraint covers the answer (``reasoning_gate.py``).
+
+    A constraint that itself spells the end tag (a regex ``<think>.*</think>\\d+``, a choice
+    ``"<think>x</think>y"``) describes the whole output, reasoning included, and is returned as it
+    is: gated, it would ask the answer to hold the reasoning's tags again."""
+    if spells_tag(spec, tags.end):
+        return spec
+    return ConstraintSpec(spec.kind, spec.value, spec.whitespace, tags)
+
+
+def ungated(spec: ConstraintSpec) -> ConstraintSpec:
+    """``spec`` over the whole output (its ``reasoning`` dropped)."""
+    return ConstraintSpec(spec.kind, spec.value, spec.whitespace)
 
 
 # --- regex --------------------------------------------------------------------------------
