@@ -234,12 +234,15 @@ def _verify_one(proc: OutputProcessor, req: Req, row: int, draft: list[int], log
     if m is not None:
         bitmask = allocate_bitmask(k + 1, vocab)
         for i in range(k + 1):  # row i: the constraint's state after draft[:i]
-            for dead in fill_batch_bitmask([m], bitmask[i : i + 1]):
-                bitmask[i + dead] = 0
+            # a dead row (a dead end, or a bound on the engine's work passed: its error names it)
+            # samples -1, never draft[i]: no position past it is kept, so none is verified
+            dead = bool(fill_batch_bitmask([m], bitmask[i : i + 1]))
+            if dead:
+                bitmask[i] = 0
             # propose checked that the constraint allows the draft; a matcher that passed a bound
             # on its work since refuses it: verify only the draft before (its append then fails
             # and names the bound)
-            if i < k and not m.advance(draft[i]):
+            if dead or (i < k and not m.advance(draft[i])):
                 k, draft, bitmask = i, draft[:i], bitmask[: i + 1]
                 break
         m.rollback(k)
@@ -264,6 +267,10 @@ def _verify_one(proc: OutputProcessor, req: Req, row: int, draft: list[int], log
     lps = out.logprobs.tolist() if out.logprobs is not None else [None] * (k + 1)
     kept = 0
     for i in range(n + 1):
+        if tokens[i] < 0 and m is not None and m.error() is None:
+            # the dead row's reason went with the draft's rollback; the matcher is in that
+            # state again: its row once more says why (a bound passed is remembered, not redone)
+            fill_batch_bitmask([m], allocate_bitmask(1, vocab))
         proc.append(req, tokens[i], lps[i], out.top_logprobs[i] if out.top_logprobs else None)
         kept += 1
         req.num_draft_accepted += i < n

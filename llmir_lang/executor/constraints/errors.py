@@ -93,7 +93,8 @@ class TokenizerVocabularyError(ConstraintError):
 class ConstraintTooExpensiveError(ConstraintError):
     """Enforcing the constraint passes the engine's bounds on its work: llguidance's parser limits
     (Earley items per step or per row, lexer fuel and states, grammar size), or text the grammar
-    forces that never ends. ``limit`` names which. Raised when it happens before any model step
+    forces that never ends (``"forced text"``: longer than ``forcing_guard.MAX_FORCED_BYTES``).
+    ``limit`` names which. Raised when it happens before any model step
     (compiling); mid-generation the request ends with ``CONSTRAINT_ERROR_FINISH_REASON`` and the
     same message (``too_expensive_message``)."""
 
@@ -110,7 +111,9 @@ def too_expensive_message(detail: str, endless: bool = False) -> str:
         return (
             f"the grammar forces text here that never ends ({detail}): a terminal takes the "
             "longest text it can, so it swallows what must follow it; end the terminal otherwise "
-            "(a bounded repeat, another last character) or change what follows it"
+            "(a bounded repeat, another last character) or change what follows it. If the grammar "
+            "does force text this long here, raise "
+            "llmir_lang.executor.constraints.forcing_guard.MAX_FORCED_BYTES"
         )
     return (
         f"the constraint is too ambiguous or too expensive for the engine to enforce ({detail}); "

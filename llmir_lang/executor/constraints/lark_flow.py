@@ -19,7 +19,7 @@ the grammar that may be the same point of a text, and a place where another term
 matching the same text is left alone): one it refuses would hang, but a grammar it passes may
 still reach such a point, in a context only a parse tells apart (``start: "x" b "a" | "y" b "c"``
 with ``b: "k" A``) or after a choice (``A: /[ab]c+/`` before ``"c"``). There the matcher's forcing
-guard (``llguidance_backend._ForcingGuard``) ends that request in a few milliseconds instead.
+guard (``forcing_guard.ForcingGuard``) ends that request in a few milliseconds instead.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ skips re-parsing the grammar.
 
 Every ``LLMatcher`` made here runs under ``PARSER_LIMITS``: a mask computation that would run away
 (an ambiguous grammar's Earley items, a regex's lexer states) ends the matcher in an error that
-``error()`` calls too expensive. llguidance 1.x has no limit on its forced-bytes loop (in every
-mask, ``compute_ff_bytes`` and ``compute_ff_tokens``), which runs while one byte is allowed:
-forever where a terminal swallows what must follow it (``A: /[ab]c+/`` before ``"c"``). So a lark
-grammar's matcher has a ``_ForcingGuard``, which walks the forced text first on a byte-level copy
-of the parser without forcing, and ends the request past ``MAX_FORCED_BYTES``.
+``error()`` calls too expensive. llguidance 1.x has no limit on its forced-bytes loop, so a lark
+grammar's matcher also has a ``forcing_guard.ForcingGuard``, which walks the forced text first
+and ends the request past ``forcing_guard.MAX_FORCED_BYTES``. The state where a bound was passed
+is remembered: speculation rolls its draft back and takes it again, and the request must end
+there with the bound named, without computing that mask again.
 """
 
 from __future__ import annotations
@@ -24,6 +24,13 @@ import torch
 from llmir_lang.errors import ConstraintError
 from llmir_lang.executor.constraints.errors import limit_of, too_expensive_message
 from llmir_lang.executor.constraints.forced import forced_boundary
+from llmir_lang.executor.constraints.forcing_guard import (
+    NO_FORCING,
+    ForcingGuard,
+    GuardLayout,
+    byte_tokenizer,
+    guard_layout,
+)
 from llmir_lang.executor.constraints.matcher import Matcher, bitmask_words, complete_utf8_prefix
 from llmir_lang.executor.constraints.tokenizer_info import TokenizerInfo
 
@@ -43,9 +50,6 @@ PARSER_LIMITS: dict[str, int] = {
     "max_lexer_states": 250_000,
     "max_grammar_size": 500_000,
 }
-# A lark grammar's forced text longer than this is taken for one that never ends (below).
-MAX_FORCED_BYTES = 32768  # no real grammar forces 32 KiB; walking it takes about 80 ms
-_NO_FORCING = '%llguidance {"no_forcing": true}\n'
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,10 +103,7 @@ class LLGuidanceCompiled:
         self.info = info
         self.grammar = grammar
         self.template = new_llmatcher(ll_tokenizer(info), grammar)
-        # None where the grammar cannot be read over bytes (it names the model's special tokens).
-        # The option goes last: a later %llguidance line overrides an earlier one's keys, and the
-        # grammar's own may say "no_forcing": false
-        self.guard = _byte_template(grammar + "\n" + _NO_FORCING) if lark else None
+        self.guard = _guard_template(info, grammar) if lark else None
 
     def compile_error(self) -> str | None:
         return self.template.get_error() if self.template.is_error() else None
@@ -111,8 +112,25 @@ class LLGuidanceCompiled:
         return list(self.template.get_grammar_warnings())
 
     def new_matcher(self) -> LLGuidanceMatcher:
-        guard = None if self.guard is None else _ForcingGuard(self.guard.deep_copy(), self.info.token_bytes)
+        guard = None
+        if self.guard is not None:
+            template, layout = self.guard
+            guard = ForcingGuard(template.deep_copy(), layout, self.info.token_bytes)
         return LLGuidanceMatcher(self.template.deep_copy(), self.info, self.template, guard)
+
+
+def _guard_template(info: TokenizerInfo, grammar: str) -> tuple[Any, GuardLayout] | None:
+    """The template of a lark grammar's ``ForcingGuard`` copy and how it reads text, or None
+    where the copy cannot be made. The no-forcing option goes last: a later %llguidance line
+    overrides an earlier one's keys, and the grammar's own may say "no_forcing": false."""
+    layout = guard_layout(info, grammar)
+    text = grammar + "\n" + NO_FORCING
+    if not layout.model_ids:
+        template = _byte_template(text)
+    else:
+        template = new_llmatcher(layout.tokenizer, text)
+        template = None if template.is_error() else template
+    return None if template is None else (template, layout)
 
 
 class LLGuidanceMatcher(Matcher):
@@ -133,10 +151,12 @@ class LLGuidanceMatcher(Matcher):
         "_boundary",
         "_template",
         "_guard",
+        "_spent",
+        "_at_spent",
     )
 
     def __init__(
-        self, native: Any, info: TokenizerInfo, template: Any = None, guard: _ForcingGuard | None = None
+        self, native: Any, info: TokenizerInfo, template: Any = None, guard: ForcingGuard | None = None
     ) -> None:
         self.native = native
         self.eos_token_ids = info.eos_token_ids
@@ -153,10 +173,16 @@ class LLGuidanceMatcher(Matcher):
         self._boundary = forced_boundary(info)
         self._template = template  # the compiled grammar's matcher, to rebuild a failed one from
         self._guard = guard
+        # the tokens after which a mask passed a bound, its error() and over_budget(): that state
+        # stays a dead end across rollbacks (speculation's verify takes its draft back, then its
+        # tokens again), and its mask is not computed again
+        self._spent: tuple[list[int], str, str] | None = None
+        self._at_spent = False
 
     def can_fill_in_batch(self, bitmask: torch.Tensor) -> bool:
         """Whether llguidance's batch call may compute this row: not after EOS, nor where its
-        forced-bytes loop would not return (``fill_bitmask`` writes the empty row)."""
+        forced-bytes loop would not return, nor where a bound was passed (``fill_bitmask``
+        writes the empty row)."""
         self._refused = None
         return bitmask.shape[1] == self._words and not self._eos_done and not self._stuck()
 
@@ -191,16 +217,19 @@ class LLGuidanceMatcher(Matcher):
             counted = not self.native.is_stopped()
             if not self.native.consume_token(token_id):
                 return False
-            self._eos_done, self._eos_counted = True, counted
+            self._eos_done, self._eos_counted, self._at_spent = True, counted, False
             return True
         if self.native.try_consume_tokens([token_id]) != 1:
             if self.native.is_error():  # a limit passed taking it (a row of too many items)
-                self._refused = self.error()
+                self._refused = self._native_error()[0]
                 self._rebuild(self._tokens)
             return False
         self._tokens.append(token_id)
         if self._guard is not None and not self._guard.advance(token_id):
-            self._guard = None  # the byte-level copy cannot follow (a special token): no guard
+            # the copy reads the token otherwise than llguidance did (a max_tokens= lexeme
+            # counts the copy's tokens, which are bytes): it cannot guard from here
+            self._guard = None
+        self._at_spent = self._is_spent_state()
         return True
 
     def is_accepting(self) -> bool:
@@ -270,6 +299,7 @@ class LLGuidanceMatcher(Matcher):
                 self._guard = None
         self._eos_done = self._eos_counted = False
         self._dead = self._refused = None
+        self._at_spent = self._is_spent_state()
 
     def _rebuild(self, tokens: list[int]) -> bool:
         """Replace a matcher a limit stopped by the template's copy after ``tokens`` (the state
@@ -283,13 +313,24 @@ class LLGuidanceMatcher(Matcher):
         return True
 
     def _stuck(self) -> bool:
-        """Whether llguidance's forced-bytes loop would never return from here; ``error()`` then
-        says why."""
+        """Whether no mask is to be computed here: a bound was passed here before, or
+        llguidance's forced-bytes loop would never return (``error()`` then says why)."""
+        if self._at_spent:
+            return True
         if self._guard is None or not self._guard.endless():
             return False
-        detail = f"more than {MAX_FORCED_BYTES} bytes with no choice"
-        self._dead = too_expensive_message(detail, endless=True)
+        detail = f"more than {self._guard.limit} bytes with no choice"
+        self._spend(too_expensive_message(detail, endless=True), "forced text")
         return True
+
+    def _spend(self, why: str, limit: str) -> None:
+        """Remember that a mask here passed ``limit`` (see ``__init__``)."""
+        if not self._eos_done:
+            self._spent = (list(self._tokens), why, limit)
+            self._at_spent = True
+
+    def _is_spent_state(self) -> bool:
+        return self._spent is not None and not self._eos_done and self._spent[0] == self._tokens
 
     def note_dead_end(self) -> None:
         if self._dead is None:
@@ -298,110 +339,32 @@ class LLGuidanceMatcher(Matcher):
     def over_budget(self) -> str | None:
         if self.native.is_error():
             return limit_of(self.native.get_error())
-        if self._guard is not None and self._guard.flagged():
-            return "forced text"
+        if self._at_spent and self._spent is not None:
+            return self._spent[2]
         return limit_of(self._refused) if self._refused else None
 
     def error(self) -> str | None:
-        if self.native.is_error():
-            lines = self.native.get_error().strip().splitlines()
-            detail = f"llguidance: {lines[0] if lines else 'error'}"
-            return too_expensive_message(detail) if limit_of(detail) else detail
+        if self.native.is_error():  # a mask (or forced text) computed here passed a limit
+            why, limit = self._native_error()
+            if limit is not None and not self._at_spent:
+                self._spend(why, limit)
+            return why
+        if self._at_spent and self._spent is not None:
+            return self._spent[1]
         return self._dead or self._refused
 
-
-class _ForcingGuard:
-    """A request's lark grammar read over bytes, without forcing, beside its matcher: before a
-    mask or forced text makes llguidance run its forced-bytes loop, ``endless`` walks the forced
-    bytes here, at most ``MAX_FORCED_BYTES`` of them (about 5 us a byte). Where the walk ends
-    (a choice, or a complete text), the loop does too; the stretch walked is not walked again,
-    nor after a rollback that stays inside it (speculation rolls its draft back every step)."""
-
-    __slots__ = ("native", "token_bytes", "sizes", "read", "walked_from", "safe_until", "endless_at")
-
-    def __init__(self, native: Any, token_bytes: list[bytes | None]) -> None:
-        self.native = native
-        self.token_bytes = token_bytes
-        self.sizes: list[int] = []  # bytes of each consumed token
-        self.read = 0  # bytes consumed
-        # the forced text walked from the state at byte walked_from ends at byte safe_until: every
-        # state in between is on it, so its loop ends there too (-1: nothing walked)
-        self.walked_from = 0
-        self.safe_until = -1
-        self.endless_at = -1  # the byte where the forced text was found not to end
-
-    def advance(self, token: int) -> bool:
-        data = self.token_bytes[token] if 0 <= token < len(self.token_bytes) else None
-        if not data or self.native.try_consume_tokens(list(data)) != len(data):
-            return False
-        self.sizes.append(len(data))
-        self.read += len(data)
-        return True
-
-    def rollback(self, n: int) -> bool:
-        undo = sum(self.sizes[len(self.sizes) - n :])
-        del self.sizes[len(self.sizes) - n :]
-        self.read -= undo
-        if self.read < self.walked_from:  # before the walk: what follows may differ from here on
-            self.safe_until = -1
-        if self.read < self.endless_at:
-            self.endless_at = -1
-        return undo == 0 or bool(self.native.rollback(undo))
-
-    def flagged(self) -> bool:
-        return self.endless_at == self.read
-
-    def endless(self) -> bool:
-        if self.endless_at == self.read:
-            return True
-        if self.walked_from <= self.read <= self.safe_until:
-            return False  # on forced text already walked: llguidance's loop ends where it did
-        probe = self.native
-        for walked in range(MAX_FORCED_BYTES + 1):
-            byte = _forced_byte(probe)
-            if byte is None:
-                self.walked_from, self.safe_until = self.read, self.read + walked
-                return False
-            if probe is self.native:
-                probe = probe.deep_copy()
-            if not probe.consume_token(byte):
-                return False  # not llguidance's loop: it stops where a byte is refused
-        self.endless_at = self.read
-        return True
-
-
-def _forced_byte(matcher: Any) -> int | None:
-    """The one byte a byte-level matcher allows, where it allows one and is not complete."""
-    bias = matcher.compute_logit_bias()
-    if matcher.is_error() or bias[256] or bias.count(0, 0, 256) != 255:
-        return None
-    return len(bias[:256].rstrip(b"\0")) - 1
+    def _native_error(self) -> tuple[str, str | None]:
+        """What to say of llguidance's error, and the limit it reports passing (or None)."""
+        lines = self.native.get_error().strip().splitlines()
+        detail = f"llguidance: {lines[0] if lines else 'error'}"
+        limit = limit_of(detail)
+        return (detail if limit is None else too_expensive_message(detail)), limit
 
 
 # --- whole-text checks, independent of any model's tokenizer ----------------------------------
-class _ByteTokenizer:
-    """A vocabulary of the 256 bytes plus EOS: a text is its UTF-8 bytes, so a matcher over it
-    answers "is this text a complete match" for any tokenizer's output."""
-
-    eos_token_id = 256
-    bos_token_id = None
-    tokens = [bytes([i]) for i in range(256)] + [b"<|eos|>"]
-    special_token_ids = [256]
-
-    def __call__(self, data: bytes) -> list[int]:
-        return list(data)
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_tokenizer() -> Any:
-    import llguidance
-
-    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer()), n_vocab=257, eos_token=[256])
-
-
 @functools.lru_cache(maxsize=64)
 def _byte_template(grammar: str) -> Any:
-    matcher = new_llmatcher(_byte_tokenizer(), grammar)
+    matcher = new_llmatcher(byte_tokenizer(), grammar)
     return None if matcher.is_error() else matcher
 
 

@@ -1,4 +1,4 @@
-"""The llguidance matcher and its ``_ForcingGuard`` stay in step through EOS, rollbacks and limits.
+"""The llguidance matcher and its ``ForcingGuard`` stay in step through EOS, rollbacks and limits.
 
 - llguidance counts an EOS among the tokens its ``rollback`` undoes where text could still have
   followed it (``start: "a" "b" "c" "d"?`` after ``abc``), not where the text was complete: the
@@ -17,9 +17,9 @@ from llmir_lang.executor.constraints import (
     ConstraintCompiler,
     allocate_bitmask,
     fill_batch_bitmask,
+    forcing_guard,
     spec_from_grammar,
 )
-from llmir_lang.executor.constraints import llguidance_backend as llg_backend
 
 
 def _mask(m, vocab: int) -> torch.Tensor:
@@ -100,8 +100,8 @@ def test_a_rollback_inside_walked_forced_text_does_not_walk_it_again(sp_info, mo
     m = compiled.new_matcher()
     assert m.advance(sp_info.token_bytes.index(b"a"))
     calls = []
-    real = llg_backend._forced_byte
-    monkeypatch.setattr(llg_backend, "_forced_byte", lambda matcher: calls.append(1) or real(matcher))
+    real = forcing_guard._forced_byte
+    monkeypatch.setattr(forcing_guard, "_forced_byte", lambda matcher: calls.append(1) or real(matcher))
     assert _mask(m, sp_info.vocab_size).ne(0).any() and len(calls) > len(literal)
     text = literal
     for _ in range(20):  # a step: one token of the literal, a draft of two more, rolled back
