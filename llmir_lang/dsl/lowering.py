@@ -31,7 +31,7 @@ from llmir_lang.executor.backend import ChainRequest, GenStep, StepResult
 from llmir_lang.executor.choices import ChoiceDecision, select_choice
 from llmir_lang.executor.sampling_params import SamplingParams
 from llmir_lang.ir.attrs import CONSTRAINT_ATTRS, AttrValue, without_annotations
-from llmir_lang.ir.reasoning import gated_answer
+from llmir_lang.ir.reasoning import FORMATS, gated_answer
 
 
 def gen_step(name: str | None, attrs: Mapping[str, AttrValue]) -> GenStep:
@@ -282,6 +282,7 @@ def unfinished_value(
     stops = [*_listed(attrs.get("stop")), *_listed(attrs.get("stop_regex")), *_listed(attrs.get("stop_token_ids"))]
     stopped = bool(stops) and (matched is None or matched in stops)
     fmt = attrs.get("reasoning")
+    output, gated = text, False
     if fmt is not None and any(k in attrs for k in CONSTRAINT_ATTRS):
         try:
             gated = getattr(gated_constraint(attrs), "reasoning", None) is not None
@@ -315,8 +316,39 @@ def unfinished_value(
             "ends the value"
         )
     else:
-        cause = "the constraint engine let through output its constraint rejects"
+        cause = _reasoning_cause(attrs, output, gated) or (
+            "the constraint engine let through output its constraint rejects"
+        )
     return f"gen({name!r}) finished, but not with a complete value: {why}; {cause}"
+
+
+def _reasoning_cause(attrs: Mapping[str, AttrValue], output: str, gated: bool) -> str | None:
+    """Why a reasoning model's output, ended by no stop, missed its constraint, where a server
+    gated it otherwise than the gen says (a remote backend cannot always tell beforehand); None
+    when nothing points to that. The embedded engine never gets here: a gated constraint masks
+    EOS until the end tag, an ungated one covers the whole output."""
+    if gated:
+        fmt = FORMATS[str(attrs["reasoning"])]
+        if fmt.end in output:
+            return None
+        return (
+            f"the output holds no end tag {fmt.end!r}, so the constraint was applied to the whole output "
+            "instead of the answer after the reasoning: the server does not gate constraints after a "
+            "reasoning (SGLang and llmir do when started with --reasoning-parser "
+            f"{attrs['reasoning']}; on vLLM, see its --reasoning-parser); start it so, or move the "
+            "constrained gen out of separate_reasoning (its constraint then covers the whole output)"
+        )
+    spelled = " ".join(str(attrs[k]) for k in CONSTRAINT_ATTRS if k in attrs)
+    tag = next((f.end for f in FORMATS.values() if f.end in output and f.end not in spelled), None)
+    if tag is None:
+        return None
+    return (
+        f"the output holds the reasoning end tag {tag!r}, which the constraint does not spell: the "
+        "server may apply constraints only after a reasoning (SGLang and llmir do when started with "
+        "--reasoning-parser), so the reasoning came unconstrained; put the gen inside "
+        "separate_reasoning(..., model_type=<the server's parser>) (its value is then the answer), "
+        "or start the server without --reasoning-parser"
+    )
 
 
 def _grammar_violation(attrs: Mapping[str, AttrValue], text: str) -> str | None:

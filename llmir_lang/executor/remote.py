@@ -20,6 +20,16 @@ start of a choice ("Par" + "ma" -> "P|arm|a"). The ids come from ``tokenizer=`` 
 from the server's ``/tokenize`` (vLLM, SGLang, llmir); see ``OpenAI.score`` and ``Endpoint.score``
 for servers without it.
 
+A constrained gen inside ``separate_reasoning`` is constrained after the reasoning on the
+embedded engine; a server does that only where it gates constraints itself. ``Endpoint`` tells an
+llmir server per request (llmir's ``reasoning_parser`` field), and on an SGLang server checks, from
+``/get_server_info``, that it was started with a ``--reasoning-parser`` of the gen's end tag (and
+that a gen constrained over its whole output meets a server without one): where not,
+``ReasoningParserMismatchError`` says how to start the server or change the program before
+anything is sent (``remote_reasoning``). ``OpenAI`` cannot tell what a server does: on a server
+that does not gate (started without a reasoning parser), such a gen fails when its answer is
+read, with an error that names this cause.
+
 Both are ``Backend``s: a chain's steps run one request at a time (constant text is appended here,
 between requests), streaming comes from server-sent events, ``pin``/``unpin`` are hints that
 remote servers do not take. Local checks (sampling params, constraint support) raise in
@@ -33,13 +43,14 @@ is sent again on such a failure (the one request sent again is ``OpenAI``'s refu
 The backends live in modules of their own, one concept each, and this module names them:
 ``remote_errors`` (``RemoteBackendError``, what a failed answer becomes), ``remote_http`` (the HTTP
 base: deadlines, JSON and server-sent events, chains on a thread pool), ``remote_tokens`` (token
-ids: ``tokenizer=`` or ``/tokenize``), ``remote_sglang`` (``Endpoint``, ``RuntimeEndpoint``) and
-``remote_openai`` (``OpenAI``).
+ids: ``tokenizer=`` or ``/tokenize``), ``remote_reasoning`` (where a server starts a reasoning
+model's constraint), ``remote_sglang`` (``Endpoint``, ``RuntimeEndpoint``) and ``remote_openai``
+(``OpenAI``).
 """
 
 from __future__ import annotations
 
-from llmir_lang.executor.remote_errors import ChainAborted, RemoteBackendError
+from llmir_lang.executor.remote_errors import ChainAborted, ReasoningParserMismatchError, RemoteBackendError
 from llmir_lang.executor.remote_openai import OpenAI
 from llmir_lang.executor.remote_sglang import Endpoint, ProgramReply, RemoteState, RuntimeEndpoint
 
@@ -48,6 +59,7 @@ __all__ = [
     "Endpoint",
     "OpenAI",
     "ProgramReply",
+    "ReasoningParserMismatchError",
     "RemoteBackendError",
     "RemoteState",
     "RuntimeEndpoint",

@@ -35,6 +35,21 @@ class ChainAborted(RemoteBackendError):
     """A chain stopped by ``abort_requests`` (an interrupted or cancelled program)."""
 
 
+class ReasoningParserMismatchError(RemoteBackendError):
+    """A constrained gen that the server would constrain otherwise than the program says, found
+    before anything is sent (``remote_reasoning``): a gen inside ``separate_reasoning``, whose
+    constraint starts after the reasoning, on a server started without a matching
+    ``--reasoning-parser`` (it would constrain the whole output, and the model could not reason);
+    or a gen constrained over its whole output on a server whose parser applies every constraint
+    after the reasoning. ``server_parser``: the server's ``reasoning_parser`` (None: none);
+    ``wanted``: the format the gen's constraint starts after (None: none, the whole output)."""
+
+    def __init__(self, message: str, server_parser: str | None = None, wanted: str | None = None) -> None:
+        super().__init__(message)
+        self.server_parser = server_parser
+        self.wanted = wanted
+
+
 # The input errors an llmir server names in its ``x-llmir-error`` header on a 400 (see
 # ``llmir_lang.server.errors``): the remote backends raise them as those classes, with the server's
 # message, so a program fails alike on a server and on the embedded engine (the same error type

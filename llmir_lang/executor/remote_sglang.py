@@ -14,6 +14,7 @@ from llmir_lang.errors import InvalidRequestError, NotYetSupportedError
 from llmir_lang.executor.backend import GenStep, StepResult
 from llmir_lang.executor.remote_errors import _SHAPE_ERRORS, RemoteBackendError
 from llmir_lang.executor.remote_http import _DEFAULT_MAX_TOKENS, _FINISH_OK, _HTTPBackend, _non_default
+from llmir_lang.executor.remote_reasoning import _ReasoningGate
 from llmir_lang.executor.remote_tokens import _check_prompt_ids, _merge_error
 
 
@@ -78,7 +79,7 @@ def _choices_regex(choices_json: str) -> str:
     return "(?:" + "|".join(escape_regex(c) for c in json.loads(choices_json)) + ")"
 
 
-class Endpoint(_HTTPBackend):
+class Endpoint(_ReasoningGate, _HTTPBackend):
     """An SGLang server or router, or an llmir server (``llmir serve``), at ``url``.
 
     ``protocol``: ``"auto"`` (ask ``/health`` on first use), ``"llmir"`` or ``"sglang"``. An SGLang
@@ -87,6 +88,11 @@ class Endpoint(_HTTPBackend):
     needs its llguidance grammar backend). A gen whose ``max_tokens`` is the default (128) is sent
     without ``max_new_tokens``, so the server's own default applies (128 on SGLang; on an llmir
     server 128 capped by its ``--max-tokens-limit``).
+
+    A constrained gen inside ``separate_reasoning`` is constrained after the reasoning: an llmir
+    server is told so per request; an SGLang server must have been started with a
+    ``--reasoning-parser`` of the same end tag, which its ``/get_server_info`` says, else
+    ``ReasoningParserMismatchError`` says what to do before anything is sent (``remote_reasoning``).
     """
 
     def __init__(self, url: str, api_key: str | None = None, *, protocol: str = "auto", **http: Any) -> None:
@@ -94,6 +100,7 @@ class Endpoint(_HTTPBackend):
             raise InvalidRequestError(f"protocol must be 'auto', 'llmir' or 'sglang', got {protocol!r}")
         super().__init__(url, api_key, **http)
         self._protocol: str | None = None if protocol == "auto" else protocol
+        self._init_reasoning_gate()
 
     _api = "SGLang's /generate API (base_url: the server's root URL)"
 
@@ -140,7 +147,7 @@ class Endpoint(_HTTPBackend):
         if spec is not None:
             key = {"json_schema": "json_schema", "grammar": "ebnf"}.get(spec.kind, "regex")
             sp[key] = _choices_regex(spec.value) if spec.kind == "choices" else spec.value
-        body: dict[str, Any] = {"sampling_params": sp}
+        body: dict[str, Any] = {"sampling_params": sp, **self._gate_fields(step)}
         if p.return_logprob or step.logprob_start_len >= 0:
             # the texts too: without tokenizer= they are the only source of return_text_in_logprobs
             body.update(
@@ -348,10 +355,15 @@ class Endpoint(_HTTPBackend):
 
     def get_server_info(self) -> dict[str, Any]:
         """The server's description: SGLang's ``/get_server_info`` (``/server_info`` on newer
-        servers), or an llmir server's ``/health`` and ``/get_model_info`` together."""
+        servers; its settings, ``reasoning_parser`` among them), on an llmir server with its
+        ``/health`` (an llmir server older than its ``/get_server_info``: ``/get_model_info``)."""
         if self.protocol == "llmir":
             info = self._json("GET", "/health")
-            return {**info, **self._json("GET", "/get_model_info")}
+            r = self._request("GET", "/get_server_info")
+            more = self._json("GET", "/get_model_info") if r.status_code == 404 else None
+            if more is None and r.status_code >= 400:
+                raise self._fail("/get_server_info", r)
+            return {**info, **(more if more is not None else self._answer("/get_server_info", r))}
         r = self._request("GET", "/get_server_info")
         if r.status_code == 404:
             return self._json("GET", "/server_info")

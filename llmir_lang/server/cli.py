@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--reasoning-parser",
         default=None,
         metavar="NAME",
-        help="split the reasoning off chat completions (message.reasoning_content), as SGLang's "
-        "--reasoning-parser: deepseek-r1, qwen3, ... (llmir_lang.ir.reasoning.FORMATS)",
+        help="split the reasoning off chat completions (message.reasoning_content) and start every "
+        "request's constraint after the reasoning, as SGLang's --reasoning-parser: deepseek-r1, "
+        "qwen3, ... (llmir_lang.ir.reasoning.FORMATS)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p

@@ -21,7 +21,8 @@ class ServerConfig:
     ``shutdown_timeout_s``: on SIGTERM/SIGINT, how long in-flight requests may take to finish.
     ``reasoning_parser``: a reasoning format (``llmir_lang.ir.reasoning.FORMATS``, matched
     case-insensitively, held in lower case): chat completions split the reasoning off the answer
-    (``reasoning_content``), as SGLang's ``--reasoning-parser`` does; None: no split.
+    (``reasoning_content``), and constraints start after the reasoning (``constraint_gate.py``),
+    as SGLang's ``--reasoning-parser`` does; None: no split, constraints over the whole output.
     """
 
     model: str | None = None  # None: the bundled model

@@ -4,7 +4,9 @@ The server parses and verifies the IR, optimizes the whole module with the pass 
 prefix sharing, fork/join scheduling, select tries and chain fusion see every function at once),
 renders roles with the served model's own chat template, and runs it on the embedded engine with
 the DSL's segment evaluator. The answer holds, per function, each returned state: its text, its
-variables, their meta info, and its failure if a generation failed.
+variables, their meta info, and its failure if a generation failed. The server's
+``--reasoning-parser`` plays no part: a gen's output is split, and its constraint starts after the
+reasoning, where the program's ``separate_reasoning`` says, as on the embedded engine.
 
 Body: ``{"ir": "<IR text>", "args": {...} | [{...}, ...], "passes": "<pipeline>"}``. Every
 function parameter needs a string argument; unknown arguments are an error. Limits: the request

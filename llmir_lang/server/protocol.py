@@ -75,6 +75,9 @@ class GenerateRequest(_Body):
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
     image_data: Any = None
+    # llmir's: the format whose end tag starts the constraints (null: none; absent: the server's
+    # --reasoning-parser, as SGLang gates them); see constraint_gate.py
+    reasoning_parser: str | None = None
 
 
 class TokenizeRequest(_Body):
@@ -248,6 +251,7 @@ class CompletionRequest(_OpenAIBase):
     best_of: int | None = None
     suffix: str | None = None
     json_schema: dict[str, Any] | str | None = None  # SGLang's
+    reasoning_parser: str | None = None  # llmir's, as /generate's (constraint_gate.py)
 
 
 class ChatCompletionRequest(_OpenAIBase):

@@ -24,7 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llmir_lang.ir.reasoning import FORMATS, gate_tags, split_reasoning
+from llmir_lang.ir.reasoning import FORMATS, split_reasoning
+from llmir_lang.server.constraint_gate import gated
 from llmir_lang.server.errors import ServerHTTPError
 
 _UNDECIDED, _REASONING, _ANSWER, _PLAIN = range(4)
@@ -158,11 +159,7 @@ class ChatReasoning:
         to the end tag, and the constraint covers the answer, ``content``
         (``executor/constraints/reasoning_gate.py``). None stays None; a constraint that spells
         the end tag itself covers the whole output (``gated_by_reasoning``)."""
-        if spec is None:
-            return None
-        from llmir_lang.executor.constraints import ReasoningTags, gated_by_reasoning
-
-        return gated_by_reasoning(spec, ReasoningTags(*gate_tags(self.model_type, self.forced)))
+        return gated(spec, self.model_type, self.forced)
 
 
 def chat_message(text: str, reasoning: ChatReasoning | None) -> dict[str, Any]:

@@ -3,8 +3,11 @@
 - ``POST /generate``: SGLang's API. ``text`` or ``input_ids`` (one or a batch), ``sampling_params``
   (with ``regex`` / ``json_schema`` / ``ebnf``), ``stream`` (server-sent events whose ``text`` is
   the whole text so far, as SGLang sends it), ``return_logprob`` / ``logprob_start_len`` /
-  ``top_logprobs_num``, ``rid``.
-- ``GET /health`` (no API key needed), ``GET /get_model_info``.
+  ``top_logprobs_num``, ``rid``; under ``--reasoning-parser`` a constraint starts after the
+  reasoning, as on SGLang (llmir's ``reasoning_parser`` field chooses per request:
+  ``constraint_gate.py``).
+- ``GET /health`` (no API key needed), ``GET /get_model_info``, ``GET /get_server_info``
+  (SGLang's: the server's settings, ``reasoning_parser`` among them, with the model's).
 - ``POST /tokenize``: token ids of a text (vLLM's and SGLang's format); the remote backends use
   it to score choices over token ids, exactly as the engine does.
 - ``POST /separate_reasoning``: SGLang's, ``{"text", "reasoning_parser"}`` ->
@@ -18,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from typing import Any
 
@@ -31,7 +35,8 @@ from llmir_lang.errors import (
     PromptTooLongError,
 )
 from llmir_lang.executor.tokenizer import lone_surrogate
-from llmir_lang.ir.reasoning import FORMATS, reasoning_format_problem, split_reasoning
+from llmir_lang.ir.reasoning import FORMATS, split_reasoning
+from llmir_lang.server.constraint_gate import checked_parser
 from llmir_lang.server.convert import EventStream, prime
 from llmir_lang.server.errors import ServerHTTPError, with_param
 from llmir_lang.server.protocol import (
@@ -77,6 +82,24 @@ async def model_info(request: Request) -> dict[str, Any]:
         "is_generation": True,
         "served_model_name": svc.model_name,
         "context_length": svc.engine.config.context_len,
+    }
+
+
+@router.get("/get_server_info")
+async def server_info(request: Request) -> dict[str, Any]:
+    """SGLang's: the server's settings (its ``ServerArgs`` there; ``ServerConfig`` here, without
+    the API key), so that a client can see ``reasoning_parser``, with the model and the engine's
+    counters (``internal_states``, as SGLang lists them)."""
+    svc = service_of(request)
+    settings = {k: v for k, v in dataclasses.asdict(svc.config).items() if k != "api_key"}
+    return {
+        **settings,
+        "server": "llmir",
+        "version": __version__,
+        "model_path": str(svc.engine.model_path),
+        "served_model_name": svc.model_name,
+        "context_length": svc.engine.config.context_len,
+        "internal_states": [await svc.engine_stats()],
     }
 
 
@@ -181,10 +204,7 @@ async def separate_reasoning(body: SeparateReasoningRequest, request: Request) -
                 f"reasoning_parser, one of {', '.join(FORMATS)}",
                 param="reasoning_parser",
             )
-    problem = reasoning_format_problem(name.lower())
-    if problem is not None:
-        raise ServerHTTPError(400, f"reasoning_parser {name!r}: {problem}", param="reasoning_parser")
-    reasoning, answer = split_reasoning(name.lower(), body.text)
+    reasoning, answer = split_reasoning(checked_parser(name), body.text)
     return {"text": answer, "reasoning_text": reasoning}
 
 

@@ -15,9 +15,10 @@ accept ``echo`` with ``logprobs`` (also with ``max_tokens=0``), which is how cli
 the prompt may be token ids (one list, or a list of lists), so a client can score exact token
 sequences. Features that are not implemented (``n`` > 1, ``best_of``, ``suffix``, ``tools``,
 ``logit_bias``, image parts) are a 501 that names them. With ``--reasoning-parser``, chat answers
-carry the reasoning apart (``reasoning_content``; ``reasoning_stream.py``) and a chat request's
-constraint covers the answer only (the reasoning runs free up to its end tag, as in SGLang);
-completions never split, and their constraint covers the whole output.
+carry the reasoning apart (``reasoning_content``; ``reasoning_stream.py``), and a constraint
+covers what follows the reasoning, as SGLang gates it: a chat request's where it is split, a
+completion's always (it never splits; its ``reasoning_parser``, llmir's, chooses another format
+or none: ``constraint_gate.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fastapi import APIRouter, Request
 
 from llmir_lang.executor.request import GenerateResult, StreamChunk
 from llmir_lang.executor.sampling_params import SamplingParams
+from llmir_lang.server.constraint_gate import gated, request_parser
 from llmir_lang.server.convert import (
     EventStream,
     constraint_spec,
@@ -237,6 +239,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.echo and max_tokens == 0:
         _check_scorable(svc, prompts)
     spec, spec_field = _spec(body)
+    spec = gated(spec, request_parser(body, svc.config.reasoning_parser))  # as SGLang: after the reasoning
     start = 0 if body.echo and body.logprobs is not None else -1
     params = _params(svc, body, max_tokens, body.logprobs, "logprobs")
     fields = [f"prompt.{i}" for i in range(len(prompts))] if len(prompts) > 1 else ["prompt"]

@@ -8,6 +8,10 @@ The answer of one prompt is ``{"text", "output_ids", "meta_info"}`` (``meta_info
 ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``finish_reason`` as SGLang's
 object, and with ``return_logprob`` its logprob lists); a batch is a list of those. A stream is
 events whose ``text`` is the whole text so far (as SGLang sends it), the last one the answer.
+
+Under ``--reasoning-parser`` a request's constraint covers what follows the reasoning, as SGLang
+gates every constraint then; the request's own ``reasoning_parser`` (llmir's) overrides the
+server's, ``null`` keeping the constraint over the whole output (``constraint_gate.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from starlette.requests import Request
 
 from llmir_lang.executor.request import GenerateResult, StreamChunk
+from llmir_lang.server.constraint_gate import gated, request_parser
 from llmir_lang.server.convert import (
     constraint_spec,
     sampling_params,
@@ -60,8 +65,9 @@ async def generate_answer(
     if len(rids) != len(prompts):
         raise ServerHTTPError(400, f"{len(rids)} rids for {len(prompts)} prompts; give one each", param="rid")
     prompt_field = text_field if body.text is not None else "input_ids"
+    parser = request_parser(body, svc.config.reasoning_parser)
     subs = [
-        _submission(svc, p, sp, body, i, f"{prompt_field}.{i}" if batch else prompt_field)
+        _submission(svc, p, sp, body, i, f"{prompt_field}.{i}" if batch else prompt_field, parser)
         for i, (p, sp) in enumerate(zip(prompts, sps))
     ]
     if body.stream:
@@ -95,7 +101,10 @@ def _submission(
     body: GenerateRequest,
     i: int,
     prompt_field: str,
+    parser: str | None,
 ) -> Submission:
+    """Prompt ``i``'s generation; its constraint starts after the reasoning of format ``parser``
+    (None: it covers the whole output)."""
     at = _sampling_path(body, i)
     p = p or SGLangSamplingParams()
     requested = p.max_new_tokens if "max_new_tokens" in p.model_fields_set else None
@@ -133,7 +142,7 @@ def _submission(
         ]
     )
     start = body.logprob_start_len if body.return_logprob else -1
-    return Submission(prompt, params, spec, start, prompt_field, spec_field)
+    return Submission(prompt, params, gated(spec, parser), start, prompt_field, spec_field)
 
 
 def _prompts(body: GenerateRequest, text_field: str) -> tuple[list[str | list[int]], bool]:

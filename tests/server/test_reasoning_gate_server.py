@@ -1,7 +1,8 @@
 """``llmir serve --reasoning-parser``: a chat request's constraint (``response_format``, vLLM's
 ``guided_*``, SGLang's ``regex``) covers the answer only, the reasoning running free up to its end
-tag, as SGLang's reasoner grammar does; ``separate_reasoning: false`` and completions keep the
-constraint over the whole output. SGLang's ``POST /separate_reasoning`` route.
+tag, as SGLang's reasoner grammar does; ``separate_reasoning: false`` keeps the constraint over
+the whole output, while completions gate it as SGLang does (``test_reasoning_gate_routes.py``).
+SGLang's ``POST /separate_reasoning`` route.
 
 The bundled model writes no ``<think>`` tags; asked its name it answers "I am llmir-tiny, a small
 language model.", so a test format whose end tag is ``tiny,`` stands for a reasoning model here:
@@ -98,7 +99,7 @@ def test_the_constraint_covers_the_answer_after_the_reasoning(urls, field, check
     assert streamed == {"reasoning_content": message["reasoning_content"], "content": message["content"]}
 
 
-def test_completions_keep_the_constraint_over_the_whole_output(urls):
+def test_completions_constrain_the_answer_as_sglang_does(urls):
     prompt = "<|im_start|>user\nWhat is your name?<|im_end|>\n<|im_start|>assistant\n"
     out = httpx.post(
         urls[0] + "/v1/completions",
@@ -111,7 +112,8 @@ def test_completions_keep_the_constraint_over_the_whole_output(urls):
         },
         timeout=60,
     ).json()
-    assert out["choices"][0]["text"] in ("yes", "no")
+    reasoning, answer = split_reasoning(FMT, out["choices"][0]["text"])  # never split, gated all the same
+    assert reasoning == "I am llmir-" and answer in ("yes", "no")
 
 
 def test_separate_reasoning_route(urls):
