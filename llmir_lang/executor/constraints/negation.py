@@ -1,34 +1,34 @@
-"""Complements of JSON subschemas, and disjointness of ``oneOf`` branches.
+"""Complements of JSON subschemas.
 
 ``negate(S)`` returns a schema valid exactly where ``S`` is invalid, built only from keywords
 llguidance implements, or ``None`` when no such schema exists in that vocabulary (``pattern``,
-``multipleOf``, string ``enum``...). A schema is the conjunction of its keywords, so its
-complement is the ``anyOf`` of the complements of independent keyword groups (``properties``
+``multipleOf``, an array or object ``enum``...). A schema is the conjunction of its keywords, so
+its complement is the ``anyOf`` of the complements of independent keyword groups (``properties``
 with ``additionalProperties`` is one group; ``items`` with ``prefixItems`` another).
 
-``pairwise_disjoint(branches)`` proves no instance can match two branches (different JSON types,
-a required discriminator property with disjoint ``const``/``enum`` values, or a key one branch
-requires and the other forbids); only then is ``oneOf`` the same as ``anyOf``.
+The complement of ``const`` / ``enum`` values is taken type by type: the other strings are a
+``pattern`` built from the values' trie, the other numbers the open intervals between the values
+(numbers compare by value: ``1`` and ``1.0`` are one), the other booleans / null an ``enum``, and
+every type without a value is admitted whole. As for any numeric bound, llguidance generates the
+numbers of an interval in plain decimal notation (no exponent).
 
 ``root`` is the document the ``#/...`` refs of the given subschemas point into, or None where
 they point elsewhere (the subschema sits inside one with an ``$id`` of its own): a ref is then
-left unresolved, and neither function proves anything through it.
+left unresolved, and nothing is negated through it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from llmir_lang.executor.constraints.schema_disjoint import ALL_TYPES
 from llmir_lang.executor.constraints.schema_support import ANNOTATIONS
 from llmir_lang.executor.constraints.schema_walk import (
-    holds_resource,
     ref_ignores_siblings,
     resolve_in_root_resource,
     starts_resource,
 )
 
-ALL_TYPES = ("null", "boolean", "object", "array", "number", "string")
 _MAX_DEPTH = 24
 _GROUPS = (
     frozenset({"properties", "patternProperties", "additionalProperties", "unevaluatedProperties"}),
@@ -155,26 +155,43 @@ def _negate_bound(key: str, val: Any) -> Any | None:
 
 
 def _negate_values(values: Any) -> Any | None:
-    if not isinstance(values, list):
+    """The complement of a finite set of JSON values, type by type: a type none of them has is
+    admitted whole; booleans and null left over as an ``enum``; other numbers as the open
+    intervals between them; other strings as a ``pattern`` (``_other_strings``). None when a value
+    is an array or an object (no keyword says "any array but these"), or the set is too large."""
+    if not isinstance(values, list) or len(values) > _MAX_VALUES:
         return None
-    if not all(v is None or isinstance(v, bool) for v in values):
-        return None  # the complement of a set of strings/numbers/objects has no keyword
-    other = [t for t in ALL_TYPES if t not in ("boolean", "null")]
-    left = [v for v in (True, False, None) if v not in values]
-    types = list(other)
-    if True not in values and False not in values:
-        types.append("boolean")
-        left = [v for v in left if not isinstance(v, bool)]
-    if None not in values:
-        types.append("null")
-        left = [v for v in left if v is not None]
-    branches: list[Any] = [{"type": types}]
+    kinds = {_json_type(v) for v in values}
+    if kinds & {"array", "object"}:
+        return None
+    branches: list[Any] = [{"type": [t for t in ALL_TYPES if t not in kinds]}]
+    # by identity and type: True == 1 in Python, not in JSON
+    left = [v for v in (True, False, None) if _json_type(v) in kinds and not any(_same(v, x) for x in values)]
     if left:
         branches.append({"enum": left})
+    numbers = sorted({v for v in values if _json_type(v) == "number"})  # 1 and 1.0 are one value
+    if numbers:
+        branches.append({"type": "number", "exclusiveMaximum": numbers[0]})
+        for low, high in zip(numbers, numbers[1:]):
+            branches.append({"type": "number", "exclusiveMinimum": low, "exclusiveMaximum": high})
+        branches.append({"type": "number", "exclusiveMinimum": numbers[-1]})
+    strings = {v for v in values if isinstance(v, str)}
+    if strings:
+        pattern = _other_strings(strings)
+        if pattern is None:
+            return None
+        branches.append({"type": "string", "pattern": pattern})
+    if not branches[0]["type"]:
+        branches.pop(0)
+    if not branches:
+        return False
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
 
 
-# --- oneOf disjointness -------------------------------------------------------------------
+def _same(scalar: bool | None, value: Any) -> bool:
+    return value is scalar if scalar is None else isinstance(value, bool) and value == scalar
+
+
 def _json_type(v: Any) -> str:
     if v is None:
         return "null"
@@ -182,119 +199,53 @@ def _json_type(v: Any) -> str:
         return "boolean"
     if isinstance(v, (int, float)):
         return "number"
-    if isinstance(v, str):
-        return "string"
-    return "array" if isinstance(v, list) else "object"
+    return "string" if isinstance(v, str) else "array" if isinstance(v, list) else "object"
 
 
-def _resolve(s: Any, root: Any, depth: int = 0) -> Any:
-    while isinstance(s, dict) and "$ref" in s and depth < _MAX_DEPTH:
-        target = resolve_in_root_resource(root, s["$ref"])
-        if target is None:
-            return s
-        s = target
-        depth += 1
-    return s
+# --- strings other than a few -------------------------------------------------------------
+_MAX_VALUES = 64
+_MAX_WORD_CHARS = 256  # the strings' characters together (the pattern grows by ~60 a character)
+_ANY = "(?s:.)"
 
 
-def type_set(s: Any, root: Any, depth: int = 0) -> frozenset[str]:
-    """JSON types ``s`` can match (integer counted as number); all types when unknown."""
-    s = _resolve(s, root)
-    every = frozenset(ALL_TYPES)
-    if s is False:
-        return frozenset()
-    if not isinstance(s, dict) or depth > _MAX_DEPTH:
-        return every
-    out = every
-    t = s.get("type")
-    if isinstance(t, (str, list)):
-        names = [t] if isinstance(t, str) else t
-        out = frozenset("number" if n == "integer" else n for n in names if isinstance(n, str))
-    if "const" in s:
-        out &= {_json_type(s["const"])}
-    if isinstance(s.get("enum"), list):
-        out &= frozenset(_json_type(v) for v in s["enum"])
-    for kw in ("anyOf", "oneOf"):
-        if isinstance(s.get(kw), list):
-            out &= frozenset().union(*(type_set(b, root, depth + 1) for b in s[kw]))
-    if isinstance(s.get("allOf"), list):
-        for b in s["allOf"]:
-            out &= type_set(b, root, depth + 1)
-    return out
+def _char(c: str) -> str:
+    return c if c.isascii() and (c.isalnum() or c == "_") else f"\\x{{{ord(c):x}}}"
 
 
-def _members(s: Any, root: Any) -> list[dict[str, Any]]:
-    """The branch and its allOf members (resolved): every one of them must hold."""
-    s = _resolve(s, root)
-    if not isinstance(s, dict):
-        return []
-    out = [s]
-    for sub in s.get("allOf", []) if isinstance(s.get("allOf"), list) else []:
-        out.extend(_members(sub, root))
-    return out
+def _other_then_any(chars: set[str]) -> list[str]:
+    """Regex alternatives of the strings whose first character is not one of ``chars``.
+
+    NOTE: llguidance matches a pattern against the decoded string, but a character class that
+    holds U+0000 (``[^a]``, ``[\\x00-\\x21]``, also ``[b-c]|\\x00``, which the regex parser
+    merges into one class) admitted '"' and '\\' wherever the class did not (through their
+    escapes). So the class starts at U+0001, and U+0000 starts an alternative of its own."""
+    cut = sorted(ord(c) for c in chars) + [0x110000]
+    ranges, low = [], 1
+    for point in cut:
+        for lo, hi in ((low, min(point - 1, 0xD7FF)), (max(low, 0xE000), point - 1)):
+            if lo <= hi:
+                ranges.append(f"\\x{{{lo:x}}}" if lo == hi else f"\\x{{{lo:x}}}-\\x{{{hi:x}}}")
+        low = max(low, point + 1)
+    nul = [] if "\0" in chars else ["\\x{0}"]
+    return [f"{start}{_ANY}*" for start in [f"[{''.join(ranges)}]", *nul]]
 
 
-def _required(s: Any, root: Any) -> set[str]:
-    return {r for m in _members(s, root) for r in (m.get("required") or []) if isinstance(r, str)}
+def _other_strings(words: set[str]) -> str | None:
+    """An anchored ``pattern`` matching exactly the strings not in ``words``: at each node of the
+    words' trie, the end of the string (where no word ends there), a character no word continues
+    with and then anything, or a character some word continues with and the rest from there."""
+    if sum(len(w) for w in words) > _MAX_WORD_CHARS:
+        return None
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for c in word:
+            node = node.setdefault(c, {})
+        node[""] = {}  # a word ends here
 
+    def other(node: dict[str, Any]) -> str:
+        nexts = sorted(c for c in node if c)
+        alts = _other_then_any(set(nexts)) + [_char(c) + other(node[c]) for c in nexts]
+        return "(?:" + "|".join(alts) + ")" + ("" if "" in node else "?")
 
-def _value_key(v: Any) -> Any:
-    """``v`` with every number that equals an integer written as that integer: JSON Schema compares
-    numbers by value, so ``1`` / ``1.0`` and ``0`` / ``-0.0`` are one value (their JSON texts are
-    not the same, and disjoint texts made a ``oneOf`` whose branches overlap an ``anyOf``)."""
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, list):
-        return [_value_key(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _value_key(x) for k, x in v.items()}
-    return v
-
-
-def _values(s: Any, root: Any, name: str) -> set[str] | None:
-    """Allowed JSON values of property ``name`` if some member pins it with const/enum."""
-    found: set[str] | None = None
-    for m in _members(s, root):
-        props = m.get("properties")
-        sub = _resolve(props.get(name), root) if isinstance(props, dict) and name in props else None
-        if isinstance(sub, dict):
-            vals = [sub["const"]] if "const" in sub else sub.get("enum")
-            if isinstance(vals, list):
-                keyed = {json.dumps(_value_key(v), sort_keys=True) for v in vals}
-                found = keyed if found is None else found & keyed
-    return found
-
-
-def _forbids(s: Any, root: Any, name: str) -> bool:
-    for m in _members(s, root):
-        props = m.get("properties") if isinstance(m.get("properties"), dict) else {}
-        if props.get(name) is False:
-            return True
-        if name not in props and m.get("additionalProperties") is False and not m.get("patternProperties"):
-            return True
-    return False
-
-
-def _disjoint(a: Any, b: Any, root: Any) -> bool:
-    ta, tb = type_set(a, root), type_set(b, root)
-    if not ta & tb:
-        return True
-    if ta | tb != {"object"}:
-        return False  # they share a non-object type, where object keywords do not apply
-    ra, rb = _required(a, root), _required(b, root)
-    for name in ra & rb:
-        va, vb = _values(a, root, name), _values(b, root, name)
-        if va is not None and vb is not None and not va & vb:
-            return True
-    return any(_forbids(b, root, n) for n in ra) or any(_forbids(a, root, n) for n in rb)
-
-
-def pairwise_disjoint(branches: list[Any], root: Any) -> bool:
-    """True if no instance can match two of ``branches``."""
-    if any(holds_resource(b) for b in branches):
-        return False  # their refs point into their own $id, not into root
-    return all(
-        _disjoint(branches[i], branches[j], root)
-        for i in range(len(branches))
-        for j in range(i + 1, len(branches))
-    )
+    return "^" + other(trie) + "$"

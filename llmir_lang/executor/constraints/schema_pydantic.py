@@ -48,6 +48,7 @@ import re
 from typing import Any
 
 from llmir_lang.executor.constraints.errors import InvalidSchemaError, UnsupportedSchemaError
+from llmir_lang.executor.constraints.schema_formats import llguidance_knows_format
 from llmir_lang.executor.constraints.schema_pydantic_patterns import (
     _ANY_STRING_FORMATS,
     _HEX,
@@ -63,7 +64,6 @@ from llmir_lang.executor.constraints.schema_pydantic_patterns import (
     _byte_size_pattern,
     _decimal_pattern,
 )
-from llmir_lang.executor.constraints.schema_rewrite import llguidance_knows_format
 from llmir_lang.executor.constraints.schema_walk import iter_subschemas
 
 # A generator writes this key where a field cannot be constrained exactly; ``pydantic_json_schema``

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import re
 
-from llmir_lang.executor.constraints.schema_rewrite import _DATE, _TIME
+from llmir_lang.executor.constraints.schema_formats import RFC3339_DATE, RFC3339_TIME
 
 _NAIVE_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?"
-NAIVE_DATETIME_PATTERN = f"^{_DATE}[Tt]{_NAIVE_TIME}$"
-AWARE_DATETIME_PATTERN = f"^{_DATE}[Tt]{_TIME}$"
+NAIVE_DATETIME_PATTERN = f"^{RFC3339_DATE}[Tt]{_NAIVE_TIME}$"
+AWARE_DATETIME_PATTERN = f"^{RFC3339_DATE}[Tt]{RFC3339_TIME}$"
 NAIVE_TIME_PATTERN = f"^{_NAIVE_TIME}$"
-AWARE_TIME_PATTERN = f"^{_TIME}$"
+AWARE_TIME_PATTERN = f"^{RFC3339_TIME}$"
 
 
 def _nonempty_sequence(parts: list[str]) -> str:
