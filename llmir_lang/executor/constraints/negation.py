@@ -212,22 +212,14 @@ def _char(c: str) -> str:
     return c if c.isascii() and (c.isalnum() or c == "_") else f"\\x{{{ord(c):x}}}"
 
 
-def _other_then_any(chars: set[str]) -> list[str]:
-    """Regex alternatives of the strings whose first character is not one of ``chars``.
+def _other_then_any(chars: set[str]) -> str:
+    """The regex alternative of the strings whose first character is not one of ``chars``.
 
-    NOTE: llguidance matches a pattern against the decoded string, but a character class that
-    holds U+0000 (``[^a]``, ``[\\x00-\\x21]``, also ``[b-c]|\\x00``, which the regex parser
-    merges into one class) admitted '"' and '\\' wherever the class did not (through their
-    escapes). So the class starts at U+0001, and U+0000 starts an alternative of its own."""
-    cut = sorted(ord(c) for c in chars) + [0x110000]
-    ranges, low = [], 1
-    for point in cut:
-        for lo, hi in ((low, min(point - 1, 0xD7FF)), (max(low, 0xE000), point - 1)):
-            if lo <= hi:
-                ranges.append(f"\\x{{{lo:x}}}" if lo == hi else f"\\x{{{lo:x}}}-\\x{{{hi:x}}}")
-        low = max(low, point + 1)
-    nul = [] if "\0" in chars else ["\\x{0}"]
-    return [f"{start}{_ANY}*" for start in [f"[{''.join(ranges)}]", *nul]]
+    NOTE: llguidance lets '"' and '\\' through such a class (it holds every control character);
+    ``schema_pattern_nul`` sets its U+0000 apart when the schema is rewritten, after this."""
+    if not chars:
+        return f"{_ANY}{_ANY}*"
+    return "[^" + "".join(f"\\x{{{ord(c):x}}}" for c in sorted(chars)) + f"]{_ANY}*"
 
 
 def _other_strings(words: set[str]) -> str | None:
@@ -245,7 +237,7 @@ def _other_strings(words: set[str]) -> str | None:
 
     def other(node: dict[str, Any]) -> str:
         nexts = sorted(c for c in node if c)
-        alts = _other_then_any(set(nexts)) + [_char(c) + other(node[c]) for c in nexts]
+        alts = [_other_then_any(set(nexts))] + [_char(c) + other(node[c]) for c in nexts]
         return "(?:" + "|".join(alts) + ")" + ("" if "" in node else "?")
 
     return "^" + other(trie) + "$"

@@ -22,6 +22,7 @@ from llmir_lang.executor.constraints.errors import (
     UnsupportedSchemaError,
 )
 from llmir_lang.executor.constraints.schema_checks import NUMERIC_BOUNDS, metaschema_error
+from llmir_lang.executor.constraints.schema_pattern_rewrite import written_as
 from llmir_lang.executor.constraints.schema_walk import find_keyword, iter_subschemas
 
 # What to do instead, for keywords that schemas generated from code carry without the user
@@ -119,6 +120,8 @@ _COMBINATORS = ("allOf", "anyOf", "oneOf", "not")
 
 def llguidance_error(message: str, schema: Any) -> ConstraintError:
     """A typed error for an llguidance JSON-schema compile error, naming keyword and path."""
+    for rewritten, written in written_as(schema).items():  # the regexes as the user wrote them
+        message = message.replace(rewritten, written)
     first = message.strip().splitlines()[0] if message.strip() else message
     m = _UNIMPLEMENTED.search(message)
     if m:

@@ -1,0 +1,398 @@
+"""A schema ``pattern`` read as llguidance reads it (Rust ``regex`` syntax), for ``schema_pattern_nul``.
+
+``parse(pattern)`` gives a small tree: alternations of sequences of items, each item an atom (one
+character of a set: a literal, a class, a Perl or Unicode escape, ``.``), a group, or a zero-width
+item (an anchor, a flag setter), with its quantifier and its span in the text. Of each atom's set
+only the characters that matter to JSON quoting are known (``CritSet``: U+0000-U+001F, ``"``,
+``\\``), each as in, out or unknown (a Unicode property whose table is not at hand).
+
+``PatternInvalid``: the text uses what Rust's syntax refuses (look-around, a backreference, an
+unknown escape, an unbalanced group or class); the engine then refuses the pattern itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+CONTROLS = frozenset(range(0x20))
+CRITICAL = CONTROLS | {0x22, 0x5C}  # what JSON escapes: controls, '"', '\'
+
+
+class PatternInvalid(ValueError):
+    """Rust's regex syntax would refuse this pattern (the message says where and why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CritSet:
+    """The critical characters surely in (``yes``) and surely out of (``no``) a set."""
+
+    yes: frozenset[int]
+    no: frozenset[int]
+
+    @staticmethod
+    def of(points: set[int] | frozenset[int]) -> CritSet:
+        inside = frozenset(points) & CRITICAL
+        return CritSet(inside, CRITICAL - inside)
+
+    def __or__(self, other: CritSet) -> CritSet:
+        return CritSet(self.yes | other.yes, self.no & other.no)
+
+    def __and__(self, other: CritSet) -> CritSet:
+        return CritSet(self.yes & other.yes, self.no | other.no)
+
+    def __sub__(self, other: CritSet) -> CritSet:
+        return CritSet(self.yes & other.no, self.no | other.yes)
+
+    def __xor__(self, other: CritSet) -> CritSet:
+        return (self - other) | (other - self)
+
+    def __invert__(self) -> CritSet:
+        return CritSet(self.no, self.yes)
+
+
+UNKNOWN = CritSet(frozenset(), frozenset())
+EMPTY = CritSet.of(set())
+ALL = CritSet.of(CRITICAL)
+_SPACE = CritSet.of(set(range(0x09, 0x0E)))  # Rust's \s (Unicode or ASCII) and [[:space:]]
+_QUOTES = CritSet.of({0x22, 0x5C})
+_PERL = {"d": EMPTY, "w": EMPTY, "s": _SPACE}
+_POSIX = {
+    "alnum": EMPTY, "alpha": EMPTY, "digit": EMPTY, "lower": EMPTY, "upper": EMPTY, "xdigit": EMPTY,
+    "word": EMPTY, "graph": _QUOTES, "print": _QUOTES, "punct": _QUOTES, "blank": CritSet.of({0x09}),
+    "space": _SPACE, "cntrl": CritSet.of(set(CONTROLS)), "ascii": ALL,
+}  # fmt: skip
+# General categories (and a few binary properties): the controls are Cc, '"' and '\' are Po; every
+# other category holds none of the critical characters.
+_CATEGORY_SETS = {
+    "cc": CONTROLS, "control": CONTROLS, "cntrl": CONTROLS, "c": CONTROLS, "other": CONTROLS,
+    "po": {0x22, 0x5C}, "otherpunctuation": {0x22, 0x5C}, "p": {0x22, 0x5C}, "punctuation": {0x22, 0x5C},
+    "punct": {0x22, 0x5C}, "any": CRITICAL, "ascii": CRITICAL, "assigned": CRITICAL,
+    "whitespace": set(range(0x09, 0x0E)), "wspace": set(range(0x09, 0x0E)), "space": set(range(0x09, 0x0E)),
+}  # fmt: skip
+_OTHER_CATEGORIES = set(
+    "l lc lu ll lt lm lo m mn mc me n nd nl no pc pd ps pe pi pf s sm sc sk so z zs zl zp cf cs co cn "
+    "letter casedletter uppercaseletter lowercaseletter titlecaseletter modifierletter otherletter mark "
+    "combiningmark nonspacingmark spacingmark enclosingmark number decimalnumber digit letternumber "
+    "othernumber connectorpunctuation dashpunctuation openpunctuation closepunctuation "
+    "initialpunctuation finalpunctuation symbol mathsymbol currencysymbol modifiersymbol othersymbol "
+    "separator spaceseparator lineseparator paragraphseparator format surrogate privateuse "
+    "unassigned".split()
+)
+
+
+def property_set(name: str) -> CritSet:
+    """``\\p{name}``'s critical characters, as far as they are known here (else ``UNKNOWN``)."""
+    key = re.sub(r"[\s_-]", "", name).lower()
+    m = re.fullmatch(r"([a-z]*)(!=|=|:)(.*)", key)
+    kind, value = (m.group(1), m.group(3)) if m else ("", key)
+    chars = _property_value(kind, value)
+    return ~chars if m and m.group(2) == "!=" else chars
+
+
+def _property_value(kind: str, value: str) -> CritSet:
+    if kind in ("sc", "script", "scx", "scriptextensions"):
+        return ALL if value in ("common", "zyyy") else EMPTY  # every critical character is Common
+    if kind not in ("", "gc", "generalcategory"):
+        return UNKNOWN
+    for name in (value, value[2:] if value.startswith("is") else value):
+        if name in _CATEGORY_SETS:
+            return CritSet.of(set(_CATEGORY_SETS[name]))
+        if name in _OTHER_CATEGORIES:
+            return EMPTY
+        if not kind and name in ("common", "zyyy"):
+            return ALL
+    return UNKNOWN
+
+
+@dataclass(slots=True)
+class Atom:
+    """One character out of a set: ``text`` as written, ``chars`` its critical characters,
+    ``char`` the code point when it is one literal character."""
+
+    text: str
+    chars: CritSet
+    char: int | None = None
+
+
+@dataclass(slots=True)
+class Zero:
+    """A zero-width item: an anchor (``^``, ``$``, ``\\A``, ``\\z``, ...) or a flag setter ``(?i)``."""
+
+    text: str
+    anchor: bool
+
+
+@dataclass(slots=True)
+class Group:
+    """``opener`` (``(``, ``(?:``, ``(?P<n>``, ``(?i:``) and the alternation inside, up to ``)``."""
+
+    opener: str
+    body: Alt
+
+
+@dataclass(slots=True)
+class Item:
+    node: Atom | Zero | Group
+    text: str  # the item as written, quantifier included
+    quant: str = ""  # the quantifier as written ("" for none)
+    low: int = 1
+    high: int | None = 1  # None: unbounded
+
+
+@dataclass(slots=True)
+class Alt:
+    branches: list[list[Item]] = field(default_factory=list)
+
+
+_HEX = re.compile(r"x([0-9a-fA-F]{2})|x\{([0-9a-fA-F]{1,8})\}|u([0-9a-fA-F]{4})|u\{([0-9a-fA-F]{1,8})\}"
+                  r"|U([0-9a-fA-F]{8})|U\{([0-9a-fA-F]{1,8})\}")  # fmt: skip
+_SIMPLE = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B, "a": 0x07}
+_COUNTED = re.compile(r"\{\s*(\d+)\s*(?:(,)\s*(\d*)\s*)?\}")
+_FLAGS = re.compile(r"\(\?([imsUuxR-]*)(:|\))")
+_NAMED = re.compile(r"\(\?P?<([A-Za-z_][A-Za-z0-9_.\[\]]*)>")
+_POSIX_CLASS = re.compile(r"\[:(\^?)([a-z]+):\]")
+_ANCHORS = {"A": r"\A", "z": r"\z", "b": r"\b", "B": r"\B", "<": r"\<", ">": r"\>"}
+
+
+class _Reader:
+    def __init__(self, text: str) -> None:
+        self.s = text
+        self.i = 0
+        self.verbose = [False]  # (?x) per group level
+        self.multiline = False  # some (?m): '^' / '$' may match at line ends
+
+    def fail(self, why: str) -> PatternInvalid:
+        return PatternInvalid(f"{why} at offset {self.i} of {self.s!r}")
+
+    def skip_blank(self) -> None:
+        while self.verbose[-1] and self.i < len(self.s):
+            c = self.s[self.i]
+            if c.isspace():
+                self.i += 1
+            elif c == "#":
+                end = self.s.find("\n", self.i)
+                self.i = len(self.s) if end < 0 else end + 1
+            else:
+                return
+
+    def alternation(self, depth: int) -> Alt:
+        alt = Alt([self.sequence(depth)])
+        while self.i < len(self.s) and self.s[self.i] == "|":
+            self.i += 1
+            alt.branches.append(self.sequence(depth))
+        return alt
+
+    def sequence(self, depth: int) -> list[Item]:
+        items: list[Item] = []
+        while True:
+            self.skip_blank()
+            if self.i >= len(self.s) or self.s[self.i] in "|)":
+                if self.i < len(self.s) and self.s[self.i] == ")" and depth == 0:
+                    raise self.fail("unopened group")
+                return items
+            start = self.i
+            node = self.atom(depth)
+            item = Item(node, self.s[start : self.i])
+            while True:
+                self.skip_blank()
+                quant_start = self.i
+                counts = self.quantifier()
+                if counts is None:
+                    break
+                if isinstance(node, Zero):
+                    # a repeated anchor is read as one; one that may be left out anchors nothing
+                    node = Zero(node.text, node.anchor and counts[0] > 0)
+                elif item.quant:
+                    # a repeated repetition (a**): one more group around the first
+                    node = Group("(?:", Alt([[item]]))
+                    item = Item(node, "(?:" + item.text + ")")
+                quant = self.s[quant_start : self.i]
+                item = Item(node, item.text + quant, quant, *counts)
+            items.append(item)
+
+    def quantifier(self) -> tuple[int, int | None] | None:
+        s, i = self.s, self.i
+        if i >= len(s) or s[i] not in "*+?{":
+            return None
+        if s[i] == "{":
+            m = _COUNTED.match(s, i)
+            if m is None:
+                raise self.fail("bad counted repetition")
+            low = int(m.group(1))
+            high = None if m.group(2) and not m.group(3) else int(m.group(3) or low)
+            if high is not None and high < low:
+                raise self.fail("repetition range reversed")
+            self.i = m.end()
+        else:
+            low, high = {"*": (0, None), "+": (1, None), "?": (0, 1)}[s[i]]
+            self.i = i + 1
+        if self.i < len(s) and s[self.i] == "?":
+            self.i += 1  # lazy: the same language
+        return low, high
+
+    def atom(self, depth: int) -> Atom | Zero | Group:
+        s, i = self.s, self.i
+        c = s[i]
+        if c in "*+?{":
+            raise self.fail("repetition of nothing")
+        if c == "(":
+            return self.group(depth)
+        if c == "[":
+            self.i += 1
+            negated = s.startswith("^", self.i)
+            self.i += negated
+            chars = self.class_body()
+            return Atom(s[i : self.i], ~chars if negated else chars)
+        self.i += 1
+        if c == ".":
+            return Atom(".", CritSet(CRITICAL - {0x0A, 0x0D}, frozenset()))
+        if c in "^$":
+            return Zero(c, True)
+        if c == "\\":
+            return self.escape(in_class=False)
+        return Atom(c, CritSet.of({ord(c)}), ord(c))
+
+    def group(self, depth: int) -> Group | Zero:
+        s, start = self.s, self.i
+        if s.startswith(("(?=", "(?!", "(?<=", "(?<!"), start):
+            raise self.fail("look-around")
+        m = _FLAGS.match(s, start) if s.startswith("(?", start) else None
+        named = _NAMED.match(s, start) if m is None else None
+        if s.startswith("(?", start) and m is None and named is None:
+            raise self.fail("unknown group")
+        verbose = self.verbose[-1]
+        if m is not None:
+            on, _, off = m.group(1).partition("-")
+            self.multiline = self.multiline or "m" in on
+            verbose = True if "x" in on else False if "x" in off else verbose
+            self.i = m.end()
+            if m.group(2) == ")":  # a flag setter: the rest of the enclosing group
+                self.verbose[-1] = verbose
+                return Zero(s[start : self.i], False)
+        else:
+            self.i = named.end() if named is not None else start + 1
+        opener = s[start : self.i]
+        self.verbose.append(verbose)
+        body = self.alternation(depth + 1)
+        self.verbose.pop()
+        if self.i >= len(s) or s[self.i] != ")":
+            raise self.fail("unclosed group")
+        self.i += 1
+        return Group(opener, body)
+
+    def escape(self, in_class: bool) -> Atom | Zero:
+        """After a backslash (``self.i`` on the escaped character)."""
+        s, start = self.s, self.i - 1
+        if self.i >= len(s):
+            raise self.fail("trailing backslash")
+        c = s[self.i]
+        m = _HEX.match(s, self.i)
+        if m is not None:
+            self.i = m.end()
+            point = int(next(g for g in m.groups() if g is not None), 16)
+            return Atom(s[start : self.i], CritSet.of({point}), point)
+        self.i += 1
+        if c in _SIMPLE:
+            return Atom(s[start : self.i], CritSet.of({_SIMPLE[c]}), _SIMPLE[c])
+        if c.lower() in _PERL:
+            chars = _PERL[c.lower()]
+            return Atom(s[start : self.i], ~chars if c.isupper() else chars)
+        if c in "pP":
+            if s.startswith("{", self.i):
+                end = s.find("}", self.i)
+                if end < 0:
+                    raise self.fail("unclosed \\p{")
+                name, self.i = s[self.i + 1 : end], end + 1
+            elif self.i < len(s):
+                name, self.i = s[self.i], self.i + 1
+            else:
+                raise self.fail("\\p without a name")
+            negated = (c == "P") != name.startswith("^")
+            chars = property_set(name.lstrip("^"))
+            return Atom(s[start : self.i], ~chars if negated else chars)
+        if not in_class and c in _ANCHORS:
+            if c == "b" and s.startswith("{", self.i):
+                self.i = s.find("}", self.i) + 1 or len(s)
+            return Zero(s[start : self.i], True)
+        if c.isascii() and not c.isalnum() and (in_class or c not in "<>"):
+            return Atom(s[start : self.i], CritSet.of({ord(c)}), ord(c))
+        raise self.fail(f"escape \\{c} (no octal, backreference or {c!r} escape in Rust's syntax)")
+
+    def class_body(self) -> CritSet:
+        """After ``[`` (and ``^``): the set up to the matching ``]``, which it consumes."""
+        s = self.s
+        result: CritSet | None = None
+        op = ""
+        union = EMPTY
+        first = True
+        while True:
+            if self.verbose[-1]:
+                while self.i < len(s) and s[self.i].isspace():
+                    self.i += 1
+            if self.i >= len(s):
+                raise self.fail("unclosed class")
+            if s[self.i] == "]" and not first:
+                self.i += 1
+                return union if result is None else _apply(result, op, union)
+            if s.startswith(("&&", "--", "~~"), self.i) and not first:
+                result = union if result is None else _apply(result, op, union)
+                op, union = s[self.i : self.i + 2], EMPTY
+                self.i += 2
+                first = True
+                continue
+            union = union | self.class_item(first)
+            first = False
+
+    def class_item(self, first: bool) -> CritSet:
+        s, i = self.s, self.i
+        posix = _POSIX_CLASS.match(s, i)
+        if posix is not None and posix.group(2) in _POSIX:
+            self.i = posix.end()
+            chars = _POSIX[posix.group(2)]
+            return ~chars if posix.group(1) else chars
+        if s[i] == "[":
+            self.i += 1
+            negated = s.startswith("^", self.i)
+            self.i += negated
+            inner = self.class_body()
+            return ~inner if negated else inner
+        low = self.class_char()
+        if isinstance(low, CritSet):
+            return low
+        if s.startswith("-", self.i) and not s.startswith(("-]", "--"), self.i):
+            self.i += 1
+            high = self.class_char()
+            if isinstance(high, CritSet) or high < low:
+                raise self.fail("bad class range")
+            return CritSet.of({p for p in CRITICAL if low <= p <= high})
+        return CritSet.of({low})
+
+    def class_char(self) -> int | CritSet:
+        if self.i >= len(self.s):
+            raise self.fail("unclosed class")
+        c = self.s[self.i]
+        self.i += 1
+        if c != "\\":
+            return ord(c)
+        atom = self.escape(in_class=True)
+        if isinstance(atom, Zero):
+            raise self.fail("anchor in a class")
+        return atom.char if atom.char is not None else atom.chars
+
+
+def _apply(left: CritSet, op: str, right: CritSet) -> CritSet:
+    return left & right if op == "&&" else left - right if op == "--" else left ^ right
+
+
+def parse(pattern: str) -> tuple[Alt, bool]:
+    """The tree of ``pattern`` (module doc) and whether a ``(?m)`` flag makes ``^`` / ``$`` line
+    anchors; ``PatternInvalid`` where Rust's syntax refuses it. The items' texts spell what the
+    engine reads, which a rewrite may put together anew."""
+    if (len(pattern) - len(pattern.rstrip("\\"))) % 2:
+        pattern = pattern[:-1]  # the engine drops a last, lone backslash (llguidance.regex_to_lark)
+    reader = _Reader(pattern)
+    alt = reader.alternation(0)
+    if reader.i != len(pattern):
+        raise reader.fail("unopened group")
+    return alt, reader.multiline
