@@ -154,8 +154,9 @@ def fill_batch_bitmask(matchers: Sequence[Matcher | None], bitmask: torch.Tensor
             rows_np[row] = -1
             continue
         fill_row = getattr(m, "fill_numpy_row", None)
-        if type(m) is llg_type and m.can_fill_in_batch(bitmask):
-            llg_rows.append((m.native, row))
+        inner = m.batch_delegate() if hasattr(m, "batch_delegate") else m  # a reasoning gate's answer
+        if type(inner) is llg_type and inner.can_fill_in_batch(bitmask):
+            llg_rows.append((inner.native, row))
         elif fill_row is not None and words >= bitmask_words(m.vocab_size):
             fill_row(rows_np[row])
         else:

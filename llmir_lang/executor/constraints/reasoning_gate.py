@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmir_lang.executor.constraints.errors import TokenizerVocabularyError
+from llmir_lang.executor.constraints.errors import TokenizerVocabularyError, UnsatisfiableConstraintError
 from llmir_lang.executor.constraints.matcher import Matcher, allocate_bitmask, bitmask_words
 from llmir_lang.executor.constraints.reasoning_scan import (
     INNER,
@@ -148,7 +148,7 @@ class GatedConstraint:
     def _whitespace_row(self) -> np.ndarray:
         """After the end tag: whitespace, or the constraint's first token, or both in one token."""
         t = self.tables
-        at_start, _ = self._start_mask()
+        at_start, accepting = self._start_mask()
         allowed = (at_start & ~t.first_ws) | t.pure_ws
         first_bytes = {b[0] for i in np.flatnonzero(at_start).tolist() if (b := self.info.token_bytes[i])}
         checks = 0
@@ -162,6 +162,15 @@ class GatedConstraint:
             elif checks < _MIXED_CHECKS:
                 checks += 1
                 allowed[tid] = self.accepts(rest)
+        if not accepting and not (allowed & ~t.pure_ws).any():
+            # the answer is stripped (the split strips it), so such a constraint never starts:
+            # the model would write whitespace up to max_tokens
+            raise UnsatisfiableConstraintError(
+                f"after the reasoning's end tag {self.tags.end!r} the answer is stripped of leading "
+                "whitespace (as the reasoning split strips it), and every match of this constraint "
+                "begins with whitespace; drop the leading whitespace from the constraint "
+                "(choices=['yes', 'no'], not [' yes', ' no'])"
+            )
         return _pack(allowed, self.words)
 
     def think_row(self, tail: bytes) -> np.ndarray:
@@ -304,6 +313,11 @@ class ReasoningGateMatcher(Matcher):
 
     def forced_text(self) -> str:
         return self._inner.forced_text() if self._phase in (WS, INNER) else ""
+
+    def batch_delegate(self) -> Matcher | None:
+        """The matcher whose row this one's is (the constraint's own, once the answer began), for
+        ``fill_batch_bitmask`` to fill with llguidance's batch call; None before."""
+        return self._inner if self._phase == INNER else None
 
     def error(self) -> str | None:
         if self._dead is not None:

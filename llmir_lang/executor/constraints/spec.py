@@ -106,8 +106,9 @@ def gated_by_reasoning(spec: ConstraintSpec, tags: ReasoningTags) -> ConstraintS
 
     A constraint that itself spells the end tag (a regex ``<think>.*</think>\\d+``, a choice
     ``"<think>x</think>y"``) describes the whole output, reasoning included, and is returned as it
-    is: gated, it would ask the answer to hold the reasoning's tags again."""
-    if spells_tag(spec, tags.end):
+    is: gated, it would ask the answer to hold the reasoning's tags again. A JSON schema is always
+    gated (a description or ``const`` that mentions the tag says nothing of the reasoning)."""
+    if spec.kind != "json_schema" and spells_tag(spec, tags.end):  # no JSON value holds a reasoning
         return spec
     return ConstraintSpec(spec.kind, spec.value, spec.whitespace, tags)
 

@@ -314,3 +314,50 @@ def test_any_walk_keeps_the_protocol_and_constrains_exactly_the_split_answer(
 
 def test_whitespace_set_is_what_str_strip_removes_among_ascii():
     assert bytes(c for c in range(128) if chr(c).isspace()) == bytes(sorted(WHITESPACE))
+
+
+# --- review fixes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["llguidance", "outlines-core"])
+def test_a_constraint_that_begins_with_whitespace_is_refused_after_the_reasoning(engine):
+    """The answer is stripped, so `choices=[" yes", " no"]` could never start after the end tag:
+    the model wrote whitespace up to max_tokens, with no error. It is refused when compiled."""
+    from llmir_lang.executor.constraints import UnsatisfiableConstraintError
+
+    for spec in (spec_from_choices([" yes", " no"]), spec_from_regex(r"\n\d+")):
+        gated = gated_by_reasoning(spec, ReasoningTags(*gate_tags("deepseek-r1")))
+        with pytest.raises(UnsatisfiableConstraintError, match="stripped of leading whitespace"):
+            COMPILERS[engine].compile(gated)
+    # one choice without the whitespace is enough: the split answer can be it
+    COMPILERS[engine].compile(
+        gated_by_reasoning(spec_from_choices([" yes", "no"]), ReasoningTags(*gate_tags("deepseek-r1")))
+    )
+
+
+def test_a_json_schema_that_mentions_the_end_tag_is_still_gated():
+    """A description (or a const) naming ``</think>`` is no reasoning inside the JSON value; the
+    spec-text search that keeps a regex spelling the tag ungated must not apply to a schema."""
+    schema = {"type": "object", "description": "never write the </think> tag", "properties": {"a": {"type": "integer"}}}
+    tags = ReasoningTags(*gate_tags("deepseek-r1"))
+    assert gated_by_reasoning(spec_from_json_schema(schema), tags).reasoning == tags
+    assert gated_by_reasoning(spec_from_regex(r"<think>x</think>\d"), tags).reasoning is None
+
+
+def test_gated_answers_fill_in_llguidance_batch_call_with_the_same_rows():
+    """Once the answer began, a gated matcher's row comes from llguidance's batch call (it was
+    filled row by row, serially); the rows equal each matcher's own ``fill_bitmask``."""
+    from llmir_lang.executor.constraints import fill_batch_bitmask
+
+    compiled = _gated("llguidance", "json", "deepseek-r1")
+    matchers = []
+    for text in ("hm</think>", "hm</think>\n\n{", 'a</think>{"a":1'):
+        m = compiled.new_matcher()
+        for ch in text:
+            assert m.advance(IDS[ch]), text
+        matchers.append(m)
+    assert all(m.batch_delegate() is not None for m in matchers[1:])
+    batch = allocate_bitmask(len(matchers), INFO.vocab_size)
+    assert fill_batch_bitmask(matchers, batch) == []
+    for i, m in enumerate(matchers):
+        own = allocate_bitmask(1, INFO.vocab_size)
+        m.fill_bitmask(own, 0)
+        assert bool((own[0] == batch[i]).all()), i
