@@ -209,6 +209,8 @@ def _values_outside_not(node: dict[str, Any], path: str, notes: list[str], doc: 
     the ``jsonschema`` validator of the declared draft. Not where that reading may differ from the
     constraint's: a ``format`` (an annotation to the validator) or a float ``multipleOf`` (binary
     division to it, exact decimals here) in the subschema."""
+    if "const" in node and "enum" in node:
+        return  # both bound the value: rewriting one as the other's enum would drop it
     original = resolve_local_ref(doc.original, path + "/not")
     values = [node["const"]] if "const" in node else node["enum"]
     if original is None or not isinstance(values, list) or holds_resource(original):

@@ -237,6 +237,19 @@ def test_not_beside_const_or_enum_takes_the_values_out(compiler, bpe_hf):
         compiler.compile(spec_from_json_schema({**defs, **through_ref}))
 
 
+def test_not_beside_both_const_and_enum_keeps_both(compiler, bpe_hf):
+    """Only const's value was kept and written over the enum: "a" was accepted though no value
+    is both "a" and in ["b"]."""
+    for schema in ({"const": "a", "enum": ["b"], "not": {"const": "c"}}, {"const": "a", "enum": ["a", "b"], "not": {"const": "c"}}):
+        try:
+            compiled = compiler.compile(spec_from_json_schema(schema))
+        except (UnsupportedSchemaError, UnsatisfiableConstraintError):
+            continue  # refused: exact too
+        for value in ("a", "b", "c"):
+            text = json.dumps(value)
+            assert accepts_text(compiled, bpe_hf, text).accepted == _valid(schema, text), (schema, value)
+
+
 @pytest.mark.parametrize(
     "schema",
     [
