@@ -5,6 +5,8 @@ character of a set: a literal, a class, a Perl or Unicode escape, ``.``), a grou
 item (an anchor, a flag setter), with its quantifier and its span in the text. Of each atom's set
 only the characters that matter to JSON quoting are known (``CritSet``: U+0000-U+001F, ``"``,
 ``\\``), each as in, out or unknown (a Unicode property whose table is not at hand).
+``shorthand_escapes(pattern)``: where each ``\\d \\D \\w \\W \\s \\S`` stands, in which union of
+class items, and whether the set holds that union's characters (``schema_pattern_shorthand``).
 
 ``PatternInvalid``: the text uses what Rust's syntax refuses (look-around, a backreference, an
 unknown escape, an unbalanced group or class); the engine then refuses the pattern itself.
@@ -12,8 +14,9 @@ unknown escape, an unbalanced group or class); the engine then refuses the patte
 
 from __future__ import annotations
 
+import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 CONTROLS = frozenset(range(0x20))
 CRITICAL = CONTROLS | {0x22, 0x5C}  # what JSON escapes: controls, '"', '\'
@@ -105,6 +108,20 @@ def _property_value(kind: str, value: str) -> CritSet:
     return UNKNOWN
 
 
+@dataclass(frozen=True, slots=True)
+class Shorthand:
+    """A ``\\d``-like escape at ``start:end``, one of the items of union ``union`` (a class's items
+    between set operators, or the escape alone outside a class). ``polarity``: 1 where the set
+    holds the union's characters, -1 where it holds the others (``[^...]``, right of ``--``), 0
+    where neither (under ``~~``)."""
+
+    start: int
+    end: int
+    letter: str
+    union: int
+    polarity: int
+
+
 @dataclass(slots=True)
 class Atom:
     """One character out of a set: ``text`` as written, ``chars`` its critical characters,
@@ -161,6 +178,9 @@ class _Reader:
         self.i = 0
         self.verbose = [False]  # (?x) per group level
         self.multiline = False  # some (?m): '^' / '$' may match at line ends
+        self.shorthands: list[Shorthand] = []
+        self.union: tuple[int, int] | None = None  # (id, polarity) of the class items being read
+        self.unions = itertools.count()
 
     def fail(self, why: str) -> PatternInvalid:
         return PatternInvalid(f"{why} at offset {self.i} of {self.s!r}")
@@ -242,7 +262,7 @@ class _Reader:
             self.i += 1
             negated = s.startswith("^", self.i)
             self.i += negated
-            chars = self.class_body()
+            chars = self.class_body(-1 if negated else 1)
             return Atom(s[i : self.i], ~chars if negated else chars)
         self.i += 1
         if c == ".":
@@ -296,6 +316,8 @@ class _Reader:
         if c in _SIMPLE:
             return Atom(s[start : self.i], CritSet.of({_SIMPLE[c]}), _SIMPLE[c])
         if c.lower() in _PERL:
+            union, polarity = self.union or (next(self.unions), 1)
+            self.shorthands.append(Shorthand(start, self.i, c, union, polarity))
             chars = _PERL[c.lower()]
             return Atom(s[start : self.i], ~chars if c.isupper() else chars)
         if c in "pP":
@@ -319,13 +341,16 @@ class _Reader:
             return Atom(s[start : self.i], CritSet.of({ord(c)}), ord(c))
         raise self.fail(f"escape \\{c} (no octal, backreference or {c!r} escape in Rust's syntax)")
 
-    def class_body(self) -> CritSet:
-        """After ``[`` (and ``^``): the set up to the matching ``]``, which it consumes."""
+    def class_body(self, polarity: int) -> CritSet:
+        """After ``[`` (and ``^``): the set up to the matching ``]``, which it consumes; ``polarity``
+        of its items as ``Shorthand`` tells."""
         s = self.s
         result: CritSet | None = None
         op = ""
         union = EMPTY
         first = True
+        outer, inside, symmetric = self.union, len(self.shorthands), False
+        self.union = (next(self.unions), polarity)
         while True:
             if self.verbose[-1]:
                 while self.i < len(s) and s[self.i].isspace():
@@ -334,10 +359,15 @@ class _Reader:
                 raise self.fail("unclosed class")
             if s[self.i] == "]" and not first:
                 self.i += 1
+                self.union = outer
+                if symmetric:  # each character of either side in or out by the other: no polarity
+                    self.shorthands[inside:] = [replace(h, polarity=0) for h in self.shorthands[inside:]]
                 return union if result is None else _apply(result, op, union)
             if s.startswith(("&&", "--", "~~"), self.i) and not first:
                 result = union if result is None else _apply(result, op, union)
                 op, union = s[self.i : self.i + 2], EMPTY
+                self.union = (next(self.unions), -polarity if op == "--" else polarity)
+                symmetric = symmetric or op == "~~"
                 self.i += 2
                 first = True
                 continue
@@ -355,7 +385,7 @@ class _Reader:
             self.i += 1
             negated = s.startswith("^", self.i)
             self.i += negated
-            inner = self.class_body()
+            inner = self.class_body((self.union[1] if self.union else 1) * (-1 if negated else 1))
             return ~inner if negated else inner
         low = self.class_char()
         if isinstance(low, CritSet):
@@ -385,14 +415,25 @@ def _apply(left: CritSet, op: str, right: CritSet) -> CritSet:
     return left & right if op == "&&" else left - right if op == "--" else left ^ right
 
 
-def parse(pattern: str) -> tuple[Alt, bool]:
-    """The tree of ``pattern`` (module doc) and whether a ``(?m)`` flag makes ``^`` / ``$`` line
-    anchors; ``PatternInvalid`` where Rust's syntax refuses it. The items' texts spell what the
-    engine reads, which a rewrite may put together anew."""
+def _read(pattern: str) -> tuple[_Reader, Alt]:
     if (len(pattern) - len(pattern.rstrip("\\"))) % 2:
         pattern = pattern[:-1]  # the engine drops a last, lone backslash (llguidance.regex_to_lark)
     reader = _Reader(pattern)
     alt = reader.alternation(0)
     if reader.i != len(pattern):
         raise reader.fail("unopened group")
+    return reader, alt
+
+
+def parse(pattern: str) -> tuple[Alt, bool]:
+    """The tree of ``pattern`` (module doc) and whether a ``(?m)`` flag makes ``^`` / ``$`` line
+    anchors; ``PatternInvalid`` where Rust's syntax refuses it. The items' texts spell what the
+    engine reads, which a rewrite may put together anew."""
+    reader, alt = _read(pattern)
     return alt, reader.multiline
+
+
+def shorthand_escapes(pattern: str) -> list[Shorthand]:
+    """Every ``\\d \\D \\w \\W \\s \\S`` of ``pattern`` in order (``Shorthand``); ``PatternInvalid``
+    as ``parse``."""
+    return _read(pattern)[0].shorthands

@@ -26,9 +26,11 @@ place and llguidance then rejects it, which ``schema_engine_errors.llguidance_er
 - a length / count bound written as an integral float (``minLength: 2.0``): the integer.
 - ``patternProperties`` with ``additionalProperties`` next to ``allOf`` / ``anyOf`` / ``oneOf``: the
   subschema's object keywords as an ``allOf`` member of their own (llguidance lost the patterns).
-- last, every ``pattern`` / ``patternProperties`` name (those the rewrites above wrote too) with a
-  character set llguidance would let ``"`` / ``\\`` through: U+0000 set apart from the set, or the
-  schema refused naming the pattern (``schema_pattern_rewrite``; the forms in ``schema_pattern_nul``).
+- last, every ``pattern`` / ``patternProperties`` name (those the rewrites above wrote too):
+  ``\\D``, ``\\W``, ``\\s``, ... spelled as the characters both ECMA-262 and Python's ``re`` put
+  there (``schema_pattern_shorthand``), and a character set llguidance would let ``"`` / ``\\``
+  through with U+0000 set apart, or the schema refused naming the pattern
+  (``schema_pattern_rewrite``; the forms in ``schema_pattern_nul``).
 
 ``not`` and ``oneOf`` are read through local ``$ref``s only where those point into the document
 itself: inside a subschema with an ``$id`` of its own they point into that subschema, and are left
@@ -46,7 +48,7 @@ from llmir_lang.executor.constraints.schema_disjoint import type_implied
 from llmir_lang.executor.constraints.schema_engine_errors import llguidance_error
 from llmir_lang.executor.constraints.schema_formats import DATETIME_PATTERNS, llguidance_knows_format
 from llmir_lang.executor.constraints.schema_one_of import one_of_as_any_of
-from llmir_lang.executor.constraints.schema_pattern_rewrite import rewrite_nul_sets
+from llmir_lang.executor.constraints.schema_pattern_rewrite import rewrite_patterns
 from llmir_lang.executor.constraints.schema_support import ANNOTATIONS
 from llmir_lang.executor.constraints.schema_walk import (
     holds_resource,
@@ -81,7 +83,7 @@ def rewrite_for_llguidance(schema: Any) -> tuple[Any, list[str]]:
         # the #/... refs inside a subschema with an $id of its own point into it, not into out
         inside = any((path + "/").startswith(r) for r in resources)
         _rewrite_node(node, None if inside else out, path, notes, doc)
-    rewrite_nul_sets(out, schema, notes)
+    rewrite_patterns(out, schema, notes)
     return out, notes
 
 
