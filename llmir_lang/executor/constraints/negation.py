@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmir_lang.executor.constraints.schema_disjoint import ALL_TYPES
+from llmir_lang.executor.constraints.schema_disjoint import ALL_TYPES, json_type
 from llmir_lang.executor.constraints.schema_support import ANNOTATIONS
 from llmir_lang.executor.constraints.schema_walk import (
     ref_ignores_siblings,
@@ -161,15 +161,15 @@ def _negate_values(values: Any) -> Any | None:
     is an array or an object (no keyword says "any array but these"), or the set is too large."""
     if not isinstance(values, list) or len(values) > _MAX_VALUES:
         return None
-    kinds = {_json_type(v) for v in values}
+    kinds = {json_type(v) for v in values}
     if kinds & {"array", "object"}:
         return None
     branches: list[Any] = [{"type": [t for t in ALL_TYPES if t not in kinds]}]
     # by identity and type: True == 1 in Python, not in JSON
-    left = [v for v in (True, False, None) if _json_type(v) in kinds and not any(_same(v, x) for x in values)]
+    left = [v for v in (True, False, None) if json_type(v) in kinds and not any(_same(v, x) for x in values)]
     if left:
         branches.append({"enum": left})
-    numbers = sorted({v for v in values if _json_type(v) == "number"})  # 1 and 1.0 are one value
+    numbers = sorted({v for v in values if json_type(v) == "number"})  # 1 and 1.0 are one value
     if numbers:
         branches.append({"type": "number", "exclusiveMaximum": numbers[0]})
         for low, high in zip(numbers, numbers[1:]):
@@ -190,16 +190,6 @@ def _negate_values(values: Any) -> Any | None:
 
 def _same(scalar: bool | None, value: Any) -> bool:
     return value is scalar if scalar is None else isinstance(value, bool) and value == scalar
-
-
-def _json_type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, (int, float)):
-        return "number"
-    return "string" if isinstance(v, str) else "array" if isinstance(v, list) else "object"
 
 
 # --- strings other than a few -------------------------------------------------------------

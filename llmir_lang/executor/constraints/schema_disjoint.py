@@ -37,7 +37,8 @@ _OBJECT_ONLY = frozenset(
 )  # fmt: skip
 
 
-def _json_type(v: Any) -> str:
+def json_type(v: Any) -> str:
+    """The JSON Schema type name of a JSON value (``1.0`` and ``1`` are both "number")."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -73,9 +74,9 @@ def type_set(s: Any, root: Any, depth: int = 0) -> frozenset[str]:
         names = [t] if isinstance(t, str) else t
         out = frozenset("number" if n == "integer" else n for n in names if isinstance(n, str))
     if "const" in s:
-        out &= {_json_type(s["const"])}
+        out &= {json_type(s["const"])}
     if isinstance(s.get("enum"), list):
-        out &= frozenset(_json_type(v) for v in s["enum"])
+        out &= frozenset(json_type(v) for v in s["enum"])
     for kw in ("anyOf", "oneOf"):
         if isinstance(s.get(kw), list):
             out &= frozenset().union(*(type_set(b, root, depth + 1) for b in s[kw]))
