@@ -36,12 +36,10 @@ import functools
 import re
 from dataclasses import dataclass
 
+from llmir_lang.executor.constraints.schema_pattern_sets import CONTROLS, EMPTY, CritSet
 from llmir_lang.executor.constraints.schema_pattern_syntax import (
-    CONTROLS,
-    EMPTY,
     Alt,
     Atom,
-    CritSet,
     Group,
     Item,
     PatternInvalid,
