@@ -232,3 +232,34 @@ def server_beside_runtime(kv_memory: str = "64MB") -> Iterator[tuple[InProcessSe
     finally:
         rt.shutdown()
         server.close()
+
+
+# a reasoning format whose end tag the bundled tiny model writes ("tiny,"), registered only while
+# the servers of ``reasoning_servers`` run: the model never writes "</think>"
+TEST_REASONING_FORMAT = "test-tiny"
+
+
+@contextlib.contextmanager
+def reasoning_servers(**config: object) -> Iterator[tuple[str, str]]:
+    """Two in-process servers on the bundled model, one torch thread: one started with
+    ``--reasoning-parser TEST_REASONING_FORMAT`` (and ``config``), one without; their URLs."""
+    import pytest
+    import torch
+
+    from llmir_lang.executor.engine import Engine
+    from llmir_lang.ir.reasoning import FORMATS, ReasoningFormat
+    from llmir_lang.server.config import ServerConfig
+
+    torch.set_num_threads(1)
+    mp = pytest.MonkeyPatch()
+    mp.setitem(FORMATS, TEST_REASONING_FORMAT, ReasoningFormat("<think>", "tiny,", forced=True))
+    split = InProcessServer(
+        Engine(kv_memory="64MB"), config=ServerConfig(reasoning_parser=TEST_REASONING_FORMAT, **config)
+    )
+    plain = InProcessServer(Engine(kv_memory="64MB"))
+    try:
+        yield split.url, plain.url
+    finally:
+        split.close()
+        plain.close()
+        mp.undo()

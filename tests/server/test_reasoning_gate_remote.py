@@ -14,37 +14,24 @@ import json
 
 import httpx
 import pytest
-from server_harness import CallByCallEndpoint, InProcessServer
+from server_harness import TEST_REASONING_FORMAT, CallByCallEndpoint, reasoning_servers
 
 import llmir_lang as llmir
 from llmir_lang.dsl.errors import GenerationError
 from llmir_lang.dsl.lowering import gen_step
 from llmir_lang.executor.remote import Endpoint, OpenAI, ReasoningParserMismatchError
-from llmir_lang.ir.reasoning import FORMATS, ReasoningFormat
 from llmir_lang.models import __path__ as _models_path
-from llmir_lang.server.config import ServerConfig
 
 MODEL_DIR = f"{_models_path[0]}/llmir-tiny"
-FMT = "test-tiny"
+FMT = TEST_REASONING_FORMAT
 
 
 @pytest.fixture(scope="module")
 def setup():
-    import torch
-
-    from llmir_lang.executor.engine import Engine
-
-    torch.set_num_threads(1)
-    mp = pytest.MonkeyPatch()
-    mp.setitem(FORMATS, FMT, ReasoningFormat("<think>", "tiny,", forced=True))
-    split = InProcessServer(Engine(kv_memory="64MB"), config=ServerConfig(reasoning_parser=FMT))
-    plain = InProcessServer(Engine(kv_memory="64MB"))
-    runtime = llmir.Runtime(kv_memory="64MB")
-    yield split.url, plain.url, runtime
-    runtime.shutdown()
-    split.close()
-    plain.close()
-    mp.undo()
+    with reasoning_servers() as (split, plain):
+        runtime = llmir.Runtime(kv_memory="64MB")
+        yield split, plain, runtime
+        runtime.shutdown()
 
 
 @llmir.function

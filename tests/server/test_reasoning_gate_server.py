@@ -15,29 +15,17 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import InProcessServer
+from server_harness import TEST_REASONING_FORMAT, reasoning_servers
 
-from llmir_lang.ir.reasoning import FORMATS, ReasoningFormat, split_reasoning
-from llmir_lang.server.config import ServerConfig
+from llmir_lang.ir.reasoning import split_reasoning
 
-FMT = "test-tiny"
+FMT = TEST_REASONING_FORMAT
 
 
 @pytest.fixture(scope="module")
 def urls():
-    import torch
-
-    from llmir_lang.executor.engine import Engine
-
-    torch.set_num_threads(1)
-    mp = pytest.MonkeyPatch()
-    mp.setitem(FORMATS, FMT, ReasoningFormat("<think>", "tiny,", forced=True))
-    split = InProcessServer(Engine(kv_memory="64MB"), config=ServerConfig(reasoning_parser=FMT))
-    plain = InProcessServer(Engine(kv_memory="64MB"))
-    yield split.url, plain.url
-    split.close()
-    plain.close()
-    mp.undo()
+    with reasoning_servers() as both:
+        yield both
 
 
 def _chat(url: str, **extra: Any) -> dict[str, Any]:
