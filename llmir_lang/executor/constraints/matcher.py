@@ -92,6 +92,16 @@ class Matcher(ABC):
                 f"cannot roll back {n} tokens: only {available} were consumed by this matcher"
             )
 
+    def _pop_history(self, history: list, n: int) -> list:
+        """The last ``n`` entries of a per-advance ``history``, removed (checked as ``rollback``
+        takes ``n``); ``[]`` for 0."""
+        self._check_rollback(n, len(history))
+        if n == 0:
+            return []
+        undone = history[-n:]
+        del history[-n:]
+        return undone
+
 
 def complete_utf8_prefix(data: bytes) -> str:
     """Decode, dropping an incomplete trailing UTF-8 sequence (forced text is whole characters)."""

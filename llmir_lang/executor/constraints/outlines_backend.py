@@ -273,11 +273,9 @@ class OutlinesMatcher(Matcher):
         return list(self._c.forced_tokens(self._guide.get_state()))
 
     def rollback(self, n: int) -> None:
-        self._check_rollback(n, len(self._history))
-        if n == 0:
+        undone = self._pop_history(self._history, n)
+        if not undone:
             return
-        undone = self._history[-n:]
-        del self._history[-n:]
         if undone[-1]:
             self._eos_done = False
         guide_steps = sum(1 for eos in undone if not eos)

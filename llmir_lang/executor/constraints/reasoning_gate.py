@@ -289,11 +289,9 @@ class ReasoningGateMatcher(Matcher):
         return True
 
     def rollback(self, n: int) -> None:
-        self._check_rollback(n, len(self._history))
-        if n == 0:
+        undone = self._pop_history(self._history, n)
+        if not undone:
             return
-        undone = self._history[-n:]
-        del self._history[-n:]
         given = sum(k for _, _, k in undone)
         if given:
             self._inner.rollback(given)
